@@ -1,0 +1,50 @@
+import { commandHelp, EXIT, parseCommandArgs, type CommandSpec } from './command.ts';
+import { FleetError, toFleetError } from '../core/errors.ts';
+import { VERSION } from './version.ts';
+import { COMMANDS } from './commands/index.ts';
+
+function topHelp(): string {
+  const lines = [`fleetlet ${VERSION} — edge-first fleet runtime`, '', 'usage: fleetlet <command> [options]', '', 'commands:'];
+  for (const c of COMMANDS) if (!c.hidden) lines.push(`  ${c.name.padEnd(10)} ${c.summary}`);
+  lines.push('', 'global: --version, --help; `fleetlet <command> --help` for each command.', 'exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted.');
+  return lines.join('\n') + '\n';
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(topHelp());
+    return name === undefined ? EXIT.USAGE : EXIT.OK;
+  }
+  if (name === '--version' || name === '-v' || name === 'version') {
+    process.stdout.write(`fleetlet ${VERSION}\n`);
+    return EXIT.OK;
+  }
+  const spec: CommandSpec | undefined = COMMANDS.find((c) => c.name === name);
+  try {
+    if (!spec) throw new FleetError('FLEET_USAGE', `unknown command "${name}"; run \`fleetlet --help\` for the list`);
+    const args = parseCommandArgs(spec, rest);
+    if (args.help) {
+      process.stdout.write(commandHelp(spec));
+      return EXIT.OK;
+    }
+    return await spec.run(args);
+  } catch (err) {
+    const fe = toFleetError(err);
+    process.stderr.write(`fleetlet: error ${fe.code}: ${fe.message}\n`);
+    if (fe.code === 'FLEET_INTERNAL' && fe.cause instanceof Error && fe.cause.stack) process.stderr.write(fe.cause.stack + '\n');
+    return fe.code === 'FLEET_USAGE' ? EXIT.USAGE : EXIT.FAILURE;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    // long-running commands resolve only when they are done; one-shot commands exit here
+    process.exitCode = code;
+    if (code !== EXIT.OK) setImmediate(() => process.exit(code));
+  },
+  (err: unknown) => {
+    process.stderr.write(`fleetlet: fatal: ${String(err)}\n`);
+    process.exit(EXIT.FAILURE);
+  },
+);

@@ -1,0 +1,131 @@
+import { z } from 'zod';
+import { FleetError } from './errors.ts';
+
+/**
+ * Fleet message shapes (docs/topics.md). Every message carries `v` (schema version).
+ * Messages that go through the outbox carry `mid`, a per-device monotonic message id
+ * the hub uses to drop duplicates of at-least-once delivery.
+ */
+const mid = z.string().regex(/^[0-9]{1,20}$/, 'mid must be a decimal sequence number');
+const ts = z.number().int().nonnegative();
+
+export const SampleSchema = z.object({
+  /** metric name, e.g. "cpu.util" */
+  n: z.string().min(1).max(128),
+  /** numeric value */
+  v: z.number().optional(),
+  /** string value */
+  vs: z.string().max(1024).optional(),
+  /** boolean value */
+  vb: z.boolean().optional(),
+  /** unit (SenML unit names where one exists: "%", "Cel", "B", "s") */
+  u: z.string().max(16).optional(),
+  /** time of the sample, ms since the Unix epoch */
+  t: ts,
+});
+export type Sample = z.infer<typeof SampleSchema>;
+
+export const StateSchema = z.object({
+  v: z.literal(1),
+  online: z.boolean(),
+  kind: z.enum(['agent', 'gateway', 'mcu']),
+  ts,
+  version: z.string().max(64).optional(),
+  /** for MCUs: the gateway they are reached through */
+  via: z.string().max(64).optional(),
+  reason: z.string().max(256).optional(),
+});
+export type StateMessage = z.infer<typeof StateSchema>;
+
+export const TelemetrySchema = z.object({ v: z.literal(1), mid, ts, samples: z.array(SampleSchema).max(10_000) });
+export type TelemetryBatch = z.infer<typeof TelemetrySchema>;
+
+export const EventSchema = z.object({
+  v: z.literal(1),
+  mid,
+  ts,
+  type: z.string().min(1).max(64),
+  severity: z.enum(['info', 'warning', 'alert']),
+  data: z.record(z.string(), z.unknown()).optional(),
+});
+export type EventMessage = z.infer<typeof EventSchema>;
+
+export const LogBatchSchema = z.object({
+  v: z.literal(1),
+  mid,
+  ts,
+  lines: z.array(z.object({ t: ts, app: z.string().max(64), stream: z.enum(['stdout', 'stderr']), line: z.string().max(8192) })).max(10_000),
+});
+export type LogBatch = z.infer<typeof LogBatchSchema>;
+
+export const CommandSchema = z.object({
+  v: z.literal(1),
+  id: z.string().min(1).max(64),
+  name: z.string().min(1).max(64),
+  args: z.record(z.string(), z.unknown()).default({}),
+  /** ms since epoch after which the device must not run the command */
+  expiresAt: ts,
+});
+export type Command = z.infer<typeof CommandSchema>;
+
+export const ReplySchema = z.object({
+  v: z.literal(1),
+  mid,
+  id: z.string().min(1).max(64),
+  ok: z.boolean(),
+  result: z.unknown().optional(),
+  error: z.object({ code: z.string(), message: z.string() }).optional(),
+});
+export type CommandReply = z.infer<typeof ReplySchema>;
+
+export const DesiredAppSchema = z.object({
+  version: z.string().min(1).max(64),
+  bundle: z.string().max(256).optional(),
+  url: z.string().max(2048).optional(),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/).optional(),
+});
+export const DesiredSchema = z.object({
+  v: z.literal(1),
+  /** revision, increasing; the agent ignores a revision older than the one it has */
+  rev: z.number().int().nonnegative(),
+  ts,
+  apps: z.record(z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/), DesiredAppSchema),
+});
+export type DesiredState = z.infer<typeof DesiredSchema>;
+
+export const RegisterSchema = z.object({ v: z.literal(1), ts, mcus: z.array(z.string()).max(100_000) });
+export type GatewayRegistration = z.infer<typeof RegisterSchema>;
+
+export const SCHEMAS = {
+  state: StateSchema,
+  telemetry: TelemetrySchema,
+  events: EventSchema,
+  logs: LogBatchSchema,
+  reply: ReplySchema,
+  register: RegisterSchema,
+  cmd: CommandSchema,
+  desired: DesiredSchema,
+} as const;
+
+export type MessageOf<C extends keyof typeof SCHEMAS> = z.infer<(typeof SCHEMAS)[C]>;
+
+/** Decode and validate one message; throws FLEET_MSG_INVALID naming the bad field. */
+export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payload: Buffer | string): MessageOf<C> {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(typeof payload === 'string' ? payload : payload.toString('utf8'));
+  } catch (err) {
+    throw new FleetError('FLEET_MSG_INVALID', `${channel}: payload is not JSON`, { cause: err });
+  }
+  const res = SCHEMAS[channel].safeParse(raw);
+  if (!res.success) {
+    const issue = res.error.issues[0];
+    const path = issue && issue.path.length ? issue.path.join('.') : '(root)';
+    throw new FleetError('FLEET_MSG_INVALID', `${channel}: ${path}: ${issue?.message ?? 'invalid'}`);
+  }
+  return res.data as MessageOf<C>;
+}
+
+export function encodeMessage(msg: unknown): Buffer {
+  return Buffer.from(JSON.stringify(msg));
+}

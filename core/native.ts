@@ -1,0 +1,77 @@
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { createRequire } from 'node:module';
+import { defaultStateDir } from './config.ts';
+import { FleetError } from './errors.ts';
+
+/**
+ * Native addon loading for the single executable. LevelDB (classic-level) is an N-API
+ * addon; inside the executable it travels as an SEA asset, is extracted once under the
+ * part's state directory (content-addressed name, atomic rename) and loaded with
+ * process.dlopen. Not under /tmp: hardened devices mount it noexec (FACTS.md).
+ *
+ * The build replaces classic-level/binding.js with a call to `classicLevelBinding()`,
+ * which returns a proxy: the addon is loaded on first use, after the part has said
+ * where its state directory is.
+ */
+let nativeDir: string | undefined;
+
+/** Called by each part at start, before the first store is opened. */
+export function setNativeDir(stateDir: string): void {
+  nativeDir = join(stateDir, 'native');
+}
+
+export function isSea(): boolean {
+  try {
+    const req = createRequire(import.meta.url);
+    return (req('node:sea') as typeof import('node:sea')).isSea();
+  } catch {
+    return false;
+  }
+}
+
+export const CLASSIC_LEVEL_ASSET = 'classic-level.node';
+
+/** Extract an SEA asset to `dir` under a content-addressed name; returns the path. Idempotent. */
+export function extractAsset(asset: string, dir: string): string {
+  const req = createRequire(import.meta.url);
+  const sea = req('node:sea') as typeof import('node:sea');
+  const bytes = Buffer.from(sea.getAsset(asset));
+  const hash = createHash('sha256').update(bytes).digest('hex').slice(0, 16);
+  const dot = asset.lastIndexOf('.');
+  const file = join(dir, `${asset.slice(0, dot)}-${hash}${asset.slice(dot)}`);
+  if (existsSync(file)) {
+    const have = createHash('sha256').update(readFileSync(file)).digest('hex').slice(0, 16);
+    if (have === hash) return file;
+  }
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, bytes, { mode: 0o500 });
+  renameSync(tmp, file);
+  return file;
+}
+
+let loaded: Record<string, unknown> | undefined;
+
+function loadClassicLevel(): Record<string, unknown> {
+  if (loaded) return loaded;
+  const dir = nativeDir ?? join(defaultStateDir('native'));
+  try {
+    const file = extractAsset(CLASSIC_LEVEL_ASSET, dir);
+    const mod = { exports: {} as Record<string, unknown> };
+    process.dlopen(mod, file);
+    loaded = mod.exports;
+    return loaded;
+  } catch (err) {
+    throw new FleetError('FLEET_NATIVE_LOAD', `cannot load LevelDB addon from ${dir}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** The object classic-level expects from its binding, loaded lazily (see build.mjs). */
+export function classicLevelBinding(): Record<string, unknown> {
+  return new Proxy({} as Record<string, unknown>, {
+    get: (_t, prop) => loadClassicLevel()[prop as string],
+    has: (_t, prop) => prop in loadClassicLevel(),
+  });
+}
