@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Server as NetServer } from 'node:net';
 import { FleetError, toFleetError, type ErrorCode } from './errors.ts';
 import type { Logger } from './log.ts';
 
@@ -225,7 +225,7 @@ export async function listenHttp(handler: (req: IncomingMessage, res: ServerResp
 }
 
 /** Bind any net.Server; returns the bound port. */
-export function listenOn(server: { listen: Server['listen']; once: Server['once']; off: Server['off']; address: Server['address'] }, host: string, port: number, fallback: boolean): Promise<number> {
+export function listenOn(server: NetServer, host: string, port: number, fallback: boolean): Promise<number> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
       if (err.code === 'EADDRINUSE' && fallback && port !== 0) {

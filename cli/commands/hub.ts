@@ -1,15 +1,65 @@
-import { defineCommand } from '../command.ts';
+import { join } from 'node:path';
+import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
+import { deriveToken } from '../../core/credentials.ts';
+import { FleetError } from '../../core/errors.ts';
+import { createLogger } from '../../core/log.ts';
+import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
+import { loadOrCreateSecret } from '../../core/secrets.ts';
+import { startHub } from '../../hub/index.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 
-// placeholder until this command lands
 export const hubCommand = defineCommand({
   name: 'hub',
-  summary: '(not built yet)',
-  usage: '',
-  help: {},
-  options: {},
-  hidden: true,
-  async run() {
-    process.stderr.write('fleetlet hub: not built yet\n');
-    return 1;
+  summary: 'run the central broker and control plane (or: hub device-token <id>)',
+  usage: '[--config hub.yaml] [options]\n       fleetlet hub device-token <device-id> [--state-dir DIR]',
+  positionals: true,
+  options: {
+    config: { type: 'string', short: 'c' },
+    host: { type: 'string' },
+    'mqtt-port': { type: 'string' },
+    'http-port': { type: 'string' },
+    'state-dir': { type: 'string' },
+    'port-fallback': { type: 'boolean' },
+    'ready-file': { type: 'string' },
+    'die-with-parent': { type: 'boolean' },
+  },
+  help: {
+    config: 'YAML or JSON config file (docs/config.md#hub)',
+    host: 'address to bind (default 127.0.0.1)',
+    'mqtt-port': 'MQTT port (default 1883; 0 = any free port)',
+    'http-port': 'operator API and /metrics port (default 8080)',
+    'state-dir': 'broker persistence, registry and secrets',
+    'port-fallback': 'take free ports when the configured ones are taken',
+    'ready-file': 'write {mqttPort, httpPort, ...} here once serving',
+    'die-with-parent': 'exit when stdin closes (used by the demo)',
+  },
+  async run({ values, positionals }) {
+    const overrides = {
+      host: strFlag(values, 'host'),
+      mqttPort: intFlag(values, 'mqtt-port', 0, 65535),
+      httpPort: intFlag(values, 'http-port', 0, 65535),
+      stateDir: strFlag(values, 'state-dir'),
+      portFallback: values['port-fallback'] === true ? true : undefined,
+    };
+    const { config } = loadConfig(HubConfigSchema, { file: strFlag(values, 'config'), overrides });
+    const [sub, ...args] = positionals;
+    if (sub === 'device-token') {
+      if (args.length !== 1) throw new FleetError('FLEET_USAGE', 'usage: fleetlet hub device-token <device-id>');
+      const secret = loadOrCreateSecret(join(config.stateDir, 'fleet.secret'));
+      process.stdout.write(deriveToken(secret, 'device', args[0]!) + '\n');
+      return EXIT.OK;
+    }
+    if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown hub subcommand "${sub}"`);
+    const log = createLogger({ name: 'hub', level: logLevelFromEnv() ?? 'info' });
+    const hub = await startHub(config, log);
+    writeReadyFile(strFlag(values, 'ready-file'), {
+      mqttPort: hub.mqttPort,
+      mqttsPort: hub.mqttsPort,
+      httpPort: hub.httpPort,
+      fleetSecretFile: hub.fleetSecretFile,
+      operatorTokenFile: hub.operatorTokenFile,
+    });
+    return runUntilSignal(() => hub.stop(), { dieWithParent: values['die-with-parent'] === true });
   },
 });

@@ -1,0 +1,32 @@
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { newSecret } from './credentials.ts';
+import { FleetError } from './errors.ts';
+
+/** Read a secret file (trimmed). Refuses a file others can read: secrets live with mode 0600. */
+export function readSecretFile(file: string): string {
+  let text: string;
+  try {
+    const mode = statSync(file).mode & 0o077;
+    if (mode !== 0) throw new FleetError('FLEET_CONFIG_INVALID', `${file}: secret file is readable by group or others (chmod 600 it)`);
+    text = readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    if (err instanceof FleetError) throw err;
+    throw new FleetError('FLEET_CONFIG_UNREADABLE', `cannot read secret file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  if (text.length < 16) throw new FleetError('FLEET_CONFIG_INVALID', `${file}: secret is shorter than 16 characters`);
+  return text;
+}
+
+/** Write a secret with mode 0600 (creating its directory 0700). */
+export function writeSecretFile(file: string, secret: string): void {
+  mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+  writeFileSync(file, secret + '\n', { mode: 0o600 });
+  chmodSync(file, 0o600);
+}
+
+/** The secret in `file`, generating a new random one on first use. */
+export function loadOrCreateSecret(file: string): string {
+  if (!existsSync(file)) writeSecretFile(file, newSecret());
+  return readSecretFile(file);
+}

@@ -1,0 +1,39 @@
+import { isUpChannel, parseTopic, TOPIC_ROOT } from '../core/topics.ts';
+
+/**
+ * Topic ACL as pure functions (docs/security.md). A device may publish only on the
+ * device→hub channels of its own subtree, and subscribe only to its own hub→device
+ * channels; a gateway may do the same for the MCUs it registered. Operators may
+ * subscribe anywhere under the fleet root and publish commands and desired state.
+ */
+export type Identity = { kind: 'device'; id: string } | { kind: 'operator' };
+
+/** The MCUs a gateway currently acts for. */
+export type Delegations = (gatewayId: string) => ReadonlySet<string> | undefined;
+
+/** Retain is allowed only where the contract says the message is retained. */
+const RETAINED_UP = new Set(['state', 'register']);
+
+export function mayActFor(identity: Identity, deviceId: string, delegations: Delegations): boolean {
+  if (identity.kind !== 'device') return false;
+  return identity.id === deviceId || (delegations(identity.id)?.has(deviceId) ?? false);
+}
+
+export function canPublish(identity: Identity, topic: string, retain: boolean, delegations: Delegations): boolean {
+  const t = parseTopic(topic);
+  if (!t) return false;
+  if (identity.kind === 'operator') return !isUpChannel(t.channel);
+  if (!isUpChannel(t.channel)) return false;
+  if (retain && !RETAINED_UP.has(t.channel)) return false;
+  // only a device itself registers MCUs; a gateway cannot register on an MCU's behalf
+  if (t.channel === 'register') return t.deviceId === identity.id;
+  return mayActFor(identity, t.deviceId, delegations);
+}
+
+export function canSubscribe(identity: Identity, filter: string, delegations: Delegations): boolean {
+  if (identity.kind === 'operator') return filter === '#' || filter === `${TOPIC_ROOT}/#` || filter.startsWith(`${TOPIC_ROOT}/`);
+  if (filter.includes('+') || filter.includes('#')) return false;
+  const t = parseTopic(filter);
+  if (!t || isUpChannel(t.channel)) return false;
+  return mayActFor(identity, t.deviceId, delegations);
+}

@@ -1,0 +1,31 @@
+import { z } from 'zod';
+import { defaultStateDir } from '../core/config.ts';
+
+/** Hub configuration (docs/config.md#hub). Validated once at start, then frozen. */
+export const HubConfigSchema = z
+  .object({
+    /** address every listener binds; anything but loopback needs TLS for MQTT in production */
+    host: z.string().default('127.0.0.1'),
+    /** MQTT over TCP; 0 = any free port */
+    mqttPort: z.number().int().min(0).max(65535).default(1883),
+    /** MQTT over TLS, only when tls.cert and tls.key are given */
+    mqttsPort: z.number().int().min(0).max(65535).default(8883),
+    /** operator HTTP API, /metrics, /health */
+    httpPort: z.number().int().min(0).max(65535).default(8080),
+    /** take a free port when a default one is taken (the demo sets this) */
+    portFallback: z.boolean().default(false),
+    /** broker persistence, registry, secrets */
+    stateDir: z.string().default(defaultStateDir('hub')),
+    tls: z.object({ cert: z.string(), key: z.string() }).strict().optional(),
+    /** allow GET on the operator API without a token when host is loopback */
+    openReadsOnLoopback: z.boolean().default(true),
+    /** per-device de-duplication window (message ids remembered per device) */
+    dedupWindow: z.number().int().min(16).max(1_000_000).default(4096),
+    /** largest MQTT message payload accepted from a device, bytes */
+    maxPayloadBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(1024 * 1024),
+    /** HTTP requests per second per client address */
+    httpRateLimit: z.number().int().min(0).default(50),
+  })
+  .strict();
+
+export type HubConfig = z.infer<typeof HubConfigSchema>;

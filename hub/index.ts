@@ -1,0 +1,142 @@
+import { createServer as createNetServer, type Server as NetServer } from 'node:net';
+import { createServer as createTlsServer } from 'node:tls';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { listenHttp, listenOn, type Listening } from '../core/http.ts';
+import type { Logger } from '../core/log.ts';
+import { decodeMessage, encodeMessage, type Command, type DesiredState } from '../core/messages.ts';
+import { MetricsRegistry } from '../core/metrics.ts';
+import { setNativeDir } from '../core/native.ts';
+import { loadOrCreateSecret } from '../core/secrets.ts';
+import { openStore } from '../core/store.ts';
+import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
+import { buildApi } from './api.ts';
+import { HubBroker } from './broker.ts';
+import type { HubConfig } from './config.ts';
+import { Registry } from './registry.ts';
+
+export interface HubHandle {
+  mqttPort: number;
+  mqttsPort: number | null;
+  httpPort: number;
+  /** file holding the fleet secret devices' tokens derive from (mode 0600) */
+  fleetSecretFile: string;
+  /** file holding the operator token (mode 0600) */
+  operatorTokenFile: string;
+  registry: Registry;
+  broker: HubBroker;
+  setDesired(deviceId: string, apps: DesiredState['apps']): Promise<DesiredState>;
+  sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
+  stop(): Promise<void>;
+}
+
+export async function startHub(config: HubConfig, log: Logger): Promise<HubHandle> {
+  setNativeDir(config.stateDir);
+  const fleetSecretFile = join(config.stateDir, 'fleet.secret');
+  const operatorTokenFile = join(config.stateDir, 'operator.token');
+  const fleetSecret = loadOrCreateSecret(fleetSecretFile);
+  const operatorToken = loadOrCreateSecret(operatorTokenFile);
+
+  const metrics = new MetricsRegistry();
+  const messages = metrics.counter('fleet_hub_messages_total', 'Fleet messages received from devices, by channel');
+  const invalid = metrics.counter('fleet_hub_messages_invalid_total', 'Fleet messages dropped because they did not match their schema');
+  const duplicates = metrics.counter('fleet_hub_duplicates_total', 'Messages dropped as duplicates of at-least-once delivery');
+  const denied = metrics.counter('fleet_hub_acl_denied_total', 'Publishes and subscriptions refused by the ACL');
+  const authFailures = metrics.counter('fleet_hub_auth_failures_total', 'MQTT connections refused for bad credentials');
+
+  const brokerDb = await openStore<Buffer>(join(config.stateDir, 'broker'), 'buffer');
+  const registryDb = await openStore<string>(join(config.stateDir, 'registry'), 'utf8');
+  const registry = new Registry(registryDb, config.dedupWindow);
+  await registry.load();
+  const broker = await HubBroker.create({ db: brokerDb, log, fleetSecret, operatorToken, maxPayloadBytes: config.maxPayloadBytes, denied, authFailures });
+  await broker.restoreDelegations();
+
+  metrics.gaugeFn('fleet_hub_devices', 'Devices known to the registry, by state', () => {
+    const c = registry.counts();
+    return [
+      { labels: { state: 'online' }, value: c.online },
+      { labels: { state: 'offline' }, value: c.total - c.online },
+    ];
+  });
+  metrics.gaugeFn('fleet_hub_mqtt_clients', 'Connected MQTT clients', () => broker.aedes.connectedClients);
+
+  // The hub consumes device traffic through internal subscriptions on the broker.
+  const consume = (channel: 'state' | 'telemetry' | 'events' | 'reply') => (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
+    const t = parseTopic(packet.topic);
+    try {
+      if (!t) return;
+      const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
+      messages.inc({ channel });
+      if (channel === 'state') registry.onState(t.deviceId, decodeMessage('state', payload));
+      else if (channel === 'telemetry') {
+        if (!registry.onTelemetry(t.deviceId, decodeMessage('telemetry', payload))) duplicates.inc();
+      } else if (channel === 'events') registry.onEvent(t.deviceId, decodeMessage('events', payload));
+      else registry.onReply(t.deviceId, decodeMessage('reply', payload));
+    } catch (err) {
+      invalid.inc({ channel });
+      log.warn('dropped invalid message', { topic: packet.topic, err });
+    } finally {
+      cb();
+    }
+  };
+  const subs: Array<[string, ReturnType<typeof consume>]> = (['state', 'telemetry', 'events', 'reply'] as const).map((c) => [allDevices(c), consume(c)]);
+  await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.subscribe(topic, fn, r))));
+  registry.on('state', (rec: { id: string; online: boolean; reason?: string }) => log.info('device state', { device: rec.id, online: rec.online, reason: rec.reason }));
+
+  const mqttServer: NetServer = createNetServer(broker.aedes.handle);
+  const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
+  let mqttsServer: NetServer | null = null;
+  let mqttsPort: number | null = null;
+  if (config.tls) {
+    mqttsServer = createTlsServer({ cert: readFileSync(config.tls.cert), key: readFileSync(config.tls.key), minVersion: 'TLSv1.2' }, broker.aedes.handle);
+    mqttsPort = await listenOn(mqttsServer, config.host, config.mqttsPort, config.portFallback);
+  }
+
+  let desiredRev = Date.now();
+  const setDesired = async (deviceId: string, apps: DesiredState['apps']): Promise<DesiredState> => {
+    // revisions only grow, also across hub restarts (time-based start)
+    desiredRev = Math.max(desiredRev + 1, Date.now());
+    const desired: DesiredState = { v: 1, rev: desiredRev, ts: Date.now(), apps };
+    await broker.publish(deviceTopic(deviceId, 'desired'), encodeMessage(desired), true);
+    registry.setDesired(deviceId, desired);
+    return desired;
+  };
+  let cmdSeq = 0;
+  const sendCommand = async (deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command> => {
+    const cmd: Command = { v: 1, id: `c${Date.now().toString(36)}${(cmdSeq++).toString(36)}`, name, args, expiresAt: Date.now() + ttlMs };
+    await broker.publish(deviceTopic(deviceId, 'cmd'), encodeMessage(cmd), false);
+    return cmd;
+  };
+
+  let ready = true;
+  const api = buildApi({ log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, ready: () => ready && !broker.aedes.closed });
+  const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
+  log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
+
+  return {
+    mqttPort,
+    mqttsPort,
+    httpPort: http.port,
+    fleetSecretFile,
+    operatorTokenFile,
+    registry,
+    broker,
+    setDesired,
+    sendCommand,
+    async stop() {
+      ready = false;
+      await http.close();
+      await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.unsubscribe(topic, fn, r))));
+      await broker.close();
+      for (const s of [mqttServer, mqttsServer]) if (s) await new Promise<void>((r) => s.close(() => r()));
+      await registry.flush();
+      await registryDb.close();
+      await brokerDb.close();
+      log.info('hub stopped');
+    },
+  };
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}

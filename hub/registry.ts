@@ -1,0 +1,182 @@
+import { EventEmitter } from 'node:events';
+import type { Level } from 'level';
+import type { CommandReply, DesiredState, EventMessage, StateMessage, TelemetryBatch } from '../core/messages.ts';
+
+/**
+ * The fleet registry: what the hub knows of every device. Kept in memory, written
+ * through to LevelDB so it survives a hub restart. Devices that were online when the
+ * hub stopped come back as offline ("hub restarted") until they reconnect and say so.
+ */
+export interface DeviceRecord {
+  id: string;
+  kind: StateMessage['kind'];
+  online: boolean;
+  /** last time the hub heard anything from or about the device, ms */
+  lastSeen: number;
+  /** when `online` last changed, ms */
+  since: number;
+  version?: string;
+  via?: string;
+  reason?: string;
+  telemetryBatches: number;
+  samples: number;
+  duplicates: number;
+  /** last value of each metric */
+  latest: Record<string, { v?: number; vs?: string; vb?: boolean; u?: string; t: number }>;
+  desired?: DesiredState;
+  events: number;
+  lastReplies: CommandReply[];
+}
+
+/** Remembers the last `size` message ids of one device, to drop at-least-once duplicates. */
+export class DedupWindow {
+  private readonly seen = new Set<string>();
+  private readonly order: string[] = [];
+  private head = 0;
+  constructor(private readonly size: number) {}
+  /** true when `mid` is new (and records it) */
+  admit(mid: string): boolean {
+    if (this.seen.has(mid)) return false;
+    this.seen.add(mid);
+    if (this.order.length < this.size) this.order.push(mid);
+    else {
+      this.seen.delete(this.order[this.head]!);
+      this.order[this.head] = mid;
+      this.head = (this.head + 1) % this.size;
+    }
+    return true;
+  }
+}
+
+const MAX_LATEST = 256;
+const MAX_REPLIES = 20;
+
+export class Registry extends EventEmitter {
+  private readonly devices = new Map<string, DeviceRecord>();
+  private readonly dedup = new Map<string, DedupWindow>();
+  private readonly dirty = new Set<string>();
+  private flushTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly db: Level<string, string>,
+    private readonly dedupSize: number,
+  ) {
+    super();
+  }
+
+  async load(): Promise<void> {
+    const now = Date.now();
+    for await (const [id, json] of this.db.iterator()) {
+      const rec = JSON.parse(json) as DeviceRecord;
+      if (rec.online) Object.assign(rec, { online: false, since: now, reason: 'hub restarted' });
+      this.devices.set(id, rec);
+    }
+  }
+
+  private record(id: string, kind: StateMessage['kind'] = 'agent'): DeviceRecord {
+    let rec = this.devices.get(id);
+    if (!rec) {
+      rec = { id, kind, online: false, lastSeen: 0, since: Date.now(), telemetryBatches: 0, samples: 0, duplicates: 0, latest: {}, events: 0, lastReplies: [] };
+      this.devices.set(id, rec);
+    }
+    return rec;
+  }
+
+  private touch(rec: DeviceRecord): void {
+    this.dirty.add(rec.id);
+    this.flushTimer ??= setTimeout(() => void this.flush(), 500);
+  }
+
+  /** false when this message id was seen already for this device (a duplicate) */
+  admit(deviceId: string, mid: string): boolean {
+    let w = this.dedup.get(deviceId);
+    if (!w) this.dedup.set(deviceId, (w = new DedupWindow(this.dedupSize)));
+    return w.admit(mid);
+  }
+
+  onState(id: string, msg: StateMessage): void {
+    const rec = this.record(id, msg.kind);
+    const changed = rec.online !== msg.online;
+    rec.kind = msg.kind;
+    rec.online = msg.online;
+    rec.lastSeen = Date.now();
+    if (changed) rec.since = rec.lastSeen;
+    if (msg.version !== undefined) rec.version = msg.version;
+    if (msg.via !== undefined) rec.via = msg.via;
+    if (msg.reason !== undefined) rec.reason = msg.reason;
+    else delete rec.reason;
+    this.touch(rec);
+    if (changed) this.emit('state', rec);
+  }
+
+  onTelemetry(id: string, msg: TelemetryBatch): boolean {
+    const rec = this.record(id);
+    rec.lastSeen = Date.now();
+    if (!this.admit(id, msg.mid)) {
+      rec.duplicates++;
+      return false;
+    }
+    rec.telemetryBatches++;
+    rec.samples += msg.samples.length;
+    for (const s of msg.samples) {
+      if (!(s.n in rec.latest) && Object.keys(rec.latest).length >= MAX_LATEST) continue;
+      const { n, ...rest } = s;
+      rec.latest[n] = rest;
+    }
+    this.touch(rec);
+    this.emit('telemetry', id, msg);
+    return true;
+  }
+
+  onEvent(id: string, msg: EventMessage): void {
+    const rec = this.record(id);
+    rec.lastSeen = Date.now();
+    if (!this.admit(id, msg.mid)) {
+      rec.duplicates++;
+      return;
+    }
+    rec.events++;
+    this.touch(rec);
+    this.emit('event', id, msg);
+  }
+
+  onReply(id: string, msg: CommandReply): void {
+    const rec = this.record(id);
+    if (!this.admit(id, msg.mid)) return;
+    rec.lastReplies = [msg, ...rec.lastReplies].slice(0, MAX_REPLIES);
+    this.touch(rec);
+  }
+
+  setDesired(id: string, desired: DesiredState): void {
+    const rec = this.record(id);
+    rec.desired = desired;
+    this.touch(rec);
+  }
+
+  get(id: string): DeviceRecord | undefined {
+    return this.devices.get(id);
+  }
+
+  list(): DeviceRecord[] {
+    return [...this.devices.values()].sort((a, b) => a.id.localeCompare(b.id));
+  }
+
+  counts(): { total: number; online: number; byKind: Record<string, number> } {
+    let online = 0;
+    const byKind: Record<string, number> = {};
+    for (const d of this.devices.values()) {
+      if (d.online) online++;
+      byKind[d.kind] = (byKind[d.kind] ?? 0) + 1;
+    }
+    return { total: this.devices.size, online, byKind };
+  }
+
+  async flush(): Promise<void> {
+    clearTimeout(this.flushTimer);
+    this.flushTimer = undefined;
+    if (this.dirty.size === 0) return;
+    const ops = [...this.dirty].map((id) => ({ type: 'put' as const, key: id, value: JSON.stringify(this.devices.get(id)) }));
+    this.dirty.clear();
+    await this.db.batch(ops);
+  }
+}

@@ -1,0 +1,35 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createLogger, type Logger } from '../core/log.ts';
+
+/** A temp dir removed when the returned cleanup runs. */
+export function tempDir(prefix = 'fleetlet-test-'): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Logs collected in memory (tests assert on them; set FLEETLET_TEST_LOG=1 to also print). */
+export function testLogger(name = 'test'): Logger & { lines: Array<Record<string, unknown>> } {
+  const lines: Array<Record<string, unknown>> = [];
+  const echo = process.env.FLEETLET_TEST_LOG === '1';
+  const log = createLogger({ name, level: 'debug', write: (l) => { lines.push(JSON.parse(l) as Record<string, unknown>); if (echo) process.stderr.write(l); } });
+  return Object.assign(log, { lines });
+}
+
+/** Poll `fn` until it returns a truthy value; fail with `what` after `timeoutMs`. */
+export async function waitFor<T>(fn: () => T | Promise<T>, what: string, timeoutMs = 10_000, everyMs = 25): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  while (Date.now() < deadline) {
+    try {
+      const v = await fn();
+      if (v) return v as NonNullable<T>;
+    } catch (err) {
+      last = err;
+    }
+    await sleep(everyMs);
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${String(last)}` : ''}`);
+}
