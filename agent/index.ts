@@ -1,0 +1,212 @@
+import { writeFileSync, renameSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { MqttClient } from 'mqtt';
+import si from 'systeminformation';
+import { listenHttp, type Listening, type TokenRole } from '../core/http.ts';
+import type { Logger } from '../core/log.ts';
+import { CommandSchema, decodeMessage, encodeMessage, type CommandReply, type DesiredState, type EventMessage, type Sample } from '../core/messages.ts';
+import { MetricsRegistry } from '../core/metrics.ts';
+import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
+import { setNativeDir } from '../core/native.ts';
+import { MemoryOutbox, Priority, type Outbox } from '../core/outbox.ts';
+import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
+import { deviceTopic } from '../core/topics.ts';
+import { Uplink } from '../core/uplink.ts';
+import { buildAgentApi, ROLES } from './api.ts';
+import type { AgentConfig } from './config.ts';
+import { DeviceMetrics, snapshotToSamples } from './metrics.ts';
+import { Supervisor, type AppStatus } from './supervisor.ts';
+
+export interface AgentHandle {
+  apiPort: number;
+  deviceId: string;
+  supervisor: Supervisor;
+  outbox: Outbox;
+  /** files holding the local API tokens (mode 0600) */
+  tokenFiles: { technician: string; readonly: string };
+  stop(): Promise<void>;
+}
+
+const HISTORY_POINTS = 360; // one hour at one point per 10 s
+const HISTORY_STEP_MS = 10_000;
+
+export async function startAgent(config: AgentConfig, log: Logger, version: string): Promise<AgentHandle> {
+  const started = Date.now();
+  setNativeDir(config.stateDir);
+  mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  const tokenFiles = { technician: join(config.stateDir, 'tokens', 'technician.token'), readonly: join(config.stateDir, 'tokens', 'readonly.token') };
+  const tokens: TokenRole[] = [
+    { token: loadOrCreateSecret(tokenFiles.technician), role: ROLES.TECHNICIAN },
+    { token: loadOrCreateSecret(tokenFiles.readonly), role: ROLES.READONLY },
+  ];
+
+  // In-memory for now; the durable LevelDB outbox implements the same interface.
+  const outbox: Outbox = new MemoryOutbox();
+  const emitEvent = (type: string, severity: EventMessage['severity'], data: Record<string, unknown>) =>
+    outbox
+      .append({
+        topic: deviceTopic(config.deviceId, 'events'),
+        priority: Priority.ALERT,
+        payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type, severity, data } satisfies EventMessage),
+      })
+      .catch((err: unknown) => log.error('cannot queue event', { type, err }));
+  outbox.on('evicted', (e) => log.warn('outbox evicted records', { ...e }));
+
+  const supervisor = new Supervisor({ log: log.child({ part: 'supervisor' }) });
+  supervisor.on('crash-loop', (e: Record<string, unknown>) => {
+    log.warn('app is crash-looping', e);
+    void emitEvent('app.crash-loop', 'alert', e);
+  });
+  supervisor.on('change', (s: AppStatus) => {
+    if (s.state === 'running' || s.state === 'exited') void emitEvent(`app.${s.state}`, 'info', { app: s.name, restarts: s.restarts, pid: s.pid, lastExit: s.lastExit });
+  });
+  await supervisor.apply(config.apps);
+
+  // --- metrics: cheap /proc readers at sampleMs, one telemetry batch per publishMs
+  const device = new DeviceMetrics(config.stateDir);
+  let last = device.sample();
+  let pending: Sample[] = [];
+  const history: Array<{ t: number; cpu: number | null; mem: number }> = [];
+  const sampleTimer = setInterval(() => {
+    last = device.sample();
+    pending.push(...snapshotToSamples(last));
+    const mem = last.memTotal ? Math.round((1000 * (last.memTotal - last.memAvailable)) / last.memTotal) / 10 : 0;
+    const prev = history[history.length - 1];
+    if (!prev || last.t - prev.t >= HISTORY_STEP_MS) {
+      history.push({ t: last.t, cpu: last.cpuUtil, mem });
+      if (history.length > HISTORY_POINTS) history.shift();
+    }
+  }, config.metrics.sampleMs);
+  const publishTimer = setInterval(() => {
+    const samples = [...pending];
+    for (const app of supervisor.status()) {
+      samples.push({ n: `app.${app.name}.up`, vb: app.state === 'running', t: Date.now() }, { n: `app.${app.name}.restarts`, v: app.restarts, t: Date.now() });
+    }
+    pending = [];
+    if (samples.length === 0) return;
+    outbox
+      .append({ topic: deviceTopic(config.deviceId, 'telemetry'), priority: Priority.TELEMETRY, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), samples }) })
+      .catch((err: unknown) => log.error('cannot queue telemetry', { err }));
+  }, config.metrics.publishMs);
+
+  let inventory: Record<string, unknown> | null = null;
+  void Promise.all([si.osInfo(), si.system()]).then(
+    ([os, sys]) => (inventory = { os: `${os.distro} ${os.release}`, kernel: os.kernel, arch: os.arch, hostname: os.hostname, model: sys.model, manufacturer: sys.manufacturer }),
+    (err: unknown) => log.warn('inventory failed', { err }),
+  );
+
+  // --- uplink to the hub
+  let client: MqttClient | null = null;
+  let uplink: Uplink | null = null;
+  let desired: DesiredState | null = null;
+  if (config.hub) {
+    const token = readSecretFile(config.hub.tokenFile);
+    client = connectFleetClient({ url: config.hub.url, deviceId: config.deviceId, token, kind: 'agent', version, keepalive: config.hub.keepaliveS });
+    uplink = new Uplink({ client, outbox, log: log.child({ part: 'uplink' }) });
+    const c = client;
+    c.on('connect', () => {
+      log.info('connected to hub', { url: config.hub?.url });
+      c.subscribe([deviceTopic(config.deviceId, 'desired'), deviceTopic(config.deviceId, 'cmd')], { qos: 1 }, (err) => {
+        if (err) log.error('subscribe failed', { err });
+      });
+    });
+    c.on('offline', () => log.warn('hub unreachable; queuing in the outbox'));
+    c.on('error', (err) => log.warn('hub connection error', { err }));
+    c.on('message', (topic, payload) => {
+      try {
+        if (topic === deviceTopic(config.deviceId, 'desired')) {
+          const d = decodeMessage('desired', payload);
+          if (desired && d.rev <= desired.rev) return;
+          desired = d;
+          const file = join(config.stateDir, 'desired.json');
+          writeFileSync(`${file}.tmp`, JSON.stringify(d));
+          renameSync(`${file}.tmp`, file);
+          log.info('desired state received', { rev: d.rev, apps: Object.keys(d.apps) });
+          void emitEvent('desired.received', 'info', { rev: d.rev });
+        } else void handleCommand(decodeMessage('cmd', payload));
+      } catch (err) {
+        log.warn('dropped invalid message from hub', { topic, err });
+      }
+    });
+  }
+
+  const reply = (r: Omit<CommandReply, 'v' | 'mid'>) =>
+    outbox.append({ topic: deviceTopic(config.deviceId, 'reply'), priority: Priority.ALERT, payload: (mid) => encodeMessage({ v: 1, mid, ...r }) });
+  async function handleCommand(cmd: ReturnType<typeof CommandSchema.parse>): Promise<void> {
+    if (cmd.expiresAt < Date.now()) {
+      await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_TIMEOUT', message: 'command expired before it reached the device' } });
+      return;
+    }
+    try {
+      if (cmd.name === 'ping') await reply({ id: cmd.id, ok: true, result: { uptimeS: (Date.now() - started) / 1000 } });
+      else if (cmd.name === 'restart-app') {
+        const app = supervisor.apps.get(String(cmd.args.app));
+        if (!app) await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_APP_NOT_FOUND', message: `no app ${String(cmd.args.app)}` } });
+        else {
+          await app.restart();
+          await reply({ id: cmd.id, ok: true, result: app.status() });
+        }
+      } else await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_USAGE', message: `unknown command ${cmd.name}` } });
+    } catch (err) {
+      await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_INTERNAL', message: (err as Error).message } });
+    }
+  }
+
+  // --- local API
+  const metrics = new MetricsRegistry();
+  metrics.gaugeFn('fleet_agent_up_seconds', 'Seconds since the agent started', () => (Date.now() - started) / 1000);
+  metrics.gaugeFn('fleet_agent_uplink_connected', '1 when the MQTT connection to the hub is up', () => (client?.connected ? 1 : 0));
+  metrics.gaugeFn('fleet_agent_outbox_records', 'Records waiting in the outbox, by priority class', () =>
+    Object.entries(outbox.stats().depthByClass).map(([cls, v]) => ({ labels: { class: cls }, value: v })),
+  );
+  metrics.gaugeFn('fleet_agent_outbox_bytes', 'Bytes waiting in the outbox', () => outbox.stats().bytes);
+  metrics.gaugeFn('fleet_agent_outbox_oldest_age_seconds', 'Age of the oldest record in the outbox', () => outbox.stats().oldestAgeMs / 1000);
+  metrics.gaugeFn('fleet_agent_app_up', '1 when the app is running', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.state === 'running' ? 1 : 0 })));
+  metrics.gaugeFn('fleet_agent_app_restarts', 'Restarts of the app since the agent started', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.restarts })));
+  metrics.gaugeFn('fleet_device_cpu_utilization_percent', 'Device CPU utilisation over the last sample period', () => last.cpuUtil ?? 0);
+  metrics.gaugeFn('fleet_device_memory_used_bytes', 'Device memory in use (total - available)', () => last.memTotal - last.memAvailable);
+  metrics.gaugeFn('fleet_device_load1', 'One-minute load average', () => last.load1);
+
+  const status = () => ({
+    deviceId: config.deviceId,
+    version,
+    uptimeS: (Date.now() - started) / 1000,
+    hub: { configured: config.hub !== undefined, connected: client?.connected ?? false, inFlight: uplink?.inFlight ?? 0, outbox: outbox.stats() },
+    desired,
+    device: last,
+    inventory,
+    apps: supervisor.status(),
+  });
+  const loopback = config.api.host === '127.0.0.1' || config.api.host === '::1' || config.api.host === 'localhost';
+  const api = buildAgentApi({
+    log,
+    supervisor,
+    metrics,
+    tokens,
+    openReads: loopback,
+    rateLimit: config.api.rateLimit,
+    status,
+    history: () => history,
+    ready: () => true,
+  });
+  const http: Listening = await listenHttp(api.handle, config.api.host, config.api.port, config.api.portFallback);
+  log.info('agent started', { deviceId: config.deviceId, api: `http://${config.api.host}:${http.port}/`, apps: config.apps.length, hub: config.hub?.url ?? null });
+
+  return {
+    apiPort: http.port,
+    deviceId: config.deviceId,
+    supervisor,
+    outbox,
+    tokenFiles,
+    async stop() {
+      clearInterval(sampleTimer);
+      clearInterval(publishTimer);
+      await supervisor.stopAll();
+      await http.close();
+      uplink?.stop();
+      if (client) await disconnectFleetClient(client, config.deviceId, 'agent', version);
+      await outbox.close();
+      log.info('agent stopped');
+    },
+  };
+}
