@@ -1,0 +1,81 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { ERROR_CODES, isFleetError } from '../../core/errors.ts';
+import { createLogger } from '../../core/log.ts';
+import { decodeMessage } from '../../core/messages.ts';
+import { MetricsRegistry } from '../../core/metrics.ts';
+import { deviceTopic, parseTopic } from '../../core/topics.ts';
+import { canPublish, canSubscribe } from '../../hub/acl.ts';
+
+test('topics: build and parse; ids that would break the topic tree are refused', () => {
+  assert.equal(deviceTopic('pi-01', 'telemetry'), 'fleet/v1/d/pi-01/telemetry');
+  assert.deepEqual(parseTopic('fleet/v1/d/pi-01/state'), { deviceId: 'pi-01', channel: 'state' });
+  for (const bad of ['fleet/v1/d/pi-01/nope', 'fleet/v1/d/pi/01/state', 'fleet/v2/d/pi/state', 'fleet/v1/d/+/state', 'fleet/v1/d//state']) assert.equal(parseTopic(bad), null, bad);
+  for (const id of ['a/b', '+', '#', '', '.hidden', 'x'.repeat(65), 'ü']) assert.throws(() => deviceTopic(id, 'state'), (e: unknown) => isFleetError(e, 'FLEET_DEVICE_ID_INVALID'), id);
+});
+
+test('messages: valid decode; invalid ones fail with FLEET_MSG_INVALID naming the field', () => {
+  const t = decodeMessage('telemetry', JSON.stringify({ v: 1, mid: '17', ts: 1, samples: [{ n: 'x', v: 1, t: 1 }] }));
+  assert.equal(t.samples[0]?.n, 'x');
+  const cases: Array<[string, string, RegExp]> = [
+    ['telemetry', '{', /not JSON/],
+    ['telemetry', JSON.stringify({ v: 1, mid: 'abc', ts: 1, samples: [] }), /mid/],
+    ['telemetry', JSON.stringify({ v: 2, mid: '1', ts: 1, samples: [] }), /v:/],
+    ['state', JSON.stringify({ v: 1, online: 'yes', kind: 'agent', ts: 1 }), /online/],
+    ['desired', JSON.stringify({ v: 1, rev: 1, ts: 1, apps: { 'Bad Name': { version: '1' } } }), /apps/],
+  ];
+  for (const [channel, payload, re] of cases) {
+    assert.throws(() => decodeMessage(channel as 'telemetry', payload), (e: unknown) => isFleetError(e, 'FLEET_MSG_INVALID') && re.test(e.message), payload);
+  }
+});
+
+test('ACL: devices stay in their subtree, gateways act for their MCUs, operators read everything', () => {
+  const gw = { kind: 'device' as const, id: 'gw-1' };
+  const dev = { kind: 'device' as const, id: 'pi-1' };
+  const op = { kind: 'operator' as const };
+  const delegations = (id: string) => (id === 'gw-1' ? new Set(['esp-1']) : undefined);
+  assert.ok(canPublish(dev, 'fleet/v1/d/pi-1/telemetry', false, delegations));
+  assert.ok(canPublish(dev, 'fleet/v1/d/pi-1/state', true, delegations));
+  assert.ok(!canPublish(dev, 'fleet/v1/d/pi-1/telemetry', true, delegations), 'telemetry is never retained');
+  assert.ok(!canPublish(dev, 'fleet/v1/d/pi-2/telemetry', false, delegations));
+  assert.ok(!canPublish(dev, 'fleet/v1/d/pi-1/desired', true, delegations), 'devices do not write their desired state');
+  assert.ok(!canPublish(dev, 'other/topic', false, delegations));
+  assert.ok(canPublish(gw, 'fleet/v1/d/esp-1/telemetry', false, delegations));
+  assert.ok(!canPublish(gw, 'fleet/v1/d/esp-2/telemetry', false, delegations));
+  assert.ok(!canPublish(gw, 'fleet/v1/d/esp-1/register', true, delegations));
+  assert.ok(canSubscribe(dev, 'fleet/v1/d/pi-1/desired', delegations));
+  assert.ok(canSubscribe(gw, 'fleet/v1/d/esp-1/cmd', delegations));
+  assert.ok(!canSubscribe(dev, 'fleet/v1/d/+/desired', delegations));
+  assert.ok(!canSubscribe(dev, 'fleet/v1/d/pi-1/telemetry', delegations));
+  assert.ok(canSubscribe(op, 'fleet/v1/#', delegations));
+  assert.ok(canPublish(op, 'fleet/v1/d/pi-1/desired', true, delegations));
+  assert.ok(!canPublish(op, 'fleet/v1/d/pi-1/telemetry', false, delegations), 'operators cannot forge device data');
+});
+
+test('logs: JSON lines; secrets are never written', () => {
+  const lines: string[] = [];
+  const log = createLogger({ name: 't', write: (l) => lines.push(l) }).child({ device: 'd1' });
+  log.info('connect', { token: 'abc123', nested: { password: 'p', ok: 1 }, authorization: 'Bearer x' });
+  log.debug('hidden at info');
+  assert.equal(lines.length, 1);
+  const rec = JSON.parse(lines[0]!) as Record<string, unknown>;
+  assert.equal(rec.device, 'd1');
+  assert.equal(rec.token, '[redacted]');
+  assert.deepEqual(rec.nested, { password: '[redacted]', ok: 1 });
+  assert.ok(!lines[0]!.includes('abc123'));
+});
+
+test('metrics: Prometheus text format with escaped labels', () => {
+  const m = new MetricsRegistry();
+  m.counter('x_total', 'a counter').inc({ a: 'q"u\\o\nte' }, 2);
+  m.gaugeFn('y', 'a gauge', () => [{ labels: { k: 'v' }, value: 1.5 }]);
+  assert.equal(m.render(), '# HELP x_total a counter\n# TYPE x_total counter\nx_total{a="q\\"u\\\\o\\nte"} 2\n# HELP y a gauge\n# TYPE y gauge\ny{k="v"} 1.5\n');
+  assert.throws(() => m.counter('bad', 'no _total suffix'));
+});
+
+test('errors: every code is listed in docs/errors.md and every listed code exists', () => {
+  const doc = readFileSync(new URL('../../docs/errors.md', import.meta.url), 'utf8');
+  const documented = new Set([...doc.matchAll(/^\| `(FLEET_[A-Z0-9_]+)` \|/gm)].map((m) => m[1]));
+  assert.deepEqual([...documented].sort(), Object.keys(ERROR_CODES).sort());
+});

@@ -1,0 +1,110 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { isFleetError } from '../../core/errors.ts';
+import { Priority, type Outbox } from '../../core/outbox.ts';
+
+/**
+ * The contract every outbox backend must pass (STYLE.md: one suite, every store).
+ * `make(maxBytes)` returns a fresh, empty outbox with that byte budget.
+ */
+export function outboxContract(name: string, make: (maxBytes: number) => Promise<{ outbox: Outbox; cleanup: () => Promise<void> }>): void {
+  const payload = (n: number, size = 10) => Buffer.alloc(size, n % 256);
+
+  test(`${name}: ids are unique and increase in append order; payload builders see their id`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      const seen: string[] = [];
+      const ids: string[] = [];
+      for (let i = 0; i < 50; i++) {
+        const rec = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: (id) => (seen.push(id), Buffer.from(id)) });
+        ids.push(rec.id);
+        assert.equal(rec.payload.toString(), rec.id);
+      }
+      assert.deepEqual(seen, ids);
+      assert.equal(new Set(ids).size, 50);
+      for (let i = 1; i < ids.length; i++) assert.ok(BigInt(ids[i]!) > BigInt(ids[i - 1]!));
+    } finally {
+      await cleanup();
+    }
+  });
+
+  test(`${name}: peek returns the most important class first, oldest first, and skips excluded ids`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      const log1 = await outbox.append({ topic: 'l', priority: Priority.LOG, payload: payload(1) });
+      const tel1 = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(2) });
+      const alert1 = await outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(3) });
+      const tel2 = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(4) });
+      const all = await outbox.peek(10);
+      assert.deepEqual(all.map((r) => r.id), [alert1.id, tel1.id, tel2.id, log1.id]);
+      assert.deepEqual((await outbox.peek(2)).map((r) => r.id), [alert1.id, tel1.id]);
+      assert.deepEqual((await outbox.peek(10, new Set([alert1.id, tel2.id]))).map((r) => r.id), [tel1.id, log1.id]);
+      assert.deepEqual(all[0]!.payload, payload(3));
+    } finally {
+      await cleanup();
+    }
+  });
+
+  test(`${name}: ack removes records; unknown ids are ignored; stats follow`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      const a = await outbox.append({ topic: 'x', priority: Priority.TELEMETRY, payload: payload(1, 100) });
+      await outbox.append({ topic: 'x', priority: Priority.LOG, payload: payload(2, 100) });
+      let s = outbox.stats();
+      assert.equal(s.depth, 2);
+      assert.equal(s.bytes, 202);
+      assert.deepEqual(s.depthByClass, { alert: 0, telemetry: 1, log: 1 });
+      await outbox.ack([a.id, '12345']);
+      s = outbox.stats();
+      assert.equal(s.depth, 1);
+      assert.equal(s.bytes, 101);
+      assert.equal(s.acked, 1);
+      assert.equal((await outbox.peek(10)).length, 1);
+    } finally {
+      await cleanup();
+    }
+  });
+
+  test(`${name}: over budget, the oldest of the least important class goes first; alerts survive while others remain`, async () => {
+    // each record is 1 (topic) + 99 payload = 100 bytes; budget holds 5
+    const { outbox, cleanup } = await make(500);
+    try {
+      const events: Array<{ evicted: number; byClass: Record<string, number> }> = [];
+      outbox.on('evicted', (e) => events.push(e));
+      const alert = await outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(0, 99) });
+      const tel = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(1, 99) });
+      const logs = [];
+      for (let i = 0; i < 3; i++) logs.push(await outbox.append({ topic: 'l', priority: Priority.LOG, payload: payload(i, 99) }));
+      // full; a new alert evicts the oldest log
+      const alert2 = await outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(9, 99) });
+      let ids = (await outbox.peek(10)).map((r) => r.id);
+      assert.ok(!ids.includes(logs[0]!.id));
+      assert.deepEqual(events.at(-1)?.byClass, { log: 1 });
+      // more alerts: logs go, then telemetry, never an alert
+      for (let i = 0; i < 3; i++) await outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(i, 99) });
+      ids = (await outbox.peek(10)).map((r) => r.id);
+      assert.ok(ids.includes(alert.id) && ids.includes(alert2.id));
+      assert.ok(!ids.includes(tel.id), 'telemetry evicted before any alert');
+      assert.equal(outbox.stats().evicted, 4);
+      assert.equal(outbox.stats().depthByClass.alert, 5);
+      // a log record cannot evict alerts: refused with a stable code
+      await assert.rejects(outbox.append({ topic: 'l', priority: Priority.LOG, payload: payload(1, 99) }), (e: unknown) => isFleetError(e, 'FLEET_OUTBOX_FULL'));
+      // a record larger than the whole budget is refused
+      await assert.rejects(outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(1, 600) }), (e: unknown) => isFleetError(e, 'FLEET_OUTBOX_FULL'));
+    } finally {
+      await cleanup();
+    }
+  });
+
+  test(`${name}: stats report the age of the oldest record`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      assert.equal(outbox.stats().oldestAgeMs, 0);
+      await outbox.append({ topic: 'x', priority: Priority.LOG, payload: payload(1) });
+      await new Promise((r) => setTimeout(r, 30));
+      assert.ok(outbox.stats().oldestAgeMs >= 25);
+    } finally {
+      await cleanup();
+    }
+  });
+}
