@@ -1,0 +1,293 @@
+#!/usr/bin/env node
+// Builds dist/fleetlet: one executable holding every part and dependency.
+//
+//   cli/main.ts --esbuild (cjs, node20)--> dist/fleetlet.cjs
+//   dist/fleetlet.cjs + classic-level.node --node --experimental-sea-config--> dist/sea-prep.blob
+//   copy of this node binary, stripped, + blob --postject--> dist/fleetlet
+//
+// See docs/build.md for the reasons behind each step.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describeFinding, scanBundle } from './bundle-scan.mjs';
+
+const require = createRequire(import.meta.url);
+const esbuild = require('esbuild');
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const DIST = join(ROOT, 'dist');
+const BUNDLE = join(DIST, 'fleetlet.cjs');
+const BLOB = join(DIST, 'sea-prep.blob');
+const SEA_CONFIG = join(DIST, 'sea-config.json');
+const OUT = join(DIST, 'fleetlet');
+const SEA_FUSE = 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2';
+const NATIVE_TS = join(ROOT, 'core', 'native.ts');
+const CLASSIC_LEVEL_DIR = join(ROOT, 'node_modules', 'classic-level');
+
+/**
+ * Optional dependencies that packages reach for behind try/catch or feature checks and
+ * that this runtime never needs on Linux. Left external they would be `require`d by the
+ * SEA main script, which only loads built-ins: Node prints a warning at every start.
+ * Resolving them to an empty module keeps the package's own fallback path.
+ * Each entry must say why it is safe to drop.
+ */
+const STUBBED = {
+  'supports-color': 'debug (used by mqtt, coap) tries it for 256-colour DEBUG output and falls back to 6 colours',
+  bufferutil: 'ws (mqtt over WebSocket) native speed-up for masking; ws has a pure-JS fallback',
+  'utf-8-validate': 'ws native UTF-8 check; ws falls back to buffer.isUtf8 / a JS check',
+  'osx-temperature-sensor': 'systeminformation, macOS only; never reached on Linux',
+  'macos-temperature-sensor': 'systeminformation, macOS only; never reached on Linux',
+};
+
+const started = Date.now();
+const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
+
+function log(msg) {
+  process.stdout.write(`build: ${msg}\n`);
+}
+
+function fail(msg) {
+  process.stderr.write(`build: FAILED: ${msg}\n`);
+  process.exit(1);
+}
+
+function isMusl() {
+  // glibcVersionRuntime is absent from the report on musl (Alpine) systems
+  const header = /** @type {{ glibcVersionRuntime?: string }} */ (process.report?.getReport?.()?.header ?? {});
+  return process.platform === 'linux' && !header.glibcVersionRuntime;
+}
+
+/** The prebuilt classic-level addon that matches the node binary we are packaging. */
+function pickClassicLevelPrebuild() {
+  const dir = join(CLASSIC_LEVEL_DIR, 'prebuilds', `${process.platform}-${process.arch}`);
+  if (!existsSync(dir)) fail(`no classic-level prebuild for ${process.platform}-${process.arch} in ${dir}`);
+  const files = readdirSync(dir).filter((f) => f.endsWith('.node'));
+  const musl = isMusl();
+  // node-gyp-build names variants with dot-separated tags (classic-level.musl.node,
+  // classic-level.armv7.node); keep those that match this libc and ARM version
+  const armVersion = String(process.config?.variables?.arm_version ?? '');
+  const fits = files.filter((f) => {
+    const tags = f.split('.').slice(1, -1);
+    if (tags.includes('musl') !== musl) return false;
+    const arm = tags.find((t) => /^armv\d+$/.test(t));
+    if (arm && process.arch === 'arm' && armVersion && arm !== `armv${armVersion}`) return false;
+    return true;
+  });
+  if (fits.length === 0) fail(`no classic-level prebuild in ${dir} fits (musl=${musl}, arm=${armVersion || '-'}): ${files.join(', ')}`);
+  // the untagged/shortest name is the generic build
+  fits.sort((a, b) => a.length - b.length);
+  return join(dir, fits[0]);
+}
+
+/** classic-level's binding.js asks node-gyp-build for a file on disk; inside the binary the addon is an SEA asset. */
+const classicLevelBindingPlugin = {
+  name: 'fleetlet-classic-level-binding',
+  setup(build) {
+    const bindingPath = join(CLASSIC_LEVEL_DIR, 'binding.js');
+    const filter = new RegExp(`^${bindingPath.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
+    build.onLoad({ filter }, () => ({
+      contents: `module.exports = require(${JSON.stringify(NATIVE_TS)}).classicLevelBinding();\n`,
+      resolveDir: CLASSIC_LEVEL_DIR,
+      loader: 'js',
+    }));
+  },
+};
+
+const stubPlugin = {
+  name: 'fleetlet-stub-optional',
+  setup(build) {
+    const names = Object.keys(STUBBED);
+    if (names.length === 0) return;
+    const filter = new RegExp(`^(${names.map((n) => n.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')).join('|')})$`);
+    build.onResolve({ filter }, (args) => ({ path: args.path, namespace: 'fleetlet-stub' }));
+    // Throwing on load mirrors "module not installed", the case every caller already
+    // handles. esbuild caches the module record before running it, so a second require
+    // returns {} instead of throwing: fine for the callers above (each is in try/catch,
+    // and ws/debug require once at load), but check that before adding an entry.
+    build.onLoad({ filter: /.*/, namespace: 'fleetlet-stub' }, (args) => ({
+      contents: `const e = new Error(${JSON.stringify(`Cannot find module '${args.path}' (not included in the fleetlet binary)`)}); e.code = 'MODULE_NOT_FOUND'; throw e;\n`,
+      loader: 'js',
+    }));
+  },
+};
+
+async function bundle() {
+  const t0 = Date.now();
+  const result = await esbuild.build({
+    entryPoints: [join(ROOT, 'cli', 'main.ts')],
+    outfile: BUNDLE,
+    bundle: true,
+    platform: 'node',
+    format: 'cjs',
+    target: 'node20',
+    minify: true,
+    // readable stack traces in the field are worth more than the last few hundred KB
+    keepNames: true,
+    legalComments: 'none',
+    metafile: true,
+    logLevel: 'warning',
+    define: {
+      __FLEETLET_VERSION__: JSON.stringify(pkg.version),
+      // import.meta is empty in CJS output; core/native.ts (createRequire) and node-cron
+      // (reads it at load) need a real file URL
+      'import.meta.url': '__fleetlet_import_meta_url',
+    },
+    banner: { js: `var __fleetlet_import_meta_url = require('url').pathToFileURL(__filename).href;` },
+    plugins: [classicLevelBindingPlugin, stubPlugin],
+  });
+  const inputs = Object.keys(result.metafile.inputs);
+  if (!inputs.some((i) => i.endsWith('classic-level/binding.js'))) fail('classic-level/binding.js was not in the bundle: did the LevelDB import move?');
+  log(`bundled ${inputs.length} modules into ${relative(ROOT, BUNDLE)} (${mb(statSync(BUNDLE).size)}) in ${Date.now() - t0} ms`);
+  writeFileSync(join(DIST, 'meta.json'), JSON.stringify(result.metafile));
+}
+
+function scan() {
+  const text = readFileSync(BUNDLE, 'utf8');
+  const { nonBuiltin, dynamicCount } = scanBundle(text);
+  if (nonBuiltin.length > 0) {
+    for (const f of nonBuiltin) process.stderr.write(`build:   ${describeFinding(text, f)}\n`);
+    fail(`${nonBuiltin.length} non-builtin require(s) left in the bundle (each prints a warning at every start of the binary): ${nonBuiltin.map((f) => f.spec).join(', ')}; bundle them, or stub them in STUBBED in scripts/build.mjs with a reason`);
+  }
+  log(`bundle scan: no non-builtin require${dynamicCount ? ` (${dynamicCount} computed require(x) calls, not checkable statically)` : ''}`);
+}
+
+function mb(n) {
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function which(cmd) {
+  const r = spawnSync('sh', ['-c', `command -v ${cmd}`], { encoding: 'utf8' });
+  return r.status === 0 ? r.stdout.trim() : null;
+}
+
+async function sea(addon) {
+  const t0 = Date.now();
+  writeFileSync(
+    SEA_CONFIG,
+    JSON.stringify(
+      {
+        main: BUNDLE,
+        output: BLOB,
+        disableExperimentalSEAWarning: true,
+        useCodeCache: true,
+        assets: { 'classic-level.node': addon },
+      },
+      null,
+      2,
+    ),
+  );
+  const prep = spawnSync(process.execPath, ['--experimental-sea-config', SEA_CONFIG], { encoding: 'utf8', cwd: ROOT });
+  if (prep.status !== 0) fail(`node --experimental-sea-config exited ${prep.status}: ${prep.stderr}${prep.stdout}`);
+  log(`SEA blob ${relative(ROOT, BLOB)} (${mb(statSync(BLOB).size)}) with asset ${relative(ROOT, addon)} in ${Date.now() - t0} ms`);
+
+  // postject writes in place: build under a temporary name so a failed build never
+  // leaves a half-injected dist/fleetlet that looks usable
+  const tmp = `${OUT}.tmp`;
+  rmSync(tmp, { force: true });
+  copyFileSync(process.execPath, tmp);
+  chmodSync(tmp, 0o755);
+  const before = statSync(tmp).size;
+  const strip = which('strip');
+  if (strip) {
+    execFileSync(strip, [tmp]);
+    log(`stripped node binary: ${mb(before)} -> ${mb(statSync(tmp).size)}`);
+  } else {
+    log('strip not found: binary left unstripped (about 12 MB larger)');
+  }
+
+  const t1 = Date.now();
+  const { inject } = require('postject');
+  // postject's LIEF complains about every section name it cannot find once `strip` has
+  // rewritten the string table ("Can't find string offset for section name '.note…'");
+  // the injection is unaffected (the smoke test below runs the result). It prints through
+  // console.warn, bound when inject() loads its wasm module, so hold that back meanwhile.
+  const warn = console.warn;
+  const held = [];
+  console.warn = (...args) => held.push(args.join(' '));
+  try {
+    await inject(tmp, 'NODE_SEA_BLOB', readFileSync(BLOB), { sentinelFuse: SEA_FUSE, overwrite: true });
+  } finally {
+    console.warn = warn;
+  }
+  const noise = /^warning: Can't find string offset for section name '\.note[^']*'$/;
+  const other = held.filter((line) => !noise.test(line.trim()));
+  for (const line of other) process.stderr.write(`build: postject: ${line}\n`);
+  if (held.length > other.length) log(`postject: ${held.length - other.length} known LIEF warnings about stripped .note section names suppressed`);
+  chmodSync(tmp, 0o755);
+  rmSync(OUT, { force: true });
+  // rename, not copy: a running dist/fleetlet keeps its inode
+  execFileSync('mv', ['-f', tmp, OUT]);
+  log(`postject in ${Date.now() - t1} ms`);
+}
+
+function smoke() {
+  const r = spawnSync(OUT, ['--version'], { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' }, timeout: 30_000 });
+  const want = `fleetlet ${pkg.version}`;
+  if (r.status !== 0 || r.stdout.trim() !== want) fail(`smoke test: ${OUT} --version gave exit ${r.status}, stdout ${JSON.stringify(r.stdout)}, stderr ${JSON.stringify(r.stderr)}`);
+  if (r.stderr.trim() !== '') fail(`smoke test: ${OUT} --version wrote to stderr: ${r.stderr}`);
+}
+
+/**
+ * One build at a time per tree: test files run two at a time and more than one may want
+ * the binary; interleaved writes to dist/fleetlet.cjs and the blob would yield a binary
+ * whose bundle does not match its scan. A lock whose owner is gone is taken over.
+ */
+async function lockDist() {
+  const lock = join(DIST, '.build.lock');
+  const deadline = Date.now() + 10 * 60_000;
+  for (;;) {
+    try {
+      writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      process.on('exit', () => rmSync(lock, { force: true }));
+      return;
+    } catch (err) {
+      if (err.code !== 'EEXIST') throw err;
+    }
+    const owner = Number(readFileSync(lock, 'utf8').trim() || 0);
+    let alive = false;
+    try {
+      if (owner > 0) process.kill(owner, 0);
+      alive = owner > 0;
+    } catch (err) {
+      alive = err.code === 'EPERM';
+    }
+    if (!alive) {
+      rmSync(lock, { force: true });
+      continue;
+    }
+    if (Date.now() > deadline) fail(`another build (pid ${owner}) holds ${lock}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+mkdirSync(DIST, { recursive: true });
+await lockDist();
+await bundle();
+scan();
+const addon = pickClassicLevelPrebuild();
+await sea(addon);
+smoke();
+const size = statSync(OUT).size;
+const ms = Date.now() - started;
+writeFileSync(
+  join(DIST, 'build-info.json'),
+  JSON.stringify(
+    {
+      version: pkg.version,
+      file: relative(ROOT, OUT),
+      size,
+      bundleSize: statSync(BUNDLE).size,
+      node: process.version,
+      platform: `${process.platform}-${process.arch}`,
+      addon: relative(ROOT, addon),
+      stripped: which('strip') !== null,
+      buildMs: ms,
+      builtAt: new Date().toISOString(),
+    },
+    null,
+    2,
+  ) + '\n',
+);
+log(`done: ${relative(ROOT, OUT)} ${mb(size)} (${size} bytes) in ${(ms / 1000).toFixed(1)} s`);
