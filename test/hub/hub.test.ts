@@ -82,7 +82,7 @@ test('hub: ACL keeps a device inside its own subtree; operator sees traffic; dup
     assert.equal(hub.registry.get('dev-1')?.duplicates, 1);
 
     // publishing into another device's subtree closes the connection; nothing is forwarded
-    const closed = new Promise((r) => dev.once('close', r));
+    const closed = new Promise<void>((r) => dev.once('close', () => r()));
     dev.publish(deviceTopic('dev-2', 'telemetry'), telemetry('1'), { qos: 1 });
     await closed;
     dev.end(true);
@@ -103,7 +103,7 @@ test('hub: a gateway acts only for the MCUs it registered, and cannot take anoth
     const gw2 = await connect(url, 'gw-2', 'gw-2', deriveToken(secret, 'device', 'gw-2'));
     await gw2.publishAsync(deviceTopic('gw-2', 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus: ['esp-1'] }), { qos: 1, retain: true });
     assert.equal(hub.broker.mcusOf('gw-2')?.has('esp-1'), false);
-    const closed = new Promise((r) => gw2.once('close', r));
+    const closed = new Promise<void>((r) => gw2.once('close', () => r()));
     gw2.publish(deviceTopic('esp-1', 'telemetry'), telemetry('6'), { qos: 1 });
     await closed;
     gw2.end(true);
