@@ -1,15 +1,81 @@
-import { defineCommand } from '../command.ts';
+import { join } from 'node:path';
+import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
+import { FleetError } from '../../core/errors.ts';
+import { createLogger } from '../../core/log.ts';
+import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
+import { loadOrCreateSecret } from '../../core/secrets.ts';
+import { assertDeviceId } from '../../core/topics.ts';
+import { mcuKey } from '../../firmware-bridge/auth.ts';
+import { GatewayConfigSchema } from '../../gateway/config.ts';
+import { startGateway } from '../../gateway/index.ts';
+import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
+import { VERSION } from '../version.ts';
 
-// placeholder until this command lands
 export const gatewayCommand = defineCommand({
   name: 'gateway',
-  summary: '(not built yet)',
-  usage: '',
-  help: {},
-  options: {},
-  hidden: true,
-  async run() {
-    process.stderr.write('fleetlet gateway: not built yet\n');
-    return 1;
+  summary: 'run an MCU gateway: ESP32s over MQTT/CoAP in, store-and-forward to the hub (or: gateway mcu-key <id>)',
+  usage: '[--config gateway.yaml] [options]\n       fleetlet gateway mcu-key <mcu-id> [--site-secret-file FILE | --state-dir DIR]',
+  positionals: true,
+  options: {
+    config: { type: 'string', short: 'c' },
+    hub: { type: 'string' },
+    id: { type: 'string' },
+    'token-file': { type: 'string' },
+    'site-secret-file': { type: 'string' },
+    host: { type: 'string' },
+    'mqtt-port': { type: 'string' },
+    'coap-port': { type: 'string' },
+    'state-dir': { type: 'string' },
+    'ready-file': { type: 'string' },
+    'die-with-parent': { type: 'boolean' },
+  },
+  help: {
+    config: 'YAML or JSON config file (docs/config.md#gateway)',
+    hub: 'hub MQTT URL (default mqtt://127.0.0.1:1883)',
+    id: "this gateway's device id at the hub",
+    'token-file': 'file with the device token from `fleetlet hub device-token <id>`, mode 0600 (default <state-dir>/token)',
+    'site-secret-file': 'file with the secret MCU keys derive from, mode 0600, created when missing (default <state-dir>/site.secret)',
+    host: 'address the MCU listeners bind (default 127.0.0.1)',
+    'mqtt-port': 'MCU MQTT port (default 1884; 0 = any free port)',
+    'coap-port': 'MCU CoAP port, UDP (default 5683; 0 = any free port)',
+    'state-dir': 'MCU replay counters and known MCUs',
+    'ready-file': 'write {pid, mqttPort, coapPort, siteSecretFile} here once listening',
+    'die-with-parent': 'exit when stdin closes (used by the demo)',
+  },
+  async run({ values, positionals }) {
+    const overrides = {
+      deviceId: strFlag(values, 'id'),
+      stateDir: strFlag(values, 'state-dir'),
+      hub: { url: strFlag(values, 'hub'), tokenFile: strFlag(values, 'token-file') },
+      mcu: {
+        host: strFlag(values, 'host'),
+        mqttPort: intFlag(values, 'mqtt-port', 0, 65535),
+        coapPort: intFlag(values, 'coap-port', 0, 65535),
+        siteSecretFile: strFlag(values, 'site-secret-file'),
+      },
+    };
+    const [sub, ...args] = positionals;
+    if (sub === 'mcu-key') {
+      // provisioning: the key to flash into one MCU (its MQTT password and CoAP MAC key)
+      if (args.length !== 1) throw new FleetError('FLEET_USAGE', 'usage: fleetlet gateway mcu-key <mcu-id>');
+      const mcuId = args[0]!;
+      try {
+        assertDeviceId(mcuId);
+      } catch (err) {
+        throw new FleetError('FLEET_USAGE', `mcu-key: ${(err as Error).message}`);
+      }
+      // the gateway's own id is not needed to derive an MCU key
+      const schema = GatewayConfigSchema.extend({ deviceId: GatewayConfigSchema.shape.deviceId.optional() });
+      const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
+      const secretFile = config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret');
+      process.stdout.write(mcuKey(loadOrCreateSecret(secretFile), mcuId) + '\n');
+      return EXIT.OK;
+    }
+    if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown gateway subcommand "${sub}"`);
+    const { config } = loadConfig(GatewayConfigSchema, { file: strFlag(values, 'config'), overrides });
+    const log = createLogger({ name: 'gateway', level: logLevelFromEnv() ?? 'info' });
+    const gw = await startGateway(config, log, VERSION);
+    writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
+    return runUntilSignal(() => gw.stop(), { dieWithParent: values['die-with-parent'] === true });
   },
 });

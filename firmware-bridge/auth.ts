@@ -1,0 +1,193 @@
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { deriveToken } from '../core/credentials.ts';
+import { FleetError } from '../core/errors.ts';
+import { isDeviceId } from '../core/topics.ts';
+import type { McuUpChannel } from './topics.ts';
+
+/**
+ * Application-level authentication of MCU messages over CoAP, which here runs without
+ * DTLS (docs/mcu-protocol.md has the threat model).
+ *
+ *   key     = deriveToken(siteSecret, 'mcu', mcuId)   — the same string the MCU uses as
+ *             its MQTT password; its UTF-8 bytes are the HMAC key, so firmware stores
+ *             one provisioned secret in one form
+ *   input   = "fleetlet-mcu-mac:v1\n" mcuId "\n" resource "\n" counter "\n" payload
+ *   mac     = first 16 bytes of HMAC-SHA256(key, input), base64url without padding
+ *
+ * The fields before the payload cannot contain "\n" (ids follow the device-id rule,
+ * the resource is a fixed token, the counter is canonical decimal), so the input is
+ * unambiguous. The MAC binds the message to its MCU, its resource (a telemetry MAC
+ * cannot be replayed onto another resource) and its counter; the counter must grow
+ * per MCU, which the ReplayGuard enforces.
+ */
+export const MAC_LABEL = 'fleetlet-mcu-mac:v1';
+/** 128-bit tag: HMAC-SHA256 truncated as RFC 2104 §5 allows (at least half the output). */
+export const MAC_BYTES = 16;
+/** 16 bytes in base64url without padding */
+export const MAC_CHARS = 22;
+/** Counters are positive integers that JSON and JavaScript carry exactly. */
+export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
+
+const MAC_RE = /^[A-Za-z0-9_-]{22}$/;
+const COUNTER_RE = /^[1-9][0-9]{0,15}$/;
+
+export type MacResource = McuUpChannel;
+
+/** The per-MCU key, derived from the gateway's site secret. */
+export function mcuKey(siteSecret: string, mcuId: string): string {
+  return deriveToken(siteSecret, 'mcu', mcuId);
+}
+
+function macOf(key: string, mcuId: string, resource: MacResource, counter: number, payload: Uint8Array): Buffer {
+  return createHmac('sha256', key)
+    .update(`${MAC_LABEL}\n${mcuId}\n${resource}\n${counter}\n`)
+    .update(payload)
+    .digest()
+    .subarray(0, MAC_BYTES);
+}
+
+/** Sign one message (the simulator and test clients; real firmware does the same in C). */
+export function signMcuMessage(key: string, mcuId: string, resource: MacResource, counter: number, payload: Uint8Array): string {
+  if (!isDeviceId(mcuId)) throw new FleetError('FLEET_DEVICE_ID_INVALID', `invalid MCU id ${JSON.stringify(mcuId)}`);
+  if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', `counter must be an integer from 1 to ${MAX_COUNTER}`);
+  return macOf(key, mcuId, resource, counter, payload).toString('base64url');
+}
+
+/** Parse a counter from the wire: canonical decimal, 1..2^53-1; FLEET_MCU_AUTH otherwise. */
+export function parseCounter(raw: string | undefined | null): number {
+  if (typeof raw !== 'string' || !COUNTER_RE.test(raw)) throw new FleetError('FLEET_MCU_AUTH', 'counter missing or not a positive decimal integer');
+  const n = Number(raw);
+  if (!Number.isSafeInteger(n)) throw new FleetError('FLEET_MCU_AUTH', `counter exceeds ${MAX_COUNTER}`);
+  return n;
+}
+
+/** Check a MAC in constant time; FLEET_MCU_AUTH when it is malformed or wrong. Stateless. */
+export function verifyMcuMac(key: string, mcuId: string, resource: MacResource, counter: number, payload: Uint8Array, mac: string | undefined | null): void {
+  if (typeof mac !== 'string' || !MAC_RE.test(mac)) throw new FleetError('FLEET_MCU_AUTH', `MAC missing or not ${MAC_CHARS} base64url characters`);
+  const presented = Buffer.from(mac, 'base64url');
+  const expected = macOf(key, mcuId, resource, counter, payload);
+  if (presented.length !== MAC_BYTES || !timingSafeEqual(presented, expected)) throw new FleetError('FLEET_MCU_AUTH', 'MAC does not verify');
+}
+
+export interface ReplayGuardOptions {
+  /**
+   * How far below the highest counter seen a counter may still arrive (out of order,
+   * e.g. reordered non-confirmable datagrams), each at most once. 0 = strictly
+   * increasing. At most 32. Default 32.
+   */
+  window?: number;
+  /** most MCUs tracked; a new one beyond that is refused (FLEET_FORBIDDEN). Default 100,000. */
+  maxMcus?: number;
+}
+
+/** Per-MCU replay state: the highest counter accepted and a bitmap of the `window` below it. */
+export type ReplaySnapshot = Record<string, [high: number, seen: number]>;
+
+/**
+ * Anti-replay with a sliding window, as IPsec does for sequence numbers (RFC 4303
+ * §3.4.3): bit i of `seen` means counter `high - i` was accepted. Counters above
+ * `high` move the window; counters inside it are accepted once; anything older is a
+ * replay. Entries are never evicted, since forgetting an MCU would re-open replay
+ * of everything it ever sent.
+ */
+export class ReplayGuard {
+  private readonly state = new Map<string, { high: number; seen: number }>();
+  private readonly window: number;
+  private readonly maxMcus: number;
+  private changed = false;
+
+  constructor(opts: ReplayGuardOptions = {}) {
+    const w = opts.window ?? 32;
+    if (!Number.isInteger(w) || w < 0 || w > 32) throw new RangeError('replay window must be an integer from 0 to 32');
+    this.window = w;
+    this.maxMcus = opts.maxMcus ?? 100_000;
+  }
+
+  get size(): number {
+    return this.state.size;
+  }
+
+  /** Highest counter accepted from `mcuId`, 0 when none. */
+  high(mcuId: string): number {
+    return this.state.get(mcuId)?.high ?? 0;
+  }
+
+  /** Record `counter` for `mcuId`; FLEET_MCU_REPLAY when it was seen or is too old. Call only after the MAC verified. */
+  accept(mcuId: string, counter: number): void {
+    if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', 'counter out of range');
+    const st = this.state.get(mcuId);
+    if (!st) {
+      if (this.state.size >= this.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `replay state for ${this.maxMcus} MCUs is full; refusing new MCU ${mcuId}`);
+      this.state.set(mcuId, { high: counter, seen: 1 });
+      this.changed = true;
+      return;
+    }
+    if (counter > st.high) {
+      const shift = counter - st.high;
+      st.seen = shift >= 32 ? 1 : ((st.seen << shift) | 1) >>> 0;
+      st.high = counter;
+      this.changed = true;
+      return;
+    }
+    const age = st.high - counter;
+    if (age >= this.window) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} is not above ${st.high - this.window} for ${mcuId}`, { details: { mcu: mcuId } });
+    const bit = (1 << age) >>> 0;
+    if ((st.seen & bit) !== 0) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} was already used by ${mcuId}`, { details: { mcu: mcuId } });
+    st.seen = (st.seen | bit) >>> 0;
+    this.changed = true;
+  }
+
+  /** True once after any change; the owner uses it to decide when to persist. */
+  takeChanged(): boolean {
+    const c = this.changed;
+    this.changed = false;
+    return c;
+  }
+
+  snapshot(): ReplaySnapshot {
+    const out: ReplaySnapshot = {};
+    for (const [id, st] of this.state) out[id] = [st.high, st.seen];
+    return out;
+  }
+
+  /** Load persisted state; entries that are not well-formed are skipped (and counted in the result). */
+  restore(snap: unknown): { restored: number; skipped: number } {
+    let restored = 0;
+    let skipped = 0;
+    if (typeof snap !== 'object' || snap === null || Array.isArray(snap)) return { restored, skipped };
+    for (const [id, v] of Object.entries(snap)) {
+      if (!isDeviceId(id) || !Array.isArray(v) || v.length !== 2 || !Number.isSafeInteger(v[0]) || v[0] < 1 || !Number.isInteger(v[1]) || v[1] < 0 || v[1] > 0xffffffff) {
+        skipped++;
+        continue;
+      }
+      const cur = this.state.get(id);
+      // never move a counter backwards: restoring older state must not re-open a replay
+      if (!cur || cur.high < (v[0] as number)) this.state.set(id, { high: v[0] as number, seen: v[1] as number });
+      restored++;
+    }
+    return { restored, skipped };
+  }
+}
+
+export interface VerifyInput {
+  key: string;
+  mcuId: string;
+  resource: MacResource;
+  /** the counter as it came off the wire */
+  counter: string | undefined | null;
+  payload: Uint8Array;
+  mac: string | undefined | null;
+}
+
+/**
+ * The gateway's whole check for one message: counter well-formed, MAC valid, counter
+ * not replayed (and then recorded). Throws FLEET_MCU_AUTH, FLEET_MCU_REPLAY or
+ * FLEET_FORBIDDEN; returns the counter. The MAC is checked before any state is touched,
+ * so an attacker without the key cannot move an MCU's counter.
+ */
+export function verifyMcuMessage(guard: ReplayGuard, input: VerifyInput): number {
+  const counter = parseCounter(input.counter);
+  verifyMcuMac(input.key, input.mcuId, input.resource, counter, input.payload, input.mac);
+  guard.accept(input.mcuId, counter);
+  return counter;
+}

@@ -1,0 +1,80 @@
+import { join } from 'node:path';
+import { z } from 'zod';
+import { defaultStateDir } from '../core/config.ts';
+import { DEVICE_ID_RE } from '../core/topics.ts';
+
+const port = z.number().int().min(0).max(65535);
+
+/**
+ * Gateway configuration (docs/config.md#gateway). File < command-line flags, validated
+ * once at start by core/config.ts loadConfig, then frozen. Unknown keys are errors.
+ * The `hub` block has the same shape as the agent's.
+ */
+export const GatewayConfigSchema = z
+  .object({
+    /** this gateway's device id at the hub (its MQTT client id and username there) */
+    deviceId: z.string().regex(DEVICE_ID_RE, 'device ids are letters, digits, dot, dash and underscore, at most 64'),
+    /** MCU replay counters, the list of known MCUs, and default places of the token and site secret */
+    stateDir: z.string().min(1).default(defaultStateDir('gateway')),
+    hub: z
+      .object({
+        url: z.string().regex(/^(mqtts?|wss?):\/\/\S+$/, 'hub.url must start with mqtt://, mqtts://, ws:// or wss://').default('mqtt://127.0.0.1:1883'),
+        /** file with this gateway's device token (`fleetlet hub device-token <id>`), mode 0600; default <stateDir>/token */
+        tokenFile: z.string().min(1).optional(),
+        /** MQTT keep-alive, seconds; the hub marks the gateway offline about 1.5x this after it goes silent */
+        keepaliveS: z.number().int().min(1).max(3600).default(30),
+        /** delay between reconnect attempts, ms */
+        reconnectMs: z.number().int().min(100).max(300_000).default(1000),
+        /** most QoS 1 publishes awaiting PUBACK */
+        window: z.number().int().min(1).max(1000).default(32),
+      })
+      .strict()
+      .prefault({}),
+    mcu: z
+      .object({
+        /** address the MCU listeners (MQTT over TCP, CoAP over UDP) bind */
+        host: z.string().min(1).default('127.0.0.1'),
+        /** MCU MQTT port; 0 = any free port */
+        mqttPort: port.default(1884),
+        /** MCU CoAP port (UDP); 0 = any free port */
+        coapPort: port.default(5683),
+        /** file with the site secret every MCU key derives from, mode 0600, created when missing; default <stateDir>/site.secret */
+        siteSecretFile: z.string().min(1).optional(),
+        /**
+         * An MCU silent for longer than this is reported offline, ms. Unset: 3x the
+         * interval observed between its messages (at least 1 s), or 60 s until known.
+         */
+        lostAfterMs: z.number().int().min(100).max(7 * 24 * 3600 * 1000).optional(),
+        /** largest MCU message payload, bytes; CoAP is further bound by one datagram */
+        maxPayloadBytes: z.number().int().min(256).max(1024 * 1024).default(16 * 1024),
+        /** most SenML records in one message */
+        maxRecords: z.number().int().min(1).max(10_000).default(256),
+        /** most MCUs this gateway acts for; messages from further ones are refused */
+        maxMcus: z.number().int().min(1).max(100_000).default(10_000),
+        /** CoAP anti-replay window below the highest counter seen; 0 = strictly increasing; at most 32 */
+        replayWindow: z.number().int().min(0).max(32).default(32),
+      })
+      .strict()
+      .prefault({}),
+    outbox: z
+      .object({
+        /** byte budget of the store-and-forward queue towards the hub */
+        maxBytes: z.number().int().min(64 * 1024).default(64 * 1024 * 1024),
+      })
+      .strict()
+      .prefault({}),
+    /** how often changed replay counters and the MCU list are written to stateDir, ms */
+    stateFlushMs: z.number().int().min(50).max(60_000).default(2000),
+  })
+  .strict();
+
+export type GatewayConfig = z.infer<typeof GatewayConfigSchema>;
+
+/** Files that default to places under stateDir. */
+export function gatewayPaths(config: GatewayConfig): { tokenFile: string; siteSecretFile: string; stateFile: string } {
+  return {
+    tokenFile: config.hub.tokenFile ?? join(config.stateDir, 'token'),
+    siteSecretFile: config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret'),
+    stateFile: join(config.stateDir, 'mcu-state.json'),
+  };
+}

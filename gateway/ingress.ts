@@ -1,0 +1,65 @@
+import { isFleetError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import type { Sample } from '../core/messages.ts';
+import type { McuProtocol } from './relay.ts';
+
+/**
+ * Why an MCU message was dropped — the `reason` label of
+ * fleet_gateway_mcu_dropped_total. Stable: dashboards and alerts use these names.
+ */
+export type DropReason =
+  | 'auth' // MQTT password or CoAP MAC wrong
+  | 'replay' // CoAP counter already used or too old
+  | 'decode' // payload is not valid SenML JSON
+  | 'too_large' // payload or datagram over the limit
+  | 'forbidden' // topic outside the MCU's own subtree, or an id that may not be an MCU here
+  | 'bad_request' // not an MCU resource, wrong method, malformed datagram
+  | 'unsupported' // content format or CoAP feature not supported (Block1)
+  | 'mcu_limit' // the gateway already acts for maxMcus MCUs
+  | 'outbox_full' // the outbox cannot take it (byte budget of higher-priority records)
+  | 'unavailable'; // the gateway is stopping or its store failed
+
+/** What an ingress calls; index.ts wires it to the relay and the metrics. */
+export interface IngressHooks {
+  /** hand authenticated, decoded samples to the relay; resolves once they are in the outbox */
+  deliver(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void>;
+  /** one message accepted (counted per protocol) */
+  accepted(protocol: McuProtocol): void;
+  /** one message (or connection) refused */
+  dropped(protocol: McuProtocol, reason: DropReason, info: { mcuId?: string | undefined; err?: unknown }): void;
+  /** one MQTT connect or CoAP message whose credentials did not verify */
+  authFailed(protocol: McuProtocol): void;
+  /** one subscription refused by the ACL */
+  subscribeDenied(): void;
+}
+
+/** Drop reason for an error from the relay's `deliver`. */
+export function deliverFailureReason(err: unknown): DropReason {
+  if (isFleetError(err, 'FLEET_FORBIDDEN')) return err.details?.limit !== undefined ? 'mcu_limit' : 'forbidden';
+  if (isFleetError(err, 'FLEET_OUTBOX_FULL')) return 'outbox_full';
+  return 'unavailable';
+}
+
+/**
+ * Warn at most once per key per period, so a fleet of misconfigured MCUs cannot flood
+ * the log; everything is still counted in the metrics.
+ */
+export class LogThrottle {
+  private readonly last = new Map<string, number>();
+  constructor(
+    private readonly log: Logger,
+    private readonly periodMs = 60_000,
+  ) {}
+
+  warn(key: string, msg: string, fields: Record<string, unknown>): void {
+    const now = Date.now();
+    const prev = this.last.get(key);
+    if (prev !== undefined && now - prev < this.periodMs) {
+      this.log.debug(msg, fields);
+      return;
+    }
+    if (this.last.size >= 10_000) this.last.clear(); // bounded under id churn
+    this.last.set(key, now);
+    this.log.warn(msg, fields);
+  }
+}

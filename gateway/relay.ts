@@ -1,0 +1,388 @@
+import { EventEmitter } from 'node:events';
+import type { MqttClient } from 'mqtt';
+import { FleetError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { encodeMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
+import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
+import { deviceTopic, parseTopic } from '../core/topics.ts';
+import { Uplink } from '../core/uplink.ts';
+
+export type McuProtocol = 'mqtt' | 'coap';
+
+export interface RelayOptions {
+  gatewayId: string;
+  /** the gateway's connection to the hub (core/mqtt.ts connectFleetClient) */
+  client: MqttClient;
+  outbox: Outbox;
+  log: Logger;
+  /** most MCUs this gateway acts for */
+  maxMcus: number;
+  /** fixed silence after which an MCU is reported offline, ms; unset = 3x its observed interval, or 60 s */
+  lostAfterMs?: number | undefined;
+  /** most QoS 1 publishes to the hub awaiting PUBACK */
+  uplinkWindow?: number;
+  now?: () => number;
+}
+
+interface McuEntry {
+  /** position in registration order; the register message lists MCUs in this order */
+  index: number;
+  protocol: McuProtocol | null;
+  /** last time the MCU said anything, ms */
+  lastSeen: number;
+  /** smoothed interval between its messages, ms; 0 until two were seen */
+  intervalMs: number;
+  online: boolean;
+  /** known from before a restart and not heard since: what the hub shows is unknown */
+  stale: boolean;
+  messages: number;
+}
+
+/** Until an MCU's interval is known it counts as lost after this long silent, ms. */
+export const DEFAULT_LOST_AFTER_MS = 60_000;
+/** Floor for the interval-derived timeout, so an MCU that sends a quick burst does not flap. */
+const MIN_LOST_AFTER_MS = 1000;
+
+/**
+ * The relay between MCUs and the hub.
+ *
+ * Registration. The hub lets the gateway publish for an MCU only once the gateway's
+ * retained `register` message lists it, checked in packet order on the connection.
+ * The list is complete each time, so publishing it per new MCU would cost O(N²) bytes
+ * while a site's MCUs come up (measured: 2,000 CoAP MCUs starting together buried the
+ * hub in register messages and stalled the uplink). Instead registers are coalesced —
+ * at most one awaiting its PUBACK; MCUs that arrive meanwhile go into the next — and
+ * nothing for an MCU is sent before a register covering it was sent on the current
+ * connection: its state waits in `pendingState`, and its telemetry stays in the outbox,
+ * hidden from the Uplink by the GatedOutbox view below until then. Telemetry is still
+ * appended at once, so the MCU's acknowledgement means "stored", hub or no hub.
+ *
+ * State. Each MCU's retained state is `online` when it talks after being offline and
+ * `offline` when it has been silent longer than its lost timeout. States are
+ * latest-value: while the hub is unreachable only the newest per MCU is kept.
+ *
+ * Telemetry goes out as TelemetryBatch through the outbox and Uplink (at-least-once,
+ * the outbox id is the message's `mid`).
+ */
+export class Relay {
+  private readonly mcus = new Map<string, McuEntry>();
+  private readonly pendingState = new Map<string, Buffer>();
+  private statesInFlight = 0;
+  /** MCUs with index below this are covered by a register sent on the current connection */
+  private registeredUpTo = 0;
+  private registerInFlight = false;
+  /** bumped on every connect and close, so callbacks from an old connection are ignored */
+  private connGen = 0;
+  private changed = false;
+  private readonly sweepTimer: NodeJS.Timeout;
+  private readonly gated: GatedOutbox;
+  private readonly uplink: Uplink;
+  private readonly now: () => number;
+  private stopped = false;
+
+  constructor(private readonly opts: RelayOptions) {
+    this.now = opts.now ?? Date.now;
+    // Registered before the Uplink's own 'connect' listener (created just below), so on
+    // every (re)connect the register and states go out before queued telemetry.
+    opts.client.on('connect', this.onConnect);
+    opts.client.on('close', this.onClose);
+    this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush());
+    this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, ...(opts.uplinkWindow ? { window: opts.uplinkWindow } : {}) });
+    const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
+    this.sweepTimer = setInterval(this.sweep, sweepMs);
+  }
+
+  /**
+   * MCUs known from before a restart: registered again on connect. The hub may show
+   * them online (the gateway crashed) or offline (it stopped cleanly), so each is
+   * reported online when it talks, or offline once silent for its lost timeout.
+   */
+  restore(ids: readonly string[]): void {
+    const now = this.now();
+    for (const id of ids) {
+      if (this.mcus.size >= this.opts.maxMcus) break;
+      if (id === this.opts.gatewayId || this.mcus.has(id)) continue;
+      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0 });
+    }
+    this.flush();
+  }
+
+  /**
+   * Accept samples from an authenticated MCU. Resolves once the telemetry is in the
+   * outbox (the ingress acknowledges the MCU only then). An empty sample list still
+   * counts as a sign of life. Throws FLEET_FORBIDDEN when the MCU limit is reached.
+   */
+  async accept(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void> {
+    if (this.stopped) throw new FleetError('FLEET_STORE', 'gateway is stopping; not storing');
+    if (mcuId === this.opts.gatewayId) throw new FleetError('FLEET_FORBIDDEN', `MCU id ${mcuId} is the gateway's own id`);
+    const now = this.now();
+    let e = this.mcus.get(mcuId);
+    if (!e) {
+      if (this.mcus.size >= this.opts.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `this gateway acts for at most ${this.opts.maxMcus} MCUs; refusing ${mcuId}`, { details: { limit: this.opts.maxMcus } });
+      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0 };
+      this.mcus.set(mcuId, e);
+      this.changed = true;
+      this.opts.log.info('new MCU', { mcu: mcuId, protocol });
+    } else if (e.messages > 0) {
+      const gap = now - e.lastSeen;
+      // smoothed, so one retry or one late message does not swing the lost timeout
+      if (gap > 0) e.intervalMs = e.intervalMs === 0 ? gap : Math.round(e.intervalMs * 0.75 + gap * 0.25);
+    }
+    e.protocol = protocol;
+    e.lastSeen = now;
+    e.stale = false;
+    e.messages++;
+    if (!e.online) {
+      e.online = true;
+      this.publishState(mcuId, { v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId });
+    }
+    if (samples.length === 0) return;
+    await this.opts.outbox.append({
+      topic: deviceTopic(mcuId, 'telemetry'),
+      priority: Priority.TELEMETRY,
+      payload: (mid) => encodeMessage({ v: 1, mid, ts: now, samples: samples as Sample[] } satisfies TelemetryBatch),
+    });
+  }
+
+  private lostAfter(e: McuEntry): number {
+    if (this.opts.lostAfterMs) return this.opts.lostAfterMs;
+    return e.intervalMs > 0 ? Math.max(MIN_LOST_AFTER_MS, 3 * e.intervalMs) : DEFAULT_LOST_AFTER_MS;
+  }
+
+  private sweep = (): void => {
+    const now = this.now();
+    for (const [id, e] of this.mcus) {
+      if (!e.online && !e.stale) continue;
+      const silent = now - e.lastSeen;
+      if (silent > this.lostAfter(e)) {
+        const reason = e.stale ? `not heard since the gateway restarted ${silent} ms ago` : `silent for ${silent} ms`;
+        e.online = false;
+        e.stale = false;
+        this.opts.log.info('MCU lost', { mcu: id, silentMs: silent });
+        this.publishState(id, { v: 1, online: false, kind: 'mcu', ts: now, via: this.opts.gatewayId, reason });
+      }
+    }
+  };
+
+  private covered(mcuId: string): boolean {
+    const e = this.mcus.get(mcuId);
+    return e !== undefined && e.index < this.registeredUpTo;
+  }
+
+  private onConnect = (): void => {
+    this.connGen++;
+    this.registeredUpTo = 0;
+    this.registerInFlight = false;
+    // the full list again on every connection: cheap, and it makes a hub that lost its
+    // retained messages whole again
+    this.flush();
+  };
+
+  private onClose = (): void => {
+    this.connGen++;
+    this.registeredUpTo = 0;
+    this.registerInFlight = false;
+  };
+
+  private publishState(mcuId: string, msg: StateMessage): void {
+    this.pendingState.set(mcuId, encodeMessage(msg));
+    this.flush();
+  }
+
+  /**
+   * Send what may be sent. Never while disconnected: mqtt.js would queue it offline and
+   * could deliver an older register after a newer one.
+   */
+  private flush(): void {
+    if (!this.opts.client.connected) return;
+    if (this.mcus.size > this.registeredUpTo && !this.registerInFlight) this.sendRegister();
+    for (const [id, buf] of this.pendingState) {
+      if (!this.covered(id)) continue; // after the register that covers it
+      this.pendingState.delete(id);
+      this.statesInFlight++;
+      this.opts.client.publish(deviceTopic(id, 'state'), buf, { qos: 1, retain: true }, (err) => {
+        this.statesInFlight--;
+        // not delivered and nothing newer queued: keep it for the next connection
+        if (err && !this.pendingState.has(id)) this.pendingState.set(id, buf);
+      });
+    }
+  }
+
+  private sendRegister(): void {
+    const gen = this.connGen;
+    const mcus = [...this.mcus.keys()];
+    const msg: GatewayRegistration = { v: 1, ts: this.now(), mcus };
+    this.registerInFlight = true;
+    this.opts.client.publish(deviceTopic(this.opts.gatewayId, 'register'), encodeMessage(msg), { qos: 1, retain: true }, () => {
+      if (gen !== this.connGen) return; // a new connection sends its own
+      this.registerInFlight = false;
+      this.flush(); // MCUs that arrived meanwhile get the next register
+    });
+    // Telemetry and states of these MCUs may follow it on this connection right away:
+    // the hub applies the register when it reads it, before the packets behind it.
+    this.registeredUpTo = mcus.length;
+    this.gated.kick();
+  }
+
+  /** True once after the MCU list changed (the owner persists it). */
+  takeChanged(): boolean {
+    const c = this.changed;
+    this.changed = false;
+    return c;
+  }
+
+  mcuIds(): string[] {
+    return [...this.mcus.keys()];
+  }
+
+  get hubConnected(): boolean {
+    return this.opts.client.connected;
+  }
+
+  get uplinkSent(): number {
+    return this.uplink.sent;
+  }
+
+  counts(): { mcus: number; online: number; byProtocol: Record<McuProtocol, number> } {
+    let online = 0;
+    const byProtocol: Record<McuProtocol, number> = { mqtt: 0, coap: 0 };
+    for (const e of this.mcus.values()) {
+      if (e.online) online++;
+      if (e.protocol) byProtocol[e.protocol]++;
+    }
+    return { mcus: this.mcus.size, online, byProtocol };
+  }
+
+  /**
+   * Report every online MCU offline ("gateway stopped"), then give the uplink up to
+   * `drainMs` to deliver what is queued while the hub is reachable.
+   */
+  async stop(drainMs = 2000): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    clearInterval(this.sweepTimer);
+    const now = this.now();
+    for (const [id, e] of this.mcus) {
+      if (!e.online) continue;
+      e.online = false;
+      this.publishState(id, { v: 1, online: false, kind: 'mcu', ts: now, via: this.opts.gatewayId, reason: 'gateway stopped' });
+    }
+    const deadline = Date.now() + drainMs;
+    while (Date.now() < deadline && this.opts.client.connected) {
+      if (this.opts.outbox.stats().depth === 0 && this.pendingState.size === 0 && this.statesInFlight === 0 && !this.registerInFlight) break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    this.uplink.stop();
+    this.gated.dispose();
+    this.opts.client.off('connect', this.onConnect);
+    this.opts.client.off('close', this.onClose);
+  }
+}
+
+/**
+ * The outbox as the Uplink sees it: records of MCUs not yet covered by a register on
+ * this connection are hidden (and a register is requested), so the Uplink can never
+ * send them ahead of it. Everything else passes straight through to the real outbox.
+ */
+class GatedOutbox extends EventEmitter implements Outbox {
+  private retryTimer: NodeJS.Timeout | undefined;
+  private peeking = 0;
+  private missedKick = false;
+
+  constructor(
+    private readonly inner: Outbox,
+    private readonly covered: (mcuId: string) => boolean,
+    private readonly requestRegister: () => void,
+  ) {
+    super();
+    inner.on('appended', () => this.kick());
+    inner.on('evicted', (e: EvictionEvent) => this.emit('evicted', e));
+  }
+
+  /** Wake the Uplink: there is something new, or records it could not send may be sendable now. */
+  kick(): void {
+    // core/uplink.ts ignores a kick while it pumps, and ends its pump when a peek comes
+    // back empty — even one that was computed before this append. Remember the kick and
+    // repeat it once the peek in progress is over, so no record is left waiting.
+    if (this.peeking > 0) this.missedKick = true;
+    this.emit('appended');
+  }
+
+  append(entry: OutboxAppend): Promise<OutboxRecord> {
+    return this.inner.append(entry);
+  }
+
+  async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
+    this.peeking++;
+    try {
+      const first = await this.visible(max, exclude);
+      if (!first.hidden) return first.records;
+      this.requestRegister(); // may send a register right now that covers them
+      const second = await this.visible(max, exclude);
+      if (second.hidden) this.retryLater();
+      return second.records;
+    } finally {
+      this.peeking--;
+      if (this.peeking === 0 && this.missedKick) {
+        this.missedKick = false;
+        // after the Uplink has seen this peek's result and left its pump loop
+        setImmediate(() => this.emit('appended'));
+      }
+    }
+  }
+
+  /** Up to `max` records of covered MCUs; `hidden` when records of others were passed over. */
+  private async visible(max: number, exclude?: ReadonlySet<string>): Promise<{ records: OutboxRecord[]; hidden: boolean }> {
+    const records: OutboxRecord[] = [];
+    let hidden = false;
+    // later rounds must skip everything seen so far, returned or passed over
+    const seen = new Set(exclude);
+    // a few rounds, so records of covered MCUs behind a run of uncovered ones still go
+    for (let round = 0; round < 4 && records.length < max; round++) {
+      const want = max - records.length;
+      const batch = await this.inner.peek(want, seen);
+      let passedOver = 0;
+      for (const rec of batch) {
+        seen.add(rec.id);
+        const id = parseTopic(rec.topic)?.deviceId;
+        if (id === undefined || this.covered(id)) records.push(rec);
+        else passedOver++;
+      }
+      if (passedOver > 0) hidden = true;
+      // nothing passed over, or the outbox has no more: another round finds nothing new
+      if (passedOver === 0 || batch.length < want) break;
+    }
+    return { records, hidden };
+  }
+
+  /**
+   * The Uplink ignores a kick while it is pumping, and it stops pumping when a peek comes
+   * back empty; so while records are hidden, wake it again shortly, whatever the timing
+   * of the register's PUBACK.
+   */
+  private retryLater(): void {
+    this.retryTimer ??= setTimeout(() => {
+      this.retryTimer = undefined;
+      this.emit('appended');
+    }, 50).unref();
+  }
+
+  ack(ids: readonly string[]): Promise<void> {
+    return this.inner.ack(ids);
+  }
+
+  stats(): OutboxStats {
+    return this.inner.stats();
+  }
+
+  close(): Promise<void> {
+    clearTimeout(this.retryTimer);
+    return this.inner.close();
+  }
+
+  /** Stop waking the Uplink (the relay is stopping). */
+  dispose(): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+  }
+}

@@ -1,0 +1,62 @@
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { FleetError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { isDeviceId } from '../core/topics.ts';
+import type { ReplaySnapshot } from '../firmware-bridge/auth.ts';
+
+/**
+ * What the gateway keeps across restarts (`<stateDir>/mcu-state.json`): the MCUs it
+ * acts for, so its register message does not shrink after a restart, and the CoAP
+ * replay counters, without which every message an attacker ever captured could be
+ * replayed once the gateway restarts. Written whole, fsynced, then renamed into
+ * place, so a crash leaves either the old or the new file.
+ */
+export interface PersistedGatewayState {
+  v: 1;
+  mcus: string[];
+  replay: ReplaySnapshot;
+}
+
+export function loadGatewayState(file: string, log: Logger): { mcus: string[]; replay: unknown } {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { mcus: [], replay: {} };
+    throw new FleetError('FLEET_STORE', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  try {
+    const data = JSON.parse(text) as Partial<PersistedGatewayState>;
+    if (data.v !== 1 || !Array.isArray(data.mcus)) throw new Error('not a v1 gateway state file');
+    return { mcus: data.mcus.filter(isDeviceId), replay: data.replay ?? {} };
+  } catch (err) {
+    // Starting without counters re-opens replay of old captures, so say so loudly; but
+    // refusing to start would take every MCU at the site offline over one bad file.
+    const aside = `${file}.corrupt-${Date.now()}`;
+    try {
+      renameSync(file, aside);
+    } catch {
+      /* keep going: the next save replaces it */
+    }
+    log.error('gateway state file unreadable; starting without MCU replay counters', { file, movedTo: aside, err });
+    return { mcus: [], replay: {} };
+  }
+}
+
+export function saveGatewayState(file: string, state: PersistedGatewayState): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      writeSync(fd, JSON.stringify(state));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, file);
+  } catch (err) {
+    throw new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
+  }
+}
