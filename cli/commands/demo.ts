@@ -92,7 +92,7 @@ export const demoCommand = defineCommand({
       ]);
 
       const self = selfCommand();
-      const agentConfig = join(run, 'agent.json');
+      const agentConfig = join(run, 'agent-config.json');
       writeFileSync(agentConfig, JSON.stringify({ apps: [{ name: 'sample', command: self.command, args: [...self.args, 'sample-app', '--port', '0'], restart: 'always' }] }, null, 2));
       const agent = await start<{ apiPort: number; technicianTokenFile: string }>('agent', [
         'agent', '--config', agentConfig, '--device-id', 'demo-agent', '--hub', hubUrl, '--token-file', tokenFile('demo-agent'), '--keepalive', '5',

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { scanBundle } from '../../scripts/bundle-scan.mjs';
+import { runDemoUntilOnline } from '../e2e/demo-run.ts';
 
 // Builds dist/fleetlet once and checks what docs/build.md promises about it. The binary
 // is what ships, so these tests run it the way a device would: a bare environment, no
@@ -188,4 +189,13 @@ test('a copy alone in an empty directory runs with no node on PATH, and reuses i
   const second = statSync(extractedAddon(stateDir));
   assert.equal(second.ino, first.ino, 'the addon was extracted again instead of reused');
   assert.equal(second.mtimeMs, first.mtimeMs);
+});
+
+test('the binary runs the whole demo with no node on PATH and Ctrl-C leaves no process behind', { timeout: 150_000 }, async () => {
+  const stateDir = join(work, 'demo-state');
+  const out = await runDemoUntilOnline(BIN, [], stateDir, { PATH: '/usr/bin:/bin', HOME: join(work, 'home-demo') });
+  assert.equal(out.summary.online, 22, out.output);
+  assert.equal(out.exitCode, 130);
+  assert.deepEqual(out.leftovers, []);
+  assert.doesNotMatch(out.output, /Warning|ExperimentalWarning/, 'no start-up warnings from any part');
 });

@@ -73,9 +73,9 @@ test('e2e: hub, gateway, agent and simulated MCUs as real processes on loopback'
   await waitFor(() => (telemetryFrom.get('e2e-agent') ?? 0) > 0, 'agent telemetry at the hub consumer', 30_000);
 
   // MCU telemetry over MQTT and over CoAP arrives through the gateway
-  await waitFor(() => (telemetryFrom.get('e2e-mqtt-0') ?? 0) > 0, 'MQTT MCU telemetry at the hub', 30_000);
-  await waitFor(() => (telemetryFrom.get('e2e-coap-0') ?? 0) > 0, 'CoAP MCU telemetry at the hub', 30_000);
-  const mcu = await device('e2e-coap-0');
+  await waitFor(() => (telemetryFrom.get('e2e-mqtt-0001') ?? 0) > 0, 'MQTT MCU telemetry at the hub', 30_000);
+  await waitFor(() => (telemetryFrom.get('e2e-coap-0001') ?? 0) > 0, 'CoAP MCU telemetry at the hub', 30_000);
+  const mcu = await device('e2e-coap-0001');
   assert.equal(mcu.kind, 'mcu');
   assert.equal(mcu.via, 'e2e-gw');
 
