@@ -20,6 +20,8 @@ export class Uplink extends EventEmitter {
   private readonly inflight = new Set<string>();
   private readonly window: number;
   private pumping = false;
+  /** a kick arrived while pumping: the pump's last peek may predate a new record */
+  private again = false;
   private stopped = false;
   sent = 0;
 
@@ -43,12 +45,22 @@ export class Uplink extends EventEmitter {
   };
 
   private async pump(): Promise<void> {
-    if (this.pumping || this.stopped) return;
+    if (this.stopped) return;
+    if (this.pumping) {
+      this.again = true;
+      return;
+    }
     this.pumping = true;
     try {
+      this.again = false;
       while (!this.stopped && this.opts.client.connected && this.inflight.size < this.window) {
         const batch = await this.opts.outbox.peek(this.window - this.inflight.size, this.inflight);
-        if (batch.length === 0) break;
+        if (batch.length === 0) {
+          // an append (or ack) during that peek may not be in its result: look once more
+          if (!this.again) break;
+          this.again = false;
+          continue;
+        }
         for (const rec of batch) {
           this.inflight.add(rec.id);
           this.opts.client.publish(rec.topic, rec.payload, { qos: 1 }, (err) => {

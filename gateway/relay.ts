@@ -286,8 +286,6 @@ export class Relay {
  */
 class GatedOutbox extends EventEmitter implements Outbox {
   private retryTimer: NodeJS.Timeout | undefined;
-  private peeking = 0;
-  private missedKick = false;
 
   constructor(
     private readonly inner: Outbox,
@@ -301,10 +299,6 @@ class GatedOutbox extends EventEmitter implements Outbox {
 
   /** Wake the Uplink: there is something new, or records it could not send may be sendable now. */
   kick(): void {
-    // core/uplink.ts ignores a kick while it pumps, and ends its pump when a peek comes
-    // back empty — even one that was computed before this append. Remember the kick and
-    // repeat it once the peek in progress is over, so no record is left waiting.
-    if (this.peeking > 0) this.missedKick = true;
     this.emit('appended');
   }
 
@@ -313,22 +307,12 @@ class GatedOutbox extends EventEmitter implements Outbox {
   }
 
   async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
-    this.peeking++;
-    try {
-      const first = await this.visible(max, exclude);
-      if (!first.hidden) return first.records;
-      this.requestRegister(); // may send a register right now that covers them
-      const second = await this.visible(max, exclude);
-      if (second.hidden) this.retryLater();
-      return second.records;
-    } finally {
-      this.peeking--;
-      if (this.peeking === 0 && this.missedKick) {
-        this.missedKick = false;
-        // after the Uplink has seen this peek's result and left its pump loop
-        setImmediate(() => this.emit('appended'));
-      }
-    }
+    const first = await this.visible(max, exclude);
+    if (!first.hidden) return first.records;
+    this.requestRegister(); // may send a register right now that covers them
+    const second = await this.visible(max, exclude);
+    if (second.hidden) this.retryLater();
+    return second.records;
   }
 
   /** Up to `max` records of covered MCUs; `hidden` when records of others were passed over. */
@@ -356,9 +340,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
   }
 
   /**
-   * The Uplink ignores a kick while it is pumping, and it stops pumping when a peek comes
-   * back empty; so while records are hidden, wake it again shortly, whatever the timing
-   * of the register's PUBACK.
+   * Hidden records become sendable when the register's PUBACK arrives, which no append
+   * announces: wake the Uplink again shortly while records are hidden.
    */
   private retryLater(): void {
     this.retryTimer ??= setTimeout(() => {

@@ -1,0 +1,53 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import mqtt from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { connectFleetClient } from '../../core/mqtt.ts';
+import { MemoryOutbox, Priority, type OutboxRecord } from '../../core/outbox.ts';
+import { deviceTopic } from '../../core/topics.ts';
+import { Uplink } from '../../core/uplink.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { startHub } from '../../hub/index.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+
+/** An outbox whose peek answers late, with a result computed before an append lands. */
+class StalePeekOutbox extends MemoryOutbox {
+  onPeek: (() => Promise<void>) | null = null;
+  override async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
+    const result = await super.peek(max, exclude);
+    const hook = this.onPeek;
+    this.onPeek = null;
+    if (hook) await hook();
+    return result;
+  }
+}
+
+test('uplink: a record appended while a peek is in flight is still sent (no stranded record)', async () => {
+  const tmp = tempDir();
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir }), testLogger('hub'));
+  const url = `mqtt://127.0.0.1:${hub.mqttPort}`;
+  const consumer = await mqtt.connectAsync(url, { username: 'operator', password: readFileSync(hub.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 0 });
+  const got: string[] = [];
+  await consumer.subscribeAsync(deviceTopic('dev-u', 'events'), { qos: 1 });
+  consumer.on('message', (_t, p) => got.push(p.toString()));
+
+  const outbox = new StalePeekOutbox();
+  const client = connectFleetClient({ url, deviceId: 'dev-u', token: deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'dev-u'), kind: 'agent', version: '1', keepalive: 10 });
+  // the pump started by 'connect' peeks an empty outbox; the append lands during that peek
+  outbox.onPeek = async () => {
+    await outbox.append({ topic: deviceTopic('dev-u', 'events'), priority: Priority.ALERT, payload: Buffer.from('late') });
+  };
+  const uplink = new Uplink({ client, outbox, log: testLogger() });
+  try {
+    await waitFor(() => got.includes('late'), 'the late record at the consumer', 5000);
+    await waitFor(() => outbox.stats().depth === 0, 'outbox drained after PUBACK');
+    assert.equal(uplink.sent, 1);
+  } finally {
+    uplink.stop();
+    await client.endAsync(true);
+    await consumer.endAsync(true);
+    await hub.stop();
+    tmp.cleanup();
+  }
+});
