@@ -20,6 +20,8 @@ export interface BrokerOptions {
 }
 
 export const OPERATOR_USERNAME = 'operator';
+/** Where refused publishes go: nowhere anyone can subscribe. */
+export const REFUSED_TOPIC = '$fleetlet/refused';
 
 /**
  * The hub's aedes broker with device identity and ACLs. Every client authenticates:
@@ -82,13 +84,18 @@ export class HubBroker {
   private authorizePublish = (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void => {
     if (client === null) return done(null); // the hub's own publishes
     const identity = this.identities.get(client);
+    if (!identity) return done(new Error('publish refused: not authenticated'));
     const deny = (why: string) => {
       this.opts.denied.inc({ action: 'publish' });
       this.opts.log.warn('mqtt publish refused', { client: client.id, topic: packet.topic, why });
-      // MQTT 3.1.1 cannot refuse one PUBLISH; aedes closes the connection on error
-      done(new Error(`publish refused: ${why}`));
+      // MQTT 3.1.1 cannot refuse one PUBLISH, and closing the connection (aedes' answer to
+      // an error here) makes an at-least-once sender resend the same record forever. So the
+      // publish is acknowledged and diverted to a $-topic: '#' and '+' never match those
+      // [MQTT-4.7.2-1] and the ACL lets nobody subscribe there, so it reaches no one.
+      packet.topic = REFUSED_TOPIC;
+      packet.retain = false;
+      done(null);
     };
-    if (!identity) return deny('not authenticated');
     const size = Buffer.isBuffer(packet.payload) ? packet.payload.length : Buffer.byteLength(String(packet.payload));
     if (size > this.opts.maxPayloadBytes) return deny(`payload of ${size} bytes exceeds ${this.opts.maxPayloadBytes}`);
     if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf)) return deny('topic outside the ACL');

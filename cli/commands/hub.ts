@@ -4,7 +4,7 @@ import { deriveToken } from '../../core/credentials.ts';
 import { FleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
-import { loadOrCreateSecret } from '../../core/secrets.ts';
+import { loadOrCreateSecret, writeSecretFile } from '../../core/secrets.ts';
 import { startHub } from '../../hub/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
@@ -12,7 +12,7 @@ import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 export const hubCommand = defineCommand({
   name: 'hub',
   summary: 'run the central broker and control plane (or: hub device-token <id>)',
-  usage: '[--config hub.yaml] [options]\n       fleetlet hub device-token <device-id> [--state-dir DIR]',
+  usage: '[--config hub.yaml] [options]\n       fleetlet hub device-token <device-id> [--state-dir DIR] [--out FILE]',
   positionals: true,
   options: {
     config: { type: 'string', short: 'c' },
@@ -23,6 +23,7 @@ export const hubCommand = defineCommand({
     'port-fallback': { type: 'boolean' },
     'ready-file': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
+    out: { type: 'string' },
   },
   help: {
     config: 'YAML or JSON config file (docs/config.md#hub)',
@@ -33,6 +34,7 @@ export const hubCommand = defineCommand({
     'port-fallback': 'take free ports when the configured ones are taken',
     'ready-file': 'write {mqttPort, httpPort, ...} here once serving',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
+    out: 'device-token: write the token to this file (mode 0600) instead of stdout',
   },
   async run({ values, positionals }) {
     const overrides = {
@@ -47,7 +49,11 @@ export const hubCommand = defineCommand({
     if (sub === 'device-token') {
       if (args.length !== 1) throw new FleetError('FLEET_USAGE', 'usage: fleetlet hub device-token <device-id>');
       const secret = loadOrCreateSecret(join(config.stateDir, 'fleet.secret'));
-      process.stdout.write(deriveToken(secret, 'device', args[0]!) + '\n');
+      const token = deriveToken(secret, 'device', args[0]!);
+      const out = strFlag(values, 'out');
+      // a token file must be 0600 (the agent refuses others); `> file` would make it 0644
+      if (out) writeSecretFile(out, token);
+      else process.stdout.write(token + '\n');
       return EXIT.OK;
     }
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown hub subcommand "${sub}"`);

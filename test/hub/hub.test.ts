@@ -66,7 +66,7 @@ test('hub: ACL keeps a device inside its own subtree; operator sees traffic; dup
     const seen: string[] = [];
     const op = await connect(url, 'ops-1', 'operator', operator);
     await op.subscribeAsync('fleet/v1/#', { qos: 1 });
-    op.on('message', (topic) => seen.push(topic));
+    op.on('message', (topic, payload) => seen.push(`${topic} ${(JSON.parse(payload.toString()) as { mid?: string }).mid ?? ''}`.trim()));
 
     const dev = await connect(url, 'dev-1', 'dev-1', deriveToken(secret, 'device', 'dev-1'));
     const granted = await dev.subscribeAsync(deviceTopic('dev-1', 'desired'), { qos: 1 });
@@ -81,14 +81,22 @@ test('hub: ACL keeps a device inside its own subtree; operator sees traffic; dup
     await waitFor(() => hub.registry.get('dev-1')?.telemetryBatches === 2, 'two unique batches');
     assert.equal(hub.registry.get('dev-1')?.duplicates, 1);
 
-    // publishing into another device's subtree closes the connection; nothing is forwarded
-    const closed = new Promise<void>((r) => dev.once('close', () => r()));
-    dev.publish(deviceTopic('dev-2', 'telemetry'), telemetry('1'), { qos: 1 });
-    await closed;
-    dev.end(true);
-    await new Promise((r) => setTimeout(r, 200));
-    assert.ok(!seen.includes(deviceTopic('dev-2', 'telemetry')), 'forged publish must not reach subscribers');
-    assert.ok(seen.includes(deviceTopic('dev-1', 'telemetry')));
+    // publishing into another device's subtree is acknowledged (so an at-least-once sender
+    // does not loop on it) but reaches nobody, and is counted
+    await dev.publishAsync(deviceTopic('dev-2', 'telemetry'), telemetry('1'), { qos: 1 });
+    await dev.publishAsync(deviceTopic('dev-1', 'desired'), telemetry('1'), { qos: 1, retain: true });
+    await dev.publishAsync(deviceTopic('dev-1', 'telemetry'), telemetry('102'), { qos: 1 });
+    await waitFor(() => hub.registry.get('dev-1')?.telemetryBatches === 3, 'connection still usable after a refusal');
+    assert.ok(dev.connected);
+    await dev.endAsync();
+    // the last publish reached the operator, so everything sent before it has been routed
+    await waitFor(() => seen.includes(`${deviceTopic('dev-1', 'telemetry')} 102`), 'operator sees the last batch');
+    assert.ok(!seen.some((s) => s.startsWith(deviceTopic('dev-2', 'telemetry'))), 'forged publish must not reach subscribers');
+    assert.ok(!seen.some((s) => s.startsWith(deviceTopic('dev-1', 'desired'))), 'devices cannot write their desired state');
+    assert.equal(hub.registry.get('dev-2'), undefined, 'the hub did not consume the forged message');
+    const metrics = await (await fetch(`http://127.0.0.1:${hub.httpPort}/metrics`)).text();
+    assert.match(metrics, /fleet_hub_acl_denied_total\{action="publish"\} 2/);
+    assert.match(metrics, /fleet_hub_acl_denied_total\{action="subscribe"\} 2/);
     await op.endAsync();
   });
 });
@@ -103,10 +111,11 @@ test('hub: a gateway acts only for the MCUs it registered, and cannot take anoth
     const gw2 = await connect(url, 'gw-2', 'gw-2', deriveToken(secret, 'device', 'gw-2'));
     await gw2.publishAsync(deviceTopic('gw-2', 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus: ['esp-1'] }), { qos: 1, retain: true });
     assert.equal(hub.broker.mcusOf('gw-2')?.has('esp-1'), false);
-    const closed = new Promise<void>((r) => gw2.once('close', () => r()));
-    gw2.publish(deviceTopic('esp-1', 'telemetry'), telemetry('6'), { qos: 1 });
-    await closed;
-    gw2.end(true);
+    await gw2.publishAsync(deviceTopic('esp-1', 'telemetry'), telemetry('6'), { qos: 1 });
+    await gw.publishAsync(deviceTopic('esp-1', 'telemetry'), telemetry('7'), { qos: 1 });
+    await waitFor(() => hub.registry.get('esp-1')?.telemetryBatches === 2, 'the owner gateway’s next batch');
+    assert.equal(hub.registry.get('esp-1')?.duplicates, 0, 'mid 6 from the other gateway never reached the registry');
+    await gw2.endAsync();
     await gw.endAsync();
   });
 });
