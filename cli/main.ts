@@ -39,9 +39,12 @@ export async function main(argv: string[]): Promise<number> {
 
 main(process.argv.slice(2)).then(
   (code) => {
-    // long-running commands resolve only when they are done; one-shot commands exit here
+    // Commands resolve when they are done (long-running ones after their orderly stop).
+    // Exit explicitly: a handle nobody needs any more (the stdin pipe of --die-with-parent,
+    // a library's timer) must not keep a stopped part alive. stdout/stderr writes to
+    // pipes and files are synchronous on Linux, so nothing printed is lost.
     process.exitCode = code;
-    if (code !== EXIT.OK) setImmediate(() => process.exit(code));
+    setImmediate(() => process.exit(code));
   },
   (err: unknown) => {
     process.stderr.write(`fleetlet: fatal: ${String(err)}\n`);

@@ -44,10 +44,17 @@ export function connectFleetClient(opts: FleetClientOptions): MqttClient {
 }
 
 /** Publish the retained offline state and disconnect cleanly (a clean disconnect suppresses the will). */
-export async function disconnectFleetClient(client: MqttClient, deviceId: string, kind: StateMessage['kind'], version: string): Promise<void> {
+export async function disconnectFleetClient(client: MqttClient, deviceId: string, kind: StateMessage['kind'], version: string, graceMs = 2000): Promise<void> {
   if (client.connected) {
     const msg = encodeMessage({ v: 1, online: false, kind, ts: Date.now(), version, reason: 'stopped' } satisfies StateMessage);
-    await client.publishAsync(deviceTopic(deviceId, 'state'), msg, { qos: 1, retain: true }).catch(() => undefined);
+    // bounded: when the hub goes away at the same moment the PUBACK never comes, and mqtt.js
+    // would keep the message for a reconnect that a stopping process will never make
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      client.publishAsync(deviceTopic(deviceId, 'state'), msg, { qos: 1, retain: true }).catch(() => undefined),
+      new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs))),
+    ]);
+    clearTimeout(timer);
   }
   await client.endAsync(true).catch(() => undefined);
 }

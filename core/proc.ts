@@ -58,12 +58,18 @@ export function spawnSelf(args: string[], opts: SpawnOptions = {}): ChildProcess
  * Run until SIGINT/SIGTERM, then call `stop` once; a second signal forces exit.
  * Resolves with the exit code (130 for SIGINT, 0 for SIGTERM).
  */
-export function runUntilSignal(stop: () => Promise<void>, extra?: { dieWithParent?: boolean }): Promise<number> {
+export function runUntilSignal(stop: () => Promise<void>, extra?: { dieWithParent?: boolean; stopTimeoutMs?: number }): Promise<number> {
   return new Promise((resolve) => {
     let stopping = false;
     const shutdown = (code: number) => {
       if (stopping) process.exit(code);
       stopping = true;
+      // a stop that hangs (a peer that never answers) must not keep the process alive
+      const watchdog = setTimeout(() => {
+        process.stderr.write(`fleetlet: stop did not finish within ${extra?.stopTimeoutMs ?? 20_000} ms; exiting\n`);
+        process.exit(1);
+      }, extra?.stopTimeoutMs ?? 20_000);
+      watchdog.unref();
       stop().then(
         () => resolve(code),
         () => resolve(1),

@@ -36,6 +36,24 @@ export class Parts {
   async stopAll(): Promise<void> {
     for (const { child } of [...this.children].reverse()) await stopChild(child, 5000);
   }
+
+  /** SIGTERM every running part at once (as a host shutdown does); how each one ended. */
+  async terminateAllAtOnce(): Promise<Record<string, string>> {
+    const running = this.children.filter(({ child }) => child.exitCode === null && child.signalCode === null);
+    const ended = running.map(
+      ({ name, child }) =>
+        new Promise<[string, string]>((resolve) => {
+          // a part that needs SIGKILL after 10 s did not stop by itself: that is the failure reported
+          const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
+          child.once('exit', (code, signal) => {
+            clearTimeout(t);
+            resolve([name, signal ?? `exit ${code}`]);
+          });
+        }),
+    );
+    for (const { child } of running) child.kill('SIGTERM');
+    return Object.fromEntries(await Promise.all(ended));
+  }
 }
 
 /** pids of live processes whose command line mentions `needle` (zombies excluded). */

@@ -93,4 +93,8 @@ test('e2e: hub, gateway, agent and simulated MCUs as real processes on loopback'
   assert.ok(took <= KEEPALIVE_S * 1500 + 2000, `offline after ${took} ms`);
   // and the orphaned sample app does not outlive its supervisor
   await waitFor(() => !processesMentioning(tmp.dir).includes(sample.pid) && !processesMentioning('sample-app').includes(sample.pid), 'sample app gone after agent SIGKILL', 10_000);
+
+  // everything left stops by itself on SIGTERM, although the hub goes away at the same moment
+  const ended = await parts.terminateAllAtOnce();
+  assert.deepEqual(ended, { hub: 'exit 0', gateway: 'exit 0', 'sim-mqtt': 'exit 0', 'sim-coap': 'exit 0' });
 });
