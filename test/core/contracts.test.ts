@@ -79,3 +79,17 @@ test('errors: every code is listed in docs/errors.md and every listed code exist
   const documented = new Set([...doc.matchAll(/^\| `(FLEET_[A-Z0-9_]+)` \|/gm)].map((m) => m[1]));
   assert.deepEqual([...documented].sort(), Object.keys(ERROR_CODES).sort());
 });
+
+test('ports: a taken default is replaced by 0 (any free port), a free one is kept', async () => {
+  const { createServer } = await import('node:net');
+  const { preferPort } = await import('../../core/net.ts');
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const taken = (s.address() as { port: number }).port;
+  try {
+    assert.equal(await preferPort('127.0.0.1', taken, 'tcp'), 0);
+  } finally {
+    await new Promise((r) => s.close(r));
+  }
+  assert.equal(await preferPort('127.0.0.1', taken, 'tcp'), taken);
+});
