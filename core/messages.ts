@@ -126,6 +126,10 @@ export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payloa
   return res.data as MessageOf<C>;
 }
 
-export function encodeMessage(msg: unknown): Buffer {
-  return Buffer.from(JSON.stringify(msg));
+/**
+ * Encode a message as JSON with `v` and `mid` as its first keys: the hub reads `mid` for
+ * de-duplication without parsing the whole message (core/batch.ts peekMid).
+ */
+export function encodeMessage(msg: { v: number; mid?: string } & object): Buffer {
+  return Buffer.from(JSON.stringify('mid' in msg ? { v: msg.v, mid: msg.mid, ...msg } : { v: msg.v, ...msg }));
 }

@@ -10,13 +10,14 @@ import { FleetError } from './errors.ts';
  *   fleet/v1/d/{deviceId}/logs       device → hub
  *   fleet/v1/d/{deviceId}/reply      device → hub, replies to commands
  *   fleet/v1/d/{deviceId}/register   gateway → hub, retained: the MCUs this gateway acts for
+ *   fleet/v1/d/{deviceId}/batch      device → hub, many messages in one publish (core/batch.ts)
  *   fleet/v1/d/{deviceId}/cmd        hub → device, commands (QoS 1, with id and expiry)
  *   fleet/v1/d/{deviceId}/desired    hub → device, retained desired state
  */
 export const TOPIC_ROOT = 'fleet/v1';
 export const DEVICE_PREFIX = `${TOPIC_ROOT}/d/`;
 
-export const UP_CHANNELS = ['state', 'telemetry', 'events', 'logs', 'reply', 'register'] as const;
+export const UP_CHANNELS = ['state', 'telemetry', 'events', 'logs', 'reply', 'register', 'batch'] as const;
 export const DOWN_CHANNELS = ['cmd', 'desired'] as const;
 export type UpChannel = (typeof UP_CHANNELS)[number];
 export type DownChannel = (typeof DOWN_CHANNELS)[number];

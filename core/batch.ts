@@ -1,0 +1,100 @@
+import { FleetError } from './errors.ts';
+
+/**
+ * Batch framing: many small fleet messages in one MQTT publish on
+ * `fleet/v1/d/{sender}/batch` (docs/topics.md#batches). The hub unpacks a batch, checks
+ * each item against the sender's ACL, drops duplicates by (device, mid) and routes
+ * every item to its own topic, so consumers see ordinary per-device messages.
+ *
+ *   0xFB 0x01 | ( varint topicLength | topic (UTF-8) | varint payloadLength | payload )*
+ *
+ * varint = unsigned LEB128, at most 4 bytes. Items keep their order.
+ */
+export const BATCH_MAGIC = 0xfb;
+export const BATCH_VERSION = 1;
+export const MAX_BATCH_ITEMS = 10_000;
+const MAX_TOPIC = 1024;
+
+export interface BatchItem {
+  topic: string;
+  payload: Buffer;
+}
+
+function varintSize(n: number): number {
+  return n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x200000 ? 3 : 4;
+}
+
+function writeVarint(buf: Buffer, off: number, n: number): number {
+  while (n >= 0x80) {
+    buf[off++] = (n & 0x7f) | 0x80;
+    n >>>= 7;
+  }
+  buf[off++] = n;
+  return off;
+}
+
+/** Encoded size of one item, for callers that fill a batch up to a byte limit. */
+export function batchItemSize(topic: string, payload: Buffer): number {
+  const t = Buffer.byteLength(topic);
+  return varintSize(t) + t + varintSize(payload.length) + payload.length;
+}
+
+export function encodeBatch(items: readonly BatchItem[]): Buffer {
+  let size = 2;
+  for (const it of items) size += batchItemSize(it.topic, it.payload);
+  const buf = Buffer.allocUnsafe(size);
+  buf[0] = BATCH_MAGIC;
+  buf[1] = BATCH_VERSION;
+  let off = 2;
+  for (const it of items) {
+    const t = Buffer.from(it.topic);
+    off = writeVarint(buf, off, t.length);
+    off += t.copy(buf, off);
+    off = writeVarint(buf, off, it.payload.length);
+    off += it.payload.copy(buf, off);
+  }
+  return buf;
+}
+
+/** Decode a batch; throws FLEET_MSG_INVALID on anything malformed (nothing is half-applied). */
+export function decodeBatch(buf: Buffer): BatchItem[] {
+  const bad = (why: string) => new FleetError('FLEET_MSG_INVALID', `batch: ${why}`);
+  if (buf.length < 2 || buf[0] !== BATCH_MAGIC) throw bad('not a batch (magic)');
+  if (buf[1] !== BATCH_VERSION) throw bad(`unsupported version ${buf[1]}`);
+  const items: BatchItem[] = [];
+  let off = 2;
+  const varint = (): number => {
+    let n = 0;
+    for (let shift = 0; shift < 28; shift += 7) {
+      if (off >= buf.length) throw bad('truncated length');
+      const b = buf[off++]!;
+      n += (b & 0x7f) * 2 ** shift;
+      if (b < 0x80) return n;
+    }
+    throw bad('length too long');
+  };
+  while (off < buf.length) {
+    if (items.length >= MAX_BATCH_ITEMS) throw bad(`more than ${MAX_BATCH_ITEMS} items`);
+    const tl = varint();
+    if (tl === 0 || tl > MAX_TOPIC || off + tl > buf.length) throw bad('bad topic length');
+    const topic = buf.toString('utf8', off, off + tl);
+    off += tl;
+    const pl = varint();
+    if (off + pl > buf.length) throw bad('payload runs past the end');
+    items.push({ topic, payload: buf.subarray(off, off + pl) });
+    off += pl;
+  }
+  return items;
+}
+
+/** Read the `mid` of a fleet message without a full schema check (hub de-duplication). */
+export function peekMid(payload: Buffer): string | null {
+  // messages are JSON objects written by JSON.stringify; mid is a decimal string
+  const i = payload.indexOf('"mid":"');
+  if (i < 0) return null;
+  const start = i + 7;
+  const end = payload.indexOf(0x22, start);
+  if (end < 0 || end - start > 20 || end === start) return null;
+  for (let k = start; k < end; k++) if (payload[k]! < 0x30 || payload[k]! > 0x39) return null;
+  return payload.toString('latin1', start, end);
+}
