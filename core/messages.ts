@@ -130,6 +130,8 @@ export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payloa
  * Encode a message as JSON with `v` and `mid` as its first keys: the hub reads `mid` for
  * de-duplication without parsing the whole message (core/batch.ts peekMid).
  */
-export function encodeMessage(msg: { v: number; mid?: string } & object): Buffer {
-  return Buffer.from(JSON.stringify('mid' in msg ? { v: msg.v, mid: msg.mid, ...msg } : { v: msg.v, ...msg }));
+export function encodeMessage<M extends { v: number; mid?: string }>(msg: M): Buffer {
+  // insertion order decides key order: v and mid first, the rest as given
+  const { v, mid, ...rest } = msg;
+  return Buffer.from(JSON.stringify(mid === undefined ? { v, ...rest } : { v, mid, ...rest }));
 }
