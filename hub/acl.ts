@@ -25,8 +25,10 @@ export function canPublish(identity: Identity, topic: string, retain: boolean, d
   if (identity.kind === 'operator') return !isUpChannel(t.channel);
   if (!isUpChannel(t.channel)) return false;
   if (retain && !RETAINED_UP.has(t.channel)) return false;
-  // only a device itself registers MCUs; a gateway cannot register on an MCU's behalf
-  if (t.channel === 'register') return t.deviceId === identity.id;
+  // only a device itself registers MCUs; a gateway cannot register on an MCU's behalf.
+  // A batch goes on the sender's own topic: a gateway's batch carries its MCUs' messages
+  // as items, each checked against this ACL when the hub unpacks it.
+  if (t.channel === 'register' || t.channel === 'batch') return t.deviceId === identity.id;
   return mayActFor(identity, t.deviceId, delegations);
 }
 

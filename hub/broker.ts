@@ -1,13 +1,17 @@
-import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
-import aedesPersistenceLevel from 'aedes-persistence-level';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Aedes, type AedesPublishPacket, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
+import aedesPersistenceLevel, { type LevelPersistence } from 'aedes-persistence-level';
 import type { Level } from 'level';
+import { decodeBatch, peekMid, type BatchItem } from '../core/batch.ts';
 import { deriveToken } from '../core/credentials.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
-import { isDeviceId, parseTopic } from '../core/topics.ts';
+import { isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
 import { canPublish, canSubscribe, type Identity } from './acl.ts';
+import type { Deduplicator, PendingMid } from './dedup.ts';
+import { CopyFilter, ReplayGate, disableCounterDedupe, orderPersistence } from './delivery-order.ts';
 
 export interface BrokerOptions {
   db: Level<string, Buffer>;
@@ -15,13 +19,48 @@ export interface BrokerOptions {
   fleetSecret: string;
   operatorToken: string;
   maxPayloadBytes: number;
+  /** remembers recent mids per device; owned by the caller */
+  dedup: Deduplicator;
   denied: Counter;
   authFailures: Counter;
+  /** messages dropped as invalid, label `channel` (`batch` for a malformed batch) */
+  invalid: Counter;
+  /** messages dropped as duplicates (direct and inside batches) */
+  duplicates: Counter;
+  /** batches unpacked */
+  batches: Counter;
+  /** batch items, label `result`: routed, duplicate, denied, invalid */
+  batchItems: Counter;
+  /** told about every duplicate dropped, with the device the message belongs to */
+  onDuplicate?: (deviceId: string) => void;
 }
 
 export const OPERATOR_USERNAME = 'operator';
-/** Where refused publishes go: nowhere anyone can subscribe. */
+/**
+ * Sinks for publishes the hub acknowledges but routes nowhere (after routing their content
+ * itself, for outbox messages and batches). '#' and '+' never match a topic starting with
+ * '$' [MQTT-4.7.2-1], the ACL lets nobody subscribe under `$fleetlet/`, they are never
+ * queued for a durable subscriber and authorizeForward refuses them, so they reach no one.
+ */
+export const SINK_PREFIX = '$fleetlet/';
+/** refused by the ACL, or invalid (no mid, malformed batch) */
 export const REFUSED_TOPIC = '$fleetlet/refused';
+/** a duplicate of a message already routed */
+export const DUPLICATE_TOPIC = '$fleetlet/duplicate';
+/** a batch, once the hub has routed its items to their own topics */
+export const BATCH_TOPIC = '$fleetlet/batch';
+/** an outbox message, once the hub has routed it on the sender's behalf */
+export const ROUTED_TOPIC = '$fleetlet/routed';
+
+/** Channels that go through the device outbox: they carry a mid and may travel in a batch. */
+export const OUTBOX_CHANNELS: ReadonlySet<Channel> = new Set<Channel>(['telemetry', 'events', 'logs', 'reply']);
+
+const EMPTY = Buffer.alloc(0);
+/** Refused batch items are logged once per batch with this many example topics. */
+const LOG_EXAMPLES = 3;
+
+/** What the hub does with one outbox message: route it, or divert it to a sink. */
+type Verdict = { route: true; pending: PendingMid } | { route: false; sink: string };
 
 /**
  * The hub's aedes broker with device identity and ACLs. Every client authenticates:
@@ -36,21 +75,48 @@ export class HubBroker {
   private readonly delegations = new Map<string, Set<string>>();
   /** MCU id → the gateway that claimed it first */
   private readonly claimedBy = new Map<string, string>();
+  /** everything still routing, for close() to wait on */
+  private readonly routing = new Set<Promise<void>>();
+  /** connected clients (registered with aedes), for drain() */
+  private readonly clients = new Set<Client>();
+  private readonly copies: CopyFilter;
+  private readonly gate: ReplayGate;
+  private orderFixMissing = false;
 
   private constructor(
     aedes: Aedes,
+    private readonly persistence: LevelPersistence,
+    gate: ReplayGate,
     private readonly opts: BrokerOptions,
   ) {
     this.aedes = aedes;
+    this.copies = new CopyFilter(aedes.id);
+    this.gate = gate;
   }
 
   static async create(opts: BrokerOptions): Promise<HubBroker> {
-    const persistence = aedesPersistenceLevel(opts.db);
-    const aedes = await Aedes.createBroker({ persistence, id: 'fleetlet-hub' });
-    const hub = new HubBroker(aedes, opts);
+    // queue writes complete in call order, the sinks are never queued, and a durable
+    // client's reconnect replay does not overlap its live deliveries: hub/delivery-order.ts
+    const gate = new ReplayGate();
+    const persistence = gate.wrap(
+      orderPersistence(
+        aedesPersistenceLevel(opts.db),
+        (topic) => topic.startsWith(SINK_PREFIX),
+        gate,
+      ),
+    );
+    // A new id at every start: durable queues are keyed by (broker id, counter) and the
+    // counter starts again at 0, so a fixed id would reuse keys of entries still queued.
+    // Base-36 milliseconds keep the ids of successive starts in sorting order, and with them
+    // the replay order of what different runs queued.
+    const aedes = await Aedes.createBroker({ persistence, id: `fleetlet-hub-${Date.now().toString(36)}` });
+    const hub = new HubBroker(aedes, persistence, gate, opts);
     aedes.authenticate = hub.authenticate;
     aedes.authorizePublish = hub.authorizePublish;
     aedes.authorizeSubscribe = hub.authorizeSubscribe;
+    aedes.authorizeForward = hub.authorizeForward;
+    aedes.on('client', (client) => hub.clients.add(client));
+    aedes.on('clientDisconnect', (client) => hub.clients.delete(client));
     aedes.on('clientError', (client, err) => opts.log.debug('mqtt client error', { client: client?.id, err }));
     aedes.on('connectionError', (client, err) => opts.log.debug('mqtt connection error', { client: client?.id, err }));
     return hub;
@@ -71,6 +137,7 @@ export class HubBroker {
     if (username === OPERATOR_USERNAME) {
       if (!secretEquals(pw, this.opts.operatorToken)) return fail('wrong operator token');
       this.identities.set(client, { kind: 'operator' });
+      this.fixDeliveryOrder(client);
       return done(null, true);
     }
     if (!isDeviceId(username)) return fail('username is not a device id');
@@ -78,11 +145,32 @@ export class HubBroker {
     if (this.claimedBy.has(username)) return fail('id belongs to an MCU behind a gateway');
     if (!secretEquals(pw, deriveToken(this.opts.fleetSecret, 'device', username))) return fail('wrong device token');
     this.identities.set(client, { kind: 'device', id: username });
+    this.fixDeliveryOrder(client);
     done(null, true);
   };
 
+  /** Before the client can subscribe: see hub/delivery-order.ts. */
+  private fixDeliveryOrder(client: Client): void {
+    if (!client.clean) this.gate.begin(client);
+    if (disableCounterDedupe(client, this.aedes.id) || this.orderFixMissing) return;
+    this.orderFixMissing = true;
+    this.opts.log.error('aedes internals changed (client.duplicates): QoS 1 deliveries reordered by persistence may be lost');
+  }
+
+  private authorizeForward = (client: Client, packet: AedesPublishPacket): AedesPublishPacket | null => {
+    // the sinks: live delivery skips them for '#' and '+' subscribers already, and
+    // orderPersistence keeps them out of durable queues; this also covers queue entries
+    // written before (an older hub) that a durable '#' subscriber would get replayed
+    if (packet.topic.startsWith(SINK_PREFIX)) return null;
+    if (!this.gate.mayForward(client, packet)) return null;
+    return this.copies.isCopy(client, packet) ? null : packet;
+  };
+
   private authorizePublish = (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void => {
-    if (client === null) return done(null); // the hub's own publishes
+    // Only PUBLISH packets from the wire and last wills come through here: aedes.publish()
+    // (the hub's own publishes, batch items included) does not call this hook in aedes 1.2,
+    // so routed items are never checked or de-duplicated twice. Null is a guard.
+    if (client === null) return done(null);
     const identity = this.identities.get(client);
     if (!identity) return done(new Error('publish refused: not authenticated'));
     const deny = (why: string) => {
@@ -90,25 +178,148 @@ export class HubBroker {
       this.opts.log.warn('mqtt publish refused', { client: client.id, topic: packet.topic, why });
       // MQTT 3.1.1 cannot refuse one PUBLISH, and closing the connection (aedes' answer to
       // an error here) makes an at-least-once sender resend the same record forever. So the
-      // publish is acknowledged and diverted to a $-topic: '#' and '+' never match those
-      // [MQTT-4.7.2-1] and the ACL lets nobody subscribe there, so it reaches no one.
-      packet.topic = REFUSED_TOPIC;
-      packet.retain = false;
+      // publish is acknowledged and diverted to a sink topic that reaches no one.
+      divert(packet, REFUSED_TOPIC);
       done(null);
     };
-    const size = Buffer.isBuffer(packet.payload) ? packet.payload.length : Buffer.byteLength(String(packet.payload));
-    if (size > this.opts.maxPayloadBytes) return deny(`payload of ${size} bytes exceeds ${this.opts.maxPayloadBytes}`);
+    const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
+    if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`);
     if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf)) return deny('topic outside the ACL');
     const t = parseTopic(packet.topic);
-    if (t?.channel === 'register' && identity.kind === 'device') {
+    if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
+    if (t.channel === 'register') {
       try {
-        this.applyRegistration(identity.id, decodeMessage('register', packet.payload as Buffer).mcus);
+        this.applyRegistration(identity.id, decodeMessage('register', payload).mcus);
       } catch (err) {
         return deny(`bad register message: ${(err as Error).message}`);
       }
     }
-    done(null);
+    if (t.channel === 'batch') return this.acknowledgeAfter(client, packet, done, this.routeBatch(client, identity, payload));
+    if (!OUTBOX_CHANNELS.has(t.channel)) return done(null); // state, register: aedes routes them after the PUBACK
+    const v = this.judge(t.deviceId, t.channel, payload);
+    if (!v.route) {
+      divert(packet, v.sink);
+      return done(null);
+    }
+    // Outbox messages are routed by the hub, now, and acknowledged once routed. Left to
+    // aedes, the message would be published only after its PUBACK was written, and not at
+    // all when that write fails (connection lost while waiting for the socket to drain):
+    // its mid admitted, the sender's resend would then be dropped as a duplicate.
+    // Starting every route here also keeps the wire order (see route()).
+    const routed = this.route([{ topic: packet.topic, payload, qos: packet.qos, pending: v.pending }]).then(() => ROUTED_TOPIC);
+    this.acknowledgeAfter(client, packet, done, routed);
   };
+
+  /**
+   * Route or divert one outbox message of `deviceId` by its mid. A mid admitted is
+   * persisted only once its message is routed (PendingMid.confirm).
+   */
+  private judge(deviceId: string, channel: Channel, payload: Buffer): Verdict {
+    const mid = peekMid(payload);
+    if (mid === null) {
+      this.opts.invalid.inc({ channel });
+      this.opts.log.warn('outbox message without a mid refused', { device: deviceId, channel });
+      return { route: false, sink: REFUSED_TOPIC };
+    }
+    const pending = this.opts.dedup.admitPending(deviceId, mid);
+    if (pending) return { route: true, pending };
+    this.duplicate(deviceId);
+    return { route: false, sink: DUPLICATE_TOPIC };
+  }
+
+  private duplicate(deviceId: string): void {
+    this.opts.duplicates.inc();
+    this.opts.onDuplicate?.(deviceId);
+  }
+
+  /**
+   * Unpack a batch (docs/topics.md#batches) and route its items; resolves to the sink the
+   * batch packet itself goes to. Every item is judged in order (ACL of the sender, mid,
+   * duplicate), so a repeat inside the batch is caught too; then the accepted items are
+   * routed. Everything up to the start of their publishes runs synchronously, before the
+   * first await, so they start in wire order after the sender's earlier publishes.
+   */
+  private async routeBatch(client: Client, identity: Identity & { kind: 'device' }, payload: Buffer): Promise<string> {
+    let items: BatchItem[];
+    try {
+      items = decodeBatch(payload);
+    } catch (err) {
+      this.opts.invalid.inc({ channel: 'batch' });
+      this.opts.log.warn('malformed batch refused', { client: client.id, err });
+      return REFUSED_TOPIC;
+    }
+    this.opts.batches.inc();
+    const accepted: RouteItem[] = [];
+    const refused: string[] = [];
+    let denied = 0;
+    for (const item of items) {
+      const t = parseTopic(item.topic);
+      // only outbox channels travel in a batch: a state or register item would lose its
+      // retain flag (and register its effect on the ACL), a nested batch would reach
+      // subscribers as raw bytes
+      if (!t || !OUTBOX_CHANNELS.has(t.channel) || !canPublish(identity, item.topic, false, this.mcusOf)) {
+        denied++;
+        if (refused.length < LOG_EXAMPLES) refused.push(item.topic);
+        this.opts.batchItems.inc({ result: 'denied' });
+        continue;
+      }
+      const v = this.judge(t.deviceId, t.channel, item.payload);
+      if (!v.route) {
+        this.opts.batchItems.inc({ result: v.sink === DUPLICATE_TOPIC ? 'duplicate' : 'invalid' });
+        continue;
+      }
+      accepted.push({ topic: item.topic, payload: item.payload, qos: 1, pending: v.pending });
+    }
+    if (denied > 0) {
+      this.opts.denied.inc({ action: 'publish' }, denied);
+      this.opts.log.warn('batch items refused by the ACL', { client: client.id, denied, of: items.length, examples: refused });
+    }
+    await this.route(accepted);
+    this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
+    return BATCH_TOPIC;
+  }
+
+  /**
+   * Publish items from the hub, all started at once (synchronously, in order); resolves
+   * when every publish callback has fired, i.e. each message was handed to every subscriber
+   * or queued for a durable one. They reach subscribers in the order they started because
+   * queue writes complete in call order (hub/delivery-order.ts). Items whose publish failed
+   * (the broker is closing) are forgotten by the de-duplication and the error goes to aedes,
+   * which closes the connection without a PUBACK: the sender resends, and what was routed
+   * already is dropped then as a duplicate.
+   */
+  private async route(items: readonly RouteItem[]): Promise<void> {
+    const results = await Promise.allSettled(items.map((it) => this.publishAs(it.topic, it.payload, it.qos)));
+    let failed: unknown = null;
+    results.forEach((r, i) => {
+      if (r.status === 'fulfilled') items[i]!.pending.confirm();
+      else {
+        items[i]!.pending.forget();
+        failed ??= r.reason;
+      }
+    });
+    if (failed !== null) throw failed;
+  }
+
+  /**
+   * Once `work` has routed what `packet` carried, divert `packet` to the sink it names and
+   * let aedes acknowledge it (done(null) → PUBACK, so the sender's PUBACK means "in the
+   * broker"); if routing failed, aedes closes the connection without a PUBACK.
+   */
+  private acknowledgeAfter(client: Client, packet: PublishPacket, done: (err?: Error | null) => void, work: Promise<string>): void {
+    const settled: Promise<void> = work.then(
+      (sink) => {
+        divert(packet, sink);
+        done(null);
+      },
+      (err: unknown) => {
+        this.opts.log.warn('routing failed; no PUBACK, the sender will resend', { client: client.id, err });
+        done(err instanceof Error ? err : new Error(String(err)));
+      },
+    );
+    this.routing.add(settled);
+    void settled.finally(() => this.routing.delete(settled));
+  }
 
   /** A gateway's MCU list; an id already claimed by another gateway, or not a device id, is ignored. */
   applyRegistration(gatewayId: string, mcus: readonly string[]): void {
@@ -142,10 +353,16 @@ export class HubBroker {
     );
   }
 
+  /** Publish on a device's behalf (routed outbox messages): never retained. */
+  private publishAs(topic: string, payload: Buffer, qos: 0 | 1 | 2): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.aedes.publish({ cmd: 'publish', topic, payload, qos, retain: false, dup: false }, (err) => (err ? reject(err) : resolve())),
+    );
+  }
+
   /** Rebuild gateway delegations from retained register messages after a restart. */
   async restoreDelegations(): Promise<void> {
-    const persistence = (this.aedes as unknown as { persistence: { createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }> } }).persistence;
-    for await (const packet of persistence.createRetainedStreamCombi(['fleet/v1/d/+/register'])) {
+    for await (const packet of this.persistence.createRetainedStreamCombi(['fleet/v1/d/+/register'])) {
       const t = parseTopic(packet.topic);
       if (!t) continue;
       try {
@@ -156,7 +373,53 @@ export class HubBroker {
     }
   }
 
-  close(): Promise<void> {
-    return new Promise((resolve) => this.aedes.close(() => resolve()));
+  /**
+   * The first step of a graceful stop (the listeners closed already): disconnect the
+   * devices so that nothing new comes in, let the routing under way finish, then give
+   * durable subscribers up to `timeoutMs` to acknowledge what they were sent. Without this,
+   * what a durable consumer had received but not yet acknowledged stays in its queue and
+   * is delivered again after the restart (a duplicate at the consumer); the devices' own
+   * unacknowledged publishes are resent and dropped by the de-duplication.
+   */
+  async drain(timeoutMs = 2000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (const c of this.clients) if (this.identities.get(c)?.kind === 'device') c.close();
+    await Promise.allSettled([...this.routing]);
+    const durable = () => [...this.clients].filter((c) => !c.clean && !c.closed);
+    for (;;) {
+      const waiting: Client[] = [];
+      for (const c of durable()) if (!(await this.queueEmpty(c))) waiting.push(c);
+      if (waiting.length === 0) return;
+      if (Date.now() >= deadline) {
+        this.opts.log.warn('stopping with unacknowledged deliveries; they are sent again after the restart', { clients: waiting.map((c) => c.id) });
+        return;
+      }
+      await sleep(10);
+    }
   }
+
+  private async queueEmpty(client: Client): Promise<boolean> {
+    for await (const _ of this.persistence.outgoingStream(client)) return false;
+    return true;
+  }
+
+  /** Close the broker, then wait for the routing still under way (it fails fast once closed). */
+  async close(): Promise<void> {
+    await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
+    await Promise.allSettled([...this.routing]);
+  }
+}
+
+interface RouteItem {
+  topic: string;
+  payload: Buffer;
+  qos: 0 | 1 | 2;
+  pending: PendingMid;
+}
+
+/** Send an acknowledged publish to a sink instead of its topic; its payload goes nowhere. */
+function divert(packet: PublishPacket, sink: string): void {
+  packet.topic = sink;
+  packet.retain = false;
+  packet.payload = EMPTY;
 }

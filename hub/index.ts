@@ -13,6 +13,7 @@ import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
 import { buildApi } from './api.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
+import { Deduplicator } from './dedup.ts';
 import { Registry } from './registry.ts';
 
 export interface HubHandle {
@@ -40,15 +41,32 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   const metrics = new MetricsRegistry();
   const messages = metrics.counter('fleet_hub_messages_total', 'Fleet messages received from devices, by channel');
   const invalid = metrics.counter('fleet_hub_messages_invalid_total', 'Fleet messages dropped because they did not match their schema');
-  const duplicates = metrics.counter('fleet_hub_duplicates_total', 'Messages dropped as duplicates of at-least-once delivery');
-  const denied = metrics.counter('fleet_hub_acl_denied_total', 'Publishes and subscriptions refused by the ACL');
+  const duplicates = metrics.counter('fleet_hub_duplicates_total', 'Messages dropped as duplicates of at-least-once delivery (direct and inside batches)');
+  const denied = metrics.counter('fleet_hub_acl_denied_total', 'Publishes and subscriptions refused by the ACL (batch items count as publishes)');
   const authFailures = metrics.counter('fleet_hub_auth_failures_total', 'MQTT connections refused for bad credentials');
+  const batches = metrics.counter('fleet_hub_batches_total', 'Batch publishes unpacked (malformed ones count as invalid messages, channel="batch")');
+  const batchItems = metrics.counter('fleet_hub_batch_items_total', 'Messages found in batches, by result: routed, duplicate, denied, invalid');
 
   const brokerDb = await openStore<Buffer>(join(config.stateDir, 'broker'), 'buffer');
   const registryDb = await openStore<string>(join(config.stateDir, 'registry'), 'utf8');
-  const registry = new Registry(registryDb, config.dedupWindow);
+  const registry = new Registry(registryDb);
   await registry.load();
-  const broker = await HubBroker.create({ db: brokerDb, log, fleetSecret, operatorToken, maxPayloadBytes: config.maxPayloadBytes, denied, authFailures });
+  const dedup = await Deduplicator.open(await openStore<string>(join(config.stateDir, 'dedup'), 'utf8'), { window: config.dedupWindow, log });
+  const broker = await HubBroker.create({
+    db: brokerDb,
+    log,
+    fleetSecret,
+    operatorToken,
+    maxPayloadBytes: config.maxPayloadBytes,
+    dedup,
+    denied,
+    authFailures,
+    invalid,
+    duplicates,
+    batches,
+    batchItems,
+    onDuplicate: (id) => registry.countDuplicate(id),
+  });
   await broker.restoreDelegations();
 
   metrics.gaugeFn('fleet_hub_devices', 'Devices known to the registry, by state', () => {
@@ -60,7 +78,8 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   });
   metrics.gaugeFn('fleet_hub_mqtt_clients', 'Connected MQTT clients', () => broker.aedes.connectedClients);
 
-  // The hub consumes device traffic through internal subscriptions on the broker.
+  // The hub consumes device traffic through internal subscriptions on the broker. They see
+  // messages after de-duplication, and batch items as ordinary messages on their own topics.
   const consume = (channel: 'state' | 'telemetry' | 'events' | 'reply') => (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
     const t = parseTopic(packet.topic);
     try {
@@ -68,9 +87,8 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
       const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
       messages.inc({ channel });
       if (channel === 'state') registry.onState(t.deviceId, decodeMessage('state', payload));
-      else if (channel === 'telemetry') {
-        if (!registry.onTelemetry(t.deviceId, decodeMessage('telemetry', payload))) duplicates.inc();
-      } else if (channel === 'events') registry.onEvent(t.deviceId, decodeMessage('events', payload));
+      else if (channel === 'telemetry') registry.onTelemetry(t.deviceId, decodeMessage('telemetry', payload));
+      else if (channel === 'events') registry.onEvent(t.deviceId, decodeMessage('events', payload));
       else registry.onReply(t.deviceId, decodeMessage('reply', payload));
     } catch (err) {
       invalid.inc({ channel });
@@ -126,9 +144,14 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     async stop() {
       ready = false;
       await http.close();
+      // no new connections; close() calls back once the existing ones are gone too
+      const listenersClosed = [mqttServer, mqttsServer].map((s) => s && new Promise<void>((r) => s.close(() => r())));
+      await broker.drain();
       await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.unsubscribe(topic, fn, r))));
+      // after the broker (and the routing it waits for) so no mid is admitted after the last flush
       await broker.close();
-      for (const s of [mqttServer, mqttsServer]) if (s) await new Promise<void>((r) => s.close(() => r()));
+      await Promise.all(listenersClosed);
+      await dedup.close();
       await registry.flush();
       await registryDb.close();
       await brokerDb.close();

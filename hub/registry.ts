@@ -28,39 +28,15 @@ export interface DeviceRecord {
   lastReplies: CommandReply[];
 }
 
-/** Remembers the last `size` message ids of one device, to drop at-least-once duplicates. */
-export class DedupWindow {
-  private readonly seen = new Set<string>();
-  private readonly order: string[] = [];
-  private head = 0;
-  constructor(private readonly size: number) {}
-  /** true when `mid` is new (and records it) */
-  admit(mid: string): boolean {
-    if (this.seen.has(mid)) return false;
-    this.seen.add(mid);
-    if (this.order.length < this.size) this.order.push(mid);
-    else {
-      this.seen.delete(this.order[this.head]!);
-      this.order[this.head] = mid;
-      this.head = (this.head + 1) % this.size;
-    }
-    return true;
-  }
-}
-
 const MAX_LATEST = 256;
 const MAX_REPLIES = 20;
 
 export class Registry extends EventEmitter {
   private readonly devices = new Map<string, DeviceRecord>();
-  private readonly dedup = new Map<string, DedupWindow>();
   private readonly dirty = new Set<string>();
   private flushTimer: NodeJS.Timeout | undefined;
 
-  constructor(
-    private readonly db: Level<string, string>,
-    private readonly dedupSize: number,
-  ) {
+  constructor(private readonly db: Level<string, string>) {
     super();
   }
 
@@ -87,11 +63,12 @@ export class Registry extends EventEmitter {
     this.flushTimer ??= setTimeout(() => void this.flush(), 500);
   }
 
-  /** false when this message id was seen already for this device (a duplicate) */
-  admit(deviceId: string, mid: string): boolean {
-    let w = this.dedup.get(deviceId);
-    if (!w) this.dedup.set(deviceId, (w = new DedupWindow(this.dedupSize)));
-    return w.admit(mid);
+  /** The broker dropped a duplicate for this device (counted only for devices known here). */
+  countDuplicate(id: string): void {
+    const rec = this.devices.get(id);
+    if (!rec) return;
+    rec.duplicates++;
+    this.touch(rec);
   }
 
   onState(id: string, msg: StateMessage): void {
@@ -109,13 +86,9 @@ export class Registry extends EventEmitter {
     if (changed) this.emit('state', rec);
   }
 
-  onTelemetry(id: string, msg: TelemetryBatch): boolean {
+  onTelemetry(id: string, msg: TelemetryBatch): void {
     const rec = this.record(id);
     rec.lastSeen = Date.now();
-    if (!this.admit(id, msg.mid)) {
-      rec.duplicates++;
-      return false;
-    }
     rec.telemetryBatches++;
     rec.samples += msg.samples.length;
     for (const s of msg.samples) {
@@ -125,16 +98,11 @@ export class Registry extends EventEmitter {
     }
     this.touch(rec);
     this.emit('telemetry', id, msg);
-    return true;
   }
 
   onEvent(id: string, msg: EventMessage): void {
     const rec = this.record(id);
     rec.lastSeen = Date.now();
-    if (!this.admit(id, msg.mid)) {
-      rec.duplicates++;
-      return;
-    }
     rec.events++;
     this.touch(rec);
     this.emit('event', id, msg);
@@ -142,7 +110,6 @@ export class Registry extends EventEmitter {
 
   onReply(id: string, msg: CommandReply): void {
     const rec = this.record(id);
-    if (!this.admit(id, msg.mid)) return;
     rec.lastReplies = [msg, ...rec.lastReplies].slice(0, MAX_REPLIES);
     this.touch(rec);
   }

@@ -1,5 +1,16 @@
-// aedes-persistence-level ships no types; this is the one call we make.
+// aedes-persistence-level ships no types; these are the parts the hub touches
+// (the AsyncPersistence interface of aedes-persistence 10).
 declare module 'aedes-persistence-level' {
+  import type { Readable } from 'node:stream';
   import type { Level } from 'level';
-  export default function aedesPersistenceLevel(db: Level<string, Buffer>): unknown;
+  export interface LevelPersistence {
+    /** queue `packet` for every durable subscription in `subs` */
+    outgoingEnqueueCombi(subs: ReadonlyArray<{ clientId: string }>, packet: { topic: string }): Promise<unknown>;
+    /** record the messageId a queued packet is being delivered under */
+    outgoingUpdate(client: { id: string | null }, packet: object): Promise<unknown>;
+    createRetainedStreamCombi(patterns: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
+    /** a durable client's queue: packets not delivered yet, and delivered but not acknowledged */
+    outgoingStream(client: { id: string | null }): Readable;
+  }
+  export default function aedesPersistenceLevel(db: Level<string, Buffer>): LevelPersistence;
 }

@@ -1,43 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
-import mqtt, { type MqttClient } from 'mqtt';
 import { deriveToken } from '../../core/credentials.ts';
 import { encodeMessage } from '../../core/messages.ts';
 import { connectFleetClient } from '../../core/mqtt.ts';
 import { deviceTopic } from '../../core/topics.ts';
-import { HubConfigSchema } from '../../hub/config.ts';
-import { startHub, type HubHandle } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
-
-async function withHub(fn: (hub: HubHandle, ctx: { secret: string; operator: string; url: string; http: string }) => Promise<void>, dir?: string): Promise<void> {
-  const tmp = dir ? { dir, cleanup: () => undefined } : tempDir();
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir }), testLogger('hub'));
-  try {
-    await fn(hub, {
-      secret: readFileSync(hub.fleetSecretFile, 'utf8').trim(),
-      operator: readFileSync(hub.operatorTokenFile, 'utf8').trim(),
-      url: `mqtt://127.0.0.1:${hub.mqttPort}`,
-      http: `http://127.0.0.1:${hub.httpPort}`,
-    });
-  } finally {
-    await hub.stop();
-    tmp.cleanup();
-  }
-}
-
-function connect(url: string, clientId: string, username: string, password: string): Promise<MqttClient> {
-  return new Promise((resolve, reject) => {
-    const c = mqtt.connect(url, { clientId, username, password, reconnectPeriod: 0, connectTimeout: 5000 });
-    c.once('connect', () => resolve(c));
-    c.once('error', (err) => {
-      c.end(true);
-      reject(err);
-    });
-  });
-}
-
-const telemetry = (mid: string) => encodeMessage({ v: 1, mid, ts: Date.now(), samples: [{ n: 'cpu.util', v: 12.5, u: '%', t: Date.now() }] });
+import { tempDir, waitFor } from '../helpers.ts';
+import { connect, telemetry, withHub } from './harness.ts';
 
 test('hub: device with its derived token connects; wrong token, other client id, unknown user are refused', async () => {
   await withHub(async (_hub, { secret, url }) => {

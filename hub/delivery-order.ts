@@ -1,0 +1,253 @@
+import { Readable } from 'node:stream';
+import type { AedesPublishPacket, Client } from 'aedes';
+import type { LevelPersistence } from 'aedes-persistence-level';
+
+/**
+ * Loss and reordering of QoS 1 deliveries in aedes 1.2, and what the hub does about them
+ * (docs/topics.md#de-duplication; measured in test/hub/delivery.test.ts).
+ *
+ * A publish takes its `brokerCounter` when it starts (aedes.js publish → new Packet), then
+ * runs storeRetained → enqueueOffline → emitPacket. Subscribers get the packet at
+ * emitPacket, when the persistence steps before it have finished: a retained message waits
+ * for its LevelDB put, and every publish that matches a durable (clean=false) subscription
+ * waits for its queue write (outgoingEnqueueCombi). Those writes finish in any order, so
+ * packets reach subscribers out of counter order.
+ *
+ * Each client keeps only the highest counter it was sent per broker id (`dedupe` in
+ * aedes/lib/client.js) and silently drops any packet with a lower one. So a packet
+ * overtaken on the way is lost at every subscriber the overtaking packet reached first:
+ * with one durable subscriber connected, 5,000 concurrent publishes lost 199–318 at a clean
+ * subscriber here, a single device publishing directly lost messages too, and every
+ * retained message interleaved with other traffic was lost (upstream: moscajs/aedes#994,
+ * #955). The QoS 1 PUBACK had long gone to the publisher, so nobody resends them.
+ *
+ * With a single broker that check does one useful thing: it drops the extra copies of one
+ * packet for a client whose subscriptions overlap ([MQTT-3.3.5-1] allows a copy per
+ * matching subscription; aedes sends one). The hub therefore
+ *  1. makes the counter check always pass for its own broker id (disableCounterDedupe),
+ *  2. drops exactly those copies instead (CopyFilter: the copies of one packet are handed to
+ *     a client one after another, synchronously, inside a single mqemitter emit), and
+ *  3. completes queue writes in call order (orderPersistence), so that non-retained
+ *     publishes reach subscribers in the order they started, and per durable client the
+ *     writes to its socket follow that order too. This keeps a sender's order on a topic
+ *     [MQTT-4.6.0-6] and lets batch items be published concurrently yet arrive in order.
+ *
+ * A fourth problem shows at a durable client's reconnect (ReplayGate): see there.
+ */
+
+/**
+ * Make aedes' per-client counter check pass for packets of `brokerId`. Returns false when
+ * the aedes internals it relies on are not there (an aedes upgrade): then nothing changed.
+ */
+export function disableCounterDedupe(client: Client, brokerId: string): boolean {
+  const seen: unknown = Reflect.get(client, 'duplicates');
+  if (typeof seen !== 'object' || seen === null) return false;
+  // dedupe() reads `duplicates[brokerId] || 0` and stores the counter after a delivery:
+  // always 0 on read, and the store is ignored
+  Object.defineProperty(seen, brokerId, { get: () => 0, set: () => undefined, configurable: true, enumerable: false });
+  return true;
+}
+
+/** Recognises the extra copies of one packet for a client with overlapping subscriptions. */
+export class CopyFilter {
+  private readonly last = new WeakMap<Client, number>();
+
+  constructor(private readonly brokerId: string) {}
+
+  /** true when `packet` is the packet just handed to `client` (an extra copy). */
+  isCopy(client: Client, packet: AedesPublishPacket): boolean {
+    // retained messages sent on SUBSCRIBE carry no brokerId and are never copies
+    if (packet.brokerId !== this.brokerId) return false;
+    if (this.last.get(client) === packet.brokerCounter) return true;
+    this.last.set(client, packet.brokerCounter);
+    return false;
+  }
+}
+
+/**
+ * Let the persistence's queue writes complete in the order they were called: the writes
+ * still run concurrently, only their completions are handed back in order. Queue writes
+ * (outgoingEnqueueCombi) are ordered across the broker, since emitPacket follows them;
+ * updates before a write to a durable client's socket (outgoingUpdate) per client.
+ */
+export function orderPersistence<P extends LevelPersistence>(
+  p: P,
+  neverQueue: (topic: string) => boolean = () => false,
+  watch: { issued(packet: object): void; settled(packet: object): void } = { issued: noop, settled: noop },
+): P {
+  const enqueue = p.outgoingEnqueueCombi.bind(p);
+  let tail: Promise<unknown> = Promise.resolve();
+  p.outgoingEnqueueCombi = (subs, packet) => {
+    // a topic nobody may receive (the hub's sinks) is not written to any queue: it would sit
+    // in a durable '#' subscriber's queue until its next reconnect
+    if (neverQueue(packet.topic)) return Promise.resolve();
+    watch.issued(packet);
+    const own = enqueue(subs, packet);
+    // its failure is reported through `ordered`, later: mark it handled now, or Node would
+    // take it for an unhandled rejection and end the process
+    own.catch(noop);
+    const ordered = tail.then(() => own);
+    // Registered before aedes gets `ordered`, so it runs before aedes' own continuation
+    // (emitPacket). A failed write must not hold back or fail the ones after it.
+    const settled = () => watch.settled(packet);
+    tail = ordered.then(settled, settled);
+    return ordered;
+  };
+
+  const update = p.outgoingUpdate.bind(p);
+  const tails = new Map<string | null, Promise<unknown>>();
+  p.outgoingUpdate = (client, packet) => {
+    const own = update(client, packet);
+    own.catch(noop); // as above
+    const prev = tails.get(client.id);
+    const ordered = prev ? prev.then(() => own) : own;
+    const settled = ordered.then(noop, noop);
+    tails.set(client.id, settled);
+    void settled.then(() => {
+      if (tails.get(client.id) === settled) tails.delete(client.id);
+    });
+    return ordered;
+  };
+  return p;
+}
+
+/**
+ * When a durable (clean=false) client connects, aedes restores its subscriptions first
+ * (live delivery starts) and reads its queue afterwards (emptyQueue, over a LevelDB
+ * snapshot). A message queued and emitted in between is sent twice, live and from the
+ * queue: a duplicate at the consumer (measured: a few per hub restart under load). The two
+ * copies also race on the queue's bookkeeping; the loser fails with "no such packet", aedes
+ * drops the connection, and what was unacknowledged on it is sent yet again.
+ *
+ * The gate numbers queue writes as they are issued and follows their completion (in call
+ * order, see orderPersistence). When aedes opens a reconnecting client's queue the gate
+ * takes the snapshot at once and notes both positions. Then, for a live delivery:
+ *  - before the snapshot: refused; it was queued (emitPacket follows the queue write), so
+ *    the snapshot will have it and the replay sends it;
+ *  - its write completed before the snapshot: refused, the replay sends it;
+ *  - its write was issued after the snapshot: sent live, the replay cannot have it;
+ *  - its write was under way at the snapshot (LevelDB does not wait for it): may or may not
+ *    be in the snapshot. Held until the replay has been read, then sent only if the replay
+ *    did not have it. These are the few writes in flight at one instant.
+ * A refused live copy leaves its queue entry alone (aedes clears by messageId, which a live
+ * packet does not have yet), so the replay's PUBACK clears it. Replay copies are told apart
+ * by their messageId: emptyQueue gives each one (QoSPacket), live packets have none yet.
+ */
+export class ReplayGate {
+  private issuedSeq = 0;
+  private settledSeq = 0;
+  /** `brokerId:brokerCounter` → issue number, for recent queue writes only */
+  private readonly index = new Map<string, number>();
+  private readonly clients = new WeakMap<Client, GateState>();
+
+  /** A queue write was issued. */
+  issued(packet: object): void {
+    this.index.set(keyOf(packet), ++this.issuedSeq);
+    // a live copy follows its write within a few turns of the loop: keep only recent ones
+    if (this.index.size > INDEX_KEEP) for (const k of this.index.keys()) {
+      this.index.delete(k);
+      break;
+    }
+  }
+
+  /** A queue write completed or failed (reported in issue order). */
+  settled(packet: object): void {
+    this.settledSeq = Math.max(this.settledSeq, this.index.get(keyOf(packet)) ?? 0);
+  }
+
+  /** A durable client authenticated: its queue will be replayed. */
+  begin(client: Client): void {
+    this.clients.set(client, { done: 0, issued: Infinity, reading: true, held: new Map(), replayed: new Set() });
+  }
+
+  /** For authorizeForward: false when this delivery must not be sent (now). */
+  mayForward(client: Client, packet: AedesPublishPacket): boolean {
+    const st = this.clients.get(client);
+    // QoS 0 is never queued; retained messages sent on SUBSCRIBE have no brokerId
+    if (!st || packet.qos === 0 || !packet.brokerId || packet.messageId !== undefined) return true;
+    const k = keyOf(packet);
+    const n = this.index.get(k);
+    if (n === undefined) return true;
+    if (st.issued === Infinity || n <= st.done) return false;
+    if (n > st.issued) return true;
+    if (st.reading) {
+      st.held.set(k, packet);
+      return false;
+    }
+    return !st.replayed.has(k);
+  }
+
+  /** Wrap persistence.outgoingStream: snapshot at once, and watch what the replay reads. */
+  wrap<P extends LevelPersistence>(p: P): P {
+    const stream = p.outgoingStream.bind(p);
+    p.outgoingStream = (client) => {
+      const st = isClient(client) ? this.clients.get(client) : undefined;
+      if (!isClient(client) || !st || st.issued !== Infinity) return stream(client);
+      const c = client;
+      const inner = stream(c);
+      // The LevelDB iterator, and with it the snapshot, is created synchronously on the
+      // first read (classic-level: "snapshot guarantees"): the positions noted next are
+      // exactly those of the snapshot.
+      inner.read(0);
+      st.done = this.settledSeq;
+      st.issued = this.issuedSeq;
+      const index = this.index;
+      const release = () => this.release(c, st);
+      return Readable.from(
+        (async function* () {
+          try {
+            for await (const packet of inner) {
+              const k = keyOf(packet);
+              const n = index.get(k);
+              if (n !== undefined && n > st.done && n <= st.issued) st.replayed.add(k);
+              yield packet;
+            }
+          } finally {
+            release();
+          }
+        })(),
+      );
+    };
+    return p;
+  }
+
+  private release(client: Client, st: GateState): void {
+    if (!st.reading) return;
+    st.reading = false;
+    const held = [...st.held].filter(([k]) => !st.replayed.has(k)).map(([, p]) => p);
+    st.held.clear();
+    setTimeout(() => this.clients.delete(client), STATE_KEEP_MS).unref();
+    const deliver: unknown = Reflect.get(client, 'deliverQoS');
+    if (client.closed || typeof deliver !== 'function') return; // still queued: sent at the next connect
+    for (const packet of held) deliver.call(client, packet, noop);
+  }
+}
+
+interface GateState {
+  /** issue number of the last queue write settled when the snapshot was taken */
+  done: number;
+  /** issue number of the last queue write issued by then (Infinity: no snapshot yet) */
+  issued: number;
+  /** the replay is still being read */
+  reading: boolean;
+  /** live deliveries of writes under way at the snapshot, until the replay is read */
+  held: Map<string, AedesPublishPacket>;
+  /** of those writes, the ones the replay had */
+  replayed: Set<string>;
+}
+
+/** queue writes the gate remembers */
+const INDEX_KEEP = 100_000;
+/** how long after its replay was read a client's live deliveries are still checked */
+const STATE_KEEP_MS = 10_000;
+
+function keyOf(packet: unknown): string {
+  if (typeof packet !== 'object' || packet === null) return '';
+  return `${String(Reflect.get(packet, 'brokerId'))}:${String(Reflect.get(packet, 'brokerCounter'))}`;
+}
+
+function isClient(c: { id: string | null }): c is Client & { id: string | null } {
+  return typeof Reflect.get(c, 'deliverQoS') === 'function';
+}
+
+function noop(): void {}

@@ -1,0 +1,176 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { openStore } from '../../core/store.ts';
+import { DedupWindow, Deduplicator, type DedupOptions } from '../../hub/dedup.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+
+test('dedup window: remembers the last `size` mids in arrival order, forgets the oldest first', () => {
+  const w = new DedupWindow(3);
+  assert.equal(w.admit('1'), 0);
+  assert.equal(w.admit('1'), -1);
+  assert.equal(w.admit('3'), 1);
+  assert.equal(w.admit('2'), 2); // out of numeric order (priority classes): still remembered
+  assert.equal(w.count, 3);
+  assert.equal(w.admit('4'), 3); // pushes '1' out
+  assert.equal(w.has('1'), false);
+  assert.ok(w.has('2') && w.has('3') && w.has('4'));
+  assert.equal(w.admit('1'), 4, 'a mid older than the window passes again');
+  assert.deepEqual([...w.inOrder()], ['2', '4', '1']);
+});
+
+test('dedup window: mids are compared as the strings they are; huge and zero-padded ones work', () => {
+  const w = new DedupWindow(8);
+  assert.ok(w.admit('7') >= 0);
+  assert.ok(w.admit('007') >= 0, '"007" is not "7"');
+  assert.ok(w.admit('99999999999999999999') >= 0);
+  assert.equal(w.admit('99999999999999999999'), -1);
+  assert.ok(w.admit('9007199254740993') >= 0);
+  assert.ok(w.admit('9007199254740992') >= 0, 'neighbours above 2^53 stay distinct');
+  assert.equal(w.admit('0'), 5);
+  assert.equal(w.admit('0'), -1);
+});
+
+test('dedup window: forget frees a mid (its message was never routed), and only while it is in the window', () => {
+  const w = new DedupWindow(2);
+  const a = w.admit('10');
+  w.admit('11');
+  w.forget(a);
+  assert.equal(w.has('10'), false);
+  assert.equal(w.count, 1);
+  assert.ok(w.admit('10') >= 0, 'the resend is accepted');
+  const b = w.admit('12'); // pushes '11' out
+  w.forget(0); // seq 0 left the window long ago: no effect
+  assert.ok(w.has('10') && w.has('12'));
+  assert.ok(w.holds(b));
+});
+
+test('dedup window: restore rebuilds the same window from its ring', () => {
+  const w = new DedupWindow(4);
+  for (const m of ['1', '2', '3', '4', '5', '6']) w.admit(m);
+  const slots = Array.from({ length: w.slots }, (_, i) => w.midAt(i));
+  const r = DedupWindow.restore(4, w.nextSeq, slots);
+  assert.deepEqual([...r.inOrder()], [...w.inOrder()]);
+  r.admit('7');
+  assert.equal(r.has('3'), false, 'the oldest goes first after a restore too');
+  assert.ok(r.has('4'));
+});
+
+type Db = Awaited<ReturnType<typeof openStore<string>>>;
+
+/** `open` opens a Deduplicator over a fresh handle of the same LevelDB; `db` is that handle. */
+async function withDedup(fn: (open: (o?: Partial<DedupOptions>) => Promise<Deduplicator>, handle: () => Db) => Promise<void>): Promise<void> {
+  const tmp = tempDir();
+  const dir = join(tmp.dir, 'dedup');
+  let db: Db | undefined;
+  try {
+    await fn(
+      async (o = {}) => Deduplicator.open((db = await openStore<string>(dir, 'utf8')), { window: 64, log: testLogger('dedup'), flushMs: 60_000, ...o }),
+      () => db!,
+    );
+  } finally {
+    tmp.cleanup();
+  }
+}
+
+test('deduplicator: windows survive close and reopen; a window of another size is re-laid', async () => {
+  await withDedup(async (open) => {
+    let d = await open();
+    for (let i = 1; i <= 200; i++) assert.ok(d.admit('dev-1', String(i)));
+    assert.ok(d.admit('dev-2', '5'));
+    assert.equal(d.admit('dev-1', '150'), false);
+    await d.close();
+
+    d = await open();
+    assert.equal(d.admit('dev-1', '150'), false, 'remembered across the restart');
+    assert.equal(d.admit('dev-1', '200'), false);
+    assert.equal(d.admit('dev-2', '5'), false);
+    assert.ok(d.admit('dev-1', '100'), 'older than the window of 64');
+    assert.deepEqual(d.stats(), { devices: 2, mids: 65 });
+    await d.close();
+
+    d = await open({ window: 16 });
+    assert.equal(d.admit('dev-1', '100'), false, 'the newest mids are kept when the window shrinks');
+    assert.ok(d.admit('dev-1', '180'));
+    await d.close();
+    d = await open({ window: 16 });
+    assert.equal(d.admit('dev-1', '180'), false, 'the re-laid window persists');
+    assert.equal(d.stats().mids, 17);
+    await d.close();
+  });
+});
+
+test('deduplicator: a pending mid counts at once but is persisted only when confirmed; forget lets the resend pass', async () => {
+  await withDedup(async (open) => {
+    let d = await open();
+    const a = d.admitPending('dev-1', '1');
+    const b = d.admitPending('dev-1', '2');
+    const c = d.admitPending('dev-1', '3');
+    assert.ok(a && b && c);
+    assert.equal(d.admitPending('dev-1', '1'), null, 'a repeat inside the same batch');
+    a.confirm();
+    c.forget();
+    assert.ok(d.admit('dev-1', '3'), 'forgotten: the resend is accepted');
+    await d.flush();
+    // '2' was never confirmed (as if the hub died while routing it): a resend must get through
+    await d.close();
+    d = await open();
+    assert.equal(d.admit('dev-1', '1'), false);
+    assert.ok(d.admit('dev-1', '2'));
+    assert.equal(d.admit('dev-1', '3'), false);
+    b.confirm(); // late confirm on the closed instance: harmless
+    await d.close();
+  });
+});
+
+test('deduplicator: without a flush (a crash), what was admitted since the last flush is forgotten', async () => {
+  await withDedup(async (open, handle) => {
+    const d = await open();
+    d.admit('dev-1', '1');
+    await d.flush();
+    d.admit('dev-1', '2');
+    // kill -9: the store goes away without the final flush
+    await handle().close();
+    const again = await open();
+    assert.equal(again.admit('dev-1', '1'), false);
+    assert.ok(again.admit('dev-1', '2'), 'admitted after the last flush: a duplicate gets through');
+    await again.close();
+  });
+});
+
+test('deduplicator: bounded by devices and by mids; the least recently active device is forgotten, on disk too', async () => {
+  await withDedup(async (open) => {
+    let d = await open({ maxDevices: 3, maxEntries: 1000 });
+    for (const id of ['a', 'b', 'c']) d.admit(id, '1');
+    d.admit('a', '2'); // a is now the most recent
+    d.admit('d', '1'); // evicts b
+    assert.equal(d.stats().devices, 3);
+    assert.equal(d.seen('b', '1'), false);
+    assert.ok(d.seen('a', '1') && d.seen('c', '1') && d.seen('d', '1'));
+    await d.close();
+    d = await open({ maxDevices: 3, maxEntries: 1000 });
+    assert.equal(d.seen('b', '1'), false, 'its keys were cleared');
+    assert.ok(d.seen('a', '2'));
+    await d.close();
+
+    d = await open({ maxDevices: 100, maxEntries: 100, window: 64 });
+    for (let i = 0; i < 60; i++) d.admit('x', String(i));
+    for (let i = 0; i < 60; i++) d.admit('y', String(i));
+    assert.ok(d.stats().mids <= 100);
+    assert.equal(d.seen('x', '59'), false, 'x was least recently active');
+    assert.ok(d.seen('y', '59'));
+    await d.close();
+  });
+});
+
+test('deduplicator: flushes by itself on its timer', async () => {
+  await withDedup(async (open, handle) => {
+    let d = await open({ flushMs: 20 });
+    d.admit('dev-1', '42');
+    await waitFor(async () => (await handle().get('dev-1/h')) !== undefined, 'the timer flush');
+    await d.close();
+    d = await open();
+    assert.equal(d.admit('dev-1', '42'), false);
+    await d.close();
+  });
+});

@@ -1,0 +1,65 @@
+import { readFileSync } from 'node:fs';
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { encodeMessage } from '../../core/messages.ts';
+import { HubConfigSchema, type HubConfig } from '../../hub/config.ts';
+import { startHub, type HubHandle } from '../../hub/index.ts';
+import { tempDir, testLogger } from '../helpers.ts';
+
+export interface HubCtx {
+  secret: string;
+  operator: string;
+  url: string;
+  http: string;
+}
+
+/** A real hub on free ports over a temp state dir (or `dir`), stopped and removed afterwards. */
+export async function withHub(fn: (hub: HubHandle, ctx: HubCtx) => Promise<void>, dir?: string, config: Partial<HubConfig> = {}): Promise<void> {
+  const tmp = dir ? { dir, cleanup: () => undefined } : tempDir();
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir, ...config }), testLogger('hub'));
+  try {
+    await fn(hub, {
+      secret: readFileSync(hub.fleetSecretFile, 'utf8').trim(),
+      operator: readFileSync(hub.operatorTokenFile, 'utf8').trim(),
+      url: `mqtt://127.0.0.1:${hub.mqttPort}`,
+      http: `http://127.0.0.1:${hub.httpPort}`,
+    });
+  } finally {
+    await hub.stop();
+    tmp.cleanup();
+  }
+}
+
+export function connect(url: string, clientId: string, username: string, password: string, extra: IClientOptions = {}): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const c = mqtt.connect(url, { clientId, username, password, reconnectPeriod: 0, connectTimeout: 5000, ...extra });
+    const failed = (err: Error) => {
+      c.end(true);
+      reject(err);
+    };
+    c.once('error', failed);
+    c.once('connect', () => {
+      // later errors (the hub going away) are the reconnect logic's business
+      c.off('error', failed);
+      c.on('error', () => undefined);
+      resolve(c);
+    });
+  });
+}
+
+export function connectDevice(ctx: HubCtx, id: string, extra: IClientOptions = {}): Promise<MqttClient> {
+  return connect(ctx.url, id, id, deriveToken(ctx.secret, 'device', id), extra);
+}
+
+export const telemetry = (mid: string) => encodeMessage({ v: 1, mid, ts: Date.now(), samples: [{ n: 'cpu.util', v: 12.5, u: '%', t: Date.now() }] });
+export const event = (mid: string) => encodeMessage({ v: 1, mid, ts: Date.now(), type: 'test', severity: 'info' as const });
+export const logs = (mid: string) => encodeMessage({ v: 1, mid, ts: Date.now(), lines: [{ t: Date.now(), app: 'a', stream: 'stdout' as const, line: 'hello' }] });
+
+/** The value of one Prometheus sample (0 when absent), e.g. `fleet_hub_batches_total`. */
+export async function metric(hub: HubHandle, sample: string): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${hub.httpPort}/metrics`)).text();
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${sample} `)) return Number(line.slice(sample.length + 1));
+  }
+  return 0;
+}
