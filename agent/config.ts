@@ -2,6 +2,7 @@ import { hostname } from 'node:os';
 import { z } from 'zod';
 import { defaultStateDir } from '../core/config.ts';
 import { DEVICE_ID_RE } from '../core/topics.ts';
+import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/outbox-config.ts';
 
 /** A supervised app (docs/config.md#agent). */
 export const AppSpecSchema = z
@@ -36,9 +37,13 @@ export const AgentConfigSchema = z
         tokenFile: z.string(),
         /** MQTT keep-alive, seconds; the hub marks the device offline about 1.5x this after it goes silent */
         keepaliveS: z.number().int().min(1).max(3600).default(30),
+        ...reconnectKeys,
       })
       .strict()
       .optional(),
+    /** the durable store-and-forward queue towards the hub, under <stateDir>/outbox */
+    outbox: OutboxConfigSchema.prefault({}),
+    uplink: UplinkConfigSchema.prefault({}),
     api: z
       .object({
         /** 127.0.0.1 by default; any other address requires tokens for every call */

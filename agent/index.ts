@@ -4,18 +4,19 @@ import type { MqttClient } from 'mqtt';
 import si from 'systeminformation';
 import { listenHttp, type Listening, type TokenRole } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import { CommandSchema, decodeMessage, encodeMessage, type CommandReply, type DesiredState, type EventMessage, type Sample } from '../core/messages.ts';
+import { CommandSchema, decodeMessage, encodeMessage, type CommandReply, type DesiredState, type EventMessage, type LogBatch, type Sample } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
 import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
 import { setNativeDir } from '../core/native.ts';
-import { MemoryOutbox, Priority, type Outbox } from '../core/outbox.ts';
+import { Priority, type Outbox } from '../core/outbox.ts';
+import { LevelOutbox } from '../core/outbox-level.ts';
 import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
 import { deviceTopic } from '../core/topics.ts';
 import { Uplink } from '../core/uplink.ts';
 import { buildAgentApi, ROLES } from './api.ts';
 import type { AgentConfig } from './config.ts';
 import { DeviceMetrics, snapshotToSamples } from './metrics.ts';
-import { Supervisor, type AppStatus } from './supervisor.ts';
+import { Supervisor, type AppStatus, type LogLine } from './supervisor.ts';
 
 export interface AgentHandle {
   apiPort: number;
@@ -27,6 +28,9 @@ export interface AgentHandle {
   stop(): Promise<void>;
 }
 
+const LOG_FLUSH_MS = 1000;
+/** app output beyond this many lines per flush period is counted, not sent (a chatty app must not flood the uplink) */
+const MAX_LOG_LINES_PER_BATCH = 1000;
 const HISTORY_POINTS = 360; // one hour at one point per 10 s
 const HISTORY_STEP_MS = 10_000;
 
@@ -40,8 +44,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     { token: loadOrCreateSecret(tokenFiles.readonly), role: ROLES.READONLY },
   ];
 
-  // In-memory for now; the durable LevelDB outbox implements the same interface.
-  const outbox: Outbox = new MemoryOutbox();
+  const outbox: Outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), config.outbox);
   const emitEvent = (type: string, severity: EventMessage['severity'], data: Record<string, unknown>) =>
     outbox
       .append({
@@ -50,7 +53,15 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
         payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type, severity, data } satisfies EventMessage),
       })
       .catch((err: unknown) => log.error('cannot queue event', { type, err }));
-  outbox.on('evicted', (e) => log.warn('outbox evicted records', { ...e }));
+  // what the budget pushed out is itself reported upstream (an alert is never evicted for it)
+  outbox.on('evicted', (e) => {
+    log.warn('outbox over budget; evicted oldest records', { ...e });
+    void emitEvent('outbox.evicted', 'warning', { ...e });
+  });
+  outbox.on('corrupt', (e) => {
+    log.error('outbox record damaged on disk; skipped', e);
+    void emitEvent('outbox.corrupt', 'warning', e);
+  });
 
   const supervisor = new Supervisor({ log: log.child({ part: 'supervisor' }) });
   supervisor.on('crash-loop', (e: Record<string, unknown>) => {
@@ -60,6 +71,21 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
   supervisor.on('change', (s: AppStatus) => {
     if (s.state === 'running' || s.state === 'exited') void emitEvent(`app.${s.state}`, 'info', { app: s.name, restarts: s.restarts, pid: s.pid, lastExit: s.lastExit });
   });
+  // app output goes upstream as log batches (lowest priority: evicted first when space runs short)
+  let logLines: LogBatch['lines'] = [];
+  let logsDropped = 0;
+  supervisor.on('line', (l: LogLine) => {
+    if (logLines.length >= MAX_LOG_LINES_PER_BATCH) logsDropped++;
+    else logLines.push({ t: l.t, app: l.app, stream: l.stream, line: l.line });
+  });
+  const logTimer = setInterval(() => {
+    if (logLines.length === 0) return;
+    const lines = logLines;
+    logLines = [];
+    outbox
+      .append({ topic: deviceTopic(config.deviceId, 'logs'), priority: Priority.LOG, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), lines } satisfies LogBatch) })
+      .catch((err: unknown) => log.warn('cannot queue app logs', { err }));
+  }, LOG_FLUSH_MS);
   await supervisor.apply(config.apps);
 
   // --- metrics: cheap /proc readers at sampleMs, one telemetry batch per publishMs
@@ -101,8 +127,17 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
   let desired: DesiredState | null = null;
   if (config.hub) {
     const token = readSecretFile(config.hub.tokenFile);
-    client = connectFleetClient({ url: config.hub.url, deviceId: config.deviceId, token, kind: 'agent', version, keepalive: config.hub.keepaliveS });
-    uplink = new Uplink({ client, outbox, log: log.child({ part: 'uplink' }) });
+    client = connectFleetClient({
+      url: config.hub.url,
+      deviceId: config.deviceId,
+      token,
+      kind: 'agent',
+      version,
+      keepalive: config.hub.keepaliveS,
+      reconnectMs: config.hub.reconnectMs,
+      reconnectMaxMs: config.hub.reconnectMaxMs,
+    });
+    uplink = new Uplink({ client, outbox, log: log.child({ part: 'uplink' }), deviceId: config.deviceId, ...config.uplink });
     const c = client;
     c.on('connect', () => {
       log.info('connected to hub', { url: config.hub?.url });
@@ -161,6 +196,9 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
   );
   metrics.gaugeFn('fleet_agent_outbox_bytes', 'Bytes waiting in the outbox', () => outbox.stats().bytes);
   metrics.gaugeFn('fleet_agent_outbox_oldest_age_seconds', 'Age of the oldest record in the outbox', () => outbox.stats().oldestAgeMs / 1000);
+  metrics.gaugeFn('fleet_agent_outbox_evicted_records', 'Records the outbox evicted to stay within its budget (since the store was created)', () => outbox.stats().evicted);
+  metrics.gaugeFn('fleet_agent_outbox_corrupt_records', 'Records found damaged on disk and skipped (since the store was created)', () => outbox.stats().corrupt ?? 0);
+  metrics.gaugeFn('fleet_agent_app_log_lines_dropped', 'App output lines not sent upstream because of the per-flush cap', () => logsDropped);
   metrics.gaugeFn('fleet_agent_app_up', '1 when the app is running', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.state === 'running' ? 1 : 0 })));
   metrics.gaugeFn('fleet_agent_app_restarts', 'Restarts of the app since the agent started', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.restarts })));
   metrics.gaugeFn('fleet_device_cpu_utilization_percent', 'Device CPU utilisation over the last sample period', () => last.cpuUtil ?? 0);
@@ -201,6 +239,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     async stop() {
       clearInterval(sampleTimer);
       clearInterval(publishTimer);
+      clearInterval(logTimer);
       await supervisor.stopAll();
       await http.close();
       uplink?.stop();

@@ -10,8 +10,10 @@ export interface FleetClientOptions {
   version: string;
   /** MQTT keep-alive in seconds; the hub marks the device offline 1.5x this after silence */
   keepalive: number;
-  /** reconnect period in ms */
+  /** first reconnect delay in ms (0 = never reconnect); default 1000 */
   reconnectMs?: number;
+  /** cap of the reconnect delay in ms; default 30000 */
+  reconnectMaxMs?: number;
   protocolVersion?: 4 | 5;
 }
 
@@ -30,17 +32,45 @@ export function connectFleetClient(opts: FleetClientOptions): MqttClient {
     username: opts.deviceId,
     password: opts.token,
     keepalive: opts.keepalive,
-    reconnectPeriod: opts.reconnectMs ?? 1000,
+    // reconnects are ours (below): mqtt.js only knows a fixed period
+    reconnectPeriod: 0,
     connectTimeout: 10_000,
     protocolVersion: opts.protocolVersion ?? 4,
     clean: true,
     will: { topic: stateTopic, payload: state(false, 'connection lost'), qos: 1, retain: true },
   };
   const client = mqtt.connect(opts.url, options);
+  let attempt = 0;
+  let timer: NodeJS.Timeout | null = null;
   client.on('connect', () => {
+    attempt = 0;
     client.publish(stateTopic, state(true), { qos: 1, retain: true });
   });
+  const initial = opts.reconnectMs ?? 1000;
+  if (initial > 0) {
+    client.on('close', () => {
+      if (client.disconnecting || timer) return;
+      timer = setTimeout(() => {
+        timer = null;
+        if (!client.disconnecting && !client.connected) client.reconnect();
+      }, reconnectDelay(initial, opts.reconnectMaxMs ?? 30_000, attempt++));
+    });
+    client.on('end', () => {
+      if (timer) clearTimeout(timer);
+      timer = null;
+    });
+  }
   return client;
+}
+
+/**
+ * Exponential backoff with "equal jitter": a random delay between half and all of
+ * min(max, initial * 2^attempt). After a hub outage a fleet's devices come back spread
+ * out instead of in one wave.
+ */
+export function reconnectDelay(initialMs: number, maxMs: number, attempt: number, random: () => number = Math.random): number {
+  const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(attempt, 30));
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
 }
 
 /** Publish the retained offline state and disconnect cleanly (a clean disconnect suppresses the will). */

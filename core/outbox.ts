@@ -43,6 +43,8 @@ export interface OutboxStats {
   /** age in ms of the oldest record, 0 when empty */
   oldestAgeMs: number;
   evicted: number;
+  /** records found damaged on disk, skipped and deleted (durable backends) */
+  corrupt?: number;
   appended: number;
   acked: number;
 }
@@ -62,10 +64,14 @@ export interface Outbox {
   ack(ids: readonly string[]): Promise<void>;
   stats(): OutboxStats;
   close(): Promise<void>;
-  /** 'evicted' (EvictionEvent) when the byte budget forced records out; 'appended' after each append. */
+  /**
+   * 'evicted' (EvictionEvent) when the byte budget forced records out; 'appended' after
+   * appends are stored; 'corrupt' ({key, id, reason}) when a damaged record was skipped.
+   */
   on(event: 'evicted', fn: (e: EvictionEvent) => void): this;
   on(event: 'appended', fn: () => void): this;
-  off(event: 'evicted' | 'appended', fn: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
+  on(event: 'corrupt', fn: (e: { key: string; id: string; reason: string }) => void): this;
+  off(event: 'evicted' | 'appended' | 'corrupt', fn: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
 }
 
 export interface MemoryOutboxOptions {

@@ -1,48 +1,126 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
+import { batchItemSize, encodeBatch } from './batch.ts';
 import type { Logger } from './log.ts';
-import type { Outbox } from './outbox.ts';
+import type { Outbox, OutboxRecord } from './outbox.ts';
+import { deviceTopic } from './topics.ts';
 
 export interface UplinkOptions {
   client: MqttClient;
   outbox: Outbox;
   log: Logger;
-  /** most QoS 1 publishes awaiting PUBACK at once */
+  /** the sending device: batches go to fleet/v1/d/{deviceId}/batch */
+  deviceId: string;
+  /** most publishes (single records or batches) awaiting PUBACK at once; default 16 */
   window?: number;
+  /** most records in one batch publish; 1 disables batching; default 256 */
+  batchMax?: number;
+  /** most bytes in one batch publish; default 128 KiB */
+  batchBytes?: number;
+  /** longest a record waits for others to share its publish, ms; default 20 */
+  batchDelayMs?: number;
+  /** records per second sent at most (token bucket, burst = one full batch); 0 = unlimited; default 2000 */
+  rate?: number;
+  now?: () => number;
+}
+
+export interface UplinkStats {
+  connected: boolean;
+  inFlight: number;
+  sentRecords: number;
+  publishes: number;
+  batches: number;
 }
 
 /**
- * Sends the outbox to the hub: QoS 1, a bounded in-flight window, and a record leaves
- * the outbox only after its PUBACK (at-least-once; the hub drops duplicates by mid).
+ * Sends the outbox to the hub (docs/outbox.md): QoS 1, a bounded window of publishes in
+ * flight, small records batched into one publish (by count, bytes and time), a record
+ * acked in the outbox only after the PUBACK of the publish that carried it
+ * (at-least-once; the hub drops duplicates by mid), and a token-bucket rate so that a
+ * thousand devices reconnecting at once drain their backlogs without flattening the hub.
  * Only pumps while connected, so nothing piles up in the MQTT client's memory.
  */
 export class Uplink extends EventEmitter {
-  private readonly inflight = new Set<string>();
-  private readonly window: number;
+  /** ids of records in flight, for peek to skip */
+  private readonly inflightIds = new Set<string>();
+  private inflightPublishes = 0;
   private pumping = false;
   /** a kick arrived while pumping: the pump's last peek may predate a new record */
   private again = false;
   private stopped = false;
-  sent = 0;
+  private timer: NodeJS.Timeout | null = null;
+  private tokens: number;
+  private tokensAt: number;
+  private readonly o: Required<Omit<UplinkOptions, 'client' | 'outbox' | 'log' | 'deviceId'>>;
+  private readonly batchTopic: string;
+  private readonly counters = { sentRecords: 0, publishes: 0, batches: 0 };
+  /**
+   * Bumped when the connection closes. What was in flight then is released at once (it
+   * stays in the outbox and goes again after the reconnect): mqtt.js may never call back for
+   * a QoS 1 publish it had in flight on a closed clean session, and a window that waits for
+   * those callbacks stays full forever. A late callback from an older connection still acks
+   * (acks are idempotent) but no longer touches the window.
+   */
+  private gen = 0;
 
   constructor(private readonly opts: UplinkOptions) {
     super();
-    this.window = opts.window ?? 32;
+    this.o = {
+      window: opts.window ?? 16,
+      batchMax: opts.batchMax ?? 256,
+      batchBytes: opts.batchBytes ?? 128 * 1024,
+      batchDelayMs: opts.batchDelayMs ?? 20,
+      rate: opts.rate ?? 2000,
+      now: opts.now ?? Date.now,
+    };
+    this.batchTopic = deviceTopic(opts.deviceId, 'batch');
+    this.tokens = this.burst();
+    this.tokensAt = this.o.now();
     opts.client.on('connect', this.kick);
+    opts.client.on('close', this.onClose);
     opts.outbox.on('appended', this.kick);
   }
+
+  private onClose = (): void => {
+    this.gen++;
+    this.inflightIds.clear();
+    this.inflightPublishes = 0;
+  };
 
   get connected(): boolean {
     return this.opts.client.connected;
   }
 
   get inFlight(): number {
-    return this.inflight.size;
+    return this.inflightIds.size;
+  }
+
+  stats(): UplinkStats {
+    return { connected: this.connected, inFlight: this.inflightIds.size, ...this.counters };
+  }
+
+  private burst(): number {
+    return Math.max(this.o.batchMax, 1);
+  }
+
+  private refill(): void {
+    if (this.o.rate <= 0) return;
+    const now = this.o.now();
+    this.tokens = Math.min(this.burst(), this.tokens + ((now - this.tokensAt) * this.o.rate) / 1000);
+    this.tokensAt = now;
   }
 
   private kick = (): void => {
     void this.pump();
   };
+
+  private wakeIn(ms: number): void {
+    if (this.timer || this.stopped) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.kick();
+    }, Math.max(1, Math.ceil(ms)));
+  }
 
   private async pump(): Promise<void> {
     if (this.stopped) return;
@@ -53,31 +131,29 @@ export class Uplink extends EventEmitter {
     this.pumping = true;
     try {
       this.again = false;
-      while (!this.stopped && this.opts.client.connected && this.inflight.size < this.window) {
-        const batch = await this.opts.outbox.peek(this.window - this.inflight.size, this.inflight);
-        if (batch.length === 0) {
+      while (!this.stopped && this.opts.client.connected && this.inflightPublishes < this.o.window) {
+        this.refill();
+        const allowance = this.o.rate > 0 ? Math.floor(this.tokens) : this.o.batchMax;
+        if (allowance < 1) {
+          this.wakeIn(((1 - this.tokens) * 1000) / this.o.rate);
+          break;
+        }
+        const recs = await this.opts.outbox.peek(Math.min(this.o.batchMax, allowance), this.inflightIds);
+        if (recs.length === 0) {
           // an append (or ack) during that peek may not be in its result: look once more
           if (!this.again) break;
           this.again = false;
           continue;
         }
-        for (const rec of batch) {
-          this.inflight.add(rec.id);
-          this.opts.client.publish(rec.topic, rec.payload, { qos: 1 }, (err) => {
-            if (err) {
-              this.inflight.delete(rec.id);
-              return; // stays in the outbox; sent again after reconnect
-            }
-            this.opts.outbox.ack([rec.id]).then(
-              () => {
-                this.inflight.delete(rec.id);
-                this.sent++;
-                this.kick();
-              },
-              (e: unknown) => this.opts.log.error('outbox ack failed', { err: e }),
-            );
-          });
+        // a lone record waits up to batchDelayMs for company, counted from its append
+        if (recs.length < this.o.batchMax && this.o.batchMax > 1 && allowance >= this.o.batchMax) {
+          const wait = Math.min(...recs.map((r) => r.ts)) + this.o.batchDelayMs - this.o.now();
+          if (wait > 0) {
+            this.wakeIn(wait);
+            break;
+          }
         }
+        this.send(this.fitBytes(recs));
       }
     } catch (err) {
       this.opts.log.error('uplink pump failed', { err });
@@ -86,9 +162,62 @@ export class Uplink extends EventEmitter {
     }
   }
 
+  /** The longest prefix that fits batchBytes (always at least one record). */
+  private fitBytes(recs: OutboxRecord[]): OutboxRecord[] {
+    let size = 2;
+    let n = 0;
+    for (const r of recs) {
+      size += batchItemSize(r.topic, r.payload);
+      if (n > 0 && size > this.o.batchBytes) break;
+      n++;
+    }
+    return recs.slice(0, n);
+  }
+
+  private send(recs: OutboxRecord[]): void {
+    const ids = recs.map((r) => r.id);
+    const gen = this.gen;
+    for (const id of ids) this.inflightIds.add(id);
+    this.inflightPublishes++;
+    if (this.o.rate > 0) this.tokens -= recs.length;
+    const single = recs.length === 1;
+    const topic = single ? recs[0]!.topic : this.batchTopic;
+    const payload = single ? recs[0]!.payload : encodeBatch(recs);
+    this.opts.client.publish(topic, payload, { qos: 1 }, (err) => {
+      if (err) {
+        // stays in the outbox; sent again after reconnect
+        this.release(ids, gen);
+        return;
+      }
+      this.opts.outbox.ack(ids).then(
+        () => {
+          this.release(ids, gen);
+          this.counters.sentRecords += ids.length;
+          this.counters.publishes++;
+          if (!single) this.counters.batches++;
+          this.emit('sent', ids.length);
+          this.kick();
+        },
+        (e: unknown) => {
+          this.release(ids, gen);
+          this.opts.log.error('outbox ack failed', { err: e });
+        },
+      );
+    });
+  }
+
+  private release(ids: string[], gen: number): void {
+    if (gen !== this.gen) return; // released when its connection closed
+    for (const id of ids) this.inflightIds.delete(id);
+    this.inflightPublishes--;
+  }
+
   stop(): void {
     this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
     this.opts.client.off('connect', this.kick);
+    this.opts.client.off('close', this.onClose);
     this.opts.outbox.off('appended', this.kick);
   }
 }

@@ -2,6 +2,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { defaultStateDir } from '../core/config.ts';
 import { DEVICE_ID_RE } from '../core/topics.ts';
+import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/outbox-config.ts';
 
 const port = z.number().int().min(0).max(65535);
 
@@ -23,10 +24,7 @@ export const GatewayConfigSchema = z
         tokenFile: z.string().min(1).optional(),
         /** MQTT keep-alive, seconds; the hub marks the gateway offline about 1.5x this after it goes silent */
         keepaliveS: z.number().int().min(1).max(3600).default(30),
-        /** delay between reconnect attempts, ms */
-        reconnectMs: z.number().int().min(100).max(300_000).default(1000),
-        /** most QoS 1 publishes awaiting PUBACK */
-        window: z.number().int().min(1).max(1000).default(32),
+        ...reconnectKeys,
       })
       .strict()
       .prefault({}),
@@ -56,13 +54,9 @@ export const GatewayConfigSchema = z
       })
       .strict()
       .prefault({}),
-    outbox: z
-      .object({
-        /** byte budget of the store-and-forward queue towards the hub */
-        maxBytes: z.number().int().min(64 * 1024).default(64 * 1024 * 1024),
-      })
-      .strict()
-      .prefault({}),
+    /** the durable store-and-forward queue towards the hub, under <stateDir>/outbox */
+    outbox: OutboxConfigSchema.prefault({}),
+    uplink: UplinkConfigSchema.prefault({}),
     /** how often changed replay counters and the MCU list are written to stateDir, ms */
     stateFlushMs: z.number().int().min(50).max(60_000).default(2000),
   })

@@ -1,9 +1,12 @@
 import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
 import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
-import { MemoryOutbox, type OutboxStats } from '../core/outbox.ts';
+import type { OutboxStats } from '../core/outbox.ts';
+import { LevelOutbox } from '../core/outbox-level.ts';
+import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
 import { ReplayGuard } from '../firmware-bridge/auth.ts';
 import { McuCoapIngress } from './coap-ingress.ts';
@@ -68,8 +71,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const restored = guard.restore(persisted.replay);
   if (restored.skipped > 0) log.warn('skipped malformed replay counters in the state file', { file: paths.stateFile, skipped: restored.skipped });
 
-  const outbox = new MemoryOutbox({ maxBytes: config.outbox.maxBytes });
+  setNativeDir(config.stateDir);
+  const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), config.outbox);
   outbox.on('evicted', (e) => log.warn('outbox over budget; evicted oldest records', { ...e }));
+  outbox.on('corrupt', (e) => log.error('outbox record damaged on disk; skipped', e));
   const client = connectFleetClient({
     url: config.hub.url,
     deviceId: config.deviceId,
@@ -78,6 +83,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     version,
     keepalive: config.hub.keepaliveS,
     reconnectMs: config.hub.reconnectMs,
+    reconnectMaxMs: config.hub.reconnectMaxMs,
   });
   let hubWasConnected = false;
   client.on('connect', () => {
@@ -91,7 +97,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   });
   client.on('error', (err) => log.warn('hub connection error', { url: config.hub.url, err }));
 
-  const relay = new Relay({ gatewayId: config.deviceId, client, outbox, log, maxMcus: config.mcu.maxMcus, lostAfterMs: config.mcu.lostAfterMs, uplinkWindow: config.hub.window });
+  const relay = new Relay({ gatewayId: config.deviceId, client, outbox, log, maxMcus: config.mcu.maxMcus, lostAfterMs: config.mcu.lostAfterMs, uplink: config.uplink });
   relay.restore(persisted.mcus);
 
   const hooks: IngressHooks = {

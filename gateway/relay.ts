@@ -6,6 +6,7 @@ import { encodeMessage, type GatewayRegistration, type Sample, type StateMessage
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
 import { deviceTopic, parseTopic } from '../core/topics.ts';
 import { Uplink } from '../core/uplink.ts';
+import type { UplinkConfig } from '../core/outbox-config.ts';
 
 export type McuProtocol = 'mqtt' | 'coap';
 
@@ -19,8 +20,8 @@ export interface RelayOptions {
   maxMcus: number;
   /** fixed silence after which an MCU is reported offline, ms; unset = 3x its observed interval, or 60 s */
   lostAfterMs?: number | undefined;
-  /** most QoS 1 publishes to the hub awaiting PUBACK */
-  uplinkWindow?: number;
+  /** uplink tuning (window, batching, rate) */
+  uplink?: Partial<UplinkConfig>;
   now?: () => number;
 }
 
@@ -87,7 +88,7 @@ export class Relay {
     opts.client.on('connect', this.onConnect);
     opts.client.on('close', this.onClose);
     this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush());
-    this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, ...(opts.uplinkWindow ? { window: opts.uplinkWindow } : {}) });
+    this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
     this.sweepTimer = setInterval(this.sweep, sweepMs);
   }
@@ -240,7 +241,7 @@ export class Relay {
   }
 
   get uplinkSent(): number {
-    return this.uplink.sent;
+    return this.uplink.stats().sentRecords;
   }
 
   counts(): { mcus: number; online: number; byProtocol: Record<McuProtocol, number> } {

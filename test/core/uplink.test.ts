@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import mqtt from 'mqtt';
 import { deriveToken } from '../../core/credentials.ts';
+import { encodeMessage } from '../../core/messages.ts';
 import { connectFleetClient } from '../../core/mqtt.ts';
 import { MemoryOutbox, Priority, type OutboxRecord } from '../../core/outbox.ts';
 import { deviceTopic } from '../../core/topics.ts';
@@ -30,19 +31,19 @@ test('uplink: a record appended while a peek is in flight is still sent (no stra
   const consumer = await mqtt.connectAsync(url, { username: 'operator', password: readFileSync(hub.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 0 });
   const got: string[] = [];
   await consumer.subscribeAsync(deviceTopic('dev-u', 'events'), { qos: 1 });
-  consumer.on('message', (_t, p) => got.push(p.toString()));
+  consumer.on('message', (_t, p) => got.push((JSON.parse(p.toString()) as { type: string }).type));
 
   const outbox = new StalePeekOutbox();
   const client = connectFleetClient({ url, deviceId: 'dev-u', token: deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'dev-u'), kind: 'agent', version: '1', keepalive: 10 });
   // the pump started by 'connect' peeks an empty outbox; the append lands during that peek
   outbox.onPeek = async () => {
-    await outbox.append({ topic: deviceTopic('dev-u', 'events'), priority: Priority.ALERT, payload: Buffer.from('late') });
+    await outbox.append({ topic: deviceTopic('dev-u', 'events'), priority: Priority.ALERT, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type: 'late', severity: 'info' }) });
   };
-  const uplink = new Uplink({ client, outbox, log: testLogger() });
+  const uplink = new Uplink({ client, outbox, log: testLogger(), deviceId: 'dev-u', batchDelayMs: 0 });
   try {
     await waitFor(() => got.includes('late'), 'the late record at the consumer', 5000);
     await waitFor(() => outbox.stats().depth === 0, 'outbox drained after PUBACK');
-    assert.equal(uplink.sent, 1);
+    assert.equal(uplink.stats().sentRecords, 1);
   } finally {
     uplink.stop();
     await client.endAsync(true);

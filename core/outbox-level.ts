@@ -1,0 +1,464 @@
+import { EventEmitter } from 'node:events';
+import { statfsSync } from 'node:fs';
+import type { Level } from 'level';
+import { crc32 } from './crc32.ts';
+import { FleetError } from './errors.ts';
+import { PRIORITY_NAMES, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxEntry, type OutboxRecord, type OutboxStats, type Priority } from './outbox.ts';
+import { openStore } from './store.ts';
+
+/**
+ * The durable outbox on LevelDB (docs/outbox.md). Same contract as MemoryOutbox
+ * (test/core/outbox-contract.ts runs against both), plus:
+ *
+ * - append() resolves only after its record is on disk: appends that arrive together are
+ *   written as one LevelDB batch with sync (group commit), so many producers share one fsync;
+ * - every record carries a CRC-32; a record that fails it is skipped, deleted and reported
+ *   ('corrupt' event), and everything else is still delivered;
+ * - the id sequence and the per-class counts/bytes are written in the same atomic batch as
+ *   the records, so after kill -9 they agree with what is on disk;
+ * - a free-space reserve: when the file system holding the store runs low, the budget
+ *   shrinks to what is stored now, so eviction makes room before LevelDB meets ENOSPC
+ *   (LevelDB's write error is sticky until reopen).
+ *
+ * Keys: `r<class><seq as 16 hex digits>` (records sort by class, then age), `m:seq`, `m:stats`.
+ * Value: crc32(u32, over the rest) | version u8 | class u8 | ts u48 | topicLen u16 | topic | payload.
+ */
+const HEADER = 4 + 1 + 1 + 6 + 2;
+const VERSION = 1;
+const SEQ_KEY = 'm:seq';
+/** how many recently deleted ids peek remembers to skip */
+const DELETED_MEMORY = 65_536;
+const STATS_KEY = 'm:stats';
+
+export interface LevelOutboxOptions {
+  /** byte budget (topic + payload bytes of stored records); default 256 MiB */
+  maxBytes?: number;
+  /** keep at least this much free on the store's file system; default 64 MiB (0 disables) */
+  minFreeBytes?: number;
+  now?: () => number;
+  /** free bytes of the store's file system; injectable for tests */
+  freeBytes?: (dir: string) => number;
+}
+
+interface Persisted {
+  count: [number, number, number];
+  bytes: [number, number, number];
+  evicted: number;
+  corrupt: number;
+}
+
+type Op =
+  | { kind: 'append'; input: OutboxAppend; resolve: (r: OutboxRecord) => void; reject: (e: unknown) => void }
+  | { kind: 'ack'; ids: readonly string[]; resolve: () => void; reject: (e: unknown) => void }
+  | { kind: 'drop'; key: string; bytes: number; resolve: () => void; reject: (e: unknown) => void };
+
+const key = (cls: number, seq: bigint) => `r${cls}${seq.toString(16).padStart(16, '0')}`;
+const recordBytes = (e: OutboxEntry) => e.payload.length + Buffer.byteLength(e.topic);
+
+export function encodeRecord(rec: OutboxRecord): Buffer {
+  const topic = Buffer.from(rec.topic);
+  const buf = Buffer.allocUnsafe(HEADER + topic.length + rec.payload.length);
+  buf[4] = VERSION;
+  buf[5] = rec.priority;
+  buf.writeUIntBE(rec.ts, 6, 6);
+  buf.writeUInt16BE(topic.length, 12);
+  topic.copy(buf, HEADER);
+  rec.payload.copy(buf, HEADER + topic.length);
+  buf.writeUInt32BE(crc32(buf, 4), 0);
+  return buf;
+}
+
+/** Decode a stored value; throws with the reason when it is damaged. */
+export function decodeRecord(k: string, buf: Buffer): OutboxRecord {
+  if (buf.length < HEADER) throw new Error('shorter than the header');
+  if (buf.readUInt32BE(0) !== crc32(buf, 4)) throw new Error('checksum mismatch');
+  if (buf[4] !== VERSION) throw new Error(`unknown record version ${buf[4]}`);
+  const priority = buf[5]!;
+  if (priority > 2 || String(priority) !== k[1]) throw new Error('class does not match its key');
+  const tl = buf.readUInt16BE(12);
+  if (HEADER + tl > buf.length) throw new Error('topic runs past the end');
+  return {
+    id: BigInt(`0x${k.slice(2)}`).toString(),
+    priority: priority as Priority,
+    ts: buf.readUIntBE(6, 6),
+    topic: buf.toString('utf8', HEADER, HEADER + tl),
+    payload: Buffer.from(buf.subarray(HEADER + tl)),
+  };
+}
+
+function defaultFreeBytes(dir: string): number {
+  const s = statfsSync(dir);
+  return s.bavail * s.bsize;
+}
+
+export class LevelOutbox extends EventEmitter implements Outbox {
+  private readonly queue: Op[] = [];
+  private writing = false;
+  private closed = false;
+  /** ids handed out by peek → where they live, so ack can find them */
+  private readonly known = new Map<string, { k: string; bytes: number; cls: number }>();
+  /** oldest record time per class (refreshed after writes) */
+  private readonly heads: Array<number | null> = [null, null, null];
+  private counters = { appended: 0, acked: 0 };
+  /**
+   * Ids deleted (acked, evicted, dropped) lately. A peek reads from an iterator snapshot, so
+   * it can return a record that a concurrent batch is deleting; peek skips these ids, and
+   * ack checks that a record still exists before it counts it (no double count, ever).
+   */
+  private readonly deleted = new Set<string>();
+  /** ring buffer of the same ids, oldest first from `deletedNext` (Array.shift is O(n)) */
+  private readonly deletedRing: Array<string | undefined> = new Array<string | undefined>(DELETED_MEMORY);
+  private deletedNext = 0;
+  /**
+   * Lowest stored key per class. Keys only grow (ids are monotonic), so every key below it
+   * is deleted: seeking from here skips the tombstones of acked records that LevelDB has
+   * not compacted yet, which a seek from the class start would walk again every time.
+   */
+  private readonly headKey: Array<string | null> = [null, null, null];
+  private freeCheckedAt = 0;
+  private bytesAtCheck = 0;
+  private lowOnDisk = false;
+  private readonly maxBytes: number;
+  private readonly minFree: number;
+  private readonly now: () => number;
+  private readonly freeBytes: (dir: string) => number;
+
+  private constructor(
+    private readonly db: Level<string, Buffer>,
+    private readonly dir: string,
+    private seq: bigint,
+    private readonly st: Persisted,
+    opts: LevelOutboxOptions,
+  ) {
+    super();
+    this.maxBytes = opts.maxBytes ?? 256 * 1024 * 1024;
+    this.minFree = opts.minFreeBytes ?? 64 * 1024 * 1024;
+    this.now = opts.now ?? Date.now;
+    this.freeBytes = opts.freeBytes ?? defaultFreeBytes;
+  }
+
+  static async open(dir: string, opts: LevelOutboxOptions = {}): Promise<LevelOutbox> {
+    const db = await openStore<Buffer>(dir, 'buffer');
+    try {
+      const seqBuf = await db.get(SEQ_KEY);
+      // a fresh store starts from the clock, so ids stay monotonic even if the store is wiped
+      const seq = seqBuf ? BigInt(seqBuf.toString()) : BigInt(Date.now()) * 1000n;
+      const statsBuf = await db.get(STATS_KEY);
+      const st = statsBuf ? (JSON.parse(statsBuf.toString()) as Persisted) : await LevelOutbox.rebuildStats(db);
+      const ob = new LevelOutbox(db, dir, seq, st, opts);
+      await ob.refreshHeads();
+      return ob;
+    } catch (err) {
+      await db.close().catch(() => undefined);
+      throw new FleetError('FLEET_STORE', `cannot open outbox ${dir}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** Counts from the records themselves (a store written before stats existed, or damaged stats). */
+  private static async rebuildStats(db: Level<string, Buffer>): Promise<Persisted> {
+    const st: Persisted = { count: [0, 0, 0], bytes: [0, 0, 0], evicted: 0, corrupt: 0 };
+    for await (const [k, v] of db.iterator({ gte: 'r', lt: 's' })) {
+      const cls = Number(k[1]);
+      if (!(cls >= 0 && cls <= 2)) continue;
+      st.count[cls]!++;
+      st.bytes[cls]! += Math.max(0, v.length - HEADER);
+    }
+    return st;
+  }
+
+  append(input: OutboxAppend): Promise<OutboxRecord> {
+    return new Promise((resolve, reject) => this.enqueue({ kind: 'append', input, resolve, reject }));
+  }
+
+  ack(ids: readonly string[]): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ kind: 'ack', ids, resolve, reject }));
+  }
+
+  private enqueue(op: Op): void {
+    if (this.closed) {
+      op.reject(new FleetError('FLEET_STORE', 'outbox is closed'));
+      return;
+    }
+    this.queue.push(op);
+    if (!this.writing) {
+      this.writing = true;
+      // let the appends of this turn of the event loop join the same batch
+      setImmediate(() => void this.writeLoop());
+    }
+  }
+
+  private async writeLoop(): Promise<void> {
+    try {
+      while (this.queue.length > 0) await this.writeBatch(this.queue.splice(0, this.queue.length));
+    } finally {
+      this.writing = false;
+      if (this.queue.length > 0 && !this.closed) {
+        this.writing = true;
+        setImmediate(() => void this.writeLoop());
+      }
+    }
+  }
+
+  private budget(): number {
+    if (this.minFree <= 0) return this.maxBytes;
+    const now = this.now();
+    // look again every second, or sooner when much was written since (a fast fill must not
+    // overshoot the reserve between two looks)
+    if (now - this.freeCheckedAt > 1000 || this.totalBytes() - this.bytesAtCheck > this.minFree / 8) {
+      this.freeCheckedAt = now;
+      this.bytesAtCheck = this.totalBytes();
+      try {
+        this.lowOnDisk = this.freeBytes(this.dir) < this.minFree;
+      } catch {
+        this.lowOnDisk = false;
+      }
+    }
+    // low on disk: hold at what is stored now, so new records must evict old ones
+    return this.lowOnDisk ? Math.min(this.maxBytes, this.totalBytes()) : this.maxBytes;
+  }
+
+  private totalBytes(): number {
+    return this.st.bytes[0] + this.st.bytes[1] + this.st.bytes[2];
+  }
+
+  /** One atomic LevelDB batch for a group of operations; appends make it a synced write. */
+  private async writeBatch(ops: Op[]): Promise<void> {
+    const writes: Array<{ type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string }> = [];
+    const batch = {
+      put: (k: string, value: Buffer) => writes.push({ type: 'put', key: k, value }),
+      del: (k: string) => writes.push({ type: 'del', key: k }),
+    };
+    const st: Persisted = { count: [...this.st.count], bytes: [...this.st.bytes], evicted: this.st.evicted, corrupt: this.st.corrupt };
+    let seq = this.seq;
+    let sync = false;
+    const ev: EvictionEvent = { evicted: 0, bytes: 0, byClass: {} };
+    const done: Array<() => void> = [];
+    const failed: Array<(e: unknown) => void> = [];
+    // records of this batch per class, oldest first: eviction may have to take them too
+    const fresh: Array<Array<{ k: string; bytes: number; id: string }>> = [[], [], []];
+    const gone = new Set<string>();
+    const deletedNow: string[] = [];
+    const budget = this.budget();
+    // cursors over stored records, oldest first, for eviction
+    const stored: Array<{ list: Array<{ k: string; bytes: number; id: string }>; next: string | null; started: boolean }> = [0, 1, 2].map(() => ({ list: [], next: null, started: false }));
+
+    const takeOldest = async (c: number): Promise<{ k: string; bytes: number; id: string } | null> => {
+      const cur = stored[c]!;
+      for (;;) {
+        while (cur.list.length > 0) {
+          const v = cur.list.shift()!;
+          if (!gone.has(v.k)) return v;
+        }
+        if (cur.started && cur.next === null) break;
+        const page: Array<{ k: string; bytes: number; id: string }> = [];
+        const from = cur.started ? { gt: cur.next! } : this.from(c);
+        cur.started = true;
+        for await (const [k, v] of this.db.iterator({ ...from, lt: `r${c + 1}`, limit: 256 })) {
+          page.push({ k, bytes: Math.max(0, v.length - HEADER), id: BigInt(`0x${k.slice(2)}`).toString() });
+        }
+        cur.next = page.length === 256 ? page[page.length - 1]!.k : null;
+        cur.list.push(...page);
+      }
+      const f = fresh[c]!.find((x) => !gone.has(x.k));
+      return f ?? null;
+    };
+
+    const makeRoom = async (size: number, priority: number): Promise<void> => {
+      while (st.bytes[0] + st.bytes[1] + st.bytes[2] + size > budget) {
+        let c = 2;
+        while (c >= 0 && st.count[c] === 0) c--;
+        if (c < 0 || c < priority) {
+          throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${budget} bytes reached${this.lowOnDisk ? ' (disk low)' : ''}; nothing of lower priority left to evict`);
+        }
+        const victim = await takeOldest(c);
+        if (!victim) throw new FleetError('FLEET_INTERNAL', `outbox counts say class ${c} has records but none was found`);
+        gone.add(victim.k);
+        deletedNow.push(victim.id);
+        batch.del(victim.k);
+        this.known.delete(victim.id);
+        st.count[c]!--;
+        st.bytes[c]! -= victim.bytes;
+        st.evicted++;
+        ev.evicted++;
+        ev.bytes += victim.bytes;
+        const name = PRIORITY_NAMES[c as Priority];
+        ev.byClass[name] = (ev.byClass[name] ?? 0) + 1;
+      }
+    };
+
+    for (const op of ops) {
+      try {
+        if (op.kind === 'append') {
+          const id = seq.toString();
+          const payload = typeof op.input.payload === 'function' ? op.input.payload(id) : op.input.payload;
+          const rec: OutboxRecord = { id, topic: op.input.topic, payload, priority: op.input.priority, ts: this.now() };
+          const size = recordBytes(rec);
+          if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
+          await makeRoom(size, rec.priority);
+          const k = key(rec.priority, seq);
+          seq++;
+          batch.put(k, encodeRecord(rec));
+          fresh[rec.priority]!.push({ k, bytes: size, id });
+          st.count[rec.priority]!++;
+          st.bytes[rec.priority]! += size;
+          sync = true;
+          done.push(() => op.resolve(rec));
+          failed.push(op.reject);
+        } else if (op.kind === 'ack') {
+          let removed = 0;
+          const candidates = op.ids.filter((id) => !this.deleted.has(id));
+          // only what is still stored counts: the same id may be acked twice (a resend after a stale peek)
+          for (const where of await this.locateMany(candidates)) {
+            if (gone.has(where.k)) continue;
+            gone.add(where.k);
+            deletedNow.push(where.id);
+            batch.del(where.k);
+            st.count[where.cls]!--;
+            st.bytes[where.cls]! -= where.bytes;
+            removed++;
+          }
+          done.push(() => {
+            for (const id of op.ids) this.known.delete(id);
+            this.counters.acked += removed;
+            op.resolve();
+          });
+          failed.push(op.reject);
+        } else {
+          if (!gone.has(op.key) && (await this.db.get(op.key)) !== undefined) {
+            gone.add(op.key);
+            deletedNow.push(BigInt(`0x${op.key.slice(2)}`).toString());
+            batch.del(op.key);
+            const cls = Number(op.key[1]);
+            st.count[cls] = Math.max(0, st.count[cls]! - 1);
+            st.bytes[cls] = Math.max(0, st.bytes[cls]! - op.bytes);
+            st.corrupt++;
+          }
+          done.push(op.resolve);
+          failed.push(op.reject);
+        }
+      } catch (err) {
+        op.reject(err);
+      }
+    }
+    if (done.length === 0) return;
+    // hidden from peeks from now on; shown again if the write fails
+    for (const id of deletedNow) this.markDeleted(id);
+    batch.put(SEQ_KEY, Buffer.from(seq.toString()));
+    batch.put(STATS_KEY, Buffer.from(JSON.stringify(st)));
+    try {
+      // sync only when the batch carries appends: an ack lost in a crash means a resend, which the hub drops
+      await this.db.batch(writes, { sync });
+    } catch (err) {
+      for (const id of deletedNow) this.deleted.delete(id);
+      const fe = new FleetError('FLEET_STORE', `outbox write failed: ${(err as Error).message}`, { cause: err });
+      for (const reject of failed) reject(fe);
+      return;
+    }
+    this.seq = seq;
+    Object.assign(this.st, st);
+    for (const fn of done) fn();
+    const appended = ops.filter((o) => o.kind === 'append').length;
+    this.counters.appended += appended;
+    if (ev.evicted > 0) this.emit('evicted', ev);
+    await this.refreshHeads();
+    if (appended > 0) this.emit('appended');
+  }
+
+  private markDeleted(id: string): void {
+    if (this.deleted.has(id)) return;
+    const old = this.deletedRing[this.deletedNext];
+    if (old !== undefined) this.deleted.delete(old);
+    this.deletedRing[this.deletedNext] = id;
+    this.deletedNext = (this.deletedNext + 1) % DELETED_MEMORY;
+    this.deleted.add(id);
+  }
+
+  /** Where a scan of class `c` starts: its lowest stored key, or the class start. */
+  private from(c: number): { gte: string } | { gt: string } {
+    const h = this.headKey[c];
+    return h ? { gte: h } : { gt: `r${c}` };
+  }
+
+  /** The stored records among `ids` (one read for all), with their key, size and class. */
+  private async locateMany(ids: readonly string[]): Promise<Array<{ id: string; k: string; bytes: number; cls: number }>> {
+    const keys: string[] = [];
+    const meta: Array<{ id: string; cls: number }> = [];
+    for (const id of ids) {
+      if (!/^[0-9]{1,20}$/.test(id)) continue;
+      const known = this.known.get(id);
+      // a peeked id's class is known; otherwise (ack after a restart) try all three
+      for (const cls of known ? [known.cls] : [0, 1, 2]) {
+        keys.push(key(cls, BigInt(id)));
+        meta.push({ id, cls });
+      }
+    }
+    if (keys.length === 0) return [];
+    const values = await this.db.getMany(keys);
+    const out: Array<{ id: string; k: string; bytes: number; cls: number }> = [];
+    values.forEach((v, i) => {
+      if (v !== undefined) out.push({ ...meta[i]!, k: keys[i]!, bytes: Math.max(0, v.length - HEADER) });
+    });
+    return out;
+  }
+
+  private async refreshHeads(): Promise<void> {
+    for (let c = 0; c < 3; c++) {
+      if (this.st.count[c] === 0) {
+        this.heads[c] = null;
+        continue;
+      }
+      for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit: 1 })) {
+        this.headKey[c] = k;
+        this.heads[c] = v.length >= HEADER ? v.readUIntBE(6, 6) : null;
+      }
+    }
+  }
+
+  async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
+    const out: OutboxRecord[] = [];
+    for (let c = 0; c < 3 && out.length < max; c++) {
+      if (this.st.count[c] === 0) continue;
+      const limit = max - out.length + (exclude?.size ?? 0);
+      for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
+        if (out.length >= max) break;
+        const id = BigInt(`0x${k.slice(2)}`).toString();
+        if (exclude?.has(id) || this.deleted.has(id)) continue;
+        let rec: OutboxRecord;
+        try {
+          rec = decodeRecord(k, v);
+        } catch (err) {
+          this.emit('corrupt', { key: k, id, reason: (err as Error).message });
+          void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
+          continue;
+        }
+        this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
+        out.push(rec);
+      }
+    }
+    return out;
+  }
+
+  stats(): OutboxStats {
+    const depthByClass: Record<string, number> = {};
+    this.st.count.forEach((n, c) => (depthByClass[PRIORITY_NAMES[c as Priority]] = n));
+    const oldest = this.heads.reduce<number | null>((a, h) => (h === null ? a : a === null ? h : Math.min(a, h)), null);
+    const depth = this.st.count[0] + this.st.count[1] + this.st.count[2];
+    return {
+      depth,
+      bytes: this.totalBytes(),
+      depthByClass,
+      oldestAgeMs: depth && oldest !== null ? Math.max(0, this.now() - oldest) : 0,
+      evicted: this.st.evicted,
+      corrupt: this.st.corrupt,
+      ...this.counters,
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    // finish what was accepted, then refuse more
+    while (this.writing || this.queue.length > 0) await new Promise((r) => setImmediate(r));
+    this.closed = true;
+    await this.db.close();
+  }
+}
