@@ -9,6 +9,8 @@ declare module 'aedes-persistence-level' {
     /** record the messageId a queued packet is being delivered under */
     outgoingUpdate(client: { id: string | null }, packet: object): Promise<unknown>;
     createRetainedStreamCombi(patterns: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
+    /** forget the queued packet a PUBACK acknowledged; resolves with it, or undefined */
+    outgoingClearMessageId(client: { id: string | null; clean?: boolean }, packet: { messageId?: number }): Promise<unknown>;
     /** a durable client's queue: packets not delivered yet, and delivered but not acknowledged */
     outgoingStream(client: { id: string | null }): Readable;
   }
