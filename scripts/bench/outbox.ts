@@ -48,6 +48,8 @@ import { Uplink } from '../../core/uplink.ts';
 const THIS_FILE = fileURLToPath(import.meta.url);
 const REPO = resolve(THIS_FILE, '../../..');
 const DEVICE = 'bench';
+/** publishes in flight (the product default is core/outbox-config.ts uplink.window); BENCH_UPLINK_WINDOW overrides for A/B runs */
+const UPLINK_WINDOW = Number(process.env.BENCH_UPLINK_WINDOW ?? 16);
 const TOPIC = `fleet/v1/d/${DEVICE}/telemetry`;
 const PRODUCERS = 256;
 const MB = 1e6;
@@ -642,7 +644,7 @@ async function drain(broker: Broker, ob: Outbox, n: number, batchMax: number, ti
       });
     });
     client!.on('error', (err) => progress(`  device client error: ${err.message}`));
-    uplink = new Uplink({ client: client!, outbox: ob, log: benchLogger('bench-uplink'), deviceId: DEVICE, rate: 0, batchDelayMs: 0, window: 16, batchMax });
+    uplink = new Uplink({ client: client!, outbox: ob, log: benchLogger('bench-uplink'), deviceId: DEVICE, rate: 0, batchDelayMs: 0, window: UPLINK_WINDOW, batchMax });
     uplink.on('sent', check);
     await bounded(connected, 15_000, 'device connect');
 
