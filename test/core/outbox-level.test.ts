@@ -99,12 +99,14 @@ test('LevelOutbox: low disk space makes new records evict old ones by policy; al
   }
 });
 
-test('LevelOutbox: kill -9 of the writer during a flood loses nothing whose append had returned; all of it reaches a consumer at the hub', { timeout: 120_000 }, async () => {
+test('LevelOutbox: kill -9 of the writer during a flood loses nothing whose append had returned; all of it reaches a consumer at the hub', { timeout: 120_000 }, async (t) => {
   const tmp = tempDir();
+  t.after(() => tmp.cleanup()); // also when the flood phase fails before the hub starts
   const store = `${tmp.dir}/outbox`;
   const child = spawn(process.execPath, ['--import', 'tsx', 'test/fixtures/outbox-flood.ts', store], { stdio: ['ignore', 'pipe', 'inherit'] });
   const returned: string[] = [];
   let ready = false;
+  t.after(() => void child.kill('SIGKILL'));
   createInterface({ input: child.stdout }).on('line', (l) => (l === 'ready' ? (ready = true) : returned.push(l)));
   await waitFor(() => ready && returned.length >= 5000, 'the flood under way', 60_000);
   child.kill('SIGKILL');
