@@ -1,0 +1,42 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { AgentConfigSchema } from '../../agent/config.ts';
+import { startAgent } from '../../agent/index.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { startHub } from '../../hub/index.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+
+/** Prometheus's own linter (Debian `prometheus`, installed by .ci/run) on our /metrics pages. */
+function promtool(text: string): { status: number | null; out: string } {
+  const r = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8' });
+  if (r.error) throw r.error; // promtool missing is a failure, not a skip
+  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+test('promtool accepts the hub and agent /metrics pages', { timeout: 60_000 }, async () => {
+  const tmp = tempDir();
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: `${tmp.dir}/hub` }), testLogger('hub'));
+  const agent = await startAgent(
+    AgentConfigSchema.parse({ deviceId: 'prom-1', stateDir: `${tmp.dir}/agent`, api: { port: 0 }, metrics: { sampleMs: 100, publishMs: 200 }, apps: [{ name: 'sleeper', command: '/bin/sleep', args: ['30'] }] }),
+    testLogger('agent'),
+    '1.0.0',
+  );
+  try {
+    await waitFor(() => agent.supervisor.apps.get('sleeper')?.state === 'running', 'app running');
+    for (const url of [`http://127.0.0.1:${hub.httpPort}/metrics`, `http://127.0.0.1:${agent.apiPort}/metrics`]) {
+      const res = await fetch(url);
+      assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+      const text = await res.text();
+      assert.ok(text.length > 100, url);
+      const r = promtool(text);
+      assert.equal(r.status, 0, `${url}: ${r.out}`);
+      // and the linter does fail on a bad page, so the check above means something
+      assert.notEqual(promtool(`${text}# TYPE broken_total counter\nbroken_total{a="1"} x\n`).status, 0);
+    }
+  } finally {
+    await agent.stop();
+    await hub.stop();
+    tmp.cleanup();
+  }
+});
