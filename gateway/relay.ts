@@ -174,6 +174,11 @@ export class Relay {
     this.connGen++;
     this.registeredUpTo = 0;
     this.registerInFlight = false;
+    // the hub marks our MCUs offline while we are away (our last will): say again which are up
+    const now = this.now();
+    for (const [id, e] of this.mcus) {
+      if (e.online && !this.pendingState.has(id)) this.pendingState.set(id, encodeMessage({ v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId } satisfies StateMessage));
+    }
     // the full list again on every connection: cheap, and it makes a hub that lost its
     // retained messages whole again
     this.flush();

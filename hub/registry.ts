@@ -84,6 +84,18 @@ export class Registry extends EventEmitter {
     else delete rec.reason;
     this.touch(rec);
     if (changed) this.emit('state', rec);
+    // MCUs reached only through this gateway cannot be online while it is not; the gateway
+    // reports them online again when it is back (gateway/relay.ts onConnect)
+    if (msg.kind === 'gateway' && !msg.online) {
+      for (const d of this.devices.values()) {
+        if (d.kind !== 'mcu' || d.via !== id || !d.online) continue;
+        d.online = false;
+        d.since = rec.lastSeen;
+        d.reason = 'gateway offline';
+        this.touch(d);
+        this.emit('state', d);
+      }
+    }
   }
 
   onTelemetry(id: string, msg: TelemetryBatch): void {

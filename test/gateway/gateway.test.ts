@@ -358,3 +358,19 @@ test('gateway: bad config is refused naming the key; missing token file is a cle
     tmp.cleanup();
   }
 });
+
+test('gateway: when its hub connection dies its MCUs go offline at the hub, and come back online when it reconnects', async () => {
+  await withEnv(async ({ hub, gw, site }) => {
+    const mcu = await connectMcu(gw.mqttPort, 'esp-gone', mcuKey(site, 'esp-gone'));
+    await mcu.publishAsync(mcuTopic('esp-gone', 't'), Buffer.from(encodeSenmlJson([{ n: 'temp', v: 21, t: Date.now() }])), { qos: 1 });
+    await waitFor(() => hub.registry.get('esp-gone')?.online === true, 'MCU online via the gateway');
+    // cut the gateway's connection at the hub without a DISCONNECT: its last will fires
+    const clients = (hub.broker.aedes as unknown as { clients: Record<string, { conn: { destroy(): void } }> }).clients;
+    clients['gw-1']!.conn.destroy();
+    await waitFor(() => hub.registry.get('esp-gone')?.online === false, 'MCU offline with its gateway');
+    assert.equal(hub.registry.get('esp-gone')?.reason, 'gateway offline');
+    // the gateway reconnects by itself and says again which MCUs are up; the MCU said nothing new
+    await waitFor(() => hub.registry.get('gw-1')?.online === true && hub.registry.get('esp-gone')?.online === true, 'MCU online again after the gateway reconnected', 10_000);
+    await mcu.endAsync();
+  });
+});
