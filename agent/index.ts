@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { MqttClient } from 'mqtt';
 import si from 'systeminformation';
 import { listenHttp, type Listening, type TokenRole } from '../core/http.ts';
+import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
 import { CommandSchema, decodeMessage, encodeMessage, type CommandReply, type DesiredState, type EventMessage, type LogBatch, type Sample } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
@@ -215,13 +216,12 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     inventory,
     apps: supervisor.status(),
   });
-  const loopback = config.api.host === '127.0.0.1' || config.api.host === '::1' || config.api.host === 'localhost';
   const api = buildAgentApi({
     log,
     supervisor,
     metrics,
     tokens,
-    openReads: loopback,
+    openReads: isLoopback(config.api.host),
     rateLimit: config.api.rateLimit,
     status,
     history: () => history,

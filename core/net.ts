@@ -23,3 +23,8 @@ export function portFree(host: string, port: number, proto: 'tcp' | 'udp'): Prom
 export async function preferPort(host: string, port: number, proto: 'tcp' | 'udp'): Promise<number> {
   return port !== 0 && (await portFree(host, port, proto)) ? port : 0;
 }
+
+/** true for addresses only this machine can reach (127.0.0.0/8, ::1, localhost): where reads may go without a token. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}

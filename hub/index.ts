@@ -3,6 +3,7 @@ import { createServer as createTlsServer } from 'node:tls';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { listenHttp, listenOn, type Listening } from '../core/http.ts';
+import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, encodeMessage, type Command, type DesiredState } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
@@ -158,8 +159,4 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
       log.info('hub stopped');
     },
   };
-}
-
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
 }

@@ -93,3 +93,9 @@ test('ports: a taken default is replaced by 0 (any free port), a free one is kep
   }
   assert.equal(await preferPort('127.0.0.1', taken, 'tcp'), taken);
 });
+
+test('isLoopback: what the agent and hub APIs treat as this-machine-only', async () => {
+  const { isLoopback } = await import('../../core/net.ts');
+  for (const h of ['127.0.0.1', '127.1.2.3', '::1', 'localhost']) assert.ok(isLoopback(h), h);
+  for (const h of ['0.0.0.0', '::', '192.0.2.1', '10.0.0.1', 'device.local']) assert.ok(!isLoopback(h), h);
+});
