@@ -35,5 +35,3 @@ export const UplinkConfigSchema = z
 
 export type OutboxConfig = z.infer<typeof OutboxConfigSchema>;
 export type UplinkConfig = z.infer<typeof UplinkConfigSchema>;
-export const OUTBOX_DEFAULTS: OutboxConfig = OutboxConfigSchema.parse({});
-export const UPLINK_DEFAULTS: UplinkConfig = UplinkConfigSchema.parse({});
