@@ -81,15 +81,31 @@ export type CommandReply = z.infer<typeof ReplySchema>;
 export const DesiredAppSchema = z.object({
   version: z.string().min(1).max(64),
   bundle: z.string().max(256).optional(),
+  /** where the signed bundle is fetched (the hub's artifact store, /api/v1/artifacts/<sha256>) */
   url: z.string().max(2048).optional(),
+  /** sha256 of the whole bundle file, checked before the signature */
   sha256: z.string().regex(/^[0-9a-f]{64}$/).optional(),
+  /** bundle size in bytes, for the free-space check before download */
+  size: z.number().int().nonnegative().optional(),
 });
+/** A signed bundle the device should run: the agent itself (kind agent) or MCU firmware (kind firmware). */
+export const DesiredArtifactSchema = z.object({
+  version: z.string().min(1).max(64),
+  url: z.string().max(2048),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  size: z.number().int().nonnegative().optional(),
+});
+export type DesiredArtifact = z.infer<typeof DesiredArtifactSchema>;
 export const DesiredSchema = z.object({
   v: z.literal(1),
   /** revision, increasing; the agent ignores a revision older than the one it has */
   rev: z.number().int().nonnegative(),
   ts,
   apps: z.record(z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/), DesiredAppSchema),
+  /** agent self-update (agents only) */
+  agent: DesiredArtifactSchema.optional(),
+  /** MCU firmware (MCU ids; the MCU's gateway acts on it) */
+  firmware: DesiredArtifactSchema.optional(),
 });
 export type DesiredState = z.infer<typeof DesiredSchema>;
 
