@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { FleetError } from '../core/errors.ts';
 import { Router, sendText } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import { DesiredAppSchema, type Command, type DesiredState } from '../core/messages.ts';
+import { DesiredAppSchema, DesiredArtifactSchema, type Command, type DesiredState } from '../core/messages.ts';
 import { PROM_CONTENT_TYPE, type MetricsRegistry } from '../core/metrics.ts';
 import { assertDeviceId } from '../core/topics.ts';
 import type { Registry } from './registry.ts';
@@ -16,11 +16,15 @@ export interface ApiDeps {
   openReads: boolean;
   rateLimit: number;
   ready: () => boolean;
-  setDesired(deviceId: string, apps: DesiredState['apps']): Promise<DesiredState>;
+  setDesired(deviceId: string, spec: DesiredSpec): Promise<DesiredState>;
   sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
 }
 
-const DesiredBody = z.object({ apps: z.record(z.string(), DesiredAppSchema) }).strict();
+const DesiredBody = z
+  .object({ apps: z.record(z.string(), DesiredAppSchema).default({}), agent: DesiredArtifactSchema.optional(), firmware: DesiredArtifactSchema.optional() })
+  .strict();
+/** what an operator sets; the hub adds v, rev and ts */
+export type DesiredSpec = Pick<DesiredState, 'apps' | 'agent' | 'firmware'>;
 const CommandBody = z
   .object({
     name: z.string().min(1).max(64),
@@ -75,7 +79,7 @@ export function buildApi(d: ApiDeps): Router {
     async (ctx) => {
       const id = assertDeviceId(ctx.params.id);
       const body = parseBody(DesiredBody, await ctx.body());
-      return d.setDesired(id, body.apps);
+      return d.setDesired(id, body);
     },
     write,
   );

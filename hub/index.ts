@@ -11,7 +11,7 @@ import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
 import { openStore } from '../core/store.ts';
 import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
-import { buildApi } from './api.ts';
+import { buildApi, type DesiredSpec } from './api.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
 import { Deduplicator } from './dedup.ts';
@@ -27,7 +27,7 @@ export interface HubHandle {
   operatorTokenFile: string;
   registry: Registry;
   broker: HubBroker;
-  setDesired(deviceId: string, apps: DesiredState['apps']): Promise<DesiredState>;
+  setDesired(deviceId: string, spec: DesiredSpec): Promise<DesiredState>;
   sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
   stop(): Promise<void>;
 }
@@ -112,10 +112,12 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   }
 
   let desiredRev = Date.now();
-  const setDesired = async (deviceId: string, apps: DesiredState['apps']): Promise<DesiredState> => {
+  const setDesired = async (deviceId: string, spec: DesiredSpec): Promise<DesiredState> => {
     // revisions only grow, also across hub restarts (time-based start)
     desiredRev = Math.max(desiredRev + 1, Date.now());
-    const desired: DesiredState = { v: 1, rev: desiredRev, ts: Date.now(), apps };
+    const desired: DesiredState = { v: 1, rev: desiredRev, ts: Date.now(), apps: spec.apps };
+    if (spec.agent) desired.agent = spec.agent;
+    if (spec.firmware) desired.firmware = spec.firmware;
     await broker.publish(deviceTopic(deviceId, 'desired'), encodeMessage(desired), true);
     registry.setDesired(deviceId, desired);
     return desired;

@@ -194,7 +194,7 @@ test('delivery: retained messages interleaved with other traffic are not lost at
     const devices = 100;
     const work: Array<Promise<unknown>> = [];
     for (let i = 0; i < devices; i++) {
-      work.push(hub.setDesired(`dev-${i}`, { app: { version: `1.0.${i}` } }));
+      work.push(hub.setDesired(`dev-${i}`, { apps: { app: { version: `1.0.${i}` } } }));
       for (let j = 0; j < 3; j++) work.push(hub.sendCommand(`dev-${i}`, 'ping', {}, 60_000));
     }
     await Promise.all(work);
