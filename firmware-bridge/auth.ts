@@ -2,7 +2,7 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 import { deriveToken } from '../core/credentials.ts';
 import { FleetError } from '../core/errors.ts';
 import { isDeviceId } from '../core/topics.ts';
-import type { McuUpChannel } from './topics.ts';
+import type { McuChannel } from './topics.ts';
 
 /**
  * Application-level authentication of MCU messages over CoAP, which here runs without
@@ -31,7 +31,7 @@ export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
 const MAC_RE = /^[A-Za-z0-9_-]{22}$/;
 const COUNTER_RE = /^[1-9][0-9]{0,15}$/;
 
-export type MacResource = McuUpChannel;
+export type MacResource = McuChannel;
 
 /** The per-MCU key, derived from the gateway's site secret. */
 export function mcuKey(siteSecret: string, mcuId: string): string {

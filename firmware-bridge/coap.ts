@@ -1,5 +1,5 @@
 import { isDeviceId } from '../core/topics.ts';
-import { MCU_UP_CHANNELS, type McuUpChannel } from './topics.ts';
+import { MCU_DOWN_CHANNELS, MCU_UP_CHANNELS, type McuChannel } from './topics.ts';
 
 /**
  * The CoAP side of the MCU contract (docs/mcu-protocol.md). Paths mirror the MQTT
@@ -7,7 +7,11 @@ import { MCU_UP_CHANNELS, type McuUpChannel } from './topics.ts';
  * the payload stays plain SenML and a request can be typed by hand with
  * libcoap's `coap-client-notls`:
  *
- *   POST coap://gateway/mcu/v1/{mcuId}/t?c={counter}&m={mac}    SenML JSON body
+ *   POST coap://gateway/mcu/v1/{mcuId}/t?c={counter}&m={mac}    telemetry
+ *   POST coap://gateway/mcu/v1/{mcuId}/hello|ack?c=..&m=..        version report, command ack
+ *   POST|PUT coap://gateway/mcu/v1/{mcuId}/log?c=..&m=..          upload, Block1
+ *   GET  coap://gateway/mcu/v1/{mcuId}/cmd?c=..&m=..              mailbox, Observe
+ *   GET  coap://gateway/mcu/v1/{mcuId}/fw?c=..&m=..[&h=..]        firmware, Block2
  *
  * Responses: 2.04 Changed once the gateway stored the message in its outbox (not
  * before: 2.04 is the MCU's signal that it may forget it), 4.00 payload not SenML,
@@ -18,9 +22,16 @@ import { MCU_UP_CHANNELS, type McuUpChannel } from './topics.ts';
 export const COAP_PATH_ROOT = ['mcu', 'v1'] as const;
 export const COAP_QUERY_COUNTER = 'c';
 export const COAP_QUERY_MAC = 'm';
+/** optional on GET fw: the first 16 hex digits of the image sha256 the MCU is downloading */
+export const COAP_QUERY_IMAGE = 'h';
 
 export const COAP_CODES = {
   CHANGED: '2.04',
+  CONTENT: '2.05',
+  CONTINUE: '2.31',
+  BAD_OPTION: '4.02',
+  INCOMPLETE: '4.08',
+  PRECONDITION_FAILED: '4.12',
   BAD_REQUEST: '4.00',
   UNAUTHORIZED: '4.01',
   FORBIDDEN: '4.03',
@@ -34,9 +45,16 @@ export const COAP_CODES = {
 /** Content formats accepted for telemetry (RFC 8428 §12.3: 110 application/senml+json; 50 application/json). */
 export const SENML_JSON_FORMAT = 110;
 export const JSON_FORMAT = 50;
+/** RFC 8428 §12.3: application/senml+cbor; RFC 7049: application/cbor */
+export const SENML_CBOR_FORMAT = 112;
+export const CBOR_FORMAT = 60;
+/** The fleetlet compact binary telemetry form (docs/mcu-protocol.md), experimental range (RFC 7252 §12.3). */
+export const COMPACT_FORMAT = 65001;
+export const TEXT_FORMAT = 0;
+export const OCTET_STREAM_FORMAT = 42;
 
 /** Uri-Path of one MCU resource, e.g. `/mcu/v1/esp-1/t`. */
-export function coapPath(mcuId: string, resource: McuUpChannel): string {
+export function coapPath(mcuId: string, resource: McuChannel): string {
   return `/${COAP_PATH_ROOT.join('/')}/${mcuId}/${resource}`;
 }
 
@@ -47,12 +65,15 @@ export function coapAuthQuery(counter: number, mac: string): string {
 
 export interface ParsedCoapUrl {
   mcuId: string;
-  resource: McuUpChannel;
+  resource: McuChannel;
   counter: string | null;
   mac: string | null;
+  /** `h=` when present once (GET fw) */
+  image?: string;
 }
 
-const UP: ReadonlySet<string> = new Set(MCU_UP_CHANNELS);
+/** Channels with a CoAP resource (fwreq is MQTT only: CoAP uses Block2 on fw). */
+const RESOURCES: ReadonlySet<string> = new Set<string>([...MCU_UP_CHANNELS.filter((c) => c !== 'fwreq'), ...MCU_DOWN_CHANNELS]);
 
 /**
  * Parse the request URL the coap package builds ("/" + Uri-Path segments joined by
@@ -66,11 +87,13 @@ export function parseCoapUrl(url: string): ParsedCoapUrl | null {
   if (path.length !== 4 || path[0] !== COAP_PATH_ROOT[0] || path[1] !== COAP_PATH_ROOT[1]) return null;
   const mcuId = path[2]!;
   const resource = path[3]!;
-  if (!isDeviceId(mcuId) || !UP.has(resource)) return null;
+  if (!isDeviceId(mcuId) || !RESOURCES.has(resource)) return null;
   let counter: string | null = null;
   let mac: string | null = null;
+  let image: string | null = null;
   let counterSeen = 0;
   let macSeen = 0;
+  let imageSeen = 0;
   if (q >= 0) {
     for (const part of url.slice(q + 1).split('&')) {
       const eq = part.indexOf('=');
@@ -82,10 +105,15 @@ export function parseCoapUrl(url: string): ParsedCoapUrl | null {
       } else if (k === COAP_QUERY_MAC) {
         macSeen++;
         mac = v;
+      } else if (k === COAP_QUERY_IMAGE) {
+        imageSeen++;
+        image = v;
       }
     }
   }
-  return { mcuId, resource: resource as McuUpChannel, counter: counterSeen === 1 ? counter : null, mac: macSeen === 1 ? mac : null };
+  const out: ParsedCoapUrl = { mcuId, resource: resource as McuChannel, counter: counterSeen === 1 ? counter : null, mac: macSeen === 1 ? mac : null };
+  if (imageSeen === 1 && image !== null) out.image = image;
+  return out;
 }
 
 export interface CoapDatagramInfo {
@@ -99,7 +127,7 @@ export interface CoapDatagramInfo {
 }
 
 /** CoAP option numbers used in checks (RFC 7252 §5.10, RFC 7959 §2.1). */
-export const COAP_OPTION = { URI_PATH: 11, CONTENT_FORMAT: 12, URI_QUERY: 15, BLOCK2: 23, BLOCK1: 27 } as const;
+export const COAP_OPTION = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, URI_QUERY: 15, BLOCK2: 23, BLOCK1: 27, SIZE2: 28, SIZE1: 60, REQUEST_TAG: 292 } as const;
 
 /**
  * Scan a raw CoAP datagram's header and options (RFC 7252 §3) without decoding
@@ -152,4 +180,138 @@ export function scanCoapDatagram(buf: Uint8Array): CoapDatagramInfo | null {
     i += len;
   }
   return { type, code, options, payloadLength: 0 };
+}
+
+/** One CoAP option: number and raw value. */
+export interface CoapOption {
+  number: number;
+  value: Buffer;
+}
+
+/** A whole CoAP message (RFC 7252 §3), as parsed from or built into a datagram. */
+export interface CoapPacket {
+  /** 0 CON, 1 NON, 2 ACK, 3 RST */
+  type: number;
+  /** class * 32 + detail, e.g. 0x44 for 2.04 */
+  code: number;
+  messageId: number;
+  token: Buffer;
+  /** in ascending option-number order */
+  options: CoapOption[];
+  payload: Buffer;
+}
+
+/** Parse a datagram into a CoapPacket; null when it is not well-formed CoAP. Never throws. */
+export function parseCoapPacket(buf: Buffer): CoapPacket | null {
+  if (buf.length < 4) return null;
+  const b0 = buf[0]!;
+  if (b0 >> 6 !== 1) return null;
+  const tkl = b0 & 0x0f;
+  if (tkl > 8 || 4 + tkl > buf.length) return null;
+  const pkt: CoapPacket = { type: (b0 >> 4) & 3, code: buf[1]!, messageId: buf.readUInt16BE(2), token: Buffer.from(buf.subarray(4, 4 + tkl)), options: [], payload: Buffer.alloc(0) };
+  let i = 4 + tkl;
+  let number = 0;
+  while (i < buf.length) {
+    const b = buf[i++]!;
+    if (b === 0xff) {
+      if (i >= buf.length) return null;
+      pkt.payload = Buffer.from(buf.subarray(i));
+      return pkt;
+    }
+    let delta = b >> 4;
+    let len = b & 0x0f;
+    if (delta === 15 || len === 15) return null;
+    if (delta === 13) {
+      if (i >= buf.length) return null;
+      delta = buf[i++]! + 13;
+    } else if (delta === 14) {
+      if (i + 1 >= buf.length) return null;
+      delta = buf.readUInt16BE(i) + 269;
+      i += 2;
+    }
+    if (len === 13) {
+      if (i >= buf.length) return null;
+      len = buf[i++]! + 13;
+    } else if (len === 14) {
+      if (i + 1 >= buf.length) return null;
+      len = buf.readUInt16BE(i) + 269;
+      i += 2;
+    }
+    number += delta;
+    if (number > 0xffff || i + len > buf.length) return null;
+    pkt.options.push({ number, value: Buffer.from(buf.subarray(i, i + len)) });
+    i += len;
+  }
+  return pkt;
+}
+
+function extended(n: number): { nibble: number; ext: number[] } {
+  if (n < 13) return { nibble: n, ext: [] };
+  if (n < 269) return { nibble: 13, ext: [n - 13] };
+  return { nibble: 14, ext: [(n - 269) >> 8, (n - 269) & 0xff] };
+}
+
+/** Build a datagram from a CoapPacket (options are sorted here). */
+export function buildCoapPacket(pkt: CoapPacket): Buffer {
+  const parts: Buffer[] = [Buffer.from([0x40 | (pkt.type << 4) | pkt.token.length, pkt.code, pkt.messageId >> 8, pkt.messageId & 0xff]), pkt.token];
+  let prev = 0;
+  for (const opt of [...pkt.options].sort((a, b) => a.number - b.number)) {
+    const d = extended(opt.number - prev);
+    const l = extended(opt.value.length);
+    parts.push(Buffer.from([(d.nibble << 4) | l.nibble, ...d.ext, ...l.ext]), opt.value);
+    prev = opt.number;
+  }
+  if (pkt.payload.length > 0) parts.push(Buffer.from([0xff]), pkt.payload);
+  return Buffer.concat(parts);
+}
+
+/** Unsigned integer option value (RFC 7252 §3.2 uint: big-endian, no leading zeros). */
+export function coapUint(value: Buffer): number {
+  let n = 0;
+  for (const b of value.subarray(0, 4)) n = n * 256 + b;
+  return n;
+}
+
+export function coapUintValue(n: number): Buffer {
+  if (n === 0) return Buffer.alloc(0);
+  const out: number[] = [];
+  while (n > 0) {
+    out.unshift(n & 0xff);
+    n = Math.floor(n / 256);
+  }
+  return Buffer.from(out);
+}
+
+/** A Block1/Block2 option value (RFC 7959 §2.2): block number, more flag, size 16..1024. */
+export interface BlockOption {
+  num: number;
+  more: boolean;
+  size: number;
+}
+
+export function parseBlockOption(value: Buffer): BlockOption | null {
+  if (value.length > 3) return null;
+  const v = coapUint(value);
+  const szx = v & 7;
+  if (szx === 7) return null; // reserved (BERT only over TCP, RFC 8323)
+  return { num: v >> 4, more: (v & 8) !== 0, size: 1 << (szx + 4) };
+}
+
+export function blockOptionValue(b: BlockOption): Buffer {
+  const szx = Math.log2(b.size) - 4;
+  if (!Number.isInteger(szx) || szx < 0 || szx > 6) throw new RangeError(`block size ${b.size} is not 16..1024`);
+  return coapUintValue((b.num << 4) | (b.more ? 8 : 0) | szx);
+}
+
+/** "2.04" → 0x44 */
+export function coapCodeByte(code: string): number {
+  const [c, d] = code.split('.');
+  return (Number(c) << 5) | Number(d);
+}
+
+/** The request's Uri-Path and Uri-Query as the coap package renders `req.url`. */
+export function coapUrlOf(pkt: CoapPacket): string {
+  const path = pkt.options.filter((o) => o.number === COAP_OPTION.URI_PATH).map((o) => o.value.toString('utf8'));
+  const query = pkt.options.filter((o) => o.number === COAP_OPTION.URI_QUERY).map((o) => o.value.toString('utf8'));
+  return '/' + path.join('/') + (query.length > 0 ? '?' + query.join('&') : '');
 }

@@ -7,3 +7,5 @@ export * from './topics.ts';
 export * from './senml.ts';
 export * from './auth.ts';
 export * from './coap.ts';
+export * from './codecs.ts';
+export * from './frames.ts';

@@ -37,11 +37,11 @@ export const SENML_RELATIVE_TIME_LIMIT = 2 ** 28;
 export const SENML_VERSION = 10;
 
 /** RFC 8428 §4.5.1: names start with a letter or digit and use only these characters. */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9\-:./_]*$/;
+export const SENML_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9\-:./_]*$/;
 /** Units are short printable tokens ("Cel", "%RH", "m/s2"); 16 is the fleet Sample limit. */
-const UNIT_RE = /^[\x21-\x7e]{1,16}$/;
-const MAX_VS = 1024; // fleet Sample limit for string values
-const MAX_TIME_MS = 253_402_300_799_000; // 9999-12-31T23:59:59Z: anything later is a corrupt clock
+export const SENML_UNIT_RE = /^[\x21-\x7e]{1,16}$/;
+export const SENML_MAX_VS = 1024; // fleet Sample limit for string values
+export const SENML_MAX_TIME_MS = 253_402_300_799_000; // 9999-12-31T23:59:59Z: anything later is a corrupt clock
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -93,7 +93,17 @@ export function decodeSenmlJson(payload: Buffer | Uint8Array | string, opts: Sen
   } catch {
     fail('payload is not JSON');
   }
-  if (!Array.isArray(pack)) fail('a pack must be a JSON array of records');
+  return resolveSenmlPack(pack, { maxRecords, maxNameLength, now });
+}
+
+/**
+ * Resolve a parsed SenML pack (JSON, or CBOR with its labels mapped to the JSON names)
+ * into samples (RFC 8428 §4.6). Throws FLEET_MCU_DECODE on anything malformed.
+ */
+export function resolveSenmlPack(pack: unknown, opts: { maxRecords: number; maxNameLength: number; now: number }): Sample[] {
+  const { maxRecords, now } = opts;
+  const maxNameLength = Math.min(opts.maxNameLength, 128);
+  if (!Array.isArray(pack)) fail('a pack must be an array of records');
   if (pack.length > maxRecords) fail(`${pack.length} records exceed the limit of ${maxRecords}`);
 
   // base fields carry forward to later records until replaced (RFC 8428 §4.1)
@@ -105,7 +115,7 @@ export function decodeSenmlJson(payload: Buffer | Uint8Array | string, opts: Sen
 
   for (let i = 0; i < pack.length; i++) {
     const rec: unknown = pack[i];
-    if (!isRecord(rec)) fail('must be a JSON object', i);
+    if (!isRecord(rec)) fail('must be a map (JSON object)', i);
     for (const key of Object.keys(rec)) {
       if (key.endsWith('_')) fail(`must-understand field "${key}" is not supported`, i);
     }
@@ -125,10 +135,10 @@ export function decodeSenmlJson(payload: Buffer | Uint8Array | string, opts: Sen
     const name = bn + (str(rec, 'n', i) ?? '');
     if (name.length === 0) fail('has no name (n or bn)', i);
     if (name.length > maxNameLength) fail(`name of ${name.length} characters exceeds ${maxNameLength}`, i);
-    if (!NAME_RE.test(name)) fail(`name ${JSON.stringify(name.slice(0, 64))} has characters outside [A-Za-z0-9-:./_] or does not start with a letter or digit`, i);
+    if (!SENML_NAME_RE.test(name)) fail(`name ${JSON.stringify(name.slice(0, 64))} has characters outside [A-Za-z0-9-:./_] or does not start with a letter or digit`, i);
 
     const unit = str(rec, 'u', i) ?? bu;
-    if (unit !== undefined && !UNIT_RE.test(unit)) fail('unit must be 1 to 16 printable ASCII characters', i);
+    if (unit !== undefined && !SENML_UNIT_RE.test(unit)) fail('unit must be 1 to 16 printable ASCII characters', i);
 
     const v = num(rec, 'v', i);
     const vs = str(rec, 'vs', i);
@@ -139,13 +149,13 @@ export function decodeSenmlJson(payload: Buffer | Uint8Array | string, opts: Sen
     const present = (v !== undefined ? 1 : 0) + (vs !== undefined ? 1 : 0) + (vbRaw !== undefined ? 1 : 0);
     if (present === 0) fail('has no value (v, vs or vb)', i);
     if (present > 1) fail('has more than one value field', i);
-    if (vs !== undefined && vs.length > MAX_VS) fail(`string value of ${vs.length} characters exceeds ${MAX_VS}`, i);
+    if (vs !== undefined && vs.length > SENML_MAX_VS) fail(`string value of ${vs.length} characters exceeds ${SENML_MAX_VS}`, i);
 
     const t = bt + (num(rec, 't', i) ?? 0);
     // §4.5.3: small (or negative) times are offsets from now, in seconds
     const seconds = t >= SENML_RELATIVE_TIME_LIMIT ? t : now / 1000 + t;
     const ms = Math.round(seconds * 1000);
-    if (!Number.isSafeInteger(ms) || ms < 0 || ms > MAX_TIME_MS) fail(`time ${t} is out of range`, i);
+    if (!Number.isSafeInteger(ms) || ms < 0 || ms > SENML_MAX_TIME_MS) fail(`time ${t} is out of range`, i);
 
     const sample: Sample = { n: name, t: ms };
     if (v !== undefined) {

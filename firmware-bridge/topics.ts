@@ -7,8 +7,13 @@ import { assertDeviceId, isDeviceId } from '../core/topics.ts';
  * (core/topics.ts): the gateway translates between the two, so the hub never sees
  * MCU wire formats and MCUs never see fleet ones.
  *
- *   mcu/v1/{mcuId}/t     MCU → gateway  telemetry, SenML JSON (RFC 8428)
- *   mcu/v1/{mcuId}/cmd   gateway → MCU  commands (mailbox; a later issue)
+ *   mcu/v1/{mcuId}/t      MCU → gateway  telemetry: SenML JSON, SenML CBOR, compact binary
+ *   mcu/v1/{mcuId}/hello  MCU → gateway  version report after boot (JSON)
+ *   mcu/v1/{mcuId}/ack    MCU → gateway  command acknowledgement (JSON)
+ *   mcu/v1/{mcuId}/log    MCU → gateway  log text or crash dump
+ *   mcu/v1/{mcuId}/fwreq  MCU → gateway  firmware chunk request (JSON)
+ *   mcu/v1/{mcuId}/cmd    gateway → MCU  commands from the mailbox (framed, MAC'd)
+ *   mcu/v1/{mcuId}/fw     gateway → MCU  firmware chunks (16-byte header + data)
  *
  * An MCU may publish only on its own up channels and subscribe only to its own down
  * channels (or `mcu/v1/{mcuId}/#`); the gateway's broker enforces that.
@@ -16,8 +21,8 @@ import { assertDeviceId, isDeviceId } from '../core/topics.ts';
 export const MCU_TOPIC_ROOT = 'mcu/v1';
 export const MCU_PREFIX = `${MCU_TOPIC_ROOT}/`;
 
-export const MCU_UP_CHANNELS = ['t'] as const;
-export const MCU_DOWN_CHANNELS = ['cmd'] as const;
+export const MCU_UP_CHANNELS = ['t', 'hello', 'ack', 'log', 'fwreq'] as const;
+export const MCU_DOWN_CHANNELS = ['cmd', 'fw'] as const;
 export type McuUpChannel = (typeof MCU_UP_CHANNELS)[number];
 export type McuDownChannel = (typeof MCU_DOWN_CHANNELS)[number];
 export type McuChannel = McuUpChannel | McuDownChannel;
