@@ -3,6 +3,56 @@ import { z } from 'zod';
 import { defaultStateDir } from '../core/config.ts';
 import { DEVICE_ID_RE } from '../core/topics.ts';
 import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/outbox-config.ts';
+import { cronProblem } from './jobs.ts';
+import { DEFAULT_LOG_FILES } from './logfiles.ts';
+
+/** Health check of an app (docs/agent.md#health-checks); Docker's semantics. */
+export const HealthSchema = z
+  .object({
+    type: z.enum(['http', 'tcp', 'exec']),
+    /** http: a 2xx or 3xx answer to GET is healthy */
+    url: z.string().regex(/^https?:\/\//, 'health.url must start with http:// or https://').optional(),
+    /** tcp: a connection that opens is healthy */
+    host: z.string().default('127.0.0.1'),
+    port: z.number().int().min(1).max(65535).optional(),
+    /** exec: exit status 0 is healthy (runs in the app's cwd) */
+    command: z.string().min(1).optional(),
+    args: z.array(z.string()).default([]),
+    /** time between checks, ms */
+    intervalMs: z.number().int().min(100).max(3_600_000).default(10_000),
+    /** a check slower than this fails, ms */
+    timeoutMs: z.number().int().min(10).max(600_000).default(3000),
+    /** consecutive failures that make the app unhealthy (and restart it) */
+    retries: z.number().int().min(1).max(100).default(3),
+    /** failures in this time after a start do not count, ms */
+    startPeriodMs: z.number().int().min(0).max(3_600_000).default(0),
+  })
+  .strict()
+  .superRefine((h, ctx) => {
+    const need = { http: 'url', tcp: 'port', exec: 'command' } as const;
+    const key = need[h.type];
+    if (h[key] === undefined) ctx.addIssue({ code: 'custom', path: [key], message: `a ${h.type} health check needs ${key}` });
+  });
+
+export const LimitsSchema = z
+  .object({
+    /** memory limit, MiB (cgroup memory.max, else RLIMIT_DATA per process) */
+    memoryMb: z.number().int().min(4).max(1_048_576).optional(),
+    /** CPU cap in percent of one core (cgroup cpu.max only) */
+    cpuPercent: z.number().int().min(1).max(102_400).optional(),
+    /** scheduling priority, -20 (highest) to 19 */
+    nice: z.number().int().min(-20).max(19).optional(),
+  })
+  .strict();
+
+export const LogFilesSchema = z
+  .object({
+    /** size at which the log file rotates, bytes */
+    maxBytes: z.number().int().min(4096).max(1024 ** 3).default(DEFAULT_LOG_FILES.maxBytes),
+    /** files kept per app, the current one included */
+    files: z.number().int().min(1).max(100).default(DEFAULT_LOG_FILES.files),
+  })
+  .strict();
 
 /** A supervised app (docs/config.md#agent). */
 export const AppSpecSchema = z
@@ -16,9 +66,35 @@ export const AppSpecSchema = z
     restart: z.enum(['always', 'on-failure', 'never']).default('always'),
     /** grace period between SIGTERM to the app's process group and SIGKILL, ms */
     stopTimeoutMs: z.number().int().min(0).max(600_000).default(10_000),
+    /** run as this user (name or uid); needs the agent to run as root */
+    user: z.string().min(1).max(64).optional(),
+    health: HealthSchema.optional(),
+    limits: LimitsSchema.optional(),
+    /** rotating files under <stateDir>/logs/<app>/ */
+    logs: LogFilesSchema.prefault({}),
   })
   .strict();
 export type AppSpec = z.infer<typeof AppSpecSchema>;
+export type JobConfig = z.infer<typeof JobSpecSchema>;
+
+/** Scheduled jobs: a command or an app restart on a cron expression (node-cron syntax, optional seconds field). */
+export const JobSpecSchema = z
+  .object({
+    name: z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/, 'job names are lower-case letters, digits and dashes, at most 32'),
+    schedule: z.string().min(1).max(128).refine((e) => cronProblem(e) === null, { message: 'not a valid cron expression (node-cron: [second] minute hour day month weekday)' }),
+    timezone: z.string().max(64).optional(),
+    command: z.string().min(1).optional(),
+    args: z.array(z.string()).default([]),
+    env: z.record(z.string(), z.string()).default({}),
+    cwd: z.string().optional(),
+    user: z.string().min(1).max(64).optional(),
+    /** restart this app instead of running a command */
+    restartApp: z.string().optional(),
+    /** a run longer than this is killed, ms */
+    timeoutMs: z.number().int().min(100).max(86_400_000).default(3_600_000),
+  })
+  .strict()
+  .refine((j) => (j.command === undefined) !== (j.restartApp === undefined), { message: 'a job has either command or restartApp, not both' });
 
 function defaultDeviceId(): string {
   const h = hostname().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '');
@@ -65,6 +141,21 @@ export const AgentConfigSchema = z
       .strict()
       .default({ sampleMs: 1000, publishMs: 10_000 }),
     apps: z.array(AppSpecSchema).default([]),
+    jobs: z.array(JobSpecSchema).default([]),
+    supervisor: z
+      .object({
+        /** restarts within crashLoopWindowMs that put an app in crash-loop */
+        crashLoopRestarts: z.number().int().min(2).max(1000).default(5),
+        crashLoopWindowMs: z.number().int().min(1000).max(86_400_000).default(60_000),
+        /** restart backoff: PM2's defaults */
+        backoffInitialMs: z.number().int().min(10).max(600_000).default(100),
+        backoffFactor: z.number().min(1).max(10).default(1.5),
+        backoffMaxMs: z.number().int().min(10).max(3_600_000).default(15_000),
+        /** a run this long resets the backoff and leaves crash-loop */
+        backoffResetAfterMs: z.number().int().min(100).max(86_400_000).default(30_000),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict()
   .superRefine((c, ctx) => {
@@ -72,6 +163,12 @@ export const AgentConfigSchema = z
     c.apps.forEach((a, i) => {
       if (seen.has(a.name)) ctx.addIssue({ code: 'custom', path: ['apps', i, 'name'], message: `duplicate app name "${a.name}"` });
       seen.add(a.name);
+    });
+    const jobs = new Set<string>();
+    c.jobs.forEach((j, i) => {
+      if (jobs.has(j.name)) ctx.addIssue({ code: 'custom', path: ['jobs', i, 'name'], message: `duplicate job name "${j.name}"` });
+      jobs.add(j.name);
+      if (j.restartApp !== undefined && !seen.has(j.restartApp)) ctx.addIssue({ code: 'custom', path: ['jobs', i, 'restartApp'], message: `no app named "${j.restartApp}"` });
     });
   });
 
