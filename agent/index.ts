@@ -1,7 +1,7 @@
 import { writeFileSync, renameSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { MqttClient } from 'mqtt';
-import si from 'systeminformation';
+import { FleetError } from '../core/errors.ts';
 import { listenHttp, type Listening, type TokenRole } from '../core/http.ts';
 import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
@@ -16,8 +16,13 @@ import { deviceTopic } from '../core/topics.ts';
 import { Uplink } from '../core/uplink.ts';
 import { buildAgentApi, ROLES } from './api.ts';
 import type { AgentConfig } from './config.ts';
-import { DeviceMetrics, snapshotToSamples } from './metrics.ts';
+import { Inventory, MetricsCollector } from './metrics.ts';
 import { Supervisor, type AppStatus, type LogLine } from './supervisor.ts';
+import { JobScheduler } from './jobs.ts';
+import { detectCgroup } from './limits.ts';
+import { resolveUser } from './users.ts';
+import { EventLog } from './events.ts';
+import { MetricsHistory } from './history.ts';
 
 export interface AgentHandle {
   apiPort: number;
@@ -32,8 +37,6 @@ export interface AgentHandle {
 const LOG_FLUSH_MS = 1000;
 /** app output beyond this many lines per flush period is counted, not sent (a chatty app must not flood the uplink) */
 const MAX_LOG_LINES_PER_BATCH = 1000;
-const HISTORY_POINTS = 360; // one hour at one point per 10 s
-const HISTORY_STEP_MS = 10_000;
 
 export async function startAgent(config: AgentConfig, log: Logger, version: string): Promise<AgentHandle> {
   const started = Date.now();
@@ -46,14 +49,18 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
   ];
 
   const outbox: Outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), config.outbox);
-  const emitEvent = (type: string, severity: EventMessage['severity'], data: Record<string, unknown>) =>
-    outbox
+  // every event goes upstream through the outbox and into the local ring the API and page read
+  const events = new EventLog();
+  const emitEvent = (type: string, severity: EventMessage['severity'], data: Record<string, unknown>) => {
+    events.record(type, severity, data);
+    return outbox
       .append({
         topic: deviceTopic(config.deviceId, 'events'),
         priority: Priority.ALERT,
         payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type, severity, data } satisfies EventMessage),
       })
       .catch((err: unknown) => log.error('cannot queue event', { type, err }));
+  };
   // what the budget pushed out is itself reported upstream (an alert is never evicted for it)
   outbox.on('evicted', (e) => {
     log.warn('outbox over budget; evicted oldest records', { ...e });
@@ -64,13 +71,25 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     void emitEvent('outbox.corrupt', 'warning', e);
   });
 
-  const supervisor = new Supervisor({ log: log.child({ part: 'supervisor' }) });
+  const sv = config.supervisor;
+  const supervisor = new Supervisor({
+    log: log.child({ part: 'supervisor' }),
+    backoff: { initialMs: sv.backoffInitialMs, factor: sv.backoffFactor, maxMs: sv.backoffMaxMs, resetAfterMs: sv.backoffResetAfterMs },
+    crashLoopRestarts: sv.crashLoopRestarts,
+    crashLoopWindowMs: sv.crashLoopWindowMs,
+    logDir: join(config.stateDir, 'logs'),
+    cgroup: config.apps.some((a) => a.limits?.memoryMb !== undefined || a.limits?.cpuPercent !== undefined) ? detectCgroup(log) : null,
+  });
+  supervisor.on('health', (e: Record<string, unknown>) => void emitEvent('app.health', e.status === 'unhealthy' ? 'warning' : 'info', e));
+  supervisor.on('unhealthy', (e: Record<string, unknown>) => log.warn('app unhealthy', e));
   supervisor.on('crash-loop', (e: Record<string, unknown>) => {
     log.warn('app is crash-looping', e);
     void emitEvent('app.crash-loop', 'alert', e);
   });
   supervisor.on('change', (s: AppStatus) => {
     if (s.state === 'running' || s.state === 'exited') void emitEvent(`app.${s.state}`, 'info', { app: s.name, restarts: s.restarts, pid: s.pid, lastExit: s.lastExit });
+    // local only (the page shows them; upstream they would be noise)
+    else if (s.state === 'backoff' || s.state === 'stopped') events.record(`app.${s.state}`, 'info', { app: s.name, restarts: s.restarts, lastExit: s.lastExit });
   });
   // app output goes upstream as log batches (lowest priority: evicted first when space runs short)
   let logLines: LogBatch['lines'] = [];
@@ -88,27 +107,36 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
       .catch((err: unknown) => log.warn('cannot queue app logs', { err }));
   }, LOG_FLUSH_MS);
   await supervisor.apply(config.apps);
+  const jobs = new JobScheduler(log.child({ part: 'jobs' }), {
+    restartApp: async (name) => {
+      const app = supervisor.apps.get(name);
+      if (!app) throw new FleetError('FLEET_APP_NOT_FOUND', `no app named ${JSON.stringify(name)}`);
+      await app.restart();
+    },
+    line: (job, stream, line) => log.info('job output', { job, stream, line }),
+  });
+  jobs.on('run', (r: Record<string, unknown>) => void emitEvent('job.run', r.ok ? 'info' : 'warning', r));
+  jobs.start(
+    config.jobs.map((j) => {
+      const u = j.user !== undefined ? resolveUser(j.user) : null;
+      return { ...j, ...(u ? { uid: u.uid, gid: u.gid } : {}) };
+    }),
+  );
 
   // --- metrics: cheap /proc readers at sampleMs, one telemetry batch per publishMs
-  const device = new DeviceMetrics(config.stateDir);
-  let last = device.sample();
+  const collector = new MetricsCollector({ diskPaths: [config.stateDir, '/'] }, () => supervisor.status());
+  let last = collector.last.device;
   let pending: Sample[] = [];
-  const history: Array<{ t: number; cpu: number | null; mem: number }> = [];
+  const history = new MetricsHistory(['cpu', 'mem'] as const); // last hour, 10 s buckets (min/avg/max)
   const sampleTimer = setInterval(() => {
-    last = device.sample();
-    pending.push(...snapshotToSamples(last));
+    last = collector.sample().device;
+    pending.push(...collector.toSamples());
     const mem = last.memTotal ? Math.round((1000 * (last.memTotal - last.memAvailable)) / last.memTotal) / 10 : 0;
-    const prev = history[history.length - 1];
-    if (!prev || last.t - prev.t >= HISTORY_STEP_MS) {
-      history.push({ t: last.t, cpu: last.cpuUtil, mem });
-      if (history.length > HISTORY_POINTS) history.shift();
-    }
+    history.add(last.t, { cpu: last.cpuUtil, mem });
   }, config.metrics.sampleMs);
   const publishTimer = setInterval(() => {
     const samples = [...pending];
-    for (const app of supervisor.status()) {
-      samples.push({ n: `app.${app.name}.up`, vb: app.state === 'running', t: Date.now() }, { n: `app.${app.name}.restarts`, v: app.restarts, t: Date.now() });
-    }
+    samples.push(...collector.appStateSamples());
     pending = [];
     if (samples.length === 0) return;
     outbox
@@ -116,11 +144,9 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
       .catch((err: unknown) => log.error('cannot queue telemetry', { err }));
   }, config.metrics.publishMs);
 
-  let inventory: Record<string, unknown> | null = null;
-  void Promise.all([si.osInfo(), si.system()]).then(
-    ([os, sys]) => (inventory = { os: `${os.distro} ${os.release}`, kernel: os.kernel, arch: os.arch, hostname: os.hostname, model: sys.model, manufacturer: sys.manufacturer }),
-    (err: unknown) => log.warn('inventory failed', { err }),
-  );
+  // systeminformation at start, hourly and on SIGHUP only; published as an event when it changes
+  const inventory = new Inventory({ onChange: (inv) => void emitEvent('inventory', 'info', inv), onError: (err) => log.warn('inventory failed', { err }) });
+  inventory.start();
 
   // --- uplink to the hub
   let client: MqttClient | null = null;
@@ -202,9 +228,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
   metrics.gaugeFn('fleet_agent_app_log_lines_dropped', 'App output lines not sent upstream because of the per-flush cap', () => logsDropped);
   metrics.gaugeFn('fleet_agent_app_up', '1 when the app is running', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.state === 'running' ? 1 : 0 })));
   metrics.gaugeFn('fleet_agent_app_restarts', 'Restarts of the app since the agent started', () => supervisor.status().map((a) => ({ labels: { app: a.name }, value: a.restarts })));
-  metrics.gaugeFn('fleet_device_cpu_utilization_percent', 'Device CPU utilisation over the last sample period', () => last.cpuUtil ?? 0);
-  metrics.gaugeFn('fleet_device_memory_used_bytes', 'Device memory in use (total - available)', () => last.memTotal - last.memAvailable);
-  metrics.gaugeFn('fleet_device_load1', 'One-minute load average', () => last.load1);
+  collector.register(metrics);
 
   const status = () => ({
     deviceId: config.deviceId,
@@ -213,8 +237,10 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     hub: { configured: config.hub !== undefined, connected: client?.connected ?? false, inFlight: uplink?.inFlight ?? 0, outbox: outbox.stats() },
     desired,
     device: last,
-    inventory,
+    appMetrics: collector.last.apps,
+    inventory: inventory.current,
     apps: supervisor.status(),
+    jobs: jobs.status(),
   });
   const api = buildAgentApi({
     log,
@@ -224,7 +250,8 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     openReads: isLoopback(config.api.host),
     rateLimit: config.api.rateLimit,
     status,
-    history: () => history,
+    history,
+    events,
     ready: () => true,
   });
   const http: Listening = await listenHttp(api.handle, config.api.host, config.api.port, config.api.portFallback);
@@ -237,8 +264,11 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     outbox,
     tokenFiles,
     async stop() {
+      api.close(); // /ready turns 503, log streams end with an `end` event
       clearInterval(sampleTimer);
       clearInterval(publishTimer);
+      inventory.stop();
+      await jobs.stop();
       clearInterval(logTimer);
       await supervisor.stopAll();
       await http.close();
