@@ -23,6 +23,7 @@ export {
   verifyRootChain,
   saveTrustRoot,
   createRootBytes,
+  trustRootOfKeys,
   keyIdOf,
   rawPublicKey,
   publicKeyFromRaw,

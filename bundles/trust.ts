@@ -187,6 +187,23 @@ export function saveTrustRoot(file: string, root: TrustRoot): void {
   }
 }
 
+/**
+ * An in-memory root of these public keys (version 0, never expires, not persisted): for checking
+ * a bundle by hand against known keys (`fleetlet bundle verify --pub`). Devices use root.json.
+ */
+export function trustRootOfKeys(keys: readonly KeyObject[], threshold: number): TrustRoot {
+  const map = new Map<string, KeyObject>();
+  const signedKeys: RootSigned['keys'] = {};
+  for (const k of keys) {
+    const pub = publicKeyFromRaw(rawPublicKey(k));
+    map.set(keyIdOf(pub), pub);
+    signedKeys[keyIdOf(pub)] = { type: 'ed25519', public: rawPublicKey(pub).toString('hex') };
+  }
+  if (threshold < 1 || threshold > map.size) throw new FleetError('FLEET_BUNDLE_ROOT_INVALID', `threshold ${threshold} is outside 1..${map.size}`);
+  const signed: RootSigned = { type: 'fleetlet-root', version: 0, expires: '9999-12-31T23:59:59Z', threshold, keys: signedKeys };
+  return Object.freeze({ version: 0, threshold, expires: Number.POSITIVE_INFINITY, keys: map, signed, bytes: Buffer.from(JSON.stringify({ signed, signatures: [] })) });
+}
+
 /** Build root.json bytes (for the CLI and tests): keys are public keys, signers private keys. */
 export function createRootBytes(opts: { version: number; expires: string; threshold: number; keys: readonly KeyObject[]; signers: readonly KeyObject[] }): Buffer {
   const keys: Record<string, { type: 'ed25519'; public: string }> = {};
