@@ -151,7 +151,7 @@ class SseStream {
   }
 }
 
-/** The local API for field technicians (docs/api.md#agent-local-api). */
+/** The local API for field technicians (docs/api.md, "Agent local API"). */
 export function buildAgentApi(d: AgentApiDeps): AgentApi {
   const r = new Router({ log: d.log, tokens: () => d.tokens, rateLimit: d.rateLimit, bodyLimit: BODY_LIMIT });
   const read = d.openReads ? undefined : [ROLES.READONLY, ROLES.TECHNICIAN];
@@ -229,6 +229,12 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
       sendJson(ctx.res, 503, { error: new FleetError('FLEET_HTTP_TOO_MANY_STREAMS', why).toJSON() });
       return;
     }
+    if (ctx.req.method === 'HEAD') {
+      // no stream for HEAD: it would hold a slot with nothing to carry
+      ctx.res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store' });
+      ctx.res.end();
+      return;
+    }
     const name = a.spec.name;
     const s = new SseStream(ctx.res, heartbeatMs, () => followers.delete(s));
     // backlog and subscription in the same tick: no line is lost or sent twice in between
@@ -258,10 +264,14 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
 
   return {
     handle: async (req, res) => {
-      if (d.openReads && !loopbackHost(req.headers.host)) {
-        const path = URL.canParse(req.url ?? '/', 'http://local') ? new URL(req.url ?? '/', 'http://local').pathname : '';
-        if (!PUBLIC_PATHS.has(path) && roleForRequest(req, d.tokens) === null) {
-          sendError(res, new FleetError('FLEET_AUTH_FAILED', 'a bearer token is required when the Host header is not a loopback address'));
+      const path = URL.canParse(req.url ?? '/', 'http://local') ? new URL(req.url ?? '/', 'http://local').pathname : '';
+      if (!PUBLIC_PATHS.has(path)) {
+        const presented = req.headers.authorization !== undefined;
+        // where reads are open, a token that is presented must still be valid (RFC 6750 §3.1
+        // invalid_token), so a technician with a mistyped token learns it before pressing a button
+        if ((presented || (d.openReads && !loopbackHost(req.headers.host))) && roleForRequest(req, d.tokens) === null) {
+          const why = presented ? 'the bearer token is not valid' : 'a bearer token is required when the Host header is not a loopback address';
+          sendError(res, new FleetError('FLEET_AUTH_FAILED', why));
           return;
         }
       }

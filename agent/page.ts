@@ -388,7 +388,8 @@ export const PAGE_JS = String.raw`'use strict';
       $('updated').textContent = 'updated ' + clock(Date.now());
     } catch (e) {
       var c = $('conn');
-      if (e.status === 401) { c.textContent = 'token needed'; say('This agent needs a token to read (LAN access): enter the read-only or technician token.', 'bad'); }
+      if (e.status === 401 && tok.value.trim()) { c.textContent = 'token rejected'; say('The agent does not accept this token: check it (or Forget it).', 'bad'); }
+      else if (e.status === 401) { c.textContent = 'token needed'; say('This agent needs a token to read (LAN access): enter the read-only or technician token.', 'bad'); }
       else c.textContent = 'agent unreachable';
       c.className = 'pill bad';
     }

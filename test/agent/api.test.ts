@@ -161,6 +161,13 @@ test('agent API: reads open on loopback; writes need the technician token; read-
     assert.equal((await get(port, '/api/v1/status', { host: `localhost:${port}` })).status, 200);
     assert.equal((await get(port, '/api/v1/status', { host: 'evil.example', authorization: `Bearer ${ro}` })).status, 200);
     assert.equal((await get(port, '/', { host: 'evil.example' })).status, 200);
+    // where reads are open, a presented token must still be valid
+    assert.equal(await code(await fetch(`${base}/api/v1/status`, { headers: { authorization: 'Bearer wrong' } })), 'FLEET_AUTH_FAILED');
+    assert.equal((await fetch(`${base}/api/v1/status`, { headers: { authorization: `Bearer ${ro}` } })).status, 200);
+    assert.equal((await fetch(`${base}/health`, { headers: { authorization: 'Bearer wrong' } })).status, 200);
+    const head = await fetch(`${base}/api/v1/apps/sleeper/logs/follow`, { method: 'HEAD' });
+    assert.equal(head.status, 200);
+    assert.match(head.headers.get('content-type') ?? '', /^text\/event-stream/);
 
     // follow over server-sent events: backlog, then live lines and state changes
     const sse = await get(port, '/api/v1/apps/sleeper/logs/follow?lines=10');

@@ -134,6 +134,9 @@ test('technician page in headless Chromium: restart raises the count, live log t
     const mobile = join(SHOTS, 'agent-page-phone.png');
     await phone.screenshot({ path: mobile, fullPage: true });
     t.diagnostic(`screenshot: ${mobile}`);
+    const firstScreen = join(SHOTS, 'agent-page-phone-first-screen.png');
+    await phone.screenshot({ path: firstScreen });
+    t.diagnostic(`screenshot: ${firstScreen}`);
 
     // strict CSP and no script errors: nothing was blocked or thrown (the one 403 is the
     // read-only token's restart above, which Chromium logs as a failed resource)
