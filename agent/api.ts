@@ -26,10 +26,28 @@ export interface AgentApiDeps {
   events: EventLog;
   /** the supervisor has applied the config and the outbox is open */
   ready(): boolean;
+  /** the link to the hub, for /health/detailed (absent: no uplink check) */
+  uplink?(): UplinkHealth;
   /** most server-sent-event streams open at once, all clients together; default 8 */
   maxStreams?: number;
   /** comment line sent on idle streams so proxies and clients see the stream alive, ms; default 15_000 */
   heartbeatMs?: number;
+}
+
+export interface UplinkHealth {
+  configured: boolean;
+  connected: boolean;
+  /** records waiting in the outbox */
+  depth: number;
+  oldestAgeMs: number;
+}
+
+/** One check of /health/detailed (status words as in the IETF health-check draft: pass, warn, fail). */
+export interface HealthCheck {
+  name: string;
+  status: 'pass' | 'warn' | 'fail';
+  message: string;
+  durationMs: number;
 }
 
 export interface AgentApi {
@@ -51,6 +69,7 @@ const MAX_TAIL = 500;
 
 /** Routes anyone may GET: the page and its assets hold no device data, and probes need no token. */
 const PUBLIC_PATHS = new Set(['/', '/page.js', '/page.css', '/health', '/ready']);
+const CHECK_ORDER = { pass: 0, warn: 1, fail: 2 } as const;
 
 /**
  * Content-Security-Policy of the page: nothing but this origin, no inline script or style
@@ -202,6 +221,42 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
     sendJson(ctx.res, 503, { status: closing ? 'stopping' : 'not-ready' });
     return undefined;
   });
+  r.get('/health/detailed', (ctx) => {
+    const checks: HealthCheck[] = [];
+    const check = (name: string, fn: () => Omit<HealthCheck, 'name' | 'durationMs'>) => {
+      const t0 = performance.now();
+      let out: Omit<HealthCheck, 'name' | 'durationMs'>;
+      try {
+        out = fn();
+      } catch (err) {
+        out = { status: 'fail', message: err instanceof Error ? err.message : String(err) };
+      }
+      checks.push({ name, ...out, durationMs: Math.round((performance.now() - t0) * 1000) / 1000 });
+    };
+    check('api', () => (closing ? { status: 'fail', message: 'the agent is stopping' } : { status: 'pass', message: `${followers.size}/${maxStreams} log streams open` }));
+    check('ready', () => (d.ready() ? { status: 'pass', message: 'config applied, outbox open' } : { status: 'fail', message: 'not ready' }));
+    check('apps', () => {
+      const apps = d.supervisor.status();
+      const looping = apps.filter((a) => a.state === 'crash-loop' || a.crashLoop).map((a) => a.name);
+      const unhealthy = apps.filter((a) => a.health?.status === 'unhealthy').map((a) => a.name);
+      const bad = [...(looping.length ? [`crash-looping: ${looping.join(', ')}`] : []), ...(unhealthy.length ? [`unhealthy: ${unhealthy.join(', ')}`] : [])];
+      // an app's trouble is the app's, not the agent's: warn, never fail
+      return bad.length ? { status: 'warn', message: bad.join('; ') } : { status: 'pass', message: `${apps.length} apps, none crash-looping or unhealthy` };
+    });
+    if (d.uplink) {
+      const uplink = d.uplink;
+      check('uplink', () => {
+        const u = uplink();
+        const queued = `${u.depth} queued${u.depth ? `, oldest ${Math.round(u.oldestAgeMs / 1000)} s` : ''}`;
+        if (!u.configured) return { status: 'pass', message: `no hub configured; ${queued}` };
+        // offline is the normal life of an edge device: the outbox keeps everything
+        return u.connected ? { status: 'pass', message: `connected; ${queued}` } : { status: 'warn', message: `offline; ${queued}` };
+      });
+    }
+    const status = checks.reduce<HealthCheck['status']>((w, c) => (CHECK_ORDER[c.status] > CHECK_ORDER[w] ? c.status : w), 'pass');
+    sendJson(ctx.res, status === 'fail' ? 503 : 200, { status, checks });
+    return undefined;
+  }, read);
   r.get('/metrics', (ctx) => sendText(ctx.res, 200, PROM_CONTENT_TYPE, d.metrics.render()), read);
   r.get('/api/v1/status', () => ({ ...d.status(), node: process.versions.node }), read);
   r.get('/api/v1/metrics/history', () => ({

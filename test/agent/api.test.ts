@@ -132,8 +132,15 @@ test('agent API: reads open on loopback; writes need the technician token; read-
     assert.doesNotMatch(await js.text(), /innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(/, 'the page script never parses API data as HTML');
     assert.equal((await fetch(`${base}/page.css`)).status, 200);
 
-    // readiness, status
+    // readiness, detailed health, status
     assert.deepEqual(await (await fetch(`${base}/ready`)).json(), { status: 'ready' });
+    const hd = await fetch(`${base}/health/detailed`);
+    assert.equal(hd.status, 200);
+    const hdb = (await hd.json()) as { status: string; checks: Array<{ name: string; status: string; message: string; durationMs: number }> };
+    assert.equal(hdb.status, 'pass', JSON.stringify(hdb));
+    assert.deepEqual(hdb.checks.map((c) => c.name), ['api', 'ready', 'apps', 'uplink']);
+    assert.match(hdb.checks[3]!.message, /^no hub configured; \d+ queued/);
+    assert.ok(hdb.checks.every((c) => typeof c.durationMs === 'number'));
     const st = (await (await fetch(`${base}/api/v1/status`)).json()) as { node: string; hub: { configured: boolean; outbox: { depth: number } } };
     assert.equal(st.node, process.versions.node);
     assert.equal(st.hub.configured, false);
@@ -280,6 +287,11 @@ test('agent API off loopback (LAN): every read needs a token, no token in the UR
     const ready = await fetch(`${base}/ready`);
     assert.equal(ready.status, 503);
     assert.deepEqual(await ready.json(), { status: 'stopping' });
+    const hd = await fetch(`${base}/health/detailed`, { headers: ro });
+    assert.equal(hd.status, 503);
+    const hdb = (await hd.json()) as { status: string; checks: Array<{ name: string; status: string }> };
+    assert.equal(hdb.status, 'fail');
+    assert.deepEqual(hdb.checks.map((c) => [c.name, c.status]), [['api', 'fail'], ['ready', 'pass'], ['apps', 'pass']]);
   } finally {
     for (const s of streams) s.close();
     await http.close();
