@@ -16,7 +16,7 @@ import {
   type Header,
   type SignatureEntry,
 } from './format.ts';
-import { hashFileOnWorker, walkPayload, type WholeFileHash } from './stream.ts';
+import { WorkerHasher, walkPayload } from './stream.ts';
 import { countValid, type TrustRoot } from './trust.ts';
 
 export interface DeviceFacts {
@@ -154,7 +154,7 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
   } catch (err) {
     throw new FleetError('FLEET_BUNDLE_FORMAT', `cannot open bundle ${file}: ${(err as Error).message}`, { cause: err });
   }
-  let whole: WholeFileHash | undefined;
+  let whole: WorkerHasher | undefined;
   try {
     const head = await readHead(fh);
     if (now >= trust.expires) throw new FleetError('FLEET_BUNDLE_ROOT_EXPIRED', `trust root v${trust.version} expired at ${new Date(trust.expires).toISOString()}`);
@@ -166,8 +166,10 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
 
     const total = head.size;
     const payloadStart = head.headBytes.length;
-    whole = total >= WORKER_MIN_BYTES ? hashFileOnWorker(fh.fd, total) : undefined;
+    whole = total >= WORKER_MIN_BYTES ? WorkerHasher.start() : undefined;
+    whole?.update(head.headBytes);
     const inline: Hash | undefined = whole ? undefined : createHash('sha256').update(head.headBytes);
+    const hasher = whole;
     let h: Hash = createHash('sha256');
     await walkPayload(
       fh,
@@ -188,9 +190,10 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
         },
       },
       opts.onProgress ? (done) => opts.onProgress!(payloadStart + done, total) : undefined,
+      hasher ? { source: hasher, after: (chunk) => hasher.submit(chunk) } : undefined,
     );
     if (manifest.files.length === 0) opts.onProgress?.(total, total);
-    const sha256 = whole ? await whole.result : inline!.digest('hex');
+    const sha256 = hasher ? await hasher.digest() : inline!.digest('hex');
     const manifestBytes = Buffer.from(head.manifestBytes);
     const headBytes = head.headBytes;
     return {
@@ -201,10 +204,8 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
       signedBy,
       extractTo: (dir, xopts) => extractBundle(file, { headBytes, manifest, size: total }, dir, xopts?.onProgress),
     };
-  } catch (err) {
-    await whole?.cancel();
-    throw err;
   } finally {
+    await whole?.close();
     await fh.close();
   }
 }

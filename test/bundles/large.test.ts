@@ -1,8 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, ftruncateSync, mkdirSync, openSync, statSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
+import { isFleetError } from '../../core/errors.ts';
 import { buildBundle, verifyBundle } from '../../bundles/index.ts';
 import { tempDir } from '../helpers.ts';
 import { makeRoot, newKeys, NOW } from './fixtures.ts';
@@ -56,6 +57,37 @@ test('a 200 MiB bundle verifies and extracts in bounded memory (RSS growth < 64 
     const growth = (peak - start) / MiB;
     t.diagnostic(`RSS start ${(start / MiB).toFixed(1)} MiB, peak ${(peak / MiB).toFixed(1)} MiB, growth ${growth.toFixed(1)} MiB`);
     assert.ok(growth < 64, `RSS grew by ${growth.toFixed(1)} MiB`);
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('a 40 MiB bundle (hash worker path) with one flipped payload byte is refused with FLEET_BUNDLE_HASH, nothing extracted', async () => {
+  const tmp = tempDir();
+  try {
+    const keys = newKeys(1);
+    const { root } = makeRoot(keys, 1);
+    const src = join(tmp.dir, 'src');
+    mkdirSync(src);
+    for (let i = 0; i < 5; i++) {
+      const f = openSync(join(src, `part${i}.bin`), 'w');
+      writeSync(f, randomBytes(8 * MiB));
+      closeSync(f);
+    }
+    const out = join(tmp.dir, 'b.fltb');
+    const built = await buildBundle({ out, dir: src, keys: [keys[0]!.privateKey], manifest: { name: 'fw', kind: 'firmware', version: '1', sequence: 1, expires: '2099-01-01T00:00:00Z', targets: {} } });
+    const v = await verifyBundle(out, { trust: root, now: NOW });
+    assert.equal(v.sha256, built.sha256);
+    const fd = openSync(out, 'r+');
+    const one = Buffer.alloc(1);
+    readSync(fd, one, 0, 1, built.size - 20 * MiB);
+    one[0]! ^= 0x80;
+    writeSync(fd, one, 0, 1, built.size - 20 * MiB);
+    closeSync(fd);
+    await assert.rejects(verifyBundle(out, { trust: root, now: NOW }), (e: unknown) => isFleetError(e, 'FLEET_BUNDLE_HASH'));
+    mkdirSync(join(tmp.dir, 'releases'));
+    await assert.rejects(v.extractTo(join(tmp.dir, 'releases', 'x')), (e: unknown) => isFleetError(e, 'FLEET_BUNDLE_HASH'));
+    assert.deepEqual(readdirSync(join(tmp.dir, 'releases')), []);
   } finally {
     tmp.cleanup();
   }
