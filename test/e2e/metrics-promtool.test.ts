@@ -34,6 +34,44 @@ test('promtool accepts the hub and agent /metrics pages', { timeout: 60_000 }, a
       // and the linter does fail on a bad page, so the check above means something
       assert.notEqual(promtool(`${text}# TYPE broken_total counter\nbroken_total{a="1"} x\n`).status, 0);
     }
+    // the agent's device and per-app families (docs/agent.md#metrics), with samples where this machine has them
+    const page = await waitFor(async () => {
+      const t = await (await fetch(`http://127.0.0.1:${agent.apiPort}/metrics`)).text();
+      return /^fleet_agent_app_memory_rss_bytes\{app="sleeper"\} [1-9]/m.test(t) ? t : null;
+    }, 'the sleeper app sampled');
+    for (const fam of [
+      'fleet_device_cpu_utilization_percent',
+      'fleet_device_load1',
+      'fleet_device_load5',
+      'fleet_device_load15',
+      'fleet_device_memory_total_bytes',
+      'fleet_device_memory_available_bytes',
+      'fleet_device_memory_used_bytes',
+      'fleet_device_swap_total_bytes',
+      'fleet_device_uptime_seconds',
+      'fleet_device_filesystem_size_bytes',
+      'fleet_device_filesystem_avail_bytes',
+      'fleet_device_network_receive_bytes_total',
+      'fleet_device_network_transmit_bytes_total',
+      'fleet_device_network_receive_packets_total',
+      'fleet_device_network_transmit_packets_total',
+      'fleet_device_network_receive_bytes_per_second',
+      'fleet_device_temperature_celsius',
+      'fleet_agent_app_cpu_utilization_percent',
+      'fleet_agent_app_cpu_seconds_total',
+      'fleet_agent_app_memory_rss_bytes',
+      'fleet_agent_app_processes',
+      'fleet_agent_app_healthy',
+    ]) {
+      assert.match(page, new RegExp(`^# TYPE ${fam} (gauge|counter)$`, 'm'), fam);
+    }
+    assert.match(page, /^fleet_device_filesystem_avail_bytes\{path="\/"\} \d+$/m);
+    // the app and the launch shim's watcher (agent/shim.ts) share its process group
+    assert.match(page, /^fleet_agent_app_processes\{app="sleeper"\} [1-9]\d*$/m);
+    assert.doesNotMatch(page, /^fleet_agent_app_healthy\{app="sleeper"\}/m, 'no health check, no health series');
+    assert.match(page, /^fleet_agent_app_cpu_seconds_total\{app="sleeper"\} [\d.]+$/m);
+    const r = promtool(page);
+    assert.equal(r.status, 0, r.out);
   } finally {
     await agent.stop();
     await hub.stop();
