@@ -148,7 +148,7 @@ test('agent install into a prefix: hardened unit, default config, tokens 0600, b
       const bad = spawnSync('systemd-analyze', ['verify', '--man=no', check], { encoding: 'utf8' });
       assert.match(`${bad.stdout}${bad.stderr}`, /ProtectSytem|Restart/);
     } else {
-      test.diagnostic?.('systemd-analyze not found: unit checked by parsing only');
+      process.stderr.write('# systemd-analyze not found: the unit was checked by parsing only\n');
     }
   } finally {
     tmp.cleanup();
