@@ -177,7 +177,7 @@ export const PAGE_JS = String.raw`'use strict';
     var actions = el('div', 'actions');
     ['restart', 'stop', 'start'].forEach(function (a) {
       var b = el('button', a === 'restart' ? 'primary' : '', a[0].toUpperCase() + a.slice(1));
-      b.type = 'button'; b.setAttribute('data-action', a);
+      b.type = 'button'; b.setAttribute('data-action', a); b.setAttribute('aria-label', a + ' ' + name);
       b.addEventListener('click', function () { act(name, a, b); });
       actions.append(b);
     });
