@@ -15,7 +15,8 @@
  *     into the app's cgroup, so the app never runs a cycle outside its limits;
  *   - applies the fallbacks for limits when no cgroup is available: RLIMIT_DATA (`ulimit -d`)
  *     for memory and `nice` for CPU priority.
- * The app's stdin is /dev/null; only the watcher keeps the pipe.
+ * The app's stdin is /dev/null; only the watcher keeps the pipe, and the watcher's own output
+ * goes to /dev/null (it must neither print into the app's log nor hold its output pipes open).
  *
  * The script is plain POSIX sh (dash on Debian/Raspberry Pi OS, busybox ash works too).
  */
@@ -45,7 +46,7 @@ agent=$PPID
   kill -TERM 0 2>/dev/null
   sleep "$grace"
   kill -KILL 0 2>/dev/null
-) &
+) >/dev/null 2>&1 &
 if [ -n "$datakb" ]; then ulimit -d "$datakb" || { echo "fleetlet-shim: cannot set the memory limit (ulimit -d $datakb)" >&2; exit 126; }; fi
 if [ -n "$nice" ]; then exec nice -n "$nice" "$@" </dev/null; fi
 exec "$@" </dev/null

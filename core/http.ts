@@ -134,7 +134,13 @@ export class Router {
       let ok = true;
       for (let i = 0; i < parts.length && ok; i++) {
         const want = route.parts[i]!;
-        if (want.startsWith(':')) params[want.slice(1)] = decodeURIComponent(parts[i]!);
+        if (want.startsWith(':')) {
+          try {
+            params[want.slice(1)] = decodeURIComponent(parts[i]!);
+          } catch {
+            throw new FleetError('FLEET_HTTP_BAD_REQUEST', `bad percent-encoding in the path segment ${JSON.stringify(parts[i])}`);
+          }
+        }
         else ok = want === parts[i];
       }
       if (ok) found.push({ route, params });
@@ -190,7 +196,8 @@ export class Router {
         },
       };
       const out = await hit.route.handler(ctx);
-      if (!res.headersSent && !res.writableEnded) sendJson(res, 200, out ?? { ok: true });
+      // a handler may set another status (202, 201, 503) before returning its body
+      if (!res.headersSent && !res.writableEnded) sendJson(res, res.statusCode, out ?? { ok: true });
     } catch (err) {
       const fe = toFleetError(err);
       if (fe.code === 'FLEET_INTERNAL') this.opts.log.error('http handler failed', { url: req.url, err: fe.cause ?? fe });

@@ -26,5 +26,6 @@ export async function preferPort(host: string, port: number, proto: 'tcp' | 'udp
 
 /** true for addresses only this machine can reach (127.0.0.0/8, ::1, localhost): where reads may go without a token. */
 export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+  // an IPv4 literal in 127.0.0.0/8, not any name that starts with "127."
+  return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }

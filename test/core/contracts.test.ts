@@ -97,5 +97,26 @@ test('ports: a taken default is replaced by 0 (any free port), a free one is kep
 test('isLoopback: what the agent and hub APIs treat as this-machine-only', async () => {
   const { isLoopback } = await import('../../core/net.ts');
   for (const h of ['127.0.0.1', '127.1.2.3', '::1', 'localhost']) assert.ok(isLoopback(h), h);
-  for (const h of ['0.0.0.0', '::', '192.0.2.1', '10.0.0.1', 'device.local']) assert.ok(!isLoopback(h), h);
+  for (const h of ['0.0.0.0', '::', '192.0.2.1', '10.0.0.1', 'device.local', '127.evil.example', '127.0.0.1.nip.io']) assert.ok(!isLoopback(h), h);
+});
+
+test("router: a handler's status code is kept; bad percent-encoding is a 400 with a code", async () => {
+  const { Router, listenHttp } = await import('../../core/http.ts');
+  const r = new Router({ log: createLogger({ name: 't', level: 'silent' }), rateLimit: 0 });
+  r.post('/jobs/:id', (ctx) => {
+    ctx.res.statusCode = 202;
+    return { accepted: ctx.params.id };
+  });
+  r.get('/things/:id', (ctx) => ({ id: ctx.params.id }));
+  const srv = await listenHttp(r.handle, '127.0.0.1', 0, false);
+  try {
+    const a = await fetch(`http://127.0.0.1:${srv.port}/jobs/x%20y`, { method: 'POST' });
+    assert.equal(a.status, 202);
+    assert.deepEqual(await a.json(), { accepted: 'x y' });
+    const b = await fetch(`http://127.0.0.1:${srv.port}/things/%E0%A4%A`);
+    assert.equal(b.status, 400);
+    assert.equal(((await b.json()) as { error: { code: string } }).error.code, 'FLEET_HTTP_BAD_REQUEST');
+  } finally {
+    await srv.close();
+  }
 });
