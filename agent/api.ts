@@ -9,6 +9,7 @@ import type { EventLog } from './events.ts';
 import type { MetricsHistory } from './history.ts';
 import { PAGE_CSS, PAGE_HTML, PAGE_JS } from './page.ts';
 import type { AppStatus, LogLine, Supervisor } from './supervisor.ts';
+import type { JobScheduler } from './jobs.ts';
 
 export interface AgentApiDeps {
   log: Logger;
@@ -28,6 +29,8 @@ export interface AgentApiDeps {
   ready(): boolean;
   /** the link to the hub, for /health/detailed (absent: no uplink check) */
   uplink?(): UplinkHealth;
+  /** scheduled jobs (agent/jobs.ts) */
+  jobs?: JobScheduler;
   /** most server-sent-event streams open at once, all clients together; default 8 */
   maxStreams?: number;
   /** comment line sent on idle streams so proxies and clients see the stream alive, ms; default 15_000 */
@@ -66,6 +69,7 @@ export const BODY_LIMIT = 16 * 1024;
 /** a slow SSE reader gets lines dropped (and a `gap` event) beyond this much unsent output */
 const STREAM_BUFFER_LIMIT = 256 * 1024;
 const MAX_TAIL = 500;
+const MAX_FILE_TAIL = 5000;
 
 /** Routes anyone may GET: the page and its assets hold no device data, and probes need no token. */
 const PUBLIC_PATHS = new Set(['/', '/page.js', '/page.css', '/health', '/ready']);
@@ -271,8 +275,15 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
   r.get('/api/v1/apps', () => ({ apps: d.supervisor.status() }), read);
   r.get('/api/v1/apps/:name', (ctx) => app(ctx.params.name).status(), read);
   r.get('/api/v1/apps/:name/logs', (ctx) => {
+    const a = app(ctx.params.name);
+    // ?source=file reads the rotating log files (older than the 500 lines kept in memory)
+    if (ctx.url.searchParams.get('source') === 'file') {
+      if (!a.file) throw new FleetError('FLEET_HTTP_NOT_FOUND', `app ${a.spec.name} has no log files`);
+      const n = Math.max(1, intParam(ctx.url, 'lines', 100, MAX_FILE_TAIL));
+      return { file: a.file.path, files: a.file.files(), text: a.file.tail(n) };
+    }
     const n = Math.max(1, intParam(ctx.url, 'lines', 100, MAX_TAIL));
-    return { lines: app(ctx.params.name).lines.slice(-n) };
+    return { lines: a.lines.slice(-n) };
   }, read);
   r.get('/api/v1/apps/:name/logs/follow', (ctx) => {
     const a = app(ctx.params.name);
@@ -298,6 +309,15 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
     s.send('state', { app: name, state: st.state, pid: st.pid, restarts: st.restarts, t: Date.now() });
     if (!s.closed) followers.set(s, name);
   }, read);
+  r.get('/api/v1/jobs', () => ({ jobs: d.jobs?.status() ?? [] }), read);
+  r.post('/api/v1/jobs/:name/run', writeCall((ctx) => {
+    const name = ctx.params.name ?? '';
+    if (!d.jobs?.has(name)) throw new FleetError('FLEET_JOB_NOT_FOUND', `no job named ${JSON.stringify(name)}`);
+    d.log.info('job run requested', { job: name, via: 'local-api' });
+    const started = d.jobs.tick(name);
+    ctx.res.statusCode = started ? 202 : 409;
+    return { job: name, started, reason: started ? undefined : 'still running; runs never overlap' };
+  }), write);
   r.post('/api/v1/apps/:name/restart', writeCall(async (ctx) => {
     const a = app(ctx.params.name);
     d.log.info('app restart requested', { app: a.spec.name, via: 'local-api' });

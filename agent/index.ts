@@ -252,7 +252,9 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     status,
     history,
     events,
+    jobs,
     ready: () => true,
+    uplink: () => ({ configured: config.hub !== undefined, connected: client?.connected ?? false, ...outbox.stats() }),
   });
   const http: Listening = await listenHttp(api.handle, config.api.host, config.api.port, config.api.portFallback);
   log.info('agent started', { deviceId: config.deviceId, api: `http://${config.api.host}:${http.port}/`, apps: config.apps.length, hub: config.hub?.url ?? null });

@@ -34,6 +34,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   FLEET_FORBIDDEN: 403,
   FLEET_HTTP_NOT_FOUND: 404,
   FLEET_APP_NOT_FOUND: 404,
+  FLEET_JOB_NOT_FOUND: 404,
   FLEET_HTTP_METHOD: 405,
   FLEET_HTTP_BODY_TOO_LARGE: 413,
   FLEET_HTTP_BAD_REQUEST: 400,
@@ -55,7 +56,8 @@ export function sendText(res: ServerResponse, status: number, contentType: strin
 
 export function sendError(res: ServerResponse, err: unknown): void {
   const fe = toFleetError(err);
-  const status = STATUS[fe.code] ?? 500;
+  // a refused bundle or update is the request's fault (422), not the server's
+  const status = STATUS[fe.code] ?? (fe.code.startsWith('FLEET_BUNDLE_') ? 422 : 500);
   if (res.headersSent) {
     res.destroy();
     return;

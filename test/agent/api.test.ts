@@ -379,3 +379,48 @@ test('MetricsHistory: 10 s buckets with min/avg/max, nulls skipped, one hour kep
   assert.equal(h.points()[h.points().length - 1]!.values.cpu!.max, 99);
   assert.throws(() => new MetricsHistory(['x'], { bucketMs: 0 }), RangeError);
 });
+
+test('agent API: scheduled jobs are listed and run by hand (never overlapping); log tail from the rotating files', async () => {
+  const tmp = tempDir();
+  const agent = await startAgent(
+    AgentConfigSchema.parse({
+      deviceId: 'dev-jobs',
+      stateDir: tmp.dir,
+      api: { port: 0, rateLimit: 0 },
+      apps: [{ name: 'talker', command: '/bin/sh', args: ['-c', 'for i in 1 2 3; do echo line-$i; done; exec sleep 60'] }],
+      // a yearly schedule: only the manual run fires during the test
+      jobs: [{ name: 'report', schedule: '0 0 1 1 *', command: '/bin/sh', args: ['-c', 'sleep 1'] }],
+    }),
+    testLogger(),
+    '0.0.0',
+  );
+  const base = `http://127.0.0.1:${agent.apiPort}`;
+  const tech = readFileSync(agent.tokenFiles.technician, 'utf8').trim();
+  const run = () => fetch(`${base}/api/v1/jobs/report/run`, { method: 'POST', headers: { authorization: `Bearer ${tech}` } });
+  try {
+    const list = (await (await fetch(`${base}/api/v1/jobs`)).json()) as { jobs: Array<{ name: string; nextRun: string | null; runs: number }> };
+    assert.equal(list.jobs[0]!.name, 'report');
+    assert.match(list.jobs[0]!.nextRun ?? '', /-01-01T/);
+    const first = await run();
+    assert.equal(first.status, 202);
+    const second = await run();
+    assert.equal(second.status, 409, 'a second run while the first is running is refused');
+    assert.equal(((await second.json()) as { started: boolean }).started, false);
+    const missing = await fetch(`${base}/api/v1/jobs/nope/run`, { method: 'POST', headers: { authorization: `Bearer ${tech}` } });
+    assert.equal(missing.status, 404);
+    assert.equal(await code(missing), 'FLEET_JOB_NOT_FOUND');
+    await waitFor(async () => ((await (await fetch(`${base}/api/v1/jobs`)).json()) as { jobs: Array<{ lastRun: { ok: boolean } | null }> }).jobs[0]!.lastRun?.ok, 'job done');
+
+    await waitFor(() => agent.supervisor.apps.get('talker')!.lines.length >= 3, 'app output');
+    const tail = await waitFor(async () => {
+      const t = (await (await fetch(`${base}/api/v1/apps/talker/logs?source=file&lines=2`)).json()) as { text: string[]; file: string };
+      return t.text.length === 2 ? t : null;
+    }, 'file tail');
+    assert.match(tail.text[0]!, / stdout line-2$/);
+    assert.match(tail.text[1]!, / stdout line-3$/);
+    assert.equal(tail.file, join(tmp.dir, 'logs', 'talker', 'talker.log'));
+  } finally {
+    await agent.stop();
+    tmp.cleanup();
+  }
+});
