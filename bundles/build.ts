@@ -7,9 +7,11 @@ import { CHUNK_BYTES, readRange } from './stream.ts';
 import {
   FORMAT_VERSION,
   ManifestSchema,
+  PREFIX_BYTES,
   canonicalJson,
   checkFiles,
-  encodeBundleHead,
+  encodePrefix,
+  encodeTail,
   parseManifest,
   type BundleFile,
   type BundleManifest,
@@ -67,16 +69,6 @@ async function walkDir(root: string): Promise<BuildSource[]> {
   return out;
 }
 
-async function hashSource(file: string): Promise<{ sha256: string; size: number }> {
-  const h = createHash('sha256');
-  let size = 0;
-  for await (const chunk of createReadStream(file, { highWaterMark: CHUNK_BYTES })) {
-    h.update(chunk as Buffer);
-    size += (chunk as Buffer).length;
-  }
-  return { sha256: h.digest('hex'), size };
-}
-
 async function writeAll(out: FileHandle, buf: Buffer): Promise<void> {
   let off = 0;
   while (off < buf.length) {
@@ -110,9 +102,10 @@ export function signManifest(manifestBytes: Buffer, keys: readonly KeyObject[]):
 }
 
 /**
- * Build a bundle: hash every source file, write the canonical manifest and signatures, then the
- * payload. Source files are hashed again while copied, so a file that changes during the build
- * fails the build instead of producing a bundle that will not verify.
+ * Build a bundle in one pass over the sources: the payload is written while each file's sha256
+ * and the prefix+payload sha256 are computed, then the manifest (now complete) and its
+ * signatures are appended. The manifest and paths are validated before anything is written; a
+ * source file that changes size while it is copied fails the build.
  */
 export async function buildBundle(opts: BuildOptions): Promise<BuiltBundle> {
   const sources = [...(opts.dir ? await walkDir(opts.dir) : []), ...(opts.files ?? [])];
@@ -121,20 +114,21 @@ export async function buildBundle(opts: BuildOptions): Promise<BuiltBundle> {
   for (const s of sources) {
     const st = await lstat(s.source);
     if (!st.isFile()) throw new FleetError('FLEET_BUNDLE_PATH', `${s.source}: not a regular file`, { details: { path: s.path } });
-    const { sha256, size } = await hashSource(s.source);
-    entries.push({ path: s.path, size, sha256, mode: s.mode ?? (st.mode & 0o100 ? 0o755 : 0o644) });
+    entries.push({ path: s.path, size: st.size, sha256: '0'.repeat(64), mode: s.mode ?? (st.mode & 0o100 ? 0o755 : 0o644) });
   }
-  const { manifest, bytes } = encodeManifest({ ...opts.manifest, created: opts.manifest.created ?? new Date().toISOString().replace(/\.\d{3}Z$/, 'Z'), format: FORMAT_VERSION, files: entries });
-  const signatures = signManifest(bytes, opts.keys ?? []);
-  const head = encodeBundleHead(bytes, signatures);
-  const total = head.length + entries.reduce((n, f) => n + f.size, 0);
-  const whole = createHash('sha256').update(head);
+  const payloadSize = entries.reduce((n, f) => n + f.size, 0);
+  const fields = { ...opts.manifest, created: opts.manifest.created ?? new Date().toISOString().replace(/\.\d{3}Z$/, 'Z'), format: FORMAT_VERSION };
+  encodeManifest({ ...fields, files: entries, payload: { size: payloadSize, sha256: '0'.repeat(64) } }); // validate before writing
+
   const tmp = join(dirname(opts.out), `.${basename(opts.out)}.tmp-${process.pid}`);
   const out = await open(tmp, 'w', 0o644);
   let ok = false;
   try {
-    await writeAll(out, head);
-    let done = head.length;
+    const prefix = encodePrefix(payloadSize);
+    const whole = createHash('sha256').update(prefix);
+    await writeAll(out, prefix);
+    const total = PREFIX_BYTES + payloadSize;
+    let done = PREFIX_BYTES;
     for (let i = 0; i < sources.length; i++) {
       const f = entries[i]!;
       const h = createHash('sha256');
@@ -149,20 +143,26 @@ export async function buildBundle(opts: BuildOptions): Promise<BuiltBundle> {
         done += chunk.length;
         opts.onProgress?.(done, total);
       }
-      if (n !== f.size || h.digest('hex') !== f.sha256) throw new FleetError('FLEET_BUNDLE_CHANGED', `${sources[i]!.source} changed while the bundle was built`);
+      if (n !== f.size) throw new FleetError('FLEET_BUNDLE_CHANGED', `${sources[i]!.source} changed size while the bundle was built`);
+      f.sha256 = h.digest('hex');
     }
+    const { manifest, bytes } = encodeManifest({ ...fields, files: entries, payload: { size: payloadSize, sha256: whole.copy().digest('hex') } });
+    const signatures = signManifest(bytes, opts.keys ?? []);
+    const tail = encodeTail(bytes, signatures);
+    whole.update(tail);
+    await writeAll(out, tail);
     await out.sync();
     await out.close();
     await rename(tmp, opts.out);
     await syncDir(dirname(opts.out));
     ok = true;
+    return { file: opts.out, manifest, manifestBytes: bytes, signatures, sha256: whole.digest('hex'), size: total + tail.length };
   } finally {
     if (!ok) {
       await out.close().catch(() => undefined);
       await rm(tmp, { force: true });
     }
   }
-  return { file: opts.out, manifest, manifestBytes: bytes, signatures, sha256: whole.digest('hex'), size: total };
 }
 
 export interface BundleInfo {
@@ -170,7 +170,8 @@ export interface BundleInfo {
   manifestBytes: Buffer;
   signatures: SignatureEntry[];
   size: number;
-  headBytes: number;
+  /** offset of the tail (lengths, manifest, signatures) = 16 + payload size */
+  tailOffset: number;
 }
 
 /** Read a bundle's manifest and signatures without any trust decision (inspect, signBundle). */
@@ -184,15 +185,16 @@ export async function inspectBundle(file: string): Promise<BundleInfo> {
   try {
     const head = await readHead(fh);
     const manifest = parseManifest(head.manifestBytes);
-    return { manifest, manifestBytes: Buffer.from(head.manifestBytes), signatures: head.signatures, size: head.size, headBytes: head.headBytes.length };
+    return { manifest, manifestBytes: Buffer.from(head.manifestBytes), signatures: head.signatures, size: head.size, tailOffset: head.layout.tailOffset };
   } finally {
     await fh.close();
   }
 }
 
 /**
- * Add signatures to an existing bundle (a signature by the same key replaces the old one). The
- * signatures block sits before the payload, so the file is rewritten: temp file, fsync, rename.
+ * Add signatures to an existing bundle (a signature by the same key replaces the old one). Only
+ * the tail changes, but the file is still rewritten to a temp file and renamed, so a crash never
+ * leaves a half-signed bundle.
  */
 export async function signBundle(file: string, keys: readonly KeyObject[], onProgress?: (done: number, total: number) => void): Promise<{ signatures: SignatureEntry[]; sha256: string; size: number }> {
   const info = await inspectBundle(file);
@@ -200,23 +202,23 @@ export async function signBundle(file: string, keys: readonly KeyObject[], onPro
   const byId = new Map(info.signatures.map((s) => [s.keyid, s]));
   for (const s of added) byId.set(s.keyid, s);
   const signatures = [...byId.values()];
-  const head = encodeBundleHead(info.manifestBytes, signatures);
-  const payload = info.size - info.headBytes;
-  const total = head.length + payload;
-  const whole = createHash('sha256').update(head);
+  const tail = encodeTail(info.manifestBytes, signatures);
+  const total = info.tailOffset + tail.length;
+  const whole = createHash('sha256');
   const tmp = join(dirname(file), `.${basename(file)}.tmp-${process.pid}`);
   const src = await open(file, 'r');
   const out = await open(tmp, 'w', 0o644);
   let ok = false;
   try {
-    await writeAll(out, head);
-    let done = head.length;
-    for await (const chunk of readRange(src, info.headBytes, info.size)) {
+    let done = 0;
+    for await (const chunk of readRange(src, 0, info.tailOffset)) {
       whole.update(chunk);
       await writeAll(out, chunk);
       done += chunk.length;
       onProgress?.(done, total);
     }
+    whole.update(tail);
+    await writeAll(out, tail);
     await out.sync();
     await out.close();
     await rename(tmp, file);

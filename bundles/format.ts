@@ -4,17 +4,23 @@ import { FleetError } from '../core/errors.ts';
 /**
  * The bundle container (docs/bundle-format.md is the normative text):
  *
- *   offset 0   8 bytes   magic "FLTBNDL1"
- *   offset 8   u32 BE    manifest length M (1 ≤ M ≤ MAX_MANIFEST_BYTES)
- *   offset 12  u32 BE    signatures block length S (2 ≤ S ≤ MAX_SIGNATURES_BYTES)
- *   offset 16  M bytes   manifest: canonical JSON (below), the bytes the signatures cover
- *   16 + M     S bytes   signatures block: canonical JSON [{"keyid","sig"}]
- *   16 + M + S           payload: the bytes of every manifest file, concatenated in manifest order
- *   EOF exactly at 16 + M + S + Σ files[i].size
+ *   offset 0          8 bytes  magic "FLTBNDL1"
+ *   offset 8          u64 BE   P, payload length
+ *   offset 16         P bytes  payload: the bytes of every manifest file, concatenated in manifest order
+ *   16 + P            u32 BE   M, manifest length (2 ≤ M ≤ MAX_MANIFEST_BYTES)
+ *   16 + P + 4        u32 BE   S, signatures block length (2 ≤ S ≤ MAX_SIGNATURES_BYTES)
+ *   16 + P + 8        M bytes  manifest: canonical JSON (below), the bytes the signatures cover
+ *   16 + P + 8 + M    S bytes  signatures block: canonical JSON [{"keyid","sig"}]
+ *   EOF exactly at 16 + P + 8 + M + S
+ *
+ * The manifest carries payload.sha256 = sha256 of bytes [0, 16 + P) (prefix and payload). So
+ * one SHA-256 pass from the start of the file gives both that signed digest (a copy of the hash
+ * state at 16 + P) and, continued over the tail, the whole-file sha256 that names the bundle.
  */
 export const MAGIC = Buffer.from('FLTBNDL1', 'latin1');
-export const HEADER_BYTES = 16;
-/** A manifest larger than this is refused from the header alone (FLEET_BUNDLE_MANIFEST_TOO_LARGE). */
+export const PREFIX_BYTES = 16;
+export const TAIL_HEADER_BYTES = 8;
+/** A manifest larger than this is refused from its length field alone (FLEET_BUNDLE_MANIFEST_TOO_LARGE). */
 export const MAX_MANIFEST_BYTES = 1024 * 1024;
 export const MAX_SIGNATURES_BYTES = 64 * 1024;
 export const MAX_FILES = 100_000;
@@ -93,6 +99,8 @@ export const ManifestSchema = z
     expires: isoTime,
     targets: TargetsSchema,
     files: z.array(BundleFileSchema).max(MAX_FILES),
+    /** size = Σ files[].size; sha256 = sha256 of the file's bytes [0, 16 + size) (prefix + payload) */
+    payload: z.object({ size: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER), sha256: hex64 }).strict(),
     app: AppSectionSchema.optional(),
     /** free-form labels (changelog id, git commit); not interpreted */
     labels: z.record(z.string().max(64), z.string().max(1024)).optional(),
@@ -100,8 +108,8 @@ export const ManifestSchema = z
   .strict();
 
 export type BundleManifest = z.infer<typeof ManifestSchema>;
-/** What a caller gives to build a manifest (format and files are filled in by buildBundle). */
-export type ManifestInput = Omit<z.input<typeof ManifestSchema>, 'format' | 'files'>;
+/** What a caller gives to build a manifest (format, files and payload are filled in by buildBundle). */
+export type ManifestInput = Omit<z.input<typeof ManifestSchema>, 'format' | 'files' | 'payload'>;
 
 export interface SignatureEntry {
   /** sha256 of the raw 32-byte Ed25519 public key, hex */
@@ -132,43 +140,62 @@ export function canonicalJson(value: unknown): string {
   throw new FleetError('FLEET_BUNDLE_MANIFEST_INVALID', `canonical JSON cannot encode ${typeof value}`);
 }
 
-export function encodeHeader(manifestLength: number, signaturesLength: number): Buffer {
-  const h = Buffer.alloc(HEADER_BYTES);
+export function encodePrefix(payloadLength: number): Buffer {
+  const h = Buffer.alloc(PREFIX_BYTES);
   MAGIC.copy(h, 0);
-  h.writeUInt32BE(manifestLength, 8);
-  h.writeUInt32BE(signaturesLength, 12);
+  h.writeBigUInt64BE(BigInt(payloadLength), 8);
   return h;
 }
 
-/** Header, manifest bytes and signatures block: everything before the payload. */
-export function encodeBundleHead(manifestBytes: Buffer, signatures: readonly SignatureEntry[]): Buffer {
-  const sigBytes = Buffer.from(canonicalJson(signatures.map((s) => ({ keyid: s.keyid, sig: s.sig }))), 'utf8');
-  return Buffer.concat([encodeHeader(manifestBytes.length, sigBytes.length), manifestBytes, sigBytes]);
+export function encodeSignatures(signatures: readonly SignatureEntry[]): Buffer {
+  return Buffer.from(canonicalJson(signatures.map((s) => ({ keyid: s.keyid, sig: s.sig }))), 'utf8');
 }
 
-export interface Header {
+/** Everything after the payload: lengths, manifest bytes, signatures block. */
+export function encodeTail(manifestBytes: Buffer, signatures: readonly SignatureEntry[]): Buffer {
+  const sigBytes = encodeSignatures(signatures);
+  const lens = Buffer.alloc(TAIL_HEADER_BYTES);
+  lens.writeUInt32BE(manifestBytes.length, 0);
+  lens.writeUInt32BE(sigBytes.length, 4);
+  return Buffer.concat([lens, manifestBytes, sigBytes]);
+}
+
+export interface Layout {
+  payloadLength: number;
   manifestLength: number;
   signaturesLength: number;
+  /** offset of the tail (lengths, manifest, signatures) = 16 + payloadLength */
+  tailOffset: number;
 }
 
-/** Checks magic and lengths; `fileSize` lets a short file fail with FLEET_BUNDLE_TRUNCATED. */
-export function decodeHeader(h: Buffer, fileSize: number): Header {
-  if (h.length < HEADER_BYTES) {
-    if (h.length < MAGIC.length || !h.subarray(0, MAGIC.length).equals(MAGIC)) throw new FleetError('FLEET_BUNDLE_FORMAT', 'not a fleetlet bundle (no FLTBNDL1 magic)');
-    throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle ends inside its ${HEADER_BYTES}-byte header`);
+/** Checks magic and payload length against the file size (the first 16 bytes). */
+export function decodePrefix(h: Buffer, fileSize: number): number {
+  const magicOk = h.length >= MAGIC.length && h.subarray(0, MAGIC.length).equals(MAGIC);
+  if (!magicOk) throw new FleetError('FLEET_BUNDLE_FORMAT', 'not a fleetlet bundle (no FLTBNDL1 magic)');
+  if (h.length < PREFIX_BYTES) throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle ends inside its ${PREFIX_BYTES}-byte prefix`);
+  const p = h.readBigUInt64BE(8);
+  if (p > BigInt(Number.MAX_SAFE_INTEGER)) throw new FleetError('FLEET_BUNDLE_FORMAT', `payload length ${p} is not a safe integer`);
+  const payloadLength = Number(p);
+  if (fileSize < PREFIX_BYTES + payloadLength + TAIL_HEADER_BYTES) {
+    throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle is ${fileSize} bytes, shorter than its ${payloadLength}-byte payload and lengths say`, { details: { size: fileSize, payloadLength } });
   }
-  if (!h.subarray(0, MAGIC.length).equals(MAGIC)) throw new FleetError('FLEET_BUNDLE_FORMAT', 'not a fleetlet bundle (no FLTBNDL1 magic)');
-  const manifestLength = h.readUInt32BE(8);
-  const signaturesLength = h.readUInt32BE(12);
+  return payloadLength;
+}
+
+/** Checks the manifest and signatures lengths (the 8 bytes after the payload) and the file size. */
+export function decodeTailHeader(t: Buffer, fileSize: number, payloadLength: number): Layout {
+  const manifestLength = t.readUInt32BE(0);
+  const signaturesLength = t.readUInt32BE(4);
   if (manifestLength > MAX_MANIFEST_BYTES) {
     throw new FleetError('FLEET_BUNDLE_MANIFEST_TOO_LARGE', `manifest is ${manifestLength} bytes, the limit is ${MAX_MANIFEST_BYTES}`, { details: { manifestLength, limit: MAX_MANIFEST_BYTES } });
   }
   if (manifestLength < 2) throw new FleetError('FLEET_BUNDLE_FORMAT', `manifest length ${manifestLength} is too small`);
   if (signaturesLength < 2 || signaturesLength > MAX_SIGNATURES_BYTES) throw new FleetError('FLEET_BUNDLE_FORMAT', `signatures block length ${signaturesLength} is outside 2..${MAX_SIGNATURES_BYTES}`);
-  if (fileSize < HEADER_BYTES + manifestLength + signaturesLength) {
-    throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle is ${fileSize} bytes, shorter than its header, manifest and signatures (${HEADER_BYTES + manifestLength + signaturesLength})`);
-  }
-  return { manifestLength, signaturesLength };
+  const tailOffset = PREFIX_BYTES + payloadLength;
+  const expected = tailOffset + TAIL_HEADER_BYTES + manifestLength + signaturesLength;
+  if (fileSize < expected) throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle is ${fileSize} bytes, its lengths say ${expected}`, { details: { size: fileSize, expected } });
+  if (fileSize > expected) throw new FleetError('FLEET_BUNDLE_FORMAT', `bundle has ${fileSize - expected} bytes after its signatures block`, { details: { size: fileSize, expected } });
+  return { payloadLength, manifestLength, signaturesLength, tailOffset };
 }
 
 export function parseSignatures(bytes: Buffer): SignatureEntry[] {
@@ -209,6 +236,8 @@ export function parseManifest(bytes: Buffer): BundleManifest {
   const m = r.data;
   if (m.kind === 'app' && !m.app) throw new FleetError('FLEET_BUNDLE_MANIFEST_INVALID', 'manifest: kind app needs an "app" section');
   if (m.kind !== 'app' && m.app) throw new FleetError('FLEET_BUNDLE_MANIFEST_INVALID', `manifest: an "app" section is only allowed for kind app, not ${m.kind}`);
+  const sum = m.files.reduce((n, f) => n + f.size, 0);
+  if (sum !== m.payload.size) throw new FleetError('FLEET_BUNDLE_MANIFEST_INVALID', `manifest: files add up to ${sum} bytes, payload.size is ${m.payload.size}`);
   return m;
 }
 
@@ -262,11 +291,6 @@ export function checkFiles(m: BundleManifest): void {
     if (problem) throw new FleetError('FLEET_BUNDLE_PATH', `app.command ${JSON.stringify(m.app.command)}: ${problem}`, { details: { path: m.app.command } });
     if (!files.has(m.app.command)) throw new FleetError('FLEET_BUNDLE_MANIFEST_INVALID', `app.command ${JSON.stringify(m.app.command)} is not one of the bundle's files`);
   }
-}
-
-/** Size of the whole bundle file the manifest describes. */
-export function expectedBundleSize(h: Header, m: BundleManifest): number {
-  return HEADER_BYTES + h.manifestLength + h.signaturesLength + m.files.reduce((n, f) => n + f.size, 0);
 }
 
 /** Compare dotted numeric versions (major.minor.patch; a pre-release sorts before its release). */

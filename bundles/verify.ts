@@ -4,19 +4,20 @@ import { createHash, type Hash } from 'node:crypto';
 import { dirname, join, resolve } from 'node:path';
 import { FleetError, isFleetError } from '../core/errors.ts';
 import {
-  HEADER_BYTES,
+  PREFIX_BYTES,
+  TAIL_HEADER_BYTES,
   checkFiles,
   compareVersions,
-  decodeHeader,
-  expectedBundleSize,
+  decodePrefix,
+  decodeTailHeader,
   parseManifest,
   parseSignatures,
   type BundleKind,
   type BundleManifest,
-  type Header,
+  type Layout,
   type SignatureEntry,
 } from './format.ts';
-import { WorkerHasher, walkPayload } from './stream.ts';
+import { readRange, walkPayload } from './stream.ts';
 import { countValid, type TrustRoot } from './trust.ts';
 
 export interface DeviceFacts {
@@ -110,40 +111,41 @@ async function readExact(fh: FileHandle, len: number, pos: number): Promise<Buff
 }
 
 interface Head {
-  header: Header;
-  headBytes: Buffer;
+  layout: Layout;
+  prefixBytes: Buffer;
+  /** lengths, manifest and signatures: bytes [tailOffset, size) */
+  tailBytes: Buffer;
   manifestBytes: Buffer;
   signatures: SignatureEntry[];
   size: number;
 }
 
-/** Read and frame-check header, manifest bytes and signatures block (no trust decisions). */
+/** Read and frame-check prefix, lengths, manifest bytes and signatures block (no trust decisions). */
 export async function readHead(fh: FileHandle): Promise<Head> {
   const st = await fh.stat();
   if (!st.isFile()) throw new FleetError('FLEET_BUNDLE_FORMAT', 'a bundle must be a regular file');
   const size = st.size;
-  const first = await readExact(fh, HEADER_BYTES, 0);
-  const header = decodeHeader(first, size);
-  const rest = await readExact(fh, header.manifestLength + header.signaturesLength, HEADER_BYTES);
-  if (rest.length < header.manifestLength + header.signaturesLength) throw new FleetError('FLEET_BUNDLE_TRUNCATED', 'bundle ends inside its manifest or signatures block');
-  const manifestBytes = rest.subarray(0, header.manifestLength);
-  const signatures = parseSignatures(rest.subarray(header.manifestLength));
-  return { header, headBytes: Buffer.concat([first, rest]), manifestBytes, signatures, size };
+  const prefixBytes = await readExact(fh, PREFIX_BYTES, 0);
+  const payloadLength = decodePrefix(prefixBytes, size);
+  const tailOffset = PREFIX_BYTES + payloadLength;
+  const lens = await readExact(fh, TAIL_HEADER_BYTES, tailOffset);
+  if (lens.length < TAIL_HEADER_BYTES) throw new FleetError('FLEET_BUNDLE_TRUNCATED', 'bundle ends before its manifest');
+  // the manifest size limit is enforced here, before the manifest is read
+  const layout = decodeTailHeader(lens, size, payloadLength);
+  const rest = await readExact(fh, layout.manifestLength + layout.signaturesLength, tailOffset + TAIL_HEADER_BYTES);
+  if (rest.length < layout.manifestLength + layout.signaturesLength) throw new FleetError('FLEET_BUNDLE_TRUNCATED', 'bundle ends inside its manifest or signatures block');
+  const manifestBytes = rest.subarray(0, layout.manifestLength);
+  const signatures = parseSignatures(rest.subarray(layout.manifestLength));
+  return { layout, prefixBytes, tailBytes: Buffer.concat([lens, rest]), manifestBytes, signatures, size };
 }
-
-function checkSize(h: Head, m: BundleManifest): void {
-  const expected = expectedBundleSize(h.header, m);
-  if (h.size < expected) throw new FleetError('FLEET_BUNDLE_TRUNCATED', `bundle is ${h.size} bytes, its manifest describes ${expected}`, { details: { size: h.size, expected } });
-  if (h.size > expected) throw new FleetError('FLEET_BUNDLE_FORMAT', `bundle has ${h.size - expected} bytes after its last file`, { details: { size: h.size, expected } });
-}
-
-const WORKER_MIN_BYTES = 32 * 1024 * 1024;
 
 /**
  * Verify a bundle file: frame, signatures (trust root threshold over the exact manifest bytes),
- * manifest schema and paths, kind, expiry, rollback floor, targets, size, then every file's
- * sha256 while streaming the payload. Nothing is written anywhere. Memory is bounded (two 4 MiB
- * read buffers, plus one on a hash worker for large files) whatever the bundle size.
+ * manifest schema and paths, kind, expiry, rollback floor, targets, then one SHA-256 pass over
+ * prefix and payload that must give the signed payload.sha256; the same hash continued over the
+ * tail is the whole-file sha256. Per-file hashes are implied (the payload is the files back to
+ * back with signed sizes) and checked again file by file at extraction. Nothing is written.
+ * Memory is bounded: two 4 MiB read buffers plus the manifest (at most 1 MiB).
  */
 export async function verifyBundle(file: string, opts: VerifyOptions): Promise<VerifiedBundle> {
   const { trust } = opts;
@@ -154,7 +156,6 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
   } catch (err) {
     throw new FleetError('FLEET_BUNDLE_FORMAT', `cannot open bundle ${file}: ${(err as Error).message}`, { cause: err });
   }
-  let whole: WorkerHasher | undefined;
   try {
     const head = await readHead(fh);
     if (now >= trust.expires) throw new FleetError('FLEET_BUNDLE_ROOT_EXPIRED', `trust root v${trust.version} expired at ${new Date(trust.expires).toISOString()}`);
@@ -162,50 +163,36 @@ export async function verifyBundle(file: string, opts: VerifyOptions): Promise<V
     const manifest = parseManifest(head.manifestBytes);
     checkFiles(manifest);
     checkPolicy(manifest, { ...opts, now });
-    checkSize(head, manifest);
+    if (manifest.payload.size !== head.layout.payloadLength) {
+      throw new FleetError('FLEET_BUNDLE_FORMAT', `payload is ${head.layout.payloadLength} bytes, the manifest says ${manifest.payload.size}`, { details: { payloadLength: head.layout.payloadLength, manifest: manifest.payload.size } });
+    }
 
     const total = head.size;
-    const payloadStart = head.headBytes.length;
-    whole = total >= WORKER_MIN_BYTES ? WorkerHasher.start() : undefined;
-    whole?.update(head.headBytes);
-    const inline: Hash | undefined = whole ? undefined : createHash('sha256').update(head.headBytes);
-    const hasher = whole;
-    let h: Hash = createHash('sha256');
-    await walkPayload(
-      fh,
-      payloadStart,
-      manifest.files.map((f) => f.size),
-      {
-        begin() {
-          h = createHash('sha256');
-        },
-        data(_i, chunk) {
-          h.update(chunk);
-          inline?.update(chunk);
-        },
-        end(i) {
-          const f = manifest.files[i]!;
-          const got = h.digest('hex');
-          if (got !== f.sha256) throw new FleetError('FLEET_BUNDLE_HASH', `${f.path}: sha256 ${got} does not match the manifest (${f.sha256})`, { details: { path: f.path, expected: f.sha256, actual: got } });
-        },
-      },
-      opts.onProgress ? (done) => opts.onProgress!(payloadStart + done, total) : undefined,
-      hasher ? { source: hasher, after: (chunk) => hasher.submit(chunk) } : undefined,
-    );
-    if (manifest.files.length === 0) opts.onProgress?.(total, total);
-    const sha256 = hasher ? await hasher.digest() : inline!.digest('hex');
+    const h = createHash('sha256');
+    let done = 0;
+    for await (const chunk of readRange(fh, 0, head.layout.tailOffset)) {
+      h.update(chunk);
+      done += chunk.length;
+      opts.onProgress?.(done, total);
+    }
+    const payloadSha = h.copy().digest('hex');
+    if (payloadSha !== manifest.payload.sha256) {
+      throw new FleetError('FLEET_BUNDLE_HASH', `payload sha256 ${payloadSha} does not match the manifest (${manifest.payload.sha256})`, { details: { expected: manifest.payload.sha256, actual: payloadSha } });
+    }
+    h.update(head.tailBytes);
+    const sha256 = h.digest('hex');
+    opts.onProgress?.(total, total);
     const manifestBytes = Buffer.from(head.manifestBytes);
-    const headBytes = head.headBytes;
+    const frame = { prefixBytes: head.prefixBytes, tailBytes: head.tailBytes, tailOffset: head.layout.tailOffset };
     return {
       manifest,
       sha256,
       size: total,
       manifestBytes,
       signedBy,
-      extractTo: (dir, xopts) => extractBundle(file, { headBytes, manifest, size: total }, dir, xopts?.onProgress),
+      extractTo: (dir, xopts) => extractBundle(file, { ...frame, manifest, size: total }, dir, xopts?.onProgress),
     };
   } finally {
-    await whole?.close();
     await fh.close();
   }
 }
@@ -225,7 +212,7 @@ async function fsyncDir(dir: string): Promise<void> {
  * entry can follow a link out of `dir`. Anything that differs from what verify saw (size,
  * header, manifest, a file hash) is refused and `dir` removed.
  */
-async function extractBundle(file: string, v: { headBytes: Buffer; manifest: BundleManifest; size: number }, dir: string, onProgress?: (done: number, total: number) => void): Promise<void> {
+async function extractBundle(file: string, v: { prefixBytes: Buffer; tailBytes: Buffer; tailOffset: number; manifest: BundleManifest; size: number }, dir: string, onProgress?: (done: number, total: number) => void): Promise<void> {
   const target = resolve(dir);
   try {
     await mkdir(target, { mode: 0o755 });
@@ -245,14 +232,15 @@ async function extractBundle(file: string, v: { headBytes: Buffer; manifest: Bun
     }
     const st = await fh.stat();
     if (st.size !== v.size) throw new FleetError('FLEET_BUNDLE_CHANGED', `bundle ${file} is ${st.size} bytes now, ${v.size} when verified`);
-    const head = await readExact(fh, v.headBytes.length, 0);
-    if (!head.equals(v.headBytes)) throw new FleetError('FLEET_BUNDLE_CHANGED', `bundle ${file}: header, manifest or signatures changed since verify`);
+    const prefix = await readExact(fh, v.prefixBytes.length, 0);
+    const tail = await readExact(fh, v.tailBytes.length, v.tailOffset);
+    if (!prefix.equals(v.prefixBytes) || !tail.equals(v.tailBytes)) throw new FleetError('FLEET_BUNDLE_CHANGED', `bundle ${file}: prefix, manifest or signatures changed since verify`);
     const made = new Set<string>();
     const files = v.manifest.files;
     let h: Hash = createHash('sha256');
     await walkPayload(
       fh,
-      v.headBytes.length,
+      PREFIX_BYTES,
       files.map((f) => f.size),
       {
         async begin(i) {
@@ -290,7 +278,7 @@ async function extractBundle(file: string, v: { headBytes: Buffer; manifest: Bun
           out = undefined;
         },
       },
-      onProgress ? (done) => onProgress(v.headBytes.length + done, v.size) : undefined,
+      onProgress ? (done) => onProgress(PREFIX_BYTES + done, v.size) : undefined,
     );
     // Directories deepest first, then the staging dir and its parent (so the new entry is durable).
     for (const d of dirs.reverse()) await fsyncDir(d);

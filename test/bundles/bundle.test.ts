@@ -3,10 +3,10 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, openSync, readFileSync, readdirSync, statSync, truncateSync, writeFileSync, writeSync, closeSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { isFleetError, type ErrorCode } from '../../core/errors.ts';
-import { buildBundle, encodeBundleHead, inspectBundle, signBundle, verifyBundle, type VerifyOptions } from '../../bundles/index.ts';
-import { encodeHeader, MAX_MANIFEST_BYTES } from '../../bundles/format.ts';
+import { buildBundle, encodePrefix, encodeTail, inspectBundle, signBundle, verifyBundle, type VerifyOptions } from '../../bundles/index.ts';
+import { MAX_MANIFEST_BYTES } from '../../bundles/format.ts';
 import { tempDir } from '../helpers.ts';
-import { craftBundle, makeRoot, manifestFor, newKeys, NOW, sha256, type CraftFile } from './fixtures.ts';
+import { craftBundle, makeRoot, manifestFor, newKeys, NOW, payloadOf, sha256, type CraftFile } from './fixtures.ts';
 
 const [k1, k2, k3, outsider] = newKeys(4);
 const { root } = makeRoot([k1!, k2!, k3!], 2);
@@ -18,6 +18,16 @@ const FILES: CraftFile[] = [
   { path: 'empty', data: '' },
   { path: 'data/blob.bin', data: Buffer.alloc(300_000, 7) },
 ];
+/** offset of the last payload byte (the payload is bytes [16, 16 + P) of the file) */
+const LAST_PAYLOAD_BYTE = 16 + payloadOf(FILES).bytes.length - 1;
+
+/** lengths of manifest and signatures (the 8 bytes after the payload) */
+function lens(m: number, s: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeUInt32BE(m, 0);
+  b.writeUInt32BE(s, 4);
+  return b;
+}
 
 /**
  * Verify, then extract into <releases>/new; on refusal assert the code and that nothing at all
@@ -111,7 +121,7 @@ test('refusals: each with its own code, nothing left in staging or install', asy
     await t.test('tampered payload byte → FLEET_BUNDLE_HASH', async () => {
       const f = file();
       const bytes = craftBundle(f, { files: FILES, signers });
-      bytes[bytes.length - 1000]! ^= 0x01;
+      bytes[LAST_PAYLOAD_BYTE - 1000]! ^= 0x01;
       writeFileSync(f, bytes);
       await expectRefused(f, 'FLEET_BUNDLE_HASH');
     });
@@ -122,6 +132,21 @@ test('refusals: each with its own code, nothing left in staging or install', asy
       bytes[at]! ^= 0x20;
       writeFileSync(f, bytes);
       await expectRefused(f, 'FLEET_BUNDLE_HASH');
+    });
+    await t.test('signed payload.sha256 that does not match the payload (file hashes right) → FLEET_BUNDLE_HASH', async () => {
+      const f = file();
+      craftBundle(f, { files: FILES, signers, manifest: manifestFor(FILES, { payload: { size: payloadOf(FILES).field.size, sha256: sha256('other') } }) });
+      await expectRefused(f, 'FLEET_BUNDLE_HASH');
+    });
+    await t.test('signed payload.size or file sizes that disagree with the prefix → FORMAT / MANIFEST_INVALID', async () => {
+      const f = file();
+      const files = [{ path: 'a', data: 'abc' }];
+      const m = manifestFor(files);
+      craftBundle(f, { files: [{ path: 'a', data: 'abcd' }], signers, manifest: { ...m, payload: { size: 4, sha256: payloadOf([{ path: 'a', data: 'abcd' }]).field.sha256 } } });
+      await expectRefused(f, 'FLEET_BUNDLE_MANIFEST_INVALID');
+      const g = file();
+      craftBundle(g, { files: [{ path: 'a', data: 'abcd' }], signers, manifest: m });
+      await expectRefused(g, 'FLEET_BUNDLE_FORMAT');
     });
     await t.test('tampered manifest → FLEET_BUNDLE_BAD_SIGNATURE', async () => {
       const f = file();
@@ -226,11 +251,11 @@ test('refusals: each with its own code, nothing left in staging or install', asy
     });
     await t.test('oversized manifest → FLEET_BUNDLE_MANIFEST_TOO_LARGE before reading it', async () => {
       const f = file();
-      // the header claims 2 MiB; the file holds only the header: refused from the header alone
-      writeFileSync(f, encodeHeader(2 * MAX_MANIFEST_BYTES, 100));
+      // the lengths claim 2 MiB; the file ends right after them: refused from the length alone
+      writeFileSync(f, Buffer.concat([encodePrefix(0), lens(2 * MAX_MANIFEST_BYTES, 100)]));
       await expectRefused(f, 'FLEET_BUNDLE_MANIFEST_TOO_LARGE');
       const g = file();
-      writeFileSync(g, Buffer.concat([encodeHeader(MAX_MANIFEST_BYTES + 1, 2), Buffer.alloc(MAX_MANIFEST_BYTES + 3, 0x20)]));
+      writeFileSync(g, Buffer.concat([encodePrefix(0), lens(MAX_MANIFEST_BYTES + 1, 2), Buffer.alloc(MAX_MANIFEST_BYTES + 3, 0x20)]));
       await expectRefused(g, 'FLEET_BUNDLE_MANIFEST_TOO_LARGE');
     });
     await t.test('truncated file (in the payload, in the manifest, in the header) → FLEET_BUNDLE_TRUNCATED', async () => {
@@ -252,7 +277,7 @@ test('refusals: each with its own code, nothing left in staging or install', asy
       await expectRefused(g, 'FLEET_BUNDLE_FORMAT');
       const h = file();
       const m = Buffer.from('{"a":1}');
-      writeFileSync(h, Buffer.concat([encodeHeader(m.length, 5), m, Buffer.from('nope!')]));
+      writeFileSync(h, Buffer.concat([encodePrefix(0), lens(m.length, 5), m, Buffer.from('nope!')]));
       await expectRefused(h, 'FLEET_BUNDLE_FORMAT');
     });
     await t.test('non-canonical manifest bytes (validly signed) → FLEET_BUNDLE_MANIFEST_INVALID', async () => {
@@ -291,7 +316,7 @@ test('the file swapped or changed after verify: extractTo refuses and removes wh
     // a payload byte of the last file changes in place: earlier files were already written
     let v = await verifyBundle(f, { trust: root, now: NOW });
     const fd = openSync(f, 'r+');
-    writeSync(fd, Buffer.from([bytes[bytes.length - 1]! ^ 1]), 0, 1, bytes.length - 1);
+    writeSync(fd, Buffer.from([bytes[LAST_PAYLOAD_BYTE]! ^ 1]), 0, 1, LAST_PAYLOAD_BYTE);
     closeSync(fd);
     await assert.rejects(v.extractTo(stage), (e: unknown) => isFleetError(e, 'FLEET_BUNDLE_HASH'));
     assert.deepEqual(readdirSync(join(tmp.dir, 'releases')), []);
@@ -329,10 +354,11 @@ test('buildBundle refuses links and bad manifests before writing anything', asyn
     await assert.rejects(buildBundle({ out, files: [{ path: '../a', source: join(src, 'a') }], manifest }), (e: unknown) => isFleetError(e, 'FLEET_BUNDLE_PATH'));
     await assert.rejects(buildBundle({ out, files: [{ path: 'a', source: join(src, 'a') }], manifest: { ...manifest, sequence: -1 } }), (e: unknown) => isFleetError(e, 'FLEET_BUNDLE_MANIFEST_INVALID'));
     assert.deepEqual(readdirSync(tmp.dir).sort(), ['src']);
-    // encodeBundleHead + the manifest round trip is what buildBundle wrote
+    // prefix, payload and encodeTail of the manifest are exactly what buildBundle wrote
     const ok = await buildBundle({ out, files: [{ path: 'a', source: join(src, 'a') }], manifest, keys: signers });
     const info = await inspectBundle(out);
-    assert.deepEqual(encodeBundleHead(info.manifestBytes, info.signatures), readFileSync(out).subarray(0, info.headBytes));
+    assert.deepEqual(Buffer.concat([encodePrefix(1), Buffer.from('a'), encodeTail(info.manifestBytes, info.signatures)]), readFileSync(out));
+    assert.equal(info.tailOffset, 17);
     assert.equal(ok.size, statSync(out).size);
   } finally {
     tmp.cleanup();

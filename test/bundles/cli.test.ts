@@ -98,7 +98,7 @@ test('CLI round trip: keygen, root (2 of 3), build, sign, verify, inspect, extra
     await refused('FLEET_BUNDLE_KIND', '--root', p('root.json'), bundle, '--kind', 'agent');
     await refused('FLEET_BUNDLE_UNKNOWN_KEY', '--pub', p('c.pub'), bundle);
     const bytes = readFileSync(bundle);
-    bytes[bytes.length - 3]! ^= 1;
+    bytes[bytes.indexOf('echo hello')]! ^= 1; // a payload byte
     writeFileSync(p('tampered.fltb'), bytes);
     await refused('FLEET_BUNDLE_HASH', '--root', p('root.json'), p('tampered.fltb'));
     // --pub with one of the signers: an ad-hoc threshold-1 check

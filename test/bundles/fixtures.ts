@@ -1,6 +1,6 @@
 import { generateKeyPairSync, createHash, type KeyObject } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
-import { canonicalJson, createRootBytes, encodeBundleHead, parseTrustRoot, type TrustRoot } from '../../bundles/index.ts';
+import { canonicalJson, createRootBytes, encodePrefix, encodeTail, parseTrustRoot, type TrustRoot } from '../../bundles/index.ts';
 import { signWith } from '../../bundles/trust.ts';
 
 export interface KeyPair {
@@ -32,9 +32,16 @@ export interface CraftFile {
   sha256?: string;
 }
 
+/** The payload bytes of these files, and the manifest's payload field for them. */
+export function payloadOf(files: readonly CraftFile[]): { bytes: Buffer; field: { size: number; sha256: string } } {
+  const bytes = Buffer.concat(files.map((f) => Buffer.from(f.data)));
+  return { bytes, field: { size: bytes.length, sha256: sha256(Buffer.concat([encodePrefix(bytes.length), bytes])) } };
+}
+
 /** A manifest object with sensible defaults for raw crafting (bypasses buildBundle's checks). */
 export function manifestFor(files: readonly CraftFile[], over: Record<string, unknown> = {}): Record<string, unknown> {
   return {
+    payload: payloadOf(files).field,
     format: 1,
     name: 'demo',
     kind: 'config',
@@ -50,13 +57,15 @@ export function manifestFor(files: readonly CraftFile[], over: Record<string, un
 
 /**
  * Write a bundle byte by byte as an attacker (or a buggy builder) could: any manifest, signed by
- * any keys, with any payload. `manifestText` overrides the canonical encoding.
+ * any keys, with any payload. `manifestText` overrides the canonical encoding. Layout: 16-byte
+ * prefix, payload (the files back to back), lengths, manifest, signatures.
  */
 export function craftBundle(file: string, opts: { files: readonly CraftFile[]; manifest?: Record<string, unknown>; manifestText?: string; signers: readonly KeyObject[]; trailing?: Buffer }): Buffer {
   const m = opts.manifest ?? manifestFor(opts.files);
   const manifestBytes = Buffer.from(opts.manifestText ?? canonicalJson(m), 'utf8');
-  const head = encodeBundleHead(manifestBytes, signWith(opts.signers, manifestBytes));
-  const bytes = Buffer.concat([head, ...opts.files.map((f) => Buffer.from(f.data)), opts.trailing ?? Buffer.alloc(0)]);
+  const payload = payloadOf(opts.files).bytes;
+  const tail = encodeTail(manifestBytes, signWith(opts.signers, manifestBytes));
+  const bytes = Buffer.concat([encodePrefix(payload.length), payload, tail, opts.trailing ?? Buffer.alloc(0)]);
   writeFileSync(file, bytes);
   return bytes;
 }
