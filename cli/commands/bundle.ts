@@ -276,6 +276,7 @@ export const bundleCommand = defineCommand({
           `${f}: ${info.size} bytes (NOT verified: use \`fleetlet bundle verify\`)`,
           `  ${m.kind} ${m.name} ${m.version}, sequence ${m.sequence}`,
           `  created ${m.created}, expires ${m.expires}`,
+          `  payload ${m.payload.size} bytes, sha256 ${m.payload.sha256} (of prefix + payload)`,
           `  targets: arch ${m.targets.arch.join(',') || 'any'}, device class ${m.targets.deviceClass.join(',') || 'any'}, agent ≥ ${m.targets.minAgentVersion ?? 'any'}`,
           ...(m.app ? [`  app: ${[m.app.command, ...m.app.args].join(' ')}`] : []),
           `  signatures (${info.signatures.length}): ${info.signatures.map((s) => s.keyid.slice(0, 16)).join(', ') || 'none'}`,
