@@ -238,7 +238,6 @@ export const bundleCommand = defineCommand({
         if (rootFile) trust = loadTrustRoot(rootFile);
         else if (pubs.length > 0) {
           // --pub: an ad-hoc root of these keys, threshold 1, for checking a bundle by hand
-          const keys = pubs.map(loadPublicKey);
           trust = trustRootOfKeys(pubs.map(loadPublicKey), 1);
         } else throw new FleetError('FLEET_USAGE', 'bundle verify: --root (or --pub) is required');
         const kind = strFlag(values, 'kind');
