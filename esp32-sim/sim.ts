@@ -1,15 +1,17 @@
-import { createSocket, type Socket } from 'node:dgram';
-import { isIPv6 } from 'node:net';
-import { Agent, type IncomingMessage } from 'coap';
-import mqtt, { type MqttClient } from 'mqtt';
+import { createHash, type Hash } from 'node:crypto';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { Sample } from '../core/messages.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, signMcuMessage } from '../firmware-bridge/auth.ts';
-import { coapAuthQuery, coapPath, COAP_CODES, SENML_JSON_FORMAT } from '../firmware-bridge/coap.ts';
+import { coapAuthQuery, COAP_CODES, COAP_PATH_ROOT, COAP_QUERY_IMAGE, COMPACT_FORMAT, JSON_FORMAT, SENML_CBOR_FORMAT, SENML_JSON_FORMAT } from '../firmware-bridge/coap.ts';
+import { encodeCompact, encodeSenmlCbor, type SensorTable, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
+import { decodeFwChunk, decodeMcuCommand, type BootReason, type McuCommand } from '../firmware-bridge/frames.ts';
 import { encodeSenmlJson } from '../firmware-bridge/senml.ts';
-import { mcuTopic } from '../firmware-bridge/topics.ts';
+import { MCU_PREFIX, type McuChannel, type McuUpChannel } from '../firmware-bridge/topics.ts';
+import { CoapEndpoint, COAP_METHOD, type CoapResponse, type LinkKnobs } from './coap-lite.ts';
+import { MqttLite } from './mqtt-lite.ts';
+import { Scheduler } from './sched.ts';
 
 export type SimProtocol = 'mqtt' | 'coap';
 
@@ -27,52 +29,200 @@ export interface SimOptions {
   coapPort?: number;
   /** device id prefix; ids are prefix + zero-padded index from 1 (default `esp32-<protocol>-`) */
   prefix?: string;
+  /** first index (default 1), so several sim processes can share one id space */
+  firstIndex?: number;
   /** telemetry period per device, ms (default 5000) */
   intervalMs?: number;
+  /** each period is intervalMs × (1 ± this/2), so devices drift apart instead of firing together (default 0.1) */
+  intervalJitter?: number;
   /** devices boot spread evenly at random over this many ms, so they do not all connect at once (default intervalMs) */
   startJitterMs?: number;
+  /**
+   * Deep sleep: after `awakeMs` awake a device declares its sleep period (in its hello),
+   * disconnects cleanly and sleeps `sleepMs`; then it wakes (a boot with reason
+   * `deep_sleep`, RTC memory kept), reconnects, reads its mailbox and sends.
+   * 0 = never sleeps (default).
+   */
+  sleepMs?: number;
+  /** time awake per cycle before sleeping, ms (default 3 × intervalMs) */
+  awakeMs?: number;
+  /**
+   * Flaky link. CoAP: probability that a datagram (either way) is lost. MQTT (TCP has
+   * no datagram loss): probability per publish that the Wi-Fi link drops around it —
+   * half before the PUBLISH is written, half after (the PUBACK is lost, so the device
+   * resends with DUP after reconnecting: a duplicate the gateway cannot tell apart).
+   */
+  loss?: number;
+  /** added one-way latency on everything the device sends, ms (default 0) */
+  latencyMs?: number;
+  /** uniformly random extra latency 0..this, ms (default 0) */
+  latencyJitterMs?: number;
+  /** CoAP ACK_TIMEOUT, ms (default 2000; RFC 7252) */
+  coapAckTimeoutMs?: number;
+  /** devices per shared UDP socket (default 500) */
+  devicesPerSocket?: number;
+  /** telemetry encoding (default senml+json) */
+  format?: TelemetryFormat;
+  /** send a version report (`hello`) after every boot (default true) */
+  hello?: boolean;
+  /** read the command mailbox (MQTT: subscribe; CoAP: GET with Observe) (default true) */
+  mailbox?: boolean;
+  /** firmware version every device boots with (default 1.0.0) */
+  firmwareVersion?: string;
+  /** firmware versions that fail to start: the simulated bootloader rolls back to the previous one */
+  failVersions?: readonly string[];
+  /** firmware chunk size, bytes: MQTT 16..4096, CoAP Block2 16..1024 (power of two) (default 512) */
+  fwChunkBytes?: number;
+  /** called for every telemetry message the gateway acknowledged (PUBACK / 2.04), with the message's sample id */
+  onAck?: (deviceId: string, seq: number, t: number) => void;
+  /** called for every command a device ran (not for redeliveries) */
+  onCommand?: (deviceId: string, cmd: SimCommand) => void;
+  /** called whenever a device finished booting a firmware image (after an update or a rollback) */
+  onFirmware?: (deviceId: string, ev: { version: string; boot: 'ota' | 'rollback'; prev: string }) => void;
   log?: Logger;
   /** random source in [0, 1), for reproducible runs */
   random?: () => number;
 }
 
+export type SimCommand = McuCommand;
+
 export interface SimStats {
   devices: number;
-  /** MQTT: connected clients; CoAP: devices whose last request was answered */
+  /** MQTT: connected clients; CoAP: awake devices whose last request was answered */
   connected: number;
+  /** in deep sleep right now */
+  sleeping: number;
   /** telemetry messages the gateway acknowledged (PUBACK / 2.04) */
   sent: number;
+  /** telemetry messages written (first tries) */
+  published: number;
+  /** resends: MQTT DUP after a reconnect, CoAP application-level retries */
+  resent: number;
+  /** readings not taken because the previous one was still unacknowledged */
+  skipped: number;
   /** refused connects, refused or unanswered messages */
   errors: number;
+  /** boots, wake-ups included */
+  boots: number;
+  /** MQTT: (re)connects accepted */
+  connects: number;
+  /** link drops injected by the loss knob (MQTT) or datagrams lost (CoAP) */
+  linkDrops: number;
+  /** version reports acknowledged */
+  hellos: number;
+  /** commands run (redeliveries not counted), acks acknowledged by the gateway */
+  commands: number;
+  acks: number;
+  /** down messages dropped: bad MAC, replayed or malformed */
+  badCommands: number;
+  /** firmware images downloaded and verified / refused (hash) / booted / rolled back */
+  fwDownloaded: number;
+  fwHashFailed: number;
+  fwBooted: number;
+  fwRolledBack: number;
+  /** firmware bytes received */
+  fwBytes: number;
+}
+
+export interface SimDeviceInfo {
+  id: string;
+  version: string;
+  state: 'off' | 'connecting' | 'online' | 'sleeping';
+  seq: number;
+  /** highest command sequence run */
+  cmdSeq: number;
+  intervalMs: number;
+  /** firmware download progress, bytes, while one runs */
+  fwOffset?: number;
 }
 
 export interface SimHandle {
   stats(): SimStats;
+  /** the simulator's own event-loop pressure: how late scheduled events ran since the last call */
+  lag(): { meanMs: number; maxMs: number; ran: number };
+  /** ids of the simulated devices, in order */
+  ids(): string[];
+  device(id: string): SimDeviceInfo | undefined;
   stop(): Promise<void>;
 }
 
-/** Devices per shared UDP socket; each socket's 16-bit message ids and 32-bit tokens stay far from wrapping. */
-const DEVICES_PER_COAP_SOCKET = 500;
+type UpChannel = Exclude<McuUpChannel, 'log'>;
+
+/** The sensor table of the compact form, declared in every hello. */
+const SENSORS: SensorTable = [
+  ['temperature', 'Cel'],
+  ['humidity', '%RH'],
+  ['rssi', 'dBm'],
+  ['uptime', 's'],
+  ['seq', ''],
+];
+const CONTENT_FORMAT: Record<TelemetryFormat, number> = { 'senml+json': SENML_JSON_FORMAT, 'senml+cbor': SENML_CBOR_FORMAT, compact: COMPACT_FORMAT };
+
+/** One message on its way up; like firmware, a device has one in flight at a time. */
+interface Up {
+  ch: UpChannel;
+  payload: Buffer;
+  /** telemetry: the reading's id and time */
+  seq: number;
+  t: number;
+  pid: number;
+  sentOnce: boolean;
+  then?: (d: Device) => void;
+}
+
+interface FwDownload {
+  cmdId: string;
+  cmdSeq: number;
+  version: string;
+  sha256: string;
+  size: number;
+  offset: number;
+  hash: Hash;
+  /** CoAP: one counter and MAC for the whole download (not consumed, docs/mcu-protocol.md) */
+  counter: number;
+  mac: string;
+  busy: boolean;
+}
 
 /**
- * One simulated ESP32: a few numbers of state, no timers of its own. The simulator's
- * one shared tick decides when each device boots and sends.
+ * One simulated ESP32: a few fields and no timers of its own; the shared scheduler
+ * decides when each one boots, sends and sleeps.
  */
 interface Device {
   id: string;
   key: string;
-  bootAt: number;
-  nextAt: number;
-  booted: boolean;
+  /** bumped whenever the device reboots, sleeps or loses its link, so stale scheduled events are ignored */
+  gen: number;
+  state: 'off' | 'connecting' | 'online' | 'sleeping';
+  bootedAt: number;
+  bootReason: BootReason;
+  prevVersion?: string;
+  bootErr?: string;
+  awakeUntil: number;
+  interval: number;
   connected: boolean;
-  /** a message awaiting its acknowledgement; like real firmware, one at a time */
+  q: Up[];
   busy: boolean;
+  seq: number;
   counter: number;
+  /** highest command sequence run, and the id it had (for acking a redelivery again) */
+  cmdSeq: number;
+  cmdId: string;
   temp: number;
   humidity: number;
   rssi: number;
-  client?: MqttClient;
-  agent?: Agent;
+  reconnectDelay: number;
+  nextWriteAt: number;
+  mqtt?: MqttLite;
+  ep?: CoapEndpoint;
+  observeToken: number;
+  version: string;
+  fw: FwDownload | null;
+}
+
+interface Ev {
+  d: Device;
+  gen: number;
 }
 
 function validate(opts: SimOptions): void {
@@ -82,201 +232,635 @@ function validate(opts: SimOptions): void {
   if (!Number.isInteger(opts.devices) || opts.devices < 1 || opts.devices > 100_000) bad('devices', 'must be an integer from 1 to 100000');
   if (opts.protocol !== 'mqtt' && opts.protocol !== 'coap') bad('protocol', 'must be mqtt or coap');
   if (opts.intervalMs !== undefined && (!Number.isInteger(opts.intervalMs) || opts.intervalMs < 10)) bad('intervalMs', 'must be an integer of at least 10');
+  if (opts.loss !== undefined && !(opts.loss >= 0 && opts.loss < 1)) bad('loss', 'must be from 0 to below 1');
+  if (opts.intervalJitter !== undefined && !(opts.intervalJitter >= 0 && opts.intervalJitter <= 1)) bad('intervalJitter', 'must be from 0 to 1');
+  for (const k of ['latencyMs', 'latencyJitterMs', 'sleepMs', 'awakeMs', 'startJitterMs'] as const) {
+    const v = opts[k];
+    if (v !== undefined && !(Number.isFinite(v) && v >= 0)) bad(k, 'must be a number of at least 0');
+  }
+  if (opts.fwChunkBytes !== undefined) {
+    const c = opts.fwChunkBytes;
+    const max = opts.protocol === 'coap' ? 1024 : 4096;
+    if (!Number.isInteger(c) || c < 16 || c > max || (opts.protocol === 'coap' && (c & (c - 1)) !== 0)) bad('fwChunkBytes', `must be 16..${max}${opts.protocol === 'coap' ? ', a power of two' : ''}`);
+  }
+  if (opts.format !== undefined && !(opts.format in CONTENT_FORMAT)) bad('format', `must be one of ${Object.keys(CONTENT_FORMAT).join(', ')}`);
   if (!opts.siteSecret) bad('siteSecret', 'is required');
 }
 
+const MAX_QUEUE = 8;
+
 /**
  * Run N simulated ESP32 devices in this process against a gateway, over MQTT (one TCP
- * connection per device, as real devices have) or CoAP (devices share a few UDP
- * sockets; identity is in the path and the MAC, not the source port). Each device
- * boots at a random moment within the start jitter, then sends SenML JSON telemetry
- * (temperature, humidity, rssi, uptime) every `intervalMs`.
+ * connection per device, as real devices have, with a minimal MQTT 3.1.1 client) or
+ * CoAP (devices share a few UDP sockets; identity is in the path and the MAC, not the
+ * source port). Each device boots, reports its version, reads its command mailbox,
+ * sends telemetry, sleeps and updates its firmware as docs/mcu-protocol.md describes;
+ * docs/esp32-sim.md describes the knobs.
  */
 export async function runSim(opts: SimOptions): Promise<SimHandle> {
   validate(opts);
   const host = opts.host ?? '127.0.0.1';
   const interval = opts.intervalMs ?? 5000;
-  const jitter = opts.startJitterMs ?? interval;
+  const ijit = opts.intervalJitter ?? 0.1;
+  const startJitter = opts.startJitterMs ?? interval;
   const random = opts.random ?? Math.random;
   const prefix = opts.prefix ?? `esp32-${opts.protocol}-`;
-  const width = Math.max(4, String(opts.devices).length);
+  const first = opts.firstIndex ?? 1;
+  const width = Math.max(4, String(first + opts.devices - 1).length);
+  const sleepMs = opts.sleepMs ?? 0;
+  const awakeMs = opts.awakeMs ?? 3 * interval;
+  const loss = opts.loss ?? 0;
+  const hello = opts.hello ?? true;
+  const format: TelemetryFormat = opts.format ?? 'senml+json';
+  const mailbox = opts.mailbox ?? true;
+  const failVersions = new Set(opts.failVersions ?? []);
+  const chunk = opts.fwChunkBytes ?? 512;
+  const link: LinkKnobs = { loss, latencyMs: opts.latencyMs ?? 0, latencyJitterMs: opts.latencyJitterMs ?? 0 };
+  const keepaliveS = Math.max(30, Math.ceil((3 * interval) / 1000));
+  const mqttPort = opts.mqttPort ?? 1884;
   const log = opts.log;
-  const started = Date.now();
-  let sent = 0;
-  let errors = 0;
+  const sched = new Scheduler();
+  const st: SimStats = {
+    devices: opts.devices, connected: 0, sleeping: 0, sent: 0, published: 0, resent: 0, skipped: 0, errors: 0, boots: 0, connects: 0, linkDrops: 0,
+    hellos: 0, commands: 0, acks: 0, badCommands: 0, fwDownloaded: 0, fwHashFailed: 0, fwBooted: 0, fwRolledBack: 0, fwBytes: 0,
+  };
   let stopped = false;
 
   const noteError = (d: Device, what: string, detail?: unknown) => {
-    errors++;
+    st.errors++;
     // the first few at warn, then only a trickle: 10,000 devices against a stopped gateway would flood the log
-    if (errors <= 5) log?.warn(`sim device ${what}`, { device: d.id, err: detail });
-    else if (errors % 1000 === 0) log?.warn('sim errors continue', { errors, last: what });
+    if (st.errors <= 5) log?.warn(`sim device ${what}`, { device: d.id, err: detail instanceof Error ? detail.message : detail });
+    else if (st.errors % 1000 === 0) log?.warn('sim errors continue', { errors: st.errors, last: what });
   };
 
+  const started = Date.now();
   const devices: Device[] = [];
-  for (let i = 1; i <= opts.devices; i++) {
+  const byId = new Map<string, Device>();
+  for (let i = first; i < first + opts.devices; i++) {
     const id = `${prefix}${String(i).padStart(width, '0')}`;
     if (!isDeviceId(id)) throw new FleetError('FLEET_CONFIG_INVALID', `sim option prefix: ${JSON.stringify(id)} is not a valid device id`);
-    const bootAt = started + Math.floor(random() * jitter);
-    devices.push({
+    const d: Device = {
       id,
       key: mcuKey(opts.siteSecret, id),
-      bootAt,
-      nextAt: bootAt,
-      booted: false,
+      gen: 0,
+      state: 'off',
+      bootedAt: 0,
+      bootReason: 'power_on',
+      awakeUntil: Infinity,
+      interval,
       connected: false,
+      q: [],
       busy: false,
+      seq: 0,
       counter: 0,
+      cmdSeq: 0,
+      cmdId: '',
       temp: 18 + random() * 8,
       humidity: 35 + random() * 20,
       rssi: -45 - Math.round(random() * 40),
-    });
+      reconnectDelay: 1000,
+      nextWriteAt: 0,
+      observeToken: 0,
+      version: opts.firmwareVersion ?? '1.0.0',
+      fw: null,
+    };
+    devices.push(d);
+    byId.set(id, d);
   }
 
-  // CoAP: a few shared sockets. Agents get the socket passed in so they keep it open
-  // between requests (an agent that owns its socket closes it whenever idle).
-  const sockets: Socket[] = [];
-  const agents: Agent[] = [];
+  // CoAP: a few shared sockets
+  const endpoints: CoapEndpoint[] = [];
   if (opts.protocol === 'coap') {
-    const type = isIPv6(host) ? 'udp6' : 'udp4';
-    for (let i = 0; i < Math.ceil(devices.length / DEVICES_PER_COAP_SOCKET); i++) {
-      const socket = createSocket({ type });
-      await new Promise<void>((r) => socket.bind(0, () => r()));
-      socket.on('error', (err) => log?.warn('sim UDP socket error', { err }));
-      sockets.push(socket);
-      const agent = new Agent({ socket });
-      agent.on('error', (err: Error) => log?.debug('sim CoAP agent error', { err }));
-      agents.push(agent);
+    const per = opts.devicesPerSocket ?? 500;
+    for (let i = 0; i < Math.ceil(devices.length / per); i++) {
+      endpoints.push(
+        await CoapEndpoint.open({ host, port: opts.coapPort ?? 5683, sched, link, random, ...(opts.coapAckTimeoutMs !== undefined ? { ackTimeoutMs: opts.coapAckTimeoutMs } : {}) }),
+      );
     }
-    devices.forEach((d, i) => (d.agent = agents[Math.floor(i / DEVICES_PER_COAP_SOCKET)]!));
+    devices.forEach((d, i) => (d.ep = endpoints[Math.floor(i / per)]!));
   }
 
-  const mqttUrl = `mqtt://${isIPv6(host) ? `[${host}]` : host}:${opts.mqttPort ?? 1884}`;
-  const boot = (d: Device) => {
-    d.booted = true;
-    if (opts.protocol !== 'mqtt') return;
-    const client = mqtt.connect(mqttUrl, {
-      clientId: d.id,
-      username: d.id,
-      password: d.key,
-      keepalive: 60,
-      protocolVersion: 4,
-      clean: true,
-      connectTimeout: 10_000,
-      // spread reconnects too, so a gateway restart is not met by a synchronized storm
-      reconnectPeriod: 1000 + Math.floor(random() * 2000),
-      queueQoSZero: false,
-    });
-    client.on('connect', () => {
+  const period = (d: Device) => d.interval * (1 + (random() - 0.5) * ijit);
+  const nextCounter = (d: Device) => (d.counter = Math.max(d.counter + 1, Date.now()));
+  const mac = (d: Device, resource: McuChannel, counter: number, payload: Uint8Array) => signMcuMessage(d.key, d.id, resource, counter, payload);
+
+  const up = (d: Device) => {
+    if (!d.connected) {
       d.connected = true;
-      d.nextAt = Math.min(d.nextAt, Date.now()); // first reading right after (re)connecting, as firmware does
-    });
-    client.on('close', () => {
+      st.connected++;
+    }
+  };
+  const down = (d: Device) => {
+    if (d.connected) {
       d.connected = false;
-      d.busy = false; // mqtt.js resends the in-flight message itself after reconnecting
-    });
-    client.on('error', (err) => noteError(d, 'connection error', err));
-    d.client = client;
+      st.connected--;
+    }
   };
 
-  const telemetry = (d: Device, now: number): Buffer => {
+  // ---- lifecycle -------------------------------------------------------------------
+
+  const boot = ({ d, gen }: Ev, now: number) => {
+    if (stopped || gen !== d.gen) return;
+    st.boots++;
+    if (d.state === 'sleeping') st.sleeping--;
+    d.state = 'connecting';
+    d.bootedAt = now;
+    d.awakeUntil = sleepMs > 0 ? now + awakeMs : Infinity;
+    // RAM is gone after a boot; what is left is what firmware keeps in RTC memory / NVS:
+    // the unacknowledged message, counters, the command seq, a firmware download's progress
+    d.busy = false;
+    d.q = d.q.filter((u) => u.ch === 't');
+    if (hello) {
+      const h: Record<string, unknown> = { fw: d.version, boot: d.bootReason };
+      if (d.prevVersion) h.prev = d.prevVersion;
+      if (d.bootErr) h.err = d.bootErr;
+      if (sleepMs > 0) h.sleep = Math.max(1, Math.ceil(sleepMs / 1000));
+      if (format === 'compact') h.sensors = SENSORS;
+      d.q.unshift({ ch: 'hello', payload: Buffer.from(JSON.stringify(h)), seq: 0, t: now, pid: 0, sentOnce: false, then: () => st.hellos++ });
+    }
+    d.prevVersion = undefined;
+    d.bootErr = undefined;
+    if (opts.protocol === 'mqtt') connectMqtt(d);
+    else {
+      // CoAP needs no connection: report, read the mailbox, send the first reading
+      d.state = 'online';
+      if (mailbox) observeMailbox(d);
+      if (d.fw) sched.at(now, fwNext, { d, gen: d.gen });
+      sched.at(now, tick, { d, gen: d.gen });
+      pump(d);
+    }
+  };
+
+  const reboot = (d: Device, reason: BootReason, delayMs = 200) => {
+    d.gen++;
+    d.bootReason = reason;
+    cancelObserve(d);
+    d.mqtt?.end();
+    down(d);
+    d.state = 'off';
+    sched.after(delayMs, boot, { d, gen: d.gen });
+  };
+
+  const goToSleep = (d: Device, now: number) => {
+    d.gen++;
+    d.state = 'sleeping';
+    st.sleeping++;
+    cancelObserve(d);
+    // a clean DISCONNECT; an unacknowledged reading stays in RTC memory
+    d.mqtt?.end();
+    down(d);
+    d.bootReason = 'deep_sleep';
+    sched.at(now + sleepMs, boot, { d, gen: d.gen });
+  };
+
+  // ---- the up queue: one message in flight, like firmware ---------------------------
+
+  const enqueue = (d: Device, u: Up, front = false) => {
+    // "front": next after the one in flight (which must stay at the head until acknowledged)
+    if (front) d.q.splice(d.busy ? 1 : 0, 0, u);
+    else d.q.push(u);
+    pump(d);
+  };
+
+  const pump = (d: Device) => {
+    if (stopped || d.busy || d.q.length === 0 || d.state !== 'online') return;
+    const u = d.q[0]!;
+    if (opts.protocol === 'mqtt') {
+      if (!d.mqtt?.writable) return;
+      d.busy = true;
+      if (u.sentOnce) st.resent++;
+      else if (u.ch === 't') st.published++;
+      const dup = u.sentOnce;
+      if (!u.sentOnce || u.pid === 0) u.pid = d.mqtt.nextPid();
+      u.sentOnce = true;
+      mqttWrite(d, u, dup);
+    } else {
+      d.busy = true;
+      postCoap(d, u);
+    }
+  };
+
+  const acked = (d: Device, u: Up) => {
+    if (d.q[0] !== u) return;
+    d.q.shift();
+    d.busy = false;
+    if (u.ch === 't') {
+      st.sent++;
+      opts.onAck?.(d.id, u.seq, u.t);
+    }
+    u.then?.(d);
+    pump(d);
+  };
+
+  // ---- MQTT ----------------------------------------------------------------------
+
+  const connectMqtt = (d: Device) => {
+    const gen = d.gen;
+    if (!d.mqtt) {
+      d.mqtt = new MqttLite({
+        connack: (rc) => {
+          if (rc !== 0) return noteError(d, `connection refused with CONNACK ${rc}`);
+          st.connects++;
+          d.reconnectDelay = 1000;
+          d.state = 'online';
+          up(d);
+          const now = Date.now();
+          if (mailbox || d.fw) d.mqtt!.subscribe(d.mqtt!.nextPid(), `${MCU_PREFIX}${d.id}/#`, 1);
+          d.busy = false;
+          pump(d); // the unacknowledged message first (DUP, same packet id), as a QoS 1 client must
+          if (d.fw) sched.at(now, fwNext, { d, gen: d.gen });
+          sched.at(now, tick, { d, gen: d.gen });
+        },
+        close: () => {
+          down(d);
+          d.busy = false;
+          if (d.fw) d.fw.busy = false;
+          if (stopped || d.state === 'sleeping' || d.state === 'off') return;
+          d.state = 'connecting';
+          // Wi-Fi gone or gateway away: back off 1–3 s, doubling to 30 s, spread so a gateway restart is not met by a storm
+          const delay = d.reconnectDelay * (0.5 + random());
+          d.reconnectDelay = Math.min(30_000, d.reconnectDelay * 2);
+          d.gen++;
+          sched.after(delay, reconnect, { d, gen: d.gen });
+        },
+        puback: (pid) => {
+          const u = d.q[0];
+          if (u && d.busy && u.pid === pid) acked(d, u);
+        },
+        suback: () => undefined,
+        message: (topic, payload) => onDown(d, topic, payload),
+      });
+    }
+    d.mqtt.connect({ host, port: mqttPort, clientId: d.id, username: d.id, password: d.key, keepaliveS, clean: true });
+    sched.after(10_000, connectTimeout, { d, gen });
+  };
+
+  const connectTimeout = ({ d, gen }: Ev) => {
+    if (stopped || gen !== d.gen || d.state !== 'connecting' || d.connected) return;
+    d.mqtt?.destroy();
+  };
+
+  const reconnect = ({ d, gen }: Ev) => {
+    if (stopped || gen !== d.gen) return;
+    connectMqtt(d);
+  };
+
+  const mqttWrite = (d: Device, u: Up, dup: boolean) => {
+    const m = d.mqtt!;
+    if (loss > 0 && random() < loss) {
+      st.linkDrops++;
+      if (random() < 0.5) return m.destroy(); // lost before it left
+      writeDelayed(d, u, dup);
+      return m.destroy(); // written, but the link drops before the PUBACK
+    }
+    writeDelayed(d, u, dup);
+  };
+
+  const writeDelayed = (d: Device, u: Up, dup: boolean) => {
+    const topic = `${MCU_PREFIX}${d.id}/${u.ch}`;
+    const delay = link.latencyMs + (link.latencyJitterMs > 0 ? random() * link.latencyJitterMs : 0);
+    if (delay <= 0) return d.mqtt!.publish(topic, u.payload, 1, u.pid, dup);
+    const at = Math.max(d.nextWriteAt, Date.now() + delay);
+    d.nextWriteAt = at;
+    sched.at(at, delayedPublish, { d, gen: d.gen, topic, u, dup });
+  };
+  const delayedPublish = ({ d, gen, topic, u, dup }: Ev & { topic: string; u: Up; dup: boolean }) => {
+    if (gen !== d.gen || !d.mqtt?.writable) return;
+    d.mqtt.publish(topic, u.payload, 1, u.pid, dup);
+  };
+
+  const onDown = (d: Device, topic: string, payload: Buffer) => {
+    const ch = topic.slice(topic.lastIndexOf('/') + 1);
+    if (ch === 'cmd') onCommandFrame(d, payload);
+    else if (ch === 'fw') onFwChunk(d, payload);
+  };
+
+  // ---- telemetry -------------------------------------------------------------------
+
+  const reading = (d: Device, now: number): Up => {
     // a slow random walk, so dashboards show something plausible
     d.temp = Math.min(35, Math.max(10, d.temp + (random() - 0.5) * 0.4));
     d.humidity = Math.min(90, Math.max(20, d.humidity + (random() - 0.5)));
     d.rssi = Math.min(-30, Math.max(-95, d.rssi + Math.round((random() - 0.5) * 4)));
+    const seq = ++d.seq;
     const samples: Sample[] = [
       { n: 'temperature', u: 'Cel', v: Math.round(d.temp * 100) / 100, t: now },
       { n: 'humidity', u: '%RH', v: Math.round(d.humidity * 10) / 10, t: now },
       { n: 'rssi', u: 'dBm', v: d.rssi, t: now },
-      { n: 'uptime', u: 's', v: Math.floor((now - d.bootAt) / 1000), t: now },
+      { n: 'uptime', u: 's', v: Math.floor((now - d.bootedAt) / 1000), t: now },
+      // the reading's id: (device, seq) names one message end to end, for loss and duplicate counts
+      { n: 'seq', v: seq, t: now },
     ];
-    return encodeSenmlJson(samples);
+    const payload = format === 'senml+json' ? encodeSenmlJson(samples) : format === 'senml+cbor' ? encodeSenmlCbor(samples) : encodeCompact(samples, { table: SENSORS });
+    return { ch: 't', payload, seq, t: now, pid: 0, sentOnce: false };
   };
 
-  const sendMqtt = (d: Device, payload: Buffer) => {
-    if (!d.client || !d.connected) return; // offline: an ESP32 would sample again next period
-    d.busy = true;
-    d.client.publish(mcuTopic(d.id, 't'), payload, { qos: 1 }, (err) => {
-      d.busy = false;
-      if (err) noteError(d, 'publish failed', err);
-      else sent++;
-    });
+  const tick = ({ d, gen }: Ev, now: number): void => {
+    if (stopped || gen !== d.gen) return;
+    // asleep once the queue is empty (an unacknowledged reading stays in RTC memory; a little later it sleeps anyway), never mid-update
+    if (now >= d.awakeUntil && !d.fw && (d.q.length === 0 || now >= d.awakeUntil + 2 * d.interval)) return goToSleep(d, now);
+    sched.at(now + period(d), tick, { d, gen });
+    if (d.state !== 'online') return;
+    if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > (keepaliveS * 1000) / 2) d.mqtt.ping();
+    if (d.q.some((u) => u.ch === 't') || d.q.length >= MAX_QUEUE) {
+      st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
+      return;
+    }
+    enqueue(d, reading(d, now));
   };
 
-  const sendCoap = (d: Device, payload: Buffer) => {
-    // the counter must only grow; starting from the clock survives a restart without storage
-    d.counter = Math.max(d.counter + 1, Date.now());
-    const mac = signMcuMessage(d.key, d.id, 't', d.counter, payload);
-    d.busy = true;
-    const req = d.agent!.request({
-      host,
-      port: opts.coapPort ?? 5683,
-      method: 'POST',
-      pathname: coapPath(d.id, 't'),
-      query: coapAuthQuery(d.counter, mac),
-      confirmable: true,
-      contentFormat: SENML_JSON_FORMAT,
-    });
-    let done = false;
-    const finish = () => {
-      const first = !done;
-      done = true;
-      d.busy = false;
-      return first;
-    };
-    req.on('response', (res: IncomingMessage) => {
-      if (!finish()) return;
-      d.connected = true;
-      if (res.code === COAP_CODES.CHANGED) sent++;
-      else noteError(d, `refused with ${res.code}`, res.payload?.toString('utf8').slice(0, 100));
-    });
-    req.on('timeout', (err: Error) => {
-      if (!finish()) return;
-      d.connected = false;
-      noteError(d, 'request timed out', err);
-    });
-    req.on('error', (err: Error) => {
-      if (!finish()) return;
-      d.connected = false;
-      noteError(d, 'request failed', err);
-    });
-    req.end(payload);
+  // ---- CoAP ----------------------------------------------------------------------
+
+  const coapPath = (d: Device, ch: McuChannel) => [...COAP_PATH_ROOT, d.id, ch];
+
+  const postCoap = (d: Device, u: Up) => {
+    if (u.sentOnce) st.resent++;
+    else if (u.ch === 't') st.published++;
+    u.sentOnce = true;
+    // the counter must only grow; starting from the clock survives a reboot without storage
+    const c = nextCounter(d);
+    const gen = d.gen;
+    d.ep!.request(
+      {
+        method: COAP_METHOD.POST,
+        path: coapPath(d, u.ch),
+        query: coapAuthQuery(c, mac(d, u.ch, c, u.payload)).split('&'),
+        contentFormat: u.ch === 't' ? CONTENT_FORMAT[format] : JSON_FORMAT,
+        payload: u.payload,
+      },
+      (err: Error | null, res?: CoapResponse) => {
+        if (stopped || d.q[0] !== u) return;
+        if (err || !res) {
+          down(d);
+          noteError(d, 'request failed', err);
+          d.busy = false;
+          // keep the message; send it again a period later with a new counter
+          if (gen === d.gen) sched.after(period(d), retryPump, { d, gen });
+          return;
+        }
+        if (d.state === 'online') up(d);
+        if (res.code === COAP_CODES.CHANGED) return acked(d, u);
+        noteError(d, `${u.ch} refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
+        d.busy = false;
+        if (res.code.startsWith('5.')) {
+          if (gen === d.gen) sched.after(period(d), retryPump, { d, gen });
+        } else {
+          d.q.shift(); // a 4.xx will not get better by resending
+          pump(d);
+        }
+      },
+    );
+  };
+  const retryPump = ({ d, gen }: Ev) => {
+    if (stopped || gen !== d.gen) return;
+    pump(d);
   };
 
-  const tickMs = Math.min(250, Math.max(10, Math.floor(interval / 20)));
-  const tick = () => {
-    const now = Date.now();
-    for (const d of devices) {
-      if (now < d.nextAt) continue;
-      if (!d.booted) boot(d);
-      // keep the phase; after a long stall, skip ahead instead of bursting
-      d.nextAt = now - d.nextAt > interval ? now + interval : d.nextAt + interval;
-      if (d.busy) continue; // the previous message is still unacknowledged: skip this sample
-      if (opts.protocol === 'mqtt') sendMqtt(d, telemetry(d, now));
-      else sendCoap(d, telemetry(d, now));
+  const observeMailbox = (d: Device) => {
+    cancelObserve(d);
+    const c = nextCounter(d);
+    const gen = d.gen;
+    d.observeToken = d.ep!.request(
+      { method: COAP_METHOD.GET, path: coapPath(d, 'cmd'), query: coapAuthQuery(c, mac(d, 'cmd', c, Buffer.alloc(0))).split('&'), observe: 0 },
+      (err, res) => {
+        if (stopped || gen !== d.gen) return;
+        if (err || !res) {
+          d.observeToken = 0;
+          // try again a little later while awake
+          sched.after(period(d), reobserve, { d, gen });
+          return;
+        }
+        if (res.code !== '2.05') {
+          noteError(d, `mailbox refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
+          d.observeToken = 0;
+          return;
+        }
+        if (res.observe === undefined) {
+          // the gateway answered without registering: poll again next period
+          d.observeToken = 0;
+          sched.after(period(d), reobserve, { d, gen });
+        }
+        if (res.payload.length > 0) onCommandFrame(d, res.payload);
+      },
+    );
+  };
+  const reobserve = ({ d, gen }: Ev) => {
+    if (stopped || gen !== d.gen || d.observeToken !== 0) return;
+    observeMailbox(d);
+  };
+  const cancelObserve = (d: Device) => {
+    if (d.observeToken && d.ep) d.ep.cancel(d.observeToken);
+    d.observeToken = 0;
+  };
+
+  // ---- commands ------------------------------------------------------------------
+
+  const ack = (d: Device, body: Record<string, unknown>, then?: (d: Device) => void) => {
+    enqueue(d, { ch: 'ack', payload: Buffer.from(JSON.stringify(body)), seq: 0, t: Date.now(), pid: 0, sentOnce: false, then: (dd) => (st.acks++, then?.(dd)) }, true);
+  };
+
+  const onCommandFrame = (d: Device, frame: Buffer) => {
+    // c={seq}&m={mac}\n{json}: verify the MAC first; a forged or malformed frame is ignored
+    let seq: number;
+    let cmd: McuCommand;
+    try {
+      ({ seq, cmd } = decodeMcuCommand(d.key, d.id, frame));
+    } catch {
+      st.badCommands++;
+      return;
+    }
+    if (seq < d.cmdSeq) return void st.badCommands++; // a replay
+    if (seq === d.cmdSeq) {
+      // a redelivery: its ack was lost; ack again without running it again
+      if (!d.q.some((u) => u.ch === 'ack')) ack(d, { id: cmd.id, ok: true, r: 'duplicate' });
+      return;
+    }
+    d.cmdSeq = seq;
+    d.cmdId = cmd.id;
+    st.commands++;
+    opts.onCommand?.(d.id, cmd);
+    run(d, cmd);
+  };
+
+  const run = (d: Device, cmd: SimCommand) => {
+    const a = cmd.a;
+    switch (cmd.n) {
+      case 'ping':
+      case 'echo':
+        return ack(d, { id: cmd.id, ok: true, r: { fw: d.version, uptime: Math.floor((Date.now() - d.bootedAt) / 1000), a } });
+      case 'set-interval': {
+        const s = Number(a.s);
+        if (!Number.isFinite(s) || s < 0.01 || s > 86_400) return ack(d, { id: cmd.id, ok: false, e: 'a.s must be seconds from 0.01 to 86400', code: 'BAD_ARGS' });
+        d.interval = Math.round(s * 1000);
+        return ack(d, { id: cmd.id, ok: true, r: { interval: s } });
+      }
+      case 'reboot':
+        return ack(d, { id: cmd.id, ok: true }, () => reboot(d, 'reset'));
+      case 'fw.update':
+        return startFirmware(d, cmd);
+      default:
+        return ack(d, { id: cmd.id, ok: false, e: `unknown command ${cmd.n.slice(0, 64)}`, code: 'UNKNOWN' });
     }
   };
-  const timer = setInterval(tick, tickMs);
-  tick();
-  log?.info('sim started', { devices: devices.length, protocol: opts.protocol, host, intervalMs: interval, first: devices[0]?.id });
+
+  // ---- firmware ------------------------------------------------------------------
+
+  const startFirmware = (d: Device, cmd: SimCommand) => {
+    const a = cmd.a;
+    const version = String(a.v ?? '');
+    const sha256 = String(a.sha256 ?? '').toLowerCase();
+    const size = Number(a.size);
+    if (!version || !/^[0-9a-f]{64}$/.test(sha256) || !Number.isSafeInteger(size) || size < 1) {
+      return ack(d, { id: cmd.id, ok: false, e: 'fw.update needs a.v, a.sha256 and a.size', code: 'BAD_ARGS' });
+    }
+    if (version === d.version) return ack(d, { id: cmd.id, ok: true, r: 'already running' });
+    if (d.fw && d.fw.sha256 === sha256) return; // resuming the same image
+    const c = nextCounter(d);
+    d.fw = { cmdId: cmd.id, cmdSeq: d.cmdSeq, version, sha256, size, offset: 0, hash: createHash('sha256'), counter: c, mac: mac(d, 'fw', c, Buffer.alloc(0)), busy: false };
+    sched.at(Date.now(), fwNext, { d, gen: d.gen });
+  };
+
+  /** Ask for the next chunk: it resumes from `offset`, after a reconnect or a wake just the same. */
+  const fwNext = ({ d, gen }: Ev) => {
+    const f = d.fw;
+    if (stopped || gen !== d.gen || !f || f.busy || d.state !== 'online') return;
+    if (f.offset >= f.size) return fwDone(d);
+    f.busy = true;
+    if (opts.protocol === 'mqtt') {
+      const n = Math.floor(f.offset / chunk);
+      enqueue(d, { ch: 'fwreq', payload: Buffer.from(JSON.stringify({ n, s: chunk })), seq: 0, t: Date.now(), pid: 0, sentOnce: false });
+      // no chunk within a while (lost on a dropped link): ask again
+      sched.after(Math.max(5000, 3 * d.interval), fwStall, { d, gen, offset: f.offset });
+      return;
+    }
+    const szx = Math.log2(chunk) - 4;
+    const num = Math.floor(f.offset / chunk);
+    d.ep!.request(
+      { method: COAP_METHOD.GET, path: coapPath(d, 'fw'), query: [...coapAuthQuery(f.counter, f.mac).split('&'), `${COAP_QUERY_IMAGE}=${f.sha256.slice(0, 16)}`], block2: { num, szx } },
+      (err, res) => {
+        if (stopped || d.fw !== f) return;
+        f.busy = false;
+        if (err || !res) {
+          noteError(d, 'firmware block failed', err);
+          sched.after(period(d), fwNext, { d, gen: d.gen });
+          return;
+        }
+        if (res.code !== '2.05') {
+          noteError(d, `firmware block refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
+          if (res.code.startsWith('5.')) return void sched.after(period(d), fwNext, { d, gen: d.gen });
+          return fwAbort(d, `download refused with ${res.code}`);
+        }
+        const b = res.block2;
+        const start = (b?.num ?? 0) * chunk;
+        if (start !== f.offset) return void sched.at(Date.now(), fwNext, { d, gen: d.gen }); // not the block asked for
+        fwData(d, res.payload);
+        if (b && !b.more && f.offset < f.size) return fwAbort(d, `image ended at ${f.offset} of ${f.size} bytes`);
+        sched.at(Date.now(), fwNext, { d, gen: d.gen });
+      },
+    );
+  };
+
+  const fwStall = ({ d, gen, offset }: Ev & { offset: number }) => {
+    const f = d.fw;
+    if (stopped || gen !== d.gen || !f || f.offset !== offset || !f.busy) return;
+    f.busy = false;
+    fwNext({ d, gen });
+  };
+
+  const onFwChunk = (d: Device, payload: Buffer) => {
+    const f = d.fw;
+    if (!f) return;
+    let c: ReturnType<typeof decodeFwChunk>;
+    try {
+      c = decodeFwChunk(payload);
+    } catch {
+      return void st.badCommands++;
+    }
+    if (c.size === 0 || c.shaPrefix !== f.sha256.slice(0, 16) || c.size !== f.size) return fwAbort(d, c.size === 0 ? 'no image offered' : 'the offered image changed');
+    if (c.n * chunk !== f.offset) return; // a stale or repeated chunk
+    f.busy = false;
+    fwData(d, c.data);
+    sched.at(Date.now(), fwNext, { d, gen: d.gen });
+  };
+
+  const fwData = (d: Device, data: Buffer) => {
+    const f = d.fw!;
+    const take = data.subarray(0, Math.max(0, f.size - f.offset));
+    f.hash.update(take);
+    f.offset += take.length;
+    st.fwBytes += take.length;
+  };
+
+  const fwAbort = (d: Device, why: string) => {
+    const f = d.fw!;
+    d.fw = null;
+    ack(d, { id: f.cmdId, ok: false, e: why.slice(0, 128), code: 'DOWNLOAD' });
+  };
+
+  const fwDone = (d: Device) => {
+    const f = d.fw!;
+    d.fw = null;
+    const got = f.hash.digest('hex');
+    if (got !== f.sha256) {
+      st.fwHashFailed++;
+      return ack(d, { id: f.cmdId, ok: false, e: `sha256 mismatch: got ${got.slice(0, 16)}…`, code: 'HASH' });
+    }
+    st.fwDownloaded++;
+    // written and verified: ack, then reboot into it; the bootloader decides what runs
+    ack(d, { id: f.cmdId, ok: true, r: { v: f.version } }, () => {
+      const prev = d.version;
+      if (failVersions.has(f.version)) {
+        st.fwRolledBack++;
+        d.prevVersion = f.version;
+        d.bootErr = 'new image did not confirm (simulated failure); bootloader rolled back';
+        opts.onFirmware?.(d.id, { version: prev, boot: 'rollback', prev: f.version });
+        reboot(d, 'rollback', 500);
+      } else {
+        st.fwBooted++;
+        d.version = f.version;
+        d.prevVersion = prev;
+        opts.onFirmware?.(d.id, { version: f.version, boot: 'ota', prev });
+        reboot(d, 'ota', 500);
+      }
+    });
+  };
+
+  // ---- start -------------------------------------------------------------------------
+
+  for (const d of devices) sched.at(started + Math.floor(random() * startJitter), boot, { d, gen: d.gen });
+  log?.info('sim started', { devices: devices.length, protocol: opts.protocol, host, intervalMs: interval, sleepMs, loss, latencyMs: link.latencyMs, first: devices[0]?.id });
 
   return {
     stats(): SimStats {
-      let connected = 0;
-      for (const d of devices) if (d.connected) connected++;
-      return { devices: devices.length, connected, sent, errors };
+      let lost = 0;
+      for (const e of endpoints) lost += e.lost;
+      return { ...st, linkDrops: st.linkDrops + lost };
+    },
+    lag: () => sched.lag(),
+    ids: () => devices.map((d) => d.id),
+    device(id) {
+      const d = byId.get(id);
+      if (!d) return undefined;
+      return { id, version: d.version, state: d.state, seq: d.seq, cmdSeq: d.cmdSeq, intervalMs: d.interval, ...(d.fw ? { fwOffset: d.fw.offset } : {}) };
     },
     async stop() {
       if (stopped) return;
       stopped = true;
-      clearInterval(timer);
-      await Promise.all(devices.map((d) => (d.client ? d.client.endAsync(true).catch(() => undefined) : undefined)));
-      // Agent.close() with a socket passed in never calls back; it aborts pending
-      // requests and their retransmission timers, which is all that is needed
-      for (const a of agents) a.close();
-      await Promise.all(sockets.map((s) => new Promise<void>((r) => s.close(() => r()))));
-      for (const d of devices) d.connected = false;
-      log?.info('sim stopped', { sent, errors });
+      sched.stop();
+      const closing: Promise<void>[] = [];
+      for (const d of devices) {
+        const s = d.mqtt?.socket;
+        if (s && !s.destroyed) {
+          closing.push(new Promise<void>((r) => s.once('close', () => r())));
+          d.mqtt!.end();
+          // a peer that never answers the FIN must not hold stop forever
+          setTimeout(() => s.destroy(), 2000).unref();
+        }
+        down(d);
+      }
+      await Promise.all(closing);
+      for (const e of endpoints) e.close();
+      log?.info('sim stopped', { sent: st.sent, errors: st.errors });
     },
   };
 }

@@ -1,15 +1,16 @@
+import { renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { defaultStateDir, logLevelFromEnv } from '../../core/config.ts';
 import { FleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
 import { readSecretFile } from '../../core/secrets.ts';
-import { runSim, type SimProtocol } from '../../esp32-sim/sim.ts';
+import { runSim, type SimOptions, type SimProtocol } from '../../esp32-sim/sim.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 
 export const simCommand = defineCommand({
   name: 'sim',
-  summary: 'simulate many ESP32 devices sending telemetry to a gateway over MQTT or CoAP',
+  summary: 'simulate many ESP32 devices (telemetry, deep sleep, commands, firmware updates) against a gateway over MQTT or CoAP',
   usage: '[--devices N] [--protocol mqtt|coap] [--site-secret-file FILE] [options]',
   options: {
     devices: { type: 'string', short: 'n' },
@@ -20,6 +21,22 @@ export const simCommand = defineCommand({
     'site-secret-file': { type: 'string' },
     prefix: { type: 'string' },
     'interval-ms': { type: 'string' },
+    'first-index': { type: 'string' },
+    'start-jitter-ms': { type: 'string' },
+    'sleep-ms': { type: 'string' },
+    'awake-ms': { type: 'string' },
+    loss: { type: 'string' },
+    'latency-ms': { type: 'string' },
+    'latency-jitter-ms': { type: 'string' },
+    'coap-ack-timeout-ms': { type: 'string' },
+    'firmware-version': { type: 'string' },
+    'fail-version': { type: 'string', multiple: true },
+    'fw-chunk-bytes': { type: 'string' },
+    format: { type: 'string' },
+    'no-hello': { type: 'boolean' },
+    'no-mailbox': { type: 'boolean' },
+    'stats-every-ms': { type: 'string' },
+    'stats-file': { type: 'string' },
     'duration-s': { type: 'string' },
     'ready-file': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
@@ -32,7 +49,23 @@ export const simCommand = defineCommand({
     'coap-port': 'gateway CoAP port (default 5683)',
     'site-secret-file': "the gateway's site secret (default: the local gateway's, <state>/gateway/site.secret)",
     prefix: 'device id prefix (default esp32-<protocol>-)',
-    'interval-ms': 'telemetry period per device, ms (default 5000)',
+    'interval-ms': 'telemetry period per device, ms (default 5000); each period varies by ±5% so devices drift apart',
+    'first-index': 'index of the first device id (default 1), so several sim processes share one id space',
+    'start-jitter-ms': 'devices boot at random over this many ms (default: the interval)',
+    'sleep-ms': 'deep sleep: sleep this long after each awake period, ms (default 0 = never sleep)',
+    'awake-ms': 'awake time per deep-sleep cycle, ms (default 3 x the interval)',
+    loss: 'flaky link, 0..1: CoAP datagram loss either way; MQTT chance per publish that the link drops (default 0)',
+    'latency-ms': 'added one-way latency on what devices send, ms (default 0)',
+    'latency-jitter-ms': 'random extra latency 0..N ms (default 0)',
+    'coap-ack-timeout-ms': 'CoAP ACK_TIMEOUT, ms (default 2000)',
+    'firmware-version': 'the firmware version devices boot with (default 1.0.0)',
+    'fail-version': 'a firmware version that fails to start, so the simulated bootloader rolls back (repeatable)',
+    'fw-chunk-bytes': 'firmware chunk size: MQTT 16..4096, CoAP Block2 16..1024, a power of two (default 512)',
+    format: 'telemetry encoding: senml+json, senml+cbor or compact (default senml+json)',
+    'no-hello': 'send no version report after boot',
+    'no-mailbox': 'do not read the command mailbox (no MQTT subscribe, no CoAP Observe)',
+    'stats-every-ms': 'log a progress line (and write --stats-file) this often, ms (default 10000)',
+    'stats-file': 'write the counters, event-loop lag, RSS and CPU as JSON here every --stats-every-ms (for benchmarks)',
     'duration-s': 'stop after this many seconds; 0 = run until a signal (default 0)',
     'ready-file': 'write {pid, devices, protocol, firstDevice} here once started',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
@@ -51,6 +84,32 @@ export const simCommand = defineCommand({
     const dieWithParent = values['die-with-parent'] === true;
     const siteSecret = readSecretFile(strFlag(values, 'site-secret-file') ?? join(defaultStateDir('gateway'), 'site.secret'));
 
+    const num = (name: string, min: number, max: number): number | undefined => {
+      const raw = strFlag(values, name);
+      if (raw === undefined) return undefined;
+      const v = Number(raw);
+      if (!Number.isFinite(v) || v < min || v > max) throw new FleetError('FLEET_USAGE', `--${name}: expected a number from ${min} to ${max}, got ${JSON.stringify(raw)}`);
+      return v;
+    };
+    const firstIndex = intFlag(values, 'first-index', 1, 1_000_000);
+    const extra = {
+      firstIndex,
+      startJitterMs: intFlag(values, 'start-jitter-ms', 0, 24 * 3600 * 1000),
+      sleepMs: intFlag(values, 'sleep-ms', 0, 24 * 3600 * 1000),
+      awakeMs: intFlag(values, 'awake-ms', 0, 24 * 3600 * 1000),
+      loss: num('loss', 0, 0.99),
+      latencyMs: intFlag(values, 'latency-ms', 0, 60_000),
+      latencyJitterMs: intFlag(values, 'latency-jitter-ms', 0, 60_000),
+      coapAckTimeoutMs: intFlag(values, 'coap-ack-timeout-ms', 10, 60_000),
+      firmwareVersion: strFlag(values, 'firmware-version'),
+      failVersions: Array.isArray(values['fail-version']) ? (values['fail-version'] as string[]) : undefined,
+      fwChunkBytes: intFlag(values, 'fw-chunk-bytes', 16, 4096),
+      format: strFlag(values, 'format') as SimOptions['format'],
+      hello: values['no-hello'] === true ? false : undefined,
+      mailbox: values['no-mailbox'] === true ? false : undefined,
+    };
+    const statsEveryMs = intFlag(values, 'stats-every-ms', 100, 3600_000) ?? 10_000;
+
     const log = createLogger({ name: 'sim', level: logLevelFromEnv() ?? 'info' });
     const sim = await runSim({
       devices,
@@ -62,9 +121,18 @@ export const simCommand = defineCommand({
       ...(mqttPort !== undefined ? { mqttPort } : {}),
       ...(coapPort !== undefined ? { coapPort } : {}),
       ...(prefix !== undefined ? { prefix } : {}),
+      ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
     });
-    writeReadyFile(strFlag(values, 'ready-file'), { devices, protocol, firstDevice: `${prefix ?? `esp32-${protocol}-`}${'1'.padStart(Math.max(4, String(devices).length), '0')}` });
-    const progress = setInterval(() => log.info('sim progress', { ...sim.stats() }), 10_000);
+    writeReadyFile(strFlag(values, 'ready-file'), { devices, protocol, firstDevice: sim.ids()[0] });
+    const statsFile = strFlag(values, 'stats-file');
+    const progress = setInterval(() => {
+      const snap = { ...sim.stats(), lag: sim.lag(), rssBytes: process.memoryUsage().rss, cpu: process.cpuUsage(), at: Date.now() };
+      log.info('sim progress', snap);
+      if (statsFile) {
+        writeFileSync(`${statsFile}.tmp`, JSON.stringify(snap));
+        renameSync(`${statsFile}.tmp`, statsFile);
+      }
+    }, statsEveryMs);
     let stopping: Promise<void> | undefined;
     const stop = () =>
       (stopping ??= (async () => {

@@ -1,0 +1,411 @@
+#!/usr/bin/env node
+// Gateway at scale (issue 6): N simulated ESP32s over MQTT at R msg/s each, through
+// `fleetlet gateway` to `fleetlet hub`, measured at an operator subscriber on the hub;
+// then, in the same run, the same simulated devices publishing one message per reading
+// to a Mosquitto broker, measured at a subscriber on Mosquitto. Figures side by side,
+// with the ratio and the targets (no loss; p99 <= 50 ms at 10,000 msg/s; <= 25 KB of
+// gateway memory per connected MCU).
+//
+// Usage: node scripts/bench/gateway-scale.mjs [--devices 10000] [--sims 2] [--interval-ms 1000]
+//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--tag name]
+// Writes scripts/bench/results/gateway-scale-<date>[-<tag>].json with the machine's details.
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { cpus, loadavg, release, tmpdir, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import mqtt from 'mqtt';
+
+const ROOT = new URL('../../', import.meta.url).pathname;
+const { values } = parseArgs({
+  options: {
+    devices: { type: 'string', default: '10000' },
+    sims: { type: 'string' },
+    'interval-ms': { type: 'string', default: '1000' },
+    'window-s': { type: 'string', default: '30' },
+    'ramp-s': { type: 'string', default: '20' },
+    'settle-s': { type: 'string', default: '10' },
+    only: { type: 'string' },
+    'uplink-rate': { type: 'string', default: '0' },
+    tag: { type: 'string' },
+  },
+});
+const N = Number(values.devices);
+const SIMS = Number(values.sims ?? (N > 3000 ? 2 : 1));
+const INTERVAL = Number(values['interval-ms']);
+const WINDOW_S = Number(values['window-s']);
+const RAMP_S = Number(values['ramp-s']);
+const SETTLE_S = Number(values['settle-s']);
+const TARGET_RATE = (N * 1000) / INTERVAL;
+const MOSQUITTO = ['/usr/sbin/mosquitto', '/usr/bin/mosquitto'].find((p) => existsSync(p));
+
+// ---- process helpers ------------------------------------------------------------------
+const clk = 100; // USER_HZ on Linux
+const cpuS = (pid) => {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(f[11]) + Number(f[12])) / clk;
+  } catch {
+    return NaN;
+  }
+};
+const rssKb = (pid) => {
+  try {
+    return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1]);
+  } catch {
+    return NaN;
+  }
+};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const progress = (m) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${m}\n`);
+const freePort = () =>
+  new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = s.address().port;
+      s.close(() => resolve(p));
+    });
+    s.on('error', reject);
+  });
+const waitJson = async (f, timeoutMs = 60_000) => {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    try {
+      return JSON.parse(readFileSync(f, 'utf8'));
+    } catch {
+      await sleep(100);
+    }
+  }
+  throw new Error(`no ${f} after ${timeoutMs} ms`);
+};
+
+const fdLimit = (() => {
+  try {
+    return Number(/Max open files\s+(\d+)/.exec(readFileSync('/proc/self/limits', 'utf8'))[1]);
+  } catch {
+    return NaN;
+  }
+})();
+const perSim = Math.ceil(N / SIMS);
+if (fdLimit < perSim + 512 || fdLimit < N + 512) {
+  console.error(`open-file limit ${fdLimit} is too low for ${N} connections in one process: run \`ulimit -n ${N + 2048}\` (hard limit: \`ulimit -Hn\`) first`);
+  process.exit(1);
+}
+
+// under the repo's .tmp/ (gitignored, a real disk here: the gateway's outbox fsyncs), else the system temp dir
+let base = join(ROOT, '.tmp');
+try {
+  mkdirSync(base, { recursive: true });
+} catch {
+  base = tmpdir();
+}
+const dir = mkdtempSync(join(base, 'gateway-scale-'));
+const children = [];
+const env = { ...process.env, FLEETLET_LOG_LEVEL: 'warn' };
+const fleetlet = (name, args) => {
+  const log = join(dir, `${name}.log`);
+  const c = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli/main.ts'), ...args, '--die-with-parent'], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'], env });
+  let out = '';
+  c.stdout.on('data', (d) => (out += d));
+  c.stderr.on('data', (d) => writeFileSync(log, d, { flag: 'a' }));
+  c.output = () => out;
+  children.push(c);
+  return c;
+};
+const stop = async (c, graceMs = 10_000) => {
+  if (!c || c.exitCode !== null || c.signalCode !== null) return;
+  const done = new Promise((r) => c.once('exit', r));
+  c.kill('SIGTERM');
+  const t = setTimeout(() => c.kill('SIGKILL'), graceMs);
+  await done;
+  clearTimeout(t);
+};
+let cleaned = false;
+const cleanup = async () => {
+  if (cleaned) return;
+  cleaned = true;
+  for (const c of [...children].reverse()) await stop(c, 5000).catch(() => undefined);
+  rmSync(dir, { recursive: true, force: true });
+};
+process.on('SIGINT', () => cleanup().then(() => process.exit(130)));
+
+// ---- the subscriber: readings by (device, seq), latency from the sample time --------------
+class Meter {
+  constructor() {
+    this.perDevice = new Map(); // id -> Set(seq)
+    this.dups = 0;
+    this.messages = 0;
+    this.lat = []; // latencies of first arrivals inside the window
+    this.inWindow = 0;
+    this.window = null; // [from, to] sample times
+  }
+  add(id, seq, t) {
+    const now = Date.now();
+    this.messages++;
+    let s = this.perDevice.get(id);
+    if (!s) this.perDevice.set(id, (s = new Set()));
+    if (s.has(seq)) return void this.dups++;
+    s.add(seq);
+    if (this.window && t >= this.window[0] && t < this.window[1]) {
+      this.inWindow++;
+      this.lat.push(now - t);
+    }
+  }
+  distinct() {
+    let n = 0;
+    for (const s of this.perDevice.values()) n += s.size;
+    return n;
+  }
+  /** readings missing below each device's highest seq seen (a gap is a loss) */
+  gaps() {
+    let g = 0;
+    for (const s of this.perDevice.values()) {
+      let max = 0;
+      for (const v of s) if (v > max) max = v;
+      g += max - s.size;
+    }
+    return g;
+  }
+  percentile(p) {
+    if (this.lat.length === 0) return NaN;
+    const a = Float64Array.from(this.lat).sort();
+    return a[Math.min(a.length - 1, Math.floor((p / 100) * a.length))];
+  }
+}
+
+const simArgs = (port, i, statsFile) => [
+  'sim', '--devices', String(perSim), '--first-index', String(i * perSim + 1), '--protocol', 'mqtt', '--gateway-host', '127.0.0.1', '--mqtt-port', String(port),
+  '--site-secret-file', join(dir, 'site.secret'), '--interval-ms', String(INTERVAL), '--start-jitter-ms', String(RAMP_S * 1000), '--prefix', 'bench-',
+  '--stats-file', statsFile, '--stats-every-ms', '1000',
+];
+
+/**
+ * One phase: start the sims against `port`, wait for every device connected, settle,
+ * measure a window, stop the sims and wait for the stragglers.
+ */
+async function phase(name, port, meter, server) {
+  const sims = [];
+  const statsFiles = [];
+  for (let i = 0; i < SIMS; i++) {
+    const f = join(dir, `${name}-sim-${i}.stats.json`);
+    statsFiles.push(f);
+    sims.push(fleetlet(`${name}-sim-${i}`, simArgs(port, i, f)));
+  }
+  const simStats = () => statsFiles.map((f) => { try { return JSON.parse(readFileSync(f, 'utf8')); } catch { return null; } });
+  const sum = (k) => simStats().reduce((a, s) => a + (s?.[k] ?? 0), 0);
+  const rampEnd = Date.now() + RAMP_S * 1000 + 60_000;
+  let connected = 0;
+  while (Date.now() < rampEnd) {
+    await sleep(1000);
+    connected = sum('connected');
+    if (connected >= N) break;
+    for (const s of sims) if (s.exitCode !== null) throw new Error(`${name} sim exited early: ${readFileSync(join(dir, `${name}-sim-${sims.indexOf(s)}.log`), 'utf8').slice(-2000)}`);
+  }
+  progress(`${name}: ${connected}/${N} devices connected; settling ${SETTLE_S} s`);
+  await sleep(SETTLE_S * 1000);
+  // the window: readings taken in it, CPU and memory across it
+  const t0 = Date.now();
+  meter.window = [t0, t0 + WINDOW_S * 1000];
+  const pids = { server: server.pid, hub: server.hubPid, sims: sims.map((s) => s.pid) };
+  const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
+  const sent0 = sum('sent');
+  const lags = [];
+  const rss = [];
+  const connectedSamples = [];
+  while (Date.now() < t0 + WINDOW_S * 1000) {
+    await sleep(1000);
+    for (const s of simStats()) if (s?.lag) lags.push(s.lag);
+    rss.push(rssKb(pids.server));
+    connectedSamples.push(sum('connected'));
+  }
+  const t1 = Date.now();
+  const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
+  const sent1 = sum('sent');
+  const rssEnd = rssKb(pids.server);
+  // stop the devices; whatever they were acked for must arrive
+  for (const s of sims) await stop(s, 20_000);
+  const finals = sims.map((s) => { try { return JSON.parse(s.output().trim().split('\n').pop()); } catch { return null; } });
+  const acked = finals.reduce((a, f) => a + (f?.sent ?? 0), 0);
+  const drainEnd = Date.now() + 120_000;
+  let last = -1;
+  let stillSince = Date.now();
+  while (Date.now() < drainEnd) {
+    const d = meter.distinct();
+    if (d >= acked) break;
+    if (d !== last) {
+      last = d;
+      stillSince = Date.now();
+    } else if (Date.now() - stillSince > 15_000) break;
+    await sleep(500);
+  }
+  await sleep(1000);
+  const secs = (t1 - t0) / 1000;
+  const pct = (a, b) => Math.round(((b - a) / secs) * 1000) / 10;
+  return {
+    connected,
+    connectedMinInWindow: Math.min(...connectedSamples),
+    windowS: Math.round(secs * 10) / 10,
+    ackedPerS: Math.round((sent1 - sent0) / secs),
+    deliveredPerS: Math.round(meter.inWindow / WINDOW_S),
+    p50Ms: meter.percentile(50),
+    p99Ms: meter.percentile(99),
+    p999Ms: meter.percentile(99.9),
+    maxMs: meter.lat.length ? Math.max(...meter.lat) : NaN,
+    latencySamples: meter.lat.length,
+    acked,
+    distinctAtSubscriber: meter.distinct(),
+    lost: Math.max(0, acked - meter.distinct()),
+    gaps: meter.gaps(),
+    duplicates: meter.dups,
+    serverCpuPct: pct(cpu0.server, cpu1.server),
+    hubCpuPct: pids.hub ? pct(cpu0.hub, cpu1.hub) : null,
+    simCpuPct: cpu0.sims.map((c, i) => pct(c, cpu1.sims[i])),
+    simLagMeanMs: lags.length ? Math.round((lags.reduce((a, l) => a + l.meanMs, 0) / lags.length) * 10) / 10 : null,
+    simLagMaxMs: lags.length ? Math.max(...lags.map((l) => l.maxMs)) : null,
+    serverRssKbEnd: rssEnd,
+    serverRssKbMax: Math.max(...rss),
+    simFinal: finals,
+  };
+}
+
+async function gatewayPhase() {
+  progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} MQTT devices every ${INTERVAL} ms`);
+  const hub = fleetlet('hub', ['hub', '--mqtt-port', '0', '--http-port', '0', '--state-dir', join(dir, 'hub'), '--ready-file', join(dir, 'hub.ready')]);
+  const hubReady = await waitJson(join(dir, 'hub.ready'));
+  const token = execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'cli/main.ts'), 'hub', 'device-token', 'bench-gw', '--state-dir', join(dir, 'hub')], { cwd: ROOT }).toString().trim();
+  writeFileSync(join(dir, 'gw.token'), token + '\n', { mode: 0o600 });
+  const gwConfig = {
+    deviceId: 'bench-gw',
+    stateDir: join(dir, 'gateway'),
+    hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
+    mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100) },
+    uplink: { rate: Number(values['uplink-rate']) },
+  };
+  writeFileSync(join(dir, 'gateway.json'), JSON.stringify(gwConfig));
+  const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')]);
+  const gwReady = await waitJson(join(dir, 'gw.ready'));
+  const meter = new Meter();
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
+  sub.on('message', (topic, payload) => {
+    const id = topic.split('/')[3];
+    const m = JSON.parse(payload.toString());
+    const s = m.samples?.find((x) => x.n === 'seq');
+    if (s) meter.add(id, s.v, s.t);
+  });
+  await sub.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+  await sleep(3000);
+  const rss0 = rssKb(gw.pid);
+  progress(`gateway: RSS with 0 devices ${Math.round(rss0 / 1024)} MiB`);
+  const r = await phase('gateway', gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid });
+  await sub.endAsync(true);
+  await stop(gw, 30_000);
+  await stop(hub, 15_000);
+  return { ...r, serverRssKbIdle: rss0, kbPerDevice: Math.round(((r.serverRssKbEnd - rss0) / N) * 10) / 10, uplink: gwConfig.uplink };
+}
+
+async function mosquittoPhase() {
+  if (!MOSQUITTO) throw new Error('mosquitto not found in /usr/sbin or /usr/bin');
+  const port = await freePort();
+  const conf = join(dir, 'mosquitto.conf');
+  // stock Mosquitto drops QoS 1 beyond 1,000 queued per client (FACTS.md): unbounded here, and losses counted
+  writeFileSync(conf, [`listener ${port} 127.0.0.1`, 'allow_anonymous true', 'max_queued_messages 0', 'max_inflight_messages 0', 'max_connections -1', 'persistence false', 'log_type error', ''].join('\n'));
+  progress(`mosquitto: ${MOSQUITTO} on port ${port} + ${SIMS} sim process(es), ${N} MQTT devices every ${INTERVAL} ms`);
+  const m = spawn('timeout', ['900', MOSQUITTO, '-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  children.push(m);
+  await sleep(500);
+  // the broker's pid is timeout's child
+  const pid = Number(execFileSync('pgrep', ['-P', String(m.pid)]).toString().trim().split('\n')[0]);
+  const meter = new Meter();
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-consumer', reconnectPeriod: 500 });
+  sub.on('message', (topic, payload) => {
+    const id = topic.split('/')[2];
+    const recs = JSON.parse(payload.toString());
+    const bt = recs[0]?.bt;
+    const s = recs.find((x) => x.n === 'seq');
+    if (s && typeof bt === 'number') meter.add(id, s.v, Math.round(bt * 1000 + (s.t ?? 0) * 1000));
+  });
+  await sub.subscribeAsync('mcu/v1/+/t', { qos: 1 });
+  await sleep(1000);
+  const rss0 = rssKb(pid);
+  const r = await phase('mosquitto', port, meter, { pid });
+  await sub.endAsync(true);
+  await stop(m, 5000);
+  return { ...r, serverRssKbIdle: rss0, kbPerDevice: Math.round(((r.serverRssKbEnd - rss0) / N) * 10) / 10 };
+}
+
+const date = new Date().toISOString();
+const git = (() => {
+  try {
+    return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT }).toString().trim();
+  } catch {
+    return null;
+  }
+})();
+const machine = {
+  cpus: cpus().length,
+  model: cpus()[0]?.model ?? '?',
+  memoryGiB: Math.round(totalmem() / 2 ** 30),
+  kernel: release(),
+  node: process.version,
+  mosquitto: MOSQUITTO ? spawnSync(MOSQUITTO, ['-h']).stdout.toString().split('\n')[0] : null,
+  openFileLimit: fdLimit,
+  loadavgAtStart: loadavg().map((x) => Math.round(x * 100) / 100),
+};
+// the sims need the site secret before the gateway creates one
+writeFileSync(join(dir, 'site.secret'), (await import('node:crypto')).randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
+
+const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S };
+let exit = 0;
+try {
+  if (values.only !== 'mosquitto') {
+    try {
+      result.gateway = await gatewayPhase();
+    } catch (err) {
+      result.gateway = { error: String(err?.stack ?? err) };
+      exit = 1;
+    }
+  }
+  if (values.only !== 'gateway') {
+    try {
+      result.mosquitto = await mosquittoPhase();
+    } catch (err) {
+      result.mosquitto = { error: String(err?.stack ?? err) };
+      exit = 1;
+    }
+  }
+} finally {
+  await cleanup();
+}
+
+// ---- the table -------------------------------------------------------------------------
+const g = result.gateway ?? {};
+const q = result.mosquitto ?? {};
+const ratio = (a, b) => (typeof a === 'number' && typeof b === 'number' && b !== 0 && Number.isFinite(a) && Number.isFinite(b) ? `${(a / b).toFixed(2)}x` : '—');
+const rows = [
+  ['delivered readings/s (window)', g.deliveredPerS, q.deliveredPerS, `${TARGET_RATE} offered`, g.deliveredPerS >= TARGET_RATE * 0.98],
+  ['lost (acked, never delivered)', g.lost, q.lost, '0', g.lost === 0],
+  ['gaps in per-device sequences', g.gaps, q.gaps, '0', g.gaps === 0],
+  ['duplicates at the subscriber', g.duplicates, q.duplicates, '—', null],
+  ['p50 device→subscriber, ms', g.p50Ms, q.p50Ms, '—', null],
+  ['p99 device→subscriber, ms', g.p99Ms, q.p99Ms, '≤ 50 at 10,000 msg/s', g.p99Ms <= 50 && TARGET_RATE >= 10_000],
+  ['p99.9, ms', g.p999Ms, q.p999Ms, '—', null],
+  ['server memory per connected device, KB', g.kbPerDevice, q.kbPerDevice, '≤ 25', g.kbPerDevice <= 25],
+  ['server CPU, % of one core (gateway | mosquitto)', g.serverCpuPct, q.serverCpuPct, '—', null],
+  ['hub CPU, % of one core', g.hubCpuPct, null, '—', null],
+  ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
+  ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${g.simLagMaxMs}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${q.simLagMaxMs}` : null, '—', null],
+];
+result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
+const fmt = (v) => (v === null || v === undefined ? '—' : typeof v === 'number' ? String(Math.round(v * 10) / 10) : String(v));
+console.log(`gateway-scale — ${N} MQTT devices × ${1000 / INTERVAL} msg/s (${TARGET_RATE} msg/s offered), ${SIMS} sim process(es), ${WINDOW_S} s window; ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.mosquitto}`);
+console.log('| figure | gateway → hub | Mosquitto | ratio | target | pass |');
+console.log('|---|---:|---:|---:|---|---|');
+for (const r of result.table) console.log(`| ${r.figure} | ${fmt(r.gateway)} | ${fmt(r.mosquitto)} | ${r.ratio} | ${r.target} | ${r.pass === null ? '' : r.pass ? 'pass' : 'FAIL'} |`);
+if (g.error) console.log(`gateway phase failed: ${g.error.split('\n')[0]}`);
+if (q.error) console.log(`mosquitto phase failed: ${q.error.split('\n')[0]}`);
+mkdirSync(join(ROOT, 'scripts/bench/results'), { recursive: true });
+const out = join(ROOT, `scripts/bench/results/gateway-scale-${date.slice(0, 10)}${values.tag ? `-${values.tag}` : ''}.json`);
+writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
+console.log(`results: ${out}`);
+process.exit(exit);

@@ -1,0 +1,246 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
+import { Aedes } from 'aedes';
+import coap from 'coap';
+import { CoapEndpoint, COAP_METHOD, type CoapResponse } from '../../esp32-sim/coap-lite.ts';
+import { MqttLite } from '../../esp32-sim/mqtt-lite.ts';
+import { Scheduler } from '../../esp32-sim/sched.ts';
+import { waitFor } from '../helpers.ts';
+
+test('sched: one timer runs entries in time order, same-time entries in insertion order, and stop drops the rest', async () => {
+  const s = new Scheduler();
+  const ran: string[] = [];
+  const now = Date.now();
+  const push = (x: string) => ran.push(x);
+  s.at(now + 60, push, 'c');
+  s.at(now + 20, push, 'a');
+  s.at(now + 20, push, 'b');
+  s.at(now - 5, push, 'late'); // already due: as soon as possible
+  s.at(now + 5000, push, 'never');
+  await waitFor(() => ran.length === 4, 'four entries ran', 2000, 5);
+  assert.deepEqual(ran, ['late', 'a', 'b', 'c']);
+  assert.equal(s.size, 1);
+  s.stop();
+  assert.equal(s.size, 0);
+  const lag = s.lag();
+  assert.equal(lag.ran, 4);
+  assert.ok(lag.maxMs >= 5);
+});
+
+test('sched: 10,000 entries in one scheduler, each runs once', async () => {
+  const s = new Scheduler({ maxPerTurn: 1000 });
+  let n = 0;
+  const now = Date.now();
+  for (let i = 0; i < 10_000; i++) s.at(now + (i % 100), () => n++, null);
+  await waitFor(() => n === 10_000, 'all ran', 5000, 5);
+  assert.equal(s.size, 0);
+  s.stop();
+});
+
+async function withBroker<T>(fn: (port: number, broker: Aedes) => Promise<T>): Promise<T> {
+  const broker = await Aedes.createBroker();
+  const server = createServer(broker.handle);
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as { port: number }).port;
+  try {
+    return await fn(port, broker);
+  } finally {
+    await new Promise<void>((r) => broker.close(() => r()));
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+}
+
+test('mqtt-lite: CONNECT with credentials, QoS 1 PUBLISH gets its PUBACK, SUBSCRIBE and a QoS 1 message in (PUBACKed), PINGREQ, DISCONNECT (aedes broker)', async () => {
+  await withBroker(async (port, broker) => {
+    const seenAuth: Array<[string, string | undefined, string | undefined]> = [];
+    broker.authenticate = (client, username, password, done) => {
+      seenAuth.push([client.id, username, password?.toString()]);
+      done(null, true);
+    };
+    const published: Array<[string, string, number]> = [];
+    broker.on('publish', (p, client) => {
+      if (client) published.push([p.topic, p.payload.toString(), p.qos]);
+    });
+    const ev = { connack: [] as number[], puback: [] as number[], suback: [] as number[][], msgs: [] as string[], closed: 0 };
+    const c = new MqttLite({
+      connack: (rc) => ev.connack.push(rc),
+      close: () => ev.closed++,
+      puback: (pid) => ev.puback.push(pid),
+      suback: (_pid, codes) => ev.suback.push(codes),
+      message: (topic, payload, qos) => ev.msgs.push(`${topic}|${payload.toString()}|${qos}`),
+    });
+    c.connect({ host: '127.0.0.1', port, clientId: 'esp-1', username: 'esp-1', password: 'k'.repeat(43), keepaliveS: 30, clean: true });
+    await waitFor(() => ev.connack.length === 1, 'CONNACK');
+    assert.deepEqual(ev.connack, [0]);
+    assert.deepEqual(seenAuth, [['esp-1', 'esp-1', 'k'.repeat(43)]]);
+    assert.ok(c.writable);
+
+    const big = Buffer.alloc(300, 0x61); // a remaining length over 127: two length bytes
+    c.publish('mcu/v1/esp-1/t', big, 1, 7);
+    c.publish('mcu/v1/esp-1/t', Buffer.from('q0'), 0);
+    await waitFor(() => ev.puback.length === 1 && published.length === 2, 'PUBACK and both publishes at the broker');
+    assert.deepEqual(ev.puback, [7]);
+    assert.deepEqual(published.map(([t, p, q]) => [t, p.length, q]).sort((a, b) => Number(b[1]) - Number(a[1])), [['mcu/v1/esp-1/t', 300, 1], ['mcu/v1/esp-1/t', 2, 0]]);
+
+    c.subscribe(9, 'mcu/v1/esp-1/#', 1);
+    await waitFor(() => ev.suback.length === 1, 'SUBACK');
+    assert.deepEqual(ev.suback, [[1]]);
+    await new Promise<void>((r) => broker.publish({ cmd: 'publish', topic: 'mcu/v1/esp-1/cmd', payload: Buffer.from('hello'), qos: 1, retain: false, dup: false }, () => r()));
+    await waitFor(() => ev.msgs.length === 1, 'a message in');
+    assert.deepEqual(ev.msgs, ['mcu/v1/esp-1/cmd|hello|1']);
+
+    c.ping();
+    c.end();
+    await waitFor(() => ev.closed === 1, 'closed after DISCONNECT');
+    assert.equal(c.writable, false);
+  });
+});
+
+test('mqtt-lite: a refused CONNECT reports its return code and closes', async () => {
+  await withBroker(async (port, broker) => {
+    broker.authenticate = (_c, _u, _p, done) => {
+      const err = Object.assign(new Error('no'), { returnCode: 4 as const });
+      done(err, null);
+    };
+    const ev = { connack: [] as number[], closed: 0 };
+    const c = new MqttLite({ connack: (rc) => ev.connack.push(rc), close: () => ev.closed++, puback: () => undefined, suback: () => undefined, message: () => undefined });
+    c.connect({ host: '127.0.0.1', port, clientId: 'x', username: 'x', password: 'bad', keepaliveS: 30, clean: true });
+    await waitFor(() => ev.closed === 1, 'closed');
+    assert.deepEqual(ev.connack, [4]);
+  });
+});
+
+async function withCoapServer<T>(handler: (req: coap.IncomingMessage, res: coap.OutgoingMessage) => void, fn: (port: number) => Promise<T>): Promise<T> {
+  const server = coap.createServer();
+  server.on('request', handler);
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server as unknown as { _sock: { address(): { port: number } } })._sock.address().port;
+  try {
+    return await fn(port);
+  } finally {
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+}
+
+const request = (ep: CoapEndpoint, req: Parameters<CoapEndpoint['request']>[0]) =>
+  new Promise<CoapResponse>((resolve, reject) => ep.request(req, (err, res) => (err ? reject(err) : resolve(res!))));
+
+test('coap-lite: POST with path, query and content format gets a piggybacked response; Block2 GET; many requests share one socket (coap package server)', async () => {
+  const image = Buffer.from(Array.from({ length: 1000 }, (_, i) => i % 251));
+  await withCoapServer(
+    (req, res) => {
+      if (req.method === 'POST') {
+        res.code = '2.04';
+        return res.end(`${req.url}|${String(req.headers['Content-Format'])}|${req.payload.toString()}`);
+      }
+      res.code = '2.05';
+      res.end(image); // the coap package answers Block2 requests block by block
+    },
+    async (port) => {
+      const sched = new Scheduler();
+      const ep = await CoapEndpoint.open({ host: '127.0.0.1', port, sched, link: { loss: 0, latencyMs: 0, latencyJitterMs: 0 }, random: Math.random });
+      try {
+        const res = await request(ep, { method: COAP_METHOD.POST, path: ['mcu', 'v1', 'esp-1', 't'], query: ['c=5', 'm=abc'], contentFormat: 110, payload: Buffer.from('[]') });
+        assert.equal(res.code, '2.04');
+        assert.equal(res.payload.toString(), '/mcu/v1/esp-1/t?c=5&m=abc|application/senml+json|[]');
+
+        const got: Buffer[] = [];
+        for (let num = 0; ; num++) {
+          const b = await request(ep, { method: COAP_METHOD.GET, path: ['fw'], block2: { num, szx: 2 } }); // 64-byte blocks
+          assert.equal(b.code, '2.05');
+          assert.equal(b.block2?.num, num);
+          got.push(b.payload);
+          if (!b.block2?.more) break;
+        }
+        assert.deepEqual(Buffer.concat(got), image);
+
+        const many = await Promise.all(Array.from({ length: 200 }, (_, i) => request(ep, { method: COAP_METHOD.POST, path: ['d', String(i)], payload: Buffer.from(String(i)) })));
+        many.forEach((r, i) => assert.equal(r.payload.toString(), `/d/${i}|undefined|${i}`));
+        assert.equal(ep.pending, 0);
+      } finally {
+        ep.close();
+        sched.stop();
+      }
+    },
+  );
+});
+
+test('coap-lite: with 20% datagram loss each way, CON retransmissions still get every request answered (loss knob)', async () => {
+  let handled = 0;
+  await withCoapServer(
+    (req, res) => {
+      handled++;
+      res.code = '2.04';
+      res.end(req.payload);
+    },
+    async (port) => {
+      const sched = new Scheduler();
+      let seed = 42;
+      const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+      const ep = await CoapEndpoint.open({ host: '127.0.0.1', port, sched, link: { loss: 0.2, latencyMs: 5, latencyJitterMs: 10 }, random, ackTimeoutMs: 50, maxRetransmit: 10 });
+      try {
+        const res = await Promise.all(Array.from({ length: 50 }, (_, i) => request(ep, { method: COAP_METHOD.POST, path: ['x'], payload: Buffer.from(String(i)) })));
+        res.forEach((r, i) => assert.equal(r.payload.toString(), String(i)));
+        assert.ok(ep.lost > 0, 'datagrams were dropped');
+        // retransmissions with the same message id are answered from the server's cache, not handled twice
+        assert.equal(handled, 50);
+      } finally {
+        ep.close();
+        sched.stop();
+      }
+    },
+  );
+});
+
+test('coap-lite: an unanswered CON times out after its retransmissions', async () => {
+  const sched = new Scheduler();
+  const ep = await CoapEndpoint.open({ host: '127.0.0.1', port: 9, sched, link: { loss: 0, latencyMs: 0, latencyJitterMs: 0 }, random: () => 0, ackTimeoutMs: 20, maxRetransmit: 2 });
+  try {
+    await assert.rejects(request(ep, { method: COAP_METHOD.GET, path: ['x'] }), /timed out|reset/);
+  } finally {
+    ep.close();
+    sched.stop();
+  }
+});
+
+test('coap-lite: Observe — the registration stays and notifications arrive until cancelled', async () => {
+  await withCoapServer(
+    (req, res) => {
+      if (req.headers.Observe !== 0) {
+        res.code = '2.05';
+        return res.end('plain');
+      }
+      res.code = '2.05';
+      res.write('n0');
+      let i = 1;
+      const t = setInterval(() => {
+        if (i > 3) {
+          clearInterval(t);
+          return res.end();
+        }
+        res.write(`n${i++}`);
+      }, 30);
+      res.on('finish', () => clearInterval(t));
+    },
+    async (port) => {
+      const sched = new Scheduler();
+      const ep = await CoapEndpoint.open({ host: '127.0.0.1', port, sched, link: { loss: 0, latencyMs: 0, latencyJitterMs: 0 }, random: Math.random });
+      try {
+        const got: string[] = [];
+        const token = ep.request({ method: COAP_METHOD.GET, path: ['cmd'], observe: 0 }, (err, res) => {
+          if (!err && res) got.push(res.payload.toString());
+        });
+        await waitFor(() => got.length >= 3, 'the first response and notifications', 3000);
+        assert.deepEqual(got.slice(0, 3), ['n0', 'n1', 'n2']);
+        ep.cancel(token);
+        const before = got.length;
+        await new Promise((r) => setTimeout(r, 150));
+        assert.equal(got.length, before, 'nothing delivered after cancel');
+      } finally {
+        ep.close();
+        sched.stop();
+      }
+    },
+  );
+});
