@@ -150,7 +150,9 @@ function scanSenmlCbor(buf: Uint8Array, maxRecords: number): number {
     i += len;
   };
   const scalar = (what: 'key' | 'value'): void => {
+    const start = i;
     const h = head();
+    if (what === 'key') lastKey = buf.subarray(start, h.major === 3 ? i + Math.max(0, h.value) : i).toString('hex');
     switch (h.major) {
       case 0:
       case 1:
@@ -169,6 +171,7 @@ function scanSenmlCbor(buf: Uint8Array, maxRecords: number): number {
         return fail(`CBOR: major type ${h.major} (${h.major === 6 ? 'tag' : 'nested array or map'}) not accepted in a record`);
     }
   };
+  let lastKey = '';
   const top = head();
   if (top.major !== 4) fail('CBOR: a SenML pack must be an array');
   let records = 0;
@@ -186,8 +189,12 @@ function scanSenmlCbor(buf: Uint8Array, maxRecords: number): number {
     const m = head();
     if (m.major !== 5 || m.value < 0) fail(`SenML record ${records - 1}: must be a definite-length map`);
     if (m.value > 32) fail(`SenML record ${records - 1}: ${m.value} fields`);
+    const keys = new Set<string>();
     for (let k = 0; k < m.value; k++) {
       scalar('key');
+      // cbor-x keeps the last of duplicate keys; RFC 8949 §5.6 calls such a map invalid
+      if (keys.has(lastKey)) fail(`SenML record ${records - 1}: a label appears twice`);
+      keys.add(lastKey);
       scalar('value');
     }
   }

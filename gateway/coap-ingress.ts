@@ -3,11 +3,12 @@ import { isIPv6, type AddressInfo } from 'node:net';
 import { createServer, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { Sample } from '../core/messages.ts';
-import { mcuKey, ReplayGuard, verifyMcuMessage } from '../firmware-bridge/auth.ts';
-import { COAP_CODES, COAP_OPTION, parseCoapUrl, scanCoapDatagram } from '../firmware-bridge/coap.ts';
-import { decodeSenmlJson } from '../firmware-bridge/senml.ts';
+import { mcuKey, parseCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
+import { COAP_CODES, COAP_OPTION, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
+import { telemetryFormatOf } from '../firmware-bridge/codecs.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
+import type { McuService } from './service.ts';
+import { Block1Assembler } from './uploads.ts';
 
 export interface McuCoapIngressOptions {
   host: string;
@@ -17,32 +18,43 @@ export interface McuCoapIngressOptions {
   guard: ReplayGuard;
   maxPayloadBytes: number;
   maxRecords: number;
+  /** largest Block1 upload, bytes */
+  maxUploadBytes: number;
+  /** Block1 uploads in progress at once */
+  maxUploads: number;
   log: Logger;
   hooks: IngressHooks;
+  service: McuService;
 }
 
 type CoapCode = (typeof COAP_CODES)[keyof typeof COAP_CODES];
 
 /** Room for header, token, Uri-Path and the Uri-Query with counter and MAC. */
 const DATAGRAM_OVERHEAD = 512;
-const ACCEPTED_FORMATS: ReadonlySet<unknown> = new Set(['application/senml+json', 'application/json', 110, 50]);
+const UPLOAD_IDLE_MS = 60_000;
 
 /**
- * The MCU CoAP listener (UDP, no DTLS: messages carry an app-level MAC and counter,
- * firmware-bridge/auth.ts). One resource for now: POST /mcu/v1/{id}/t with SenML JSON.
+ * The MCU CoAP listener (UDP, no DTLS: requests carry an app-level MAC and counter,
+ * firmware-bridge/auth.ts). Resources (docs/mcu-protocol.md "CoAP"):
+ * POST t / hello / ack, POST|PUT log (Block1), GET cmd (Observe), GET fw (Block2).
  *
- * Every datagram is scanned before the coap package parses it: oversized ones and
- * Block1 requests are dropped unanswered, because the package reassembles Block1
- * uploads without a bound per peer (and FACTS.md: libcoap's Block1 does not
- * interoperate with it anyway). Retransmitted CONs with the same message id are
- * answered from the package's response cache without reaching the handler
- * (RFC 7252 §4.5), so a lost ACK does not turn into a "replay".
+ * Every datagram is scanned before the coap package parses it: oversized and malformed
+ * ones are dropped, and Block1 requests go to our own reassembly (uploads.ts) — the
+ * package's keys blocks by token, which libcoap changes per block, and throws on the
+ * last block. Retransmitted CONs with the same message id are answered from the
+ * package's response cache without reaching the handler (RFC 7252 §4.5), so a lost ACK
+ * does not turn into a "replay".
  */
 export class McuCoapIngress {
   /** responses not ended yet: ended before the server closes (FACTS.md: closing under a pending response crashes) */
   private readonly open = new Set<OutgoingMessage>();
   private readonly pending = new Set<Promise<void>>();
+  /** one Observe registration on the mailbox per MCU (the newest) */
+  private readonly observers = new Map<string, OutgoingMessage>();
+  /** final Block1 blocks turned into whole requests: their Block1 option, echoed in the response (RFC 7959 §2.3) */
+  private readonly block1Echo = new Map<string, Buffer>();
   private readonly throttle: LogThrottle;
+  private readonly uploads: Block1Assembler;
   private stopping = false;
   private closed = false;
 
@@ -53,6 +65,11 @@ export class McuCoapIngress {
     readonly port: number,
   ) {
     this.throttle = new LogThrottle(opts.log);
+    this.uploads = new Block1Assembler({ maxBytes: opts.maxUploadBytes, maxUploads: opts.maxUploads, idleMs: UPLOAD_IDLE_MS }, (why) => {
+      opts.hooks.dropped('coap', 'upload', {});
+      this.throttle.warn(`upload:${why}`, 'CoAP Block1 upload refused', { why });
+    });
+    opts.service.on('head', this.onHead);
   }
 
   static async start(opts: McuCoapIngressOptions): Promise<McuCoapIngress> {
@@ -67,6 +84,11 @@ export class McuCoapIngress {
       });
     });
     const server = createServer({ type: isIPv6(opts.host) ? 'udp6' : 'udp4' });
+    // Every Block2 request must reach the handler (MAC check, progress per MCU), and one
+    // cached copy of a firmware image per token would be memory for nothing: the
+    // package's Block2 cache is switched off; the handler answers any block from the
+    // image it already holds.
+    server._block2Cache.add = () => undefined;
     let ingress: McuCoapIngress | undefined;
     // The package subscribes `handleRequest()` to the socket's 'message' event in
     // listen(): wrap it so every datagram passes our scan first.
@@ -74,7 +96,8 @@ export class McuCoapIngress {
     server.handleRequest = () => {
       const handle = inner();
       return (msg: Buffer, rsinfo: AddressInfo) => {
-        if (ingress?.admit(msg)) handle(msg, rsinfo);
+        const admitted = ingress?.admit(msg, rsinfo);
+        if (admitted) handle(admitted, rsinfo);
       };
     };
     server.on('error', (err: Error) => opts.log.warn('CoAP socket error', { err }));
@@ -84,32 +107,55 @@ export class McuCoapIngress {
     return ingress;
   }
 
-  /** Datagram-level checks before the coap package sees it. */
-  private admit(msg: Buffer): boolean {
-    if (this.closed) return false;
+  get observing(): number {
+    return this.observers.size;
+  }
+
+  get uploadsInProgress(): number {
+    return this.uploads.inProgress;
+  }
+
+  /** Datagram-level checks before the coap package sees it; returns what to hand on. */
+  private admit(msg: Buffer, rsinfo: AddressInfo): Buffer | null {
+    if (this.closed) return null;
     if (msg.length > this.opts.maxPayloadBytes + DATAGRAM_OVERHEAD) {
       this.opts.hooks.dropped('coap', 'too_large', {});
-      return false;
+      return null;
     }
     const info = scanCoapDatagram(msg);
     if (!info) {
       this.opts.hooks.dropped('coap', 'bad_request', {});
-      return false;
+      return null;
     }
     if (info.code.startsWith('0.') && info.code !== '0.00' && info.options.includes(COAP_OPTION.BLOCK1)) {
-      this.opts.hooks.dropped('coap', 'unsupported', {});
-      this.throttle.warn('block1', 'CoAP Block1 request dropped (not supported)', {});
-      return false;
+      if (this.stopping) return null;
+      const pkt = parseCoapPacket(msg);
+      if (!pkt) {
+        this.opts.hooks.dropped('coap', 'bad_request', {});
+        return null;
+      }
+      const verdict = this.uploads.handle(pkt, rsinfo);
+      if (verdict.kind === 'drop') {
+        this.opts.hooks.dropped('coap', verdict.reason, {});
+        return null;
+      }
+      if (verdict.kind === 'reply') {
+        this.socket.send(verdict.datagram, rsinfo.port, rsinfo.address);
+        return null;
+      }
+      this.block1Echo.set(`${rsinfo.address}|${rsinfo.port}|${pkt.messageId}`, verdict.block1);
+      if (this.block1Echo.size > 1024) this.block1Echo.delete(this.block1Echo.keys().next().value!);
+      return verdict.datagram;
     }
-    return true;
+    return msg;
   }
 
-  private reply(res: OutgoingMessage, code: CoapCode, diagnostic?: string): void {
+  private reply(res: OutgoingMessage, code: CoapCode, payload?: Buffer | string): void {
     this.open.delete(res);
     if (this.closed) return; // the socket is gone; the MCU retransmits or times out
     try {
       res.code = code;
-      res.end(diagnostic === undefined ? undefined : Buffer.from(diagnostic));
+      res.end(payload === undefined ? undefined : Buffer.from(payload));
     } catch (err) {
       this.opts.log.debug('CoAP response failed', { err });
     }
@@ -124,65 +170,204 @@ export class McuCoapIngress {
     this.reply(res, code, fe.code);
   }
 
+  /** MAC and replay check; on failure the request is answered and false returned. */
+  private authenticate(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl, payload: Buffer, consume: boolean): boolean {
+    const { mcuId } = url;
+    try {
+      const key = mcuKey(this.opts.siteSecret, mcuId);
+      if (consume) verifyMcuMessage(this.opts.guard, { key, mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload });
+      else verifyMcuMac(key, mcuId, url.resource, parseCounter(url.counter), payload, url.mac);
+      return true;
+    } catch (err) {
+      if (isFleetError(err, 'FLEET_MCU_REPLAY')) this.refuse(res, COAP_CODES.UNAUTHORIZED, 'replay', err, mcuId);
+      else if (isFleetError(err, 'FLEET_FORBIDDEN')) this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, 'mcu_limit', err, mcuId);
+      else {
+        this.opts.hooks.authFailed('coap');
+        this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', err, mcuId);
+      }
+      return false;
+    }
+  }
+
   private onRequest(req: IncomingMessage, res: OutgoingMessage): void {
     this.open.add(res);
     if (this.stopping) return this.reply(res, COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_STORE');
     const url = parseCoapUrl(req.url);
     if (!url) return this.refuse(res, COAP_CODES.NOT_FOUND, 'bad_request', new FleetError('FLEET_TOPIC_INVALID', `no MCU resource ${req.url.slice(0, 100)}`));
-    const { mcuId } = url;
-    if (req.method !== 'POST') return this.refuse(res, COAP_CODES.METHOD_NOT_ALLOWED, 'bad_request', new FleetError('FLEET_MSG_INVALID', `${req.method} not allowed on ${req.url.split('?')[0]}`), mcuId);
-    const format = req.headers['Content-Format'];
-    if (format !== undefined && !ACCEPTED_FORMATS.has(format)) {
-      return this.refuse(res, COAP_CODES.UNSUPPORTED_FORMAT, 'unsupported', new FleetError('FLEET_MCU_DECODE', `content format ${String(format)} is not SenML JSON`), mcuId);
+    const echo = this.block1Echo.get(`${req.rsinfo.address}|${req.rsinfo.port}|${req._packet.messageId}`);
+    if (echo) {
+      this.block1Echo.delete(`${req.rsinfo.address}|${req.rsinfo.port}|${req._packet.messageId}`);
+      res.setOption('Block1', echo);
     }
+    const { mcuId, resource } = url;
+    const notAllowed = () => this.refuse(res, COAP_CODES.METHOD_NOT_ALLOWED, 'bad_request', new FleetError('FLEET_MSG_INVALID', `${req.method} not allowed on ${req.url.split('?')[0]}`), mcuId);
     const payload = req.payload ?? Buffer.alloc(0);
-    if (payload.length > this.opts.maxPayloadBytes) {
-      return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_DECODE', `payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`), mcuId);
+    switch (resource) {
+      case 'cmd':
+        if (req.method !== 'GET') return notAllowed();
+        return this.onMailbox(req, res, url);
+      case 'fw':
+        if (req.method !== 'GET') return notAllowed();
+        return this.onFirmware(req, res, url);
+      case 'log':
+        if (req.method !== 'POST' && req.method !== 'PUT') return notAllowed();
+        if (payload.length > this.opts.maxUploadBytes) return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_UPLOAD', `upload of ${payload.length} bytes exceeds ${this.opts.maxUploadBytes}`), mcuId);
+        break;
+      case 't':
+      case 'hello':
+      case 'ack':
+        if (req.method !== 'POST') return notAllowed();
+        if (payload.length > this.opts.maxPayloadBytes) return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_DECODE', `payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`), mcuId);
+        break;
+      default:
+        return notAllowed();
     }
+    const format = req.headers['Content-Format'];
+    const telemetryFormat = resource === 't' ? telemetryFormatOf(format) : null;
+    if (resource === 't' && telemetryFormat === null) {
+      return this.refuse(res, COAP_CODES.UNSUPPORTED_FORMAT, 'unsupported', new FleetError('FLEET_MCU_DECODE', `content format ${String(format)} is not SenML JSON, SenML CBOR or the compact form`), mcuId);
+    }
+    if (!this.authenticate(req, res, url, payload, true)) return;
+    const svc = this.opts.service;
+    let work: Promise<void>;
     try {
-      verifyMcuMessage(this.opts.guard, { key: mcuKey(this.opts.siteSecret, mcuId), mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload });
+      if (resource === 't') work = svc.telemetry(mcuId, 'coap', payload, telemetryFormat!);
+      else if (resource === 'hello') work = svc.hello(mcuId, 'coap', payload);
+      else if (resource === 'ack') work = svc.ack(mcuId, 'coap', payload);
+      else work = svc.upload(mcuId, 'coap', payload, format === undefined || format === TEXT_FORMAT || format === 'text/plain');
     } catch (err) {
-      if (isFleetError(err, 'FLEET_MCU_REPLAY')) return this.refuse(res, COAP_CODES.UNAUTHORIZED, 'replay', err, mcuId);
-      if (isFleetError(err, 'FLEET_FORBIDDEN')) return this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, 'mcu_limit', err, mcuId);
-      this.opts.hooks.authFailed('coap');
-      return this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', err, mcuId);
+      work = Promise.reject(err);
     }
-    let samples: Sample[];
-    try {
-      samples = decodeSenmlJson(payload, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords });
-    } catch (err) {
-      return this.refuse(res, COAP_CODES.BAD_REQUEST, 'decode', err, mcuId);
-    }
-    // 2.04 only once the samples are in the outbox: it tells the MCU it may forget them
-    const p: Promise<void> = this.opts.hooks.deliver(mcuId, 'coap', samples).then(
+    // 2.04 only once it is stored: it tells the MCU it may forget it
+    const p: Promise<void> = work.then(
       () => {
-        this.opts.hooks.accepted('coap');
+        this.opts.hooks.accepted('coap', resource);
         this.reply(res, COAP_CODES.CHANGED);
       },
       (err: unknown) => {
         const reason = deliverFailureReason(err);
-        // 4.03: this id may not be used here; otherwise 5.03: nothing wrong with the
-        // message, the MCU should keep it and retry later
-        this.refuse(res, reason === 'forbidden' ? COAP_CODES.FORBIDDEN : COAP_CODES.SERVICE_UNAVAILABLE, reason, err, mcuId);
+        // 4.00: authenticated but undecodable; 4.03: this id may not be used here;
+        // otherwise 5.03: nothing wrong with the message, keep it and retry later
+        const code = reason === 'decode' ? COAP_CODES.BAD_REQUEST : reason === 'forbidden' ? COAP_CODES.FORBIDDEN : COAP_CODES.SERVICE_UNAVAILABLE;
+        this.refuse(res, code, reason, err, mcuId);
       },
     );
     this.pending.add(p);
     void p.finally(() => this.pending.delete(p));
   }
 
+  /** GET cmd: the next command (or empty), and with Observe=0 the following ones as they come. */
+  private onMailbox(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl): void {
+    const { mcuId } = url;
+    // Observe=1 deregisters (RFC 7641 §3.6): nothing is revealed, no counter is spent
+    if (req.headers.Observe === 1) {
+      const cur = this.observers.get(mcuId);
+      if (cur) this.endObserver(mcuId, cur);
+      return this.reply(res, COAP_CODES.CONTENT);
+    }
+    if (!this.authenticate(req, res, url, Buffer.alloc(0), true)) return;
+    try {
+      this.opts.service.touch(mcuId, 'coap');
+    } catch (err) {
+      return this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, deliverFailureReason(err), err, mcuId);
+    }
+    this.opts.hooks.accepted('coap', 'cmd');
+    const next = this.opts.service.nextCommand(mcuId) ?? Buffer.alloc(0);
+    res.setOption('Content-Format', 'text/plain');
+    if (req.headers.Observe !== 0) return this.reply(res, COAP_CODES.CONTENT, next);
+    const old = this.observers.get(mcuId);
+    if (old) this.endObserver(mcuId, old);
+    this.observers.set(mcuId, res);
+    const forget = () => {
+      this.open.delete(res);
+      if (this.observers.get(mcuId) === res) this.observers.delete(mcuId);
+    };
+    res.on('finish', forget);
+    res.on('error', forget);
+    try {
+      res.write(next);
+    } catch (err) {
+      this.opts.log.debug('CoAP observe write failed', { err });
+      forget();
+    }
+  }
+
+  private endObserver(mcuId: string, res: OutgoingMessage): void {
+    this.observers.delete(mcuId);
+    this.open.delete(res);
+    try {
+      res.end();
+    } catch {
+      /* already gone */
+    }
+  }
+
+  /** The mailbox head changed: notify the MCU if it observes. */
+  private onHead = (mcuId: string): void => {
+    const res = this.observers.get(mcuId);
+    if (!res || this.closed) return;
+    const next = this.opts.service.nextCommand(mcuId);
+    if (!next) return;
+    try {
+      res.write(next);
+    } catch (err) {
+      this.opts.log.debug('CoAP observe notification failed', { err });
+      this.endObserver(mcuId, res);
+    }
+  };
+
+  /** GET fw with Block2: any block of the offered image, of the size asked for. */
+  private onFirmware(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl): void {
+    const { mcuId } = url;
+    // every block repeats the query: MAC checked, counter not consumed (docs "CoAP")
+    if (!this.authenticate(req, res, url, Buffer.alloc(0), false)) return;
+    const image = this.opts.service.firmwareFor(mcuId);
+    if (!image) return this.refuse(res, COAP_CODES.NOT_FOUND, 'bad_request', new FleetError('FLEET_MCU_NO_FIRMWARE', `no firmware is offered to ${mcuId}`), mcuId);
+    if (url.image !== undefined && !image.sha256.toString('hex').startsWith(url.image.toLowerCase())) {
+      return this.refuse(res, COAP_CODES.PRECONDITION_FAILED, 'bad_request', new FleetError('FLEET_MCU_NO_FIRMWARE', `the offered image is not ${url.image.slice(0, 64)}`), mcuId);
+    }
+    const raw = req._packet.options?.find((o) => o.name === 'Block2')?.value;
+    const block = Buffer.isBuffer(raw) ? parseBlockOption(raw) : null;
+    const size = block?.size ?? 1024;
+    const num = block?.num ?? 0;
+    const start = num * size;
+    if (start >= image.data.length && image.data.length > 0) return this.reply(res, COAP_CODES.BAD_OPTION);
+    const end = Math.min(image.data.length, start + size);
+    try {
+      this.opts.service.touch(mcuId, 'coap');
+    } catch {
+      /* serving a block does not need the MCU registered */
+    }
+    this.opts.service.firmwareServed(mcuId, 'coap', end, end - start);
+    res.setOption('Content-Format', 'application/octet-stream');
+    // the package's OutMessage.end cuts the block the request asked for (RFC 7959 §2.4)
+    this.open.delete(res);
+    try {
+      res.end(image.data);
+    } catch (err) {
+      this.opts.log.debug('CoAP firmware block failed', { err });
+    }
+  }
+
   /**
-   * Close in the order the coap package needs: refuse new requests, let in-flight
-   * deliveries answer (up to `graceMs`), end whatever response is still open, then
-   * close the server, then the socket.
+   * Close in the order the coap package needs: refuse new requests, end observers
+   * (FACTS.md: closing under an Observe response crashes), let in-flight deliveries
+   * answer (up to `graceMs`), end whatever response is still open, then close the
+   * server, then the socket.
    */
   async close(graceMs = 2000): Promise<void> {
     if (this.closed) return;
     this.stopping = true;
+    this.opts.service.off('head', this.onHead);
+    for (const [mcuId, res] of [...this.observers]) this.endObserver(mcuId, res);
     if (this.pending.size > 0) {
       await Promise.race([Promise.allSettled([...this.pending]), new Promise((r) => setTimeout(r, graceMs).unref())]);
     }
     for (const res of [...this.open]) this.reply(res, COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_STORE');
+    // let the last writes leave the socket before it closes
+    await new Promise((r) => setImmediate(r));
     this.closed = true;
+    this.uploads.close();
     await new Promise<void>((r) => this.server.close(() => r()));
     await new Promise<void>((r) => this.socket.close(() => r()));
   }

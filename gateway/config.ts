@@ -4,6 +4,20 @@ import { defaultStateDir } from '../core/config.ts';
 import { DEVICE_ID_RE } from '../core/topics.ts';
 import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/outbox-config.ts';
 
+/**
+ * The gateway's uplink defaults differ from the agent's: one gateway relays for up to
+ * 10,000 MCUs (10,000 msg/s at 1 msg/s each), so the agent's 2,000 records/s drain rate
+ * and 256-record batches would queue a busy site forever. Keys and meaning are the same.
+ */
+const GatewayUplinkSchema = UplinkConfigSchema.extend({
+  /** records per batch publish (gateway default 1000) */
+  batchMax: z.number().int().min(1).max(10_000).default(1000),
+  /** bytes per batch publish (gateway default 512 KiB) */
+  batchBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(512 * 1024),
+  /** records per second at most, 0 = unlimited (gateway default 20,000) */
+  rate: z.number().int().min(0).default(20_000),
+});
+
 const port = z.number().int().min(0).max(65535);
 
 /**
@@ -51,12 +65,41 @@ export const GatewayConfigSchema = z
         maxMcus: z.number().int().min(1).max(100_000).default(10_000),
         /** CoAP anti-replay window below the highest counter seen; 0 = strictly increasing; at most 32 */
         replayWindow: z.number().int().min(0).max(32).default(32),
+        /** an MCU that declared a sleep period S is lost after S x lostFactor + lostGraceMs; without one, lostFactor x its observed interval */
+        lostFactor: z.number().min(1).max(100).default(3),
+        /** added to the declared sleep period's lost timeout, ms (time to boot and connect) */
+        lostGraceMs: z.number().int().min(0).max(3_600_000).default(10_000),
+        /**
+         * Subscribe at the hub to each MCU's cmd and desired topics (the mailbox and firmware
+         * updates need it). Costs the hub one scan of its retained messages per topic.
+         */
+        hubDownlink: z.boolean().default(true),
+        /** drop MQTT payloads that carry no MAC line (docs/mcu-protocol.md) */
+        mqttRequireMac: z.boolean().default(false),
+        /** commands waiting per MCU in the mailbox; more are refused to the hub with FLEET_MCU_MAILBOX_FULL */
+        mailboxMax: z.number().int().min(1).max(1000).default(16),
+        /** largest CoAP Block1 upload (logs, crash dumps), bytes */
+        maxUploadBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
+        /** CoAP Block1 uploads in progress at once */
+        maxUploads: z.number().int().min(1).max(10_000).default(64),
       })
       .strict()
       .prefault({}),
     /** the durable store-and-forward queue towards the hub, under <stateDir>/outbox */
     outbox: OutboxConfigSchema.prefault({}),
-    uplink: UplinkConfigSchema.prefault({}),
+    uplink: GatewayUplinkSchema.prefault({}),
+    /** the gateway's own HTTP endpoint: /metrics, /health, /ready */
+    http: z
+      .object({
+        /** address to bind; keep loopback unless a scraper on the LAN needs it */
+        host: z.string().min(1).default('127.0.0.1'),
+        /** TCP port; unset = no HTTP endpoint (default); 0 = any free port */
+        port: port.optional(),
+      })
+      .strict()
+      .prefault({}),
+    /** MCU firmware: largest image served, bytes */
+    firmwareMaxBytes: z.number().int().min(1024).max(256 * 1024 * 1024).default(16 * 1024 * 1024),
     /** how often changed replay counters and the MCU list are written to stateDir, ms */
     stateFlushMs: z.number().int().min(50).max(60_000).default(2000),
   })

@@ -1,8 +1,10 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { isFleetError } from '../core/errors.ts';
+import { listenHttp, sendJson, sendText, type Listening } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import { MetricsRegistry } from '../core/metrics.ts';
+import { MetricsRegistry, PROM_CONTENT_TYPE } from '../core/metrics.ts';
+import { openStore } from '../core/store.ts';
 import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
 import type { OutboxStats } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
@@ -11,13 +13,22 @@ import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
 import { ReplayGuard } from '../firmware-bridge/auth.ts';
 import { McuCoapIngress } from './coap-ingress.ts';
 import { gatewayPaths, type GatewayConfig } from './config.ts';
+import { FirmwareManager, type VerifyFirmware } from './firmware.ts';
 import type { DropReason, IngressHooks } from './ingress.ts';
+import { Mailbox } from './mailbox.ts';
 import { McuMqttIngress } from './mqtt-ingress.ts';
 import { Relay, type McuProtocol } from './relay.ts';
+import { McuService } from './service.ts';
 import { loadGatewayState, saveGatewayState } from './state.ts';
 
 export type { GatewayConfig } from './config.ts';
 export { GatewayConfigSchema } from './config.ts';
+export type { VerifyFirmware } from './firmware.ts';
+
+export interface GatewayExtras {
+  /** checks a firmware bundle and returns the MCU image (the CLI wires bundles/ here) */
+  verifyFirmware?: VerifyFirmware;
+}
 
 export interface GatewayStats {
   /** MCUs this gateway acts for (registered at the hub) */
@@ -34,11 +45,19 @@ export interface GatewayStats {
   /** telemetry messages delivered to the hub (PUBACKed) */
   uplinkSent: number;
   outbox: OutboxStats;
+  /** commands waiting in MCU mailboxes */
+  mailboxDepth: number;
+  /** MCU firmware updates by state */
+  firmware: Record<string, number>;
 }
 
 export interface GatewayHandle {
   mqttPort: number;
   coapPort: number;
+  /** the HTTP port of /metrics, /health, /ready; undefined when http.port is unset */
+  httpPort: number | undefined;
+  /** firmware update state of one MCU (tests, status) */
+  firmwareState(mcuId: string): { state: string; version: string; progress: number; reason?: string | undefined } | undefined;
   /** the file MCU keys derive from (`deriveToken(secret, 'mcu', id)`), mode 0600 */
   siteSecretFile: string;
   /** Prometheus registry with the gateway's counters and gauges */
@@ -53,14 +72,16 @@ export interface GatewayHandle {
  * bound; the hub connection comes up (and reconnects) in the background, and MCU data
  * is stored meanwhile.
  */
-export async function startGateway(config: GatewayConfig, log: Logger, version = '0.0.0-dev'): Promise<GatewayHandle> {
+export async function startGateway(config: GatewayConfig, log: Logger, version = '0.0.0-dev', extras: GatewayExtras = {}): Promise<GatewayHandle> {
   const paths = gatewayPaths(config);
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const token = readSecretFile(paths.tokenFile);
   const siteSecret = loadOrCreateSecret(paths.siteSecretFile);
 
   const metrics = new MetricsRegistry();
-  const messagesIn = metrics.counter('fleet_gateway_mcu_messages_total', 'MCU messages accepted (authenticated, decoded and stored), by protocol');
+  const messagesIn = metrics.counter('fleet_gateway_mcu_messages_total', 'MCU messages accepted (authenticated, decoded and stored), by protocol and channel');
+  const mailboxCommands = metrics.counter('fleet_gateway_mailbox_commands_total', 'MCU mailbox commands by outcome: queued, delivered, acked, expired, refused');
+  const firmwareBytes = metrics.counter('fleet_gateway_firmware_bytes_served_total', 'MCU firmware bytes served, by protocol');
   const dropped = metrics.counter('fleet_gateway_mcu_dropped_total', 'MCU messages or connections refused, by protocol and reason');
   const authFailures = metrics.counter('fleet_gateway_mcu_auth_failures_total', 'MCU MQTT connects and CoAP messages whose credentials did not verify');
   const subDenied = metrics.counter('fleet_gateway_mcu_subscribe_denied_total', 'MCU subscriptions refused by the ACL');
@@ -97,12 +118,55 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   });
   client.on('error', (err) => log.warn('hub connection error', { url: config.hub.url, err }));
 
-  const relay = new Relay({ gatewayId: config.deviceId, client, outbox, log, maxMcus: config.mcu.maxMcus, lostAfterMs: config.mcu.lostAfterMs, uplink: config.uplink });
-  relay.restore(persisted.mcus);
+  const db = await openStore<string>(join(config.stateDir, 'mcu-db'), 'utf8');
+  const mailbox = await Mailbox.open(db, config.mcu.mailboxMax);
+  let service: McuService | undefined;
+  let firmware: FirmwareManager | undefined;
+  const relay = new Relay({
+    gatewayId: config.deviceId,
+    client,
+    outbox,
+    log,
+    maxMcus: config.mcu.maxMcus,
+    lostAfterMs: config.mcu.lostAfterMs,
+    lostFactor: config.mcu.lostFactor,
+    lostGraceMs: config.mcu.lostGraceMs,
+    uplink: config.uplink,
+    onDown: !config.mcu.hubDownlink
+      ? undefined
+      : (mcuId, channel, payload) => {
+      const work = channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload);
+      work?.catch((err: unknown) => log.error('handling a message from the hub for an MCU failed', { mcu: mcuId, channel, err }));
+    },
+  });
+  relay.restore(persisted.mcus, persisted.meta);
+  firmware = await FirmwareManager.open({
+    dir: join(config.stateDir, 'firmware'),
+    db,
+    relay,
+    offer: (mcuId, cmd) => service!.enqueueInternal(mcuId, cmd),
+    verify: extras.verifyFirmware,
+    gatewayId: config.deviceId,
+    token,
+    log: log.child({ part: 'firmware' }),
+    maxImageBytes: config.firmwareMaxBytes,
+    onBytes: (protocol, bytes) => firmwareBytes.inc({ protocol }, bytes),
+  });
+  service = new McuService({
+    relay,
+    mailbox,
+    firmware,
+    siteSecret,
+    log,
+    maxPayloadBytes: config.mcu.maxPayloadBytes,
+    maxRecords: config.mcu.maxRecords,
+    onMailbox: (result) => mailboxCommands.inc({ result }),
+  });
+  const svc = service;
+  const fwm = firmware;
 
   const hooks: IngressHooks = {
-    deliver: (mcuId, protocol, samples) => relay.accept(mcuId, protocol, samples),
-    accepted: (protocol) => messagesIn.inc({ protocol }),
+    accepted: (protocol, channel) => messagesIn.inc({ protocol, channel }),
     dropped: (protocol, reason, info) => {
       dropped.inc({ protocol, reason });
       droppedByReason[reason] = (droppedByReason[reason] ?? 0) + 1;
@@ -121,27 +185,56 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     const b = guard.takeChanged();
     if (!a && !b) return;
     try {
-      saveGatewayState(paths.stateFile, { v: 1, mcus: relay.mcuIds(), replay: guard.snapshot() });
+      saveGatewayState(paths.stateFile, { v: 1, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() });
     } catch (err) {
       log.error('cannot persist MCU state', { err });
     }
   };
   const flushTimer = setInterval(persist, config.stateFlushMs);
 
+  let http: Listening | undefined;
   const shutdown = async () => {
     shuttingDown = true;
     clearInterval(flushTimer);
+    await http?.close();
     await coap?.close();
     await mqtt?.close();
+    svc.stop();
     await relay.stop();
     persist();
     await disconnectFleetClient(client, config.deviceId, 'gateway', version);
     await outbox.close();
+    await db.close();
   };
 
   try {
-    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, siteSecret, maxClients: config.mcu.maxMcus, log: log.child({ ingress: 'mqtt' }), hooks, ...limits });
-    coap = await McuCoapIngress.start({ host: config.mcu.host, port: config.mcu.coapPort, siteSecret, guard, log: log.child({ ingress: 'coap' }), hooks, ...limits });
+    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, siteSecret, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    coap = await McuCoapIngress.start({
+      host: config.mcu.host,
+      port: config.mcu.coapPort,
+      siteSecret,
+      guard,
+      log: log.child({ ingress: 'coap' }),
+      hooks,
+      service: svc,
+      maxUploadBytes: config.mcu.maxUploadBytes,
+      maxUploads: config.mcu.maxUploads,
+      ...limits,
+    });
+    if (config.http.port !== undefined) {
+      http = await listenHttp(
+        (req, res) => {
+          const path = (req.url ?? '/').split('?')[0];
+          if (req.method !== 'GET') return sendJson(res, 405, { error: { code: 'FLEET_HTTP_METHOD', message: 'GET only' } });
+          if (path === '/metrics') return sendText(res, 200, PROM_CONTENT_TYPE, metrics.render());
+          if (path === '/health') return sendJson(res, 200, { ok: true });
+          if (path === '/ready') return sendJson(res, relay.hubConnected ? 200 : 503, { ready: relay.hubConnected });
+          return sendJson(res, 404, { error: { code: 'FLEET_HTTP_NOT_FOUND', message: 'no such route' } });
+        },
+        config.http.host,
+        config.http.port,
+      );
+    }
   } catch (err) {
     await shutdown();
     throw err;
@@ -156,6 +249,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
       { labels: { state: 'offline' }, value: c.mcus - c.online },
     ];
   });
+  metrics.gaugeFn('fleet_gateway_mailbox_depth', 'Commands waiting in MCU mailboxes', () => mailbox.depth);
+  metrics.gaugeFn('fleet_gateway_firmware_mcus', 'MCU firmware updates by state', () => Object.entries(fwm.counts()).map(([state, value]) => ({ labels: { state }, value })));
+  metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);
+  metrics.gaugeFn('fleet_gateway_coap_uploads_in_progress', 'CoAP Block1 uploads in progress', () => coapIngress.uploadsInProgress);
   metrics.gaugeFn('fleet_gateway_mcu_mqtt_clients', 'Connected MCU MQTT clients', () => mqttIngress.connectedClients);
   metrics.gaugeFn('fleet_gateway_hub_connected', '1 while connected to the hub', () => (relay.hubConnected ? 1 : 0));
   metrics.gaugeFn('fleet_gateway_outbox_depth', 'Messages waiting in the outbox', () => outbox.stats().depth);
@@ -168,6 +265,11 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   return {
     mqttPort: mqttIngress.port,
     coapPort: coapIngress.port,
+    httpPort: http?.port,
+    firmwareState(mcuId) {
+      const j = fwm.state(mcuId);
+      return j ? { state: j.state, version: j.version, progress: j.progress, reason: j.reason } : undefined;
+    },
     siteSecretFile: paths.siteSecretFile,
     metrics,
     stats(): GatewayStats {
@@ -176,11 +278,13 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
         mcus: c.mcus,
         online: c.online,
         hubConnected: relay.hubConnected,
-        messagesIn: { mqtt: messagesIn.get({ protocol: 'mqtt' }), coap: messagesIn.get({ protocol: 'coap' }) },
+        messagesIn: { mqtt: messagesIn.get({ protocol: 'mqtt', channel: 't' }), coap: messagesIn.get({ protocol: 'coap', channel: 't' }) },
         dropped: { ...droppedByReason },
         mqttClients: mqttIngress.connectedClients,
         uplinkSent: relay.uplinkSent,
         outbox: outbox.stats(),
+        mailboxDepth: mailbox.depth,
+        firmware: fwm.counts(),
       };
     },
     stop() {

@@ -1,6 +1,6 @@
 import { isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { Sample } from '../core/messages.ts';
+import type { McuChannel } from '../firmware-bridge/topics.ts';
 import type { McuProtocol } from './relay.ts';
 
 /**
@@ -17,14 +17,13 @@ export type DropReason =
   | 'unsupported' // content format or CoAP feature not supported (Block1)
   | 'mcu_limit' // the gateway already acts for maxMcus MCUs
   | 'outbox_full' // the outbox cannot take it (byte budget of higher-priority records)
-  | 'unavailable'; // the gateway is stopping or its store failed
+  | 'unavailable' // the gateway is stopping or its store failed
+  | 'upload'; // a Block1 upload out of order, too large, timed out, or too many at once
 
 /** What an ingress calls; index.ts wires it to the relay and the metrics. */
 export interface IngressHooks {
-  /** hand authenticated, decoded samples to the relay; resolves once they are in the outbox */
-  deliver(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void>;
-  /** one message accepted (counted per protocol) */
-  accepted(protocol: McuProtocol): void;
+  /** one message accepted (counted per protocol and channel) */
+  accepted(protocol: McuProtocol, channel: McuChannel): void;
   /** one message (or connection) refused */
   dropped(protocol: McuProtocol, reason: DropReason, info: { mcuId?: string | undefined; err?: unknown }): void;
   /** one MQTT connect or CoAP message whose credentials did not verify */
@@ -37,6 +36,7 @@ export interface IngressHooks {
 export function deliverFailureReason(err: unknown): DropReason {
   if (isFleetError(err, 'FLEET_FORBIDDEN')) return err.details?.limit !== undefined ? 'mcu_limit' : 'forbidden';
   if (isFleetError(err, 'FLEET_OUTBOX_FULL')) return 'outbox_full';
+  if (isFleetError(err, 'FLEET_MCU_DECODE')) return 'decode';
   return 'unavailable';
 }
 

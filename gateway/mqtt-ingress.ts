@@ -3,13 +3,13 @@ import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Su
 import { FleetError, isFleetError } from '../core/errors.ts';
 import { listenOn, secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import type { Sample } from '../core/messages.ts';
 import { isDeviceId } from '../core/topics.ts';
-import { mcuKey } from '../firmware-bridge/auth.ts';
-import { decodeSenmlJson } from '../firmware-bridge/senml.ts';
-import { mcuMayPublish, mcuMaySubscribe, parseMcuTopic } from '../firmware-bridge/topics.ts';
+import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
+import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
+import { MCU_PREFIX, mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { limitMqttFrames } from './frame-limit.ts';
-import { deliverFailureReason, LogThrottle, type IngressHooks } from './ingress.ts';
+import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
+import type { McuService } from './service.ts';
 
 export interface McuMqttIngressOptions {
   host: string;
@@ -20,8 +20,13 @@ export interface McuMqttIngressOptions {
   maxRecords: number;
   /** most MCU connections at once (CONNACK 3 "server unavailable" beyond) */
   maxClients: number;
+  /** replay state shared with CoAP, for MQTT payloads that carry a MAC line */
+  guard: ReplayGuard;
+  /** drop MQTT payloads without a MAC line */
+  requireMac: boolean;
   log: Logger;
   hooks: IngressHooks;
+  service: McuService;
 }
 
 /** Room for the topic, packet id and (MQTT 5) properties on top of the payload. */
@@ -42,6 +47,8 @@ const PACKET_OVERHEAD = 1024;
  */
 export class McuMqttIngress {
   private readonly ids = new WeakMap<Client, string>();
+  /** MCUs subscribed to their cmd topic right now (the mailbox pushes to them) */
+  private readonly cmdSubscribers = new Map<string, Client>();
   private readonly throttle: LogThrottle;
 
   private constructor(
@@ -51,7 +58,35 @@ export class McuMqttIngress {
     readonly port: number,
   ) {
     this.throttle = new LogThrottle(opts.log);
+    opts.service.on('head', this.pushCommand);
+    broker.on('subscribe', (subs, client) => {
+      const mcuId = client ? this.ids.get(client) : undefined;
+      if (!mcuId) return;
+      const cmd = mcuTopic(mcuId, 'cmd');
+      if (subs.some((s) => s.topic === cmd || s.topic === `${MCU_PREFIX}${mcuId}/#`)) {
+        this.cmdSubscribers.set(mcuId, client);
+        this.pushCommand(mcuId);
+      }
+    });
+    broker.on('unsubscribe', (topics, client) => {
+      const mcuId = client ? this.ids.get(client) : undefined;
+      if (mcuId && topics.some((t) => t === mcuTopic(mcuId, 'cmd') || t === `${MCU_PREFIX}${mcuId}/#`) && this.cmdSubscribers.get(mcuId) === client) this.cmdSubscribers.delete(mcuId);
+    });
+    broker.on('clientDisconnect', (client) => {
+      const mcuId = this.ids.get(client);
+      if (mcuId && this.cmdSubscribers.get(mcuId) === client) this.cmdSubscribers.delete(mcuId);
+    });
   }
+
+  /** Publish the next mailbox command to a subscribed MCU (QoS 1; at least once until acked). */
+  private pushCommand = (mcuId: string): void => {
+    if (!this.cmdSubscribers.has(mcuId)) return;
+    const next = this.opts.service.nextCommand(mcuId);
+    if (!next) return;
+    this.broker.publish({ cmd: 'publish', topic: mcuTopic(mcuId, 'cmd'), payload: next, qos: 1, retain: false, dup: false }, (err) => {
+      if (err) this.opts.log.debug('command push to MCU failed', { mcu: mcuId, err });
+    });
+  };
 
   static async start(opts: McuMqttIngressOptions): Promise<McuMqttIngress> {
     // heartbeats on $SYS would only be noise: nothing subscribes to them here
@@ -122,31 +157,88 @@ export class McuMqttIngress {
       return done(null);
     }
     const channel = parseMcuTopic(packet.topic)!.channel;
-    if (channel !== 't') return done(null); // no other up channel exists yet (mcuMayPublish)
-    let samples: Sample[];
-    try {
-      samples = decodeSenmlJson(payload, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords });
-    } catch (err) {
+    const drop = (reason: DropReason, err: unknown) => {
       // MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
       // connection (closing it would make the MCU resend the same bad payload forever)
-      this.opts.hooks.dropped('mqtt', 'decode', { mcuId, err });
-      this.throttle.warn(`decode:${mcuId}`, 'MCU telemetry not valid SenML; dropped', { mcu: mcuId, err });
-      return done(null);
+      this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
+      this.throttle.warn(`${reason}:${mcuId}`, 'MCU message dropped', { mcu: mcuId, channel, reason, err });
+      done(null);
+    };
+    let body = payload;
+    if (hasMacLine(payload)) {
+      try {
+        const framed = splitMacLine(payload);
+        body = framed.payload;
+        verifyMcuMessage(this.opts.guard, { key: mcuKey(this.opts.siteSecret, mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body });
+      } catch (err) {
+        if (isFleetError(err, 'FLEET_MCU_REPLAY')) return drop('replay', err);
+        if (isFleetError(err, 'FLEET_FORBIDDEN')) return drop('mcu_limit', err);
+        this.opts.hooks.authFailed('mqtt');
+        return drop('auth', err);
+      }
+    } else if (this.opts.requireMac) {
+      this.opts.hooks.authFailed('mqtt');
+      return drop('auth', new FleetError('FLEET_MCU_AUTH', 'this gateway requires a MAC line on MQTT payloads (mcu.mqttRequireMac)'));
     }
-    this.opts.hooks.deliver(mcuId, 'mqtt', samples).then(
+    const svc = this.opts.service;
+    let work: Promise<void>;
+    try {
+      switch (channel) {
+        case 't':
+          work = svc.telemetry(mcuId, 'mqtt', body, 'sniff');
+          break;
+        case 'hello':
+          work = svc.hello(mcuId, 'mqtt', body);
+          break;
+        case 'ack':
+          work = svc.ack(mcuId, 'mqtt', body);
+          break;
+        case 'log':
+          work = svc.upload(mcuId, 'mqtt', body, true);
+          break;
+        case 'fwreq':
+          work = this.onChunkRequest(mcuId, body);
+          break;
+        default:
+          return drop('forbidden', new FleetError('FLEET_FORBIDDEN', `${channel} is not an up channel`));
+      }
+    } catch (err) {
+      work = Promise.reject(err);
+    }
+    work.then(
       () => {
-        this.opts.hooks.accepted('mqtt');
+        this.opts.hooks.accepted('mqtt', channel);
         done(null);
       },
       (err: unknown) => {
-        // not stored: no PUBACK; closing the connection makes the MCU resend it later
         const reason = deliverFailureReason(err);
+        if (reason === 'decode') return drop('decode', err);
+        // not stored: no PUBACK; closing the connection makes the MCU resend it later
         this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
-        this.throttle.warn(`deliver:${mcuId}`, 'MCU telemetry not stored; closing the connection', { mcu: mcuId, reason, err });
+        this.throttle.warn(`deliver:${mcuId}`, 'MCU message not stored; closing the connection', { mcu: mcuId, channel, reason, err });
         done(isFleetError(err) ? err : new FleetError('FLEET_INTERNAL', String(err)));
       },
     );
   };
+
+  /** fwreq: answer with the chunk on the MCU's fw topic. */
+  private async onChunkRequest(mcuId: string, body: Buffer): Promise<void> {
+    const req = decodeFwChunkRequest(body);
+    this.opts.service.touch(mcuId, 'mqtt');
+    const image = this.opts.service.firmwareFor(mcuId);
+    const chunk = encodeFwChunk(image, req);
+    if (image) {
+      const start = Math.min(image.data.length, req.n * req.s);
+      const end = Math.min(image.data.length, start + req.s);
+      this.opts.service.firmwareServed(mcuId, 'mqtt', end, end - start);
+    }
+    await new Promise<void>((resolve) => {
+      this.broker.publish({ cmd: 'publish', topic: mcuTopic(mcuId, 'fw'), payload: chunk, qos: 1, retain: false, dup: false }, (err) => {
+        if (err) this.opts.log.debug('firmware chunk publish failed', { mcu: mcuId, err });
+        resolve();
+      });
+    });
+  }
 
   private authorizeSubscribe = (client: Client, sub: Subscription, done: (err: Error | null, sub?: Subscription | null) => void): void => {
     const mcuId = this.ids.get(client);
@@ -158,6 +250,7 @@ export class McuMqttIngress {
 
   /** Stop accepting, disconnect every MCU, release the port. */
   async close(): Promise<void> {
+    this.opts.service.off('head', this.pushCommand);
     const serverClosed = new Promise<void>((r) => this.server.close(() => r()));
     await new Promise<void>((r) => this.broker.close(() => r()));
     await serverClosed;

@@ -2,9 +2,11 @@ import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { encodeMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
+import { encodeMessage, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
-import { deviceTopic, parseTopic } from '../core/topics.ts';
+import { deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
+import type { SensorTable } from '../firmware-bridge/codecs.ts';
+import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
 
@@ -22,7 +24,21 @@ export interface RelayOptions {
   lostAfterMs?: number | undefined;
   /** uplink tuning (window, batching, rate) */
   uplink?: Partial<UplinkConfig>;
+  /** an MCU that declared a sleep period is lost after period x lostFactor + lostGraceMs (default 3, 10 s) */
+  lostFactor?: number;
+  lostGraceMs?: number;
+  /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
+  onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => void;
   now?: () => number;
+}
+
+/** What an MCU said about itself in its last hello (persisted with the MCU list). */
+export interface McuMeta {
+  fw?: string;
+  boot?: string;
+  prev?: string;
+  sleepS?: number;
+  sensors?: SensorTable;
 }
 
 interface McuEntry {
@@ -37,6 +53,7 @@ interface McuEntry {
   /** known from before a restart and not heard since: what the hub shows is unknown */
   stale: boolean;
   messages: number;
+  meta: McuMeta;
 }
 
 /** Until an MCU's interval is known it counts as lost after this long silent, ms. */
@@ -72,6 +89,10 @@ export class Relay {
   /** MCUs with index below this are covered by a register sent on the current connection */
   private registeredUpTo = 0;
   private registerInFlight = false;
+  /** MCUs with index below this have cmd and desired subscribed on the current connection */
+  private subscribedUpTo = 0;
+  private subscribeInFlight = false;
+  private lastSubAckAt = 0;
   /** bumped on every connect and close, so callbacks from an old connection are ignored */
   private connGen = 0;
   private changed = false;
@@ -87,6 +108,7 @@ export class Relay {
     // every (re)connect the register and states go out before queued telemetry.
     opts.client.on('connect', this.onConnect);
     opts.client.on('close', this.onClose);
+    opts.client.on('message', this.onMessage);
     this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush());
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
@@ -98,12 +120,12 @@ export class Relay {
    * them online (the gateway crashed) or offline (it stopped cleanly), so each is
    * reported online when it talks, or offline once silent for its lost timeout.
    */
-  restore(ids: readonly string[]): void {
+  restore(ids: readonly string[], meta?: Readonly<Record<string, McuMeta>>): void {
     const now = this.now();
     for (const id of ids) {
       if (this.mcus.size >= this.opts.maxMcus) break;
       if (id === this.opts.gatewayId || this.mcus.has(id)) continue;
-      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0 });
+      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, meta: { ...meta?.[id] } });
     }
     this.flush();
   }
@@ -114,13 +136,27 @@ export class Relay {
    * counts as a sign of life. Throws FLEET_FORBIDDEN when the MCU limit is reached.
    */
   async accept(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void> {
+    const now = this.touch(mcuId, protocol);
+    if (samples.length === 0) return;
+    await this.opts.outbox.append({
+      topic: deviceTopic(mcuId, 'telemetry'),
+      priority: Priority.TELEMETRY,
+      payload: (mid) => encodeMessage({ v: 1, mid, ts: now, samples: samples as Sample[] } satisfies TelemetryBatch),
+    });
+  }
+
+  /**
+   * An authenticated MCU said something (any channel): it is online; new MCUs are
+   * added (FLEET_FORBIDDEN beyond maxMcus). Returns "now".
+   */
+  touch(mcuId: string, protocol: McuProtocol): number {
     if (this.stopped) throw new FleetError('FLEET_STORE', 'gateway is stopping; not storing');
     if (mcuId === this.opts.gatewayId) throw new FleetError('FLEET_FORBIDDEN', `MCU id ${mcuId} is the gateway's own id`);
     const now = this.now();
     let e = this.mcus.get(mcuId);
     if (!e) {
       if (this.mcus.size >= this.opts.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `this gateway acts for at most ${this.opts.maxMcus} MCUs; refusing ${mcuId}`, { details: { limit: this.opts.maxMcus } });
-      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0 };
+      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, meta: {} };
       this.mcus.set(mcuId, e);
       this.changed = true;
       this.opts.log.info('new MCU', { mcu: mcuId, protocol });
@@ -135,19 +171,78 @@ export class Relay {
     e.messages++;
     if (!e.online) {
       e.online = true;
-      this.publishState(mcuId, { v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId });
+      this.publishState(mcuId, this.onlineState(e, now));
     }
-    if (samples.length === 0) return;
-    await this.opts.outbox.append({
-      topic: deviceTopic(mcuId, 'telemetry'),
-      priority: Priority.TELEMETRY,
-      payload: (mid) => encodeMessage({ v: 1, mid, ts: now, samples: samples as Sample[] } satisfies TelemetryBatch),
-    });
+    return now;
+  }
+
+  private onlineState(e: McuEntry, now: number): StateMessage {
+    const msg: StateMessage = { v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId };
+    if (e.meta.fw !== undefined) msg.version = e.meta.fw;
+    if (e.meta.boot !== undefined || e.meta.sleepS !== undefined) {
+      msg.mcu = {};
+      if (e.meta.boot !== undefined) msg.mcu.boot = e.meta.boot;
+      if (e.meta.prev !== undefined) msg.mcu.prev = e.meta.prev;
+      if (e.meta.sleepS !== undefined) msg.mcu.sleepS = e.meta.sleepS;
+    }
+    return msg;
+  }
+
+  /**
+   * The version report after boot: remembered (and persisted), relayed as the MCU's
+   * state when anything in it changed, plus an `mcu.boot` event when the firmware
+   * version changed. Resolves once the event (if any) is in the outbox.
+   */
+  async hello(mcuId: string, protocol: McuProtocol, hello: McuHello): Promise<{ previous: McuMeta }> {
+    const now = this.touch(mcuId, protocol);
+    const e = this.mcus.get(mcuId)!;
+    const previous = { ...e.meta };
+    const meta: McuMeta = { fw: hello.fw, boot: hello.boot };
+    if (hello.prev !== undefined) meta.prev = hello.prev;
+    if (hello.sleep !== undefined) meta.sleepS = hello.sleep;
+    meta.sensors = hello.sensors ?? previous.sensors;
+    e.meta = meta;
+    const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS;
+    if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;
+    if (changed) this.publishState(mcuId, this.onlineState(e, now));
+    if (previous.fw !== meta.fw) {
+      await this.event(mcuId, 'mcu.boot', 'info', { fw: meta.fw, boot: meta.boot, ...(meta.prev !== undefined ? { prev: meta.prev } : {}), ...(previous.fw !== undefined ? { was: previous.fw } : {}) });
+    }
+    return { previous };
+  }
+
+  meta(mcuId: string): McuMeta | undefined {
+    return this.mcus.get(mcuId)?.meta;
+  }
+
+  metaSnapshot(): Record<string, McuMeta> {
+    const out: Record<string, McuMeta> = {};
+    for (const [id, e] of this.mcus) if (Object.keys(e.meta).length > 0) out[id] = e.meta;
+    return out;
+  }
+
+  isKnown(mcuId: string): boolean {
+    return this.mcus.has(mcuId);
+  }
+
+  /** Append a message for an MCU the gateway acts for (reply, events, logs) to the outbox. */
+  async append(mcuId: string, channel: Channel, priority: (typeof Priority)[keyof typeof Priority], build: (mid: string) => Buffer): Promise<void> {
+    if (!this.mcus.has(mcuId)) throw new FleetError('FLEET_FORBIDDEN', `${mcuId} is not an MCU of this gateway`);
+    await this.opts.outbox.append({ topic: deviceTopic(mcuId, channel), priority, payload: build });
+  }
+
+  /** An event for an MCU, through the outbox. */
+  async event(mcuId: string, type: string, severity: EventMessage['severity'], data: Record<string, unknown>): Promise<void> {
+    const ts = this.now();
+    await this.append(mcuId, 'events', Priority.ALERT, (mid) => encodeMessage({ v: 1, mid, ts, type, severity, data } satisfies EventMessage));
   }
 
   private lostAfter(e: McuEntry): number {
+    const factor = this.opts.lostFactor ?? 3;
+    // a declared sleep period wins: silent that long is sleeping, not lost
+    if (e.meta.sleepS) return e.meta.sleepS * 1000 * factor + (this.opts.lostGraceMs ?? 10_000);
     if (this.opts.lostAfterMs) return this.opts.lostAfterMs;
-    return e.intervalMs > 0 ? Math.max(MIN_LOST_AFTER_MS, 3 * e.intervalMs) : DEFAULT_LOST_AFTER_MS;
+    return e.intervalMs > 0 ? Math.max(MIN_LOST_AFTER_MS, factor * e.intervalMs) : DEFAULT_LOST_AFTER_MS;
   }
 
   private sweep = (): void => {
@@ -156,7 +251,9 @@ export class Relay {
       if (!e.online && !e.stale) continue;
       const silent = now - e.lastSeen;
       if (silent > this.lostAfter(e)) {
-        const reason = e.stale ? `not heard since the gateway restarted ${silent} ms ago` : `silent for ${silent} ms`;
+        const limit = this.lostAfter(e);
+        const sleeps = e.meta.sleepS ? `, sleeps ${e.meta.sleepS} s` : '';
+        const reason = e.stale ? `not heard since the gateway restarted ${Math.round(silent / 1000)} s ago (lost after ${Math.round(limit / 1000)} s${sleeps})` : `no contact for ${Math.round(silent / 1000)} s (lost after ${Math.round(limit / 1000)} s${sleeps})`;
         e.online = false;
         e.stale = false;
         this.opts.log.info('MCU lost', { mcu: id, silentMs: silent });
@@ -172,12 +269,14 @@ export class Relay {
 
   private onConnect = (): void => {
     this.connGen++;
+    this.subscribedUpTo = 0;
+    this.subscribeInFlight = false;
     this.registeredUpTo = 0;
     this.registerInFlight = false;
     // the hub marks our MCUs offline while we are away (our last will): say again which are up
     const now = this.now();
     for (const [id, e] of this.mcus) {
-      if (e.online && !this.pendingState.has(id)) this.pendingState.set(id, encodeMessage({ v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId } satisfies StateMessage));
+      if (e.online && !this.pendingState.has(id)) this.pendingState.set(id, encodeMessage(this.onlineState(e, now)));
     }
     // the full list again on every connection: cheap, and it makes a hub that lost its
     // retained messages whole again
@@ -186,6 +285,8 @@ export class Relay {
 
   private onClose = (): void => {
     this.connGen++;
+    this.subscribedUpTo = 0;
+    this.subscribeInFlight = false;
     this.registeredUpTo = 0;
     this.registerInFlight = false;
   };
@@ -228,7 +329,43 @@ export class Relay {
     // the hub applies the register when it reads it, before the packets behind it.
     this.registeredUpTo = mcus.length;
     this.gated.kick();
+    this.subscribeCovered();
   }
+
+  /**
+   * Subscribe to cmd and desired of every MCU the register just sent covers. Behind the
+   * register on the same connection, so the hub's ACL already knows the delegation.
+   */
+  private subscribeCovered(): void {
+    if (!this.opts.onDown || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
+    // One SUBSCRIBE of at most 200 MCUs (400 topics) in flight at a time: the hub's
+    // persistence scans its retained messages once per subscribed topic, so a site of
+    // thousands of MCUs subscribing at once would stall it (docs/mcu-protocol.md).
+    const from = this.subscribedUpTo;
+    const to = Math.min(this.registeredUpTo, from + 200);
+    const ids = [...this.mcus.keys()].slice(from, to);
+    this.subscribedUpTo = to;
+    const topics: Record<string, { qos: 1 }> = {};
+    for (const id of ids) {
+      topics[deviceTopic(id, 'cmd')] = { qos: 1 };
+      topics[deviceTopic(id, 'desired')] = { qos: 1 };
+    }
+    const gen = this.connGen;
+    this.subscribeInFlight = true;
+    this.opts.client.subscribe(topics, (err) => {
+      if (gen !== this.connGen) return;
+      this.subscribeInFlight = false;
+      this.lastSubAckAt = Date.now();
+      if (err) this.opts.log.warn('subscribing to MCU commands and desired state failed', { err });
+      this.subscribeCovered();
+    });
+  }
+
+  private onMessage = (topic: string, payload: Buffer): void => {
+    const t = parseTopic(topic);
+    if (!t || (t.channel !== 'cmd' && t.channel !== 'desired') || !this.mcus.has(t.deviceId)) return;
+    this.opts.onDown?.(t.deviceId, t.channel, payload);
+  };
 
   /** True once after the MCU list changed (the owner persists it). */
   takeChanged(): boolean {
@@ -275,13 +412,18 @@ export class Relay {
     }
     const deadline = Date.now() + drainMs;
     while (Date.now() < deadline && this.opts.client.connected) {
-      if (this.opts.outbox.stats().depth === 0 && this.pendingState.size === 0 && this.statesInFlight === 0 && !this.registerInFlight) break;
+      // the hub sends retained desired states after a SUBACK; leaving in the middle of that
+      // leaves a scan open at the hub which aedes-persistence-level throws from when the
+      // hub closes its store (reported to the hub owner): give it a moment
+      const subscribing = this.subscribeInFlight || Date.now() - this.lastSubAckAt < 1500;
+      if (this.opts.outbox.stats().depth === 0 && this.pendingState.size === 0 && this.statesInFlight === 0 && !this.registerInFlight && !subscribing) break;
       await new Promise((r) => setTimeout(r, 20));
     }
     this.uplink.stop();
     this.gated.dispose();
     this.opts.client.off('connect', this.onConnect);
     this.opts.client.off('close', this.onClose);
+    this.opts.client.off('message', this.onMessage);
   }
 }
 

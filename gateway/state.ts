@@ -4,6 +4,7 @@ import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import type { ReplaySnapshot } from '../firmware-bridge/auth.ts';
+import type { McuMeta } from './relay.ts';
 
 /**
  * What the gateway keeps across restarts (`<stateDir>/mcu-state.json`): the MCUs it
@@ -16,20 +17,23 @@ export interface PersistedGatewayState {
   v: 1;
   mcus: string[];
   replay: ReplaySnapshot;
+  /** what each MCU said in its last hello (firmware version, sleep period, sensor table) */
+  meta?: Record<string, McuMeta>;
 }
 
-export function loadGatewayState(file: string, log: Logger): { mcus: string[]; replay: unknown } {
+export function loadGatewayState(file: string, log: Logger): { mcus: string[]; replay: unknown; meta: Record<string, McuMeta> } {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { mcus: [], replay: {} };
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { mcus: [], replay: {}, meta: {} };
     throw new FleetError('FLEET_STORE', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
   }
   try {
     const data = JSON.parse(text) as Partial<PersistedGatewayState>;
     if (data.v !== 1 || !Array.isArray(data.mcus)) throw new Error('not a v1 gateway state file');
-    return { mcus: data.mcus.filter(isDeviceId), replay: data.replay ?? {} };
+    const meta = typeof data.meta === 'object' && data.meta !== null && !Array.isArray(data.meta) ? data.meta : {};
+    return { mcus: data.mcus.filter(isDeviceId), replay: data.replay ?? {}, meta };
   } catch (err) {
     // Starting without counters re-opens replay of old captures, so say so loudly; but
     // refusing to start would take every MCU at the site offline over one bad file.
@@ -40,7 +44,7 @@ export function loadGatewayState(file: string, log: Logger): { mcus: string[]; r
       /* keep going: the next save replaces it */
     }
     log.error('gateway state file unreadable; starting without MCU replay counters', { file, movedTo: aside, err });
-    return { mcus: [], replay: {} };
+    return { mcus: [], replay: {}, meta: {} };
   }
 }
 

@@ -34,7 +34,7 @@ test('coap: paths and auth query parse back; duplicates and strays are refused',
   assert.deepEqual(parseCoapUrl(`${coapPath('esp-1', 't')}?${coapAuthQuery(5, 'abc')}`), { mcuId: 'esp-1', resource: 't', counter: '5', mac: 'abc' });
   assert.deepEqual(parseCoapUrl('/mcu/v1/esp-1/t'), { mcuId: 'esp-1', resource: 't', counter: null, mac: null });
   assert.deepEqual(parseCoapUrl('/mcu/v1/esp-1/t?c=1&c=2&m=x'), { mcuId: 'esp-1', resource: 't', counter: null, mac: 'x' });
-  for (const u of ['/', '/mcu/v1/esp-1', '/mcu/v1/esp-1/cmd', '/mcu/v1/bad id/t', '/x/v1/esp-1/t', '/mcu/v1/esp-1/t/more', '/' + 'a'.repeat(600)]) assert.equal(parseCoapUrl(u), null, u);
+  for (const u of ['/', '/mcu/v1/esp-1', '/mcu/v1/esp-1/fwreq', '/mcu/v1/esp-1/nope', '/mcu/v1/bad id/t', '/x/v1/esp-1/t', '/mcu/v1/esp-1/t/more', '/' + 'a'.repeat(600)]) assert.equal(parseCoapUrl(u), null, u);
 });
 
 /** A raw CoAP request: CON POST with Uri-Path "x", optionally Block1, and a payload. */

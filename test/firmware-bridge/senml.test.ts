@@ -39,9 +39,9 @@ test('senml: malformed input is refused with FLEET_MCU_DECODE and a clear messag
   const cases: Array<{ name: string; payload: string | Buffer; match: RegExp; opts?: Parameters<typeof decodeSenmlJson>[1] }> = [
     { name: 'not JSON', payload: '[{"n":', match: /not JSON/ },
     { name: 'not UTF-8', payload: Buffer.from([0x5b, 0xff, 0xfe, 0x5d]), match: /UTF-8/ },
-    { name: 'object instead of array', payload: '{"n":"a","v":1}', match: /JSON array/ },
-    { name: 'record is not an object', payload: '[1]', match: /record 0: must be a JSON object/ },
-    { name: 'record is an array', payload: '[[]]', match: /record 0: must be a JSON object/ },
+    { name: 'object instead of array', payload: '{"n":"a","v":1}', match: /must be an array/ },
+    { name: 'record is not an object', payload: '[1]', match: /record 0: must be a map \(JSON object\)/ },
+    { name: 'record is an array', payload: '[[]]', match: /record 0: must be a map \(JSON object\)/ },
     { name: 'too many records', payload: JSON.stringify(Array.from({ length: 3 }, () => ({ n: 'a', v: 1 }))), match: /3 records exceed the limit of 2/, opts: { maxRecords: 2 } },
     { name: 'too large', payload: JSON.stringify([{ n: 'a', vs: 'x'.repeat(200) }]), match: /exceeds 100/, opts: { maxBytes: 100 } },
     { name: 'no name', payload: '[{"v":1}]', match: /no name/ },

@@ -1,0 +1,355 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Level } from 'level';
+import { FleetError, toFleetError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { decodeMessage, type DesiredArtifact } from '../core/messages.ts';
+import type { McuAck, McuHello } from '../firmware-bridge/frames.ts';
+import type { MailboxEntry } from './mailbox.ts';
+import type { McuProtocol, Relay } from './relay.ts';
+
+/**
+ * Checks a downloaded firmware bundle (signature, trust, kind firmware) and returns the
+ * MCU image inside. Injected by the CLI (cli/commands/gateway.ts wires bundles/): the
+ * gateway does not import bundles/ (layout rule, DESIGN.md).
+ */
+export type VerifyFirmware = (file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string }>;
+
+/** Persisted per-MCU update state: names are a contract (docs/mcu-protocol.md "Firmware updates"). */
+export type FirmwareState = 'fetching' | 'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed';
+
+interface Job {
+  version: string;
+  /** sha256 of the bundle, from the desired state */
+  bundleSha: string;
+  url: string;
+  /** sha256 of the verified image, once known */
+  imageSha?: string;
+  size?: number;
+  state: FirmwareState;
+  /** firmware the MCU ran when the update started */
+  from?: string;
+  /** highest byte offset served */
+  progress: number;
+  offerId?: string;
+  reason?: string;
+}
+
+export interface ServedImage {
+  version: string;
+  data: Buffer;
+  sha256: Buffer;
+}
+
+export interface FirmwareManagerOptions {
+  dir: string;
+  db: Level<string, string>;
+  relay: Relay;
+  /** put a fw.update command into the MCU's mailbox */
+  offer: (mcuId: string, cmd: { id: string; name: string; args: Record<string, unknown>; expiresAt: number }) => Promise<unknown>;
+  verify?: VerifyFirmware | undefined;
+  /** the gateway's device id and token: HTTP Basic credentials at the hub's artifact store */
+  gatewayId: string;
+  token: string;
+  log: Logger;
+  /** largest image served, bytes (default 16 MiB) */
+  maxImageBytes?: number;
+  /** how long an offer waits in the mailbox, ms (default 7 days) */
+  offerTtlMs?: number;
+  onBytes?: (protocol: McuProtocol, bytes: number) => void;
+  now?: () => number;
+}
+
+const ACTIVE: ReadonlySet<FirmwareState> = new Set(['offered', 'transferring', 'installing']);
+
+/**
+ * MCU firmware relay: desired state → fetch (Range resume or file://) → sha256 → verify
+ * (injected) → cache the image by its sha256 → offer through the mailbox → serve chunks
+ * (ingresses call `imageFor`/`served`) → success only when the MCU reports the new
+ * version in its hello; the old version after an ok ack, or a rollback boot, is failure.
+ */
+export class FirmwareManager {
+  private readonly jobs = new Map<string, Job>();
+  private readonly images = new Map<string, ServedImage>();
+  private readonly fetches = new Map<string, Promise<{ imageSha: string; size: number }>>();
+  private readonly now: () => number;
+
+  private constructor(private readonly opts: FirmwareManagerOptions) {
+    this.now = opts.now ?? Date.now;
+  }
+
+  static async open(opts: FirmwareManagerOptions): Promise<FirmwareManager> {
+    const fm = new FirmwareManager(opts);
+    await mkdir(opts.dir, { recursive: true, mode: 0o700 });
+    for await (const [key, value] of opts.db.iterator({ gte: 'f!', lt: 'f"' })) {
+      try {
+        fm.jobs.set(key.slice(2), JSON.parse(value) as Job);
+      } catch {
+        /* a damaged record: the next desired state starts over */
+      }
+    }
+    for (const job of fm.jobs.values()) if (job.imageSha && ACTIVE.has(job.state)) await fm.loadImage(job.version, job.imageSha).catch(() => undefined);
+    return fm;
+  }
+
+  counts(): Record<'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed' | 'fetching', number> {
+    const c = { fetching: 0, offered: 0, transferring: 0, installing: 0, succeeded: 0, failed: 0 };
+    for (const j of this.jobs.values()) c[j.state]++;
+    return c;
+  }
+
+  state(mcuId: string): Readonly<Job> | undefined {
+    return this.jobs.get(mcuId);
+  }
+
+  private async save(mcuId: string, job: Job): Promise<void> {
+    this.jobs.set(mcuId, job);
+    await this.opts.db.put(`f!${mcuId}`, JSON.stringify(job), { sync: true });
+  }
+
+  private async report(mcuId: string, job: Job, extra: Record<string, unknown> = {}): Promise<void> {
+    const data: Record<string, unknown> = { state: job.state, version: job.version, ...extra };
+    if (job.from !== undefined) data.from = job.from;
+    if (job.size) data.progress = Math.min(1, job.progress / job.size);
+    if (job.reason !== undefined) data.reason = job.reason;
+    try {
+      await this.opts.relay.event(mcuId, 'mcu.firmware', job.state === 'failed' ? 'warning' : 'info', data);
+    } catch (err) {
+      this.opts.log.warn('cannot queue a firmware event', { mcu: mcuId, err });
+    }
+  }
+
+  /** The desired state the hub published for an MCU. */
+  async desired(mcuId: string, payload: Buffer): Promise<void> {
+    let fw: DesiredArtifact | undefined;
+    try {
+      fw = decodeMessage('desired', payload).firmware;
+    } catch (err) {
+      this.opts.log.warn('desired state from the hub is not valid; ignored', { mcu: mcuId, err });
+      return;
+    }
+    if (!fw) return;
+    const cur = this.jobs.get(mcuId);
+    if (cur && cur.bundleSha === fw.sha256 && cur.version === fw.version) {
+      // same target: resume where it was (after a restart, a fetch may need redoing)
+      if (cur.state === 'fetching') void this.run(mcuId, cur);
+      return;
+    }
+    const running = this.opts.relay.meta(mcuId)?.fw;
+    const job: Job = { version: fw.version, bundleSha: fw.sha256, url: fw.url, state: 'fetching', progress: 0 };
+    if (running !== undefined) job.from = running;
+    if (fw.size !== undefined) job.size = fw.size;
+    if (running === fw.version) {
+      job.state = 'succeeded';
+      await this.save(mcuId, job);
+      return;
+    }
+    await this.save(mcuId, job);
+    await this.report(mcuId, job);
+    void this.run(mcuId, job);
+  }
+
+  private async run(mcuId: string, job: Job): Promise<void> {
+    try {
+      const { imageSha, size } = await this.fetchOnce(job);
+      if (this.jobs.get(mcuId) !== job) return; // superseded meanwhile
+      job.imageSha = imageSha;
+      job.size = size;
+      await this.offerIfNeeded(mcuId, job);
+    } catch (err) {
+      if (this.jobs.get(mcuId) !== job) return;
+      const fe = toFleetError(err);
+      job.state = 'failed';
+      job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
+      this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
+      await this.save(mcuId, job);
+      await this.report(mcuId, job);
+    }
+  }
+
+  /** Offer once the image is ready; an MCU already on the version needs nothing. */
+  private async offerIfNeeded(mcuId: string, job: Job): Promise<void> {
+    if (!job.imageSha) return;
+    const running = this.opts.relay.meta(mcuId)?.fw;
+    if (running === job.version) {
+      job.state = 'succeeded';
+      await this.save(mcuId, job);
+      await this.report(mcuId, job);
+      return;
+    }
+    job.offerId = `fw-${job.version}-${job.imageSha.slice(0, 8)}`.slice(0, 64);
+    job.state = 'offered';
+    job.progress = 0;
+    if (running !== undefined) job.from = running;
+    await this.opts.offer(mcuId, { id: job.offerId, name: 'fw.update', args: { v: job.version, sha256: job.imageSha, size: job.size }, expiresAt: this.now() + (this.opts.offerTtlMs ?? 7 * 24 * 3600 * 1000) });
+    await this.save(mcuId, job);
+    await this.report(mcuId, job);
+  }
+
+  /** One fetch and verification per bundle, shared by every MCU that wants it. */
+  private fetchOnce(job: Job): Promise<{ imageSha: string; size: number }> {
+    let p = this.fetches.get(job.bundleSha);
+    if (!p) {
+      p = this.fetchAndVerify(job);
+      this.fetches.set(job.bundleSha, p);
+      p.catch(() => this.fetches.delete(job.bundleSha));
+    }
+    return p;
+  }
+
+  private async fetchAndVerify(job: Job): Promise<{ imageSha: string; size: number }> {
+    if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured; it cannot verify MCU firmware bundles');
+    const bundle = join(this.opts.dir, `${job.bundleSha}.bundle`);
+    if ((await sha256File(bundle).catch(() => '')) !== job.bundleSha) {
+      await this.download(job.url, bundle);
+      const got = await sha256File(bundle);
+      if (got !== job.bundleSha) {
+        await rm(bundle, { force: true });
+        throw new FleetError('FLEET_MCU_FIRMWARE', `bundle sha256 is ${got}, the desired state says ${job.bundleSha}`);
+      }
+    }
+    const verified = await this.opts.verify(bundle, { version: job.version, sha256: job.bundleSha });
+    if (verified.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${verified.version}, the desired state says ${job.version}`);
+    const data = typeof verified.image === 'string' ? await readFile(verified.image) : verified.image;
+    if (data.length === 0 || data.length > (this.opts.maxImageBytes ?? 16 * 1024 * 1024)) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`);
+    const sha = createHash('sha256').update(data).digest();
+    const imageSha = sha.toString('hex');
+    const file = join(this.opts.dir, `${imageSha}.bin`);
+    await writeFile(`${file}.tmp`, data, { mode: 0o600 });
+    await rename(`${file}.tmp`, file);
+    this.images.set(imageSha, { version: job.version, data, sha256: sha });
+    return { imageSha, size: data.length };
+  }
+
+  private async loadImage(version: string, imageSha: string): Promise<ServedImage> {
+    const have = this.images.get(imageSha);
+    if (have) return have;
+    const data = await readFile(join(this.opts.dir, `${imageSha}.bin`));
+    const sha = createHash('sha256').update(data).digest();
+    if (sha.toString('hex') !== imageSha) throw new FleetError('FLEET_MCU_FIRMWARE', `cached image ${imageSha} is damaged`);
+    const img = { version, data, sha256: sha };
+    this.images.set(imageSha, img);
+    return img;
+  }
+
+  /** file:// (tests, sites without an artifact store) or http(s) with Range resume and the device token. */
+  private async download(url: string, dest: string): Promise<void> {
+    if (url.startsWith('file://')) {
+      const data = await readFile(fileURLToPath(url));
+      await writeFile(dest, data, { mode: 0o600 });
+      return;
+    }
+    if (!/^https?:\/\//.test(url)) throw new FleetError('FLEET_MCU_FIRMWARE', `unsupported firmware URL ${url.slice(0, 100)}`);
+    const part = `${dest}.part`;
+    let lastErr: unknown;
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const have = await stat(part).then((s) => s.size, () => 0);
+      try {
+        const res = await fetch(url, { headers: { authorization: `Basic ${Buffer.from(`${this.opts.gatewayId}:${this.opts.token}`).toString('base64')}`, ...(have > 0 ? { range: `bytes=${have}-` } : {}) }, signal: AbortSignal.timeout(60_000) });
+        if (res.status >= 400 && res.status < 500 && res.status !== 416) throw new FleetError('FLEET_MCU_FIRMWARE', `artifact store answered HTTP ${res.status} for ${url}`);
+        if (res.status === 416) {
+          await rm(part, { force: true });
+          continue;
+        }
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        const append = res.status === 206 && have > 0;
+        const fh = await open(part, append ? 'a' : 'w', 0o600);
+        try {
+          for await (const chunk of res.body) await fh.write(chunk as Uint8Array);
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        await rename(part, dest);
+        return;
+      } catch (err) {
+        if (err instanceof FleetError) throw err;
+        lastErr = err;
+        await new Promise((r) => setTimeout(r, 500 * 2 ** attempt));
+      }
+    }
+    throw new FleetError('FLEET_MCU_FIRMWARE', `downloading ${url} failed: ${(lastErr as Error)?.message}`, { cause: lastErr });
+  }
+
+  /** The image offered to an MCU, while an update is active. */
+  imageFor(mcuId: string): ServedImage | null {
+    const job = this.jobs.get(mcuId);
+    if (!job || !job.imageSha || !ACTIVE.has(job.state)) return null;
+    return this.images.get(job.imageSha) ?? null;
+  }
+
+  served(mcuId: string, protocol: McuProtocol, endOffset: number, bytes: number): void {
+    this.opts.onBytes?.(protocol, bytes);
+    const job = this.jobs.get(mcuId);
+    if (!job || !ACTIVE.has(job.state)) return;
+    if (endOffset > job.progress) job.progress = endOffset;
+    if (job.state === 'offered') {
+      job.state = 'transferring';
+      void this.save(mcuId, job).then(() => this.report(mcuId, job));
+    } else if (job.size && job.progress >= job.size) {
+      void this.save(mcuId, job);
+    }
+  }
+
+  async onAck(mcuId: string, entry: MailboxEntry, ack: McuAck): Promise<void> {
+    const job = this.jobs.get(mcuId);
+    if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state)) return;
+    if (ack.ok) {
+      job.state = 'installing';
+      await this.save(mcuId, job);
+      return;
+    }
+    job.state = 'failed';
+    job.reason = `the MCU refused the image: ${ack.e ?? ack.code ?? 'no reason given'}`.slice(0, 250);
+    await this.save(mcuId, job);
+    await this.report(mcuId, job);
+  }
+
+  async onExpired(mcuId: string, entry: MailboxEntry): Promise<void> {
+    const job = this.jobs.get(mcuId);
+    if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state) || job.state === 'installing') return;
+    job.state = 'failed';
+    job.reason = 'the MCU did not take the update before the offer expired';
+    await this.save(mcuId, job);
+    await this.report(mcuId, job);
+  }
+
+  /** The version report after a boot decides an update in flight, or starts one that waited for it. */
+  async onHello(mcuId: string, hello: McuHello, _previousFw: string | undefined): Promise<void> {
+    const job = this.jobs.get(mcuId);
+    if (!job) return;
+    if (ACTIVE.has(job.state)) {
+      if (hello.fw === job.version) {
+        job.state = 'succeeded';
+        job.reason = undefined;
+        await this.save(mcuId, job);
+        await this.report(mcuId, job, { boot: hello.boot });
+        return;
+      }
+      if (job.state === 'installing' || hello.boot === 'rollback') {
+        job.state = 'failed';
+        job.reason = `came back on ${hello.fw} (boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''})`.slice(0, 250);
+        await this.save(mcuId, job);
+        await this.report(mcuId, job, { boot: hello.boot });
+      }
+      return;
+    }
+    if (job.state === 'succeeded' && hello.fw !== job.version && job.imageSha) {
+      // it was on the target and is not any more (reflashed by hand): offer again
+      await this.offerIfNeeded(mcuId, job);
+    }
+  }
+}
+
+function sha256File(file: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const h = createHash('sha256');
+    createReadStream(file)
+      .on('data', (c) => h.update(c))
+      .on('error', reject)
+      .on('end', () => resolve(h.digest('hex')));
+  });
+}

@@ -1,0 +1,140 @@
+import { EventEmitter } from 'node:events';
+import type { Level } from 'level';
+import { FleetError } from '../core/errors.ts';
+import { MAX_COMMAND_BYTES, type McuCommand } from '../firmware-bridge/frames.ts';
+
+/**
+ * The command mailbox (docs/mcu-protocol.md "Commands"): per MCU, commands waiting for
+ * the device to wake, in arrival order, each with an expiry and a down-counter `seq`
+ * (the MAC counter of the framed command). Kept in LevelDB (written with sync before
+ * `enqueue` resolves, so a command the gateway took from the hub survives kill -9) and
+ * mirrored in memory for the hot path (GET / subscribe of a waking MCU).
+ *
+ *   q!{mcuId}!{seq, 16 digits}  → MailboxEntry (JSON)
+ *   s!{mcuId}                   → highest seq handed out (never reused, even after acks)
+ *
+ * Emits 'head' (mcuId) when the command at the head of an MCU's queue changes.
+ */
+export interface MailboxEntry {
+  seq: number;
+  /** the hub's command id */
+  id: string;
+  name: string;
+  args: Record<string, unknown>;
+  /** ms since the epoch */
+  expiresAt: number;
+  /** ms since the epoch */
+  queuedAt: number;
+  /** set once sent to the MCU at least once */
+  delivered?: boolean;
+}
+
+const SEQ_DIGITS = 16;
+
+export class Mailbox extends EventEmitter {
+  private readonly queues = new Map<string, MailboxEntry[]>();
+  private readonly seqs = new Map<string, number>();
+  private depthCount = 0;
+
+  private constructor(
+    private readonly db: Level<string, string>,
+    private readonly maxPerMcu: number,
+  ) {
+    super();
+  }
+
+  static async open(db: Level<string, string>, maxPerMcu: number): Promise<Mailbox> {
+    const mb = new Mailbox(db, maxPerMcu);
+    for await (const [key, value] of db.iterator({ gte: 'q!', lt: 'q"' })) {
+      const parts = key.split('!');
+      const mcu = parts[1]!;
+      try {
+        const e = JSON.parse(value) as MailboxEntry;
+        const q = mb.queues.get(mcu) ?? [];
+        q.push(e);
+        mb.queues.set(mcu, q);
+        mb.depthCount++;
+      } catch {
+        await db.del(key);
+      }
+    }
+    for await (const [key, value] of db.iterator({ gte: 's!', lt: 's"' })) mb.seqs.set(key.slice(2), Number(value) || 0);
+    for (const q of mb.queues.values()) q.sort((a, b) => a.seq - b.seq);
+    return mb;
+  }
+
+  private key(mcuId: string, seq: number): string {
+    return `q!${mcuId}!${String(seq).padStart(SEQ_DIGITS, '0')}`;
+  }
+
+  get depth(): number {
+    return this.depthCount;
+  }
+
+  /** Queue a command; a duplicate id is stored once. FLEET_MCU_MAILBOX_FULL beyond the limits. */
+  async enqueue(mcuId: string, cmd: { id: string; name: string; args: Record<string, unknown>; expiresAt: number }, now: number): Promise<{ entry: MailboxEntry; duplicate: boolean }> {
+    const q = this.queues.get(mcuId) ?? [];
+    const dup = q.find((e) => e.id === cmd.id);
+    if (dup) return { entry: dup, duplicate: true };
+    if (q.length >= this.maxPerMcu) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `the mailbox of ${mcuId} already holds ${this.maxPerMcu} commands`);
+    const size = Buffer.byteLength(JSON.stringify(toMcuCommand({ seq: 0, ...cmd, queuedAt: now })));
+    if (size > MAX_COMMAND_BYTES - 64) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `command ${cmd.id} is ${size} bytes encoded; at most ${MAX_COMMAND_BYTES - 64}`);
+    const seq = (this.seqs.get(mcuId) ?? 0) + 1;
+    const entry: MailboxEntry = { seq, id: cmd.id, name: cmd.name, args: cmd.args, expiresAt: cmd.expiresAt, queuedAt: now };
+    await this.db.batch(
+      [
+        { type: 'put', key: this.key(mcuId, seq), value: JSON.stringify(entry) },
+        { type: 'put', key: `s!${mcuId}`, value: String(seq) },
+      ],
+      { sync: true },
+    );
+    this.seqs.set(mcuId, seq);
+    q.push(entry);
+    this.queues.set(mcuId, q);
+    this.depthCount++;
+    if (q.length === 1) this.emit('head', mcuId);
+    return { entry, duplicate: false };
+  }
+
+  /** The oldest command not expired at `now` (expired ones are left for `sweep`). */
+  head(mcuId: string, now: number): MailboxEntry | undefined {
+    return this.queues.get(mcuId)?.find((e) => e.expiresAt > now);
+  }
+
+  entries(mcuId: string): readonly MailboxEntry[] {
+    return this.queues.get(mcuId) ?? [];
+  }
+
+  markDelivered(mcuId: string, entry: MailboxEntry): void {
+    if (entry.delivered) return;
+    entry.delivered = true;
+    // best effort: only informational
+    this.db.put(this.key(mcuId, entry.seq), JSON.stringify(entry)).catch(() => {});
+  }
+
+  /** Remove a command by id; returns it, or undefined when it is not (any more) there. */
+  async remove(mcuId: string, id: string): Promise<MailboxEntry | undefined> {
+    const q = this.queues.get(mcuId);
+    const i = q?.findIndex((e) => e.id === id) ?? -1;
+    if (!q || i < 0) return undefined;
+    const [entry] = q.splice(i, 1);
+    this.depthCount--;
+    if (q.length === 0) this.queues.delete(mcuId);
+    await this.db.del(this.key(mcuId, entry!.seq), { sync: true });
+    if (i === 0) this.emit('head', mcuId);
+    return entry;
+  }
+
+  /** Take every command expired at `now` out of the mailbox. */
+  async sweep(now: number): Promise<Array<{ mcuId: string; entry: MailboxEntry }>> {
+    const out: Array<{ mcuId: string; entry: MailboxEntry }> = [];
+    for (const [mcuId, q] of this.queues) for (const e of q) if (e.expiresAt <= now) out.push({ mcuId, entry: e });
+    for (const { mcuId, entry } of out) await this.remove(mcuId, entry.id);
+    return out;
+  }
+}
+
+/** The command as the MCU sees it (expiry in Unix seconds). */
+export function toMcuCommand(e: MailboxEntry): McuCommand {
+  return { id: e.id, n: e.name, a: e.args, x: Math.floor(e.expiresAt / 1000) };
+}

@@ -1,0 +1,191 @@
+import { EventEmitter } from 'node:events';
+import { isFleetError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { decodeMessage, encodeMessage, type CommandReply, type LogBatch } from '../core/messages.ts';
+import { Priority } from '../core/outbox.ts';
+import { mcuKey } from '../firmware-bridge/auth.ts';
+import { decodeTelemetry, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
+import { decodeMcuAck, decodeMcuHello, encodeMcuCommand } from '../firmware-bridge/frames.ts';
+import type { FirmwareManager, ServedImage } from './firmware.ts';
+import { toMcuCommand, type Mailbox, type MailboxEntry } from './mailbox.ts';
+import type { McuProtocol, Relay } from './relay.ts';
+
+export type MailboxResult = 'queued' | 'delivered' | 'acked' | 'expired' | 'refused';
+
+export interface McuServiceOptions {
+  relay: Relay;
+  mailbox: Mailbox;
+  firmware?: FirmwareManager | undefined;
+  siteSecret: string;
+  log: Logger;
+  maxPayloadBytes: number;
+  maxRecords: number;
+  /** counted per mailbox outcome (metrics) */
+  onMailbox?: (result: MailboxResult) => void;
+  now?: () => number;
+}
+
+const MAX_LOG_LINE = 8192;
+const BASE64_LINE = 6000;
+
+/**
+ * What the gateway does with each MCU channel, independent of the transport: the MQTT
+ * and CoAP ingresses authenticate and frame, then call in here. Every method resolves
+ * once what the MCU sent is stored (outbox or mailbox), which is when the ingress
+ * acknowledges it; decode errors are FLEET_MCU_DECODE.
+ *
+ * Emits 'head' (mcuId) when the next command for an MCU changed (new, acked, expired),
+ * so an ingress can push it to an observing or subscribed MCU.
+ */
+export class McuService extends EventEmitter {
+  private readonly now: () => number;
+  private readonly sweepTimer: NodeJS.Timeout;
+
+  constructor(private readonly opts: McuServiceOptions) {
+    super();
+    this.now = opts.now ?? Date.now;
+    opts.mailbox.on('head', (mcuId: string) => this.emit('head', mcuId));
+    this.sweepTimer = setInterval(() => void this.sweep(), 1000);
+    this.sweepTimer.unref();
+  }
+
+  /** Any authenticated contact (a mailbox GET, a firmware block): the MCU is awake. */
+  touch(mcuId: string, protocol: McuProtocol): void {
+    this.opts.relay.touch(mcuId, protocol);
+  }
+
+  async telemetry(mcuId: string, protocol: McuProtocol, payload: Buffer, format: TelemetryFormat | 'sniff'): Promise<void> {
+    const samples = decodeTelemetry(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
+    await this.opts.relay.accept(mcuId, protocol, samples);
+  }
+
+  async hello(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {
+    const hello = decodeMcuHello(payload);
+    const { previous } = await this.opts.relay.hello(mcuId, protocol, hello);
+    await this.opts.firmware?.onHello(mcuId, hello, previous.fw);
+  }
+
+  async ack(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {
+    const ack = decodeMcuAck(payload);
+    this.opts.relay.touch(mcuId, protocol);
+    const entry = await this.opts.mailbox.remove(mcuId, ack.id);
+    if (!entry) return; // acked before, or expired: nothing to do (docs)
+    this.opts.onMailbox?.('acked');
+    if (entry.name.startsWith('fw.')) {
+      await this.opts.firmware?.onAck(mcuId, entry, ack);
+      return;
+    }
+    const reply: Omit<CommandReply, 'mid'> = { v: 1, id: ack.id, ok: ack.ok };
+    if (ack.ok && ack.r !== undefined) reply.result = ack.r;
+    if (!ack.ok) reply.error = { code: ack.code ?? 'FLEET_MCU_COMMAND', message: ack.e ?? 'the MCU refused the command' };
+    await this.opts.relay.append(mcuId, 'reply', Priority.ALERT, (mid) => encodeMessage({ ...reply, mid }));
+  }
+
+  /** A log or crash dump: text lines, or base64 lines for anything else (docs "Uploads"). */
+  async upload(mcuId: string, protocol: McuProtocol, payload: Buffer, text: boolean): Promise<void> {
+    const now = this.now();
+    this.opts.relay.touch(mcuId, protocol);
+    let lines: string[];
+    let decoded: string | undefined;
+    if (text) {
+      try {
+        decoded = new TextDecoder('utf-8', { fatal: true }).decode(payload);
+      } catch {
+        decoded = undefined;
+      }
+    }
+    if (decoded !== undefined) {
+      lines = decoded.split(/\r?\n/).flatMap((l) => (l.length <= MAX_LOG_LINE ? [l] : chunk(l, MAX_LOG_LINE)));
+      if (lines.length > 1 && lines[lines.length - 1] === '') lines.pop();
+    } else {
+      lines = chunk(payload.toString('base64'), BASE64_LINE).map((l) => `base64:${l}`);
+    }
+    const batch: Omit<LogBatch, 'mid'> = { v: 1, ts: now, lines: lines.slice(0, 10_000).map((line) => ({ t: now, app: 'mcu', stream: 'stderr', line })) };
+    await this.opts.relay.append(mcuId, 'logs', Priority.LOG, (mid) => encodeMessage({ ...batch, mid }));
+  }
+
+  /** The next command for an MCU, framed and MAC'd; null when there is none. */
+  nextCommand(mcuId: string): Buffer | null {
+    const entry = this.opts.mailbox.head(mcuId, this.now());
+    if (!entry) return null;
+    if (!entry.delivered) this.opts.onMailbox?.('delivered');
+    this.opts.mailbox.markDelivered(mcuId, entry);
+    return encodeMcuCommand(mcuKey(this.opts.siteSecret, mcuId), mcuId, entry.seq, toMcuCommand(entry));
+  }
+
+  firmwareFor(mcuId: string): ServedImage | null {
+    return this.opts.firmware?.imageFor(mcuId) ?? null;
+  }
+
+  firmwareServed(mcuId: string, protocol: McuProtocol, endOffset: number, bytes: number): void {
+    this.opts.firmware?.served(mcuId, protocol, endOffset, bytes);
+  }
+
+  /** A command from the hub for one of our MCUs (fleet/v1/d/{mcu}/cmd). */
+  async hubCommand(mcuId: string, payload: Buffer): Promise<void> {
+    let cmd;
+    try {
+      cmd = decodeMessage('cmd', payload);
+    } catch (err) {
+      this.opts.log.warn('command from the hub is not valid; dropped', { mcu: mcuId, err });
+      return;
+    }
+    const now = this.now();
+    if (cmd.expiresAt <= now) {
+      this.opts.onMailbox?.('expired');
+      return this.replyError(mcuId, cmd.id, 'FLEET_TIMEOUT', 'the command had expired when it reached the gateway');
+    }
+    try {
+      const { duplicate } = await this.opts.mailbox.enqueue(mcuId, { id: cmd.id, name: cmd.name, args: cmd.args, expiresAt: cmd.expiresAt }, now);
+      if (!duplicate) this.opts.onMailbox?.('queued');
+    } catch (err) {
+      if (!isFleetError(err, 'FLEET_MCU_MAILBOX_FULL')) throw err;
+      this.opts.onMailbox?.('refused');
+      await this.replyError(mcuId, cmd.id, err.code, err.message);
+    }
+  }
+
+  /** Put a gateway-originated command (fw.*) into the mailbox. */
+  async enqueueInternal(mcuId: string, cmd: { id: string; name: string; args: Record<string, unknown>; expiresAt: number }): Promise<MailboxEntry> {
+    const { entry, duplicate } = await this.opts.mailbox.enqueue(mcuId, cmd, this.now());
+    if (!duplicate) this.opts.onMailbox?.('queued');
+    return entry;
+  }
+
+  private async replyError(mcuId: string, id: string, code: string, message: string): Promise<void> {
+    try {
+      await this.opts.relay.append(mcuId, 'reply', Priority.ALERT, (mid) => encodeMessage({ v: 1, mid, id, ok: false, error: { code, message } } satisfies CommandReply));
+    } catch (err) {
+      this.opts.log.error('cannot queue a command reply for the hub', { mcu: mcuId, id, err });
+    }
+  }
+
+  /** Expired commands: out of the mailbox, FLEET_TIMEOUT to the hub. */
+  async sweep(): Promise<void> {
+    let expired;
+    try {
+      expired = await this.opts.mailbox.sweep(this.now());
+    } catch (err) {
+      this.opts.log.error('mailbox sweep failed', { err });
+      return;
+    }
+    for (const { mcuId, entry } of expired) {
+      this.opts.onMailbox?.('expired');
+      if (entry.name.startsWith('fw.')) {
+        await this.opts.firmware?.onExpired(mcuId, entry);
+        continue;
+      }
+      await this.replyError(mcuId, entry.id, 'FLEET_TIMEOUT', `the MCU did not acknowledge the command before it expired${entry.delivered ? ' (it was delivered)' : ' (the MCU did not pick it up)'}`);
+    }
+  }
+
+  stop(): void {
+    clearInterval(this.sweepTimer);
+  }
+}
+
+function chunk(s: string, n: number): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < s.length; i += n) out.push(s.slice(i, i + n));
+  return out.length > 0 ? out : [''];
+}
