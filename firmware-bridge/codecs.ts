@@ -152,7 +152,7 @@ function scanSenmlCbor(buf: Uint8Array, maxRecords: number): number {
   const scalar = (what: 'key' | 'value'): void => {
     const start = i;
     const h = head();
-    if (what === 'key') lastKey = buf.subarray(start, h.major === 3 ? i + Math.max(0, h.value) : i).toString('hex');
+    if (what === 'key') lastKey = Buffer.from(buf.buffer, buf.byteOffset + start, Math.min(buf.length, h.major === 3 ? i + Math.max(0, h.value) : i) - start).toString('hex');
     switch (h.major) {
       case 0:
       case 1:
