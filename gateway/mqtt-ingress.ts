@@ -111,6 +111,9 @@ export class McuMqttIngress {
     broker.authenticate = ingress.authenticate;
     broker.authorizePublish = ingress.authorizePublish;
     broker.authorizeSubscribe = ingress.authorizeSubscribe;
+    // MCU messages are consumed by the gateway: only its own down messages (cmd, fw) are
+    // delivered to subscribers, never an MCU's up message echoed back to it
+    broker.authorizeForward = (_client, packet) => (parseMcuTopic(packet.topic)?.direction === 'down' ? packet : null);
     broker.on('clientError', (client, err) => opts.log.debug('MCU MQTT client error', { mcu: client?.id, err }));
     broker.on('connectionError', (client, err) => opts.log.debug('MCU MQTT connection error', { mcu: client?.id, err }));
     return ingress;

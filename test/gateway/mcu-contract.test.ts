@@ -1,0 +1,322 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Agent, request as coapRequest } from 'coap';
+import mqtt, { type MqttClient } from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { decodeMessage, type CommandReply, type EventMessage, type StateMessage, type TelemetryBatch } from '../../core/messages.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
+import { deviceTopic } from '../../core/topics.ts';
+import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
+import { coapAuthQuery, coapPath, COMPACT_FORMAT, SENML_CBOR_FORMAT } from '../../firmware-bridge/coap.ts';
+import { encodeCompact, encodeSenmlCbor } from '../../firmware-bridge/codecs.ts';
+import { decodeFwChunk, decodeMcuCommand, frameWithMac } from '../../firmware-bridge/frames.ts';
+import type { McuChannel } from '../../firmware-bridge/topics.ts';
+import { mcuTopic } from '../../firmware-bridge/topics.ts';
+import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
+import { startGateway, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { startHub, type HubHandle } from '../../hub/index.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+
+interface Seen {
+  topic: string;
+  payload: Buffer;
+}
+
+interface Env {
+  hub: HubHandle;
+  gw: GatewayHandle;
+  site: string;
+  seen: Seen[];
+  dir: string;
+  restart(): Promise<GatewayHandle>;
+}
+
+/**
+ * A raw-image "verifier" (mock of bundles/ verifyBundle, which the gateway must not
+ * import; the CLI wires the real one): the bundle file *is* the image. Used by these
+ * tests only, and named so.
+ */
+const rawImageVerifierMock: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file) });
+
+async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}): Promise<void> {
+  const tmp = tempDir();
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
+  const seen: Seen[] = [];
+  const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
+    seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
+    cb();
+  };
+  await new Promise<void>((r) => hub.broker.aedes.subscribe('fleet/v1/#', collect, r));
+  const gwDir = join(tmp.dir, 'gateway');
+  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hub.mqttPort}`, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu }, http: { port: 0 } });
+  const gws: GatewayHandle[] = [];
+  const start = async () => {
+    const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', { verifyFirmware: rawImageVerifierMock });
+    gws.push(g);
+    return g;
+  };
+  try {
+    const gw = await start();
+    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+    await waitFor(() => gw.stats().hubConnected, 'gateway connected');
+    await fn({ hub, gw, site, seen, dir: tmp.dir, restart: start });
+  } finally {
+    for (const g of gws) await g.stop();
+    await new Promise<void>((r) => hub.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
+    await hub.stop();
+    tmp.cleanup();
+  }
+}
+
+const of = <C extends 'reply' | 'events' | 'state' | 'telemetry'>(seen: Seen[], id: string, ch: C) => seen.filter((s) => s.topic === deviceTopic(id, ch)).map((s) => decodeMessage(ch, s.payload));
+
+function connectMcu(port: number, id: string, site: string): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: mcuKey(site, id), reconnectPeriod: 0, connectTimeout: 5000 });
+    c.once('connect', () => resolve(c));
+    c.once('error', (err) => {
+      c.end(true);
+      reject(err);
+    });
+  });
+}
+
+let counter = Date.now();
+/** One signed CoAP request (fresh socket); GETs carry the MAC over an empty payload. */
+function coap(port: number, site: string, id: string, resource: McuChannel, method: 'GET' | 'POST', payload: Buffer = Buffer.alloc(0), opts: { format?: number; block2?: number; extraQuery?: string } = {}): Promise<{ code: string; body: Buffer }> {
+  const c = ++counter;
+  const mac = signMcuMessage(mcuKey(site, id), id, resource, c, method === 'GET' ? Buffer.alloc(0) : payload);
+  return new Promise((resolve, reject) => {
+    const req = coapRequest({ host: '127.0.0.1', port, method, pathname: coapPath(id, resource), query: coapAuthQuery(c, mac) + (opts.extraQuery ?? ''), confirmable: true, agent: new Agent({ type: 'udp4' }) });
+    if (opts.format !== undefined) req.setOption('Content-Format', opts.format);
+    if (opts.block2 !== undefined) req.setOption('Block2', Buffer.from([(Math.log2(opts.block2) - 4) & 7]));
+    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
+    req.on('error', reject);
+    req.on('timeout', reject);
+    req.end(method === 'POST' ? payload : undefined);
+  });
+}
+
+test('mailbox over MQTT: hub command queued for a sleeping MCU, pushed on subscribe with a valid MAC, acked, reply at the hub; survives a gateway restart', async () => {
+  await withEnv(async ({ hub, gw, site, seen, restart }) => {
+    const id = 'esp-m1';
+    // the MCU said hello once (so the gateway acts for it and subscribed to its cmd)
+    const m0 = await connectMcu(gw.mqttPort, id, site);
+    await m0.publishAsync(mcuTopic(id, 'hello'), JSON.stringify({ fw: '1.0.0', boot: 'power_on', sleep: 60 }), { qos: 1 });
+    await m0.endAsync();
+    await waitFor(() => of(seen, id, 'state').some((s) => s.online && s.version === '1.0.0' && s.mcu?.sleepS === 60), 'state with version and sleep period at the hub');
+    await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
+    await sleep(300); // the SUBSCRIBE behind the register
+    // the MCU sleeps; the operator sends two commands
+    const c1 = await hub.sendCommand(id, 'set-interval', { s: 30 }, 60_000);
+    const c2 = await hub.sendCommand(id, 'blink', {}, 60_000);
+    await waitFor(() => gw.stats().mailboxDepth === 2, 'two commands in the mailbox');
+    // restart the gateway: the mailbox is on disk
+    await gw.stop();
+    const gw2 = await restart();
+    assert.equal(gw2.stats().mailboxDepth, 2);
+    // the MCU wakes, subscribes: gets the first command, MAC'd with its own key
+    const m1 = await connectMcu(gw2.mqttPort, id, site);
+    const got: Buffer[] = [];
+    m1.on('message', (_t, p) => got.push(Buffer.from(p)));
+    await m1.subscribeAsync(mcuTopic(id, 'cmd'), { qos: 1 });
+    await waitFor(() => got.length >= 1, 'first command pushed');
+    const first = decodeMcuCommand(mcuKey(site, id), id, got[0]!);
+    assert.equal(first.cmd.id, c1.id);
+    assert.equal(first.cmd.n, 'set-interval');
+    assert.deepEqual(first.cmd.a, { s: 30 });
+    await m1.publishAsync(mcuTopic(id, 'ack'), JSON.stringify({ id: c1.id, ok: true, r: { interval: 30 } }), { qos: 1 });
+    // the next one follows the ack, with a higher seq
+    await waitFor(() => got.length >= 2, 'second command pushed after the ack');
+    const second = decodeMcuCommand(mcuKey(site, id), id, got.at(-1)!);
+    assert.equal(second.cmd.id, c2.id);
+    assert.ok(second.seq > first.seq);
+    await m1.publishAsync(mcuTopic(id, 'ack'), JSON.stringify({ id: c2.id, ok: false, e: 'no LED', code: 'NO_LED' }), { qos: 1 });
+    await waitFor(() => of(seen, id, 'reply').length >= 2, 'both replies at the hub');
+    const replies = of(seen, id, 'reply') as CommandReply[];
+    assert.deepEqual(replies.find((r) => r.id === c1.id)?.result, { interval: 30 });
+    assert.deepEqual(replies.find((r) => r.id === c2.id)?.error, { code: 'NO_LED', message: 'no LED' });
+    assert.equal(gw2.stats().mailboxDepth, 0);
+    await m1.endAsync();
+    const metrics = await (await fetch(`http://127.0.0.1:${gw2.httpPort}/metrics`)).text();
+    assert.match(metrics, /fleet_gateway_mailbox_commands_total\{result="acked"\} 2/);
+    assert.match(metrics, /fleet_gateway_mailbox_depth 0/);
+  });
+});
+
+test('mailbox over CoAP: GET returns the command (empty when none), Observe pushes the next one; an expired command is answered FLEET_TIMEOUT', async () => {
+  await withEnv(async ({ hub, gw, site, seen }) => {
+    const id = 'esp-c1';
+    assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"2.0.0","boot":"deep_sleep","sleep":1}'))).code, '2.04');
+    const empty = await coap(gw.coapPort, site, id, 'cmd', 'GET');
+    assert.equal(empty.code, '2.05');
+    assert.equal(empty.body.length, 0);
+    await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
+    await sleep(300);
+    // a command that expires before the MCU acks it
+    const short = await hub.sendCommand(id, 'quick', {}, 400);
+    await waitFor(() => (of(seen, id, 'reply') as CommandReply[]).some((r) => r.id === short.id), 'expiry reply', 5000);
+    const expired = (of(seen, id, 'reply') as CommandReply[]).find((r) => r.id === short.id)!;
+    assert.equal(expired.ok, false);
+    assert.equal(expired.error?.code, 'FLEET_TIMEOUT');
+
+    // Observe: register, then a command arrives and is notified
+    const c = ++counter;
+    const mac = signMcuMessage(mcuKey(site, id), id, 'cmd', c, Buffer.alloc(0));
+    const notes: Buffer[] = [];
+    const obs = coapRequest({ host: '127.0.0.1', port: gw.coapPort, method: 'GET', pathname: coapPath(id, 'cmd'), query: coapAuthQuery(c, mac), observe: true, agent: new Agent({ type: 'udp4' }) });
+    const stream = await new Promise<NodeJS.ReadableStream & { close(): void }>((resolve, reject) => {
+      obs.on('response', (res) => resolve(res as unknown as NodeJS.ReadableStream & { close(): void }));
+      obs.on('error', reject);
+      obs.end();
+    });
+    stream.on('data', (d: Buffer) => notes.push(Buffer.from(d)));
+    const cmd = await hub.sendCommand(id, 'reboot', { delay: 1 }, 60_000);
+    await waitFor(() => notes.some((n) => n.length > 0), 'command notified to the observer');
+    const frame = notes.find((n) => n.length > 0)!;
+    assert.equal(decodeMcuCommand(mcuKey(site, id), id, frame).cmd.id, cmd.id);
+    stream.close();
+    // a plain GET returns the same command until it is acked
+    assert.equal(decodeMcuCommand(mcuKey(site, id), id, (await coap(gw.coapPort, site, id, 'cmd', 'GET')).body).cmd.id, cmd.id);
+    assert.equal((await coap(gw.coapPort, site, id, 'ack', 'POST', Buffer.from(JSON.stringify({ id: cmd.id, ok: true })))).code, '2.04');
+    assert.equal((await coap(gw.coapPort, site, id, 'cmd', 'GET')).body.length, 0);
+    await waitFor(() => (of(seen, id, 'reply') as CommandReply[]).some((r) => r.id === cmd.id && r.ok), 'ok reply at the hub');
+  });
+});
+
+test('telemetry in SenML CBOR (112) and the compact form (65001, table from the hello) over CoAP and MQTT reaches the hub', async () => {
+  await withEnv(async ({ gw, site, seen }) => {
+    const table = [
+      ['temperature', 'Cel'],
+      ['door', ''],
+    ] as const;
+    const id = 'esp-x1';
+    assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from(JSON.stringify({ fw: '1.0.0', boot: 'power_on', sensors: table })))).code, '2.04');
+    const t = 1_700_000_000_000;
+    assert.equal((await coap(gw.coapPort, site, id, 't', 'POST', encodeSenmlCbor([{ n: 'temperature', u: 'Cel', v: 20.5, t }]), { format: SENML_CBOR_FORMAT })).code, '2.04');
+    assert.equal((await coap(gw.coapPort, site, id, 't', 'POST', encodeCompact([{ n: 'door', vb: true, t }], { table }), { format: COMPACT_FORMAT })).code, '2.04');
+    // compact naming an index outside the table: 4.00, counted
+    assert.equal((await coap(gw.coapPort, site, id, 't', 'POST', Buffer.from('f100050600', 'hex'), { format: COMPACT_FORMAT })).code, '4.00');
+    const m = await connectMcu(gw.mqttPort, 'esp-x2', site);
+    await m.publishAsync(mcuTopic('esp-x2', 't'), encodeSenmlCbor([{ n: 'rssi', u: 'dBm', v: -61, t }]), { qos: 1 });
+    // with a MAC line (optional on MQTT), and then the same again: a replay, dropped
+    const framed = frameWithMac(mcuKey(site, 'esp-x2'), 'esp-x2', 't', 5, encodeCompact([{ n: 'temperature', u: 'Cel', v: 1, t }], { table, inlineTable: true }));
+    await m.publishAsync(mcuTopic('esp-x2', 't'), framed, { qos: 1 });
+    await m.publishAsync(mcuTopic('esp-x2', 't'), framed, { qos: 1 });
+    await m.endAsync();
+    await waitFor(() => of(seen, id, 'telemetry').length === 2 && of(seen, 'esp-x2', 'telemetry').length === 2, 'telemetry at the hub');
+    const s1 = (of(seen, id, 'telemetry') as TelemetryBatch[]).flatMap((b) => b.samples);
+    assert.deepEqual(s1, [
+      { n: 'temperature', u: 'Cel', v: 20.5, t },
+      { n: 'door', vb: true, t },
+    ]);
+    assert.equal(gw.stats().dropped.decode, 1);
+    assert.equal(gw.stats().dropped.replay, 1);
+  });
+});
+
+test('sleeping vs lost: an MCU that declared a 1 s sleep stays online for 1 s x factor + grace, then is lost with the reason', async () => {
+  await withEnv(
+    async ({ gw, site, seen }) => {
+      const id = 'esp-s1';
+      assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on","sleep":1}'))).code, '2.04');
+      await sleep(1500); // silent longer than its sleep period, less than 1 s x 2 + 0.5 s
+      assert.equal(of(seen, id, 'state').at(-1)?.online, true, 'still sleeping, not lost');
+      await waitFor(() => of(seen, id, 'state').at(-1)?.online === false, 'lost', 5000);
+      assert.match((of(seen, id, 'state').at(-1) as StateMessage).reason ?? '', /no contact for \d+ s \(lost after 3 s, sleeps 1 s\)/);
+    },
+    { lostFactor: 2, lostGraceMs: 500 },
+  );
+});
+
+test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is offered, served over CoAP Block2 and MQTT chunks, success on the new version; rollback reported failed', async () => {
+  await withEnv(async ({ hub, gw, site, seen, dir }) => {
+    const image = Buffer.alloc(5000);
+    for (let i = 0; i < image.length; i++) image[i] = (i * 31 + 7) & 0xff;
+    const file = join(dir, 'fw-2.0.0.bin');
+    writeFileSync(file, image);
+    const sha = createHash('sha256').update(image).digest('hex');
+    const ids = ['esp-f1', 'esp-f2'];
+    for (const id of ids) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+    await waitFor(() => ids.every((id) => hub.broker.mcusOf('gw-1')?.has(id)), 'registered');
+    await sleep(300);
+    for (const id of ids) await hub.setDesired(id, { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(file).href, sha256: sha, size: image.length } });
+    await waitFor(() => ids.every((id) => gw.firmwareState(id)?.state === 'offered'), 'offered to both');
+
+    // esp-f1 over CoAP: the offer from the mailbox, then Block2 in 64-byte blocks, resumed mid-way
+    const offer = decodeMcuCommand(mcuKey(site, 'esp-f1'), 'esp-f1', (await coap(gw.coapPort, site, 'esp-f1', 'cmd', 'GET')).body).cmd;
+    assert.equal(offer.n, 'fw.update');
+    assert.deepEqual(offer.a, { v: '2.0.0', sha256: sha, size: image.length });
+    // the coap package's client follows Block2 by itself: asking for block n returns
+    // bytes n*64.. to the end, fetched block by block (each a GET with the same MAC'd query)
+    const whole = await coapBlock(gw.coapPort, site, 'esp-f1', 0, 64, `&h=${sha.slice(0, 16)}`);
+    assert.equal(whole.code, '2.05');
+    assert.equal(createHash('sha256').update(whole.body).digest('hex'), sha);
+    // resume mid-way, as after a deep sleep: from block 40 of 64 bytes
+    const rest = await coapBlock(gw.coapPort, site, 'esp-f1', 40, 64, `&h=${sha.slice(0, 16)}`);
+    assert.deepEqual(rest.body, image.subarray(40 * 64));
+    assert.equal(gw.firmwareState('esp-f1')?.state, 'transferring');
+    assert.equal((await coapBlock(gw.coapPort, site, 'esp-f1', 0, 64, '&h=0000000000000000')).code, '4.12');
+    assert.equal((await coap(gw.coapPort, site, 'esp-f1', 'ack', 'POST', Buffer.from(JSON.stringify({ id: offer.id, ok: true })))).code, '2.04');
+    assert.equal(gw.firmwareState('esp-f1')?.state, 'installing');
+    assert.equal((await coap(gw.coapPort, site, 'esp-f1', 'hello', 'POST', Buffer.from('{"fw":"2.0.0","boot":"ota","prev":"1.0.0"}'))).code, '2.04');
+    await waitFor(() => gw.firmwareState('esp-f1')?.state === 'succeeded', 'esp-f1 succeeded');
+
+    // esp-f2 over MQTT chunks; its bootloader rolls back
+    const m = await connectMcu(gw.mqttPort, 'esp-f2', site);
+    const inbox: Array<{ topic: string; payload: Buffer }> = [];
+    m.on('message', (topic, payload) => inbox.push({ topic, payload: Buffer.from(payload) }));
+    await m.subscribeAsync(`mcu/v1/esp-f2/#`, { qos: 1 });
+    await waitFor(() => inbox.some((x) => x.topic.endsWith('/cmd')), 'offer pushed');
+    const offer2 = decodeMcuCommand(mcuKey(site, 'esp-f2'), 'esp-f2', inbox.find((x) => x.topic.endsWith('/cmd'))!.payload).cmd;
+    const chunks: Buffer[] = [];
+    for (let n = 0; n * 1024 < image.length; n++) {
+      const before = inbox.length;
+      await m.publishAsync(mcuTopic('esp-f2', 'fwreq'), JSON.stringify({ n, s: 1024 }), { qos: 1 });
+      await waitFor(() => inbox.length > before, `chunk ${n}`);
+      const c = decodeFwChunk(inbox.at(-1)!.payload);
+      assert.equal(c.n, n);
+      assert.equal(c.size, image.length);
+      assert.equal(c.shaPrefix, sha.slice(0, 16));
+      chunks.push(c.data);
+    }
+    assert.equal(createHash('sha256').update(Buffer.concat(chunks)).digest('hex'), sha);
+    await m.publishAsync(mcuTopic('esp-f2', 'ack'), JSON.stringify({ id: offer2.id, ok: true }), { qos: 1 });
+    await m.publishAsync(mcuTopic('esp-f2', 'hello'), JSON.stringify({ fw: '1.0.0', boot: 'rollback', prev: '2.0.0', err: 'app did not confirm' }), { qos: 1 });
+    await m.endAsync();
+    await waitFor(() => gw.firmwareState('esp-f2')?.state === 'failed', 'esp-f2 failed');
+    assert.match(gw.firmwareState('esp-f2')?.reason ?? '', /came back on 1\.0\.0 \(boot rollback: app did not confirm\)/);
+    await waitFor(() => ids.every((id) => (of(seen, id, 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && ['succeeded', 'failed'].includes(String(e.data?.state)))), 'firmware events at the hub');
+    const failed = (of(seen, 'esp-f2', 'events') as EventMessage[]).find((e) => e.data?.state === 'failed')!;
+    assert.equal(failed.severity, 'warning');
+    const metrics = await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text();
+    assert.match(metrics, /fleet_gateway_firmware_mcus\{state="succeeded"\} 1/);
+    assert.match(metrics, /fleet_gateway_firmware_mcus\{state="failed"\} 1/);
+    assert.match(metrics, /fleet_gateway_firmware_bytes_served_total\{protocol="mqtt"\} 5000/);
+  });
+});
+
+/** GET fw with an explicit Block2 option (one block), the way an MCU resumes. */
+function coapBlock(port: number, site: string, id: string, num: number, size: number, extraQuery = ''): Promise<{ code: string; body: Buffer }> {
+  const c = ++counter;
+  const mac = signMcuMessage(mcuKey(site, id), id, 'fw', c, Buffer.alloc(0));
+  const szx = Math.log2(size) - 4;
+  const v = (num << 4) | szx;
+  const opt = v < 256 ? Buffer.from([v]) : Buffer.from([v >> 8, v & 0xff]);
+  return new Promise((resolve, reject) => {
+    const req = coapRequest({ host: '127.0.0.1', port, method: 'GET', pathname: coapPath(id, 'fw'), query: coapAuthQuery(c, mac) + extraQuery, confirmable: true, agent: new Agent({ type: 'udp4' }) });
+    req.setOption('Block2', opt);
+    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+
