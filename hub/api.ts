@@ -5,6 +5,7 @@ import type { Logger } from '../core/log.ts';
 import { DesiredAppSchema, DesiredArtifactSchema, type Command, type DesiredState } from '../core/messages.ts';
 import { PROM_CONTENT_TYPE, type MetricsRegistry } from '../core/metrics.ts';
 import { assertDeviceId } from '../core/topics.ts';
+import type { ArtifactStore } from './artifacts.ts';
 import type { Registry } from './registry.ts';
 
 export interface ApiDeps {
@@ -18,6 +19,8 @@ export interface ApiDeps {
   ready: () => boolean;
   setDesired(deviceId: string, spec: DesiredSpec): Promise<DesiredState>;
   sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
+  /** bundles for devices (hub/artifacts.ts) */
+  artifacts?: ArtifactStore;
 }
 
 const DesiredBody = z
@@ -93,5 +96,13 @@ export function buildApi(d: ApiDeps): Router {
     },
     write,
   );
+  if (d.artifacts) {
+    const a = d.artifacts;
+    // uploads stream past the router's JSON body limit; the store bounds them itself
+    r.post('/api/v1/artifacts', (ctx) => a.upload(ctx), write);
+    r.get('/api/v1/artifacts', () => ({ artifacts: a.list() }), read);
+    // devices (Basic id:token) or the operator (Bearer): checked by the store
+    r.get('/api/v1/artifacts/:sha256', (ctx) => a.download(ctx));
+  }
   return r;
 }

@@ -25,6 +25,8 @@ export const HubConfigSchema = z
     maxPayloadBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(1024 * 1024),
     /** HTTP requests per second per client address */
     httpRateLimit: z.number().int().min(0).default(50),
+    /** largest bundle the artifact store accepts (POST /api/v1/artifacts), bytes */
+    artifactMaxBytes: z.number().int().min(1024).default(2 * 1024 ** 3),
   })
   .strict();
 

@@ -12,6 +12,7 @@ import { loadOrCreateSecret } from '../core/secrets.ts';
 import { openStore } from '../core/store.ts';
 import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
+import { ArtifactStore } from './artifacts.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
 import { Deduplicator } from './dedup.ts';
@@ -129,8 +130,9 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     return cmd;
   };
 
+  const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log });
   let ready = true;
-  const api = buildApi({ log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, ready: () => ready && !broker.aedes.closed });
+  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
   log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
 

@@ -1,0 +1,338 @@
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readlinkSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { UpdateConfigSchema, type UpdateConfig } from '../../agent/update/config.ts';
+import { download } from '../../agent/update/download.ts';
+import { EVENTS, RESUME, STATES, TERMINAL, TRANSITIONS, nextState } from '../../agent/update/machine.ts';
+import type { UpdateRecord } from '../../agent/update/types.ts';
+import { Updater } from '../../agent/update/updater.ts';
+import { Supervisor } from '../../agent/supervisor.ts';
+import { isFleetError } from '../../core/errors.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { buildAppBundle, installTrustRoot, makeKeys, verifierFor, type Keys } from '../fixtures/ota/kit.ts';
+
+describe('update state machine tables (pure)', () => {
+  test('every state has a resume action and every transition leads to a known state', () => {
+    for (const s of STATES) {
+      assert.ok(RESUME[s], `resume entry for ${s}`);
+      for (const [ev, to] of Object.entries(TRANSITIONS[s])) {
+        assert.ok((EVENTS as readonly string[]).includes(ev), `${s}: event ${ev}`);
+        assert.ok((STATES as readonly string[]).includes(to), `${s} --${ev}--> ${to}`);
+      }
+    }
+  });
+  test('every non-terminal state can fail or finish, and nothing after the switch fails without rolling back', () => {
+    for (const s of STATES) {
+      if (TERMINAL.has(s)) continue;
+      assert.ok(TRANSITIONS[s].success, `${s} has success`);
+    }
+    for (const s of ['switching', 'probation'] as const) {
+      assert.equal(nextState(s, 'failure'), 'rolling-back');
+      assert.equal(nextState(s, 'loop-detected'), 'rolling-back');
+    }
+    for (const s of ['downloading', 'verifying', 'staging', 'staged', 'waiting-lock'] as const) assert.equal(nextState(s, 'failure'), 'failed');
+    assert.equal(nextState('staged', 'locked'), 'waiting-lock');
+    assert.throws(() => nextState('committed', 'failure'));
+  });
+  test('the happy path and the rollback path', () => {
+    const walk = (events: Array<Parameters<typeof nextState>[1]>) => events.reduce<string[]>((chain, e) => [...chain, nextState(chain.at(-1) as never, e)], ['idle']);
+    assert.deepEqual(walk(['start', 'success', 'success', 'success', 'success', 'success', 'success', 'success']), [
+      'idle', 'downloading', 'verifying', 'staging', 'staged', 'switching', 'probation', 'committing', 'committed',
+    ]);
+    assert.deepEqual(walk(['start', 'success', 'success', 'success', 'success', 'success', 'failure', 'success']).slice(-3), ['probation', 'rolling-back', 'rolled-back']);
+  });
+});
+
+interface Rig {
+  dir: string;
+  stateDir: string;
+  supervisor: Supervisor;
+  updater: Updater;
+  events: Array<{ type: string; data: Record<string, unknown> }>;
+  runlog: string;
+  stop(): Promise<void>;
+}
+
+async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, name = 'rig'): Promise<Rig> {
+  const stateDir = join(dir, name);
+  mkdirSync(stateDir, { recursive: true });
+  const trust = installTrustRoot(stateDir, keys);
+  const runlog = join(stateDir, 'runlog');
+  process.env.OTA_TEST_RUNLOG = runlog; // inherited by the apps the supervisor starts
+  const log = testLogger('update');
+  const supervisor = new Supervisor({ log, crashLoopRestarts: 3, crashLoopWindowMs: 10_000 });
+  const events: Rig['events'] = [];
+  const updater: Updater = new Updater({
+    stateDir,
+    config: UpdateConfigSchema.parse({ probationMs: 1000, lockPollMs: 50, downloadBackoffMs: 20, ...cfg }),
+    log,
+    supervisor,
+    applyApps: async () => {
+      await supervisor.apply(updater.appSpecs());
+    },
+    verify: verifierFor(trust),
+    agentVersion: '0.0.0-test',
+    emitEvent: (type, _severity, data) => void events.push({ type, data }),
+  });
+  await updater.start();
+  return {
+    dir,
+    stateDir,
+    supervisor,
+    updater,
+    events,
+    runlog,
+    async stop() {
+      await updater.stop();
+      await supervisor.stopAll();
+    },
+  };
+}
+
+async function finished(r: Rig, before: number): Promise<UpdateRecord> {
+  return waitFor(
+    () => {
+      const h = r.updater.status().history;
+      return h.length > before ? h[0] : undefined;
+    },
+    'the update to finish',
+    30_000,
+  );
+}
+
+function currentVersion(r: Rig, app: string): string | null {
+  try {
+    const rel = readlinkSync(join(r.stateDir, 'apps', app, 'current'));
+    return rel.replace(/^releases\//, '').replace(/-s\d+$/, '');
+  } catch {
+    return null;
+  }
+}
+
+describe('updater with the real supervisor', () => {
+  const tmp = tempDir('fleetlet-update-');
+  const keys = makeKeys();
+  after(() => tmp.cleanup());
+
+  test('install, then a version that crashes at start is rolled back within probation with the reason reported', async () => {
+    const r = await rig(tmp.dir, keys, {}, 'crash');
+    try {
+      const v1 = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '1.0.0', sequence: 1 });
+      r.updater.queueFile(v1.file);
+      const first = await finished(r, 0);
+      assert.equal(first.state, 'committed', JSON.stringify(first));
+      assert.deepEqual(first.history.map((h) => h.state), ['downloading', 'verifying', 'staging', 'staged', 'switching', 'probation', 'committing', 'committed']);
+      assert.equal(r.supervisor.apps.get('web')?.status().state, 'running');
+      assert.equal(currentVersion(r, 'web'), '1.0.0');
+
+      const v2 = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '2.0.0', sequence: 2, behaviour: 'crash' });
+      const t0 = Date.now();
+      r.updater.queueFile(v2.file);
+      const second = await finished(r, 1);
+      assert.equal(second.state, 'rolled-back');
+      assert.equal(second.code, 'FLEET_UPDATE_PROBATION');
+      assert.match(second.reason ?? '', /exited during probation \(code 3\)|crash-loop/);
+      // decided inside the probation window (1 s), not after it
+      const decided = second.history.find((h) => h.state === 'rolling-back')!.at;
+      const probationStart = second.history.find((h) => h.state === 'probation')!.at;
+      assert.ok(decided - probationStart < 1000, `rollback decided ${decided - probationStart} ms into probation`);
+      assert.ok(Date.now() - t0 < 20_000);
+      assert.equal(currentVersion(r, 'web'), '1.0.0');
+      await waitFor(() => r.supervisor.apps.get('web')?.status().state === 'running', 'v1 running again');
+      assert.match(r.supervisor.apps.get('web')!.status().command, /1\.0\.0-s1\/app\.sh$/);
+      const ev = r.events.find((e) => e.type === 'update.rolled-back');
+      assert.ok(ev, 'update.rolled-back reported');
+      assert.equal(ev.data.version, '2.0.0');
+      assert.equal(ev.data.previousVersion, '1.0.0');
+      assert.match(String(ev.data.reason), /probation/);
+      assert.deepEqual((ev.data.chain as string[]).slice(-3), ['probation', 'rolling-back', 'rolled-back']);
+      // the floor did not move: v2's sequence was never committed
+      assert.deepEqual(JSON.parse(readFileSync(join(r.stateDir, 'update', 'floors.json'), 'utf8')), { web: 1 });
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a version whose health check fails is rolled back', async () => {
+    const r = await rig(tmp.dir, keys, { probationMs: 2000 }, 'health');
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'api', version: '1.0.0', sequence: 1, withHealth: true })).file);
+      assert.equal((await finished(r, 0)).state, 'committed');
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'api', version: '1.1.0', sequence: 2, withHealth: true, behaviour: 'unhealthy' })).file);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'rolled-back', JSON.stringify(rec));
+      assert.match(rec.reason ?? '', /unhealthy/);
+      assert.equal(currentVersion(r, 'api'), '1.0.0');
+      await waitFor(() => r.supervisor.apps.get('api')?.status().health.status === 'healthy', 'v1 healthy again');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a failing check command rolls back; a passing one commits', async () => {
+    const r = await rig(tmp.dir, keys, { probationMs: 300, checkCommand: ['sh', '-c', 'grep -q "app 3.0.0" app.sh'] }, 'check');
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'svc', version: '3.0.0', sequence: 1 })).file);
+      assert.equal((await finished(r, 0)).state, 'committed');
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'svc', version: '3.1.0', sequence: 2 })).file);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'rolled-back');
+      assert.match(rec.reason ?? '', /check command .*exit code 1/);
+      assert.equal(currentVersion(r, 'svc'), '3.0.0');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('an update lock holds the update in waiting-lock (not failed); it proceeds when the lock goes', async () => {
+    const r = await rig(tmp.dir, keys, { probationMs: 200 }, 'lock');
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'db', version: '1.0.0', sequence: 1 })).file);
+      assert.equal((await finished(r, 0)).state, 'committed');
+      const lock = join(r.stateDir, 'apps', 'db', 'update.lock');
+      writeFileSync(lock, 'held by a test\n');
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'db', version: '2.0.0', sequence: 2 })).file);
+      await waitFor(() => r.updater.status().current?.state === 'waiting-lock', 'waiting-lock');
+      await new Promise((res) => setTimeout(res, 500));
+      assert.equal(r.updater.status().current?.state, 'waiting-lock');
+      assert.equal(currentVersion(r, 'db'), '1.0.0');
+      rmSync(lock);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'committed');
+      assert.ok(rec.history.some((h) => h.state === 'waiting-lock'));
+      assert.equal(currentVersion(r, 'db'), '2.0.0');
+      // the previous release is kept for a rollback, older ones pruned
+      assert.ok(existsSync(join(r.stateDir, 'apps', 'db', 'releases', '1.0.0-s1')));
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a bundle dropped into the watched directory (a USB stick) is applied; the newest valid one wins', async () => {
+    const usb = join(tmp.dir, 'usb');
+    mkdirSync(usb, { recursive: true });
+    const r = await rig(tmp.dir, keys, { probationMs: 200, watchDir: usb, watchIntervalMs: 100 }, 'watch');
+    try {
+      const older = await buildAppBundle({ dir: tmp.dir, keys, name: 'kiosk', version: '1.0.0', sequence: 1 });
+      const newer = await buildAppBundle({ dir: tmp.dir, keys, name: 'kiosk', version: '1.1.0', sequence: 2 });
+      copyFileSync(older.file, join(usb, 'kiosk-1.0.0.bundle'));
+      copyFileSync(newer.file, join(usb, 'kiosk-1.1.0.bundle'));
+      utimesSync(join(usb, 'kiosk-1.0.0.bundle'), new Date(Date.now() - 60_000), new Date(Date.now() - 60_000));
+      const rec = await finished(r, 0);
+      assert.equal(rec.state, 'committed');
+      assert.equal(rec.source, 'watch');
+      assert.equal(rec.version, '1.1.0');
+      // the older file on the stick is below the floor now: refused, nothing changes
+      const again = await finished(r, 1);
+      assert.equal(again.state, 'failed');
+      assert.equal(again.code, 'FLEET_BUNDLE_ROLLBACK');
+      assert.equal(currentVersion(r, 'kiosk'), '1.1.0');
+      await new Promise((res) => setTimeout(res, 400));
+      assert.equal(r.updater.status().history.length, 2, 'each file on the stick is tried once');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('an unreadable state record is moved aside and reported; the device keeps its current release', async () => {
+    const r0 = await rig(tmp.dir, keys, { probationMs: 100 }, 'corrupt');
+    r0.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'z', version: '1.0.0', sequence: 1 })).file);
+    assert.equal((await finished(r0, 0)).state, 'committed');
+    await r0.stop();
+    writeFileSync(join(r0.stateDir, 'update', 'state.json'), '{"v":1,"state":"half-writ');
+    const r = await rig(tmp.dir, keys, { probationMs: 100 }, 'corrupt');
+    try {
+      assert.equal(r.updater.status().current, null);
+      assert.ok(r.events.some((e) => e.type === 'update.state-unreadable'));
+      assert.equal(currentVersion(r, 'z'), '1.0.0');
+      assert.equal(r.updater.appSpecs()[0]?.name, 'z');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a forged bundle fails before anything changes, and an older sequence is refused', async () => {
+    const r = await rig(tmp.dir, keys, { probationMs: 100 }, 'forged');
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'x', version: '5.0.0', sequence: 5 })).file);
+      assert.equal((await finished(r, 0)).state, 'committed');
+      const other = makeKeys();
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys: other, name: 'x', version: '6.0.0', sequence: 6 })).file);
+      const forged = await finished(r, 1);
+      assert.equal(forged.state, 'failed');
+      assert.match(forged.code ?? '', /^FLEET_BUNDLE_/);
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'x', version: '4.0.0', sequence: 4 })).file);
+      const old = await finished(r, 2);
+      assert.equal(old.state, 'failed');
+      assert.equal(old.code, 'FLEET_BUNDLE_ROLLBACK');
+      assert.equal(currentVersion(r, 'x'), '5.0.0');
+      assert.ok(!old.history.some((h) => h.state === 'switching'));
+    } finally {
+      await r.stop();
+    }
+  });
+});
+
+describe('download with Range resume', () => {
+  const tmp = tempDir('fleetlet-dl-');
+  const body = Buffer.alloc(3 * 1024 * 1024);
+  for (let i = 0; i < body.length; i++) body[i] = (i * 31) & 0xff;
+  let server: Server;
+  let url = '';
+  const seen: Array<{ range: string | undefined }> = [];
+  let cutOnce = true;
+  before(async () => {
+    server = createServer((req, res) => {
+      seen.push({ range: req.headers.range });
+      const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+      const start = m ? Number(m[1]) : 0;
+      res.writeHead(m ? 206 : 200, { 'content-length': body.length - start, ...(m ? { 'content-range': `bytes ${start}-${body.length - 1}/${body.length}` } : {}) });
+      if (cutOnce) {
+        // the connection is cut a third of the way through
+        cutOnce = false;
+        res.write(body.subarray(start, start + 1024 * 1024), () => setTimeout(() => res.socket?.destroy(), 50));
+        return;
+      }
+      res.end(body.subarray(start));
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/b`;
+  });
+  after(async () => {
+    server.closeAllConnections();
+    await new Promise<void>((r) => server.close(() => r()));
+    tmp.cleanup();
+  });
+  const base = { reserveBytes: 0, maxBytes: 1 << 30, attempts: 5, backoffInitialMs: 10, backoffMaxMs: 100, idleTimeoutMs: 5000, log: testLogger('dl') };
+  const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+  test('a cut connection resumes with Range from where it stopped', async () => {
+    const dest = join(tmp.dir, 'a.bundle');
+    const res = await download({ ...base, url, dest, sha256: sha(body), size: body.length });
+    assert.equal(res.size, body.length);
+    assert.ok(readFileSync(dest).equals(body));
+    assert.equal(seen.length, 2);
+    assert.equal(seen[0]!.range, undefined);
+    assert.match(seen[1]!.range ?? '', /^bytes=\d+-$/);
+    assert.ok(Number(/\d+/.exec(seen[1]!.range!)![0]) >= 1024 * 1024, `resumed from ${seen[1]!.range}`);
+    assert.ok(!existsSync(`${dest}.part`));
+  });
+
+  test('not enough disk space is refused before the first byte', async () => {
+    const dest = join(tmp.dir, 'b.bundle');
+    const n = seen.length;
+    await assert.rejects(download({ ...base, url, dest, size: body.length, freeBytes: () => 1000 }), (e: unknown) => isFleetError(e, 'FLEET_UPDATE_NO_SPACE'));
+    assert.equal(seen.length, n);
+  });
+
+  test('a wrong hash is not renamed into place', async () => {
+    const dest = join(tmp.dir, 'c.bundle');
+    await assert.rejects(download({ ...base, url, dest, sha256: '0'.repeat(64) }), (e: unknown) => isFleetError(e, 'FLEET_UPDATE_HASH_MISMATCH'));
+    assert.ok(!existsSync(dest));
+    assert.ok(!existsSync(`${dest}.part`));
+  });
+});
