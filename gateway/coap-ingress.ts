@@ -4,7 +4,7 @@ import { createServer, type IncomingMessage, type OutgoingMessage, type Server }
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { mcuKey, parseCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
-import { COAP_CODES, COAP_OPTION, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
+import { buildCoapPacket, COAP_CODES, COAP_OPTION, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
 import { telemetryFormatOf } from '../firmware-bridge/codecs.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import type { McuService } from './service.ts';
@@ -146,6 +146,17 @@ export class McuCoapIngress {
       this.block1Echo.set(`${rsinfo.address}|${rsinfo.port}|${pkt.messageId}`, verdict.block1);
       if (this.block1Echo.size > 1024) this.block1Echo.delete(this.block1Echo.keys().next().value!);
       return verdict.datagram;
+    }
+    if (info.options.includes(COAP_OPTION.BLOCK2)) {
+      // Block2 0/0/16 is a zero-length uint (RFC 7252 §3.2), which the coap package reads
+      // as block size 0 and answers with empty blocks (libcoap's `-b 16` sends it): give
+      // it the same value with one zero byte
+      const pkt = parseCoapPacket(msg);
+      const b2 = pkt?.options.find((o) => o.number === COAP_OPTION.BLOCK2);
+      if (pkt && b2 && b2.value.length === 0) {
+        b2.value = Buffer.from([0]);
+        return buildCoapPacket(pkt);
+      }
     }
     return msg;
   }

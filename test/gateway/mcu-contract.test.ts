@@ -1,108 +1,19 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request as coapRequest } from 'coap';
-import mqtt, { type MqttClient } from 'mqtt';
-import { deriveToken } from '../../core/credentials.ts';
-import { decodeMessage, type CommandReply, type EventMessage, type StateMessage, type TelemetryBatch } from '../../core/messages.ts';
-import { writeSecretFile } from '../../core/secrets.ts';
-import { deviceTopic } from '../../core/topics.ts';
+import type { CommandReply, EventMessage, StateMessage, TelemetryBatch } from '../../core/messages.ts';
 import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { coapAuthQuery, coapPath, COMPACT_FORMAT, SENML_CBOR_FORMAT } from '../../firmware-bridge/coap.ts';
 import { encodeCompact, encodeSenmlCbor } from '../../firmware-bridge/codecs.ts';
 import { decodeFwChunk, decodeMcuCommand, frameWithMac } from '../../firmware-bridge/frames.ts';
-import type { McuChannel } from '../../firmware-bridge/topics.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
-import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
-import { startGateway, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
-import { HubConfigSchema } from '../../hub/config.ts';
-import { startHub, type HubHandle } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
-
-interface Seen {
-  topic: string;
-  payload: Buffer;
-}
-
-interface Env {
-  hub: HubHandle;
-  gw: GatewayHandle;
-  site: string;
-  seen: Seen[];
-  dir: string;
-  restart(): Promise<GatewayHandle>;
-}
-
-/**
- * A raw-image "verifier" (mock of bundles/ verifyBundle, which the gateway must not
- * import; the CLI wires the real one): the bundle file *is* the image. Used by these
- * tests only, and named so.
- */
-const rawImageVerifierMock: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file) });
-
-async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}): Promise<void> {
-  const tmp = tempDir();
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
-  const seen: Seen[] = [];
-  const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
-    seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
-    cb();
-  };
-  await new Promise<void>((r) => hub.broker.aedes.subscribe('fleet/v1/#', collect, r));
-  const gwDir = join(tmp.dir, 'gateway');
-  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hub.mqttPort}`, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu }, http: { port: 0 } });
-  const gws: GatewayHandle[] = [];
-  const start = async () => {
-    const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', { verifyFirmware: rawImageVerifierMock });
-    gws.push(g);
-    return g;
-  };
-  try {
-    const gw = await start();
-    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-    await waitFor(() => gw.stats().hubConnected, 'gateway connected');
-    await fn({ hub, gw, site, seen, dir: tmp.dir, restart: start });
-  } finally {
-    for (const g of gws) await g.stop();
-    await new Promise<void>((r) => hub.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
-    await hub.stop();
-    tmp.cleanup();
-  }
-}
-
-const of = <C extends 'reply' | 'events' | 'state' | 'telemetry'>(seen: Seen[], id: string, ch: C) => seen.filter((s) => s.topic === deviceTopic(id, ch)).map((s) => decodeMessage(ch, s.payload));
-
-function connectMcu(port: number, id: string, site: string): Promise<MqttClient> {
-  return new Promise((resolve, reject) => {
-    const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: mcuKey(site, id), reconnectPeriod: 0, connectTimeout: 5000 });
-    c.once('connect', () => resolve(c));
-    c.once('error', (err) => {
-      c.end(true);
-      reject(err);
-    });
-  });
-}
-
-let counter = Date.now();
-/** One signed CoAP request (fresh socket); GETs carry the MAC over an empty payload. */
-function coap(port: number, site: string, id: string, resource: McuChannel, method: 'GET' | 'POST', payload: Buffer = Buffer.alloc(0), opts: { format?: number; block2?: number; extraQuery?: string } = {}): Promise<{ code: string; body: Buffer }> {
-  const c = ++counter;
-  const mac = signMcuMessage(mcuKey(site, id), id, resource, c, method === 'GET' ? Buffer.alloc(0) : payload);
-  return new Promise((resolve, reject) => {
-    const req = coapRequest({ host: '127.0.0.1', port, method, pathname: coapPath(id, resource), query: coapAuthQuery(c, mac) + (opts.extraQuery ?? ''), confirmable: true, agent: new Agent({ type: 'udp4' }) });
-    if (opts.format !== undefined) req.setOption('Content-Format', opts.format);
-    if (opts.block2 !== undefined) req.setOption('Block2', Buffer.from([(Math.log2(opts.block2) - 4) & 7]));
-    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
-    req.on('error', reject);
-    req.on('timeout', reject);
-    req.end(method === 'POST' ? payload : undefined);
-  });
-}
+import { waitFor } from '../helpers.ts';
+import { coap, coapBlock, connectMcu, nextCounter, of, withEnv } from './env.ts';
 
 test('mailbox over MQTT: hub command queued for a sleeping MCU, pushed on subscribe with a valid MAC, acked, reply at the hub; survives a gateway restart', async () => {
   await withEnv(async ({ hub, gw, site, seen, restart }) => {
@@ -168,7 +79,7 @@ test('mailbox over CoAP: GET returns the command (empty when none), Observe push
     assert.equal(expired.error?.code, 'FLEET_TIMEOUT');
 
     // Observe: register, then a command arrives and is notified
-    const c = ++counter;
+    const c = nextCounter();
     const mac = signMcuMessage(mcuKey(site, id), id, 'cmd', c, Buffer.alloc(0));
     const notes: Buffer[] = [];
     const obs = coapRequest({ host: '127.0.0.1', port: gw.coapPort, method: 'GET', pathname: coapPath(id, 'cmd'), query: coapAuthQuery(c, mac), observe: true, agent: new Agent({ type: 'udp4' }) });
@@ -302,21 +213,4 @@ test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is of
     assert.match(metrics, /fleet_gateway_firmware_bytes_served_total\{protocol="mqtt"\} 5000/);
   });
 });
-
-/** GET fw with an explicit Block2 option (one block), the way an MCU resumes. */
-function coapBlock(port: number, site: string, id: string, num: number, size: number, extraQuery = ''): Promise<{ code: string; body: Buffer }> {
-  const c = ++counter;
-  const mac = signMcuMessage(mcuKey(site, id), id, 'fw', c, Buffer.alloc(0));
-  const szx = Math.log2(size) - 4;
-  const v = (num << 4) | szx;
-  const opt = v < 256 ? Buffer.from([v]) : Buffer.from([v >> 8, v & 0xff]);
-  return new Promise((resolve, reject) => {
-    const req = coapRequest({ host: '127.0.0.1', port, method: 'GET', pathname: coapPath(id, 'fw'), query: coapAuthQuery(c, mac) + extraQuery, confirmable: true, agent: new Agent({ type: 'udp4' }) });
-    req.setOption('Block2', opt);
-    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
-    req.on('error', reject);
-    req.end();
-  });
-}
-
 

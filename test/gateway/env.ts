@@ -1,0 +1,120 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Agent, request as coapRequest } from 'coap';
+import mqtt, { type MqttClient } from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { decodeMessage } from '../../core/messages.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
+import { deviceTopic } from '../../core/topics.ts';
+import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
+import { coapAuthQuery, coapPath } from '../../firmware-bridge/coap.ts';
+import type { McuChannel } from '../../firmware-bridge/topics.ts';
+import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
+import { startGateway, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { startHub, type HubHandle } from '../../hub/index.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+
+/** Shared by the gateway feature and interop tests: a real hub and one gateway on port 0. */
+export interface Seen {
+  topic: string;
+  payload: Buffer;
+}
+
+export interface Env {
+  hub: HubHandle;
+  gw: GatewayHandle;
+  site: string;
+  seen: Seen[];
+  dir: string;
+  restart(): Promise<GatewayHandle>;
+}
+
+/**
+ * A raw-image "verifier" (mock of bundles/ verifyBundle, which the gateway must not
+ * import; the CLI wires the real one): the bundle file *is* the image. Used by these
+ * tests only, and named so.
+ */
+export const rawImageVerifierMock: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file) });
+
+export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}): Promise<void> {
+  const tmp = tempDir();
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
+  const seen: Seen[] = [];
+  const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
+    seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
+    cb();
+  };
+  await new Promise<void>((r) => hub.broker.aedes.subscribe('fleet/v1/#', collect, r));
+  const gwDir = join(tmp.dir, 'gateway');
+  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hub.mqttPort}`, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu }, http: { port: 0 } });
+  const gws: GatewayHandle[] = [];
+  const start = async () => {
+    const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', { verifyFirmware: rawImageVerifierMock });
+    gws.push(g);
+    return g;
+  };
+  try {
+    const gw = await start();
+    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+    await waitFor(() => gw.stats().hubConnected, 'gateway connected');
+    await fn({ hub, gw, site, seen, dir: tmp.dir, restart: start });
+  } finally {
+    for (const g of gws) await g.stop();
+    await new Promise<void>((r) => hub.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
+    await hub.stop();
+    tmp.cleanup();
+  }
+}
+
+export const of = <C extends 'reply' | 'events' | 'state' | 'telemetry' | 'logs'>(seen: Seen[], id: string, ch: C) => seen.filter((s) => s.topic === deviceTopic(id, ch)).map((s) => decodeMessage(ch, s.payload));
+
+export function connectMcu(port: number, id: string, site: string): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: mcuKey(site, id), reconnectPeriod: 0, connectTimeout: 5000 });
+    c.once('connect', () => resolve(c));
+    c.once('error', (err) => {
+      c.end(true);
+      reject(err);
+    });
+  });
+}
+
+let counter = Date.now();
+/** A fresh MAC counter (above every earlier one in this process). */
+export function nextCounter(): number {
+  return ++counter;
+}
+/** One signed CoAP request (fresh socket); GETs carry the MAC over an empty payload. */
+export function coap(port: number, site: string, id: string, resource: McuChannel, method: 'GET' | 'POST', payload: Buffer = Buffer.alloc(0), opts: { format?: number; block2?: number; extraQuery?: string } = {}): Promise<{ code: string; body: Buffer }> {
+  const c = ++counter;
+  const mac = signMcuMessage(mcuKey(site, id), id, resource, c, method === 'GET' ? Buffer.alloc(0) : payload);
+  return new Promise((resolve, reject) => {
+    const req = coapRequest({ host: '127.0.0.1', port, method, pathname: coapPath(id, resource), query: coapAuthQuery(c, mac) + (opts.extraQuery ?? ''), confirmable: true, agent: new Agent({ type: 'udp4' }) });
+    if (opts.format !== undefined) req.setOption('Content-Format', opts.format);
+    if (opts.block2 !== undefined) req.setOption('Block2', Buffer.from([(Math.log2(opts.block2) - 4) & 7]));
+    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
+    req.on('error', reject);
+    req.on('timeout', reject);
+    req.end(method === 'POST' ? payload : undefined);
+  });
+}
+
+/** GET fw with an explicit Block2 option (one block), the way an MCU resumes. */
+export function coapBlock(port: number, site: string, id: string, num: number, size: number, extraQuery = ''): Promise<{ code: string; body: Buffer }> {
+  const c = ++counter;
+  const mac = signMcuMessage(mcuKey(site, id), id, 'fw', c, Buffer.alloc(0));
+  const szx = Math.log2(size) - 4;
+  const v = (num << 4) | szx;
+  const opt = v < 256 ? Buffer.from([v]) : Buffer.from([v >> 8, v & 0xff]);
+  return new Promise((resolve, reject) => {
+    const req = coapRequest({ host: '127.0.0.1', port, method: 'GET', pathname: coapPath(id, 'fw'), query: coapAuthQuery(c, mac) + extraQuery, confirmable: true, agent: new Agent({ type: 'udp4' }) });
+    req.setOption('Block2', opt);
+    req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+
