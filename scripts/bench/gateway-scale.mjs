@@ -26,9 +26,12 @@ const { values } = parseArgs({
     'window-s': { type: 'string', default: '30' },
     'ramp-s': { type: 'string', default: '20' },
     'settle-s': { type: 'string', default: '10' },
+    'drain-s': { type: 'string', default: '180' },
     only: { type: 'string' },
     'uplink-rate': { type: 'string', default: '0' },
     tag: { type: 'string' },
+    keep: { type: 'boolean' },
+    'cpu-prof': { type: 'boolean' },
   },
 });
 const N = Number(values.devices);
@@ -37,6 +40,7 @@ const INTERVAL = Number(values['interval-ms']);
 const WINDOW_S = Number(values['window-s']);
 const RAMP_S = Number(values['ramp-s']);
 const SETTLE_S = Number(values['settle-s']);
+const DRAIN_S = Number(values['drain-s']);
 const TARGET_RATE = (N * 1000) / INTERVAL;
 const MOSQUITTO = ['/usr/sbin/mosquitto', '/usr/bin/mosquitto'].find((p) => existsSync(p));
 
@@ -56,6 +60,10 @@ const rssKb = (pid) => {
   } catch {
     return NaN;
   }
+};
+const gauge = (text, name) => {
+  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.eE+-]+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : null;
 };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const progress = (m) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${m}\n`);
@@ -102,10 +110,10 @@ try {
 }
 const dir = mkdtempSync(join(base, 'gateway-scale-'));
 const children = [];
-const env = { ...process.env, FLEETLET_LOG_LEVEL: 'warn' };
-const fleetlet = (name, args) => {
+const env = { ...process.env, FLEETLET_LOG_LEVEL: process.env.FLEETLET_LOG_LEVEL ?? 'warn' };
+const fleetlet = (name, args, nodeArgs = []) => {
   const log = join(dir, `${name}.log`);
-  const c = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli/main.ts'), ...args, '--die-with-parent'], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'], env });
+  const c = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(ROOT, 'cli/main.ts'), ...args, '--die-with-parent'], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'], env });
   let out = '';
   c.stdout.on('data', (d) => (out += d));
   c.stderr.on('data', (d) => writeFileSync(log, d, { flag: 'a' }));
@@ -126,7 +134,8 @@ const cleanup = async () => {
   if (cleaned) return;
   cleaned = true;
   for (const c of [...children].reverse()) await stop(c, 5000).catch(() => undefined);
-  rmSync(dir, { recursive: true, force: true });
+  if (values.keep) progress(`kept ${dir}`);
+  else rmSync(dir, { recursive: true, force: true });
 };
 process.on('SIGINT', () => cleanup().then(() => process.exit(130)));
 
@@ -137,7 +146,8 @@ class Meter {
     this.dups = 0;
     this.messages = 0;
     this.lat = []; // latencies of first arrivals inside the window
-    this.inWindow = 0;
+    this.inWindow = 0; // readings taken in the window (whenever they arrived)
+    this.arrivedInWindow = 0; // readings that arrived in the window (whenever taken)
     this.window = null; // [from, to] sample times
   }
   add(id, seq, t) {
@@ -147,6 +157,7 @@ class Meter {
     if (!s) this.perDevice.set(id, (s = new Set()));
     if (s.has(seq)) return void this.dups++;
     s.add(seq);
+    if (this.window && now >= this.window[0] && now < this.window[1]) this.arrivedInWindow++;
     if (this.window && t >= this.window[0] && t < this.window[1]) {
       this.inWindow++;
       this.lat.push(now - t);
@@ -213,13 +224,23 @@ async function phase(name, port, meter, server) {
   const lags = [];
   const rss = [];
   const connectedSamples = [];
+  const outbox = [];
   while (Date.now() < t0 + WINDOW_S * 1000) {
     await sleep(1000);
     for (const s of simStats()) if (s?.lag) lags.push(s.lag);
     rss.push(rssKb(pids.server));
     connectedSamples.push(sum('connected'));
+    if (server.metricsUrl) {
+      try {
+        const text = await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(800) })).text();
+        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds') });
+      } catch {
+        outbox.push({ depth: null, oldestS: null });
+      }
+    }
   }
   const t1 = Date.now();
+  const connectedAtEnd = sum('connected');
   const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
   const sent1 = sum('sent');
   const rssEnd = rssKb(pids.server);
@@ -227,7 +248,17 @@ async function phase(name, port, meter, server) {
   for (const s of sims) await stop(s, 20_000);
   const finals = sims.map((s) => { try { return JSON.parse(s.output().trim().split('\n').pop()); } catch { return null; } });
   const acked = finals.reduce((a, f) => a + (f?.sent ?? 0), 0);
-  const drainEnd = Date.now() + 120_000;
+  // drain: wait while readings still arrive (up to --drain-s); a backlog left in the gateway's outbox is reported as such, not as lost
+  const depthNow = async () => {
+    if (!server.metricsUrl) return null;
+    try {
+      return gauge(await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(2000) })).text(), 'fleet_gateway_outbox_depth');
+    } catch {
+      return null;
+    }
+  };
+  const drainStart = Date.now();
+  const drainEnd = drainStart + DRAIN_S * 1000;
   let last = -1;
   let stillSince = Date.now();
   while (Date.now() < drainEnd) {
@@ -240,22 +271,30 @@ async function phase(name, port, meter, server) {
     await sleep(500);
   }
   await sleep(1000);
+  const drainS = Math.round((Date.now() - drainStart) / 100) / 10;
+  const backlogAtEnd = await depthNow();
   const secs = (t1 - t0) / 1000;
   const pct = (a, b) => Math.round(((b - a) / secs) * 1000) / 10;
   return {
     connected,
     connectedMinInWindow: Math.min(...connectedSamples),
+    connectedAtEnd,
     windowS: Math.round(secs * 10) / 10,
     ackedPerS: Math.round((sent1 - sent0) / secs),
-    deliveredPerS: Math.round(meter.inWindow / WINDOW_S),
+    deliveredPerS: Math.round(meter.arrivedInWindow / secs),
+    windowReadingsDelivered: meter.inWindow,
     p50Ms: meter.percentile(50),
     p99Ms: meter.percentile(99),
     p999Ms: meter.percentile(99.9),
-    maxMs: meter.lat.length ? Math.max(...meter.lat) : NaN,
+    maxMs: meter.lat.reduce((a, b) => (b > a ? b : a), -Infinity),
     latencySamples: meter.lat.length,
     acked,
     distinctAtSubscriber: meter.distinct(),
-    lost: Math.max(0, acked - meter.distinct()),
+    drainS,
+    backlogAtEnd,
+    // acked readings the subscriber never got, when nothing is left queued in the gateway; with a backlog, they are "still queued"
+    lost: backlogAtEnd ? null : Math.max(0, acked - meter.distinct()),
+    notYetDelivered: Math.max(0, acked - meter.distinct()),
     gaps: meter.gaps(),
     duplicates: meter.dups,
     serverCpuPct: pct(cpu0.server, cpu1.server),
@@ -264,14 +303,22 @@ async function phase(name, port, meter, server) {
     simLagMeanMs: lags.length ? Math.round((lags.reduce((a, l) => a + l.meanMs, 0) / lags.length) * 10) / 10 : null,
     simLagMaxMs: lags.length ? Math.max(...lags.map((l) => l.maxMs)) : null,
     serverRssKbEnd: rssEnd,
+    ...(server.metricsUrl ? { outboxDepthMax: Math.max(...outbox.map((o) => o.depth ?? -1)), outboxOldestSMax: Math.max(...outbox.map((o) => o.oldestS ?? -1)), outboxSamples: outbox.length } : {}),
     serverRssKbMax: Math.max(...rss),
     simFinal: finals,
   };
 }
 
+/** (RSS at the end of the window − RSS with no devices) / devices connected then */
+const perDevice = (r, rss0) => Math.round(((r.serverRssKbEnd - rss0) / Math.max(1, r.connectedAtEnd)) * 10) / 10;
+
 async function gatewayPhase() {
   progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} MQTT devices every ${INTERVAL} ms`);
-  const hub = fleetlet('hub', ['hub', '--mqtt-port', '0', '--http-port', '0', '--state-dir', join(dir, 'hub'), '--ready-file', join(dir, 'hub.ready')]);
+  // --cpu-prof: the gateway and the hub write V8 CPU profiles on exit (to find what limits them)
+  const profDir = join(ROOT, '.tmp', `gateway-scale-prof-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`);
+  const profArgs = (name) => (values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : []);
+  if (values['cpu-prof']) progress(`CPU profiles go to ${profDir}`);
+  const hub = fleetlet('hub', ['hub', '--mqtt-port', '0', '--http-port', '0', '--state-dir', join(dir, 'hub'), '--ready-file', join(dir, 'hub.ready')], profArgs('hub'));
   const hubReady = await waitJson(join(dir, 'hub.ready'));
   const token = execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'cli/main.ts'), 'hub', 'device-token', 'bench-gw', '--state-dir', join(dir, 'hub')], { cwd: ROOT }).toString().trim();
   writeFileSync(join(dir, 'gw.token'), token + '\n', { mode: 0o600 });
@@ -281,9 +328,11 @@ async function gatewayPhase() {
     hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
     mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100) },
     uplink: { rate: Number(values['uplink-rate']) },
+    // /metrics: the outbox depth tells a backlog in the gateway from one further on
+    http: { port: await freePort() },
   };
   writeFileSync(join(dir, 'gateway.json'), JSON.stringify(gwConfig));
-  const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')]);
+  const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')], profArgs('gateway'));
   const gwReady = await waitJson(join(dir, 'gw.ready'));
   const meter = new Meter();
   const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
@@ -297,11 +346,11 @@ async function gatewayPhase() {
   await sleep(3000);
   const rss0 = rssKb(gw.pid);
   progress(`gateway: RSS with 0 devices ${Math.round(rss0 / 1024)} MiB`);
-  const r = await phase('gateway', gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid });
+  const r = await phase('gateway', gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics` });
   await sub.endAsync(true);
   await stop(gw, 30_000);
   await stop(hub, 15_000);
-  return { ...r, serverRssKbIdle: rss0, kbPerDevice: Math.round(((r.serverRssKbEnd - rss0) / N) * 10) / 10, uplink: gwConfig.uplink };
+  return { ...r, serverRssKbIdle: rss0, kbPerDevice: perDevice(r, rss0), uplink: gwConfig.uplink };
 }
 
 async function mosquittoPhase() {
@@ -331,7 +380,7 @@ async function mosquittoPhase() {
   const r = await phase('mosquitto', port, meter, { pid });
   await sub.endAsync(true);
   await stop(m, 5000);
-  return { ...r, serverRssKbIdle: rss0, kbPerDevice: Math.round(((r.serverRssKbEnd - rss0) / N) * 10) / 10 };
+  return { ...r, serverRssKbIdle: rss0, kbPerDevice: perDevice(r, rss0) };
 }
 
 const date = new Date().toISOString();
@@ -383,8 +432,11 @@ const g = result.gateway ?? {};
 const q = result.mosquitto ?? {};
 const ratio = (a, b) => (typeof a === 'number' && typeof b === 'number' && b !== 0 && Number.isFinite(a) && Number.isFinite(b) ? `${(a / b).toFixed(2)}x` : '—');
 const rows = [
+  ['devices connected (of N) at the end of the window', g.connectedAtEnd, q.connectedAtEnd, String(N), g.connectedAtEnd === N],
   ['delivered readings/s (window)', g.deliveredPerS, q.deliveredPerS, `${TARGET_RATE} offered`, g.deliveredPerS >= TARGET_RATE * 0.98],
-  ['lost (acked, never delivered)', g.lost, q.lost, '0', g.lost === 0],
+  ['lost (acked, never delivered; — while a backlog is queued)', g.lost, q.lost, '0', g.lost === null || g.lost === undefined ? null : g.lost === 0],
+  ['acked, not delivered when the bench stopped waiting', g.notYetDelivered, q.notYetDelivered, '0', null],
+  ['gateway outbox backlog when the bench stopped waiting / drain wait (s)', g.backlogAtEnd !== undefined ? `${g.backlogAtEnd} / ${g.drainS}` : null, q.drainS !== undefined ? `— / ${q.drainS}` : null, '0', null],
   ['gaps in per-device sequences', g.gaps, q.gaps, '0', g.gaps === 0],
   ['duplicates at the subscriber', g.duplicates, q.duplicates, '—', null],
   ['p50 device→subscriber, ms', g.p50Ms, q.p50Ms, '—', null],
@@ -393,6 +445,7 @@ const rows = [
   ['server memory per connected device, KB', g.kbPerDevice, q.kbPerDevice, '≤ 25', g.kbPerDevice <= 25],
   ['server CPU, % of one core (gateway | mosquitto)', g.serverCpuPct, q.serverCpuPct, '—', null],
   ['hub CPU, % of one core', g.hubCpuPct, null, '—', null],
+  ['gateway outbox depth / oldest age (s), max in window', g.outboxDepthMax !== undefined ? `${g.outboxDepthMax} / ${g.outboxOldestSMax}` : null, null, '—', null],
   ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
   ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${g.simLagMaxMs}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${q.simLagMaxMs}` : null, '—', null],
 ];
