@@ -98,6 +98,11 @@ export const GatewayConfigSchema = z
       })
       .strict()
       .prefault({}),
+    /**
+     * Trust root (bundles' root.json) that MCU firmware bundles must verify against; without
+     * it the gateway refuses firmware in desired states (FLEET_MCU_FIRMWARE)
+     */
+    firmwareTrustFile: z.string().min(1).optional(),
     /** MCU firmware: largest image served, bytes */
     firmwareMaxBytes: z.number().int().min(1024).max(256 * 1024 * 1024).default(16 * 1024 * 1024),
     /** how often changed replay counters and the MCU list are written to stateDir, ms */

@@ -1,4 +1,6 @@
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { loadTrustRoot, verifyBundle } from '../../bundles/index.ts';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
 import { FleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
@@ -7,7 +9,7 @@ import { loadOrCreateSecret } from '../../core/secrets.ts';
 import { assertDeviceId } from '../../core/topics.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
-import { startGateway } from '../../gateway/index.ts';
+import { startGateway, type VerifyFirmware } from '../../gateway/index.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 import { VERSION } from '../version.ts';
 
@@ -27,6 +29,7 @@ export const gatewayCommand = defineCommand({
     'coap-port': { type: 'string' },
     'state-dir': { type: 'string' },
     'ready-file': { type: 'string' },
+    'firmware-trust': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
   },
   help: {
@@ -40,12 +43,14 @@ export const gatewayCommand = defineCommand({
     'coap-port': 'MCU CoAP port, UDP (default 5683; 0 = any free port)',
     'state-dir': 'MCU replay counters and known MCUs',
     'ready-file': 'write {pid, mqttPort, coapPort, siteSecretFile} here once listening',
+    'firmware-trust': 'trust root (root.json) MCU firmware bundles must verify against; without it firmware updates are refused',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
   },
   async run({ values, positionals }) {
     const overrides = {
       deviceId: strFlag(values, 'id'),
       stateDir: strFlag(values, 'state-dir'),
+      firmwareTrustFile: strFlag(values, 'firmware-trust'),
       hub: { url: strFlag(values, 'hub'), tokenFile: strFlag(values, 'token-file') },
       mcu: {
         host: strFlag(values, 'host'),
@@ -74,8 +79,31 @@ export const gatewayCommand = defineCommand({
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown gateway subcommand "${sub}"`);
     const { config } = loadConfig(GatewayConfigSchema, { file: strFlag(values, 'config'), overrides });
     const log = createLogger({ name: 'gateway', level: logLevelFromEnv() ?? 'info' });
-    const gw = await startGateway(config, log, VERSION);
+    const gw = await startGateway(config, log, VERSION, { verifyFirmware: config.firmwareTrustFile ? firmwareVerifier(config.firmwareTrustFile, join(config.stateDir, 'firmware')) : undefined });
     writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
     return runUntilSignal(() => gw.stop(), { dieWithParent: values['die-with-parent'] === true });
   },
 });
+
+/**
+ * The gateway's firmware check, built here because gateway/ may not import bundles/
+ * (DESIGN.md layout): a signed bundle of kind firmware, verified against the trust root
+ * (read at each use, so a rotated root applies without a restart), whose single file —
+ * or the file named firmware.bin — is the MCU image.
+ */
+function firmwareVerifier(trustFile: string, workDir: string): VerifyFirmware {
+  return async (file) => {
+    const verified = await verifyBundle(file, { trust: loadTrustRoot(trustFile), kind: 'firmware' });
+    const files = verified.manifest.files;
+    const image = files.length === 1 ? files[0] : files.find((f) => f.path === 'firmware.bin');
+    if (!image) throw new FleetError('FLEET_MCU_FIRMWARE', 'a firmware bundle holds one file, or a file named firmware.bin');
+    const dir = join(workDir, `extract-${verified.sha256}`);
+    await rm(dir, { recursive: true, force: true });
+    try {
+      await verified.extractTo(dir);
+      return { version: verified.manifest.version, image: await readFile(join(dir, image.path)) };
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  };
+}
