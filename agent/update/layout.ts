@@ -14,6 +14,7 @@ import type { ReleaseMeta } from './types.ts';
  *   <stateDir>/update/incoming/           uploads and copies from the watched directory
  *   <stateDir>/apps/<name>/releases/<version>-s<sequence>/   one dir per release, side by side
  *   <stateDir>/apps/<name>/current        symlink to the release that runs
+ *   <stateDir>/apps/<name>/release.json   { current, previous } release names (informational)
  *   <stateDir>/apps/<name>/update.lock    present: updates of this app wait
  *   <stateDir>/agent/releases/<version>-s<sequence>/fleetlet
  *   <stateDir>/agent/current              symlink; systemd's ExecStart runs current/fleetlet

@@ -157,6 +157,11 @@ export class Updater extends EventEmitter {
     }
   }
 
+  private readonly stopSignal = new Promise<void>((resolve) => this.ac.signal.addEventListener('abort', () => resolve(), { once: true }));
+  private untilStopped(): Promise<void> {
+    return this.stopSignal;
+  }
+
   async stop(): Promise<void> {
     this.stopped = true;
     this.ac.abort();
@@ -473,6 +478,7 @@ export class Updater extends EventEmitter {
   private async doSwitch(rec: UpdateRecord): Promise<Outcome> {
     const { kind, name, release } = need(rec);
     switchSymlink(this.layout.currentLink(kind, name), join(this.layout.releases(kind, name), release));
+    this.writeReleaseRecord(rec, release, rec.previous ?? null);
     if (kind === 'agent') {
       rec.switchedAt = Date.now();
       rec.boots = 0;
@@ -529,7 +535,8 @@ export class Updater extends EventEmitter {
     if (rec.version !== this.d.agentVersion) {
       this.d.log.warn('agent switched to a new binary; exiting so the service manager starts it', { version: rec.version });
       this.d.exitForRestart?.();
-      await new Promise(() => undefined); // the process is going away
+      await this.untilStopped(); // the process is going away; stop() ends this wait
+      return { event: 'retry' };
     }
     const deadline = (rec.switchedAt ?? Date.now()) + this.d.config.agentHealthyWithinS * 1000;
     while (!this.stopped) {
@@ -540,8 +547,18 @@ export class Updater extends EventEmitter {
     return { event: 'retry' };
   }
 
+  /**
+   * <base>/release.json: which release runs and which one ran before (for people and tools;
+   * the `current` symlink is what the agent itself trusts).
+   */
+  private writeReleaseRecord(rec: UpdateRecord, current: string | null, previous: string | null): void {
+    const { kind, name } = need(rec);
+    writeJsonAtomic(join(this.layout.base(kind, name), 'release.json'), { current, previous, update: rec.id, state: rec.state, at: Date.now() });
+  }
+
   private async doCommit(rec: UpdateRecord): Promise<Outcome> {
     const { kind, name, release } = need(rec);
+    this.writeReleaseRecord(rec, release, rec.previous ?? null);
     const floors = readJson<Record<string, number>>(this.layout.floorsFile, {});
     floors[name] = Math.max(floors[name] ?? 0, rec.sequence ?? 0);
     writeJsonAtomic(this.layout.floorsFile, floors);
@@ -560,13 +577,15 @@ export class Updater extends EventEmitter {
     if (rec.previous) switchSymlink(link, join(this.layout.releases(kind, name), rec.previous));
     else rmSync(link, { force: true }); // first install: back to nothing installed
     fsyncDir(this.layout.base(kind, name));
+    this.writeReleaseRecord(rec, rec.previous ?? null, null);
     if (kind === 'agent') {
       if (rec.version === this.d.agentVersion) {
         // this is the new binary giving up: record the outcome, then exit into the old one
         rec.rollbackDoneAt = Date.now();
         await this.transition(rec, { event: 'success' });
         this.d.exitForRestart?.();
-        await new Promise(() => undefined);
+        await this.untilStopped();
+        return { event: 'retry' };
       }
       rec.rollbackDoneAt = Date.now();
       return { event: 'success' };

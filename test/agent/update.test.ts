@@ -150,6 +150,8 @@ describe('updater with the real supervisor', () => {
       assert.equal(ev.data.previousVersion, '1.0.0');
       assert.match(String(ev.data.reason), /probation/);
       assert.deepEqual((ev.data.chain as string[]).slice(-3), ['probation', 'rolling-back', 'rolled-back']);
+      const record = JSON.parse(readFileSync(join(r.stateDir, 'apps', 'web', 'release.json'), 'utf8')) as { current: string; state: string };
+      assert.equal(record.current, '1.0.0-s1');
       // the floor did not move: v2's sequence was never committed
       assert.deepEqual(JSON.parse(readFileSync(join(r.stateDir, 'update', 'floors.json'), 'utf8')), { web: 1 });
     } finally {

@@ -3,8 +3,12 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { createServer, connect, type Socket } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { describe, test } from 'node:test';
+import { download } from '../../agent/update/download.ts';
 import { deriveToken } from '../../core/credentials.ts';
+import { tempDir, testLogger } from '../helpers.ts';
 import { withHub } from '../hub/harness.ts';
 
 describe('hub artifact store', () => {
@@ -61,5 +65,76 @@ describe('hub artifact store', () => {
       undefined,
       { artifactMaxBytes: 4096 },
     );
+  });
+
+  test('the agent downloader against the hub through a link that is cut mid-download resumes with Range', async () => {
+    const tmp = tempDir('fleetlet-artifact-cut-');
+    try {
+      await withHub(async (_hub, ctx) => {
+        const body = randomBytes(2 * 1024 * 1024);
+        const sha = createHash('sha256').update(body).digest('hex');
+        const up = await fetch(`${ctx.http}/api/v1/artifacts`, { method: 'POST', headers: { authorization: `Bearer ${ctx.operator}` }, body });
+        assert.equal(up.status, 201);
+        // a TCP relay in front of the hub that cuts the first connection after 600 KB of response
+        const requests: string[] = [];
+        const sockets = new Set<Socket>();
+        let conn = 0;
+        const relay = createServer((client) => {
+          const n = conn++;
+          const upstream = connect(Number(new URL(ctx.http).port), '127.0.0.1');
+          sockets.add(client).add(upstream);
+          let relayed = 0;
+          client.on('data', (d: Buffer) => {
+            requests.push(d.toString('latin1').split('\r\n\r\n')[0] ?? '');
+            upstream.write(d);
+          });
+          upstream.on('data', (d: Buffer) => {
+            relayed += d.length;
+            if (n === 0 && relayed > 600 * 1024) {
+              client.destroy();
+              upstream.destroy();
+              return;
+            }
+            client.write(d);
+          });
+          const end = () => {
+            client.destroy();
+            upstream.destroy();
+          };
+          client.on('error', end).on('close', end);
+          upstream.on('error', end).on('close', end);
+        });
+        await new Promise<void>((r) => relay.listen(0, '127.0.0.1', r));
+        try {
+          const port = (relay.address() as AddressInfo).port;
+          const dest = join(tmp.dir, 'b.bundle');
+          const got = await download({
+            url: `http://127.0.0.1:${port}/api/v1/artifacts/${sha}`,
+            dest,
+            sha256: sha,
+            size: body.length,
+            authorization: `Basic ${Buffer.from(`d2:${deriveToken(ctx.secret, 'device', 'd2')}`).toString('base64')}`,
+            reserveBytes: 0,
+            maxBytes: 1 << 30,
+            attempts: 4,
+            backoffInitialMs: 20,
+            backoffMaxMs: 100,
+            idleTimeoutMs: 5000,
+            log: testLogger('dl'),
+          });
+          assert.equal(got.sha256, sha);
+          assert.equal(requests.length, 2, requests.join('\n---\n'));
+          assert.doesNotMatch(requests[0]!, /^range:/im);
+          const m = /^range: bytes=(\d+)-$/im.exec(requests[1]!);
+          assert.ok(m, `second request resumes with Range: ${requests[1]}`);
+          assert.ok(Number(m[1]) > 0 && Number(m[1]) < body.length);
+        } finally {
+          for (const s of sockets) s.destroy();
+          await new Promise<void>((r) => relay.close(() => r()));
+        }
+      });
+    } finally {
+      tmp.cleanup();
+    }
   });
 });
