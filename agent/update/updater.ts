@@ -26,8 +26,10 @@ export interface UpdaterDeps {
   /** re-apply the supervisor's app list (the config's apps plus `updater.appSpecs()`) */
   applyApps(): Promise<void>;
   verify: VerifyBundleFn;
-  /** this agent's version (self-update decides which binary is running from it) */
+  /** this agent's version (the bundle targets' minAgentVersion, and whether desired.agent differs) */
   agentVersion: string;
+  /** when this process started, ms since epoch (default from process.uptime()); self-update tells old binary from new by it */
+  processStartedAt?: number;
   emitEvent(type: string, severity: 'info' | 'warning' | 'alert', data: Record<string, unknown>): unknown;
   /** Authorization header for artifact downloads from the hub */
   authorization?: () => string | undefined;
@@ -532,7 +534,7 @@ export class Updater extends EventEmitter {
    * binary and restores the old one when the new never gets here.
    */
   private async doAgentProbation(rec: UpdateRecord): Promise<Outcome> {
-    if (rec.version !== this.d.agentVersion) {
+    if (this.startedBeforeSwitch(rec)) {
       this.d.log.warn('agent switched to a new binary; exiting so the service manager starts it', { version: rec.version });
       this.d.exitForRestart?.();
       await this.untilStopped(); // the process is going away; stop() ends this wait
@@ -554,6 +556,16 @@ export class Updater extends EventEmitter {
   private writeReleaseRecord(rec: UpdateRecord, current: string | null, previous: string | null): void {
     const { kind, name } = need(rec);
     writeJsonAtomic(join(this.layout.base(kind, name), 'release.json'), { current, previous, update: rec.id, state: rec.state, at: Date.now() });
+  }
+
+  /**
+   * Whether this process is the agent that made the switch (the old binary): it started before
+   * the switch. Every start after it runs `current`, the new binary. Versions cannot tell them
+   * apart when a build is re-deployed under the same version.
+   */
+  private startedBeforeSwitch(rec: UpdateRecord): boolean {
+    const started = this.d.processStartedAt ?? Date.now() - process.uptime() * 1000;
+    return started < (rec.switchedAt ?? 0);
   }
 
   private async doCommit(rec: UpdateRecord): Promise<Outcome> {
@@ -579,7 +591,7 @@ export class Updater extends EventEmitter {
     fsyncDir(this.layout.base(kind, name));
     this.writeReleaseRecord(rec, rec.previous ?? null, null);
     if (kind === 'agent') {
-      if (rec.version === this.d.agentVersion) {
+      if (!this.startedBeforeSwitch(rec)) {
         // this is the new binary giving up: record the outcome, then exit into the old one
         rec.rollbackDoneAt = Date.now();
         await this.transition(rec, { event: 'success' });
