@@ -132,12 +132,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostFactor: config.mcu.lostFactor,
     lostGraceMs: config.mcu.lostGraceMs,
     uplink: config.uplink,
-    onDown: !config.mcu.hubDownlink
-      ? undefined
-      : (mcuId, channel, payload) => {
-      const work = channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload);
-      work?.catch((err: unknown) => log.error('handling a message from the hub for an MCU failed', { mcu: mcuId, channel, err }));
-    },
+    onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
   relay.restore(persisted.mcus, persisted.meta);
   firmware = await FirmwareManager.open({

@@ -79,20 +79,29 @@ export class Mailbox extends EventEmitter {
     if (q.length >= this.maxPerMcu) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `the mailbox of ${mcuId} already holds ${this.maxPerMcu} commands`);
     const size = Buffer.byteLength(JSON.stringify(toMcuCommand({ seq: 0, ...cmd, queuedAt: now })));
     if (size > MAX_COMMAND_BYTES - 64) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `command ${cmd.id} is ${size} bytes encoded; at most ${MAX_COMMAND_BYTES - 64}`);
+    // taken before the write: two commands arriving together must not share a seq
     const seq = (this.seqs.get(mcuId) ?? 0) + 1;
-    const entry: MailboxEntry = { seq, id: cmd.id, name: cmd.name, args: cmd.args, expiresAt: cmd.expiresAt, queuedAt: now };
-    await this.db.batch(
-      [
-        { type: 'put', key: this.key(mcuId, seq), value: JSON.stringify(entry) },
-        { type: 'put', key: `s!${mcuId}`, value: String(seq) },
-      ],
-      { sync: true },
-    );
     this.seqs.set(mcuId, seq);
+    const entry: MailboxEntry = { seq, id: cmd.id, name: cmd.name, args: cmd.args, expiresAt: cmd.expiresAt, queuedAt: now };
+    // in the queue at once too, so a duplicate arriving during the write is seen
     q.push(entry);
     this.queues.set(mcuId, q);
     this.depthCount++;
-    if (q.length === 1) this.emit('head', mcuId);
+    try {
+      await this.db.batch(
+        [
+          { type: 'put', key: this.key(mcuId, seq), value: JSON.stringify(entry) },
+          { type: 'put', key: `s!${mcuId}`, value: String(seq) },
+        ],
+        { sync: true },
+      );
+    } catch (err) {
+      const i = q.indexOf(entry);
+      if (i >= 0) q.splice(i, 1);
+      this.depthCount--;
+      throw new FleetError('FLEET_STORE', `cannot store a command for ${mcuId}: ${(err as Error).message}`, { cause: err });
+    }
+    if (q[0] === entry) this.emit('head', mcuId);
     return { entry, duplicate: false };
   }
 

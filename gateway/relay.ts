@@ -28,7 +28,7 @@ export interface RelayOptions {
   lostFactor?: number;
   lostGraceMs?: number;
   /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
-  onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => void;
+  onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
   now?: () => number;
 }
 
@@ -108,7 +108,13 @@ export class Relay {
     // every (re)connect the register and states go out before queued telemetry.
     opts.client.on('connect', this.onConnect);
     opts.client.on('close', this.onClose);
-    opts.client.on('message', this.onMessage);
+    // Commands and desired states for MCUs are acknowledged to the hub (PUBACK) only once
+    // handled — in the mailbox on disk — so a gateway killed in between gets them again.
+    // mqtt.js sends the PUBACK when handleMessage calls back.
+    if (opts.onDown) opts.client.handleMessage = (packet, callback) => void this.handleDown(packet.topic, Buffer.from(packet.payload)).then(() => callback(), () => callback());
+    // the relay subscribes for its MCUs itself, after the register that lets it (and
+    // paced); mqtt.js' own resubscribe would send them all at once before the register
+    if (opts.onDown) opts.client.options.resubscribe = false;
     this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush());
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
@@ -361,11 +367,16 @@ export class Relay {
     });
   }
 
-  private onMessage = (topic: string, payload: Buffer): void => {
+  private async handleDown(topic: string, payload: Buffer): Promise<void> {
     const t = parseTopic(topic);
     if (!t || (t.channel !== 'cmd' && t.channel !== 'desired') || !this.mcus.has(t.deviceId)) return;
-    this.opts.onDown?.(t.deviceId, t.channel, payload);
-  };
+    try {
+      await this.opts.onDown?.(t.deviceId, t.channel, payload);
+    } catch (err) {
+      this.opts.log.error('handling a message from the hub for an MCU failed', { mcu: t.deviceId, channel: t.channel, err });
+    }
+  }
+
 
   /** True once after the MCU list changed (the owner persists it). */
   takeChanged(): boolean {
@@ -423,7 +434,6 @@ export class Relay {
     this.gated.dispose();
     this.opts.client.off('connect', this.onConnect);
     this.opts.client.off('close', this.onClose);
-    this.opts.client.off('message', this.onMessage);
   }
 }
 
