@@ -134,12 +134,16 @@ export class Mailbox extends EventEmitter {
     return entry;
   }
 
-  /** Take every command expired at `now` out of the mailbox. */
-  async sweep(now: number): Promise<Array<{ mcuId: string; entry: MailboxEntry }>> {
+  /** Every command expired at `now` (still in the mailbox: the caller answers, then removes). */
+  expired(now: number): Array<{ mcuId: string; entry: MailboxEntry }> {
     const out: Array<{ mcuId: string; entry: MailboxEntry }> = [];
     for (const [mcuId, q] of this.queues) for (const e of q) if (e.expiresAt <= now) out.push({ mcuId, entry: e });
-    for (const { mcuId, entry } of out) await this.remove(mcuId, entry.id);
     return out;
+  }
+
+  /** The command with this id, if it is (still) in the MCU's mailbox. */
+  find(mcuId: string, id: string): MailboxEntry | undefined {
+    return this.queues.get(mcuId)?.find((e) => e.id === id);
   }
 }
 

@@ -40,6 +40,7 @@ const BASE64_LINE = 6000;
 export class McuService extends EventEmitter {
   private readonly now: () => number;
   private readonly sweepTimer: NodeJS.Timeout;
+  private sweeping = false;
 
   constructor(private readonly opts: McuServiceOptions) {
     super();
@@ -68,17 +69,19 @@ export class McuService extends EventEmitter {
   async ack(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {
     const ack = decodeMcuAck(payload);
     this.opts.relay.touch(mcuId, protocol);
-    const entry = await this.opts.mailbox.remove(mcuId, ack.id);
+    const entry = this.opts.mailbox.find(mcuId, ack.id);
     if (!entry) return; // acked before, or expired: nothing to do (docs)
-    this.opts.onMailbox?.('acked');
+    // the reply is stored before the command leaves the mailbox: a crash in between makes
+    // the MCU's resent ack produce the reply again (a duplicate), never lose it
     if (entry.name.startsWith('fw.')) {
       await this.opts.firmware?.onAck(mcuId, entry, ack);
-      return;
+    } else {
+      const reply: Omit<CommandReply, 'mid'> = { v: 1, id: ack.id, ok: ack.ok };
+      if (ack.ok && ack.r !== undefined) reply.result = ack.r;
+      if (!ack.ok) reply.error = { code: ack.code ?? 'FLEET_MCU_COMMAND', message: ack.e ?? 'the MCU refused the command' };
+      await this.opts.relay.append(mcuId, 'reply', Priority.ALERT, (mid) => encodeMessage({ ...reply, mid }));
     }
-    const reply: Omit<CommandReply, 'mid'> = { v: 1, id: ack.id, ok: ack.ok };
-    if (ack.ok && ack.r !== undefined) reply.result = ack.r;
-    if (!ack.ok) reply.error = { code: ack.code ?? 'FLEET_MCU_COMMAND', message: ack.e ?? 'the MCU refused the command' };
-    await this.opts.relay.append(mcuId, 'reply', Priority.ALERT, (mid) => encodeMessage({ ...reply, mid }));
+    if (await this.opts.mailbox.remove(mcuId, ack.id)) this.opts.onMailbox?.('acked');
   }
 
   /** A log or crash dump: text lines, or base64 lines for anything else (docs "Uploads"). */
@@ -162,20 +165,19 @@ export class McuService extends EventEmitter {
 
   /** Expired commands: out of the mailbox, FLEET_TIMEOUT to the hub. */
   async sweep(): Promise<void> {
-    let expired;
+    if (this.sweeping) return;
+    this.sweeping = true;
     try {
-      expired = await this.opts.mailbox.sweep(this.now());
+      for (const { mcuId, entry } of this.opts.mailbox.expired(this.now())) {
+        // answered first, removed after: a crash in between answers twice, never not at all
+        if (entry.name.startsWith('fw.')) await this.opts.firmware?.onExpired(mcuId, entry);
+        else await this.replyError(mcuId, entry.id, 'FLEET_TIMEOUT', `the MCU did not acknowledge the command before it expired${entry.delivered ? ' (it was delivered)' : ' (the MCU did not pick it up)'}`);
+        if (await this.opts.mailbox.remove(mcuId, entry.id)) this.opts.onMailbox?.('expired');
+      }
     } catch (err) {
       this.opts.log.error('mailbox sweep failed', { err });
-      return;
-    }
-    for (const { mcuId, entry } of expired) {
-      this.opts.onMailbox?.('expired');
-      if (entry.name.startsWith('fw.')) {
-        await this.opts.firmware?.onExpired(mcuId, entry);
-        continue;
-      }
-      await this.replyError(mcuId, entry.id, 'FLEET_TIMEOUT', `the MCU did not acknowledge the command before it expired${entry.delivered ? ' (it was delivered)' : ' (the MCU did not pick it up)'}`);
+    } finally {
+      this.sweeping = false;
     }
   }
 

@@ -1,4 +1,4 @@
-import { readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadTrustRoot, verifyBundle } from '../../bundles/index.ts';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
@@ -91,13 +91,14 @@ export const gatewayCommand = defineCommand({
  * (read at each use, so a rotated root applies without a restart), whose single file —
  * or the file named firmware.bin — is the MCU image.
  */
-function firmwareVerifier(trustFile: string, workDir: string): VerifyFirmware {
+export function firmwareVerifier(trustFile: string, workDir: string): VerifyFirmware {
   return async (file) => {
     const verified = await verifyBundle(file, { trust: loadTrustRoot(trustFile), kind: 'firmware' });
     const files = verified.manifest.files;
     const image = files.length === 1 ? files[0] : files.find((f) => f.path === 'firmware.bin');
     if (!image) throw new FleetError('FLEET_MCU_FIRMWARE', 'a firmware bundle holds one file, or a file named firmware.bin');
     const dir = join(workDir, `extract-${verified.sha256}`);
+    await mkdir(workDir, { recursive: true, mode: 0o700 });
     await rm(dir, { recursive: true, force: true });
     try {
       await verified.extractTo(dir);

@@ -10,7 +10,7 @@ import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { coapAuthQuery, coapPath } from '../../firmware-bridge/coap.ts';
 import type { McuChannel } from '../../firmware-bridge/topics.ts';
 import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
-import { startGateway, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
+import { startGateway, type GatewayExtras, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
@@ -50,7 +50,7 @@ export function guardRetainedScans(hub: HubHandle): void {
   p.createRetainedStreamCombi = (patterns) => orig(patterns).on('error', () => undefined);
 }
 
-export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}): Promise<void> {
+export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }): Promise<void> {
   const tmp = tempDir();
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
   guardRetainedScans(hub);
@@ -65,7 +65,7 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
   const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hub.mqttPort}`, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu }, http: { port: 0 } });
   const gws: GatewayHandle[] = [];
   const start = async () => {
-    const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', { verifyFirmware: rawImageVerifierMock });
+    const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', extras);
     gws.push(g);
     return g;
   };

@@ -1,0 +1,65 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { EventMessage } from '../../core/messages.ts';
+import { firmwareVerifier } from '../../cli/commands/gateway.ts';
+import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
+import { tempDir, waitFor } from '../helpers.ts';
+import { coap, coapBlock, of, withEnv } from './env.ts';
+
+/**
+ * The whole firmware path with real parts: a signed firmware bundle (bundles/ format,
+ * verified by the CLI's verifier that wraps verifyBundle) uploaded to the hub's artifact
+ * store, named by the desired state with an http URL, downloaded by the gateway with its
+ * device credentials (HTTP Basic), verified, cached and served over CoAP Block2.
+ */
+test('firmware bundle from the hub artifact store: downloaded with the device token, signature verified, image served; a bundle by an unknown key is refused and reported failed', async () => {
+  const tmp = tempDir('fleetlet-fwb-');
+  try {
+    const [good, stranger] = newKeys(2);
+    const { bytes: rootBytes } = makeRoot([good!], 1);
+    const trustFile = join(tmp.dir, 'root.json');
+    writeFileSync(trustFile, rootBytes);
+    const image = Buffer.alloc(4096 + 123);
+    for (let i = 0; i < image.length; i++) image[i] = (i * 7 + 3) & 0xff;
+    const files = [{ path: 'firmware.bin', data: image }];
+    const okBundle = craftBundle(join(tmp.dir, 'ok.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.0' }), signers: [good!.privateKey] });
+    const badBundle = craftBundle(join(tmp.dir, 'bad.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.1' }), signers: [stranger!.privateKey] });
+
+    await withEnv(
+      async ({ hub, gw, site, seen }) => {
+        const operator = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+        const upload = async (b: Buffer) => {
+          const res = await fetch(`http://127.0.0.1:${hub.httpPort}/api/v1/artifacts`, { method: 'POST', headers: { authorization: `Bearer ${operator}`, 'content-type': 'application/octet-stream' }, body: new Uint8Array(b) });
+          assert.ok(res.ok, await res.clone().text());
+          return (await res.json()) as { sha256: string; url: string };
+        };
+        const ok = await upload(okBundle);
+        const bad = await upload(badBundle);
+        for (const id of ['esp-b1', 'esp-b2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b2'), 'registered');
+        await sleep(300);
+        await hub.setDesired('esp-b1', { apps: {}, firmware: { version: '2.0.0', url: `http://127.0.0.1:${hub.httpPort}${ok.url}`, sha256: ok.sha256, size: okBundle.length } });
+        await hub.setDesired('esp-b2', { apps: {}, firmware: { version: '2.0.1', url: `http://127.0.0.1:${hub.httpPort}${bad.url}`, sha256: bad.sha256, size: badBundle.length } });
+
+        await waitFor(() => gw.firmwareState('esp-b1')?.state === 'offered', 'the verified image offered', 15_000).catch((err: unknown) => {
+          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-b1'))}`);
+        });
+        const got = await coapBlock(gw.coapPort, site, 'esp-b1', 0, 256);
+        assert.equal(createHash('sha256').update(got.body).digest('hex'), createHash('sha256').update(image).digest('hex'));
+
+        await waitFor(() => gw.firmwareState('esp-b2')?.state === 'failed', 'the stranger-signed bundle refused', 15_000);
+        assert.match(gw.firmwareState('esp-b2')?.reason ?? '', /FLEET_BUNDLE_UNKNOWN_KEY/);
+        assert.equal((await coapBlock(gw.coapPort, site, 'esp-b2', 0, 256)).code, '4.04');
+        await waitFor(() => (of(seen, 'esp-b2', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && e.data?.state === 'failed'), 'failure event at the hub');
+      },
+      {},
+      { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },
+    );
+  } finally {
+    tmp.cleanup();
+  }
+});
