@@ -214,3 +214,29 @@ test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is of
   });
 });
 
+
+test('mcu.mqttRequireMac: MQTT payloads without a MAC line are dropped (auth); with one they pass the shared replay check', async () => {
+  await withEnv(
+    async ({ gw, site, seen }) => {
+      const id = 'esp-r1';
+      const m = await connectMcu(gw.mqttPort, id, site);
+      const body = Buffer.from('[{"n":"a","v":1}]');
+      await m.publishAsync(mcuTopic(id, 't'), body, { qos: 1 });
+      await m.publishAsync(mcuTopic(id, 't'), frameWithMac(mcuKey(site, id), id, 't', 7, body), { qos: 1 });
+      // the counter space is shared with CoAP: 7 again over CoAP is a replay
+      const mac = signMcuMessage(mcuKey(site, id), id, 't', 7, body);
+      await m.endAsync();
+      const replay = await new Promise<string>((resolve, reject) => {
+        const req = coapRequest({ host: '127.0.0.1', port: gw.coapPort, method: 'POST', pathname: coapPath(id, 't'), query: coapAuthQuery(7, mac), agent: new Agent({ type: 'udp4' }) });
+        req.on('response', (res) => resolve(`${res.code} ${res.payload.toString()}`));
+        req.on('error', reject);
+        req.end(body);
+      });
+      assert.equal(replay, '4.01 FLEET_MCU_REPLAY');
+      await waitFor(() => of(seen, id, 'telemetry').length === 1, 'the MAC-framed message at the hub');
+      assert.equal(gw.stats().dropped.auth, 1);
+      assert.equal(gw.stats().dropped.replay, 1);
+    },
+    { mqttRequireMac: true },
+  );
+});
