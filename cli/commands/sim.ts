@@ -8,6 +8,13 @@ import { readSecretFile } from '../../core/secrets.ts';
 import { runSim, type SimOptions, type SimProtocol } from '../../esp32-sim/sim.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 
+const FORMATS = ['senml+json', 'senml+cbor', 'compact'] as const;
+function formatFlag(raw: string | undefined): SimOptions['format'] {
+  if (raw === undefined) return undefined;
+  if (!(FORMATS as readonly string[]).includes(raw)) throw new FleetError('FLEET_USAGE', `--format: expected one of ${FORMATS.join(', ')}, got ${JSON.stringify(raw)}`);
+  return raw as SimOptions['format'];
+}
+
 export const simCommand = defineCommand({
   name: 'sim',
   summary: 'simulate many ESP32 devices (telemetry, deep sleep, commands, firmware updates) against a gateway over MQTT or CoAP',
@@ -104,7 +111,7 @@ export const simCommand = defineCommand({
       firmwareVersion: strFlag(values, 'firmware-version'),
       failVersions: Array.isArray(values['fail-version']) ? (values['fail-version'] as string[]) : undefined,
       fwChunkBytes: intFlag(values, 'fw-chunk-bytes', 16, 4096),
-      format: strFlag(values, 'format') as SimOptions['format'],
+      format: formatFlag(strFlag(values, 'format')),
       hello: values['no-hello'] === true ? false : undefined,
       mailbox: values['no-mailbox'] === true ? false : undefined,
     };

@@ -241,6 +241,7 @@ async function phase(name, port, meter, server) {
   }
   const t1 = Date.now();
   const connectedAtEnd = sum('connected');
+  const simRssKb = Math.round(sum('rssBytes') / 1024);
   const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
   const sent1 = sum('sent');
   const rssEnd = rssKb(pids.server);
@@ -279,6 +280,8 @@ async function phase(name, port, meter, server) {
     connected,
     connectedMinInWindow: Math.min(...connectedSamples),
     connectedAtEnd,
+    simRssKb,
+    simKbPerDevice: Math.round((simRssKb / N) * 10) / 10,
     windowS: Math.round(secs * 10) / 10,
     ackedPerS: Math.round((sent1 - sent0) / secs),
     deliveredPerS: Math.round(meter.arrivedInWindow / secs),
@@ -335,7 +338,9 @@ async function gatewayPhase() {
   const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')], profArgs('gateway'));
   const gwReady = await waitJson(join(dir, 'gw.ready'));
   const meter = new Meter();
-  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
+  // a persistent session and a long keep-alive: a subscriber that misses a ping under load must not lose what the broker holds for it
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', clean: false, keepalive: 300, username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
+  sub.on('offline', () => progress('hub subscriber disconnected'));
   sub.on('message', (topic, payload) => {
     const id = topic.split('/')[3];
     const m = JSON.parse(payload.toString());
@@ -346,7 +351,22 @@ async function gatewayPhase() {
   await sleep(3000);
   const rss0 = rssKb(gw.pid);
   progress(`gateway: RSS with 0 devices ${Math.round(rss0 / 1024)} MiB`);
+  let gwExit = null;
+  gw.once('exit', (code, signal) => {
+    gwExit = { code, signal, at: new Date().toISOString() };
+    progress(`gateway process exited (${signal ?? `code ${code}`}) during the run`);
+  });
   const r = await phase('gateway', gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics` });
+  if (gwExit) {
+    // the figures after a crash are not the gateway's: say so, with what it printed
+    let tail = '';
+    try {
+      tail = readFileSync(join(dir, 'gateway.log'), 'utf8').slice(-3000);
+    } catch {
+      // no log
+    }
+    r.gatewayCrashed = { ...gwExit, logTail: tail };
+  }
   await sub.endAsync(true);
   await stop(gw, 30_000);
   await stop(hub, 15_000);
@@ -366,7 +386,8 @@ async function mosquittoPhase() {
   // the broker's pid is timeout's child
   const pid = Number(execFileSync('pgrep', ['-P', String(m.pid)]).toString().trim().split('\n')[0]);
   const meter = new Meter();
-  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-consumer', reconnectPeriod: 500 });
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-consumer', clean: false, keepalive: 300, reconnectPeriod: 500 });
+  sub.on('offline', () => progress('mosquitto subscriber disconnected'));
   sub.on('message', (topic, payload) => {
     const id = topic.split('/')[2];
     const recs = JSON.parse(payload.toString());
@@ -447,7 +468,8 @@ const rows = [
   ['hub CPU, % of one core', g.hubCpuPct, null, '—', null],
   ['gateway outbox depth / oldest age (s), max in window', g.outboxDepthMax !== undefined ? `${g.outboxDepthMax} / ${g.outboxOldestSMax}` : null, null, '—', null],
   ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
-  ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${g.simLagMaxMs}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${q.simLagMaxMs}` : null, '—', null],
+  ['sim RSS per simulated device (whole process / N), KB', g.simKbPerDevice, q.simKbPerDevice, '—', null],
+  ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${Math.round(g.simLagMaxMs)}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${Math.round(q.simLagMaxMs)}` : null, '—', null],
 ];
 result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
 const fmt = (v) => (v === null || v === undefined ? '—' : typeof v === 'number' ? String(Math.round(v * 10) / 10) : String(v));
@@ -456,6 +478,11 @@ console.log('| figure | gateway → hub | Mosquitto | ratio | target | pass |');
 console.log('|---|---:|---:|---:|---|---|');
 for (const r of result.table) console.log(`| ${r.figure} | ${fmt(r.gateway)} | ${fmt(r.mosquitto)} | ${r.ratio} | ${r.target} | ${r.pass === null ? '' : r.pass ? 'pass' : 'FAIL'} |`);
 if (g.error) console.log(`gateway phase failed: ${g.error.split('\n')[0]}`);
+if (g.gatewayCrashed) {
+  console.log(`THE GATEWAY PROCESS DIED during the run (${g.gatewayCrashed.signal ?? `exit ${g.gatewayCrashed.code}`} at ${g.gatewayCrashed.at}); its figures above are not valid. Last lines of its log:`);
+  console.log(g.gatewayCrashed.logTail.split('\n').filter((l) => l.trim()).slice(-8).join('\n'));
+  exit = 1;
+}
 if (q.error) console.log(`mosquitto phase failed: ${q.error.split('\n')[0]}`);
 mkdirSync(join(ROOT, 'scripts/bench/results'), { recursive: true });
 const out = join(ROOT, `scripts/bench/results/gateway-scale-${date.slice(0, 10)}${values.tag ? `-${values.tag}` : ''}.json`);

@@ -65,6 +65,21 @@ for (const protocol of ['mqtt', 'coap'] as const satisfies readonly SimProtocol[
   });
 }
 
+test('sim: SenML CBOR and compact binary telemetry over MQTT and CoAP reach the hub with the same readings', async () => {
+  const runs = [];
+  for (const protocol of ['mqtt', 'coap'] as const) {
+    for (const format of ['senml+cbor', 'compact'] as const) {
+      const prefix = `fmt-${protocol}-${format === 'compact' ? 'bin' : 'cbor'}-`;
+      runs.push({ prefix, sim: await sim({ devices: 3, protocol, prefix, format, intervalMs: 250, startJitterMs: 200 }) });
+    }
+  }
+  for (const { prefix, sim: s } of runs) {
+    await waitFor(() => ids(prefix, 3).every((id) => consumer.readingsOf(id) >= 3), `readings from ${prefix}*`, 15_000);
+    assert.equal(s.stats().errors, 0, `${prefix}: ${JSON.stringify(s.stats())}`);
+    await s.stop();
+  }
+});
+
 test('sim: deep sleep — devices that declare their sleep stay online (sleeping, not lost) across sleep cycles; undeclared ones go offline while asleep', async () => {
   const N = 6;
   const declared = [
