@@ -369,6 +369,8 @@ export class Updater extends EventEmitter {
 
   private async doDownload(rec: UpdateRecord): Promise<Outcome> {
     if (existsSync(rec.file)) return { event: 'success' };
+    // partial downloads of bundles the desired state no longer names take space for nothing
+    for (const f of readdirSync(this.layout.downloads)) if (!rec.file.endsWith(`/${f}`) && f !== `${rec.file.slice(rec.file.lastIndexOf('/') + 1)}.part`) rmSync(join(this.layout.downloads, f), { force: true });
     if (!rec.url) throw new FleetError('FLEET_UPDATE_DOWNLOAD', `bundle file ${rec.file} is gone and there is no URL to fetch it again`);
     const auth = this.d.authorization?.();
     const c = this.d.config;

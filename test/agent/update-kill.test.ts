@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { createReadStream, existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
@@ -22,6 +22,7 @@ const UPDATE = { probationMs: 300, lockPollMs: 50, downloadBackoffMs: 20 };
 
 type Case = { state: UpdateState; v2: 'good' | 'crash' | 'forged'; lock?: boolean; viaUrl?: boolean };
 const CASES: Case[] = [
+  // downloading: killed with half the bundle on disk (not parked at the state's entry like the others)
   { state: 'downloading', v2: 'good', viaUrl: true },
   { state: 'verifying', v2: 'good' },
   { state: 'staging', v2: 'good' },
@@ -59,6 +60,9 @@ describe('killed in X: SIGKILL in every update state, restart, end committed on 
   let runner = '';
   let server: Server;
   let base = '';
+  /** what the artifact server saw: path and Range header of each request */
+  const seen: Array<{ path: string; range: string | undefined }> = [];
+  const stalled = new Set<Socket>();
   before(async () => {
     runner = await buildRunner(tmp.dir);
     // a plain artifact server with Range, for the download case
@@ -71,13 +75,20 @@ describe('killed in X: SIGKILL in every update state, restart, end committed on 
       const size = statSync(file).size;
       const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
       const start = m ? Number(m[1]) : 0;
+      seen.push({ path: req.url ?? '', range: req.headers.range });
       res.writeHead(m ? 206 : 200, { 'content-length': size - start, ...(m ? { 'content-range': `bytes ${start}-${size - 1}/${size}` } : {}) });
+      if (!m) {
+        // the first fetch gets half the file, then the link goes quiet: the agent is killed mid-download
+        createReadStream(file, { start: 0, end: Math.floor(size / 2) - 1 }).on('data', (c) => res.write(c)).on('end', () => stalled.add(res.socket!));
+        return;
+      }
       createReadStream(file, { start }).pipe(res);
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   });
   after(async () => {
+    for (const s of stalled) s.destroy();
     server.closeAllConnections();
     await new Promise<void>((r) => server.close(() => r()));
     tmp.cleanup();
@@ -104,12 +115,16 @@ describe('killed in X: SIGKILL in every update state, restart, end committed on 
         await r.start({
           queue: c.viaUrl ? [v1.file] : [v1.file, v2.file],
           ...(c.viaUrl ? { desired: { v: 1, rev: 1, ts: Date.now(), apps: { web: { version: '2.0.0', url: `${base}/${v2.file.slice(tmp.dir.length + 1)}`, sha256: v2.sha256, size: v2.size } } } } : {}),
-          pauseIn: c.state,
+          ...(c.viaUrl ? {} : { pauseIn: c.state }),
           pauseAfter: 1,
           pauseMarker: marker,
           ...(c.lock ? { lockOnStaged: lock } : {}),
         });
-        await waitFor(() => existsSync(marker), `the runner to reach ${c.state} (log:\n${r.log().slice(-1500)})`, 30_000);
+        if (c.viaUrl) {
+          // killed mid-download: once half the bundle is in the partial file
+          const part = join(dir, 'update', 'downloads', `${v2.sha256}.bundle.part`);
+          await waitFor(() => existsSync(part) && statSync(part).size >= Math.floor(v2.size / 2), `half of the download (log:\n${r.log().slice(-1500)})`, 30_000);
+        } else await waitFor(() => existsSync(marker), `the runner to reach ${c.state} (log:\n${r.log().slice(-1500)})`, 30_000);
         await r.kill9();
         const persisted = r.state();
         assert.equal(persisted?.state, c.state, 'the state was persisted before its action');
@@ -125,6 +140,12 @@ describe('killed in X: SIGKILL in every update state, restart, end committed on 
           rmSync(lock);
         }
         const fin = await settled(r, 2);
+        if (c.viaUrl) {
+          // the restarted updater asked only for the rest (HTTP Range), not the whole file again
+          const v2Requests = seen.filter((x) => x.path.endsWith(v2.file.slice(tmp.dir.length + 1)));
+          assert.equal(v2Requests.length, 2, JSON.stringify(v2Requests));
+          assert.equal(v2Requests[1]!.range, `bytes=${Math.floor(v2.size / 2)}-`);
+        }
         const want = c.v2 === 'good' ? { state: 'committed', version: '2.0.0' } : c.v2 === 'crash' ? { state: 'rolled-back', version: '1.0.0' } : { state: 'failed', version: '1.0.0' };
         assert.equal(fin.state, want.state, JSON.stringify(fin.history));
         assert.equal(r.currentVersion('web'), want.version);
