@@ -137,10 +137,36 @@ async function bundle() {
     banner: { js: `var __fleetlet_import_meta_url = require('url').pathToFileURL(__filename).href;` },
     plugins: [classicLevelBindingPlugin, stubPlugin],
   });
+  latin1Source();
   const inputs = Object.keys(result.metafile.inputs);
   if (!inputs.some((i) => i.endsWith('classic-level/binding.js'))) fail('classic-level/binding.js was not in the bundle: did the LevelDB import move?');
   log(`bundled ${inputs.length} modules into ${relative(ROOT, BUNDLE)} (${mb(statSync(BUNDLE).size)}) in ${Date.now() - t0} ms`);
   writeFileSync(join(DIST, 'meta.json'), JSON.stringify(result.metafile));
+}
+
+/**
+ * V8 keeps a script's source in the heap for lazy compilation, one byte per character
+ * when every character is Latin-1, two bytes otherwise: a single '—' anywhere doubles the
+ * ~2 MB bundle source to ~4 MB of heap in every process. esbuild escapes non-ASCII in
+ * ordinary strings but leaves it in String.raw templates (the agent page's script) and in
+ * some regular expressions of dependencies. \uXXXX means the same character in every such
+ * place: string, template and regex literals, and the page JavaScript served from
+ * String.raw (its non-ASCII characters sit inside JS string literals). It would not in CSS
+ * (`\2014`), so a character above U+00FF inside the page's CSS fails the build instead.
+ */
+function latin1Source() {
+  const text = readFileSync(BUNDLE, 'utf8');
+  let n = 0;
+  const out = text.replace(/[^\u0000-\u00ff]/g, (ch) => {
+    n++;
+    return `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`;
+  });
+  if (n === 0) return;
+  const page = readFileSync(join(ROOT, 'agent', 'page.ts'), 'utf8');
+  const css = /PAGE_CSS\s*=\s*String\.raw`([^`]*)`/.exec(page);
+  if (css && /[^\u0000-\u00ff]/.test(css[1])) fail('the agent page CSS holds a character above U+00FF: write it as a CSS escape (\\2014) in agent/page.ts');
+  writeFileSync(BUNDLE, out);
+  log(`escaped ${n} character(s) above U+00FF so the bundle source stays one byte per character in V8`);
 }
 
 function scan() {

@@ -1,4 +1,5 @@
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
 import { FleetError } from '../../core/errors.ts';
 import { AgentConfigSchema } from '../../agent/config.ts';
@@ -78,6 +79,7 @@ export const agentCommand = defineCommand({
     if (more.length > 0) throw new FleetError('FLEET_USAGE', `unexpected argument "${more[0]}"`);
     if (sub === 'install') return install(values);
     if (sub === 'status') return status(values);
+    if (sub === 'boot-check') return bootCheckCommand(values);
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown agent subcommand "${sub}" (install, status)`);
     return runAgent(values);
   },
@@ -103,9 +105,28 @@ async function runAgent(values: Values): Promise<number> {
     import('../../core/proc.ts'),
   ]);
   const log = createLogger({ name: 'agent', level: logLevelFromEnv() ?? 'info' });
-  const agent = await startAgent(config, log, VERSION);
+  // the updater verifies bundles with bundles/ (agent/ does not import it: layout rule)
+  const agent = await startAgent(config, log, VERSION, { bundles: await import('../../bundles/index.ts') });
   writeReadyFile(strFlag(values, 'ready-file'), { apiPort: agent.apiPort, deviceId: agent.deviceId, technicianTokenFile: agent.tokenFiles.technician });
   return runUntilSignal(() => agent.stop(), { dieWithParent: values['die-with-parent'] === true });
+}
+
+/**
+ * `fleetlet agent boot-check`: the self-update boot counter (docs/ota.md#agent-self-update),
+ * run by systemd's ExecStartPre with the last known-good binary before every start. It never
+ * fails the start: whatever happens, it exits 0.
+ */
+async function bootCheckCommand(values: Values): Promise<number> {
+  const { config } = loadConfig(AgentConfigSchema, { file: strFlag(values, 'config'), overrides: { stateDir: strFlag(values, 'state-dir') } });
+  const [{ bootCheck }, { createLogger }] = await Promise.all([import('../../agent/update/selfupdate.ts'), import('../../core/log.ts')]);
+  const log = createLogger({ name: 'agent', level: logLevelFromEnv() ?? 'info' });
+  try {
+    const result = bootCheck(config.stateDir, config.update, log, 'pre-start');
+    if (values.json) process.stdout.write(JSON.stringify({ result }) + '\n');
+  } catch (err) {
+    log.error('boot check failed; starting the current agent anyway', { err });
+  }
+  return EXIT.OK;
 }
 
 async function install(values: Values): Promise<number> {
@@ -159,8 +180,6 @@ interface AppLike {
 }
 
 async function status(values: Values): Promise<number> {
-  const { readFileSync } = await import('node:fs');
-  const { join } = await import('node:path');
   let base = strFlag(values, 'url');
   let tokenFile = strFlag(values, 'api-token-file');
   if (!base || !tokenFile) {

@@ -106,7 +106,7 @@ test('AppMetrics sums CPU and RSS over the whole process group of each app, in o
     { name: 'gone', pid: null, state: 'backoff', restarts: 7, health: 'unhealthy' },
   ];
   try {
-    const m = new AppMetrics();
+    const m = new AppMetrics('/proc', 0); // a full /proc pass at every sample
     await waitFor(() => m.sample(apps)[0]!.processes >= 4, 'busy group has sh + 2 sleeps + the loop');
     await sleep(600);
     const [b, i, g] = m.sample(apps);
@@ -124,6 +124,16 @@ test('AppMetrics sums CPU and RSS over the whole process group of each app, in o
     // kernel's per-CPU RSS counters, which /proc/<pid>/stat reads without summing exactly
     const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${idle.pid}/status`, 'utf8'))![1]);
     assert.ok(Math.abs(i!.rssBytes - kb * 1024) <= Math.max(512 * 1024, kb * 1024 * 0.2), `${i!.rssBytes} vs ${kb} kB`);
+    // between full passes only the known members are read: same groups, same figures
+    const inc = new AppMetrics('/proc', 60_000);
+    const first = inc.sample(apps);
+    await sleep(400);
+    const [b2, i2] = inc.sample(apps);
+    assert.equal(inc.fullScans, 1, 'one full pass, then only the members');
+    assert.equal(b2!.processes, first[0]!.processes);
+    assert.equal(i2!.processes, 1);
+    assert.ok(b2!.cpuPercent !== null && b2!.cpuPercent > 0, `busy cpu ${b2!.cpuPercent}`);
+    assert.ok(Math.abs(b2!.rssBytes - b!.rssBytes) < b!.rssBytes * 0.5);
     assert.deepEqual({ ...g, cpuSecondsTotal: 0 }, { name: 'gone', pgid: null, processes: 0, cpuPercent: null, cpuSecondsTotal: 0, rssBytes: 0, restarts: 7, running: false, health: 'unhealthy' });
   } finally {
     for (const c of [busy, idle]) {
@@ -146,7 +156,11 @@ test('MetricsCollector: telemetry samples and /metrics families; network counter
     const s = c.sample();
     const names = new Set(c.toSamples().map((x) => x.n));
     for (const n of ['load.1m', 'load.5m', 'load.15m', 'mem.used', 'mem.total', 'swap.used', 'uptime', 'cpu.util', 'disk.state.avail', 'disk.state.total', 'app.app-1.cpu', 'app.app-1.rss']) assert.ok(names.has(n), n);
-    for (const n of s.device.net) assert.ok(names.has(`net.${n.iface}.rx`) && names.has(`net.${n.iface}.tx.packets`), n.iface);
+    for (const n of s.device.net) {
+      // interfaces that never carried a byte stay out of telemetry (still on /metrics)
+      const idle = n.rxBytes === 0 && n.txBytes === 0;
+      assert.equal(names.has(`net.${n.iface}.rx`) && names.has(`net.${n.iface}.tx.packets`), !idle, n.iface);
+    }
     assert.deepEqual(
       c.appStateSamples(5).map((x) => x.n),
       ['app.app-1.up', 'app.app-1.restarts', 'app.app-1.health'],
