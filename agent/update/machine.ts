@@ -49,8 +49,8 @@ export const TRANSITIONS: Table = {
   probation: { success: 'committing', failure: 'rolling-back', 'loop-detected': 'rolling-back' },
   // committing only records the floor and prunes; it is idempotent, so it is redone, not undone
   committing: { success: 'committed', retry: 'committing' },
-  // a rollback is always finished: there is no state to fall back to from here
-  'rolling-back': { success: 'rolled-back', retry: 'rolling-back', failure: 'failed' },
+  // a rollback is always finished (retried until it is): there is no state to fall back to from here
+  'rolling-back': { success: 'rolled-back', retry: 'rolling-back' },
   committed: { start: 'downloading' },
   'rolled-back': { start: 'downloading' },
   failed: { start: 'downloading' },

@@ -14,7 +14,7 @@ import type { UpdateConfig } from './config.ts';
 import { download, sha256File, statfsFree } from './download.ts';
 import { fsyncDir, readJson, readLink, switchSymlink, writeJsonAtomic } from './files.ts';
 import { appSpecFor, Layout, META_FILE } from './layout.ts';
-import { AFTER_SWITCH, isUpdateState, loopGuardApplies, RESUME, STATE_VERSION, TERMINAL, type UpdateState } from './machine.ts';
+import { AFTER_SWITCH, isUpdateState, loopGuardApplies, RESUME, STATE_VERSION, TERMINAL, TRANSITIONS, type UpdateState } from './machine.ts';
 import { advance, type Outcome } from './record.ts';
 import type { ReleaseMeta, UpdateRecord, UpdateSource, VerifiedBundleLike, VerifyBundleFn } from './types.ts';
 
@@ -152,7 +152,11 @@ export class Updater extends EventEmitter {
       return rec;
     } catch (err) {
       const aside = `${this.layout.stateFile}.bad-${Date.now()}`;
-      renameSync(this.layout.stateFile, aside);
+      try {
+        renameSync(this.layout.stateFile, aside);
+      } catch {
+        // unreadable and immovable: the next write replaces it
+      }
       this.d.log.error('update state unreadable; moved aside, the device stays on its current releases', { file: aside, err });
       void this.d.emitEvent('update.state-unreadable', 'alert', { file: aside, code: 'FLEET_UPDATE_STATE', message: (err as Error).message });
       return null;
@@ -173,11 +177,6 @@ export class Updater extends EventEmitter {
     await this.running?.catch(() => undefined);
   }
 
-  /** Settles when nothing is in progress or queued (tests, the local API). */
-  async idle(): Promise<void> {
-    while (this.running) await this.running.catch(() => undefined);
-  }
-
   /** The hub's desired state: queue what differs from what is installed and was not refused before. */
   onDesired(desired: DesiredState): void {
     const refused = new Set(this.status().history.filter((h) => h.state !== 'committed' && h.sha256).map((h) => h.sha256));
@@ -187,11 +186,13 @@ export class Updater extends EventEmitter {
       const rel = this.layout.currentRelease('app', name);
       if (rel && this.layout.meta('app', name, rel)?.sha256 === app.sha256) continue;
       if (refused.has(app.sha256) || this.rec?.sha256 === app.sha256) continue;
-      want.push({ source: 'hub', url: this.resolveUrl(app.url), sha256: app.sha256, ...(app.size !== undefined ? { size: app.size } : {}), wantName: name, wantKind: 'app', file: join(this.layout.downloads, `${app.sha256}.bundle`) });
+      const url = this.urlOrNull(app.url, name);
+      if (url) want.push({ source: 'hub', url, sha256: app.sha256, ...(app.size !== undefined ? { size: app.size } : {}), wantName: name, wantKind: 'app', file: join(this.layout.downloads, `${app.sha256}.bundle`) });
     }
     const agent = desired.agent;
-    if (agent && agent.version !== this.d.agentVersion && !refused.has(agent.sha256) && this.rec?.sha256 !== agent.sha256) {
-      want.push({ source: 'hub', url: this.resolveUrl(agent.url), sha256: agent.sha256, ...(agent.size !== undefined ? { size: agent.size } : {}), wantKind: 'agent', file: join(this.layout.downloads, `${agent.sha256}.bundle`) });
+    const agentUrl = agent && agent.version !== this.d.agentVersion && !refused.has(agent.sha256) && this.rec?.sha256 !== agent.sha256 ? this.urlOrNull(agent.url, 'agent') : null;
+    if (agent && agentUrl) {
+      want.push({ source: 'hub', url: agentUrl, sha256: agent.sha256, ...(agent.size !== undefined ? { size: agent.size } : {}), wantKind: 'agent', file: join(this.layout.downloads, `${agent.sha256}.bundle`) });
     }
     // a newer desired state replaces what an older one queued
     this.queue = [...this.queue.filter((q) => q.source !== 'hub'), ...want];
@@ -313,7 +314,13 @@ export class Updater extends EventEmitter {
       } catch (err) {
         if (this.stopped) return;
         const fe = toFleetError(err);
-        out = { event: 'failure', reason: fe.message, code: fe.code };
+        if (TRANSITIONS[rec.state].failure) out = { event: 'failure', reason: fe.message, code: fe.code };
+        else {
+          // committing and rolling-back have no way back: they are retried until they finish
+          this.d.log.error('update step failed; retrying', { id: rec.id, state: rec.state, err: fe });
+          await sleep(1000);
+          out = { event: 'retry', reason: fe.message };
+        }
       }
       if (this.stopped) return;
       await this.transition(rec, out);
@@ -648,6 +655,15 @@ export class Updater extends EventEmitter {
   }
 
   // ---------------------------------------------------------------- sources
+
+  private urlOrNull(url: string, what: string): string | null {
+    try {
+      return this.resolveUrl(url);
+    } catch (err) {
+      this.d.log.error('desired state names a bundle URL the agent cannot use; skipped', { what, url, err });
+      return null;
+    }
+  }
 
   private resolveUrl(url: string): string {
     if (/^https?:\/\//.test(url)) return url;

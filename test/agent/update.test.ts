@@ -36,6 +36,9 @@ describe('update state machine tables (pure)', () => {
     }
     for (const s of ['downloading', 'verifying', 'staging', 'staged', 'waiting-lock'] as const) assert.equal(nextState(s, 'failure'), 'failed');
     assert.equal(nextState('staged', 'locked'), 'waiting-lock');
+    // once on its way to an end after the switch, an update only finishes (retried on errors)
+    assert.equal(TRANSITIONS['rolling-back'].failure, undefined);
+    assert.equal(TRANSITIONS.committing.failure, undefined);
     assert.throws(() => nextState('committed', 'failure'));
   });
   test('the happy path and the rollback path', () => {
