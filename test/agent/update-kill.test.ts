@@ -1,5 +1,5 @@
 /**
- * "Killed in X" for every state X of an app update, and a randomized fault loop of 200
+ * "Killed in X" for every state X of an app update, the loop guard, and a randomized fault loop of 200
  * SIGKILLs (about 2–3 minutes on a loaded 2-core machine). The updater runs in a child
  * process with the real supervisor (test/fixtures/ota/runner.ts, bundled with esbuild so a
  * start costs a plain node start); apps are real processes; bundles are real signed files.
@@ -169,6 +169,55 @@ describe('killed in X: SIGKILL in every update state, restart, end committed on 
       }
     });
   }
+});
+
+describe('loop guard', () => {
+  const tmp = tempDir('fleetlet-otaloop-');
+  after(() => tmp.cleanup());
+
+  test('an update killed in probation on every start is rolled back after update.maxResumes resumes', async () => {
+    const keys = makeKeys();
+    const runner = await buildRunner(tmp.dir);
+    const dir = join(tmp.dir, 'device');
+    const trust = installTrustRoot(dir, keys);
+    const v1 = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '1.0.0', sequence: 1 });
+    const v2 = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '2.0.0', sequence: 2 });
+    const install = new RunnerProc(runner, dir, trust, UPDATE);
+    try {
+      await install.start({ queue: [v1.file] });
+      await settled(install, 1);
+    } finally {
+      await install.stop();
+    }
+    // a long probation, so every kill lands in it; two resumes allowed
+    const r = new RunnerProc(runner, dir, trust, { ...UPDATE, probationMs: 60_000, maxResumes: 2 });
+    try {
+      const marker = join(dir, 'paused.json');
+      await r.start({ queue: [v2.file], pauseIn: 'probation', pauseAfter: 1, pauseMarker: marker });
+      await waitFor(() => existsSync(marker), 'probation');
+      await r.kill9();
+      for (let resume = 1; resume <= 2; resume++) {
+        await r.start();
+        await waitFor(() => r.state()?.state === 'probation' && r.state()?.resumes === resume, `resume ${resume} in probation`);
+        assert.equal(r.currentVersion('web'), '2.0.0');
+        await r.kill9();
+      }
+      await r.start();
+      const fin = await settled(r, 2);
+      assert.equal(fin.state, 'rolled-back');
+      assert.equal(fin.code, 'FLEET_UPDATE_LOOP');
+      assert.equal(fin.resumes, 3);
+      assert.deepEqual(fin.history.slice(-3).map((h) => h.state), ['probation', 'rolling-back', 'rolled-back']);
+      assert.equal(fin.history.filter((h) => h.resumed).length, 3);
+      assert.equal(r.currentVersion('web'), '1.0.0');
+      await waitFor(() => {
+        const last = r.runs().at(-1);
+        return last && last.version === '1.0.0' && alive(last.pid);
+      }, 'app 1.0.0 running again');
+    } finally {
+      await r.stop();
+    }
+  });
 });
 
 describe('fault loop: 200 SIGKILLs at random moments of updates (about 2–3 min)', () => {
