@@ -566,7 +566,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
       return;
     }
-    enqueue(d, reading(d, now));
+    // the sample time is taken now, not at the start of the scheduler turn: latency figures must not include the turn
+    enqueue(d, reading(d, Date.now()));
   };
 
   // ---- CoAP ----------------------------------------------------------------------
