@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readlinkSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -60,7 +60,18 @@ interface Rig {
   stop(): Promise<void>;
 }
 
-async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, name = 'rig'): Promise<Rig> {
+/**
+ * Faults for "error in X": the rig's own callbacks (the supervisor apply and the verifier the
+ * agent is given) fail when the test says so. No seams in the updater itself.
+ */
+interface Faults {
+  /** throw from applyApps while an update to version 2.0.0 is in this state (once) */
+  applyIn?: 'switching' | 'rolling-back';
+  /** throw from the verifier on this call number (1 = verifying, 2 = staging) */
+  verifyCall?: number;
+}
+
+async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, name = 'rig', faults: Faults = {}): Promise<Rig> {
   const stateDir = join(dir, name);
   mkdirSync(stateDir, { recursive: true });
   const trust = installTrustRoot(stateDir, keys);
@@ -75,12 +86,23 @@ async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, nam
     log,
     supervisor,
     applyApps: async () => {
+      const cur = updater.status().current;
+      if (faults.applyIn && cur?.version === '2.0.0' && cur.state === faults.applyIn) {
+        delete faults.applyIn;
+        throw new Error('injected: supervisor apply failed');
+      }
       await supervisor.apply(updater.appSpecs());
     },
-    verify: verifierFor(trust),
+    verify: (file, o) => {
+      verifyCalls++;
+      if (verifyCalls === faults.verifyCall) throw new Error('injected: verification failed');
+      return verify(file, o);
+    },
     agentVersion: '0.0.0-test',
     emitEvent: (type, _severity, data) => void events.push({ type, data }),
   });
+  const verify = verifierFor(trust);
+  let verifyCalls = 0;
   await updater.start();
   return {
     dir,
@@ -276,6 +298,97 @@ describe('updater with the real supervisor', () => {
       assert.equal(old.code, 'FLEET_BUNDLE_ROLLBACK');
       assert.equal(currentVersion(r, 'x'), '5.0.0');
       assert.ok(!old.history.some((h) => h.state === 'switching'));
+    } finally {
+      await r.stop();
+    }
+  });
+});
+
+describe('error in X: a step that fails ends the update on the old or the new version', () => {
+  const tmp = tempDir('fleetlet-update-err-');
+  const keys = makeKeys();
+  after(() => tmp.cleanup());
+
+  async function installed(name: string, faults: Faults, cfg: Partial<UpdateConfig> = {}): Promise<Rig> {
+    const r = await rig(tmp.dir, keys, { probationMs: 200, ...cfg }, name, faults);
+    r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '1.0.0', sequence: 1 })).file);
+    assert.equal((await finished(r, 0)).state, 'committed');
+    return r;
+  }
+
+  test('error in downloading (HTTP 404): failed, nothing changed', async () => {
+    const server = createServer((_req, res) => res.writeHead(404).end());
+    await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
+    const r = await installed('e-download', {});
+    try {
+      r.updater.onDesired({ v: 1, rev: 1, ts: Date.now(), apps: { app: { version: '2.0.0', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/x`, sha256: 'b'.repeat(64) } } });
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'failed');
+      assert.equal(rec.code, 'FLEET_UPDATE_HTTP_REFUSED');
+      assert.equal(currentVersion(r, 'app'), '1.0.0');
+    } finally {
+      await r.stop();
+      await new Promise<void>((res) => server.close(() => res()));
+    }
+  });
+
+  test('error in staging: failed, the partial release removed, nothing changed', async () => {
+    // verifier calls: 1 and 2 are v1's verifying and staging, 3 and 4 v2's
+    const r = await installed('e-staging', { verifyCall: 4 });
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2 })).file);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'failed');
+      assert.deepEqual(rec.history.map((h) => h.state).slice(-2), ['staging', 'failed']);
+      assert.equal(currentVersion(r, 'app'), '1.0.0');
+      assert.deepEqual(readdirSync(join(r.stateDir, 'apps', 'app', 'releases')), ['1.0.0-s1']);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('error in switching: rolled back to the old release', async () => {
+    const r = await installed('e-switch', { applyIn: 'switching' });
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2 })).file);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'rolled-back');
+      assert.match(rec.reason ?? '', /injected: supervisor apply failed/);
+      assert.equal(currentVersion(r, 'app'), '1.0.0');
+      await waitFor(() => /1\.0\.0-s1/.test(r.supervisor.apps.get('app')?.status().command ?? '') && r.supervisor.apps.get('app')?.status().state === 'running', 'v1 running');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('error in committing: retried until committed', async () => {
+    const r = await installed('e-commit', {});
+    try {
+      // floors.json cannot be written while a directory sits where its temp file goes
+      const floors = join(r.stateDir, 'update', 'floors.json');
+      const blocker = `${floors}.${process.pid}.tmp`;
+      mkdirSync(join(blocker, 'x'), { recursive: true });
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2 })).file);
+      await waitFor(() => r.updater.status().current?.history.some((h) => h.state === 'committing' && h.event === 'retry'), 'a retried commit', 20_000);
+      rmSync(blocker, { recursive: true });
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'committed');
+      assert.equal(currentVersion(r, 'app'), '2.0.0');
+      assert.deepEqual(JSON.parse(readFileSync(floors, 'utf8')), { app: 2 });
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('error in rolling-back: retried until rolled back', async () => {
+    const r = await installed('e-rollback', { applyIn: 'rolling-back' }, { probationMs: 500 });
+    try {
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2, behaviour: 'crash' })).file);
+      const rec = await finished(r, 1);
+      assert.equal(rec.state, 'rolled-back');
+      assert.ok(rec.history.some((h) => h.state === 'rolling-back' && h.event === 'retry'), JSON.stringify(rec.history));
+      assert.equal(currentVersion(r, 'app'), '1.0.0');
+      await waitFor(() => r.supervisor.apps.get('app')?.status().state === 'running', 'v1 running');
     } finally {
       await r.stop();
     }
