@@ -31,6 +31,8 @@ export interface AgentApiDeps {
   uplink?(): UplinkHealth;
   /** scheduled jobs (agent/jobs.ts) */
   jobs?: JobScheduler;
+  /** the updater (agent/update, docs/ota.md); null: not enabled */
+  updates?: { status(): unknown; acceptUpload(req: IncomingMessage): Promise<unknown> } | null;
   /** most server-sent-event streams open at once, all clients together; default 8 */
   maxStreams?: number;
   /** comment line sent on idle streams so proxies and clients see the stream alive, ms; default 15_000 */
@@ -336,6 +338,15 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
     a.start();
     return a.status();
   }), write);
+  // updates (docs/ota.md): the update in progress and the finished ones; upload a bundle as the raw body
+  r.get('/api/v1/updates', () => d.updates?.status() ?? { current: null, queued: 0, history: [] }, read);
+  r.post('/api/v1/updates', async (ctx) => {
+    if (!d.updates) throw new FleetError('FLEET_HTTP_NOT_FOUND', 'the updater is not enabled on this agent');
+    d.log.info('bundle upload', { via: 'local-api', bytes: ctx.req.headers['content-length'] });
+    const queued = await d.updates.acceptUpload(ctx.req); // streamed to disk, bounded by update.maxBundleBytes
+    ctx.res.statusCode = 202;
+    return queued;
+  }, write);
 
   return {
     handle: async (req, res) => {

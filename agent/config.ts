@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { defaultStateDir } from '../core/config.ts';
 import { DEVICE_ID_RE } from '../core/topics.ts';
 import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/outbox-config.ts';
+import { UpdateConfigSchema } from './update/config.ts';
 import { cronProblem } from './jobs.ts';
 import { DEFAULT_LOG_FILES } from './logfiles.ts';
 
@@ -142,6 +143,8 @@ export const AgentConfigSchema = z
       .default({ sampleMs: 1000, publishMs: 10_000 }),
     apps: z.array(AppSpecSchema).default([]),
     jobs: z.array(JobSpecSchema).default([]),
+    /** the updater: bundles from the hub, the local API and a watched directory (docs/ota.md) */
+    update: UpdateConfigSchema.prefault({}),
     supervisor: z
       .object({
         /** restarts within crashLoopWindowMs that put an app in crash-loop */

@@ -17,6 +17,7 @@ import { Uplink } from '../core/uplink.ts';
 import { buildAgentApi, ROLES } from './api.ts';
 import type { AgentConfig } from './config.ts';
 import { Inventory, MetricsCollector } from './metrics.ts';
+import { createAgentUpdater, mergeApps, type BundleApi } from './update/index.ts';
 import { Supervisor, type AppStatus, type LogLine } from './supervisor.ts';
 import { JobScheduler } from './jobs.ts';
 import { detectCgroup } from './limits.ts';
@@ -38,7 +39,7 @@ const LOG_FLUSH_MS = 1000;
 /** app output beyond this many lines per flush period is counted, not sent (a chatty app must not flood the uplink) */
 const MAX_LOG_LINES_PER_BATCH = 1000;
 
-export async function startAgent(config: AgentConfig, log: Logger, version: string): Promise<AgentHandle> {
+export async function startAgent<T>(config: AgentConfig, log: Logger, version: string, deps: { bundles?: BundleApi<T> } = {}): Promise<AgentHandle> {
   const started = Date.now();
   setNativeDir(config.stateDir);
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
@@ -106,7 +107,9 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
       .append({ topic: deviceTopic(config.deviceId, 'logs'), priority: Priority.LOG, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), lines } satisfies LogBatch) })
       .catch((err: unknown) => log.warn('cannot queue app logs', { err }));
   }, LOG_FLUSH_MS);
-  await supervisor.apply(config.apps);
+  // the updater (docs/ota.md) needs the bundle verifier, passed in by the CLI (agent/ does not import bundles/)
+  const updater = deps.bundles ? createAgentUpdater({ config, log, supervisor, version, bundles: deps.bundles, emitEvent, connected: () => client?.connected ?? false }) : null;
+  await supervisor.apply(mergeApps(config.apps, updater?.appSpecs() ?? []));
   const jobs = new JobScheduler(log.child({ part: 'jobs' }), {
     restartApp: async (name) => {
       const app = supervisor.apps.get(name);
@@ -185,6 +188,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
           renameSync(`${file}.tmp`, file);
           log.info('desired state received', { rev: d.rev, apps: Object.keys(d.apps) });
           void emitEvent('desired.received', 'info', { rev: d.rev });
+          updater?.onDesired(d);
         } else void handleCommand(decodeMessage('cmd', payload));
       } catch (err) {
         log.warn('dropped invalid message from hub', { topic, err });
@@ -241,6 +245,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     inventory: inventory.current,
     apps: supervisor.status(),
     jobs: jobs.status(),
+    updates: updater?.status() ?? null,
   });
   const api = buildAgentApi({
     log,
@@ -253,9 +258,11 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
     history,
     events,
     jobs,
+    updates: updater,
     ready: () => true,
     uplink: () => ({ configured: config.hub !== undefined, connected: client?.connected ?? false, ...outbox.stats() }),
   });
+  await updater?.start();
   const http: Listening = await listenHttp(api.handle, config.api.host, config.api.port, config.api.portFallback);
   log.info('agent started', { deviceId: config.deviceId, api: `http://${config.api.host}:${http.port}/`, apps: config.apps.length, hub: config.hub?.url ?? null });
 
@@ -271,6 +278,7 @@ export async function startAgent(config: AgentConfig, log: Logger, version: stri
       clearInterval(publishTimer);
       inventory.stop();
       await jobs.stop();
+      await updater?.stop();
       clearInterval(logTimer);
       await supervisor.stopAll();
       await http.close();

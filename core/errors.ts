@@ -59,14 +59,16 @@ export const ERROR_CODES = {
   FLEET_UPDATE_DOWNLOAD: 'a bundle download failed after every resumed attempt (network, server error, short read)',
   FLEET_UPDATE_HTTP_REFUSED: 'the artifact server refused the bundle download (HTTP 4xx: auth, not found); not retried',
   FLEET_UPDATE_HASH_MISMATCH: 'the bundle file does not have the sha256 the desired state or upload named',
-  FLEET_UPDATE_TOO_LARGE: 'the bundle is larger than update.maxBundleBytes (agent) or artifacts.maxBytes (hub)',
+  FLEET_UPDATE_TOO_LARGE: 'the bundle to download is larger than update.maxBundleBytes',
   FLEET_UPDATE_NO_SPACE: 'not enough free disk space for the bundle plus the reserve; checked before downloading',
-  FLEET_UPDATE_SEQUENCE: 'the bundle sequence is below the committed floor for its name (anti-rollback on the device)',
   FLEET_UPDATE_UNSUPPORTED: 'the bundle does not fit this update: another kind or name than asked, no app section, already current',
   FLEET_UPDATE_PROBATION: 'the new release failed probation (exited, crash loop, unhealthy, check command failed, agent not connected); rolled back',
   FLEET_UPDATE_LOOP: 'the update was resumed more than update.maxResumes times (loop guard); abandoned or rolled back',
   FLEET_UPDATE_BOOT: 'a new agent binary did not become healthy within update.agentMaxStarts starts or update.agentHealthyWithinS; the previous binary was restored',
   FLEET_UPDATE_STATE: 'the persisted update state is unreadable or inconsistent',
+  // agent install and status (docs/agent.md#install)
+  FLEET_INSTALL: '`fleetlet agent install` could not write a file or directory (permissions, read-only file system)',
+  FLEET_AGENT_UNREACHABLE: '`fleetlet agent status` could not reach the agent API (agent not running, other address or port, or it did not answer in time)',
   // gateway and MCU contract (docs/mcu-protocol.md)
   FLEET_MCU_MAILBOX_FULL: 'the gateway mailbox of this MCU holds mcu.mailboxMax commands already, or the command is larger than 1 KiB; answered to the hub at once',
   FLEET_MCU_NO_FIRMWARE: 'no firmware image is offered to this MCU (or not the one it asked for with h=)',
