@@ -74,6 +74,13 @@ export const GatewayConfigSchema = z
          * updates need it). Costs the hub one scan of its retained messages per topic.
          */
         hubDownlink: z.boolean().default(true),
+        /**
+         * ...for at most this many MCUs (the first registered). aedes-persistence-level scans
+         * every retained message once per subscribed topic: 2 x 500 MCUs x about 1,000
+         * retained messages is seconds of hub CPU after each gateway (re)connect; 10,000 MCUs
+         * would be hours. Larger sites need hub-side routing (docs/mcu-protocol.md).
+         */
+        hubDownlinkMaxMcus: z.number().int().min(0).max(100_000).default(500),
         /** drop MQTT payloads that carry no MAC line (docs/mcu-protocol.md) */
         mqttRequireMac: z.boolean().default(false),
         /** commands waiting per MCU in the mailbox; more are refused to the hub with FLEET_MCU_MAILBOX_FULL */

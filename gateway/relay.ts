@@ -29,6 +29,8 @@ export interface RelayOptions {
   lostGraceMs?: number;
   /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
   onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
+  /** subscribe cmd/desired for at most this many MCUs (in registration order); default all */
+  downlinkMaxMcus?: number;
   now?: () => number;
 }
 
@@ -93,6 +95,7 @@ export class Relay {
   private subscribedUpTo = 0;
   private subscribeInFlight = false;
   private lastSubAckAt = 0;
+  private capWarned = false;
   /** bumped on every connect and close, so callbacks from an old connection are ignored */
   private connGen = 0;
   private changed = false;
@@ -347,8 +350,16 @@ export class Relay {
     // One SUBSCRIBE of at most 200 MCUs (400 topics) in flight at a time: the hub's
     // persistence scans its retained messages once per subscribed topic, so a site of
     // thousands of MCUs subscribing at once would stall it (docs/mcu-protocol.md).
+    const cap = this.opts.downlinkMaxMcus ?? Infinity;
+    if (this.subscribedUpTo >= cap) {
+      if (!this.capWarned && this.registeredUpTo > cap) {
+        this.capWarned = true;
+        this.opts.log.warn('more MCUs than mcu.hubDownlinkMaxMcus: the rest get no commands or firmware from the hub', { max: cap, mcus: this.mcus.size });
+      }
+      return;
+    }
     const from = this.subscribedUpTo;
-    const to = Math.min(this.registeredUpTo, from + 200);
+    const to = Math.min(this.registeredUpTo, from + 200, cap);
     const ids = [...this.mcus.keys()].slice(from, to);
     this.subscribedUpTo = to;
     const topics: Record<string, { qos: 1 }> = {};
@@ -383,6 +394,11 @@ export class Relay {
     const c = this.changed;
     this.changed = false;
     return c;
+  }
+
+  /** MCUs whose cmd and desired are subscribed at the hub on this connection */
+  get downlinkMcus(): number {
+    return this.subscribedUpTo;
   }
 
   mcuIds(): string[] {

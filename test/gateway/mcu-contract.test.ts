@@ -240,3 +240,20 @@ test('mcu.mqttRequireMac: MQTT payloads without a MAC line are dropped (auth); w
     { mqttRequireMac: true },
   );
 });
+
+test('mcu.hubDownlinkMaxMcus: only the first N registered MCUs are subscribed for commands (the hub scans retained messages per topic)', async () => {
+  await withEnv(
+    async ({ hub, gw, site }) => {
+      for (const id of ['esp-d1', 'esp-d2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+      await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-d2'), 'both registered');
+      await sleep(300);
+      await hub.sendCommand('esp-d1', 'a', {}, 60_000);
+      await hub.sendCommand('esp-d2', 'b', {}, 60_000);
+      await waitFor(() => gw.stats().mailboxDepth === 1, 'the first MCU gets its command');
+      await sleep(300);
+      assert.equal(gw.stats().mailboxDepth, 1, 'the second is not subscribed');
+      assert.match(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text(), /fleet_gateway_downlink_mcus 1/);
+    },
+    { hubDownlinkMaxMcus: 1 },
+  );
+});
