@@ -92,7 +92,7 @@ function unitPath(what: string, p: string): string {
  *    CapabilityBoundingSet, SystemCallFilter, RestrictRealtime, RestrictNamespaces (apps
  *    would lose what they legitimately use: bind low ports, real-time robotics, containers).
  */
-export function renderUnit(o: { execPath: string; configFile: string; stateDir: string; readWritePaths: string[]; restartSec: number; version: string }): string {
+export function renderUnit(o: { execPath: string; committedPath: string; configFile: string; stateDir: string; readWritePaths: string[]; restartSec: number; version: string }): string {
   const rw = [o.stateDir, ...o.readWritePaths].map((p) => unitPath('a ReadWritePaths entry', p));
   return `# Written by \`fleetlet agent install\` (fleetlet ${o.version}). Re-running the install rewrites it;
 # put local changes in a drop-in: systemctl edit fleetlet-agent
@@ -106,6 +106,9 @@ StartLimitIntervalSec=0
 
 [Service]
 Type=simple
+# the self-update boot counter (docs/ota.md#agent-self-update), run by the last binary known to
+# work before every start; '-': it never blocks the start
+ExecStartPre=-${unitPath('the committed binary path', o.committedPath)} agent boot-check --config ${unitPath('the config path', o.configFile)}
 ExecStart=${unitPath('the binary path', o.execPath)} agent --config ${unitPath('the config path', o.configFile)}
 Restart=always
 RestartSec=${o.restartSec}
@@ -272,7 +275,7 @@ export function planInstall(o: InstallOptions, fs: FsProbe = realFs): InstallPla
     steps.push({ kind: 'write', path: P(configFile), mode: 0o600, content: renderDefaultConfig({ stateDir, version: o.version }), replaces: haveConfig !== null, what: 'default agent config' });
   }
 
-  const unit = renderUnit({ execPath: paths.exec, configFile, stateDir, readWritePaths: o.readWritePaths, restartSec: o.restartSec, version: o.version });
+  const unit = renderUnit({ execPath: paths.exec, committedPath: join(stateDir, 'agent', 'committed', 'fleetlet'), configFile, stateDir, readWritePaths: o.readWritePaths, restartSec: o.restartSec, version: o.version });
   steps.push({ kind: 'mkdir', path: P(unitDir), mode: 0o755 });
   steps.push({ kind: 'write', path: P(paths.unit), mode: 0o644, content: unit, replaces: fs.exists(P(paths.unit)), what: 'systemd unit' });
   return { steps, notes, paths };

@@ -96,6 +96,8 @@ test('agent install into a prefix: hardened unit, default config, tokens 0600, b
       return v![0]!;
     };
     assert.equal(one('Service.ExecStart'), '/var/lib/fleetlet/agent/agent/current/fleetlet agent --config /etc/fleetlet/agent.yaml');
+    // the updater's boot counter runs from the last binary known to work, never blocking the start
+    assert.equal(one('Service.ExecStartPre'), '-/var/lib/fleetlet/agent/agent/committed/fleetlet agent boot-check --config /etc/fleetlet/agent.yaml');
     assert.equal(one('Service.Restart'), 'always');
     assert.ok(Number(one('Service.RestartSec')) > 0);
     assert.equal(one('Unit.StartLimitIntervalSec'), '0');
@@ -139,7 +141,12 @@ test('agent install into a prefix: hardened unit, default config, tokens 0600, b
     if (hasSystemdAnalyze) {
       // ExecStart must exist for verify: point it at the installed binary under the prefix
       const check = join(tmp.dir, 'fleetlet-agent.service');
-      writeFileSync(check, unitText.replace('ExecStart=/var/lib/fleetlet/agent/agent/current/fleetlet', `ExecStart=${join(current, 'fleetlet')}`));
+      writeFileSync(
+        check,
+        unitText
+          .replace('ExecStart=/var/lib/fleetlet/agent/agent/current/fleetlet', `ExecStart=${join(current, 'fleetlet')}`)
+          .replace('ExecStartPre=-/var/lib/fleetlet/agent/agent/committed/fleetlet', `ExecStartPre=-${join(stateDir, 'agent', 'committed', 'fleetlet')}`),
+      );
       const v = spawnSync('systemd-analyze', ['verify', '--man=no', check], { encoding: 'utf8' });
       assert.equal(v.status, 0, `${v.stdout}${v.stderr}`);
       assert.equal(`${v.stdout}${v.stderr}`.trim(), '', 'systemd-analyze verify has no remarks');
@@ -173,7 +180,7 @@ test('planInstall: a kept config whose stateDir differs from the unit is reporte
     const forced = planInstall({ ...opts, force: true }, fs);
     assert.ok(forced.steps.some((s) => s.kind === 'symlink' && s.path.endsWith('agent/current') && s.target === 'releases/1.0.0-s0'));
     assert.throws(() => planInstall({ ...opts, stateDir: 'relative/dir' }, fs), /absolute/);
-    assert.throws(() => renderUnit({ execPath: '/opt/my app/fleetlet', configFile: '/etc/x.yaml', stateDir: '/var/lib/x', readWritePaths: [], restartSec: 2, version: '1' }), /without spaces/);
+    assert.throws(() => renderUnit({ execPath: '/opt/my app/fleetlet', committedPath: '/opt/x/fleetlet', configFile: '/etc/x.yaml', stateDir: '/var/lib/x', readWritePaths: [], restartSec: 2, version: '1' }), /without spaces/);
   } finally {
     tmp.cleanup();
   }
