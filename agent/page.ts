@@ -39,6 +39,12 @@ export const PAGE_HTML = `<!doctype html>
     <div id="msg" role="status" class="dim"></div>
   </div>
 </section>
+<section class="card" aria-labelledby="h-updates"><h2 id="h-updates">Updates</h2>
+  <div id="upcur" class="meta"></div>
+  <ol id="uphist" class="events"></ol>
+  <div class="row upload"><label for="bundle" class="dim">Install a signed bundle (.bundle, verified on the device before anything changes)</label>
+    <input id="bundle" type="file" accept=".bundle,application/octet-stream"><button type="button" id="upload" class="primary">Upload</button><span id="upmsg" role="status" class="dim"></span></div>
+</section>
 <section class="card" aria-labelledby="h-metrics"><h2 id="h-metrics">CPU and memory, last hour</h2>
   <div class="sparks">
     <figure><figcaption>CPU <b id="cpuNow">–</b> <span id="cpuRange" class="dim"></span></figcaption><svg id="cpu" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" aria-label="CPU utilisation"></svg></figure>
@@ -96,6 +102,8 @@ svg{display:block;width:100%;height:64px;background:#f7f8fa;border-radius:6px}
 .events time{color:#5b6470;font-variant-numeric:tabular-nums}
 .events .type{font-weight:600}.events .data{overflow-wrap:anywhere;color:#3b424b}
 footer{text-align:center;padding:6px}
+.upload{margin-top:8px}.upload label{flex:1 1 100%}
+#bundle{flex:1 1 200px;min-width:0}
 `;
 
 export const PAGE_JS = String.raw`'use strict';
@@ -374,6 +382,43 @@ export const PAGE_JS = String.raw`'use strict';
   }
   $('logapp').addEventListener('change', function () { follow($('logapp').value); });
 
+  // ---- updates (docs/ota.md): the one in progress, the last ones, and upload of a bundle file
+  function upText(u) {
+    var what = (u.kind || u.wantKind || 'bundle') + ' ' + (u.name || u.wantName || '') + (u.version ? ' ' + u.version : '');
+    var from = u.previousVersion ? ' (from ' + u.previousVersion + ')' : '';
+    return what + from + ' via ' + u.source;
+  }
+  function upClass(st) { return st === 'committed' ? 'ok' : st === 'rolled-back' || st === 'failed' ? 'bad' : 'warn'; }
+  async function refreshUpdates() {
+    var u = await getJson('/api/v1/updates');
+    var cur = $('upcur');
+    cur.replaceChildren();
+    if (u.current && u.current.state !== 'committed' && u.current.state !== 'rolled-back' && u.current.state !== 'failed') {
+      cur.append(el('span', 'pill ' + upClass(u.current.state), u.current.state), ' ', upText(u.current));
+    } else cur.append(el('span', 'dim', 'no update in progress' + (u.queued ? ', ' + u.queued + ' queued' : '')));
+    var ol = $('uphist');
+    ol.replaceChildren.apply(ol, (u.history || []).slice(-5).reverse().map(function (h) {
+      var li = el('li'); li.setAttribute('data-state', h.state);
+      var t = el('time', '', clock(h.updatedAt)); t.dateTime = new Date(h.updatedAt).toISOString();
+      li.append(t, el('span', 'pill ' + upClass(h.state), h.state), el('span', 'type', upText(h)), el('span', 'data', h.reason ? (h.code ? h.code + ': ' : '') + h.reason : ''));
+      return li;
+    }));
+  }
+  $('upload').addEventListener('click', async function () {
+    var f = $('bundle').files[0], m = $('upmsg'), b = $('upload');
+    if (!f) { m.textContent = 'choose a bundle file first'; m.className = 'bad'; return; }
+    if (!tok.value.trim()) { say('Enter the technician token to install a bundle.', 'bad'); tok.focus(); return; }
+    b.disabled = true; m.className = 'dim'; m.textContent = 'uploading ' + bytes(f.size) + '…';
+    try {
+      var r = await fetch('/api/v1/updates', { method: 'POST', headers: Object.assign({ 'content-type': 'application/octet-stream' }, auth()), body: f });
+      var body = await r.json().catch(function () { return null; });
+      if (r.ok) { m.textContent = 'accepted; verifying and installing'; m.className = 'ok'; }
+      else { m.textContent = body && body.error ? body.error.code + ': ' + body.error.message : 'HTTP ' + r.status; m.className = 'bad'; }
+    } catch (e) { m.textContent = e.message; m.className = 'bad'; }
+    b.disabled = false;
+    refresh();
+  });
+
   // ---- polling
   var busy = false, ticks = 0;
   async function refresh() {
@@ -382,6 +427,7 @@ export const PAGE_JS = String.raw`'use strict';
     try {
       renderStatus(await getJson('/api/v1/status'));
       await refreshEvents();
+      await refreshUpdates();
       // every 10 s; every 2 s until the first points exist (a fresh agent has none)
       if (ticks++ % 5 === 0 || !havePoints) await refreshHistory();
       $('conn').textContent = 'connected'; $('conn').className = 'pill ok';

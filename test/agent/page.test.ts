@@ -5,6 +5,8 @@ import { join } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { AgentConfigSchema } from '../../agent/config.ts';
 import { startAgent, type AgentHandle } from '../../agent/index.ts';
+import * as bundles from '../../bundles/index.ts';
+import { buildAppBundle, installTrustRoot, makeKeys } from '../fixtures/ota/kit.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
 
 /**
@@ -148,6 +150,57 @@ test('technician page in headless Chromium: restart raises the count, live log t
     await browser.close();
     browser = null;
     await waitFor(async () => (await streamsOpen(base)) === 0, 'log streams closed after the browser left', 10_000);
+  } finally {
+    await browser?.close();
+    await agent?.stop();
+    tmp.cleanup();
+  }
+});
+
+test('technician page in headless Chromium: upload a signed bundle, see it committed; a forged one refused with its code', async (t) => {
+  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: install Debian chromium (.ci/run does)`);
+  mkdirSync(SHOTS, { recursive: true });
+  const tmp = tempDir();
+  let browser: Browser | null = null;
+  let agent: AgentHandle | null = null;
+  try {
+    const keys = makeKeys();
+    const state = join(tmp.dir, 'agent');
+    installTrustRoot(state, keys);
+    const good = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '1.0.0', sequence: 1 });
+    // signed by a key the device does not trust
+    const forged = await buildAppBundle({ dir: tmp.dir, keys: makeKeys(), name: 'web', version: '6.6.6', sequence: 9 });
+    agent = await startAgent(
+      AgentConfigSchema.parse({ deviceId: 'dev-upload', stateDir: state, api: { port: 0, rateLimit: 0 }, update: { probationMs: 500 } }),
+      testLogger(),
+      '1.2.3-test',
+      { bundles },
+    );
+    const base = `http://127.0.0.1:${agent.apiPort}`;
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox'] });
+    const page = await browser.newPage({ viewport: { width: 1200, height: 1000 } });
+    const errors = watchErrors(page);
+    await page.goto(`${base}/`);
+    await page.locator('#upcur', { hasText: 'no update in progress' }).waitFor({ timeout: 15_000 });
+    await page.fill('#token', readFileSync(agent.tokenFiles.technician, 'utf8').trim());
+
+    await page.setInputFiles('#bundle', good.file);
+    await page.click('#upload');
+    await page.locator('#upmsg', { hasText: 'accepted' }).waitFor({ timeout: 15_000 });
+    await page.locator('#uphist li[data-state="committed"]', { hasText: 'web 1.0.0' }).waitFor({ timeout: 30_000 });
+    await page.locator('[data-app="web"] .state', { hasText: 'running' }).waitFor({ timeout: 15_000 });
+
+    await page.setInputFiles('#bundle', forged.file);
+    await page.click('#upload');
+    const refused = page.locator('#uphist li[data-state="failed"]');
+    await refused.waitFor({ timeout: 30_000 });
+    assert.match((await refused.textContent()) ?? '', /FLEET_BUNDLE_UNKNOWN_KEY/);
+    assert.equal(agent.supervisor.apps.get('web')?.spec.command.includes('1.0.0'), true, 'still on 1.0.0');
+
+    const shot = join(SHOTS, 'agent-page-updates.png');
+    await page.screenshot({ path: shot, fullPage: true });
+    t.diagnostic(`screenshot: ${shot}`);
+    assert.deepEqual(errors, []);
   } finally {
     await browser?.close();
     await agent?.stop();
