@@ -285,12 +285,15 @@ export class FirmwareManager {
     this.opts.onBytes?.(protocol, bytes);
     const job = this.jobs.get(mcuId);
     if (!job || !ACTIVE.has(job.state)) return;
+    const quarter = (p: number) => (job.size ? Math.floor((4 * p) / job.size) : 0);
+    const before = quarter(job.progress);
     if (endOffset > job.progress) job.progress = endOffset;
     if (job.state === 'offered') {
       job.state = 'transferring';
       void this.save(mcuId, job).then(() => this.report(mcuId, job));
-    } else if (job.size && job.progress >= job.size) {
-      void this.save(mcuId, job);
+    } else if (quarter(job.progress) > before) {
+      // progress to the hub at 25, 50, 75 and 100 %, not per block
+      void this.save(mcuId, job).then(() => this.report(mcuId, job));
     }
   }
 
