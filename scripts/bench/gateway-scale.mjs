@@ -338,8 +338,9 @@ async function gatewayPhase() {
   const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')], profArgs('gateway'));
   const gwReady = await waitJson(join(dir, 'gw.ready'));
   const meter = new Meter();
-  // a persistent session and a long keep-alive: a subscriber that misses a ping under load must not lose what the broker holds for it
-  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', clean: false, keepalive: 300, username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
+  // a live consumer (clean session: no per-message persistence for it at the hub) with a long keep-alive, so a
+  // subscriber starved of CPU for a while is not disconnected (it would lose what arrives meanwhile); disconnects are printed
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${hubReady.mqttPort}`, { clientId: 'bench-consumer', keepalive: 300, username: 'operator', password: readFileSync(hubReady.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 500 });
   sub.on('offline', () => progress('hub subscriber disconnected'));
   sub.on('message', (topic, payload) => {
     const id = topic.split('/')[3];
@@ -352,7 +353,9 @@ async function gatewayPhase() {
   const rss0 = rssKb(gw.pid);
   progress(`gateway: RSS with 0 devices ${Math.round(rss0 / 1024)} MiB`);
   let gwExit = null;
+  let stopping = false;
   gw.once('exit', (code, signal) => {
+    if (stopping) return;
     gwExit = { code, signal, at: new Date().toISOString() };
     progress(`gateway process exited (${signal ?? `code ${code}`}) during the run`);
   });
@@ -368,6 +371,7 @@ async function gatewayPhase() {
     r.gatewayCrashed = { ...gwExit, logTail: tail };
   }
   await sub.endAsync(true);
+  stopping = true;
   await stop(gw, 30_000);
   await stop(hub, 15_000);
   return { ...r, serverRssKbIdle: rss0, kbPerDevice: perDevice(r, rss0), uplink: gwConfig.uplink };
@@ -386,7 +390,7 @@ async function mosquittoPhase() {
   // the broker's pid is timeout's child
   const pid = Number(execFileSync('pgrep', ['-P', String(m.pid)]).toString().trim().split('\n')[0]);
   const meter = new Meter();
-  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-consumer', clean: false, keepalive: 300, reconnectPeriod: 500 });
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-consumer', keepalive: 300, reconnectPeriod: 500 });
   sub.on('offline', () => progress('mosquitto subscriber disconnected'));
   sub.on('message', (topic, payload) => {
     const id = topic.split('/')[2];
@@ -468,7 +472,7 @@ const rows = [
   ['hub CPU, % of one core', g.hubCpuPct, null, '—', null],
   ['gateway outbox depth / oldest age (s), max in window', g.outboxDepthMax !== undefined ? `${g.outboxDepthMax} / ${g.outboxOldestSMax}` : null, null, '—', null],
   ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
-  ['sim RSS per simulated device (whole process / N), KB', g.simKbPerDevice, q.simKbPerDevice, '—', null],
+  ['sim RSS per simulated device (whole process incl. ~90 MB Node+tsx / N), KB', g.simKbPerDevice, q.simKbPerDevice, '—', null],
   ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${Math.round(g.simLagMaxMs)}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${Math.round(q.simLagMaxMs)}` : null, '—', null],
 ];
 result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
