@@ -121,6 +121,9 @@ test('frames: MAC line, commands (MAC with the MCU key, replay by seq), acks, he
   assert.equal(f.payload.toString(), '[]');
   assert.throws(() => splitMacLine(Buffer.from('c=1&m=short\n[]')), (e: unknown) => isFleetError(e, 'FLEET_MCU_AUTH'));
 
+  // the docs' test vector (docs/mcu-protocol.md "Commands")
+  const docKey = mcuKey('example-site-secret-do-not-use-0001', 'esp32-0001');
+  assert.equal(encodeMcuCommand(docKey, 'esp32-0001', 7, { id: 'c-17', n: 'set-interval', a: { s: 60 }, x: 1700003600 }).toString(), 'c=7&m=D6-r_vAbM8zCfKAeYrEf5w\n{"id":"c-17","n":"set-interval","a":{"s":60},"x":1700003600}');
   const cmd = { id: 'c-1', n: 'reboot', a: { delay: 5 }, x: 1_700_003_600 };
   const frame = encodeMcuCommand(key, 'esp-1', 7, cmd);
   assert.match(frame.toString(), /^c=7&m=[A-Za-z0-9_-]{22}\n\{"id":"c-1"/);
