@@ -29,6 +29,8 @@ export interface AgentApiDeps {
   ready(): boolean;
   /** the link to the hub, for /health/detailed (absent: no uplink check) */
   uplink?(): UplinkHealth;
+  /** installs the next trust root(s) from a root.json document (absent: no bundle support) */
+  rotateTrust?: ((doc: Buffer) => { applied: number[]; version: number }) | undefined;
   /** scheduled jobs (agent/jobs.ts) */
   jobs?: JobScheduler;
   /** the updater (agent/update, docs/ota.md); null: not enabled */
@@ -312,6 +314,14 @@ export function buildAgentApi(d: AgentApiDeps): AgentApi {
     if (!s.closed) followers.set(s, name);
   }, read);
   r.get('/api/v1/jobs', () => ({ jobs: d.jobs?.status() ?? [] }), read);
+  // trust root rotation by hand (e.g. a device that missed rotations while offline): the body is
+  // the next root.json, signed by the current root's threshold; 200 with the version now trusted
+  r.post('/api/v1/trust/root', async (ctx) => {
+    const body = await ctx.body(); // bounded and JSON-checked like every write body
+    if (!d.rotateTrust) throw new FleetError('FLEET_HTTP_NOT_FOUND', 'bundle verification is not enabled on this agent');
+    d.log.info('trust root upload', { via: 'local-api' });
+    return d.rotateTrust(Buffer.from(JSON.stringify(body)));
+  }, write);
   r.post('/api/v1/jobs/:name/run', writeCall((ctx) => {
     const name = ctx.params.name ?? '';
     if (!d.jobs?.has(name)) throw new FleetError('FLEET_JOB_NOT_FOUND', `no job named ${JSON.stringify(name)}`);

@@ -1,7 +1,7 @@
 import { writeFileSync, renameSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { MqttClient } from 'mqtt';
-import { FleetError } from '../core/errors.ts';
+import { FleetError, toFleetError } from '../core/errors.ts';
 import { listenHttp, type Listening, type TokenRole } from '../core/http.ts';
 import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
@@ -17,7 +17,7 @@ import { Uplink } from '../core/uplink.ts';
 import { buildAgentApi, ROLES } from './api.ts';
 import type { AgentConfig } from './config.ts';
 import { Inventory, MetricsCollector } from './metrics.ts';
-import { createAgentUpdater, mergeApps, type BundleApi } from './update/index.ts';
+import { applyTrustRoots, createAgentUpdater, mergeApps, trustRootFile, type BundleApi } from './update/index.ts';
 import { Supervisor, type AppStatus, type LogLine } from './supervisor.ts';
 import { JobScheduler } from './jobs.ts';
 import { detectCgroup } from './limits.ts';
@@ -110,6 +110,26 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
   // the updater (docs/ota.md) needs the bundle verifier, passed in by the CLI (agent/ does not import bundles/)
   const updater = deps.bundles ? createAgentUpdater({ config, log, supervisor, version, bundles: deps.bundles, emitEvent, connected: () => client?.connected ?? false }) : null;
   await supervisor.apply(mergeApps(config.apps, updater?.appSpecs() ?? []));
+  /** trust root rotation from the hub's desired state or the technician (docs/bundle-format.md#trust-root) */
+  const rotateTrust = (docs: readonly Buffer[], source: string): { applied: number[]; version: number } => {
+    const api = deps.bundles;
+    if (!api) throw new FleetError('FLEET_HTTP_NOT_FOUND', 'bundle verification is not enabled on this agent');
+    const file = trustRootFile(config);
+    try {
+      const applied = applyTrustRoots(api as unknown as BundleApi<{ version: number }>, file, docs);
+      const version = (api.loadTrustRoot(file) as unknown as { version: number }).version;
+      if (applied.length) {
+        log.info('trust root rotated', { source, applied, version });
+        void emitEvent('trust.rotated', 'info', { source, applied, version });
+      }
+      return { applied, version };
+    } catch (err) {
+      const fe = toFleetError(err);
+      log.warn('trust root rotation refused', { source, err: fe });
+      void emitEvent('trust.refused', 'warning', { source, code: fe.code, reason: fe.message });
+      throw fe;
+    }
+  };
   const jobs = new JobScheduler(log.child({ part: 'jobs' }), {
     restartApp: async (name) => {
       const app = supervisor.apps.get(name);
@@ -188,6 +208,14 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
           renameSync(`${file}.tmp`, file);
           log.info('desired state received', { rev: d.rev, apps: Object.keys(d.apps) });
           void emitEvent('desired.received', 'info', { rev: d.rev });
+          // a rotated root first, so bundles signed by the new keys verify
+          if (d.trustRoots?.length) {
+            try {
+              rotateTrust(d.trustRoots.map((t) => Buffer.from(t, 'utf8')), 'hub');
+            } catch {
+              // reported as trust.refused; bundles keep verifying against the current root
+            }
+          }
           updater?.onDesired(d);
         } else void handleCommand(decodeMessage('cmd', payload));
       } catch (err) {
@@ -259,6 +287,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
     events,
     jobs,
     updates: updater,
+    rotateTrust: deps.bundles ? (doc: Buffer) => rotateTrust([doc], 'local-api') : undefined,
     ready: () => true,
     uplink: () => ({ configured: config.hub !== undefined, connected: client?.connected ?? false, ...outbox.stats() }),
   });

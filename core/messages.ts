@@ -34,6 +34,17 @@ export const StateSchema = z.object({
   /** for MCUs: the gateway they are reached through */
   via: z.string().max(64).optional(),
   reason: z.string().max(256).optional(),
+  /** for MCUs: from the version report after boot (docs/mcu-protocol.md "hello") */
+  mcu: z
+    .object({
+      /** why it last booted: power_on, deep_sleep, ota, rollback, watchdog, panic, brownout, reset, other */
+      boot: z.string().max(32).optional(),
+      /** firmware version before that boot */
+      prev: z.string().max(64).optional(),
+      /** declared sleep period, s: silent this long (times the gateway's lost factor) is sleeping, not lost */
+      sleepS: z.number().int().nonnegative().optional(),
+    })
+    .optional(),
 });
 export type StateMessage = z.infer<typeof StateSchema>;
 
@@ -106,6 +117,12 @@ export const DesiredSchema = z.object({
   agent: DesiredArtifactSchema.optional(),
   /** MCU firmware (MCU ids; the MCU's gateway acts on it) */
   firmware: DesiredArtifactSchema.optional(),
+  /**
+   * trust root rotation: root.json documents, oldest first; the device applies in order each one
+   * whose version is above its own, each signed by the threshold of the root before it
+   * (docs/bundle-format.md#trust-root)
+   */
+  trustRoots: z.array(z.string().max(256 * 1024)).max(16).optional(),
 });
 export type DesiredState = z.infer<typeof DesiredSchema>;
 

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { FleetError } from '../core/errors.ts';
 import { Router, sendText } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import { DesiredAppSchema, DesiredArtifactSchema, type Command, type DesiredState } from '../core/messages.ts';
+import { DesiredAppSchema, DesiredArtifactSchema, DesiredSchema, type Command, type DesiredState } from '../core/messages.ts';
 import { PROM_CONTENT_TYPE, type MetricsRegistry } from '../core/metrics.ts';
 import { assertDeviceId } from '../core/topics.ts';
 import type { ArtifactStore } from './artifacts.ts';
@@ -24,10 +24,15 @@ export interface ApiDeps {
 }
 
 const DesiredBody = z
-  .object({ apps: z.record(z.string(), DesiredAppSchema).default({}), agent: DesiredArtifactSchema.optional(), firmware: DesiredArtifactSchema.optional() })
+  .object({
+    apps: z.record(z.string(), DesiredAppSchema).default({}),
+    agent: DesiredArtifactSchema.optional(),
+    firmware: DesiredArtifactSchema.optional(),
+    trustRoots: DesiredSchema.shape.trustRoots,
+  })
   .strict();
 /** what an operator sets; the hub adds v, rev and ts */
-export type DesiredSpec = Pick<DesiredState, 'apps' | 'agent' | 'firmware'>;
+export type DesiredSpec = Pick<DesiredState, 'apps' | 'agent' | 'firmware' | 'trustRoots'>;
 const CommandBody = z
   .object({
     name: z.string().min(1).max(64),

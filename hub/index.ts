@@ -119,6 +119,7 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     const desired: DesiredState = { v: 1, rev: desiredRev, ts: Date.now(), apps: spec.apps };
     if (spec.agent) desired.agent = spec.agent;
     if (spec.firmware) desired.firmware = spec.firmware;
+    if (spec.trustRoots?.length) desired.trustRoots = spec.trustRoots;
     await broker.publish(deviceTopic(deviceId, 'desired'), encodeMessage(desired), true);
     registry.setDesired(deviceId, desired);
     return desired;

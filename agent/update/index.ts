@@ -17,6 +17,9 @@ export { UpdateConfigSchema, type UpdateConfig } from './config.ts';
  */
 export interface BundleApi<T> {
   loadTrustRoot(file: string): T;
+  /** the next root, accepted only when signed by the current root's threshold and its own */
+  updateTrustRoot(current: T, newRootBytes: Buffer): T;
+  saveTrustRoot(file: string, root: T): void;
   verifyBundle(file: string, opts: { trust: T; floor?: number; kind?: 'app' | 'agent'; device: { arch: string; deviceClass?: string; agentVersion?: string } }): Promise<VerifiedBundleLike>;
 }
 
@@ -28,6 +31,35 @@ export function trustRootFile(config: AgentConfig): string {
 export function makeVerifier<T>(api: BundleApi<T>, config: AgentConfig, agentVersion: string): VerifyBundleFn {
   const device = { arch: process.arch, agentVersion, ...(config.update.deviceClass ? { deviceClass: config.update.deviceClass } : {}) };
   return (file, o) => api.verifyBundle(file, { trust: api.loadTrustRoot(trustRootFile(config)), device, ...o });
+}
+
+/**
+ * Trust root rotation (docs/bundle-format.md#trust-root): applies, oldest first, each root
+ * document whose version is above the device's, each checked against the one before it, and
+ * saves the result atomically. Documents at or below the current version are skipped, so the
+ * hub may keep sending the whole chain. Returns the versions applied; throws the first refusal
+ * (FLEET_BUNDLE_ROOT_*), keeping what was applied before it.
+ */
+export function applyTrustRoots<T extends { version: number }>(api: BundleApi<T>, file: string, docs: readonly Buffer[]): number[] {
+  let current = api.loadTrustRoot(file);
+  const applied: number[] = [];
+  for (const doc of docs) {
+    const version = peekRootVersion(doc);
+    if (version !== null && version <= current.version) continue;
+    current = api.updateTrustRoot(current, doc);
+    api.saveTrustRoot(file, current);
+    applied.push(current.version);
+  }
+  return applied;
+}
+
+function peekRootVersion(doc: Buffer): number | null {
+  try {
+    const v = (JSON.parse(doc.toString('utf8')) as { signed?: { version?: unknown } }).signed?.version;
+    return typeof v === 'number' ? v : null;
+  } catch {
+    return null; // updateTrustRoot names what is wrong with it
+  }
 }
 
 /** Config apps plus the apps the updater installed; an installed release wins over a config entry of the same name. */
