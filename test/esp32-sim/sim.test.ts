@@ -80,6 +80,21 @@ test('sim: SenML CBOR and compact binary telemetry over MQTT and CoAP reach the 
   }
 });
 
+test('sim: flaky links (5% loss, 20±20 ms latency) — devices drop and resend, and every acknowledged reading still reaches the hub', async () => {
+  const acked = new Set<string>();
+  const onAck = (id: string, seq: number) => acked.add(`${id}#${seq}`);
+  const runs = [
+    await sim({ devices: 10, protocol: 'mqtt', prefix: 'flaky-m-', intervalMs: 200, startJitterMs: 200, loss: 0.05, latencyMs: 20, latencyJitterMs: 20, onAck }),
+    await sim({ devices: 10, protocol: 'coap', prefix: 'flaky-c-', intervalMs: 200, startJitterMs: 200, loss: 0.05, latencyMs: 20, latencyJitterMs: 20, coapAckTimeoutMs: 200, onAck }),
+  ];
+  await waitFor(() => runs.every((s) => s.stats().linkDrops >= 5 && s.stats().sent >= 100), 'link faults injected and readings acknowledged', 30_000);
+  for (const s of runs) await s.stop();
+  await consumer.waitAll(acked, 'every acknowledged reading at the hub', 30_000);
+  const [m, c] = runs.map((s) => s.stats()) as [ReturnType<SimHandle['stats']>, ReturnType<SimHandle['stats']>];
+  assert.ok(m.resent > 0 && m.connects > 10, `MQTT devices reconnected and resent: ${JSON.stringify(m)}`);
+  assert.ok(c.linkDrops > 0, `CoAP datagrams were lost: ${JSON.stringify(c)}`);
+});
+
 test('sim: deep sleep — devices that declare their sleep stay online (sleeping, not lost) across sleep cycles; undeclared ones go offline while asleep', async () => {
   const N = 6;
   const declared = [
