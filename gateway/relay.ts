@@ -55,6 +55,8 @@ interface McuEntry {
   /** known from before a restart and not heard since: what the hub shows is unknown */
   stale: boolean;
   messages: number;
+  /** when its last telemetry message came, ms; 0 = none yet */
+  lastTelemetry: number;
   meta: McuMeta;
 }
 
@@ -134,7 +136,7 @@ export class Relay {
     for (const id of ids) {
       if (this.mcus.size >= this.opts.maxMcus) break;
       if (id === this.opts.gatewayId || this.mcus.has(id)) continue;
-      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, meta: { ...meta?.[id] } });
+      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: { ...meta?.[id] } });
     }
     this.flush();
   }
@@ -145,7 +147,7 @@ export class Relay {
    * counts as a sign of life. Throws FLEET_FORBIDDEN when the MCU limit is reached.
    */
   async accept(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void> {
-    const now = this.touch(mcuId, protocol);
+    const now = this.touch(mcuId, protocol, true);
     if (samples.length === 0) return;
     await this.opts.outbox.append({
       topic: deviceTopic(mcuId, 'telemetry'),
@@ -158,22 +160,25 @@ export class Relay {
    * An authenticated MCU said something (any channel): it is online; new MCUs are
    * added (FLEET_FORBIDDEN beyond maxMcus). Returns "now".
    */
-  touch(mcuId: string, protocol: McuProtocol): number {
+  touch(mcuId: string, protocol: McuProtocol, telemetry = false): number {
     if (this.stopped) throw new FleetError('FLEET_STORE', 'gateway is stopping; not storing');
     if (mcuId === this.opts.gatewayId) throw new FleetError('FLEET_FORBIDDEN', `MCU id ${mcuId} is the gateway's own id`);
     const now = this.now();
     let e = this.mcus.get(mcuId);
     if (!e) {
       if (this.mcus.size >= this.opts.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `this gateway acts for at most ${this.opts.maxMcus} MCUs; refusing ${mcuId}`, { details: { limit: this.opts.maxMcus } });
-      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, meta: {} };
+      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, lastTelemetry: 0, meta: {} };
       this.mcus.set(mcuId, e);
       this.changed = true;
       this.opts.log.info('new MCU', { mcu: mcuId, protocol });
-    } else if (e.messages > 0) {
-      const gap = now - e.lastSeen;
+    } else if (telemetry && e.lastTelemetry > 0) {
+      // the interval between telemetry messages only: a burst of firmware blocks or
+      // mailbox polls says nothing about how often the MCU wakes
+      const gap = now - e.lastTelemetry;
       // smoothed, so one retry or one late message does not swing the lost timeout
       if (gap > 0) e.intervalMs = e.intervalMs === 0 ? gap : Math.round(e.intervalMs * 0.75 + gap * 0.25);
     }
+    if (telemetry) e.lastTelemetry = now;
     e.protocol = protocol;
     e.lastSeen = now;
     e.stale = false;
