@@ -11,6 +11,13 @@ import { tempDir, testLogger, waitFor } from '../helpers.ts';
  * same state dir and ports, and the hub's consumer must see every one of them.
  * Duplicates are allowed here (at-least-once: a reading stored but not yet
  * acknowledged when the gateway died is sent again by its MCU) and reported.
+ *
+ * Seen failing 2 runs of 5 (reported to the gateway's owner, 2026-11-22): one reading of
+ * an MCU the gateway had first seen less than `stateFlushMs` (2 s) before the first kill
+ * was acked, but after the restart the MCU was not in the restored MCU list, so the
+ * relay kept the record hidden in the outbox until that MCU talks again — and it was
+ * still in reconnect back-off when the test ended. The failure message shows the
+ * device's state and every log line naming it.
  */
 const KILLS = 2;
 
@@ -57,7 +64,9 @@ test(`gateway e2e: SIGKILL of the gateway ${KILLS} times under MQTT and CoAP loa
 
   await consumer.waitAll(acked, 'every acknowledged reading at the hub consumer', 150_000).catch((err: Error) => {
     const missing = consumer!.missing(acked);
-    throw new Error(`${err.message}: ${missing.length} of ${acked.size} missing (e.g. ${missing.slice(0, 8).join(', ')}); sims ${JSON.stringify(final)}\n${whyMissing(stack, consumer!, missing)}`);
+    // where the devices of the missing readings were when the sims stopped (e.g. still in reconnect back-off)
+    const devs = [...new Set(missing.map((k) => k.split('#')[0]!))].slice(0, 5).map((id) => sims.map((s) => s.device(id)).find(Boolean));
+    throw new Error(`${err.message}: ${missing.length} of ${acked.size} missing (e.g. ${missing.slice(0, 8).join(', ')}); devices ${JSON.stringify(devs)}; sims ${JSON.stringify(final)}\n${whyMissing(stack, consumer!, missing)}`);
   });
   const dups = consumer.duplicates();
   t.diagnostic(`acked ${acked.size}; consumer saw ${consumer.seen.size} distinct readings in ${consumer.messages} messages; ${dups.length} readings arrived more than once (at-least-once after a kill); sims ${JSON.stringify(final)}`);
