@@ -1,4 +1,7 @@
-import { Decoder, Encoder } from 'cbor-x';
+// the entry without the optional native cbor-extract (it would be bundled into the single
+// binary and fail to load there); our packs are small, so the JS decoder is enough
+import { Decoder } from 'cbor-x/decode';
+import { Encoder } from 'cbor-x/encode';
 import { FleetError } from '../core/errors.ts';
 import type { Sample } from '../core/messages.ts';
 import { CBOR_FORMAT, COMPACT_FORMAT, JSON_FORMAT, SENML_CBOR_FORMAT, SENML_JSON_FORMAT } from './coap.ts';
