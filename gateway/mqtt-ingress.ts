@@ -114,8 +114,16 @@ export class McuMqttIngress {
     // MCU messages are consumed by the gateway: only its own down messages (cmd, fw) are
     // delivered to subscribers, never an MCU's up message echoed back to it
     broker.authorizeForward = (_client, packet) => (parseMcuTopic(packet.topic)?.direction === 'down' ? packet : null);
-    broker.on('clientError', (client, err) => opts.log.debug('MCU MQTT client error', { mcu: client?.id, err }));
-    broker.on('connectionError', (client, err) => opts.log.debug('MCU MQTT connection error', { mcu: client?.id, err }));
+    // protocol errors (garbage, malformed packets) are counted; a peer that just went away is not
+    const malformed = (err: NodeJS.ErrnoException) => !['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ERR_STREAM_PREMATURE_CLOSE'].includes(err.code ?? '') && !/too large|exceeds the limit/.test(err.message);
+    broker.on('clientError', (client, err) => {
+      if (malformed(err)) opts.hooks.dropped('mqtt', 'bad_request', { mcuId: client?.id, err });
+      opts.log.debug('MCU MQTT client error', { mcu: client?.id, err });
+    });
+    broker.on('connectionError', (client, err) => {
+      if (malformed(err)) opts.hooks.dropped('mqtt', 'bad_request', { err });
+      opts.log.debug('MCU MQTT connection error', { mcu: client?.id, err });
+    });
     return ingress;
   }
 

@@ -162,6 +162,7 @@ test('interop: malformed CoAP, MQTT, CBOR and SenML, replayed and forged message
     await waitFor(() => of(seen, id, 'telemetry').length === 2, 'the two good messages at the hub');
     const d = gw.stats().dropped;
     assert.ok((d.bad_request ?? 0) >= 100, `bad_request ${d.bad_request}`);
+    assert.match(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text(), /fleet_gateway_mcu_dropped_total\{protocol="mqtt",reason="bad_request"\} [1-9]/);
     assert.ok((d.too_large ?? 0) >= 2, `too_large ${d.too_large}`);
     assert.ok((d.decode ?? 0) >= 4, `decode ${d.decode}`);
     assert.ok((d.auth ?? 0) >= 1 && (d.replay ?? 0) >= 1);
