@@ -216,6 +216,8 @@ interface Device {
   mqtt?: MqttLite;
   ep?: CoapEndpoint;
   observeToken: number;
+  /** when the mailbox Observe was last registered (CoAP) */
+  observedAt: number;
   version: string;
   fw: FwDownload | null;
 }
@@ -277,6 +279,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const chunk = opts.fwChunkBytes ?? 512;
   const link: LinkKnobs = { loss, latencyMs: opts.latencyMs ?? 0, latencyJitterMs: opts.latencyJitterMs ?? 0 };
   const keepaliveS = Math.max(30, Math.ceil((3 * interval) / 1000));
+  /** CoAP: how often an awake device registers its mailbox Observe again */
+  const reobserveMs = Math.max(60_000, 20 * interval);
   const mqttPort = opts.mqttPort ?? 1884;
   const log = opts.log;
   const sched = new Scheduler();
@@ -321,6 +325,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       reconnectDelay: 1000,
       nextWriteAt: 0,
       observeToken: 0,
+      observedAt: 0,
       version: opts.firmwareVersion ?? '1.0.0',
       fw: null,
     };
@@ -562,6 +567,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     sched.at(now + period(d), tick, { d, gen });
     if (d.state !== 'online') return;
     if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > (keepaliveS * 1000) / 2) d.mqtt.ping();
+    // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should
+    if (opts.protocol === 'coap' && mailbox && now - d.observedAt > reobserveMs) observeMailbox(d);
     if (d.q.some((u) => u.ch === 't') || d.q.length >= MAX_QUEUE) {
       st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
       return;
@@ -619,6 +626,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
 
   const observeMailbox = (d: Device) => {
     cancelObserve(d);
+    d.observedAt = Date.now();
     const c = nextCounter(d);
     const gen = d.gen;
     d.observeToken = d.ep!.request(
