@@ -39,6 +39,8 @@ const STUBBED = {
   'utf-8-validate': 'ws native UTF-8 check; ws falls back to buffer.isUtf8 / a JS check',
   'osx-temperature-sensor': 'systeminformation, macOS only; never reached on Linux',
   'macos-temperature-sensor': 'systeminformation, macOS only; never reached on Linux',
+  'cbor-extract':
+    'cbor-x (gateway, sim) tries this native string-extraction speed-up in try/catch and falls back to its pure-JS decoder; bundled, its node-gyp-build did a computed require() from disk and `fleetlet gateway`/`sim` printed the SEA warning at every start',
 };
 
 const started = Date.now();
