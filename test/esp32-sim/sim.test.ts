@@ -19,7 +19,8 @@ before(async () => {
   tmp = tempDir('fleetlet-sim-');
   stack = new Stack(tmp.dir, 'gw-sim');
   await stack.startHub();
-  await stack.startGateway();
+  // every device of this file (about 100) may get commands: above the gateway's default downlink cap
+  await stack.startGateway({ mcu: { hubDownlinkMaxMcus: 500 } });
   consumer = await Consumer.connect(stack, 'sim-test-consumer');
 });
 
