@@ -120,7 +120,7 @@ export class Relay {
     // the relay subscribes for its MCUs itself, after the register that lets it (and
     // paced); mqtt.js' own resubscribe would send them all at once before the register
     if (opts.onDown) opts.client.options.resubscribe = false;
-    this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush());
+    this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush(), (mcuId) => this.adopt(mcuId));
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
     this.sweepTimer = setInterval(this.sweep, sweepMs);
@@ -275,6 +275,19 @@ export class Relay {
       }
     }
   };
+
+  /**
+   * A record in the outbox names an MCU the relay does not know: it was first seen less
+   * than `stateFlushMs` before a crash, so the persisted MCU list lacks it, but its data
+   * was acknowledged. Adopt it (as restored: registered on the next register, state
+   * unknown until it talks), or its records would stay hidden until it talks again.
+   */
+  private adopt(mcuId: string): void {
+    if (this.mcus.has(mcuId) || mcuId === this.opts.gatewayId || this.mcus.size >= this.opts.maxMcus) return;
+    this.mcus.set(mcuId, { index: this.mcus.size, protocol: null, lastSeen: this.now(), intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: {} });
+    this.changed = true;
+    this.opts.log.info('MCU adopted from the outbox (not in the persisted list)', { mcu: mcuId });
+  }
 
   private covered(mcuId: string): boolean {
     const e = this.mcus.get(mcuId);
@@ -470,6 +483,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
     private readonly inner: Outbox,
     private readonly covered: (mcuId: string) => boolean,
     private readonly requestRegister: () => void,
+    /** told of records whose MCU the relay does not know */
+    private readonly adopt: (mcuId: string) => void,
   ) {
     super();
     inner.on('appended', () => this.kick());
@@ -508,6 +523,7 @@ class GatedOutbox extends EventEmitter implements Outbox {
       for (const rec of batch) {
         seen.add(rec.id);
         const id = parseTopic(rec.topic)?.deviceId;
+        if (id !== undefined) this.adopt(id);
         if (id === undefined || this.covered(id)) records.push(rec);
         else passedOver++;
       }

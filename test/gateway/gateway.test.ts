@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createSocket } from 'node:dgram';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -339,6 +339,38 @@ test('gateway: while the hub is down MCU data is acknowledged and stored, and de
     await waitFor(() => hub.registry.get('esp-c1')?.telemetryBatches === 3 && hub.registry.get('esp-m1')?.telemetryBatches === 1, 'stored telemetry delivered', 15_000);
     assert.equal(hub.registry.get('esp-c1')?.latest.temperature?.v, 3);
     assert.equal(hub.registry.get('esp-m1')?.online, true);
+    await waitFor(() => gw.stats().outbox.depth === 0, 'outbox drained');
+  } finally {
+    await gw.stop();
+    await hub.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway: data of an MCU missing from the persisted MCU list (first seen just before a crash) is not hidden in the outbox after a restart', async () => {
+  const tmp = tempDir();
+  const hubDir = join(tmp.dir, 'hub');
+  let hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
+  const port = hub.mqttPort;
+  const fleetSecret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
+  await hub.stop();
+  const gwDir = join(tmp.dir, 'gateway');
+  writeSecretFile(join(gwDir, 'token'), deriveToken(fleetSecret, 'device', 'gw-1'));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
+  let gw = await startGateway(config, testLogger('gateway'));
+  try {
+    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+    assert.equal((await signedPost(gw.coapPort, site, 'esp-late', 1, encodeSenmlJson(samples(7)))).code, '2.04');
+    await gw.stop();
+    // what a kill -9 within stateFlushMs of the MCU's first message leaves: the record in
+    // the outbox, the MCU not in the list
+    const stateFile = join(gwDir, 'mcu-state.json');
+    const st = JSON.parse(readFileSync(stateFile, 'utf8')) as { mcus: string[] };
+    writeFileSync(stateFile, JSON.stringify({ ...st, mcus: [] }));
+    gw = await startGateway(config, testLogger('gateway'));
+    hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
+    guardRetainedScans(hub);
+    await waitFor(() => hub.registry.get('esp-late')?.telemetryBatches === 1, 'the acknowledged reading delivered without the MCU talking again', 15_000);
     await waitFor(() => gw.stats().outbox.depth === 0, 'outbox drained');
   } finally {
     await gw.stop();
