@@ -248,7 +248,8 @@ export function formatStatus(base: string, s: StatusLike, apps: AppLike[]): stri
   else {
     lines.push(`${'APP'.padEnd(20)} ${'STATE'.padEnd(11)} ${'HEALTH'.padEnd(10)} ${'RESTARTS'.padStart(8)} ${'CPU%'.padStart(6)} ${'RSS'.padStart(9)}  PID`);
     for (const a of apps) {
-      const health = typeof a.health === 'string' ? a.health : (a.health?.status ?? '-');
+      const h = typeof a.health === 'string' ? a.health : a.health?.status;
+      const health = !h || h === 'none' ? '-' : h; // 'none': the app has no health check
       const am = m.get(a.name);
       lines.push(
         `${a.name.padEnd(20)} ${a.state.padEnd(11)} ${health.padEnd(10)} ${String(a.restarts).padStart(8)} ${String(am?.cpuPercent ?? '-').padStart(6)} ${(am && am.rssBytes ? mib(am.rssBytes) : '-').padStart(9)}  ${a.pid ?? '-'}`,
