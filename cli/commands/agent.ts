@@ -80,7 +80,13 @@ export const agentCommand = defineCommand({
     if (sub === 'install') return install(values);
     if (sub === 'status') return status(values);
     if (sub === 'boot-check') return bootCheckCommand(values);
-    if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown agent subcommand "${sub}" (install, status)`);
+    if (sub === 'inventory') {
+      // the device inventory as JSON; the agent runs this as a child (agent/metrics.ts defaultInventoryCollector)
+      const { collectInventory } = await import('../../agent/metrics.ts');
+      process.stdout.write(JSON.stringify(await collectInventory()) + '\n');
+      return EXIT.OK;
+    }
+    if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown agent subcommand "${sub}" (install, status, inventory, boot-check)`);
     return runAgent(values);
   },
 });

@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { AppMetrics, collectInventory, DeviceMetrics, Inventory, MetricsCollector, pageSize, parseMeminfo, parseNetDev, parsePidStat } from '../../agent/metrics.ts';
+import { AppMetrics, collectInventory, collectInventoryInChild, DeviceMetrics, Inventory, MetricsCollector, pageSize, parseMeminfo, parseNetDev, parsePidStat } from '../../agent/metrics.ts';
 import { MetricsRegistry } from '../../core/metrics.ts';
 import { tempDir, waitFor } from '../helpers.ts';
 
@@ -203,3 +203,12 @@ test('Inventory: gathered at start, on SIGHUP, reported only when it changes; th
   assert.ok(Array.isArray(real.interfaces) && Array.isArray(real.thermalZones));
   assert.ok(typeof real.memTotal === 'number' && real.memTotal > 0);
 });
+
+test('inventory from a child process (`fleetlet agent inventory`, as the single binary gathers it); a failing child is an error', { timeout: 90_000 }, async () => {
+  const inv = await collectInventoryInChild(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'agent', 'inventory']);
+  assert.equal(typeof inv.kernel, 'string');
+  assert.ok(Array.isArray(inv.interfaces));
+  await assert.rejects(collectInventoryInChild('/bin/sh', ['-c', 'echo oops >&2; exit 3']), /failed: .*oops/);
+  await assert.rejects(collectInventoryInChild('/bin/echo', ['[1]']), /printed no inventory: not a JSON object/);
+});
+
