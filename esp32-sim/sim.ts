@@ -297,6 +297,11 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     else if (st.errors % 1000 === 0) log?.warn('sim errors continue', { errors: st.errors, last: what });
   };
 
+  const noteBad = (d: Device, what: string, detail: Record<string, unknown>) => {
+    st.badCommands++;
+    if (st.badCommands <= 5) log?.warn(`sim device ${what}`, { device: d.id, ...detail });
+  };
+
   const started = Date.now();
   const devices: Device[] = [];
   const byId = new Map<string, Device>();
@@ -674,11 +679,10 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     let cmd: McuCommand;
     try {
       ({ seq, cmd } = decodeMcuCommand(d.key, d.id, frame));
-    } catch {
-      st.badCommands++;
-      return;
+    } catch (err) {
+      return noteBad(d, 'command frame refused', { err: (err as Error).message, bytes: frame.length, head: frame.subarray(0, 40).toString('latin1') });
     }
-    if (seq < d.cmdSeq) return void st.badCommands++; // a replay
+    if (seq < d.cmdSeq) return noteBad(d, 'command with an old seq ignored (a replay)', { seq, highest: d.cmdSeq, id: cmd.id, n: cmd.n });
     if (seq === d.cmdSeq) {
       // a redelivery: its ack was lost; ack again without running it again
       if (!d.q.some((u) => u.ch === 'ack')) ack(d, { id: cmd.id, ok: true, r: 'duplicate' });
@@ -782,8 +786,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     let c: ReturnType<typeof decodeFwChunk>;
     try {
       c = decodeFwChunk(payload);
-    } catch {
-      return void st.badCommands++;
+    } catch (err) {
+      return noteBad(d, 'firmware chunk refused', { err: (err as Error).message, bytes: payload.length });
     }
     if (c.size === 0 || c.shaPrefix !== f.sha256.slice(0, 16) || c.size !== f.size) return fwAbort(d, c.size === 0 ? 'no image offered' : 'the offered image changed');
     if (c.n * chunk !== f.offset) return; // a stale or repeated chunk

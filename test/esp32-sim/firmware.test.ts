@@ -42,6 +42,7 @@ test('sim firmware (raw-image verifier mock at the gateway): MQTT chunks and CoA
   const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
 
   const booted: Array<[string, string, string]> = [];
+  const simLog = testLogger('sim');
   const common = {
     siteSecret: site,
     mqttPort: gw.mqttPort,
@@ -52,7 +53,7 @@ test('sim firmware (raw-image verifier mock at the gateway): MQTT chunks and CoA
     firmwareVersion: '1.0.0',
     failVersions: ['1.2.0'],
     onFirmware: (id: string, ev: { version: string; boot: string }) => booted.push([id, ev.boot, ev.version]),
-    log: testLogger('sim'),
+    log: simLog,
   };
   // flaky links: MQTT connections drop now and then mid-download (resume from the last chunk), CoAP loses datagrams
   const mqttSim = await runSim({ ...common, devices: 4, protocol: 'mqtt', prefix: 'fw-m-', fwChunkBytes: 512, loss: 0.01 });
