@@ -208,6 +208,8 @@ interface Device {
   /** highest command sequence run, and the id it had (for acking a redelivery again) */
   cmdSeq: number;
   cmdId: string;
+  /** the ack sent for cmdSeq, null while that command still runs */
+  lastAck: Buffer | null;
   temp: number;
   humidity: number;
   rssi: number;
@@ -324,6 +326,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       counter: 0,
       cmdSeq: 0,
       cmdId: '',
+      lastAck: null,
       temp: 18 + random() * 8,
       humidity: 35 + random() * 20,
       rssi: -45 - Math.round(random() * 40),
@@ -670,7 +673,10 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   // ---- commands ------------------------------------------------------------------
 
   const ack = (d: Device, body: Record<string, unknown>, then?: (d: Device) => void) => {
-    enqueue(d, { ch: 'ack', payload: Buffer.from(JSON.stringify(body)), seq: 0, t: Date.now(), pid: 0, sentOnce: false, then: (dd) => (st.acks++, then?.(dd)) }, true);
+    const payload = Buffer.from(JSON.stringify(body));
+    // kept (with the command seq, as in NVS) so a redelivery is answered with the same ack
+    if (body.id === d.cmdId) d.lastAck = payload;
+    enqueue(d, { ch: 'ack', payload, seq: 0, t: Date.now(), pid: 0, sentOnce: false, then: (dd) => (st.acks++, then?.(dd)) }, true);
   };
 
   const onCommandFrame = (d: Device, frame: Buffer) => {
@@ -684,11 +690,14 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     }
     if (seq < d.cmdSeq) return noteBad(d, 'command with an old seq ignored (a replay)', { seq, highest: d.cmdSeq, id: cmd.id, n: cmd.n });
     if (seq === d.cmdSeq) {
-      // a redelivery: its ack was lost; ack again without running it again
-      if (!d.q.some((u) => u.ch === 'ack')) ack(d, { id: cmd.id, ok: true, r: 'duplicate' });
+      // a redelivery (its ack was lost, or the gateway pushes the mailbox head again after a
+      // reconnect): never run it twice; send the same ack again, or nothing while it is still
+      // running (a firmware download in progress must not be acked before the hash check)
+      if (d.lastAck && !d.q.some((u) => u.ch === 'ack')) enqueue(d, { ch: 'ack', payload: d.lastAck, seq: 0, t: Date.now(), pid: 0, sentOnce: false, then: () => st.acks++ }, true);
       return;
     }
     d.cmdSeq = seq;
+    d.lastAck = null;
     d.cmdId = cmd.id;
     st.commands++;
     opts.onCommand?.(d.id, cmd);
@@ -727,7 +736,12 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       return ack(d, { id: cmd.id, ok: false, e: 'fw.update needs a.v, a.sha256 and a.size', code: 'BAD_ARGS' });
     }
     if (version === d.version) return ack(d, { id: cmd.id, ok: true, r: 'already running' });
-    if (d.fw && d.fw.sha256 === sha256) return; // resuming the same image
+    if (d.fw && d.fw.sha256 === sha256) {
+      // offered again (a new command for the same image): keep downloading, answer the new one at the end
+      d.fw.cmdId = cmd.id;
+      d.fw.cmdSeq = d.cmdSeq;
+      return;
+    }
     const c = nextCounter(d);
     d.fw = { cmdId: cmd.id, cmdSeq: d.cmdSeq, version, sha256, size, offset: 0, hash: createHash('sha256'), counter: c, mac: mac(d, 'fw', c, Buffer.alloc(0)), busy: false };
     sched.at(Date.now(), fwNext, { d, gen: d.gen });
