@@ -12,12 +12,13 @@ import { tempDir, testLogger, waitFor } from '../helpers.ts';
  * Duplicates are allowed here (at-least-once: a reading stored but not yet
  * acknowledged when the gateway died is sent again by its MCU) and reported.
  *
- * Seen failing 2 runs of 5 (reported to the gateway's owner, 2026-11-22): one reading of
- * an MCU the gateway had first seen less than `stateFlushMs` (2 s) before the first kill
- * was acked, but after the restart the MCU was not in the restored MCU list, so the
- * relay kept the record hidden in the outbox until that MCU talks again — and it was
- * still in reconnect back-off when the test ended. The failure message shows the
- * device's state and every log line naming it.
+ * It failed 2 runs of 5 before gateway commit f06e102: one reading of an MCU the gateway
+ * had first seen less than `stateFlushMs` (2 s) before the first kill was acked, but
+ * after the restart the MCU was not in the restored MCU list, so the relay kept the
+ * record hidden in the outbox until that MCU talked again — and it was still in
+ * reconnect back-off when the test ended. Since that fix the gateway adopts MCUs found
+ * in its outbox (2 runs of 2 passed). A failure message shows the device's state and
+ * every log line naming it.
  */
 const KILLS = 2;
 
