@@ -64,3 +64,11 @@ export function parseTopic(topic: string): ParsedTopic | null {
 export function isUpChannel(c: Channel): c is UpChannel {
   return (UP_CHANNELS as readonly string[]).includes(c);
 }
+
+/**
+ * The wildcard filters a gateway subscribes to receive the hub's cmd and desired messages for
+ * all its MCUs at once; the hub delivers through them only what the subscriber may receive
+ * (hub/acl.ts mayReceive). docs/topics.md#gateways.
+ */
+export const RELAY_CMD = `${TOPIC_ROOT}/d/+/cmd`;
+export const RELAY_DESIRED = `${TOPIC_ROOT}/d/+/desired`;

@@ -70,17 +70,11 @@ export const GatewayConfigSchema = z
         /** added to the declared sleep period's lost timeout, ms (time to boot and connect) */
         lostGraceMs: z.number().int().min(0).max(3_600_000).default(10_000),
         /**
-         * Subscribe at the hub to each MCU's cmd and desired topics (the mailbox and firmware
-         * updates need it). Costs the hub one scan of its retained messages per topic.
+         * Receive the MCUs' commands and desired state from the hub (the mailbox and firmware
+         * updates need it): two wildcard subscriptions the hub filters per message to this
+         * gateway's MCUs, whatever their number (docs/mcu-protocol.md).
          */
         hubDownlink: z.boolean().default(true),
-        /**
-         * ...for at most this many MCUs (the first registered). aedes-persistence-level scans
-         * every retained message once per subscribed topic (measured: 500 MCUs with 1,000
-         * retained messages at the hub = 44 s of hub scanning after each gateway connect).
-         * Larger sites need hub-side routing (docs/mcu-protocol.md).
-         */
-        hubDownlinkMaxMcus: z.number().int().min(0).max(100_000).default(100),
         /** drop MQTT payloads that carry no MAC line (docs/mcu-protocol.md) */
         mqttRequireMac: z.boolean().default(false),
         /** commands waiting per MCU in the mailbox; more are refused to the hub with FLEET_MCU_MAILBOX_FULL */

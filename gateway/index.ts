@@ -132,7 +132,6 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostFactor: config.mcu.lostFactor,
     lostGraceMs: config.mcu.lostGraceMs,
     uplink: config.uplink,
-    downlinkMaxMcus: config.mcu.hubDownlinkMaxMcus,
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
   relay.restore(persisted.mcus, persisted.meta);
@@ -245,7 +244,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
       { labels: { state: 'offline' }, value: c.mcus - c.online },
     ];
   });
-  metrics.gaugeFn('fleet_gateway_downlink_mcus', 'MCUs whose commands and desired state the gateway receives from the hub (subscribed)', () => relay.downlinkMcus);
+  metrics.gaugeFn('fleet_gateway_downlink_mcus', 'MCUs covered by the downlink subscription (commands and desired state from the hub)', () => relay.downlinkMcus);
   metrics.gaugeFn('fleet_gateway_mailbox_depth', 'Commands waiting in MCU mailboxes', () => mailbox.depth);
   metrics.gaugeFn('fleet_gateway_firmware_mcus', 'MCU firmware updates by state', () => Object.entries(fwm.counts()).map(([state, value]) => ({ labels: { state }, value })));
   metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);

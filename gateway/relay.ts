@@ -4,7 +4,7 @@ import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { encodeMessage, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
-import { deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
+import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
@@ -29,8 +29,6 @@ export interface RelayOptions {
   lostGraceMs?: number;
   /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
   onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
-  /** subscribe cmd/desired for at most this many MCUs (in registration order); default all */
-  downlinkMaxMcus?: number;
   now?: () => number;
 }
 
@@ -64,6 +62,8 @@ interface McuEntry {
 export const DEFAULT_LOST_AFTER_MS = 60_000;
 /** Floor for the interval-derived timeout, so an MCU that sends a quick burst does not flap. */
 const MIN_LOST_AFTER_MS = 1000;
+/** least time between two SUBSCRIBEs of the desired filter (each makes the hub scan its retained messages) */
+const RESUBSCRIBE_MS = 2000;
 
 /**
  * The relay between MCUs and the hub.
@@ -97,7 +97,7 @@ export class Relay {
   private subscribedUpTo = 0;
   private subscribeInFlight = false;
   private lastSubAckAt = 0;
-  private capWarned = false;
+  private resubTimer: NodeJS.Timeout | null = null;
   /** bumped on every connect and close, so callbacks from an old connection are ignored */
   private connGen = 0;
   private changed = false;
@@ -312,6 +312,8 @@ export class Relay {
 
   private onClose = (): void => {
     this.connGen++;
+    if (this.resubTimer) clearTimeout(this.resubTimer);
+    this.resubTimer = null;
     this.subscribedUpTo = 0;
     this.subscribeInFlight = false;
     this.registeredUpTo = 0;
@@ -360,38 +362,38 @@ export class Relay {
   }
 
   /**
-   * Subscribe to cmd and desired of every MCU the register just sent covers. Behind the
-   * register on the same connection, so the hub's ACL already knows the delegation.
+   * Receive what the hub sends down for our MCUs: two wildcard subscriptions
+   * (`fleet/v1/d/+/cmd`, `…/+/desired`) that the hub filters per message to the MCUs this
+   * gateway registered (hub/acl.ts RELAY_FILTERS, mayReceive). One retained scan at the hub
+   * per subscribe, whatever the number of MCUs. Sent behind a register on the same
+   * connection, so the hub knows the delegation. Subscribing again is how MCUs registered
+   * later get their retained desired state (MQTT 3.1.1 §3.8.4: a repeated SUBSCRIBE re-sends
+   * the retained messages); that repeat waits at least RESUBSCRIBE_MS after the last one, so a
+   * site where MCUs keep arriving does not make the hub scan continuously.
    */
   private subscribeCovered(): void {
     if (!this.opts.onDown || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
-    // One SUBSCRIBE of at most 200 MCUs (400 topics) in flight at a time: the hub's
-    // persistence scans its retained messages once per subscribed topic, so a site of
-    // thousands of MCUs subscribing at once would stall it (docs/mcu-protocol.md).
-    const cap = this.opts.downlinkMaxMcus ?? Infinity;
-    if (this.subscribedUpTo >= cap) {
-      if (!this.capWarned && this.registeredUpTo > cap) {
-        this.capWarned = true;
-        this.opts.log.warn('more MCUs than mcu.hubDownlinkMaxMcus: the rest get no commands or firmware from the hub', { max: cap, mcus: this.mcus.size });
-      }
+    const wait = this.lastSubAckAt + RESUBSCRIBE_MS - Date.now();
+    if (this.subscribedUpTo > 0 && wait > 0) {
+      this.resubTimer ??= setTimeout(() => {
+        this.resubTimer = null;
+        this.subscribeCovered();
+      }, wait);
       return;
     }
-    const from = this.subscribedUpTo;
-    const to = Math.min(this.registeredUpTo, from + 200, cap);
-    const ids = [...this.mcus.keys()].slice(from, to);
-    this.subscribedUpTo = to;
+    const to = this.registeredUpTo;
     const topics: Record<string, { qos: 1 }> = {};
-    for (const id of ids) {
-      topics[deviceTopic(id, 'cmd')] = { qos: 1 };
-      topics[deviceTopic(id, 'desired')] = { qos: 1 };
-    }
+    // commands are not retained: one subscription per connection is enough
+    if (this.subscribedUpTo === 0) topics[RELAY_CMD] = { qos: 1 };
+    topics[RELAY_DESIRED] = { qos: 1 };
     const gen = this.connGen;
     this.subscribeInFlight = true;
-    this.opts.client.subscribe(topics, (err) => {
+    this.opts.client.subscribe(topics, (err, granted) => {
       if (gen !== this.connGen) return;
       this.subscribeInFlight = false;
       this.lastSubAckAt = Date.now();
-      if (err) this.opts.log.warn('subscribing to MCU commands and desired state failed', { err });
+      if (err || granted?.some((g) => g.qos === 128)) this.opts.log.warn('subscribing to MCU commands and desired state failed (an older hub?)', { err, granted });
+      else this.subscribedUpTo = to;
       this.subscribeCovered();
     });
   }
@@ -457,13 +459,11 @@ export class Relay {
     }
     const deadline = Date.now() + drainMs;
     while (Date.now() < deadline && this.opts.client.connected) {
-      // the hub sends retained desired states after a SUBACK; leaving in the middle of that
-      // leaves a scan open at the hub which aedes-persistence-level throws from when the
-      // hub closes its store (reported to the hub owner): give it a moment
-      const subscribing = this.subscribeInFlight || Date.now() - this.lastSubAckAt < 1500;
-      if (this.opts.outbox.stats().depth === 0 && this.pendingState.size === 0 && this.statesInFlight === 0 && !this.registerInFlight && !subscribing) break;
+      if (this.opts.outbox.stats().depth === 0 && this.pendingState.size === 0 && this.statesInFlight === 0 && !this.registerInFlight && !this.subscribeInFlight) break;
       await new Promise((r) => setTimeout(r, 20));
     }
+    if (this.resubTimer) clearTimeout(this.resubTimer);
+    this.resubTimer = null;
     this.uplink.stop();
     this.gated.dispose();
     this.opts.client.off('connect', this.onConnect);

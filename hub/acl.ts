@@ -1,4 +1,4 @@
-import { isUpChannel, parseTopic, TOPIC_ROOT } from '../core/topics.ts';
+import { isUpChannel, parseTopic, RELAY_CMD, RELAY_DESIRED, TOPIC_ROOT } from '../core/topics.ts';
 
 /**
  * Topic ACL as pure functions (docs/security.md). A device may publish only on the
@@ -32,10 +32,31 @@ export function canPublish(identity: Identity, topic: string, retain: boolean, d
   return mayActFor(identity, t.deviceId, delegations);
 }
 
+/**
+ * The two wildcard filters a gateway uses to receive what the hub sends down for its MCUs:
+ * one subscription for all of them (a per-MCU subscription made the broker scan its retained
+ * messages once per topic). What is delivered through them is filtered per message by
+ * `mayReceive`, so a device still gets only its own and its MCUs' messages.
+ */
+export const RELAY_FILTERS: readonly string[] = [RELAY_CMD, RELAY_DESIRED];
+
 export function canSubscribe(identity: Identity, filter: string, delegations: Delegations): boolean {
   if (identity.kind === 'operator') return filter === '#' || filter === `${TOPIC_ROOT}/#` || filter.startsWith(`${TOPIC_ROOT}/`);
+  if (RELAY_FILTERS.includes(filter)) return true;
   if (filter.includes('+') || filter.includes('#')) return false;
   const t = parseTopic(filter);
   if (!t || isUpChannel(t.channel)) return false;
+  return mayActFor(identity, t.deviceId, delegations);
+}
+
+/**
+ * Per delivery (aedes authorizeForward): a device receives a fleet message only for itself or
+ * an MCU it acts for right now. This is what makes RELAY_FILTERS safe, and it also holds for
+ * retained messages sent on subscribe.
+ */
+export function mayReceive(identity: Identity | undefined, topic: string, delegations: Delegations): boolean {
+  if (!identity || identity.kind === 'operator') return true;
+  const t = parseTopic(topic);
+  if (!t) return !topic.startsWith(`${TOPIC_ROOT}/`);
   return mayActFor(identity, t.deviceId, delegations);
 }

@@ -9,7 +9,7 @@ import type { Logger } from '../core/log.ts';
 import { decodeMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
 import { isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
-import { canPublish, canSubscribe, type Identity } from './acl.ts';
+import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
 import type { Deduplicator, PendingMid } from './dedup.ts';
 import { CopyFilter, ReplayGate, disableCounterDedupe, orderPersistence } from './delivery-order.ts';
 
@@ -110,6 +110,7 @@ export class HubBroker {
     // Base-36 milliseconds keep the ids of successive starts in sorting order, and with them
     // the replay order of what different runs queued.
     skipCleanPubackLookup(persistence);
+    quietRetainedScans(persistence, opts.log);
     const aedes = await Aedes.createBroker({ persistence, id: `fleetlet-hub-${Date.now().toString(36)}` });
     const hub = new HubBroker(aedes, persistence, gate, opts);
     aedes.authenticate = hub.authenticate;
@@ -163,6 +164,7 @@ export class HubBroker {
     // orderPersistence keeps them out of durable queues; this also covers queue entries
     // written before (an older hub) that a durable '#' subscriber would get replayed
     if (packet.topic.startsWith(SINK_PREFIX)) return null;
+    if (!mayReceive(this.identities.get(client), packet.topic, this.mcusOf)) return null;
     if (!this.gate.mayForward(client, packet)) return null;
     return this.copies.isCopy(client, packet) ? null : packet;
   };
@@ -435,4 +437,23 @@ function divert(packet: PublishPacket, sink: string): void {
 export function skipCleanPubackLookup(persistence: LevelPersistence): void {
   const clear = persistence.outgoingClearMessageId.bind(persistence);
   persistence.outgoingClearMessageId = (client, packet) => (client.clean === true ? Promise.resolve(undefined) : clear(client, packet));
+}
+
+/**
+ * aedes scans the retained messages for every SUBSCRIBE on a stream it never listens to for
+ * errors. A scan still running when the hub closes its store fails with
+ * LEVEL_ITERATOR_NOT_OPEN, an uncaught 'error' event, and the process died at stop. The scan
+ * is abandoned instead (the subscriber is being disconnected anyway) and logged.
+ */
+export function quietRetainedScans(persistence: LevelPersistence, log: Logger): void {
+  const scan = persistence.createRetainedStreamCombi.bind(persistence);
+  persistence.createRetainedStreamCombi = (patterns) => {
+    // a Readable stream at run time (aedes pipes it); typed as what our own code iterates
+    const stream = scan(patterns);
+    (stream as unknown as NodeJS.EventEmitter).on('error', (err: Error & { code?: string }) => {
+      const level = err.code === 'LEVEL_ITERATOR_NOT_OPEN' || err.code === 'LEVEL_DATABASE_NOT_OPEN' ? 'debug' : 'warn';
+      log[level]('retained-message scan ended early', { patterns, err });
+    });
+    return stream;
+  };
 }

@@ -6,7 +6,7 @@ import { createLogger } from '../../core/log.ts';
 import { decodeMessage } from '../../core/messages.ts';
 import { MetricsRegistry } from '../../core/metrics.ts';
 import { deviceTopic, parseTopic } from '../../core/topics.ts';
-import { canPublish, canSubscribe } from '../../hub/acl.ts';
+import { canPublish, canSubscribe, mayReceive } from '../../hub/acl.ts';
 
 test('topics: build and parse; ids that would break the topic tree are refused', () => {
   assert.equal(deviceTopic('pi-01', 'telemetry'), 'fleet/v1/d/pi-01/telemetry');
@@ -46,7 +46,17 @@ test('ACL: devices stay in their subtree, gateways act for their MCUs, operators
   assert.ok(!canPublish(gw, 'fleet/v1/d/esp-1/register', true, delegations));
   assert.ok(canSubscribe(dev, 'fleet/v1/d/pi-1/desired', delegations));
   assert.ok(canSubscribe(gw, 'fleet/v1/d/esp-1/cmd', delegations));
-  assert.ok(!canSubscribe(dev, 'fleet/v1/d/+/desired', delegations));
+  // the relay filters are open to any device; what flows through them is filtered per message
+  assert.ok(canSubscribe(dev, 'fleet/v1/d/+/desired', delegations));
+  assert.ok(canSubscribe(gw, 'fleet/v1/d/+/cmd', delegations));
+  assert.ok(!canSubscribe(dev, 'fleet/v1/d/+/telemetry', delegations));
+  assert.ok(!canSubscribe(dev, 'fleet/v1/d/+/+', delegations));
+  assert.ok(!canSubscribe(dev, 'fleet/v1/#', delegations));
+  assert.ok(mayReceive(gw, 'fleet/v1/d/esp-1/desired', delegations), 'a gateway receives its MCU');
+  assert.ok(!mayReceive(gw, 'fleet/v1/d/esp-9/cmd', delegations), 'not another gateway\'s MCU');
+  assert.ok(!mayReceive(dev, 'fleet/v1/d/esp-1/cmd', delegations), 'not an MCU of someone else');
+  assert.ok(mayReceive(dev, 'fleet/v1/d/pi-1/cmd', delegations));
+  assert.ok(mayReceive(op, 'fleet/v1/d/esp-9/cmd', delegations));
   assert.ok(!canSubscribe(dev, 'fleet/v1/d/pi-1/telemetry', delegations));
   assert.ok(canSubscribe(op, 'fleet/v1/#', delegations));
   assert.ok(canPublish(op, 'fleet/v1/d/pi-1/desired', true, delegations));

@@ -19,8 +19,7 @@ before(async () => {
   tmp = tempDir('fleetlet-sim-');
   stack = new Stack(tmp.dir, 'gw-sim');
   await stack.startHub();
-  // every device of this file (about 100) may get commands: above the gateway's default downlink cap
-  await stack.startGateway({ mcu: { hubDownlinkMaxMcus: 500 } });
+  await stack.startGateway();
   consumer = await Consumer.connect(stack, 'sim-test-consumer');
 });
 

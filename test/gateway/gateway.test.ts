@@ -20,7 +20,6 @@ import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { guardRetainedScans } from './env.ts';
 
 interface Seen {
   topic: string;
@@ -48,7 +47,6 @@ async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConf
   const tmp = tempDir();
   const hubLog = testLogger('hub');
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), hubLog);
-  guardRetainedScans(hub);
   const hubRefusals = () => hubLog.lines.filter((l) => /refused/.test(String(l.msg))).map((l) => `${String(l.msg)} ${String(l.topic)} ${String(l.why)}`);
   const hubUrl = `mqtt://127.0.0.1:${hub.mqttPort}`;
   // Everything the hub's broker accepts, in the order it accepts it. An in-process
@@ -369,7 +367,6 @@ test('gateway: data of an MCU missing from the persisted MCU list (first seen ju
     writeFileSync(stateFile, JSON.stringify({ ...st, mcus: [] }));
     gw = await startGateway(config, testLogger('gateway'));
     hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
-    guardRetainedScans(hub);
     await waitFor(() => hub.registry.get('esp-late')?.telemetryBatches === 1, 'the acknowledged reading delivered without the MCU talking again', 15_000);
     await waitFor(() => gw.stats().outbox.depth === 0, 'outbox drained');
   } finally {

@@ -12,6 +12,10 @@ import { coapAuthQuery, coapPath, COMPACT_FORMAT, SENML_CBOR_FORMAT } from '../.
 import { encodeCompact, encodeSenmlCbor } from '../../firmware-bridge/codecs.ts';
 import { decodeFwChunk, decodeMcuCommand, frameWithMac } from '../../firmware-bridge/frames.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
+import { readFileSync } from 'node:fs';
+import mqtt from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { RELAY_CMD, RELAY_DESIRED } from '../../core/topics.ts';
 import { waitFor } from '../helpers.ts';
 import { coap, coapBlock, connectMcu, nextCounter, of, withEnv } from './env.ts';
 
@@ -241,19 +245,36 @@ test('mcu.mqttRequireMac: MQTT payloads without a MAC line are dropped (auth); w
   );
 });
 
-test('mcu.hubDownlinkMaxMcus: only the first N registered MCUs are subscribed for commands (the hub scans retained messages per topic)', async () => {
-  await withEnv(
-    async ({ hub, gw, site }) => {
+test('downlink: one wildcard subscription for all MCUs; the hub delivers each device only its own MCUs\' commands, and retained desired states reach MCUs registered later', async () => {
+  await withEnv(async ({ hub, gw, site }) => {
+    const secret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
+    // another device that subscribes the same wildcard filters: it must receive nothing of gw-1's MCUs
+    const nosy = await mqtt.connectAsync(`mqtt://127.0.0.1:${hub.mqttPort}`, { clientId: 'nosy', username: 'nosy', password: deriveToken(secret, 'device', 'nosy'), reconnectPeriod: 0 });
+    const leaked: string[] = [];
+    nosy.on('message', (t) => leaked.push(t));
+    const granted = await nosy.subscribeAsync({ [RELAY_CMD]: { qos: 1 }, [RELAY_DESIRED]: { qos: 1 } });
+    assert.deepEqual(granted.map((g) => g.qos), [1, 1], 'the relay filters are granted to any device');
+    try {
+      // a retained desired state for an MCU nobody has registered yet
+      await hub.setDesired('esp-late', { apps: {}, firmware: { version: '9.9.9', url: 'file:///nonexistent', sha256: 'a'.repeat(64) } });
       for (const id of ['esp-d1', 'esp-d2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
       await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-d2'), 'both registered');
-      await sleep(300);
+      await waitFor(async () => /fleet_gateway_downlink_mcus 2\b/.test(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text()), 'downlink covers both MCUs');
       await hub.sendCommand('esp-d1', 'a', {}, 60_000);
       await hub.sendCommand('esp-d2', 'b', {}, 60_000);
-      await waitFor(() => gw.stats().mailboxDepth === 1, 'the first MCU gets its command');
+      await waitFor(() => gw.stats().mailboxDepth === 2, 'both MCUs get their command through the wildcard');
+      // an MCU registered after the subscribe gets its retained desired state (the gateway subscribes again)
+      const events: string[] = [];
+      hub.broker.aedes.subscribe('fleet/v1/d/esp-late/events', (p: { payload: Buffer | string }, cb: () => void) => {
+        events.push(Buffer.from(p.payload).toString());
+        cb();
+      }, () => undefined);
+      assert.equal((await coap(gw.coapPort, site, 'esp-late', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+      await waitFor(() => events.some((e) => e.includes('9.9.9')), 'the late MCU\'s firmware desired state reached the gateway (its firmware event)', 15_000);
       await sleep(300);
-      assert.equal(gw.stats().mailboxDepth, 1, 'the second is not subscribed');
-      assert.match(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text(), /fleet_gateway_downlink_mcus 1/);
-    },
-    { hubDownlinkMaxMcus: 1 },
-  );
+      assert.deepEqual(leaked, [], 'nothing for another device\'s MCUs');
+    } finally {
+      await nosy.endAsync();
+    }
+  });
 });
