@@ -3,9 +3,11 @@ import { FleetError, toFleetError } from '../core/errors.ts';
 import { VERSION } from './version.ts';
 import { COMMANDS } from './commands/index.ts';
 
-function topHelp(): string {
+async function topHelp(): Promise<string> {
   const lines = [`fleetlet ${VERSION} — edge-first fleet runtime`, '', 'usage: fleetlet <command> [options]', '', 'commands:'];
-  for (const c of COMMANDS) if (!c.hidden) lines.push(`  ${c.name.padEnd(10)} ${c.summary}`);
+  // the summaries live with each command: load them all (only for this help page)
+  const specs = await Promise.all(COMMANDS.filter((c) => !c.hidden).map((c) => c.load()));
+  for (const c of specs) lines.push(`  ${c.name.padEnd(10)} ${c.summary}`);
   lines.push('', 'global: --version, --help; `fleetlet <command> --help` for each command.', 'exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted.');
   return lines.join('\n') + '\n';
 }
@@ -13,15 +15,16 @@ function topHelp(): string {
 export async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
-    process.stdout.write(topHelp());
+    process.stdout.write(await topHelp());
     return name === undefined ? EXIT.USAGE : EXIT.OK;
   }
   if (name === '--version' || name === '-v' || name === 'version') {
     process.stdout.write(`fleetlet ${VERSION}\n`);
     return EXIT.OK;
   }
-  const spec: CommandSpec | undefined = COMMANDS.find((c) => c.name === name);
+  const entry = COMMANDS.find((c) => c.name === name);
   try {
+    const spec: CommandSpec | undefined = await entry?.load();
     if (!spec) throw new FleetError('FLEET_USAGE', `unknown command "${name}"; run \`fleetlet --help\` for the list`);
     const args = parseCommandArgs(spec, rest);
     if (args.help) {
