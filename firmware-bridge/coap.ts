@@ -136,50 +136,60 @@ export const COAP_OPTION = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, URI_Q
  * token). Returns null for anything that is not well-formed CoAP; never throws.
  */
 export function scanCoapDatagram(buf: Uint8Array): CoapDatagramInfo | null {
+  const head = coapHead(buf);
+  if (!head) return null;
+  const codeByte = buf[1]!;
+  const options: number[] = [];
+  const payloadAt = walkCoapOptions(buf, 4 + head.tkl, (number) => void options.push(number));
+  if (payloadAt === null) return null;
+  return { type: head.type, code: `${codeByte >> 5}.${String(codeByte & 0x1f).padStart(2, '0')}`, options, payloadLength: buf.length - payloadAt };
+}
+
+/** Version 1 and a token length of at most 8 that fits: the fixed header (RFC 7252 §3). */
+function coapHead(buf: Uint8Array): { type: number; tkl: number } | null {
   if (buf.length < 4) return null;
   const b0 = buf[0]!;
   if (b0 >> 6 !== 1) return null; // version must be 1
-  const type = (b0 >> 4) & 0x3;
   const tkl = b0 & 0x0f;
-  if (tkl > 8) return null; // 9-15 are reserved: a message format error
-  const codeByte = buf[1]!;
-  const code = `${codeByte >> 5}.${String(codeByte & 0x1f).padStart(2, '0')}`;
-  let i = 4 + tkl;
-  if (i > buf.length) return null;
-  const options: number[] = [];
+  if (tkl > 8 || 4 + tkl > buf.length) return null; // 9-15 are reserved: a message format error
+  return { type: (b0 >> 4) & 0x3, tkl };
+}
+
+/**
+ * Walk the options from `i` (RFC 7252 §3.1), calling `each` with every option's number and
+ * value bounds. Returns where the payload starts (buf.length when there is none), or null on
+ * any format error: reserved nibble 15, a truncated extension or value, a number past 65535,
+ * or a payload marker followed by nothing. Never throws.
+ */
+function walkCoapOptions(buf: Uint8Array, i: number, each: (number: number, start: number, end: number) => void): number | null {
   let number = 0;
+  const ext = (n: number): number | null => {
+    if (n === 13) {
+      if (i >= buf.length) return null;
+      return buf[i++]! + 13;
+    }
+    if (n === 14) {
+      if (i + 1 >= buf.length) return null;
+      const v = ((buf[i]! << 8) | buf[i + 1]!) + 269;
+      i += 2;
+      return v;
+    }
+    return n;
+  };
   while (i < buf.length) {
     const b = buf[i++]!;
-    if (b === 0xff) {
-      // a payload marker followed by a zero-length payload is a format error (§3)
-      if (i >= buf.length) return null;
-      return { type, code, options, payloadLength: buf.length - i };
-    }
-    let delta = b >> 4;
-    let len = b & 0x0f;
-    if (delta === 15 || len === 15) return null;
-    if (delta === 13) {
-      if (i >= buf.length) return null;
-      delta = buf[i++]! + 13;
-    } else if (delta === 14) {
-      if (i + 1 >= buf.length) return null;
-      delta = ((buf[i]! << 8) | buf[i + 1]!) + 269;
-      i += 2;
-    }
-    if (len === 13) {
-      if (i >= buf.length) return null;
-      len = buf[i++]! + 13;
-    } else if (len === 14) {
-      if (i + 1 >= buf.length) return null;
-      len = ((buf[i]! << 8) | buf[i + 1]!) + 269;
-      i += 2;
-    }
+    if (b === 0xff) return i >= buf.length ? null : i;
+    if (b >> 4 === 15 || (b & 0x0f) === 15) return null;
+    const delta = ext(b >> 4);
+    if (delta === null) return null;
+    const len = ext(b & 0x0f);
+    if (len === null) return null;
     number += delta;
     if (number > 0xffff || i + len > buf.length) return null;
-    options.push(number);
+    each(number, i, i + len);
     i += len;
   }
-  return { type, code, options, payloadLength: 0 };
+  return buf.length;
 }
 
 /** One CoAP option: number and raw value. */
@@ -203,45 +213,12 @@ export interface CoapPacket {
 
 /** Parse a datagram into a CoapPacket; null when it is not well-formed CoAP. Never throws. */
 export function parseCoapPacket(buf: Buffer): CoapPacket | null {
-  if (buf.length < 4) return null;
-  const b0 = buf[0]!;
-  if (b0 >> 6 !== 1) return null;
-  const tkl = b0 & 0x0f;
-  if (tkl > 8 || 4 + tkl > buf.length) return null;
-  const pkt: CoapPacket = { type: (b0 >> 4) & 3, code: buf[1]!, messageId: buf.readUInt16BE(2), token: Buffer.from(buf.subarray(4, 4 + tkl)), options: [], payload: Buffer.alloc(0) };
-  let i = 4 + tkl;
-  let number = 0;
-  while (i < buf.length) {
-    const b = buf[i++]!;
-    if (b === 0xff) {
-      if (i >= buf.length) return null;
-      pkt.payload = Buffer.from(buf.subarray(i));
-      return pkt;
-    }
-    let delta = b >> 4;
-    let len = b & 0x0f;
-    if (delta === 15 || len === 15) return null;
-    if (delta === 13) {
-      if (i >= buf.length) return null;
-      delta = buf[i++]! + 13;
-    } else if (delta === 14) {
-      if (i + 1 >= buf.length) return null;
-      delta = buf.readUInt16BE(i) + 269;
-      i += 2;
-    }
-    if (len === 13) {
-      if (i >= buf.length) return null;
-      len = buf[i++]! + 13;
-    } else if (len === 14) {
-      if (i + 1 >= buf.length) return null;
-      len = buf.readUInt16BE(i) + 269;
-      i += 2;
-    }
-    number += delta;
-    if (number > 0xffff || i + len > buf.length) return null;
-    pkt.options.push({ number, value: Buffer.from(buf.subarray(i, i + len)) });
-    i += len;
-  }
+  const head = coapHead(buf);
+  if (!head) return null;
+  const pkt: CoapPacket = { type: head.type, code: buf[1]!, messageId: buf.readUInt16BE(2), token: Buffer.from(buf.subarray(4, 4 + head.tkl)), options: [], payload: Buffer.alloc(0) };
+  const payloadAt = walkCoapOptions(buf, 4 + head.tkl, (number, start, end) => void pkt.options.push({ number, value: Buffer.from(buf.subarray(start, end)) }));
+  if (payloadAt === null) return null;
+  pkt.payload = Buffer.from(buf.subarray(payloadAt));
   return pkt;
 }
 
