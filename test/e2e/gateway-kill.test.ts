@@ -1,8 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { runSim, type SimHandle } from '../../esp32-sim/sim.ts';
-import { Consumer, Stack, whyMissing } from '../esp32-sim/harness.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { runSim } from '../../esp32-sim/sim.ts';
+import { faultRig, whyMissing } from '../esp32-sim/harness.ts';
+import { testLogger, waitFor } from '../helpers.ts';
 
 /**
  * Issue 6, faults: the gateway SIGKILLed while MCUs publish. Nothing that was
@@ -23,21 +23,12 @@ import { tempDir, testLogger, waitFor } from '../helpers.ts';
 const KILLS = 2;
 
 test(`gateway e2e: SIGKILL of the gateway ${KILLS} times under MQTT and CoAP load — every acknowledged reading reaches the hub`, { timeout: 240_000 }, async (t) => {
-  const tmp = tempDir('fleetlet-gw-kill-');
-  const stack = new Stack(tmp.dir);
-  const sims: SimHandle[] = [];
-  let consumer: Consumer | undefined;
-  t.after(async () => {
-    for (const s of sims) await s.stop().catch(() => undefined);
-    await consumer?.close().catch(() => undefined);
-    await stack.stop();
-    tmp.cleanup();
-  });
+  const { stack, sims, connectConsumer } = faultRig(t, 'fleetlet-gw-kill-');
 
   await stack.startHub();
   await stack.startGateway();
   const ports = { mqttPort: stack.gw.ready.mqttPort, coapPort: stack.gw.ready.coapPort };
-  consumer = await Consumer.connect(stack);
+  const consumer = await connectConsumer();
 
   const acked = new Set<string>();
   const onAck = (id: string, seq: number) => acked.add(`${id}#${seq}`);
@@ -64,7 +55,7 @@ test(`gateway e2e: SIGKILL of the gateway ${KILLS} times under MQTT and CoAP loa
   const final = sims.map((s) => s.stats());
 
   await consumer.waitAll(acked, 'every acknowledged reading at the hub consumer', 150_000).catch((err: Error) => {
-    const missing = consumer!.missing(acked);
+    const missing = consumer.missing(acked);
     // where the devices of the missing readings were when the sims stopped (e.g. still in reconnect back-off)
     const devs = [...new Set(missing.map((k) => k.split('#')[0]!))].slice(0, 5).map((id) => sims.map((s) => s.device(id)).find(Boolean));
     throw new Error(`${err.message}: ${missing.length} of ${acked.size} missing (e.g. ${missing.slice(0, 8).join(', ')}); devices ${JSON.stringify(devs)}; sims ${JSON.stringify(final)}\n${whyMissing(stack, consumer!, missing)}`);

@@ -1,8 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { runSim, type SimHandle } from '../../esp32-sim/sim.ts';
-import { Consumer, Stack, whyMissing } from '../esp32-sim/harness.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { runSim } from '../../esp32-sim/sim.ts';
+import { faultRig, whyMissing } from '../esp32-sim/harness.ts';
+import { testLogger, waitFor } from '../helpers.ts';
 
 /**
  * Issue 6, faults: the hub unreachable for minutes while 1,000 MCUs publish through the
@@ -15,22 +15,13 @@ const COAP_DEVICES = 200;
 const INTERVAL_MS = 2000;
 
 test('gateway e2e: hub away for 75 s while 1,000 MCUs (800 MQTT + 200 CoAP) publish — everything arrives afterwards, no duplicates at the consumer', { timeout: 300_000 }, async (t) => {
-  const tmp = tempDir('fleetlet-gw-outage-');
-  const stack = new Stack(tmp.dir);
-  const sims: SimHandle[] = [];
-  let consumer: Consumer | undefined;
-  t.after(async () => {
-    for (const s of sims) await s.stop().catch(() => undefined);
-    await consumer?.close().catch(() => undefined);
-    await stack.stop();
-    tmp.cleanup();
-  });
+  const { stack, sims, connectConsumer } = faultRig(t, 'fleetlet-gw-outage-');
 
   await stack.startHub();
   const hubPort = stack.hub.ready.mqttPort;
   // a quick reconnect to the hub once it is back; the default uplink limits
   await stack.startGateway();
-  consumer = await Consumer.connect(stack);
+  const consumer = await connectConsumer();
 
   const acked = new Set<string>();
   const onAck = (id: string, seq: number) => acked.add(`${id}#${seq}`);
@@ -39,7 +30,7 @@ test('gateway e2e: hub away for 75 s while 1,000 MCUs (800 MQTT + 200 CoAP) publ
   sims.push(await runSim({ ...common, devices: COAP_DEVICES, protocol: 'coap' }));
   const stats = () => sims.map((s) => s.stats());
 
-  await waitFor(() => consumer!.seen.size >= 1500, 'telemetry from the MCUs at the hub consumer before the outage', 60_000);
+  await waitFor(() => consumer.seen.size >= 1500, 'telemetry from the MCUs at the hub consumer before the outage', 60_000);
   const beforeOutage = acked.size;
 
   await stack.stopHub();
@@ -55,7 +46,7 @@ test('gateway e2e: hub away for 75 s while 1,000 MCUs (800 MQTT + 200 CoAP) publ
   for (const s of sims) await s.stop();
   const final = stats();
   await consumer.waitAll(acked, 'every acknowledged reading at the consumer after the hub returned', 150_000).catch((err: Error) => {
-    const missing = consumer!.missing(acked);
+    const missing = consumer.missing(acked);
     throw new Error(`${err.message}: ${missing.length} of ${acked.size} missing (e.g. ${missing.slice(0, 5).join(', ')}); sims ${JSON.stringify(final)}\n${whyMissing(stack, consumer!, missing)}`);
   });
   // anything still in flight to the consumer (and any duplicate) has a moment to show

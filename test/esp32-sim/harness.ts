@@ -5,7 +5,10 @@ import { deriveToken } from '../../core/credentials.ts';
 import { stopChild } from '../../core/proc.ts';
 import { loadOrCreateSecret, writeSecretFile } from '../../core/secrets.ts';
 import { parseTopic } from '../../core/topics.ts';
+import type { TestContext } from 'node:test';
+import type { SimHandle } from '../../esp32-sim/sim.ts';
 import { Parts } from '../e2e/procs.ts';
+import { tempDir } from '../helpers.ts';
 
 export interface HubReady {
   mqttPort: number;
@@ -219,4 +222,22 @@ export function whyMissing(stack: Stack, consumer: Consumer, missing: string[]):
     if (lines.length) out.push(`--- ${f} (${lines.length} lines naming them or an error) ---`, ...lines.slice(0, 30));
   }
   return out.join('\n');
+}
+
+/**
+ * What a fault test runs: a Stack (hub and gateway as processes) in a temp dir, the sims and
+ * the hub consumer it starts; all stopped and removed when the test ends, failed or not.
+ */
+export function faultRig(t: TestContext, prefix: string): { stack: Stack; sims: SimHandle[]; connectConsumer(): Promise<Consumer> } {
+  const tmp = tempDir(prefix);
+  const stack = new Stack(tmp.dir);
+  const sims: SimHandle[] = [];
+  let consumer: Consumer | undefined;
+  t.after(async () => {
+    for (const s of sims) await s.stop().catch(() => undefined);
+    await consumer?.close().catch(() => undefined);
+    await stack.stop();
+    tmp.cleanup();
+  });
+  return { stack, sims, connectConsumer: async () => (consumer = await Consumer.connect(stack)) };
 }
