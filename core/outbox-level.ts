@@ -28,6 +28,8 @@ const VERSION = 1;
 const SEQ_KEY = 'm:seq';
 /** how many recently deleted ids peek remembers to skip */
 const DELETED_MEMORY = 65_536;
+/** default bytes (topic + payload) of stored records also kept in memory, see `tail` */
+const TAIL_BYTES = 16 * 1024 * 1024;
 const STATS_KEY = 'm:stats';
 
 export interface LevelOutboxOptions {
@@ -38,6 +40,11 @@ export interface LevelOutboxOptions {
   now?: () => number;
   /** free bytes of the store's file system; injectable for tests */
   freeBytes?: (dir: string) => number;
+  /**
+   * bytes (topic + payload) of the newest stored records also kept in memory, so peek and
+   * ack do not read back what was just written; default 16 MiB, 0 disables
+   */
+  tailBytes?: number;
 }
 
 interface Persisted {
@@ -106,8 +113,11 @@ export class LevelOutbox extends EventEmitter implements Outbox {
    * ack checks that a record still exists before it counts it (no double count, ever).
    */
   private readonly deleted = new Set<string>();
-  /** ring buffer of the same ids, oldest first from `deletedNext` (Array.shift is O(n)) */
-  private readonly deletedRing: Array<string | undefined> = new Array<string | undefined>(DELETED_MEMORY);
+  /**
+   * ring buffer of the same ids, oldest first from `deletedNext` (Array.shift is O(n)); it
+   * grows to DELETED_MEMORY by push, so an idle agent does not hold a 512 KB array of holes
+   */
+  private readonly deletedRing: string[] = [];
   private deletedNext = 0;
   /**
    * Lowest stored key per class. Keys only grow (ids are monotonic), so every key below it
@@ -122,6 +132,18 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   private readonly minFree: number;
   private readonly now: () => number;
   private readonly freeBytes: (dir: string) => number;
+  /**
+   * Records written by this process and still stored, per class, in key order (ids only
+   * grow, and a Map keeps insertion order): a copy in memory of the newest part of each
+   * class. Added once their batch is on disk, removed when deleted, and the oldest dropped
+   * beyond `tailBytes`. While a class's tail holds as many records as the class has stored
+   * (the usual case of a store that keeps up), peek, ack and the oldest-record time are
+   * answered from memory; otherwise from disk as before. Durability is unchanged: an append
+   * still resolves only after its synced batch.
+   */
+  private readonly tail: Array<Map<string, { k: string; rec: OutboxRecord; bytes: number }>> = [new Map(), new Map(), new Map()];
+  private tailSize = 0;
+  private readonly tailMax: number;
 
   private constructor(
     private readonly db: Level<string, Buffer>,
@@ -135,6 +157,39 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     this.minFree = opts.minFreeBytes ?? 64 * 1024 * 1024;
     this.now = opts.now ?? Date.now;
     this.freeBytes = opts.freeBytes ?? defaultFreeBytes;
+    this.tailMax = opts.tailBytes ?? TAIL_BYTES;
+  }
+
+  /** Is every stored record of class `c` in the tail? */
+  private inMemory(c: number): boolean {
+    return this.tail[c]!.size === this.st.count[c];
+  }
+
+  private tailAdd(c: number, k: string, rec: OutboxRecord, bytes: number): void {
+    if (this.tailMax <= 0) return;
+    this.tail[c]!.set(rec.id, { k, rec, bytes });
+    this.tailSize += bytes;
+    // over the bound: drop the oldest of the least important class first; that class is
+    // then read from disk until what was dropped is acked
+    for (let d = 2; d >= 0 && this.tailSize > this.tailMax; d--) {
+      const m = this.tail[d]!;
+      for (const [id, e] of m) {
+        if (this.tailSize <= this.tailMax) break;
+        m.delete(id);
+        this.tailSize -= e.bytes;
+      }
+    }
+  }
+
+  private tailDelete(id: string): void {
+    for (const m of this.tail) {
+      const e = m.get(id);
+      if (e) {
+        m.delete(id);
+        this.tailSize -= e.bytes;
+        return;
+      }
+    }
   }
 
   static async open(dir: string, opts: LevelOutboxOptions = {}): Promise<LevelOutbox> {
@@ -238,6 +293,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     const fresh: Array<Array<{ k: string; bytes: number; id: string }>> = [[], [], []];
     const gone = new Set<string>();
     const deletedNow: string[] = [];
+    const written: Array<{ k: string; rec: OutboxRecord; bytes: number }> = [];
     const budget = this.budget();
     // cursors over stored records, oldest first, for eviction
     const stored: Array<{ list: Array<{ k: string; bytes: number; id: string }>; next: string | null; started: boolean }> = [0, 1, 2].map(() => ({ list: [], next: null, started: false }));
@@ -299,6 +355,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           seq++;
           batch.put(k, encodeRecord(rec));
           fresh[rec.priority]!.push({ k, bytes: size, id });
+          written.push({ k, rec, bytes: size });
           st.count[rec.priority]!++;
           st.bytes[rec.priority]! += size;
           sync = true;
@@ -356,20 +413,27 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     }
     this.seq = seq;
     Object.assign(this.st, st);
+    for (const id of deletedNow) this.tailDelete(id);
+    // records appended and evicted in the same batch are not stored
+    for (const w of written) if (!gone.has(w.k)) this.tailAdd(w.rec.priority, w.k, w.rec, w.bytes);
     for (const fn of done) fn();
     const appended = ops.filter((o) => o.kind === 'append').length;
     this.counters.appended += appended;
     if (ev.evicted > 0) this.emit('evicted', ev);
-    await this.refreshHeads();
+    // wake the reader first: the heads only serve stats, and peek needs none of them
     if (appended > 0) this.emit('appended');
+    await this.refreshHeads();
   }
 
   private markDeleted(id: string): void {
     if (this.deleted.has(id)) return;
-    const old = this.deletedRing[this.deletedNext];
-    if (old !== undefined) this.deleted.delete(old);
-    this.deletedRing[this.deletedNext] = id;
-    this.deletedNext = (this.deletedNext + 1) % DELETED_MEMORY;
+    if (this.deletedRing.length < DELETED_MEMORY) {
+      this.deletedRing.push(id);
+    } else {
+      this.deleted.delete(this.deletedRing[this.deletedNext]);
+      this.deletedRing[this.deletedNext] = id;
+      this.deletedNext = (this.deletedNext + 1) % DELETED_MEMORY;
+    }
     this.deleted.add(id);
   }
 
@@ -383,8 +447,19 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   private async locateMany(ids: readonly string[]): Promise<Array<{ id: string; k: string; bytes: number; cls: number }>> {
     const keys: string[] = [];
     const meta: Array<{ id: string; cls: number }> = [];
+    const out: Array<{ id: string; k: string; bytes: number; cls: number }> = [];
     for (const id of ids) {
       if (!/^[0-9]{1,20}$/.test(id)) continue;
+      // in the tail means stored: no read needed
+      let inTail = false;
+      for (let c = 0; c < 3 && !inTail; c++) {
+        const e = this.tail[c]!.get(id);
+        if (e) {
+          out.push({ id, k: e.k, bytes: e.bytes, cls: c });
+          inTail = true;
+        }
+      }
+      if (inTail) continue;
       const known = this.known.get(id);
       // a peeked id's class is known; otherwise (ack after a restart) try all three
       for (const cls of known ? [known.cls] : [0, 1, 2]) {
@@ -392,9 +467,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
         meta.push({ id, cls });
       }
     }
-    if (keys.length === 0) return [];
+    if (keys.length === 0) return out;
     const values = await this.db.getMany(keys);
-    const out: Array<{ id: string; k: string; bytes: number; cls: number }> = [];
     values.forEach((v, i) => {
       if (v !== undefined) out.push({ ...meta[i]!, k: keys[i]!, bytes: Math.max(0, v.length - HEADER) });
     });
@@ -405,6 +479,12 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     for (let c = 0; c < 3; c++) {
       if (this.st.count[c] === 0) {
         this.heads[c] = null;
+        continue;
+      }
+      if (this.inMemory(c)) {
+        const first = this.tail[c]!.values().next().value!;
+        this.headKey[c] = first.k;
+        this.heads[c] = first.rec.ts;
         continue;
       }
       for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit: 1 })) {
@@ -418,6 +498,15 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     const out: OutboxRecord[] = [];
     for (let c = 0; c < 3 && out.length < max; c++) {
       if (this.st.count[c] === 0) continue;
+      if (this.inMemory(c)) {
+        for (const [id, e] of this.tail[c]!) {
+          if (out.length >= max) break;
+          if (exclude?.has(id) || this.deleted.has(id)) continue;
+          // ack finds it in the tail (or, dropped from it meanwhile, tries every class)
+          out.push({ ...e.rec });
+        }
+        continue;
+      }
       const limit = max - out.length + (exclude?.size ?? 0);
       for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
         if (out.length >= max) break;

@@ -1,13 +1,13 @@
-import { createServer, type Server, type Socket } from 'node:net';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import { FleetError, isFleetError } from '../core/errors.ts';
-import { listenOn, secretEquals } from '../core/http.ts';
+import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
 import { MCU_PREFIX, mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
-import { limitMqttFrames } from './frame-limit.ts';
+import { guardMqttFrames } from './frame-limit.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import type { McuService } from './service.ts';
 
@@ -31,6 +31,36 @@ export interface McuMqttIngressOptions {
 
 /** Room for the topic, packet id and (MQTT 5) properties on top of the payload. */
 const PACKET_OVERHEAD = 1024;
+
+/**
+ * Where an MCU's up message goes inside the gateway's broker once authorizePublish has
+ * consumed it. aedes still emits every accepted PUBLISH through its mqemitter; left on its
+ * own topic it matched the MCU's own `mcu/v1/{id}/#` subscription, so each message cost a
+ * subscription match, a deliver call and a setImmediate only for authorizeForward to drop
+ * it. No client can subscribe here (authorizeSubscribe), so the emit matches nothing.
+ */
+export const MCU_UP_SINK = '$fleetlet/mcu-up';
+
+/**
+ * Connections the kernel may hold complete but not yet accepted (Node's default is 511;
+ * Linux caps it at net.core.somaxconn). A site of thousands of MCUs coming up together (a
+ * power cut, a gateway restart) arrives in bursts; with 511 the queue filled while the
+ * gateway was busy, further handshakes were dropped, and MCUs that gave up after their
+ * connect timeout left dead connections queued ahead of live ones.
+ */
+const LISTEN_BACKLOG = 4096;
+
+/** listen() with a backlog; FLEET_PORT_IN_USE when the port is taken. */
+function listenBacklog(server: Server, host: string, port: number, backlog: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) => reject(new FleetError('FLEET_PORT_IN_USE', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
+    server.once('error', onError);
+    server.listen({ host, port, backlog }, () => {
+      server.off('error', onError);
+      resolve((server.address() as AddressInfo).port);
+    });
+  });
+}
 
 /**
  * The MCU MQTT listener: its own aedes broker on its own TCP port (not the hub's), so
@@ -90,9 +120,16 @@ export class McuMqttIngress {
 
   static async start(opts: McuMqttIngressOptions): Promise<McuMqttIngress> {
     // heartbeats on $SYS would only be noise: nothing subscribes to them here
-    const broker = await Aedes.createBroker({ id: 'fleetlet-gateway-mcu', heartbeatInterval: 24 * 3600 * 1000, connectTimeout: 10_000, maxClientsIdLength: 64, drainTimeout: 30_000 });
+    // concurrency 0: no bound on messages inside aedes' mqemitter at once. With the default
+    // (100) the excess waits in mqemitter's queue, and that queue is drained recursively
+    // whenever handlers complete synchronously (`released → _do → parallel → released`):
+    // thousands of MCUs connecting while telemetry flows queued thousands of `$SYS` client
+    // notices and publishes, and the drain overflowed the stack (RangeError in mqemitter
+    // 7.1.0 at 10,000 MCUs). Every MCU message is consumed in authorizePublish and diverted
+    // to MCU_UP_SINK, so what goes through the emitter completes at once anyway.
+    const broker = await Aedes.createBroker({ id: 'fleetlet-gateway-mcu', heartbeatInterval: 24 * 3600 * 1000, connectTimeout: 10_000, maxClientsIdLength: 64, drainTimeout: 30_000, concurrency: 0 });
     const server = createServer((socket: Socket) => {
-      const conn = limitMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
+      const conn = guardMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
         opts.hooks.dropped('mqtt', 'too_large', { err });
         opts.log.debug('MCU connection closed: packet too large', { remote: socket.remoteAddress, err });
       });
@@ -102,7 +139,7 @@ export class McuMqttIngress {
     server.maxConnections = opts.maxClients + 64;
     let port: number;
     try {
-      port = await listenOn(server, opts.host, opts.port, false);
+      port = await listenBacklog(server, opts.host, opts.port, LISTEN_BACKLOG);
     } catch (err) {
       await new Promise<void>((r) => broker.close(() => r()));
       throw err;
@@ -159,15 +196,17 @@ export class McuMqttIngress {
       this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
       return done(new FleetError('FLEET_FORBIDDEN', `${mcuId} may not publish on ${packet.topic.slice(0, 200)}`));
     }
-    // consumed here; never kept as a retained message on the gateway's broker
+    // consumed here; never kept as a retained message on the gateway's broker, and diverted
+    // to a topic no one can subscribe to (see MCU_UP_SINK)
+    const channel = parseMcuTopic(packet.topic)!.channel;
     packet.retain = false;
+    packet.topic = MCU_UP_SINK;
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
     if (payload.length > this.opts.maxPayloadBytes) {
       this.opts.hooks.dropped('mqtt', 'too_large', { mcuId });
       this.throttle.warn(`size:${mcuId}`, 'MCU message too large; dropped', { mcu: mcuId, bytes: payload.length, max: this.opts.maxPayloadBytes });
       return done(null);
     }
-    const channel = parseMcuTopic(packet.topic)!.channel;
     const drop = (reason: DropReason, err: unknown) => {
       // MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
       // connection (closing it would make the MCU resend the same bad payload forever)

@@ -513,18 +513,25 @@ class GatedOutbox extends EventEmitter implements Outbox {
   private async visible(max: number, exclude?: ReadonlySet<string>): Promise<{ records: OutboxRecord[]; hidden: boolean }> {
     const records: OutboxRecord[] = [];
     let hidden = false;
-    // later rounds must skip everything seen so far, returned or passed over
-    const seen = new Set(exclude);
+    // later rounds must skip everything seen so far, returned or passed over: the ids of
+    // this call on top of the caller's (not a copy of those: at a backlog the Uplink has
+    // thousands in flight, and copying them on every peek was a visible part of its CPU)
+    const mine = new Set<string>();
+    const seen = { has: (id: string) => mine.has(id) || exclude?.has(id) === true, get size() { return mine.size + (exclude?.size ?? 0); } } as unknown as ReadonlySet<string>;
     // a few rounds, so records of covered MCUs behind a run of uncovered ones still go
     for (let round = 0; round < 4 && records.length < max; round++) {
       const want = max - records.length;
       const batch = await this.inner.peek(want, seen);
       let passedOver = 0;
       for (const rec of batch) {
-        seen.add(rec.id);
+        mine.add(rec.id);
         const id = parseTopic(rec.topic)?.deviceId;
-        if (id !== undefined) this.adopt(id);
-        if (id === undefined || this.covered(id)) records.push(rec);
+        if (id === undefined || this.covered(id)) {
+          records.push(rec);
+          continue;
+        }
+        this.adopt(id);
+        if (this.covered(id)) records.push(rec);
         else passedOver++;
       }
       if (passedOver > 0) hidden = true;
