@@ -97,6 +97,64 @@ const classicLevelBindingPlugin = {
   },
 };
 
+/**
+ * zod's index re-exports every locale (`z.locales.*`, ~70 modules, ~300 KB of the bundle)
+ * and evaluates them all with zod itself, in every process that validates anything. No
+ * fleetlet code calls `z.config(z.locales.xx())`; zod's default English messages come from
+ * `locales/en.js`, which its schemas import directly. So the locale index is cut down to
+ * English only (`z.locales.en` stays). If a part ever needs another language, add it here.
+ */
+const ZOD_LOCALES_KEPT = ['en'];
+const zodLocalesPlugin = {
+  name: 'fleetlet-zod-locales',
+  setup(build) {
+    const index = join(ROOT, 'node_modules', 'zod', 'v4', 'locales', 'index.js');
+    const filter = new RegExp(`^${index.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
+    build.onLoad({ filter }, () => ({
+      contents: ZOD_LOCALES_KEPT.map((l) => `export { default as ${l} } from "./${l}.js";`).join('\n') + '\n',
+      resolveDir: dirname(index),
+      loader: 'js',
+    }));
+  },
+};
+
+/**
+ * mqtt.js evaluates every transport at the first connect (WebSocket: `ws`; SOCKS proxy:
+ * `socks`, `ip-address`, `smart-buffer`: ~125 KB of the bundle), whatever the URL. These
+ * rewrites make each one load on its first use instead, behaviour otherwise unchanged: the
+ * `ws`/`wss` stream builders become functions that require `./ws` when called, and the
+ * SOCKS helper of `tcp.js`/`tls.js` is required when a `socksProxy` option is given. Each
+ * rewrite must match exactly once, or the build fails (an mqtt update changed the file).
+ */
+const MQTT_LAZY = {
+  'connect/index.js': [
+    ["protocols.ws = require('./ws').streamBuilder;", "protocols.ws = (client, opts) => require('./ws').streamBuilder(client, opts);"],
+    ["protocols.wss = require('./ws').streamBuilder;", "protocols.wss = (client, opts) => require('./ws').streamBuilder(client, opts);"],
+  ],
+  'connect/tcp.js': [['const socks_1 = __importDefault(require("./socks"));', 'const socks_1 = { get default() { return __importDefault(require("./socks")).default; } };']],
+  'connect/tls.js': [['const socks_1 = __importDefault(require("./socks"));', 'const socks_1 = { get default() { return __importDefault(require("./socks")).default; } };']],
+};
+const mqttLazyApplied = new Set();
+const mqttLazyPlugin = {
+  name: 'fleetlet-mqtt-lazy-transports',
+  setup(build) {
+    const base = join(ROOT, 'node_modules', 'mqtt', 'build', 'lib');
+    for (const [file, edits] of Object.entries(MQTT_LAZY)) {
+      const path = join(base, file);
+      const filter = new RegExp(`^${path.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
+      build.onLoad({ filter }, () => {
+        let text = readFileSync(path, 'utf8');
+        for (const [from, to] of edits) {
+          if (text.split(from).length !== 2) fail(`mqtt ${file}: expected exactly one \`${from}\` (mqttLazyPlugin): did mqtt change?`);
+          text = text.replace(from, to);
+        }
+        mqttLazyApplied.add(file);
+        return { contents: text, resolveDir: dirname(path), loader: 'js' };
+      });
+    }
+  },
+};
+
 const stubPlugin = {
   name: 'fleetlet-stub-optional',
   setup(build) {
@@ -137,11 +195,14 @@ async function bundle() {
       'import.meta.url': '__fleetlet_import_meta_url',
     },
     banner: { js: `var __fleetlet_import_meta_url = require('url').pathToFileURL(__filename).href;` },
-    plugins: [classicLevelBindingPlugin, stubPlugin],
+    plugins: [classicLevelBindingPlugin, zodLocalesPlugin, mqttLazyPlugin, stubPlugin],
   });
   latin1Source();
   const inputs = Object.keys(result.metafile.inputs);
   if (!inputs.some((i) => i.endsWith('classic-level/binding.js'))) fail('classic-level/binding.js was not in the bundle: did the LevelDB import move?');
+  const mqttMissed = Object.keys(MQTT_LAZY).filter((f) => !mqttLazyApplied.has(f));
+  if (mqttMissed.length) fail(`mqtt ${mqttMissed.join(', ')} not rewritten (mqttLazyPlugin): did mqtt move its transports?`);
+  if (inputs.some((i) => /zod\/v4\/locales\/(?!index\.js$|en\.js$)/.test(i))) fail('a zod locale other than en is in the bundle: did zod move its locale index? (zodLocalesPlugin)');
   log(`bundled ${inputs.length} modules into ${relative(ROOT, BUNDLE)} (${mb(statSync(BUNDLE).size)}) in ${Date.now() - t0} ms`);
   writeFileSync(join(DIST, 'meta.json'), JSON.stringify(result.metafile));
 }
