@@ -93,7 +93,11 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   if (restored.skipped > 0) log.warn('skipped malformed replay counters in the state file', { file: paths.stateFile, skipped: restored.skipped });
 
   setNativeDir(config.stateDir);
-  const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), config.outbox);
+  // a larger in-memory tail than the agent's 16 MiB: a gateway's backlog behind a slow or
+  // absent hub is tens of thousands of records a minute, and past the tail every peek reads
+  // LevelDB again, in the threadpool its fsyncs keep busy (measured at 7,000+ MCUs: the
+  // uplink stalled while the backlog was read back from disk)
+  const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), { ...config.outbox, tailBytes: 64 * 1024 * 1024 });
   outbox.on('evicted', (e) => log.warn('outbox over budget; evicted oldest records', { ...e }));
   outbox.on('corrupt', (e) => log.error('outbox record damaged on disk; skipped', e));
   const client = connectFleetClient({

@@ -1,4 +1,5 @@
-import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createServer, Server as NetServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import { FleetError, isFleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
@@ -50,6 +51,56 @@ export const MCU_UP_SINK = '$fleetlet/mcu-up';
  */
 const LISTEN_BACKLOG = 4096;
 
+/**
+ * More listening handles on the same socket. libuv (Node 20) accepts one connection per
+ * listening handle per event-loop iteration, and when the gateway is busy an iteration
+ * handles up to 1,024 ready sockets: measured, a loop busy 50 ms per turn accepted 35 of
+ * 1,000 waiting connections in 2 s with one handle and 608 with 16. At 10,000 MCUs the
+ * gateway accepted about one connection per turn (strace: 10 epoll_wait and 10 accept4 in
+ * 3 s) and the ramp stalled at about 4,000 MCUs. Node cannot dup() a descriptor itself, so
+ * a short-lived child echoes the listening handle back EXTRA_LISTENERS times over IPC (each
+ * passage is a new descriptor of the same socket) and closes its own copy. Where the child
+ * cannot run JavaScript given with -e (the single binary), one handle is used, as before.
+ */
+const EXTRA_LISTENERS = 15;
+const DUP_CODE = "process.on('message',(m,h)=>{let k=m.n;if(!h||!(k>0))return process.disconnect();for(let i=0;i<m.n;i++)process.send('h',h,()=>{if(--k===0){h.close();process.disconnect()}})})";
+
+async function duplicateListener(server: Server, n: number, onConnection: (socket: Socket) => void, log: Logger): Promise<Server[]> {
+  const extra: Server[] = [];
+  let child: ChildProcess;
+  try {
+    child = spawn(process.execPath, ['-e', DUP_CODE], { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: {} });
+  } catch (err) {
+    log.debug('no extra MCU listening handles', { err });
+    return extra;
+  }
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(finish, 5000);
+    function finish() {
+      clearTimeout(timer);
+      child.removeAllListeners('message');
+      if (child.exitCode === null && child.signalCode === null) child.kill();
+      resolve();
+    }
+    child.on('message', (_m, handle) => {
+      if (!(handle instanceof NetServer)) return;
+      handle.on('connection', onConnection);
+      handle.maxConnections = server.maxConnections;
+      extra.push(handle);
+      if (extra.length === n) finish();
+    });
+    child.once('exit', finish);
+    child.once('error', finish);
+    try {
+      child.send({ n }, server);
+    } catch {
+      finish();
+    }
+  });
+  if (extra.length < n) log.debug('fewer extra MCU listening handles than asked', { got: extra.length, asked: n });
+  return extra;
+}
+
 /** listen() with a backlog; FLEET_PORT_IN_USE when the port is taken. */
 function listenBacklog(server: Server, host: string, port: number, backlog: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -85,6 +136,8 @@ export class McuMqttIngress {
     private readonly opts: McuMqttIngressOptions,
     private readonly broker: Aedes,
     private readonly server: Server,
+    /** the same listening socket again (duplicateListener) */
+    private readonly extraServers: Server[],
     readonly port: number,
   ) {
     this.throttle = new LogThrottle(opts.log);
@@ -128,13 +181,14 @@ export class McuMqttIngress {
     // 7.1.0 at 10,000 MCUs). Every MCU message is consumed in authorizePublish and diverted
     // to MCU_UP_SINK, so what goes through the emitter completes at once anyway.
     const broker = await Aedes.createBroker({ id: 'fleetlet-gateway-mcu', heartbeatInterval: 24 * 3600 * 1000, connectTimeout: 10_000, maxClientsIdLength: 64, drainTimeout: 30_000, concurrency: 0 });
-    const server = createServer((socket: Socket) => {
+    const onConnection = (socket: Socket) => {
       const conn = guardMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
         opts.hooks.dropped('mqtt', 'too_large', { err });
         opts.log.debug('MCU connection closed: packet too large', { remote: socket.remoteAddress, err });
       });
       broker.handle(conn);
-    });
+    };
+    const server = createServer(onConnection);
     // bound file descriptors before authentication: a few spare for reconnect overlap
     server.maxConnections = opts.maxClients + 64;
     let port: number;
@@ -144,7 +198,8 @@ export class McuMqttIngress {
       await new Promise<void>((r) => broker.close(() => r()));
       throw err;
     }
-    const ingress = new McuMqttIngress(opts, broker, server, port);
+    const extra = await duplicateListener(server, EXTRA_LISTENERS, onConnection, opts.log);
+    const ingress = new McuMqttIngress(opts, broker, server, extra, port);
     broker.authenticate = ingress.authenticate;
     broker.authorizePublish = ingress.authorizePublish;
     broker.authorizeSubscribe = ingress.authorizeSubscribe;
@@ -301,7 +356,7 @@ export class McuMqttIngress {
   /** Stop accepting, disconnect every MCU, release the port. */
   async close(): Promise<void> {
     this.opts.service.off('head', this.pushCommand);
-    const serverClosed = new Promise<void>((r) => this.server.close(() => r()));
+    const serverClosed = Promise.all([this.server, ...this.extraServers].map((s) => new Promise<void>((r) => s.close(() => r()))));
     await new Promise<void>((r) => this.broker.close(() => r()));
     await serverClosed;
   }
