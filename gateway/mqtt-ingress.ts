@@ -1,14 +1,13 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createServer, Server as NetServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import { FleetError, isFleetError } from '../core/errors.ts';
-import { secretEquals } from '../core/http.ts';
+import { listenOn, secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
 import { MCU_PREFIX, mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
-import { guardMqttFrames } from './frame-limit.ts';
+import { limitMqttFrames } from './frame-limit.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import type { McuService } from './service.ts';
 
@@ -34,86 +33,6 @@ export interface McuMqttIngressOptions {
 const PACKET_OVERHEAD = 1024;
 
 /**
- * Where an MCU's up message goes inside the gateway's broker once authorizePublish has
- * consumed it. aedes still emits every accepted PUBLISH through its mqemitter; left on its
- * own topic it matched the MCU's own `mcu/v1/{id}/#` subscription, so each message cost a
- * subscription match, a deliver call and a setImmediate only for authorizeForward to drop
- * it. No client can subscribe here (authorizeSubscribe), so the emit matches nothing.
- */
-export const MCU_UP_SINK = '$fleetlet/mcu-up';
-
-/**
- * Connections the kernel may hold complete but not yet accepted (Node's default is 511;
- * Linux caps it at net.core.somaxconn). A site of thousands of MCUs coming up together (a
- * power cut, a gateway restart) arrives in bursts; with 511 the queue filled while the
- * gateway was busy, further handshakes were dropped, and MCUs that gave up after their
- * connect timeout left dead connections queued ahead of live ones.
- */
-const LISTEN_BACKLOG = 4096;
-
-/**
- * More listening handles on the same socket. libuv (Node 20) accepts one connection per
- * listening handle per event-loop iteration, and when the gateway is busy an iteration
- * handles up to 1,024 ready sockets: measured, a loop busy 50 ms per turn accepted 35 of
- * 1,000 waiting connections in 2 s with one handle and 608 with 16. At 10,000 MCUs the
- * gateway accepted about one connection per turn (strace: 10 epoll_wait and 10 accept4 in
- * 3 s) and the ramp stalled at about 4,000 MCUs. Node cannot dup() a descriptor itself, so
- * a short-lived child echoes the listening handle back EXTRA_LISTENERS times over IPC (each
- * passage is a new descriptor of the same socket) and closes its own copy. Where the child
- * cannot run JavaScript given with -e (the single binary), one handle is used, as before.
- */
-const EXTRA_LISTENERS = 15;
-const DUP_CODE = "process.on('message',(m,h)=>{let k=m.n;if(!h||!(k>0))return process.disconnect();for(let i=0;i<m.n;i++)process.send('h',h,()=>{if(--k===0){h.close();process.disconnect()}})})";
-
-async function duplicateListener(server: Server, n: number, onConnection: (socket: Socket) => void, log: Logger): Promise<Server[]> {
-  const extra: Server[] = [];
-  let child: ChildProcess;
-  try {
-    child = spawn(process.execPath, ['-e', DUP_CODE], { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], env: {} });
-  } catch (err) {
-    log.debug('no extra MCU listening handles', { err });
-    return extra;
-  }
-  await new Promise<void>((resolve) => {
-    const timer = setTimeout(finish, 5000);
-    function finish() {
-      clearTimeout(timer);
-      child.removeAllListeners('message');
-      if (child.exitCode === null && child.signalCode === null) child.kill();
-      resolve();
-    }
-    child.on('message', (_m, handle) => {
-      if (!(handle instanceof NetServer)) return;
-      handle.on('connection', onConnection);
-      handle.maxConnections = server.maxConnections;
-      extra.push(handle);
-      if (extra.length === n) finish();
-    });
-    child.once('exit', finish);
-    child.once('error', finish);
-    try {
-      child.send({ n }, server);
-    } catch {
-      finish();
-    }
-  });
-  if (extra.length < n) log.debug('fewer extra MCU listening handles than asked', { got: extra.length, asked: n });
-  return extra;
-}
-
-/** listen() with a backlog; FLEET_PORT_IN_USE when the port is taken. */
-function listenBacklog(server: Server, host: string, port: number, backlog: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const onError = (err: NodeJS.ErrnoException) => reject(new FleetError('FLEET_PORT_IN_USE', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
-    server.once('error', onError);
-    server.listen({ host, port, backlog }, () => {
-      server.off('error', onError);
-      resolve((server.address() as AddressInfo).port);
-    });
-  });
-}
-
-/**
  * The MCU MQTT listener: its own aedes broker on its own TCP port (not the hub's), so
  * MCU traffic and MCU credentials never reach the hub directly. Hooks:
  *
@@ -136,8 +55,6 @@ export class McuMqttIngress {
     private readonly opts: McuMqttIngressOptions,
     private readonly broker: Aedes,
     private readonly server: Server,
-    /** the same listening socket again (duplicateListener) */
-    private readonly extraServers: Server[],
     readonly port: number,
   ) {
     this.throttle = new LogThrottle(opts.log);
@@ -173,33 +90,24 @@ export class McuMqttIngress {
 
   static async start(opts: McuMqttIngressOptions): Promise<McuMqttIngress> {
     // heartbeats on $SYS would only be noise: nothing subscribes to them here
-    // concurrency 0: no bound on messages inside aedes' mqemitter at once. With the default
-    // (100) the excess waits in mqemitter's queue, and that queue is drained recursively
-    // whenever handlers complete synchronously (`released → _do → parallel → released`):
-    // thousands of MCUs connecting while telemetry flows queued thousands of `$SYS` client
-    // notices and publishes, and the drain overflowed the stack (RangeError in mqemitter
-    // 7.1.0 at 10,000 MCUs). Every MCU message is consumed in authorizePublish and diverted
-    // to MCU_UP_SINK, so what goes through the emitter completes at once anyway.
     const broker = await Aedes.createBroker({ id: 'fleetlet-gateway-mcu', heartbeatInterval: 24 * 3600 * 1000, connectTimeout: 10_000, maxClientsIdLength: 64, drainTimeout: 30_000, concurrency: 0 });
-    const onConnection = (socket: Socket) => {
-      const conn = guardMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
+    const server = createServer((socket: Socket) => {
+      const conn = limitMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
         opts.hooks.dropped('mqtt', 'too_large', { err });
         opts.log.debug('MCU connection closed: packet too large', { remote: socket.remoteAddress, err });
       });
       broker.handle(conn);
-    };
-    const server = createServer(onConnection);
+    });
     // bound file descriptors before authentication: a few spare for reconnect overlap
     server.maxConnections = opts.maxClients + 64;
     let port: number;
     try {
-      port = await listenBacklog(server, opts.host, opts.port, LISTEN_BACKLOG);
+      port = await listenOn(server, opts.host, opts.port, false);
     } catch (err) {
       await new Promise<void>((r) => broker.close(() => r()));
       throw err;
     }
-    const extra = await duplicateListener(server, EXTRA_LISTENERS, onConnection, opts.log);
-    const ingress = new McuMqttIngress(opts, broker, server, extra, port);
+    const ingress = new McuMqttIngress(opts, broker, server, port);
     broker.authenticate = ingress.authenticate;
     broker.authorizePublish = ingress.authorizePublish;
     broker.authorizeSubscribe = ingress.authorizeSubscribe;
@@ -251,17 +159,15 @@ export class McuMqttIngress {
       this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
       return done(new FleetError('FLEET_FORBIDDEN', `${mcuId} may not publish on ${packet.topic.slice(0, 200)}`));
     }
-    // consumed here; never kept as a retained message on the gateway's broker, and diverted
-    // to a topic no one can subscribe to (see MCU_UP_SINK)
-    const channel = parseMcuTopic(packet.topic)!.channel;
+    // consumed here; never kept as a retained message on the gateway's broker
     packet.retain = false;
-    packet.topic = MCU_UP_SINK;
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
     if (payload.length > this.opts.maxPayloadBytes) {
       this.opts.hooks.dropped('mqtt', 'too_large', { mcuId });
       this.throttle.warn(`size:${mcuId}`, 'MCU message too large; dropped', { mcu: mcuId, bytes: payload.length, max: this.opts.maxPayloadBytes });
       return done(null);
     }
+    const channel = parseMcuTopic(packet.topic)!.channel;
     const drop = (reason: DropReason, err: unknown) => {
       // MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
       // connection (closing it would make the MCU resend the same bad payload forever)
@@ -356,7 +262,7 @@ export class McuMqttIngress {
   /** Stop accepting, disconnect every MCU, release the port. */
   async close(): Promise<void> {
     this.opts.service.off('head', this.pushCommand);
-    const serverClosed = Promise.all([this.server, ...this.extraServers].map((s) => new Promise<void>((r) => s.close(() => r()))));
+    const serverClosed = new Promise<void>((r) => this.server.close(() => r()));
     await new Promise<void>((r) => this.broker.close(() => r()));
     await serverClosed;
   }
