@@ -33,3 +33,16 @@ export async function waitFor<T>(fn: () => T | Promise<T>, what: string, timeout
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${String(last)}` : ''}`);
 }
+
+/** xorshift32: a reproducible stream of integers in [0, n) for fuzz and fault loops (print the seed on failure). */
+export function rng(seed: number): (n: number) => number {
+  let x = seed >>> 0 || 1;
+  return (n) => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x % n;
+  };
+}

@@ -45,15 +45,8 @@ export interface UpdaterDeps {
   onEnter?: (state: UpdateState, rec: Readonly<UpdateRecord>) => Promise<void> | void;
 }
 
-interface Request {
-  source: UpdateSource;
-  file: string;
-  url?: string;
-  sha256?: string;
-  size?: number;
-  wantName?: string;
-  wantKind?: 'app' | 'agent';
-}
+/** an update asked for and not started yet: the fields of its future record that the source sets */
+type Request = Pick<UpdateRecord, 'source' | 'file' | 'url' | 'sha256' | 'size' | 'wantName' | 'wantKind'>;
 
 
 const EVENT_FOR: Partial<Record<UpdateState, { type: string; severity: 'info' | 'warning' | 'alert' }>> = {

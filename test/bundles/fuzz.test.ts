@@ -4,21 +4,9 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isFleetError } from '../../core/errors.ts';
 import { verifyBundle } from '../../bundles/index.ts';
-import { tempDir } from '../helpers.ts';
+import { rng, tempDir } from '../helpers.ts';
 import { craftBundle, makeRoot, newKeys, NOW } from './fixtures.ts';
 
-/** xorshift32: the same mutations on every run (the seed is printed on failure). */
-function rng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
 
 test('fuzz: 400 mutated bundles (flipped, overwritten, inserted, removed bytes, truncation) are each refused with a FLEET_BUNDLE_* code, never a crash', async () => {
   const tmp = tempDir();

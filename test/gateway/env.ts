@@ -27,6 +27,12 @@ export interface Env {
   site: string;
   seen: Seen[];
   dir: string;
+  gwDir: string;
+  hubUrl: string;
+  /** publishes and subscriptions the hub's ACL refused (from its log) */
+  hubRefusals(): string[];
+  /** another gateway gw-1 on the same state dir (after the first one stopped), with mcu overrides */
+  start(overrides?: Partial<GatewayConfig['mcu']>): Promise<GatewayHandle>;
   restart(): Promise<GatewayHandle>;
 }
 
@@ -40,7 +46,14 @@ export const rawImageVerifierMock: VerifyFirmware = async (file, expect) => ({ v
 
 export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }): Promise<void> {
   const tmp = tempDir();
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
+  const hubLog = testLogger('hub');
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), hubLog);
+  const hubRefusals = () => hubLog.lines.filter((l) => /refused/.test(String(l.msg))).map((l) => `${String(l.msg)} ${String(l.topic)} ${String(l.why)}`);
+  const hubUrl = `mqtt://127.0.0.1:${hub.mqttPort}`;
+  // Everything the hub's broker accepts, in the order it accepts it. An in-process
+  // subscription rather than an MQTT operator client: aedes 1.2 drops a QoS 1 message
+  // for a client when it comes after a newer one from the same broker (its dedupe by
+  // brokerCounter), so an MQTT subscriber does not reliably see every message.
   const seen: Seen[] = [];
   const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
     seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
@@ -49,9 +62,9 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
   await new Promise<void>((r) => hub.broker.aedes.subscribe('fleet/v1/#', collect, r));
   const gwDir = join(tmp.dir, 'gateway');
   writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hub.mqttPort}`, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu }, http: { port: 0 } });
   const gws: GatewayHandle[] = [];
-  const start = async () => {
+  const start = async (overrides: Partial<GatewayConfig['mcu']> = {}) => {
+    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
     const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', extras);
     gws.push(g);
     return g;
@@ -60,7 +73,7 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
     const gw = await start();
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
     await waitFor(() => gw.stats().hubConnected, 'gateway connected');
-    await fn({ hub, gw, site, seen, dir: tmp.dir, restart: start });
+    await fn({ hub, gw, site, seen, dir: tmp.dir, gwDir, hubUrl, hubRefusals, start, restart: () => start() });
   } finally {
     for (const g of gws) await g.stop();
     await new Promise<void>((r) => hub.broker.aedes.unsubscribe('fleet/v1/#', collect, r));

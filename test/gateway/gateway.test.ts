@@ -20,66 +20,7 @@ import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-
-interface Seen {
-  topic: string;
-  payload: Buffer;
-}
-
-interface Env {
-  hub: HubHandle;
-  gw: GatewayHandle;
-  site: string;
-  seen: Seen[];
-  gwDir: string;
-  hubUrl: string;
-  /** publishes and subscriptions the hub's ACL refused (from its log) */
-  hubRefusals(): string[];
-  start(overrides?: Partial<GatewayConfig['mcu']>): Promise<GatewayHandle>;
-}
-
-/**
- * The real hub (hub/index.ts), a record of every message its broker accepts, and one
- * gateway registered at it as `gw-1`. Everything runs on 127.0.0.1 with
- * ports the OS picks; all of it is stopped and removed afterwards.
- */
-async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}): Promise<void> {
-  const tmp = tempDir();
-  const hubLog = testLogger('hub');
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), hubLog);
-  const hubRefusals = () => hubLog.lines.filter((l) => /refused/.test(String(l.msg))).map((l) => `${String(l.msg)} ${String(l.topic)} ${String(l.why)}`);
-  const hubUrl = `mqtt://127.0.0.1:${hub.mqttPort}`;
-  // Everything the hub's broker accepts, in the order it accepts it. An in-process
-  // subscription rather than an MQTT operator client: aedes 1.2 drops a QoS 1 message
-  // for a client when it comes after a newer one from the same broker (its dedupe by
-  // brokerCounter), so an MQTT subscriber does not reliably see every message.
-  const seen: Seen[] = [];
-  const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
-    seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
-    cb();
-  };
-  await new Promise<void>((r) => hub.broker.aedes.subscribe('fleet/v1/#', collect, r));
-
-  const gwDir = join(tmp.dir, 'gateway');
-  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
-  const gateways: GatewayHandle[] = [];
-  const start = async (overrides: Partial<GatewayConfig['mcu']> = {}) => {
-    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides } });
-    const gw = await startGateway(config, testLogger('gateway'));
-    gateways.push(gw);
-    return gw;
-  };
-  try {
-    const gw = await start();
-    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-    await fn({ hub, gw, site, seen, gwDir, hubUrl, hubRefusals, start });
-  } finally {
-    for (const g of gateways) await g.stop();
-    await new Promise<void>((r) => hub.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
-    await hub.stop();
-    tmp.cleanup();
-  }
-}
+import { withEnv, type Seen } from './env.ts';
 
 function connectMcu(port: number, id: string, password: string): Promise<MqttClient> {
   return new Promise((resolve, reject) => {
@@ -313,16 +254,27 @@ test('gateway: many MCUs appearing at once are registered in few coalesced messa
   });
 });
 
-test('gateway: while the hub is down MCU data is acknowledged and stored, and delivered (after register) when it returns', async () => {
-  const tmp = tempDir();
-  const hubDir = join(tmp.dir, 'hub');
-  let hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
+/**
+ * A hub that ran once (its fleet secret and port are known) and is stopped now, and the
+ * config of a gateway gw-1 pointing at it: for tests that start with the hub away.
+ */
+async function hubGone(dir: string): Promise<{ hubDir: string; port: number; config: GatewayConfig }> {
+  const hubDir = join(dir, 'hub');
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
   const port = hub.mqttPort;
   const fleetSecret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
   await hub.stop();
-  const gwDir = join(tmp.dir, 'gateway');
+  const gwDir = join(dir, 'gateway');
   writeSecretFile(join(gwDir, 'token'), deriveToken(fleetSecret, 'device', 'gw-1'));
-  const gw = await startGateway(GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } }), testLogger('gateway'));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
+  return { hubDir, port, config };
+}
+
+test('gateway: while the hub is down MCU data is acknowledged and stored, and delivered (after register) when it returns', async () => {
+  const tmp = tempDir();
+  const { hubDir, port, config } = await hubGone(tmp.dir);
+  let hub: HubHandle | undefined;
+  const gw = await startGateway(config, testLogger('gateway'));
   try {
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
     for (let c = 1; c <= 3; c++) assert.equal((await signedPost(gw.coapPort, site, 'esp-c1', c, encodeSenmlJson(samples(c)))).code, '2.04');
@@ -333,28 +285,22 @@ test('gateway: while the hub is down MCU data is acknowledged and stored, and de
     assert.equal(gw.stats().hubConnected, false);
 
     // the same port and state: the hub comes back
-    hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
-    await waitFor(() => hub.registry.get('esp-c1')?.telemetryBatches === 3 && hub.registry.get('esp-m1')?.telemetryBatches === 1, 'stored telemetry delivered', 15_000);
-    assert.equal(hub.registry.get('esp-c1')?.latest.temperature?.v, 3);
-    assert.equal(hub.registry.get('esp-m1')?.online, true);
+    const back = (hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub')));
+    await waitFor(() => back.registry.get('esp-c1')?.telemetryBatches === 3 && back.registry.get('esp-m1')?.telemetryBatches === 1, 'stored telemetry delivered', 15_000);
+    assert.equal(back.registry.get('esp-c1')?.latest.temperature?.v, 3);
+    assert.equal(back.registry.get('esp-m1')?.online, true);
     await waitFor(() => gw.stats().outbox.depth === 0, 'outbox drained');
   } finally {
     await gw.stop();
-    await hub.stop();
+    await hub?.stop();
     tmp.cleanup();
   }
 });
 
 test('gateway: data of an MCU missing from the persisted MCU list (first seen just before a crash) is not hidden in the outbox after a restart', async () => {
   const tmp = tempDir();
-  const hubDir = join(tmp.dir, 'hub');
-  let hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
-  const port = hub.mqttPort;
-  const fleetSecret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
-  await hub.stop();
-  const gwDir = join(tmp.dir, 'gateway');
-  writeSecretFile(join(gwDir, 'token'), deriveToken(fleetSecret, 'device', 'gw-1'));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
+  const { hubDir, port, config } = await hubGone(tmp.dir);
+  let hub: HubHandle | undefined;
   let gw = await startGateway(config, testLogger('gateway'));
   try {
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
@@ -362,16 +308,16 @@ test('gateway: data of an MCU missing from the persisted MCU list (first seen ju
     await gw.stop();
     // what a kill -9 within stateFlushMs of the MCU's first message leaves: the record in
     // the outbox, the MCU not in the list
-    const stateFile = join(gwDir, 'mcu-state.json');
+    const stateFile = join(config.stateDir, 'mcu-state.json');
     const st = JSON.parse(readFileSync(stateFile, 'utf8')) as { mcus: string[] };
     writeFileSync(stateFile, JSON.stringify({ ...st, mcus: [] }));
     gw = await startGateway(config, testLogger('gateway'));
-    hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
-    await waitFor(() => hub.registry.get('esp-late')?.telemetryBatches === 1, 'the acknowledged reading delivered without the MCU talking again', 15_000);
+    const back = (hub = await startHub(HubConfigSchema.parse({ mqttPort: port, httpPort: 0, stateDir: hubDir }), testLogger('hub')));
+    await waitFor(() => back.registry.get('esp-late')?.telemetryBatches === 1, 'the acknowledged reading delivered without the MCU talking again', 15_000);
     await waitFor(() => gw.stats().outbox.depth === 0, 'outbox drained');
   } finally {
     await gw.stop();
-    await hub.stop();
+    await hub?.stop();
     tmp.cleanup();
   }
 });

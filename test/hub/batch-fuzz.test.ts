@@ -3,23 +3,14 @@ import assert from 'node:assert/strict';
 import { BATCH_MAGIC, BATCH_VERSION, MAX_BATCH_ITEMS, decodeBatch, encodeBatch, peekMid, type BatchItem } from '../../core/batch.ts';
 import { isFleetError } from '../../core/errors.ts';
 import { encodeMessage } from '../../core/messages.ts';
+import { rng as xorshift } from '../helpers.ts';
 
-/** xorshift32: reproducible runs; the seed is in the failure message. */
+/** integers and bytes from one reproducible stream; the seed is in the failure message */
 function rng(seed: number): { int(n: number): number; bytes(n: number): Buffer } {
-  let x = seed >>> 0 || 1;
-  const next = () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-  return {
-    int: (n) => next() % n,
-    bytes: (n) => Buffer.from(Array.from({ length: n }, () => next() & 0xff)),
-  };
+  const next = xorshift(seed);
+  return { int: next, bytes: (n) => Buffer.from(Array.from({ length: n }, () => next(256))) };
 }
+
 
 /** decodeBatch either returns well-formed items or throws FLEET_MSG_INVALID; nothing else. */
 function check(buf: Buffer, what: string): BatchItem[] | null {

@@ -9,7 +9,7 @@ import { encodeMessage } from '../../core/messages.ts';
 import { deviceTopic } from '../../core/topics.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { rng, tempDir, testLogger, waitFor } from '../helpers.ts';
 import { connect, connectDevice, event, logs, metric, telemetry, withHub, type HubCtx } from './harness.ts';
 
 /**
@@ -17,18 +17,6 @@ import { connect, connectDevice, event, logs, metric, telemetry, withHub, type H
  * loses QoS 1 deliveries that reach a client out of brokerCounter order (hub/broker.ts,
  * fixDeliveryOrder); a durable subscriber and retained publishes are what reorder them.
  */
-
-function rng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
 
 interface Consumer {
   client: MqttClient;
