@@ -72,6 +72,9 @@ export class Updater extends EventEmitter {
   private retryTimer: NodeJS.Timeout | null = null;
   private again = false;
   private readonly watchSeen = new Map<string, string>();
+  /** size:mtime of each watched file at the previous scan */
+  private watchLastScan = new Map<string, string>();
+  private scanning = false;
   /** when this process last (re)applied an app's spec: probation counts exits after it */
   private readonly appliedAt = new Map<string, number>();
 
@@ -664,22 +667,46 @@ export class Updater extends EventEmitter {
     return new URL(url, this.d.config.artifactBaseUrl).toString();
   }
 
-  /** The newest bundle file in the watched dir that was not seen before. */
+  /**
+   * The newest bundle file in the watched dir that was not seen before. A file is taken only
+   * once its size and mtime are the same on two scans in a row (a stick still being written
+   * shows a growing file), and scans never overlap: hashing a large file can outlast the
+   * interval, and two scans would race on the same file.
+   */
   private async scanWatchDir(): Promise<void> {
+    if (this.scanning) return;
+    this.scanning = true;
+    try {
+      await this.scanWatchDirOnce();
+    } finally {
+      this.scanning = false;
+    }
+  }
+
+  private async scanWatchDirOnce(): Promise<void> {
     const dir = this.d.config.watchDir;
     if (!dir || !existsSync(dir)) return;
     const files = readdirSync(dir)
       .filter((f) => f.endsWith('.bundle') || f.endsWith('.fltb'))
-      .map((f) => {
+      .flatMap((f) => {
         const p = join(dir, f);
-        const st = statSync(p);
-        return { p, key: `${st.size}:${st.mtimeMs}`, mtime: st.mtimeMs, size: st.size };
+        try {
+          const st = statSync(p);
+          return st.isFile() ? [{ p, key: `${st.size}:${st.mtimeMs}`, mtime: st.mtimeMs, size: st.size }] : [];
+        } catch {
+          return []; // removed between readdir and stat (the stick was pulled)
+        }
       })
       .sort((a, b) => b.mtime - a.mtime);
+    const lastScan = this.watchLastScan;
+    this.watchLastScan = new Map(files.map((f) => [f.p, f.key]));
     const refused = new Set(this.status().history.map((h) => h.sha256));
     for (const f of files) {
       if (this.watchSeen.get(f.p) === f.key) continue;
       if (f.size > this.d.config.maxBundleBytes) continue;
+      // still being written (or first seen now): look again on the next scan; an older
+      // complete file is not taken meanwhile, so the newest one still wins
+      if (lastScan.get(f.p) !== f.key) return;
       const sha = await sha256File(f.p);
       this.watchSeen.set(f.p, f.key);
       if (refused.has(sha) || this.rec?.sha256 === sha || this.queue.some((q) => q.sha256 === sha)) continue;

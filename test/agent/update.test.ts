@@ -250,16 +250,41 @@ describe('updater with the real supervisor', () => {
       copyFileSync(newer.file, join(usb, 'kiosk-1.1.0.bundle'));
       utimesSync(join(usb, 'kiosk-1.0.0.bundle'), new Date(Date.now() - 60_000), new Date(Date.now() - 60_000));
       const rec = await finished(r, 0);
-      assert.equal(rec.state, 'committed');
+      assert.equal(rec.state, 'committed', JSON.stringify(rec));
       assert.equal(rec.source, 'watch');
       assert.equal(rec.version, '1.1.0');
       // the older file on the stick is below the floor now: refused, nothing changes
       const again = await finished(r, 1);
-      assert.equal(again.state, 'failed');
+      assert.equal(again.state, 'failed', JSON.stringify(again));
       assert.equal(again.code, 'FLEET_BUNDLE_ROLLBACK');
       assert.equal(currentVersion(r, 'kiosk'), '1.1.0');
       await new Promise((res) => setTimeout(res, 400));
       assert.equal(r.updater.status().history.length, 2, 'each file on the stick is tried once');
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a bundle still being written to the watched directory is taken only once it stops changing', async () => {
+    const usb = join(tmp.dir, 'usb-slow');
+    mkdirSync(usb, { recursive: true });
+    const r = await rig(tmp.dir, keys, { probationMs: 200, watchDir: usb, watchIntervalMs: 100 }, 'watch-slow');
+    try {
+      const b = await buildAppBundle({ dir: tmp.dir, keys, name: 'slow', version: '1.0.0', sequence: 1, pad: 64 * 1024 });
+      const whole = readFileSync(b.file);
+      const target = join(usb, 'slow.bundle');
+      // the file grows for a while, as a copy onto a stick does
+      for (let n = 1; n <= 6; n++) {
+        writeFileSync(target, whole.subarray(0, Math.floor((whole.length * n) / 8)));
+        await new Promise((res) => setTimeout(res, 60));
+        assert.equal(r.updater.status().current, null, `nothing is taken while the file grows (step ${n})`);
+      }
+      writeFileSync(target, whole);
+      const rec = await finished(r, 0);
+      assert.equal(rec.state, 'committed', JSON.stringify(rec));
+      assert.equal(rec.source, 'watch');
+      assert.equal(r.updater.status().history.length, 1, 'no failed attempt on a partial file');
+      assert.equal(currentVersion(r, 'slow'), '1.0.0');
     } finally {
       await r.stop();
     }
