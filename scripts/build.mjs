@@ -1,8 +1,11 @@
 #!/usr/bin/env node
 // Builds dist/fleetlet: one executable holding every part and dependency.
 //
-//   cli/main.ts --esbuild (cjs, node20)--> dist/fleetlet.cjs
-//   dist/fleetlet.cjs + classic-level.node --node --experimental-sea-config--> dist/sea-prep.blob
+//   cli/main.ts       --esbuild (cjs, node20)--> dist/fleetlet.cjs        (part `all`: every command)
+//   cli/main-agent.ts --esbuild (cjs, node20)--> dist/fleetlet-agent.cjs  (part `agent`)
+//   each part --V8 code cache (this node)--> dist/fleetlet[-agent].cache
+//   cli/sea-main.ts   --esbuild--> dist/sea-main.cjs (the SEA main: picks a part, compiles it)
+//   sea-main + parts + caches + classic-level.node --node --experimental-sea-config--> dist/sea-prep.blob
 //   copy of this node binary, stripped, + blob --postject--> dist/fleetlet
 //
 // See docs/build.md for the reasons behind each step.
@@ -11,6 +14,7 @@ import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSy
 import { createRequire } from 'node:module';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import vm from 'node:vm';
 import { describeFinding, scanBundle } from './bundle-scan.mjs';
 
 const require = createRequire(import.meta.url);
@@ -19,6 +23,10 @@ const esbuild = require('esbuild');
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const DIST = join(ROOT, 'dist');
 const BUNDLE = join(DIST, 'fleetlet.cjs');
+const SEA_MAIN = join(DIST, 'sea-main.cjs');
+/** Must match HEAD/TAIL in cli/sea-main.ts: the code cache is made from exactly this text. */
+const WRAP_HEAD = '(function (exports, require, module, __filename, __dirname) {';
+const WRAP_TAIL = '\n})';
 const BLOB = join(DIST, 'sea-prep.blob');
 const SEA_CONFIG = join(DIST, 'sea-config.json');
 const OUT = join(DIST, 'fleetlet');
@@ -42,6 +50,24 @@ const STUBBED = {
   'cbor-extract':
     'cbor-x (gateway, sim) tries this native string-extraction speed-up in try/catch and falls back to its pure-JS decoder; bundled, its node-gyp-build did a computed require() from disk and `fleetlet gateway`/`sim` printed the SEA warning at every start',
 };
+
+/**
+ * The parts of the binary (cli/sea-main.ts picks one per process). `stub` lists modules
+ * left out of that part on top of STUBBED, each with the reason it is never reached there.
+ */
+const PARTS = [
+  { name: 'all', entry: join(ROOT, 'cli', 'main.ts'), out: BUNDLE, meta: 'meta.json', stub: {} },
+  {
+    name: 'agent',
+    entry: join(ROOT, 'cli', 'main-agent.ts'),
+    out: join(DIST, 'fleetlet-agent.cjs'),
+    meta: 'meta-agent.json',
+    stub: {
+      systeminformation:
+        'in the binary the agent collects its inventory in a child process (`fleetlet agent inventory`, agent/metrics.ts), which cli/sea-main.ts runs from the `all` part',
+    },
+  },
+];
 
 const started = Date.now();
 const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
@@ -155,10 +181,11 @@ const mqttLazyPlugin = {
   },
 };
 
-const stubPlugin = {
+function stubPlugin(stubbed) {
+  return {
   name: 'fleetlet-stub-optional',
   setup(build) {
-    const names = Object.keys(STUBBED);
+    const names = Object.keys(stubbed);
     if (names.length === 0) return;
     const filter = new RegExp(`^(${names.map((n) => n.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')).join('|')})$`);
     build.onResolve({ filter }, (args) => ({ path: args.path, namespace: 'fleetlet-stub' }));
@@ -172,12 +199,14 @@ const stubPlugin = {
     }));
   },
 };
+}
 
-async function bundle() {
+async function bundle(part) {
   const t0 = Date.now();
+  mqttLazyApplied.clear();
   const result = await esbuild.build({
-    entryPoints: [join(ROOT, 'cli', 'main.ts')],
-    outfile: BUNDLE,
+    entryPoints: [part.entry],
+    outfile: part.out,
     bundle: true,
     platform: 'node',
     format: 'cjs',
@@ -195,16 +224,44 @@ async function bundle() {
       'import.meta.url': '__fleetlet_import_meta_url',
     },
     banner: { js: `var __fleetlet_import_meta_url = require('url').pathToFileURL(__filename).href;` },
-    plugins: [classicLevelBindingPlugin, zodLocalesPlugin, mqttLazyPlugin, stubPlugin],
+    plugins: [classicLevelBindingPlugin, zodLocalesPlugin, mqttLazyPlugin, stubPlugin({ ...STUBBED, ...part.stub })],
   });
-  latin1Source();
+  latin1Source(part.out);
   const inputs = Object.keys(result.metafile.inputs);
-  if (!inputs.some((i) => i.endsWith('classic-level/binding.js'))) fail('classic-level/binding.js was not in the bundle: did the LevelDB import move?');
+  if (!inputs.some((i) => i.endsWith('classic-level/binding.js'))) fail(`classic-level/binding.js was not in the ${part.name} part: did the LevelDB import move?`);
   const mqttMissed = Object.keys(MQTT_LAZY).filter((f) => !mqttLazyApplied.has(f));
   if (mqttMissed.length) fail(`mqtt ${mqttMissed.join(', ')} not rewritten (mqttLazyPlugin): did mqtt move its transports?`);
   if (inputs.some((i) => /zod\/v4\/locales\/(?!index\.js$|en\.js$)/.test(i))) fail('a zod locale other than en is in the bundle: did zod move its locale index? (zodLocalesPlugin)');
-  log(`bundled ${inputs.length} modules into ${relative(ROOT, BUNDLE)} (${mb(statSync(BUNDLE).size)}) in ${Date.now() - t0} ms`);
-  writeFileSync(join(DIST, 'meta.json'), JSON.stringify(result.metafile));
+  log(`part ${part.name}: bundled ${inputs.length} modules into ${relative(ROOT, part.out)} (${mb(statSync(part.out).size)}) in ${Date.now() - t0} ms`);
+  writeFileSync(join(DIST, part.meta), JSON.stringify(result.metafile));
+}
+
+/** The SEA main script: tiny, it only picks a part and compiles it (cli/sea-main.ts). */
+async function bundleSeaMain() {
+  await esbuild.build({
+    entryPoints: [join(ROOT, 'cli', 'sea-main.ts')],
+    outfile: SEA_MAIN,
+    bundle: true,
+    platform: 'node',
+    format: 'cjs',
+    target: 'node20',
+    minify: true,
+    legalComments: 'none',
+    logLevel: 'warning',
+  });
+}
+
+/**
+ * A V8 code cache for each part, made by this node (the binary is a copy of it, so V8's
+ * version and flags match; a cache it rejects only costs start-up time). Like SEA's own
+ * useCodeCache it holds what V8 compiles eagerly at the top level.
+ */
+function codeCache(part) {
+  const text = WRAP_HEAD + readFileSync(part.out, 'utf8') + WRAP_TAIL;
+  const data = new vm.Script(text, { filename: `fleetlet:${part.name}.cjs` }).createCachedData();
+  const file = part.out.replace(/\.cjs$/, '.cache');
+  writeFileSync(file, data);
+  return file;
 }
 
 /**
@@ -217,8 +274,8 @@ async function bundle() {
  * String.raw (its non-ASCII characters sit inside JS string literals). It would not in CSS
  * (`\2014`), so a character above U+00FF inside the page's CSS fails the build instead.
  */
-function latin1Source() {
-  const text = readFileSync(BUNDLE, 'utf8');
+function latin1Source(file) {
+  const text = readFileSync(file, 'utf8');
   let n = 0;
   const out = text.replace(/[^\u0000-\u00ff]/g, (ch) => {
     n++;
@@ -228,18 +285,18 @@ function latin1Source() {
   const page = readFileSync(join(ROOT, 'agent', 'page.ts'), 'utf8');
   const css = /PAGE_CSS\s*=\s*String\.raw`([^`]*)`/.exec(page);
   if (css && /[^\u0000-\u00ff]/.test(css[1])) fail('the agent page CSS holds a character above U+00FF: write it as a CSS escape (\\2014) in agent/page.ts');
-  writeFileSync(BUNDLE, out);
-  log(`escaped ${n} character(s) above U+00FF so the bundle source stays one byte per character in V8`);
+  writeFileSync(file, out);
+  log(`${relative(ROOT, file)}: escaped ${n} character(s) above U+00FF so the bundle source stays one byte per character in V8`);
 }
 
-function scan() {
-  const text = readFileSync(BUNDLE, 'utf8');
+function scan(file) {
+  const text = readFileSync(file, 'utf8');
   const { nonBuiltin, dynamicCount } = scanBundle(text);
   if (nonBuiltin.length > 0) {
     for (const f of nonBuiltin) process.stderr.write(`build:   ${describeFinding(text, f)}\n`);
     fail(`${nonBuiltin.length} non-builtin require(s) left in the bundle (each prints a warning at every start of the binary): ${nonBuiltin.map((f) => f.spec).join(', ')}; bundle them, or stub them in STUBBED in scripts/build.mjs with a reason`);
   }
-  log(`bundle scan: no non-builtin require${dynamicCount ? ` (${dynamicCount} computed require(x) calls, not checkable statically)` : ''}`);
+  log(`${relative(ROOT, file)} scan: no non-builtin require${dynamicCount ? ` (${dynamicCount} computed require(x) calls, not checkable statically)` : ''}`);
 }
 
 function mb(n) {
@@ -251,17 +308,17 @@ function which(cmd) {
   return r.status === 0 ? r.stdout.trim() : null;
 }
 
-async function sea(addon) {
+async function sea(addon, assets) {
   const t0 = Date.now();
   writeFileSync(
     SEA_CONFIG,
     JSON.stringify(
       {
-        main: BUNDLE,
+        main: SEA_MAIN,
         output: BLOB,
         disableExperimentalSEAWarning: true,
         useCodeCache: true,
-        assets: { 'classic-level.node': addon },
+        assets: { 'classic-level.node': addon, ...assets },
       },
       null,
       2,
@@ -269,7 +326,7 @@ async function sea(addon) {
   );
   const prep = spawnSync(process.execPath, ['--experimental-sea-config', SEA_CONFIG], { encoding: 'utf8', cwd: ROOT });
   if (prep.status !== 0) fail(`node --experimental-sea-config exited ${prep.status}: ${prep.stderr}${prep.stdout}`);
-  log(`SEA blob ${relative(ROOT, BLOB)} (${mb(statSync(BLOB).size)}) with asset ${relative(ROOT, addon)} in ${Date.now() - t0} ms`);
+  log(`SEA blob ${relative(ROOT, BLOB)} (${mb(statSync(BLOB).size)}) with assets ${Object.keys(assets).join(', ')} and ${relative(ROOT, addon)} in ${Date.now() - t0} ms`);
 
   // postject writes in place: build under a temporary name so a failed build never
   // leaves a half-injected dist/fleetlet that looks usable
@@ -311,11 +368,12 @@ async function sea(addon) {
   log(`postject in ${Date.now() - t1} ms`);
 }
 
-function smoke() {
-  const r = spawnSync(OUT, ['--version'], { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' }, timeout: 30_000 });
-  const want = `fleetlet ${pkg.version}`;
-  if (r.status !== 0 || r.stdout.trim() !== want) fail(`smoke test: ${OUT} --version gave exit ${r.status}, stdout ${JSON.stringify(r.stdout)}, stderr ${JSON.stringify(r.stderr)}`);
-  if (r.stderr.trim() !== '') fail(`smoke test: ${OUT} --version wrote to stderr: ${r.stderr}`);
+/** Run the binary in a bare environment: exit 0, nothing on stderr, stdout as expected. */
+function smoke(args, expect) {
+  const r = spawnSync(OUT, args, { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' }, timeout: 30_000 });
+  const what = `smoke test: ${relative(ROOT, OUT)} ${args.join(' ')}`;
+  if (r.status !== 0 || !expect(r.stdout)) fail(`${what} gave exit ${r.status}, stdout ${JSON.stringify(r.stdout.slice(0, 300))}, stderr ${JSON.stringify(r.stderr)}`);
+  if (r.stderr.trim() !== '') fail(`${what} wrote to stderr: ${r.stderr}`);
 }
 
 /**
@@ -353,11 +411,20 @@ async function lockDist() {
 
 mkdirSync(DIST, { recursive: true });
 await lockDist();
-await bundle();
-scan();
+const assets = {};
+for (const part of PARTS) {
+  await bundle(part);
+  scan(part.out);
+  assets[`${part.name}.cjs`] = part.out;
+  assets[`${part.name}.cache`] = codeCache(part);
+}
+await bundleSeaMain();
+scan(SEA_MAIN);
 const addon = pickClassicLevelPrebuild();
-await sea(addon);
-smoke();
+await sea(addon, assets);
+// one command from each part
+smoke(['--version'], (out) => out.trim() === `fleetlet ${pkg.version}`);
+smoke(['agent', '--help'], (out) => out.includes('fleetlet agent'));
 const size = statSync(OUT).size;
 const ms = Date.now() - started;
 writeFileSync(
@@ -367,7 +434,7 @@ writeFileSync(
       version: pkg.version,
       file: relative(ROOT, OUT),
       size,
-      bundleSize: statSync(BUNDLE).size,
+      parts: Object.fromEntries(PARTS.map((p) => [p.name, statSync(p.out).size])),
       node: process.version,
       platform: `${process.platform}-${process.arch}`,
       addon: relative(ROOT, addon),

@@ -1,4 +1,5 @@
 import type { CommandSpec } from '../command.ts';
+import { AGENT_COMMAND } from './agent-entry.ts';
 
 /** A command known by name; its module is loaded only when the command runs or its help is shown. */
 export interface CommandEntry {
@@ -19,7 +20,7 @@ export interface CommandEntry {
 export const COMMANDS: readonly CommandEntry[] = [
   { name: 'demo', load: async () => (await import('./demo.ts')).demoCommand },
   { name: 'hub', load: async () => (await import('./hub.ts')).hubCommand },
-  { name: 'agent', load: async () => (await import('./agent.ts')).agentCommand },
+  AGENT_COMMAND,
   { name: 'gateway', load: async () => (await import('./gateway.ts')).gatewayCommand },
   { name: 'sim', load: async () => (await import('./sim.ts')).simCommand },
   { name: 'bundle', load: async () => (await import('./bundle.ts')).bundleCommand },

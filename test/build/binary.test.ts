@@ -15,6 +15,9 @@ import { runDemoUntilOnline } from '../e2e/demo-run.ts';
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const BIN = join(ROOT, 'dist', 'fleetlet');
 const BUNDLE = join(ROOT, 'dist', 'fleetlet.cjs');
+/** the agent's part and the start script that picks a part (cli/sea-main.ts, docs/build.md) */
+const AGENT_PART = join(ROOT, 'dist', 'fleetlet-agent.cjs');
+const SEA_MAIN = join(ROOT, 'dist', 'sea-main.cjs');
 const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 const MAX_BYTES = 100 * 1024 * 1024;
 const CHECK_NAMES = ['coap', 'ed25519', 'execa', 'level', 'mqtt', 'node-cron', 'systeminformation'];
@@ -136,9 +139,36 @@ test('selftest --json reports every check', async () => {
   assert.ok(out.checks.every((c) => c.ok));
 });
 
-test('the bundle has no require of a non-builtin module', () => {
-  const { nonBuiltin } = scanBundle(readFileSync(BUNDLE, 'utf8'));
-  assert.deepEqual(nonBuiltin.map((f) => f.spec), []);
+test('no part of the binary, nor its start script, requires a non-builtin module', () => {
+  for (const file of [BUNDLE, AGENT_PART, SEA_MAIN]) {
+    const { nonBuiltin } = scanBundle(readFileSync(file, 'utf8'));
+    assert.deepEqual(nonBuiltin.map((f) => f.spec), [], file);
+  }
+});
+
+test("the agent's part holds the agent, not the hub, gateway, simulator or inventory library", () => {
+  const inputs = (file: string) => Object.keys((JSON.parse(readFileSync(join(ROOT, 'dist', file), 'utf8')) as { inputs: Record<string, unknown> }).inputs);
+  const agent = inputs('meta-agent.json');
+  const all = inputs('meta.json');
+  const left = /^(hub|gateway|esp32-sim)\/|node_modules\/(aedes|coap|cbor-x|execa|systeminformation)\//;
+  assert.ok(agent.some((i) => i.startsWith('agent/supervisor.ts')), 'the supervisor is in the agent part');
+  assert.ok(agent.some((i) => i.includes('node_modules/mqtt/')), 'the MQTT client is in the agent part');
+  assert.deepEqual(agent.filter((i) => left.test(i) && !i.startsWith('fleetlet-stub:')), []);
+  assert.ok(all.filter((i) => left.test(i)).length > 50, 'the full part has them (so the check above can fail)');
+  assert.ok(statSync(AGENT_PART).size < 0.7 * statSync(BUNDLE).size, `agent part ${statSync(AGENT_PART).size} B vs all ${statSync(BUNDLE).size} B`);
+});
+
+test('agent commands run from the agent part; `agent inventory` (systeminformation) from the full one', async () => {
+  const a = await bare(BIN, ['agent', '--help']);
+  assert.equal(a.code, 0, a.stderr);
+  assert.match(a.stdout, /fleetlet agent/);
+  // the agent part leaves systeminformation out: the inventory only works because the
+  // start script runs this subcommand from the full part, as the agent's child does
+  const inv = await bare(BIN, ['agent', 'inventory'], {}, { timeoutMs: 60_000 });
+  assert.equal(inv.code, 0, inv.stderr);
+  const parsed = JSON.parse(inv.stdout) as Record<string, unknown>;
+  assert.ok(parsed.os && parsed.cpu, `inventory: ${inv.stdout.slice(0, 200)}`);
+  assert.equal(a.stderr + inv.stderr, '');
 });
 
 test('the bundle scan flags a non-builtin require (so the test above can fail)', () => {
