@@ -1,14 +1,12 @@
-import { createServer, type Server, type Socket } from 'node:net';
-import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import { FleetError, isFleetError } from '../core/errors.ts';
-import { listenOn, secretEquals } from '../core/http.ts';
+import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
-import { MCU_PREFIX, mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
-import { limitMqttFrames } from './frame-limit.ts';
+import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
+import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
 
 export interface McuMqttIngressOptions {
@@ -31,149 +29,123 @@ export interface McuMqttIngressOptions {
 
 /** Room for the topic, packet id and (MQTT 5) properties on top of the payload. */
 const PACKET_OVERHEAD = 1024;
+/**
+ * listen(2) backlog of the MCU port: thousands of MCUs come up together after a power cut
+ * or a gateway restart, and a full accept queue makes their connects time out and back
+ * off (Node's default is 511; the kernel caps it at net.core.somaxconn).
+ */
+const BACKLOG = 4096;
 
 /**
- * The MCU MQTT listener: its own aedes broker on its own TCP port (not the hub's), so
- * MCU traffic and MCU credentials never reach the hub directly. Hooks:
+ * The MCU MQTT listener: its own MQTT server on its own TCP port (not the hub's), so MCU
+ * traffic and MCU credentials never reach the hub directly. A lean MQTT 3.1.1 server
+ * (gateway/mqtt-lean.ts) rather than a broker: MCU messages are consumed here and only the
+ * gateway sends anything down, so a connection needs little more than its socket.
  *
- * - authenticate: client id = username = MCU id, password = its derived key,
- *   compared in constant time; CONNACK 4 otherwise [MQTT-3.2.2-3];
- * - authorizePublish: only the MCU's own up channels; anything else closes the
- *   connection (MQTT 3.1.1 cannot refuse one PUBLISH, FACTS.md). Telemetry is decoded
- *   and handed to the relay *inside* this hook, because aedes sends the PUBACK after
- *   the hook and before `published`: so a QoS 1 PUBACK means "stored in the outbox";
- * - authorizeSubscribe: only its own down channels; a refused subscription alone
- *   gets 0x80, the connection stays.
+ * - CONNECT: client id = username = MCU id, password = its derived key, compared in
+ *   constant time; CONNACK 4 otherwise [MQTT-3.2.2-3], CONNACK 3 beyond maxClients;
+ * - PUBLISH: only the MCU's own up channels; anything else closes the connection (MQTT
+ *   3.1.1 cannot refuse one PUBLISH, FACTS.md). Telemetry is decoded and handed to the
+ *   relay, and the PUBACK written only once that resolved: a QoS 1 PUBACK means "stored in
+ *   the outbox". Packets of one connection are handled one at a time, in order;
+ * - SUBSCRIBE: only its own down channels; a refused subscription alone gets 0x80, the
+ *   connection stays. Commands from the mailbox are pushed to an MCU subscribed to its cmd
+ *   topic.
  */
 export class McuMqttIngress {
-  private readonly ids = new WeakMap<Client, string>();
-  /** MCUs subscribed to their cmd topic right now (the mailbox pushes to them) */
-  private readonly cmdSubscribers = new Map<string, Client>();
   private readonly throttle: LogThrottle;
 
   private constructor(
     private readonly opts: McuMqttIngressOptions,
-    private readonly broker: Aedes,
-    private readonly server: Server,
+    private readonly lean: LeanMqttServer,
     readonly port: number,
   ) {
     this.throttle = new LogThrottle(opts.log);
     opts.service.on('head', this.pushCommand);
-    broker.on('subscribe', (subs, client) => {
-      const mcuId = client ? this.ids.get(client) : undefined;
-      if (!mcuId) return;
-      const cmd = mcuTopic(mcuId, 'cmd');
-      if (subs.some((s) => s.topic === cmd || s.topic === `${MCU_PREFIX}${mcuId}/#`)) {
-        this.cmdSubscribers.set(mcuId, client);
-        this.pushCommand(mcuId);
-      }
-    });
-    broker.on('unsubscribe', (topics, client) => {
-      const mcuId = client ? this.ids.get(client) : undefined;
-      if (mcuId && topics.some((t) => t === mcuTopic(mcuId, 'cmd') || t === `${MCU_PREFIX}${mcuId}/#`) && this.cmdSubscribers.get(mcuId) === client) this.cmdSubscribers.delete(mcuId);
-    });
-    broker.on('clientDisconnect', (client) => {
-      const mcuId = this.ids.get(client);
-      if (mcuId && this.cmdSubscribers.get(mcuId) === client) this.cmdSubscribers.delete(mcuId);
-    });
   }
 
   /** Publish the next mailbox command to a subscribed MCU (QoS 1; at least once until acked). */
   private pushCommand = (mcuId: string): void => {
-    if (!this.cmdSubscribers.has(mcuId)) return;
+    const conn = this.lean.sessions.get(mcuId);
+    if (!conn || conn.subCmd < 0) return;
     const next = this.opts.service.nextCommand(mcuId);
     if (!next) return;
-    this.broker.publish({ cmd: 'publish', topic: mcuTopic(mcuId, 'cmd'), payload: next, qos: 1, retain: false, dup: false }, (err) => {
-      if (err) this.opts.log.debug('command push to MCU failed', { mcu: mcuId, err });
-    });
+    conn.send(mcuTopic(mcuId, 'cmd'), next, conn.subCmd > 0 ? 1 : 0);
   };
 
   static async start(opts: McuMqttIngressOptions): Promise<McuMqttIngress> {
-    // heartbeats on $SYS would only be noise: nothing subscribes to them here
-    const broker = await Aedes.createBroker({ id: 'fleetlet-gateway-mcu', heartbeatInterval: 24 * 3600 * 1000, connectTimeout: 10_000, maxClientsIdLength: 64, drainTimeout: 30_000, concurrency: 0 });
-    const server = createServer((socket: Socket) => {
-      const conn = limitMqttFrames(socket, opts.maxPayloadBytes + PACKET_OVERHEAD, (err) => {
-        opts.hooks.dropped('mqtt', 'too_large', { err });
-        opts.log.debug('MCU connection closed: packet too large', { remote: socket.remoteAddress, err });
-      });
-      broker.handle(conn);
+    let ingress: McuMqttIngress | undefined;
+    const lean = new LeanMqttServer({
+      maxRemainingLength: opts.maxPayloadBytes + PACKET_OVERHEAD,
+      // bound file descriptors before authentication: a few spare for reconnect overlap
+      maxConnections: opts.maxClients + 64,
+      connectTimeoutMs: 10_000,
+      backlog: BACKLOG,
+      hooks: {
+        authenticate: (c) => ingress!.authenticate(c),
+        onPublish: (conn, p) => ingress!.onPublish(conn, p),
+        onSubscribe: (conn, filter, qos) => ingress!.onSubscribe(conn, filter, qos),
+        onSubscribed: (conn, filters) => {
+          const id = conn.id!;
+          if (conn.subCmd >= 0 && filters.some((f) => f === mcuTopic(id, 'cmd') || f.endsWith('/#'))) ingress!.pushCommand(id);
+        },
+        onMalformed: (err, conn) => {
+          // protocol errors (garbage, malformed packets) are counted; a peer that just went away is not
+          opts.hooks.dropped('mqtt', 'bad_request', { mcuId: conn.id ?? undefined, err });
+          opts.log.debug('MCU MQTT protocol error; connection closed', { mcu: conn.id, remote: conn.remote, err });
+        },
+        onTooLarge: (err, conn) => {
+          opts.hooks.dropped('mqtt', 'too_large', { mcuId: conn.id ?? undefined, err });
+          opts.log.debug('MCU connection closed: packet too large', { mcu: conn.id, remote: conn.remote, err });
+        },
+      },
     });
-    // bound file descriptors before authentication: a few spare for reconnect overlap
-    server.maxConnections = opts.maxClients + 64;
-    let port: number;
-    try {
-      port = await listenOn(server, opts.host, opts.port, false);
-    } catch (err) {
-      await new Promise<void>((r) => broker.close(() => r()));
-      throw err;
-    }
-    const ingress = new McuMqttIngress(opts, broker, server, port);
-    broker.authenticate = ingress.authenticate;
-    broker.authorizePublish = ingress.authorizePublish;
-    broker.authorizeSubscribe = ingress.authorizeSubscribe;
-    // MCU messages are consumed by the gateway: only its own down messages (cmd, fw) are
-    // delivered to subscribers, never an MCU's up message echoed back to it
-    broker.authorizeForward = (_client, packet) => (parseMcuTopic(packet.topic)?.direction === 'down' ? packet : null);
-    // protocol errors (garbage, malformed packets) are counted; a peer that just went away is not
-    const malformed = (err: NodeJS.ErrnoException) => !['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ERR_STREAM_PREMATURE_CLOSE'].includes(err.code ?? '') && !/too large|exceeds the limit/.test(err.message);
-    broker.on('clientError', (client, err) => {
-      if (malformed(err)) opts.hooks.dropped('mqtt', 'bad_request', { mcuId: client?.id, err });
-      opts.log.debug('MCU MQTT client error', { mcu: client?.id, err });
-    });
-    broker.on('connectionError', (client, err) => {
-      if (malformed(err)) opts.hooks.dropped('mqtt', 'bad_request', { err });
-      opts.log.debug('MCU MQTT connection error', { mcu: client?.id, err });
-    });
+    const port = await lean.listen(opts.host, opts.port);
+    ingress = new McuMqttIngress(opts, lean, port);
     return ingress;
   }
 
   get connectedClients(): number {
-    return this.broker.connectedClients;
+    return this.lean.connectedClients;
   }
 
-  private authenticate = (client: Client, username: string | undefined, password: Buffer | undefined, done: (err: AuthenticateError | null, ok: boolean | null) => void): void => {
-    const refuse = (returnCode: 3 | 4, why: string) => {
-      if (returnCode === 4) this.opts.hooks.authFailed('mqtt');
-      this.opts.hooks.dropped('mqtt', returnCode === 4 ? 'auth' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
+  private authenticate(c: LeanConnect): { rc: 0; id: string } | { rc: 3 | 4 } {
+    const username = c.username;
+    const refuse = (rc: 3 | 4, why: string): { rc: 3 | 4 } => {
+      if (rc === 4) this.opts.hooks.authFailed('mqtt');
+      this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
       this.throttle.warn(`auth:${username}`, 'MCU MQTT connection refused', { mcu: username, why });
-      const err = new Error(`connection refused: ${why}`) as AuthenticateError;
-      err.returnCode = returnCode; // 3 server unavailable, 4 bad user name or password [MQTT-3.2.2-3]
-      done(err, null);
+      return { rc }; // 3 server unavailable, 4 bad user name or password [MQTT-3.2.2-3]
     };
     if (!isDeviceId(username)) return refuse(4, 'username is not an MCU id');
-    if (client.id !== username) return refuse(4, 'client id must equal the MCU id');
-    if (!secretEquals(password?.toString('utf8') ?? '', mcuKey(this.opts.siteSecret, username))) return refuse(4, 'wrong MCU key');
-    // connectedClients does not count this one yet
-    if (this.broker.connectedClients >= this.opts.maxClients) return refuse(3, `${this.opts.maxClients} MCU connections already open`);
-    this.ids.set(client, username);
-    done(null, true);
-  };
+    if (c.clientId !== username) return refuse(4, 'client id must equal the MCU id');
+    if (!secretEquals(c.password?.toString('utf8') ?? '', mcuKey(this.opts.siteSecret, username))) return refuse(4, 'wrong MCU key');
+    // an MCU reconnecting takes its old connection over: not counted against the limit
+    if (this.lean.connectedClients >= this.opts.maxClients && !this.lean.sessions.has(username)) return refuse(3, `${this.opts.maxClients} MCU connections already open`);
+    return { rc: 0, id: username };
+  }
 
-  private authorizePublish = (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void => {
-    // null client: aedes publishing a stored will of a client that is gone; MCUs get no
-    // delivery on the gateway's broker outside the hooks, so refuse it
-    const mcuId = client ? this.ids.get(client) : undefined;
-    if (!mcuId) return done(new FleetError('FLEET_FORBIDDEN', 'not an authenticated MCU'));
+  private onPublish(conn: LeanConn, packet: LeanPublish): PublishOutcome | Promise<PublishOutcome> {
+    const mcuId = conn.id!;
     if (!mcuMayPublish(mcuId, packet.topic)) {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
       this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
-      return done(new FleetError('FLEET_FORBIDDEN', `${mcuId} may not publish on ${packet.topic.slice(0, 200)}`));
+      return 'close';
     }
-    // consumed here; never kept as a retained message on the gateway's broker
-    packet.retain = false;
-    const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
+    // consumed here; the retain flag means nothing on the MCU port
+    const payload = packet.payload;
     if (payload.length > this.opts.maxPayloadBytes) {
       this.opts.hooks.dropped('mqtt', 'too_large', { mcuId });
       this.throttle.warn(`size:${mcuId}`, 'MCU message too large; dropped', { mcu: mcuId, bytes: payload.length, max: this.opts.maxPayloadBytes });
-      return done(null);
+      return 'ack';
     }
     const channel = parseMcuTopic(packet.topic)!.channel;
-    const drop = (reason: DropReason, err: unknown) => {
+    const drop = (reason: DropReason, err: unknown): PublishOutcome => {
       // MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
       // connection (closing it would make the MCU resend the same bad payload forever)
       this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
       this.throttle.warn(`${reason}:${mcuId}`, 'MCU message dropped', { mcu: mcuId, channel, reason, err });
-      done(null);
+      return 'ack';
     };
     let body = payload;
     if (hasMacLine(payload)) {
@@ -208,7 +180,7 @@ export class McuMqttIngress {
           work = svc.upload(mcuId, 'mqtt', body, true);
           break;
         case 'fwreq':
-          work = this.onChunkRequest(mcuId, body);
+          work = this.onChunkRequest(conn, mcuId, body);
           break;
         default:
           return drop('forbidden', new FleetError('FLEET_FORBIDDEN', `${channel} is not an up channel`));
@@ -216,24 +188,24 @@ export class McuMqttIngress {
     } catch (err) {
       work = Promise.reject(err);
     }
-    work.then(
-      () => {
+    return work.then(
+      (): PublishOutcome => {
         this.opts.hooks.accepted('mqtt', channel);
-        done(null);
+        return 'ack';
       },
-      (err: unknown) => {
+      (err: unknown): PublishOutcome => {
         const reason = deliverFailureReason(err);
         if (reason === 'decode') return drop('decode', err);
         // not stored: no PUBACK; closing the connection makes the MCU resend it later
         this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
         this.throttle.warn(`deliver:${mcuId}`, 'MCU message not stored; closing the connection', { mcu: mcuId, channel, reason, err });
-        done(isFleetError(err) ? err : new FleetError('FLEET_INTERNAL', String(err)));
+        return 'close';
       },
     );
-  };
+  }
 
-  /** fwreq: answer with the chunk on the MCU's fw topic. */
-  private async onChunkRequest(mcuId: string, body: Buffer): Promise<void> {
+  /** fwreq: answer with the chunk on the MCU's fw topic (before the request's PUBACK). */
+  private async onChunkRequest(conn: LeanConn, mcuId: string, body: Buffer): Promise<void> {
     const req = decodeFwChunkRequest(body);
     this.opts.service.touch(mcuId, 'mqtt');
     const image = this.opts.service.firmwareFor(mcuId);
@@ -243,27 +215,21 @@ export class McuMqttIngress {
       const end = Math.min(image.data.length, start + req.s);
       this.opts.service.firmwareServed(mcuId, 'mqtt', end, end - start);
     }
-    await new Promise<void>((resolve) => {
-      this.broker.publish({ cmd: 'publish', topic: mcuTopic(mcuId, 'fw'), payload: chunk, qos: 1, retain: false, dup: false }, (err) => {
-        if (err) this.opts.log.debug('firmware chunk publish failed', { mcu: mcuId, err });
-        resolve();
-      });
-    });
+    // delivered only to a subscriber of its fw topic, as a broker would
+    if (conn.subFw >= 0) conn.send(mcuTopic(mcuId, 'fw'), chunk, conn.subFw > 0 ? 1 : 0);
   }
 
-  private authorizeSubscribe = (client: Client, sub: Subscription, done: (err: Error | null, sub?: Subscription | null) => void): void => {
-    const mcuId = this.ids.get(client);
-    if (mcuId && mcuMaySubscribe(mcuId, sub.topic)) return done(null, sub);
+  private onSubscribe(conn: LeanConn, filter: string, qos: number): number {
+    const mcuId = conn.id!;
+    if (mcuMaySubscribe(mcuId, filter)) return Math.min(qos, 1); // down messages go at QoS 1 at most
     this.opts.hooks.subscribeDenied();
-    this.throttle.warn(`sub:${mcuId}`, 'MCU subscription refused', { mcu: mcuId, topic: sub.topic.slice(0, 200) });
-    done(null, null); // refuse this one subscription (SUBACK 0x80); keep the connection
-  };
+    this.throttle.warn(`sub:${mcuId}`, 'MCU subscription refused', { mcu: mcuId, topic: filter.slice(0, 200) });
+    return 0x80; // refuse this one subscription; keep the connection
+  }
 
   /** Stop accepting, disconnect every MCU, release the port. */
   async close(): Promise<void> {
     this.opts.service.off('head', this.pushCommand);
-    const serverClosed = new Promise<void>((r) => this.server.close(() => r()));
-    await new Promise<void>((r) => this.broker.close(() => r()));
-    await serverClosed;
+    await this.lean.close();
   }
 }

@@ -1,0 +1,597 @@
+import { createServer, type Server, type Socket } from 'node:net';
+import { FleetError } from '../core/errors.ts';
+
+/**
+ * A lean MQTT 3.1.1 server for MCUs: the subset of the protocol a device needs, on one
+ * small object per connection, with no broker behind it (MCU messages are consumed by the
+ * gateway and only the gateway sends anything down). It replaced aedes on the MCU port:
+ * aedes keeps a full broker client per connection (its own parser, stream pipeline and
+ * closures, plus our frame-size Transform and Duplex around each socket), measured at
+ * about 95 KB of gateway memory per connected MCU at 7,000 MCUs (scripts/bench/README.md).
+ *
+ * What it speaks (MQTT 3.1.1, OASIS 2014; 3.1 "MQIsdp" is accepted too):
+ * CONNECT/CONNACK, PUBLISH QoS 0, 1 and 2 from the client (PUBACK, or PUBREC/PUBREL/
+ * PUBCOMP), PUBLISH QoS 0 and 1 to the client (its PUBACK is accepted and ignored: delivery
+ * of commands is the mailbox's business, by its ack channel), SUBSCRIBE/SUBACK,
+ * UNSUBSCRIBE/UNSUBACK, PINGREQ/PINGRESP, DISCONNECT. Every session is clean: CONNACK
+ * says "no session present" and nothing is kept after a disconnect. A will is parsed and
+ * never published. MQTT 5 gets CONNACK 1 (unacceptable protocol version).
+ *
+ * Guarantees the ingress builds on:
+ * - packets of one connection are handled strictly one after another: the next packet is
+ *   not looked at until the handler of the previous one has finished (its PUBACK, if any,
+ *   written). So a PUBACK is written only when `onPublish` resolved, and PUBACKs go out in
+ *   the order of the PUBLISHes [MQTT-4.6.0-2];
+ * - bounded input: a packet that declares a remaining length above `maxRemainingLength` is
+ *   refused from its fixed header (before its body is buffered, also for CONNECT), and
+ *   while a handler runs at most about that many bytes more are buffered before the socket
+ *   is paused (plain 'data' events and pause/resume; the socket is never read otherwise);
+ * - a peer that sends no CONNECT within `connectTimeoutMs`, or nothing within 1.5x its
+ *   keep-alive, is disconnected [MQTT-3.1.2-24];
+ * - protocol violations (a malformed packet, anything before CONNECT, a second CONNECT,
+ *   reserved packet types or flags) close the connection and are reported once through
+ *   `onMalformed`.
+ */
+
+export interface LeanConnect {
+  clientId: string;
+  username: string | undefined;
+  password: Buffer | undefined;
+  clean: boolean;
+  keepaliveS: number;
+}
+
+export interface LeanPublish {
+  topic: string;
+  payload: Buffer;
+  qos: 0 | 1 | 2;
+}
+
+/** What the handler of a PUBLISH decides. */
+export type PublishOutcome = 'ack' | 'close';
+
+export interface LeanServerHooks {
+  /** 0 = accept (the value is the session's id from now on), 3 server unavailable, 4 bad user name or password */
+  authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 };
+  /** 'ack': acknowledge (QoS 1/2) and go on; 'close': drop the connection without an acknowledgement */
+  onPublish(conn: LeanConn, p: LeanPublish): Promise<PublishOutcome> | PublishOutcome;
+  /** granted QoS (0 or 1) or 0x80 (refused) */
+  onSubscribe(conn: LeanConn, filter: string, qos: number): number;
+  /** after the SUBACK of a SUBSCRIBE packet was written */
+  onSubscribed?(conn: LeanConn, filters: readonly string[]): void;
+  onUnsubscribe?(conn: LeanConn, filters: readonly string[]): void;
+  /** an authenticated session ended (any reason) */
+  onClose?(conn: LeanConn): void;
+  /** a protocol error; the connection is closed after this */
+  onMalformed(err: FleetError, conn: LeanConn): void;
+  /** a packet declared more than the limit; the connection is closed after this */
+  onTooLarge(err: FleetError, conn: LeanConn): void;
+}
+
+export interface LeanServerOptions {
+  maxRemainingLength: number;
+  /** most connections (authenticated or not) at once; the kernel queues the rest */
+  maxConnections: number;
+  connectTimeoutMs?: number;
+  /** listen(2) backlog (the kernel caps it at net.core.somaxconn) */
+  backlog?: number;
+  hooks: LeanServerHooks;
+}
+
+const enum T {
+  CONNECT = 1,
+  CONNACK = 2,
+  PUBLISH = 3,
+  PUBACK = 4,
+  PUBREC = 5,
+  PUBREL = 6,
+  PUBCOMP = 7,
+  SUBSCRIBE = 8,
+  SUBACK = 9,
+  UNSUBSCRIBE = 10,
+  UNSUBACK = 11,
+  PINGREQ = 12,
+  PINGRESP = 13,
+  DISCONNECT = 14,
+}
+
+const PINGRESP = Buffer.from([0xd0, 0x00]);
+/** bytes queued for a peer that does not read before it is cut off */
+const MAX_WRITE_BACKLOG = 1024 * 1024;
+/** QoS 2 publishes awaiting PUBREL per connection */
+const MAX_QOS2_PENDING = 64;
+
+class Malformed extends Error {}
+
+/** One MQTT connection. Fields are few on purpose: there are 10,000 of these. */
+export class LeanConn {
+  /** the MCU id once authenticated, else null */
+  id: string | null = null;
+  keepaliveMs = 0;
+  lastRx: number;
+  readonly openedAt: number;
+  /** granted QoS of the down subscriptions, -1 when not subscribed */
+  subCmd = -1;
+  subFw = -1;
+  /** filters subscribed as given (at most a few: the ACL allows only the MCU's own) */
+  filters: Map<string, number> | null = null;
+  private rx: Buffer | null = null;
+  private busy = false;
+  private closed = false;
+  private paused = false;
+  private pid = 0;
+  private qos2: Set<number> | null = null;
+
+  constructor(
+    readonly socket: Socket,
+    private readonly server: LeanMqttServer,
+  ) {
+    this.openedAt = this.lastRx = Date.now();
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  get remote(): string | undefined {
+    return this.socket.remoteAddress;
+  }
+
+  onData(chunk: Buffer): void {
+    if (this.closed) return;
+    this.lastRx = Date.now();
+    this.rx = this.rx === null || this.rx.length === 0 ? chunk : Buffer.concat([this.rx, chunk]);
+    this.drain();
+  }
+
+  /** Handle the complete packets buffered, one at a time; stops while a handler runs. */
+  private drain(): void {
+    const limit = this.server.opts.maxRemainingLength;
+    while (!this.busy && !this.closed && this.rx !== null && this.rx.length >= 2) {
+      const buf = this.rx;
+      // the first byte alone tells a packet this side never accepts: refused at once, not
+      // after waiting for a body that a stray peer (an HTTP request, noise) never sends
+      const bad = this.badHeader(buf[0]!);
+      if (bad) return this.malformed(bad);
+      // fixed header: type/flags, remaining length (1-4 bytes, 7 bits each) [MQTT-2.2.3]
+      let len = 0;
+      let mul = 1;
+      let i = 1;
+      let complete = false;
+      for (; i < 5 && i < buf.length; ) {
+        const b = buf[i++]!;
+        len += (b & 0x7f) * mul;
+        mul *= 128;
+        if (len > limit) return this.tooLarge(`MQTT packet of at least ${len} bytes exceeds the limit of ${limit}`);
+        if ((b & 0x80) === 0) {
+          complete = true;
+          break;
+        }
+        if (i === 5) return this.malformed('malformed MQTT remaining length');
+      }
+      if (!complete || buf.length - i < len) break;
+      const header = buf[0]!;
+      const body = buf.subarray(i, i + len);
+      this.rx = buf.length === i + len ? null : buf.subarray(i + len);
+      try {
+        this.packet(header, body);
+      } catch (err) {
+        return this.malformed(err instanceof Malformed ? err.message : `bad packet: ${(err as Error).message}`);
+      }
+    }
+    if (this.closed) return;
+    const held = this.rx?.length ?? 0;
+    if (held === 0) this.rx = null;
+    else if (this.rx!.byteOffset > 0 && held < 4096) this.rx = Buffer.from(this.rx!); // do not pin a large read buffer for a small rest
+    // a handler is running and the peer keeps sending: stop reading beyond about one packet
+    if (this.busy && !this.paused && held > limit) {
+      this.paused = true;
+      this.socket.pause();
+    } else if (this.paused && !this.busy) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  /** Why a fixed header's first byte is not acceptable here and now, or null. */
+  private badHeader(h: number): string | null {
+    const type = h >> 4;
+    const flags = h & 0x0f;
+    if (this.id === null) return h === 0x10 ? null : `packet type ${type} (flags ${flags}) before CONNECT`;
+    switch (type) {
+      case T.PUBLISH:
+        return (flags & 0x06) === 0x06 ? 'PUBLISH QoS 3 [MQTT-3.3.1-4]' : null;
+      case T.PUBREL:
+      case T.SUBSCRIBE:
+      case T.UNSUBSCRIBE:
+        return flags === 2 ? null : `packet type ${type} with flags ${flags} [MQTT-2.2.2-2]`;
+      case T.PUBACK:
+      case T.PUBREC:
+      case T.PUBCOMP:
+      case T.PINGREQ:
+      case T.DISCONNECT:
+        return flags === 0 ? null : `packet type ${type} with flags ${flags} [MQTT-2.2.2-2]`;
+      case T.CONNECT:
+        return 'second CONNECT [MQTT-3.1.0-2]';
+      default:
+        return `packet type ${type} not allowed from a client`;
+    }
+  }
+
+  private packet(header: number, body: Buffer): void {
+    const type = header >> 4;
+    const flags = header & 0x0f;
+    if (this.id === null) {
+      if (type !== T.CONNECT) throw new Malformed(`packet type ${type} before CONNECT`);
+      return this.connect(flags, body);
+    }
+    switch (type) {
+      case T.PUBLISH:
+        return this.publish(flags, body);
+      case T.PUBACK:
+      case T.PUBCOMP:
+        // acknowledgements of what we sent: deliveries are tracked by the mailbox, not here
+        if (flags !== 0 || body.length !== 2) throw new Malformed('bad PUBACK');
+        return;
+      case T.PUBREC:
+        // we never send QoS 2, so nothing to release: answer as the protocol asks
+        if (flags !== 0 || body.length !== 2) throw new Malformed('bad PUBREC');
+        this.write(Buffer.from([0x62, 0x02, body[0]!, body[1]!]));
+        return;
+      case T.PUBREL: {
+        if (flags !== 2 || body.length !== 2) throw new Malformed('bad PUBREL');
+        this.qos2?.delete(body.readUInt16BE(0));
+        this.write(Buffer.from([0x70, 0x02, body[0]!, body[1]!]));
+        return;
+      }
+      case T.SUBSCRIBE:
+        if (flags !== 2) throw new Malformed('bad SUBSCRIBE flags');
+        return this.subscribe(body);
+      case T.UNSUBSCRIBE:
+        if (flags !== 2) throw new Malformed('bad UNSUBSCRIBE flags');
+        return this.unsubscribe(body);
+      case T.PINGREQ:
+        if (flags !== 0 || body.length !== 0) throw new Malformed('bad PINGREQ');
+        this.write(PINGRESP);
+        return;
+      case T.DISCONNECT:
+        if (flags !== 0 || body.length !== 0) throw new Malformed('bad DISCONNECT');
+        this.end();
+        return;
+      case T.CONNECT:
+        throw new Malformed('second CONNECT [MQTT-3.1.0-2]');
+      default:
+        throw new Malformed(`packet type ${type} not allowed from a client`);
+    }
+  }
+
+  private connect(flags: number, body: Buffer): void {
+    if (flags !== 0) throw new Malformed('bad CONNECT flags');
+    const r = new Reader(body);
+    const proto = r.str();
+    const level = r.u8();
+    if (!((proto === 'MQTT' && (level === 4 || level === 5)) || (proto === 'MQIsdp' && level === 3))) throw new Malformed(`unknown protocol ${JSON.stringify(proto.slice(0, 16))} level ${level}`);
+    if (level === 5) {
+      // unacceptable protocol version [MQTT-3.1.2-2], in the 3.1.1 CONNACK form
+      this.write(Buffer.from([0x20, 0x02, 0x00, 0x01]));
+      this.end();
+      return;
+    }
+    const cf = r.u8();
+    if (cf & 0x01) throw new Malformed('CONNECT reserved flag set [MQTT-3.1.2-3]');
+    const keepaliveS = r.u16();
+    const clientId = r.str();
+    if (cf & 0x04) {
+      if (((cf >> 3) & 3) === 3) throw new Malformed('will QoS 3');
+      r.str(); // will topic
+      r.bin(); // will message: parsed, never published (MCU messages only come from live PUBLISHes)
+    } else if (cf & 0x38) throw new Malformed('will QoS or retain without a will [MQTT-3.1.2-11]');
+    const username = cf & 0x80 ? r.str() : undefined;
+    const password = cf & 0x40 ? r.bin() : undefined;
+    if (!r.done()) throw new Malformed('bytes after the CONNECT payload');
+    const verdict = this.server.opts.hooks.authenticate({ clientId, username, password, clean: (cf & 0x02) !== 0, keepaliveS }, this.socket.remoteAddress);
+    if (verdict.rc !== 0) {
+      this.write(Buffer.from([0x20, 0x02, 0x00, verdict.rc]));
+      this.end();
+      return;
+    }
+    this.keepaliveMs = keepaliveS * 1000;
+    this.server.adopt(this, verdict.id);
+    this.write(Buffer.from([0x20, 0x02, 0x00, 0x00]));
+  }
+
+  private publish(flags: number, body: Buffer): void {
+    const qos = (flags >> 1) & 3;
+    if (qos === 3) throw new Malformed('PUBLISH QoS 3 [MQTT-3.3.1-4]');
+    const r = new Reader(body);
+    const topic = r.str();
+    const pid = qos > 0 ? r.u16() : 0;
+    if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0');
+    const payload = r.rest();
+    if (qos === 2 && this.qos2?.has(pid)) {
+      // a resend of a QoS 2 publish we stored already: PUBREC again, nothing twice
+      this.write(ackPacket(0x50, pid));
+      return;
+    }
+    let out: Promise<PublishOutcome> | PublishOutcome;
+    try {
+      out = this.server.opts.hooks.onPublish(this, { topic, payload, qos: qos as 0 | 1 | 2 });
+    } catch (err) {
+      out = Promise.reject(err);
+    }
+    if (typeof out === 'string') return this.published(out, qos, pid);
+    this.busy = true;
+    out.then(
+      (o) => this.resumeAfter(o, qos, pid),
+      () => this.resumeAfter('close', qos, pid),
+    );
+  }
+
+  private resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
+    this.busy = false;
+    if (this.closed) return;
+    this.published(o, qos, pid);
+    this.drain();
+  }
+
+  private published(o: PublishOutcome, qos: number, pid: number): void {
+    if (o === 'close') return this.destroy();
+    if (qos === 1) this.write(ackPacket(0x40, pid));
+    else if (qos === 2) {
+      this.qos2 ??= new Set();
+      if (this.qos2.size >= MAX_QOS2_PENDING) return this.malformed(`more than ${MAX_QOS2_PENDING} QoS 2 publishes without PUBREL`);
+      this.qos2.add(pid);
+      this.write(ackPacket(0x50, pid));
+    }
+  }
+
+  private subscribe(body: Buffer): void {
+    const r = new Reader(body);
+    const pid = r.u16();
+    const codes: number[] = [];
+    const granted: string[] = [];
+    while (!r.done()) {
+      const filter = r.str();
+      const q = r.u8();
+      if (q > 2 || filter.length === 0) throw new Malformed('bad subscription [MQTT-3.8.3-4]');
+      const g = this.server.opts.hooks.onSubscribe(this, filter, q);
+      codes.push(g);
+      if (g !== 0x80) {
+        (this.filters ??= new Map()).set(filter, g);
+        granted.push(filter);
+      }
+    }
+    if (codes.length === 0) throw new Malformed('SUBSCRIBE without a filter [MQTT-3.8.3-3]');
+    this.recomputeSubs();
+    const out = Buffer.allocUnsafe(4 + codes.length);
+    out[0] = 0x90;
+    out[1] = 2 + codes.length; // at most a few filters fit the packet limit; checked below
+    if (2 + codes.length > 127) throw new Malformed('too many filters in one SUBSCRIBE');
+    out.writeUInt16BE(pid, 2);
+    for (let k = 0; k < codes.length; k++) out[4 + k] = codes[k]!;
+    this.write(out);
+    if (granted.length > 0) this.server.opts.hooks.onSubscribed?.(this, granted);
+  }
+
+  private unsubscribe(body: Buffer): void {
+    const r = new Reader(body);
+    const pid = r.u16();
+    const filters: string[] = [];
+    while (!r.done()) filters.push(r.str());
+    if (filters.length === 0) throw new Malformed('UNSUBSCRIBE without a filter [MQTT-3.10.3-2]');
+    for (const f of filters) this.filters?.delete(f);
+    this.recomputeSubs();
+    this.write(ackPacket(0xb0, pid));
+    this.server.opts.hooks.onUnsubscribe?.(this, filters);
+  }
+
+  /** subCmd/subFw from the filters: an MCU may only hold its own cmd, fw or `#` (the ACL). */
+  private recomputeSubs(): void {
+    this.subCmd = -1;
+    this.subFw = -1;
+    if (!this.filters) return;
+    for (const [f, q] of this.filters) {
+      if (f.endsWith('/#')) {
+        this.subCmd = Math.max(this.subCmd, q);
+        this.subFw = Math.max(this.subFw, q);
+      } else if (f.endsWith('/cmd')) this.subCmd = Math.max(this.subCmd, q);
+      else if (f.endsWith('/fw')) this.subFw = Math.max(this.subFw, q);
+    }
+  }
+
+  /** Send a PUBLISH (QoS 0 or 1) to this client. False when the connection is gone. */
+  send(topic: string, payload: Buffer, qos: 0 | 1): boolean {
+    if (this.closed) return false;
+    const tl = Buffer.byteLength(topic);
+    const len = 2 + tl + (qos ? 2 : 0) + payload.length;
+    const lenBytes = len < 128 ? 1 : len < 16384 ? 2 : len < 2097152 ? 3 : 4;
+    const out = Buffer.allocUnsafe(1 + lenBytes + len);
+    out[0] = 0x30 | (qos << 1);
+    let o = 1;
+    let x = len;
+    do {
+      let b = x % 128;
+      x = Math.floor(x / 128);
+      if (x > 0) b |= 0x80;
+      out[o++] = b;
+    } while (x > 0);
+    out.writeUInt16BE(tl, o);
+    o += 2;
+    o += out.write(topic, o, 'utf8');
+    if (qos) {
+      this.pid = (this.pid % 0xffff) + 1;
+      out.writeUInt16BE(this.pid, o);
+      o += 2;
+    }
+    payload.copy(out, o);
+    this.write(out);
+    return true;
+  }
+
+  private write(buf: Buffer): void {
+    if (this.closed || this.socket.destroyed) return;
+    if (this.socket.writableLength > MAX_WRITE_BACKLOG) {
+      this.destroy();
+      return;
+    }
+    this.socket.write(buf);
+  }
+
+  private tooLarge(msg: string): void {
+    if (this.closed) return;
+    this.server.opts.hooks.onTooLarge(new FleetError('FLEET_MSG_INVALID', msg), this);
+    this.destroy();
+  }
+
+  private malformed(msg: string): void {
+    if (this.closed) return;
+    this.server.opts.hooks.onMalformed(new FleetError('FLEET_MSG_INVALID', msg), this);
+    this.destroy();
+  }
+
+  /** Close after what was written (CONNACK refusals, DISCONNECT). */
+  end(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.rx = null;
+    this.socket.end();
+    // a peer that does not close its side is cut off
+    this.socket.setTimeout(5000, () => this.socket.destroy());
+    this.server.forget(this);
+  }
+
+  destroy(): void {
+    if (!this.closed) {
+      this.closed = true;
+      this.rx = null;
+      this.server.forget(this);
+    }
+    this.socket.destroy();
+  }
+
+  /** the peer went away */
+  gone(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.rx = null;
+    this.server.forget(this);
+  }
+}
+
+function ackPacket(first: number, pid: number): Buffer {
+  return Buffer.from([first, 0x02, pid >> 8, pid & 0xff]);
+}
+
+/** Reads MQTT fields; throws Malformed past the end. */
+class Reader {
+  private o = 0;
+  constructor(private readonly b: Buffer) {}
+  u8(): number {
+    if (this.o + 1 > this.b.length) throw new Malformed('packet ends early');
+    return this.b[this.o++]!;
+  }
+  u16(): number {
+    if (this.o + 2 > this.b.length) throw new Malformed('packet ends early');
+    const v = this.b.readUInt16BE(this.o);
+    this.o += 2;
+    return v;
+  }
+  bin(): Buffer {
+    const n = this.u16();
+    if (this.o + n > this.b.length) throw new Malformed('string runs past the packet');
+    const v = this.b.subarray(this.o, this.o + n);
+    this.o += n;
+    return v;
+  }
+  str(): string {
+    const v = this.bin();
+    const s = v.toString('utf8');
+    // ill-formed UTF-8 or U+0000 [MQTT-1.5.3-1, -2]
+    if (s.includes('\uFFFD') || s.includes('\u0000')) throw new Malformed('string is not well-formed UTF-8');
+    return s;
+  }
+  rest(): Buffer {
+    const v = this.b.subarray(this.o);
+    this.o = this.b.length;
+    return v;
+  }
+  done(): boolean {
+    return this.o >= this.b.length;
+  }
+}
+
+export class LeanMqttServer {
+  readonly server: Server;
+  /** authenticated sessions by id */
+  readonly sessions = new Map<string, LeanConn>();
+  private readonly conns = new Set<LeanConn>();
+  private readonly sweepTimer: NodeJS.Timeout;
+
+  constructor(readonly opts: LeanServerOptions) {
+    this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.server.maxConnections = opts.maxConnections;
+    this.sweepTimer = setInterval(() => this.sweep(), 1000);
+    this.sweepTimer.unref();
+  }
+
+  listen(host: string, port: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const onError = (err: NodeJS.ErrnoException) => reject(new FleetError('FLEET_PORT_IN_USE', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
+      this.server.once('error', onError);
+      this.server.listen({ host, port, backlog: this.opts.backlog ?? 511 }, () => {
+        this.server.off('error', onError);
+        const a = this.server.address();
+        resolve(typeof a === 'object' && a ? a.port : port);
+      });
+    });
+  }
+
+  get connectedClients(): number {
+    return this.sessions.size;
+  }
+
+  private accept(socket: Socket): void {
+    const conn = new LeanConn(socket, this);
+    this.conns.add(conn);
+    socket.on('data', (d: Buffer) => conn.onData(d));
+    socket.on('error', () => undefined); // 'close' follows
+    socket.on('close', () => {
+      conn.gone();
+      this.conns.delete(conn);
+    });
+  }
+
+  /** A CONNECT was accepted: the newest connection of an id takes over [MQTT-3.1.4-2]. */
+  adopt(conn: LeanConn, id: string): void {
+    const old = this.sessions.get(id);
+    conn.id = id;
+    this.sessions.set(id, conn);
+    if (old && old !== conn) old.destroy();
+  }
+
+  forget(conn: LeanConn): void {
+    if (conn.id !== null && this.sessions.get(conn.id) === conn) {
+      this.sessions.delete(conn.id);
+      this.opts.hooks.onClose?.(conn);
+    }
+  }
+
+  /** Keep-alive [MQTT-3.1.2-24] and CONNECT timeouts, once a second for all connections. */
+  private sweep(): void {
+    const now = Date.now();
+    const connectTimeout = this.opts.connectTimeoutMs ?? 10_000;
+    for (const c of this.conns) {
+      if (c.isClosed) continue;
+      if (c.id === null) {
+        if (now - c.openedAt > connectTimeout) c.destroy();
+      } else if (c.keepaliveMs > 0 && now - c.lastRx > c.keepaliveMs * 1.5) c.destroy();
+    }
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.sweepTimer);
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    for (const c of this.conns) c.destroy();
+    await closed;
+  }
+}
