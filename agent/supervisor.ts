@@ -152,7 +152,7 @@ export class SupervisedApp extends EventEmitter {
       if (spec.user !== undefined) this.user ??= resolveUser(spec.user);
       const prepared = prepareLimits(spec.name, spec.limits, opts.cgroup);
       this.limits = prepared.enforced;
-      const env: NodeJS.ProcessEnv = { ...process.env, ...(this.user ? { HOME: this.user.home, USER: this.user.name, LOGNAME: this.user.name } : {}), ...spec.env };
+      const env: NodeJS.ProcessEnv = { ...inheritedEnv(process.env), ...(this.user ? { HOME: this.user.home, USER: this.user.name, LOGNAME: this.user.name } : {}), ...spec.env };
       child = spawn('/bin/sh', shimArgv({ graceS: spec.stopTimeoutMs / 1000, ...prepared.shim }, spec.command, spec.args), {
         cwd: spec.cwd,
         env,
@@ -370,4 +370,17 @@ export class Supervisor extends EventEmitter {
   async stopAll(): Promise<void> {
     await this.apply([]);
   }
+}
+
+/**
+ * The agent's environment as its apps inherit it: without the variables the agent's unit set
+ * for the agent alone (named in FLEETLET_AGENT_ONLY_ENV, e.g. MALLOC_ARENA_MAX, docs/agent.md#install)
+ * and without that list itself. An app that wants one of them sets it in its own `env`.
+ */
+export function inheritedEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const only = (env.FLEETLET_AGENT_ONLY_ENV ?? '').split(/[\s,]+/).filter(Boolean);
+  if (only.length === 0 && env.FLEETLET_AGENT_ONLY_ENV === undefined) return env;
+  const out = { ...env };
+  for (const k of [...only, 'FLEETLET_AGENT_ONLY_ENV']) delete out[k];
+  return out;
 }

@@ -10,6 +10,9 @@
 //
 // Usage: node scripts/bench/agent-idle.mjs [--apps 5] [--seconds 60] [--settle 15]
 //          [--bin dist/fleetlet] [--no-source] [--no-floor] [--label NAME] [--env K=V …]
+//          [--no-unit-env]
+// The agent runs with the Environment= of the unit `agent install` writes (MALLOC_ARENA_MAX),
+// as on a device; --no-unit-env runs it without, --env adds or overrides.
 // Targets (issue 4): at most 60 MB RSS (decimal, as written in the issue; also printed
 // in MiB) and 1% of one core. Writes scripts/bench/results/agent-idle-<date>[-label].json.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -32,13 +35,33 @@ const { values } = parseArgs({
     'no-floor': { type: 'boolean' },
     label: { type: 'string' },
     env: { type: 'string', multiple: true },
+    'no-unit-env': { type: 'boolean' },
   },
 });
 const bin = resolve(ROOT, values.bin);
 const apps = Number(values.apps);
 const seconds = Number(values.seconds);
 const settle = Number(values.settle);
-const extraEnv = Object.fromEntries((values.env ?? []).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+const cliEnv = Object.fromEntries((values.env ?? []).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+/**
+ * The environment `fleetlet agent install` puts in the agent's systemd unit (Environment=
+ * lines, e.g. MALLOC_ARENA_MAX), read from a unit the binary installs into a temp prefix:
+ * the agent is measured as a device runs it. FLEETLET_LOG_LEVEL stays the bench's (warn).
+ */
+function unitEnvironment(binary) {
+  const root = mkdtempSync(join(tmpdir(), 'fleetlet-bench-unit-'));
+  try {
+    execFileSync(binary, ['agent', 'install', '--prefix', root, '--bin', binary], { env: { PATH: '/usr/bin:/bin' }, stdio: 'ignore' });
+    const unit = readFileSync(join(root, 'etc', 'systemd', 'system', 'fleetlet-agent.service'), 'utf8');
+    const env = {};
+    for (const m of unit.matchAll(/^Environment=([A-Za-z_][A-Za-z0-9_]*)=(.*)$/gm)) if (m[1] !== 'FLEETLET_LOG_LEVEL') env[m[1]] = m[2];
+    return env;
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+const unitEnv = values['no-unit-env'] ? {} : unitEnvironment(bin);
+const extraEnv = { ...unitEnv, ...cliEnv };
 const TARGET_RSS_BYTES = 60e6;
 const TARGET_CPU_PERCENT = 1;
 const CLK_TCK = 100;
@@ -209,7 +232,7 @@ try {
     date: new Date().toISOString(),
     label: values.label ?? null,
     machine: { cpus: cpus().length, model: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), kernel: release(), node: process.version, loadavgAtStart: la0.map((x) => Math.round(x * 100) / 100), loadavgAtEnd: loadavg().map((x) => Math.round(x * 100) / 100) },
-    setup: { apps, appCommand: '/bin/sleep 3600', sampleMs: 1000, publishMs: 10000, hub: 'fleetlet hub on loopback (not measured)', settleS: settle, windowS: seconds, env: extraEnv },
+    setup: { apps, appCommand: '/bin/sleep 3600', sampleMs: 1000, publishMs: 10000, hub: 'fleetlet hub on loopback (not measured)', settleS: settle, windowS: seconds, env: extraEnv, unitEnv },
     targets: { rssBytes: TARGET_RSS_BYTES, rssMiB: Math.round((TARGET_RSS_BYTES / 2 ** 20) * 10) / 10, cpuPercentOfOneCore: TARGET_CPU_PERCENT },
     floors,
     runs: rows,
@@ -233,6 +256,7 @@ try {
     );
   }
   console.log(line('target', `${result.targets.rssMiB}`, TARGET_CPU_PERCENT, '60 MB = 57.2 MiB RSS, 1% of one core'));
+  console.log(`agent environment from its systemd unit: ${Object.entries(unitEnv).map(([k, v]) => `${k}=${v}`).join(' ') || '(none: --no-unit-env)'}`);
   console.log(`peers: supervisord ${result.peers.supervisord}; pm2 ${result.peers.pm2}`);
   const out = join(ROOT, 'scripts/bench/results', `agent-idle-${result.date.slice(0, 10)}${values.label ? `-${values.label}` : ''}.json`);
   mkdirSync(dirname(out), { recursive: true });

@@ -111,6 +111,10 @@ test('agent install into a prefix: hardened unit, default config, tokens 0600, b
     // left out on purpose (docs/agent.md#install): each would break the agent or its apps
     for (const k of ['ProtectControlGroups', 'MemoryDenyWriteExecute', 'PrivateDevices', 'User', 'PrivateUsers']) assert.equal(u.has(`Service.${k}`), false, k);
     assert.equal(one('Install.WantedBy'), 'multi-user.target');
+    // glibc tuning for the agent alone: its apps do not inherit it (test/agent/supervisor.test.ts)
+    const env = u.get('Service.Environment') ?? [];
+    assert.ok(env.includes('MALLOC_ARENA_MAX=2'), env.join(' | '));
+    assert.ok(env.includes('FLEETLET_AGENT_ONLY_ENV=MALLOC_ARENA_MAX'), env.join(' | '));
 
     // the config loads as written and names the same state dir as ReadWritePaths
     const { config } = loadConfig(AgentConfigSchema, { file: configFile });

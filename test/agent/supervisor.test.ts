@@ -30,6 +30,31 @@ test('supervisor: a crashing app is restarted with backoff and marked crash-loop
   assert.equal(sup.apps.size, 0);
 });
 
+test("supervisor: apps inherit the agent's environment minus what FLEETLET_AGENT_ONLY_ENV names; an app's own env wins", async () => {
+  const saved = { a: process.env.MALLOC_ARENA_MAX, o: process.env.FLEETLET_AGENT_ONLY_ENV, k: process.env.FLEETLET_TEST_KEPT };
+  process.env.MALLOC_ARENA_MAX = '2';
+  process.env.FLEETLET_AGENT_ONLY_ENV = 'MALLOC_ARENA_MAX';
+  process.env.FLEETLET_TEST_KEPT = 'kept';
+  const sup = new Supervisor({ log: testLogger(), backoff: fast });
+  try {
+    const show = 'echo "arena=${MALLOC_ARENA_MAX-unset} only=${FLEETLET_AGENT_ONLY_ENV-unset} kept=${FLEETLET_TEST_KEPT-unset}"';
+    await sup.apply([
+      AppSpecSchema.parse({ name: 'plain', command: '/bin/sh', args: ['-c', show], restart: 'never' }),
+      AppSpecSchema.parse({ name: 'own', command: '/bin/sh', args: ['-c', show], restart: 'never', env: { MALLOC_ARENA_MAX: '8' } }),
+    ]);
+    const line = (n: string) => sup.apps.get(n)!.lines.find((l) => l.stream === 'stdout')?.line;
+    await waitFor(() => line('plain') !== undefined && line('own') !== undefined, 'both printed');
+    assert.equal(line('plain'), 'arena=unset only=unset kept=kept');
+    assert.equal(line('own'), 'arena=8 only=unset kept=kept');
+  } finally {
+    await sup.stopAll();
+    for (const [k, v] of [['MALLOC_ARENA_MAX', saved.a], ['FLEETLET_AGENT_ONLY_ENV', saved.o], ['FLEETLET_TEST_KEPT', saved.k]] as const) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+});
+
 test('supervisor: restart policies never and on-failure', async () => {
   const sup = new Supervisor({ log: testLogger(), backoff: fast });
   await sup.apply([
