@@ -404,7 +404,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     batch.put(STATS_KEY, Buffer.from(JSON.stringify(st)));
     try {
       // sync only when the batch carries appends: an ack lost in a crash means a resend, which the hub drops
-      await this.db.batch(writes, { sync });
+      await this.rawBatch(writes, sync);
     } catch (err) {
       for (const id of deletedNow) this.deleted.delete(id);
       const fe = new FleetError('FLEET_STORE', `outbox write failed: ${(err as Error).message}`, { cause: err });
@@ -423,6 +423,20 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     // wake the reader first: the heads only serve stats, and peek needs none of them
     if (appended > 0) this.emit('appended');
     await this.refreshHeads();
+  }
+
+  /**
+   * db.batch without abstract-level's per-operation work. Our keys are strings and our
+   * values Buffers, already in the form classic-level's native batch takes, and the store
+   * has no hooks, sublevels or 'write' listeners; yet abstract-level clones every operation
+   * and looks up its encodings again (measured on a gateway relaying 5,000 MCU readings a
+   * second, two operations each: #arrayBatch was 7% of its CPU). The public path is kept
+   * for any other store (and while the store is not open, so its errors stay the same).
+   */
+  private rawBatch(writes: Array<{ type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string }>, sync: boolean): Promise<void> {
+    const raw = (this.db as unknown as { _batch?: (ops: unknown[], o: { sync: boolean }) => Promise<void> })._batch;
+    if (this.db.status === 'open' && typeof raw === 'function' && this.db.constructor.name === 'ClassicLevel') return raw.call(this.db, writes, { sync });
+    return this.db.batch(writes, { sync });
   }
 
   private markDeleted(id: string): void {

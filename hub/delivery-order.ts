@@ -77,11 +77,19 @@ export function orderPersistence<P extends LevelPersistence>(
 ): P {
   const enqueue = p.outgoingEnqueueCombi.bind(p);
   let tail: Promise<unknown> = Promise.resolve();
+  /** queue writes issued and not yet settled */
+  let pending = 0;
   p.outgoingEnqueueCombi = (subs, packet) => {
     // a topic nobody may receive (the hub's sinks) is not written to any queue: it would sit
     // in a durable '#' subscriber's queue until its next reconnect
     if (neverQueue(packet.topic)) return Promise.resolve();
+    // No durable subscriber to write for, and no earlier write still under way: nothing to
+    // order against (every earlier publish's continuation is queued already, and this one's
+    // comes after it), so skip the chain. This is every routed reading when no consumer
+    // holds a durable session: a per-reading cost of the relay path otherwise.
+    if ((!subs || subs.length === 0) && pending === 0) return Promise.resolve();
     watch.issued(packet);
+    pending++;
     const own = enqueue(subs, packet);
     // its failure is reported through `ordered`, later: mark it handled now, or Node would
     // take it for an unhandled rejection and end the process
@@ -89,7 +97,10 @@ export function orderPersistence<P extends LevelPersistence>(
     const ordered = tail.then(() => own);
     // Registered before aedes gets `ordered`, so it runs before aedes' own continuation
     // (emitPacket). A failed write must not hold back or fail the ones after it.
-    const settled = () => watch.settled(packet);
+    const settled = () => {
+      pending--;
+      watch.settled(packet);
+    };
     tail = ordered.then(settled, settled);
     return ordered;
   };

@@ -13,6 +13,7 @@ import { openStore } from '../core/store.ts';
 import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
+import { decodeTelemetryFast } from './telemetry-fast.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
 import { Deduplicator } from './dedup.ts';
@@ -89,7 +90,7 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
       const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
       messages.inc({ channel });
       if (channel === 'state') registry.onState(t.deviceId, decodeMessage('state', payload));
-      else if (channel === 'telemetry') registry.onTelemetry(t.deviceId, decodeMessage('telemetry', payload));
+      else if (channel === 'telemetry') registry.onTelemetry(t.deviceId, decodeTelemetryFast(payload));
       else if (channel === 'events') registry.onEvent(t.deviceId, decodeMessage('events', payload));
       else registry.onReply(t.deviceId, decodeMessage('reply', payload));
     } catch (err) {
