@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
-import { batchItemSize, encodeBatch } from './batch.ts';
+import { BATCH_MAGIC, BATCH_VERSION, batchItemSize, MAX_BATCH_ITEMS } from './batch.ts';
 import type { Logger } from './log.ts';
 import type { Outbox, OutboxRecord } from './outbox.ts';
 import { deviceTopic } from './topics.ts';
@@ -26,7 +26,10 @@ export interface UplinkOptions {
 
 export interface UplinkStats {
   connected: boolean;
+  /** records awaiting PUBACK */
   inFlight: number;
+  /** publishes awaiting PUBACK (at most `window`) */
+  inFlightPublishes: number;
   sentRecords: number;
   publishes: number;
   batches: number;
@@ -96,7 +99,7 @@ export class Uplink extends EventEmitter {
   }
 
   stats(): UplinkStats {
-    return { connected: this.connected, inFlight: this.inflightIds.size, ...this.counters };
+    return { connected: this.connected, inFlight: this.inflightIds.size, inFlightPublishes: this.inflightPublishes, ...this.counters };
   }
 
   private burst(): number {
@@ -162,16 +165,49 @@ export class Uplink extends EventEmitter {
     }
   }
 
-  /** The longest prefix that fits batchBytes (always at least one record). */
+  /**
+   * Records on the sender's own batch topic are batches already (a gateway stores the
+   * telemetry of many MCUs as one record): their items are carried over into the publish
+   * as they are, never nested (the hub refuses a batch inside a batch).
+   */
+  private isBatch(r: OutboxRecord): boolean {
+    return r.topic === this.batchTopic && r.payload.length >= 2 && r.payload[0] === BATCH_MAGIC && r.payload[1] === BATCH_VERSION;
+  }
+
+  /** The longest prefix that fits batchBytes and the hub's item limit (always at least one record). */
   private fitBytes(recs: OutboxRecord[]): OutboxRecord[] {
     let size = 2;
+    let items = 0;
     let n = 0;
     for (const r of recs) {
-      size += batchItemSize(r.topic, r.payload);
-      if (n > 0 && size > this.o.batchBytes) break;
+      const batch = this.isBatch(r);
+      size += batch ? r.payload.length - 2 : batchItemSize(r.topic, r.payload);
+      items += batch ? countItems(r.payload) : 1;
+      if (n > 0 && (size > this.o.batchBytes || items > MAX_BATCH_ITEMS)) break;
       n++;
     }
     return recs.slice(0, n);
+  }
+
+  /** One batch payload for several records: plain records become items, batch records give theirs. */
+  private encode(recs: readonly OutboxRecord[]): Buffer {
+    let size = 2;
+    for (const r of recs) size += this.isBatch(r) ? r.payload.length - 2 : batchItemSize(r.topic, r.payload);
+    const buf = Buffer.allocUnsafe(size);
+    buf[0] = BATCH_MAGIC;
+    buf[1] = BATCH_VERSION;
+    let off = 2;
+    for (const r of recs) {
+      if (this.isBatch(r)) {
+        off += r.payload.copy(buf, off, 2);
+        continue;
+      }
+      off = writeVarint(buf, off, Buffer.byteLength(r.topic));
+      off += buf.write(r.topic, off, 'utf8');
+      off = writeVarint(buf, off, r.payload.length);
+      off += r.payload.copy(buf, off);
+    }
+    return buf;
   }
 
   private send(recs: OutboxRecord[]): void {
@@ -179,10 +215,11 @@ export class Uplink extends EventEmitter {
     const gen = this.gen;
     for (const id of ids) this.inflightIds.add(id);
     this.inflightPublishes++;
-    if (this.o.rate > 0) this.tokens -= recs.length;
+    // the rate counts messages: a batch record counts its items
+    if (this.o.rate > 0) this.tokens -= recs.reduce((n, r) => n + (this.isBatch(r) ? countItems(r.payload) : 1), 0);
     const single = recs.length === 1;
     const topic = single ? recs[0]!.topic : this.batchTopic;
-    const payload = single ? recs[0]!.payload : encodeBatch(recs);
+    const payload = single ? recs[0]!.payload : this.encode(recs);
     this.opts.client.publish(topic, payload, { qos: 1 }, (err) => {
       if (err) {
         // stays in the outbox; sent again after reconnect
@@ -220,4 +257,37 @@ export class Uplink extends EventEmitter {
     this.opts.client.off('close', this.onClose);
     this.opts.outbox.off('appended', this.kick);
   }
+}
+
+function writeVarint(buf: Buffer, off: number, n: number): number {
+  while (n >= 0x80) {
+    buf[off++] = (n & 0x7f) | 0x80;
+    n >>>= 7;
+  }
+  buf[off++] = n;
+  return off;
+}
+
+/** Items in a batch payload (core/batch.ts framing), counted without decoding them; a malformed one counts as MAX_BATCH_ITEMS, so it goes alone. */
+function countItems(buf: Buffer): number {
+  let off = 2;
+  let n = 0;
+  const skip = (): boolean => {
+    let len = 0;
+    for (let shift = 0; shift < 28; shift += 7) {
+      if (off >= buf.length) return false;
+      const b = buf[off++]!;
+      len += (b & 0x7f) * 2 ** shift;
+      if (b < 0x80) {
+        off += len;
+        return off <= buf.length;
+      }
+    }
+    return false;
+  };
+  while (off < buf.length) {
+    if (!skip() || !skip()) return MAX_BATCH_ITEMS;
+    n++;
+  }
+  return n;
 }

@@ -8,6 +8,7 @@ import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from 
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
+import { decodeBatch, encodeBatch, type BatchItem } from '../core/batch.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
 
 export type McuProtocol = 'mqtt' | 'coap';
@@ -64,6 +65,20 @@ export const DEFAULT_LOST_AFTER_MS = 60_000;
 const MIN_LOST_AFTER_MS = 1000;
 /** least time between two SUBSCRIBEs of the desired filter (each makes the hub scan its retained messages) */
 const RESUBSCRIBE_MS = 2000;
+/** most MCU telemetry messages in one outbox record (item mids carry the index in three digits) */
+const GROUP_MAX = 1000;
+/** bytes of a grouped record at most (by the bound below) */
+const GROUP_MAX_BYTES = 256 * 1024;
+
+/**
+ * An upper bound of the bytes one MCU message takes in a grouped record: its topic and the
+ * TelemetryBatch JSON, every string counted as if JSON escaping made each character six bytes.
+ */
+function itemBytesBound(mcuId: string, samples: readonly Sample[]): number {
+  let n = 120 + mcuId.length;
+  for (const s of samples) n += 80 + 6 * (s.n.length + (s.vs?.length ?? 0) + (s.u?.length ?? 0));
+  return n;
+}
 
 /**
  * The relay between MCUs and the hub.
@@ -106,9 +121,17 @@ export class Relay {
   private readonly uplink: Uplink;
   private readonly now: () => number;
   private stopped = false;
+  /** telemetry of this turn of the event loop, stored together by flushGroup */
+  private group: Array<{ mcuId: string; ts: number; samples: readonly Sample[]; resolve: () => void; reject: (e: unknown) => void }> = [];
+  private groupBytes = 0;
+  /** a grouped record stays below this (and so below the hub's payload limit, 1 MiB by default) */
+  private readonly groupMaxBytes: number;
+  private readonly batchTopic: string;
 
   constructor(private readonly opts: RelayOptions) {
     this.now = opts.now ?? Date.now;
+    this.batchTopic = deviceTopic(opts.gatewayId, 'batch');
+    this.groupMaxBytes = Math.min(GROUP_MAX_BYTES, opts.uplink?.batchBytes ?? GROUP_MAX_BYTES);
     // Registered before the Uplink's own 'connect' listener (created just below), so on
     // every (re)connect the register and states go out before queued telemetry.
     opts.client.on('connect', this.onConnect);
@@ -120,7 +143,7 @@ export class Relay {
     // the relay subscribes for its MCUs itself, after the register that lets it (and
     // paced); mqtt.js' own resubscribe would send them all at once before the register
     if (opts.onDown) opts.client.options.resubscribe = false;
-    this.gated = new GatedOutbox(opts.outbox, (mcuId) => this.covered(mcuId), () => this.flush(), (mcuId) => this.adopt(mcuId));
+    this.gated = new GatedOutbox(opts.outbox, this.batchTopic, (mcuId) => this.covered(mcuId), () => this.flush(), (mcuId) => this.adopt(mcuId));
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
     this.sweepTimer = setInterval(this.sweep, sweepMs);
@@ -149,12 +172,64 @@ export class Relay {
   async accept(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void> {
     const now = this.touch(mcuId, protocol, true);
     if (samples.length === 0) return;
-    await this.opts.outbox.append({
-      topic: deviceTopic(mcuId, 'telemetry'),
-      priority: Priority.TELEMETRY,
-      payload: (mid) => encodeMessage({ v: 1, mid, ts: now, samples: samples as Sample[] } satisfies TelemetryBatch),
+    return new Promise<void>((resolve, reject) => {
+      this.group.push({ mcuId, ts: now, samples, resolve, reject });
+      this.groupBytes += itemBytesBound(mcuId, samples);
+      if (this.group.length >= GROUP_MAX || this.groupBytes >= this.groupMaxBytes) this.flushGroup();
+      else if (this.group.length === 1) setImmediate(this.flushGroup);
     });
   }
+
+  /**
+   * Telemetry that arrived in one turn of the event loop goes into the outbox as one record:
+   * a batch (core/batch.ts) on the gateway's own batch topic, each item an MCU's
+   * TelemetryBatch with its own mid. The Uplink sends such a record as it is, and the hub
+   * unpacks, checks and de-duplicates it item by item as any batch. One record instead of
+   * one per MCU message is one LevelDB put and one delete, one entry in the outbox's memory
+   * and the Uplink's in-flight set, per turn instead of per reading (at thousands of MCU
+   * messages a second that per-record work was most of the gateway's CPU after the MQTT
+   * listener). Each MCU is acknowledged only once the record holding its message is stored,
+   * as before. A turn with a single message stores it as a plain record, as before.
+   *
+   * Item mids: the record's id followed by the item's index as three digits (at most
+   * GROUP_MAX items), so they are unique per MCU, never equal to a plain record's id (three
+   * digits longer) and at most 19 digits (ids are about 16).
+   */
+  private readonly flushGroup = (): void => {
+    const items = this.group;
+    if (items.length === 0) return;
+    this.group = [];
+    this.groupBytes = 0;
+    let work: Promise<unknown>;
+    if (items.length === 1) {
+      const it = items[0]!;
+      work = this.opts.outbox.append({
+        topic: deviceTopic(it.mcuId, 'telemetry'),
+        priority: Priority.TELEMETRY,
+        payload: (mid) => encodeMessage({ v: 1, mid, ts: it.ts, samples: it.samples as Sample[] } satisfies TelemetryBatch),
+      });
+    } else {
+      work = this.opts.outbox.append({
+        topic: this.batchTopic,
+        priority: Priority.TELEMETRY,
+        payload: (id) =>
+          encodeBatch(
+            items.map((it, k): BatchItem => ({
+              topic: deviceTopic(it.mcuId, 'telemetry'),
+              payload: encodeMessage({ v: 1, mid: `${id}${String(k).padStart(3, '0')}`, ts: it.ts, samples: it.samples as Sample[] } satisfies TelemetryBatch),
+            })),
+          ),
+      });
+    }
+    work.then(
+      () => {
+        for (const it of items) it.resolve();
+      },
+      (err: unknown) => {
+        for (const it of items) it.reject(err);
+      },
+    );
+  };
 
   /**
    * An authenticated MCU said something (any channel): it is online; new MCUs are
@@ -429,8 +504,15 @@ export class Relay {
     return this.opts.client.connected;
   }
 
+  /** MCU messages delivered to the hub (PUBACKed), a grouped record counting each message */
   get uplinkSent(): number {
-    return this.uplink.stats().sentRecords;
+    return this.gated.ackedMessages;
+  }
+
+  /** records and publishes awaiting the hub's PUBACK now */
+  get uplinkInFlight(): { records: number; publishes: number } {
+    const s = this.uplink.stats();
+    return { records: s.inFlight, publishes: s.inFlightPublishes };
   }
 
   counts(): { mcus: number; online: number; byProtocol: Record<McuProtocol, number> } {
@@ -478,9 +560,15 @@ export class Relay {
  */
 class GatedOutbox extends EventEmitter implements Outbox {
   private retryTimer: NodeJS.Timeout | undefined;
+  /** messages in grouped records handed to the Uplink, by record id, until acked */
+  private readonly groupSizes = new Map<string, number>();
+  /** MCU messages acknowledged by the hub (a grouped record counts its items) */
+  ackedMessages = 0;
 
   constructor(
     private readonly inner: Outbox,
+    /** the gateway's batch topic: records there hold several MCUs' telemetry */
+    private readonly batchTopic: string,
     private readonly covered: (mcuId: string) => boolean,
     private readonly requestRegister: () => void,
     /** told of records whose MCU the relay does not know */
@@ -489,6 +577,32 @@ class GatedOutbox extends EventEmitter implements Outbox {
     super();
     inner.on('appended', () => this.kick());
     inner.on('evicted', (e: EvictionEvent) => this.emit('evicted', e));
+  }
+
+  /** The MCUs a record is for: its topic's device, or every item's of a grouped record. */
+  private mcusOf(rec: OutboxRecord): string[] | null {
+    if (rec.topic !== this.batchTopic) {
+      const id = parseTopic(rec.topic)?.deviceId;
+      return id === undefined ? null : [id];
+    }
+    try {
+      const ids = decodeBatch(rec.payload).map((it) => parseTopic(it.topic)?.deviceId ?? '');
+      this.groupSizes.set(rec.id, ids.length);
+      return ids;
+    } catch {
+      return null; // not ours to judge: the hub refuses a malformed batch
+    }
+  }
+
+  /** Are all of these MCUs covered by a register (adopting unknown ones)? */
+  private coveredAll(ids: readonly string[]): boolean {
+    let all = true;
+    for (const id of ids) {
+      if (this.covered(id)) continue;
+      this.adopt(id);
+      if (!this.covered(id)) all = false;
+    }
+    return all;
   }
 
   /** Wake the Uplink: there is something new, or records it could not send may be sendable now. */
@@ -525,13 +639,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
       let passedOver = 0;
       for (const rec of batch) {
         mine.add(rec.id);
-        const id = parseTopic(rec.topic)?.deviceId;
-        if (id === undefined || this.covered(id)) {
-          records.push(rec);
-          continue;
-        }
-        this.adopt(id);
-        if (this.covered(id)) records.push(rec);
+        const ids = this.mcusOf(rec);
+        if (ids === null || this.coveredAll(ids)) records.push(rec);
         else passedOver++;
       }
       if (passedOver > 0) hidden = true;
@@ -553,7 +662,13 @@ class GatedOutbox extends EventEmitter implements Outbox {
   }
 
   ack(ids: readonly string[]): Promise<void> {
-    return this.inner.ack(ids);
+    return this.inner.ack(ids).then(() => {
+      for (const id of ids) {
+        const n = this.groupSizes.get(id);
+        this.ackedMessages += n ?? 1;
+        if (n !== undefined) this.groupSizes.delete(id);
+      }
+    });
   }
 
   stats(): OutboxStats {

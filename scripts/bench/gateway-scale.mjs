@@ -233,7 +233,7 @@ async function phase(name, port, meter, server) {
     if (server.metricsUrl) {
       try {
         const text = await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(800) })).text();
-        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds') });
+        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes') });
       } catch {
         outbox.push({ depth: null, oldestS: null });
       }
@@ -306,7 +306,7 @@ async function phase(name, port, meter, server) {
     simLagMeanMs: lags.length ? Math.round((lags.reduce((a, l) => a + l.meanMs, 0) / lags.length) * 10) / 10 : null,
     simLagMaxMs: lags.length ? Math.max(...lags.map((l) => l.maxMs)) : null,
     serverRssKbEnd: rssEnd,
-    ...(server.metricsUrl ? { outboxDepthMax: Math.max(...outbox.map((o) => o.depth ?? -1)), outboxOldestSMax: Math.max(...outbox.map((o) => o.oldestS ?? -1)), outboxSamples: outbox.length } : {}),
+    ...(server.metricsUrl ? { outboxDepthMax: Math.max(...outbox.map((o) => o.depth ?? -1)), outboxOldestSMax: Math.max(...outbox.map((o) => o.oldestS ?? -1)), outboxSamples: outbox.length, outboxTrace: outbox } : {}),
     serverRssKbMax: Math.max(...rss),
     simFinal: finals,
   };
@@ -373,7 +373,7 @@ async function gatewayPhase() {
   await sub.endAsync(true);
   stopping = true;
   await stop(gw, 30_000);
-  await stop(hub, 15_000);
+  await stop(hub, 30_000);
   return { ...r, serverRssKbIdle: rss0, kbPerDevice: perDevice(r, rss0), uplink: gwConfig.uplink };
 }
 
