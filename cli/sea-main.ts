@@ -26,7 +26,7 @@ const part = argv[0] === 'agent' && argv[1] !== 'inventory' ? 'agent' : 'all';
 
 let cachedData: Buffer | undefined;
 try {
-  cachedData = Buffer.from(getRawAsset(`${part}.cache`));
+  cachedData = Buffer.from(getRawAsset(`${part}.cache`) as ArrayBuffer);
 } catch {
   cachedData = undefined; // built without a cache
 }

@@ -5,10 +5,10 @@
  * `committed` binary, as docs/ota.md tells the unit to).
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, openSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { bootstrapAgentRelease } from '../../agent/update/selfupdate.ts';
 import { VERSION } from '../../cli/version.ts';
 import { deriveToken } from '../../core/credentials.ts';
@@ -36,8 +36,11 @@ interface Device {
   stop(): Promise<void>;
 }
 
-/** A device: trust root, token, the agent installed from a launcher script, and the systemd loop running it. */
-function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, update: Record<string, unknown>): Device {
+/**
+ * A device: trust root, token, the agent installed as release <VERSION>-s0 (a launcher script
+ * for the CLI from source, or `binary`: a real single executable), and the systemd loop running it.
+ */
+function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, update: Record<string, unknown>, binary?: string): Device {
   mkdirSync(dir, { recursive: true });
   const keys = makeKeys();
   const stateDir = join(dir, 'state');
@@ -51,7 +54,7 @@ function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, updat
   // the installed agent: a launcher for the real CLI from source, as release <VERSION>-s0
   const launcher = join(dir, 'fleetlet-from-source');
   writeFileSync(launcher, `#!/bin/sh\ncd '${ROOT}' && exec '${process.execPath}' --import tsx '${join(ROOT, 'cli/main.ts')}' "$@"\n`, { mode: 0o755 });
-  const v1Dir = bootstrapAgentRelease(stateDir, launcher, VERSION);
+  const v1Dir = bootstrapAgentRelease(stateDir, binary ?? launcher, VERSION);
   // systemd, played by a shell loop: ExecStartPre = committed/fleetlet agent boot-check, ExecStart = current/fleetlet agent, Restart=always
   const starts = join(dir, 'starts.log');
   const stopFile = join(dir, 'stop');
@@ -111,6 +114,14 @@ async function updatesView(d: Device): Promise<{ history: Array<{ state: string;
 describe('agent self-update', () => {
   const tmp = tempDir('fleetlet-selfupdate-');
   after(() => tmp.cleanup());
+  before(
+    () => {
+      // the last test runs the shipped single executable (scripts/build.mjs takes a lock: safe beside other builds)
+      const r = spawnSync(process.execPath, [join(ROOT, 'scripts', 'build.mjs')], { encoding: 'utf8', timeout: 600_000 });
+      assert.equal(r.status, 0, `build failed:\n${r.stdout}\n${r.stderr}`);
+    },
+    { timeout: 620_000 },
+  );
 
   test('a new agent binary that exits at once: the boot counter restores the previous binary, which reports the failure', { timeout: 180_000 }, async () => {
     await withHub(async (hub, ctx) => {
@@ -177,6 +188,40 @@ describe('agent self-update', () => {
         assert.ok(!d.hubEvents.some((e) => e.type === 'update.rolled-back'));
         // the floor of the agent bundle moved
         assert.deepEqual(JSON.parse(readFileSync(join(d.stateDir, 'update', 'floors.json'), 'utf8')), { fleetlet: 1 });
+      } finally {
+        await d.stop();
+      }
+    });
+  });
+  test('the real single executable updates itself: the new binary starts from its release, connects and is committed', { timeout: 240_000 }, async () => {
+    // dist/fleetlet as the installed agent and, re-signed as sequence 1, as the update: the
+    // binary's start script, its agent part, its LevelDB addon extracted under the state dir,
+    // the boot check run by committed/fleetlet, all from the file that ships
+    const bin = join(ROOT, 'dist', 'fleetlet');
+    await withHub(async (hub, ctx) => {
+      const d = startDevice(join(tmp.dir, 'binary'), hub, ctx, 'self-upd-3', { agentMaxStarts: 3, agentHealthyWithinS: 600 }, bin);
+      try {
+        await waitFor(() => hub.registry.get(d.id)?.online, `agent (single binary) online${d.tail()}`, 60_000, 100);
+        const next = await buildAgentBundle({ dir: tmp.dir, keys: d.keys, version: VERSION, sequence: 1, binary: bin });
+        const technician = readFileSync(join(d.stateDir, 'tokens', 'technician.token'), 'utf8').trim();
+        const up = await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${technician}` }, body: readFileSync(next.file) });
+        assert.equal(up.status, 202, await up.clone().text());
+
+        const ev = await waitFor(() => d.hubEvents.find((e) => e.type === 'update.committed'), `update.committed from the new binary${d.tail()}`, 120_000, 200);
+        assert.equal(ev.data?.kind, 'agent');
+        const rel = `releases/${VERSION}-s1`;
+        assert.equal(readlinkSync(join(d.stateDir, 'agent', 'current')), rel);
+        assert.equal(readlinkSync(join(d.stateDir, 'agent', 'committed')), rel);
+        const lines = d.starts();
+        assert.equal(lines.filter((l) => l === `start ${rel}`).length, 1, lines.join('\n'));
+        // the committed release is the very binary that was bundled, and it runs
+        const installed = join(d.stateDir, 'agent', rel, 'fleetlet');
+        assert.equal(readFileSync(installed).equals(readFileSync(bin)), true);
+        const version = (file: string) => spawnSync(file, ['--version'], { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' } }).stdout.trim();
+        assert.match(version(installed), /^fleetlet \d+\.\d+\.\d+/);
+        assert.equal(version(installed), version(bin));
+        await waitFor(() => hub.registry.get(d.id)?.online, 'new binary online', 60_000, 100);
+        assert.ok(!d.hubEvents.some((e) => e.type === 'update.rolled-back'));
       } finally {
         await d.stop();
       }
