@@ -67,6 +67,14 @@ export class Layout {
       return null;
     }
   }
+  /** every directory under apps/, installed or not */
+  appDirs(): string[] {
+    const dir = join(this.stateDir, 'apps');
+    if (!existsSync(dir)) return [];
+    return readdirSync(dir, { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => e.name);
+  }
   /** names of apps installed by the updater (those with a `current` link) */
   installedApps(): string[] {
     const dir = join(this.stateDir, 'apps');

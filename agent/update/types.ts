@@ -74,4 +74,6 @@ export interface ReleaseMeta {
   sha256: string;
   app?: BundleManifestLike['app'];
   stagedAt: number;
+  /** where the bundle came from; an app the hub's desired state installed is removed when it leaves that state */
+  source?: UpdateSource;
 }

@@ -65,6 +65,8 @@ export class Updater extends EventEmitter {
   readonly layout: Layout;
   private rec: UpdateRecord | null = null;
   private queue: Request[] = [];
+  /** apps the hub installed that its latest desired state no longer names (removed between updates) */
+  private removals: string[] = [];
   private running: Promise<void> | null = null;
   private stopped = false;
   private readonly ac = new AbortController();
@@ -87,6 +89,8 @@ export class Updater extends EventEmitter {
     this.layout = new Layout(d.stateDir);
     d.supervisor.on('unhealthy', this.onUnhealthy);
     for (const dir of [this.layout.downloads, this.layout.incoming]) mkdirSync(dir, { recursive: true });
+    // before the supervisor first applies appSpecs(): a removal cut short by a crash is finished
+    for (const name of this.layout.appDirs()) if (existsSync(join(this.layout.base('app', name), REMOVING))) this.dropAppDir(name);
   }
 
   // ---------------------------------------------------------------- public
@@ -192,6 +196,9 @@ export class Updater extends EventEmitter {
     }
     // a newer desired state replaces what an older one queued
     this.queue = [...this.queue.filter((q) => q.source !== 'hub'), ...want];
+    // reconcile: an app the hub installed and no longer names goes (uploads, the USB stick and
+    // the config's own apps are not the hub's to remove)
+    this.removals = this.layout.installedApps().filter((name) => !(name in desired.apps) && this.installedFromHub(name));
     this.kick();
   }
 
@@ -265,10 +272,44 @@ export class Updater extends EventEmitter {
         await this.drive(rec);
         continue;
       }
+      const gone = this.removals.shift();
+      if (gone !== undefined) {
+        await this.removeApp(gone);
+        continue;
+      }
       const req = this.queue.shift();
       if (!req) return;
       await this.begin(req);
     }
+  }
+
+  private installedFromHub(name: string): boolean {
+    const rel = this.layout.currentRelease('app', name);
+    return rel !== null && this.layout.meta('app', name, rel)?.source === 'hub';
+  }
+
+  /**
+   * Remove an app the hub's desired state no longer names: a marker first (a crash after it
+   * finishes the removal at the next start, before any app starts), then the `current` link
+   * goes, the supervisor stops the app, and its directory is deleted. The name's anti-rollback
+   * floor stays: installing it again needs a sequence at least as high.
+   */
+  private async removeApp(name: string): Promise<void> {
+    if (!this.installedFromHub(name) || (this.rec && !TERMINAL.has(this.rec.state) && this.rec.name === name)) return; // changed since it was queued
+    const rel = this.layout.currentRelease('app', name);
+    const version = rel ? (this.layout.meta('app', name, rel)?.version ?? null) : null;
+    writeJsonAtomic(join(this.layout.base('app', name), REMOVING), { at: Date.now(), release: rel });
+    rmSync(this.layout.currentLink('app', name), { force: true });
+    fsyncDir(this.layout.base('app', name));
+    await this.d.applyApps();
+    this.dropAppDir(name);
+    this.d.log.info('app removed: the desired state no longer names it', { name, version });
+    void this.d.emitEvent('update.app-removed', 'info', { name, version, release: rel, reason: 'not in the desired state' });
+  }
+
+  private dropAppDir(name: string): void {
+    rmSync(this.layout.currentLink('app', name), { force: true });
+    rmSync(this.layout.base('app', name), { recursive: true, force: true });
   }
 
   private async begin(req: Request): Promise<void> {
@@ -460,7 +501,7 @@ export class Updater extends EventEmitter {
       chmodSync(bin, 0o755);
     }
     if (existsSync(join(staging, META_FILE))) throw new FleetError('FLEET_UPDATE_UNSUPPORTED', `bundle may not contain ${META_FILE}`);
-    const meta: ReleaseMeta = { name, kind, version: vb.manifest.version, sequence: vb.manifest.sequence, sha256: vb.sha256, ...(vb.manifest.app ? { app: vb.manifest.app } : {}), stagedAt: Date.now() };
+    const meta: ReleaseMeta = { name, kind, version: vb.manifest.version, sequence: vb.manifest.sequence, sha256: vb.sha256, ...(vb.manifest.app ? { app: vb.manifest.app } : {}), stagedAt: Date.now(), source: rec.source };
     writeJsonAtomic(join(staging, META_FILE), meta);
     renameSync(staging, dir);
     fsyncDir(releases);
@@ -723,6 +764,9 @@ export class Updater extends EventEmitter {
     }
   }
 }
+
+/** marker file in apps/<name>/ while the app is being removed */
+const REMOVING = '.removing';
 
 function need(rec: UpdateRecord): { kind: string; name: string; release: string } {
   if (!rec.kind || !rec.name || !rec.release) throw new FleetError('FLEET_UPDATE_STATE', `update ${rec.id} in ${rec.state} has no verified manifest`);

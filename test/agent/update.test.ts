@@ -290,6 +290,60 @@ describe('updater with the real supervisor', () => {
     }
   });
 
+  test('reconcile: an app the hub installed goes when the desired state no longer names it; an uploaded app stays', async () => {
+    const served = new Map<string, string>();
+    const server = createServer((req, res) => {
+      const f = served.get(req.url ?? '');
+      if (!f) return void res.writeHead(404).end();
+      res.writeHead(200, { 'content-length': String(readFileSync(f).length) }).end(readFileSync(f));
+    });
+    await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+    const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const r = await rig(tmp.dir, keys, { probationMs: 200 }, 'reconcile');
+    try {
+      const web = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '1.0.0', sequence: 1 });
+      served.set('/web.bundle', web.file);
+      r.updater.onDesired({ v: 1, rev: 1, ts: Date.now(), apps: { web: { version: '1.0.0', url: `${base}/web.bundle`, sha256: web.sha256, size: web.size } } });
+      assert.equal((await finished(r, 0)).state, 'committed');
+      r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'local', version: '1.0.0', sequence: 1 })).file);
+      assert.equal((await finished(r, 1)).state, 'committed');
+      await waitFor(() => r.supervisor.apps.get('web')?.status().pid && r.supervisor.apps.get('local')?.status().pid, 'both apps running');
+      const webPid = r.supervisor.apps.get('web')!.status().pid!;
+
+      r.updater.onDesired({ v: 1, rev: 2, ts: Date.now(), apps: {} });
+      const ev = await waitFor(() => r.events.find((e) => e.type === 'update.app-removed'), 'update.app-removed');
+      assert.equal(ev.data.name, 'web');
+      assert.equal(ev.data.version, '1.0.0');
+      assert.equal(r.supervisor.apps.has('web'), false, 'no longer supervised');
+      await waitFor(() => !existsSync(`/proc/${webPid}`) || /^State:\s+Z/m.test(readFileSync(`/proc/${webPid}/status`, 'utf8')), 'the app process is gone');
+      assert.equal(existsSync(join(r.stateDir, 'apps', 'web')), false, 'its releases are deleted');
+      assert.equal(currentVersion(r, 'local'), '1.0.0', 'the uploaded app is not the hub\'s to remove');
+      assert.ok(r.supervisor.apps.get('local')?.status().pid);
+      // the anti-rollback floor of the removed name stays
+      assert.equal((JSON.parse(readFileSync(join(r.stateDir, 'update', 'floors.json'), 'utf8')) as Record<string, number>).web, 1);
+      assert.equal(r.updater.status().history.length, 2, 'a removal is not an update record');
+    } finally {
+      await r.stop();
+      server.close();
+    }
+  });
+
+  test('reconcile: a removal cut short by a crash (marker left) is finished before any app starts', async () => {
+    const r0 = await rig(tmp.dir, keys, { probationMs: 100 }, 'reconcile-crash');
+    r0.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'old', version: '1.0.0', sequence: 1 })).file);
+    assert.equal((await finished(r0, 0)).state, 'committed');
+    await r0.stop();
+    // as a crash leaves it: the marker written, `current` still there
+    writeFileSync(join(r0.stateDir, 'apps', 'old', '.removing'), '{}');
+    const r = await rig(tmp.dir, keys, { probationMs: 100 }, 'reconcile-crash');
+    try {
+      assert.deepEqual(r.updater.appSpecs().map((a) => a.name), []);
+      assert.equal(existsSync(join(r.stateDir, 'apps', 'old')), false);
+    } finally {
+      await r.stop();
+    }
+  });
+
   test('an unreadable state record is moved aside and reported; the device keeps its current release', async () => {
     const r0 = await rig(tmp.dir, keys, { probationMs: 100 }, 'corrupt');
     r0.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'z', version: '1.0.0', sequence: 1 })).file);
