@@ -18,6 +18,12 @@ export interface ArtifactStoreOptions {
   log: Logger;
   /** devices whose tokens are revoked (registry deny list), when the hub has one */
   denied?: (deviceId: string) => boolean;
+  /**
+   * May this device fetch this artifact? The hub answers from desired states: a device gets
+   * what its own desired state names, a gateway also what its MCUs' desired states name.
+   * Without it any authenticated device may fetch any artifact.
+   */
+  mayFetch?: (deviceId: string, sha256: string) => boolean;
 }
 
 const SHA_RE = /^[0-9a-f]{64}$/;
@@ -29,6 +35,7 @@ const SHA_RE = /^[0-9a-f]{64}$/;
  *
  * Downloads authenticate either as a device (HTTP Basic, user = device id, password = the
  * device's derived token, the same credentials as MQTT) or as the operator (Bearer token).
+ * A device may fetch only what a desired state it acts for names (`mayFetch`).
  */
 export class ArtifactStore {
   constructor(private readonly o: ArtifactStoreOptions) {
@@ -108,6 +115,10 @@ export class ArtifactStore {
   download = async (ctx: Ctx): Promise<void> => {
     const who = this.authenticate(ctx);
     const file = this.path(ctx.params.sha256 ?? '');
+    // checked before the file is looked at: a device learns nothing of artifacts not meant for it
+    if (who !== 'operator' && this.o.mayFetch && !this.o.mayFetch(who, ctx.params.sha256 ?? '')) {
+      throw new FleetError('FLEET_FORBIDDEN', `artifact ${ctx.params.sha256} is not in the desired state of ${who} or of an MCU it relays`);
+    }
     let size: number;
     try {
       size = statSync(file).size;

@@ -132,7 +132,15 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     return cmd;
   };
 
-  const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log });
+  /** least privilege for downloads: a device gets what its desired state, or one of its MCUs', names */
+  const names = (d: DesiredState | undefined, sha: string): boolean =>
+    d !== undefined && (Object.values(d.apps).some((a) => a.sha256 === sha) || d.agent?.sha256 === sha || d.firmware?.sha256 === sha);
+  const mayFetch = (deviceId: string, sha: string): boolean => {
+    if (names(registry.get(deviceId)?.desired, sha)) return true;
+    for (const mcu of broker.mcusOf(deviceId) ?? []) if (names(registry.get(mcu)?.desired, sha)) return true;
+    return false;
+  };
+  const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch });
   let ready = true;
   const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);

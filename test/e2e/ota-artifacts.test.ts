@@ -42,6 +42,13 @@ describe('hub artifact store', () => {
         assert.deepEqual(readdirSync(join(dir, 'tmp')), [], 'no temp files left behind by refused uploads');
 
         const url = `${ctx.http}/api/v1/artifacts/${sha}`;
+        // least privilege: a device gets only what a desired state it acts for names
+        const denied = await fetch(url, { headers: { authorization: dev } });
+        assert.equal(denied.status, 403);
+        assert.equal(((await denied.json()) as { error: { code: string } }).error.code, 'FLEET_FORBIDDEN');
+        await hub.setDesired('d1', { apps: { blob: { version: '1.0.0', url: `/api/v1/artifacts/${sha}`, sha256: sha, size: body.length } } });
+        const other = `Basic ${Buffer.from(`d9:${deriveToken(ctx.secret, 'device', 'd9')}`).toString('base64')}`;
+        assert.equal((await fetch(url, { headers: { authorization: other } })).status, 403, 'another device still may not');
         const whole = await fetch(url, { headers: { authorization: dev } });
         assert.equal(whole.status, 200);
         assert.equal(whole.headers.get('accept-ranges'), 'bytes');
@@ -59,7 +66,8 @@ describe('hub artifact store', () => {
         await stale.arrayBuffer();
         const head = await fetch(url, { method: 'HEAD', headers: { authorization: dev } });
         assert.equal(head.headers.get('content-length'), '3000');
-        assert.equal((await fetch(`${ctx.http}/api/v1/artifacts/${'1'.repeat(64)}`, { headers: { authorization: dev } })).status, 404);
+        assert.equal((await fetch(`${ctx.http}/api/v1/artifacts/${'1'.repeat(64)}`, { headers: op })).status, 404);
+        assert.equal((await fetch(`${ctx.http}/api/v1/artifacts/${'1'.repeat(64)}`, { headers: { authorization: dev } })).status, 403, 'a device cannot probe for artifacts');
         assert.equal((await fetch(url, { headers: { authorization: 'Bearer nope' } })).status, 401);
       },
       undefined,
@@ -70,11 +78,12 @@ describe('hub artifact store', () => {
   test('the agent downloader against the hub through a link that is cut mid-download resumes with Range', async () => {
     const tmp = tempDir('fleetlet-artifact-cut-');
     try {
-      await withHub(async (_hub, ctx) => {
+      await withHub(async (hub, ctx) => {
         const body = randomBytes(2 * 1024 * 1024);
         const sha = createHash('sha256').update(body).digest('hex');
         const up = await fetch(`${ctx.http}/api/v1/artifacts`, { method: 'POST', headers: { authorization: `Bearer ${ctx.operator}` }, body });
         assert.equal(up.status, 201);
+        await hub.setDesired('d2', { apps: { big: { version: '1.0.0', url: `/api/v1/artifacts/${sha}`, sha256: sha, size: body.length } } });
         // a TCP relay in front of the hub that cuts the first connection after 600 KB of response
         const requests: string[] = [];
         const sockets = new Set<Socket>();

@@ -55,6 +55,9 @@ describe('OTA through the hub: artifact store, desired state, commit, rollback r
       const a1 = await upload(v1.file);
       assert.equal(a1.sha256, v1.sha256);
       const basic = `Basic ${Buffer.from(`${id}:${deriveToken(ctx.secret, 'device', id)}`).toString('base64')}`;
+      // a device fetches only what its desired state names
+      assert.equal((await fetch(`${ctx.http}${a1.url}`, { headers: { authorization: basic } })).status, 403);
+      await desire('1.0.0', a1);
       const part = await fetch(`${ctx.http}${a1.url}`, { headers: { authorization: basic, range: 'bytes=10-' } });
       assert.equal(part.status, 206);
       assert.equal(part.headers.get('content-range'), `bytes 10-${v1.size - 1}/${v1.size}`);
