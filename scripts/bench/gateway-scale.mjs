@@ -7,7 +7,7 @@
 // gateway memory per connected MCU).
 //
 // Usage: node scripts/bench/gateway-scale.mjs [--devices 10000] [--sims 2] [--interval-ms 1000]
-//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--tag name]
+//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--tag name]
 // Writes scripts/bench/results/gateway-scale-<date>[-<tag>].json with the machine's details.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -29,6 +29,7 @@ const { values } = parseArgs({
     'drain-s': { type: 'string', default: '180' },
     only: { type: 'string' },
     'uplink-rate': { type: 'string', default: '0' },
+    'uplink-window': { type: 'string' },
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
@@ -330,7 +331,7 @@ async function gatewayPhase() {
     stateDir: join(dir, 'gateway'),
     hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
     mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100) },
-    uplink: { rate: Number(values['uplink-rate']) },
+    uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },
   };
