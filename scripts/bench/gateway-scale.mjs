@@ -220,7 +220,7 @@ async function phase(name, port, meter, server) {
   const t0 = Date.now();
   meter.window = [t0, t0 + WINDOW_S * 1000];
   const pids = { server: server.pid, hub: server.hubPid, sims: sims.map((s) => s.pid) };
-  const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
+  const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent0 = sum('sent');
   const lags = [];
   const rss = [];
@@ -234,7 +234,7 @@ async function phase(name, port, meter, server) {
     if (server.metricsUrl) {
       try {
         const text = await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(800) })).text();
-        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes') });
+        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes'), loopP99Ms: Math.round((gauge(text, 'fleet_gateway_event_loop_delay_p99_seconds') ?? NaN) * 1000) });
       } catch {
         outbox.push({ depth: null, oldestS: null });
       }
@@ -243,7 +243,7 @@ async function phase(name, port, meter, server) {
   const t1 = Date.now();
   const connectedAtEnd = sum('connected');
   const simRssKb = Math.round(sum('rssBytes') / 1024);
-  const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS) };
+  const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent1 = sum('sent');
   const rssEnd = rssKb(pids.server);
   // stop the devices; whatever they were acked for must arrive
@@ -304,6 +304,8 @@ async function phase(name, port, meter, server) {
     serverCpuPct: pct(cpu0.server, cpu1.server),
     hubCpuPct: pids.hub ? pct(cpu0.hub, cpu1.hub) : null,
     simCpuPct: cpu0.sims.map((c, i) => pct(c, cpu1.sims[i])),
+    // this process: the subscriber that counts every reading (and the polling)
+    benchCpuPct: pct(cpu0.bench, cpu1.bench),
     simLagMeanMs: lags.length ? Math.round((lags.reduce((a, l) => a + l.meanMs, 0) / lags.length) * 10) / 10 : null,
     simLagMaxMs: lags.length ? Math.max(...lags.map((l) => l.maxMs)) : null,
     serverRssKbEnd: rssEnd,
@@ -473,6 +475,7 @@ const rows = [
   ['hub CPU, % of one core', g.hubCpuPct, null, '—', null],
   ['gateway outbox depth / oldest age (s), max in window', g.outboxDepthMax !== undefined ? `${g.outboxDepthMax} / ${g.outboxOldestSMax}` : null, null, '—', null],
   ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
+  ['bench process (the counting subscriber) CPU, % of one core', g.benchCpuPct, q.benchCpuPct, '—', null],
   ['sim RSS per simulated device (whole process incl. ~90 MB Node+tsx / N), KB', g.simKbPerDevice, q.simKbPerDevice, '—', null],
   ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${Math.round(g.simLagMaxMs)}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${Math.round(q.simLagMaxMs)}` : null, '—', null],
 ];
