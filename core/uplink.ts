@@ -269,7 +269,7 @@ function writeVarint(buf: Buffer, off: number, n: number): number {
 }
 
 /** Items in a batch payload (core/batch.ts framing), counted without decoding them; a malformed one counts as MAX_BATCH_ITEMS, so it goes alone. */
-function countItems(buf: Buffer): number {
+export function countItems(buf: Buffer): number {
   let off = 2;
   let n = 0;
   const skip = (): boolean => {
