@@ -114,6 +114,10 @@ export class MqttLite {
   }
 
   private onData(s: Socket, d: Buffer): void {
+    // a connection already left (end() before deep sleep, then a new connect()) can still
+    // deliver what the peer wrote before it read our DISCONNECT: dropped (QoS 1 is sent again
+    // on the next session), never parsed together with the new connection's bytes in `rx`
+    if (this.socket !== s) return;
     let buf = this.rx ? Buffer.concat([this.rx, d]) : d;
     this.rx = null;
     let off = 0;

@@ -111,6 +111,48 @@ test('mqtt-lite: a refused CONNECT reports its return code and closes', async ()
   });
 });
 
+test('mqtt-lite: data arriving late on a connection it already left (DISCONNECT sent, server not yet closed) never mixes into the new connection', async () => {
+  // a raw TCP peer plays the gateway, so the bytes and their timing are exact
+  const conns: import('node:net').Socket[] = [];
+  // allowHalfOpen: the peer keeps its side open after the client's FIN, as a gateway does until it
+  // has read the DISCONNECT (a push it wrote just before still arrives)
+  const server = createServer({ allowHalfOpen: true }, (sock) => {
+    conns.push(sock);
+    sock.once('data', () => sock.write(Buffer.from([0x20, 0x02, 0x00, 0x00]))); // CONNECT -> CONNACK
+    sock.on('error', () => undefined);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as import('node:net').AddressInfo).port;
+  const got: string[] = [];
+  let connacks = 0;
+  const c = new MqttLite({ connack: () => connacks++, close: () => undefined, puback: () => undefined, suback: () => undefined, message: (_t, p) => got.push(p.toString()) });
+  const publish = (payload: string) => {
+    const body = Buffer.concat([Buffer.from([0x00, 0x01]), Buffer.from('a'), Buffer.from(payload)]);
+    return Buffer.concat([Buffer.from([0x30, body.length]), body]);
+  };
+  const opts = { host: '127.0.0.1', port, clientId: 'm', username: 'm', password: 'p', keepaliveS: 30, clean: true };
+  try {
+    c.connect(opts);
+    await waitFor(() => connacks === 1, 'first CONNACK');
+    c.end(); // DISCONNECT + FIN: as before deep sleep; the peer has not closed its side yet
+    c.connect(opts);
+    await waitFor(() => connacks === 2 && conns.length === 2, 'second CONNACK');
+    const fresh = publish('on the new connection');
+    conns[1]!.write(fresh.subarray(0, 5)); // the new connection holds half a packet
+    await new Promise((r) => setTimeout(r, 50));
+    conns[0]!.write(publish('late, on the old one'));
+    await new Promise((r) => setTimeout(r, 50));
+    conns[1]!.write(fresh.subarray(5));
+    await waitFor(() => got.length >= 1, 'the message on the new connection');
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(got, ['on the new connection']);
+  } finally {
+    c.destroy();
+    for (const s of conns) s.destroy();
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+});
+
 async function withCoapServer<T>(handler: (req: coap.IncomingMessage, res: coap.OutgoingMessage) => void, fn: (port: number) => Promise<T>): Promise<T> {
   const server = coap.createServer();
   server.on('request', handler);
