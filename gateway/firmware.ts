@@ -16,7 +16,7 @@ import type { McuProtocol, Relay } from './relay.ts';
  * MCU image inside. Injected by the CLI (cli/commands/gateway.ts wires bundles/): the
  * gateway does not import bundles/ (layout rule, DESIGN.md).
  */
-export type VerifyFirmware = (file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string }>;
+export type VerifyFirmware = (file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string; name?: string; sequence?: number }>;
 
 /** Persisted per-MCU update state: names are a contract (docs/mcu-protocol.md "Firmware updates"). */
 export type FirmwareState = 'fetching' | 'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed';
@@ -28,6 +28,9 @@ interface Job {
   url: string;
   /** sha256 of the verified image, once known */
   imageSha?: string;
+  /** bundle name and sequence, once verified (the anti-rollback floor is per name) */
+  bundleName?: string;
+  sequence?: number;
   size?: number;
   state: FirmwareState;
   /** firmware the MCU ran when the update started */
@@ -65,6 +68,16 @@ export interface FirmwareManagerOptions {
 
 const ACTIVE: ReadonlySet<FirmwareState> = new Set(['offered', 'transferring', 'installing']);
 
+/** db keys of the per-name anti-rollback floors (jobs are under `f!`) */
+const FLOOR_PREFIX = 'fl!';
+
+interface Fetched {
+  imageSha: string;
+  size: number;
+  name?: string;
+  sequence?: number;
+}
+
 /**
  * MCU firmware relay: desired state → fetch (Range resume or file://) → sha256 → verify
  * (injected) → cache the image by its sha256 → offer through the mailbox → serve chunks
@@ -74,7 +87,7 @@ const ACTIVE: ReadonlySet<FirmwareState> = new Set(['offered', 'transferring', '
 export class FirmwareManager {
   private readonly jobs = new Map<string, Job>();
   private readonly images = new Map<string, ServedImage>();
-  private readonly fetches = new Map<string, Promise<{ imageSha: string; size: number }>>();
+  private readonly fetches = new Map<string, Promise<Fetched>>();
   private readonly now: () => number;
 
   private constructor(private readonly opts: FirmwareManagerOptions) {
@@ -154,10 +167,14 @@ export class FirmwareManager {
 
   private async run(mcuId: string, job: Job): Promise<void> {
     try {
-      const { imageSha, size } = await this.fetchOnce(job);
+      const { imageSha, size, name, sequence } = await this.fetchOnce(job);
       if (this.jobs.get(mcuId) !== job) return; // superseded meanwhile
       job.imageSha = imageSha;
       job.size = size;
+      if (name !== undefined && sequence !== undefined) {
+        job.bundleName = name;
+        job.sequence = sequence;
+      }
       await this.offerIfNeeded(mcuId, job);
     } catch (err) {
       if (this.jobs.get(mcuId) !== job) return;
@@ -190,7 +207,7 @@ export class FirmwareManager {
   }
 
   /** One fetch and verification per bundle, shared by every MCU that wants it. */
-  private fetchOnce(job: Job): Promise<{ imageSha: string; size: number }> {
+  private fetchOnce(job: Job): Promise<Fetched> {
     let p = this.fetches.get(job.bundleSha);
     if (!p) {
       p = this.fetchAndVerify(job);
@@ -200,7 +217,7 @@ export class FirmwareManager {
     return p;
   }
 
-  private async fetchAndVerify(job: Job): Promise<{ imageSha: string; size: number }> {
+  private async fetchAndVerify(job: Job): Promise<Fetched> {
     if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured; it cannot verify MCU firmware bundles');
     const bundle = join(this.opts.dir, `${job.bundleSha}.bundle`);
     if ((await sha256File(bundle).catch(() => '')) !== job.bundleSha) {
@@ -213,6 +230,12 @@ export class FirmwareManager {
     }
     const verified = await this.opts.verify(bundle, { version: job.version, sha256: job.bundleSha });
     if (verified.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${verified.version}, the desired state says ${job.version}`);
+    // anti-rollback for MCUs, which cannot check it themselves: a bundle name's sequence may
+    // not go below the highest one an MCU of this gateway has booted into
+    if (verified.name !== undefined && verified.sequence !== undefined) {
+      const floor = await this.floor(verified.name);
+      if (floor !== null && verified.sequence < floor) throw new FleetError('FLEET_BUNDLE_ROLLBACK', `firmware bundle ${verified.name} has sequence ${verified.sequence}, below this gateway's floor ${floor}`);
+    }
     const data = typeof verified.image === 'string' ? await readFile(verified.image) : verified.image;
     if (data.length === 0 || data.length > (this.opts.maxImageBytes ?? 16 * 1024 * 1024)) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`);
     const sha = createHash('sha256').update(data).digest();
@@ -221,7 +244,22 @@ export class FirmwareManager {
     await writeFile(`${file}.tmp`, data, { mode: 0o600 });
     await rename(`${file}.tmp`, file);
     this.images.set(imageSha, { version: job.version, data, sha256: sha });
-    return { imageSha, size: data.length };
+    return { imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
+  }
+
+  /** The anti-rollback floor of a firmware bundle name, or null when none was set. */
+  async floor(name: string): Promise<number | null> {
+    const v = await this.opts.db.get(`${FLOOR_PREFIX}${name}`);
+    return v === undefined ? null : Number(v);
+  }
+
+  /** An MCU booted into a bundle's firmware: its sequence becomes the name's floor (never lowered). */
+  private async raiseFloor(job: Job): Promise<void> {
+    if (job.bundleName === undefined || job.sequence === undefined) return;
+    const cur = await this.floor(job.bundleName);
+    if (cur !== null && cur >= job.sequence) return;
+    await this.opts.db.put(`${FLOOR_PREFIX}${job.bundleName}`, String(job.sequence), { sync: true });
+    this.opts.log.info('MCU firmware floor raised', { name: job.bundleName, sequence: job.sequence });
   }
 
   private async loadImage(version: string, imageSha: string): Promise<ServedImage> {
@@ -328,6 +366,7 @@ export class FirmwareManager {
       if (hello.fw === job.version) {
         job.state = 'succeeded';
         job.reason = undefined;
+        await this.raiseFloor(job);
         await this.save(mcuId, job);
         await this.report(mcuId, job, { boot: hello.boot });
         return;

@@ -28,6 +28,8 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
     const files = [{ path: 'firmware.bin', data: image }];
     const okBundle = craftBundle(join(tmp.dir, 'ok.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.0' }), signers: [good!.privateKey] });
     const badBundle = craftBundle(join(tmp.dir, 'bad.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.1' }), signers: [stranger!.privateKey] });
+    // validly signed, but an older sequence of the same name (5 is manifestFor's default)
+    const oldBundle = craftBundle(join(tmp.dir, 'old.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '1.9.0', sequence: 4 }), signers: [good!.privateKey] });
 
     await withEnv(
       async ({ hub, gw, site, seen }) => {
@@ -55,6 +57,19 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         assert.match(gw.firmwareState('esp-b2')?.reason ?? '', /FLEET_BUNDLE_UNKNOWN_KEY/);
         assert.equal((await coapBlock(gw.coapPort, site, 'esp-b2', 0, 256)).code, '4.04');
         await waitFor(() => (of(seen, 'esp-b2', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && e.data?.state === 'failed'), 'failure event at the hub');
+
+        // anti-rollback at the gateway (the MCU cannot check it): once an MCU booted into
+        // esp32-fw sequence 5, a validly signed esp32-fw of sequence 4 is refused for any MCU
+        assert.equal((await coap(gw.coapPort, site, 'esp-b1', 'hello', 'POST', Buffer.from('{"fw":"2.0.0","boot":"ota"}'))).code, '2.04');
+        await waitFor(() => gw.firmwareState('esp-b1')?.state === 'succeeded', 'esp-b1 booted into 2.0.0');
+        const old = await upload(oldBundle);
+        assert.equal((await coap(gw.coapPort, site, 'esp-b3', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b3'), 'esp-b3 registered');
+        await sleep(300);
+        await hub.setDesired('esp-b3', { apps: {}, firmware: { version: '1.9.0', url: `http://127.0.0.1:${hub.httpPort}${old.url}`, sha256: old.sha256, size: oldBundle.length } });
+        await waitFor(() => gw.firmwareState('esp-b3')?.state === 'failed', 'the older sequence refused', 15_000);
+        assert.match(gw.firmwareState('esp-b3')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 4, below this gateway's floor 5/);
+        assert.equal((await coapBlock(gw.coapPort, site, 'esp-b3', 0, 256)).code, '4.04', 'nothing is served');
       },
       {},
       { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },
