@@ -24,7 +24,7 @@ function varintSize(n: number): number {
   return n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x200000 ? 3 : 4;
 }
 
-function writeVarint(buf: Buffer, off: number, n: number): number {
+export function writeVarint(buf: Buffer, off: number, n: number): number {
   while (n >= 0x80) {
     buf[off++] = (n & 0x7f) | 0x80;
     n >>>= 7;
@@ -97,4 +97,28 @@ export function peekMid(payload: Buffer): string | null {
   if (end < 0 || end - start > 20 || end === start) return null;
   for (let k = start; k < end; k++) if (payload[k]! < 0x30 || payload[k]! > 0x39) return null;
   return payload.toString('latin1', start, end);
+}
+
+/** Items in a batch payload (the framing above), counted without decoding them; a malformed one counts as MAX_BATCH_ITEMS, so it goes alone. */
+export function countItems(buf: Buffer): number {
+  let off = 2;
+  let n = 0;
+  const skip = (): boolean => {
+    let len = 0;
+    for (let shift = 0; shift < 28; shift += 7) {
+      if (off >= buf.length) return false;
+      const b = buf[off++]!;
+      len += (b & 0x7f) * 2 ** shift;
+      if (b < 0x80) {
+        off += len;
+        return off <= buf.length;
+      }
+    }
+    return false;
+  };
+  while (off < buf.length) {
+    if (!skip() || !skip()) return MAX_BATCH_ITEMS;
+    n++;
+  }
+  return n;
 }

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
-import { BATCH_MAGIC, BATCH_VERSION, batchItemSize, MAX_BATCH_ITEMS } from './batch.ts';
+import { BATCH_MAGIC, BATCH_VERSION, batchItemSize, countItems, MAX_BATCH_ITEMS, writeVarint } from './batch.ts';
 import type { Logger } from './log.ts';
 import type { Outbox, OutboxRecord } from './outbox.ts';
 import { deviceTopic } from './topics.ts';
@@ -257,37 +257,4 @@ export class Uplink extends EventEmitter {
     this.opts.client.off('close', this.onClose);
     this.opts.outbox.off('appended', this.kick);
   }
-}
-
-function writeVarint(buf: Buffer, off: number, n: number): number {
-  while (n >= 0x80) {
-    buf[off++] = (n & 0x7f) | 0x80;
-    n >>>= 7;
-  }
-  buf[off++] = n;
-  return off;
-}
-
-/** Items in a batch payload (core/batch.ts framing), counted without decoding them; a malformed one counts as MAX_BATCH_ITEMS, so it goes alone. */
-export function countItems(buf: Buffer): number {
-  let off = 2;
-  let n = 0;
-  const skip = (): boolean => {
-    let len = 0;
-    for (let shift = 0; shift < 28; shift += 7) {
-      if (off >= buf.length) return false;
-      const b = buf[off++]!;
-      len += (b & 0x7f) * 2 ** shift;
-      if (b < 0x80) {
-        off += len;
-        return off <= buf.length;
-      }
-    }
-    return false;
-  };
-  while (off < buf.length) {
-    if (!skip() || !skip()) return MAX_BATCH_ITEMS;
-    n++;
-  }
-  return n;
 }

@@ -7,8 +7,8 @@ import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type Outb
 import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
-import { countItems, Uplink } from '../core/uplink.ts';
-import { decodeBatch, encodeBatch, type BatchItem } from '../core/batch.ts';
+import { Uplink } from '../core/uplink.ts';
+import { countItems, decodeBatch, encodeBatch, type BatchItem } from '../core/batch.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
 
 export type McuProtocol = 'mqtt' | 'coap';
