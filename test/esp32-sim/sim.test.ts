@@ -44,7 +44,12 @@ for (const protocol of ['mqtt', 'coap'] as const satisfies readonly SimProtocol[
     const s = await sim({ devices: N, protocol, prefix: `tel-${protocol}-`, intervalMs: 250, startJitterMs: 300, firmwareVersion: '2.1.0' });
     const list = ids(`tel-${protocol}-`, N);
     await waitFor(() => list.every((id) => consumer.readingsOf(id) >= 3), 'three readings from every device at the hub consumer', 20_000);
-    await waitFor(() => list.every((id) => consumer.lastState(id)?.version === '2.1.0'), 'the reported version in every device state at the hub', 10_000);
+    // a correctness check, not a speed one: 20 s is generous for a loaded 2-core machine; on
+    // failure it names the devices still without the version and what the hub has for them
+    await waitFor(() => list.every((id) => consumer.lastState(id)?.version === '2.1.0'), 'the reported version in every device state at the hub', 20_000).catch((err: Error) => {
+      const missing = list.filter((id) => consumer.lastState(id)?.version !== '2.1.0').map((id) => ({ id, state: consumer.lastState(id), sim: s.device(id) }));
+      throw new Error(`${err.message}: ${JSON.stringify(missing).slice(0, 3000)}; sim ${JSON.stringify(s.stats())}`);
+    });
     for (const id of list) {
       const st = consumer.lastState(id)!;
       assert.equal(st.online, true, id);
