@@ -1,6 +1,6 @@
 import { createSocket, type Socket } from 'node:dgram';
 import { isIPv6, type AddressInfo } from 'node:net';
-import { createServer, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
+import { createServer, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { mcuKey, parseCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
@@ -165,6 +165,16 @@ export class McuCoapIngress {
     this.open.delete(res);
     if (this.closed) return; // the socket is gone; the MCU retransmits or times out
     try {
+      if ((res as unknown) instanceof ObserveWriteStream) {
+        // An Observe request refused (bad MAC, replay…): the coap package's observe stream
+        // ignores `code` (it sends `statusCode`) and writes any payload as a notification with
+        // an Observe option, so the MCU got a 2.05 "mailbox frame" reading FLEET_MCU_REPLAY.
+        // An error answer carries no Observe option and ends the observation (RFC 7641 §4.2);
+        // without a payload, the stream sends exactly that.
+        (res as unknown as { statusCode: string }).statusCode = code;
+        res.end();
+        return;
+      }
       res.code = code;
       res.end(payload === undefined ? undefined : Buffer.from(payload));
     } catch (err) {

@@ -20,7 +20,7 @@ import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { withEnv, type Seen } from './env.ts';
+import { nextCounter, withEnv, type Seen } from './env.ts';
 
 function connectMcu(port: number, id: string, password: string): Promise<MqttClient> {
   return new Promise((resolve, reject) => {
@@ -102,6 +102,29 @@ test('gateway: MQTT and CoAP MCU telemetry reaches the hub as TelemetryBatch, af
     assert.equal(st.online, 2);
     assert.match(gw.metrics.render(), /fleet_gateway_mcu_messages_total\{channel="t",protocol="coap"\} 1/);
     await m1.endAsync();
+  });
+});
+
+test('gateway: a refused CoAP Observe of the mailbox is answered with its error code and no Observe option, never as a 2.05 notification', async () => {
+  await withEnv(async ({ gw, site }) => {
+    // a mailbox Observe with a MAC made with another MCU's key: refused 4.01 (auth). With the
+    // coap package's observe stream this went out as 2.05 + Observe + "FLEET_MCU_AUTH", which
+    // an MCU takes for a command frame (the simulator counted it as a bad command)
+    const c = nextCounter();
+    const mac = signMcuMessage(mcuKey(site, 'esp-x2'), 'esp-x1', 'cmd', c, Buffer.alloc(0));
+    const res = await new Promise<{ code: string; observe: unknown; body: Buffer }>((resolve, reject) => {
+      const req = coapRequest({ host: '127.0.0.1', port: gw.coapPort, method: 'GET', pathname: coapPath('esp-x1', 'cmd'), query: coapAuthQuery(c, mac), observe: true, confirmable: true, agent: new Agent({ type: 'udp4' }) });
+      req.on('response', (r) => {
+        resolve({ code: r.code, observe: r.headers.Observe, body: r.payload });
+        (r as unknown as { close?: () => void }).close?.();
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    assert.equal(res.code, '4.01');
+    assert.equal(res.observe, undefined, 'no Observe option on an error');
+    assert.notEqual(res.body.toString(), 'FLEET_MCU_AUTH');
+    assert.equal(gw.stats().dropped.auth, 1);
   });
 });
 
