@@ -249,14 +249,21 @@ describe('updater with the real supervisor', () => {
       copyFileSync(older.file, join(usb, 'kiosk-1.0.0.bundle'));
       copyFileSync(newer.file, join(usb, 'kiosk-1.1.0.bundle'));
       utimesSync(join(usb, 'kiosk-1.0.0.bundle'), new Date(Date.now() - 60_000), new Date(Date.now() - 60_000));
-      const rec = await finished(r, 0);
+      // both files are tried, newest first; the second can finish within a poll of the first,
+      // so the records are told apart by hash, not by arrival
+      await finished(r, 1);
+      const history = r.updater.status().history; // newest first
+      const rec = history.find((h) => h.sha256 === newer.sha256);
+      assert.ok(rec, JSON.stringify(history));
       assert.equal(rec.state, 'committed', JSON.stringify(rec));
       assert.equal(rec.source, 'watch');
       assert.equal(rec.version, '1.1.0');
       // the older file on the stick is below the floor now: refused, nothing changes
-      const again = await finished(r, 1);
+      const again = history.find((h) => h.sha256 === older.sha256);
+      assert.ok(again, JSON.stringify(history));
       assert.equal(again.state, 'failed', JSON.stringify(again));
       assert.equal(again.code, 'FLEET_BUNDLE_ROLLBACK');
+      assert.deepEqual(history.map((h) => h.sha256), [older.sha256, newer.sha256], 'the newest file was applied first');
       assert.equal(currentVersion(r, 'kiosk'), '1.1.0');
       await new Promise((res) => setTimeout(res, 400));
       assert.equal(r.updater.status().history.length, 2, 'each file on the stick is tried once');
