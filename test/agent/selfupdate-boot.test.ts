@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { mkdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import { UpdateConfigSchema } from '../../agent/update/config.ts';
 import { readJson, switchSymlink, writeJsonAtomic } from '../../agent/update/files.ts';
 import { Layout, META_FILE } from '../../agent/update/layout.ts';
@@ -50,41 +50,34 @@ function switchedDevice(dir: string, switchedAgoS: number): { stateDir: string; 
   return { stateDir, layout, now };
 }
 
+const tmp = tempDir('fleetlet-bootcheck-');
+after(() => tmp.cleanup());
+
 const current = (layout: Layout) => readlinkSync(layout.currentLink('agent', 'fleetlet'));
 
 test('boot check: a new agent still inside update.agentHealthyWithinS is counted and kept', () => {
-  const tmp = tempDir('fleetlet-bootcheck-');
-  try {
-    const config = UpdateConfigSchema.parse({ agentMaxStarts: 3, agentHealthyWithinS: 120 });
-    const d = switchedDevice(tmp.dir, 60);
-    assert.equal(bootCheck(d.stateDir, config, testLogger(), 'pre-start', d.now), 'counted');
-    assert.match(current(d.layout), /2\.0\.0-s1$/);
-    const rec = readJson<UpdateRecord>(d.layout.stateFile, null as never);
-    assert.equal(rec.state, 'probation');
-    assert.equal(rec.boots, 1);
-  } finally {
-    tmp.cleanup();
-  }
+  const config = UpdateConfigSchema.parse({ agentMaxStarts: 3, agentHealthyWithinS: 120 });
+  const d = switchedDevice(tmp.dir, 60);
+  assert.equal(bootCheck(d.stateDir, config, testLogger(), 'pre-start', d.now), 'counted');
+  assert.match(current(d.layout), /2\.0\.0-s1$/);
+  const rec = readJson<UpdateRecord>(d.layout.stateFile, null as never);
+  assert.equal(rec.state, 'probation');
+  assert.equal(rec.boots, 1);
 });
 
 test('boot check: past update.agentHealthyWithinS since the switch, the previous binary is restored (one start only)', () => {
-  const tmp = tempDir('fleetlet-bootcheck-');
-  try {
-    // many starts left, but the time is up: the time limit alone decides
-    const config = UpdateConfigSchema.parse({ agentMaxStarts: 10, agentHealthyWithinS: 120 });
-    const d = switchedDevice(tmp.dir, 121);
-    assert.equal(bootCheck(d.stateDir, config, testLogger(), 'agent', d.now), 'rolled-back');
-    assert.match(current(d.layout), /1\.0\.0-s0$/, 'current points at the previous release again');
-    const rec = readJson<UpdateRecord>(d.layout.stateFile, null as never);
-    assert.equal(rec.state, 'rolled-back');
-    assert.equal(rec.code, 'FLEET_UPDATE_BOOT');
-    assert.match(rec.reason ?? '', /within 120 s/);
-    assert.equal(rec.boots, 1);
-    assert.equal(rec.reported, false, 'left for the agent that runs next to report');
-    // the next start finds nothing to do
-    assert.equal(bootCheck(d.stateDir, config, testLogger(), 'pre-start', d.now + 1000), 'no-update');
-    assert.match(current(d.layout), /1\.0\.0-s0$/);
-  } finally {
-    tmp.cleanup();
-  }
+  // many starts left, but the time is up: the time limit alone decides
+  const config = UpdateConfigSchema.parse({ agentMaxStarts: 10, agentHealthyWithinS: 120 });
+  const d = switchedDevice(tmp.dir, 121);
+  assert.equal(bootCheck(d.stateDir, config, testLogger(), 'agent', d.now), 'rolled-back');
+  assert.match(current(d.layout), /1\.0\.0-s0$/, 'current points at the previous release again');
+  const rec = readJson<UpdateRecord>(d.layout.stateFile, null as never);
+  assert.equal(rec.state, 'rolled-back');
+  assert.equal(rec.code, 'FLEET_UPDATE_BOOT');
+  assert.match(rec.reason ?? '', /within 120 s/);
+  assert.equal(rec.boots, 1);
+  assert.equal(rec.reported, false, 'left for the agent that runs next to report');
+  // the next start finds nothing to do
+  assert.equal(bootCheck(d.stateDir, config, testLogger(), 'pre-start', d.now + 1000), 'no-update');
+  assert.match(current(d.layout), /1\.0\.0-s0$/);
 });
