@@ -227,13 +227,16 @@ export class Relay {
       work = this.opts.outbox.append({
         topic: this.batchTopic,
         priority: Priority.TELEMETRY,
-        payload: (id) =>
-          encodeBatch(
+        payload: (id) => {
+          // told before the record can be peeked: the Uplink need not decode it to learn its MCUs
+          this.gated.noteGroup(id, items.map((it) => it.mcuId));
+          return encodeBatch(
             items.map((it, k): BatchItem => ({
               topic: deviceTopic(it.mcuId, 'telemetry'),
               payload: encodeMessage({ v: 1, mid: `${id}${String(k).padStart(3, '0')}`, ts: it.ts, samples: it.samples as Sample[] } satisfies TelemetryBatch),
             })),
-          ),
+          );
+        },
       });
     }
     work.then(
@@ -597,6 +600,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
   private readonly parked = new Set<string>();
   /** the MCUs of grouped records seen by peek, by record id, until acked */
   private readonly groupMcus = new Map<string, readonly string[]>();
+  /** items of grouped records this gateway wrote, by record id (noteGroup), until peeked */
+  private readonly groupCounts = new Map<string, number>();
   /** MCU messages acknowledged by the hub (a grouped record counts its items) */
   ackedMessages = 0;
 
@@ -612,6 +617,19 @@ class GatedOutbox extends EventEmitter implements Outbox {
     super();
     inner.on('appended', () => this.kick());
     inner.on('evicted', (e: EvictionEvent) => this.emit('evicted', e));
+  }
+
+  /**
+   * A grouped record `id` is being written with one message for each of `mcuIds` (in item
+   * order). Its MCUs and size are then known without decoding it, as for every record this
+   * gateway grouped since it started (decoding each on peek was 5% of the gateway's CPU at
+   * 10,000 MCUs); a record from before a restart is decoded once.
+   */
+  noteGroup(id: string, mcuIds: readonly string[]): void {
+    if (this.groupMcus.size >= 100_000) this.groupMcus.clear(); // bounded: a cache
+    this.groupMcus.set(id, mcuIds.length === 1 ? mcuIds : [...new Set(mcuIds)]);
+    this.groupCounts.set(id, mcuIds.length);
+    if (this.groupCounts.size >= 100_000) this.groupCounts.clear();
   }
 
   /**
@@ -696,7 +714,11 @@ class GatedOutbox extends EventEmitter implements Outbox {
         const ids = this.mcusOf(rec);
         if (ids === null || this.coveredAll(ids)) {
           records.push(rec);
-          if (rec.topic === this.batchTopic) this.groupSizes.set(rec.id, countItems(rec.payload));
+          if (rec.topic === this.batchTopic) {
+            const n = this.groupCounts.get(rec.id);
+            if (n !== undefined) this.groupCounts.delete(rec.id);
+            this.groupSizes.set(rec.id, n ?? countItems(rec.payload));
+          }
         } else {
           passedOver++;
           this.parked.add(rec.id);

@@ -10,7 +10,7 @@ import { MetricsRegistry } from '../core/metrics.ts';
 import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
 import { openStore } from '../core/store.ts';
-import { allDevices, deviceTopic, parseTopic } from '../core/topics.ts';
+import { allDevices, deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
 import { decodeTelemetryFast } from './telemetry-fast.ts';
@@ -69,6 +69,7 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     batches,
     batchItems,
     onDuplicate: (id) => registry.countDuplicate(id),
+    onRouted: (id, channel, payload) => consume(channel, id, payload),
   });
   await broker.restoreDelegations();
 
@@ -81,26 +82,30 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   });
   metrics.gaugeFn('fleet_hub_mqtt_clients', 'Connected MQTT clients', () => broker.aedes.connectedClients);
 
-  // The hub consumes device traffic through internal subscriptions on the broker. They see
-  // messages after de-duplication, and batch items as ordinary messages on their own topics.
-  const consume = (channel: 'state' | 'telemetry' | 'events' | 'reply') => (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
-    const t = parseTopic(packet.topic);
+  // The hub's own consumer of device traffic. Outbox messages (telemetry, events, replies)
+  // come from the broker as it routes them (BrokerOptions.onRouted): after de-duplication,
+  // and batch items as ordinary messages. State is routed by aedes itself (retained, and the
+  // broker's last wills), so it comes through an internal subscription.
+  function consume(channel: Channel, deviceId: string, payload: Buffer): void {
     try {
-      if (!t) return;
-      const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
+      if (channel === 'telemetry') registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
+      else if (channel === 'state') registry.onState(deviceId, decodeMessage('state', payload));
+      else if (channel === 'events') registry.onEvent(deviceId, decodeMessage('events', payload));
+      else if (channel === 'reply') registry.onReply(deviceId, decodeMessage('reply', payload));
+      else return;
       messages.inc({ channel });
-      if (channel === 'state') registry.onState(t.deviceId, decodeMessage('state', payload));
-      else if (channel === 'telemetry') registry.onTelemetry(t.deviceId, decodeTelemetryFast(payload));
-      else if (channel === 'events') registry.onEvent(t.deviceId, decodeMessage('events', payload));
-      else registry.onReply(t.deviceId, decodeMessage('reply', payload));
     } catch (err) {
+      messages.inc({ channel });
       invalid.inc({ channel });
-      log.warn('dropped invalid message', { topic: packet.topic, err });
-    } finally {
-      cb();
+      log.warn('dropped invalid message', { device: deviceId, channel, err });
     }
+  }
+  const consumeState = (packet: { topic: string; payload: Buffer | string }, cb: () => void): void => {
+    const t = parseTopic(packet.topic);
+    if (t) consume('state', t.deviceId, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
+    cb();
   };
-  const subs: Array<[string, ReturnType<typeof consume>]> = (['state', 'telemetry', 'events', 'reply'] as const).map((c) => [allDevices(c), consume(c)]);
+  const subs: Array<[string, typeof consumeState]> = [[allDevices('state'), consumeState]];
   await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.subscribe(topic, fn, r))));
   registry.on('state', (rec: { id: string; online: boolean; reason?: string }) => log.info('device state', { device: rec.id, online: rec.online, reason: rec.reason }));
 

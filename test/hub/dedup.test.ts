@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -163,14 +164,45 @@ test('deduplicator: bounded by devices and by mids; the least recently active de
   });
 });
 
-test('deduplicator: flushes by itself on its timer', async () => {
+test('deduplicator: flushes by itself on its timer, to the journal; a crash after that flush forgets nothing', async () => {
   await withDedup(async (open, handle) => {
     let d = await open({ flushMs: 20 });
     d.admit('dev-1', '42');
-    await waitFor(async () => (await handle().get('dev-1/h')) !== undefined, 'the timer flush');
-    await d.close();
+    const p = d.admitPending('dev-2', '7');
+    assert.ok(p);
+    p.confirm();
+    const q = d.admitPending('dev-2', '8');
+    assert.ok(q);
+    q.forget(); // never routed: never persisted
+    await waitFor(async () => (await handle().get('!j/000000000000')) !== undefined, 'the timer flush');
+    assert.equal(await handle().get('dev-1/h'), undefined, 'a flush appends to the journal; it does not rewrite windows');
+    // a crash: the store is closed under the deduplicator, which never gets to compact
+    await handle().close();
+    await d.close().catch(() => undefined);
     d = await open();
-    assert.equal(d.admit('dev-1', '42'), false);
+    assert.equal(d.admit('dev-1', '42'), false, 'replayed from the journal');
+    assert.equal(d.admit('dev-2', '7'), false, 'a confirmed pending mid is journaled');
+    assert.ok(d.admit('dev-2', '8'), 'a forgotten mid is not');
+    assert.ok((await handle().get('dev-1/h')) !== undefined, 'the replayed journal is compacted into the windows at start');
+    const keys: string[] = [];
+    for await (const k of handle().keys({ gte: '!j/', lt: '!j0' })) keys.push(k);
+    assert.deepEqual(keys, [], 'and the journal deleted');
     await d.close();
+  });
+});
+
+test('deduplicator: compacts on its timer: the windows are written and the journal deleted', async () => {
+  await withDedup(async (open, handle) => {
+    const d = await open({ flushMs: 10, compactMs: 150 });
+    for (let i = 1; i <= 5; i++) {
+      d.admit('dev-1', String(i));
+      await sleep(30);
+    }
+    await waitFor(async () => (await handle().get('dev-1/h')) !== undefined, 'the compaction');
+    await d.flush(); // anything journaled after it
+    await d.close();
+    const d2 = await open();
+    for (let i = 1; i <= 5; i++) assert.equal(d2.admit('dev-1', String(i)), false, `mid ${i} remembered`);
+    await d2.close();
   });
 });
