@@ -12,6 +12,14 @@ import { MAX_COMMAND_BYTES, type McuCommand } from '../firmware-bridge/frames.ts
  *
  *   q!{mcuId}!{seq, 16 digits}  → MailboxEntry (JSON)
  *   s!{mcuId}                   → highest seq handed out (never reused, even after acks)
+ *   a!{mcuId}!{seq, 16 digits}  → MailboxEntry with ackedAt: a hub command the MCU acked,
+ *                                 remembered until it expires
+ *
+ * The hub sends a command again until the MCU's reply reaches it (docs/topics.md#command-delivery),
+ * so `enqueue` stores a command id once: while it is queued, and after the MCU acknowledged
+ * it until its expiry (at most REMEMBER_PER_MCU per MCU, oldest acknowledged forgotten
+ * first). Commands the gateway makes itself (`fw.*`) are not remembered: their ids repeat
+ * by design (an offer made again).
  *
  * Emits 'head' (mcuId) when the command at the head of an MCU's queue changes.
  */
@@ -27,13 +35,21 @@ export interface MailboxEntry {
   queuedAt: number;
   /** set once sent to the MCU at least once */
   delivered?: boolean;
+  /** ms since the epoch; set on a remembered (acknowledged) command */
+  ackedAt?: number;
 }
 
 const SEQ_DIGITS = 16;
+/** acknowledged hub commands remembered per MCU (for de-duplication) */
+export const REMEMBER_PER_MCU = 256;
+/** a command the gateway originates itself (docs/mcu-protocol.md "Commands"): never remembered */
+const isInternal = (name: string): boolean => name.startsWith('fw.');
 
 export class Mailbox extends EventEmitter {
   private readonly queues = new Map<string, MailboxEntry[]>();
   private readonly seqs = new Map<string, number>();
+  /** per MCU: acknowledged hub commands by id, in acknowledgement order */
+  private readonly acked = new Map<string, Map<string, MailboxEntry>>();
   private depthCount = 0;
 
   private constructor(
@@ -60,7 +76,49 @@ export class Mailbox extends EventEmitter {
     }
     for await (const [key, value] of db.iterator({ gte: 's!', lt: 's"' })) mb.seqs.set(key.slice(2), Number(value) || 0);
     for (const q of mb.queues.values()) q.sort((a, b) => a.seq - b.seq);
+    const stale: string[] = [];
+    const acked: Array<{ mcu: string; e: MailboxEntry }> = [];
+    for await (const [key, value] of db.iterator({ gte: 'a!', lt: 'a"' })) {
+      try {
+        const e = JSON.parse(value) as MailboxEntry;
+        if (e.expiresAt <= Date.now()) stale.push(key);
+        else acked.push({ mcu: key.split('!')[1]!, e });
+      } catch {
+        stale.push(key);
+      }
+    }
+    acked.sort((a, b) => (a.e.ackedAt ?? 0) - (b.e.ackedAt ?? 0));
+    for (const { mcu, e } of acked) {
+      const m = mb.acked.get(mcu) ?? new Map<string, MailboxEntry>();
+      m.set(e.id, e);
+      mb.acked.set(mcu, m);
+    }
+    if (stale.length) await db.batch(stale.map((key) => ({ type: 'del' as const, key })));
     return mb;
+  }
+
+  private ackedKey(mcuId: string, seq: number): string {
+    return `a!${mcuId}!${String(seq).padStart(SEQ_DIGITS, '0')}`;
+  }
+
+  /** Forget this MCU's remembered commands that expired by `now` (and the oldest beyond the bound). */
+  private pruneAcked(mcuId: string, now: number, room = 0): Array<{ type: 'del'; key: string }> {
+    const m = this.acked.get(mcuId);
+    const ops: Array<{ type: 'del'; key: string }> = [];
+    if (!m) return ops;
+    for (const [id, e] of m) {
+      if (e.expiresAt > now && m.size + room <= REMEMBER_PER_MCU) continue;
+      m.delete(id);
+      ops.push({ type: 'del', key: this.ackedKey(mcuId, e.seq) });
+    }
+    if (m.size === 0) this.acked.delete(mcuId);
+    return ops;
+  }
+
+  /** The acknowledged hub command with this id, while remembered (not expired at `now`). */
+  acknowledged(mcuId: string, id: string, now: number): MailboxEntry | undefined {
+    const e = this.acked.get(mcuId)?.get(id);
+    return e && e.expiresAt > now ? e : undefined;
   }
 
   private key(mcuId: string, seq: number): string {
@@ -71,11 +129,17 @@ export class Mailbox extends EventEmitter {
     return this.depthCount;
   }
 
-  /** Queue a command; a duplicate id is stored once. FLEET_MCU_MAILBOX_FULL beyond the limits. */
+  /**
+   * Queue a command; a duplicate id is stored once: one still queued, or a hub command the
+   * MCU acknowledged and that has not expired (then `entry.ackedAt` is set and nothing is
+   * queued). FLEET_MCU_MAILBOX_FULL beyond the limits.
+   */
   async enqueue(mcuId: string, cmd: { id: string; name: string; args: Record<string, unknown>; expiresAt: number }, now: number): Promise<{ entry: MailboxEntry; duplicate: boolean }> {
     const q = this.queues.get(mcuId) ?? [];
     const dup = q.find((e) => e.id === cmd.id);
     if (dup) return { entry: dup, duplicate: true };
+    const done = isInternal(cmd.name) ? undefined : this.acknowledged(mcuId, cmd.id, now);
+    if (done) return { entry: done, duplicate: true };
     if (q.length >= this.maxPerMcu) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `the mailbox of ${mcuId} already holds ${this.maxPerMcu} commands`);
     const size = Buffer.byteLength(JSON.stringify(toMcuCommand({ seq: 0, ...cmd, queuedAt: now })));
     if (size > MAX_COMMAND_BYTES - 64) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `command ${cmd.id} is ${size} bytes encoded; at most ${MAX_COMMAND_BYTES - 64}`);
@@ -121,15 +185,28 @@ export class Mailbox extends EventEmitter {
     this.db.put(this.key(mcuId, entry.seq), JSON.stringify(entry)).catch(() => {});
   }
 
-  /** Remove a command by id; returns it, or undefined when it is not (any more) there. */
-  async remove(mcuId: string, id: string): Promise<MailboxEntry | undefined> {
+  /**
+   * Remove a command by id (acknowledged, or expired); returns it, or undefined when it is
+   * not (any more) there. A hub command removed before its expiry (`now`) was acknowledged:
+   * it is remembered until then, in the same write, so a repeat from the hub is not queued.
+   */
+  async remove(mcuId: string, id: string, now = Date.now()): Promise<MailboxEntry | undefined> {
     const q = this.queues.get(mcuId);
     const i = q?.findIndex((e) => e.id === id) ?? -1;
     if (!q || i < 0) return undefined;
     const [entry] = q.splice(i, 1);
     this.depthCount--;
     if (q.length === 0) this.queues.delete(mcuId);
-    await this.db.del(this.key(mcuId, entry!.seq), { sync: true });
+    const ops: Array<{ type: 'del'; key: string } | { type: 'put'; key: string; value: string }> = [{ type: 'del', key: this.key(mcuId, entry!.seq) }];
+    if (entry!.expiresAt > now && !isInternal(entry!.name)) {
+      ops.push(...this.pruneAcked(mcuId, now, 1));
+      const done: MailboxEntry = { ...entry!, ackedAt: now };
+      const m = this.acked.get(mcuId) ?? new Map<string, MailboxEntry>();
+      m.set(done.id, done);
+      this.acked.set(mcuId, m);
+      ops.push({ type: 'put', key: this.ackedKey(mcuId, done.seq), value: JSON.stringify(done) });
+    } else ops.push(...this.pruneAcked(mcuId, now));
+    await this.db.batch(ops, { sync: true });
     if (i === 0) this.emit('head', mcuId);
     return entry;
   }

@@ -1,11 +1,12 @@
 import { z } from 'zod';
-import { FleetError } from '../core/errors.ts';
-import { Router, sendText } from '../core/http.ts';
+import { FleetError, isFleetError } from '../core/errors.ts';
+import { Router, sendJson, sendText } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
-import { DesiredAppSchema, DesiredArtifactSchema, DesiredSchema, type Command, type DesiredState } from '../core/messages.ts';
+import { DesiredAppSchema, DesiredArtifactSchema, DesiredSchema, type DesiredState } from '../core/messages.ts';
 import { PROM_CONTENT_TYPE, type MetricsRegistry } from '../core/metrics.ts';
 import { assertDeviceId } from '../core/topics.ts';
 import type { ArtifactStore } from './artifacts.ts';
+import type { CommandRecord } from './commands.ts';
 import type { Registry } from './registry.ts';
 
 export interface ApiDeps {
@@ -18,7 +19,12 @@ export interface ApiDeps {
   rateLimit: number;
   ready: () => boolean;
   setDesired(deviceId: string, spec: DesiredSpec): Promise<DesiredState>;
-  sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
+  /** store a command and send it when the device can receive it (hub/commands.ts) */
+  sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<CommandRecord>;
+  commands: {
+    list(deviceId: string, limit: number): { open: number; commands: CommandRecord[] };
+    get(deviceId: string, id: string): CommandRecord | undefined;
+  };
   /** bundles for devices (hub/artifacts.ts) */
   artifacts?: ArtifactStore;
 }
@@ -41,6 +47,14 @@ const CommandBody = z
     ttlMs: z.number().int().min(1000).max(7 * 24 * 3600 * 1000).default(600_000),
   })
   .strict();
+
+/** An integer query parameter: absent → `def`; above `max` → `max`; anything but a non-negative integer → 400. */
+function intParam(url: URL, name: string, def: number, max: number): number {
+  const raw = url.searchParams.get(name);
+  if (raw === null || raw === '') return def;
+  if (!/^\d{1,15}$/.test(raw)) throw new FleetError('FLEET_HTTP_BAD_REQUEST', `query parameter ${name} must be a non-negative integer`);
+  return Math.min(max, Number(raw));
+}
 
 function parseBody<T>(schema: z.ZodType<T>, body: unknown): T {
   const r = schema.safeParse(body);
@@ -96,10 +110,40 @@ export function buildApi(d: ApiDeps): Router {
     async (ctx) => {
       const id = assertDeviceId(ctx.params.id);
       const body = parseBody(CommandBody, await ctx.body());
-      ctx.res.statusCode = 202;
-      return d.sendCommand(id, body.name, body.args, body.ttlMs);
+      try {
+        const cmd = await d.sendCommand(id, body.name, body.args, body.ttlMs);
+        // stored on disk by now: the hub delivers it whenever the device can receive it
+        ctx.res.statusCode = 202;
+        return cmd;
+      } catch (err) {
+        // the device's queue is full: a temporary refusal the caller may retry (core/http.ts
+        // knows no status for this code, so the answer is written here)
+        if (!isFleetError(err, 'FLEET_COMMAND_QUEUE_FULL')) throw err;
+        ctx.res.setHeader('retry-after', '30');
+        sendJson(ctx.res, 429, { error: err.toJSON() });
+        return undefined;
+      }
     },
     write,
+  );
+  r.get(
+    '/api/v1/devices/:id/commands',
+    (ctx) => {
+      const id = assertDeviceId(ctx.params.id);
+      // newest first; at most the history the store keeps (50 finished + 100 open)
+      return d.commands.list(id, intParam(ctx.url, 'limit', 50, 200));
+    },
+    read,
+  );
+  r.get(
+    '/api/v1/devices/:id/commands/:cid',
+    (ctx) => {
+      const id = assertDeviceId(ctx.params.id);
+      const cmd = d.commands.get(id, ctx.params.cid ?? '');
+      if (!cmd) throw new FleetError('FLEET_HTTP_NOT_FOUND', `no command ${ctx.params.cid} for ${id}`);
+      return cmd;
+    },
+    read,
   );
   if (d.artifacts) {
     const a = d.artifacts;

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { listenHttp, listenOn, type Listening } from '../core/http.ts';
 import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
-import { decodeMessage, encodeMessage, type Command, type DesiredState } from '../core/messages.ts';
+import { decodeMessage, encodeMessage, type DesiredState } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
 import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
@@ -13,6 +13,7 @@ import { openStore } from '../core/store.ts';
 import { allDevices, deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
+import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOptions } from './commands.ts';
 import { decodeTelemetryFast } from './telemetry-fast.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
@@ -30,11 +31,18 @@ export interface HubHandle {
   registry: Registry;
   broker: HubBroker;
   setDesired(deviceId: string, spec: DesiredSpec): Promise<DesiredState>;
-  sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command>;
+  /** stores the command (hub/commands.ts) and sends it whenever the device can receive it */
+  sendCommand(deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<CommandRecord>;
+  commands: CommandStore;
   stop(): Promise<void>;
 }
 
-export async function startHub(config: HubConfig, log: Logger): Promise<HubHandle> {
+/** Tuning that is not (yet) in HubConfig: command store limits and re-send timing (tests shorten them). */
+export interface HubOptions {
+  commands?: Partial<Pick<CommandStoreOptions, 'maxPendingPerDevice' | 'maxPending' | 'maxHistoryPerDevice' | 'historyMs' | 'resendInitialMs' | 'resendMaxMs' | 'tickMs'>>;
+}
+
+export async function startHub(config: HubConfig, log: Logger, options: HubOptions = {}): Promise<HubHandle> {
   setNativeDir(config.stateDir);
   const fleetSecretFile = join(config.stateDir, 'fleet.secret');
   const operatorTokenFile = join(config.stateDir, 'operator.token');
@@ -109,6 +117,40 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.subscribe(topic, fn, r))));
   registry.on('state', (rec: { id: string; online: boolean; reason?: string }) => log.info('device state', { device: rec.id, online: rec.online, reason: rec.reason }));
 
+  // Commands (hub/commands.ts): stored until replied or expired, sent whenever a connection
+  // of the device or of its gateway holds a cmd subscription. Wired before the listeners
+  // open, so no SUBSCRIBE goes unseen.
+  const commandsDb = await openStore<string>(join(config.stateDir, 'commands'), 'utf8');
+  const downlink = new DownlinkTracker(broker.mcusOf);
+  const commands = await CommandStore.open({
+    db: commandsDb,
+    log,
+    metrics,
+    publish: (deviceId, payload) => broker.publish(deviceTopic(deviceId, 'cmd'), payload, false),
+    route: (deviceId) => downlink.route(deviceId),
+    ...options.commands,
+  });
+  broker.aedes.on('subscribe', (subscriptions, client) => {
+    // a refused subscription is reported with qos 128 (aedes handlers/subscribe.js)
+    const granted = subscriptions.filter((s) => Number(s.qos) !== 128).map((s) => s.topic);
+    for (const id of downlink.subscribed(client, granted)) commands.reachable(id);
+  });
+  broker.aedes.on('unsubscribe', (topics, client) => downlink.unsubscribed(client, topics));
+  broker.aedes.on('clientDisconnect', (client) => downlink.disconnected(client));
+  // an MCU its gateway reports online may be newly registered behind a relay subscription
+  registry.on('state', (rec: { id: string; online: boolean }) => rec.online && commands.reachable(rec.id));
+  const onCommandReply = (packet: { topic: string; payload: Buffer | string }, cb: () => void): void => {
+    try {
+      const t = parseTopic(packet.topic);
+      if (t) commands.onReply(t.deviceId, decodeMessage('reply', Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload)));
+    } catch {
+      // counted as invalid by the registry's consumer of the same message
+    } finally {
+      cb();
+    }
+  };
+  await new Promise<void>((r) => broker.aedes.subscribe(allDevices('reply'), onCommandReply, r));
+
   const mqttServer: NetServer = createNetServer(broker.aedes.handle);
   const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
   let mqttsServer: NetServer | null = null;
@@ -130,12 +172,7 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     registry.setDesired(deviceId, desired);
     return desired;
   };
-  let cmdSeq = 0;
-  const sendCommand = async (deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<Command> => {
-    const cmd: Command = { v: 1, id: `c${Date.now().toString(36)}${(cmdSeq++).toString(36)}`, name, args, expiresAt: Date.now() + ttlMs };
-    await broker.publish(deviceTopic(deviceId, 'cmd'), encodeMessage(cmd), false);
-    return cmd;
-  };
+  const sendCommand = (deviceId: string, name: string, args: Record<string, unknown>, ttlMs: number): Promise<CommandRecord> => commands.create(deviceId, name, args, ttlMs);
 
   /** least privilege for downloads: a device gets what its desired state, or one of its MCUs', names */
   const names = (d: DesiredState | undefined, sha: string): boolean =>
@@ -147,7 +184,7 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
   };
   const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch });
   let ready = true;
-  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, ready: () => ready && !broker.aedes.closed });
+  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
   log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
 
@@ -161,19 +198,24 @@ export async function startHub(config: HubConfig, log: Logger): Promise<HubHandl
     broker,
     setDesired,
     sendCommand,
+    commands,
     async stop() {
       ready = false;
       await http.close();
+      await commands.close(); // no more sends; replies still recorded until its db closes
       // no new connections; close() calls back once the existing ones are gone too
       const listenersClosed = [mqttServer, mqttsServer].map((s) => s && new Promise<void>((r) => s.close(() => r())));
       await broker.drain();
       await Promise.all(subs.map(([topic, fn]) => new Promise<void>((r) => broker.aedes.unsubscribe(topic, fn, r))));
+      await new Promise<void>((r) => broker.aedes.unsubscribe(allDevices('reply'), onCommandReply, r));
       // after the broker (and the routing it waits for) so no mid is admitted after the last flush
       await broker.close();
       await Promise.all(listenersClosed);
       await dedup.close();
       await registry.flush();
       await registryDb.close();
+      await commands.close();
+      await commandsDb.close();
       await brokerDb.close();
       log.info('hub stopped');
     },
