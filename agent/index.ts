@@ -24,6 +24,7 @@ import { detectCgroup } from './limits.ts';
 import { resolveUser } from './users.ts';
 import { EventLog } from './events.ts';
 import { MetricsHistory } from './history.ts';
+import { SeenCommands, type Reply } from './commands-seen.ts';
 
 export interface AgentHandle {
   apiPort: number;
@@ -226,23 +227,37 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
 
   const reply = (r: Omit<CommandReply, 'v' | 'mid'>) =>
     outbox.append({ topic: deviceTopic(config.deviceId, 'reply'), priority: Priority.ALERT, payload: (mid) => encodeMessage({ v: 1, mid, ...r }) });
+  // The hub may send a command more than once (docs/topics.md#command-delivery): repeats are
+  // recognised by id, across agent restarts too (agent/commands-seen.ts)
+  const seenCommands = SeenCommands.load(join(config.stateDir, 'commands-seen.json'), { onError: (err) => log.warn('cannot write the handled-commands file', { err }) });
   async function handleCommand(cmd: ReturnType<typeof CommandSchema.parse>): Promise<void> {
     if (cmd.expiresAt < Date.now()) {
       await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_TIMEOUT', message: 'command expired before it reached the device' } });
       return;
     }
+    const seen = seenCommands.begin(cmd.id, cmd.expiresAt);
+    if (seen.kind === 'running') return; // its reply follows when it ends
+    if (seen.kind === 'done') {
+      log.info('repeated command not run again; its reply is sent again', { id: cmd.id, name: cmd.name });
+      await reply(seen.reply);
+      return;
+    }
+    const answer = async (r: Reply) => {
+      await reply(r);
+      seenCommands.finish(cmd.id, r);
+    };
     try {
-      if (cmd.name === 'ping') await reply({ id: cmd.id, ok: true, result: { uptimeS: (Date.now() - started) / 1000 } });
+      if (cmd.name === 'ping') await answer({ id: cmd.id, ok: true, result: { uptimeS: (Date.now() - started) / 1000 } });
       else if (cmd.name === 'restart-app') {
         const app = supervisor.apps.get(String(cmd.args.app));
-        if (!app) await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_APP_NOT_FOUND', message: `no app ${String(cmd.args.app)}` } });
+        if (!app) await answer({ id: cmd.id, ok: false, error: { code: 'FLEET_APP_NOT_FOUND', message: `no app ${String(cmd.args.app)}` } });
         else {
           await app.restart();
-          await reply({ id: cmd.id, ok: true, result: app.status() });
+          await answer({ id: cmd.id, ok: true, result: app.status() });
         }
-      } else await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_USAGE', message: `unknown command ${cmd.name}` } });
+      } else await answer({ id: cmd.id, ok: false, error: { code: 'FLEET_USAGE', message: `unknown command ${cmd.name}` } });
     } catch (err) {
-      await reply({ id: cmd.id, ok: false, error: { code: 'FLEET_INTERNAL', message: (err as Error).message } });
+      await answer({ id: cmd.id, ok: false, error: { code: 'FLEET_INTERNAL', message: (err as Error).message } });
     }
   }
 

@@ -74,6 +74,9 @@ export const ERROR_CODES = {
   FLEET_MCU_NO_FIRMWARE: 'no firmware image is offered to this MCU (or not the one it asked for with h=)',
   FLEET_MCU_UPLOAD: 'an MCU Block1 upload is out of order, too large, timed out, or the gateway has too many in progress',
   FLEET_MCU_FIRMWARE: 'the gateway could not fetch, check or verify the MCU firmware bundle the desired state names',
+  // hub command delivery (docs/topics.md#command-delivery)
+  FLEET_COMMAND_QUEUE_FULL: 'the hub already holds the most commands awaiting a reply for this device (100) or in all (100,000); HTTP 429, retry once some are replied or expired',
+  FLEET_COMMAND_INTERRUPTED: 'the agent restarted while it was running this command; it is not run again (it may or may not have taken effect)',
   FLEET_INTERNAL: 'an unexpected internal error; the message has details',
 } as const;
 
