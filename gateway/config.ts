@@ -52,8 +52,25 @@ export const GatewayConfigSchema = z
       .object({
         /** address the MCU listeners (MQTT over TCP, CoAP over UDP) bind */
         host: z.string().min(1).default('127.0.0.1'),
-        /** MCU MQTT port; 0 = any free port */
-        mqttPort: port.default(1884),
+        /**
+         * MCU MQTT over plain TCP; 0 = any free port; null = no plain listener (MCUs must use
+         * mqttTls, or CoAP). Stays on when mqttTls is set, so a site can move its MCUs over.
+         */
+        mqttPort: port.nullable().default(1884),
+        /**
+         * MCU MQTT over TLS (1.2 or newer) on its own port, same protocol and credentials as
+         * the plain port. cert and key are PEM files (cert: the chain, leaf first), read and
+         * checked once at start; the key file should be mode 0600.
+         */
+        mqttTls: z
+          .object({
+            /** TCP port; 0 = any free port */
+            port: port.default(8884),
+            cert: z.string().min(1),
+            key: z.string().min(1),
+          })
+          .strict()
+          .optional(),
         /** MCU CoAP port (UDP); 0 = any free port */
         coapPort: port.default(5683),
         /** file with the site secret every MCU key derives from, mode 0600, created when missing; default <stateDir>/site.secret */
@@ -91,6 +108,10 @@ export const GatewayConfigSchema = z
         maxUploads: z.number().int().min(1).max(10_000).default(64),
       })
       .strict()
+      .refine((m) => !m.mqttTls || m.mqttTls.port === 0 || m.mqttTls.port !== m.mqttPort, {
+        message: 'must differ from mcu.mqttPort (set mcu.mqttPort: null for TLS only)',
+        path: ['mqttTls', 'port'],
+      })
       .prefault({}),
     /** the durable store-and-forward queue towards the hub, under <stateDir>/outbox */
     outbox: OutboxConfigSchema.prefault({}),

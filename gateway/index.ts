@@ -1,10 +1,12 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync, statSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { join } from 'node:path';
-import { isFleetError } from '../core/errors.ts';
+import { createSecureContext } from 'node:tls';
+import { FleetError, isFleetError } from '../core/errors.ts';
 import { listenHttp, sendJson, sendText, type Listening } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { MetricsRegistry, PROM_CONTENT_TYPE } from '../core/metrics.ts';
+import { isLoopback } from '../core/net.ts';
 import { openStore } from '../core/store.ts';
 import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
 import type { OutboxStats } from '../core/outbox.ts';
@@ -18,6 +20,7 @@ import { FirmwareManager, type VerifyFirmware } from './firmware.ts';
 import type { DropReason, IngressHooks } from './ingress.ts';
 import { Mailbox } from './mailbox.ts';
 import { McuMqttIngress } from './mqtt-ingress.ts';
+import type { LeanTlsOptions } from './mqtt-lean.ts';
 import { Relay, type McuProtocol } from './relay.ts';
 import { McuService } from './service.ts';
 import { loadGatewayState, saveGatewayState } from './state.ts';
@@ -53,7 +56,10 @@ export interface GatewayStats {
 }
 
 export interface GatewayHandle {
+  /** the plain-TCP MCU MQTT port; 0 when mcu.mqttPort is null (no plain listener) */
   mqttPort: number;
+  /** the MCU MQTT-over-TLS port; null unless mcu.mqttTls is set */
+  mqttTlsPort: number | null;
   coapPort: number;
   /** the HTTP port of /metrics, /health, /ready; undefined when http.port is unset */
   httpPort: number | undefined;
@@ -74,6 +80,8 @@ export interface GatewayHandle {
  * is stored meanwhile.
  */
 export async function startGateway(config: GatewayConfig, log: Logger, version = '0.0.0-dev', extras: GatewayExtras = {}): Promise<GatewayHandle> {
+  // the TLS files first: a bad path fails the start before anything is opened or bound
+  const mqttTls = config.mcu.mqttTls ? loadMcuTls(config.mcu.mqttTls, log) : undefined;
   const paths = gatewayPaths(config);
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const token = readSecretFile(paths.tokenFile);
@@ -208,7 +216,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   };
 
   try {
-    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, siteSecret, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, siteSecret, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
     coap = await McuCoapIngress.start({
       host: config.mcu.host,
       port: config.mcu.coapPort,
@@ -270,11 +278,21 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_outbox_bytes', 'Bytes waiting in the outbox', () => outbox.stats().bytes);
   metrics.gaugeFn('fleet_gateway_outbox_oldest_age_seconds', 'Age of the oldest message in the outbox', () => outbox.stats().oldestAgeMs / 1000);
 
-  log.info('gateway listening', { gateway: config.deviceId, host: config.mcu.host, mqttPort: mqttIngress.port, coapPort: coapIngress.port, hub: config.hub.url, stateDir: config.stateDir });
+  log.info('gateway listening', { gateway: config.deviceId, host: config.mcu.host, mqttPort: mqttIngress.port, mqttTlsPort: mqttIngress.tlsPort, coapPort: coapIngress.port, hub: config.hub.url, stateDir: config.stateDir });
+  if (mqttIngress.port !== null && !isLoopback(config.mcu.host)) {
+    // once, at start: MQTT CONNECT carries the MCU key as its password
+    log.warn('MCU MQTT on plain TCP outside loopback: MCU keys and data cross the network in clear', {
+      host: config.mcu.host,
+      mqttPort: mqttIngress.port,
+      fix: mqttIngress.tlsPort === null ? 'configure mcu.mqttTls (cert, key) and move the MCUs to it, then set mcu.mqttPort: null' : 'set mcu.mqttPort: null once every MCU uses the TLS port',
+    });
+  }
+  if (mqttIngress.port === null && mqttIngress.tlsPort === null) log.info('no MCU MQTT listener (mcu.mqttPort is null and mcu.mqttTls unset); MCUs use CoAP');
 
   let stopping: Promise<void> | undefined;
   return {
-    mqttPort: mqttIngress.port,
+    mqttPort: mqttIngress.port ?? 0,
+    mqttTlsPort: mqttIngress.tlsPort,
     coapPort: coapIngress.port,
     httpPort: http?.port,
     firmwareState(mcuId) {
@@ -305,4 +323,40 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
       return stopping;
     },
   };
+}
+
+/**
+ * Read and check the MCU TLS certificate and key (mcu.mqttTls). A file that cannot be read
+ * or parsed, or a key that does not belong to the certificate, fails the start with
+ * FLEET_CONFIG_INVALID naming the config key and the file.
+ */
+function loadMcuTls(tls: NonNullable<GatewayConfig['mcu']['mqttTls']>, log: Logger): LeanTlsOptions & { port: number } {
+  const bad = (keys: Array<'cert' | 'key'>, msg: string, cause: unknown) =>
+    new FleetError('FLEET_CONFIG_INVALID', `${keys.map((k) => `mcu.mqttTls.${k}`).join(' and ')}: ${msg}`, {
+      cause,
+      details: { keys: keys.map((k) => `mcu.mqttTls.${k}`), files: keys.map((k) => tls[k]) },
+    });
+  const load = (k: 'cert' | 'key'): Buffer => {
+    let pem: Buffer;
+    try {
+      pem = readFileSync(tls[k]);
+    } catch (err) {
+      throw bad([k], `cannot read ${tls[k]}: ${(err as Error).message}`, err);
+    }
+    try {
+      createSecureContext(k === 'cert' ? { cert: pem } : { key: pem });
+    } catch (err) {
+      throw bad([k], `${tls[k]} is not a PEM ${k === 'cert' ? 'certificate' : 'private key'}: ${(err as Error).message}`, err);
+    }
+    return pem;
+  };
+  const cert = load('cert');
+  const key = load('key');
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    throw bad(['cert', 'key'], `the key ${tls.key} does not belong to the certificate ${tls.cert}: ${(err as Error).message}`, err);
+  }
+  if ((statSync(tls.key).mode & 0o077) !== 0) log.warn('the MCU TLS key file can be read by other users; make it mode 0600', { file: tls.key });
+  return { port: tls.port, cert, key };
 }

@@ -6,12 +6,15 @@ import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/a
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
 import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
-import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type PublishOutcome } from './mqtt-lean.ts';
+import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type LeanTlsOptions, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
 
 export interface McuMqttIngressOptions {
   host: string;
-  port: number;
+  /** plain TCP port; null = no plain listener */
+  port: number | null;
+  /** MQTT over TLS on its own port, handled by the same code as the plain port */
+  tls?: (LeanTlsOptions & { port: number }) | undefined;
   siteSecret: string;
   /** largest publish payload, bytes */
   maxPayloadBytes: number;
@@ -38,7 +41,8 @@ const BACKLOG = 4096;
 
 /**
  * The MCU MQTT listener: its own MQTT server on its own TCP port (not the hub's), so MCU
- * traffic and MCU credentials never reach the hub directly. A lean MQTT 3.1.1 server
+ * traffic and MCU credentials never reach the hub directly. Plain TCP, TLS on another port,
+ * or both (mcu.mqttPort, mcu.mqttTls): one server, one set of sessions, the same handling. A lean MQTT 3.1.1 server
  * (gateway/mqtt-lean.ts) rather than a broker: MCU messages are consumed here and only the
  * gateway sends anything down, so a connection needs little more than its socket.
  *
@@ -58,7 +62,10 @@ export class McuMqttIngress {
   private constructor(
     private readonly opts: McuMqttIngressOptions,
     private readonly lean: LeanMqttServer,
-    readonly port: number,
+    /** bound plain TCP port, null when off */
+    readonly port: number | null,
+    /** bound TLS port, null when off */
+    readonly tlsPort: number | null,
   ) {
     this.throttle = new LogThrottle(opts.log);
     opts.service.on('head', this.pushCommand);
@@ -98,10 +105,21 @@ export class McuMqttIngress {
           opts.hooks.dropped('mqtt', 'too_large', { mcuId: conn.id ?? undefined, err });
           opts.log.debug('MCU connection closed: packet too large', { mcu: conn.id, remote: conn.remote, err });
         },
+        onTlsError: (err, remote) => {
+          opts.hooks.dropped('mqtt', 'bad_request', { err });
+          tlsThrottle.warn(`tls:${remote}`, 'MCU TLS handshake failed; connection closed', { remote, err });
+        },
       },
     });
-    const port = await lean.listen(opts.host, opts.port);
-    ingress = new McuMqttIngress(opts, lean, port);
+    const tlsThrottle = new LogThrottle(opts.log);
+    try {
+      const port = opts.port === null ? null : await lean.listen(opts.host, opts.port);
+      const tlsPort = opts.tls ? await lean.listenTls(opts.host, opts.tls.port, opts.tls) : null;
+      ingress = new McuMqttIngress(opts, lean, port, tlsPort);
+    } catch (err) {
+      await lean.close(); // a listener that did bind is released
+      throw err;
+    }
     return ingress;
   }
 

@@ -1,4 +1,5 @@
 import { createServer, type Server, type Socket } from 'node:net';
+import { createServer as createTlsServer } from 'node:tls';
 import { FleetError } from '../core/errors.ts';
 
 /**
@@ -8,6 +9,9 @@ import { FleetError } from '../core/errors.ts';
  * aedes keeps a full broker client per connection (its own parser, stream pipeline and
  * closures, plus our frame-size Transform and Duplex around each socket), measured at
  * about 95 KB of gateway memory per connected MCU at 7,000 MCUs (scripts/bench/README.md).
+ *
+ * It listens on plain TCP, on TLS (1.2 or newer), or both: every listener hands its
+ * connections to the same `accept`, so a TLS connection runs exactly the code of a plain one.
  *
  * What it speaks (MQTT 3.1.1, OASIS 2014; 3.1 "MQIsdp" is accepted too):
  * CONNECT/CONNACK, PUBLISH QoS 0, 1 and 2 from the client (PUBACK, or PUBREC/PUBREL/
@@ -66,6 +70,15 @@ export interface LeanServerHooks {
   onMalformed(err: FleetError, conn: LeanConn): void;
   /** a packet declared more than the limit; the connection is closed after this */
   onTooLarge(err: FleetError, conn: LeanConn): void;
+  /** a TLS handshake failed (plain MQTT on the TLS port, a client that does not trust the certificate, no handshake within connectTimeoutMs); the socket is closed */
+  onTlsError?(err: Error, remote: string | undefined): void;
+}
+
+/** Certificate and key of a TLS listener (PEM, as read from the files). */
+export interface LeanTlsOptions {
+  /** certificate chain, leaf first */
+  cert: Buffer;
+  key: Buffer;
 }
 
 export interface LeanServerOptions {
@@ -521,26 +534,62 @@ class Reader {
 }
 
 export class LeanMqttServer {
-  readonly server: Server;
-  /** authenticated sessions by id */
+  /** authenticated sessions by id, across every listener (an MCU may move from plain TCP to TLS) */
   readonly sessions = new Map<string, LeanConn>();
   private readonly conns = new Set<LeanConn>();
+  /** the bound listeners (plain TCP and/or TLS); every one feeds `accept` */
+  private readonly servers: Server[] = [];
+  /** TCP sockets under the TLS listeners: one still in its handshake is not in `conns` yet, and close() must cut it too */
+  private readonly tlsSockets = new Set<Socket>();
   private readonly sweepTimer: NodeJS.Timeout;
 
   constructor(readonly opts: LeanServerOptions) {
-    this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
-    this.server.maxConnections = opts.maxConnections;
     this.sweepTimer = setInterval(() => this.sweep(), 1000);
     this.sweepTimer.unref();
   }
 
+  /** Listen for MQTT over plain TCP; resolves to the bound port. */
   listen(host: string, port: number): Promise<number> {
+    return this.bind(
+      createServer({ noDelay: true }, (socket) => this.accept(socket)),
+      host,
+      port,
+    );
+  }
+
+  /**
+   * Listen for MQTT over TLS (1.2 or newer) on another port. Once the handshake is done a
+   * connection is handled exactly as a plain one (`accept`: same packet code, same
+   * sessions). The handshake must finish within the CONNECT timeout. Throws if the
+   * certificate or key cannot be used (the caller checks them first to name the key).
+   */
+  listenTls(host: string, port: number, tls: LeanTlsOptions): Promise<number> {
+    const server = createTlsServer(
+      { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2', handshakeTimeout: this.opts.connectTimeoutMs ?? 10_000, noDelay: true },
+      (socket) => this.accept(socket),
+    );
+    server.on('connection', (raw: Socket) => {
+      this.tlsSockets.add(raw);
+      raw.once('close', () => this.tlsSockets.delete(raw));
+    });
+    // With a listener here Node leaves the socket open after a failed handshake (measured: a
+    // silent peer stayed connected past its handshake timeout until close()), so end it here
+    server.on('tlsClientError', (err, socket) => {
+      socket.destroy();
+      this.opts.hooks.onTlsError?.(err, socket.remoteAddress);
+    });
+    return this.bind(server, host, port);
+  }
+
+  private bind(server: Server, host: string, port: number): Promise<number> {
+    server.maxConnections = this.opts.maxConnections;
     return new Promise((resolve, reject) => {
       const onError = (err: NodeJS.ErrnoException) => reject(new FleetError('FLEET_PORT_IN_USE', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
-      this.server.once('error', onError);
-      this.server.listen({ host, port, backlog: this.opts.backlog ?? 511 }, () => {
-        this.server.off('error', onError);
-        const a = this.server.address();
+      server.once('error', onError);
+      server.listen({ host, port, backlog: this.opts.backlog ?? 511 }, () => {
+        server.off('error', onError);
+        this.servers.push(server);
+        const a = server.address();
         resolve(typeof a === 'object' && a ? a.port : port);
       });
     });
@@ -590,8 +639,9 @@ export class LeanMqttServer {
 
   async close(): Promise<void> {
     clearInterval(this.sweepTimer);
-    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    const closed = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
     for (const c of this.conns) c.destroy();
-    await closed;
+    for (const raw of this.tlsSockets) raw.destroy();
+    await Promise.all(closed);
   }
 }
