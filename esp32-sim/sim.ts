@@ -98,6 +98,14 @@ export interface SimStats {
   published: number;
   /** resends: MQTT DUP after a reconnect, CoAP application-level retries */
   resent: number;
+  /** MQTT: connection attempts (TCP connect + CONNECT), first ones and retries */
+  connectAttempts: number;
+  /** MQTT: attempts given up after 10 s without a CONNACK */
+  connectTimeouts: number;
+  /** MQTT: attempts whose connection closed before a CONNACK (timeouts included) */
+  connectFailures: number;
+  /** MQTT: slowest attempt to CONNACK so far, ms */
+  connectMaxMs: number;
   /** readings not taken because the previous one was still unacknowledged */
   skipped: number;
   /** refused connects, refused or unanswered messages */
@@ -203,6 +211,8 @@ interface Device {
   awakeUntil: number;
   interval: number;
   connected: boolean;
+  /** when the current MQTT connection attempt started, ms */
+  connectStarted: number;
   q: Up[];
   busy: boolean;
   seq: number;
@@ -289,7 +299,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const log = opts.log;
   const sched = new Scheduler();
   const st: SimStats = {
-    devices: opts.devices, connected: 0, sleeping: 0, sent: 0, published: 0, resent: 0, skipped: 0, errors: 0, boots: 0, connects: 0, linkDrops: 0,
+    devices: opts.devices, connected: 0, sleeping: 0, sent: 0, published: 0, resent: 0, connectAttempts: 0, connectTimeouts: 0, connectFailures: 0, connectMaxMs: 0, skipped: 0, errors: 0, boots: 0, connects: 0, linkDrops: 0,
     hellos: 0, commands: 0, acks: 0, badCommands: 0, staleCommands: 0, fwDownloaded: 0, fwHashFailed: 0, fwBooted: 0, fwRolledBack: 0, fwBytes: 0,
   };
   let stopped = false;
@@ -322,6 +332,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       awakeUntil: Infinity,
       interval,
       connected: false,
+      connectStarted: 0,
       q: [],
       busy: false,
       seq: 0,
@@ -476,6 +487,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
         connack: (rc) => {
           if (rc !== 0) return noteError(d, `connection refused with CONNACK ${rc}`);
           st.connects++;
+          st.connectMaxMs = Math.max(st.connectMaxMs, Date.now() - d.connectStarted);
           d.reconnectDelay = 1000;
           d.state = 'online';
           up(d);
@@ -487,6 +499,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
           sched.at(now, tick, { d, gen: d.gen });
         },
         close: () => {
+          if (d.state === 'connecting') st.connectFailures++;
           down(d);
           d.busy = false;
           if (d.fw) d.fw.busy = false;
@@ -506,12 +519,15 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
         message: (topic, payload) => onDown(d, topic, payload),
       });
     }
+    st.connectAttempts++;
+    d.connectStarted = Date.now();
     d.mqtt.connect({ host, port: mqttPort, clientId: d.id, username: d.id, password: d.key, keepaliveS, clean: true });
     sched.after(10_000, connectTimeout, { d, gen });
   };
 
   const connectTimeout = ({ d, gen }: Ev) => {
     if (stopped || gen !== d.gen || d.state !== 'connecting' || d.connected) return;
+    st.connectTimeouts++;
     d.mqtt?.destroy();
   };
 

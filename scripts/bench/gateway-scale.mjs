@@ -33,6 +33,8 @@ const { values } = parseArgs({
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
+    // V8 flags for the gateway and hub processes, e.g. "--max-semi-space-size=16"
+    'node-flags': { type: 'string', default: '' },
   },
 });
 const N = Number(values.devices);
@@ -322,7 +324,8 @@ async function gatewayPhase() {
   progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} MQTT devices every ${INTERVAL} ms`);
   // --cpu-prof: the gateway and the hub write V8 CPU profiles on exit (to find what limits them)
   const profDir = join(ROOT, '.tmp', `gateway-scale-prof-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`);
-  const profArgs = (name) => (values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : []);
+  const nodeFlags = values['node-flags'].split(' ').filter(Boolean);
+  const profArgs = (name) => [...nodeFlags, ...(values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : [])];
   if (values['cpu-prof']) progress(`CPU profiles go to ${profDir}`);
   const hub = fleetlet('hub', ['hub', '--mqtt-port', '0', '--http-port', '0', '--state-dir', join(dir, 'hub'), '--ready-file', join(dir, 'hub.ready')], profArgs('hub'));
   const hubReady = await waitJson(join(dir, 'hub.ready'));
@@ -432,7 +435,7 @@ const machine = {
 // the sims need the site secret before the gateway creates one
 writeFileSync(join(dir, 'site.secret'), (await import('node:crypto')).randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
 
-const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S };
+const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, nodeFlags: values['node-flags'] || null };
 let exit = 0;
 try {
   if (values.only !== 'mosquitto') {
