@@ -8,6 +8,11 @@ import { decodeMessage, type Sample, type TelemetryBatch } from '../core/message
  * messages that TelemetrySchema certainly accepts unchanged (no unknown keys, which zod
  * would strip; every field of the type and range the schema asks); anything else goes
  * through decodeMessage, which stays the authority for what is invalid and why.
+ *
+ * String lengths here are UTF-16 code units; zod (4.6) measures code points, which are never
+ * more, so a string within the limit here is within it for zod too, and one over it here
+ * (astral characters) goes to zod, which may still accept it. test/hub/telemetry-fast.test.ts
+ * compares the two over 20,000 generated payloads.
  */
 const MID_RE = /^[0-9]{1,20}$/;
 const TOP_KEYS = new Set(['v', 'mid', 'ts', 'samples']);
