@@ -7,6 +7,7 @@ import { PROM_CONTENT_TYPE, type MetricsRegistry } from '../core/metrics.ts';
 import { assertDeviceId } from '../core/topics.ts';
 import type { ArtifactStore } from './artifacts.ts';
 import type { CommandRecord } from './commands.ts';
+import type { DeadLetters } from './dead-letters.ts';
 import type { Registry } from './registry.ts';
 
 export interface ApiDeps {
@@ -27,6 +28,8 @@ export interface ApiDeps {
   };
   /** bundles for devices (hub/artifacts.ts) */
   artifacts?: ArtifactStore;
+  /** messages acknowledged but not routed (hub/dead-letters.ts) */
+  deadLetters?: Pick<DeadLetters, 'list' | 'stats'>;
 }
 
 const DesiredBody = z
@@ -87,6 +90,20 @@ export function buildApi(d: ApiDeps): Router {
   });
   r.get('/metrics', (ctx) => sendText(ctx.res, 200, PROM_CONTENT_TYPE, d.metrics.render()));
   r.get('/api/v1/devices', () => ({ counts: d.registry.counts(), devices: d.registry.list() }), read);
+  if (d.deadLetters) {
+    const dl = d.deadLetters;
+    r.get(
+      '/api/v1/dead-letters',
+      async (ctx) => {
+        const after = ctx.url.searchParams.get('after') ?? undefined;
+        if (after !== undefined && !/^[0-9]{15}![0-9]{9}$/.test(after)) throw new FleetError('FLEET_HTTP_BAD_REQUEST', 'query parameter after must be the id of a dead letter');
+        const items = await dl.list(intParam(ctx.url, 'limit', 100, 1000), after);
+        // oldest first; the next page starts after the last id
+        return { ...dl.stats(), deadLetters: items, next: items.at(-1)?.id ?? null };
+      },
+      read,
+    );
+  }
   r.get(
     '/api/v1/devices/:id',
     (ctx) => {

@@ -8,8 +8,9 @@ import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
-import { isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
+import { deviceTopic, isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
 import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
+import type { DeadLetterInput } from './dead-letters.ts';
 import type { Deduplicator, PendingMid } from './dedup.ts';
 import { CopyFilter, ReplayGate, disableCounterDedupe, orderPersistence } from './delivery-order.ts';
 
@@ -40,6 +41,12 @@ export interface BrokerOptions {
    * done here already.
    */
   onRouted?: (deviceId: string, channel: Channel, payload: Buffer) => void;
+  /**
+   * Told of every message acknowledged but not routed, other than duplicates: refused by
+   * the ACL, over the payload limit, malformed or without a mid (hub/dead-letters.ts keeps
+   * them). `from` is the client id of the sender.
+   */
+  onRefused?: (from: string, items: DeadLetterInput[]) => void;
 }
 
 export const OPERATOR_USERNAME = 'operator';
@@ -189,7 +196,8 @@ export class HubBroker {
     if (client === null) return done(null);
     const identity = this.identities.get(client);
     if (!identity) return done(new Error('publish refused: not authenticated'));
-    const deny = (why: string) => {
+    const deny = (why: string, reason: DeadLetterInput['reason'] = 'acl') => {
+      this.opts.onRefused?.(client.id, [{ topic: packet.topic, payload, reason, detail: why }]);
       this.opts.denied.inc({ action: 'publish' });
       this.opts.log.warn('mqtt publish refused', { client: client.id, topic: packet.topic, why });
       // MQTT 3.1.1 cannot refuse one PUBLISH, and closing the connection (aedes' answer to
@@ -199,7 +207,7 @@ export class HubBroker {
       done(null);
     };
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-    if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`);
+    if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`, 'too_large');
     if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf)) return deny('topic outside the ACL');
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
@@ -207,13 +215,14 @@ export class HubBroker {
       try {
         this.applyRegistration(identity.id, decodeMessage('register', payload).mcus);
       } catch (err) {
-        return deny(`bad register message: ${(err as Error).message}`);
+        return deny(`bad register message: ${(err as Error).message}`, 'invalid');
       }
     }
     if (t.channel === 'batch') return this.acknowledgeAfter(client, packet, done, this.routeBatch(client, identity, payload));
     if (!OUTBOX_CHANNELS.has(t.channel)) return done(null); // state, register: aedes routes them after the PUBACK
     const v = this.judge(t.deviceId, t.channel, payload);
     if (!v.route) {
+      if (v.sink === REFUSED_TOPIC) this.opts.onRefused?.(client.id, [{ topic: packet.topic, payload, reason: 'invalid', detail: 'outbox message without a mid' }]);
       divert(packet, v.sink);
       return done(null);
     }
@@ -262,11 +271,13 @@ export class HubBroker {
     } catch (err) {
       this.opts.invalid.inc({ channel: 'batch' });
       this.opts.log.warn('malformed batch refused', { client: client.id, err });
+      this.opts.onRefused?.(client.id, [{ topic: deviceTopic(identity.id, 'batch'), payload, reason: 'invalid', detail: `malformed batch: ${(err as Error).message}` }]);
       return REFUSED_TOPIC;
     }
     this.opts.batches.inc();
     const accepted: RouteItem[] = [];
     const refused: string[] = [];
+    const dead: DeadLetterInput[] = [];
     let denied = 0;
     for (const item of items) {
       const t = parseTopic(item.topic);
@@ -277,19 +288,23 @@ export class HubBroker {
         denied++;
         if (refused.length < LOG_EXAMPLES) refused.push(item.topic);
         this.opts.batchItems.inc({ result: 'denied' });
+        dead.push({ topic: item.topic, payload: item.payload, reason: 'acl', detail: this.whyDenied(identity.id, t) });
         continue;
       }
       const v = this.judge(t.deviceId, t.channel, item.payload);
       if (!v.route) {
-        this.opts.batchItems.inc({ result: v.sink === DUPLICATE_TOPIC ? 'duplicate' : 'invalid' });
+        const dup = v.sink === DUPLICATE_TOPIC;
+        this.opts.batchItems.inc({ result: dup ? 'duplicate' : 'invalid' });
+        if (!dup) dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: 'outbox message without a mid' });
         continue;
       }
       accepted.push({ topic: item.topic, deviceId: t.deviceId, channel: t.channel, payload: item.payload, qos: 1, pending: v.pending });
     }
     if (denied > 0) {
       this.opts.denied.inc({ action: 'publish' }, denied);
-      this.opts.log.warn('batch items refused by the ACL', { client: client.id, denied, of: items.length, examples: refused });
+      this.opts.log.warn('batch items refused by the ACL (kept as dead letters)', { client: client.id, denied, of: items.length, examples: refused });
     }
+    if (dead.length > 0) this.opts.onRefused?.(client.id, dead);
     await this.route(accepted);
     this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
     return BATCH_TOPIC;
@@ -347,6 +362,15 @@ export class HubBroker {
     );
     this.routing.add(settled);
     void settled.finally(() => this.routing.delete(settled));
+  }
+
+  /** Why a batch item of `senderId` on topic `t` was refused by the ACL, for the dead letter. */
+  private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>): string {
+    if (!t) return 'not a fleet topic';
+    if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
+    const owner = this.claimedBy.get(t.deviceId);
+    if (owner !== undefined && owner !== senderId) return `MCU ${t.deviceId} is registered by gateway ${owner}, not by ${senderId}`;
+    return `${t.deviceId} is not among the MCUs ${senderId} registered`;
   }
 
   /** A gateway's MCU list; an id already claimed by another gateway, or not a device id, is ignored. */

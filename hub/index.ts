@@ -17,6 +17,7 @@ import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOpt
 import { decodeTelemetryFast } from './telemetry-fast.ts';
 import { HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
+import { DeadLetters } from './dead-letters.ts';
 import { Deduplicator } from './dedup.ts';
 import { Registry } from './registry.ts';
 
@@ -63,6 +64,10 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const registry = new Registry(registryDb);
   await registry.load();
   const dedup = await Deduplicator.open(await openStore<string>(join(config.stateDir, 'dedup'), 'utf8'), { window: config.dedupWindow, log });
+  const deadLettersDb = await openStore<string>(join(config.stateDir, 'dead-letters'), 'utf8');
+  const deadLetters = await DeadLetters.open(deadLettersDb, { log });
+  metrics.gaugeFn('fleet_hub_dead_letters', 'Messages acknowledged but not routed (ACL, invalid, too large), kept for the operator: GET /api/v1/dead-letters', () => [{ value: deadLetters.stats().records }]);
+  metrics.gaugeFn('fleet_hub_dead_letters_dropped', 'Dead letters dropped (oldest first) to stay within their bounds since the hub started', () => [{ value: deadLetters.stats().evicted }]);
   const broker = await HubBroker.create({
     db: brokerDb,
     log,
@@ -78,6 +83,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     batchItems,
     onDuplicate: (id) => registry.countDuplicate(id),
     onRouted: (id, channel, payload) => consume(channel, id, payload),
+    onRefused: (from, items) => void deadLetters.add(from, items),
   });
   await broker.restoreDelegations();
 
@@ -184,7 +190,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   };
   const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch });
   let ready = true;
-  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, ready: () => ready && !broker.aedes.closed });
+  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, deadLetters, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
   log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
 
@@ -214,6 +220,8 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
       await dedup.close();
       await registry.flush();
       await registryDb.close();
+      await deadLetters.flush();
+      await deadLettersDb.close();
       await commands.close();
       await commandsDb.close();
       await brokerDb.close();
