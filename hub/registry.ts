@@ -42,10 +42,12 @@ const TRAFFIC_FLUSH_MS = 30_000;
 
 export class Registry extends EventEmitter {
   private readonly devices = new Map<string, DeviceRecord>();
+  /** records with a change of state, desired state or replies: written within FLUSH_MS */
   private readonly dirty = new Set<string>();
+  /** records whose traffic counters changed only: written within TRAFFIC_FLUSH_MS */
+  private readonly trafficDirty = new Set<string>();
   private flushTimer: NodeJS.Timeout | undefined;
-  /** when the pending flush fires, ms */
-  private flushAt = Infinity;
+  private trafficTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly db: Level<string, string>) {
     super();
@@ -69,14 +71,21 @@ export class Registry extends EventEmitter {
     return rec;
   }
 
-  /** Mark `rec` to be written within FLUSH_MS, or TRAFFIC_FLUSH_MS for traffic counters only. */
+  /**
+   * Mark `rec` to be written within FLUSH_MS, or TRAFFIC_FLUSH_MS when only its traffic
+   * counters changed. The quick flush writes only what needs it (MCUs coming online while
+   * others send would otherwise rewrite every busy record twice a second).
+   */
   private touch(rec: DeviceRecord, traffic = false): void {
+    if (traffic) {
+      if (this.dirty.has(rec.id)) return;
+      this.trafficDirty.add(rec.id);
+      this.trafficTimer ??= setTimeout(() => void this.flush(), TRAFFIC_FLUSH_MS);
+      return;
+    }
+    this.trafficDirty.delete(rec.id);
     this.dirty.add(rec.id);
-    const due = Date.now() + (traffic ? TRAFFIC_FLUSH_MS : FLUSH_MS);
-    if (due >= this.flushAt) return;
-    clearTimeout(this.flushTimer);
-    this.flushAt = due;
-    this.flushTimer = setTimeout(() => void this.flush(), due - Date.now());
+    this.flushTimer ??= setTimeout(() => void this.flush(false), FLUSH_MS);
   }
 
   /** The broker dropped a duplicate for this device (counted only for devices known here). */
@@ -166,13 +175,21 @@ export class Registry extends EventEmitter {
     return { total: this.devices.size, online, byKind };
   }
 
-  async flush(): Promise<void> {
+  /** Write the changed records: all of them, or (`all` false) those with more than traffic changed. */
+  async flush(all = true): Promise<void> {
     clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
-    this.flushAt = Infinity;
-    if (this.dirty.size === 0) return;
-    const ops = [...this.dirty].map((id) => ({ type: 'put' as const, key: id, value: JSON.stringify(this.devices.get(id)) }));
+    const ids = [...this.dirty];
     this.dirty.clear();
+    if (all) {
+      clearTimeout(this.trafficTimer);
+      this.trafficTimer = undefined;
+      for (const id of this.trafficDirty) ids.push(id);
+      this.trafficDirty.clear();
+    }
+    if (ids.length === 0) return;
+    const ops = ids.map((id) => ({ type: 'put' as const, key: id, value: JSON.stringify(this.devices.get(id)) }));
     await this.db.batch(ops);
   }
+
 }
