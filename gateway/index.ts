@@ -1,7 +1,7 @@
 import { mkdirSync, readFileSync, statSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { join } from 'node:path';
-import { createSecureContext } from 'node:tls';
+import { loadTlsPair } from '../core/tls.ts';
 import { FleetError, isFleetError } from '../core/errors.ts';
 import { listenHttp, sendJson, sendText, type Listening } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
@@ -325,38 +325,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   };
 }
 
-/**
- * Read and check the MCU TLS certificate and key (mcu.mqttTls). A file that cannot be read
- * or parsed, or a key that does not belong to the certificate, fails the start with
- * FLEET_CONFIG_INVALID naming the config key and the file.
- */
+/** Read and check the MCU TLS certificate and key (mcu.mqttTls): see core/tls.ts. */
 function loadMcuTls(tls: NonNullable<GatewayConfig['mcu']['mqttTls']>, log: Logger): LeanTlsOptions & { port: number } {
-  const bad = (keys: Array<'cert' | 'key'>, msg: string, cause: unknown) =>
-    new FleetError('FLEET_CONFIG_INVALID', `${keys.map((k) => `mcu.mqttTls.${k}`).join(' and ')}: ${msg}`, {
-      cause,
-      details: { keys: keys.map((k) => `mcu.mqttTls.${k}`), files: keys.map((k) => tls[k]) },
-    });
-  const load = (k: 'cert' | 'key'): Buffer => {
-    let pem: Buffer;
-    try {
-      pem = readFileSync(tls[k]);
-    } catch (err) {
-      throw bad([k], `cannot read ${tls[k]}: ${(err as Error).message}`, err);
-    }
-    try {
-      createSecureContext(k === 'cert' ? { cert: pem } : { key: pem });
-    } catch (err) {
-      throw bad([k], `${tls[k]} is not a PEM ${k === 'cert' ? 'certificate' : 'private key'}: ${(err as Error).message}`, err);
-    }
-    return pem;
-  };
-  const cert = load('cert');
-  const key = load('key');
-  try {
-    createSecureContext({ cert, key });
-  } catch (err) {
-    throw bad(['cert', 'key'], `the key ${tls.key} does not belong to the certificate ${tls.cert}: ${(err as Error).message}`, err);
-  }
-  if ((statSync(tls.key).mode & 0o077) !== 0) log.warn('the MCU TLS key file can be read by other users; make it mode 0600', { file: tls.key });
-  return { port: tls.port, cert, key };
+  return { port: tls.port, ...loadTlsPair(tls, 'mcu.mqttTls', log) };
 }

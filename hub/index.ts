@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { listenHttp, listenOn, type Listening } from '../core/http.ts';
 import { isLoopback } from '../core/net.ts';
+import { loadTlsPair } from '../core/tls.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, encodeMessage, type DesiredState } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
@@ -44,6 +45,8 @@ export interface HubOptions {
 }
 
 export async function startHub(config: HubConfig, log: Logger, options: HubOptions = {}): Promise<HubHandle> {
+  // checked before anything is opened: a bad path fails the start naming the config key
+  const tlsPair = config.tls ? loadTlsPair(config.tls, 'tls', log) : null;
   setNativeDir(config.stateDir);
   const fleetSecretFile = join(config.stateDir, 'fleet.secret');
   const operatorTokenFile = join(config.stateDir, 'operator.token');
@@ -161,8 +164,8 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
   let mqttsServer: NetServer | null = null;
   let mqttsPort: number | null = null;
-  if (config.tls) {
-    mqttsServer = createTlsServer({ cert: readFileSync(config.tls.cert), key: readFileSync(config.tls.key), minVersion: 'TLSv1.2' }, broker.aedes.handle);
+  if (tlsPair) {
+    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2' }, broker.aedes.handle);
     mqttsPort = await listenOn(mqttsServer, config.host, config.mqttsPort, config.portFallback);
   }
 

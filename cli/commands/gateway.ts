@@ -42,7 +42,7 @@ export const gatewayCommand = defineCommand({
     'mqtt-port': 'MCU MQTT port (default 1884; 0 = any free port)',
     'coap-port': 'MCU CoAP port, UDP (default 5683; 0 = any free port)',
     'state-dir': 'MCU replay counters and known MCUs',
-    'ready-file': 'write {pid, mqttPort, coapPort, siteSecretFile} here once listening',
+    'ready-file': 'write {pid, mqttPort, mqttTlsPort, coapPort, siteSecretFile} here once listening',
     'firmware-trust': 'trust root (root.json) MCU firmware bundles must verify against; without it firmware updates are refused',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
   },
@@ -80,7 +80,7 @@ export const gatewayCommand = defineCommand({
     const { config } = loadConfig(GatewayConfigSchema, { file: strFlag(values, 'config'), overrides });
     const log = createLogger({ name: 'gateway', level: logLevelFromEnv() ?? 'info' });
     const gw = await startGateway(config, log, VERSION, { verifyFirmware: config.firmwareTrustFile ? firmwareVerifier(config.firmwareTrustFile, join(config.stateDir, 'firmware')) : undefined });
-    writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
+    writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, mqttTlsPort: gw.mqttTlsPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
     return runUntilSignal(() => gw.stop(), { dieWithParent: values['die-with-parent'] === true });
   },
 });

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -14,7 +14,7 @@ import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway } from '../../gateway/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { makeCert, tempDir, testLogger, waitFor } from '../helpers.ts';
 import { of, withEnv } from './env.ts';
 
 /**
@@ -22,15 +22,6 @@ import { of, withEnv } from './env.ts';
  * and mosquitto's clients as the MCU (the same peers as test/gateway/interop.test.ts).
  */
 const run = promisify(execFile);
-
-/** A self-signed P-256 certificate for 127.0.0.1 (SAN IP, so clients verify the host). */
-function makeCert(dir: string, name: string): { cert: string; key: string } {
-  const cert = join(dir, `${name}.crt`);
-  const key = join(dir, `${name}.key`);
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', `/CN=${name}`, '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'], { stdio: 'ignore' });
-  chmodSync(key, 0o600);
-  return { cert, key };
-}
 
 const mqttArgs = (port: number, site: string, id: string, password = mcuKey(site, id)) => ['-h', '127.0.0.1', '-p', String(port), '-V', 'mqttv311', '-i', id, '-u', id, '-P', password, '-q', '1'];
 /** mosquitto clients give up on their own; this only bounds a hung one */
