@@ -45,6 +45,56 @@ const UPLOAD_IDLE_MS = 60_000;
  * package's response cache without reaching the handler (RFC 7252 §4.5), so a lost ACK
  * does not turn into a "replay".
  */
+/**
+ * Bytes of responses the coap package keeps for answering retransmitted requests (RFC 7252
+ * §4.5; counted as the response datagrams' bytes, about 10-20 each for our ACKs). Its
+ * default, 32 MiB, let it hold millions of entries for EXCHANGE_LIFETIME (247 s); this
+ * holds about 500,000: 50 s of 10,000 requests a second, beyond MAX_TRANSMIT_SPAN (45 s),
+ * the longest a client retransmits. The oldest go first when it is full.
+ */
+const RESPONSE_CACHE_BYTES = 8 * 1024 * 1024;
+/**
+ * How long a response may take and still go back piggybacked on the ACK (the package's
+ * default is 50 ms). Telemetry is answered once it is in the outbox, a group commit with
+ * fsync, which under load takes longer than 50 ms; the package then sends an empty ACK and
+ * the answer as a separate confirmable response the MCU must acknowledge: twice the
+ * datagrams, in both directions, just when the gateway is busiest. 1 s stays below the
+ * MCU's first retransmission (ACK_TIMEOUT, 2 s) [RFC 7252 §5.2.1].
+ */
+const PIGGYBACK_MS = 1000;
+
+interface CachedResponse extends Buffer {
+  sender?: { reset(): void };
+}
+
+/**
+ * The coap package answers every request through a RetrySend whose timeout timer (MAX_RTT,
+ * about 5 minutes, for a piggybacked ACK) keeps the sender, the response stream and the
+ * request alive, and caches the response with the sender attached: measured 350 KB of
+ * gateway memory per MCU at 2,000 CoAP MCUs sending once a second (scripts/bench/
+ * gateway-scale.mjs --protocol coap), growing with the message rate. A response that is not
+ * confirmable (an ACK, or a NON) is never retransmitted by the server, so once it is sent
+ * its timers are cleared and the sender dropped from the cache entry; the datagram stays
+ * cached for retransmitted requests. Confirmable responses (separate responses, Observe
+ * notifications) keep their sender: it retransmits them until the MCU acknowledges.
+ */
+function releaseAnsweredExchanges(server: Server): void {
+  const lru = (server as unknown as { _lru?: { set(key: string, value: CachedResponse): unknown } })._lru;
+  if (!lru || typeof lru.set !== 'function') return; // package internals changed: its defaults then apply
+  const set = lru.set.bind(lru);
+  lru.set = (key, buf) => {
+    const r = set(key, buf);
+    // the package attaches the sender and sends right after set(), in the same turn
+    queueMicrotask(() => {
+      const type = (buf[0]! >> 4) & 0x03; // 0 CON, 1 NON, 2 ACK, 3 RST
+      if (type === 0 || !buf.sender) return;
+      buf.sender.reset();
+      delete buf.sender;
+    });
+    return r;
+  };
+}
+
 export class McuCoapIngress {
   /** responses not ended yet: ended before the server closes (FACTS.md: closing under a pending response crashes) */
   private readonly open = new Set<OutgoingMessage>();
@@ -83,7 +133,8 @@ export class McuCoapIngress {
         resolve(socket.address().port);
       });
     });
-    const server = createServer({ type: isIPv6(opts.host) ? 'udp6' : 'udp4' });
+    const server = createServer({ type: isIPv6(opts.host) ? 'udp6' : 'udp4', cacheSize: RESPONSE_CACHE_BYTES, piggybackReplyMs: PIGGYBACK_MS });
+    releaseAnsweredExchanges(server);
     // Every Block2 request must reach the handler (MAC check, progress per MCU), and one
     // cached copy of a firmware image per token would be memory for nothing: the
     // package's Block2 cache is switched off; the handler answers any block from the

@@ -33,6 +33,8 @@ const { values } = parseArgs({
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
+    // how the simulated MCUs reach the gateway; the Mosquitto reference is always MQTT
+    protocol: { type: 'string', default: 'mqtt' },
     // V8 flags for the gateway and hub processes, e.g. "--max-semi-space-size=16"
     'node-flags': { type: 'string', default: '' },
   },
@@ -40,6 +42,8 @@ const { values } = parseArgs({
 const N = Number(values.devices);
 const SIMS = Number(values.sims ?? (N > 3000 ? 2 : 1));
 const INTERVAL = Number(values['interval-ms']);
+const PROTOCOL = values.protocol;
+if (PROTOCOL !== 'mqtt' && PROTOCOL !== 'coap') throw new Error(`--protocol must be mqtt or coap, not ${PROTOCOL}`);
 const WINDOW_S = Number(values['window-s']);
 const RAMP_S = Number(values['ramp-s']);
 const SETTLE_S = Number(values['settle-s']);
@@ -188,8 +192,8 @@ class Meter {
   }
 }
 
-const simArgs = (port, i, statsFile) => [
-  'sim', '--devices', String(perSim), '--first-index', String(i * perSim + 1), '--protocol', 'mqtt', '--gateway-host', '127.0.0.1', '--mqtt-port', String(port),
+const simArgs = (port, i, statsFile, protocol) => [
+  'sim', '--devices', String(perSim), '--first-index', String(i * perSim + 1), '--protocol', protocol, '--gateway-host', '127.0.0.1', protocol === 'coap' ? '--coap-port' : '--mqtt-port', String(port),
   '--site-secret-file', join(dir, 'site.secret'), '--interval-ms', String(INTERVAL), '--start-jitter-ms', String(RAMP_S * 1000), '--prefix', 'bench-',
   '--stats-file', statsFile, '--stats-every-ms', '1000',
 ];
@@ -198,13 +202,13 @@ const simArgs = (port, i, statsFile) => [
  * One phase: start the sims against `port`, wait for every device connected, settle,
  * measure a window, stop the sims and wait for the stragglers.
  */
-async function phase(name, port, meter, server) {
+async function phase(name, port, meter, server, protocol = 'mqtt') {
   const sims = [];
   const statsFiles = [];
   for (let i = 0; i < SIMS; i++) {
     const f = join(dir, `${name}-sim-${i}.stats.json`);
     statsFiles.push(f);
-    sims.push(fleetlet(`${name}-sim-${i}`, simArgs(port, i, f)));
+    sims.push(fleetlet(`${name}-sim-${i}`, simArgs(port, i, f, protocol)));
   }
   const simStats = () => statsFiles.map((f) => { try { return JSON.parse(readFileSync(f, 'utf8')); } catch { return null; } });
   const sum = (k) => simStats().reduce((a, s) => a + (s?.[k] ?? 0), 0);
@@ -321,7 +325,7 @@ async function phase(name, port, meter, server) {
 const perDevice = (r, rss0) => Math.round(((r.serverRssKbEnd - rss0) / Math.max(1, r.connectedAtEnd)) * 10) / 10;
 
 async function gatewayPhase() {
-  progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} MQTT devices every ${INTERVAL} ms`);
+  progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} ${PROTOCOL.toUpperCase()} devices every ${INTERVAL} ms`);
   // --cpu-prof: the gateway and the hub write V8 CPU profiles on exit (to find what limits them)
   const profDir = join(ROOT, '.tmp', `gateway-scale-prof-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`);
   const nodeFlags = values['node-flags'].split(' ').filter(Boolean);
@@ -365,7 +369,7 @@ async function gatewayPhase() {
     gwExit = { code, signal, at: new Date().toISOString() };
     progress(`gateway process exited (${signal ?? `code ${code}`}) during the run`);
   });
-  const r = await phase('gateway', gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics` });
+  const r = await phase('gateway', PROTOCOL === 'coap' ? gwReady.coapPort : gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics` }, PROTOCOL);
   if (gwExit) {
     // the figures after a crash are not the gateway's: say so, with what it printed
     let tail = '';
@@ -435,7 +439,7 @@ const machine = {
 // the sims need the site secret before the gateway creates one
 writeFileSync(join(dir, 'site.secret'), (await import('node:crypto')).randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
 
-const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, nodeFlags: values['node-flags'] || null };
+const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, protocol: PROTOCOL, nodeFlags: values['node-flags'] || null };
 let exit = 0;
 try {
   if (values.only !== 'mosquitto') {
@@ -484,7 +488,7 @@ const rows = [
 ];
 result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
 const fmt = (v) => (v === null || v === undefined ? '—' : typeof v === 'number' ? String(Math.round(v * 10) / 10) : String(v));
-console.log(`gateway-scale — ${N} MQTT devices × ${1000 / INTERVAL} msg/s (${TARGET_RATE} msg/s offered), ${SIMS} sim process(es), ${WINDOW_S} s window; ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.mosquitto}`);
+console.log(`gateway-scale — ${N} ${PROTOCOL.toUpperCase()} devices (Mosquitto: MQTT) × ${1000 / INTERVAL} msg/s (${TARGET_RATE} msg/s offered), ${SIMS} sim process(es), ${WINDOW_S} s window; ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.mosquitto}`);
 console.log('| figure | gateway → hub | Mosquitto | ratio | target | pass |');
 console.log('|---|---:|---:|---:|---|---|');
 for (const r of result.table) console.log(`| ${r.figure} | ${fmt(r.gateway)} | ${fmt(r.mosquitto)} | ${r.ratio} | ${r.target} | ${r.pass === null ? '' : r.pass ? 'pass' : 'FAIL'} |`);
