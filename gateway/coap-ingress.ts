@@ -1,6 +1,6 @@
 import { createSocket, type Socket } from 'node:dgram';
 import { isIPv6, type AddressInfo } from 'node:net';
-import { createServer, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
+import { createServer, updateTiming, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { mcuKey, parseCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
@@ -62,6 +62,15 @@ const RESPONSE_CACHE_BYTES = 8 * 1024 * 1024;
  * MCU's first retransmission (ACK_TIMEOUT, 2 s) [RFC 7252 §5.2.1].
  */
 const PIGGYBACK_MS = 1000;
+/**
+ * MAX_LATENCY of RFC 7252 §4.8.2, s: the package's default is the RFC's 100 s, meant for
+ * the Internet, which makes EXCHANGE_LIFETIME (how long answers stay cached for
+ * retransmissions) 247 s. MCUs reach their gateway over the site's LAN or Wi-Fi; 5 s gives
+ * 57 s, still beyond MAX_TRANSMIT_SPAN (45 s), the last moment a client retransmits, and a
+ * quarter of the cache's memory (measured: 107 KB per MCU sending once a second with 247 s).
+ * It is the coap package's process-wide timing; the gateway is its only user in the process.
+ */
+const MAX_LATENCY_S = 5;
 
 interface CachedResponse extends Buffer {
   sender?: { reset(): void };
@@ -133,6 +142,8 @@ export class McuCoapIngress {
         resolve(socket.address().port);
       });
     });
+    // before the server is made: its response cache takes EXCHANGE_LIFETIME as it is then
+    updateTiming({ maxLatency: MAX_LATENCY_S });
     const server = createServer({ type: isIPv6(opts.host) ? 'udp6' : 'udp4', cacheSize: RESPONSE_CACHE_BYTES, piggybackReplyMs: PIGGYBACK_MS });
     releaseAnsweredExchanges(server);
     // Every Block2 request must reach the handler (MAC check, progress per MCU), and one
