@@ -47,6 +47,14 @@ export interface BrokerOptions {
    * them). `from` is the client id of the sender.
    */
   onRefused?: (from: string, items: DeadLetterInput[]) => void;
+  /**
+   * An MCU claimed by one gateway moves to another that lists it in its register and sends
+   * for it, once the first is offline or has sent nothing for the MCU this long (ms).
+   * Default 5 minutes.
+   */
+  mcuClaimIdleMs?: number;
+  /** MCU claims moved from one gateway to another */
+  claimsMoved?: Counter;
 }
 
 export const OPERATOR_USERNAME = 'operator';
@@ -87,8 +95,14 @@ export class HubBroker {
   private readonly identities = new WeakMap<Client, Identity>();
   /** gateway id → MCU ids it acts for (from its retained register message) */
   private readonly delegations = new Map<string, Set<string>>();
-  /** MCU id → the gateway that claimed it first */
+  /** MCU id → the gateway that holds its claim */
   private readonly claimedBy = new Map<string, string>();
+  /** gateway id → every MCU id its register lists (also those another gateway holds) */
+  private readonly wanted = new Map<string, ReadonlySet<string>>();
+  /** MCU id → when its holder last claimed it or sent for it, ms */
+  private readonly claimActive = new Map<string, number>();
+  /** connected device ids (a count: a takeover connects before the old one is gone) */
+  private readonly online = new Map<string, number>();
   /** everything still routing, for close() to wait on */
   private readonly routing = new Set<Promise<void>>();
   /** connected clients (registered with aedes), for drain() */
@@ -137,8 +151,16 @@ export class HubBroker {
     aedes.authorizePublish = hub.authorizePublish;
     aedes.authorizeSubscribe = hub.authorizeSubscribe;
     aedes.authorizeForward = hub.authorizeForward;
-    aedes.on('client', (client) => hub.clients.add(client));
-    aedes.on('clientDisconnect', (client) => hub.clients.delete(client));
+    aedes.on('client', (client) => {
+      hub.clients.add(client);
+      hub.online.set(client.id, (hub.online.get(client.id) ?? 0) + 1);
+    });
+    aedes.on('clientDisconnect', (client) => {
+      if (!hub.clients.delete(client)) return;
+      const n = (hub.online.get(client.id) ?? 1) - 1;
+      if (n > 0) hub.online.set(client.id, n);
+      else hub.online.delete(client.id);
+    });
     aedes.on('clientError', (client, err) => opts.log.debug('mqtt client error', { client: client?.id, err }));
     aedes.on('connectionError', (client, err) => opts.log.debug('mqtt connection error', { client: client?.id, err }));
     return hub;
@@ -208,7 +230,7 @@ export class HubBroker {
     };
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
     if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`, 'too_large');
-    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf)) return deny('topic outside the ACL');
+    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain)) return deny('topic outside the ACL');
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
     if (t.channel === 'register') {
@@ -231,6 +253,7 @@ export class HubBroker {
     // all when that write fails (connection lost while waiting for the socket to drain):
     // its mid admitted, the sender's resend would then be dropped as a duplicate.
     // Starting every route here also keeps the wire order (see route()).
+    if (t.deviceId !== identity.id) this.claimActive.set(t.deviceId, Date.now());
     const routed = this.route([{ topic: packet.topic, deviceId: t.deviceId, channel: t.channel, payload, qos: packet.qos, pending: v.pending }]).then(() => ROUTED_TOPIC);
     this.acknowledgeAfter(client, packet, done, routed);
   };
@@ -279,12 +302,13 @@ export class HubBroker {
     const refused: string[] = [];
     const dead: DeadLetterInput[] = [];
     let denied = 0;
+    let mcuItems = 0;
     for (const item of items) {
       const t = parseTopic(item.topic);
       // only outbox channels travel in a batch: a state or register item would lose its
       // retain flag (and register its effect on the ACL), a nested batch would reach
       // subscribers as raw bytes
-      if (!t || !OUTBOX_CHANNELS.has(t.channel) || !canPublish(identity, item.topic, false, this.mcusOf)) {
+      if (!t || !OUTBOX_CHANNELS.has(t.channel) || (!canPublish(identity, item.topic, false, this.mcusOf) && !this.claimMoves(identity, item.topic, false))) {
         denied++;
         if (refused.length < LOG_EXAMPLES) refused.push(item.topic);
         this.opts.batchItems.inc({ result: 'denied' });
@@ -299,12 +323,17 @@ export class HubBroker {
         continue;
       }
       accepted.push({ topic: item.topic, deviceId: t.deviceId, channel: t.channel, payload: item.payload, qos: 1, pending: v.pending });
+      if (t.deviceId !== identity.id) mcuItems++;
     }
     if (denied > 0) {
       this.opts.denied.inc({ action: 'publish' }, denied);
       this.opts.log.warn('batch items refused by the ACL (kept as dead letters)', { client: client.id, denied, of: items.length, examples: refused });
     }
     if (dead.length > 0) this.opts.onRefused?.(client.id, dead);
+    if (mcuItems > 0) {
+      const now = Date.now();
+      for (const it of accepted) if (it.deviceId !== identity.id) this.claimActive.set(it.deviceId, now);
+    }
     await this.route(accepted);
     this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
     return BATCH_TOPIC;
@@ -369,26 +398,72 @@ export class HubBroker {
     if (!t) return 'not a fleet topic';
     if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
     const owner = this.claimedBy.get(t.deviceId);
-    if (owner !== undefined && owner !== senderId) return `MCU ${t.deviceId} is registered by gateway ${owner}, not by ${senderId}`;
+    if (owner !== undefined && owner !== senderId) {
+      const how = this.wanted.get(senderId)?.has(t.deviceId) ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (and ${senderId}'s register does not list it)`;
+      return `MCU ${t.deviceId} is registered by gateway ${owner}${how}, not by ${senderId}`;
+    }
     return `${t.deviceId} is not among the MCUs ${senderId} registered`;
   }
 
-  /** A gateway's MCU list; an id already claimed by another gateway, or not a device id, is ignored. */
+  /**
+   * A gateway's MCU list. An id another gateway holds is not given to this one now, but
+   * remembered: it may move here later (claimMoves). Ids that are not device ids are ignored.
+   */
   applyRegistration(gatewayId: string, mcus: readonly string[]): void {
     const set = new Set<string>();
+    const want = new Set<string>();
+    const now = Date.now();
     for (const id of mcus) {
       if (!isDeviceId(id) || id === gatewayId) continue;
+      want.add(id);
       const owner = this.claimedBy.get(id);
       if (owner !== undefined && owner !== gatewayId) {
         this.opts.log.warn('MCU already registered by another gateway', { mcu: id, gateway: gatewayId, owner });
         continue;
       }
+      if (owner === undefined) this.claimActive.set(id, now);
       this.claimedBy.set(id, gatewayId);
       set.add(id);
     }
-    for (const old of this.delegations.get(gatewayId) ?? []) if (!set.has(old)) this.claimedBy.delete(old);
+    for (const old of this.delegations.get(gatewayId) ?? []) {
+      if (set.has(old)) continue;
+      this.claimedBy.delete(old);
+      this.claimActive.delete(old);
+    }
     this.delegations.set(gatewayId, set);
+    this.wanted.set(gatewayId, want);
   }
+
+  /**
+   * A device published for `topic` outside its ACL: when it is a gateway that lists the
+   * topic's MCU in its register, and the gateway holding the MCU is offline or has not sent
+   * for it in `mcuClaimIdleMs`, the MCU moves to this gateway (it roamed, or its old gateway
+   * was replaced) and true is returned. Otherwise false: the publish stays refused (a dead
+   * letter). A fresh claim counts as activity, so a claim is never taken within that time
+   * of being made while its holder is connected.
+   */
+  private claimMoves(identity: Identity, topic: string, retain: boolean): boolean {
+    if (identity.kind !== 'device') return false;
+    const t = parseTopic(topic);
+    if (!t || t.channel === 'register' || t.channel === 'batch' || (retain && t.channel !== 'state')) return false;
+    const mcu = t.deviceId;
+    const owner = this.claimedBy.get(mcu);
+    if (owner === undefined || owner === identity.id || !this.wanted.get(identity.id)?.has(mcu)) return false;
+    const now = Date.now();
+    const idleMs = now - (this.claimActive.get(mcu) ?? 0);
+    const ownerOnline = this.online.has(owner);
+    if (ownerOnline && idleMs < (this.opts.mcuClaimIdleMs ?? 300_000)) return false;
+    this.delegations.get(owner)?.delete(mcu);
+    let mine = this.delegations.get(identity.id);
+    if (!mine) this.delegations.set(identity.id, (mine = new Set()));
+    mine.add(mcu);
+    this.claimedBy.set(mcu, identity.id);
+    this.claimActive.set(mcu, now);
+    this.opts.claimsMoved?.inc();
+    this.opts.log.info('MCU moved to another gateway', { mcu, from: owner, to: identity.id, fromOnline: ownerOnline, idleS: Math.round(idleMs / 1000) });
+    return canPublish(identity, topic, retain, this.mcusOf);
+  }
+
 
   private authorizeSubscribe = (client: Client, sub: Subscription, done: (err: Error | null, sub?: Subscription | null) => void): void => {
     const identity = this.identities.get(client);

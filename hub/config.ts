@@ -25,6 +25,8 @@ export const HubConfigSchema = z
     maxPayloadBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(1024 * 1024),
     /** HTTP requests per second per client address */
     httpRateLimit: z.number().int().min(0).default(50),
+    /** an MCU moves to another gateway that registers it and sends for it once its gateway is offline or has not sent for it this long, ms */
+    mcuClaimIdleMs: z.number().int().min(1000).default(300_000),
     /** largest bundle the artifact store accepts (POST /api/v1/artifacts), bytes */
     artifactMaxBytes: z.number().int().min(1024).default(2 * 1024 ** 3),
   })

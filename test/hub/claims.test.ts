@@ -1,0 +1,72 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { encodeBatch } from '../../core/batch.ts';
+import { encodeMessage } from '../../core/messages.ts';
+import { deviceTopic } from '../../core/topics.ts';
+import { waitFor } from '../helpers.ts';
+import { connectDevice, metric, telemetry, withHub } from './harness.ts';
+
+const register = (gw: string, mcus: string[]) => [deviceTopic(gw, 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus }), { qos: 1 as const, retain: true }] as const;
+const batchOf = (gw: string, mcu: string, mid: string) => [deviceTopic(gw, 'batch'), encodeBatch([{ topic: deviceTopic(mcu, 'telemetry'), payload: telemetry(mid) }]), { qos: 1 as const }] as const;
+
+test('MCU claims: an MCU moves to a gateway that registers it and sends for it once its gateway is offline or idle for it, never while that one is connected and active', async () => {
+  await withHub(
+    async (hub, ctx) => {
+      const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+      await a.publishAsync(...register('gw-a', ['esp-1']));
+      await a.publishAsync(...batchOf('gw-a', 'esp-1', '100'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 1);
+
+      // gw-b hears esp-1 too while gw-a is connected and active: refused (a dead letter)
+      const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+      await b.publishAsync(...register('gw-b', ['esp-1', 'esp-2']));
+      await b.publishAsync(...batchOf('gw-b', 'esp-1', '200'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 1);
+      assert.equal(hub.broker.mcusOf('gw-b')?.has('esp-1'), false);
+      assert.equal(await metric(hub, 'fleet_hub_mcu_claims_moved_total'), 0);
+
+      // gw-a goes away: the next reading through gw-b moves esp-1 there and is routed
+      const clients = hub.broker.aedes.connectedClients;
+      await a.endAsync();
+      await waitFor(() => hub.broker.aedes.connectedClients === clients - 1, 'gw-a gone at the hub');
+      await b.publishAsync(...batchOf('gw-b', 'esp-1', '201'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 2);
+      assert.equal(hub.broker.mcusOf('gw-b')?.has('esp-1'), true);
+      assert.equal(hub.broker.mcusOf('gw-a')?.has('esp-1'), false);
+      assert.equal(await metric(hub, 'fleet_hub_mcu_claims_moved_total'), 1);
+      // a direct publish (state, as a gateway reports an MCU) goes too now
+      await b.publishAsync(deviceTopic('esp-1', 'state'), encodeMessage({ v: 1, online: true, kind: 'mcu', ts: Date.now(), via: 'gw-b' }), { qos: 1, retain: true });
+      await waitFor(() => hub.registry.get('esp-1')?.via === 'gw-b', 'esp-1 via gw-b');
+
+      // gw-a is back and sends for esp-1 at once: gw-b holds it, connected and active
+      const a2 = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+      await a2.publishAsync(...batchOf('gw-a', 'esp-1', '101'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 2, 'refused while gw-b is active for it');
+      // ... but once gw-b has sent nothing for esp-1 for mcuClaimIdleMs (1 s here), the MCU
+      // is where it is heard now: back at gw-a, though gw-b stays connected
+      await sleep(1200);
+      await a2.publishAsync(...batchOf('gw-a', 'esp-1', '102'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 3);
+      assert.equal(hub.broker.mcusOf('gw-a')?.has('esp-1'), true);
+      assert.equal(await metric(hub, 'fleet_hub_mcu_claims_moved_total'), 2);
+
+      // a gateway whose register does not list the MCU never takes it, idle or not
+      const c = await connectDevice(ctx, 'gw-c', { reconnectPeriod: 0 });
+      await c.publishAsync(...register('gw-c', ['esp-3']));
+      await sleep(1200);
+      await c.publishAsync(...batchOf('gw-c', 'esp-1', '300'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 3);
+      assert.equal(hub.broker.mcusOf('gw-a')?.has('esp-1'), true);
+
+      // the refused readings are dead letters, with why
+      const dl = (await (await fetch(`${ctx.http}/api/v1/dead-letters`, { headers: { authorization: `Bearer ${ctx.operator}` } })).json()) as { deadLetters: Array<{ from: string; detail: string }> };
+      assert.deepEqual(dl.deadLetters.map((d) => d.from), ['gw-b', 'gw-a', 'gw-c']);
+      assert.match(dl.deadLetters[0]!.detail, /registered by gateway gw-a, which is connected and sent for it within 1 s/);
+      assert.match(dl.deadLetters[2]!.detail, /register does not list it/);
+      await Promise.all([a2.endAsync(), b.endAsync(), c.endAsync()]);
+    },
+    undefined,
+    { mcuClaimIdleMs: 1000 },
+  );
+});
