@@ -163,6 +163,14 @@ export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payloa
  * Encode a message as JSON with `v` and `mid` as its first keys: the hub reads `mid` for
  * de-duplication without parsing the whole message (core/batch.ts peekMid).
  */
+/**
+ * encodeMessage of a TelemetryBatch, byte for byte, without its copies (the gateway makes one
+ * per MCU reading: thousands a second).
+ */
+export function encodeTelemetry(mid: string, ts: number, samples: readonly Sample[]): Buffer {
+  return Buffer.from(JSON.stringify({ v: 1, mid, ts, samples }));
+}
+
 export function encodeMessage<M extends { v: number; mid?: string }>(msg: M): Buffer {
   // insertion order decides key order: v and mid first, the rest as given
   const { v, mid, ...rest } = msg;

@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { encodeMessage, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
+import { encodeMessage, encodeTelemetry, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
 import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
@@ -195,7 +195,7 @@ export class Relay {
     await this.opts.outbox.append({
       topic: deviceTopic(mcuId, 'telemetry'),
       priority: Priority.TELEMETRY,
-      payload: (mid) => encodeMessage({ v: 1, mid, ts, samples: samples as Sample[] } satisfies TelemetryBatch),
+      payload: (mid) => encodeTelemetry(mid, ts, samples),
     });
   }
 
@@ -233,7 +233,7 @@ export class Relay {
           return encodeBatch(
             items.map((it, k): BatchItem => ({
               topic: deviceTopic(it.mcuId, 'telemetry'),
-              payload: encodeMessage({ v: 1, mid: `${id}${String(k).padStart(3, '0')}`, ts: it.ts, samples: it.samples as Sample[] } satisfies TelemetryBatch),
+              payload: encodeTelemetry(`${id}${String(k).padStart(3, '0')}`, it.ts, it.samples),
             })),
           );
         },

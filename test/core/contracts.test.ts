@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { ERROR_CODES, isFleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
-import { decodeMessage } from '../../core/messages.ts';
+import { decodeMessage, encodeMessage, encodeTelemetry, type Sample } from '../../core/messages.ts';
 import { MetricsRegistry } from '../../core/metrics.ts';
 import { deviceTopic, parseTopic } from '../../core/topics.ts';
 import { canPublish, canSubscribe, mayReceive } from '../../hub/acl.ts';
@@ -27,6 +27,15 @@ test('messages: valid decode; invalid ones fail with FLEET_MSG_INVALID naming th
   ];
   for (const [channel, payload, re] of cases) {
     assert.throws(() => decodeMessage(channel as 'telemetry', payload), (e: unknown) => isFleetError(e, 'FLEET_MSG_INVALID') && re.test(e.message), payload);
+  }
+});
+
+test('messages: encodeTelemetry writes what encodeMessage writes for the same TelemetryBatch, byte for byte', () => {
+  const samples: Sample[][] = [[], [{ n: 'temp', v: 21.5, u: 'Cel', t: 1 }], [{ n: 'ok', vb: true, t: 2 }, { n: 's', vs: 'a "quoted" ü\n', t: 3 }, { n: 'big', v: -1e21, t: 4 }]];
+  for (const ss of samples) for (const mid of ['1', '123456789012345678']) {
+    const a = encodeTelemetry(mid, 1732000000000, ss);
+    assert.deepEqual(a, encodeMessage({ v: 1, mid, ts: 1732000000000, samples: ss }));
+    assert.deepEqual(decodeMessage('telemetry', a).samples, ss);
   }
 });
 
