@@ -112,6 +112,25 @@ export class ReplayGuard {
     return this.state.get(mcuId)?.high ?? 0;
   }
 
+  /**
+   * Would `accept` take `counter` from `mcuId` now? Throws what it would throw
+   * (FLEET_MCU_REPLAY, FLEET_FORBIDDEN, FLEET_MCU_AUTH) and records nothing: a message is
+   * checked before it is stored and its counter recorded only once it is (a message the
+   * gateway failed to store is then not refused as a replay when the MCU sends it again).
+   */
+  check(mcuId: string, counter: number): void {
+    if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', 'counter out of range');
+    const st = this.state.get(mcuId);
+    if (!st) {
+      if (this.state.size >= this.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `replay state for ${this.maxMcus} MCUs is full; refusing new MCU ${mcuId}`);
+      return;
+    }
+    if (counter > st.high) return;
+    const age = st.high - counter;
+    if (age >= this.window) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} is not above ${st.high - this.window} for ${mcuId}`, { details: { mcu: mcuId } });
+    if ((st.seen & ((1 << age) >>> 0)) !== 0) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} was already used by ${mcuId}`, { details: { mcu: mcuId } });
+  }
+
   /** Record `counter` for `mcuId`; FLEET_MCU_REPLAY when it was seen or is too old. Call only after the MAC verified. */
   accept(mcuId: string, counter: number): void {
     if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', 'counter out of range');
@@ -181,13 +200,30 @@ export interface VerifyInput {
 
 /**
  * The gateway's whole check for one message: counter well-formed, MAC valid, counter
- * not replayed (and then recorded). Throws FLEET_MCU_AUTH, FLEET_MCU_REPLAY or
- * FLEET_FORBIDDEN; returns the counter. The MAC is checked before any state is touched,
- * so an attacker without the key cannot move an MCU's counter.
+ * not replayed. Throws FLEET_MCU_AUTH, FLEET_MCU_REPLAY or FLEET_FORBIDDEN; returns the
+ * counter. `record` (default) records the counter at once; 'check' leaves that to the
+ * caller (`guard.accept` once the message is stored). The MAC is checked before any state
+ * is touched, so an attacker without the key cannot move an MCU's counter.
  */
-export function verifyMcuMessage(guard: ReplayGuard, input: VerifyInput): number {
+export function verifyMcuMessage(guard: ReplayGuard, input: VerifyInput, mode: 'record' | 'check' = 'record'): number {
   const counter = parseCounter(input.counter);
   verifyMcuMac(input.key, input.mcuId, input.resource, counter, input.payload, input.mac);
-  guard.accept(input.mcuId, counter);
+  if (mode === 'record') guard.accept(input.mcuId, counter);
+  else guard.check(input.mcuId, counter);
   return counter;
+}
+
+/**
+ * Record a counter checked earlier with verifyMcuMessage(…, 'check') whose message is now
+ * stored. A repeat recorded meanwhile (the MCU resent it on another connection while this
+ * one was being stored: both are stored, a duplicate, never a loss) and a guard that filled
+ * up meanwhile are not errors here; false then.
+ */
+export function recordCounter(guard: ReplayGuard, mcuId: string, counter: number): boolean {
+  try {
+    guard.accept(mcuId, counter);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -3,7 +3,7 @@ import { isIPv6, type AddressInfo } from 'node:net';
 import { createServer, updateTiming, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { mcuKey, parseCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
+import { mcuKey, parseCounter, recordCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
 import { buildCoapPacket, COAP_CODES, COAP_OPTION, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
 import { telemetryFormatOf } from '../firmware-bridge/codecs.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
@@ -253,14 +253,19 @@ export class McuCoapIngress {
     this.reply(res, code, fe.code);
   }
 
-  /** MAC and replay check; on failure the request is answered and false returned. */
-  private authenticate(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl, payload: Buffer, consume: boolean): boolean {
+  /**
+   * MAC and replay check; on failure the request is answered and 0 returned, else the
+   * counter. `consume`: 'now' records the counter at once; 'later' only checks it (the
+   * caller records it once the message is stored); false checks the MAC only.
+   */
+  private authenticate(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl, payload: Buffer, consume: 'now' | 'later' | false): number {
     const { mcuId } = url;
     try {
       const key = mcuKey(this.opts.siteSecret, mcuId);
-      if (consume) verifyMcuMessage(this.opts.guard, { key, mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload });
-      else verifyMcuMac(key, mcuId, url.resource, parseCounter(url.counter), payload, url.mac);
-      return true;
+      if (consume) return verifyMcuMessage(this.opts.guard, { key, mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload }, consume === 'now' ? 'record' : 'check');
+      const counter = parseCounter(url.counter);
+      verifyMcuMac(key, mcuId, url.resource, counter, payload, url.mac);
+      return counter;
     } catch (err) {
       if (isFleetError(err, 'FLEET_MCU_REPLAY')) this.refuse(res, COAP_CODES.UNAUTHORIZED, 'replay', err, mcuId);
       else if (isFleetError(err, 'FLEET_FORBIDDEN')) this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, 'mcu_limit', err, mcuId);
@@ -268,7 +273,7 @@ export class McuCoapIngress {
         this.opts.hooks.authFailed('coap');
         this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', err, mcuId);
       }
-      return false;
+      return 0;
     }
   }
 
@@ -310,7 +315,8 @@ export class McuCoapIngress {
     if (resource === 't' && telemetryFormat === null) {
       return this.refuse(res, COAP_CODES.UNSUPPORTED_FORMAT, 'unsupported', new FleetError('FLEET_MCU_DECODE', `content format ${String(format)} is not SenML JSON, SenML CBOR or the compact form`), mcuId);
     }
-    if (!this.authenticate(req, res, url, payload, true)) return;
+    const counter = this.authenticate(req, res, url, payload, 'later');
+    if (!counter) return;
     const svc = this.opts.service;
     let work: Promise<void>;
     try {
@@ -324,11 +330,13 @@ export class McuCoapIngress {
     // 2.04 only once it is stored: it tells the MCU it may forget it
     const p: Promise<void> = work.then(
       () => {
+        recordCounter(this.opts.guard, mcuId, counter);
         this.opts.hooks.accepted('coap', resource);
         this.reply(res, COAP_CODES.CHANGED);
       },
       (err: unknown) => {
         const reason = deliverFailureReason(err);
+        if (reason === 'decode') recordCounter(this.opts.guard, mcuId, counter); // authentic, undecodable: spent
         // 4.00: authenticated but undecodable; 4.03: this id may not be used here;
         // otherwise 5.03: nothing wrong with the message, keep it and retry later
         const code = reason === 'decode' ? COAP_CODES.BAD_REQUEST : reason === 'forbidden' ? COAP_CODES.FORBIDDEN : COAP_CODES.SERVICE_UNAVAILABLE;
@@ -348,7 +356,7 @@ export class McuCoapIngress {
       if (cur) this.endObserver(mcuId, cur);
       return this.reply(res, COAP_CODES.CONTENT);
     }
-    if (!this.authenticate(req, res, url, Buffer.alloc(0), true)) return;
+    if (!this.authenticate(req, res, url, Buffer.alloc(0), 'now')) return;
     try {
       this.opts.service.touch(mcuId, 'coap');
     } catch (err) {

@@ -2,7 +2,7 @@ import { FleetError, isFleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
-import { mcuKey, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
+import { mcuKey, recordCounter, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
 import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
@@ -89,7 +89,7 @@ export class McuMqttIngress {
       connectTimeoutMs: 10_000,
       backlog: BACKLOG,
       hooks: {
-        authenticate: (c) => ingress!.authenticate(c),
+        authenticate: (c, remote) => ingress!.authenticate(c, remote),
         onPublish: (conn, p) => ingress!.onPublish(conn, p),
         onSubscribe: (conn, filter, qos) => ingress!.onSubscribe(conn, filter, qos),
         onSubscribed: (conn, filters) => {
@@ -127,12 +127,14 @@ export class McuMqttIngress {
     return this.lean.connectedClients;
   }
 
-  private authenticate(c: LeanConnect): { rc: 0; id: string } | { rc: 3 | 4 } {
+  private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 } {
     const username = c.username;
     const refuse = (rc: 3 | 4, why: string): { rc: 3 | 4 } => {
       if (rc === 4) this.opts.hooks.authFailed('mqtt');
       this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
-      this.throttle.warn(`auth:${username}`, 'MCU MQTT connection refused', { mcu: username, why });
+      // throttled per peer address, not per user name (a peer picks any number of those),
+      // and the name cut short: a flood of refused CONNECTs cannot flood the log
+      this.throttle.warn(`auth:${remote ?? '?'}`, 'MCU MQTT connection refused', { mcu: typeof username === 'string' ? username.slice(0, 64) : username, remote, why });
       return { rc }; // 3 server unavailable, 4 bad user name or password [MQTT-3.2.2-3]
     };
     if (!isDeviceId(username)) return refuse(4, 'username is not an MCU id');
@@ -166,14 +168,22 @@ export class McuMqttIngress {
       return 'ack';
     };
     let body = payload;
+    /** the MAC counter, recorded once the message is stored (a store that fails must not turn the MCU's resend into a "replay") */
+    let counter = 0;
     if (hasMacLine(payload)) {
       try {
         const framed = splitMacLine(payload);
         body = framed.payload;
-        verifyMcuMessage(this.opts.guard, { key: mcuKey(this.opts.siteSecret, mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body });
+        counter = verifyMcuMessage(this.opts.guard, { key: mcuKey(this.opts.siteSecret, mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body }, 'check');
       } catch (err) {
         if (isFleetError(err, 'FLEET_MCU_REPLAY')) return drop('replay', err);
-        if (isFleetError(err, 'FLEET_FORBIDDEN')) return drop('mcu_limit', err);
+        if (isFleetError(err, 'FLEET_FORBIDDEN')) {
+          // the gateway acts for as many MCUs as it can: not stored, so no PUBACK (as for
+          // a message without a MAC line); the MCU tries again later
+          this.opts.hooks.dropped('mqtt', 'mcu_limit', { mcuId, err });
+          this.throttle.warn(`limit:${mcuId}`, 'MCU refused: the gateway acts for as many MCUs as it may; closing the connection', { mcu: mcuId, err });
+          return 'close';
+        }
         this.opts.hooks.authFailed('mqtt');
         return drop('auth', err);
       }
@@ -208,12 +218,17 @@ export class McuMqttIngress {
     }
     return work.then(
       (): PublishOutcome => {
+        if (counter > 0) recordCounter(this.opts.guard, mcuId, counter);
         this.opts.hooks.accepted('mqtt', channel);
         return 'ack';
       },
       (err: unknown): PublishOutcome => {
         const reason = deliverFailureReason(err);
-        if (reason === 'decode') return drop('decode', err);
+        if (reason === 'decode') {
+          // authentic but undecodable: sending it again cannot help, so its counter is spent
+          if (counter > 0) recordCounter(this.opts.guard, mcuId, counter);
+          return drop('decode', err);
+        }
         // not stored: no PUBACK; closing the connection makes the MCU resend it later
         this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
         this.throttle.warn(`deliver:${mcuId}`, 'MCU message not stored; closing the connection', { mcu: mcuId, channel, reason, err });

@@ -1,0 +1,120 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import mqtt, { type MqttClient } from 'mqtt';
+import { isFleetError } from '../../core/errors.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
+import { mcuKey, ReplayGuard } from '../../firmware-bridge/auth.ts';
+import { frameWithMac } from '../../firmware-bridge/frames.ts';
+import { GatewayConfigSchema } from '../../gateway/config.ts';
+import { startGateway } from '../../gateway/index.ts';
+import { tempDir, testLogger } from '../helpers.ts';
+
+test('replay guard: check() refuses what accept() would and records nothing', () => {
+  const g = new ReplayGuard({ maxMcus: 1 });
+  g.check('esp-1', 5);
+  g.check('esp-1', 5);
+  assert.equal(g.high('esp-1'), 0, 'nothing recorded');
+  g.accept('esp-1', 5);
+  assert.throws(() => g.check('esp-1', 5), (e: unknown) => isFleetError(e, 'FLEET_MCU_REPLAY'));
+  g.check('esp-1', 4); // inside the window, unseen
+  assert.throws(() => g.check('esp-2', 1), (e: unknown) => isFleetError(e, 'FLEET_FORBIDDEN'), 'guard full');
+});
+
+function connectMcu(port: number, id: string, site: string): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: mcuKey(site, id), reconnectPeriod: 0, connectTimeout: 5000 });
+    c.once('connect', () => resolve(c));
+    c.once('error', reject);
+  });
+}
+/** QoS 1 publish: 'puback', or 'closed' when the connection closed without one */
+function pub(c: MqttClient, topic: string, payload: Buffer | string): Promise<'puback' | 'closed'> {
+  return new Promise((resolve, reject) => {
+    const onClose = () => resolve('closed');
+    c.once('close', onClose);
+    c.publish(topic, payload, { qos: 1 }, (err) => {
+      c.off('close', onClose);
+      if (err) reject(err);
+      else resolve('puback');
+    });
+  });
+}
+
+test('gateway MQTT: a MAC-framed message the gateway could not store is not acknowledged, and its resend is not taken for a replay (it used to be PUBACKed and dropped)', async () => {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  // the hub is unreachable (a closed port) and the outbox small: it fills with alerts
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0 }, outbox: { maxBytes: 65536, minFreeBytes: 0 } });
+  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
+  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+  const id = 'esp-r1';
+  try {
+    let c = await connectMcu(gw.mqttPort, id, site);
+    // mcu.boot events (alerts) from hellos with a new firmware version each, until the
+    // outbox evicts: telemetry can no longer be stored
+    for (let n = 0; gw.stats().outbox.evicted === 0; n++) assert.equal(await pub(c, `mcu/v1/${id}/hello`, JSON.stringify({ fw: `1.0.${n}-${'x'.repeat(50)}`, boot: 'power_on' })), 'puback');
+    const framed = frameWithMac(mcuKey(site, id), id, 't', 1_000_000, Buffer.from(JSON.stringify(Array.from({ length: 10 }, (_, i) => ({ n: `temperature${i}`, u: 'Cel', v: 21.5 })))));
+    c = await connectMcu(gw.mqttPort, id, site);
+    assert.equal(await pub(c, `mcu/v1/${id}/t`, framed), 'closed', 'not stored: no PUBACK');
+    // the MCU resends the same bytes after reconnecting: still not stored, so still no PUBACK
+    c = await connectMcu(gw.mqttPort, id, site);
+    assert.equal(await pub(c, `mcu/v1/${id}/t`, framed), 'closed', 'the resend is not PUBACKed as a "replay"');
+    assert.equal(gw.stats().dropped.replay, undefined, JSON.stringify(gw.stats().dropped));
+    assert.equal(gw.stats().dropped.outbox_full, 2);
+    c.end(true);
+  } finally {
+    await gw.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway MQTT: beyond mcu.maxMcus a new MCU’s MAC-framed message is refused without a PUBACK, as a plain one is (it used to be PUBACKed and dropped)', async () => {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, maxMcus: 1 } });
+  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
+  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+  const framed = (id: string) => frameWithMac(mcuKey(site, id), id, 't', 7, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
+  try {
+    const a = await connectMcu(gw.mqttPort, 'esp-a', site);
+    assert.equal(await pub(a, 'mcu/v1/esp-a/t', framed('esp-a')), 'puback');
+    await a.endAsync();
+    const b = await connectMcu(gw.mqttPort, 'esp-b', site);
+    assert.equal(await pub(b, 'mcu/v1/esp-b/t', framed('esp-b')), 'closed');
+    assert.equal(gw.stats().dropped.mcu_limit, 1);
+    assert.equal(gw.stats().outbox.depthByClass.telemetry, 1, 'only esp-a’s reading is stored');
+  } finally {
+    await gw.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway MQTT: a flood of refused CONNECTs with ever new long user names from one peer logs a few short lines, not one per attempt', async () => {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0 } });
+  const log = testLogger('gateway');
+  const gw = await startGateway(config, log, '0.0.0-test');
+  try {
+    for (let i = 0; i < 100; i++) {
+      const name = `esp-${i}-${'x'.repeat(4000)}`;
+      await new Promise<void>((resolve) => {
+        const c = mqtt.connect(`mqtt://127.0.0.1:${gw.mqttPort}`, { clientId: name, username: name, password: 'wrong', reconnectPeriod: 0, connectTimeout: 5000 });
+        c.once('error', () => undefined);
+        c.once('close', () => {
+          c.end(true);
+          resolve();
+        });
+      });
+    }
+    const refused = log.lines.filter((l) => l.msg === 'MCU MQTT connection refused' && l.level === 'warn');
+    assert.ok(refused.length >= 1 && refused.length <= 3, `${refused.length} warnings`);
+    assert.ok(JSON.stringify(refused).length < 2000, 'user names cut short');
+    assert.equal(gw.stats().dropped.auth, 100, 'every attempt still counted');
+  } finally {
+    await gw.stop();
+    tmp.cleanup();
+  }
+});
