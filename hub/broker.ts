@@ -55,6 +55,10 @@ export interface BrokerOptions {
   mcuClaimIdleMs?: number;
   /** MCU claims moved from one gateway to another */
   claimsMoved?: Counter;
+  /** Is `id` a device that connects to the hub itself (an agent or gateway, connected now or before)? Such an id is never an MCU. */
+  isDevice?: (id: string) => boolean;
+  /** told of every device that authenticated (the registry remembers it as a direct device) */
+  onDeviceAuthenticated?: (id: string) => void;
 }
 
 export const OPERATOR_USERNAME = 'operator';
@@ -189,6 +193,7 @@ export class HubBroker {
     if (this.claimedBy.has(username)) return fail('id belongs to an MCU behind a gateway');
     if (!secretEquals(pw, deriveToken(this.opts.fleetSecret, 'device', username))) return fail('wrong device token');
     this.identities.set(client, { kind: 'device', id: username });
+    this.opts.onDeviceAuthenticated?.(username);
     this.fixDeliveryOrder(client);
     done(null, true);
   };
@@ -415,6 +420,13 @@ export class HubBroker {
     const now = Date.now();
     for (const id of mcus) {
       if (!isDeviceId(id) || id === gatewayId) continue;
+      // an id of the fleet's own devices is never an MCU: claiming it would let a gateway
+      // (with a site key minted for that id) replace the device's state, receive its
+      // commands, and lock the device itself out (authenticate refuses claimed ids)
+      if (this.online.has(id) || this.opts.isDevice?.(id)) {
+        this.opts.log.warn('a gateway listed a device of the fleet as its MCU; refused', { mcu: id, gateway: gatewayId });
+        continue;
+      }
       want.add(id);
       const owner = this.claimedBy.get(id);
       if (owner !== undefined && owner !== gatewayId) {

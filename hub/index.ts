@@ -88,6 +88,8 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     onRouted: (id, channel, payload) => consume(channel, id, payload),
     onRefused: (from, items) => void deadLetters.add(from, items),
     mcuClaimIdleMs: config.mcuClaimIdleMs,
+    isDevice: (id) => registry.get(id)?.direct === true,
+    onDeviceAuthenticated: (id) => registry.markDirect(id),
     claimsMoved: metrics.counter('fleet_hub_mcu_claims_moved_total', 'MCUs moved from one gateway to another (roamed, or the old gateway went away)'),
   });
   await broker.restoreDelegations();

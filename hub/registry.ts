@@ -26,6 +26,8 @@ export interface DeviceRecord {
   desired?: DesiredState;
   events: number;
   lastReplies: CommandReply[];
+  /** it connected to the hub itself (an agent or gateway), so it is never an MCU */
+  direct?: boolean;
 }
 
 const MAX_LATEST = 256;
@@ -86,6 +88,14 @@ export class Registry extends EventEmitter {
     this.trafficDirty.delete(rec.id);
     this.dirty.add(rec.id);
     this.flushTimer ??= setTimeout(() => void this.flush(false), FLUSH_MS);
+  }
+
+  /** `id` authenticated at the hub itself: remembered (written), so no gateway can claim it as an MCU. */
+  markDirect(id: string): void {
+    const rec = this.record(id);
+    if (rec.direct) return;
+    rec.direct = true;
+    this.touch(rec);
   }
 
   /** The broker dropped a duplicate for this device (counted only for devices known here). */

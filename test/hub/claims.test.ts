@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { encodeBatch } from '../../core/batch.ts';
 import { encodeMessage } from '../../core/messages.ts';
 import { deviceTopic } from '../../core/topics.ts';
-import { waitFor } from '../helpers.ts';
+import { tempDir, waitFor } from '../helpers.ts';
 import { connectDevice, metric, telemetry, withHub } from './harness.ts';
 
 const register = (gw: string, mcus: string[]) => [deviceTopic(gw, 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus }), { qos: 1 as const, retain: true }] as const;
@@ -69,4 +69,35 @@ test('MCU claims: an MCU moves to a gateway that registers it and sends for it o
     undefined,
     { mcuClaimIdleMs: 1000 },
   );
+});
+
+test('MCU claims: a gateway cannot claim a device of the fleet as its MCU (it could take over its state and commands and lock it out), also after a hub restart', async () => {
+  const tmp = tempDir();
+  try {
+    await withHub(async (hub, ctx) => {
+      const pi = await connectDevice(ctx, 'pi-01', { reconnectPeriod: 0 });
+      const gw = await connectDevice(ctx, 'gw-1', { reconnectPeriod: 0 });
+      await gw.publishAsync(...register('gw-1', ['pi-01', 'esp-1']));
+      assert.deepEqual([...(hub.broker.mcusOf('gw-1') ?? [])], ['esp-1']);
+      // state "for" pi-01 from the gateway is refused (a dead letter), the device's own stays
+      await gw.publishAsync(deviceTopic('pi-01', 'state'), encodeMessage({ v: 1, online: true, kind: 'mcu', ts: Date.now(), via: 'gw-1' }), { qos: 1, retain: true });
+      await pi.endAsync();
+      await gw.endAsync();
+      // the device can still connect
+      const again = await connectDevice(ctx, 'pi-01', { reconnectPeriod: 0 });
+      await again.endAsync();
+      assert.notEqual(hub.registry.get('pi-01')?.via, 'gw-1');
+    }, tmp.dir);
+    // after a restart, with pi-01 offline, the registry still knows it as a device
+    await withHub(async (hub, ctx) => {
+      const gw = await connectDevice(ctx, 'gw-1', { reconnectPeriod: 0 });
+      await gw.publishAsync(...register('gw-1', ['pi-01', 'esp-1']));
+      assert.deepEqual([...(hub.broker.mcusOf('gw-1') ?? [])], ['esp-1']);
+      await gw.endAsync();
+      const pi = await connectDevice(ctx, 'pi-01', { reconnectPeriod: 0 });
+      await pi.endAsync();
+    }, tmp.dir);
+  } finally {
+    tmp.cleanup();
+  }
 });
