@@ -67,6 +67,16 @@ const MIN_LOST_AFTER_MS = 1000;
 const RESUBSCRIBE_MS = 2000;
 /** least time between two registers on one connection (the first goes at once) */
 const REGISTER_GAP_MS = 250;
+/**
+ * The register lists every MCU in one retained publish, which the hub refuses above its
+ * payload limit (maxPayloadBytes, 1 MiB by default) — and then every MCU's data with it. An
+ * MCU that would push the list past this is refused like one beyond mcu.maxMcus (about
+ * 15,000 ids of the longest kind, 45,000 of 20 characters).
+ */
+const REGISTER_MAX_BYTES = 1024 * 1024 - 4096;
+/** bytes an id adds to the register's JSON: quotes and comma (ids are plain ASCII) */
+const registerEntryBytes = (id: string): number => id.length + 3;
+
 /** most MCU telemetry messages in one outbox record (item mids carry the index in three digits) */
 const GROUP_MAX = 1000;
 /** bytes of a grouped record at most (by the bound below) */
@@ -105,6 +115,8 @@ function itemBytesBound(mcuId: string, samples: readonly Sample[]): number {
  */
 export class Relay {
   private readonly mcus = new Map<string, McuEntry>();
+  /** bytes the MCU ids take in the register message (registerEntryBytes each) */
+  private registerBytes = 0;
   private readonly pendingState = new Map<string, Buffer>();
   private statesInFlight = 0;
   /** MCUs with index below this are covered by a register sent on the current connection */
@@ -160,9 +172,14 @@ export class Relay {
    */
   restore(ids: readonly string[], meta?: Readonly<Record<string, McuMeta>>): void {
     const now = this.now();
-    for (const id of ids) {
-      if (this.mcus.size >= this.opts.maxMcus) break;
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
       if (id === this.opts.gatewayId || this.mcus.has(id)) continue;
+      if (this.mcus.size >= this.opts.maxMcus || this.registerBytes + registerEntryBytes(id) > REGISTER_MAX_BYTES) {
+        this.opts.log.warn('MCUs from the saved list not restored: this gateway acts for no more (mcu.maxMcus, or the register size limit)', { restored: this.mcus.size, notRestored: ids.length - i });
+        break;
+      }
+      this.registerBytes += registerEntryBytes(id);
       this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: { ...meta?.[id] } });
     }
     this.flush();
@@ -260,6 +277,10 @@ export class Relay {
     let e = this.mcus.get(mcuId);
     if (!e) {
       if (this.mcus.size >= this.opts.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `this gateway acts for at most ${this.opts.maxMcus} MCUs; refusing ${mcuId}`, { details: { limit: this.opts.maxMcus } });
+      if (this.registerBytes + registerEntryBytes(mcuId) > REGISTER_MAX_BYTES) {
+        throw new FleetError('FLEET_FORBIDDEN', `the register listing this gateway's ${this.mcus.size} MCUs would exceed ${REGISTER_MAX_BYTES} bytes, above the hub's payload limit; refusing ${mcuId}`, { details: { limit: this.mcus.size } });
+      }
+      this.registerBytes += registerEntryBytes(mcuId);
       e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, lastTelemetry: 0, meta: {} };
       this.mcus.set(mcuId, e);
       this.changed = true;

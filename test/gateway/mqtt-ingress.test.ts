@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { isFleetError } from '../../core/errors.ts';
@@ -113,6 +113,28 @@ test('gateway MQTT: a flood of refused CONNECTs with ever new long user names fr
     assert.ok(refused.length >= 1 && refused.length <= 3, `${refused.length} warnings`);
     assert.ok(JSON.stringify(refused).length < 2000, 'user names cut short');
     assert.equal(gw.stats().dropped.auth, 100, 'every attempt still counted');
+  } finally {
+    await gw.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway: an MCU that would push the register past the hub’s payload limit is refused (no PUBACK), not accepted and then refused at the hub with every MCU’s data', async () => {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  // 15,589 known MCUs with 64-character ids: their register is 17 bytes under the limit
+  const ids = Array.from({ length: 15_589 }, (_, i) => `m${String(i).padStart(63, '0')}`);
+  writeFileSync(join(tmp.dir, 'mcu-state.json'), JSON.stringify({ v: 1, mcus: ids, replay: {} }));
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, maxMcus: 100_000 } });
+  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
+  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+  try {
+    const known = await connectMcu(gw.mqttPort, ids[0]!, site);
+    assert.equal(await pub(known, `mcu/v1/${ids[0]}/t`, JSON.stringify([{ n: 'temperature', v: 20 }])), 'puback', 'a known MCU goes on');
+    await known.endAsync();
+    const id = `n${'1'.repeat(63)}`;
+    const c = await connectMcu(gw.mqttPort, id, site);
+    assert.equal(await pub(c, `mcu/v1/${id}/t`, JSON.stringify([{ n: 'temperature', v: 20 }])), 'closed');
   } finally {
     await gw.stop();
     tmp.cleanup();
