@@ -334,7 +334,14 @@ export class Relay {
     if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;
     if (changed) this.publishState(mcuId, this.onlineState(e, now));
     if (previous.fw !== meta.fw) {
-      await this.event(mcuId, 'mcu.boot', 'info', { fw: meta.fw, boot: meta.boot, ...(meta.prev !== undefined ? { prev: meta.prev } : {}), ...(previous.fw !== undefined ? { was: previous.fw } : {}) });
+      try {
+        await this.event(mcuId, 'mcu.boot', 'info', { fw: meta.fw, boot: meta.boot, ...(meta.prev !== undefined ? { prev: meta.prev } : {}), ...(previous.fw !== undefined ? { was: previous.fw } : {}) });
+      } catch (err) {
+        // not stored, so the MCU gets no acknowledgement and sends its hello again: that one
+        // must still see the change (and make the event), so the old version is put back
+        if (e.meta === meta) e.meta = previous;
+        throw err;
+      }
     }
     return { previous };
   }
