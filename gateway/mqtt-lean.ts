@@ -31,7 +31,23 @@ import { FleetError } from '../core/errors.ts';
  *   while a handler runs at most about that many bytes more are buffered before the socket
  *   is paused (plain 'data' events and pause/resume; the socket is never read otherwise);
  * - a peer that sends no CONNECT within `connectTimeoutMs`, or nothing within 1.5x its
- *   keep-alive, is disconnected [MQTT-3.1.2-24];
+ *   keep-alive, is disconnected [MQTT-3.1.2-24]; every accepted socket has TCP keepalive on
+ *   (first probe after 60 s idle), so a half-open connection (an MCU that lost power) dies
+ *   even with MQTT keep-alive 0;
+ * - a peer that closes its side (FIN, with or without DISCONNECT) while a PUBLISH is being
+ *   stored: the complete packets it sent before are still handled once that store is done,
+ *   QoS 0 PUBLISHes only (nothing can be acknowledged any more; a QoS 1/2 PUBLISH not yet
+ *   acknowledged is resent by the MCU on its next connection, so storing it would make a
+ *   duplicate). Nothing is written to a closed socket;
+ * - a QoS 1 PUBLISH with DUP set and the packet id of the connection's last acknowledged
+ *   QoS 1 PUBLISH (esp-mqtt retransmits on the same connection after its timeout) is
+ *   acknowledged again, not handed to `onPublish` twice. Packets are handled in order, so a
+ *   retransmission that arrives while the first copy is being stored is answered once that
+ *   store is done;
+ * - connections not authenticated yet (TLS handshake or CONNECT pending) are capped, in all
+ *   and per remote address (`maxPreAuth`, `maxPreAuthPerAddress`); a socket beyond either
+ *   cap is destroyed at once and reported through `onRefused`. Authenticated connections
+ *   do not count against these caps;
  * - protocol violations (a malformed packet, anything before CONNECT, a second CONNECT,
  *   reserved packet types or flags) close the connection and are reported once through
  *   `onMalformed`.
@@ -70,6 +86,8 @@ export interface LeanServerHooks {
   onMalformed(err: FleetError, conn: LeanConn): void;
   /** a packet declared more than the limit; the connection is closed after this */
   onTooLarge(err: FleetError, conn: LeanConn): void;
+  /** a new socket was destroyed at once: too many unauthenticated connections, in all or from its address */
+  onRefused?(remote: string | undefined, why: 'pre_auth_total' | 'pre_auth_address'): void;
   /** a TLS handshake failed (plain MQTT on the TLS port, a client that does not trust the certificate, no handshake within connectTimeoutMs); the socket is closed */
   onTlsError?(err: Error, remote: string | undefined): void;
 }
@@ -83,8 +101,16 @@ export interface LeanTlsOptions {
 
 export interface LeanServerOptions {
   maxRemainingLength: number;
-  /** most connections (authenticated or not) at once; the kernel queues the rest */
+  /**
+   * most authenticated connections at once, per listener; each listener accepts this plus
+   * `maxPreAuth` sockets (Node closes the ones beyond at accept), so unauthenticated
+   * sockets cannot take the slots of MCUs
+   */
   maxConnections: number;
+  /** most unauthenticated connections (TLS handshake or CONNECT pending) at once, all listeners (default 512) */
+  maxPreAuth?: number;
+  /** most unauthenticated connections at once from one remote address (default 32) */
+  maxPreAuthPerAddress?: number;
   connectTimeoutMs?: number;
   /** listen(2) backlog (the kernel caps it at net.core.somaxconn) */
   backlog?: number;
@@ -113,6 +139,11 @@ const PINGRESP = Buffer.from([0xd0, 0x00]);
 const MAX_WRITE_BACKLOG = 1024 * 1024;
 /** QoS 2 publishes awaiting PUBREL per connection */
 const MAX_QOS2_PENDING = 64;
+/** defaults of LeanServerOptions.maxPreAuth and maxPreAuthPerAddress */
+export const DEFAULT_MAX_PRE_AUTH = 512;
+export const DEFAULT_MAX_PRE_AUTH_PER_ADDRESS = 32;
+/** TCP keepalive: first probe after this long without traffic (kernel interval and count after) */
+export const TCP_KEEPALIVE_MS = 60_000;
 
 class Malformed extends Error {}
 
@@ -133,6 +164,10 @@ export class LeanConn {
   private closed = false;
   private paused = false;
   private pid = 0;
+  /** packet id of the last QoS 1 PUBLISH acknowledged, 0 = none (a DUP resend of it is acknowledged, not stored again) */
+  private acked1 = 0;
+  /** counted against the server's unauthenticated-connection caps (until authenticated or closed) */
+  preAuth = false;
   private qos2: Set<number> | null = null;
 
   constructor(
@@ -321,6 +356,12 @@ export class LeanConn {
     const pid = qos > 0 ? r.u16() : 0;
     if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0');
     const payload = r.rest();
+    if (qos === 1 && (flags & 0x08) !== 0 && pid === this.acked1) {
+      // a same-connection retransmission (DUP [MQTT-3.3.1-1]) of the QoS 1 publish acknowledged last: its
+      // PUBACK again, nothing twice (packets are handled in order, so the first copy is stored)
+      this.write(ackPacket(0x40, pid));
+      return;
+    }
     if (qos === 2 && this.qos2?.has(pid)) {
       // a resend of a QoS 2 publish we stored already: PUBREC again, nothing twice
       this.write(ackPacket(0x50, pid));
@@ -342,15 +383,63 @@ export class LeanConn {
 
   private resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
     this.busy = false;
-    if (this.closed) return;
+    if (this.closed) {
+      // the peer closed while this was being stored (gone()): what it sent before is
+      // handled still, QoS 0 only; a store that failed ends that too
+      if (o === 'close') this.rx = null;
+      return this.drainClosed();
+    }
     this.published(o, qos, pid);
     this.drain();
   }
 
+  /**
+   * After the peer closed its side while a PUBLISH was being stored: handle the complete
+   * packets it sent before, QoS 0 PUBLISHes only. A QoS 1/2 PUBLISH cannot be acknowledged
+   * any more and the MCU resends it on its next connection (stored now it would be stored
+   * twice); nothing else needs an answer, and nothing is written (the socket is closed).
+   */
+  private drainClosed(): void {
+    const limit = this.server.opts.maxRemainingLength;
+    while (!this.busy && this.rx !== null && this.rx.length >= 2) {
+      const buf = this.rx;
+      let len = 0;
+      let mul = 1;
+      let i = 1;
+      let complete = false;
+      while (i < 5 && i < buf.length) {
+        const b = buf[i++]!;
+        len += (b & 0x7f) * mul;
+        mul *= 128;
+        if ((b & 0x80) === 0) {
+          complete = true;
+          break;
+        }
+      }
+      // incomplete, malformed or too large: nothing after it can be handled
+      if (!complete || len > limit || buf.length - i < len) break;
+      const header = buf[0]!;
+      this.rx = buf.length === i + len ? null : buf.subarray(i + len);
+      if (header >> 4 === T.DISCONNECT) break;
+      if ((header & 0xf6) !== 0x30) continue; // not a QoS 0 PUBLISH (DUP and retain bits aside)
+      try {
+        this.publish(header & 0x0f, buf.subarray(i, i + len));
+      } catch {
+        break; // malformed: what follows is not trusted either
+      }
+    }
+    if (!this.busy) this.rx = null;
+  }
+
   private published(o: PublishOutcome, qos: number, pid: number): void {
-    if (o === 'close') return this.destroy();
-    if (qos === 1) this.write(ackPacket(0x40, pid));
-    else if (qos === 2) {
+    if (o === 'close') {
+      this.rx = null; // also after the peer closed: a failed store ends the handling
+      return this.destroy();
+    }
+    if (qos === 1) {
+      this.acked1 = pid;
+      this.write(ackPacket(0x40, pid));
+    } else if (qos === 2) {
       this.qos2 ??= new Set();
       if (this.qos2.size >= MAX_QOS2_PENDING) return this.malformed(`more than ${MAX_QOS2_PENDING} QoS 2 publishes without PUBREL`);
       this.qos2.add(pid);
@@ -482,11 +571,15 @@ export class LeanConn {
     this.socket.destroy();
   }
 
-  /** the peer went away */
+  /**
+   * The peer closed its side (FIN or reset). While a PUBLISH is being stored the complete
+   * packets behind it stay buffered: its handler's end handles their QoS 0 PUBLISHes
+   * (drainClosed). Nothing is written from now on.
+   */
   gone(): void {
     if (this.closed) return;
     this.closed = true;
-    this.rx = null;
+    if (!this.busy) this.rx = null; // every complete packet was handled already
     this.server.forget(this);
   }
 }
@@ -533,6 +626,9 @@ class Reader {
   }
 }
 
+/** TCP sockets destroyed by admit() (weak: nothing to clean up) */
+const refusedSockets = new WeakSet<Socket>();
+
 export class LeanMqttServer {
   /** authenticated sessions by id, across every listener (an MCU may move from plain TCP to TLS) */
   readonly sessions = new Map<string, LeanConn>();
@@ -541,6 +637,11 @@ export class LeanMqttServer {
   private readonly servers: Server[] = [];
   /** TCP sockets under the TLS listeners: one still in its handshake is not in `conns` yet, and close() must cut it too */
   private readonly tlsSockets = new Set<Socket>();
+  /** unauthenticated connections (TCP sockets in their TLS handshake, and LeanConns before CONNACK 0): in all and by remote address */
+  private preAuth = 0;
+  private readonly preAuthBy = new Map<string, number>();
+  /** TCP sockets counted in `preAuth` while in their TLS handshake, by "address port" (handed to their LeanConn after it) */
+  private readonly handshaking = new Map<string, Socket>();
   private readonly sweepTimer: NodeJS.Timeout;
 
   constructor(readonly opts: LeanServerOptions) {
@@ -551,7 +652,11 @@ export class LeanMqttServer {
   /** Listen for MQTT over plain TCP; resolves to the bound port. */
   listen(host: string, port: number): Promise<number> {
     return this.bind(
-      createServer({ noDelay: true }, (socket) => this.accept(socket)),
+      createServer({ noDelay: true }, (socket) => {
+        if (!this.admit(socket)) return;
+        socket.setKeepAlive(true, TCP_KEEPALIVE_MS);
+        this.accept(socket, true);
+      }),
       host,
       port,
     );
@@ -566,23 +671,48 @@ export class LeanMqttServer {
   listenTls(host: string, port: number, tls: LeanTlsOptions): Promise<number> {
     const server = createTlsServer(
       { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2', handshakeTimeout: this.opts.connectTimeoutMs ?? 10_000, noDelay: true },
-      (socket) => this.accept(socket),
+      (socket) => {
+        // the handshake's count moves to the connection (released at CONNACK 0 or close)
+        const key = `${socket.remoteAddress} ${socket.remotePort}`;
+        const raw = this.handshaking.get(key);
+        if (raw !== undefined) this.handshaking.delete(key);
+        this.accept(socket, raw !== undefined);
+      },
     );
-    server.on('connection', (raw: Socket) => {
+    // runs before the TLS server's own listener: a socket beyond the caps gets no handshake
+    server.prependListener('connection', (raw: Socket) => {
+      if (!this.admit(raw)) return;
+      const key = `${raw.remoteAddress} ${raw.remotePort}`;
+      this.handshaking.set(key, raw);
       this.tlsSockets.add(raw);
-      raw.once('close', () => this.tlsSockets.delete(raw));
+      // TCP keepalive (on plain sockets too): a peer that vanished (power cut, half-open
+      // connection) is found even with MQTT keep-alive 0, which the sweep never times out
+      raw.setKeepAlive(true, TCP_KEEPALIVE_MS);
+      raw.once('close', () => {
+        this.tlsSockets.delete(raw);
+        // still in its handshake (never handed to a LeanConn): release its count here
+        if (this.handshaking.get(key) === raw) {
+          this.handshaking.delete(key);
+          this.release(raw.remoteAddress);
+        }
+      });
     });
     // With a listener here Node leaves the socket open after a failed handshake (measured: a
     // silent peer stayed connected past its handshake timeout until close()), so end it here
     server.on('tlsClientError', (err, socket) => {
       socket.destroy();
+      // a TCP socket refused by admit() fails its handshake too: reported once, as refused.
+      // (Node's TLSSocket keeps its TCP socket in `_parent`, not public: were it gone, such
+      // a socket would only be counted twice)
+      if (refusedSockets.has((socket as Socket & { _parent?: Socket })._parent as Socket)) return;
       this.opts.hooks.onTlsError?.(err, socket.remoteAddress);
     });
     return this.bind(server, host, port);
   }
 
   private bind(server: Server, host: string, port: number): Promise<number> {
-    server.maxConnections = this.opts.maxConnections;
+    // unauthenticated sockets are capped by admit(): room for them on top of the authenticated ones
+    server.maxConnections = this.opts.maxConnections + (this.opts.maxPreAuth ?? DEFAULT_MAX_PRE_AUTH);
     return new Promise((resolve, reject) => {
       const onError = (err: NodeJS.ErrnoException) => reject(new FleetError('FLEET_PORT_IN_USE', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
       server.once('error', onError);
@@ -599,19 +729,62 @@ export class LeanMqttServer {
     return this.sessions.size;
   }
 
-  private accept(socket: Socket): void {
+  /**
+   * Count a new TCP socket against the unauthenticated caps, or destroy it at once (false).
+   * Reads its remote address now: Node keeps it for later reads, after the socket closed too.
+   */
+  private admit(socket: Socket): boolean {
+    const addr = socket.remoteAddress ?? '';
+    const n = this.preAuthBy.get(addr) ?? 0;
+    const why = this.preAuth >= (this.opts.maxPreAuth ?? DEFAULT_MAX_PRE_AUTH) ? 'pre_auth_total' : n >= (this.opts.maxPreAuthPerAddress ?? DEFAULT_MAX_PRE_AUTH_PER_ADDRESS) ? 'pre_auth_address' : null;
+    if (why !== null) {
+      refusedSockets.add(socket);
+      socket.on('error', () => undefined);
+      socket.destroy();
+      this.opts.hooks.onRefused?.(socket.remoteAddress, why);
+      return false;
+    }
+    this.preAuth++;
+    this.preAuthBy.set(addr, n + 1);
+    return true;
+  }
+
+  private release(addr: string | undefined): void {
+    const a = addr ?? '';
+    this.preAuth--;
+    const n = (this.preAuthBy.get(a) ?? 1) - 1;
+    if (n > 0) this.preAuthBy.set(a, n);
+    else this.preAuthBy.delete(a);
+  }
+
+  get unauthenticated(): number {
+    return this.preAuth;
+  }
+
+  private accept(socket: Socket, counted: boolean): void {
     const conn = new LeanConn(socket, this);
+    conn.preAuth = counted;
     this.conns.add(conn);
     socket.on('data', (d: Buffer) => conn.onData(d));
     socket.on('error', () => undefined); // 'close' follows
+    // the peer's FIN: nothing can be written any more (Node ends our side too)
+    socket.on('end', () => conn.gone());
     socket.on('close', () => {
       conn.gone();
       this.conns.delete(conn);
+      if (conn.preAuth) {
+        conn.preAuth = false;
+        this.release(socket.remoteAddress);
+      }
     });
   }
 
   /** A CONNECT was accepted: the newest connection of an id takes over [MQTT-3.1.4-2]. */
   adopt(conn: LeanConn, id: string): void {
+    if (conn.preAuth) {
+      conn.preAuth = false;
+      this.release(conn.socket.remoteAddress);
+    }
     const old = this.sessions.get(id);
     conn.id = id;
     this.sessions.set(id, conn);

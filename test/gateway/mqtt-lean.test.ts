@@ -1,0 +1,251 @@
+import assert from 'node:assert/strict';
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { promisify } from 'node:util';
+import mqttPacket from 'mqtt-packet';
+import type { TelemetryBatch } from '../../core/messages.ts';
+import { mcuKey } from '../../firmware-bridge/auth.ts';
+import { mcuTopic } from '../../firmware-bridge/topics.ts';
+import { LeanMqttServer, type LeanServerHooks, type LeanServerOptions, type PublishOutcome } from '../../gateway/mqtt-lean.ts';
+import { tempDir, waitFor } from '../helpers.ts';
+import { connectMcu, of, withEnv } from './env.ts';
+
+/**
+ * gateway/mqtt-lean.ts edge cases found in review: a QoS 0 burst followed by the MCU
+ * closing its side, a same-connection DUP retransmission, sockets that never send CONNECT,
+ * TCP keepalive. Real sockets on 127.0.0.1 (and 127.0.0.2-4 as other peers), a
+ * LeanMqttServer on port 0 or the real gateway and hub (env.ts).
+ */
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const run = promisify(execFile);
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+const pk = (p: object): Buffer => mqttPacket.generate(p as any);
+const connectPk = (id: string, extra: object = {}) => pk({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: id, keepalive: 60, ...extra });
+const publishPk = (topic: string, payload: string, qos: 0 | 1, messageId?: number, dup = false) => pk({ cmd: 'publish', topic, payload: Buffer.from(payload), qos, dup, retain: false, ...(qos ? { messageId } : {}) });
+
+interface Lean {
+  srv: LeanMqttServer;
+  port: number;
+  /** payloads handed to onPublish, in order */
+  stored: string[];
+  events: string[];
+}
+
+async function lean(opts: Partial<LeanServerOptions> = {}, storeMs = 20, hooks: Partial<LeanServerHooks> = {}): Promise<Lean> {
+  const stored: string[] = [];
+  const events: string[] = [];
+  const srv = new LeanMqttServer({
+    maxRemainingLength: 17 * 1024,
+    maxConnections: 100,
+    ...opts,
+    hooks: {
+      authenticate: (c) => (c.password?.toString() === 'bad' ? { rc: 4 } : { rc: 0, id: c.clientId }),
+      // stands for the outbox append (an fsync): the next packets wait behind it
+      onPublish: async (_conn, p): Promise<PublishOutcome> => {
+        await sleep(storeMs);
+        stored.push(p.payload.toString());
+        return 'ack';
+      },
+      onSubscribe: () => 0,
+      onClose: () => events.push('close'),
+      onMalformed: (e) => events.push(`malformed ${e.message}`),
+      onTooLarge: (e) => events.push(`tooLarge ${e.message}`),
+      onRefused: (remote, why) => events.push(`refused ${remote} ${why}`),
+      ...hooks,
+    },
+  });
+  const port = await srv.listen('127.0.0.1', 0);
+  return { srv, port, stored, events };
+}
+
+/** A raw TCP client that records every MQTT packet the server sends. */
+async function raw(port: number, localAddress = '127.0.0.1', allowHalfOpen = false): Promise<{ s: Socket; got: mqttPacket.Packet[]; closed: Promise<void>; bytes: () => number }> {
+  const s = connect({ port, host: '127.0.0.1', localAddress, allowHalfOpen });
+  const got: mqttPacket.Packet[] = [];
+  let n = 0;
+  const parser = mqttPacket.parser({ protocolVersion: 4 });
+  parser.on('packet', (p) => got.push(p));
+  s.on('data', (d) => {
+    n += d.length;
+    parser.parse(d);
+  });
+  s.on('error', () => undefined);
+  const closed = new Promise<void>((r) => s.once('close', () => r()));
+  await new Promise((r, j) => {
+    s.once('connect', r);
+    s.once('error', j);
+  });
+  return { s, got, closed, bytes: () => n };
+}
+
+test('mqtt-lean: QoS 0 PUBLISHes sent back to back and then a FIN (with or without DISCONNECT) are all stored; a QoS 1 one behind the pending store is not (the MCU resends it), and nothing is written after the FIN', async () => {
+  const l = await lean({}, 50);
+  try {
+    for (const disconnect of [false, true]) {
+      l.stored.length = 0;
+      const c = await raw(l.port, '127.0.0.1', true); // half-open: it could still read anything written after its FIN
+      const parts = [connectPk(`m-${disconnect}`)];
+      for (let i = 0; i < 5; i++) parts.push(publishPk('mcu/v1/m/t', `r${i}`, 0));
+      parts.push(publishPk('mcu/v1/m/t', 'q1', 1, 9)); // not acknowledged before the FIN: not stored
+      parts.push(publishPk('mcu/v1/m/t', 'r5', 0));
+      if (disconnect) parts.push(pk({ cmd: 'disconnect' }), publishPk('mcu/v1/m/t', 'after-disconnect', 0));
+      c.s.end(Buffer.concat(parts));
+      await waitFor(() => l.stored.length >= 6, `6 QoS 0 stored`, 5000);
+      await c.closed;
+      await sleep(200);
+      assert.deepEqual(l.stored, ['r0', 'r1', 'r2', 'r3', 'r4', 'r5'], disconnect ? 'DISCONNECT then FIN' : 'FIN only');
+      // only the CONNACK reached the client: no PUBACK for the QoS 1 one, nothing after the FIN
+      assert.deepEqual(c.got.map((p) => p.cmd), ['connack']);
+      assert.equal(c.bytes(), 4);
+    }
+    assert.equal(l.srv.connectedClients, 0);
+    assert.equal(l.srv.unauthenticated, 0);
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a QoS 1 PUBLISH retransmitted with DUP on the same connection (esp-mqtt) is acknowledged twice and stored once; a new message reusing the id (no DUP) and a DUP of another id are stored', async () => {
+  const l = await lean({}, 50);
+  try {
+    const c = await raw(l.port);
+    c.s.write(connectPk('esp'));
+    // the retransmission arrives while the first copy is still being stored
+    c.s.write(Buffer.concat([publishPk('mcu/v1/esp/t', 'a', 1, 7), publishPk('mcu/v1/esp/t', 'a', 1, 7, true)]));
+    await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 2, 'two PUBACKs');
+    await sleep(150);
+    assert.deepEqual(l.stored, ['a']);
+    c.s.write(publishPk('mcu/v1/esp/t', 'b', 1, 7)); // the id reused for a new message after its PUBACK
+    c.s.write(publishPk('mcu/v1/esp/t', 'c', 1, 8, true)); // DUP of a message never seen on this connection (sent before a reconnect)
+    c.s.write(publishPk('mcu/v1/esp/t', 'c', 1, 8, true)); // and its retransmission
+    await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 5, 'five PUBACKs');
+    await sleep(150);
+    assert.deepEqual(l.stored, ['a', 'b', 'c']);
+    assert.deepEqual(
+      c.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId),
+      [7, 7, 7, 8, 8],
+    );
+    c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: sockets that never send CONNECT are capped per address and in all (destroyed at once, onRefused); an MCU from another address still connects, and authenticated connections are not capped', async () => {
+  const l = await lean({ maxConnections: 8, maxPreAuth: 6, maxPreAuthPerAddress: 3, connectTimeoutMs: 60_000 });
+  const socks: Socket[] = [];
+  try {
+    const idle = async (addr: string) => {
+      const c = await raw(l.port, addr);
+      socks.push(c.s);
+      return c;
+    };
+    const attackers = [];
+    for (let i = 0; i < 5; i++) attackers.push(await idle('127.0.0.2'));
+    await Promise.all(attackers.slice(3).map((c) => c.closed)); // the 4th and 5th destroyed by the gateway
+    assert.equal(l.events.filter((e) => e === 'refused 127.0.0.2 pre_auth_address').length, 2);
+    await sleep(100);
+    assert.ok(attackers.slice(0, 3).every((c) => !c.s.destroyed), 'the first 3 stay (until the CONNECT timeout)');
+    assert.equal(l.srv.unauthenticated, 3);
+    // more MCUs from one address than the per-address cap: they authenticate (only maxConnections bounds them)
+    const mcus = [];
+    for (let i = 0; i < 6; i++) {
+      const c = await raw(l.port);
+      c.s.write(connectPk(`mcu-${i}`));
+      await waitFor(() => c.got.some((p) => p.cmd === 'connack'), `CONNACK ${i}`);
+      assert.equal((c.got[0] as mqttPacket.IConnackPacket).returnCode, 0);
+      mcus.push(c);
+    }
+    assert.equal(l.srv.connectedClients, 6);
+    assert.equal(l.srv.unauthenticated, 3);
+    // the global cap: 3 more from another address fill it, the next address is refused
+    for (let i = 0; i < 3; i++) await idle('127.0.0.3');
+    const late = await idle('127.0.0.4');
+    await late.closed;
+    assert.ok(l.events.includes('refused 127.0.0.4 pre_auth_total'), l.events.join('; '));
+    // a slot freed is usable again; a refused CONNECT (CONNACK 4) frees its slot too
+    attackers[0]!.s.destroy();
+    await waitFor(() => l.srv.unauthenticated === 5, 'slot released');
+    const bad = await raw(l.port, '127.0.0.4');
+    bad.s.write(connectPk('x', { username: 'x', password: Buffer.from('bad') }));
+    await bad.closed;
+    assert.equal((bad.got[0] as mqttPacket.IConnackPacket).returnCode, 4);
+    for (const s of socks) s.destroy();
+    for (const c of mcus) c.s.destroy();
+    await waitFor(() => l.srv.unauthenticated === 0 && l.srv.connectedClients === 0, 'all released');
+  } finally {
+    for (const s of socks) s.destroy();
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: accepted sockets have TCP keepalive on (plain and TLS), so a half-open connection with MQTT keep-alive 0 dies', async (t) => {
+  const tmp = tempDir('fleetlet-lean-');
+  const l = await lean();
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-keyout', join(tmp.dir, 'k.pem'), '-out', join(tmp.dir, 'c.pem'), '-subj', '/CN=127.0.0.1'], { stdio: 'ignore' });
+    const tlsPort = await l.srv.listenTls('127.0.0.1', 0, { cert: readFileSync(join(tmp.dir, 'c.pem')), key: readFileSync(join(tmp.dir, 'k.pem')) });
+    const c = await raw(l.port);
+    c.s.write(connectPk('ka', { keepalive: 0 }));
+    const tlsRaw = await raw(tlsPort); // a TCP connection to the TLS port (handshake pending)
+    await waitFor(() => c.got.length === 1, 'CONNACK');
+    // the server's side of each connection, as the kernel reports it (`ss -o`: timer:(keepalive,...))
+    for (const port of [l.port, tlsPort]) {
+      const { stdout } = await run('ss', ['-tnoH', 'state', 'established', `( sport = :${port} )`]);
+      t.diagnostic(stdout.trim());
+      assert.match(stdout, /timer:\(keepalive,/, `TCP keepalive on the server socket of port ${port}`);
+    }
+    c.s.destroy();
+    tlsRaw.s.destroy();
+  } finally {
+    await l.srv.close();
+    tmp.cleanup();
+  }
+});
+
+test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNECT and close) stores all 10; an esp-mqtt style DUP retransmission reaches the hub once; 68 idle sockets from one address do not keep an MCU out', async () => {
+  await withEnv(
+    async ({ gw, site, seen }) => {
+      // QoS 0 burst then close: every reading reaches the hub
+      const id = 'esp-burst';
+      const p = spawn('mosquitto_pub', ['-h', '127.0.0.1', '-p', String(gw.mqttPort), '-V', 'mqttv311', '-i', id, '-u', id, '-P', mcuKey(site, id), '-q', '0', '-l', '-t', mcuTopic(id, 't')], { stdio: ['pipe', 'ignore', 'inherit'] });
+      p.stdin.end(Array.from({ length: 10 }, (_, i) => JSON.stringify([{ n: 'r', v: i }])).join('\n') + '\n');
+      const code = await new Promise((r) => p.once('exit', r));
+      assert.equal(code, 0);
+      const values = () => (of(seen, id, 'telemetry') as TelemetryBatch[]).flatMap((b) => b.samples.map((s) => s.v));
+      await waitFor(() => values().length >= 10, `10 readings at the hub`, 10_000);
+      assert.deepEqual([...values()].sort((a, b) => Number(a) - Number(b)), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+
+      // DUP on the same connection: two PUBACKs, one message at the hub
+      const dupId = 'esp-dup';
+      const c = await raw(gw.mqttPort);
+      c.s.write(connectPk(dupId, { username: dupId, password: Buffer.from(mcuKey(site, dupId)) }));
+      const t = mcuTopic(dupId, 't');
+      c.s.write(Buffer.concat([publishPk(t, '[{"n":"x","v":1}]', 1, 7), publishPk(t, '[{"n":"x","v":1}]', 1, 7, true)]));
+      c.s.write(publishPk(t, '[{"n":"x","v":2}]', 1, 8)); // stored after the first (in order): when it is at the hub, a second copy would be too
+      await waitFor(() => c.got.filter((q) => q.cmd === 'puback').length >= 3, 'three PUBACKs');
+      const dupValues = () => (of(seen, dupId, 'telemetry') as TelemetryBatch[]).flatMap((b) => b.samples.map((s) => s.v));
+      await waitFor(() => dupValues().includes(2), 'the next message at the hub', 10_000);
+      await sleep(300);
+      assert.deepEqual(dupValues(), [1, 2]);
+      c.s.destroy();
+
+      // pre-auth idle sockets (maxMcus 4 + 64, as in the review) from one address; a real MCU from another connects
+      const socks: Socket[] = [];
+      try {
+        for (let i = 0; i < 68; i++) socks.push((await raw(gw.mqttPort, '127.0.0.2')).s);
+        await waitFor(() => socks.filter((s) => s.destroyed).length === 68 - 32, '36 destroyed (32 per address)');
+        const m = await connectMcu(gw.mqttPort, 'esp-legit', site);
+        assert.ok(m.connected);
+        m.end(true);
+      } finally {
+        for (const s of socks) s.destroy();
+      }
+    },
+    { maxMcus: 4 },
+  );
+});
