@@ -25,7 +25,7 @@ export const UplinkConfigSchema = z
     /** records per batch publish (1 = no batching) */
     batchMax: z.number().int().min(1).max(10_000).default(256),
     /** bytes per batch publish */
-    batchBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(128 * 1024),
+    batchBytes: z.number().int().min(1024).max(1024 * 1024).default(128 * 1024),
     /** longest a record waits for others to share its publish, ms */
     batchDelayMs: z.number().int().min(0).max(60_000).default(20),
     /** records per second at most, 0 = unlimited; spreads the drain after an outage */

@@ -13,7 +13,7 @@ const GatewayUplinkSchema = UplinkConfigSchema.extend({
   /** records per batch publish (gateway default 1000) */
   batchMax: z.number().int().min(1).max(10_000).default(1000),
   /** bytes per batch publish (gateway default 512 KiB) */
-  batchBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(512 * 1024),
+  batchBytes: z.number().int().min(1024).max(1024 * 1024).default(512 * 1024),
   /**
    * longest a record waits for others to share its publish, ms (gateway default 5: at
    * thousands of MCU messages a second a batch fills within milliseconds anyway, and the
