@@ -84,7 +84,8 @@ export class McuMqttIngress {
     let ingress: McuMqttIngress | undefined;
     const lean = new LeanMqttServer({
       maxRemainingLength: opts.maxPayloadBytes + PACKET_OVERHEAD,
-      // bound file descriptors before authentication: a few spare for reconnect overlap
+      // authenticated connections: the MCU limit and a few spare for reconnect overlap
+      // (unauthenticated ones are capped apart by mqtt-lean: maxPreAuth, per address too)
       maxConnections: opts.maxClients + 64,
       connectTimeoutMs: 10_000,
       backlog: BACKLOG,
@@ -105,6 +106,7 @@ export class McuMqttIngress {
           opts.hooks.dropped('mqtt', 'too_large', { mcuId: conn.id ?? undefined, err });
           opts.log.debug('MCU connection closed: packet too large', { mcu: conn.id, remote: conn.remote, err });
         },
+        onRefused: () => opts.hooks.dropped('mqtt', 'mcu_limit', {}), // too many unauthenticated sockets (mqtt-lean caps); not logged: a flood
         onTlsError: (err, remote) => {
           opts.hooks.dropped('mqtt', 'bad_request', { err });
           tlsThrottle.warn(`tls:${remote}`, 'MCU TLS handshake failed; connection closed', { remote, err });
