@@ -44,6 +44,17 @@ export interface HubOptions {
   commands?: Partial<Pick<CommandStoreOptions, 'maxPendingPerDevice' | 'maxPending' | 'maxHistoryPerDevice' | 'historyMs' | 'resendInitialMs' | 'resendMaxMs' | 'tickMs'>>;
 }
 
+/**
+ * Bytes a connection's socket may buffer before aedes waits for it to drain (Node's default
+ * is 16 KiB). The hub acknowledges a device's publish — a gateway's batch of hundreds of
+ * MCU readings — only once every item was handed to every subscriber, and aedes hands over
+ * a message to a subscriber whose socket is above this mark only after 'drain': with 16 KiB
+ * (about 100 readings) every batch waited for the consumer to read most of it, and the
+ * gateway's uplink waited behind it (bench: records 1-2 s in flight at the hub). This
+ * bounds what a slow consumer can hold in the hub's memory, per connection.
+ */
+const SUBSCRIBER_HIGH_WATER_MARK = 1024 * 1024;
+
 export async function startHub(config: HubConfig, log: Logger, options: HubOptions = {}): Promise<HubHandle> {
   // checked before anything is opened: a bad path fails the start naming the config key
   const tlsPair = config.tls ? loadTlsPair(config.tls, 'tls', log) : null;
@@ -164,7 +175,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   };
   await new Promise<void>((r) => broker.aedes.subscribe(allDevices('reply'), onCommandReply, r));
 
-  const mqttServer: NetServer = createNetServer(broker.aedes.handle);
+  const mqttServer: NetServer = createNetServer({ highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, broker.aedes.handle);
   const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
   let mqttsServer: NetServer | null = null;
   let mqttsPort: number | null = null;
