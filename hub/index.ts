@@ -180,7 +180,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   let mqttsServer: NetServer | null = null;
   let mqttsPort: number | null = null;
   if (tlsPair) {
-    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2' }, broker.aedes.handle);
+    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2', highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, broker.aedes.handle);
     mqttsPort = await listenOn(mqttsServer, config.host, config.mqttsPort, config.portFallback);
   }
 
