@@ -23,7 +23,7 @@ import { McuMqttIngress } from './mqtt-ingress.ts';
 import type { LeanTlsOptions } from './mqtt-lean.ts';
 import { Relay, type McuProtocol } from './relay.ts';
 import { McuService } from './service.ts';
-import { loadGatewayState, saveGatewayState } from './state.ts';
+import { loadGatewayState, saveGatewayState, saveGatewayStateAsync } from './state.ts';
 
 export type { GatewayConfig } from './config.ts';
 export { GatewayConfigSchema } from './config.ts';
@@ -187,18 +187,43 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const limits = { maxPayloadBytes: config.mcu.maxPayloadBytes, maxRecords: config.mcu.maxRecords };
   let mqtt: McuMqttIngress | undefined;
   let coap: McuCoapIngress | undefined;
-  const persist = () => {
+  /** a save failed, or changes came while one was under way: the next tick saves even without new changes */
+  let saveAgain = false;
+  let saving: Promise<void> | null = null;
+  const takeState = () => {
     // both flags must be taken (not short-circuited) so neither change is lost
     const a = relay.takeChanged();
     const b = guard.takeChanged();
-    if (!a && !b) return;
+    if (!a && !b && !saveAgain) return null;
+    saveAgain = false;
+    return { v: 1 as const, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() };
+  };
+  /** every stateFlushMs: off the event loop, one save at a time */
+  const persistSoon = () => {
+    if (saving) return;
+    const state = takeState();
+    if (!state) return;
+    saving = saveGatewayStateAsync(paths.stateFile, state)
+      .catch((err: unknown) => {
+        saveAgain = true;
+        log.error('cannot persist MCU state; trying again', { err });
+      })
+      .finally(() => {
+        saving = null;
+      });
+  };
+  /** at stop: after any save under way, the last state, synchronously */
+  const persist = async () => {
+    await saving;
+    const state = takeState();
+    if (!state) return;
     try {
-      saveGatewayState(paths.stateFile, { v: 1, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() });
+      saveGatewayState(paths.stateFile, state);
     } catch (err) {
       log.error('cannot persist MCU state', { err });
     }
   };
-  const flushTimer = setInterval(persist, config.stateFlushMs);
+  const flushTimer = setInterval(persistSoon, config.stateFlushMs);
 
   let http: Listening | undefined;
   const shutdown = async () => {
@@ -209,7 +234,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     await mqtt?.close();
     svc.stop();
     await relay.stop();
-    persist();
+    await persist();
     await disconnectFleetClient(client, config.deviceId, 'gateway', version);
     await outbox.close();
     await db.close();
