@@ -107,6 +107,15 @@ export class ReplayGuard {
     return this.state.size;
   }
 
+  /**
+   * Forget `mcuId`'s counters (the gateway forgot the MCU after a long silence): its next
+   * message starts afresh, so a message captured before could be replayed once; what is
+   * kept for an MCU nobody hears from any more is a slot of `maxMcus` for good otherwise.
+   */
+  forget(mcuId: string): void {
+    if (this.state.delete(mcuId)) this.changed = true;
+  }
+
   /** Highest counter accepted from `mcuId`, 0 when none. */
   high(mcuId: string): number {
     return this.state.get(mcuId)?.high ?? 0;

@@ -147,7 +147,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     uplink: config.uplink,
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
-  relay.restore(persisted.mcus, persisted.meta);
+  for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
   firmware = await FirmwareManager.open({
     dir: join(config.stateDir, 'firmware'),
     db,

@@ -40,7 +40,11 @@ export interface McuMeta {
   prev?: string;
   sleepS?: number;
   sensors?: SensorTable;
+  /** the day (since the epoch, UTC) the MCU was last heard from: a long-silent MCU is forgotten at start */
+  seenDay?: number;
 }
+
+const DAY_MS = 86_400_000;
 
 interface McuEntry {
   /** position in registration order; the register message lists MCUs in this order */
@@ -170,11 +174,18 @@ export class Relay {
    * them online (the gateway crashed) or offline (it stopped cleanly), so each is
    * reported online when it talks, or offline once silent for its lost timeout.
    */
-  restore(ids: readonly string[], meta?: Readonly<Record<string, McuMeta>>): void {
+  restore(ids: readonly string[], meta?: Readonly<Record<string, McuMeta>>, forgetAfterDays = 0): string[] {
     const now = this.now();
+    const forgotten: string[] = [];
+    const cutoff = forgetAfterDays > 0 ? Math.floor(now / DAY_MS) - forgetAfterDays : -Infinity;
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i]!;
       if (id === this.opts.gatewayId || this.mcus.has(id)) continue;
+      const seenDay = meta?.[id]?.seenDay;
+      if (typeof seenDay === 'number' && seenDay < cutoff) {
+        forgotten.push(id);
+        continue;
+      }
       if (this.mcus.size >= this.opts.maxMcus || this.registerBytes + registerEntryBytes(id) > REGISTER_MAX_BYTES) {
         this.opts.log.warn('MCUs from the saved list not restored: this gateway acts for no more (mcu.maxMcus, or the register size limit)', { restored: this.mcus.size, notRestored: ids.length - i });
         break;
@@ -182,7 +193,12 @@ export class Relay {
       this.registerBytes += registerEntryBytes(id);
       this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: { ...meta?.[id] } });
     }
+    if (forgotten.length > 0) {
+      this.changed = true; // the saved list loses them too
+      this.opts.log.info('MCUs not heard from in mcu.forgetAfterDays forgotten', { forgotten: forgotten.length, days: forgetAfterDays, examples: forgotten.slice(0, 5) });
+    }
     this.flush();
+    return forgotten;
   }
 
   /**
@@ -293,6 +309,11 @@ export class Relay {
       if (gap > 0) e.intervalMs = e.intervalMs === 0 ? gap : Math.round(e.intervalMs * 0.75 + gap * 0.25);
     }
     if (telemetry) e.lastTelemetry = now;
+    const day = Math.floor(now / DAY_MS);
+    if (e.meta.seenDay !== day) {
+      e.meta.seenDay = day; // saved with the state file (once a day per MCU)
+      this.changed = true;
+    }
     e.protocol = protocol;
     e.lastSeen = now;
     e.stale = false;
@@ -329,6 +350,7 @@ export class Relay {
     if (hello.prev !== undefined) meta.prev = hello.prev;
     if (hello.sleep !== undefined) meta.sleepS = hello.sleep;
     meta.sensors = hello.sensors ?? previous.sensors;
+    if (previous.seenDay !== undefined) meta.seenDay = previous.seenDay;
     e.meta = meta;
     const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS;
     if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;

@@ -140,3 +140,38 @@ test('gateway: an MCU that would push the register past the hub’s payload limi
     tmp.cleanup();
   }
 });
+
+test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at start (its slot and replay counters); one heard from recently is kept', async () => {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  const today = Math.floor(Date.now() / 86_400_000);
+  writeFileSync(
+    join(tmp.dir, 'mcu-state.json'),
+    JSON.stringify({ v: 1, mcus: ['esp-old', 'esp-new', 'esp-legacy'], replay: { 'esp-old': [500, 1], 'esp-new': [500, 1] }, meta: { 'esp-old': { fw: '1.0.0', seenDay: today - 100 }, 'esp-new': { fw: '1.0.0', seenDay: today - 2 } } }),
+  );
+  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 } });
+  let gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
+  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+  try {
+    assert.equal(gw.stats().mcus, 2, 'esp-old forgotten; esp-new and esp-legacy (no day saved, from before this) kept');
+    const framed = (id: string, counter: number) => frameWithMac(mcuKey(site, id), id, 't', counter, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
+    // esp-old's counters are gone: counter 10 (below its saved 500) is accepted as a new MCU's
+    const old = await connectMcu(gw.mqttPort, 'esp-old', site);
+    assert.equal(await pub(old, 'mcu/v1/esp-old/t', framed('esp-old', 10)), 'puback');
+    await old.endAsync();
+    // esp-new's are kept: counter 10 is a replay (PUBACKed and dropped, counted)
+    const recent = await connectMcu(gw.mqttPort, 'esp-new', site);
+    await pub(recent, 'mcu/v1/esp-new/t', framed('esp-new', 10));
+    await recent.endAsync();
+    assert.equal(gw.stats().dropped.replay, 1);
+    await gw.stop();
+    const saved = JSON.parse(readFileSync(join(tmp.dir, 'mcu-state.json'), 'utf8')) as { mcus: string[]; meta: Record<string, { seenDay?: number }> };
+    assert.deepEqual([...saved.mcus].sort(), ['esp-legacy', 'esp-new', 'esp-old'], 'esp-old is back: it spoke again');
+    assert.equal(saved.meta['esp-old']?.seenDay, today, 'the day it was heard is saved');
+    gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
+    assert.equal(gw.stats().mcus, 3);
+  } finally {
+    await gw.stop();
+    tmp.cleanup();
+  }
+});
