@@ -106,7 +106,9 @@ export class McuMqttIngress {
           opts.hooks.dropped('mqtt', 'too_large', { mcuId: conn.id ?? undefined, err });
           opts.log.debug('MCU connection closed: packet too large', { mcu: conn.id, remote: conn.remote, err });
         },
-        onRefused: () => opts.hooks.dropped('mqtt', 'mcu_limit', {}), // too many unauthenticated sockets (mqtt-lean caps); not logged: a flood
+        // too many unauthenticated sockets (mqtt-lean caps; not logged: a flood), or a peer
+        // closed for not reading what it asked for (the gateway's write backlog cap)
+        onRefused: (_remote, why) => opts.hooks.dropped('mqtt', why === 'write_backlog' ? 'unavailable' : 'mcu_limit', {}),
         onTlsError: (err, remote) => {
           opts.hooks.dropped('mqtt', 'bad_request', { err });
           tlsThrottle.warn(`tls:${remote}`, 'MCU TLS handshake failed; connection closed', { remote, err });

@@ -87,7 +87,7 @@ export interface LeanServerHooks {
   /** a packet declared more than the limit; the connection is closed after this */
   onTooLarge(err: FleetError, conn: LeanConn): void;
   /** a new socket was destroyed at once: too many unauthenticated connections, in all or from its address */
-  onRefused?(remote: string | undefined, why: 'pre_auth_total' | 'pre_auth_address'): void;
+  onRefused?(remote: string | undefined, why: 'pre_auth_total' | 'pre_auth_address' | 'write_backlog'): void;
   /** a TLS handshake failed (plain MQTT on the TLS port, a client that does not trust the certificate, no handshake within connectTimeoutMs); the socket is closed */
   onTlsError?(err: Error, remote: string | undefined): void;
 }
@@ -111,6 +111,12 @@ export interface LeanServerOptions {
   maxPreAuth?: number;
   /** most unauthenticated connections at once from one remote address (default 32) */
   maxPreAuthPerAddress?: number;
+  /**
+   * bytes written but not yet taken by the peers, over all connections (default 64 MiB);
+   * beyond it the connections holding the most are closed, largest first (each one is also
+   * bounded on its own, at 1 MiB)
+   */
+  maxWriteBacklogTotal?: number;
   connectTimeoutMs?: number;
   /** listen(2) backlog (the kernel caps it at net.core.somaxconn) */
   backlog?: number;
@@ -142,6 +148,8 @@ const MAX_QOS2_PENDING = 64;
 /** defaults of LeanServerOptions.maxPreAuth and maxPreAuthPerAddress */
 export const DEFAULT_MAX_PRE_AUTH = 512;
 export const DEFAULT_MAX_PRE_AUTH_PER_ADDRESS = 32;
+/** default of LeanServerOptions.maxWriteBacklogTotal */
+export const DEFAULT_MAX_WRITE_BACKLOG_TOTAL = 64 * 1024 * 1024;
 /** TCP keepalive: first probe after this long without traffic (kernel interval and count after) */
 export const TCP_KEEPALIVE_MS = 60_000;
 
@@ -802,11 +810,30 @@ export class LeanMqttServer {
   private sweep(): void {
     const now = Date.now();
     const connectTimeout = this.opts.connectTimeoutMs ?? 10_000;
+    let backlog = 0;
     for (const c of this.conns) {
       if (c.isClosed) continue;
       if (c.id === null) {
         if (now - c.openedAt > connectTimeout) c.destroy();
       } else if (c.keepaliveMs > 0 && now - c.lastRx > c.keepaliveMs * 1.5) c.destroy();
+      backlog += c.socket.writableLength;
+    }
+    const cap = this.opts.maxWriteBacklogTotal ?? DEFAULT_MAX_WRITE_BACKLOG_TOTAL;
+    if (backlog > cap) this.shedBacklog(backlog, cap);
+  }
+
+  /**
+   * Peers that do not read what they asked for (firmware chunks) hold gateway memory: over
+   * all connections at most `cap`; the ones holding the most are closed first (they resume
+   * after a reconnect, as after any disconnect).
+   */
+  private shedBacklog(total: number, cap: number): void {
+    const holders = [...this.conns].filter((c) => !c.isClosed && c.socket.writableLength > 0).sort((a, b) => b.socket.writableLength - a.socket.writableLength);
+    for (const c of holders) {
+      if (total <= cap) break;
+      total -= c.socket.writableLength;
+      this.opts.hooks.onRefused?.(c.remote, 'write_backlog');
+      c.destroy();
     }
   }
 

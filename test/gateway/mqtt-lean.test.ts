@@ -183,6 +183,40 @@ test('mqtt-lean: sockets that never send CONNECT are capped per address and in a
   }
 });
 
+test('mqtt-lean: what peers do not read is bounded over all connections: beyond maxWriteBacklogTotal the connection holding the most is closed', async () => {
+  const l = await lean({ maxWriteBacklogTotal: 1024 * 1024 });
+  const peers: Array<Awaited<ReturnType<typeof raw>>> = [];
+  try {
+    for (const id of ['a', 'b']) {
+      const c = await raw(l.port);
+      c.s.write(connectPk(`m-${id}`));
+      await waitFor(() => c.got.some((p) => p.cmd === 'connack'), 'CONNACK');
+      c.s.pause(); // reads nothing more: what the server writes piles up
+      peers.push(c);
+    }
+    // each under the 1 MiB a single connection may hold, together over the 1 MiB cap
+    const chunk = Buffer.alloc(16 * 1024, 0x61);
+    const fill = async (id: string, bytes: number) => {
+      const conn = l.srv.sessions.get(id)!;
+      for (let i = 0; i < 4000 && conn.socket.writableLength < bytes; i++) {
+        conn.send(`mcu/v1/${id}/fw`, chunk, 0);
+        if (i % 16 === 15) await sleep(1); // let the kernel buffers fill first
+      }
+      assert.ok(conn.socket.writableLength >= bytes, `${id} holds ${conn.socket.writableLength}`);
+    };
+    await fill('m-a', 700 * 1024);
+    await fill('m-b', 500 * 1024);
+    await waitFor(() => l.events.some((e) => e.endsWith('write_backlog')), 'a connection closed for the backlog', 5000);
+    await sleep(1500); // another sweep: one was enough
+    assert.equal(l.events.filter((e) => e.endsWith('write_backlog')).length, 1);
+    assert.equal(l.srv.sessions.has('m-a'), false, 'the larger holder went');
+    assert.equal(l.srv.sessions.has('m-b'), true, 'the other stays');
+  } finally {
+    for (const c of peers) c.s.destroy();
+    await l.srv.close();
+  }
+});
+
 test('mqtt-lean: accepted sockets have TCP keepalive on (plain and TLS), so a half-open connection with MQTT keep-alive 0 dies', async (t) => {
   const tmp = tempDir('fleetlet-lean-');
   const l = await lean();
