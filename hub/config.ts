@@ -27,6 +27,24 @@ export const HubConfigSchema = z
     httpRateLimit: z.number().int().min(0).default(50),
     /** an MCU moves to another gateway that registers it and sends for it once its gateway is offline or has not sent for it this long, ms */
     mcuClaimIdleMs: z.number().int().min(1000).default(300_000),
+    /** the command store (docs/topics.md#command-delivery) */
+    commands: z
+      .object({
+        /** commands awaiting a reply, per device; one more is refused with 429 */
+        maxPendingPerDevice: z.number().int().min(1).max(100_000).default(100),
+        /** the same over all devices */
+        maxPending: z.number().int().min(1).max(10_000_000).default(100_000),
+        /** finished commands kept for the API, per device */
+        maxHistoryPerDevice: z.number().int().min(0).max(10_000).default(50),
+        /** finished commands are forgotten after this, ms */
+        historyMs: z.number().int().min(0).default(24 * 3600 * 1000),
+        /** first re-send to a device that has not replied, ms; doubles per send */
+        resendInitialMs: z.number().int().min(1000).default(30_000),
+        /** cap of the re-send interval, ms */
+        resendMaxMs: z.number().int().min(1000).default(300_000),
+      })
+      .strict()
+      .prefault({}),
     /** largest bundle the artifact store accepts (POST /api/v1/artifacts), bytes */
     artifactMaxBytes: z.number().int().min(1024).default(2 * 1024 ** 3),
   })

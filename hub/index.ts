@@ -152,6 +152,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     metrics,
     publish: (deviceId, payload) => broker.publish(deviceTopic(deviceId, 'cmd'), payload, false),
     route: (deviceId) => downlink.route(deviceId),
+    ...config.commands,
     ...options.commands,
   });
   broker.aedes.on('subscribe', (subscriptions, client) => {

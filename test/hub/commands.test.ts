@@ -351,3 +351,22 @@ test('agent dedupe unit (SeenCommands, a real file): a command cut off by a rest
     tmp.cleanup();
   }
 });
+
+test('commands: the limits are hub config keys (commands.*): a smaller per-device cap refuses the next command; a bad value names its key', async () => {
+  const tmp = tempDir();
+  try {
+    const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir, commands: { maxPendingPerDevice: 2 } }), testLogger('hub'));
+    try {
+      await hub.sendCommand('dev-c', 'ping', {}, 60_000);
+      await hub.sendCommand('dev-c', 'ping', {}, 60_000);
+      await assert.rejects(hub.sendCommand('dev-c', 'ping', {}, 60_000), (e: unknown) => (e as { code?: string }).code === 'FLEET_COMMAND_QUEUE_FULL');
+    } finally {
+      await hub.stop();
+    }
+    const bad = HubConfigSchema.safeParse({ commands: { maxPendingPerDevice: 0 } });
+    assert.equal(bad.success, false);
+    assert.deepEqual(bad.error?.issues[0]?.path, ['commands', 'maxPendingPerDevice']);
+  } finally {
+    tmp.cleanup();
+  }
+});
