@@ -105,7 +105,7 @@ export class HubBroker {
   private readonly wanted = new Map<string, ReadonlySet<string>>();
   /** MCU id → when its holder last claimed it or sent for it, ms */
   private readonly claimActive = new Map<string, number>();
-  /** connected device ids (a count: a takeover connects before the old one is gone) */
+  /** connected device ids, operators not included (a count: a takeover connects before the old one is gone) */
   private readonly online = new Map<string, number>();
   /** everything still routing, for close() to wait on */
   private readonly routing = new Set<Promise<void>>();
@@ -157,10 +157,11 @@ export class HubBroker {
     aedes.authorizeForward = hub.authorizeForward;
     aedes.on('client', (client) => {
       hub.clients.add(client);
-      hub.online.set(client.id, (hub.online.get(client.id) ?? 0) + 1);
+      // devices only: an operator's client id says nothing about the fleet's device ids
+      if (hub.identities.get(client)?.kind === 'device') hub.online.set(client.id, (hub.online.get(client.id) ?? 0) + 1);
     });
     aedes.on('clientDisconnect', (client) => {
-      if (!hub.clients.delete(client)) return;
+      if (!hub.clients.delete(client) || hub.identities.get(client)?.kind !== 'device') return;
       const n = (hub.online.get(client.id) ?? 1) - 1;
       if (n > 0) hub.online.set(client.id, n);
       else hub.online.delete(client.id);
