@@ -179,10 +179,11 @@ export class CommandStore {
     return `c!${r.deviceId}!${r.id}`;
   }
 
-  private put(r: CommandRecord): Promise<void> {
+  /** `sync`: on disk (fsync) before it resolves; later status changes need not be */
+  private put(r: CommandRecord, sync = false): Promise<void> {
     const value = JSON.stringify(r);
     const key = this.key(r);
-    const w = this.writes.then(() => this.o.db.put(key, value));
+    const w = this.writes.then(() => this.o.db.put(key, value, { sync }));
     this.writes = w.catch(() => undefined);
     return w;
   }
@@ -209,7 +210,8 @@ export class CommandStore {
     const r: CommandRecord = { id, deviceId, name, args, createdAt: now, expiresAt: now + ttlMs, status: 'pending', sends: 0 };
     this.index(r);
     try {
-      await this.put(r);
+      // the 202 tells the operator the command survives a crash or power loss of the hub
+      await this.put(r, true);
     } catch (err) {
       this.forget(r);
       throw new FleetError('FLEET_STORE', `cannot store the command for ${deviceId}: ${(err as Error).message}`, { cause: err });
