@@ -120,7 +120,8 @@ export class DeadLetters {
     });
     const run = this.writing.then(async () => {
       try {
-        await this.db.batch(ops);
+        // synced: a dead letter is the only copy of what the sender was told was delivered
+        await this.db.batch(ops, { sync: true });
       } catch (err) {
         this.opts.log.error('dead letters could not be stored; these messages are lost', { from, count: ops.length, topics: items.slice(0, 3).map((i) => i.topic), err });
         return;
