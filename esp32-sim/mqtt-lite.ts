@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net';
+import { fixedHeader } from '../core/mqtt-wire.ts';
 
 /**
  * A minimal MQTT 3.1.1 client, the size of what an ESP32 runs (esp-mqtt, PubSubClient):
@@ -123,25 +124,10 @@ export class MqttLite {
     let off = 0;
     while (off < buf.length) {
       if (buf.length - off < 2) break;
-      // remaining length: 1–4 bytes, 7 bits each
-      let len = 0;
-      let mul = 1;
-      let i = off + 1;
-      let complete = false;
-      for (let k = 0; k < 4; k++) {
-        if (i >= buf.length) break;
-        const b = buf[i++]!;
-        len += (b & 0x7f) * mul;
-        mul *= 128;
-        if ((b & 0x80) === 0) {
-          complete = true;
-          break;
-        }
-        if (k === 3) return void s.destroy(); // malformed length
-      }
-      if (!complete) break;
-      if (len > MAX_IN_PACKET) return void s.destroy();
-      if (buf.length - i < len) break;
+      const h = fixedHeader(buf, off, MAX_IN_PACKET);
+      if (h.kind === 'malformed' || h.kind === 'tooLarge') return void s.destroy();
+      if (h.kind === 'more') break;
+      const { start: i, len } = h;
       this.onPacket(buf[off]!, buf.subarray(i, i + len));
       if (this.socket !== s) return;
       off = i + len;

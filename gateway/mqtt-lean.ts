@@ -1,6 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
 import { FleetError } from '../core/errors.ts';
+import { fixedHeader } from '../core/mqtt-wire.ts';
 
 /**
  * A lean MQTT 3.1.1 server for MCUs: the subset of the protocol a device needs, on one
@@ -209,23 +210,11 @@ export class LeanConn {
       // after waiting for a body that a stray peer (an HTTP request, noise) never sends
       const bad = this.badHeader(buf[0]!);
       if (bad) return this.malformed(bad);
-      // fixed header: type/flags, remaining length (1-4 bytes, 7 bits each) [MQTT-2.2.3]
-      let len = 0;
-      let mul = 1;
-      let i = 1;
-      let complete = false;
-      for (; i < 5 && i < buf.length; ) {
-        const b = buf[i++]!;
-        len += (b & 0x7f) * mul;
-        mul *= 128;
-        if (len > limit) return this.tooLarge(`MQTT packet of at least ${len} bytes exceeds the limit of ${limit}`);
-        if ((b & 0x80) === 0) {
-          complete = true;
-          break;
-        }
-        if (i === 5) return this.malformed('malformed MQTT remaining length');
-      }
-      if (!complete || buf.length - i < len) break;
+      const h = fixedHeader(buf, 0, limit);
+      if (h.kind === 'tooLarge') return this.tooLarge(`MQTT packet of at least ${h.len} bytes exceeds the limit of ${limit}`);
+      if (h.kind === 'malformed') return this.malformed('malformed MQTT remaining length');
+      if (h.kind === 'more') break;
+      const { start: i, len } = h;
       const header = buf[0]!;
       const body = buf.subarray(i, i + len);
       this.rx = buf.length === i + len ? null : buf.subarray(i + len);
@@ -411,21 +400,10 @@ export class LeanConn {
     const limit = this.server.opts.maxRemainingLength;
     while (!this.busy && this.rx !== null && this.rx.length >= 2) {
       const buf = this.rx;
-      let len = 0;
-      let mul = 1;
-      let i = 1;
-      let complete = false;
-      while (i < 5 && i < buf.length) {
-        const b = buf[i++]!;
-        len += (b & 0x7f) * mul;
-        mul *= 128;
-        if ((b & 0x80) === 0) {
-          complete = true;
-          break;
-        }
-      }
+      const h = fixedHeader(buf, 0, limit);
       // incomplete, malformed or too large: nothing after it can be handled
-      if (!complete || len > limit || buf.length - i < len) break;
+      if (h.kind !== 'ok') break;
+      const { start: i, len } = h;
       const header = buf[0]!;
       this.rx = buf.length === i + len ? null : buf.subarray(i + len);
       if (header >> 4 === T.DISCONNECT) break;

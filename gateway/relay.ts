@@ -644,14 +644,12 @@ export class Relay {
  */
 class GatedOutbox extends EventEmitter implements Outbox {
   private retryTimer: NodeJS.Timeout | undefined;
-  /** messages in grouped records handed to the Uplink, by record id, until acked */
+  /** messages in grouped records, by record id, from when written (noteGroup) or first peeked until acked */
   private readonly groupSizes = new Map<string, number>();
   /** records held back (an MCU not covered by a register) since the last register was sent */
   private readonly parked = new Set<string>();
   /** the MCUs of grouped records seen by peek, by record id, until acked */
   private readonly groupMcus = new Map<string, readonly string[]>();
-  /** items of grouped records this gateway wrote, by record id (noteGroup), until peeked */
-  private readonly groupCounts = new Map<string, number>();
   /** MCU messages acknowledged by the hub (a grouped record counts its items) */
   ackedMessages = 0;
 
@@ -678,8 +676,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
   noteGroup(id: string, mcuIds: readonly string[]): void {
     if (this.groupMcus.size >= 100_000) this.groupMcus.clear(); // bounded: a cache
     this.groupMcus.set(id, mcuIds.length === 1 ? mcuIds : [...new Set(mcuIds)]);
-    this.groupCounts.set(id, mcuIds.length);
-    if (this.groupCounts.size >= 100_000) this.groupCounts.clear();
+    if (this.groupSizes.size >= 100_000) this.groupSizes.clear(); // bounded: records evicted unsent stay until then
+    this.groupSizes.set(id, mcuIds.length);
   }
 
   /**
@@ -764,11 +762,7 @@ class GatedOutbox extends EventEmitter implements Outbox {
         const ids = this.mcusOf(rec);
         if (ids === null || this.coveredAll(ids)) {
           records.push(rec);
-          if (rec.topic === this.batchTopic) {
-            const n = this.groupCounts.get(rec.id);
-            if (n !== undefined) this.groupCounts.delete(rec.id);
-            this.groupSizes.set(rec.id, n ?? countItems(rec.payload));
-          }
+          if (rec.topic === this.batchTopic && !this.groupSizes.has(rec.id)) this.groupSizes.set(rec.id, countItems(rec.payload));
         } else {
           passedOver++;
           this.parked.add(rec.id);

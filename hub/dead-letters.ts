@@ -49,15 +49,8 @@ export interface DeadLetterOptions {
   now?: () => number;
 }
 
-interface Stored {
-  from: string;
-  topic: string;
-  reason: DeadLetterReason;
-  detail: string;
-  payload: string;
-  size: number;
-  truncated: boolean;
-}
+/** what is stored per record: the key holds the rest */
+type Stored = Omit<DeadLetter, 'id' | 'at'>;
 
 export class DeadLetters {
   private count = 0;

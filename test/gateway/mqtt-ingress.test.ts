@@ -7,9 +7,10 @@ import { isFleetError } from '../../core/errors.ts';
 import { writeSecretFile } from '../../core/secrets.ts';
 import { mcuKey, ReplayGuard } from '../../firmware-bridge/auth.ts';
 import { frameWithMac } from '../../firmware-bridge/frames.ts';
-import { GatewayConfigSchema } from '../../gateway/config.ts';
-import { startGateway } from '../../gateway/index.ts';
+import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
+import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { tempDir, testLogger } from '../helpers.ts';
+import { connectMcu } from './env.ts';
 
 test('replay guard: check() refuses what accept() would and records nothing', () => {
   const g = new ReplayGuard({ maxMcus: 1 });
@@ -22,12 +23,35 @@ test('replay guard: check() refuses what accept() would and records nothing', ()
   assert.throws(() => g.check('esp-2', 1), (e: unknown) => isFleetError(e, 'FLEET_FORBIDDEN'), 'guard full');
 });
 
-function connectMcu(port: number, id: string, site: string): Promise<MqttClient> {
-  return new Promise((resolve, reject) => {
-    const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: mcuKey(site, id), reconnectPeriod: 0, connectTimeout: 5000 });
-    c.once('connect', () => resolve(c));
-    c.once('error', reject);
-  });
+/**
+ * A gateway on its own (its hub unreachable: a closed port) in a temp dir, with `mcu` and
+ * other config merged in; `prepare` may write files into its state dir first. `start`
+ * starts it (again), and the last one started is stopped at the end.
+ */
+async function withLoneGateway(
+  config: { mcu?: Partial<GatewayConfig['mcu']>; outbox?: Record<string, unknown> },
+  fn: (ctx: { gw: GatewayHandle; site: string; dir: string; log: ReturnType<typeof testLogger>; start: () => Promise<GatewayHandle>; stop: () => Promise<void> }) => Promise<void>,
+  prepare: (dir: string) => void = () => undefined,
+): Promise<void> {
+  const tmp = tempDir();
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  prepare(tmp.dir);
+  const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, ...config, mcu: { mqttPort: 0, coapPort: 0, ...config.mcu } });
+  const log = testLogger('gateway');
+  let current: GatewayHandle | null = null;
+  const start = async () => (current = await startGateway(parsed, log, '0.0.0-test'));
+  const stop = async () => {
+    const g = current;
+    current = null;
+    await g?.stop();
+  };
+  try {
+    const gw = await start();
+    await fn({ gw, site: readFileSync(gw.siteSecretFile, 'utf8').trim(), dir: tmp.dir, log, start, stop });
+  } finally {
+    await stop();
+    tmp.cleanup();
+  }
 }
 /** QoS 1 publish: 'puback', or 'closed' when the connection closed without one */
 function pub(c: MqttClient, topic: string, payload: Buffer | string): Promise<'puback' | 'closed'> {
@@ -43,14 +67,9 @@ function pub(c: MqttClient, topic: string, payload: Buffer | string): Promise<'p
 }
 
 test('gateway MQTT: a MAC-framed message the gateway could not store is not acknowledged, and its resend is not taken for a replay (it used to be PUBACKed and dropped)', async () => {
-  const tmp = tempDir();
-  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
-  // the hub is unreachable (a closed port) and the outbox small: it fills with alerts
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0 }, outbox: { maxBytes: 65536, minFreeBytes: 0 } });
-  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
-  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-  const id = 'esp-r1';
-  try {
+  // the hub is unreachable and the outbox small: it fills with alerts
+  await withLoneGateway({ outbox: { maxBytes: 65536, minFreeBytes: 0 } }, async ({ gw, site }) => {
+    const id = 'esp-r1';
     let c = await connectMcu(gw.mqttPort, id, site);
     // mcu.boot events (alerts) from hellos with a new firmware version each, until the
     // outbox evicts: telemetry can no longer be stored
@@ -64,20 +83,12 @@ test('gateway MQTT: a MAC-framed message the gateway could not store is not ackn
     assert.equal(gw.stats().dropped.replay, undefined, JSON.stringify(gw.stats().dropped));
     assert.equal(gw.stats().dropped.outbox_full, 2);
     c.end(true);
-  } finally {
-    await gw.stop();
-    tmp.cleanup();
-  }
+  });
 });
 
 test('gateway MQTT: beyond mcu.maxMcus a new MCU’s MAC-framed message is refused without a PUBACK, as a plain one is (it used to be PUBACKed and dropped)', async () => {
-  const tmp = tempDir();
-  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, maxMcus: 1 } });
-  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
-  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-  const framed = (id: string) => frameWithMac(mcuKey(site, id), id, 't', 7, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
-  try {
+  await withLoneGateway({ mcu: { maxMcus: 1 } }, async ({ gw, site }) => {
+    const framed = (id: string) => frameWithMac(mcuKey(site, id), id, 't', 7, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
     const a = await connectMcu(gw.mqttPort, 'esp-a', site);
     assert.equal(await pub(a, 'mcu/v1/esp-a/t', framed('esp-a')), 'puback');
     await a.endAsync();
@@ -85,19 +96,11 @@ test('gateway MQTT: beyond mcu.maxMcus a new MCU’s MAC-framed message is refus
     assert.equal(await pub(b, 'mcu/v1/esp-b/t', framed('esp-b')), 'closed');
     assert.equal(gw.stats().dropped.mcu_limit, 1);
     assert.equal(gw.stats().outbox.depthByClass.telemetry, 1, 'only esp-a’s reading is stored');
-  } finally {
-    await gw.stop();
-    tmp.cleanup();
-  }
+  });
 });
 
 test('gateway MQTT: a flood of refused CONNECTs with ever new long user names from one peer logs a few short lines, not one per attempt', async () => {
-  const tmp = tempDir();
-  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0 } });
-  const log = testLogger('gateway');
-  const gw = await startGateway(config, log, '0.0.0-test');
-  try {
+  await withLoneGateway({}, async ({ gw, log }) => {
     for (let i = 0; i < 100; i++) {
       const name = `esp-${i}-${'x'.repeat(4000)}`;
       await new Promise<void>((resolve) => {
@@ -113,46 +116,31 @@ test('gateway MQTT: a flood of refused CONNECTs with ever new long user names fr
     assert.ok(refused.length >= 1 && refused.length <= 3, `${refused.length} warnings`);
     assert.ok(JSON.stringify(refused).length < 2000, 'user names cut short');
     assert.equal(gw.stats().dropped.auth, 100, 'every attempt still counted');
-  } finally {
-    await gw.stop();
-    tmp.cleanup();
-  }
+  });
 });
 
 test('gateway: an MCU that would push the register past the hub’s payload limit is refused (no PUBACK), not accepted and then refused at the hub with every MCU’s data', async () => {
-  const tmp = tempDir();
-  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
   // 15,589 known MCUs with 64-character ids: their register is 17 bytes under the limit
   const ids = Array.from({ length: 15_589 }, (_, i) => `m${String(i).padStart(63, '0')}`);
-  writeFileSync(join(tmp.dir, 'mcu-state.json'), JSON.stringify({ v: 1, mcus: ids, replay: {} }));
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, maxMcus: 100_000 } });
-  const gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
-  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-  try {
+  const saveIds = (dir: string) => writeFileSync(join(dir, 'mcu-state.json'), JSON.stringify({ v: 1, mcus: ids, replay: {} }));
+  await withLoneGateway({ mcu: { maxMcus: 100_000 } }, async ({ gw, site }) => {
     const known = await connectMcu(gw.mqttPort, ids[0]!, site);
     assert.equal(await pub(known, `mcu/v1/${ids[0]}/t`, JSON.stringify([{ n: 'temperature', v: 20 }])), 'puback', 'a known MCU goes on');
     await known.endAsync();
     const id = `n${'1'.repeat(63)}`;
     const c = await connectMcu(gw.mqttPort, id, site);
     assert.equal(await pub(c, `mcu/v1/${id}/t`, JSON.stringify([{ n: 'temperature', v: 20 }])), 'closed');
-  } finally {
-    await gw.stop();
-    tmp.cleanup();
-  }
+  }, saveIds);
 });
 
 test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at start (its slot and replay counters); one heard from recently is kept', async () => {
-  const tmp = tempDir();
-  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
   const today = Math.floor(Date.now() / 86_400_000);
-  writeFileSync(
-    join(tmp.dir, 'mcu-state.json'),
-    JSON.stringify({ v: 1, mcus: ['esp-old', 'esp-new', 'esp-legacy'], replay: { 'esp-old': [500, 1], 'esp-new': [500, 1] }, meta: { 'esp-old': { fw: '1.0.0', seenDay: today - 100 }, 'esp-new': { fw: '1.0.0', seenDay: today - 2 } } }),
-  );
-  const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir: tmp.dir, hub: { url: 'mqtt://127.0.0.1:1', reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 } });
-  let gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
-  const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
-  try {
+  const saveState = (dir: string) =>
+    writeFileSync(
+      join(dir, 'mcu-state.json'),
+      JSON.stringify({ v: 1, mcus: ['esp-old', 'esp-new', 'esp-legacy'], replay: { 'esp-old': [500, 1], 'esp-new': [500, 1] }, meta: { 'esp-old': { fw: '1.0.0', seenDay: today - 100 }, 'esp-new': { fw: '1.0.0', seenDay: today - 2 } } }),
+    );
+  await withLoneGateway({ mcu: { forgetAfterDays: 90 } }, async ({ gw, site, dir, start, stop }) => {
     assert.equal(gw.stats().mcus, 2, 'esp-old forgotten; esp-new and esp-legacy (no day saved, from before this) kept');
     const framed = (id: string, counter: number) => frameWithMac(mcuKey(site, id), id, 't', counter, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
     // esp-old's counters are gone: counter 10 (below its saved 500) is accepted as a new MCU's
@@ -164,14 +152,10 @@ test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at star
     await pub(recent, 'mcu/v1/esp-new/t', framed('esp-new', 10));
     await recent.endAsync();
     assert.equal(gw.stats().dropped.replay, 1);
-    await gw.stop();
-    const saved = JSON.parse(readFileSync(join(tmp.dir, 'mcu-state.json'), 'utf8')) as { mcus: string[]; meta: Record<string, { seenDay?: number }> };
+    await stop();
+    const saved = JSON.parse(readFileSync(join(dir, 'mcu-state.json'), 'utf8')) as { mcus: string[]; meta: Record<string, { seenDay?: number }> };
     assert.deepEqual([...saved.mcus].sort(), ['esp-legacy', 'esp-new', 'esp-old'], 'esp-old is back: it spoke again');
     assert.equal(saved.meta['esp-old']?.seenDay, today, 'the day it was heard is saved');
-    gw = await startGateway(config, testLogger('gateway'), '0.0.0-test');
-    assert.equal(gw.stats().mcus, 3);
-  } finally {
-    await gw.stop();
-    tmp.cleanup();
-  }
+    assert.equal((await start()).stats().mcus, 3);
+  }, saveState);
 });

@@ -172,6 +172,16 @@ test('commands: at most maxPendingPerDevice awaiting a reply: 429 FLEET_COMMAND_
   });
 });
 
+/** A gateway that registers `mcus` and subscribes the relay filter for commands; `got` lists "topic commandId" as they come. */
+async function relayGateway(ctx: HubCtx, id: string, mcus: string[]): Promise<{ gw: MqttClient; got: string[] }> {
+  const gw = await connectDevice(ctx, id);
+  const got: string[] = [];
+  gw.on('message', (topic, payload) => got.push(`${topic} ${decodeMessage('cmd', payload).id}`));
+  await gw.publishAsync(deviceTopic(id, 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus }), { qos: 1, retain: true });
+  await gw.subscribeAsync(RELAY_CMD, { qos: 1 });
+  return { gw, got };
+}
+
 test('commands: a hub restart keeps pending and finished commands; pending ones are delivered after it', async () => {
   const tmp = tempDir();
   try {
@@ -206,12 +216,8 @@ test('commands: a hub restart keeps pending and finished commands; pending ones 
         await disconnectFleetClient(again.client, 'dev-r', 'agent', '1.0.0');
       }
       // the MCU's command goes to the gateway that registers it, through the relay filter
-      const gw = await connectDevice(ctx, 'gw-r');
-      const got: string[] = [];
-      gw.on('message', (topic, payload) => got.push(`${topic} ${decodeMessage('cmd', payload).id}`));
+      const { gw, got } = await relayGateway(ctx, 'gw-r', ['esp-r']);
       try {
-        await gw.publishAsync(deviceTopic('gw-r', 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus: ['esp-r'] }), { qos: 1, retain: true });
-        await gw.subscribeAsync(RELAY_CMD, { qos: 1 });
         await waitFor(() => got.length === 1, 'MCU command delivered to its gateway');
         assert.equal(got[0], `${deviceTopic('esp-r', 'cmd')} ${mcuCmd.id}`);
         await waitFor(async () => (await one(ctx, 'esp-r', mcuCmd.id)).status === 'delivered', 'delivered to the gateway');
@@ -228,12 +234,8 @@ test('commands: a hub restart keeps pending and finished commands; pending ones 
 
 test('commands: an MCU registered after its gateway subscribed gets its command when the gateway reports it online', async () => {
   await withCmdHub({}, async (hub, ctx) => {
-    const gw = await connectDevice(ctx, 'gw-1');
-    const got: string[] = [];
-    gw.on('message', (topic, payload) => got.push(`${topic} ${decodeMessage('cmd', payload).id}`));
+    const { gw, got } = await relayGateway(ctx, 'gw-1', ['esp-a']);
     try {
-      await gw.publishAsync(deviceTopic('gw-1', 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus: ['esp-a'] }), { qos: 1, retain: true });
-      await gw.subscribeAsync(RELAY_CMD, { qos: 1 });
       const cmd = await hub.sendCommand('esp-b', 'blink', {}, 60_000);
       await new Promise((r) => setTimeout(r, 200));
       assert.equal((await one(ctx, 'esp-b', cmd.id)).status, 'pending', 'not registered by anyone yet');

@@ -82,12 +82,12 @@ test('dead letters: bounded by records and bytes, the oldest dropped first; a re
   try {
     const dir = join(tmp.dir, 'dl');
     let t = 1_000;
-    let store = await DeadLetters.open(await openStore<string>(dir, 'utf8'), { log: testLogger('dl'), maxRecords: 5, now: () => t++ });
+    let db = await openStore<string>(dir, 'utf8');
+    let store = await DeadLetters.open(db, { log: testLogger('dl'), maxRecords: 5, now: () => t++ });
     for (let i = 0; i < 8; i++) await store.add('gw', [{ topic: `fleet/v1/d/m-${i}/telemetry`, payload: Buffer.from(`p${i}`), reason: 'acl', detail: 'test' }]);
     assert.deepEqual(store.stats(), { records: 5, bytes: store.stats().bytes, added: 8, evicted: 3 });
     assert.deepEqual((await store.list(10)).map((d) => d.topic), [3, 4, 5, 6, 7].map((i) => `fleet/v1/d/m-${i}/telemetry`));
     // a byte bound too: a reopened store knows its size and trims by it
-    let db = (store as unknown as { db: Awaited<ReturnType<typeof openStore<string>>> }).db;
     await db.close();
     db = await openStore<string>(dir, 'utf8');
     store = await DeadLetters.open(db, { log: testLogger('dl'), maxRecords: 100, maxBytes: 600, now: () => t++ });
