@@ -1,3 +1,4 @@
+import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Aedes, type AedesPublishPacket, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import aedesPersistenceLevel, { type LevelPersistence } from 'aedes-persistence-level';
@@ -550,6 +551,34 @@ interface RouteItem {
   payload: Buffer;
   qos: 0 | 1 | 2;
   pending: PendingMid;
+}
+
+/**
+ * Hold a connection's writes until the end of the event-loop iteration, so that everything
+ * written to it in one iteration leaves in one writev. aedes writes each delivery from its
+ * own setImmediate callback, and Node runs the nextTick queue between two immediates, so
+ * mqtt-packet's own cork (uncorked on nextTick) flushed every delivery by itself: with one
+ * consumer, a batch of 1,000 MCU readings cost about 300 writev calls, 14% of the hub's CPU
+ * (profile of a hub routing 1,000-item batches). The uncork is an immediate scheduled during
+ * the iteration's writes, so it runs in the next iteration, after every delivery queued in
+ * this one: at most one iteration of added latency. end() and destroy() flush or drop the
+ * held data as they would without the cork.
+ */
+export function coalesceWrites(socket: Duplex): void {
+  let held = false;
+  const release = (): void => {
+    held = false;
+    if (socket.writableCorked > 0) socket.uncork();
+  };
+  const write = socket.write;
+  socket.write = function (this: Duplex, ...args: unknown[]): boolean {
+    if (!held && !socket.destroyed && !socket.writableEnded) {
+      held = true;
+      socket.cork();
+      setImmediate(release);
+    }
+    return Reflect.apply(write, this, args) as boolean;
+  } as Duplex['write'];
 }
 
 /** Send an acknowledged publish to a sink instead of its topic; its payload goes nowhere. */

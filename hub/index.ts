@@ -1,3 +1,4 @@
+import type { Duplex } from 'node:stream';
 import { createServer as createNetServer, type Server as NetServer } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
 import { readFileSync } from 'node:fs';
@@ -16,7 +17,7 @@ import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
 import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOptions } from './commands.ts';
 import { decodeTelemetryFast } from './telemetry-fast.ts';
-import { HubBroker } from './broker.ts';
+import { coalesceWrites, HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
 import { DeadLetters } from './dead-letters.ts';
 import { Deduplicator } from './dedup.ts';
@@ -176,12 +177,16 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   };
   await new Promise<void>((r) => broker.aedes.subscribe(allDevices('reply'), onCommandReply, r));
 
-  const mqttServer: NetServer = createNetServer({ highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, broker.aedes.handle);
+  const accept = (socket: Duplex): void => {
+    coalesceWrites(socket);
+    broker.aedes.handle(socket);
+  };
+  const mqttServer: NetServer = createNetServer({ highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, accept);
   const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
   let mqttsServer: NetServer | null = null;
   let mqttsPort: number | null = null;
   if (tlsPair) {
-    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2', highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, broker.aedes.handle);
+    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2', highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, accept);
     mqttsPort = await listenOn(mqttsServer, config.host, config.mqttsPort, config.portFallback);
   }
 

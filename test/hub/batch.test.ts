@@ -219,3 +219,32 @@ test('batch: de-duplication survives a graceful hub restart: a resend after the 
     tmp.cleanup();
   }
 });
+
+test('batch: the deliveries of a 1,000-item batch leave in a few socket writes, all in order (hub coalesceWrites)', async () => {
+  await withHub(async (hub, ctx) => {
+    const op = await consumer(ctx);
+    // count the flushes of the hub's socket to the consumer: aedes writes each delivery from
+    // its own immediate, and without coalescing each was flushed by itself (one writev per
+    // one to three deliveries)
+    const conn = hub.broker.aedes.clients['ops-1']?.conn as unknown as { _writev: (...a: unknown[]) => void; _write: (...a: unknown[]) => void } | undefined;
+    assert.ok(conn, 'the consumer is connected');
+    let flushes = 0;
+    for (const name of ['_writev', '_write'] as const) {
+      const orig = conn[name];
+      conn[name] = function (this: unknown, ...a: unknown[]) {
+        flushes++;
+        return Reflect.apply(orig, this, a);
+      };
+    }
+    const dev = await connectDevice(ctx, 'dev-1');
+    const items = Array.from({ length: 1000 }, (_, i) => item('dev-1', 'telemetry', String(i + 1)));
+    const before = flushes;
+    await dev.publishAsync(deviceTopic('dev-1', 'batch'), encodeBatch(items), { qos: 1 });
+    await waitFor(() => upOnly(op.seen).length >= items.length, 'all items at the consumer');
+    assert.deepEqual(upOnly(op.seen), items.map(line));
+    const used = flushes - before;
+    assert.ok(used <= 20, `the hub flushed the 1,000 deliveries in ${used} writes; expected at most 20`);
+    op.client.end(true);
+    dev.end(true);
+  });
+});
