@@ -226,7 +226,7 @@ test('batch: the deliveries of a 1,000-item batch leave in a few socket writes, 
     // count the flushes of the hub's socket to the consumer: aedes writes each delivery from
     // its own immediate, and without coalescing each was flushed by itself (one writev per
     // one to three deliveries)
-    const conn = hub.broker.aedes.clients['ops-1']?.conn as unknown as { _writev: (...a: unknown[]) => void; _write: (...a: unknown[]) => void } | undefined;
+    const conn = (Reflect.get(hub.broker.aedes, 'clients') as Record<string, { conn: unknown }>)['ops-1']?.conn as { _writev: (...a: unknown[]) => void; _write: (...a: unknown[]) => void } | undefined;
     assert.ok(conn, 'the consumer is connected');
     let flushes = 0;
     for (const name of ['_writev', '_write'] as const) {
