@@ -54,10 +54,12 @@ const CHANNELS: ReadonlySet<string> = new Set<string>([...UP_CHANNELS, ...DOWN_C
 /** Parse a concrete (non-wildcard) fleet topic; null when it is not one. */
 export function parseTopic(topic: string): ParsedTopic | null {
   if (!topic.startsWith(DEVICE_PREFIX)) return null;
-  const rest = topic.slice(DEVICE_PREFIX.length).split('/');
-  if (rest.length !== 2) return null;
-  const [deviceId, channel] = rest as [string, string];
-  if (!isDeviceId(deviceId) || !CHANNELS.has(channel)) return null;
+  // indexOf instead of split: the hub parses every routed MCU reading's topic
+  const slash = topic.indexOf('/', DEVICE_PREFIX.length);
+  if (slash < 0 || topic.indexOf('/', slash + 1) >= 0) return null;
+  const deviceId = topic.slice(DEVICE_PREFIX.length, slash);
+  const channel = topic.slice(slash + 1);
+  if (!CHANNELS.has(channel) || !isDeviceId(deviceId)) return null;
   return { deviceId, channel: channel as Channel };
 }
 
