@@ -12,7 +12,7 @@
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { cpus, loadavg, release, tmpdir, totalmem } from 'node:os';
+import { cpus, loadavg, release, setPriority, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import mqtt from 'mqtt';
@@ -37,6 +37,8 @@ const { values } = parseArgs({
     protocol: { type: 'string', default: 'mqtt' },
     // V8 flags for the gateway and hub processes, e.g. "--max-semi-space-size=16"
     'node-flags': { type: 'string', default: '' },
+    // nice value of the sim processes (the load generator), both phases; 0 = same priority as the servers
+    'sim-nice': { type: 'string', default: '0' },
   },
 });
 const N = Number(values.devices);
@@ -49,6 +51,7 @@ const RAMP_S = Number(values['ramp-s']);
 const SETTLE_S = Number(values['settle-s']);
 const DRAIN_S = Number(values['drain-s']);
 const TARGET_RATE = (N * 1000) / INTERVAL;
+const SIM_NICE = Number(values['sim-nice']);
 const MOSQUITTO = ['/usr/sbin/mosquitto', '/usr/bin/mosquitto'].find((p) => existsSync(p));
 
 // ---- process helpers ------------------------------------------------------------------
@@ -208,7 +211,11 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   for (let i = 0; i < SIMS; i++) {
     const f = join(dir, `${name}-sim-${i}.stats.json`);
     statsFiles.push(f);
-    sims.push(fleetlet(`${name}-sim-${i}`, simArgs(port, i, f, protocol)));
+    const sim = fleetlet(`${name}-sim-${i}`, simArgs(port, i, f, protocol));
+    // --sim-nice: the load generator yields the CPU to the servers under test, as it would on
+    // machines of its own (a diagnostic: the default runs everything at the same priority)
+    if (SIM_NICE !== 0) setPriority(sim.pid, SIM_NICE);
+    sims.push(sim);
   }
   const simStats = () => statsFiles.map((f) => { try { return JSON.parse(readFileSync(f, 'utf8')); } catch { return null; } });
   const sum = (k) => simStats().reduce((a, s) => a + (s?.[k] ?? 0), 0);
@@ -439,7 +446,7 @@ const machine = {
 // the sims need the site secret before the gateway creates one
 writeFileSync(join(dir, 'site.secret'), (await import('node:crypto')).randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
 
-const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, protocol: PROTOCOL, nodeFlags: values['node-flags'] || null };
+const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, protocol: PROTOCOL, nodeFlags: values['node-flags'] || null, simNice: SIM_NICE };
 let exit = 0;
 try {
   if (values.only !== 'mosquitto') {
@@ -488,7 +495,7 @@ const rows = [
 ];
 result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
 const fmt = (v) => (v === null || v === undefined ? '—' : typeof v === 'number' ? String(Math.round(v * 10) / 10) : String(v));
-console.log(`gateway-scale — ${N} ${PROTOCOL.toUpperCase()} devices (Mosquitto: MQTT) × ${1000 / INTERVAL} msg/s (${TARGET_RATE} msg/s offered), ${SIMS} sim process(es), ${WINDOW_S} s window; ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.mosquitto}`);
+console.log(`gateway-scale — ${N} ${PROTOCOL.toUpperCase()} devices (Mosquitto: MQTT) × ${1000 / INTERVAL} msg/s (${TARGET_RATE} msg/s offered), ${SIMS} sim process(es)${SIM_NICE ? ` at nice ${SIM_NICE}` : ""}, ${WINDOW_S} s window; ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.mosquitto}`);
 console.log('| figure | gateway → hub | Mosquitto | ratio | target | pass |');
 console.log('|---|---:|---:|---:|---|---|');
 for (const r of result.table) console.log(`| ${r.figure} | ${fmt(r.gateway)} | ${fmt(r.mosquitto)} | ${r.ratio} | ${r.target} | ${r.pass === null ? '' : r.pass ? 'pass' : 'FAIL'} |`);
