@@ -188,6 +188,8 @@ interface DeviceState {
   readonly id: string;
   readonly win: DedupWindow;
   lastUsed: number;
+  /** when it was last moved to the most recently active end of the LRU order, ms */
+  movedAt: number;
   /** ring chunks to write at the next flush */
   readonly dirtyChunks: Set<number>;
   /** seqs admitted whose messages are not routed yet: written as empty slots until confirmed */
@@ -208,6 +210,8 @@ interface DeviceState {
  * whole window.
  */
 const CHUNK = 64;
+/** a device moves to the recent end of the LRU order at most this often, ms */
+const LRU_MOVE_MS = 1000;
 /**
  * Journal keys: `!j/{n, 12 digits}` → "{flush time ms}\n{deviceId} {mid}\n…", the mids
  * confirmed since the previous flush in confirmation order. '!' sorts before every device id
@@ -321,13 +325,20 @@ export class Deduplicator {
   private state(deviceId: string): DeviceState {
     let st = this.devices.get(deviceId);
     if (st) {
-      // move to the most recently active end
-      this.devices.delete(deviceId);
-      this.devices.set(deviceId, st);
-      st.lastUsed = this.now();
+      // move to the most recently active end, at most once per LRU_MOVE_MS: a Map delete and
+      // set per admission was 2% of a hub CPU profile at 10,000 MCU readings a second. So
+      // eviction takes the least recently active device to within that time.
+      const now = this.now();
+      if (now - st.movedAt >= LRU_MOVE_MS) {
+        this.devices.delete(deviceId);
+        this.devices.set(deviceId, st);
+        st.movedAt = now;
+      }
+      st.lastUsed = now;
       return st;
     }
-    st = { id: deviceId, win: new DedupWindow(this.opts.window), lastUsed: this.now(), dirtyChunks: new Set(), pending: new Set() };
+    const now = this.now();
+    st = { id: deviceId, win: new DedupWindow(this.opts.window), lastUsed: now, movedAt: now, dirtyChunks: new Set(), pending: new Set() };
     this.devices.set(deviceId, st);
     this.evictOverflow(st);
     return st;
@@ -601,7 +612,7 @@ export class Deduplicator {
         win = w2;
         relaid = true;
       }
-      return { state: { id, win, lastUsed, dirtyChunks: new Set(), pending: new Set() }, relaid };
+      return { state: { id, win, lastUsed, movedAt: lastUsed, dirtyChunks: new Set(), pending: new Set() }, relaid };
     }
   }
 }

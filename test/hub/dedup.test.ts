@@ -139,9 +139,12 @@ test('deduplicator: without a flush (a crash), what was admitted since the last 
   });
 });
 
-test('deduplicator: bounded by devices and by mids; the least recently active device is forgotten, on disk too', async () => {
+test('deduplicator: bounded by devices and by mids; the least recently active device is forgotten (to within 1 s), on disk too', async () => {
   await withDedup(async (open) => {
-    let d = await open({ maxDevices: 3, maxEntries: 1000 });
+    // an injected clock, 1 s per admission: the LRU order is kept to within a second
+    let t = 1_000_000;
+    const now = () => (t += 1000);
+    let d = await open({ maxDevices: 3, maxEntries: 1000, now });
     for (const id of ['a', 'b', 'c']) d.admit(id, '1');
     d.admit('a', '2'); // a is now the most recent
     d.admit('d', '1'); // evicts b
@@ -149,12 +152,23 @@ test('deduplicator: bounded by devices and by mids; the least recently active de
     assert.equal(d.seen('b', '1'), false);
     assert.ok(d.seen('a', '1') && d.seen('c', '1') && d.seen('d', '1'));
     await d.close();
-    d = await open({ maxDevices: 3, maxEntries: 1000 });
+    d = await open({ maxDevices: 3, maxEntries: 1000, now });
     assert.equal(d.seen('b', '1'), false, 'its keys were cleared');
     assert.ok(d.seen('a', '2'));
     await d.close();
 
-    d = await open({ maxDevices: 100, maxEntries: 100, window: 64 });
+    // within the same second a device is not moved again: the older order decides
+    const frozen = () => 5_000_000;
+    d = await open({ maxDevices: 2, maxEntries: 1000, now: frozen });
+    d.admit('p', '1');
+    d.admit('q', '1');
+    d.admit('p', '2'); // same second as its first admission: p stays the older of the two
+    d.admit('r', '1'); // evicts p, not q
+    assert.equal(d.seen('p', '1'), false);
+    assert.ok(d.seen('q', '1') && d.seen('r', '1'));
+    await d.close();
+
+    d = await open({ maxDevices: 100, maxEntries: 100, window: 64, now });
     for (let i = 0; i < 60; i++) d.admit('x', String(i));
     for (let i = 0; i < 60; i++) d.admit('y', String(i));
     assert.ok(d.stats().mids <= 100);
