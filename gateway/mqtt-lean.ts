@@ -1,7 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
 import { FleetError } from '../core/errors.ts';
-import { fixedHeader } from '../core/mqtt-wire.ts';
+import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
 
 /**
  * A lean MQTT 3.1.1 server for MCUs: the subset of the protocol a device needs, on one
@@ -31,6 +31,9 @@ import { fixedHeader } from '../core/mqtt-wire.ts';
  *   refused from its fixed header (before its body is buffered, also for CONNECT), and
  *   while a handler runs at most about that many bytes more are buffered before the socket
  *   is paused (plain 'data' events and pause/resume; the socket is never read otherwise);
+ * - linear receive cost: a packet that arrives in many TCP segments is kept as the chunks
+ *   received and copied together once, when complete (a chunk of whole packets is not
+ *   copied at all); `rxCopiedBytes` counts what was copied;
  * - a peer that sends no CONNECT within `connectTimeoutMs`, or nothing within 1.5x its
  *   keep-alive, is disconnected [MQTT-3.1.2-24]; every accepted socket has TCP keepalive on
  *   (first probe after 60 s idle), so a half-open connection (an MCU that lost power) dies
@@ -156,6 +159,37 @@ export const TCP_KEEPALIVE_MS = 60_000;
 
 class Malformed extends Error {}
 
+/** Chunks received behind an incomplete packet (LeanConn.more), not copied yet. */
+interface HeldChunks {
+  chunks: Buffer[];
+  /** index of the first chunk not moved to `rx` yet (the ones before are EMPTY) */
+  at: number;
+  /** bytes in chunks[at..] */
+  bytes: number;
+  /** bytes of the packet at the front (header and body) once its header was read, 0 = not yet */
+  need: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+const MORE: FixedHeader = { kind: 'more' };
+
+/**
+ * Header plus body bytes of the packet in `buf`, whose fixed header fixedHeader found well
+ * formed and within the limit but incomplete ('more'); 0 while its remaining length is not
+ * all here [MQTT-2.2.3].
+ */
+function packetLength(buf: Buffer): number {
+  let len = 0;
+  let mul = 1;
+  for (let i = 1; i < 5 && i < buf.length; i++) {
+    const b = buf[i]!;
+    len += (b & 0x7f) * mul;
+    mul *= 128;
+    if ((b & 0x80) === 0) return i + 1 + len;
+  }
+  return 0;
+}
+
 /** One MQTT connection. Fields are few on purpose: there are 10,000 of these. */
 export class LeanConn {
   /** the MCU id once authenticated, else null */
@@ -168,7 +202,10 @@ export class LeanConn {
   subFw = -1;
   /** filters subscribed as given (at most a few: the ACL allows only the MCU's own) */
   filters: Map<string, number> | null = null;
+  /** the received bytes not handled yet start here: one chunk, or the front of a packet copied together */
   private rx: Buffer | null = null;
+  /** chunks received behind `rx` while its packet is incomplete (null in the common case: whole packets per chunk) */
+  private more: HeldChunks | null = null;
   private busy = false;
   private closed = false;
   private paused = false;
@@ -195,29 +232,124 @@ export class LeanConn {
   }
 
   onData(chunk: Buffer): void {
-    if (this.closed) return;
+    if (this.closed || chunk.length === 0) return;
     this.lastRx = Date.now();
-    this.rx = this.rx === null || this.rx.length === 0 ? chunk : Buffer.concat([this.rx, chunk]);
+    if (this.rx === null) this.rx = chunk;
+    else {
+      // Behind an incomplete packet: kept as received and copied once, when the packet is
+      // complete (frame). Concatenating on every chunk copied a large packet that came in
+      // many small TCP segments over and over: O(n²) bytes.
+      const m = (this.more ??= { chunks: [], at: 0, bytes: 0, need: 0 });
+      m.chunks.push(chunk);
+      m.bytes += chunk.length;
+      // its packet's length is known and not reached yet: nothing to handle (O(1) per chunk)
+      if (m.need > 0 && this.rx.length + m.bytes < m.need) return this.flowControl();
+    }
     this.drain();
+  }
+
+  /**
+   * The fixed header of the packet at the front [MQTT-2.2.3], with the whole packet
+   * contiguous in `rx` once it is `ok`. With one chunk held (the common case) that is
+   * `rx` as received, no copy. With later chunks held (`more`), only the header's bytes
+   * (at most 5) are copied together until its length is known, then the whole packet once,
+   * when all of it is here.
+   */
+  private frame(limit: number): FixedHeader {
+    const m = this.more;
+    if (m === null || m.need === 0) {
+      let h = fixedHeader(this.rx!, 0, limit);
+      // the packet is within rx (as when chunks of whole packets queued behind a handler), or refused
+      if (h.kind !== 'more' || m === null) return h;
+      if (this.rx!.length < 5) {
+        this.take(Math.min(5 - this.rx!.length, m.bytes));
+        h = fixedHeader(this.rx!, 0, limit);
+        if (h.kind !== 'more') return h;
+      }
+      const need = packetLength(this.rx!);
+      // the length is not complete yet (fewer than 5 bytes here), or nothing else is held
+      // (take used it all: the next chunk reads these few bytes again)
+      if (need === 0 || this.more === null) return h;
+      m.need = need;
+    }
+    if (this.rx!.length + m.bytes < m.need) return MORE;
+    const n = m.need - this.rx!.length;
+    m.need = 0;
+    this.take(n);
+    return fixedHeader(this.rx!, 0, limit);
+  }
+
+  /** Copy `n` more bytes of the held chunks behind `rx` into one new `rx` (counted in rxCopiedBytes). */
+  private take(n: number): void {
+    const m = this.more!;
+    const rx = this.rx!;
+    if (n <= 0) return;
+    // its own memory, not a slice of Node's shared pool: the drain's "small rest on a large
+    // buffer" check would copy a pool slice again
+    const out = Buffer.allocUnsafeSlow(rx.length + n);
+    rx.copy(out, 0);
+    let o = rx.length;
+    while (o < out.length) {
+      const c = m.chunks[m.at]!;
+      const k = Math.min(c.length, out.length - o);
+      c.copy(out, o, 0, k);
+      o += k;
+      if (k === c.length) m.chunks[m.at++] = EMPTY;
+      else m.chunks[m.at] = c.subarray(k);
+    }
+    m.bytes -= n;
+    this.server.rxCopiedBytes += out.length;
+    this.rx = out;
+    if (m.bytes === 0 && m.need === 0) this.more = null;
+    else if (m.at > 64 && m.at * 2 > m.chunks.length) {
+      m.chunks.splice(0, m.at);
+      m.at = 0;
+    }
+  }
+
+  /** The packet of `buf` that ended at `end` was handled: what follows it is next. */
+  private advance(buf: Buffer, end: number): void {
+    if (end < buf.length) {
+      this.rx = buf.subarray(end);
+      return;
+    }
+    const m = this.more;
+    if (m === null) {
+      this.rx = null;
+      return;
+    }
+    // the next held chunk moves to the front as it is (no copy)
+    const c = m.chunks[m.at]!;
+    m.chunks[m.at++] = EMPTY;
+    m.bytes -= c.length;
+    this.rx = c;
+    if (m.bytes === 0) this.more = null;
+  }
+
+  /** Drop what is held (closed, or what follows cannot be trusted). */
+  private dropRx(): void {
+    this.rx = null;
+    this.more = null;
   }
 
   /** Handle the complete packets buffered, one at a time; stops while a handler runs. */
   private drain(): void {
     const limit = this.server.opts.maxRemainingLength;
-    while (!this.busy && !this.closed && this.rx !== null && this.rx.length >= 2) {
+    while (!this.busy && !this.closed && this.rx !== null) {
       const buf = this.rx;
       // the first byte alone tells a packet this side never accepts: refused at once, not
       // after waiting for a body that a stray peer (an HTTP request, noise) never sends
       const bad = this.badHeader(buf[0]!);
       if (bad) return this.malformed(bad);
-      const h = fixedHeader(buf, 0, limit);
+      const h = this.frame(limit);
       if (h.kind === 'tooLarge') return this.tooLarge(`MQTT packet of at least ${h.len} bytes exceeds the limit of ${limit}`);
       if (h.kind === 'malformed') return this.malformed('malformed MQTT remaining length');
       if (h.kind === 'more') break;
       const { start: i, len } = h;
-      const header = buf[0]!;
-      const body = buf.subarray(i, i + len);
-      this.rx = buf.length === i + len ? null : buf.subarray(i + len);
+      const whole = this.rx;
+      const header = whole[0]!;
+      const body = whole.subarray(i, i + len);
+      this.advance(whole, i + len);
       try {
         this.packet(header, body);
       } catch (err) {
@@ -225,9 +357,22 @@ export class LeanConn {
       }
     }
     if (this.closed) return;
-    const held = this.rx?.length ?? 0;
-    if (held === 0) this.rx = null;
-    else if (this.rx!.byteOffset > 0 && held < 4096) this.rx = Buffer.from(this.rx!); // do not pin a large read buffer for a small rest
+    if (this.rx !== null && this.rx.length === 0) this.rx = null;
+    // do not pin a large read buffer for a small rest (copied when that frees at least 4 KiB:
+    // at most as many bytes as it frees, so linear, and never for a rest of a small chunk)
+    if (this.rx !== null && this.rx.length < 4096 && this.rx.buffer.byteLength - this.rx.length >= 4096) {
+      this.server.rxCopiedBytes += this.rx.length;
+      const own = Buffer.allocUnsafeSlow(this.rx.length);
+      this.rx.copy(own, 0);
+      this.rx = own;
+    }
+    this.flowControl();
+  }
+
+  /** Pause reading while a handler runs and more than about one packet is held; resume after. */
+  private flowControl(): void {
+    const held = (this.rx?.length ?? 0) + (this.more?.bytes ?? 0);
+    const limit = this.server.opts.maxRemainingLength;
     // a handler is running and the peer keeps sending: stop reading beyond about one packet
     if (this.busy && !this.paused && held > limit) {
       this.paused = true;
@@ -383,7 +528,7 @@ export class LeanConn {
     if (this.closed) {
       // the peer closed while this was being stored (gone()): what it sent before is
       // handled still, QoS 0 only; a store that failed ends that too
-      if (o === 'close') this.rx = null;
+      if (o === 'close') this.dropRx();
       return this.drainClosed();
     }
     this.published(o, qos, pid);
@@ -398,14 +543,14 @@ export class LeanConn {
    */
   private drainClosed(): void {
     const limit = this.server.opts.maxRemainingLength;
-    while (!this.busy && this.rx !== null && this.rx.length >= 2) {
-      const buf = this.rx;
-      const h = fixedHeader(buf, 0, limit);
+    while (!this.busy && this.rx !== null) {
+      const h = this.frame(limit);
       // incomplete, malformed or too large: nothing after it can be handled
       if (h.kind !== 'ok') break;
       const { start: i, len } = h;
+      const buf = this.rx;
       const header = buf[0]!;
-      this.rx = buf.length === i + len ? null : buf.subarray(i + len);
+      this.advance(buf, i + len);
       if (header >> 4 === T.DISCONNECT) break;
       if ((header & 0xf6) !== 0x30) continue; // not a QoS 0 PUBLISH (DUP and retain bits aside)
       try {
@@ -414,12 +559,12 @@ export class LeanConn {
         break; // malformed: what follows is not trusted either
       }
     }
-    if (!this.busy) this.rx = null;
+    if (!this.busy) this.dropRx();
   }
 
   private published(o: PublishOutcome, qos: number, pid: number): void {
     if (o === 'close') {
-      this.rx = null; // also after the peer closed: a failed store ends the handling
+      this.dropRx(); // also after the peer closed: a failed store ends the handling
       return this.destroy();
     }
     if (qos === 1) {
@@ -541,7 +686,7 @@ export class LeanConn {
   end(): void {
     if (this.closed) return;
     this.closed = true;
-    this.rx = null;
+    this.dropRx();
     this.socket.end();
     // a peer that does not close its side is cut off
     this.socket.setTimeout(5000, () => this.socket.destroy());
@@ -551,7 +696,7 @@ export class LeanConn {
   destroy(): void {
     if (!this.closed) {
       this.closed = true;
-      this.rx = null;
+      this.dropRx();
       this.server.forget(this);
     }
     this.socket.destroy();
@@ -565,7 +710,7 @@ export class LeanConn {
   gone(): void {
     if (this.closed) return;
     this.closed = true;
-    if (!this.busy) this.rx = null; // every complete packet was handled already
+    if (!this.busy) this.dropRx(); // every complete packet was handled already
     this.server.forget(this);
   }
 }
@@ -629,6 +774,12 @@ export class LeanMqttServer {
   /** TCP sockets counted in `preAuth` while in their TLS handshake, by "address port" (handed to their LeanConn after it) */
   private readonly handshaking = new Map<string, Socket>();
   private readonly sweepTimer: NodeJS.Timeout;
+  /**
+   * bytes copied to put received packets together (a packet split over TCP segments, a
+   * small rest moved off a large read buffer); whole packets per segment cost none. Each
+   * packet is copied at most about once, so this stays within about the bytes received
+   */
+  rxCopiedBytes = 0;
 
   constructor(readonly opts: LeanServerOptions) {
     this.sweepTimer = setInterval(() => this.sweep(), 1000);
