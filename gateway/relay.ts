@@ -122,6 +122,8 @@ export class Relay {
   /** bytes the MCU ids take in the register message (registerEntryBytes each) */
   private registerBytes = 0;
   private readonly pendingState = new Map<string, Buffer>();
+  /** MCUs of outbox records that could not be adopted (warned once each) */
+  private readonly notAdopted = new Set<string>();
   private statesInFlight = 0;
   /** MCUs with index below this are covered by a register sent on the current connection */
   private registeredUpTo = 0;
@@ -424,12 +426,28 @@ export class Relay {
    * than `stateFlushMs` before a crash, so the persisted MCU list lacks it, but its data
    * was acknowledged. Adopt it (as restored: registered on the next register, state
    * unknown until it talks), or its records would stay hidden until it talks again.
+   * Also beyond mcu.maxMcus (new MCUs may have taken the free slots while the hub was
+   * away): its data was acknowledged when it had a slot, and MCUs are forgotten later as
+   * usual. False only when the register has no room left for it (the hub would refuse the
+   * register, and with it every MCU's data): its records then go without one, and the hub
+   * keeps them as dead letters for the operator.
    */
-  private adopt(mcuId: string): void {
-    if (this.mcus.has(mcuId) || mcuId === this.opts.gatewayId || this.mcus.size >= this.opts.maxMcus) return;
+  private adopt(mcuId: string): boolean {
+    if (this.mcus.has(mcuId)) return true;
+    if (mcuId === this.opts.gatewayId) return false; // the gateway's own record: needs no register
+    if (this.registerBytes + registerEntryBytes(mcuId) > REGISTER_MAX_BYTES) {
+      if (this.notAdopted.size < 1000 && !this.notAdopted.has(mcuId)) {
+        this.notAdopted.add(mcuId);
+        this.opts.log.warn('records in the outbox for an MCU that cannot be registered (the register is full): sent without a register, the hub keeps them as dead letters', { mcu: mcuId });
+      }
+      return false;
+    }
+    if (this.mcus.size >= this.opts.maxMcus) this.opts.log.warn('MCU adopted from the outbox beyond mcu.maxMcus (its data was acknowledged before a crash)', { mcu: mcuId, limit: this.opts.maxMcus });
+    this.registerBytes += registerEntryBytes(mcuId);
     this.mcus.set(mcuId, { index: this.mcus.size, protocol: null, lastSeen: this.now(), intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: {} });
     this.changed = true;
     this.opts.log.info('MCU adopted from the outbox (not in the persisted list)', { mcu: mcuId });
+    return true;
   }
 
   private covered(mcuId: string): boolean {
@@ -648,6 +666,12 @@ class GatedOutbox extends EventEmitter implements Outbox {
   private readonly groupSizes = new Map<string, number>();
   /** records held back (an MCU not covered by a register) since the last register was sent */
   private readonly parked = new Set<string>();
+  /**
+   * the MCUs of the parked records: a later record naming any of them is held back too, so
+   * an MCU's messages reach the hub in the order they were stored (a grouped record restored
+   * after a crash can name an MCU the saved list lacks: its other MCUs wait with it)
+   */
+  private readonly blocked = new Set<string>();
   /** the MCUs of grouped records seen by peek, by record id, until acked */
   private readonly groupMcus = new Map<string, readonly string[]>();
   /** MCU messages acknowledged by the hub (a grouped record counts its items) */
@@ -659,8 +683,8 @@ class GatedOutbox extends EventEmitter implements Outbox {
     private readonly batchTopic: string,
     private readonly covered: (mcuId: string) => boolean,
     private readonly requestRegister: () => void,
-    /** told of records whose MCU the relay does not know */
-    private readonly adopt: (mcuId: string) => void,
+    /** told of records whose MCU the relay does not know; false if it can never be registered */
+    private readonly adopt: (mcuId: string) => boolean,
   ) {
     super();
     inner.on('appended', () => this.kick());
@@ -701,15 +725,21 @@ class GatedOutbox extends EventEmitter implements Outbox {
     }
   }
 
-  /** Are all of these MCUs covered by a register (adopting unknown ones)? */
-  private coveredAll(ids: readonly string[]): boolean {
+  /**
+   * May a record for these MCUs go now? Each must be covered by a register (unknown ones are
+   * adopted; one that cannot be registered at all is let through, for the hub to keep as a
+   * dead letter rather than held here forever), and none may have an earlier record held back.
+   */
+  private sendable(ids: readonly string[]): boolean {
     let all = true;
     for (const id of ids) {
       if (this.covered(id)) continue;
-      this.adopt(id);
+      if (!this.adopt(id)) continue;
       if (!this.covered(id)) all = false;
     }
-    return all;
+    if (!all || this.blocked.size === 0) return all;
+    for (const id of ids) if (this.blocked.has(id)) return false;
+    return true;
   }
 
   /** Wake the Uplink: there is something new, or records it could not send may be sendable now. */
@@ -723,6 +753,7 @@ class GatedOutbox extends EventEmitter implements Outbox {
    */
   coverageChanged(): void {
     this.parked.clear();
+    this.blocked.clear();
     this.emit('appended');
   }
 
@@ -760,12 +791,13 @@ class GatedOutbox extends EventEmitter implements Outbox {
       for (const rec of batch) {
         mine.add(rec.id);
         const ids = this.mcusOf(rec);
-        if (ids === null || this.coveredAll(ids)) {
+        if (ids === null || this.sendable(ids)) {
           records.push(rec);
           if (rec.topic === this.batchTopic && !this.groupSizes.has(rec.id)) this.groupSizes.set(rec.id, countItems(rec.payload));
         } else {
           passedOver++;
           this.parked.add(rec.id);
+          for (const id of ids) this.blocked.add(id);
         }
       }
       if (passedOver > 0) hidden = true;
