@@ -4,18 +4,22 @@
  * and a shared callback per kind, so 10,000 devices with a few pending events each cost
  * well under a megabyte. Cancelling is lazy: the caller keeps a generation number and
  * ignores stale firings (see `Scheduler.at`).
+ *
+ * The heap's keys (due time, insertion number) live in two Float64Arrays and its
+ * callbacks and arguments in two parallel arrays, not in an object per entry: sifting
+ * compares keys only, which sit in a few contiguous cache lines, where object entries
+ * cost a cache miss per level at 10,000 entries (about 10,000 pops and pushes a second
+ * at 1 reading/s per device). Order is the same: due time, then insertion order.
  */
 export type Task<T> = (arg: T, now: number) => void;
 
-interface Entry {
-  at: number;
-  seq: number;
-  fn: Task<never>;
-  arg: unknown;
-}
-
 export class Scheduler {
-  private heap: Entry[] = [];
+  /** heap slot i: due time at[i], insertion number seqs[i], callback fns[i](args[i]) */
+  private at_ = new Float64Array(1024);
+  private seqs = new Float64Array(1024);
+  private fns: Array<Task<never> | undefined> = [];
+  private args: unknown[] = [];
+  private n = 0;
   private seq = 0;
   private timer: NodeJS.Timeout | undefined;
   private timerAt = Infinity;
@@ -33,23 +37,31 @@ export class Scheduler {
   }
 
   get size(): number {
-    return this.heap.length;
+    return this.n;
   }
 
   /** Run `fn(arg)` at `at` (ms since the epoch, Date.now() clock), or as soon as possible. */
   at<T>(at: number, fn: Task<T>, arg: T): void {
     if (this.stopped) return;
-    const e: Entry = { at, seq: this.seq++, fn: fn as Task<never>, arg };
-    const h = this.heap;
-    h.push(e);
-    let i = h.length - 1;
+    if (this.n === this.at_.length) this.grow();
+    const A = this.at_;
+    const S = this.seqs;
+    const seq = this.seq++;
+    let i = this.n++;
     while (i > 0) {
       const p = (i - 1) >> 1;
-      if (!less(e, h[p]!)) break;
-      h[i] = h[p]!;
+      const pa = A[p]!;
+      if (pa < at || (pa === at && S[p]! < seq)) break;
+      A[i] = pa;
+      S[i] = S[p]!;
+      this.fns[i] = this.fns[p];
+      this.args[i] = this.args[p];
       i = p;
     }
-    h[i] = e;
+    A[i] = at;
+    S[i] = seq;
+    this.fns[i] = fn as Task<never>;
+    this.args[i] = arg;
     if (!this.running && at < this.timerAt) this.arm();
   }
 
@@ -68,17 +80,18 @@ export class Scheduler {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
     this.timer = undefined;
-    this.heap = [];
+    this.n = 0;
+    this.fns = [];
+    this.args = [];
   }
 
   private arm(): void {
-    const top = this.heap[0];
     if (this.timer) clearTimeout(this.timer);
     this.timer = undefined;
     this.timerAt = Infinity;
-    if (!top || this.stopped) return;
-    this.timerAt = top.at;
-    this.timer = setTimeout(this.run, Math.max(0, top.at - Date.now()));
+    if (this.n === 0 || this.stopped) return;
+    this.timerAt = this.at_[0]!;
+    this.timer = setTimeout(this.run, Math.max(0, this.timerAt - Date.now()));
   }
 
   private run = (): void => {
@@ -88,14 +101,16 @@ export class Scheduler {
     const now = Date.now();
     let n = 0;
     try {
-      while (this.heap.length > 0 && this.heap[0]!.at <= now && n < this.maxPerTurn && !this.stopped) {
-        const e = this.pop();
+      while (this.n > 0 && this.at_[0]! <= now && n < this.maxPerTurn && !this.stopped) {
+        const late = now - this.at_[0]!;
+        const fn = this.fns[0] as Task<unknown>;
+        const arg = this.args[0];
+        this.pop();
         n++;
-        const late = now - e.at;
         this.lateSum += late;
         this.lateCount++;
         if (late > this.lateMax) this.lateMax = late;
-        (e.fn as Task<unknown>)(e.arg, now);
+        fn(arg, now);
       }
     } finally {
       this.running = false;
@@ -108,28 +123,49 @@ export class Scheduler {
     } else this.arm();
   };
 
-  private pop(): Entry {
-    const h = this.heap;
-    const top = h[0]!;
-    const last = h.pop()!;
-    if (h.length > 0) {
+  /** Remove the top entry (the caller read it first). */
+  private pop(): void {
+    const A = this.at_;
+    const S = this.seqs;
+    const F = this.fns;
+    const G = this.args;
+    const n = --this.n;
+    if (n > 0) {
+      // sift the last entry down from the root
+      const la = A[n]!;
+      const ls = S[n]!;
+      const lf = F[n];
+      const lg = G[n];
       let i = 0;
-      const n = h.length;
       for (;;) {
         const l = 2 * i + 1;
         if (l >= n) break;
         const r = l + 1;
-        const c = r < n && less(h[r]!, h[l]!) ? r : l;
-        if (!less(h[c]!, last)) break;
-        h[i] = h[c]!;
+        const c = r < n && (A[r]! < A[l]! || (A[r] === A[l] && S[r]! < S[l]!)) ? r : l;
+        const ca = A[c]!;
+        if (la < ca || (la === ca && ls < S[c]!)) break;
+        A[i] = ca;
+        S[i] = S[c]!;
+        F[i] = F[c];
+        G[i] = G[c];
         i = c;
       }
-      h[i] = last;
+      A[i] = la;
+      S[i] = ls;
+      F[i] = lf;
+      G[i] = lg;
     }
-    return top;
+    // drop the references the vacated slot held
+    F[n] = undefined;
+    G[n] = undefined;
   }
-}
 
-function less(a: Entry, b: Entry): boolean {
-  return a.at < b.at || (a.at === b.at && a.seq < b.seq);
+  private grow(): void {
+    const a = new Float64Array(this.at_.length * 2);
+    a.set(this.at_);
+    this.at_ = a;
+    const q = new Float64Array(this.seqs.length * 2);
+    q.set(this.seqs);
+    this.seqs = q;
+  }
 }

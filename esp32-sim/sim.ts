@@ -1,16 +1,15 @@
 import { createHash, type Hash } from 'node:crypto';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { Sample } from '../core/messages.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, signMcuMessage } from '../firmware-bridge/auth.ts';
 import { coapAuthQuery, COAP_CODES, COAP_PATH_ROOT, COAP_QUERY_IMAGE, COMPACT_FORMAT, JSON_FORMAT, SENML_CBOR_FORMAT, SENML_JSON_FORMAT } from '../firmware-bridge/coap.ts';
 import { encodeCompact, encodeSenmlCbor, type SensorTable, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
 import { decodeFwChunk, decodeMcuCommand, type BootReason, type McuCommand } from '../firmware-bridge/frames.ts';
-import { encodeSenmlJson } from '../firmware-bridge/senml.ts';
 import { MCU_PREFIX, type McuChannel, type McuUpChannel } from '../firmware-bridge/topics.ts';
 import { CoapEndpoint, COAP_METHOD, type CoapResponse, type LinkKnobs } from './coap-lite.ts';
 import { MqttLite } from './mqtt-lite.ts';
+import { encodeReadingSenmlJson, readingSamples, type Reading } from './reading.ts';
 import { Scheduler } from './sched.ts';
 
 export type SimProtocol = 'mqtt' | 'coap';
@@ -228,6 +227,8 @@ interface Device {
   reconnectDelay: number;
   nextWriteAt: number;
   mqtt?: MqttLite;
+  /** MQTT: `mcu/v1/{id}/t`, encoded once */
+  tTopic?: Buffer;
   ep?: CoapEndpoint;
   observeToken: number;
   /** when the mailbox Observe was last registered (CoAP) */
@@ -264,6 +265,12 @@ function validate(opts: SimOptions): void {
 }
 
 const MAX_QUEUE = 8;
+
+/** Is a reading waiting (or in flight)? A loop, not `q.some(closure)`: this runs for every device every period. */
+function hasReading(q: readonly Up[]): boolean {
+  for (let i = 0; i < q.length; i++) if (q[i]!.ch === 't') return true;
+  return false;
+}
 
 /**
  * Run N simulated ESP32 devices in this process against a gateway, over MQTT (one TCP
@@ -548,14 +555,15 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   };
 
   const writeDelayed = (d: Device, u: Up, dup: boolean) => {
-    const topic = `${MCU_PREFIX}${d.id}/${u.ch}`;
+    // the telemetry topic is kept encoded per device: it is written every period
+    const topic = u.ch === 't' ? (d.tTopic ??= Buffer.from(`${MCU_PREFIX}${d.id}/t`, 'utf8')) : `${MCU_PREFIX}${d.id}/${u.ch}`;
     const delay = link.latencyMs + (link.latencyJitterMs > 0 ? random() * link.latencyJitterMs : 0);
     if (delay <= 0) return d.mqtt!.publish(topic, u.payload, 1, u.pid, dup);
     const at = Math.max(d.nextWriteAt, Date.now() + delay);
     d.nextWriteAt = at;
     sched.at(at, delayedPublish, { d, gen: d.gen, topic, u, dup });
   };
-  const delayedPublish = ({ d, gen, topic, u, dup }: Ev & { topic: string; u: Up; dup: boolean }) => {
+  const delayedPublish = ({ d, gen, topic, u, dup }: Ev & { topic: string | Buffer; u: Up; dup: boolean }) => {
     if (gen !== d.gen || !d.mqtt?.writable) return;
     d.mqtt.publish(topic, u.payload, 1, u.pid, dup);
   };
@@ -574,15 +582,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     d.humidity = Math.min(90, Math.max(20, d.humidity + (random() - 0.5)));
     d.rssi = Math.min(-30, Math.max(-95, d.rssi + Math.round((random() - 0.5) * 4)));
     const seq = ++d.seq;
-    const samples: Sample[] = [
-      { n: 'temperature', u: 'Cel', v: Math.round(d.temp * 100) / 100, t: now },
-      { n: 'humidity', u: '%RH', v: Math.round(d.humidity * 10) / 10, t: now },
-      { n: 'rssi', u: 'dBm', v: d.rssi, t: now },
-      { n: 'uptime', u: 's', v: Math.floor((now - d.bootedAt) / 1000), t: now },
-      // the reading's id: (device, seq) names one message end to end, for loss and duplicate counts
-      { n: 'seq', v: seq, t: now },
-    ];
-    const payload = format === 'senml+json' ? encodeSenmlJson(samples) : format === 'senml+cbor' ? encodeSenmlCbor(samples) : encodeCompact(samples, { table: SENSORS });
+    const r: Reading = { t: now, temperature: Math.round(d.temp * 100) / 100, humidity: Math.round(d.humidity * 10) / 10, rssi: d.rssi, uptime: Math.floor((now - d.bootedAt) / 1000), seq };
+    const payload = format === 'senml+json' ? encodeReadingSenmlJson(r) : format === 'senml+cbor' ? encodeSenmlCbor(readingSamples(r)) : encodeCompact(readingSamples(r), { table: SENSORS });
     return { ch: 't', payload, seq, t: now, pid: 0, sentOnce: false };
   };
 
@@ -595,7 +596,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > (keepaliveS * 1000) / 2) d.mqtt.ping();
     // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should
     if (opts.protocol === 'coap' && mailbox && now - d.observedAt > reobserveMs) observeMailbox(d);
-    if (d.q.some((u) => u.ch === 't') || d.q.length >= MAX_QUEUE) {
+    if (d.q.length >= MAX_QUEUE || hasReading(d.q)) {
       st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
       return;
     }

@@ -1,0 +1,126 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
+import { Aedes } from 'aedes';
+import mqtt from 'mqtt';
+import { decodeSenmlJson } from '../../firmware-bridge/senml.ts';
+import { Scheduler } from '../../esp32-sim/sched.ts';
+import { runSim } from '../../esp32-sim/sim.ts';
+import { testLogger, waitFor } from '../helpers.ts';
+
+test('sched: 5,000 entries with many equal due times run in (due time, insertion) order, also when entries are added while it runs', async () => {
+  const s = new Scheduler({ maxPerTurn: 700 });
+  const now = Date.now();
+  // a fixed pseudo-random sequence, so a failure is reproducible
+  let x = 42;
+  const rnd = (n: number) => (x = (x * 1103515245 + 12345) % 2 ** 31) % n;
+  const want: Array<{ at: number; k: number }> = [];
+  const ran: number[] = [];
+  let k = 0;
+  const run = (id: number) => ran.push(id);
+  // all due already (so the test never waits on the clock), 60 distinct times: many ties
+  for (let i = 0; i < 5000; i++) {
+    const at = now - 1000 + rnd(60) + (rnd(4) === 0 ? 0.5 : 0);
+    want.push({ at, k });
+    s.at(at, run, k++);
+  }
+  // entries added from inside a callback join the order by their own due time and insertion
+  s.at(now - 2000, () => {
+    for (let i = 0; i < 50; i++) {
+      const at = now - 1000 + rnd(60);
+      want.push({ at, k });
+      s.at(at, run, k++);
+    }
+  }, null);
+  await waitFor(() => ran.length === 5050, 'every entry ran', 5000, 5);
+  assert.equal(s.size, 0);
+  assert.deepEqual(ran, [...want].sort((a, b) => a.at - b.at || a.k - b.k).map((e) => e.k));
+  s.stop();
+});
+
+test('sched: entries due later wait for their time; stop() drops what is left and releases it', async () => {
+  const s = new Scheduler();
+  const now = Date.now();
+  const ran: number[] = [];
+  for (let i = 0; i < 3000; i++) s.at(now + 30 + (i % 7) * 10, (v: number) => ran.push(v), i);
+  s.at(now + 60_000, () => ran.push(-1), null);
+  await waitFor(() => ran.length === 3000, '3,000 entries', 5000, 5);
+  assert.equal(s.size, 1);
+  assert.ok(s.lag().ran >= 3000);
+  s.stop();
+  assert.equal(s.size, 0);
+  s.at(now, () => ran.push(-2), null); // stopped: ignored
+  await new Promise((r) => setTimeout(r, 30));
+  assert.ok(!ran.includes(-1) && !ran.includes(-2));
+});
+
+test('sim mqtt against a plain aedes broker: every device sends once per interval (±5%, never faster), its seqs 1..n without gaps, boots spread over the start jitter, and each payload carries its seq and sample time', { timeout: 60_000 }, async () => {
+  const broker = await Aedes.createBroker();
+  const server = createServer(broker.handle);
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as import('node:net').AddressInfo).port;
+  const sub = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'sched-test-sub', reconnectPeriod: 0 });
+  const N = 150;
+  const intervalMs = 300;
+  const acked = new Map<string, Array<{ seq: number; t: number }>>();
+  const seen = new Map<string, { seq: number; t: number }>();
+  let bad = 0;
+  sub.on('message', (topic, payload) => {
+    try {
+      const samples = decodeSenmlJson(payload);
+      const seq = samples.find((x) => x.n === 'seq');
+      if (!seq || samples.length !== 5 || samples.some((x) => x.t !== seq.t)) bad++;
+      else seen.set(`${topic.split('/')[2]}/${seq.v}`, { seq: seq.v!, t: seq.t });
+    } catch {
+      bad++;
+    }
+  });
+  await sub.subscribeAsync('mcu/v1/+/t', { qos: 1 });
+  const sim = await runSim({
+    devices: N,
+    protocol: 'mqtt',
+    siteSecret: 'sched-test-site-secret',
+    mqttPort: port,
+    prefix: 'sched-',
+    intervalMs,
+    startJitterMs: 600,
+    mailbox: false,
+    log: testLogger('sim'),
+    onAck: (id, seq, t) => {
+      let a = acked.get(id);
+      if (!a) acked.set(id, (a = []));
+      a.push({ seq, t });
+    },
+  });
+  try {
+    const t0 = Date.now();
+    await waitFor(() => acked.size === N && [...acked.values()].every((a) => a.length >= 8), 'every device acked 8 readings', 30_000, 50);
+    const elapsed = Date.now() - t0;
+    await sim.stop();
+    await waitFor(() => [...acked].every(([id, a]) => a.every((r) => seen.has(`${id}/${r.seq}`))), 'every acked reading at the subscriber', 10_000, 50);
+    assert.equal(bad, 0, 'every payload is a 5-record SenML pack with one sample time');
+    const firsts: number[] = [];
+    for (const [id, a] of acked) {
+      // sequence numbers: 1..n, in order, no gap, no repeat
+      assert.deepEqual(a.map((r) => r.seq), a.map((_, i) => i + 1), id);
+      // the payload names the same reading and sample time the device was acked for
+      for (const r of a) assert.equal(seen.get(`${id}/${r.seq}`)?.t, r.t, `${id}/${r.seq}`);
+      // once per interval, each period 300 ms ± 5%: never faster, however late the event loop runs
+      for (let i = 1; i < a.length; i++) assert.ok(a[i]!.t - a[i - 1]!.t >= 0.95 * intervalMs - 5, `${id}: readings ${a[i - 1]!.t} and ${a[i]!.t} closer than the interval`);
+      // and not fewer than the elapsed time allows (a generous bound: the machine is shared)
+      assert.ok(a.length <= Math.ceil(elapsed / (0.95 * intervalMs)) + 2, `${id}: ${a.length} readings in ${elapsed} ms`);
+      firsts.push(a[0]!.t);
+    }
+    // boots spread over the start jitter: the first readings are not bunched in one slice of it
+    const min = Math.min(...firsts);
+    const buckets = new Array<number>(6).fill(0);
+    for (const f of firsts) buckets[Math.min(5, Math.floor((f - min) / 100))]!++;
+    assert.ok(buckets.filter((b) => b > 0).length >= 5, `first readings by 100 ms slice: ${buckets.join(' ')}`);
+    assert.equal(sim.stats().skipped, 0);
+  } finally {
+    await sim.stop();
+    await sub.endAsync(true);
+    await new Promise<void>((r) => broker.close(() => r()));
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+});
