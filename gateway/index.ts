@@ -32,7 +32,14 @@ export type { VerifyFirmware } from './firmware.ts';
 export interface GatewayExtras {
   /** checks a firmware bundle and returns the MCU image (the CLI wires bundles/ here) */
   verifyFirmware?: VerifyFirmware;
+  /** tests only: the clock of MCU silence (lost timeouts, mcu.forgetAfterDays), ms since the epoch; default Date.now */
+  now?: () => number;
+  /** tests only: how often a running gateway forgets MCUs silent for mcu.forgetAfterDays, ms (default FORGET_CHECK_MS, an hour) */
+  forgetCheckMs?: number;
 }
+
+/** A running gateway looks for MCUs silent longer than mcu.forgetAfterDays this often (ms). */
+export const FORGET_CHECK_MS = 3_600_000;
 
 export interface GatewayStats {
   /** MCUs this gateway acts for (registered at the hub) */
@@ -145,6 +152,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostFactor: config.mcu.lostFactor,
     lostGraceMs: config.mcu.lostGraceMs,
     uplink: config.uplink,
+    now: extras.now,
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
   for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
@@ -224,11 +232,13 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     }
   };
   const flushTimer = setInterval(persistSoon, config.stateFlushMs);
+  let forgetTimer: NodeJS.Timeout | undefined;
 
   let http: Listening | undefined;
   const shutdown = async () => {
     shuttingDown = true;
     clearInterval(flushTimer);
+    clearInterval(forgetTimer);
     await http?.close();
     await coap?.close();
     await mqtt?.close();
@@ -274,6 +284,14 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   }
   const mqttIngress = mqtt;
   const coapIngress = coap;
+  // MCUs silent for mcu.forgetAfterDays are forgotten at start (restore, above) and then
+  // hourly, so a gateway that runs for years does not fill mcu.maxMcus with MCUs long gone
+  if (config.mcu.forgetAfterDays > 0) {
+    forgetTimer = setInterval(() => {
+      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays)) guard.forget(id);
+    }, extras.forgetCheckMs ?? FORGET_CHECK_MS);
+    forgetTimer.unref();
+  }
 
   metrics.gaugeFn('fleet_gateway_mcus', 'MCUs this gateway acts for, by state', () => {
     const c = relay.counts();

@@ -60,6 +60,12 @@ interface McuEntry {
   messages: number;
   /** when its last telemetry message came, ms; 0 = none yet */
   lastTelemetry: number;
+  /**
+   * Date.now() once the last outbox record naming it was stored (records from before the
+   * gateway started count as stored at the start); 0 = none. Every record in the outbox
+   * stored after this holds nothing of it (forgetSilent)
+   */
+  queuedAt: number;
   meta: McuMeta;
 }
 
@@ -128,6 +134,8 @@ export class Relay {
   /** MCUs with index below this are covered by a register sent on the current connection */
   private registeredUpTo = 0;
   private registerInFlight = false;
+  /** MCUs were forgotten: the next register goes out even with no new MCU (the hub's list shrinks) */
+  private registerStale = false;
   /** MCUs with index below this have cmd and desired subscribed on the current connection */
   private subscribedUpTo = 0;
   private subscribeInFlight = false;
@@ -193,7 +201,13 @@ export class Relay {
         break;
       }
       this.registerBytes += registerEntryBytes(id);
-      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: { ...meta?.[id] } });
+      const m: McuMeta = { ...meta?.[id] };
+      // a list saved before seenDay existed: its silence is counted from now, so it is forgotten in time too
+      if (typeof m.seenDay !== 'number') {
+        m.seenDay = Math.floor(now / DAY_MS);
+        this.changed = true;
+      }
+      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, queuedAt: Date.now(), meta: m });
     }
     if (forgotten.length > 0) {
       this.changed = true; // the saved list loses them too
@@ -201,6 +215,54 @@ export class Relay {
     }
     this.flush();
     return forgotten;
+  }
+
+  /**
+   * Forget, while running, the MCUs not heard from in `days` days (restore does it at
+   * start; the gateway calls this hourly), so a gateway that runs for years does not fill
+   * mcu.maxMcus with MCUs long gone. Never one that is online (heard from within its lost
+   * timeout), one `inUse` names (connected), one whose state message awaits sending, or one
+   * with a record still in the outbox: its last record was stored at `queuedAt`, so it has
+   * none left once every record in the outbox is younger than that. The register goes out
+   * again without them (the hub's delegation shrinks). Returns the ids forgotten (the
+   * caller drops their replay counters).
+   */
+  forgetSilent(days: number, inUse: (mcuId: string) => boolean = () => false): string[] {
+    if (days <= 0 || this.stopped) return [];
+    const cutoff = Math.floor(this.now() / DAY_MS) - days;
+    // every record in the outbox was stored at or after this (the clock read before the
+    // outbox's own read of it, so this errs early: an MCU is kept rather than forgotten)
+    const t = Date.now();
+    const st = this.opts.outbox.stats();
+    const oldestStored = st.depth === 0 ? Infinity : t - st.oldestAgeMs;
+    const gone: string[] = [];
+    for (const [id, e] of this.mcus) {
+      const seen = e.meta.seenDay;
+      if (typeof seen !== 'number' || seen >= cutoff) continue;
+      if (e.online || e.queuedAt >= oldestStored || this.pendingState.has(id) || inUse(id)) continue;
+      gone.push(id);
+    }
+    if (gone.length === 0) return gone;
+    for (const id of gone) {
+      this.mcus.delete(id);
+      this.registerBytes -= registerEntryBytes(id);
+    }
+    // registration order is kept; positions close up, and so do the covered prefixes
+    let index = 0;
+    let registered = 0;
+    let subscribed = 0;
+    for (const e of this.mcus.values()) {
+      if (e.index < this.registeredUpTo) registered++;
+      if (e.index < this.subscribedUpTo) subscribed++;
+      e.index = index++;
+    }
+    this.registeredUpTo = registered;
+    this.subscribedUpTo = subscribed;
+    this.registerStale = true;
+    this.changed = true;
+    this.opts.log.info('MCUs not heard from in mcu.forgetAfterDays forgotten', { forgotten: gone.length, days, remaining: this.mcus.size, examples: gone.slice(0, 5) });
+    this.flush();
+    return gone;
   }
 
   /**
@@ -232,6 +294,13 @@ export class Relay {
       priority: Priority.TELEMETRY,
       payload: (mid) => encodeTelemetry(mid, ts, samples),
     });
+    this.queued(mcuId);
+  }
+
+  /** A record naming this MCU is stored (after its append resolved: its time is at or after the record's). */
+  private queued(mcuId: string): void {
+    const e = this.mcus.get(mcuId);
+    if (e) e.queuedAt = Date.now();
   }
 
   /**
@@ -276,7 +345,10 @@ export class Relay {
     }
     work.then(
       () => {
-        for (const it of items) it.resolve();
+        for (const it of items) {
+          if (items.length > 1) this.queued(it.mcuId); // a single one: appendTelemetry did
+          it.resolve();
+        }
       },
       (err: unknown) => {
         for (const it of items) it.reject(err);
@@ -299,7 +371,7 @@ export class Relay {
         throw new FleetError('FLEET_FORBIDDEN', `the register listing this gateway's ${this.mcus.size} MCUs would exceed ${REGISTER_MAX_BYTES} bytes, above the hub's payload limit; refusing ${mcuId}`, { details: { limit: this.mcus.size } });
       }
       this.registerBytes += registerEntryBytes(mcuId);
-      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, lastTelemetry: 0, meta: {} };
+      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, lastTelemetry: 0, queuedAt: 0, meta: {} };
       this.mcus.set(mcuId, e);
       this.changed = true;
       this.opts.log.info('new MCU', { mcu: mcuId, protocol });
@@ -388,6 +460,7 @@ export class Relay {
   async append(mcuId: string, channel: Channel, priority: (typeof Priority)[keyof typeof Priority], build: (mid: string) => Buffer): Promise<void> {
     if (!this.mcus.has(mcuId)) throw new FleetError('FLEET_FORBIDDEN', `${mcuId} is not an MCU of this gateway`);
     await this.opts.outbox.append({ topic: deviceTopic(mcuId, channel), priority, payload: build });
+    this.queued(mcuId);
   }
 
   /** An event for an MCU, through the outbox. */
@@ -444,7 +517,8 @@ export class Relay {
     }
     if (this.mcus.size >= this.opts.maxMcus) this.opts.log.warn('MCU adopted from the outbox beyond mcu.maxMcus (its data was acknowledged before a crash)', { mcu: mcuId, limit: this.opts.maxMcus });
     this.registerBytes += registerEntryBytes(mcuId);
-    this.mcus.set(mcuId, { index: this.mcus.size, protocol: null, lastSeen: this.now(), intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, meta: {} });
+    // seen today: its record says it spoke shortly before the crash
+    this.mcus.set(mcuId, { index: this.mcus.size, protocol: null, lastSeen: this.now(), intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, queuedAt: Date.now(), meta: { seenDay: Math.floor(this.now() / DAY_MS) } });
     this.changed = true;
     this.opts.log.info('MCU adopted from the outbox (not in the persisted list)', { mcu: mcuId });
     return true;
@@ -494,7 +568,7 @@ export class Relay {
    */
   private flush(): void {
     if (!this.opts.client.connected) return;
-    if (this.mcus.size > this.registeredUpTo && !this.registerInFlight) {
+    if ((this.mcus.size > this.registeredUpTo || this.registerStale) && !this.registerInFlight) {
       // the first register of a connection at once; later ones (MCUs still arriving) at
       // least REGISTER_GAP_MS apart, so a ramp of thousands of MCUs sends a few complete lists
       // rather than one per PUBACK (each one the hub decodes and stores whole)
@@ -523,6 +597,7 @@ export class Relay {
     const mcus = [...this.mcus.keys()];
     const msg: GatewayRegistration = { v: 1, ts: this.now(), mcus };
     this.registerInFlight = true;
+    this.registerStale = false;
     this.lastRegisterAt = Date.now();
     this.opts.client.publish(deviceTopic(this.opts.gatewayId, 'register'), encodeMessage(msg), { qos: 1, retain: true }, () => {
       if (gen !== this.connGen) return; // a new connection sends its own

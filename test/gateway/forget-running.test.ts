@@ -1,0 +1,155 @@
+import assert from 'node:assert/strict';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createServer, connect, type AddressInfo, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import type { MqttClient } from 'mqtt';
+import { deriveToken } from '../../core/credentials.ts';
+import { decodeMessage, type GatewayRegistration } from '../../core/messages.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
+import { deviceTopic } from '../../core/topics.ts';
+import { GatewayConfigSchema } from '../../gateway/config.ts';
+import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
+import { HubConfigSchema } from '../../hub/config.ts';
+import { startHub } from '../../hub/index.ts';
+import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { connectMcu } from './env.ts';
+
+/**
+ * A running gateway forgets MCUs silent longer than mcu.forgetAfterDays (it used to do so
+ * only at start), keeps those with records still in its outbox until they are delivered,
+ * and publishes the shrunk register to the hub. Real hub, real gateway, real MQTT MCUs; a
+ * TCP relay between gateway and hub holds bytes back to keep a record in the outbox.
+ * Time: an injected clock for MCU silence (GatewayExtras.now) moved 91 days ahead, and the
+ * hourly check run every 100 ms (GatewayExtras.forgetCheckMs).
+ */
+
+const GW = 'gw-f';
+const DAY = 86_400_000;
+
+interface Seen {
+  topic: string;
+  payload: Buffer;
+}
+
+function publish(c: MqttClient, id: string, v: number): Promise<void> {
+  return new Promise((resolve, reject) => c.publish(`mcu/v1/${id}/t`, JSON.stringify([{ n: 'temperature', v }]), { qos: 1 }, (err) => (err ? reject(err) : resolve())));
+}
+
+/** One MCU connects, sends one reading (PUBACK = stored at the gateway) and disconnects. */
+async function speak(gw: GatewayHandle, site: string, id: string, v: number): Promise<void> {
+  const c = await connectMcu(gw.mqttPort, id, site);
+  await publish(c, id, v);
+  await c.endAsync();
+}
+
+/**
+ * A TCP relay between the gateway and the hub that can hold the bytes back (`freeze`: the
+ * connection stays up, nothing passes, as with a hub that stalls) and let them through
+ * again (`thaw`). Real sockets both ways.
+ */
+async function stallableLink(target: number): Promise<{ port: number; freeze: () => void; thaw: () => void; close: () => Promise<void> }> {
+  let frozen = false;
+  const held: Array<() => void> = [];
+  const socks = new Set<Socket>();
+  const server = createServer((down) => {
+    const up = connect({ port: target, host: '127.0.0.1' });
+    socks.add(down).add(up);
+    const pass = (from: Socket, to: Socket) =>
+      from.on('data', (d: Buffer) => {
+        if (frozen) held.push(() => to.write(d));
+        else to.write(d);
+      });
+    pass(down, up);
+    pass(up, down);
+    for (const [a, b] of [[down, up], [up, down]] as const) {
+      a.on('error', () => undefined);
+      a.on('close', () => {
+        socks.delete(a);
+        b.destroy();
+      });
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as AddressInfo).port,
+    freeze: () => {
+      frozen = true;
+    },
+    thaw: () => {
+      frozen = false;
+      for (const f of held.splice(0)) f();
+    },
+    close: async () => {
+      for (const s of socks) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
+
+test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it), and the register the hub holds shrinks', async () => {
+  const tmp = tempDir();
+  let clock = Date.now();
+  const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
+  const link = await stallableLink(h.mqttPort);
+  const seen: Seen[] = [];
+  const collect = (packet: { topic: string; payload: Buffer | string }, cb: () => void) => {
+    seen.push({ topic: packet.topic, payload: Buffer.from(packet.payload) });
+    cb();
+  };
+  await new Promise<void>((r) => h.broker.aedes.subscribe('fleet/v1/#', collect, r));
+  const lastRegister = (): string | undefined => {
+    const r = seen.filter((s) => s.topic === deviceTopic(GW, 'register')).at(-1);
+    return r ? [...(decodeMessage('register', r.payload) as GatewayRegistration).mcus].sort().join() : undefined;
+  };
+  const gwDir = join(tmp.dir, 'gateway');
+  mkdirSync(gwDir, { recursive: true });
+  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(h.fleetSecretFile, 'utf8').trim(), 'device', GW));
+  const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${link.port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
+  const log = testLogger('gateway');
+  const gw = await startGateway(config, log, '0.0.0-test', { now: () => clock, forgetCheckMs: 100 });
+  const forgottenLogged = () => log.lines.filter((l) => l.msg === 'MCUs not heard from in mcu.forgetAfterDays forgotten').flatMap((l) => l.examples as string[]);
+  try {
+    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+    await waitFor(() => gw.stats().hubConnected, 'gateway connected to the hub');
+    // day 0: two MCUs speak and their readings reach the hub
+    await speak(gw, site, 'esp-gone', 1);
+    await speak(gw, site, 'esp-back', 1);
+    await waitFor(() => gw.stats().outbox.depth === 0 && lastRegister() === 'esp-back,esp-gone', 'delivered, both registered');
+    // the hub stalls (connection up, nothing acknowledged): a third MCU's reading stays in the outbox
+    link.freeze();
+    await speak(gw, site, 'esp-queued', 1);
+    assert.equal(gw.stats().outbox.depth, 1);
+
+    // 91 days later by the MCU clock: a fourth MCU speaks, the first three have been silent
+    clock += 91 * DAY;
+    await speak(gw, site, 'esp-today', 1);
+    await waitFor(() => gw.stats().mcus === 2, 'the silent MCUs with nothing queued forgotten', 5000);
+    assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone']);
+    await new Promise((r) => setTimeout(r, 500)); // five more checks
+    assert.equal(gw.stats().mcus, 2, 'esp-queued kept while its reading is in the outbox');
+
+    // the hub takes what was held: esp-queued's reading is delivered, then a check forgets it too
+    link.thaw();
+    await waitFor(() => seen.some((s) => s.topic === deviceTopic('esp-queued', 'telemetry')), 'esp-queued’s reading at the hub', 10_000);
+    await waitFor(() => gw.stats().mcus === 1, 'esp-queued forgotten once delivered', 5000);
+    assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone', 'esp-queued']);
+    await waitFor(() => lastRegister() === 'esp-today', 'the register at the hub lists esp-today only', 5000);
+
+    // a forgotten MCU that speaks again is a new MCU: accepted, registered again, delivered
+    await speak(gw, site, 'esp-gone', 2);
+    await waitFor(() => lastRegister() === 'esp-gone,esp-today', 'esp-gone registered again', 5000);
+    await waitFor(() => seen.filter((s) => s.topic === deviceTopic('esp-gone', 'telemetry')).length === 2, 'its new reading at the hub', 5000);
+    // the saved list follows
+    await waitFor(() => {
+      const saved = JSON.parse(readFileSync(join(gwDir, 'mcu-state.json'), 'utf8')) as { mcus: string[] };
+      return [...saved.mcus].sort().join() === 'esp-gone,esp-today';
+    }, 'mcu-state.json lists the two left', 5000);
+  } finally {
+    await gw.stop();
+    await link.close();
+    await new Promise<void>((r) => h.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
+    await h.stop();
+    tmp.cleanup();
+  }
+});
