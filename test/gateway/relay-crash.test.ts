@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import type { MqttClient } from 'mqtt';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { deriveToken } from '../../core/credentials.ts';
@@ -13,7 +14,10 @@ import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts
 import { startGateway } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
+import { stopChild } from '../../core/proc.ts';
+import { Parts } from '../e2e/procs.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { connectMcu } from './env.ts';
 
 /**
  * After a gateway crash the outbox can hold records of an MCU the persisted MCU list lacks
@@ -110,3 +114,58 @@ test(`gateway after a crash: a grouped record holding an MCU missing from the sa
   }
 });
 }
+
+/** QoS 1 publish of one reading; resolves on its PUBACK (stored at the gateway). */
+function reading(c: MqttClient, id: string, v: number): Promise<void> {
+  return new Promise((resolve, reject) => c.publish(`mcu/v1/${id}/t`, JSON.stringify([{ n: 'temp', v }]), { qos: 1 }, (err) => (err ? reject(err) : resolve())));
+}
+
+test('gateway SIGKILLed (child process) with a new MCU in grouped records and its list not saved yet: after the restart every acknowledged reading reaches the hub once, in order per MCU', { timeout: 120_000 }, async () => {
+  const tmp = tempDir();
+  const h = await hubWithCollector(tmp.dir);
+  const parts = new Parts(tmp.dir);
+  const gwId = 'gw-k';
+  try {
+    const tokenFile = join(tmp.dir, 'gw.token');
+    writeSecretFile(tokenFile, deriveToken(readFileSync(h.hub.fleetSecretFile, 'utf8').trim(), 'device', gwId));
+    const configFile = (name: string, hubUrl: string) => {
+      const f = join(tmp.dir, `${name}.json`);
+      // the MCU list is saved once a minute: a kill always finds the newest MCUs missing from it
+      writeFileSync(f, JSON.stringify({ deviceId: gwId, stateDir: join(tmp.dir, 'gateway'), stateFlushMs: 60_000, hub: { url: hubUrl, tokenFile, reconnectMs: 200, reconnectMaxMs: 1000 }, mcu: { mqttPort: 0, coapPort: 0 } }));
+      return f;
+    };
+    const hubUrl = `mqtt://127.0.0.1:${h.hub.mqttPort}`;
+    type Ready = { mqttPort: number; siteSecretFile: string };
+    // 1: mcu-a known and saved (a clean stop saves the list)
+    const g1 = await parts.start<Ready>('gateway-1', ['gateway', '--config', configFile('gw-up', hubUrl)]);
+    const site = readFileSync(g1.ready.siteSecretFile, 'utf8').trim();
+    const a1 = await connectMcu(g1.ready.mqttPort, 'mcu-a', site);
+    await reading(a1, 'mcu-a', 0);
+    await a1.endAsync();
+    await waitFor(() => values(h.seen, 'mcu-a').length === 1, 'mcu-a’s first reading at the hub');
+    await stopChild(g1.child);
+    // 2: the hub out of reach; mcu-a and the new mcu-x publish together (grouped records), then mcu-a alone; SIGKILL
+    const g2 = await parts.start<Ready>('gateway-2', ['gateway', '--config', configFile('gw-away', 'mqtt://127.0.0.1:1')]);
+    const a = await connectMcu(g2.ready.mqttPort, 'mcu-a', site);
+    const xs = await Promise.all(['mcu-x', 'mcu-y', 'mcu-z'].map((id) => connectMcu(g2.ready.mqttPort, id, site)));
+    for (let v = 1; v <= 5; v++) await Promise.all([reading(a, 'mcu-a', v), ...xs.map((x, k) => reading(x, `mcu-${'xyz'[k]}`, v))]);
+    await reading(a, 'mcu-a', 6);
+    g2.child.kill('SIGKILL');
+    await new Promise<void>((r) => (g2.child.exitCode !== null || g2.child.signalCode !== null ? r() : g2.child.once('exit', () => r())));
+    for (const c of [a, ...xs]) c.end(true);
+    const saved = JSON.parse(readFileSync(join(tmp.dir, 'gateway', 'mcu-state.json'), 'utf8')) as { mcus: string[] };
+    assert.deepEqual(saved.mcus, ['mcu-a'], 'the saved list lacks the MCUs first seen before the kill');
+    // 3: restarted with the hub reachable
+    await parts.start<Ready>('gateway-3', ['gateway', '--config', configFile('gw-up', hubUrl)]);
+    const done = () => values(h.seen, 'mcu-a').length >= 7 && ['mcu-x', 'mcu-y', 'mcu-z'].every((id) => values(h.seen, id).length >= 5);
+    await waitFor(done, 'every acknowledged reading at the hub', 30_000);
+    await new Promise((r) => setTimeout(r, 300)); // nothing more (no duplicates) arrives
+    assert.deepEqual(values(h.seen, 'mcu-a'), [0, 1, 2, 3, 4, 5, 6], 'mcu-a in order, once each');
+    for (const id of ['mcu-x', 'mcu-y', 'mcu-z']) assert.deepEqual(values(h.seen, id), [1, 2, 3, 4, 5], `${id} in order, once each`);
+    assert.deepEqual(await deadLetters(h.hub), [], 'no dead letters at the hub');
+  } finally {
+    await parts.stopAll();
+    await h.stop();
+    tmp.cleanup();
+  }
+});
