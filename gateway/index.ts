@@ -288,7 +288,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   // hourly, so a gateway that runs for years does not fill mcu.maxMcus with MCUs long gone
   if (config.mcu.forgetAfterDays > 0) {
     forgetTimer = setInterval(() => {
-      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays)) guard.forget(id);
+      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, (mcuId) => svc.hasPending(mcuId))) guard.forget(id);
     }, extras.forgetCheckMs ?? FORGET_CHECK_MS);
     forgetTimer.unref();
   }

@@ -221,7 +221,8 @@ export class Relay {
    * Forget, while running, the MCUs not heard from in `days` days (restore does it at
    * start; the gateway calls this hourly), so a gateway that runs for years does not fill
    * mcu.maxMcus with MCUs long gone. Never one that is online (heard from within its lost
-   * timeout), one `inUse` names (connected), one whose state message awaits sending, or one
+   * timeout), one `inUse` names (the gateway: commands in its mailbox or a firmware update
+   * under way), one whose state message awaits sending, or one
    * with a record still in the outbox: its last record was stored at `queuedAt`, so it has
    * none left once every record in the outbox is younger than that. The register goes out
    * again without them (the hub's delegation shrinks). Returns the ids forgotten (the

@@ -50,6 +50,17 @@ export class McuService extends EventEmitter {
     this.sweepTimer.unref();
   }
 
+  /**
+   * Work the gateway still holds for an MCU: commands in its mailbox (each ends acked or
+   * expired, with a reply to the hub) or a firmware update under way. Such an MCU is not
+   * forgotten (Relay.forgetSilent): its replies and events need it registered.
+   */
+  hasPending(mcuId: string): boolean {
+    if (this.opts.mailbox.entries(mcuId).length > 0) return true;
+    const fw = this.opts.firmware?.state(mcuId)?.state;
+    return fw !== undefined && fw !== 'succeeded' && fw !== 'failed';
+  }
+
   /** Any authenticated contact (a mailbox GET, a firmware block): the MCU is awake. */
   touch(mcuId: string, protocol: McuProtocol): void {
     this.opts.relay.touch(mcuId, protocol);

@@ -87,7 +87,7 @@ async function stallableLink(target: number): Promise<{ port: number; freeze: ()
   };
 }
 
-test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it), and the register the hub holds shrinks', async () => {
+test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it) nor one with a command in its mailbox, and the register the hub holds shrinks', async () => {
   const tmp = tempDir();
   let clock = Date.now();
   const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
@@ -115,7 +115,13 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     // day 0: two MCUs speak and their readings reach the hub
     await speak(gw, site, 'esp-gone', 1);
     await speak(gw, site, 'esp-back', 1);
-    await waitFor(() => gw.stats().outbox.depth === 0 && lastRegister() === 'esp-back,esp-gone', 'delivered, both registered');
+    // and one that the hub then sends a command: it waits in the gateway's mailbox (the MCU never picks it up)
+    await speak(gw, site, 'esp-cmd', 1);
+    await waitFor(() => gw.stats().outbox.depth === 0 && lastRegister() === 'esp-back,esp-cmd,esp-gone', 'delivered, all three registered');
+    const operator = readFileSync(h.operatorTokenFile, 'utf8').trim();
+    const res = await fetch(`http://127.0.0.1:${h.httpPort}/api/v1/devices/esp-cmd/commands`, { method: 'POST', headers: { authorization: `Bearer ${operator}`, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'blink', ttlMs: 3_600_000 }) });
+    assert.equal(res.status, 202);
+    await waitFor(() => gw.stats().mailboxDepth === 1, 'the command in esp-cmd’s mailbox');
     // the hub stalls (connection up, nothing acknowledged): a third MCU's reading stays in the outbox
     link.freeze();
     await speak(gw, site, 'esp-queued', 1);
@@ -124,27 +130,27 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     // 91 days later by the MCU clock: a fourth MCU speaks, the first three have been silent
     clock += 91 * DAY;
     await speak(gw, site, 'esp-today', 1);
-    await waitFor(() => gw.stats().mcus === 2, 'the silent MCUs with nothing queued forgotten', 5000);
+    await waitFor(() => gw.stats().mcus === 3, 'the silent MCUs with nothing queued forgotten', 5000);
     assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone']);
     await new Promise((r) => setTimeout(r, 500)); // five more checks
-    assert.equal(gw.stats().mcus, 2, 'esp-queued kept while its reading is in the outbox');
+    assert.equal(gw.stats().mcus, 3, 'esp-queued kept while its reading is in the outbox, esp-cmd while a command waits for it');
 
     // the hub takes what was held: esp-queued's reading is delivered, then a check forgets it too
     link.thaw();
     await waitFor(() => seen.some((s) => s.topic === deviceTopic('esp-queued', 'telemetry')), 'esp-queued’s reading at the hub', 10_000);
-    await waitFor(() => gw.stats().mcus === 1, 'esp-queued forgotten once delivered', 5000);
+    await waitFor(() => gw.stats().mcus === 2, 'esp-queued forgotten once delivered', 5000);
     assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone', 'esp-queued']);
-    await waitFor(() => lastRegister() === 'esp-today', 'the register at the hub lists esp-today only', 5000);
+    await waitFor(() => lastRegister() === 'esp-cmd,esp-today', 'the register at the hub lists esp-cmd and esp-today', 5000);
 
     // a forgotten MCU that speaks again is a new MCU: accepted, registered again, delivered
     await speak(gw, site, 'esp-gone', 2);
-    await waitFor(() => lastRegister() === 'esp-gone,esp-today', 'esp-gone registered again', 5000);
+    await waitFor(() => lastRegister() === 'esp-cmd,esp-gone,esp-today', 'esp-gone registered again', 5000);
     await waitFor(() => seen.filter((s) => s.topic === deviceTopic('esp-gone', 'telemetry')).length === 2, 'its new reading at the hub', 5000);
     // the saved list follows
     await waitFor(() => {
       const saved = JSON.parse(readFileSync(join(gwDir, 'mcu-state.json'), 'utf8')) as { mcus: string[] };
-      return [...saved.mcus].sort().join() === 'esp-gone,esp-today';
-    }, 'mcu-state.json lists the two left', 5000);
+      return [...saved.mcus].sort().join() === 'esp-cmd,esp-gone,esp-today';
+    }, 'mcu-state.json lists the three left', 5000);
   } finally {
     await gw.stop();
     await link.close();
