@@ -4,6 +4,7 @@ import { createSocket } from 'node:dgram';
 import { COAP_PATH_ROOT, COAP_QUERY_COUNTER, COAP_QUERY_MAC, SENML_JSON_FORMAT } from '../../firmware-bridge/coap.ts';
 import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { COAP_METHOD, decodeMessage, encodeRequest } from '../../esp32-sim/coap-lite.ts';
+import { RecentExchanges } from '../../gateway/coap-ingress.ts';
 import { waitFor } from '../helpers.ts';
 import { nextCounter, of, withEnv } from './env.ts';
 
@@ -62,4 +63,70 @@ test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from 
       sock.close();
     }
   });
+});
+
+test('gateway CoAP fast path: a NON POST is answered by a NON 2.04 with its token; a forged one gets 4.01 with the error code; both answered again, unchanged, on retransmission', async () => {
+  await withEnv(async ({ gw, site, seen }) => {
+    const sock = createSocket('udp4');
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+    const replies: Buffer[] = [];
+    sock.on('message', (msg) => replies.push(msg));
+    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const request = (id: string, type: number, mid: number, token: number, forge = false): Buffer => {
+      const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: mid }]));
+      const c = nextCounter();
+      const mac = signMcuMessage(mcuKey(forge ? 'not-the-site-secret' : site, id), id, 't', c, payload);
+      return encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, id, 't'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${mac}`], contentFormat: SENML_JSON_FORMAT, payload }, type, mid, token);
+    };
+    try {
+      const non = request('esp-n1', 1, 700, 0xabcd0001);
+      await send(non);
+      await waitFor(() => replies.length === 1, 'the answer to the NON');
+      const a = decodeMessage(replies[0]!)!;
+      assert.equal(a.type, 1, 'a NON answer to a NON request');
+      assert.equal(a.code, '2.04');
+      assert.equal(a.token, 0xabcd0001, 'the token echoed');
+      await send(non);
+      await waitFor(() => replies.length === 2, 'the answer to the repeated NON');
+      assert.deepEqual(replies[1], replies[0], 'the same answer, not a replay refusal');
+      await waitFor(() => of(seen, 'esp-n1', 'telemetry').length >= 1, 'the reading at the hub');
+
+      const forged = request('esp-n2', 0, 701, 0xabcd0002, true);
+      await send(forged);
+      await waitFor(() => replies.length === 3, 'the answer to the forged request');
+      const f = decodeMessage(replies[2]!)!;
+      assert.equal(f.type, 2, 'piggybacked on the ACK');
+      assert.equal(f.mid, 701);
+      assert.equal(f.code, '4.01');
+      assert.equal(f.res.payload.toString(), 'FLEET_MCU_AUTH');
+      await send(forged);
+      await waitFor(() => replies.length === 4, 'the answer to its retransmission');
+      assert.deepEqual(replies[3], replies[2]);
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal(of(seen, 'esp-n1', 'telemetry').length, 1, 'stored once');
+      assert.equal(of(seen, 'esp-n2', 'telemetry').length, 0, 'the forged one not at all');
+    } finally {
+      sock.close();
+    }
+  });
+});
+
+test('RecentExchanges: a repeated message id is found within its lifetime; the last 4 per endpoint and the most recently active endpoints are kept', () => {
+  const ex = new RecentExchanges(3, 1000, 4);
+  const a = ex.begin('a|1', 1, 0);
+  assert.equal(a.fresh, true);
+  a.ex.answer = Buffer.from('x');
+  assert.equal(ex.begin('a|1', 1, 999).fresh, false, 'a retransmission within the lifetime');
+  assert.equal(ex.begin('a|1', 1, 999).ex.answer?.toString(), 'x');
+  assert.equal(ex.begin('a|1', 1, 2000).fresh, true, 'the same id after the lifetime is a new exchange');
+  for (let id = 2; id <= 5; id++) ex.begin('a|1', id, 2000);
+  assert.equal(ex.begin('a|1', 5, 2000).fresh, false);
+  assert.equal(ex.begin('a|1', 1, 2000).fresh, true, 'only the last 4 of an endpoint are kept');
+  ex.begin('b|1', 1, 2000);
+  ex.begin('c|1', 1, 2000);
+  ex.begin('a|1', 9, 2000); // a is the most recently active now
+  ex.begin('d|1', 1, 2000); // evicts b
+  assert.equal(ex.size, 3);
+  assert.equal(ex.begin('c|1', 1, 2000).fresh, false);
+  assert.equal(ex.begin('b|1', 1, 2000).fresh, true, 'b was forgotten');
 });
