@@ -11,12 +11,14 @@
  * cost a cache miss per level at 10,000 entries (about 10,000 pops and pushes a second
  * at 1 reading/s per device). Order is the same: due time, then insertion order.
  */
-export type Task<T> = (arg: T, now: number) => void;
+/** `tag`: the number given to `at` (0 by default), e.g. a generation, so hot callers need no object per entry */
+export type Task<T> = (arg: T, now: number, tag: number) => void;
 
 export class Scheduler {
-  /** heap slot i: due time at[i], insertion number seqs[i], callback fns[i](args[i]) */
+  /** heap slot i: due time at[i], insertion number seqs[i], callback fns[i](args[i], now, tags[i]) */
   private at_ = new Float64Array(1024);
   private seqs = new Float64Array(1024);
+  private tags = new Float64Array(1024);
   private fns: Array<Task<never> | undefined> = [];
   private args: unknown[] = [];
   private n = 0;
@@ -40,12 +42,13 @@ export class Scheduler {
     return this.n;
   }
 
-  /** Run `fn(arg)` at `at` (ms since the epoch, Date.now() clock), or as soon as possible. */
-  at<T>(at: number, fn: Task<T>, arg: T): void {
+  /** Run `fn(arg, now, tag)` at `at` (ms since the epoch, Date.now() clock), or as soon as possible. */
+  at<T>(at: number, fn: Task<T>, arg: T, tag = 0): void {
     if (this.stopped) return;
     if (this.n === this.at_.length) this.grow();
     const A = this.at_;
     const S = this.seqs;
+    const Tg = this.tags;
     const seq = this.seq++;
     let i = this.n++;
     while (i > 0) {
@@ -54,19 +57,21 @@ export class Scheduler {
       if (pa < at || (pa === at && S[p]! < seq)) break;
       A[i] = pa;
       S[i] = S[p]!;
+      Tg[i] = Tg[p]!;
       this.fns[i] = this.fns[p];
       this.args[i] = this.args[p];
       i = p;
     }
     A[i] = at;
     S[i] = seq;
+    Tg[i] = tag;
     this.fns[i] = fn as Task<never>;
     this.args[i] = arg;
     if (!this.running && at < this.timerAt) this.arm();
   }
 
-  after<T>(ms: number, fn: Task<T>, arg: T): void {
-    this.at(Date.now() + ms, fn, arg);
+  after<T>(ms: number, fn: Task<T>, arg: T, tag = 0): void {
+    this.at(Date.now() + ms, fn, arg, tag);
   }
 
   /** Entry lateness since the last call: mean and max ms. */
@@ -105,12 +110,13 @@ export class Scheduler {
         const late = now - this.at_[0]!;
         const fn = this.fns[0] as Task<unknown>;
         const arg = this.args[0];
+        const tag = this.tags[0]!;
         this.pop();
         n++;
         this.lateSum += late;
         this.lateCount++;
         if (late > this.lateMax) this.lateMax = late;
-        fn(arg, now);
+        fn(arg, now, tag);
       }
     } finally {
       this.running = false;
@@ -127,6 +133,7 @@ export class Scheduler {
   private pop(): void {
     const A = this.at_;
     const S = this.seqs;
+    const Tg = this.tags;
     const F = this.fns;
     const G = this.args;
     const n = --this.n;
@@ -134,6 +141,7 @@ export class Scheduler {
       // sift the last entry down from the root
       const la = A[n]!;
       const ls = S[n]!;
+      const lt = Tg[n]!;
       const lf = F[n];
       const lg = G[n];
       let i = 0;
@@ -146,12 +154,14 @@ export class Scheduler {
         if (la < ca || (la === ca && ls < S[c]!)) break;
         A[i] = ca;
         S[i] = S[c]!;
+        Tg[i] = Tg[c]!;
         F[i] = F[c];
         G[i] = G[c];
         i = c;
       }
       A[i] = la;
       S[i] = ls;
+      Tg[i] = lt;
       F[i] = lf;
       G[i] = lg;
     }
@@ -167,5 +177,8 @@ export class Scheduler {
     const q = new Float64Array(this.seqs.length * 2);
     q.set(this.seqs);
     this.seqs = q;
+    const g = new Float64Array(this.tags.length * 2);
+    g.set(this.tags);
+    this.tags = g;
   }
 }

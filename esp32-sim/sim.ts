@@ -419,7 +419,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       d.state = 'online';
       if (mailbox) observeMailbox(d);
       if (d.fw) sched.at(now, fwNext, { d, gen: d.gen });
-      sched.at(now, tick, { d, gen: d.gen });
+      sched.at(now, tick, d, d.gen);
       pump(d);
     }
   };
@@ -503,7 +503,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
           d.busy = false;
           pump(d); // the unacknowledged message first (DUP, same packet id), as a QoS 1 client must
           if (d.fw) sched.at(now, fwNext, { d, gen: d.gen });
-          sched.at(now, tick, { d, gen: d.gen });
+          sched.at(now, tick, d, d.gen);
         },
         close: () => {
           if (d.state === 'connecting') st.connectFailures++;
@@ -587,11 +587,12 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     return { ch: 't', payload, seq, t: now, pid: 0, sentOnce: false };
   };
 
-  const tick = ({ d, gen }: Ev, now: number): void => {
+  // the device and its generation travel as the entry's argument and tag: no object per reading
+  const tick = (d: Device, now: number, gen: number): void => {
     if (stopped || gen !== d.gen) return;
     // asleep once the queue is empty (an unacknowledged reading stays in RTC memory; a little later it sleeps anyway), never mid-update
     if (now >= d.awakeUntil && !d.fw && (d.q.length === 0 || now >= d.awakeUntil + 2 * d.interval)) return goToSleep(d, now);
-    sched.at(now + period(d), tick, { d, gen });
+    sched.at(now + period(d), tick, d, gen);
     if (d.state !== 'online') return;
     if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > (keepaliveS * 1000) / 2) d.mqtt.ping();
     // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should

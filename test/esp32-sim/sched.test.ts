@@ -8,7 +8,7 @@ import { Scheduler } from '../../esp32-sim/sched.ts';
 import { runSim } from '../../esp32-sim/sim.ts';
 import { testLogger, waitFor } from '../helpers.ts';
 
-test('sched: 5,000 entries with many equal due times run in (due time, insertion) order, also when entries are added while it runs', async () => {
+test('sched: 5,000 entries with many equal due times run in (due time, insertion) order, each with its own argument and tag, also when entries are added while it runs', async () => {
   const s = new Scheduler({ maxPerTurn: 700 });
   const now = Date.now();
   // a fixed pseudo-random sequence, so a failure is reproducible
@@ -17,24 +17,31 @@ test('sched: 5,000 entries with many equal due times run in (due time, insertion
   const want: Array<{ at: number; k: number }> = [];
   const ran: number[] = [];
   let k = 0;
-  const run = (id: number) => ran.push(id);
+  let wrongTag = 0;
+  const run = (id: number, _now: number, tag: number) => {
+    ran.push(id);
+    if (tag !== id * 2 + 0.5) wrongTag++;
+  };
   // all due already (so the test never waits on the clock), 60 distinct times: many ties
   for (let i = 0; i < 5000; i++) {
     const at = now - 1000 + rnd(60) + (rnd(4) === 0 ? 0.5 : 0);
     want.push({ at, k });
-    s.at(at, run, k++);
+    s.at(at, run, k, k * 2 + 0.5);
+    k++;
   }
   // entries added from inside a callback join the order by their own due time and insertion
   s.at(now - 2000, () => {
     for (let i = 0; i < 50; i++) {
       const at = now - 1000 + rnd(60);
       want.push({ at, k });
-      s.at(at, run, k++);
+      s.at(at, run, k, k * 2 + 0.5);
+      k++;
     }
   }, null);
   await waitFor(() => ran.length === 5050, 'every entry ran', 5000, 5);
   assert.equal(s.size, 0);
   assert.deepEqual(ran, [...want].sort((a, b) => a.at - b.at || a.k - b.k).map((e) => e.k));
+  assert.equal(wrongTag, 0, 'every entry got its own tag');
   s.stop();
 });
 
