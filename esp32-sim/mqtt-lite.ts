@@ -82,7 +82,7 @@ export class MqttLite {
     return this.socket !== null && this.connected && !this.socket.destroyed;
   }
 
-  publish(topic: string | Buffer, payload: Buffer, qos: 0 | 1, pid = 0, dup = false): void {
+  publish(topic: string, payload: Buffer, qos: 0 | 1, pid = 0, dup = false): void {
     this.write(encodePublish(topic, payload, qos, pid, dup));
   }
 
@@ -230,12 +230,9 @@ export function encodeConnect(o: MqttConnectOptions): Buffer {
   return frame(0x10, Buffer.concat(parts));
 }
 
-/**
- * A PUBLISH packet in one buffer: fixed header, topic, packet id (QoS 1), payload. `topic`
- * may be given already encoded (the simulator keeps each device's telemetry topic).
- */
-export function encodePublish(topic: string | Buffer, payload: Buffer, qos: 0 | 1, pid: number, dup: boolean): Buffer {
-  const tl = typeof topic === 'string' ? Buffer.byteLength(topic, 'utf8') : topic.length;
+/** A PUBLISH packet in one buffer: fixed header, topic, packet id (QoS 1), payload. */
+export function encodePublish(topic: string, payload: Buffer, qos: 0 | 1, pid: number, dup: boolean): Buffer {
+  const tl = Buffer.byteLength(topic, 'utf8');
   const rem = 2 + tl + (qos > 0 ? 2 : 0) + payload.length;
   const hl = rem < 0x80 ? 2 : rem < 0x4000 ? 3 : rem < 0x200000 ? 4 : 5;
   const out = Buffer.allocUnsafe(hl + rem);
@@ -248,13 +245,12 @@ export function encodePublish(topic: string | Buffer, payload: Buffer, qos: 0 | 
   let p = hl;
   out[p++] = tl >> 8;
   out[p++] = tl & 0xff;
-  if (typeof topic === 'string') out.write(topic, p, tl, 'utf8');
-  else topic.copy(out, p);
+  out.write(topic, p, tl, 'utf8');
   p += tl;
   if (qos > 0) {
     out[p++] = pid >> 8;
     out[p++] = pid & 0xff;
   }
-  payload.copy(out, p);
+  out.set(payload, p);
   return out;
 }

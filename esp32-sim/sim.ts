@@ -227,8 +227,8 @@ interface Device {
   reconnectDelay: number;
   nextWriteAt: number;
   mqtt?: MqttLite;
-  /** MQTT: `mcu/v1/{id}/t`, encoded once */
-  tTopic?: Buffer;
+  /** MQTT: `mcu/v1/{id}/t`, built once */
+  tTopic?: string;
   ep?: CoapEndpoint;
   observeToken: number;
   /** when the mailbox Observe was last registered (CoAP) */
@@ -555,15 +555,16 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   };
 
   const writeDelayed = (d: Device, u: Up, dup: boolean) => {
-    // the telemetry topic is kept encoded per device: it is written every period
-    const topic = u.ch === 't' ? (d.tTopic ??= Buffer.from(`${MCU_PREFIX}${d.id}/t`, 'utf8')) : `${MCU_PREFIX}${d.id}/${u.ch}`;
+    // the telemetry topic is kept per device (built every period otherwise); a string, not a
+    // Buffer: a small Buffer is a slice of an 8 KiB pool and would keep its whole pool alive
+    const topic = u.ch === 't' ? (d.tTopic ??= `${MCU_PREFIX}${d.id}/t`) : `${MCU_PREFIX}${d.id}/${u.ch}`;
     const delay = link.latencyMs + (link.latencyJitterMs > 0 ? random() * link.latencyJitterMs : 0);
     if (delay <= 0) return d.mqtt!.publish(topic, u.payload, 1, u.pid, dup);
     const at = Math.max(d.nextWriteAt, Date.now() + delay);
     d.nextWriteAt = at;
     sched.at(at, delayedPublish, { d, gen: d.gen, topic, u, dup });
   };
-  const delayedPublish = ({ d, gen, topic, u, dup }: Ev & { topic: string | Buffer; u: Up; dup: boolean }) => {
+  const delayedPublish = ({ d, gen, topic, u, dup }: Ev & { topic: string; u: Up; dup: boolean }) => {
     if (gen !== d.gen || !d.mqtt?.writable) return;
     d.mqtt.publish(topic, u.payload, 1, u.pid, dup);
   };
