@@ -4,7 +4,8 @@ import { createServer } from 'node:net';
 import { Aedes } from 'aedes';
 import coap from 'coap';
 import { CoapEndpoint, COAP_METHOD, type CoapResponse } from '../../esp32-sim/coap-lite.ts';
-import { MqttLite } from '../../esp32-sim/mqtt-lite.ts';
+import { encodePublish, MqttLite } from '../../esp32-sim/mqtt-lite.ts';
+import { fixedHeader } from '../../core/mqtt-wire.ts';
 import { Scheduler } from '../../esp32-sim/sched.ts';
 import { waitFor } from '../helpers.ts';
 
@@ -36,6 +37,35 @@ test('sched: 10,000 entries in one scheduler, each runs once', async () => {
   await waitFor(() => n === 10_000, 'all ran', 5000, 5);
   assert.equal(s.size, 0);
   s.stop();
+});
+
+test('mqtt-lite: encodePublish writes one packet whose remaining length (1 to 4 bytes), topic, packet id, flags and payload read back, at every length boundary', () => {
+  const topic = 'mcu/v1/esp32-0001/t';
+  // remaining length = 2 + topic + 2 (QoS 1) + payload: sizes around 127, 16,383 and 2,097,151
+  const base = 2 + topic.length + 2;
+  const sizes = [0, 1, 50];
+  for (const edge of [127, 16_383, 2_097_151]) for (let d = -2; d <= 2; d++) sizes.push(edge - base + d);
+  for (const size of sizes) {
+    const payload = Buffer.alloc(size, size % 251);
+    for (const [qos, dup] of [[1, false], [1, true], [0, false]] as const) {
+      const pid = qos ? 0xbeef : 0;
+      const pkt = encodePublish(topic, payload, qos, pid, dup);
+      const h = fixedHeader(pkt, 0, 256 * 1024 * 1024);
+      assert.equal(h.kind, 'ok', `size ${size}`);
+      if (h.kind !== 'ok') continue;
+      assert.equal(h.start + h.len, pkt.length, `size ${size}: remaining length covers the packet exactly`);
+      assert.equal(pkt[0], 0x30 | (dup ? 0x08 : 0) | (qos << 1));
+      const body = pkt.subarray(h.start);
+      const tl = body.readUInt16BE(0);
+      assert.equal(body.toString('utf8', 2, 2 + tl), topic);
+      let p = 2 + tl;
+      if (qos) {
+        assert.equal(body.readUInt16BE(p), pid);
+        p += 2;
+      }
+      assert.ok(body.subarray(p).equals(payload), `size ${size}: payload`);
+    }
+  }
 });
 
 async function withBroker<T>(fn: (port: number, broker: Aedes) => Promise<T>): Promise<T> {
