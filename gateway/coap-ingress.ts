@@ -268,6 +268,11 @@ export class McuCoapIngress {
     return ingress;
   }
 
+  /** Does `mcuId` observe its mailbox now? */
+  isObserving(mcuId: string): boolean {
+    return this.observers.has(mcuId);
+  }
+
   get observing(): number {
     return this.observers.size;
   }

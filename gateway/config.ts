@@ -80,7 +80,7 @@ export const GatewayConfigSchema = z
          * interval observed between its messages (at least 1 s), or 60 s until known.
          */
         lostAfterMs: z.number().int().min(100).max(7 * 24 * 3600 * 1000).optional(),
-        /** an MCU not heard from in this many days is forgotten at the gateway's next start (its slot of maxMcus, its replay counters); 0 = never */
+        /** an MCU not heard from in this many days is forgotten, at start and hourly while running (its slot of maxMcus, its replay counters); 0 = never */
         forgetAfterDays: z.number().int().min(0).max(36_500).default(90),
         /** largest MCU message payload, bytes; CoAP is further bound by one datagram */
         maxPayloadBytes: z.number().int().min(256).max(1024 * 1024).default(16 * 1024),

@@ -285,10 +285,12 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const mqttIngress = mqtt;
   const coapIngress = coap;
   // MCUs silent for mcu.forgetAfterDays are forgotten at start (restore, above) and then
-  // hourly, so a gateway that runs for years does not fill mcu.maxMcus with MCUs long gone
+  // hourly, so a gateway that runs for years does not fill mcu.maxMcus with MCUs long gone;
+  // never one still connected (an MQTT session that only pings) or observing its mailbox
   if (config.mcu.forgetAfterDays > 0) {
+    const keep = (mcuId: string): boolean => svc.hasPending(mcuId) || mqttIngress.isConnected(mcuId) || coapIngress.isObserving(mcuId);
     forgetTimer = setInterval(() => {
-      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, (mcuId) => svc.hasPending(mcuId))) guard.forget(id);
+      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, keep)) guard.forget(id);
     }, extras.forgetCheckMs ?? FORGET_CHECK_MS);
     forgetTimer.unref();
   }

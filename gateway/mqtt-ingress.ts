@@ -131,6 +131,11 @@ export class McuMqttIngress {
     return this.lean.connectedClients;
   }
 
+  /** Is `mcuId` connected (an authenticated MQTT session) now? */
+  isConnected(mcuId: string): boolean {
+    return this.lean.sessions.has(mcuId);
+  }
+
   private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 } {
     const username = c.username;
     const refuse = (rc: 3 | 4, why: string): { rc: 3 | 4 } => {

@@ -87,7 +87,7 @@ async function stallableLink(target: number): Promise<{ port: number; freeze: ()
   };
 }
 
-test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it) nor one with a command in its mailbox, and the register the hub holds shrinks', async () => {
+test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it), one with a command in its mailbox or one still connected, and the register the hub holds shrinks', async () => {
   const tmp = tempDir();
   let clock = Date.now();
   const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
@@ -108,6 +108,7 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
   const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${link.port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
   const log = testLogger('gateway');
   const gw = await startGateway(config, log, '0.0.0-test', { now: () => clock, forgetCheckMs: 100 });
+  let idle: MqttClient | undefined;
   const forgottenLogged = () => log.lines.filter((l) => l.msg === 'MCUs not heard from in mcu.forgetAfterDays forgotten').flatMap((l) => l.examples as string[]);
   try {
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
@@ -117,7 +118,10 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     await speak(gw, site, 'esp-back', 1);
     // and one that the hub then sends a command: it waits in the gateway's mailbox (the MCU never picks it up)
     await speak(gw, site, 'esp-cmd', 1);
-    await waitFor(() => gw.stats().outbox.depth === 0 && lastRegister() === 'esp-back,esp-cmd,esp-gone', 'delivered, all three registered');
+    // and one that stays connected and says nothing more (its client only pings)
+    idle = await connectMcu(gw.mqttPort, 'esp-idle', site);
+    await publish(idle, 'esp-idle', 1);
+    await waitFor(() => gw.stats().outbox.depth === 0 && lastRegister() === 'esp-back,esp-cmd,esp-gone,esp-idle', 'delivered, all four registered');
     const operator = readFileSync(h.operatorTokenFile, 'utf8').trim();
     const res = await fetch(`http://127.0.0.1:${h.httpPort}/api/v1/devices/esp-cmd/commands`, { method: 'POST', headers: { authorization: `Bearer ${operator}`, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'blink', ttlMs: 3_600_000 }) });
     assert.equal(res.status, 202);
@@ -130,28 +134,29 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     // 91 days later by the MCU clock: a fourth MCU speaks, the first three have been silent
     clock += 91 * DAY;
     await speak(gw, site, 'esp-today', 1);
-    await waitFor(() => gw.stats().mcus === 3, 'the silent MCUs with nothing queued forgotten', 5000);
+    await waitFor(() => gw.stats().mcus === 4, 'the silent MCUs with nothing queued forgotten', 5000);
     assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone']);
     await new Promise((r) => setTimeout(r, 500)); // five more checks
-    assert.equal(gw.stats().mcus, 3, 'esp-queued kept while its reading is in the outbox, esp-cmd while a command waits for it');
+    assert.equal(gw.stats().mcus, 4, 'esp-queued kept while its reading is in the outbox, esp-cmd while a command waits for it, esp-idle while connected');
 
     // the hub takes what was held: esp-queued's reading is delivered, then a check forgets it too
     link.thaw();
     await waitFor(() => seen.some((s) => s.topic === deviceTopic('esp-queued', 'telemetry')), 'esp-queued’s reading at the hub', 10_000);
-    await waitFor(() => gw.stats().mcus === 2, 'esp-queued forgotten once delivered', 5000);
+    await waitFor(() => gw.stats().mcus === 3, 'esp-queued forgotten once delivered', 5000);
     assert.deepEqual(forgottenLogged().sort(), ['esp-back', 'esp-gone', 'esp-queued']);
-    await waitFor(() => lastRegister() === 'esp-cmd,esp-today', 'the register at the hub lists esp-cmd and esp-today', 5000);
+    await waitFor(() => lastRegister() === 'esp-cmd,esp-idle,esp-today', 'the register at the hub lists esp-cmd, esp-idle and esp-today', 5000);
 
     // a forgotten MCU that speaks again is a new MCU: accepted, registered again, delivered
     await speak(gw, site, 'esp-gone', 2);
-    await waitFor(() => lastRegister() === 'esp-cmd,esp-gone,esp-today', 'esp-gone registered again', 5000);
+    await waitFor(() => lastRegister() === 'esp-cmd,esp-gone,esp-idle,esp-today', 'esp-gone registered again', 5000);
     await waitFor(() => seen.filter((s) => s.topic === deviceTopic('esp-gone', 'telemetry')).length === 2, 'its new reading at the hub', 5000);
     // the saved list follows
     await waitFor(() => {
       const saved = JSON.parse(readFileSync(join(gwDir, 'mcu-state.json'), 'utf8')) as { mcus: string[] };
-      return [...saved.mcus].sort().join() === 'esp-cmd,esp-gone,esp-today';
-    }, 'mcu-state.json lists the three left', 5000);
+      return [...saved.mcus].sort().join() === 'esp-cmd,esp-gone,esp-idle,esp-today';
+    }, 'mcu-state.json lists the four left', 5000);
   } finally {
+    idle?.end(true);
     await gw.stop();
     await link.close();
     await new Promise<void>((r) => h.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
