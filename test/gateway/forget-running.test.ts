@@ -157,6 +157,7 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     }, 'mcu-state.json lists the four left', 5000);
   } finally {
     idle?.end(true);
+    link.thaw(); // a failed step may leave the link stalled: the gateway's stop would wait on it
     await gw.stop();
     await link.close();
     await new Promise<void>((r) => h.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
