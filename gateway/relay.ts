@@ -568,7 +568,9 @@ export class Relay {
    * could deliver an older register after a newer one.
    */
   private flush(): void {
-    if (!this.opts.client.connected) return;
+    // nor while the client is ending: mqtt.js fails a publish on a disconnecting client at
+    // once, from inside publish() (stop() itself still sends the MCUs' last states)
+    if (!this.opts.client.connected || this.opts.client.disconnecting) return;
     if ((this.mcus.size > this.registeredUpTo || this.registerStale) && !this.registerInFlight) {
       // the first register of a connection at once; later ones (MCUs still arriving) at
       // least REGISTER_GAP_MS apart, so a ramp of thousands of MCUs sends a few complete lists
@@ -581,7 +583,10 @@ export class Relay {
           this.flush();
         }, wait);
     }
-    for (const [id, buf] of this.pendingState) {
+    // over a copy: a publish that fails at once puts its state back into the map, and a Map
+    // iterator visits re-added entries again (the gateway spun here, at 100% CPU, when it was
+    // stopped with its hub link stalled)
+    for (const [id, buf] of [...this.pendingState]) {
       if (!this.covered(id)) continue; // after the register that covers it
       this.pendingState.delete(id);
       this.statesInFlight++;
@@ -624,6 +629,7 @@ export class Relay {
    */
   private subscribeCovered(): void {
     if (!this.opts.onDown || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
+    if (!this.opts.client.connected || this.opts.client.disconnecting || this.stopped) return;
     const wait = this.lastSubAckAt + RESUBSCRIBE_MS - Date.now();
     if (this.subscribedUpTo > 0 && wait > 0) {
       this.resubTimer ??= setTimeout(() => {
@@ -643,8 +649,18 @@ export class Relay {
       if (gen !== this.connGen) return;
       this.subscribeInFlight = false;
       this.lastSubAckAt = Date.now();
-      if (err || granted?.some((g) => g.qos === 128)) this.opts.log.warn('subscribing to MCU commands and desired state failed (an older hub?)', { err, granted });
-      else this.subscribedUpTo = to;
+      if (err || granted?.some((g) => g.qos === 128)) {
+        // tried again later, not at once: mqtt.js fails a subscribe on a disconnecting client
+        // from inside subscribe() (this recursed until the stack overflowed), and a hub that
+        // refuses would be asked again in a tight loop
+        this.opts.log.warn('subscribing to MCU commands and desired state failed (an older hub?); trying again later', { err, granted });
+        this.resubTimer ??= setTimeout(() => {
+          this.resubTimer = null;
+          this.subscribeCovered();
+        }, RESUBSCRIBE_MS);
+        return;
+      }
+      this.subscribedUpTo = to;
       this.subscribeCovered();
     });
   }
