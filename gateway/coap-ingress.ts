@@ -155,6 +155,7 @@ export class RecentExchanges {
 
   /** The exchange `messageId` of `endpoint` if it is recent, else a new one (returned with `fresh`). */
   begin(endpoint: string, messageId: number, now: number): { ex: Exchange; fresh: boolean } {
+    this.expire(now);
     let list = this.endpoints.get(endpoint);
     if (list) {
       this.endpoints.delete(endpoint); // re-inserted below: most recently active last
@@ -172,6 +173,29 @@ export class RecentExchanges {
     if (this.endpoints.size > this.maxEndpoints) this.endpoints.delete(this.endpoints.keys().next().value!);
     return { ex, fresh: true };
   }
+
+  /** Forget one exchange (its answer is not to be repeated: the request is to be handled again if it comes again). */
+  drop(endpoint: string, ex: Exchange): void {
+    const list = this.endpoints.get(endpoint);
+    if (!list) return;
+    const i = list.indexOf(ex);
+    if (i >= 0) list.splice(i, 1);
+    if (list.length === 0) this.endpoints.delete(endpoint);
+  }
+
+  /**
+   * Endpoints whose newest exchange is older than the lifetime are forgotten: they are at the
+   * least recently active end of the map, so a look at its first few entries per call keeps
+   * the map to what arrived within the lifetime, without a timer.
+   */
+  private expire(now: number): void {
+    let n = 0;
+    for (const [endpoint, list] of this.endpoints) {
+      const newest = list.at(-1);
+      if (n++ >= 4 || (newest && now - newest.at < this.lifetimeMs)) return;
+      this.endpoints.delete(endpoint);
+    }
+  }
 }
 
 /**
@@ -181,7 +205,9 @@ export class RecentExchanges {
 function answerDatagram(request: CoapPacket, code: CoapCode, payload: Buffer | undefined, ownMessageId: number): Buffer {
   const tkl = request.token.length;
   const body = payload && payload.length > 0 ? payload : null;
-  const buf = Buffer.allocUnsafe(4 + tkl + (body ? 1 + body.length : 0));
+  // its own memory, not a slice of Node's shared 8 KiB pool: a remembered answer would keep
+  // its whole pool chunk (and the request copies made in it) alive
+  const buf = Buffer.allocUnsafeSlow(4 + tkl + (body ? 1 + body.length : 0));
   const confirmable = request.type === 0;
   const messageId = confirmable ? request.messageId : ownMessageId;
   buf[0] = 0x40 | ((confirmable ? 2 : 1) << 4) | tkl;
@@ -277,6 +303,11 @@ export class McuCoapIngress {
     return this.observers.size;
   }
 
+  /** endpoints with answers kept for retransmissions (fast path) */
+  get exchangeEndpoints(): number {
+    return this.exchanges.size;
+  }
+
   get uploadsInProgress(): number {
     return this.uploads.inProgress;
   }
@@ -354,8 +385,15 @@ export class McuCoapIngress {
     const respond: Respond = (code, body) => {
       if (ex.answer) return;
       this.nextMessageId = (this.nextMessageId + 1) & 0xffff;
-      ex.answer = answerDatagram(pkt, code, body === undefined ? undefined : Buffer.from(body), this.nextMessageId);
-      if (!this.closed) this.socket.send(ex.answer, rsinfo.port, rsinfo.address);
+      const answer = answerDatagram(pkt, code, body === undefined ? undefined : Buffer.from(body), this.nextMessageId);
+      // Remembered for retransmissions: a 2.04, and a 4.00 (authentic but undecodable: its
+      // counter is spent, so handling it again would answer "replay"). Other errors keep no
+      // state, so a sender without a valid MAC (or a flood from many ports) holds no memory
+      // here, and a retransmission after a 5.03 is tried again; a refused request's
+      // retransmission is refused again the same way.
+      if (code.startsWith('2.') || code === COAP_CODES.BAD_REQUEST) ex.answer = answer;
+      else this.exchanges.drop(endpoint, ex);
+      if (!this.closed) this.socket.send(answer, rsinfo.port, rsinfo.address);
     };
     if (this.stopping) {
       respond(COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_STORE');

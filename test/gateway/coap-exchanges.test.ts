@@ -129,4 +129,47 @@ test('RecentExchanges: a repeated message id is found within its lifetime; the l
   assert.equal(ex.size, 3);
   assert.equal(ex.begin('c|1', 1, 2000).fresh, false);
   assert.equal(ex.begin('b|1', 1, 2000).fresh, true, 'b was forgotten');
+
+  // endpoints silent for the lifetime are forgotten as new requests come, without a timer
+  const t = new RecentExchanges(100, 1000, 4);
+  for (let i = 0; i < 50; i++) t.begin(`old|${i}`, 1, 0);
+  for (let i = 0; i < 20; i++) t.begin(`new|${i}`, 1, 5000);
+  for (let i = 20; i < 40; i++) t.begin(`new|${i}`, 1, 5000);
+  assert.equal(t.size, 40, 'the 50 silent endpoints are gone after 40 requests (up to 4 each)');
+  // a dropped exchange is handled again when its message id comes again
+  const d = t.begin('new|1', 7, 5000);
+  assert.equal(d.fresh, true);
+  t.drop('new|1', d.ex);
+  assert.equal(t.begin('new|1', 7, 5000).fresh, true);
+});
+
+test('gateway CoAP fast path: requests refused for their MAC leave no state behind (a flood from many ports holds no memory)', async () => {
+  await withEnv(async ({ gw }) => {
+    const socks = await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        const s = createSocket('udp4');
+        await new Promise<void>((r) => s.bind(0, '127.0.0.1', () => r()));
+        return s;
+      }),
+    );
+    let answers = 0;
+    for (const s of socks) s.on('message', () => answers++);
+    try {
+      let mid = 900;
+      for (const s of socks) {
+        for (let k = 0; k < 4; k++) {
+          const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: k }]));
+          const c = nextCounter();
+          const mac = signMcuMessage(mcuKey('not-the-site-secret', 'esp-f'), 'esp-f', 't', c, payload);
+          const req = encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, 'esp-f', 't'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${mac}`], contentFormat: SENML_JSON_FORMAT, payload }, 0, mid, mid);
+          mid++;
+          await new Promise<void>((r, j) => s.send(req, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+        }
+      }
+      await waitFor(() => answers === 80, 'a 4.01 for each of the 80 forged requests');
+      assert.match(gw.metrics.render(), /^fleet_gateway_coap_exchange_endpoints 0$/m, 'no exchange remembered');
+    } finally {
+      for (const s of socks) s.close();
+    }
+  });
 });
