@@ -75,6 +75,8 @@ export const DEFAULT_LOST_AFTER_MS = 60_000;
 const MIN_LOST_AFTER_MS = 1000;
 /** least time between two SUBSCRIBEs of the desired filter (each makes the hub scan its retained messages) */
 const RESUBSCRIBE_MS = 2000;
+/** after a refused or failed subscribe, ms */
+const SUBSCRIBE_RETRY_MS = 60_000;
 /** least time between two registers on one connection (the first goes at once) */
 const REGISTER_GAP_MS = 250;
 /**
@@ -141,6 +143,8 @@ export class Relay {
   private subscribeInFlight = false;
   private lastSubAckAt = 0;
   private resubTimer: NodeJS.Timeout | null = null;
+  /** a failed subscribe was logged on this connection */
+  private subscribeWarned = false;
   private registerTimer: NodeJS.Timeout | null = null;
   private lastRegisterAt = 0;
   /** bumped on every connect and close, so callbacks from an old connection are ignored */
@@ -532,6 +536,7 @@ export class Relay {
 
   private onConnect = (): void => {
     this.connGen++;
+    this.subscribeWarned = false;
     this.subscribedUpTo = 0;
     this.subscribeInFlight = false;
     this.registeredUpTo = 0;
@@ -592,8 +597,10 @@ export class Relay {
       this.statesInFlight++;
       this.opts.client.publish(deviceTopic(id, 'state'), buf, { qos: 1, retain: true }, (err) => {
         this.statesInFlight--;
-        // not delivered and nothing newer queued: keep it for the next connection
-        if (err && !this.pendingState.has(id)) this.pendingState.set(id, buf);
+        // not delivered and nothing newer queued: keep it for the next connection (unless the
+        // MCU was forgotten meanwhile: it would never be covered again, and stop() would wait
+        // for it)
+        if (err && !this.pendingState.has(id) && this.mcus.has(id)) this.pendingState.set(id, buf);
       });
     }
   }
@@ -650,14 +657,18 @@ export class Relay {
       this.subscribeInFlight = false;
       this.lastSubAckAt = Date.now();
       if (err || granted?.some((g) => g.qos === 128)) {
+        if (this.stopped) return;
         // tried again later, not at once: mqtt.js fails a subscribe on a disconnecting client
         // from inside subscribe() (this recursed until the stack overflowed), and a hub that
-        // refuses would be asked again in a tight loop
-        this.opts.log.warn('subscribing to MCU commands and desired state failed (an older hub?); trying again later', { err, granted });
+        // refuses would be asked again in a tight loop. Once a minute, logged once per
+        // connection (a refusing hub does not change its mind within one).
+        if (!this.subscribeWarned) this.opts.log.warn('subscribing to MCU commands and desired state failed (an older hub?); trying again every minute', { err, granted });
+        this.subscribeWarned = true;
         this.resubTimer ??= setTimeout(() => {
           this.resubTimer = null;
           this.subscribeCovered();
-        }, RESUBSCRIBE_MS);
+        }, SUBSCRIBE_RETRY_MS);
+        this.resubTimer.unref();
         return;
       }
       this.subscribedUpTo = to;
