@@ -2,8 +2,9 @@ import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
 import { test } from 'node:test';
 import mqttPacket from 'mqtt-packet';
-import { LeanMqttServer, type LeanServerOptions, type PublishOutcome } from '../../gateway/mqtt-lean.ts';
+import type { LeanServerOptions } from '../../gateway/mqtt-lean.ts';
 import { rng, waitFor } from '../helpers.ts';
+import { connectPk, leanRig, pk, publishPk, type LeanRig } from './lean-rig.ts';
 
 /**
  * gateway/mqtt-lean.ts receive buffering: a packet split over many TCP segments is copied
@@ -16,42 +17,10 @@ import { rng, waitFor } from '../helpers.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const turn = () => new Promise((r) => setImmediate(r));
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
-const pk = (p: object): Buffer => mqttPacket.generate(p as any);
-const connectPk = (id: string) => pk({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: id, keepalive: 60 });
-const publishPk = (topic: string, payload: Buffer | string, qos: 0 | 1, messageId?: number) => pk({ cmd: 'publish', topic, payload: Buffer.from(payload), qos, dup: false, retain: false, ...(qos ? { messageId } : {}) });
-
-interface Rig {
-  srv: LeanMqttServer;
-  port: number;
-  stored: Buffer[];
-  events: string[];
-}
-
-async function rig(opts: Partial<LeanServerOptions> = {}, storeMs = 0): Promise<Rig> {
-  const stored: Buffer[] = [];
-  const events: string[] = [];
-  const srv = new LeanMqttServer({
-    maxRemainingLength: 17 * 1024,
-    maxConnections: 10,
-    ...opts,
-    hooks: {
-      authenticate: (c) => ({ rc: 0, id: c.clientId }),
-      onPublish: async (_c, p): Promise<PublishOutcome> => {
-        if (storeMs > 0) await sleep(storeMs);
-        stored.push(Buffer.from(p.payload));
-        return 'ack';
-      },
-      onSubscribe: () => 0,
-      onMalformed: (e) => events.push(`malformed ${e.message}`),
-      onTooLarge: (e) => events.push(`tooLarge ${e.message}`),
-    },
-  });
-  return { srv, port: await srv.listen('127.0.0.1', 0), stored, events };
-}
+const rig = (opts: Partial<LeanServerOptions> = {}, storeMs = 0): Promise<LeanRig> => leanRig(opts, storeMs);
 
 /** A TCP_NODELAY client, CONNECTed as `id`; `chunks()` counts the 'data' events of the server's side of it; `closed` = the server closed. */
-async function client(r: Rig, id: string): Promise<{ s: Socket; got: mqttPacket.Packet[]; chunks: () => number; closed: Promise<void> }> {
+async function client(r: LeanRig, id: string): Promise<{ s: Socket; got: mqttPacket.Packet[]; chunks: () => number; closed: Promise<void> }> {
   const s = connect({ port: r.port, host: '127.0.0.1', noDelay: true, allowHalfOpen: true });
   const got: mqttPacket.Packet[] = [];
   const parser = mqttPacket.parser({ protocolVersion: 4 });

@@ -9,9 +9,10 @@ import mqttPacket from 'mqtt-packet';
 import type { TelemetryBatch } from '../../core/messages.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
-import { LeanMqttServer, type LeanServerHooks, type LeanServerOptions, type PublishOutcome } from '../../gateway/mqtt-lean.ts';
+import type { LeanServerHooks, LeanServerOptions } from '../../gateway/mqtt-lean.ts';
 import { tempDir, waitFor } from '../helpers.ts';
 import { connectMcu, of, withEnv } from './env.ts';
+import { connectPk, leanRig, pk, publishPk, type LeanRig } from './lean-rig.ts';
 
 /**
  * gateway/mqtt-lean.ts edge cases found in review: a QoS 0 burst followed by the MCU
@@ -22,45 +23,9 @@ import { connectMcu, of, withEnv } from './env.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const run = promisify(execFile);
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
-const pk = (p: object): Buffer => mqttPacket.generate(p as any);
-const connectPk = (id: string, extra: object = {}) => pk({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: id, keepalive: 60, ...extra });
-const publishPk = (topic: string, payload: string, qos: 0 | 1, messageId?: number, dup = false) => pk({ cmd: 'publish', topic, payload: Buffer.from(payload), qos, dup, retain: false, ...(qos ? { messageId } : {}) });
-
-interface Lean {
-  srv: LeanMqttServer;
-  port: number;
-  /** payloads handed to onPublish, in order */
-  stored: string[];
-  events: string[];
-}
-
-async function lean(opts: Partial<LeanServerOptions> = {}, storeMs = 20, hooks: Partial<LeanServerHooks> = {}): Promise<Lean> {
-  const stored: string[] = [];
-  const events: string[] = [];
-  const srv = new LeanMqttServer({
-    maxRemainingLength: 17 * 1024,
-    maxConnections: 100,
-    ...opts,
-    hooks: {
-      authenticate: (c) => (c.password?.toString() === 'bad' ? { rc: 4 } : { rc: 0, id: c.clientId }),
-      // stands for the outbox append (an fsync): the next packets wait behind it
-      onPublish: async (_conn, p): Promise<PublishOutcome> => {
-        await sleep(storeMs);
-        stored.push(p.payload.toString());
-        return 'ack';
-      },
-      onSubscribe: () => 0,
-      onClose: () => events.push('close'),
-      onMalformed: (e) => events.push(`malformed ${e.message}`),
-      onTooLarge: (e) => events.push(`tooLarge ${e.message}`),
-      onRefused: (remote, why) => events.push(`refused ${remote} ${why}`),
-      ...hooks,
-    },
-  });
-  const port = await srv.listen('127.0.0.1', 0);
-  return { srv, port, stored, events };
-}
+/** The shared rig (lean-rig.ts) with a 20 ms store, also recording closes and refusals in `events`. */
+const lean = (opts: Partial<LeanServerOptions> = {}, storeMs = 20, hooks: Partial<LeanServerHooks> = {}): Promise<LeanRig> =>
+  leanRig(opts, storeMs, (events) => ({ onClose: () => events.push('close'), onRefused: (remote, why) => events.push(`refused ${remote} ${why}`), ...hooks }));
 
 /** A raw TCP client that records every MQTT packet the server sends. */
 async function raw(port: number, localAddress = '127.0.0.1', allowHalfOpen = false): Promise<{ s: Socket; got: mqttPacket.Packet[]; closed: Promise<void>; bytes: () => number }> {
@@ -97,7 +62,7 @@ test('mqtt-lean: QoS 0 PUBLISHes sent back to back and then a FIN (with or witho
       await waitFor(() => l.stored.length >= 6, `6 QoS 0 stored`, 5000);
       await c.closed;
       await sleep(200);
-      assert.deepEqual(l.stored, ['r0', 'r1', 'r2', 'r3', 'r4', 'r5'], disconnect ? 'DISCONNECT then FIN' : 'FIN only');
+      assert.deepEqual(l.stored.map(String), ['r0', 'r1', 'r2', 'r3', 'r4', 'r5'], disconnect ? 'DISCONNECT then FIN' : 'FIN only');
       // only the CONNACK reached the client: no PUBACK for the QoS 1 one, nothing after the FIN
       assert.deepEqual(c.got.map((p) => p.cmd), ['connack']);
       assert.equal(c.bytes(), 4);
@@ -118,13 +83,13 @@ test('mqtt-lean: a QoS 1 PUBLISH retransmitted with DUP on the same connection (
     c.s.write(Buffer.concat([publishPk('mcu/v1/esp/t', 'a', 1, 7), publishPk('mcu/v1/esp/t', 'a', 1, 7, true)]));
     await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 2, 'two PUBACKs');
     await sleep(150);
-    assert.deepEqual(l.stored, ['a']);
+    assert.deepEqual(l.stored.map(String), ['a']);
     c.s.write(publishPk('mcu/v1/esp/t', 'b', 1, 7)); // the id reused for a new message after its PUBACK
     c.s.write(publishPk('mcu/v1/esp/t', 'c', 1, 8, true)); // DUP of a message never seen on this connection (sent before a reconnect)
     c.s.write(publishPk('mcu/v1/esp/t', 'c', 1, 8, true)); // and its retransmission
     await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 5, 'five PUBACKs');
     await sleep(150);
-    assert.deepEqual(l.stored, ['a', 'b', 'c']);
+    assert.deepEqual(l.stored.map(String), ['a', 'b', 'c']);
     assert.deepEqual(
       c.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId),
       [7, 7, 7, 8, 8],
