@@ -399,10 +399,6 @@ export class McuCoapIngress {
       respond(COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_STORE');
       return true;
     }
-    if (pkt.payload.length > this.opts.maxPayloadBytes) {
-      this.refuse(respond, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_DECODE', `payload of ${pkt.payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`), url.mcuId);
-      return true;
-    }
     const cf = pkt.options.find((o) => o.number === COAP_OPTION.CONTENT_FORMAT);
     this.post(respond, url, pkt.payload, cf === undefined ? undefined : coapUint(cf.value));
     return true;
@@ -485,13 +481,11 @@ export class McuCoapIngress {
         return this.onFirmware(req, res, url);
       case 'log':
         if (req.method !== 'POST' && req.method !== 'PUT') return notAllowed();
-        if (payload.length > this.opts.maxUploadBytes) return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_UPLOAD', `upload of ${payload.length} bytes exceeds ${this.opts.maxUploadBytes}`), mcuId);
         break;
       case 't':
       case 'hello':
       case 'ack':
         if (req.method !== 'POST') return notAllowed();
-        if (payload.length > this.opts.maxPayloadBytes) return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_DECODE', `payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`), mcuId);
         break;
       default:
         return notAllowed();
@@ -500,12 +494,18 @@ export class McuCoapIngress {
   }
 
   /**
-   * POST t, hello, ack or log (its size checked by the caller): authenticate, hand to the
-   * service, and answer 2.04 once it is stored, or the error. Both paths end here: the
-   * coap package's requests and the fast path's (fastPost).
+   * POST t, hello, ack or log: size, format and MAC checks, hand to the service, and answer
+   * 2.04 once it is stored, or the error. Both paths end here: the coap package's requests
+   * and the fast path's (fastPost).
    */
   private post(res: Respond, url: ParsedCoapUrl, payload: Buffer, format: unknown): void {
     const { mcuId, resource } = url;
+    if (resource === 'log' && payload.length > this.opts.maxUploadBytes) {
+      return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_UPLOAD', `upload of ${payload.length} bytes exceeds ${this.opts.maxUploadBytes}`), mcuId);
+    }
+    if (resource !== 'log' && payload.length > this.opts.maxPayloadBytes) {
+      return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_DECODE', `payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`), mcuId);
+    }
     const telemetryFormat = resource === 't' ? telemetryFormatOf(format) : null;
     if (resource === 't' && telemetryFormat === null) {
       return this.refuse(res, COAP_CODES.UNSUPPORTED_FORMAT, 'unsupported', new FleetError('FLEET_MCU_DECODE', `content format ${String(format)} is not SenML JSON, SenML CBOR or the compact form`), mcuId);
