@@ -211,7 +211,7 @@ export class Relay {
         m.seenDay = Math.floor(now / DAY_MS);
         this.changed = true;
       }
-      this.mcus.set(id, { index: this.mcus.size, protocol: null, lastSeen: now, intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, queuedAt: Date.now(), meta: m });
+      this.addMcu(id, null, now, true, Date.now(), m);
     }
     if (forgotten.length > 0) {
       this.changed = true; // the saved list loses them too
@@ -302,6 +302,13 @@ export class Relay {
     this.queued(mcuId);
   }
 
+  /** A new entry at the end of the registration order (restored, new, or adopted from the outbox). */
+  private addMcu(id: string, protocol: McuProtocol | null, lastSeen: number, stale: boolean, queuedAt: number, meta: McuMeta): McuEntry {
+    const e: McuEntry = { index: this.mcus.size, protocol, lastSeen, intervalMs: 0, online: false, stale, messages: 0, lastTelemetry: 0, queuedAt, meta };
+    this.mcus.set(id, e);
+    return e;
+  }
+
   /** A record naming this MCU is stored (after its append resolved: its time is at or after the record's). */
   private queued(mcuId: string): void {
     const e = this.mcus.get(mcuId);
@@ -376,8 +383,7 @@ export class Relay {
         throw new FleetError('FLEET_FORBIDDEN', `the register listing this gateway's ${this.mcus.size} MCUs would exceed ${REGISTER_MAX_BYTES} bytes, above the hub's payload limit; refusing ${mcuId}`, { details: { limit: this.mcus.size } });
       }
       this.registerBytes += registerEntryBytes(mcuId);
-      e = { index: this.mcus.size, protocol, lastSeen: now, intervalMs: 0, online: false, stale: false, messages: 0, lastTelemetry: 0, queuedAt: 0, meta: {} };
-      this.mcus.set(mcuId, e);
+      e = this.addMcu(mcuId, protocol, now, false, 0, {});
       this.changed = true;
       this.opts.log.info('new MCU', { mcu: mcuId, protocol });
     } else if (telemetry && e.lastTelemetry > 0) {
@@ -523,7 +529,8 @@ export class Relay {
     if (this.mcus.size >= this.opts.maxMcus) this.opts.log.warn('MCU adopted from the outbox beyond mcu.maxMcus (its data was acknowledged before a crash)', { mcu: mcuId, limit: this.opts.maxMcus });
     this.registerBytes += registerEntryBytes(mcuId);
     // seen today: its record says it spoke shortly before the crash
-    this.mcus.set(mcuId, { index: this.mcus.size, protocol: null, lastSeen: this.now(), intervalMs: 0, online: false, stale: true, messages: 0, lastTelemetry: 0, queuedAt: Date.now(), meta: { seenDay: Math.floor(this.now() / DAY_MS) } });
+    const now = this.now();
+    this.addMcu(mcuId, null, now, true, Date.now(), { seenDay: Math.floor(now / DAY_MS) });
     this.changed = true;
     this.opts.log.info('MCU adopted from the outbox (not in the persisted list)', { mcu: mcuId });
     return true;
