@@ -4,6 +4,8 @@
  * prom-client pulls an optional OpenTelemetry require that stays unbundled and warns
  * at every start of the single executable, and we need only counters and gauges.
  */
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+
 type Labels = Record<string, string>;
 type Kind = 'counter' | 'gauge';
 
@@ -81,6 +83,21 @@ export class MetricsRegistry {
   /** A gauge whose value(s) are computed at scrape time. */
   gaugeFn(name: string, help: string, collect: NonNullable<Family['collect']>): void {
     this.family(name, help, 'gauge', collect);
+  }
+
+  /**
+   * A gauge of the p99 event-loop delay since the previous scrape (the histogram is reset at
+   * each scrape, so one scrape a second gives a per-second figure): every message the
+   * process handles waits for this loop, so its stalls are its latency tail.
+   */
+  eventLoopDelayP99(name: string, help: string): void {
+    const h = monitorEventLoopDelay({ resolution: 10 });
+    h.enable();
+    this.gaugeFn(name, help, () => {
+      const v = h.percentile(99) / 1e9;
+      h.reset();
+      return Number.isFinite(v) ? v : 0;
+    });
   }
 
   render(): string {

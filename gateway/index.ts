@@ -1,5 +1,4 @@
 import { mkdirSync, readFileSync, statSync } from 'node:fs';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { join } from 'node:path';
 import { loadTlsPair } from '../core/tls.ts';
 import { FleetError, isFleetError } from '../core/errors.ts';
@@ -310,14 +309,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_coap_exchange_endpoints', 'CoAP endpoints (address and port) whose recent answers the gateway keeps for retransmissions', () => coapIngress.exchangeEndpoints);
   metrics.gaugeFn('fleet_gateway_mcu_mqtt_clients', 'Connected MCU MQTT clients', () => mqttIngress.connectedClients);
   metrics.gaugeFn('fleet_gateway_hub_connected', '1 while connected to the hub', () => (relay.hubConnected ? 1 : 0));
-  // event-loop delay: every MCU's PUBACK waits for this loop (histogram reset at each scrape)
-  const loopDelay = monitorEventLoopDelay({ resolution: 10 });
-  loopDelay.enable();
-  metrics.gaugeFn('fleet_gateway_event_loop_delay_p99_seconds', 'p99 event-loop delay since the previous scrape', () => {
-    const v = loopDelay.percentile(99) / 1e9;
-    loopDelay.reset();
-    return Number.isFinite(v) ? v : 0;
-  });
+  metrics.eventLoopDelayP99('fleet_gateway_event_loop_delay_p99_seconds', 'p99 event-loop delay since the previous scrape: every MCU PUBACK waits for this loop');
   metrics.gaugeFn('fleet_gateway_uplink_inflight_records', 'Records sent to the hub and awaiting its PUBACK', () => relay.uplinkInFlight.records);
   metrics.gaugeFn('fleet_gateway_uplink_inflight_publishes', 'Publishes to the hub awaiting its PUBACK (at most uplink.window)', () => relay.uplinkInFlight.publishes);
   metrics.gaugeFn('fleet_gateway_outbox_depth', 'Messages waiting in the outbox', () => outbox.stats().depth);

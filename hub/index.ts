@@ -113,6 +113,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
       { labels: { state: 'offline' }, value: c.total - c.online },
     ];
   });
+  metrics.eventLoopDelayP99('fleet_hub_event_loop_delay_p99_seconds', 'p99 event-loop delay since the previous scrape: every routed message waits for this loop');
   metrics.gaugeFn('fleet_hub_mqtt_clients', 'Connected MQTT clients', () => broker.aedes.connectedClients);
 
   // The hub's own consumer of device traffic. Outbox messages (telemetry, events, replies)
