@@ -159,8 +159,10 @@ class Meter {
     this.inWindow = 0; // readings taken in the window (whenever they arrived)
     this.arrivedInWindow = 0; // readings that arrived in the window (whenever taken)
     this.window = null; // [from, to] sample times
+    this.bySecond = new Map(); // arrival second (from the window start) -> latencies of window readings
   }
-  add(id, seq, t) {
+  /** `ts`: when the gateway received the reading (its fleet message's ts), to split the latency in two; absent at Mosquitto */
+  add(id, seq, t, ts) {
     const now = Date.now();
     this.messages++;
     let s = this.perDevice.get(id);
@@ -171,6 +173,14 @@ class Meter {
     if (this.window && t >= this.window[0] && t < this.window[1]) {
       this.inWindow++;
       this.lat.push(now - t);
+      const sec = Math.floor((now - this.window[0]) / 1000);
+      let l = this.bySecond.get(sec);
+      if (!l) this.bySecond.set(sec, (l = { all: [], toGw: [], fromGw: [] }));
+      l.all.push(now - t);
+      if (ts !== undefined) {
+        l.toGw.push(ts - t);
+        l.fromGw.push(now - ts);
+      }
     }
   }
   distinct() {
@@ -187,6 +197,25 @@ class Meter {
       g += max - s.size;
     }
     return g;
+  }
+  /**
+   * Per arrival second: readings, p50, p99 and max latency (ms), to tell a steady queue from
+   * stalls; with the gateway, also p50/p99 of device→gateway (the fleet message's ts minus the
+   * sample time) and gateway→subscriber (arrival minus ts).
+   */
+  seconds() {
+    const q = (l, p) => {
+      const a = Float64Array.from(l).sort();
+      return a.length ? a[Math.min(a.length - 1, Math.floor(p * a.length))] : null;
+    };
+    return [...this.bySecond].sort((a, b) => a[0] - b[0]).map(([s, l]) => ({
+      s,
+      n: l.all.length,
+      p50: q(l.all, 0.5),
+      p99: q(l.all, 0.99),
+      max: q(l.all, 1),
+      ...(l.toGw.length ? { toGwP50: q(l.toGw, 0.5), toGwP99: q(l.toGw, 0.99), fromGwP50: q(l.fromGw, 0.5), fromGwP99: q(l.fromGw, 0.99) } : {}),
+    }));
   }
   percentile(p) {
     if (this.lat.length === 0) return NaN;
@@ -247,7 +276,8 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
     if (server.metricsUrl) {
       try {
         const text = await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(800) })).text();
-        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes'), loopP99Ms: Math.round((gauge(text, 'fleet_gateway_event_loop_delay_p99_seconds') ?? NaN) * 1000) });
+        const hubText = server.hubMetricsUrl ? await (await fetch(server.hubMetricsUrl, { signal: AbortSignal.timeout(800) })).text().catch(() => '') : '';
+        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes'), loopP99Ms: Math.round((gauge(text, 'fleet_gateway_event_loop_delay_p99_seconds') ?? NaN) * 1000), hubLoopP99Ms: Math.round((gauge(hubText, 'fleet_hub_event_loop_delay_p99_seconds') ?? NaN) * 1000) });
       } catch {
         outbox.push({ depth: null, oldestS: null });
       }
@@ -305,6 +335,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
     p999Ms: meter.percentile(99.9),
     maxMs: meter.lat.reduce((a, b) => (b > a ? b : a), -Infinity),
     latencySamples: meter.lat.length,
+    latencyBySecond: meter.seconds(),
     acked,
     distinctAtSubscriber: meter.distinct(),
     drainS,
@@ -363,7 +394,7 @@ async function gatewayPhase() {
     const id = topic.split('/')[3];
     const m = JSON.parse(payload.toString());
     const s = m.samples?.find((x) => x.n === 'seq');
-    if (s) meter.add(id, s.v, s.t);
+    if (s) meter.add(id, s.v, s.t, m.ts);
   });
   await sub.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
   await sleep(3000);
@@ -376,7 +407,7 @@ async function gatewayPhase() {
     gwExit = { code, signal, at: new Date().toISOString() };
     progress(`gateway process exited (${signal ?? `code ${code}`}) during the run`);
   });
-  const r = await phase('gateway', PROTOCOL === 'coap' ? gwReady.coapPort : gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics` }, PROTOCOL);
+  const r = await phase('gateway', PROTOCOL === 'coap' ? gwReady.coapPort : gwReady.mqttPort, meter, { pid: gw.pid, hubPid: hub.pid, metricsUrl: `http://127.0.0.1:${gwConfig.http.port}/metrics`, hubMetricsUrl: `http://127.0.0.1:${hubReady.httpPort}/metrics` }, PROTOCOL);
   if (gwExit) {
     // the figures after a crash are not the gateway's: say so, with what it printed
     let tail = '';
