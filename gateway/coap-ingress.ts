@@ -3,7 +3,7 @@ import { isIPv6, type AddressInfo } from 'node:net';
 import { createServer, updateTiming, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { mcuKey, parseCounter, recordCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
+import { parseCounter, type McuKeys, recordCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
 import { buildCoapPacket, COAP_CODES, COAP_OPTION, coapCodeByte, coapUint, coapUrlOf, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type CoapPacket, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
 import { telemetryFormatOf } from '../firmware-bridge/codecs.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
@@ -13,7 +13,8 @@ import { Block1Assembler } from './uploads.ts';
 export interface McuCoapIngressOptions {
   host: string;
   port: number;
-  siteSecret: string;
+  /** per-MCU keys (derived from the site secret) */
+  keys: McuKeys;
   /** replay state, shared with the gateway's persistence */
   guard: ReplayGuard;
   maxPayloadBytes: number;
@@ -443,10 +444,14 @@ export class McuCoapIngress {
   private authenticate(res: OutgoingMessage | Respond, url: ParsedCoapUrl, payload: Buffer, consume: 'now' | 'later' | false): number {
     const { mcuId } = url;
     try {
-      const key = mcuKey(this.opts.siteSecret, mcuId);
-      if (consume) return verifyMcuMessage(this.opts.guard, { key, mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload }, consume === 'now' ? 'record' : 'check');
-      const counter = parseCounter(url.counter);
-      verifyMcuMac(key, mcuId, url.resource, counter, payload, url.mac);
+      const key = this.opts.keys.get(mcuId);
+      let counter: number;
+      if (consume) counter = verifyMcuMessage(this.opts.guard, { key, mcuId, resource: url.resource, counter: url.counter, mac: url.mac, payload }, consume === 'now' ? 'record' : 'check');
+      else {
+        counter = parseCounter(url.counter);
+        verifyMcuMac(key, mcuId, url.resource, counter, payload, url.mac);
+      }
+      this.opts.keys.prove(mcuId, key);
       return counter;
     } catch (err) {
       if (isFleetError(err, 'FLEET_MCU_REPLAY')) this.refuse(res, COAP_CODES.UNAUTHORIZED, 'replay', err, mcuId);

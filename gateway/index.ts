@@ -12,7 +12,7 @@ import type { OutboxStats } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
 import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
-import { ReplayGuard } from '../firmware-bridge/auth.ts';
+import { McuKeys, ReplayGuard } from '../firmware-bridge/auth.ts';
 import { McuCoapIngress } from './coap-ingress.ts';
 import { gatewayPaths, type GatewayConfig } from './config.ts';
 import { FirmwareManager, type VerifyFirmware } from './firmware.ts';
@@ -167,11 +167,13 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     maxImageBytes: config.firmwareMaxBytes,
     onBytes: (protocol, bytes) => firmwareBytes.inc({ protocol }, bytes),
   });
+  // one per gateway: what an MCU proved on one protocol saves the derivation on the other too
+  const keys = new McuKeys(siteSecret, config.mcu.maxMcus);
   service = new McuService({
     relay,
     mailbox,
     firmware,
-    siteSecret,
+    keys,
     log,
     maxPayloadBytes: config.mcu.maxPayloadBytes,
     maxRecords: config.mcu.maxRecords,
@@ -250,11 +252,11 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   };
 
   try {
-    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, siteSecret, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
     coap = await McuCoapIngress.start({
       host: config.mcu.host,
       port: config.mcu.coapPort,
-      siteSecret,
+      keys,
       guard,
       log: log.child({ ingress: 'coap' }),
       hooks,

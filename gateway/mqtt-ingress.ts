@@ -2,7 +2,7 @@ import { FleetError, isFleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
-import { mcuKey, recordCounter, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
+import { recordCounter, type McuKeys, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
 import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
@@ -15,7 +15,8 @@ export interface McuMqttIngressOptions {
   port: number | null;
   /** MQTT over TLS on its own port, handled by the same code as the plain port */
   tls?: (LeanTlsOptions & { port: number }) | undefined;
-  siteSecret: string;
+  /** per-MCU keys (derived from the site secret) */
+  keys: McuKeys;
   /** largest publish payload, bytes */
   maxPayloadBytes: number;
   maxRecords: number;
@@ -148,7 +149,9 @@ export class McuMqttIngress {
     };
     if (!isDeviceId(username)) return refuse(4, 'username is not an MCU id');
     if (c.clientId !== username) return refuse(4, 'client id must equal the MCU id');
-    if (!secretEquals(c.password?.toString('utf8') ?? '', mcuKey(this.opts.siteSecret, username))) return refuse(4, 'wrong MCU key');
+    const key = this.opts.keys.get(username);
+    if (!secretEquals(c.password?.toString('utf8') ?? '', key)) return refuse(4, 'wrong MCU key');
+    this.opts.keys.prove(username, key);
     // an MCU reconnecting takes its old connection over: not counted against the limit
     if (this.lean.connectedClients >= this.opts.maxClients && !this.lean.sessions.has(username)) return refuse(3, `${this.opts.maxClients} MCU connections already open`);
     return { rc: 0, id: username };
@@ -183,7 +186,7 @@ export class McuMqttIngress {
       try {
         const framed = splitMacLine(payload);
         body = framed.payload;
-        counter = verifyMcuMessage(this.opts.guard, { key: mcuKey(this.opts.siteSecret, mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body }, 'check');
+        counter = verifyMcuMessage(this.opts.guard, { key: this.opts.keys.get(mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body }, 'check');
       } catch (err) {
         if (isFleetError(err, 'FLEET_MCU_REPLAY')) return drop('replay', err);
         if (isFleetError(err, 'FLEET_FORBIDDEN')) {

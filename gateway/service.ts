@@ -3,7 +3,7 @@ import { isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, encodeMessage, type CommandReply, type LogBatch } from '../core/messages.ts';
 import { Priority } from '../core/outbox.ts';
-import { mcuKey } from '../firmware-bridge/auth.ts';
+import type { McuKeys } from '../firmware-bridge/auth.ts';
 import { decodeTelemetry, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
 import { decodeMcuAck, decodeMcuHello, encodeMcuCommand } from '../firmware-bridge/frames.ts';
 import type { FirmwareManager, ServedImage } from './firmware.ts';
@@ -16,7 +16,8 @@ export interface McuServiceOptions {
   relay: Relay;
   mailbox: Mailbox;
   firmware?: FirmwareManager | undefined;
-  siteSecret: string;
+  /** per-MCU keys (derived from the site secret) */
+  keys: McuKeys;
   log: Logger;
   maxPayloadBytes: number;
   maxRecords: number;
@@ -124,7 +125,7 @@ export class McuService extends EventEmitter {
     if (!entry) return null;
     if (!entry.delivered) this.opts.onMailbox?.('delivered');
     this.opts.mailbox.markDelivered(mcuId, entry);
-    return encodeMcuCommand(mcuKey(this.opts.siteSecret, mcuId), mcuId, entry.seq, toMcuCommand(entry));
+    return encodeMcuCommand(this.opts.keys.get(mcuId), mcuId, entry.seq, toMcuCommand(entry));
   }
 
   firmwareFor(mcuId: string): ServedImage | null {

@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { deriveToken } from '../../core/credentials.ts';
 import { isFleetError, type ErrorCode } from '../../core/errors.ts';
-import { MAC_CHARS, mcuKey, parseCounter, ReplayGuard, signMcuMessage, verifyMcuMac, verifyMcuMessage } from '../../firmware-bridge/auth.ts';
+import { MAC_CHARS, mcuKey, McuKeys, parseCounter, ReplayGuard, signMcuMessage, verifyMcuMac, verifyMcuMessage } from '../../firmware-bridge/auth.ts';
 
 const SITE = 'site-secret-for-tests-0123456789';
 const ID = 'esp-1';
@@ -166,4 +166,19 @@ test('auth: the test vector in docs/mcu-protocol.md (for firmware implementation
   assert.equal(signMcuMessage(key, 'esp32-0001', 't', 1700000000000, payload), '0WUED2uBE-pTFwzSmMQbBA');
   const doc = readFileSync(new URL('../../docs/mcu-protocol.md', import.meta.url), 'utf8');
   for (const s of [key, '0WUED2uBE-pTFwzSmMQbBA', 'example-site-secret-do-not-use-0001']) assert.ok(doc.includes(s), `docs carry ${s}`);
+});
+
+test('auth: McuKeys gives the derived key, remembers only proven ids, and is bounded', () => {
+  const keys = new McuKeys(SITE, 2);
+  assert.equal(keys.get(ID), KEY);
+  assert.equal(keys.size, 0, 'asking for a key remembers nothing (a made-up id fills no memory)');
+  keys.prove(ID, keys.get(ID));
+  keys.prove('esp-2', keys.get('esp-2'));
+  keys.prove('esp-2', keys.get('esp-2'));
+  assert.equal(keys.size, 2);
+  keys.prove('esp-3', keys.get('esp-3'));
+  assert.equal(keys.size, 2, 'at most max ids; the oldest proven goes first');
+  // every id still gets its own key, remembered or derived again
+  for (const id of [ID, 'esp-2', 'esp-3']) assert.equal(keys.get(id), mcuKey(SITE, id));
+  assert.equal(code(() => keys.get('bad id')), 'FLEET_DEVICE_ID_INVALID');
 });
