@@ -87,6 +87,43 @@ export function decodeBatch(buf: Buffer): BatchItem[] {
   return items;
 }
 
+/**
+ * Topic of a record marker: an item that says the `items` items after it are one record of
+ * the sender's outbox, stored once and never changed (a gateway's grouped MCU telemetry), with
+ * the record's own `mid` from the sender's sequence. The hub then de-duplicates the record as
+ * a whole in the sender's window instead of each item in its MCU's (docs/topics.md#records).
+ * Never routed: '$' topics are not fleet topics, so a hub that predates markers refuses the
+ * marker item alone (a dead letter) and still routes the items.
+ */
+export const RECORD_TOPIC = '$fleetlet/record';
+
+export interface RecordMarker {
+  mid: string;
+  items: number;
+}
+
+export function recordMarker(mid: string, items: number): BatchItem {
+  return { topic: RECORD_TOPIC, payload: Buffer.from(JSON.stringify({ v: 1, mid, items })) };
+}
+
+const MARKER_MID_RE = /^[0-9]{1,20}$/;
+
+/** A marker item's payload read back; null when it is not a well-formed marker. */
+export function parseRecordMarker(payload: Buffer): RecordMarker | null {
+  if (payload.length > 128) return null;
+  let m: unknown;
+  try {
+    m = JSON.parse(payload.toString('utf8'));
+  } catch {
+    return null;
+  }
+  if (typeof m !== 'object' || m === null) return null;
+  const { v, mid, items } = m as Record<string, unknown>;
+  if (v !== 1 || typeof mid !== 'string' || !MARKER_MID_RE.test(mid)) return null;
+  if (typeof items !== 'number' || !Number.isInteger(items) || items < 1 || items > MAX_BATCH_ITEMS) return null;
+  return { mid, items };
+}
+
 /** Read the `mid` of a fleet message without a full schema check (hub de-duplication). */
 export function peekMid(payload: Buffer): string | null {
   // messages are JSON objects written by JSON.stringify; mid is a decimal string
@@ -99,26 +136,34 @@ export function peekMid(payload: Buffer): string | null {
   return payload.toString('latin1', start, end);
 }
 
-/** Items in a batch payload (the framing above), counted without decoding them; a malformed one counts as MAX_BATCH_ITEMS, so it goes alone. */
-export function countItems(buf: Buffer): number {
+const RECORD_TOPIC_BYTES = Buffer.from(RECORD_TOPIC);
+
+/**
+ * Items in a batch payload (the framing above), counted without decoding them; a malformed one
+ * counts as MAX_BATCH_ITEMS, so it goes alone. `markers: false` leaves record markers out
+ * (messages, not items).
+ */
+export function countItems(buf: Buffer, markers = true): number {
   let off = 2;
   let n = 0;
-  const skip = (): boolean => {
-    let len = 0;
+  let len = 0;
+  const length = (): boolean => {
+    len = 0;
     for (let shift = 0; shift < 28; shift += 7) {
       if (off >= buf.length) return false;
       const b = buf[off++]!;
       len += (b & 0x7f) * 2 ** shift;
-      if (b < 0x80) {
-        off += len;
-        return off <= buf.length;
-      }
+      if (b < 0x80) return off + len <= buf.length;
     }
     return false;
   };
   while (off < buf.length) {
-    if (!skip() || !skip()) return MAX_BATCH_ITEMS;
-    n++;
+    if (!length()) return MAX_BATCH_ITEMS;
+    const marker = !markers && len === RECORD_TOPIC_BYTES.length && buf.compare(RECORD_TOPIC_BYTES, 0, len, off, off + len) === 0;
+    off += len;
+    if (!length()) return MAX_BATCH_ITEMS;
+    off += len;
+    if (!marker) n++;
   }
   return n;
 }

@@ -216,7 +216,7 @@ export class Uplink extends EventEmitter {
     for (const id of ids) this.inflightIds.add(id);
     this.inflightPublishes++;
     // the rate counts messages: a batch record counts its items
-    if (this.o.rate > 0) this.tokens -= recs.reduce((n, r) => n + (this.isBatch(r) ? countItems(r.payload) : 1), 0);
+    if (this.o.rate > 0) this.tokens -= recs.reduce((n, r) => n + (this.isBatch(r) ? countItems(r.payload, false) : 1), 0);
     const single = recs.length === 1;
     const topic = single ? recs[0]!.topic : this.batchTopic;
     const payload = single ? recs[0]!.payload : this.encode(recs);

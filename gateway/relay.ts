@@ -8,7 +8,7 @@ import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from 
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
-import { countItems, decodeBatch, encodeBatch, type BatchItem } from '../core/batch.ts';
+import { countItems, decodeBatch, encodeBatch, RECORD_TOPIC, recordMarker, type BatchItem } from '../core/batch.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
 
 export type McuProtocol = 'mqtt' | 'coap';
@@ -318,8 +318,10 @@ export class Relay {
   /**
    * Telemetry that arrived in one turn of the event loop goes into the outbox as one record:
    * a batch (core/batch.ts) on the gateway's own batch topic, each item an MCU's
-   * TelemetryBatch with its own mid. The Uplink sends such a record as it is, and the hub
-   * unpacks, checks and de-duplicates it item by item as any batch. One record instead of
+   * TelemetryBatch with its own mid, after a record marker (core/batch.ts) carrying the
+   * record's id. The Uplink sends such a record as it is; the hub unpacks and checks it item
+   * by item as any batch, and de-duplicates it as a whole by the marker's mid in this
+   * gateway's window (no de-duplication window per MCU at the hub). One record instead of
    * one per MCU message is one LevelDB put and one delete, one entry in the outbox's memory
    * and the Uplink's in-flight set, per turn instead of per reading (at thousands of MCU
    * messages a second that per-record work was most of the gateway's CPU after the MQTT
@@ -346,12 +348,14 @@ export class Relay {
         payload: (id) => {
           // told before the record can be peeked: the Uplink need not decode it to learn its MCUs
           this.gated.noteGroup(id, items.map((it) => it.mcuId));
-          return encodeBatch(
-            items.map((it, k): BatchItem => ({
+          // the marker: the hub de-duplicates the record as a whole by its id (core/batch.ts)
+          return encodeBatch([
+            recordMarker(id, items.length),
+            ...items.map((it, k): BatchItem => ({
               topic: deviceTopic(it.mcuId, 'telemetry'),
               payload: encodeTelemetry(`${id}${String(k).padStart(3, '0')}`, it.ts, it.samples),
             })),
-          );
+          ]);
         },
       });
     }
@@ -826,7 +830,7 @@ class GatedOutbox extends EventEmitter implements Outbox {
     const known = this.groupMcus.get(rec.id);
     if (known) return known;
     try {
-      const ids = [...new Set(decodeBatch(rec.payload).map((it) => parseTopic(it.topic)?.deviceId ?? ''))];
+      const ids = [...new Set(decodeBatch(rec.payload).flatMap((it) => (it.topic === RECORD_TOPIC ? [] : [parseTopic(it.topic)?.deviceId ?? ''])))];
       if (this.groupMcus.size >= 100_000) this.groupMcus.clear(); // bounded: a cache
       this.groupMcus.set(rec.id, ids);
       return ids;
@@ -903,7 +907,7 @@ class GatedOutbox extends EventEmitter implements Outbox {
         const ids = this.mcusOf(rec);
         if (ids === null || this.sendable(ids)) {
           records.push(rec);
-          if (rec.topic === this.batchTopic && !this.groupSizes.has(rec.id)) this.groupSizes.set(rec.id, countItems(rec.payload));
+          if (rec.topic === this.batchTopic && !this.groupSizes.has(rec.id)) this.groupSizes.set(rec.id, countItems(rec.payload, false));
         } else {
           passedOver++;
           this.parked.add(rec.id);

@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Aedes, type AedesPublishPacket, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import aedesPersistenceLevel, { type LevelPersistence } from 'aedes-persistence-level';
 import type { Level } from 'level';
-import { decodeBatch, peekMid, type BatchItem } from '../core/batch.ts';
+import { decodeBatch, parseRecordMarker, peekMid, RECORD_TOPIC, type BatchItem } from '../core/batch.ts';
 import { deriveToken } from '../core/credentials.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
@@ -261,7 +261,7 @@ export class HubBroker {
     // its mid admitted, the sender's resend would then be dropped as a duplicate.
     // Starting every route here also keeps the wire order (see route()).
     if (t.deviceId !== identity.id) this.claimActive.set(t.deviceId, Date.now());
-    const routed = this.route([{ topic: packet.topic, deviceId: t.deviceId, channel: t.channel, payload, qos: packet.qos, pending: v.pending }]).then(() => ROUTED_TOPIC);
+    const routed = this.route([{ topic: packet.topic, deviceId: t.deviceId, channel: t.channel, payload, qos: packet.qos, pending: v.pending, record: null, mid: null, ok: false }]).then(() => ROUTED_TOPIC);
     this.acknowledgeAfter(client, packet, done, routed);
   };
 
@@ -293,6 +293,10 @@ export class HubBroker {
    * duplicate), so a repeat inside the batch is caught too; then the accepted items are
    * routed. Everything up to the start of their publishes runs synchronously, before the
    * first await, so they start in wire order after the sender's earlier publishes.
+   *
+   * Items after a record marker (core/batch.ts RECORD_TOPIC: a gateway's grouped MCU
+   * telemetry) are de-duplicated as one record by its mid in the sender's window, not each in
+   * its MCU's: one admission per record, and no window per MCU (docs/topics.md#records).
    */
   private async routeBatch(client: Client, identity: Identity & { kind: 'device' }, payload: Buffer): Promise<string> {
     let items: BatchItem[];
@@ -305,45 +309,94 @@ export class HubBroker {
       return REFUSED_TOPIC;
     }
     this.opts.batches.inc();
-    const accepted: RouteItem[] = [];
-    const refused: string[] = [];
-    const dead: DeadLetterInput[] = [];
-    let denied = 0;
-    let mcuItems = 0;
-    for (const item of items) {
-      const t = parseTopic(item.topic);
-      // only outbox channels travel in a batch: a state or register item would lose its
-      // retain flag (and register its effect on the ACL), a nested batch would reach
-      // subscribers as raw bytes
-      if (!t || !OUTBOX_CHANNELS.has(t.channel) || (!canPublish(identity, item.topic, false, this.mcusOf) && !this.claimMoves(identity, item.topic, false))) {
-        denied++;
-        if (refused.length < LOG_EXAMPLES) refused.push(item.topic);
-        this.opts.batchItems.inc({ result: 'denied' });
-        dead.push({ topic: item.topic, payload: item.payload, reason: 'acl', detail: this.whyDenied(identity.id, t) });
+    const j: BatchJudgement = { accepted: [], refused: [], dead: [], denied: 0, mcuItems: 0 };
+    for (let i = 0; i < items.length; ) {
+      const item = items[i++]!;
+      if (item.topic !== RECORD_TOPIC) {
+        this.judgeItem(identity, item, null, j);
         continue;
       }
-      const v = this.judge(t.deviceId, t.channel, item.payload);
-      if (!v.route) {
-        const dup = v.sink === DUPLICATE_TOPIC;
-        this.opts.batchItems.inc({ result: dup ? 'duplicate' : 'invalid' });
-        if (!dup) dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: 'outbox message without a mid' });
+      const marker = parseRecordMarker(item.payload);
+      if (marker === null || marker.items > items.length - i) {
+        // not a marker to trust: kept as a dead letter, and the items after it are judged one by one
+        this.opts.invalid.inc({ channel: 'batch' });
+        this.opts.batchItems.inc({ result: 'invalid' });
+        j.dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: marker === null ? 'malformed record marker' : `record marker for ${marker.items} items, ${items.length - i} follow` });
         continue;
       }
-      accepted.push({ topic: item.topic, deviceId: t.deviceId, channel: t.channel, payload: item.payload, qos: 1, pending: v.pending });
-      if (t.deviceId !== identity.id) mcuItems++;
+      const end = i + marker.items;
+      const pending = this.opts.dedup.admitPending(identity.id, marker.mid);
+      if (pending === null) {
+        // the whole record was routed before (the sender resent it)
+        for (; i < end; i++) this.duplicate(parseTopic(items[i]!.topic)?.deviceId ?? identity.id);
+        this.opts.batchItems.inc({ result: 'duplicate' }, marker.items);
+        continue;
+      }
+      const record = new RecordRoute(pending, this.opts.dedup);
+      for (; i < end; i++) this.judgeItem(identity, items[i]!, record, j);
+      record.sealed();
     }
+    const { accepted, refused, dead, denied } = j;
     if (denied > 0) {
       this.opts.denied.inc({ action: 'publish' }, denied);
       this.opts.log.warn('batch items refused by the ACL (kept as dead letters)', { client: client.id, denied, of: items.length, examples: refused });
     }
     if (dead.length > 0) this.opts.onRefused?.(client.id, dead);
-    if (mcuItems > 0) {
+    if (j.mcuItems > 0) {
       const now = Date.now();
       for (const it of accepted) if (it.deviceId !== identity.id) this.claimActive.set(it.deviceId, now);
     }
     await this.route(accepted);
     this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
     return BATCH_TOPIC;
+  }
+
+  /**
+   * One batch item: the sender's ACL, its mid, and whether it is a duplicate — judged in the
+   * item's device window, or, inside a record, only looked up there (an item routed by an
+   * attempt of the record that failed half-way is remembered there: RecordRoute).
+   */
+  private judgeItem(identity: Identity & { kind: 'device' }, item: BatchItem, record: RecordRoute | null, j: BatchJudgement): void {
+    const t = parseTopic(item.topic);
+    // only outbox channels travel in a batch: a state or register item would lose its
+    // retain flag (and register its effect on the ACL), a nested batch would reach
+    // subscribers as raw bytes
+    if (!t || !OUTBOX_CHANNELS.has(t.channel) || (!canPublish(identity, item.topic, false, this.mcusOf) && !this.claimMoves(identity, item.topic, false))) {
+      j.denied++;
+      if (j.refused.length < LOG_EXAMPLES) j.refused.push(item.topic);
+      this.opts.batchItems.inc({ result: 'denied' });
+      j.dead.push({ topic: item.topic, payload: item.payload, reason: 'acl', detail: this.whyDenied(identity.id, t) });
+      return;
+    }
+    let pending: PendingMid | null = null;
+    let mid: string | null = null;
+    if (record === null) {
+      const v = this.judge(t.deviceId, t.channel, item.payload);
+      if (!v.route) {
+        const dup = v.sink === DUPLICATE_TOPIC;
+        this.opts.batchItems.inc({ result: dup ? 'duplicate' : 'invalid' });
+        if (!dup) j.dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: 'outbox message without a mid' });
+        return;
+      }
+      pending = v.pending;
+    } else {
+      mid = peekMid(item.payload);
+      if (mid === null) {
+        this.opts.invalid.inc({ channel: t.channel });
+        this.opts.batchItems.inc({ result: 'invalid' });
+        j.dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: 'outbox message without a mid' });
+        return;
+      }
+      if (this.opts.dedup.seen(t.deviceId, mid)) {
+        this.duplicate(t.deviceId);
+        this.opts.batchItems.inc({ result: 'duplicate' });
+        return;
+      }
+    }
+    const it: RouteItem = { topic: item.topic, deviceId: t.deviceId, channel: t.channel, payload: item.payload, qos: 1, pending, record, mid, ok: false };
+    record?.expect(it);
+    j.accepted.push(it);
+    if (t.deviceId !== identity.id) j.mcuItems++;
   }
 
   /**
@@ -365,10 +418,13 @@ export class HubBroker {
       for (const it of items) {
         this.aedes.publish({ cmd: 'publish', topic: it.topic, payload: it.payload, qos: it.qos, retain: false, dup: false }, (err) => {
           if (err) {
-            it.pending.forget();
+            it.pending?.forget();
+            it.record?.settled(it);
             failed ??= err;
           } else {
-            it.pending.confirm();
+            it.ok = true;
+            it.pending?.confirm();
+            it.record?.settled(it);
             onRouted?.(it.deviceId, it.channel, it.payload);
           }
           if (--left === 0) {
@@ -544,13 +600,68 @@ export class HubBroker {
   }
 }
 
-interface RouteItem {
+export interface RouteItem {
   topic: string;
   deviceId: string;
   channel: Channel;
   payload: Buffer;
   qos: 0 | 1 | 2;
-  pending: PendingMid;
+  /** its own admission (items outside a record) */
+  pending: PendingMid | null;
+  /** the record it belongs to, whose admission stands for it */
+  record: RecordRoute | null;
+  /** its mid (items of a record) */
+  mid: string | null;
+  /** its publish completed */
+  ok: boolean;
+}
+
+interface BatchJudgement {
+  accepted: RouteItem[];
+  /** example topics refused by the ACL, for the log */
+  refused: string[];
+  dead: DeadLetterInput[];
+  denied: number;
+  mcuItems: number;
+}
+
+/**
+ * A record (its marker's mid admitted in the sender's window) while its items are routed. When
+ * every item it routes has been published, its mid is confirmed (persisted) and stands for all
+ * of them. If any publish failed (the hub is closing: no PUBACK, the sender resends the
+ * record), the record's mid is forgotten so that the resend passes, and the items that were
+ * published are admitted each in its device's window, so the resend drops them one by one.
+ */
+export class RecordRoute {
+  private readonly items: RouteItem[] = [];
+  private left = 0;
+  private judged = false;
+
+  constructor(
+    private readonly pending: PendingMid,
+    private readonly dedup: Deduplicator,
+  ) {}
+
+  expect(it: RouteItem): void {
+    this.items.push(it);
+    this.left++;
+  }
+
+  /** Every item was judged: a record with nothing to route (all denied, invalid or duplicates) is settled now. */
+  sealed(): void {
+    this.judged = true;
+    if (this.left === 0) this.settle();
+  }
+
+  settled(_it: RouteItem): void {
+    if (--this.left === 0 && this.judged) this.settle();
+  }
+
+  private settle(): void {
+    if (this.items.every((it) => it.ok)) return this.pending.confirm();
+    this.pending.forget();
+    for (const it of this.items) if (it.ok) this.dedup.admit(it.deviceId, it.mid!);
+  }
 }
 
 /**

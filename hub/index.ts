@@ -79,6 +79,8 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const registry = new Registry(registryDb);
   await registry.load();
   const dedup = await Deduplicator.open(await openStore<string>(join(config.stateDir, 'dedup'), 'utf8'), { window: config.dedupWindow, log });
+  metrics.gaugeFn('fleet_hub_dedup_devices', 'Senders with a de-duplication window in memory (devices, gateways, and MCUs sending outside records)', () => dedup.stats().devices);
+  metrics.gaugeFn('fleet_hub_dedup_mids', 'Message ids remembered for de-duplication across all senders (bounded: docs/topics.md#de-duplication)', () => dedup.stats().mids);
   const deadLettersDb = await openStore<string>(join(config.stateDir, 'dead-letters'), 'utf8');
   const deadLetters = await DeadLetters.open(deadLettersDb, { log });
   metrics.gaugeFn('fleet_hub_dead_letters', 'Messages acknowledged but not routed (ACL, invalid, too large), kept for the operator: GET /api/v1/dead-letters', () => [{ value: deadLetters.stats().records }]);
