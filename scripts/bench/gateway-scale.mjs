@@ -14,6 +14,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { createServer } from 'node:net';
 import { cpus, loadavg, release, setPriority, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import mqtt from 'mqtt';
 
@@ -265,6 +266,9 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent0 = sum('sent');
   const lags = [];
+  // this process's own loop: it is the counting subscriber, so its stalls show as latency too
+  const benchLoop = monitorEventLoopDelay({ resolution: 10 });
+  benchLoop.enable();
   const rss = [];
   const connectedSamples = [];
   const outbox = [];
@@ -277,7 +281,8 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
       try {
         const text = await (await fetch(server.metricsUrl, { signal: AbortSignal.timeout(800) })).text();
         const hubText = server.hubMetricsUrl ? await (await fetch(server.hubMetricsUrl, { signal: AbortSignal.timeout(800) })).text().catch(() => '') : '';
-        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes'), loopP99Ms: Math.round((gauge(text, 'fleet_gateway_event_loop_delay_p99_seconds') ?? NaN) * 1000), hubLoopP99Ms: Math.round((gauge(hubText, 'fleet_hub_event_loop_delay_p99_seconds') ?? NaN) * 1000) });
+        outbox.push({ depth: gauge(text, 'fleet_gateway_outbox_depth'), oldestS: gauge(text, 'fleet_gateway_outbox_oldest_age_seconds'), inflight: gauge(text, 'fleet_gateway_uplink_inflight_records'), inflightPublishes: gauge(text, 'fleet_gateway_uplink_inflight_publishes'), loopP99Ms: Math.round((gauge(text, 'fleet_gateway_event_loop_delay_p99_seconds') ?? NaN) * 1000), hubLoopP99Ms: Math.round((gauge(hubText, 'fleet_hub_event_loop_delay_p99_seconds') ?? NaN) * 1000), benchLoopP99Ms: Math.round(benchLoop.percentile(99) / 1e6) });
+        benchLoop.reset();
       } catch {
         outbox.push({ depth: null, oldestS: null });
       }
