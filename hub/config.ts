@@ -21,6 +21,10 @@ export const HubConfigSchema = z
     openReadsOnLoopback: z.boolean().default(true),
     /** per-device de-duplication window (message ids remembered per device) */
     dedupWindow: z.number().int().min(16).max(1_000_000).default(4096),
+    /** mids remembered across all devices (the memory bound, ~50–90 bytes each: docs/topics.md#de-duplication) */
+    dedupMaxMids: z.number().int().min(1000).max(1_000_000_000).default(8_000_000),
+    /** under that bound, windows are trimmed down to this many mids per device before whole devices are forgotten (at most dedupWindow) */
+    dedupMinWindow: z.number().int().min(16).max(1_000_000).default(256),
     /** largest MQTT message payload accepted from a device, bytes */
     maxPayloadBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(1024 * 1024),
     /** HTTP requests per second per client address */

@@ -20,12 +20,25 @@ import type { Logger } from '../core/log.ts';
  * A mid is persisted only once the message it belongs to has been routed (see
  * `admitPending`), so a crash between admission and routing can never make the hub
  * drop the resend of a message that nobody received.
+ *
+ * Memory is bounded by `maxEntries` mids in all. What a sender may resend are the mids it
+ * had in flight when its connection dropped: its NEWEST ones. So when the budget is
+ * reached the hub trims the OLDEST mids of the least recently active devices (their
+ * windows shrink, down to a floor) rather than forgetting devices whole, and an active
+ * device's window grows back while the budget allows. Only when every device is down to
+ * the floor are whole devices forgotten (and `maxDevices` forgets whole devices). A
+ * "high-water mark" per device (drop every mid <= the largest seen) would need no memory
+ * but is wrong here: mids do not arrive sorted (alerts overtake telemetry in the outbox),
+ * and it would drop messages never admitted before. Trimming only ever forgets: the worst
+ * it does is let a resend through (a duplicate), never drop a new message.
  */
 
 /**
- * A mid as a Set key: canonical decimals below 2^53 as numbers (about half the memory of
- * a string, measured: ~29 against ~53 bytes per remembered mid on Node 20), anything else
- * as the string itself, so "7" and "007" stay as distinct as the strings are.
+ * A mid as a Set key: canonical decimals below 2^53 as numbers, anything else as the
+ * string itself, so "7" and "007" stay as distinct as the strings are. Heap per remembered
+ * mid in full windows of 4096 on Node 20 (Set, ring slot and key): 49 bytes below 2^31
+ * (small integers), 81 up to 2^53 (boxed doubles: an outbox mid has 16 digits), 89 for a
+ * 19-digit string (a gateway's item mid).
  */
 type MidKey = number | string;
 const CANONICAL_SAFE = /^(?:0|[1-9][0-9]{0,14})$/;
@@ -33,18 +46,24 @@ const midKey = (mid: string): MidKey => (CANONICAL_SAFE.test(mid) ? Number(mid) 
 const MID_RE = /^[0-9]{1,20}$/;
 
 /**
- * The last `size` mids admitted for one device, oldest forgotten first (arrival order, not
+ * The newest `cap` mids admitted for one device, oldest forgotten first (arrival order, not
  * numeric order: the outbox sends alerts before telemetry, so mids do not arrive sorted).
  * Every admission gets a sequence number `seq`; its slot in the ring is `seq % size`.
+ * `cap` (≤ size) is the number of newest seqs held: it is lowered when the hub trims the
+ * window to stay within its budget, and raised again when the window grows back. A window
+ * whose cap fell to half its ring or less is rebuilt smaller (`resized`), so the ring never
+ * has more than twice as many slots as the window may hold mids.
  */
 export class DedupWindow {
   private readonly seen = new Set<MidKey>();
   /** slot → mid; undefined for a slot whose mid was forgotten */
-  private readonly ring: Array<MidKey | undefined> = [];
+  private ring: Array<MidKey | undefined> = [];
   private next = 0;
+  private held: number;
 
   constructor(readonly size: number) {
     if (!Number.isInteger(size) || size < 1) throw new RangeError(`window size must be a positive integer, got ${size}`);
+    this.held = size;
   }
 
   /** mids remembered now */
@@ -55,6 +74,11 @@ export class DedupWindow {
   /** seq the next admission gets (= admissions so far) */
   get nextSeq(): number {
     return this.next;
+  }
+
+  /** how many of the newest seqs are held (≤ size) */
+  get cap(): number {
+    return this.held;
   }
 
   has(mid: string): boolean {
@@ -72,23 +96,41 @@ export class DedupWindow {
       if (old !== undefined) this.seen.delete(old);
       this.ring[slot] = k;
     }
+    // a trimmed window: the seq that falls out of the cap is forgotten
+    if (this.held < this.size && this.next >= this.held) this.clear((this.next - this.held) % this.size);
     this.seen.add(k);
     return this.next++;
   }
 
   /** Forgets the mid admitted as `seq` (its message was not routed, so a resend must pass). */
   forget(seq: number): void {
-    if (!this.holds(seq)) return;
-    const slot = seq % this.size;
+    if (this.holds(seq)) this.clear(seq % this.size);
+  }
+
+  private clear(slot: number): void {
     const k = this.ring[slot];
     if (k === undefined) return;
     this.seen.delete(k);
     this.ring[slot] = undefined;
   }
 
-  /** true while `seq` has not been pushed out of the window by newer admissions */
+  /** true while `seq` has not been pushed out of the window by newer admissions (or trimmed) */
   holds(seq: number): boolean {
-    return seq >= 0 && seq < this.next && seq >= this.next - this.size;
+    return seq >= 0 && seq < this.next && seq >= this.next - this.held;
+  }
+
+  /** Forget all but the newest `cap` seqs, in place: O(mids forgotten). */
+  trim(cap: number): void {
+    if (!Number.isInteger(cap) || cap < 1) throw new RangeError(`window cap must be a positive integer, got ${cap}`);
+    if (cap >= this.held) return;
+    for (let seq = Math.max(0, this.next - this.held); seq < this.next - cap; seq++) this.clear(seq % this.size);
+    this.held = cap;
+  }
+
+  /** Hold up to `cap` (≤ size) newest seqs from now on; the ones trimmed before stay forgotten. */
+  grow(cap: number): void {
+    if (!Number.isInteger(cap) || cap > this.size) throw new RangeError(`window cap must be an integer up to ${this.size}, got ${cap}`);
+    if (cap > this.held) this.held = cap;
   }
 
   /** Slots in use (≤ size). */
@@ -110,15 +152,37 @@ export class DedupWindow {
 
   /** Mids in arrival order, oldest first (empty slots skipped). */
   *inOrder(): Generator<string> {
-    for (let seq = Math.max(0, this.next - this.size); seq < this.next; seq++) {
+    for (let seq = Math.max(0, this.next - this.held); seq < this.next; seq++) {
       const m = this.midAt(seq % this.size);
       if (m !== '') yield m;
     }
   }
 
   /**
-   * Rebuild a window from its persisted ring (same size): `slots[i]` is the mid in slot i
-   * or '' for an empty one, `next` the seq the next admission gets.
+   * A window of another `size` (its cap too) holding this one's newest mids, under the same
+   * seqs: a pending seq stays valid (or is no longer held, when it was trimmed). A fresh Set
+   * and ring, so the memory of forgotten mids is freed, not just their Set entries.
+   * O(min(size, cap)).
+   */
+  resized(size: number): DedupWindow {
+    const w = new DedupWindow(size);
+    // allocated at its length: grown by push it would keep up to half as many slots unused
+    w.ring = new Array<MidKey | undefined>(Math.min(this.next, size)).fill(undefined);
+    for (let seq = Math.max(0, this.next - Math.min(size, this.held)); seq < this.next; seq++) {
+      const k = this.ring[seq % this.size];
+      if (k === undefined) continue;
+      w.ring[seq % size] = k;
+      w.seen.add(k);
+    }
+    w.next = this.next;
+    return w;
+  }
+
+  /**
+   * Rebuild a window from its persisted ring: `slots[i]` is the mid in slot i or '' for an
+   * empty one, `next` the seq the next admission gets. The cap is recovered from the ring:
+   * it spans the seqs from the oldest one holding a mid (the persisted layout has no cap of
+   * its own, so a trimmed window stays trimmed across a restart and older hubs read it).
    */
   static restore(size: number, next: number, slots: readonly string[]): DedupWindow {
     const w = new DedupWindow(size);
@@ -130,6 +194,11 @@ export class DedupWindow {
       if (k !== undefined) w.seen.add(k);
     }
     w.next = next;
+    if (next > size) {
+      let seq = next - size;
+      while (seq < next && w.ring[seq % size] === undefined) seq++;
+      if (seq < next) w.held = next - seq;
+    }
     return w;
   }
 }
@@ -164,16 +233,28 @@ class Pending implements PendingMid {
 }
 
 export interface DedupOptions {
-  /** mids remembered per device (config `dedupWindow`) */
+  /** mids remembered per device at most (config `dedupWindow`) */
   window: number;
-  /** devices remembered at most; the least recently active is forgotten first. Default 100,000. */
+  /**
+   * Trimming stops at this many mids per device while the budget allows it (config
+   * `dedupMinWindow`). Default 256, at most `window`. When even this does not fit
+   * (devices × minWindow > maxEntries), windows go down to the fair share
+   * maxEntries / devices, but not below 16 (or `minWindow` if smaller): only then are whole
+   * devices forgotten. The floor is rounded down to a power of two (see pow2Floor).
+   */
+  minWindow?: number;
+  /** devices remembered at most; the least recently active is forgotten (whole) first. Default 100,000. */
   maxDevices?: number;
   /**
-   * mids remembered across all devices, the real memory bound (each costs about 30 bytes,
-   * about 50 for mids of 16 digits and more); when it is reached the least recently active
-   * devices are forgotten. Default 8,000,000 (about 250 MiB).
+   * mids remembered across all devices, the real memory bound (config `dedupMaxMids`; see
+   * docs/topics.md#de-duplication for the measured bytes per mid); when it is reached the
+   * oldest mids of the least recently active devices are trimmed. Default 8,000,000.
    */
   maxEntries?: number;
+  /** called with the number of mids each trim forgot (for a counter; `stats().trimmed` has the total) */
+  onTrimmed?: (mids: number) => void;
+  /** called with the number of devices forgotten whole, by either bound (`stats().forgotten` has the total) */
+  onForgotten?: (devices: number) => void;
   /** how long a change may wait before it is written (to the journal), ms. Default 500. */
   flushMs?: number;
   /** how often the windows themselves are rewritten from memory and the journal cleared, ms. Default 30,000. */
@@ -186,7 +267,10 @@ export interface DedupOptions {
 
 interface DeviceState {
   readonly id: string;
-  readonly win: DedupWindow;
+  /** replaced by a resized copy when trimmed or grown */
+  win: DedupWindow;
+  /** chunk keys `{id}/c{n}` that may exist on disk: n < this (stale ones are deleted at the next compaction) */
+  chunksOnDisk: number;
   lastUsed: number;
   /** when it was last moved to the most recently active end of the LRU order, ms */
   movedAt: number;
@@ -220,6 +304,20 @@ const LRU_MOVE_MS = 1000;
  */
 const JOURNAL_PREFIX = '!j/';
 const JOURNAL_DIGITS = 12;
+/** windows are never trimmed below this (or below `minWindow` when that is smaller) before whole devices are forgotten */
+const HARD_FLOOR = 16;
+/**
+ * The largest power of two ≤ n (n ≥ 1). Trimmed windows hold a power of two of mids: a Set
+ * that rotates `n` keys settles at a capacity of the smallest power of two ≥ 2n (V8's
+ * OrderedHashSet), so a window of 4096 costs 40 bytes of Set per mid and one of 4097 or
+ * 2100 costs twice that (measured: 87 bytes per mid with windows trimmed to odd sizes
+ * against 49 with powers of two).
+ */
+const pow2Floor = (n: number): number => 2 ** Math.floor(Math.log2(n));
+/** a trim frees 1/SLACK of the bound (see Deduplicator.target) */
+const SLACK = 256;
+/** at most one warning about trimming (and one about forgetting devices) per this, ms */
+const WARN_EVERY_MS = 60_000;
 
 export class Deduplicator {
   /** insertion order = least recently active first */
@@ -247,8 +345,22 @@ export class Deduplicator {
   private readonly compactLines: number;
   private readonly maxDevices: number;
   private readonly maxEntries: number;
+  /**
+   * a trim brings the mids down to this, maxEntries less 1/256 of it, so the next trim is that
+   * many admissions away (the cost of trimming is amortised, not paid per admission). A trim
+   * pauses the hub for about 0.5 µs per mid it forgets: 1/256 of 8,000,000 is about 15 ms
+   * (1/64 measured 65 ms)
+   */
+  private readonly target: number;
+  private readonly window: number;
+  private readonly minWindow: number;
   private readonly flushMs: number;
   private readonly now: () => number;
+  /** mids trimmed from windows, devices forgotten whole, since start */
+  private trimmed = 0;
+  private forgotten = 0;
+  private lastTrimWarn = -Infinity;
+  private lastForgetWarn = -Infinity;
 
   private constructor(
     private readonly db: Level<string, string>,
@@ -256,6 +368,12 @@ export class Deduplicator {
   ) {
     this.maxDevices = opts.maxDevices ?? 100_000;
     this.maxEntries = opts.maxEntries ?? 8_000_000;
+    for (const [k, v] of [['maxDevices', this.maxDevices], ['maxEntries', this.maxEntries], ['minWindow', opts.minWindow ?? 1]] as const) {
+      if (!Number.isInteger(v) || v < 1) throw new RangeError(`dedup ${k} must be a positive integer, got ${v}`);
+    }
+    this.target = this.maxEntries - Math.floor(this.maxEntries / SLACK);
+    this.window = opts.window;
+    this.minWindow = Math.min(opts.window, opts.minWindow ?? 256);
     this.flushMs = opts.flushMs ?? 500;
     this.compactMs = opts.compactMs ?? 30_000;
     this.compactLines = opts.compactLines ?? 500_000;
@@ -270,9 +388,12 @@ export class Deduplicator {
     return d;
   }
 
-  /** devices and mids remembered now */
-  stats(): { devices: number; mids: number } {
-    return { devices: this.devices.size, mids: this.entries };
+  /**
+   * devices and mids remembered now; mids trimmed from windows (the oldest of least recently
+   * active devices, to stay within maxEntries) and devices forgotten whole, since start
+   */
+  stats(): { devices: number; mids: number; trimmed: number; forgotten: number } {
+    return { devices: this.devices.size, mids: this.entries, trimmed: this.trimmed, forgotten: this.forgotten };
   }
 
   /** true when `mid` is remembered for `deviceId` (no side effect) */
@@ -338,30 +459,131 @@ export class Deduplicator {
       return st;
     }
     const now = this.now();
-    st = { id: deviceId, win: new DedupWindow(this.opts.window), lastUsed: now, movedAt: now, dirtyChunks: new Set(), pending: new Set() };
+    st = { id: deviceId, win: new DedupWindow(this.window), chunksOnDisk: 0, lastUsed: now, movedAt: now, dirtyChunks: new Set(), pending: new Set() };
     this.devices.set(deviceId, st);
-    this.evictOverflow(st);
+    if (this.devices.size > this.maxDevices) this.forgetDevices(st, Infinity);
     return st;
   }
 
   private record(st: DeviceState, mid: string): number {
-    const before = st.win.count;
-    const seq = st.win.admit(mid);
-    this.entries += st.win.count - before;
-    if (seq >= 0 && this.entries > this.maxEntries) this.evictOverflow(st);
+    let w = st.win;
+    // a trimmed window that is full grows back (doubling its cap, up to `window`) when the
+    // budget has room for the growth: in place while its ring is large enough, else rebuilt,
+    // O(cap) once per `cap` admissions at most. Not when the budget has no room: trimmed and
+    // grown back at once, it would be rebuilt for nothing.
+    if (w.cap < this.window && w.nextSeq >= w.cap && this.entries + w.cap <= this.target) {
+      const cap = Math.min(this.window, w.cap * 2);
+      if (cap <= w.size) w.grow(cap);
+      else w = this.resize(st, cap);
+    }
+    const before = w.count;
+    const seq = w.admit(mid);
+    this.entries += w.count - before;
+    if (seq >= 0 && this.entries > this.maxEntries) this.reclaim(st);
     return seq;
   }
 
-  /** Forget least recently active devices until both bounds hold (never `keep`). */
-  private evictOverflow(keep: DeviceState): void {
-    for (const [id, st] of this.devices) {
-      if (this.devices.size <= this.maxDevices && this.entries <= this.maxEntries) return;
+  /** Replace the window of `st` by a resized copy; its chunks are rewritten in the new layout at the next compaction. */
+  private resize(st: DeviceState, size: number): DedupWindow {
+    const before = st.win.count;
+    const w = (st.win = st.win.resized(size));
+    this.entries += w.count - before;
+    st.dirtyChunks.clear();
+    for (let c = 0; c * CHUNK < w.slots; c++) st.dirtyChunks.add(c);
+    this.dirty.add(st);
+    this.schedule();
+    return w;
+  }
+
+  /**
+   * Trim the window of `st` to its newest `cap` seqs: in place (O(mids forgotten)) while
+   * its ring stays less than twice the cap, else rebuilt smaller, which frees the ring too
+   * (O(cap), and at least as many mids were forgotten since its ring last had that size).
+   */
+  private trim(st: DeviceState, cap: number): void {
+    const w = st.win;
+    const before = w.count;
+    if (cap * 2 <= w.slots) this.resize(st, cap);
+    else {
+      const from = Math.max(0, w.nextSeq - w.cap);
+      const to = w.nextSeq - cap;
+      w.trim(cap);
+      this.entries += w.count - before;
+      // the chunks of the slots just emptied
+      for (let seq = from; seq < to; seq++) st.dirtyChunks.add(Math.floor((seq % w.size) / CHUNK));
+      this.dirty.add(st);
+      this.schedule();
+    }
+    this.trimmed += before - st.win.count;
+  }
+
+  /**
+   * Bring the mids remembered down to `target`, taking the OLDEST mids of the least recently
+   * active devices first (what a device may resend are its newest ones): in that order,
+   * each window above the floor is halved, but not below the floor (and again, pass after
+   * pass, while that is not enough). Only when every device
+   * is down to the floor are whole devices forgotten (never `keep`). The floor is
+   * `minWindow` while devices × minWindow fits the budget, else the fair share (not below
+   * HARD_FLOOR). It runs once per `maxEntries / 256` mids admitted at most, and its work is
+   * O(devices visited + mids trimmed), so its cost is amortised.
+   */
+  private reclaim(keep: DeviceState): void {
+    const floor = pow2Floor(Math.max(Math.min(HARD_FLOOR, this.minWindow), Math.min(this.minWindow, Math.floor(this.target / this.devices.size))));
+    const trimmedBefore = this.trimmed;
+    let smallest = Infinity;
+    // pass after pass (each halves a window at most once, so at most log2(window / floor) passes)
+    for (let trimming = true; trimming && this.entries > this.target; ) {
+      trimming = false;
+      for (const st of this.devices.values()) {
+        if (this.entries <= this.target) break;
+        const c = st.win.count;
+        if (c <= floor) continue;
+        const cap = Math.max(floor, pow2Floor(c >> 1));
+        this.trim(st, cap);
+        smallest = Math.min(smallest, cap);
+        trimming = true;
+      }
+    }
+    if (this.trimmed > trimmedBefore) this.opts.onTrimmed?.(this.trimmed - trimmedBefore);
+    const now = this.now();
+    if (this.trimmed > trimmedBefore && now - this.lastTrimWarn >= WARN_EVERY_MS) {
+      this.lastTrimWarn = now;
+      this.opts.log.warn('dedup: mid budget reached, trimming the oldest mids of the least recently active devices', {
+        maxMids: this.maxEntries,
+        devices: this.devices.size,
+        windowDownTo: smallest,
+        floor,
+        midsTrimmed: this.trimmed,
+        devicesForgotten: this.forgotten,
+      });
+    }
+    if (this.entries > this.target) this.forgetDevices(keep, this.target);
+  }
+
+  /** Forget least recently active devices whole (memory and disk, never `keep`) until maxDevices holds and at most `maxMids` are remembered. */
+  private forgetDevices(keep: DeviceState, maxMids: number): void {
+    const before = this.forgotten;
+    for (const st of this.devices.values()) {
+      if (this.devices.size <= this.maxDevices && this.entries <= maxMids) break;
       if (st === keep) continue;
-      this.devices.delete(id);
+      this.devices.delete(st.id);
       this.dirty.delete(st);
       this.entries -= st.win.count;
-      this.evicted.add(id);
-      this.schedule();
+      this.evicted.add(st.id);
+      this.forgotten++;
+    }
+    if (this.forgotten === before) return;
+    this.opts.onForgotten?.(this.forgotten - before);
+    this.schedule();
+    const now = this.now();
+    if (now - this.lastForgetWarn >= WARN_EVERY_MS) {
+      this.lastForgetWarn = now;
+      this.opts.log.warn('dedup: forgetting whole devices (least recently active first): their resends will pass as new', {
+        maxDevices: this.maxDevices,
+        maxMids: this.maxEntries,
+        devices: this.devices.size,
+        devicesForgotten: this.forgotten,
+      });
     }
   }
 
@@ -424,11 +646,16 @@ export class Deduplicator {
     }
     // snapshot synchronously: admissions during the write below go to the next flush
     const ops: Array<{ type: 'put'; key: string; value: string } | { type: 'del'; key: string }> = [];
-    const written: Array<[DeviceState, number[]]> = [];
+    const written: Array<[DeviceState, number[], number]> = [];
     for (const st of this.dirty) {
       const w = st.win;
-      written.push([st, [...st.dirtyChunks]]);
+      written.push([st, [...st.dirtyChunks], st.chunksOnDisk]);
+      const chunks = Math.ceil(w.slots / CHUNK);
+      // a window trimmed or grown since its last write has a new layout: drop the chunks past its end
+      for (let c = chunks; c < st.chunksOnDisk; c++) ops.push({ type: 'del', key: `${st.id}/c${c}` });
+      st.chunksOnDisk = chunks;
       for (const c of st.dirtyChunks) {
+        if (c >= chunks) continue;
         const parts: string[] = [];
         for (let slot = c * CHUNK; slot < Math.min((c + 1) * CHUNK, w.slots); slot++) {
           // an unconfirmed mid is written as an empty slot: see the class comment
@@ -454,7 +681,8 @@ export class Deduplicator {
       await this.db.batch(ops);
     } catch (err) {
       // keep the changes for the next flush
-      for (const [st, chunks] of written) {
+      for (const [st, chunks, onDisk] of written) {
+        st.chunksOnDisk = Math.max(st.chunksOnDisk, onDisk);
         if (this.devices.get(st.id) !== st) continue;
         for (const c of chunks) st.dirtyChunks.add(c);
         this.dirty.add(st);
@@ -562,32 +790,37 @@ export class Deduplicator {
       else if (/^c[0-9]{1,6}$/.test(part)) f.chunks.set(Number(part.slice(1)), value);
     }
     const loaded: DeviceState[] = [];
-    const relaid: DeviceState[] = [];
     for (const [id, f] of found) {
-      const st = restoreState(id, f.head, f.chunks, this.opts.window);
-      if (!st) {
+      const state = restoreState(id, f.head, f.chunks);
+      if (!state) {
         this.opts.log.warn('dedup: ignoring a damaged window', { device: id });
         this.evicted.add(id);
         continue;
       }
-      loaded.push(st.state);
-      if (st.relaid) relaid.push(st.state);
+      loaded.push(state);
     }
     // least recently active first, as if they had been admitted in that order
     loaded.sort((a, b) => a.lastUsed - b.lastUsed);
     for (const st of loaded) {
       this.devices.set(st.id, st);
       this.entries += st.win.count;
+      // a window persisted larger than `window` now (the config changed) keeps its newest
+      // mids; one persisted smaller (trimmed, or an older config) stays so and grows back
+      if (st.win.size > this.window) {
+        this.resize(st, this.window);
+        this.compactNext = true;
+      }
     }
     const newest = loaded.at(-1);
-    if (newest) this.evictOverflow(newest);
-    // a window persisted with another size is rewritten in the new layout
-    for (const st of relaid) if (this.devices.get(st.id) === st) this.scheduleClear(st.id);
+    if (newest) {
+      if (this.devices.size > this.maxDevices) this.forgetDevices(newest, Infinity);
+      if (this.entries > this.maxEntries) this.reclaim(newest);
+    }
     this.replayJournal(journal);
     if (this.evicted.size > 0 || this.dirty.size > 0 || this.compactNext) await this.flush();
     this.opts.log.debug('dedup windows loaded', { devices: this.devices.size, mids: this.entries });
 
-    function restoreState(id: string, head: string | undefined, chunks: Map<number, string>, window: number): { state: DeviceState; relaid: boolean } | null {
+    function restoreState(id: string, head: string | undefined, chunks: Map<number, string>): DeviceState | null {
       const h = /^([0-9]{1,15}):([0-9]{1,7}):([0-9]{1,15})$/.exec(head ?? '');
       if (!h) return null;
       const next = Number(h[1]);
@@ -604,15 +837,9 @@ export class Deduplicator {
           slots.push(m);
         }
       }
-      let win = DedupWindow.restore(size, next, slots);
-      let relaid = false;
-      if (size !== window) {
-        const w2 = new DedupWindow(window);
-        for (const m of win.inOrder()) w2.admit(m);
-        win = w2;
-        relaid = true;
-      }
-      return { state: { id, win, lastUsed, movedAt: lastUsed, dirtyChunks: new Set(), pending: new Set() }, relaid };
+      const win = DedupWindow.restore(size, next, slots);
+      const chunksOnDisk = chunks.size === 0 ? 0 : Math.max(...chunks.keys()) + 1;
+      return { id, win, chunksOnDisk, lastUsed, movedAt: lastUsed, dirtyChunks: new Set(), pending: new Set() };
     }
   }
 }

@@ -70,6 +70,8 @@ async function withDedup(fn: (open: (o?: Partial<DedupOptions>) => Promise<Dedup
       () => db!,
     );
   } finally {
+    // a failed assertion leaves the last one open: close it, or the test process never exits
+    if (db?.status === 'open') await db.close();
     tmp.cleanup();
   }
 }
@@ -87,7 +89,7 @@ test('deduplicator: windows survive close and reopen; a window of another size i
     assert.equal(d.admit('dev-1', '200'), false);
     assert.equal(d.admit('dev-2', '5'), false);
     assert.ok(d.admit('dev-1', '100'), 'older than the window of 64');
-    assert.deepEqual(d.stats(), { devices: 2, mids: 65 });
+    assert.deepEqual(d.stats(), { devices: 2, mids: 65, trimmed: 0, forgotten: 0 });
     await d.close();
 
     d = await open({ window: 16 });
@@ -139,18 +141,21 @@ test('deduplicator: without a flush (a crash), what was admitted since the last 
   });
 });
 
-test('deduplicator: bounded by devices and by mids; the least recently active device is forgotten (to within 1 s), on disk too', async () => {
+test('deduplicator: bounded by devices (the least recently active is forgotten whole, to within 1 s, on disk too) and by mids (the oldest mids are trimmed)', async () => {
   await withDedup(async (open) => {
     // an injected clock, 1 s per admission: the LRU order is kept to within a second
     let t = 1_000_000;
     const now = () => (t += 1000);
-    let d = await open({ maxDevices: 3, maxEntries: 1000, now });
+    let forgotten = 0;
+    let d = await open({ maxDevices: 3, maxEntries: 1000, now, onForgotten: (n) => (forgotten += n) });
     for (const id of ['a', 'b', 'c']) d.admit(id, '1');
     d.admit('a', '2'); // a is now the most recent
     d.admit('d', '1'); // evicts b
     assert.equal(d.stats().devices, 3);
     assert.equal(d.seen('b', '1'), false);
     assert.ok(d.seen('a', '1') && d.seen('c', '1') && d.seen('d', '1'));
+    assert.equal(d.stats().forgotten, 1);
+    assert.equal(forgotten, 1, 'counted');
     await d.close();
     d = await open({ maxDevices: 3, maxEntries: 1000, now });
     assert.equal(d.seen('b', '1'), false, 'its keys were cleared');
@@ -168,12 +173,18 @@ test('deduplicator: bounded by devices and by mids; the least recently active de
     assert.ok(d.seen('q', '1') && d.seen('r', '1'));
     await d.close();
 
+    // the mid bound trims the oldest mids of the least recently active device; nobody is forgotten
     d = await open({ maxDevices: 100, maxEntries: 100, window: 64, now });
     for (let i = 0; i < 60; i++) d.admit('x', String(i));
-    for (let i = 0; i < 60; i++) d.admit('y', String(i));
-    assert.ok(d.stats().mids <= 100);
-    assert.equal(d.seen('x', '59'), false, 'x was least recently active');
+    for (let i = 0; i < 60; i++) {
+      d.admit('y', String(i));
+      assert.ok(d.stats().mids <= 100);
+    }
+    assert.equal(d.seen('x', '0'), false, 'x was least recently active: its oldest mids went first');
+    assert.ok(d.seen('x', '59') && d.seen('x', '50'), 'its newest are still remembered');
     assert.ok(d.seen('y', '59'));
+    assert.equal(d.stats().forgotten, 0);
+    assert.ok(d.stats().trimmed > 0);
     await d.close();
   });
 });
