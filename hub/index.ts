@@ -78,7 +78,16 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const registryDb = await openStore<string>(join(config.stateDir, 'registry'), 'utf8');
   const registry = new Registry(registryDb);
   await registry.load();
-  const dedup = await Deduplicator.open(await openStore<string>(join(config.stateDir, 'dedup'), 'utf8'), { window: config.dedupWindow, log });
+  const dedupTrimmed = metrics.counter('fleet_hub_dedup_mids_trimmed_total', 'Message ids forgotten early to stay within dedupMaxMids: the oldest of the least recently active senders (docs/topics.md#de-duplication)');
+  const dedupForgotten = metrics.counter('fleet_hub_dedup_devices_forgotten_total', 'Senders whose de-duplication window was forgotten whole (beyond 100,000 senders, or with every window down to its floor)');
+  const dedup = await Deduplicator.open(await openStore<string>(join(config.stateDir, 'dedup'), 'utf8'), {
+    window: config.dedupWindow,
+    minWindow: config.dedupMinWindow,
+    maxEntries: config.dedupMaxMids,
+    onTrimmed: (n) => dedupTrimmed.inc({}, n),
+    onForgotten: (n) => dedupForgotten.inc({}, n),
+    log,
+  });
   metrics.gaugeFn('fleet_hub_dedup_devices', 'Senders with a de-duplication window in memory (devices, gateways, and MCUs sending outside records)', () => dedup.stats().devices);
   metrics.gaugeFn('fleet_hub_dedup_mids', 'Message ids remembered for de-duplication across all senders (bounded: docs/topics.md#de-duplication)', () => dedup.stats().mids);
   const deadLettersDb = await openStore<string>(join(config.stateDir, 'dead-letters'), 'utf8');
