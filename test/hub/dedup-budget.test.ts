@@ -3,36 +3,8 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { openStore } from '../../core/store.ts';
 import { DedupWindow, Deduplicator, type DedupOptions } from '../../hub/dedup.ts';
-import { rng, tempDir, testLogger } from '../helpers.ts';
-
-type Db = Awaited<ReturnType<typeof openStore<string>>>;
-
-/** `open` opens a Deduplicator over a fresh handle of the same LevelDB; `handle` is that handle; `peek` reads the LevelDB while no Deduplicator has it open. */
-async function withDedup(
-  fn: (open: (o?: Partial<DedupOptions>) => Promise<Deduplicator>, handle: () => Db, peek: <T>(f: (db: Db) => Promise<T>) => Promise<T>) => Promise<void>,
-): Promise<void> {
-  const tmp = tempDir();
-  const dir = join(tmp.dir, 'dedup');
-  let db: Db | undefined;
-  try {
-    await fn(
-      async (o = {}) => Deduplicator.open((db = await openStore<string>(dir, 'utf8')), { window: 64, log: testLogger('dedup'), flushMs: 60_000, ...o }),
-      () => db!,
-      async (f) => {
-        const h = await openStore<string>(dir, 'utf8');
-        try {
-          return await f(h);
-        } finally {
-          await h.close();
-        }
-      },
-    );
-  } finally {
-    // a failed assertion leaves the last one open: close it, or the test process never exits
-    if (db?.status === 'open') await db.close();
-    tmp.cleanup();
-  }
-}
+import { rng, testLogger } from '../helpers.ts';
+import { withDedup } from './dedup-rig.ts';
 
 const DEVICES = 100;
 const dev = (i: number) => `mcu-${String(i).padStart(3, '0')}`;

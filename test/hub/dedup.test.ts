@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { openStore } from '../../core/store.ts';
 import { DedupWindow, Deduplicator, type DedupOptions } from '../../hub/dedup.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { withDedup } from './dedup-rig.ts';
 
 test('dedup window: remembers the last `size` mids in arrival order, forgets the oldest first', () => {
   const w = new DedupWindow(3);
@@ -56,25 +57,6 @@ test('dedup window: restore rebuilds the same window from its ring', () => {
   assert.equal(r.has('3'), false, 'the oldest goes first after a restore too');
   assert.ok(r.has('4'));
 });
-
-type Db = Awaited<ReturnType<typeof openStore<string>>>;
-
-/** `open` opens a Deduplicator over a fresh handle of the same LevelDB; `db` is that handle. */
-async function withDedup(fn: (open: (o?: Partial<DedupOptions>) => Promise<Deduplicator>, handle: () => Db) => Promise<void>): Promise<void> {
-  const tmp = tempDir();
-  const dir = join(tmp.dir, 'dedup');
-  let db: Db | undefined;
-  try {
-    await fn(
-      async (o = {}) => Deduplicator.open((db = await openStore<string>(dir, 'utf8')), { window: 64, log: testLogger('dedup'), flushMs: 60_000, ...o }),
-      () => db!,
-    );
-  } finally {
-    // a failed assertion leaves the last one open: close it, or the test process never exits
-    if (db?.status === 'open') await db.close();
-    tmp.cleanup();
-  }
-}
 
 test('deduplicator: windows survive close and reopen; a window of another size is re-laid', async () => {
   await withDedup(async (open) => {
