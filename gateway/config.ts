@@ -10,8 +10,16 @@ import { OutboxConfigSchema, reconnectKeys, UplinkConfigSchema } from '../core/o
  * and 256-record batches would queue a busy site forever. Keys and meaning are the same.
  */
 const GatewayUplinkSchema = UplinkConfigSchema.extend({
-  /** records per batch publish (gateway default 1000) */
-  batchMax: z.number().int().min(1).max(10_000).default(1000),
+  /**
+   * records per batch publish (gateway default 256, as the agent's). The hub de-duplicates
+   * a grouped record by its mid in the gateway's window (docs/topics.md#records), which must
+   * cover every record the gateway can have in flight: uplink.window × batchMax = 16 × 256 =
+   * 4096, the hub's default dedupWindow. With 1000, up to 16,000 small records (a backlog
+   * drained after an outage) were in flight, and a resend of more than the window passed
+   * whole as new. A grouped record holds the MCU messages of one turn, so 256 of them still
+   * carry thousands of readings per publish (bounded by batchBytes).
+   */
+  batchMax: z.number().int().min(1).max(10_000).default(256),
   /** bytes per batch publish (gateway default 512 KiB) */
   batchBytes: z.number().int().min(1024).max(1024 * 1024).default(512 * 1024),
   /**

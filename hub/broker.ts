@@ -327,8 +327,13 @@ export class HubBroker {
       const end = i + marker.items;
       const pending = this.opts.dedup.admitPending(identity.id, marker.mid);
       if (pending === null) {
-        // the whole record was routed before (the sender resent it)
-        for (; i < end; i++) this.duplicate(parseTopic(items[i]!.topic)?.deviceId ?? identity.id);
+        // the whole record was handled before (the sender resent it): counted as duplicates,
+        // each for its device when the sender may publish for it (else for the sender: the
+        // marker must not let it charge anyone's count)
+        for (; i < end; i++) {
+          const t = parseTopic(items[i]!.topic);
+          this.duplicate(t && OUTBOX_CHANNELS.has(t.channel) && canPublish(identity, items[i]!.topic, false, this.mcusOf) ? t.deviceId : identity.id);
+        }
         this.opts.batchItems.inc({ result: 'duplicate' }, marker.items);
         continue;
       }

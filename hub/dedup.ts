@@ -45,6 +45,20 @@ const CANONICAL_SAFE = /^(?:0|[1-9][0-9]{0,14})$/;
 const midKey = (mid: string): MidKey => (CANONICAL_SAFE.test(mid) ? Number(mid) : mid);
 const MID_RE = /^[0-9]{1,20}$/;
 
+/** DedupWindow.admit: admitted, not remembered (older than all a full window holds) */
+export const NOT_KEPT = -2;
+
+/** `a` is an older mid than `b`: numerically smaller (decimals compare by length, then digits). */
+function olderMid(a: MidKey, b: MidKey): boolean {
+  if (typeof a === 'number' && typeof b === 'number') return a < b;
+  const x = String(a);
+  const y = String(b);
+  return x.length !== y.length ? x.length < y.length : x < y;
+}
+
+/** The PendingMid of a mid that was admitted but not remembered: nothing to confirm or forget. */
+const UNKEPT: PendingMid = { confirm: () => undefined, forget: () => undefined };
+
 /**
  * The newest `cap` mids admitted for one device, oldest forgotten first (arrival order, not
  * numeric order: the outbox sends alerts before telemetry, so mids do not arrive sorted).
@@ -85,10 +99,23 @@ export class DedupWindow {
     return this.seen.has(midKey(mid));
   }
 
-  /** Records `mid`; returns its seq, or -1 when `mid` is in the window (a duplicate). */
+  /**
+   * Records `mid`; returns its seq, -1 when `mid` is in the window (a duplicate), or NOT_KEPT
+   * when the window is full and `mid` is older (numerically smaller) than the mid it would
+   * push out: it passes (it is not in the window) but is not remembered. A newer mid is never
+   * pushed out to keep an older one. A sender that resends more than its window holds resends
+   * in its original order: else each forgotten mid, admitted again, pushed out a newer one
+   * still waiting to be resent, and the whole resend passed as new; so only what was
+   * forgotten passes. (Costs a new mid that arrives out of order into a full window: not
+   * remembered, its own resend would pass.)
+   */
   admit(mid: string): number {
     const k = midKey(mid);
     if (this.seen.has(k)) return -1;
+    if (this.next >= this.held) {
+      const victim = this.ring[(this.next - this.held) % this.size];
+      if (victim !== undefined && olderMid(k, victim)) return NOT_KEPT;
+    }
     if (this.next < this.size) this.ring.push(k);
     else {
       const slot = this.next % this.size;
@@ -405,6 +432,7 @@ export class Deduplicator {
   admit(deviceId: string, mid: string): boolean {
     const st = this.state(deviceId);
     const seq = this.record(st, mid);
+    if (seq === NOT_KEPT) return true;
     if (seq < 0) return false;
     this.markDirty(st, seq);
     this.journal.push(`${deviceId} ${mid}`);
@@ -419,6 +447,7 @@ export class Deduplicator {
   admitPending(deviceId: string, mid: string): PendingMid | null {
     const st = this.state(deviceId);
     const seq = this.record(st, mid);
+    if (seq === NOT_KEPT) return UNKEPT;
     if (seq < 0) return null;
     st.pending.add(seq);
     this.markDirty(st, -1); // the head (next seq) changed

@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { openStore } from '../../core/store.ts';
-import { DedupWindow, Deduplicator, type DedupOptions } from '../../hub/dedup.ts';
+import { DedupWindow, Deduplicator, NOT_KEPT, type DedupOptions } from '../../hub/dedup.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
 import { withDedup } from './dedup-rig.ts';
 
@@ -17,8 +17,10 @@ test('dedup window: remembers the last `size` mids in arrival order, forgets the
   assert.equal(w.admit('4'), 3); // pushes '1' out
   assert.equal(w.has('1'), false);
   assert.ok(w.has('2') && w.has('3') && w.has('4'));
-  assert.equal(w.admit('1'), 4, 'a mid older than the window passes again');
-  assert.deepEqual([...w.inOrder()], ['2', '4', '1']);
+  assert.equal(w.admit('1'), NOT_KEPT, 'a mid older than the window passes again, but is not kept: it would push out a newer one');
+  assert.deepEqual([...w.inOrder()], ['3', '2', '4']);
+  assert.equal(w.admit('5'), 4, 'a newer one pushes out the oldest');
+  assert.deepEqual([...w.inOrder()], ['2', '4', '5']);
 });
 
 test('dedup window: mids are compared as the strings they are; huge and zero-padded ones work', () => {
@@ -70,16 +72,18 @@ test('deduplicator: windows survive close and reopen; a window of another size i
     assert.equal(d.admit('dev-1', '150'), false, 'remembered across the restart');
     assert.equal(d.admit('dev-1', '200'), false);
     assert.equal(d.admit('dev-2', '5'), false);
-    assert.ok(d.admit('dev-1', '100'), 'older than the window of 64');
-    assert.deepEqual(d.stats(), { devices: 2, mids: 65, trimmed: 0, forgotten: 0 });
+    assert.ok(d.admit('dev-1', '100'), 'older than the window of 64: passes');
+    assert.deepEqual(d.stats(), { devices: 2, mids: 65, trimmed: 0, forgotten: 0 }, '... and is not kept: it would push out a newer mid');
     await d.close();
 
     d = await open({ window: 16 });
-    assert.equal(d.admit('dev-1', '100'), false, 'the newest mids are kept when the window shrinks');
-    assert.ok(d.admit('dev-1', '180'));
+    assert.equal(d.admit('dev-1', '190'), false, 'the newest mids are kept when the window shrinks');
+    assert.ok(d.admit('dev-1', '180'), 'older than the 16 newest: passes');
+    assert.ok(d.admit('dev-1', '201'));
     await d.close();
     d = await open({ window: 16 });
-    assert.equal(d.admit('dev-1', '180'), false, 'the re-laid window persists');
+    assert.equal(d.admit('dev-1', '201'), false, 'the re-laid window persists');
+    assert.equal(d.admit('dev-1', '186'), false);
     assert.equal(d.stats().mids, 17);
     await d.close();
   });
@@ -212,4 +216,19 @@ test('deduplicator: compacts on its timer: the windows are written and the journ
     for (let i = 1; i <= 5; i++) assert.equal(d2.admit('dev-1', String(i)), false, `mid ${i} remembered`);
     await d2.close();
   });
+});
+
+test('dedup window: a resend of more than the window, in its original order, lets through only what was forgotten (no cascade)', () => {
+  const w = new DedupWindow(64);
+  for (let i = 1; i <= 100; i++) assert.ok(w.admit(String(1_700_000_000_000_000 + i)) >= 0);
+  // the sender resends all 100 (its PUBACKs were lost): 1..36 were forgotten and pass once
+  // more; 37..100 are still remembered, and stay so while 1..36 pass
+  const passed: number[] = [];
+  for (let i = 1; i <= 100; i++) if (w.admit(String(1_700_000_000_000_000 + i)) !== -1) passed.push(i);
+  assert.deepEqual(passed, Array.from({ length: 36 }, (_, i) => i + 1));
+  // trimmed to 16 (the hub's budget), the same: only what the trim forgot passes
+  w.trim(16);
+  const again: number[] = [];
+  for (let i = 1; i <= 100; i++) if (w.admit(String(1_700_000_000_000_000 + i)) !== -1) again.push(i);
+  assert.deepEqual(again, Array.from({ length: 84 }, (_, i) => i + 1));
 });

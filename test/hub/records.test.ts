@@ -186,3 +186,17 @@ test('records: when some items of a record were not routed (hub closing), the re
     tmp.cleanup();
   }
 });
+
+test('records: a resent record counts its duplicates for devices the sender may publish for only (a marker cannot charge another device’s count)', async () => {
+  await withHub(async (hub, ctx) => {
+    const victim = await connectDevice(ctx, 'agent-victim');
+    const gw = await gateway(ctx);
+    const forged = encodeBatch([recordMarker('42', 5), ...Array.from({ length: 5 }, (_, k) => ({ topic: deviceTopic('agent-victim', 'telemetry'), payload: telemetry(`42${String(k).padStart(3, '0')}`) }))]);
+    for (let i = 0; i < 3; i++) await gw.publishAsync(deviceTopic(GW, 'batch'), forged, { qos: 1 });
+    assert.equal(await metric(hub, 'fleet_hub_acl_denied_total{action="publish"}'), 5, 'refused by the ACL the first time');
+    assert.equal(hub.registry.get('agent-victim')?.duplicates ?? 0, 0);
+    assert.equal(hub.registry.get(GW)?.duplicates, 10, 'the two resends, counted for the sender');
+    await gw.endAsync();
+    await victim.endAsync();
+  });
+});
