@@ -129,6 +129,7 @@ const fleetlet = (name, args, nodeArgs = []) => {
   c.stdout.on('data', (d) => (out += d));
   c.stderr.on('data', (d) => writeFileSync(log, d, { flag: 'a' }));
   c.output = () => out;
+  c.benchName = name;
   children.push(c);
   return c;
 };
@@ -145,6 +146,8 @@ const cleanup = async () => {
   if (cleaned) return;
   cleaned = true;
   for (const c of [...children].reverse()) await stop(c, 5000).catch(() => undefined);
+  // --keep: each child's stdout too (e.g. what --node-flags=--trace-gc prints)
+  if (values.keep) for (const c of children) writeFileSync(join(dir, `${c.benchName}.out`), c.output());
   if (values.keep) progress(`kept ${dir}`);
   else rmSync(dir, { recursive: true, force: true });
 };
