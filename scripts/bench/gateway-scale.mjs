@@ -263,10 +263,11 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   progress(`${name}: ${connected}/${N} devices connected; settling ${SETTLE_S} s`);
   await sleep(SETTLE_S * 1000);
   // Scrape both /metrics once before the window: Node loads its fetch (undici) on the first
-  // call, a few hundred ms of synchronous work in this process, which is the counting
-  // subscriber (before this, every run showed a latency burst in the window's first
-  // seconds); and the scrape resets the servers' event-loop delay histograms, so the first
-  // sample in the window covers the window only, not the ramp.
+  // call, tens of ms of synchronous work in this process, which is the counting subscriber,
+  // and at near saturation such a stall takes seconds to work off (before this, every run
+  // showed a latency burst in the window's first seconds); and the scrape resets the
+  // servers' event-loop delay histograms, so the first sample in the window covers the
+  // window only, not the ramp.
   for (const url of [server.metricsUrl, server.hubMetricsUrl]) if (url) await fetch(url, { signal: AbortSignal.timeout(2000) }).then((r) => r.text()).catch(() => undefined);
   await sleep(1000);
   // the window: readings taken in it, CPU and memory across it
