@@ -203,7 +203,20 @@ export class Registry extends EventEmitter {
   }
 
   /** Write the changed records: all of them, or (`all` false) those with more than traffic changed. */
-  async flush(all = true): Promise<void> {
+  /**
+   * Write the changed records (all: also those with traffic changes only). Flushes run one
+   * after another: one written in chunks yields to the event loop, and a flush started
+   * meanwhile (the hub stopping, then closing the database) must not overtake it.
+   */
+  flush(all = true): Promise<void> {
+    const run = this.flushing.then(() => this.flushNow(all));
+    this.flushing = run.catch(() => undefined);
+    return run;
+  }
+
+  private flushing: Promise<void> = Promise.resolve();
+
+  private async flushNow(all: boolean): Promise<void> {
     clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
     const ids = [...this.dirty];

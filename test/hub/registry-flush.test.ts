@@ -40,3 +40,27 @@ test('registry: a flush of many records is written in chunks, letting the event 
     tmp.cleanup();
   }
 });
+
+test('registry: a flush started while a chunked one is under way waits for it, so the database can be closed after it (real LevelDB)', async () => {
+  const tmp = tempDir();
+  try {
+    const dir = join(tmp.dir, 'registry');
+    let db = await openStore<string>(dir, 'utf8');
+    const reg = new Registry(db);
+    const now = Date.now();
+    for (let i = 0; i < 1_200; i++) reg.onTelemetry(`mcu-${i}`, { v: 1, mid: String(i + 1), ts: now, samples: [{ n: 'seq', v: i, t: now }] });
+    const first = reg.flush(); // the traffic timer's flush, say: three chunks
+    reg.onTelemetry('mcu-late', { v: 1, mid: '1', ts: now, samples: [{ n: 'seq', v: 7, t: now }] });
+    await reg.flush(); // the hub stopping
+    await db.close(); // would fail the first flush's later chunks if it were still running
+    await first;
+    db = await openStore<string>(dir, 'utf8');
+    const again = new Registry(db);
+    await again.load();
+    assert.equal(again.counts().total, 1_201);
+    assert.equal(again.get('mcu-late')?.latest.seq?.v, 7);
+    await db.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
