@@ -424,12 +424,12 @@ export class HubBroker {
         this.aedes.publish({ cmd: 'publish', topic: it.topic, payload: it.payload, qos: it.qos, retain: false, dup: false }, (err) => {
           if (err) {
             it.pending?.forget();
-            it.record?.settled(it);
+            it.record?.settled();
             failed ??= err;
           } else {
             it.ok = true;
             it.pending?.confirm();
-            it.record?.settled(it);
+            it.record?.settled();
             onRouted?.(it.deviceId, it.channel, it.payload);
           }
           if (--left === 0) {
@@ -640,7 +640,6 @@ interface BatchJudgement {
 export class RecordRoute {
   private readonly items: RouteItem[] = [];
   private left = 0;
-  private judged = false;
 
   constructor(
     private readonly pending: PendingMid,
@@ -652,14 +651,18 @@ export class RecordRoute {
     this.left++;
   }
 
-  /** Every item was judged: a record with nothing to route (all denied, invalid or duplicates) is settled now. */
+  /**
+   * Every item was judged: a record with nothing to route (all denied, invalid or duplicates)
+   * is settled now. Called before any of its items is routed (routeBatch judges the whole
+   * batch before route() starts), so `settled` never sees the count reach 0 early.
+   */
   sealed(): void {
-    this.judged = true;
     if (this.left === 0) this.settle();
   }
 
-  settled(_it: RouteItem): void {
-    if (--this.left === 0 && this.judged) this.settle();
+  /** One of its items' publish completed (`ok` set) or failed. */
+  settled(): void {
+    if (--this.left === 0) this.settle();
   }
 
   private settle(): void {

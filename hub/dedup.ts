@@ -112,8 +112,11 @@ export class DedupWindow {
   admit(mid: string): number {
     const k = midKey(mid);
     if (this.seen.has(k)) return -1;
-    if (this.next >= this.held) {
-      const victim = this.ring[(this.next - this.held) % this.size];
+    // full: admitting pushes out the oldest held seq, next - held
+    const full = this.next >= this.held;
+    const oldest = (this.next - this.held) % this.size;
+    if (full) {
+      const victim = this.ring[oldest];
       if (victim !== undefined && olderMid(k, victim)) return NOT_KEPT;
     }
     if (this.next < this.size) this.ring.push(k);
@@ -124,7 +127,7 @@ export class DedupWindow {
       this.ring[slot] = k;
     }
     // a trimmed window: the seq that falls out of the cap is forgotten
-    if (this.held < this.size && this.next >= this.held) this.clear((this.next - this.held) % this.size);
+    if (full && this.held < this.size) this.clear(oldest);
     this.seen.add(k);
     return this.next++;
   }

@@ -68,6 +68,8 @@ export class Registry extends EventEmitter {
   private readonly trafficDirty = new Set<string>();
   private flushTimer: NodeJS.Timeout | undefined;
   private trafficTimer: NodeJS.Timeout | undefined;
+  /** the last flush started (flushes run one after another) */
+  private flushing: Promise<void> = Promise.resolve();
 
   constructor(private readonly db: Level<string, string>) {
     super();
@@ -202,9 +204,9 @@ export class Registry extends EventEmitter {
     return { total: this.devices.size, online, byKind };
   }
 
-  /** Write the changed records: all of them, or (`all` false) those with more than traffic changed. */
   /**
-   * Write the changed records (all: also those with traffic changes only). Flushes run one
+   * Write the changed records: all of them, or (`all` false) those with more than traffic
+   * changed. Flushes run one
    * after another: one written in chunks yields to the event loop, and a flush started
    * meanwhile (the hub stopping, then closing the database) must not overtake it.
    */
@@ -213,8 +215,6 @@ export class Registry extends EventEmitter {
     this.flushing = run.catch(() => undefined);
     return run;
   }
-
-  private flushing: Promise<void> = Promise.resolve();
 
   private async flushNow(all: boolean): Promise<void> {
     clearTimeout(this.flushTimer);

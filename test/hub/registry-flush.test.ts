@@ -5,15 +5,44 @@ import { openStore } from '../../core/store.ts';
 import { Registry } from '../../hub/registry.ts';
 import { tempDir } from '../helpers.ts';
 
-test('registry: a flush of many records is written in chunks, letting the event loop run between them, and every record survives a reopen (real LevelDB)', async () => {
+type Db = Awaited<ReturnType<typeof openStore<string>>>;
+
+/** One reading of `seq` = v from `id`. */
+const reading = (reg: Registry, id: string, v: number): void => {
+  const now = Date.now();
+  reg.onTelemetry(id, { v: 1, mid: String(v + 1), ts: now, samples: [{ n: 'seq', v, t: now }] });
+};
+
+/**
+ * A registry over a real LevelDB in a temp dir with `n` devices that sent a reading each
+ * (`mcu-{i}`, seq i); `reopen` closes nothing: it opens the same LevelDB again (the caller
+ * closes the first handle) and loads a fresh registry from it.
+ */
+async function withRegistry(n: number, fn: (reg: Registry, db: Db, reopen: () => Promise<{ reg: Registry; db: Db }>) => Promise<void>): Promise<void> {
   const tmp = tempDir();
+  const dir = join(tmp.dir, 'registry');
+  const open: Db[] = [];
   try {
-    const dir = join(tmp.dir, 'registry');
-    let db = await openStore<string>(dir, 'utf8');
+    const db = await openStore<string>(dir, 'utf8');
+    open.push(db);
     const reg = new Registry(db);
-    const now = Date.now();
-    const n = 1_750; // more than three chunks
-    for (let i = 0; i < n; i++) reg.onTelemetry(`mcu-${i}`, { v: 1, mid: String(i + 1), ts: now, samples: [{ n: 'seq', v: i, t: now }] });
+    for (let i = 0; i < n; i++) reading(reg, `mcu-${i}`, i);
+    await fn(reg, db, async () => {
+      const again = await openStore<string>(dir, 'utf8');
+      open.push(again);
+      const r = new Registry(again);
+      await r.load();
+      return { reg: r, db: again };
+    });
+  } finally {
+    for (const db of open) if (db.status === 'open') await db.close();
+    tmp.cleanup();
+  }
+}
+
+test('registry: a flush of many records is written in chunks, letting the event loop run between them, and every record survives a reopen (real LevelDB)', async () => {
+  const n = 1_750; // more than three chunks
+  await withRegistry(n, async (reg, db, reopen) => {
     // the batches the flush writes, by size, and whether the event loop ran before each
     const sizes: number[] = [];
     let ticked = 0;
@@ -30,37 +59,21 @@ test('registry: a flush of many records is written in chunks, letting the event 
     assert.ok(ticks.every((t, i) => i === 0 || t > ticks[i - 1]!), `the event loop ran between the chunks (${ticks.join(',')})`);
     await db.close();
 
-    db = await openStore<string>(dir, 'utf8');
-    const again = new Registry(db);
-    await again.load();
+    const again = (await reopen()).reg;
     for (const i of [0, 499, 500, 1_000, n - 1]) assert.equal(again.get(`mcu-${i}`)?.latest.seq?.v, i, `mcu-${i} was written`);
     assert.equal(again.counts().total, n);
-    await db.close();
-  } finally {
-    tmp.cleanup();
-  }
+  });
 });
 
 test('registry: a flush started while a chunked one is under way waits for it, so the database can be closed after it (real LevelDB)', async () => {
-  const tmp = tempDir();
-  try {
-    const dir = join(tmp.dir, 'registry');
-    let db = await openStore<string>(dir, 'utf8');
-    const reg = new Registry(db);
-    const now = Date.now();
-    for (let i = 0; i < 1_200; i++) reg.onTelemetry(`mcu-${i}`, { v: 1, mid: String(i + 1), ts: now, samples: [{ n: 'seq', v: i, t: now }] });
+  await withRegistry(1_200, async (reg, db, reopen) => {
     const first = reg.flush(); // the traffic timer's flush, say: three chunks
-    reg.onTelemetry('mcu-late', { v: 1, mid: '1', ts: now, samples: [{ n: 'seq', v: 7, t: now }] });
+    reading(reg, 'mcu-late', 7);
     await reg.flush(); // the hub stopping
     await db.close(); // would fail the first flush's later chunks if it were still running
     await first;
-    db = await openStore<string>(dir, 'utf8');
-    const again = new Registry(db);
-    await again.load();
+    const again = (await reopen()).reg;
     assert.equal(again.counts().total, 1_201);
     assert.equal(again.get('mcu-late')?.latest.seq?.v, 7);
-    await db.close();
-  } finally {
-    tmp.cleanup();
-  }
+  });
 });
