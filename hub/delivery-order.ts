@@ -143,6 +143,16 @@ export function orderPersistence<P extends LevelPersistence>(
  * A refused live copy leaves its queue entry alone (aedes clears by messageId, which a live
  * packet does not have yet), so the replay's PUBACK clears it. Replay copies are told apart
  * by their messageId: emptyQueue gives each one (QoSPacket), live packets have none yet.
+ *
+ * The snapshot also waits for the client's previous connection to finish clearing what it
+ * acknowledged. aedes handles a PUBACK by a LevelDB get and then a delete
+ * (outgoingClearMessageId) and waits for neither before it closes the connection on the
+ * DISCONNECT that follows, nor before it opens the queue of the next connection with the
+ * same client id. A snapshot taken while those deletes are under way has the acknowledged
+ * messages in it, and they are sent again. A replayed entry whose delete lands while aedes
+ * re-numbers it (outgoingUpdate) fails with "no such packet", and aedes drops the new
+ * connection. With the store's deletes slowed to 150 ms (test/hub/delivery.test.ts) a
+ * consumer that came straight back got nothing more after its first reconnect.
  */
 export class ReplayGate {
   private issuedSeq = 0;
@@ -150,6 +160,8 @@ export class ReplayGate {
   /** `brokerId:brokerCounter` → issue number, for recent queue writes only */
   private readonly index = new Map<string, number>();
   private readonly clients = new WeakMap<Client, GateState>();
+  /** client id → its queue clears (PUBACKs) under way, settled together */
+  private readonly clears = new Map<string, Promise<void>>();
 
   /** A queue write was issued. */
   issued(packet: object): void {
@@ -188,10 +200,46 @@ export class ReplayGate {
     return !st.replayed.has(k);
   }
 
-  /** Wrap persistence.outgoingStream: snapshot at once, and watch what the replay reads. */
+  /**
+   * Wrap persistence.outgoingStream: snapshot as soon as the client's earlier clears are done,
+   * and watch what the replay reads. Wrap outgoingClearMessageId to know those clears.
+   */
   wrap<P extends LevelPersistence>(p: P): P {
-    const stream = p.outgoingStream.bind(p);
+    const clear = p.outgoingClearMessageId.bind(p);
+    p.outgoingClearMessageId = (client, packet) => {
+      const own = clear(client, packet);
+      // a refused live copy has no messageId yet (see above): its lookup finds nothing
+      if (client.id !== null && packet.messageId !== undefined) this.clearing(client.id, own);
+      return own;
+    };
+    const stream = this.snapshot(p.outgoingStream.bind(p));
     p.outgoingStream = (client) => {
+      const earlier = client.id === null ? undefined : this.clears.get(client.id);
+      if (earlier === undefined) return stream(client);
+      return Readable.from(
+        (async function* () {
+          await earlier;
+          yield* stream(client);
+        })(),
+      );
+    };
+    return p;
+  }
+
+  /** Follow a clear of `clientId`'s queue entry until it settles. */
+  private clearing(clientId: string, own: Promise<unknown>): void {
+    const prev = this.clears.get(clientId);
+    const settled = own.then(noop, noop);
+    const all = prev === undefined ? settled : Promise.all([prev, settled]).then(noop);
+    this.clears.set(clientId, all);
+    void all.then(() => {
+      if (this.clears.get(clientId) === all) this.clears.delete(clientId);
+    });
+  }
+
+  /** outgoingStream that takes its snapshot at once and watches what the replay reads. */
+  private snapshot(stream: LevelPersistence['outgoingStream']): LevelPersistence['outgoingStream'] {
+    return (client) => {
       const st = isClient(client) ? this.clients.get(client) : undefined;
       if (!isClient(client) || !st || st.issued !== Infinity) return stream(client);
       const c = client;
@@ -219,7 +267,6 @@ export class ReplayGate {
         })(),
       );
     };
-    return p;
   }
 
   private release(client: Client, st: GateState): void {

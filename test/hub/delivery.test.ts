@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { IClientOptions, MqttClient } from 'mqtt';
 import { encodeBatch, type BatchItem } from '../../core/batch.ts';
@@ -240,66 +241,100 @@ test('delivery: a graceful hub restart in the middle of a flood — a durable co
   }
 });
 
+/**
+ * A durable consumer leaves three times during a flood from two devices and comes back at
+ * once. Its queue is replayed on reconnect while live traffic goes on; the hub keeps the two
+ * apart. Every message must arrive, and none the consumer acknowledged may come again.
+ */
+async function leaveDuringFlood(ctx: HubCtx): Promise<void> {
+  const seen = new Map<string, number>();
+  /** messages whose PUBACK the consumer actually wrote (mqtt.js 'packetsend'): only these must never come again */
+  const acked = new Set<string>();
+  const again: string[] = [];
+  let leaving = false;
+  const join = async () => {
+    leaving = false;
+    const c = await connect(ctx.url, 'ops-durable', 'operator', ctx.operator, { clean: false });
+    // Once it has sent DISCONNECT a client must send nothing more [MQTT-3.14.4-2]. mqtt.js
+    // still acknowledges what arrives after end(): that write fails ("write after end"), the
+    // socket is destroyed, and the hub's copy of the connection goes with the PUBACKs it had
+    // received and not read yet. Those messages are then sent again, rightly, though the
+    // consumer had written their PUBACKs. So while leaving it acknowledges nothing (an error
+    // from handleMessage skips the PUBACK), and end() returns when the hub has closed.
+    c.handleMessage = (_packet, done) => (leaving ? done(new Error('leaving: no PUBACK after DISCONNECT')) : done());
+    // packet id → message, on this connection (ids are per connection)
+    const byPid = new Map<number, string>();
+    c.on('message', (topic, p, packet) => {
+      const k = `${topic} ${(JSON.parse(p.toString()) as { mid: string }).mid}`;
+      seen.set(k, (seen.get(k) ?? 0) + 1);
+      if (acked.has(k)) again.push(k); // it came back after the consumer acknowledged it
+      if (packet.messageId !== undefined) byPid.set(packet.messageId, k);
+    });
+    c.on('packetsend', (packet) => {
+      if (packet.cmd !== 'puback') return;
+      const k = byPid.get(packet.messageId!);
+      if (k !== undefined) acked.add(k);
+    });
+    await c.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+    return c;
+  };
+  let ops = await join();
+  const devs = await Promise.all(['dev-a', 'dev-b'].map((id) => connectDevice(ctx, id)));
+  const n = 1500;
+  const flood = Promise.all(
+    devs.map(async (dev, d) => {
+      const topic = deviceTopic(d === 0 ? 'dev-a' : 'dev-b', 'telemetry');
+      const inflight = new Set<Promise<unknown>>();
+      for (let i = 1; i <= n; i++) {
+        const t: Promise<unknown> = dev.publishAsync(topic, telemetry(String(i)), { qos: 1 }).finally(() => inflight.delete(t));
+        inflight.add(t);
+        if (inflight.size >= 16) await Promise.race(inflight);
+      }
+      await Promise.all(inflight);
+    }),
+  );
+  for (let round = 0; round < 3; round++) {
+    await waitFor(() => seen.size >= (round + 1) * 500, `traffic before leave #${round}`);
+    leaving = true;
+    await ops.endAsync(); // a DISCONNECT: the session and its queue stay
+    await new Promise((r) => setTimeout(r, 50)); // away for a moment: the queue fills
+    ops = await join();
+  }
+  await flood;
+  await waitFor(() => seen.size >= 2 * n, 'every message', 20_000).catch(() => undefined);
+  assert.equal(seen.size, 2 * n, 'none lost');
+  // a message the consumer received but did not acknowledge before it left is delivered
+  // again, as QoS 1 requires [MQTT-4.4.0-1]; one it acknowledged must not be
+  assert.deepEqual(again, [], `${again.length} duplicates of acknowledged messages`);
+  assert.ok(acked.size >= 2 * n - 100, `the consumer acknowledged ${acked.size} of ${2 * n}`);
+  await Promise.all([...devs, ops].map((c) => c.endAsync()));
+}
+
 test('delivery: a durable consumer that leaves and comes back during a flood gets every message, and again only what it did not acknowledge', async () => {
-  // Its queue is replayed on reconnect while live traffic goes on; the hub keeps the two
-  // apart. What arrives after the consumer called end() is not acknowledged by mqtt.js, so
-  // it is delivered again at the next connection, as QoS 1 requires [MQTT-4.4.0-1].
-  await withHub(async (_hub, ctx) => {
-    const seen = new Map<string, number>();
-    /** messages whose PUBACK the consumer actually wrote (mqtt.js 'packetsend'): only these must never come again */
-    const acked = new Set<string>();
-    const again: string[] = [];
-    let leaving = false;
-    const join = async () => {
-      leaving = false;
-      const c = await connect(ctx.url, 'ops-durable', 'operator', ctx.operator, { clean: false });
-      // packet id → message, on this connection (ids are per connection)
-      const byPid = new Map<number, string>();
-      c.on('message', (topic, p, packet) => {
-        const k = `${topic} ${(JSON.parse(p.toString()) as { mid: string }).mid}`;
-        seen.set(k, (seen.get(k) ?? 0) + 1);
-        if (acked.has(k)) again.push(k); // it came back after the consumer acknowledged it
-        if (packet.messageId !== undefined) byPid.set(packet.messageId, k);
-      });
-      c.on('packetsend', (packet) => {
-        if (packet.cmd !== 'puback' || leaving) return;
-        const k = byPid.get(packet.messageId!);
-        if (k !== undefined) acked.add(k);
-      });
-      await c.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
-      return c;
-    };
-    let ops = await join();
-    const devs = await Promise.all(['dev-a', 'dev-b'].map((id) => connectDevice(ctx, id)));
-    const n = 1500;
-    const flood = Promise.all(
-      devs.map(async (dev, d) => {
-        const topic = deviceTopic(d === 0 ? 'dev-a' : 'dev-b', 'telemetry');
-        const inflight = new Set<Promise<unknown>>();
-        for (let i = 1; i <= n; i++) {
-          const t: Promise<unknown> = dev.publishAsync(topic, telemetry(String(i)), { qos: 1 }).finally(() => inflight.delete(t));
-          inflight.add(t);
-          if (inflight.size >= 16) await Promise.race(inflight);
-        }
-        await Promise.all(inflight);
-      }),
-    );
-    for (let round = 0; round < 3; round++) {
-      await waitFor(() => seen.size >= (round + 1) * 500, `traffic before leave #${round}`);
-      leaving = true;
-      await ops.endAsync(); // a DISCONNECT: the session and its queue stay
-      await new Promise((r) => setTimeout(r, 50)); // away for a moment: the queue fills
-      ops = await join();
-    }
-    await flood;
-    await waitFor(() => seen.size >= 2 * n, 'every message', 20_000).catch(() => undefined);
-    assert.equal(seen.size, 2 * n, 'none lost');
-    // a message the consumer received but whose PUBACK it had not written when it left is
-    // delivered again, as QoS 1 requires; one it acknowledged must not be
-    assert.deepEqual(again, [], `${again.length} duplicates of acknowledged messages`);
-    assert.ok(acked.size >= 2 * n - 100, `the consumer acknowledged ${acked.size} of ${2 * n}`);
-    await Promise.all([...devs, ops].map((c) => c.endAsync()));
-  });
+  await withHub(async (_hub, ctx) => leaveDuringFlood(ctx));
+});
+
+test('delivery: the same with a slow store (each queue delete held 150 ms, injected): a reconnect waits for the acknowledgements of the connection before', async () => {
+  // aedes clears an acknowledged delivery (a LevelDB get and delete) without waiting for it
+  // before the DISCONNECT closes the connection. Without the wait in ReplayGate the next
+  // connection's replay read a queue with those clears still under way: acknowledged
+  // messages came again, and the traffic stalled (hub/delivery-order.ts).
+  const store = createRequire(import.meta.url)('aedes-persistence-level/asyncPersistence.js') as {
+    prototype: { outgoingClearMessageId(this: unknown, ...args: unknown[]): Promise<unknown> };
+  };
+  const clear = store.prototype.outgoingClearMessageId;
+  let slowed = 0;
+  store.prototype.outgoingClearMessageId = async function (this: unknown, ...args: unknown[]) {
+    slowed++;
+    await new Promise((r) => setTimeout(r, 150));
+    return clear.apply(this, args);
+  };
+  try {
+    await withHub(async (_hub, ctx) => leaveDuringFlood(ctx));
+    assert.ok(slowed >= 3000, `the store's deletes were slowed (${slowed})`);
+  } finally {
+    store.prototype.outgoingClearMessageId = clear;
+  }
 });
 
 test('delivery: a durable consumer on "#" gets nothing from the hub’s $fleetlet sinks, also when its queue is replayed', async () => {
