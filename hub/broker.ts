@@ -5,6 +5,7 @@ import aedesPersistenceLevel, { type LevelPersistence } from 'aedes-persistence-
 import type { Level } from 'level';
 import { decodeBatch, parseRecordMarker, peekMid, RECORD_TOPIC, type BatchItem } from '../core/batch.ts';
 import { deriveToken } from '../core/credentials.ts';
+import { FleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage } from '../core/messages.ts';
@@ -87,7 +88,11 @@ const EMPTY = Buffer.alloc(0);
 const LOG_EXAMPLES = 3;
 
 /** What the hub does with one outbox message: route it, or divert it to a sink. */
-type Verdict = { route: true; pending: PendingMid } | { route: false; sink: string };
+/**
+ * How an outbox message is handled. `first`: it is a duplicate whose first copy is still
+ * being routed; its PUBACK waits for that (Deduplicator.settling).
+ */
+type Verdict = { route: true; pending: PendingMid } | { route: false; sink: string; first?: Promise<boolean> };
 
 /**
  * The hub's aedes broker with device identity and ACLs. Every client authenticates:
@@ -252,6 +257,7 @@ export class HubBroker {
     const v = this.judge(t.deviceId, t.channel, payload);
     if (!v.route) {
       if (v.sink === REFUSED_TOPIC) this.opts.onRefused?.(client.id, [{ topic: packet.topic, payload, reason: 'invalid', detail: 'outbox message without a mid' }]);
+      if (v.first) return this.acknowledgeAfter(client, packet, done, afterFirstCopies([v.first], v.sink));
       divert(packet, v.sink);
       return done(null);
     }
@@ -279,7 +285,7 @@ export class HubBroker {
     const pending = this.opts.dedup.admitPending(deviceId, mid);
     if (pending) return { route: true, pending };
     this.duplicate(deviceId);
-    return { route: false, sink: DUPLICATE_TOPIC };
+    return { route: false, sink: DUPLICATE_TOPIC, first: this.opts.dedup.settling(deviceId, mid) ?? undefined };
   }
 
   private duplicate(deviceId: string): void {
@@ -309,7 +315,7 @@ export class HubBroker {
       return REFUSED_TOPIC;
     }
     this.opts.batches.inc();
-    const j: BatchJudgement = { accepted: [], refused: [], dead: [], denied: 0, mcuItems: 0 };
+    const j: BatchJudgement = { accepted: [], refused: [], dead: [], denied: 0, mcuItems: 0, firsts: [] };
     for (let i = 0; i < items.length; ) {
       const item = items[i++]!;
       if (item.topic !== RECORD_TOPIC) {
@@ -327,6 +333,8 @@ export class HubBroker {
       const end = i + marker.items;
       const pending = this.opts.dedup.admitPending(identity.id, marker.mid);
       if (pending === null) {
+        const first = this.opts.dedup.settling(identity.id, marker.mid);
+        if (first !== null) j.firsts.push(first);
         // the whole record was handled before (the sender resent it): counted as duplicates,
         // each for its device when the sender may publish for it (else for the sender: the
         // marker must not let it charge anyone's count)
@@ -353,7 +361,7 @@ export class HubBroker {
     }
     await this.route(accepted);
     this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
-    return BATCH_TOPIC;
+    return j.firsts.length === 0 ? BATCH_TOPIC : afterFirstCopies(j.firsts, BATCH_TOPIC);
   }
 
   /**
@@ -379,6 +387,7 @@ export class HubBroker {
       const v = this.judge(t.deviceId, t.channel, item.payload);
       if (!v.route) {
         const dup = v.sink === DUPLICATE_TOPIC;
+        if (v.first) j.firsts.push(v.first);
         this.opts.batchItems.inc({ result: dup ? 'duplicate' : 'invalid' });
         if (!dup) j.dead.push({ topic: item.topic, payload: item.payload, reason: 'invalid', detail: 'outbox message without a mid' });
         return;
@@ -628,6 +637,19 @@ interface BatchJudgement {
   dead: DeadLetterInput[];
   denied: number;
   mcuItems: number;
+  /** duplicates whose first copies are still being routed: the PUBACK waits for them */
+  firsts: Promise<boolean>[];
+}
+
+/**
+ * `sink` once the first copies of these duplicates were routed. If one was not (the hub is
+ * closing), the publish carrying the duplicate fails: no PUBACK, and the sender resends it,
+ * which passes then (the first copy's mid was forgotten).
+ */
+async function afterFirstCopies(firsts: readonly Promise<boolean>[], sink: string): Promise<string> {
+  const routed = await Promise.all(firsts);
+  if (!routed.every(Boolean)) throw new FleetError('FLEET_ROUTE_FAILED', 'a message this publish repeats was not routed (the hub is closing, or its store failed); no PUBACK, so the sender resends it');
+  return sink;
 }
 
 /**

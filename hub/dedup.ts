@@ -144,6 +144,11 @@ export class DedupWindow {
     this.ring[slot] = undefined;
   }
 
+  /** true when the window holds `mid` as the admission `seq` */
+  holdsAs(seq: number, mid: string): boolean {
+    return this.holds(seq) && this.ring[seq % this.size] === midKey(mid);
+  }
+
   /** true while `seq` has not been pushed out of the window by newer admissions (or trimmed) */
   holds(seq: number): boolean {
     return seq >= 0 && seq < this.next && seq >= this.next - this.held;
@@ -308,6 +313,8 @@ interface DeviceState {
   readonly dirtyChunks: Set<number>;
   /** seqs admitted whose messages are not routed yet: written as empty slots until confirmed */
   readonly pending: Set<number>;
+  /** pending seq → duplicates waiting to learn how its routing ended (rare: made on demand) */
+  waiters?: Map<number, Array<(routed: boolean) => void>>;
 }
 
 /**
@@ -457,9 +464,47 @@ export class Deduplicator {
     return new Pending(this, st, seq, mid);
   }
 
+  /**
+   * For a duplicate whose first copy is still being routed (admitted, neither confirmed nor
+   * forgotten): a promise of how that ends, true when it was routed. Null when `mid` is not
+   * pending (its message was routed long ago, or it is not remembered at all). The hub holds
+   * the duplicate's PUBACK on it: acknowledged at once, a resend that arrived during the first
+   * copy's routing would be lost if that routing then failed (the first copy's mid is
+   * forgotten, but the sender, acknowledged, never sends again). O(mids of the device being
+   * routed right now): only a duplicate pays it, and only while that set is not empty.
+   */
+  settling(deviceId: string, mid: string): Promise<boolean> | null {
+    const st = this.devices.get(deviceId);
+    if (st === undefined || st.pending.size === 0) return null;
+    let seq = -1;
+    for (const s of st.pending) {
+      if (st.win.holdsAs(s, mid)) {
+        seq = s;
+        break;
+      }
+    }
+    if (seq < 0) return null;
+    const waiters = (st.waiters ??= new Map());
+    return new Promise((resolve) => {
+      const list = waiters.get(seq);
+      if (list === undefined) waiters.set(seq, [resolve]);
+      else list.push(resolve);
+    });
+  }
+
+  /** Tell the duplicates waiting on `seq` how its routing ended. */
+  private settle(st: DeviceState, seq: number, routed: boolean): void {
+    const list = st.waiters?.get(seq);
+    if (list === undefined) return;
+    st.waiters!.delete(seq);
+    if (st.waiters!.size === 0) st.waiters = undefined;
+    for (const resolve of list) resolve(routed);
+  }
+
   /** Pending.confirm */
   confirmPending(st: DeviceState, seq: number, mid: string): void {
     st.pending.delete(seq);
+    this.settle(st, seq, true);
     if (this.devices.get(st.id) === st && st.win.holds(seq)) {
       this.markDirty(st, seq);
       this.journal.push(`${st.id} ${mid}`);
@@ -469,6 +514,7 @@ export class Deduplicator {
   /** Pending.forget */
   forgetPending(st: DeviceState, seq: number): void {
     st.pending.delete(seq);
+    this.settle(st, seq, false);
     const before = st.win.count;
     st.win.forget(seq);
     if (this.devices.get(st.id) === st) this.entries += st.win.count - before;

@@ -112,6 +112,26 @@ test('deduplicator: a pending mid counts at once but is persisted only when conf
   });
 });
 
+test('deduplicator: a duplicate of a mid still pending learns how its first copy ended (settling); one not pending gets null', async () => {
+  await withDedup(async (open) => {
+    const d = await open();
+    const a = d.admitPending('dev-1', '10')!;
+    const b = d.admitPending('dev-1', '11')!;
+    assert.ok(d.admit('dev-1', '12'));
+    const waitA = [d.settling('dev-1', '10'), d.settling('dev-1', '10')];
+    const waitB = d.settling('dev-1', '11');
+    assert.ok(waitA.every((w) => w !== null) && waitB !== null);
+    assert.equal(d.settling('dev-1', '12'), null, 'admitted, not pending');
+    assert.equal(d.settling('dev-1', '13'), null, 'never seen');
+    assert.equal(d.settling('dev-2', '10'), null, 'another device');
+    a.confirm();
+    b.forget();
+    assert.deepEqual(await Promise.all([...waitA, waitB]), [true, true, false]);
+    assert.equal(d.settling('dev-1', '10'), null, 'settled: no longer pending');
+    await d.close();
+  });
+});
+
 test('deduplicator: without a flush (a crash), what was admitted since the last flush is forgotten', async () => {
   await withDedup(async (open, handle) => {
     const d = await open();

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { MqttClient } from 'mqtt';
 import { countItems, encodeBatch, parseRecordMarker, recordMarker, RECORD_TOPIC, type BatchItem } from '../../core/batch.ts';
@@ -200,3 +201,111 @@ test('records: a resent record counts its duplicates for devices the sender may 
     await victim.endAsync();
   });
 });
+
+/**
+ * Hold the hub's durable-queue writes of MCU telemetry (aedes-persistence-level's
+ * outgoingEnqueueCombi) until `release`: routing to a durable consumer waits for them, so a
+ * record's first copy stays "being routed" as long as the test wants. `release(err)` fails
+ * them as a full disk would. A fault injected into the real store.
+ */
+function holdQueueWrites(): { held: () => number; release: (err?: Error) => void; restore: () => void } {
+  const store = createRequire(import.meta.url)('aedes-persistence-level/asyncPersistence.js') as {
+    prototype: { outgoingEnqueueCombi(this: unknown, subs: unknown, packet: { topic: string }): Promise<unknown> };
+  };
+  const enqueue = store.prototype.outgoingEnqueueCombi;
+  let gate: { promise: Promise<void>; resolve: () => void; err?: Error } | null = null;
+  let held = 0;
+  const open = () => {
+    let resolve!: () => void;
+    const promise = new Promise<void>((r) => (resolve = r));
+    gate = { promise, resolve };
+  };
+  open();
+  store.prototype.outgoingEnqueueCombi = async function (this: unknown, subs: unknown, packet: { topic: string }) {
+    const g = gate;
+    if (g !== null && /^fleet\/v1\/d\/esp-/.test(packet.topic)) {
+      held++;
+      await g.promise;
+      if (g.err) throw g.err;
+    }
+    return enqueue.call(this, subs, packet);
+  };
+  return {
+    held: () => held,
+    release: (err) => {
+      const g = gate;
+      if (g === null) return;
+      gate = null;
+      g.err = err;
+      g.resolve();
+    },
+    restore: () => {
+      store.prototype.outgoingEnqueueCombi = enqueue;
+    },
+  };
+}
+
+/** Publish and note how it ended: 'acked' (PUBACK), 'failed' (an error, or the connection closed first). */
+function publishTracked(c: MqttClient, topic: string, payload: Buffer): { state: () => 'waiting' | 'acked' | 'failed' } {
+  let state: 'waiting' | 'acked' | 'failed' = 'waiting';
+  c.publish(topic, payload, { qos: 1 }, (err) => {
+    if (state === 'waiting') state = err ? 'failed' : 'acked';
+  });
+  c.once('close', () => {
+    if (state === 'waiting') state = 'failed';
+  });
+  return { state: () => state };
+}
+
+for (const outcome of ['routed', 'failed'] as const) {
+  test(`records: a resend arriving while the first copy is still being routed is acknowledged only after it, and ${outcome === 'routed' ? 'then as a duplicate' : 'not at all when that routing failed (store write failed, injected): the next resend passes'}`, async () => {
+    const hold = holdQueueWrites();
+    try {
+      await withHub(async (_hub, ctx) => {
+        // a failed assertion must not leave routing held: the hub's stop waits for it
+        try {
+          await resendDuringRouting(ctx, hold, outcome);
+        } finally {
+          hold.release();
+        }
+      });
+    } finally {
+      hold.restore();
+    }
+  });
+}
+
+async function resendDuringRouting(ctx: HubCtx, hold: ReturnType<typeof holdQueueWrites>, outcome: 'routed' | 'failed'): Promise<void> {
+  // a durable consumer: routing its messages waits for their queue writes (held)
+  const ops = await connect(ctx.url, 'ops-durable', 'operator', ctx.operator, { clean: false });
+  const seen: string[] = [];
+  ops.on('message', (topic, payload) => seen.push(`${topic} ${(JSON.parse(payload.toString()) as { mid: string }).mid}`));
+  await ops.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+  const rec = encodeBatch(record('700', MCUS.slice(0, 3)));
+  const first = await gateway(ctx);
+  const one = publishTracked(first, deviceTopic(GW, 'batch'), rec);
+  await waitFor(() => hold.held() >= 1, 'the first copy held in routing');
+  // the gateway comes back on a new connection (taking the session over) and resends it
+  const second = await connectDevice(ctx, GW);
+  const two = publishTracked(second, deviceTopic(GW, 'batch'), rec);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(two.state(), 'waiting', 'no PUBACK for the resend while its first copy is being routed');
+  if (outcome === 'routed') {
+    hold.release();
+    await waitFor(() => two.state() !== 'waiting', 'the resend answered');
+    assert.equal(two.state(), 'acked');
+  } else {
+    hold.release(new Error('injected: no space left on device'));
+    await waitFor(() => two.state() !== 'waiting', 'the resend answered');
+    assert.equal(two.state(), 'failed', 'no PUBACK: the first copy was not routed, so the resend must come again');
+    assert.notEqual(one.state(), 'acked');
+    const third = await connectDevice(ctx, GW);
+    await third.publishAsync(deviceTopic(GW, 'batch'), rec, { qos: 1 });
+    await third.endAsync();
+  }
+  const want = MCUS.slice(0, 3).map((m, k) => `${deviceTopic(m, 'telemetry')} 700${String(k).padStart(3, '0')}`);
+  await waitFor(() => want.every((w) => seen.includes(w)), 'every item at the consumer');
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual([...seen].sort(), want, 'each item once');
+  await Promise.all([first, second, ops].map((c) => c.endAsync(true)));
+}
