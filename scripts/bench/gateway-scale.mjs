@@ -344,7 +344,9 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
     simKbPerDevice: Math.round((simRssKb / N) * 10) / 10,
     windowS: Math.round(secs * 10) / 10,
     ackedPerS: Math.round((sent1 - sent0) / secs),
-    deliveredPerS: Math.round(meter.arrivedInWindow / secs),
+    // arrivals are counted in [t0, t0 + WINDOW_S) exactly; `secs` runs to the end of the
+    // last metrics scrape (up to a second longer), which would understate the rate
+    deliveredPerS: Math.round(meter.arrivedInWindow / WINDOW_S),
     windowReadingsDelivered: meter.inWindow,
     p50Ms: meter.percentile(50),
     p99Ms: meter.percentile(99),
