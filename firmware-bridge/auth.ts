@@ -206,9 +206,12 @@ export class ReplayGuard {
   }
 
   snapshot(): ReplaySnapshot {
-    const out: ReplaySnapshot = {};
-    for (const [id, st] of this.state) out[id] = [st.high, st.seen];
-    return out;
+    return Object.fromEntries(this.entries());
+  }
+
+  /** [id, [high, seen]] per MCU (the snapshot's entries), read as the walk reaches them */
+  *entries(): Generator<[string, [number, number]]> {
+    for (const [id, st] of this.state) yield [id, [st.high, st.seen]];
   }
 
   /** Load persisted state; entries that are not well-formed are skipped (and counted in the result). */

@@ -22,7 +22,7 @@ import { McuMqttIngress } from './mqtt-ingress.ts';
 import type { LeanTlsOptions } from './mqtt-lean.ts';
 import { Relay, type McuProtocol } from './relay.ts';
 import { McuService } from './service.ts';
-import { loadGatewayState, saveGatewayState, saveGatewayStateAsync } from './state.ts';
+import { encodeGatewayState, loadGatewayState, saveGatewayState, saveGatewayStateAsync, type GatewayStateSource } from './state.ts';
 
 export type { GatewayConfig } from './config.ts';
 export { GatewayConfigSchema } from './config.ts';
@@ -199,20 +199,21 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   /** a save failed, or changes came while one was under way: the next tick saves even without new changes */
   let saveAgain = false;
   let saving: Promise<void> | null = null;
-  const takeState = () => {
+  /** true when the state changed since the last save (or that save failed) */
+  const takeChanged = () => {
     // both flags must be taken (not short-circuited) so neither change is lost
     const a = relay.takeChanged();
     const b = guard.takeChanged();
-    if (!a && !b && !saveAgain) return null;
+    if (!a && !b && !saveAgain) return false;
     saveAgain = false;
-    return { v: 1 as const, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() };
+    return true;
   };
-  /** every stateFlushMs: off the event loop, one save at a time */
+  const source: GatewayStateSource = { mcus: () => relay.mcuIdIterator(), replay: () => guard.entries(), meta: () => relay.metaEntries() };
+  /** every stateFlushMs: encoded in chunks, written off the event loop, one save at a time */
   const persistSoon = () => {
-    if (saving) return;
-    const state = takeState();
-    if (!state) return;
-    saving = saveGatewayStateAsync(paths.stateFile, state)
+    if (saving || !takeChanged()) return;
+    saving = encodeGatewayState(source)
+      .then((text) => saveGatewayStateAsync(paths.stateFile, text))
       .catch((err: unknown) => {
         saveAgain = true;
         log.error('cannot persist MCU state; trying again', { err });
@@ -224,10 +225,9 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   /** at stop: after any save under way, the last state, synchronously */
   const persist = async () => {
     await saving;
-    const state = takeState();
-    if (!state) return;
+    if (!takeChanged()) return;
     try {
-      saveGatewayState(paths.stateFile, state);
+      saveGatewayState(paths.stateFile, { v: 1, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() });
     } catch (err) {
       log.error('cannot persist MCU state', { err });
     }

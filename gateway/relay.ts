@@ -462,9 +462,12 @@ export class Relay {
   }
 
   metaSnapshot(): Record<string, McuMeta> {
-    const out: Record<string, McuMeta> = {};
-    for (const [id, e] of this.mcus) if (Object.keys(e.meta).length > 0) out[id] = e.meta;
-    return out;
+    return Object.fromEntries(this.metaEntries());
+  }
+
+  /** [id, meta] of the MCUs whose hello said something, read as the walk reaches them */
+  *metaEntries(): Generator<[string, McuMeta]> {
+    for (const [id, e] of this.mcus) if (Object.keys(e.meta).length > 0) yield [id, e.meta];
   }
 
   isKnown(mcuId: string): boolean {
@@ -712,6 +715,11 @@ export class Relay {
 
   mcuIds(): string[] {
     return [...this.mcus.keys()];
+  }
+
+  /** the MCU ids in registration order, read as the walk reaches them */
+  mcuIdIterator(): Iterator<string> {
+    return this.mcus.keys();
   }
 
   get hubConnected(): boolean {

@@ -66,15 +66,58 @@ export function saveGatewayState(file: string, state: PersistedGatewayState): vo
   }
 }
 
+/** The parts of the gateway state, walked lazily by encodeGatewayState (in chunks). */
+export interface GatewayStateSource {
+  mcus(): Iterator<string>;
+  replay(): Iterator<[string, readonly [number, number]]>;
+  meta(): Iterator<[string, McuMeta]>;
+}
+
+/** entries encoded in one turn of the event loop */
+const ENCODE_CHUNK = 500;
+
 /**
- * saveGatewayState without blocking the event loop: the write, fsync and rename run on
- * libuv's thread pool. The gateway saves every stateFlushMs while MCUs send MAC-framed
- * messages, i.e. continuously at scale, and a synchronous fsync of a file listing 10,000
- * MCUs stalled every connection for its duration. Same file layout and atomic rename.
+ * The state file's text, as JSON.stringify of a PersistedGatewayState gives it, built
+ * `chunk` entries at a time with a turn of the event loop between chunks. At 10,000 MCUs
+ * building the snapshot and stringifying it whole took 15 ms on an idle core (about 1 MB)
+ * and 40–50 ms on a loaded gateway, every stateFlushMs (2 s): a stall that every MCU message
+ * arriving meanwhile waited out, a visible part of the relay's p99 latency. Entries are read
+ * as the walk reaches them, so one changed during the walk is saved as it is then (replay
+ * counters only grow); any change after takeChanged() also marks the state for the next save.
  */
-export async function saveGatewayStateAsync(file: string, state: PersistedGatewayState): Promise<void> {
+export async function encodeGatewayState(src: GatewayStateSource, chunk = ENCODE_CHUNK): Promise<string> {
+  const out: string[] = ['{"v":1,"mcus":['];
+  await encodeEntries(out, src.mcus(), (id) => JSON.stringify(id), chunk);
+  out.push('],"replay":{');
+  await encodeEntries(out, src.replay(), ([id, v]) => `${JSON.stringify(id)}:${JSON.stringify(v)}`, chunk);
+  out.push('},"meta":{');
+  await encodeEntries(out, src.meta(), ([id, m]) => `${JSON.stringify(id)}:${JSON.stringify(m)}`, chunk);
+  out.push('}}');
+  return out.join('');
+}
+
+async function encodeEntries<T>(out: string[], it: Iterator<T>, encode: (v: T) => string, chunk: number): Promise<void> {
+  let sep = '';
+  for (;;) {
+    for (let i = 0; i < chunk; i++) {
+      const r = it.next();
+      if (r.done === true) return;
+      out.push(sep + encode(r.value));
+      sep = ',';
+    }
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+}
+
+/**
+ * saveGatewayState without blocking the event loop: the text comes from encodeGatewayState,
+ * and the write, fsync and rename run on libuv's thread pool. The gateway saves every
+ * stateFlushMs while MCUs send MAC-framed messages, i.e. continuously at scale, and a
+ * synchronous fsync of a file listing 10,000 MCUs stalled every connection for its
+ * duration. Same file layout and atomic rename.
+ */
+export async function saveGatewayStateAsync(file: string, data: string): Promise<void> {
   const tmp = `${file}.${process.pid}.tmp`;
-  const data = JSON.stringify(state);
   try {
     await mkdir(dirname(file), { recursive: true, mode: 0o700 });
     const fh = await open(tmp, 'w', 0o600);
