@@ -74,9 +74,10 @@ export const ERROR_CODES = {
   FLEET_MCU_NO_FIRMWARE: 'no firmware image is offered to this MCU (or not the one it asked for with h=)',
   FLEET_MCU_UPLOAD: 'an MCU Block1 upload is out of order, too large, timed out, or the gateway has too many in progress',
   FLEET_MCU_FIRMWARE: 'the gateway could not fetch, check or verify the MCU firmware bundle the desired state names',
+  // hub routing (docs/topics.md#records)
+  FLEET_ROUTE_FAILED: 'a publish repeats a message whose first copy the hub was still routing, and that routing failed (the hub is closing, or a durable queue write failed); no PUBACK, so the sender resends it, and that resend passes',
   // hub command delivery (docs/topics.md#command-delivery)
   FLEET_COMMAND_QUEUE_FULL: 'the hub already holds the most commands awaiting a reply for this device (100) or in all (100,000); HTTP 429, retry once some are replied or expired',
-  FLEET_ROUTE_FAILED: 'the hub could not route a published message, or the first copy of a message it repeats (the hub is closing, or its store failed); no PUBACK, so the sender resends it',
   FLEET_COMMAND_INTERRUPTED: 'the agent restarted while it was running this command; it is not run again (it may or may not have taken effect)',
   FLEET_INTERNAL: 'an unexpected internal error; the message has details',
 } as const;

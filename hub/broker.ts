@@ -124,6 +124,7 @@ export class HubBroker {
   private constructor(
     aedes: Aedes,
     private readonly persistence: LevelPersistence,
+    private readonly readQueue: LevelPersistence['outgoingStream'],
     gate: ReplayGate,
     private readonly opts: BrokerOptions,
   ) {
@@ -136,9 +137,13 @@ export class HubBroker {
     // queue writes complete in call order, the sinks are never queued, and a durable
     // client's reconnect replay does not overlap its live deliveries: hub/delivery-order.ts
     const gate = new ReplayGate();
+    const store = aedesPersistenceLevel(opts.db);
+    // the stop's check for unacknowledged deliveries reads a queue as it is: through the gate
+    // it would take the snapshot of a client whose replay has not started yet
+    const readQueue = store.outgoingStream.bind(store);
     const persistence = gate.wrap(
       orderPersistence(
-        aedesPersistenceLevel(opts.db),
+        store,
         (topic) => topic.startsWith(SINK_PREFIX),
         gate,
       ),
@@ -156,7 +161,7 @@ export class HubBroker {
     // the event loop, and the gateway's uplink queued behind it (seconds of latency at 8,000
     // MCUs with the hub's CPU not saturated).
     const aedes = await Aedes.createBroker({ persistence, id: `fleetlet-hub-${Date.now().toString(36)}`, concurrency: 10_000 });
-    const hub = new HubBroker(aedes, persistence, gate, opts);
+    const hub = new HubBroker(aedes, persistence, readQueue, gate, opts);
     aedes.authenticate = hub.authenticate;
     aedes.authorizePublish = hub.authorizePublish;
     aedes.authorizeSubscribe = hub.authorizeSubscribe;
@@ -315,7 +320,22 @@ export class HubBroker {
       return REFUSED_TOPIC;
     }
     this.opts.batches.inc();
-    const j: BatchJudgement = { accepted: [], refused: [], dead: [], denied: 0, mcuItems: 0, firsts: [] };
+    const j: BatchJudgement = { accepted: [], refused: [], dead: [], denied: 0, mcuItems: 0, firsts: [], records: [] };
+    try {
+      this.judgeBatch(identity, items, j);
+    } catch (err) {
+      // nothing was routed: what was admitted is forgotten, or a resend would wait on it forever
+      for (const it of j.accepted) it.pending?.forget();
+      for (const r of j.records) r.abort();
+      throw err;
+    }
+    await this.route(j.accepted);
+    this.opts.batchItems.inc({ result: 'routed' }, j.accepted.length);
+    return j.firsts.length === 0 ? BATCH_TOPIC : afterFirstCopies(j.firsts, BATCH_TOPIC);
+  }
+
+  /** routeBatch's judging: every item in order, into `j` (nothing routed yet). */
+  private judgeBatch(identity: Identity & { kind: 'device' }, items: readonly BatchItem[], j: BatchJudgement): void {
     for (let i = 0; i < items.length; ) {
       const item = items[i++]!;
       if (item.topic !== RECORD_TOPIC) {
@@ -346,22 +366,20 @@ export class HubBroker {
         continue;
       }
       const record = new RecordRoute(pending, this.opts.dedup);
+      j.records.push(record);
       for (; i < end; i++) this.judgeItem(identity, items[i]!, record, j);
       record.sealed();
     }
     const { accepted, refused, dead, denied } = j;
     if (denied > 0) {
       this.opts.denied.inc({ action: 'publish' }, denied);
-      this.opts.log.warn('batch items refused by the ACL (kept as dead letters)', { client: client.id, denied, of: items.length, examples: refused });
+      this.opts.log.warn('batch items refused by the ACL (kept as dead letters)', { client: identity.id, denied, of: items.length, examples: refused });
     }
-    if (dead.length > 0) this.opts.onRefused?.(client.id, dead);
+    if (dead.length > 0) this.opts.onRefused?.(identity.id, dead);
     if (j.mcuItems > 0) {
       const now = Date.now();
       for (const it of accepted) if (it.deviceId !== identity.id) this.claimActive.set(it.deviceId, now);
     }
-    await this.route(accepted);
-    this.opts.batchItems.inc({ result: 'routed' }, accepted.length);
-    return j.firsts.length === 0 ? BATCH_TOPIC : afterFirstCopies(j.firsts, BATCH_TOPIC);
   }
 
   /**
@@ -429,24 +447,41 @@ export class HubBroker {
       let failed: unknown = null;
       if (left === 0) return resolve();
       const onRouted = this.opts.onRouted;
-      for (const it of items) {
-        this.aedes.publish({ cmd: 'publish', topic: it.topic, payload: it.payload, qos: it.qos, retain: false, dup: false }, (err) => {
-          if (err) {
-            it.pending?.forget();
-            it.record?.settled();
-            failed ??= err;
-          } else {
-            it.ok = true;
-            it.pending?.confirm();
-            it.record?.settled();
-            onRouted?.(it.deviceId, it.channel, it.payload);
-          }
-          if (--left === 0) {
-            if (failed === null) resolve();
-            else reject(failed);
-          }
-        });
+      const one = (err?: unknown) => {
+        if (err) failed ??= err;
+        if (--left === 0) {
+          if (failed === null) resolve();
+          else reject(failed);
+        }
+      };
+      let i = 0;
+      try {
+        for (; i < items.length; i++) this.publishItem(items[i]!, one, onRouted);
+      } catch (err) {
+        // a publish that throws never calls back: it and the ones after it count as failed
+        failed ??= err;
+        for (; i < items.length; i++) {
+          items[i]!.pending?.forget();
+          items[i]!.record?.settled();
+          if (--left === 0) reject(failed);
+        }
       }
+    });
+  }
+
+  /** One item's publish; `done` once it was handed to every subscriber (or failed). */
+  private publishItem(it: RouteItem, done: (err?: unknown) => void, onRouted: BrokerOptions['onRouted']): void {
+    this.aedes.publish({ cmd: 'publish', topic: it.topic, payload: it.payload, qos: it.qos, retain: false, dup: false }, (err) => {
+      if (err) {
+        it.pending?.forget();
+        it.record?.settled();
+      } else {
+        it.ok = true;
+        it.pending?.confirm();
+        it.record?.settled();
+        onRouted?.(it.deviceId, it.channel, it.payload);
+      }
+      done(err ?? undefined);
     });
   }
 
@@ -603,7 +638,7 @@ export class HubBroker {
   }
 
   private async queueEmpty(client: Client): Promise<boolean> {
-    for await (const _ of this.persistence.outgoingStream(client)) return false;
+    for await (const _ of this.readQueue(client)) return false;
     return true;
   }
 
@@ -639,6 +674,8 @@ interface BatchJudgement {
   mcuItems: number;
   /** duplicates whose first copies are still being routed: the PUBACK waits for them */
   firsts: Promise<boolean>[];
+  /** the records admitted (their markers' mids) */
+  records: RecordRoute[];
 }
 
 /**
@@ -662,6 +699,7 @@ async function afterFirstCopies(firsts: readonly Promise<boolean>[], sink: strin
 export class RecordRoute {
   private readonly items: RouteItem[] = [];
   private left = 0;
+  private done = false;
 
   constructor(
     private readonly pending: PendingMid,
@@ -687,7 +725,16 @@ export class RecordRoute {
     if (--this.left === 0) this.settle();
   }
 
+  /** The batch was given up before its items were routed (a throw): the record counts as not routed. */
+  abort(): void {
+    if (this.done) return;
+    this.done = true;
+    this.pending.forget();
+  }
+
   private settle(): void {
+    if (this.done) return;
+    this.done = true;
     if (this.items.every((it) => it.ok)) return this.pending.confirm();
     this.pending.forget();
     for (const it of this.items) if (it.ok) this.dedup.admit(it.deviceId, it.mid!);
@@ -738,7 +785,10 @@ function divert(packet: PublishPacket, sink: string): void {
  */
 export function skipCleanPubackLookup(persistence: LevelPersistence): void {
   const clear = persistence.outgoingClearMessageId.bind(persistence);
-  persistence.outgoingClearMessageId = (client, packet) => (client.clean === true ? Promise.resolve(undefined) : clear(client, packet));
+  // PUBACKs only: aedes also clears through here what a clean session's CONNECT finds queued
+  // under its client id (emptyQueue: a durable session's queue, which a clean one discards
+  // [MQTT-3.1.2-6]); those entries exist and must be deleted
+  persistence.outgoingClearMessageId = (client, packet) => (client.clean === true && Reflect.get(packet, 'cmd') === 'puback' ? Promise.resolve(undefined) : clear(client, packet));
 }
 
 /**

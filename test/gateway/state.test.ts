@@ -13,7 +13,7 @@ import { tempDir, testLogger } from '../helpers.ts';
 function fleet(n: number): { ids: string[]; replay: Map<string, [number, number]>; meta: Map<string, McuMeta> } {
   const ids = Array.from({ length: n }, (_, i) => `esp32-${String(i).padStart(5, '0')}`);
   const replay = new Map(ids.map((id, i) => [id, [1000 + i, 0xffffffff - i] as [number, number]]));
-  const meta = new Map(ids.filter((_, i) => i % 3 === 0).map((id, i) => [id, { fw: `1.${i}.0`, boot: i } as McuMeta]));
+  const meta = new Map(ids.filter((_, i) => i % 3 === 0).map((id, i): [string, McuMeta] => [id, { fw: `1.${i}.0`, boot: String(i), sleepS: i % 60 }]));
   return { ids, replay, meta };
 }
 

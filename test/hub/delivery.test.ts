@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
-import type { IClientOptions, MqttClient } from 'mqtt';
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { encodeBatch, type BatchItem } from '../../core/batch.ts';
 import { deriveToken } from '../../core/credentials.ts';
 import { encodeMessage } from '../../core/messages.ts';
@@ -254,7 +254,9 @@ async function leaveDuringFlood(ctx: HubCtx): Promise<void> {
   let leaving = false;
   const join = async () => {
     leaving = false;
-    const c = await connect(ctx.url, 'ops-durable', 'operator', ctx.operator, { clean: false });
+    // handlers go on before the CONNACK: the replay may come in the same read as the CONNACK,
+    // and mqtt.js handles (and acknowledges) it before a promise for the connection resolves
+    const c = mqtt.connect(ctx.url, { clientId: 'ops-durable', username: 'operator', password: ctx.operator, clean: false, reconnectPeriod: 0, connectTimeout: 5000 });
     // Once it has sent DISCONNECT a client must send nothing more [MQTT-3.14.4-2]. mqtt.js
     // still acknowledges what arrives after end(): that write fails ("write after end"), the
     // socket is destroyed, and the hub's copy of the connection goes with the PUBACKs it had
@@ -275,6 +277,11 @@ async function leaveDuringFlood(ctx: HubCtx): Promise<void> {
       const k = byPid.get(packet.messageId!);
       if (k !== undefined) acked.add(k);
     });
+    await new Promise<void>((resolve, reject) => {
+      c.once('connect', () => resolve());
+      c.once('error', reject);
+    });
+    c.on('error', () => undefined);
     await c.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
     return c;
   };
@@ -335,6 +342,33 @@ test('delivery: the same with a slow store (each queue delete held 150 ms, injec
   } finally {
     store.prototype.outgoingClearMessageId = clear;
   }
+});
+
+test('delivery: a clean session discards the queue a durable session of its client id left [MQTT-3.1.2-6]; the next durable session does not get it', async () => {
+  await withHub(async (_hub, ctx) => {
+    const id = 'ops-switch';
+    const durable = await connect(ctx.url, id, 'operator', ctx.operator, { clean: false });
+    await durable.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+    await durable.endAsync();
+    const dev = await connectDevice(ctx, 'dev-1');
+    for (const mid of ['1', '2', '3']) await dev.publishAsync(deviceTopic('dev-1', 'telemetry'), telemetry(mid), { qos: 1 });
+    // queued for the durable session; a clean session of the same id throws it away
+    const clean = await connect(ctx.url, id, 'operator', ctx.operator, { clean: true });
+    const atClean: string[] = [];
+    clean.on('message', (_t, p) => atClean.push((JSON.parse(p.toString()) as { mid: string }).mid));
+    await new Promise((r) => setTimeout(r, 300));
+    await clean.endAsync();
+    const again = await connect(ctx.url, id, 'operator', ctx.operator, { clean: false });
+    const mids: string[] = [];
+    again.on('message', (_t, p) => mids.push((JSON.parse(p.toString()) as { mid: string }).mid));
+    await again.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+    await dev.publishAsync(deviceTopic('dev-1', 'telemetry'), telemetry('4'), { qos: 1 });
+    await waitFor(() => mids.includes('4'), 'the new message');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(atClean, [], 'a clean session is not sent the old queue');
+    assert.deepEqual(mids, ['4'], 'the old queue is gone');
+    await Promise.all([dev, again].map((c) => c.endAsync()));
+  });
 });
 
 test('delivery: a durable consumer on "#" gets nothing from the hub’s $fleetlet sinks, also when its queue is replayed', async () => {

@@ -299,6 +299,8 @@ async function resendDuringRouting(ctx: HubCtx, hold: ReturnType<typeof holdQueu
     await waitFor(() => two.state() !== 'waiting', 'the resend answered');
     assert.equal(two.state(), 'failed', 'no PUBACK: the first copy was not routed, so the resend must come again');
     assert.notEqual(one.state(), 'acked');
+    await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(seen, [], 'the first copy was not routed');
     const third = await connectDevice(ctx, GW);
     await third.publishAsync(deviceTopic(GW, 'batch'), rec, { qos: 1 });
     await third.endAsync();
