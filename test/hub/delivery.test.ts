@@ -310,10 +310,13 @@ async function leaveDuringFlood(ctx: HubCtx): Promise<void> {
   await flood;
   await waitFor(() => seen.size >= 2 * n, 'every message', 20_000).catch(() => undefined);
   assert.equal(seen.size, 2 * n, 'none lost');
+  // what it saw while leaving is sent again on the last connection, maybe after the last
+  // new message arrived (that replay first waits for the clears of the connection before)
+  await waitFor(() => acked.size >= 2 * n, 'every message acknowledged', 20_000).catch(() => undefined);
+  assert.equal(acked.size, 2 * n, `the consumer acknowledged ${acked.size} of ${2 * n}`);
   // a message the consumer received but did not acknowledge before it left is delivered
   // again, as QoS 1 requires [MQTT-4.4.0-1]; one it acknowledged must not be
   assert.deepEqual(again, [], `${again.length} duplicates of acknowledged messages`);
-  assert.ok(acked.size >= 2 * n - 100, `the consumer acknowledged ${acked.size} of ${2 * n}`);
   await Promise.all([...devs, ops].map((c) => c.endAsync()));
 }
 
