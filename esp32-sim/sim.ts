@@ -298,6 +298,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const mailbox = opts.mailbox ?? true;
   const failVersions = new Set(opts.failVersions ?? []);
   const chunk = opts.fwChunkBytes ?? 512;
+  /** longest a verified image waits for its ack's delivery before the device reboots into it */
+  const FW_ACK_WAIT_MS = 5000;
   const link: LinkKnobs = { loss, latencyMs: opts.latencyMs ?? 0, latencyJitterMs: opts.latencyJitterMs ?? 0 };
   const keepaliveS = Math.max(30, Math.ceil((3 * interval) / 1000));
   /** CoAP: how often an awake device registers its mailbox Observe again */
@@ -863,8 +865,15 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       return ack(d, { id: f.cmdId, ok: false, e: `sha256 mismatch: got ${got.slice(0, 16)}…`, code: 'HASH' });
     }
     st.fwDownloaded++;
-    // written and verified: ack, then reboot into it; the bootloader decides what runs
-    ack(d, { id: f.cmdId, ok: true, r: { v: f.version } }, () => {
+    // written and verified: ack, then reboot into it; the bootloader decides what runs. The
+    // reboot waits for the ack's delivery, at most FW_ACK_WAIT_MS: an ack stuck on a bad link
+    // (or refused) must not keep the device on the old image forever. The gateway learns the
+    // outcome from the version the device reports after booting, and the ack, kept as in NVS,
+    // is answered again if the command is pushed again.
+    let rebooted = false;
+    const rebootInto = () => {
+      if (rebooted) return;
+      rebooted = true;
       const prev = d.version;
       if (failVersions.has(f.version)) {
         st.fwRolledBack++;
@@ -879,7 +888,9 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
         opts.onFirmware?.(d.id, { version: f.version, boot: 'ota', prev });
         reboot(d, 'ota', 500);
       }
-    });
+    };
+    ack(d, { id: f.cmdId, ok: true, r: { v: f.version } }, rebootInto);
+    sched.after(FW_ACK_WAIT_MS, () => !stopped && rebootInto(), null);
   };
 
   // ---- start -------------------------------------------------------------------------
