@@ -93,6 +93,25 @@ test('metrics: Prometheus text format with escaped labels', () => {
   assert.throws(() => m.counter('bad', 'no _total suffix'));
 });
 
+test('metrics: one series per label set whatever the order its labels are given in; distinct sets stay apart', () => {
+  const m = new MetricsRegistry();
+  const c = m.counter('z_total', 'a counter');
+  c.inc({ protocol: 'mqtt', channel: 't' });
+  c.inc({ channel: 't', protocol: 'mqtt' }, 2);
+  c.inc({ c: '1', a: '2', b: '3' });
+  c.inc({ b: '3', c: '1', a: '2' });
+  c.inc({ protocol: 'coap', channel: 't' });
+  // 'a=1,b=2' against 'a=1' + 'b=2,…': names and values are kept apart
+  c.inc({ a: '1,b=2' });
+  c.inc({ a: '1', b: '2' });
+  c.inc();
+  assert.equal(c.get({ channel: 't', protocol: 'mqtt' }), 3);
+  assert.equal(c.get({ a: '2', b: '3', c: '1' }), 2);
+  assert.equal(c.get({ protocol: 'coap', channel: 't' }), 1);
+  assert.equal(c.get({}), 1);
+  assert.equal(m.render().split('\n').filter((l) => l.startsWith('z_total')).length, 6);
+});
+
 test('errors: every code is listed in docs/errors.md and every listed code exists', () => {
   const doc = readFileSync(new URL('../../docs/errors.md', import.meta.url), 'utf8');
   const documented = new Set([...doc.matchAll(/^\| `(FLEET_[A-Z0-9_]+)` \|/gm)].map((m) => m[1]));
