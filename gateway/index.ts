@@ -22,7 +22,7 @@ import { McuMqttIngress } from './mqtt-ingress.ts';
 import type { LeanTlsOptions } from './mqtt-lean.ts';
 import { Relay, type McuProtocol } from './relay.ts';
 import { McuService } from './service.ts';
-import { encodeGatewayState, loadGatewayState, saveGatewayState, saveGatewayStateAsync, type GatewayStateSource } from './state.ts';
+import { encodeGatewayState, encodeGatewayStateNow, loadGatewayState, saveGatewayState, saveGatewayStateAsync, type GatewayStateSource } from './state.ts';
 
 export type { GatewayConfig } from './config.ts';
 export { GatewayConfigSchema } from './config.ts';
@@ -227,7 +227,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     await saving;
     if (!takeChanged()) return;
     try {
-      saveGatewayState(paths.stateFile, { v: 1, mcus: relay.mcuIds(), replay: guard.snapshot(), meta: relay.metaSnapshot() });
+      saveGatewayState(paths.stateFile, encodeGatewayStateNow(source));
     } catch (err) {
       log.error('cannot persist MCU state', { err });
     }

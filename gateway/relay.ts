@@ -461,10 +461,6 @@ export class Relay {
     return this.mcus.get(mcuId)?.meta;
   }
 
-  metaSnapshot(): Record<string, McuMeta> {
-    return Object.fromEntries(this.metaEntries());
-  }
-
   /** [id, meta] of the MCUs whose hello said something, read as the walk reaches them */
   *metaEntries(): Generator<[string, McuMeta]> {
     for (const [id, e] of this.mcus) if (Object.keys(e.meta).length > 0) yield [id, e.meta];
@@ -711,10 +707,6 @@ export class Relay {
   /** MCUs whose cmd and desired are subscribed at the hub on this connection */
   get downlinkMcus(): number {
     return this.subscribedUpTo;
-  }
-
-  mcuIds(): string[] {
-    return [...this.mcus.keys()];
   }
 
   /** the MCU ids in registration order, read as the walk reaches them */

@@ -49,13 +49,14 @@ export function loadGatewayState(file: string, log: Logger): { mcus: string[]; r
   }
 }
 
-export function saveGatewayState(file: string, state: PersistedGatewayState): void {
+/** Write the state file's text (encodeGatewayStateNow) synchronously: at stop. */
+export function saveGatewayState(file: string, data: string): void {
   const tmp = `${file}.${process.pid}.tmp`;
   try {
     mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
     const fd = openSync(tmp, 'w', 0o600);
     try {
-      writeSync(fd, JSON.stringify(state));
+      writeSync(fd, data);
       fsyncSync(fd);
     } finally {
       closeSync(fd);
@@ -75,38 +76,54 @@ export interface GatewayStateSource {
 
 /** entries encoded in one turn of the event loop */
 const ENCODE_CHUNK = 500;
+/** stateText: `chunk` entries were encoded since the last pause */
+const PAUSE = Symbol('pause');
 
 /**
- * The state file's text, as JSON.stringify of a PersistedGatewayState gives it, built
- * `chunk` entries at a time with a turn of the event loop between chunks. At 10,000 MCUs
- * building the snapshot and stringifying it whole took 15 ms on an idle core (about 1 MB)
- * and 40–50 ms on a loaded gateway, every stateFlushMs (2 s): a stall that every MCU message
- * arriving meanwhile waited out, a visible part of the relay's p99 latency. Entries are read
- * as the walk reaches them, so one changed during the walk is saved as it is then (replay
- * counters only grow); any change after takeChanged() also marks the state for the next save.
+ * The state file's text, as JSON.stringify of a PersistedGatewayState gives it, in pieces,
+ * with PAUSE after every `chunk` entries. Entries are read as the walk reaches them.
+ */
+function* stateText(src: GatewayStateSource, chunk: number): Generator<string | typeof PAUSE> {
+  let n = 0;
+  function* entries<T>(it: Iterator<T>, encode: (v: T) => string): Generator<string | typeof PAUSE> {
+    let sep = '';
+    for (let r = it.next(); r.done !== true; r = it.next()) {
+      yield sep + encode(r.value);
+      sep = ',';
+      if (++n % chunk === 0) yield PAUSE;
+    }
+  }
+  yield '{"v":1,"mcus":[';
+  yield* entries(src.mcus(), (id) => JSON.stringify(id));
+  yield '],"replay":{';
+  yield* entries(src.replay(), ([id, v]) => `${JSON.stringify(id)}:${JSON.stringify(v)}`);
+  yield '},"meta":{';
+  yield* entries(src.meta(), ([id, m]) => `${JSON.stringify(id)}:${JSON.stringify(m)}`);
+  yield '}}';
+}
+
+/**
+ * The state file's text, built `chunk` entries at a time with a turn of the event loop
+ * between chunks. At 10,000 MCUs building the snapshot and stringifying it whole took 15 ms
+ * on an idle core (about 1 MB) and 40–50 ms on a loaded gateway, every stateFlushMs (2 s): a
+ * stall that every MCU message arriving meanwhile waited out, a visible part of the relay's
+ * p99 latency. An entry changed during the walk is saved as it is then (replay counters only
+ * grow); any change after takeChanged() also marks the state for the next save.
  */
 export async function encodeGatewayState(src: GatewayStateSource, chunk = ENCODE_CHUNK): Promise<string> {
-  const out: string[] = ['{"v":1,"mcus":['];
-  await encodeEntries(out, src.mcus(), (id) => JSON.stringify(id), chunk);
-  out.push('],"replay":{');
-  await encodeEntries(out, src.replay(), ([id, v]) => `${JSON.stringify(id)}:${JSON.stringify(v)}`, chunk);
-  out.push('},"meta":{');
-  await encodeEntries(out, src.meta(), ([id, m]) => `${JSON.stringify(id)}:${JSON.stringify(m)}`, chunk);
-  out.push('}}');
+  const out: string[] = [];
+  for (const piece of stateText(src, chunk)) {
+    if (piece === PAUSE) await new Promise<void>((resolve) => setImmediate(resolve));
+    else out.push(piece);
+  }
   return out.join('');
 }
 
-async function encodeEntries<T>(out: string[], it: Iterator<T>, encode: (v: T) => string, chunk: number): Promise<void> {
-  let sep = '';
-  for (;;) {
-    for (let i = 0; i < chunk; i++) {
-      const r = it.next();
-      if (r.done === true) return;
-      out.push(sep + encode(r.value));
-      sep = ',';
-    }
-    await new Promise<void>((resolve) => setImmediate(resolve));
-  }
+/** The same text at once (at stop, when nothing else runs). */
+export function encodeGatewayStateNow(src: GatewayStateSource): string {
+  let out = '';
+  for (const piece of stateText(src, Infinity)) if (piece !== PAUSE) out += piece;
+  return out;
 }
 
 /**

@@ -87,10 +87,10 @@ const EMPTY = Buffer.alloc(0);
 /** Refused batch items are logged once per batch with this many example topics. */
 const LOG_EXAMPLES = 3;
 
-/** What the hub does with one outbox message: route it, or divert it to a sink. */
 /**
- * How an outbox message is handled. `first`: it is a duplicate whose first copy is still
- * being routed; its PUBACK waits for that (Deduplicator.settling).
+ * What the hub does with one outbox message: route it, or divert it to a sink. `first`: it
+ * is a duplicate whose first copy is still being routed; its PUBACK waits for that
+ * (Deduplicator.settling).
  */
 type Verdict = { route: true; pending: PendingMid } | { route: false; sink: string; first?: Promise<boolean> };
 

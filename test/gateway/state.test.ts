@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { encodeGatewayState, loadGatewayState, saveGatewayStateAsync, type GatewayStateSource } from '../../gateway/state.ts';
+import { encodeGatewayState, encodeGatewayStateNow, loadGatewayState, saveGatewayStateAsync, type GatewayStateSource } from '../../gateway/state.ts';
 import type { McuMeta } from '../../gateway/relay.ts';
 import { tempDir, testLogger } from '../helpers.ts';
 
@@ -20,10 +20,11 @@ function fleet(n: number): { ids: string[]; replay: Map<string, [number, number]
 const sourceOf = (f: ReturnType<typeof fleet>): GatewayStateSource => ({ mcus: () => f.ids[Symbol.iterator](), replay: () => f.replay.entries(), meta: () => f.meta.entries() });
 
 for (const n of [0, 1, 499, 500, 501, 2345]) {
-  test(`gateway state: ${n} MCUs encoded in chunks give exactly JSON.stringify of the whole state`, async () => {
+  test(`gateway state: ${n} MCUs encoded in chunks (and at once) give exactly JSON.stringify of the whole state`, async () => {
     const f = fleet(n);
     const text = await encodeGatewayState(sourceOf(f));
     assert.equal(text, JSON.stringify({ v: 1, mcus: f.ids, replay: Object.fromEntries(f.replay), meta: Object.fromEntries(f.meta) }));
+    assert.equal(encodeGatewayStateNow(sourceOf(f)), text, 'the synchronous encoding (at stop) is the same');
   });
 }
 

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { deriveToken } from '../../core/credentials.ts';
 import { encodeMessage } from '../../core/messages.ts';
@@ -62,4 +63,20 @@ export async function metric(hub: HubHandle, sample: string): Promise<number> {
     if (line.startsWith(`${sample} `)) return Number(line.slice(sample.length + 1));
   }
   return 0;
+}
+
+type StoreMethod = (this: unknown, ...args: unknown[]) => Promise<unknown>;
+
+/**
+ * Replace one method of aedes-persistence-level's store class, the real LevelDB store the hub
+ * runs on, to inject a fault (slow or failing writes): `wrap` gets the original and returns
+ * the replacement. Returns the undo, for a `finally` (tests in one file run one after another).
+ */
+export function patchStore(method: 'outgoingClearMessageId' | 'outgoingEnqueueCombi', wrap: (orig: StoreMethod) => StoreMethod): () => void {
+  const proto = (createRequire(import.meta.url)('aedes-persistence-level/asyncPersistence.js') as { prototype: Record<string, StoreMethod> }).prototype;
+  const orig = proto[method]!;
+  proto[method] = wrap(orig);
+  return () => {
+    proto[method] = orig;
+  };
 }

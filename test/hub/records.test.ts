@@ -1,6 +1,5 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { MqttClient } from 'mqtt';
 import { countItems, encodeBatch, parseRecordMarker, recordMarker, RECORD_TOPIC, type BatchItem } from '../../core/batch.ts';
@@ -10,7 +9,7 @@ import { deviceTopic } from '../../core/topics.ts';
 import { RecordRoute, type RouteItem } from '../../hub/broker.ts';
 import { Deduplicator } from '../../hub/dedup.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { connect, connectDevice, metric, telemetry, withHub, type HubCtx } from './harness.ts';
+import { connect, connectDevice, metric, patchStore, telemetry, withHub, type HubCtx } from './harness.ts';
 
 // Records: a gateway's grouped MCU telemetry carries a marker with the record's own mid, and
 // the hub de-duplicates the record as a whole in the gateway's window (docs/topics.md#records).
@@ -209,27 +208,20 @@ test('records: a resent record counts its duplicates for devices the sender may 
  * them as a full disk would. A fault injected into the real store.
  */
 function holdQueueWrites(): { held: () => number; release: (err?: Error) => void; restore: () => void } {
-  const store = createRequire(import.meta.url)('aedes-persistence-level/asyncPersistence.js') as {
-    prototype: { outgoingEnqueueCombi(this: unknown, subs: unknown, packet: { topic: string }): Promise<unknown> };
-  };
-  const enqueue = store.prototype.outgoingEnqueueCombi;
-  let gate: { promise: Promise<void>; resolve: () => void; err?: Error } | null = null;
+  let resolve!: () => void;
+  let gate: { promise: Promise<void>; resolve: () => void; err?: Error } | null = { promise: new Promise<void>((r) => (resolve = r)), resolve };
   let held = 0;
-  const open = () => {
-    let resolve!: () => void;
-    const promise = new Promise<void>((r) => (resolve = r));
-    gate = { promise, resolve };
-  };
-  open();
-  store.prototype.outgoingEnqueueCombi = async function (this: unknown, subs: unknown, packet: { topic: string }) {
-    const g = gate;
-    if (g !== null && /^fleet\/v1\/d\/esp-/.test(packet.topic)) {
-      held++;
-      await g.promise;
-      if (g.err) throw g.err;
-    }
-    return enqueue.call(this, subs, packet);
-  };
+  const restore = patchStore('outgoingEnqueueCombi', (enqueue) =>
+    async function (this: unknown, ...args: unknown[]) {
+      const g = gate;
+      if (g !== null && /^fleet\/v1\/d\/esp-/.test((args[1] as { topic: string }).topic)) {
+        held++;
+        await g.promise;
+        if (g.err) throw g.err;
+      }
+      return enqueue.apply(this, args);
+    },
+  );
   return {
     held: () => held,
     release: (err) => {
@@ -239,9 +231,7 @@ function holdQueueWrites(): { held: () => number; release: (err?: Error) => void
       g.err = err;
       g.resolve();
     },
-    restore: () => {
-      store.prototype.outgoingEnqueueCombi = enqueue;
-    },
+    restore,
   };
 }
 
