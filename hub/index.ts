@@ -131,7 +131,23 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   // come from the broker as it routes them (BrokerOptions.onRouted): after de-duplication,
   // and batch items as ordinary messages. State is routed by aedes itself (retained, and the
   // broker's last wills), so it comes through an internal subscription.
+  //
+  // Consumed after the routing that produced it, at the end of the same turn of the event
+  // loop: the registry's bookkeeping (decoding every reading for the latest values) was up
+  // to half of the hub's work while routing a gateway's batch, and the subscribers' copies
+  // waited for it (coalesceWrites holds a socket's writes until setImmediate; that release
+  // is queued at the first write, before this queue's drain). Nothing waits on the registry
+  // for delivery or acknowledgement; its records are flushed to disk within seconds anyway.
+  let consumeQueue: Array<{ channel: Channel; deviceId: string; payload: Buffer }> = [];
+  const drainConsumed = (): void => {
+    const q = consumeQueue;
+    consumeQueue = [];
+    for (const m of q) consumeNow(m.channel, m.deviceId, m.payload);
+  };
   function consume(channel: Channel, deviceId: string, payload: Buffer): void {
+    if (consumeQueue.push({ channel, deviceId, payload }) === 1) setImmediate(drainConsumed);
+  }
+  function consumeNow(channel: Channel, deviceId: string, payload: Buffer): void {
     try {
       if (channel === 'telemetry') registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
       else if (channel === 'state') registry.onState(deviceId, decodeMessage('state', payload));
@@ -254,6 +270,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
       await broker.close();
       await Promise.all(listenersClosed);
       await dedup.close();
+      drainConsumed(); // what the last routing left for the registry
       await registry.flush();
       await registryDb.close();
       await deadLetters.flush();

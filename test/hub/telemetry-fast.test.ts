@@ -8,7 +8,7 @@ import { rng as xorshift } from '../helpers.ts';
 /**
  * Differential test of the hub's telemetry fast path (hub/telemetry-fast.ts) against the
  * schema decode it stands in for (core/messages.ts decodeMessage('telemetry', …)): for every
- * payload, both accept with the same result (deep-equal, same key order) or both refuse
+ * payload, both accept with the same result (deep-equal; key order may differ) or both refuse
  * with the same error code and message. Payloads are generated as JSON *text* (key order,
  * duplicate keys, whitespace, escapes and number notation are chosen, not left to
  * JSON.stringify), then some are damaged as bytes (truncation, flipped bytes, non-UTF-8).
@@ -437,9 +437,8 @@ function disagreement(ref: Outcome, fast: Outcome): string | null {
     } catch (err) {
       return `different results: ${(err as Error).message.slice(0, 600)}`;
     }
-    const a = JSON.stringify(ref.value);
-    const b = JSON.stringify(fast.value);
-    if (a !== b) return `different key order: schema ${a.slice(0, 200)} / fast ${b.slice(0, 200)}`;
+    // key order is not compared: the fast path returns the parsed objects as sent (the
+    // registry, its one caller, reads fields by name), zod builds them in its schema's order
     return null;
   }
   if (!ref.ok && !fast.ok) {
