@@ -77,3 +77,28 @@ test('registry: a flush started while a chunked one is under way waits for it, s
     assert.equal(again.get('mcu-late')?.latest.seq?.v, 7);
   });
 });
+
+test('latest values: each reading replaces the last (updated in place when the kind of value is the same), a change of kind leaves no stale field, and the disk copy matches', async () => {
+  await withRegistry(0, async (reg, db, reopen) => {
+    const send = (samples: Array<Record<string, unknown>>) => reg.onTelemetry('mcu-x', { v: 1, mid: String(Date.now()), ts: 1, samples: samples as never });
+    send([{ n: 'temp', v: 20.5, u: 'Cel', t: 100 }, { n: 'door', vb: false, t: 100 }]);
+    const first = reg.get('mcu-x')!.latest.temp;
+    send([{ n: 'temp', v: 21.25, u: 'Cel', t: 200 }, { n: 'door', vb: true, t: 200 }]);
+    assert.deepEqual(reg.get('mcu-x')!.latest, { temp: { v: 21.25, u: 'Cel', t: 200 }, door: { vb: true, t: 200 } });
+    assert.equal(reg.get('mcu-x')!.latest.temp, first, 'same kind of value: the entry was updated in place');
+    // the unit changes: still the same fields
+    send([{ n: 'temp', v: 70.7, u: 'degF', t: 300 }]);
+    assert.deepEqual(reg.get('mcu-x')!.latest.temp, { v: 70.7, u: 'degF', t: 300 });
+    // a number becomes a string without a unit: no v and no u left over from before
+    send([{ n: 'temp', vs: 'sensor fault', t: 400 }]);
+    assert.deepEqual(reg.get('mcu-x')!.latest.temp, { vs: 'sensor fault', t: 400 });
+    assert.notEqual(reg.get('mcu-x')!.latest.temp, first);
+    // and back to a number with a unit
+    send([{ n: 'temp', v: 19, u: 'Cel', t: 500 }]);
+    assert.deepEqual(reg.get('mcu-x')!.latest.temp, { v: 19, u: 'Cel', t: 500 });
+    await reg.flush();
+    await db.close();
+    const { reg: again } = await reopen();
+    assert.deepEqual(again.get('mcu-x')!.latest, { temp: { v: 19, u: 'Cel', t: 500 }, door: { vb: true, t: 200 } });
+  });
+});
