@@ -44,6 +44,12 @@ export interface BrokerOptions {
    */
   onRouted?: (deviceId: string, channel: Channel, payload: Buffer) => void;
   /**
+   * When onRouted defers its work: a promise of that work being done (null when nothing is
+   * pending). A routed message is acknowledged only after it, so a PUBACK still means the
+   * hub's own consumer has seen the message too.
+   */
+  whenConsumed?: () => Promise<void> | null;
+  /**
    * Told of every message acknowledged but not routed, other than duplicates: refused by
    * the ACL, over the payload limit, malformed or without a mid (hub/dead-letters.ts keeps
    * them). `from` is the client id of the sender.
@@ -493,8 +499,15 @@ export class HubBroker {
   private acknowledgeAfter(client: Client, packet: PublishPacket, done: (err?: Error | null) => void, work: Promise<string>): void {
     const settled: Promise<void> = work.then(
       (sink) => {
-        divert(packet, sink);
-        done(null);
+        const consumed = this.opts.whenConsumed?.() ?? null;
+        if (consumed === null) {
+          divert(packet, sink);
+          return done(null);
+        }
+        return consumed.then(() => {
+          divert(packet, sink);
+          done(null);
+        });
       },
       (err: unknown) => {
         this.opts.log.warn('routing failed; no PUBACK, the sender will resend', { client: client.id, err });
@@ -747,15 +760,25 @@ export class RecordRoute {
  * own setImmediate callback, and Node runs the nextTick queue between two immediates, so
  * mqtt-packet's own cork (uncorked on nextTick) flushed every delivery by itself: with one
  * consumer, a batch of 1,000 MCU readings cost about 300 writev calls, 14% of the hub's CPU
- * (profile of a hub routing 1,000-item batches). The uncork is an immediate scheduled during
- * the iteration's writes, so it runs in the next iteration, after every delivery queued in
- * this one: at most one iteration of added latency. end() and destroy() flush or drop the
- * held data as they would without the cork.
+ * (profile of a hub routing 1,000-item batches).
+ *
+ * The writes of a delivery happen in the check phase (immediates), and an immediate queued
+ * there runs only in the next iteration's check phase, after its poll phase: at thousands of
+ * MCU readings a second that poll phase routes the gateway's next batch, 10-30 ms during which
+ * every delivery of the previous one waited. So the release is also a 0 ms timer: the next
+ * iteration runs its timers before polling, and the check phase that wrote is over by then
+ * (a timer not yet due, after a check phase under 1 ms, leaves the immediate to release).
+ * Whichever comes first releases. end() and destroy() flush or drop the held data as they
+ * would without the cork.
  */
 export function coalesceWrites(socket: Duplex): void {
   let held = false;
+  let timer: NodeJS.Timeout | undefined;
   const release = (): void => {
+    if (!held) return;
     held = false;
+    clearTimeout(timer);
+    timer = undefined;
     if (socket.writableCorked > 0) socket.uncork();
   };
   const write = socket.write;
@@ -764,6 +787,7 @@ export function coalesceWrites(socket: Duplex): void {
       held = true;
       socket.cork();
       setImmediate(release);
+      timer = setTimeout(release, 0);
     }
     return Reflect.apply(write, this, args) as boolean;
   } as Duplex['write'];

@@ -12,6 +12,7 @@ import { MetricsRegistry } from '../core/metrics.ts';
 import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
 import { openStore } from '../core/store.ts';
+import { deferred, type Deferred } from '../core/deferred.ts';
 import { allDevices, deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
@@ -94,6 +95,48 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const deadLetters = await DeadLetters.open(deadLettersDb, { log });
   metrics.gaugeFn('fleet_hub_dead_letters', 'Messages acknowledged but not routed (ACL, invalid, too large), kept for the operator: GET /api/v1/dead-letters', () => [{ value: deadLetters.stats().records }]);
   metrics.gaugeFn('fleet_hub_dead_letters_dropped', 'Dead letters dropped (oldest first) to stay within their bounds since the hub started', () => [{ value: deadLetters.stats().evicted }]);
+  // The hub's own consumer of device traffic. Outbox messages (telemetry, events, replies)
+  // come from the broker as it routes them (BrokerOptions.onRouted): after de-duplication,
+  // and batch items as ordinary messages. State is routed by aedes itself (retained, and the
+  // broker's last wills), so it comes through an internal subscription.
+  //
+  // Consumed after the routing that produced it: onRouted fires once a message was handed to
+  // every subscriber (their writes made), and the registry's bookkeeping (JSON-decoding every
+  // reading for the latest values) runs from an immediate queued then, not inline in the
+  // callbacks of a batch's publishes, where it ran before the writes of the next batch's
+  // deliveries (coalesceWrites flushes at the start of the next turn). The PUBACK waits for it
+  // (BrokerOptions.whenConsumed), so an acknowledged message is in the registry, as before.
+  // Stop drains the queue before the registry's last flush.
+  let consumeQueue: Array<{ channel: Channel; deviceId: string; payload: Buffer }> = [];
+  let consumed: Deferred | null = null;
+  const drainConsumed = (): void => {
+    const q = consumeQueue;
+    const done = consumed;
+    consumeQueue = [];
+    consumed = null;
+    for (const m of q) consumeNow(m.channel, m.deviceId, m.payload);
+    done?.resolve();
+  };
+  function consume(channel: Channel, deviceId: string, payload: Buffer): void {
+    if (consumeQueue.push({ channel, deviceId, payload }) === 1) {
+      consumed = deferred();
+      setImmediate(drainConsumed);
+    }
+  }
+  function consumeNow(channel: Channel, deviceId: string, payload: Buffer): void {
+    try {
+      if (channel === 'telemetry') registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
+      else if (channel === 'state') registry.onState(deviceId, decodeMessage('state', payload));
+      else if (channel === 'events') registry.onEvent(deviceId, decodeMessage('events', payload));
+      else if (channel === 'reply') registry.onReply(deviceId, decodeMessage('reply', payload));
+      else return;
+      messages.inc({ channel });
+    } catch (err) {
+      messages.inc({ channel });
+      invalid.inc({ channel });
+      log.warn('dropped invalid message', { device: deviceId, channel, err });
+    }
+  }
   const broker = await HubBroker.create({
     db: brokerDb,
     log,
@@ -109,6 +152,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     batchItems,
     onDuplicate: (id) => registry.countDuplicate(id),
     onRouted: (id, channel, payload) => consume(channel, id, payload),
+    whenConsumed: () => consumed?.promise ?? null,
     onRefused: (from, items) => void deadLetters.add(from, items),
     mcuClaimIdleMs: config.mcuClaimIdleMs,
     isDevice: (id) => registry.get(id)?.direct === true,
@@ -127,40 +171,6 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   metrics.eventLoopDelayP99('fleet_hub_event_loop_delay_p99_seconds', 'p99 event-loop delay since the previous scrape: every routed message waits for this loop');
   metrics.gaugeFn('fleet_hub_mqtt_clients', 'Connected MQTT clients', () => broker.aedes.connectedClients);
 
-  // The hub's own consumer of device traffic. Outbox messages (telemetry, events, replies)
-  // come from the broker as it routes them (BrokerOptions.onRouted): after de-duplication,
-  // and batch items as ordinary messages. State is routed by aedes itself (retained, and the
-  // broker's last wills), so it comes through an internal subscription.
-  //
-  // Consumed after the routing that produced it, at the end of the same turn of the event
-  // loop: the registry's bookkeeping (decoding every reading for the latest values) was up
-  // to half of the hub's work while routing a gateway's batch, and the subscribers' copies
-  // waited for it (coalesceWrites holds a socket's writes until setImmediate; that release
-  // is queued at the first write, before this queue's drain). Nothing waits on the registry
-  // for delivery or acknowledgement; its records are flushed to disk within seconds anyway.
-  let consumeQueue: Array<{ channel: Channel; deviceId: string; payload: Buffer }> = [];
-  const drainConsumed = (): void => {
-    const q = consumeQueue;
-    consumeQueue = [];
-    for (const m of q) consumeNow(m.channel, m.deviceId, m.payload);
-  };
-  function consume(channel: Channel, deviceId: string, payload: Buffer): void {
-    if (consumeQueue.push({ channel, deviceId, payload }) === 1) setImmediate(drainConsumed);
-  }
-  function consumeNow(channel: Channel, deviceId: string, payload: Buffer): void {
-    try {
-      if (channel === 'telemetry') registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
-      else if (channel === 'state') registry.onState(deviceId, decodeMessage('state', payload));
-      else if (channel === 'events') registry.onEvent(deviceId, decodeMessage('events', payload));
-      else if (channel === 'reply') registry.onReply(deviceId, decodeMessage('reply', payload));
-      else return;
-      messages.inc({ channel });
-    } catch (err) {
-      messages.inc({ channel });
-      invalid.inc({ channel });
-      log.warn('dropped invalid message', { device: deviceId, channel, err });
-    }
-  }
   const consumeState = (packet: { topic: string; payload: Buffer | string }, cb: () => void): void => {
     const t = parseTopic(packet.topic);
     if (t) consume('state', t.deviceId, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload));
