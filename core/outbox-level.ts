@@ -55,7 +55,9 @@ interface Persisted {
 }
 
 type Op =
-  | { kind: 'append'; input: OutboxAppend; resolve: (r: OutboxRecord) => void; reject: (e: unknown) => void }
+  // input: null once encoded (its payload function may hold what the caller built the
+  // payload from; the op itself lives until its batch is written)
+  | { kind: 'append'; input: OutboxAppend | null; resolve: (r: OutboxRecord) => void; reject: (e: unknown) => void }
   | { kind: 'ack'; ids: readonly string[]; resolve: () => void; reject: (e: unknown) => void }
   | { kind: 'drop'; key: string; bytes: number; resolve: () => void; reject: (e: unknown) => void };
 
@@ -345,9 +347,11 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     for (const op of ops) {
       try {
         if (op.kind === 'append') {
+          const input = op.input!;
+          op.input = null;
           const id = seq.toString();
-          const payload = typeof op.input.payload === 'function' ? op.input.payload(id) : op.input.payload;
-          const rec: OutboxRecord = { id, topic: op.input.topic, payload, priority: op.input.priority, ts: this.now() };
+          const payload = typeof input.payload === 'function' ? input.payload(id) : input.payload;
+          const rec: OutboxRecord = { id, topic: input.topic, payload, priority: input.priority, ts: this.now() };
           const size = recordBytes(rec);
           if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
           await makeRoom(size, rec.priority);

@@ -4,7 +4,7 @@ import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { recordCounter, type McuKeys, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
-import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
+import { mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type LeanTlsOptions, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
@@ -159,7 +159,9 @@ export class McuMqttIngress {
 
   private onPublish(conn: LeanConn, packet: LeanPublish): PublishOutcome | Promise<PublishOutcome> {
     const mcuId = conn.id!;
-    if (!mcuMayPublish(mcuId, packet.topic)) {
+    // mcuMayPublish, with the parse kept for the channel
+    const topic = parseMcuTopic(packet.topic);
+    if (topic === null || topic.mcuId !== mcuId || topic.direction !== 'up') {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
       this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
       return 'close';
@@ -171,14 +173,7 @@ export class McuMqttIngress {
       this.throttle.warn(`size:${mcuId}`, 'MCU message too large; dropped', { mcu: mcuId, bytes: payload.length, max: this.opts.maxPayloadBytes });
       return 'ack';
     }
-    const channel = parseMcuTopic(packet.topic)!.channel;
-    const drop = (reason: DropReason, err: unknown): PublishOutcome => {
-      // MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
-      // connection (closing it would make the MCU resend the same bad payload forever)
-      this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
-      this.throttle.warn(`${reason}:${mcuId}`, 'MCU message dropped', { mcu: mcuId, channel, reason, err });
-      return 'ack';
-    };
+    const channel = topic.channel;
     let body = payload;
     /** the MAC counter, recorded once the message is stored (a store that fails must not turn the MCU's resend into a "replay") */
     let counter = 0;
@@ -188,7 +183,7 @@ export class McuMqttIngress {
         body = framed.payload;
         counter = verifyMcuMessage(this.opts.guard, { key: this.opts.keys.get(mcuId), mcuId, resource: channel, counter: framed.counter, mac: framed.mac, payload: body }, 'check');
       } catch (err) {
-        if (isFleetError(err, 'FLEET_MCU_REPLAY')) return drop('replay', err);
+        if (isFleetError(err, 'FLEET_MCU_REPLAY')) return this.drop(mcuId, channel, 'replay', err);
         if (isFleetError(err, 'FLEET_FORBIDDEN')) {
           // the gateway acts for as many MCUs as it can: not stored, so no PUBACK (as for
           // a message without a MAC line); the MCU tries again later
@@ -197,11 +192,11 @@ export class McuMqttIngress {
           return 'close';
         }
         this.opts.hooks.authFailed('mqtt');
-        return drop('auth', err);
+        return this.drop(mcuId, channel, 'auth', err);
       }
     } else if (this.opts.requireMac) {
       this.opts.hooks.authFailed('mqtt');
-      return drop('auth', new FleetError('FLEET_MCU_AUTH', 'this gateway requires a MAC line on MQTT payloads (mcu.mqttRequireMac)'));
+      return this.drop(mcuId, channel, 'auth', new FleetError('FLEET_MCU_AUTH', 'this gateway requires a MAC line on MQTT payloads (mcu.mqttRequireMac)'));
     }
     const svc = this.opts.service;
     let work: Promise<void>;
@@ -223,7 +218,7 @@ export class McuMqttIngress {
           work = this.onChunkRequest(conn, mcuId, body);
           break;
         default:
-          return drop('forbidden', new FleetError('FLEET_FORBIDDEN', `${channel} is not an up channel`));
+          return this.drop(mcuId, channel, 'forbidden', new FleetError('FLEET_FORBIDDEN', `${channel} is not an up channel`));
       }
     } catch (err) {
       work = Promise.reject(err);
@@ -239,7 +234,7 @@ export class McuMqttIngress {
         if (reason === 'decode') {
           // authentic but undecodable: sending it again cannot help, so its counter is spent
           if (counter > 0) recordCounter(this.opts.guard, mcuId, counter);
-          return drop('decode', err);
+          return this.drop(mcuId, channel, 'decode', err);
         }
         // not stored: no PUBACK; closing the connection makes the MCU resend it later
         this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
@@ -247,6 +242,16 @@ export class McuMqttIngress {
         return 'close';
       },
     );
+  }
+
+  /**
+   * MQTT 3.1.1 has no way to refuse one message: count it, tell the operator, keep the
+   * connection (closing it would make the MCU resend the same bad payload forever).
+   */
+  private drop(mcuId: string, channel: string, reason: DropReason, err: unknown): PublishOutcome {
+    this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
+    this.throttle.warn(`${reason}:${mcuId}`, 'MCU message dropped', { mcu: mcuId, channel, reason, err });
+    return 'ack';
   }
 
   /** fwreq: answer with the chunk on the MCU's fw topic (before the request's PUBACK). */

@@ -10,6 +10,7 @@ import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
 import { countItems, decodeBatch, encodeBatch, RECORD_TOPIC, recordMarker, type BatchItem } from '../core/batch.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
+import { deferred, type Deferred } from '../core/deferred.ts';
 
 export type McuProtocol = 'mqtt' | 'coap';
 
@@ -91,6 +92,16 @@ const registerEntryBytes = (id: string): number => id.length + 3;
 
 /** most MCU telemetry messages in one outbox record (item mids carry the index in three digits) */
 const GROUP_MAX = 1000;
+
+/** An MCU message waiting in the relay's group for flushGroup. */
+interface GroupItem {
+  mcuId: string;
+  ts: number;
+  /** NO_SAMPLES once encoded */
+  samples: readonly Sample[];
+}
+const NO_SAMPLES: readonly Sample[] = Object.freeze([]);
+
 /** bytes of a grouped record at most (by the bound below) */
 const GROUP_MAX_BYTES = 256 * 1024;
 
@@ -156,7 +167,9 @@ export class Relay {
   private readonly now: () => number;
   private stopped = false;
   /** telemetry of this turn of the event loop, stored together by flushGroup */
-  private group: Array<{ mcuId: string; ts: number; samples: readonly Sample[]; resolve: () => void; reject: (e: unknown) => void }> = [];
+  private group: GroupItem[] = [];
+  /** settles when the group is stored: every accept() of the group returns it */
+  private groupDone: Deferred | null = null;
   private groupBytes = 0;
   /** a grouped record stays below this (and so below the hub's payload limit, 1 MiB by default) */
   private readonly groupMaxBytes: number;
@@ -284,22 +297,31 @@ export class Relay {
     // While the hub is away nothing is covered, and the register sent on reconnect covers
     // every MCU known by then, so grouping goes on.
     if (this.opts.client.connected && !this.covered(mcuId)) return this.appendTelemetry(mcuId, now, samples);
-    return new Promise<void>((resolve, reject) => {
-      this.group.push({ mcuId, ts: now, samples, resolve, reject });
-      this.groupBytes += itemBytesBound(mcuId, samples);
-      if (this.group.length >= GROUP_MAX || this.groupBytes >= this.groupMaxBytes) this.flushGroup();
-      else if (this.group.length === 1) setImmediate(this.flushGroup);
-    });
+    // one promise for the whole group, not one (and its two resolvers) per message: what a
+    // message allocates lives until its record is stored, long enough at thousands of messages
+    // a second to be copied by the young generation's collections (see flushGroup)
+    let done = this.groupDone;
+    if (done === null) {
+      done = this.groupDone = deferred();
+      // shared by the group's accept() calls: a rejection none of them awaits any more is not "unhandled"
+      done.promise.catch(() => undefined);
+    }
+    this.group.push({ mcuId, ts: now, samples });
+    this.groupBytes += itemBytesBound(mcuId, samples);
+    if (this.group.length >= GROUP_MAX || this.groupBytes >= this.groupMaxBytes) this.flushGroup();
+    else if (this.group.length === 1) setImmediate(this.flushGroup);
+    return done.promise;
   }
 
   /** One MCU message as a plain outbox record (its mid is the record's id). */
-  private async appendTelemetry(mcuId: string, ts: number, samples: readonly Sample[]): Promise<void> {
-    await this.opts.outbox.append({
-      topic: deviceTopic(mcuId, 'telemetry'),
-      priority: Priority.TELEMETRY,
-      payload: (mid) => encodeTelemetry(mid, ts, samples),
-    });
-    this.queued(mcuId);
+  private appendTelemetry(mcuId: string, ts: number, samples: readonly Sample[]): Promise<void> {
+    return this.opts.outbox
+      .append({
+        topic: deviceTopic(mcuId, 'telemetry'),
+        priority: Priority.TELEMETRY,
+        payload: (mid) => encodeTelemetry(mid, ts, samples),
+      })
+      .then(() => this.queued(mcuId));
   }
 
   /** A new entry at the end of the registration order (restored, new, or adopted from the outbox). */
@@ -334,13 +356,16 @@ export class Relay {
    */
   private readonly flushGroup = (): void => {
     const items = this.group;
-    if (items.length === 0) return;
+    const done = this.groupDone;
+    if (items.length === 0 || done === null) return;
     this.group = [];
+    this.groupDone = null;
     this.groupBytes = 0;
     let work: Promise<unknown>;
     if (items.length === 1) {
       const it = items[0]!;
       work = this.appendTelemetry(it.mcuId, it.ts, it.samples);
+      it.samples = NO_SAMPLES;
     } else {
       work = this.opts.outbox.append({
         topic: this.batchTopic,
@@ -349,26 +374,25 @@ export class Relay {
           // told before the record can be peeked: the Uplink need not decode it to learn its MCUs
           this.gated.noteGroup(id, items.map((it) => it.mcuId));
           // the marker: the hub de-duplicates the record as a whole by its id (core/batch.ts)
-          return encodeBatch([
+          const batch = encodeBatch([
             recordMarker(id, items.length),
             ...items.map((it, k): BatchItem => ({
               topic: deviceTopic(it.mcuId, 'telemetry'),
               payload: encodeTelemetry(`${id}${String(k).padStart(3, '0')}`, it.ts, it.samples),
             })),
           ]);
+          // encoded: the samples need not live until the record is stored
+          for (const it of items) it.samples = NO_SAMPLES;
+          return batch;
         },
       });
     }
     work.then(
       () => {
-        for (const it of items) {
-          if (items.length > 1) this.queued(it.mcuId); // a single one: appendTelemetry did
-          it.resolve();
-        }
+        if (items.length > 1) for (const it of items) this.queued(it.mcuId); // a single one: appendTelemetry did
+        done.resolve();
       },
-      (err: unknown) => {
-        for (const it of items) it.reject(err);
-      },
+      (err: unknown) => done.reject(err),
     );
   };
 

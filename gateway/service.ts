@@ -69,7 +69,8 @@ export class McuService extends EventEmitter {
 
   async telemetry(mcuId: string, protocol: McuProtocol, payload: Buffer, format: TelemetryFormat | 'sniff'): Promise<void> {
     const samples = decodeTelemetry(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
-    await this.opts.relay.accept(mcuId, protocol, samples);
+    // returned, not awaited: no suspended frame (holding the samples) per message until stored
+    return this.opts.relay.accept(mcuId, protocol, samples);
   }
 
   async hello(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {

@@ -86,6 +86,23 @@ test('gateway MQTT: a MAC-framed message the gateway could not store is not ackn
   });
 });
 
+test('gateway MQTT: telemetry of several MCUs arriving together that the outbox cannot take is acknowledged to none of them (the grouped record fails for all)', async () => {
+  // the hub is unreachable and the outbox small: it fills with alerts (as in the test above)
+  await withLoneGateway({ outbox: { maxBytes: 65536, minFreeBytes: 0 } }, async ({ gw, site }) => {
+    const filler = await connectMcu(gw.mqttPort, 'esp-fill', site);
+    for (let n = 0; gw.stats().outbox.evicted === 0; n++) assert.equal(await pub(filler, 'mcu/v1/esp-fill/hello', JSON.stringify({ fw: `1.0.${n}-${'x'.repeat(50)}`, boot: 'power_on' })), 'puback');
+    filler.end(true);
+    const ids = ['esp-g1', 'esp-g2', 'esp-g3', 'esp-g4', 'esp-g5'];
+    const reading = JSON.stringify([{ n: 'temperature', u: 'Cel', v: 21.5 }]);
+    const clients = await Promise.all(ids.map((id) => connectMcu(gw.mqttPort, id, site)));
+    // all five at once: the gateway groups what arrives in one turn into one record
+    const outcomes = await Promise.all(clients.map((c, i) => pub(c, `mcu/v1/${ids[i]}/t`, reading)));
+    assert.deepEqual(outcomes, ids.map(() => 'closed'), 'not stored: no PUBACK for any of them');
+    assert.equal(gw.stats().dropped.outbox_full, ids.length, JSON.stringify(gw.stats().dropped));
+    for (const c of clients) c.end(true);
+  });
+});
+
 test('gateway MQTT: beyond mcu.maxMcus a new MCU’s MAC-framed message is refused without a PUBACK, as a plain one is (it used to be PUBACKed and dropped)', async () => {
   await withLoneGateway({ mcu: { maxMcus: 1 } }, async ({ gw, site }) => {
     const framed = (id: string) => frameWithMac(mcuKey(site, id), id, 't', 7, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
