@@ -7,7 +7,7 @@
 // gateway memory per connected MCU).
 //
 // Usage: node scripts/bench/gateway-scale.mjs [--devices 10000] [--sims 2] [--interval-ms 1000]
-//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--tag name]
+//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--uplink-batch-delay-ms N] [--tag name]
 // Writes scripts/bench/results/gateway-scale-<date>[-<tag>].json with the machine's details.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -31,6 +31,7 @@ const { values } = parseArgs({
     only: { type: 'string' },
     'uplink-rate': { type: 'string', default: '0' },
     'uplink-window': { type: 'string' },
+    'uplink-batch-delay-ms': { type: 'string' },
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
@@ -63,6 +64,14 @@ const cpuS = (pid) => {
     return (Number(f[11]) + Number(f[12])) / clk;
   } catch {
     return NaN;
+  }
+};
+/** the machine's steal time so far, s (all CPUs; /proc/stat, USER_HZ) */
+const machineSteal = () => {
+  try {
+    return Number(readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/)[8]) / clk;
+  } catch {
+    return null;
   }
 };
 const rssKb = (pid) => {
@@ -274,6 +283,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const t0 = Date.now();
   meter.window = [t0, t0 + WINDOW_S * 1000];
   const pids = { server: server.pid, hub: server.hubPid, sims: sims.map((s) => s.pid) };
+  const steal0 = machineSteal();
   const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent0 = sum('sent');
   const lags = [];
@@ -302,6 +312,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const t1 = Date.now();
   const connectedAtEnd = sum('connected');
   const simRssKb = Math.round(sum('rssBytes') / 1024);
+  const steal1 = machineSteal();
   const cpu1 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent1 = sum('sent');
   const rssEnd = rssKb(pids.server);
@@ -337,6 +348,8 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const secs = (t1 - t0) / 1000;
   const pct = (a, b) => Math.round(((b - a) / secs) * 1000) / 10;
   return {
+    // CPU time the hypervisor gave to others while this machine wanted it (steal), % of one core over the window
+    stealPct: steal0 !== null && steal1 !== null ? pct(steal0, steal1) : null,
     connected,
     connectedMinInWindow: Math.min(...connectedSamples),
     connectedAtEnd,
@@ -396,7 +409,7 @@ async function gatewayPhase() {
     stateDir: join(dir, 'gateway'),
     hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
     mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100) },
-    uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}) },
+    uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },
   };
@@ -540,6 +553,7 @@ const rows = [
   ['sim CPU, % of one core per process', g.simCpuPct?.join(' + '), q.simCpuPct?.join(' + '), '—', null],
   ['bench process (the counting subscriber) CPU, % of one core', g.benchCpuPct, q.benchCpuPct, '—', null],
   ['sim RSS per simulated device (whole process incl. ~90 MB Node+tsx / N), KB', g.simKbPerDevice, q.simKbPerDevice, '—', null],
+  ['machine steal time in the window (hypervisor), % of one core', g.stealPct, q.stealPct, '—', null],
   ['sim event-loop lag mean / max, ms', g.simLagMeanMs !== undefined ? `${g.simLagMeanMs} / ${Math.round(g.simLagMaxMs)}` : null, q.simLagMeanMs !== undefined ? `${q.simLagMeanMs} / ${Math.round(q.simLagMaxMs)}` : null, '—', null],
 ];
 result.table = rows.map(([figure, ours, mosq, target, pass]) => ({ figure, gateway: ours ?? null, mosquitto: mosq ?? null, ratio: ratio(ours, mosq), target, pass }));
