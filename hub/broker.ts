@@ -295,13 +295,30 @@ export class HubBroker {
     }
     const pending = this.opts.dedup.admitPending(deviceId, mid);
     if (pending) return { route: true, pending };
-    this.duplicate(deviceId);
-    return { route: false, sink: DUPLICATE_TOPIC, first: this.opts.dedup.settling(deviceId, mid) ?? undefined };
+    const first = this.opts.dedup.settling(deviceId, mid);
+    this.duplicate([deviceId], first);
+    return { route: false, sink: DUPLICATE_TOPIC, first: first ?? undefined };
   }
 
-  private duplicate(deviceId: string): void {
-    this.opts.duplicates.inc();
-    this.opts.onDuplicate?.(deviceId);
+  /**
+   * Count a duplicate for each of `deviceIds`. While the first copy is still being routed
+   * (`first`), only once it was: if its routing fails, this copy is refused too (no PUBACK)
+   * and the sender's next resend is no duplicate, so this one was not either.
+   */
+  private duplicate(deviceIds: readonly string[], first: Promise<boolean> | null = null): void {
+    const count = (): void => {
+      this.opts.duplicates.inc({}, deviceIds.length);
+      if (this.opts.onDuplicate) for (const id of deviceIds) this.opts.onDuplicate(id);
+    };
+    if (first === null) return count();
+    // after the hub's own consumer has seen the first copy too: the registry counts
+    // duplicates only for devices it knows, and a first message makes it know them
+    void first.then((routed) => {
+      if (!routed) return;
+      const consumed = this.opts.whenConsumed?.() ?? null;
+      if (consumed === null) count();
+      else void consumed.then(count);
+    });
   }
 
   /**
@@ -364,10 +381,12 @@ export class HubBroker {
         // the whole record was handled before (the sender resent it): counted as duplicates,
         // each for its device when the sender may publish for it (else for the sender: the
         // marker must not let it charge anyone's count)
+        const ids: string[] = [];
         for (; i < end; i++) {
           const t = parseTopic(items[i]!.topic);
-          this.duplicate(t && OUTBOX_CHANNELS.has(t.channel) && canPublish(identity, items[i]!.topic, false, this.mcusOf) ? t.deviceId : identity.id);
+          ids.push(t && OUTBOX_CHANNELS.has(t.channel) && canPublish(identity, items[i]!.topic, false, this.mcusOf) ? t.deviceId : identity.id);
         }
+        this.duplicate(ids, first);
         this.opts.batchItems.inc({ result: 'duplicate' }, marker.items);
         continue;
       }
@@ -426,7 +445,7 @@ export class HubBroker {
         return;
       }
       if (this.opts.dedup.seen(t.deviceId, mid)) {
-        this.duplicate(t.deviceId);
+        this.duplicate([t.deviceId]);
         this.opts.batchItems.inc({ result: 'duplicate' });
         return;
       }

@@ -248,13 +248,17 @@ function publishTracked(c: MqttClient, topic: string, payload: Buffer): { state:
 }
 
 for (const outcome of ['routed', 'failed'] as const) {
-  test(`records: a resend arriving while the first copy is still being routed is acknowledged only after it, and ${outcome === 'routed' ? 'then as a duplicate' : 'not at all when that routing failed (store write failed, injected): the next resend passes'}`, async () => {
+  test(`records: a resend arriving while the first copy is still being routed is acknowledged only after it, and ${outcome === 'routed' ? 'then as a duplicate (counted)' : 'not at all when that routing failed (store write failed, injected): the next resend passes, and no duplicate is counted'}`, async () => {
     const hold = holdQueueWrites();
     try {
-      await withHub(async (_hub, ctx) => {
+      await withHub(async (hub, ctx) => {
         // a failed assertion must not leave routing held: the hub's stop waits for it
         try {
           await resendDuringRouting(ctx, hold, outcome);
+          // the resend counts as a duplicate only if its first copy was routed: else it was
+          // refused as well, and the copy after it went through as the first one routed
+          assert.equal(await metric(hub, 'fleet_hub_duplicates_total'), outcome === 'routed' ? 3 : 0);
+          for (const m of MCUS.slice(0, 3)) assert.equal(hub.registry.get(m)?.duplicates ?? 0, outcome === 'routed' ? 1 : 0, m);
         } finally {
           hold.release();
         }
