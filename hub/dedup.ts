@@ -144,12 +144,6 @@ export class DedupWindow {
     this.ring[slot] = undefined;
   }
 
-  /** The admission `seq` of the pending ones (`seqs`) that holds `mid`, or -1: its key is computed once. */
-  pendingSeqOf(seqs: Iterable<number>, mid: string): number {
-    const k = midKey(mid);
-    for (const seq of seqs) if (this.ring[seq % this.size] === k && this.holds(seq)) return seq;
-    return -1;
-  }
 
   /** true while `seq` has not been pushed out of the window by newer admissions (or trimmed) */
   holds(seq: number): boolean {
@@ -265,7 +259,7 @@ class Pending implements PendingMid {
   forget(): void {
     if (this.settled) return;
     this.settled = true;
-    this.dedup.forgetPending(this.st, this.seq);
+    this.dedup.forgetPending(this.st, this.seq, this.mid);
   }
 }
 
@@ -315,6 +309,8 @@ interface DeviceState {
   readonly dirtyChunks: Set<number>;
   /** seqs admitted whose messages are not routed yet: written as empty slots until confirmed */
   readonly pending: Set<number>;
+  /** the same, by mid (for `settling`); made on demand */
+  pendingByMid?: Map<MidKey, number>;
   /** pending seq → duplicates waiting to learn how its routing ended (rare: made on demand) */
   waiters?: Map<number, Array<(routed: boolean) => void>>;
 }
@@ -462,6 +458,7 @@ export class Deduplicator {
     if (seq === NOT_KEPT) return UNKEPT;
     if (seq < 0) return null;
     st.pending.add(seq);
+    (st.pendingByMid ??= new Map()).set(midKey(mid), seq);
     this.markDirty(st, -1); // the head (next seq) changed
     return new Pending(this, st, seq, mid);
   }
@@ -472,16 +469,13 @@ export class Deduplicator {
    * pending (its message was routed long ago, or it is not remembered at all). The hub holds
    * the duplicate's PUBACK on it: acknowledged at once, a resend that arrived during the first
    * copy's routing would be lost if that routing then failed (the first copy's mid is
-   * forgotten, but the sender, acknowledged, never sends again). O(mids of the device being
-   * routed right now), one comparison each: only a duplicate pays it, and only while that
-   * set is not empty (a full resend of 4,096 records while all 4,096 first copies are still
-   * routing would be 8 M comparisons, tens of ms, once).
+   * forgotten, but the sender, acknowledged, never sends again). One lookup.
    */
   settling(deviceId: string, mid: string): Promise<boolean> | null {
     const st = this.devices.get(deviceId);
     if (st === undefined || st.pending.size === 0) return null;
-    const seq = st.win.pendingSeqOf(st.pending, mid);
-    if (seq < 0) return null;
+    const seq = st.pendingByMid?.get(midKey(mid));
+    if (seq === undefined || !st.win.holds(seq)) return null;
     const waiters = (st.waiters ??= new Map());
     return new Promise((resolve) => {
       const list = waiters.get(seq);
@@ -499,9 +493,20 @@ export class Deduplicator {
     for (const resolve of list) resolve(routed);
   }
 
+  /** `seq` (admitted for `mid`) is pending no more (an entry of another seq for the same mid is
+   * left alone, though a mid pushed out of its window comes back as not kept, never pending) */
+  private unpend(st: DeviceState, seq: number, mid: string): void {
+    const byMid = st.pendingByMid;
+    if (byMid === undefined) return;
+    const k = midKey(mid);
+    if (byMid.get(k) === seq) byMid.delete(k);
+    if (byMid.size === 0) st.pendingByMid = undefined;
+  }
+
   /** Pending.confirm */
   confirmPending(st: DeviceState, seq: number, mid: string): void {
     st.pending.delete(seq);
+    this.unpend(st, seq, mid);
     this.settle(st, seq, true);
     if (this.devices.get(st.id) === st && st.win.holds(seq)) {
       this.markDirty(st, seq);
@@ -510,8 +515,9 @@ export class Deduplicator {
   }
 
   /** Pending.forget */
-  forgetPending(st: DeviceState, seq: number): void {
+  forgetPending(st: DeviceState, seq: number, mid: string): void {
     st.pending.delete(seq);
+    this.unpend(st, seq, mid);
     this.settle(st, seq, false);
     const before = st.win.count;
     st.win.forget(seq);
