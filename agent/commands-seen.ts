@@ -1,4 +1,5 @@
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { writeFileAtomicSync } from '../core/atomic-file.ts';
 import type { CommandReply } from '../core/messages.ts';
 
 /**
@@ -106,15 +107,7 @@ export class SeenCommands {
     // a failed write (disk full) leaves the memory copy in force: repeats are still
     // recognised until the agent restarts
     try {
-      const tmp = `${this.file}.tmp`;
-      const fd = openSync(tmp, 'w', 0o600);
-      try {
-        writeSync(fd, JSON.stringify([...this.entries.values()]));
-        fsyncSync(fd);
-      } finally {
-        closeSync(fd);
-      }
-      renameSync(tmp, this.file);
+      writeFileAtomicSync(this.file, JSON.stringify([...this.entries.values()]));
     } catch (err) {
       this.onError(err);
     }

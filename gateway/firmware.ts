@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { writeFileAtomic } from '../core/atomic-file.ts';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Level } from 'level';
@@ -241,8 +242,8 @@ export class FirmwareManager {
     const sha = createHash('sha256').update(data).digest();
     const imageSha = sha.toString('hex');
     const file = join(this.opts.dir, `${imageSha}.bin`);
-    await writeFile(`${file}.tmp`, data, { mode: 0o600 });
-    await rename(`${file}.tmp`, file);
+    // synced before it takes its name: after a crash the cache holds the whole image or none
+    await writeFileAtomic(file, data);
     this.images.set(imageSha, { version: job.version, data, sha256: sha });
     return { imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
   }

@@ -1,6 +1,5 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
-import { mkdir, open, rename } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { readFileSync, renameSync } from 'node:fs';
+import { writeFileAtomic, writeFileAtomicSync } from '../core/atomic-file.ts';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
@@ -51,17 +50,8 @@ export function loadGatewayState(file: string, log: Logger): { mcus: string[]; r
 
 /** Write the state file's text (encodeGatewayStateNow) synchronously: at stop. */
 export function saveGatewayState(file: string, data: string): void {
-  const tmp = `${file}.${process.pid}.tmp`;
   try {
-    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
-    const fd = openSync(tmp, 'w', 0o600);
-    try {
-      writeSync(fd, data);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, file);
+    writeFileAtomicSync(file, data);
   } catch (err) {
     throw new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
   }
@@ -134,17 +124,8 @@ export function encodeGatewayStateNow(src: GatewayStateSource): string {
  * duration. Same file layout and atomic rename.
  */
 export async function saveGatewayStateAsync(file: string, data: string): Promise<void> {
-  const tmp = `${file}.${process.pid}.tmp`;
   try {
-    await mkdir(dirname(file), { recursive: true, mode: 0o700 });
-    const fh = await open(tmp, 'w', 0o600);
-    try {
-      await fh.writeFile(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, file);
+    await writeFileAtomic(file, data);
   } catch (err) {
     throw new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
   }

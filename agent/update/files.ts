@@ -1,32 +1,14 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeSync } from 'node:fs';
+import { mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
+import { fsyncDirSync, writeFileAtomicSync } from '../../core/atomic-file.ts';
 
-/** fsync a directory so a rename or symlink inside it survives power loss. */
-export function fsyncDir(dir: string): void {
-  let fd: number | null = null;
-  try {
-    fd = openSync(dir, 'r');
-    fsyncSync(fd);
-  } catch {
-    // some filesystems refuse fsync on directories (EINVAL); the rename is still atomic
-  } finally {
-    if (fd !== null) closeSync(fd);
-  }
-}
+/** fsync a directory so a rename or symlink inside it survives power loss (core/atomic-file.ts). */
+export const fsyncDir = fsyncDirSync;
 
 /** Write JSON crash-safely: temp file, fsync, rename over the target, fsync the directory. */
 export function writeJsonAtomic(file: string, value: unknown): void {
-  mkdirSync(dirname(file), { recursive: true });
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w', 0o600);
-  try {
-    writeSync(fd, JSON.stringify(value, null, 2) + '\n');
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
-  fsyncDir(dirname(file));
+  // directories made here get the default mode, as before (the release tree's own modes rule)
+  writeFileAtomicSync(file, JSON.stringify(value, null, 2) + '\n', { syncDir: true, dirMode: 0o777 });
 }
 
 /** Parsed JSON, or `fallback` when the file is missing. A damaged file throws. */
