@@ -15,6 +15,7 @@ import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
 import type { DeadLetterInput } from './dead-letters.ts';
 import type { Deduplicator, PendingMid } from './dedup.ts';
 import { CopyFilter, ReplayGate, disableCounterDedupe, orderPersistence } from './delivery-order.ts';
+import { OutgoingIds } from './packet-ids.ts';
 
 export interface BrokerOptions {
   db: Level<string, Buffer>;
@@ -132,6 +133,8 @@ export class HubBroker {
     private readonly persistence: LevelPersistence,
     private readonly readQueue: LevelPersistence['outgoingStream'],
     gate: ReplayGate,
+    /** packet ids durable queues hold (read by the tests too) */
+    readonly ids: OutgoingIds,
     private readonly opts: BrokerOptions,
   ) {
     this.aedes = aedes;
@@ -143,7 +146,10 @@ export class HubBroker {
     // queue writes complete in call order, the sinks are never queued, and a durable
     // client's reconnect replay does not overlap its live deliveries: hub/delivery-order.ts
     const gate = new ReplayGate();
-    const store = aedesPersistenceLevel(opts.db);
+    // packet ids a durable client's queue still holds: new deliveries skip them (hub/packet-ids.ts)
+    const ids = new OutgoingIds();
+    await ids.load(opts.db);
+    const store = ids.track(aedesPersistenceLevel(opts.db));
     // the stop's check for unacknowledged deliveries reads a queue as it is: through the gate
     // it would take the snapshot of a client whose replay has not started yet
     const readQueue = store.outgoingStream.bind(store);
@@ -167,7 +173,7 @@ export class HubBroker {
     // the event loop, and the gateway's uplink queued behind it (seconds of latency at 8,000
     // MCUs with the hub's CPU not saturated).
     const aedes = await Aedes.createBroker({ persistence, id: `fleetlet-hub-${Date.now().toString(36)}`, concurrency: 10_000 });
-    const hub = new HubBroker(aedes, persistence, readQueue, gate, opts);
+    const hub = new HubBroker(aedes, persistence, readQueue, gate, ids, opts);
     aedes.authenticate = hub.authenticate;
     aedes.authorizePublish = hub.authorizePublish;
     aedes.authorizeSubscribe = hub.authorizeSubscribe;
@@ -218,7 +224,10 @@ export class HubBroker {
 
   /** Before the client can subscribe: see hub/delivery-order.ts. */
   private fixDeliveryOrder(client: Client): void {
-    if (!client.clean) this.gate.begin(client);
+    if (!client.clean) {
+      this.gate.begin(client);
+      this.ids.guard(client);
+    }
     if (disableCounterDedupe(client, this.aedes.id) || this.orderFixMissing) return;
     this.orderFixMissing = true;
     this.opts.log.error('aedes internals changed (client.duplicates): QoS 1 deliveries reordered by persistence may be lost');

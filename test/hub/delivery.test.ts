@@ -406,3 +406,67 @@ function firstOccurrences(publishes: Publish[]): string[] {
 function hubLog(msg: string): void {
   if (process.env.FLEETLET_TEST_LOG === '1') process.stderr.write(`${msg}\n`);
 }
+
+test('delivery: a durable consumer back with unacknowledged messages queued gets new deliveries under other packet ids than those [MQTT-2.3.1-2]; each PUBACK clears its own message (new connection forced to start at a queued id)', async () => {
+  await withHub(async (hub, ctx) => {
+    const opts = { clientId: 'ops-ids', username: 'operator', password: ctx.operator, clean: false, reconnectPeriod: 0 } as const;
+    // 1. five deliveries the consumer does not acknowledge, then it leaves: queued with their ids
+    const first = mqtt.connect(ctx.url, opts);
+    first.handleMessage = (_p, done) => done(new Error('not acknowledging'));
+    first.on('error', () => undefined);
+    const queuedIds: number[] = [];
+    first.on('message', (_t, _p, packet) => queuedIds.push(packet.messageId!));
+    await new Promise<void>((r) => first.once('connect', () => r()));
+    await first.subscribeAsync('fleet/v1/d/+/telemetry', { qos: 1 });
+    const dev = await connectDevice(ctx, 'dev-ids');
+    for (let i = 1; i <= 5; i++) await dev.publishAsync(deviceTopic('dev-ids', 'telemetry'), telemetry(String(i)), { qos: 1 });
+    await waitFor(() => queuedIds.length === 5, 'five deliveries');
+    await first.endAsync();
+    await waitFor(() => hub.broker.ids.inUse('ops-ids') === 5, 'the five ids held by the queue');
+
+    // 2. back, on a connection whose own id counter starts at the first queued id (aedes
+    // draws it from Math.random in its Client constructor), still acknowledging nothing: the
+    // five replayed messages keep their ids, and five live ones must get others (without the
+    // guard the first live one took the first queued id while its message still held it)
+    const start = Math.min(...queuedIds);
+    const random = Math.random;
+    const inFlight = new Map<number, string>();
+    const clash: string[] = [];
+    const back = mqtt.connect(ctx.url, opts);
+    back.handleMessage = (_p, done) => done(new Error('not acknowledging'));
+    back.on('error', () => undefined);
+    back.on('message', (_t, p, packet) => {
+      const k = (JSON.parse(p.toString()) as { mid: string }).mid;
+      const id = packet.messageId!;
+      if (inFlight.has(id) && inFlight.get(id) !== k) clash.push(`id ${id}: ${inFlight.get(id)} and ${k}`);
+      inFlight.set(id, k);
+    });
+    Math.random = () => (start - 0.5) / 65535;
+    try {
+      await new Promise<void>((r) => back.once('connect', () => r()));
+    } finally {
+      Math.random = random;
+    }
+    for (let i = 6; i <= 10; i++) await dev.publishAsync(deviceTopic('dev-ids', 'telemetry'), telemetry(String(i)), { qos: 1 });
+    await waitFor(() => new Set(inFlight.values()).size === 10, `ten messages in flight (${[...inFlight.values()].join(',')})`);
+    assert.deepEqual(clash, [], 'no packet id given to two unacknowledged messages');
+    assert.equal(inFlight.size, 10, 'ten distinct packet ids');
+    await back.endAsync();
+    // 3. back once more, acknowledging: each of the ten comes once and its PUBACK clears it
+    const seen: string[] = [];
+    const third = mqtt.connect(ctx.url, opts);
+    third.on('message', (_t, p) => seen.push((JSON.parse(p.toString()) as { mid: string }).mid));
+    await new Promise<void>((r) => third.once('connect', () => r()));
+    await waitFor(() => seen.length >= 10, `the ten again (${seen.join(',')})`);
+    await waitFor(() => hub.broker.ids.inUse('ops-ids') === 0, 'every queued id cleared by its PUBACK');
+    assert.deepEqual([...seen].sort((a, b) => Number(a) - Number(b)), ['1', '2', '3', '4', '5', '6', '7', '8', '9', '10']);
+    await third.endAsync();
+    const fourth = await mqtt.connectAsync(ctx.url, opts);
+    const again: string[] = [];
+    fourth.on('message', (_t, p) => again.push((JSON.parse(p.toString()) as { mid: string }).mid));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(again, [], 'nothing acknowledged comes again');
+    await fourth.endAsync();
+    await dev.endAsync();
+  });
+});
