@@ -55,7 +55,9 @@ function latestOf(s: Sample): DeviceRecord['latest'][string] {
  * thousands of readings a second it was a steady share of the hub's garbage-collection time.
  */
 function setLatest(latest: DeviceRecord['latest'], s: Sample): void {
-  const prev = latest[s.n];
+  // own properties only: a metric named "__proto__" or "constructor" must not reach (and
+  // update) Object.prototype or Object through the prototype chain
+  const prev = Object.hasOwn(latest, s.n) ? latest[s.n] : undefined;
   if (prev !== undefined && (prev.v === undefined) === (s.v === undefined) && (prev.vs === undefined) === (s.vs === undefined) && (prev.vb === undefined) === (s.vb === undefined) && (prev.u === undefined) === (s.u === undefined)) {
     if (s.v !== undefined) prev.v = s.v;
     if (s.vs !== undefined) prev.vs = s.vs;
@@ -64,7 +66,8 @@ function setLatest(latest: DeviceRecord['latest'], s: Sample): void {
     prev.t = s.t;
     return;
   }
-  latest[s.n] = latestOf(s);
+  // defined, not assigned: assigning to "__proto__" would replace the object's prototype
+  Object.defineProperty(latest, s.n, { value: latestOf(s), writable: true, enumerable: true, configurable: true });
 }
 
 const MAX_REPLIES = 20;
@@ -179,7 +182,7 @@ export class Registry extends EventEmitter {
     rec.telemetryBatches++;
     rec.samples += msg.samples.length;
     for (const s of msg.samples) {
-      if (!(s.n in rec.latest) && Object.keys(rec.latest).length >= MAX_LATEST) continue;
+      if (!Object.hasOwn(rec.latest, s.n) && Object.keys(rec.latest).length >= MAX_LATEST) continue;
       setLatest(rec.latest, s);
     }
     this.touch(rec, true);

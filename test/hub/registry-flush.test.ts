@@ -102,3 +102,31 @@ test('latest values: each reading replaces the last (updated in place when the k
     assert.deepEqual(again.get('mcu-x')!.latest, { temp: { v: 19, u: 'Cel', t: 500 }, door: { vb: true, t: 200 } });
   });
 });
+
+test('latest values: metrics named "__proto__", "constructor" or "toString" are the device\'s own entries; nothing reaches Object.prototype (a device chooses its metric names)', async () => {
+  await withRegistry(0, async (reg, db, reopen) => {
+    const send = (samples: Array<Record<string, unknown>>) => reg.onTelemetry('mcu-p', { v: 1, mid: String(Date.now()), ts: 1, samples: samples as never });
+    try {
+      // no value fields at all: "the same fields" as Object.prototype, if that were looked up
+      send([{ n: '__proto__', t: 42 }, { n: 'constructor', t: 7 }, { n: 'toString', v: 1, t: 8 }]);
+      send([{ n: '__proto__', t: 43 }, { n: 'constructor', v: 2, t: 9 }]);
+      assert.equal(Reflect.get({}, 't'), undefined, 'Object.prototype untouched');
+      assert.equal(Reflect.get(Object, 't'), undefined, 'Object untouched');
+      assert.equal(Object.getPrototypeOf(reg.get('mcu-p')!.latest), Object.prototype, 'the prototype of latest is not replaced');
+      const latest = reg.get('mcu-p')!.latest;
+      assert.deepEqual(Object.keys(latest).sort(), ['__proto__', 'constructor', 'toString']);
+      assert.deepEqual(Object.getOwnPropertyDescriptor(latest, '__proto__')?.value, { t: 43 });
+      assert.deepEqual(Object.getOwnPropertyDescriptor(latest, 'constructor')?.value, { v: 2, t: 9 });
+      await reg.flush();
+      await db.close();
+      const { reg: again } = await reopen();
+      const back = again.get('mcu-p')!.latest;
+      assert.deepEqual(Object.getOwnPropertyDescriptor(back, '__proto__')?.value, { t: 43 });
+      assert.deepEqual(Object.getOwnPropertyDescriptor(back, 'toString')?.value, { v: 1, t: 8 });
+    } finally {
+      // whatever happened, do not leave a polluted prototype to the other tests
+      Reflect.deleteProperty(Object.prototype, 't');
+      Reflect.deleteProperty(Object, 't');
+    }
+  });
+});
