@@ -316,8 +316,13 @@ export class HubBroker {
    */
   private duplicate(deviceIds: readonly string[], first: Promise<boolean> | null = null): void {
     const count = (): void => {
-      this.opts.duplicates.inc({}, deviceIds.length);
-      if (this.opts.onDuplicate) for (const id of deviceIds) this.opts.onDuplicate(id);
+      try {
+        this.opts.duplicates.inc({}, deviceIds.length);
+        if (this.opts.onDuplicate) for (const id of deviceIds) this.opts.onDuplicate(id);
+      } catch (err) {
+        // run from a promise callback below: a throw there would be an unhandled rejection
+        this.opts.log.error('counting a duplicate failed', { err });
+      }
     };
     if (first === null) return count();
     // after the hub's own consumer has seen the first copy too: the registry counts

@@ -114,8 +114,19 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     const done = consumed;
     consumeQueue = [];
     consumed = null;
-    for (const m of q) consumeNow(m.channel, m.deviceId, m.payload);
-    done?.resolve();
+    try {
+      for (const m of q) {
+        try {
+          consumeNow(m.channel, m.deviceId, m.payload);
+        } catch (err) {
+          // consumeNow counts and logs what it cannot decode; this is for its own failures
+          log.error('registry consumer failed; message skipped', { device: m.deviceId, channel: m.channel, err });
+        }
+      }
+    } finally {
+      // the PUBACKs waiting on this drain go out whatever happened in it
+      done?.resolve();
+    }
   };
   function consume(channel: Channel, deviceId: string, payload: Buffer): void {
     if (consumeQueue.push({ channel, deviceId, payload }) === 1) {
