@@ -1,12 +1,13 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, writeFileSync } from 'node:fs';
-import { mkdir, open, rename } from 'node:fs/promises';
+import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdir, open, rename, rm } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
 /**
  * Crash-safe file replacement, shared by every part that keeps state in a file: the data is
  * written to a temp file beside the target (same directory, so the rename is atomic), synced,
  * and renamed over the target. A crash leaves the old file or the new one, never a mix or an
- * empty file. `syncDir` also syncs the directory, so the rename itself survives power loss.
+ * empty file (and may leave the temp file, `{file}.{pid}.tmp`); a write that fails removes
+ * its temp file. `syncDir` also syncs the directory, so the rename itself survives power loss.
  */
 export interface AtomicWriteOptions {
   /** the file's mode (default 0o600: state files hold ids, counters, keys' derivatives) */
@@ -22,14 +23,19 @@ const tmpName = (file: string): string => `${file}.${process.pid}.tmp`;
 export function writeFileAtomicSync(file: string, data: string | Uint8Array, opts: AtomicWriteOptions = {}): void {
   mkdirSync(dirname(file), { recursive: true, mode: opts.dirMode ?? 0o700 });
   const tmp = tmpName(file);
-  const fd = openSync(tmp, 'w', opts.mode ?? 0o600);
   try {
-    writeFileSync(fd, data); // all of it (writeSync may write part)
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    const fd = openSync(tmp, 'w', opts.mode ?? 0o600);
+    try {
+      writeFileSync(fd, data); // all of it (writeSync may write part)
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, file);
+  } catch (err) {
+    rmSync(tmp, { force: true }); // a full disk keeps no half-written copy (a firmware image is MBs)
+    throw err;
   }
-  renameSync(tmp, file);
   if (opts.syncDir) fsyncDirSync(dirname(file));
 }
 
@@ -37,14 +43,19 @@ export function writeFileAtomicSync(file: string, data: string | Uint8Array, opt
 export async function writeFileAtomic(file: string, data: string | Uint8Array, opts: AtomicWriteOptions = {}): Promise<void> {
   await mkdir(dirname(file), { recursive: true, mode: opts.dirMode ?? 0o700 });
   const tmp = tmpName(file);
-  const fh = await open(tmp, 'w', opts.mode ?? 0o600);
   try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    const fh = await open(tmp, 'w', opts.mode ?? 0o600);
+    try {
+      await fh.writeFile(data);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
   }
-  await rename(tmp, file);
   if (opts.syncDir) await fsyncDir(dirname(file));
 }
 

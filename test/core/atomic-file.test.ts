@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeFileAtomic, writeFileAtomicSync } from '../../core/atomic-file.ts';
 import { tempDir } from '../helpers.ts';
@@ -22,12 +22,14 @@ for (const [name, write] of [
       assert.equal(readFileSync(file, 'utf8'), big);
       assert.equal(statSync(file).mode & 0o777, 0o640);
       assert.deepEqual(readdirSync(join(tmp.dir, 'state')), ['x.json'], 'no temp file left');
-      // the target's directory is a file: nothing can be written, the error says so
-      const blocked = join(tmp.dir, 'plain');
-      writeFileSync(blocked, 'keep');
-      await assert.rejects(async () => write(join(blocked, 'x.json'), 'z'), /ENOTDIR|EEXIST/);
-      assert.equal(readFileSync(blocked, 'utf8'), 'keep');
-      assert.equal(readFileSync(file, 'utf8'), big, 'the earlier file is intact');
+      // the rename cannot happen (the target is a directory that is not empty): the data was
+      // written to the temp file first, which must go, and the target must stay as it was
+      const taken = join(tmp.dir, 'state', 'taken');
+      mkdirSync(join(taken, 'inner'), { recursive: true });
+      await assert.rejects(async () => write(taken, 'z'.repeat(1024 * 1024)), /EISDIR|ENOTEMPTY|EEXIST/);
+      assert.deepEqual(readdirSync(taken), ['inner'], 'the target is intact');
+      assert.deepEqual(readdirSync(join(tmp.dir, 'state')).sort(), ['taken', 'x.json'], 'no temp file left after the failure');
+      assert.equal(readFileSync(file, 'utf8'), big, 'the other file is untouched');
     } finally {
       tmp.cleanup();
     }
