@@ -53,10 +53,15 @@ export function parseMcuTopic(topic: string): ParsedMcuTopic | null {
   return null;
 }
 
+/** `topic` parsed when MCU `mcuId` may publish on it (one of its own up channels), else null. */
+export function mcuUpTopic(mcuId: string, topic: string): ParsedMcuTopic | null {
+  const t = parseMcuTopic(topic);
+  return t !== null && t.mcuId === mcuId && t.direction === 'up' ? t : null;
+}
+
 /** May MCU `mcuId` publish on `topic`? Only its own up channels. */
 export function mcuMayPublish(mcuId: string, topic: string): boolean {
-  const t = parseMcuTopic(topic);
-  return t !== null && t.mcuId === mcuId && t.direction === 'up';
+  return mcuUpTopic(mcuId, topic) !== null;
 }
 
 /**

@@ -1,10 +1,10 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { writeFileAtomic } from '../core/atomic-file.ts';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Level } from 'level';
+import { writeFileAtomic } from '../core/atomic-file.ts';
 import { FleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, type DesiredArtifact } from '../core/messages.ts';

@@ -4,7 +4,7 @@ import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { recordCounter, type McuKeys, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
-import { mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../firmware-bridge/topics.ts';
+import { mcuMaySubscribe, mcuTopic, mcuUpTopic } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type LeanTlsOptions, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
@@ -159,9 +159,8 @@ export class McuMqttIngress {
 
   private onPublish(conn: LeanConn, packet: LeanPublish): PublishOutcome | Promise<PublishOutcome> {
     const mcuId = conn.id!;
-    // mcuMayPublish, with the parse kept for the channel
-    const topic = parseMcuTopic(packet.topic);
-    if (topic === null || topic.mcuId !== mcuId || topic.direction !== 'up') {
+    const topic = mcuUpTopic(mcuId, packet.topic);
+    if (topic === null) {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
       this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
       return 'close';

@@ -53,9 +53,11 @@ export function saveGatewayState(file: string, data: string): void {
   try {
     writeFileAtomicSync(file, data);
   } catch (err) {
-    throw new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
+    throw storeError(file, err);
   }
 }
+
+const storeError = (file: string, err: unknown): FleetError => new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
 
 /** The parts of the gateway state, walked lazily by encodeGatewayState (in chunks). */
 export interface GatewayStateSource {
@@ -127,6 +129,6 @@ export async function saveGatewayStateAsync(file: string, data: string): Promise
   try {
     await writeFileAtomic(file, data);
   } catch (err) {
-    throw new FleetError('FLEET_STORE', `cannot write ${file}: ${(err as Error).message}`, { cause: err });
+    throw storeError(file, err);
   }
 }

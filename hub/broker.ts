@@ -327,12 +327,13 @@ export class HubBroker {
     if (first === null) return count();
     // after the hub's own consumer has seen the first copy too: the registry counts
     // duplicates only for devices it knows, and a first message makes it know them
-    void first.then((routed) => {
-      if (!routed) return;
-      const consumed = this.opts.whenConsumed?.() ?? null;
-      if (consumed === null) count();
-      else void consumed.then(count);
-    });
+    void first.then((routed) => routed && this.afterConsumed(count));
+  }
+
+  /** Run `fn` once the hub's own consumer has seen what was routed so far (at once if it has). */
+  private afterConsumed(fn: () => void): void | Promise<void> {
+    const consumed = this.opts.whenConsumed?.() ?? null;
+    return consumed === null ? fn() : consumed.then(fn);
   }
 
   /**
@@ -531,17 +532,11 @@ export class HubBroker {
    */
   private acknowledgeAfter(client: Client, packet: PublishPacket, done: (err?: Error | null) => void, work: Promise<string>): void {
     const settled: Promise<void> = work.then(
-      (sink) => {
-        const consumed = this.opts.whenConsumed?.() ?? null;
-        if (consumed === null) {
-          divert(packet, sink);
-          return done(null);
-        }
-        return consumed.then(() => {
+      (sink) =>
+        this.afterConsumed(() => {
           divert(packet, sink);
           done(null);
-        });
-      },
+        }),
       (err: unknown) => {
         this.opts.log.warn('routing failed; no PUBACK, the sender will resend', { client: client.id, err });
         done(err instanceof Error ? err : new Error(String(err)));

@@ -144,7 +144,6 @@ export class DedupWindow {
     this.ring[slot] = undefined;
   }
 
-
   /** true while `seq` has not been pushed out of the window by newer admissions (or trimmed) */
   holds(seq: number): boolean {
     return seq >= 0 && seq < this.next && seq >= this.next - this.held;
