@@ -15,6 +15,11 @@ export const OutboxConfigSchema = z
     maxBytes: z.number().int().min(64 * 1024).default(256 * 1024 * 1024),
     /** free space kept on the store's file system, bytes; below it new records evict old ones; 0 disables */
     minFreeBytes: z.number().int().min(0).default(64 * 1024 * 1024),
+    /**
+     * least time between two fsyncs of the store, ms: appends arriving meanwhile share the
+     * next one (an append resolves up to this much later); 0 = an fsync per write
+     */
+    syncIntervalMs: z.number().int().min(0).max(1000).default(10),
   })
   .strict();
 

@@ -11,7 +11,10 @@ import { openStore } from './store.ts';
  * (test/core/outbox-contract.ts runs against both), plus:
  *
  * - append() resolves only after its record is on disk: appends that arrive together are
- *   written as one LevelDB batch with sync (group commit), so many producers share one fsync;
+ *   written as one LevelDB batch with sync (group commit), so many producers share one fsync,
+ *   and under a steady stream at most one fsync per `syncIntervalMs`;
+ * - a record is peekable from the moment it joins a batch, before that batch's fsync (the
+ *   uplink need not wait for the disk; if the write then fails the hub may get a duplicate);
  * - every record carries a CRC-32; a record that fails it is skipped, deleted and reported
  *   ('corrupt' event), and everything else is still delivered;
  * - the id sequence and the per-class counts/bytes are written in the same atomic batch as
@@ -45,6 +48,12 @@ export interface LevelOutboxOptions {
    * ack do not read back what was just written; default 16 MiB, 0 disables
    */
   tailBytes?: number;
+  /**
+   * least time between the starts of two synced writes, ms: appends that arrive meanwhile
+   * share the next fsync (their append resolves up to this much later). Bounds the fsyncs a
+   * second under a steady stream of appends (flash wear, CPU). Default 0: write at once.
+   */
+  syncIntervalMs?: number;
 }
 
 interface Persisted {
@@ -60,6 +69,31 @@ type Op =
   | { kind: 'append'; input: OutboxAppend | null; resolve: (r: OutboxRecord) => void; reject: (e: unknown) => void }
   | { kind: 'ack'; ids: readonly string[]; resolve: () => void; reject: (e: unknown) => void }
   | { kind: 'drop'; key: string; bytes: number; resolve: () => void; reject: (e: unknown) => void };
+
+/** A LevelDB batch being assembled by LevelOutbox.prepare, then written by commit. */
+interface Batch {
+  writes: Array<{ type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string }>;
+  put: (k: string, value: Buffer) => void;
+  del: (k: string) => void;
+  /** the counts and sequence as they will be once the batch is written */
+  st: Persisted;
+  seq: bigint;
+  /** carries appends: written with sync */
+  sync: boolean;
+  ev: EvictionEvent;
+  done: Array<() => void>;
+  failed: Array<(e: unknown) => void>;
+  /** records of this batch per class, oldest first: eviction may have to take them too */
+  fresh: Array<Array<{ k: string; bytes: number; id: string }>>;
+  /** keys deleted by this batch */
+  gone: Set<string>;
+  deletedNow: string[];
+  written: Array<{ k: string; rec: OutboxRecord; bytes: number }>;
+  budget: number;
+  /** cursors over stored records, oldest first, for eviction */
+  stored: Array<{ list: Array<{ k: string; bytes: number; id: string }>; next: string | null; started: boolean }>;
+  appends: number;
+}
 
 const key = (cls: number, seq: bigint) => `r${cls}${seq.toString(16).padStart(16, '0')}`;
 const recordBytes = (e: OutboxEntry) => e.payload.length + Buffer.byteLength(e.topic);
@@ -145,7 +179,21 @@ export class LevelOutbox extends EventEmitter implements Outbox {
    */
   private readonly tail: Array<Map<string, { k: string; rec: OutboxRecord; bytes: number }>> = [new Map(), new Map(), new Map()];
   private tailSize = 0;
+  /**
+   * The new records of the batch being written, per class, in key order: peek returns them
+   * after the stored ones while their synced write is in flight, so the uplink does not wait
+   * for the fsync before it sends (docs/outbox.md, "sent before durable"). Their appends
+   * still resolve only after the write. Moved to the tail once written; gone if it fails.
+   */
+  private readonly writingNow: Array<Map<string, { k: string; rec: OutboxRecord; bytes: number }>> = [new Map(), new Map(), new Map()];
   private readonly tailMax: number;
+  private readonly syncIntervalMs: number;
+  /** performance.now() when the last synced write began */
+  private lastSyncAt = -Infinity;
+  /** set while a synced batch is held open: prepares what arrived */
+  private arrival: (() => void) | null = null;
+  /** close() was called: an open batch is written at once */
+  private closing = false;
 
   private constructor(
     private readonly db: Level<string, Buffer>,
@@ -160,6 +208,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     this.now = opts.now ?? Date.now;
     this.freeBytes = opts.freeBytes ?? defaultFreeBytes;
     this.tailMax = opts.tailBytes ?? TAIL_BYTES;
+    this.syncIntervalMs = opts.syncIntervalMs ?? 0;
   }
 
   /** Is every stored record of class `c` in the tail? */
@@ -237,6 +286,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       return;
     }
     this.queue.push(op);
+    this.arrival?.();
     if (!this.writing) {
       this.writing = true;
       // let the appends of this turn of the event loop join the same batch
@@ -278,28 +328,62 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     return this.st.bytes[0] + this.st.bytes[1] + this.st.bytes[2];
   }
 
-  /** One atomic LevelDB batch for a group of operations; appends make it a synced write. */
+  /**
+   * One atomic LevelDB batch for a group of operations; appends make it a synced write.
+   * Operations join it as they arrive (prepare) until it is written (commit). A synced batch
+   * is held open until `syncIntervalMs` after the previous synced write began, so under a
+   * steady stream of appends the store makes at most 1000 / syncIntervalMs fsyncs a second,
+   * however many producers there are; what arrives meanwhile joins, and its records are
+   * peekable as soon as they joined.
+   */
   private async writeBatch(ops: Op[]): Promise<void> {
-    const writes: Array<{ type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string }> = [];
-    const batch = {
+    const b = this.openBatch();
+    await this.prepare(b, ops);
+    while (b.sync && this.syncIntervalMs > 0 && !this.closing) {
+      const wait = this.lastSyncAt + this.syncIntervalMs - performance.now();
+      if (wait <= 0) break;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          this.arrival = null;
+          resolve();
+        }, Math.ceil(wait));
+        // an arrival is prepared at once (with the rest of its turn of the event loop)
+        this.arrival = () => {
+          this.arrival = null;
+          clearTimeout(t);
+          setImmediate(resolve);
+        };
+      });
+      if (this.queue.length > 0) await this.prepare(b, this.queue.splice(0, this.queue.length));
+    }
+    await this.commit(b);
+  }
+
+  private openBatch(): Batch {
+    const writes: Batch['writes'] = [];
+    return {
+      writes,
       put: (k: string, value: Buffer) => writes.push({ type: 'put', key: k, value }),
       del: (k: string) => writes.push({ type: 'del', key: k }),
+      st: { count: [...this.st.count], bytes: [...this.st.bytes], evicted: this.st.evicted, corrupt: this.st.corrupt },
+      seq: this.seq,
+      sync: false,
+      ev: { evicted: 0, bytes: 0, byClass: {} },
+      done: [],
+      failed: [],
+      fresh: [[], [], []],
+      gone: new Set(),
+      deletedNow: [],
+      written: [],
+      budget: this.budget(),
+      stored: [0, 1, 2].map(() => ({ list: [], next: null, started: false })),
+      appends: 0,
     };
-    const st: Persisted = { count: [...this.st.count], bytes: [...this.st.bytes], evicted: this.st.evicted, corrupt: this.st.corrupt };
-    let seq = this.seq;
-    let sync = false;
-    const ev: EvictionEvent = { evicted: 0, bytes: 0, byClass: {} };
-    const done: Array<() => void> = [];
-    const failed: Array<(e: unknown) => void> = [];
-    // records of this batch per class, oldest first: eviction may have to take them too
-    const fresh: Array<Array<{ k: string; bytes: number; id: string }>> = [[], [], []];
-    const gone = new Set<string>();
-    const deletedNow: string[] = [];
-    const written: Array<{ k: string; rec: OutboxRecord; bytes: number }> = [];
-    const budget = this.budget();
-    // cursors over stored records, oldest first, for eviction
-    const stored: Array<{ list: Array<{ k: string; bytes: number; id: string }>; next: string | null; started: boolean }> = [0, 1, 2].map(() => ({ list: [], next: null, started: false }));
+  }
 
+  /** Turn operations into writes of batch `b`; new records become peekable, deleted ones hidden. */
+  private async prepare(b: Batch, ops: Op[]): Promise<void> {
+    const { st, fresh, gone, stored } = b;
     const takeOldest = async (c: number): Promise<{ k: string; bytes: number; id: string } | null> => {
       const cur = stored[c]!;
       for (;;) {
@@ -322,49 +406,55 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     };
 
     const makeRoom = async (size: number, priority: number): Promise<void> => {
-      while (st.bytes[0] + st.bytes[1] + st.bytes[2] + size > budget) {
+      while (st.bytes[0] + st.bytes[1] + st.bytes[2] + size > b.budget) {
         let c = 2;
         while (c >= 0 && st.count[c] === 0) c--;
         if (c < 0 || c < priority) {
-          throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${budget} bytes reached${this.lowOnDisk ? ' (disk low)' : ''}; nothing of lower priority left to evict`);
+          throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${b.budget} bytes reached${this.lowOnDisk ? ' (disk low)' : ''}; nothing of lower priority left to evict`);
         }
         const victim = await takeOldest(c);
         if (!victim) throw new FleetError('FLEET_INTERNAL', `outbox counts say class ${c} has records but none was found`);
         gone.add(victim.k);
-        deletedNow.push(victim.id);
-        batch.del(victim.k);
+        this.forget(b, victim.id);
+        b.del(victim.k);
         this.known.delete(victim.id);
         st.count[c]!--;
         st.bytes[c]! -= victim.bytes;
         st.evicted++;
-        ev.evicted++;
-        ev.bytes += victim.bytes;
+        b.ev.evicted++;
+        b.ev.bytes += victim.bytes;
         const name = PRIORITY_NAMES[c as Priority];
-        ev.byClass[name] = (ev.byClass[name] ?? 0) + 1;
+        b.ev.byClass[name] = (b.ev.byClass[name] ?? 0) + 1;
       }
     };
 
+    let shown = 0;
     for (const op of ops) {
       try {
         if (op.kind === 'append') {
           const input = op.input!;
           op.input = null;
-          const id = seq.toString();
+          const id = b.seq.toString();
           const payload = typeof input.payload === 'function' ? input.payload(id) : input.payload;
           const rec: OutboxRecord = { id, topic: input.topic, payload, priority: input.priority, ts: this.now() };
           const size = recordBytes(rec);
           if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
           await makeRoom(size, rec.priority);
-          const k = key(rec.priority, seq);
-          seq++;
-          batch.put(k, encodeRecord(rec));
+          const k = key(rec.priority, b.seq);
+          b.seq++;
+          b.put(k, encodeRecord(rec));
+          const w = { k, rec, bytes: size };
           fresh[rec.priority]!.push({ k, bytes: size, id });
-          written.push({ k, rec, bytes: size });
+          b.written.push(w);
+          // peekable from now on (after the stored records): the reader need not wait for the fsync
+          this.writingNow[rec.priority]!.set(id, w);
+          shown++;
           st.count[rec.priority]!++;
           st.bytes[rec.priority]! += size;
-          sync = true;
-          done.push(() => op.resolve(rec));
-          failed.push(op.reject);
+          b.sync = true;
+          b.appends++;
+          b.done.push(() => op.resolve(rec));
+          b.failed.push(op.reject);
         } else if (op.kind === 'ack') {
           let removed = 0;
           const candidates = op.ids.filter((id) => !this.deleted.has(id));
@@ -372,60 +462,72 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           for (const where of await this.locateMany(candidates)) {
             if (gone.has(where.k)) continue;
             gone.add(where.k);
-            deletedNow.push(where.id);
-            batch.del(where.k);
+            this.forget(b, where.id);
+            b.del(where.k);
             st.count[where.cls]!--;
             st.bytes[where.cls]! -= where.bytes;
             removed++;
           }
-          done.push(() => {
+          b.done.push(() => {
             for (const id of op.ids) this.known.delete(id);
             this.counters.acked += removed;
             op.resolve();
           });
-          failed.push(op.reject);
+          b.failed.push(op.reject);
         } else {
           if (!gone.has(op.key) && (await this.db.get(op.key)) !== undefined) {
             gone.add(op.key);
-            deletedNow.push(BigInt(`0x${op.key.slice(2)}`).toString());
-            batch.del(op.key);
+            this.forget(b, BigInt(`0x${op.key.slice(2)}`).toString());
+            b.del(op.key);
             const cls = Number(op.key[1]);
             st.count[cls] = Math.max(0, st.count[cls]! - 1);
             st.bytes[cls] = Math.max(0, st.bytes[cls]! - op.bytes);
             st.corrupt++;
           }
-          done.push(op.resolve);
-          failed.push(op.reject);
+          b.done.push(op.resolve);
+          b.failed.push(op.reject);
         }
       } catch (err) {
         op.reject(err);
       }
     }
-    if (done.length === 0) return;
-    // hidden from peeks from now on; shown again if the write fails
-    for (const id of deletedNow) this.markDeleted(id);
-    batch.put(SEQ_KEY, Buffer.from(seq.toString()));
-    batch.put(STATS_KEY, Buffer.from(JSON.stringify(st)));
+    if (shown > 0) this.emit('appended');
+  }
+
+  /** An id deleted by batch `b`: hidden from peeks from now on (shown again if the write fails). */
+  private forget(b: Batch, id: string): void {
+    b.deletedNow.push(id);
+    this.markDeleted(id);
+  }
+
+  /** Write batch `b` (synced if it carries appends), then settle its operations. */
+  private async commit(b: Batch): Promise<void> {
+    const { st, gone } = b;
+    if (b.done.length === 0) return;
+    b.put(SEQ_KEY, Buffer.from(b.seq.toString()));
+    b.put(STATS_KEY, Buffer.from(JSON.stringify(st)));
     try {
+      if (b.sync) this.lastSyncAt = performance.now();
       // sync only when the batch carries appends: an ack lost in a crash means a resend, which the hub drops
-      await this.rawBatch(writes, sync);
+      await this.rawBatch(b.writes, b.sync);
     } catch (err) {
-      for (const id of deletedNow) this.deleted.delete(id);
+      for (const w of b.written) this.writingNow[w.rec.priority]!.delete(w.rec.id);
+      for (const id of b.deletedNow) this.deleted.delete(id);
       const fe = new FleetError('FLEET_STORE', `outbox write failed: ${(err as Error).message}`, { cause: err });
-      for (const reject of failed) reject(fe);
+      for (const reject of b.failed) reject(fe);
       return;
     }
-    this.seq = seq;
+    this.seq = b.seq;
     Object.assign(this.st, st);
-    for (const id of deletedNow) this.tailDelete(id);
-    // records appended and evicted in the same batch are not stored
-    for (const w of written) if (!gone.has(w.k)) this.tailAdd(w.rec.priority, w.k, w.rec, w.bytes);
-    for (const fn of done) fn();
-    const appended = ops.filter((o) => o.kind === 'append').length;
-    this.counters.appended += appended;
-    if (ev.evicted > 0) this.emit('evicted', ev);
-    // wake the reader first: the heads only serve stats, and peek needs none of them
-    if (appended > 0) this.emit('appended');
+    for (const id of b.deletedNow) this.tailDelete(id);
+    for (const w of b.written) {
+      this.writingNow[w.rec.priority]!.delete(w.rec.id);
+      // records appended and evicted in the same batch are not stored
+      if (!gone.has(w.k)) this.tailAdd(w.rec.priority, w.k, w.rec, w.bytes);
+    }
+    for (const fn of b.done) fn();
+    this.counters.appended += b.appends;
+    if (b.ev.evicted > 0) this.emit('evicted', b.ev);
     await this.refreshHeads();
   }
 
@@ -515,34 +617,48 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
     const out: OutboxRecord[] = [];
     for (let c = 0; c < 3 && out.length < max; c++) {
-      if (this.st.count[c] === 0) continue;
-      if (this.inMemory(c)) {
-        for (const [id, e] of this.tail[c]!) {
-          if (out.length >= max) break;
-          if (exclude?.has(id) || this.deleted.has(id)) continue;
-          // ack finds it in the tail (or, dropped from it meanwhile, tries every class)
-          out.push({ ...e.rec });
-        }
-        continue;
-      }
-      const limit = max - out.length + (exclude?.size ?? 0);
-      for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
+      if (this.st.count[c] > 0) await this.peekStored(c, max, out, exclude);
+      // then the newer ones of the batch being written (an iterator opened as that write
+      // landed may have returned some of them already)
+      const writing = this.writingNow[c]!;
+      if (writing.size === 0 || out.length >= max) continue;
+      const had = new Set(out.map((r) => r.id));
+      for (const [id, e] of writing) {
         if (out.length >= max) break;
-        const id = BigInt(`0x${k.slice(2)}`).toString();
-        if (exclude?.has(id) || this.deleted.has(id)) continue;
-        let rec: OutboxRecord;
-        try {
-          rec = decodeRecord(k, v);
-        } catch (err) {
-          this.emit('corrupt', { key: k, id, reason: (err as Error).message });
-          void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
-          continue;
-        }
-        this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
-        out.push(rec);
+        if (exclude?.has(id) || this.deleted.has(id) || had.has(id)) continue;
+        out.push({ ...e.rec });
       }
     }
     return out;
+  }
+
+  /** The stored records of class `c` (oldest first) into `out`, up to `max` in all. */
+  private async peekStored(c: number, max: number, out: OutboxRecord[], exclude?: ReadonlySet<string>): Promise<void> {
+    if (this.inMemory(c)) {
+      for (const [id, e] of this.tail[c]!) {
+        if (out.length >= max) break;
+        if (exclude?.has(id) || this.deleted.has(id)) continue;
+        // ack finds it in the tail (or, dropped from it meanwhile, tries every class)
+        out.push({ ...e.rec });
+      }
+      return;
+    }
+    const limit = max - out.length + (exclude?.size ?? 0);
+    for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
+      if (out.length >= max) break;
+      const id = BigInt(`0x${k.slice(2)}`).toString();
+      if (exclude?.has(id) || this.deleted.has(id)) continue;
+      let rec: OutboxRecord;
+      try {
+        rec = decodeRecord(k, v);
+      } catch (err) {
+        this.emit('corrupt', { key: k, id, reason: (err as Error).message });
+        void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
+        continue;
+      }
+      this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
+      out.push(rec);
+    }
   }
 
   stats(): OutboxStats {
@@ -563,7 +679,9 @@ export class LevelOutbox extends EventEmitter implements Outbox {
 
   async close(): Promise<void> {
     if (this.closed) return;
-    // finish what was accepted, then refuse more
+    // finish what was accepted (an open batch is written at once), then refuse more
+    this.closing = true;
+    this.arrival?.();
     while (this.writing || this.queue.length > 0) await new Promise((r) => setImmediate(r));
     this.closed = true;
     await this.db.close();

@@ -65,8 +65,10 @@ export interface Outbox {
   stats(): OutboxStats;
   close(): Promise<void>;
   /**
-   * 'evicted' (EvictionEvent) when the byte budget forced records out; 'appended' after
-   * appends are stored; 'corrupt' ({key, id, reason}) when a damaged record was skipped.
+   * 'evicted' (EvictionEvent) when the byte budget forced records out; 'appended' when new
+   * records can be peeked (a durable backend may show them before their write ends: peek can
+   * return a record whose append has not resolved yet, docs/outbox.md); 'corrupt' ({key, id,
+   * reason}) when a damaged record was skipped.
    */
   on(event: 'evicted', fn: (e: EvictionEvent) => void): this;
   on(event: 'appended', fn: () => void): this;

@@ -7,7 +7,7 @@
 // gateway memory per connected MCU).
 //
 // Usage: node scripts/bench/gateway-scale.mjs [--devices 10000] [--sims 2] [--interval-ms 1000]
-//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--uplink-batch-delay-ms N] [--tag name]
+//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--uplink-batch-delay-ms N] [--outbox-sync-interval-ms N] [--tag name]
 // Writes scripts/bench/results/gateway-scale-<date>[-<tag>].json with the machine's details.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -32,6 +32,7 @@ const { values } = parseArgs({
     'uplink-rate': { type: 'string', default: '0' },
     'uplink-window': { type: 'string' },
     'uplink-batch-delay-ms': { type: 'string' },
+    'outbox-sync-interval-ms': { type: 'string' },
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
@@ -412,6 +413,7 @@ async function gatewayPhase() {
     uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },
+    ...(values['outbox-sync-interval-ms'] ? { outbox: { syncIntervalMs: Number(values['outbox-sync-interval-ms']) } } : {}),
   };
   writeFileSync(join(dir, 'gateway.json'), JSON.stringify(gwConfig));
   const gw = fleetlet('gateway', ['gateway', '--config', join(dir, 'gateway.json'), '--ready-file', join(dir, 'gw.ready')], profArgs('gateway'));

@@ -136,3 +136,94 @@ test('LevelOutbox: kill -9 of the writer during a flood loses nothing whose appe
   }
 });
 
+
+/** Hold the store's batch writes until released (or failed): the write the outbox is in the middle of. */
+function gateBatches(ob: LevelOutbox) {
+  const db = (ob as unknown as { db: { _batch: (ops: unknown[], o: { sync: boolean }) => Promise<void> } }).db;
+  const real = db._batch.bind(db);
+  const held: Array<{ sync: boolean; go: () => void; fail: (e: Error) => void }> = [];
+  let holding = true;
+  db._batch = (ops, o) => {
+    if (!holding) return real(ops, o);
+    return new Promise<void>((resolve, reject) => held.push({ sync: o.sync, go: () => real(ops, o).then(resolve, reject), fail: reject }));
+  };
+  return { held, release: () => (holding = false) };
+}
+
+test('LevelOutbox: a record is peekable while its synced write is in flight; its append resolves only after the write, and a failed write takes it back', async () => {
+  const tmp = tempDir();
+  try {
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    const gate = gateBatches(ob);
+    let appended = 0;
+    ob.on('appended', () => appended++);
+    let resolved = false;
+    const a = ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('a') }).then((r) => ((resolved = true), r));
+    await waitFor(() => gate.held.length === 1, 'the write of the first append', 5000);
+    assert.equal(gate.held[0]!.sync, true, 'an append is a synced write');
+    assert.equal(appended, 1, "'appended' is emitted before the write");
+    const seen = await ob.peek(10);
+    assert.deepEqual(seen.map((r) => r.payload.toString()), ['a'], 'peekable while its write is in flight');
+    assert.equal(resolved, false, 'the append has not resolved: its write is not done');
+    // the consumer acks it before the write finished (a fast hub): the delete follows the write
+    const ack = ob.ack([seen[0]!.id]);
+    gate.held.shift()!.go();
+    const rec = await a;
+    assert.equal(rec.id, seen[0]!.id);
+    await waitFor(() => gate.held.length === 1, 'the ack write', 5000);
+    gate.held.shift()!.go();
+    await ack;
+    assert.deepEqual(await ob.peek(10), [], 'acked');
+    assert.equal(ob.stats().depth, 0);
+
+    // a failed write: the append rejects and its record is no longer shown
+    const b = ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('b') });
+    await waitFor(() => gate.held.length === 1, 'the write of the second append', 5000);
+    assert.deepEqual((await ob.peek(10)).map((r) => r.payload.toString()), ['b']);
+    gate.held.shift()!.fail(new Error('disk on fire'));
+    await assert.rejects(b, (e: Error & { code?: string }) => e.code === 'FLEET_STORE' && /disk on fire/.test(e.message));
+    assert.deepEqual(await ob.peek(10), [], 'a record whose write failed is not shown');
+    assert.equal(ob.stats().depth, 0);
+    gate.release();
+    await ob.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwhile is peekable at once and shares the next write; close writes it at once', async () => {
+  const tmp = tempDir();
+  try {
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, syncIntervalMs: 60_000 });
+    const gate = gateBatches(ob);
+    gate.release(); // count only
+    const db = (ob as unknown as { db: { _batch: (ops: unknown[], o: { sync: boolean }) => Promise<void> } }).db;
+    const inner = db._batch;
+    let synced = 0;
+    db._batch = (ops, o) => {
+      if (o.sync) synced++;
+      return inner(ops, o);
+    };
+    // the first append after idle is written at once: no fsync for 60 s before it
+    const first = await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('first') });
+    assert.equal(synced, 1);
+    // the next ones wait for the interval, but a reader sees them now
+    const later = [1, 2, 3].map((i) => ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from(`n${i}`) }));
+    let settled = 0;
+    for (const p of later) void p.then(() => settled++, () => settled++);
+    await waitFor(async () => (await ob.peek(10)).length === 4, 'the held records peekable', 5000);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(settled, 0, 'held: their fsync is not due yet');
+    assert.equal(synced, 1);
+    const more = ob.append({ topic: 't', priority: Priority.ALERT, payload: Buffer.from('alert') });
+    await waitFor(async () => (await ob.peek(1))[0]?.payload.toString() === 'alert', 'an alert that joined the held batch, first in peek', 5000);
+    await ob.close();
+    const recs = await Promise.all([...later, more]);
+    assert.equal(synced, 2, 'everything held went in one synced write, at close');
+    const reopened = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    assert.deepEqual((await reopened.peek(10)).map((r) => r.id), [recs[3]!.id, first.id, recs[0]!.id, recs[1]!.id, recs[2]!.id], 'all stored, in order');
+    await reopened.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
