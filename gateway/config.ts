@@ -23,11 +23,13 @@ const GatewayUplinkSchema = UplinkConfigSchema.extend({
   /** bytes per batch publish (gateway default 512 KiB) */
   batchBytes: z.number().int().min(1024).max(1024 * 1024).default(512 * 1024),
   /**
-   * longest a record waits for others to share its publish, ms (gateway default 5: at
-   * thousands of MCU messages a second a batch fills within milliseconds anyway, and the
-   * agent's 20 ms were most of the gateway's added latency once its outbox kept up)
+   * longest a record waits for others to share its publish, ms (gateway default 0: each
+   * record is a group of MCU messages already, and under load the publish window batches
+   * what queues behind it. Measured at 10,000 MQTT MCUs, five runs each, interleaved: p99
+   * 38-71 ms (median 48) at 0 against 61-70 (median 64) at 5, for ~6% more of a core at
+   * the hub; the agent's 20 ms had been most of the gateway's added latency)
    */
-  batchDelayMs: z.number().int().min(0).max(60_000).default(5),
+  batchDelayMs: z.number().int().min(0).max(60_000).default(0),
   /** records per second at most, 0 = unlimited (gateway default 20,000) */
   rate: z.number().int().min(0).default(20_000),
 });
