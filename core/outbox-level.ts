@@ -457,7 +457,23 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           b.failed.push(op.reject);
         } else if (op.kind === 'ack') {
           let removed = 0;
-          const candidates = op.ids.filter((id) => !this.deleted.has(id));
+          const candidates: string[] = [];
+          for (const id of op.ids) {
+            if (this.deleted.has(id)) continue;
+            // appended by this very batch (peeked, sent and acked while the batch was held
+            // open; batches are prepared and written one after the other, so writingNow holds
+            // only this one's records): its delete follows its put in the same write
+            const w = this.writingNow[0]!.get(id) ?? this.writingNow[1]!.get(id) ?? this.writingNow[2]!.get(id);
+            if (w) {
+              if (gone.has(w.k)) continue;
+              gone.add(w.k);
+              this.forget(b, id);
+              b.del(w.k);
+              st.count[w.rec.priority]!--;
+              st.bytes[w.rec.priority]! -= w.bytes;
+              removed++;
+            } else candidates.push(id);
+          }
           // only what is still stored counts: the same id may be acked twice (a resend after a stale peek)
           for (const where of await this.locateMany(candidates)) {
             if (gone.has(where.k)) continue;

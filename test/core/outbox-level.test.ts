@@ -191,7 +191,7 @@ test('LevelOutbox: a record is peekable while its synced write is in flight; its
   }
 });
 
-test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwhile is peekable at once and shares the next write; close writes it at once', async () => {
+test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwhile is peekable at once and shares the next write, an ack of a held record means it is never stored; close writes it at once', async () => {
   const tmp = tempDir();
   try {
     const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, syncIntervalMs: 60_000 });
@@ -217,11 +217,18 @@ test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwh
     assert.equal(synced, 1);
     const more = ob.append({ topic: 't', priority: Priority.ALERT, payload: Buffer.from('alert') });
     await waitFor(async () => (await ob.peek(1))[0]?.payload.toString() === 'alert', 'an alert that joined the held batch, first in peek', 5000);
+    // a held record sent and acked before its batch is written (a fast hub): never stored
+    const n2 = (await ob.peek(10)).find((r) => r.payload.toString() === 'n2')!;
+    const acked = ob.ack([n2.id]);
+    await waitFor(async () => !(await ob.peek(10)).some((r) => r.id === n2.id), 'the acked held record hidden', 5000);
     await ob.close();
     const recs = await Promise.all([...later, more]);
+    await acked;
     assert.equal(synced, 2, 'everything held went in one synced write, at close');
+    assert.equal(ob.stats().depth, 4);
     const reopened = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
-    assert.deepEqual((await reopened.peek(10)).map((r) => r.id), [recs[3]!.id, first.id, recs[0]!.id, recs[1]!.id, recs[2]!.id], 'all stored, in order');
+    assert.deepEqual((await reopened.peek(10)).map((r) => r.id), [recs[3]!.id, first.id, recs[0]!.id, recs[2]!.id], 'all stored but the acked one, in order');
+    assert.equal(reopened.stats().depth, 4);
     await reopened.close();
   } finally {
     tmp.cleanup();
