@@ -226,9 +226,14 @@ export class Uplink extends EventEmitter {
         this.release(ids, gen);
         return;
       }
+      // the hub has it: its place in the window is free now, not once the outbox applied the
+      // ack (with outbox.syncIntervalMs that waits for the next fsync, and a window held by
+      // acks in waiting stalled the sending); its ids stay in flight, so no peek returns them
+      // again, until the ack is applied
+      if (gen === this.gen) this.inflightPublishes--;
       this.opts.outbox.ack(ids).then(
         () => {
-          this.release(ids, gen);
+          this.releaseIds(ids, gen);
           this.counters.sentRecords += ids.length;
           this.counters.publishes++;
           if (!single) this.counters.batches++;
@@ -236,17 +241,23 @@ export class Uplink extends EventEmitter {
           this.kick();
         },
         (e: unknown) => {
-          this.release(ids, gen);
+          this.releaseIds(ids, gen);
           this.opts.log.error('outbox ack failed', { err: e });
         },
       );
+      this.kick();
     });
   }
 
   private release(ids: string[], gen: number): void {
     if (gen !== this.gen) return; // released when its connection closed
-    for (const id of ids) this.inflightIds.delete(id);
+    this.releaseIds(ids, gen);
     this.inflightPublishes--;
+  }
+
+  private releaseIds(ids: string[], gen: number): void {
+    if (gen !== this.gen) return;
+    for (const id of ids) this.inflightIds.delete(id);
   }
 
   stop(): void {

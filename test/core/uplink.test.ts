@@ -8,7 +8,7 @@ import { encodeMessage } from '../../core/messages.ts';
 import { connectFleetClient } from '../../core/mqtt.ts';
 import { MemoryOutbox, Priority, type Outbox, type OutboxRecord } from '../../core/outbox.ts';
 import { deviceTopic } from '../../core/topics.ts';
-import { Uplink } from '../../core/uplink.ts';
+import { Uplink, type UplinkOptions } from '../../core/uplink.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
@@ -37,6 +37,7 @@ async function withHubDevice(
   run: (uplink: Uplink) => Promise<void>,
   /** runs after the consumer subscribed, before the device connects */
   before: () => Promise<void> = async () => {},
+  uplinkOpts: Partial<UplinkOptions> = {},
 ): Promise<void> {
   const tmp = tempDir();
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir }), testLogger('hub'));
@@ -46,7 +47,7 @@ async function withHubDevice(
   consumer.on('message', (_t, p) => onMessage(p));
   await before();
   const client = connectFleetClient({ url, deviceId, token: deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', deviceId), kind: 'agent', version: '1', keepalive: 10 });
-  const uplink = new Uplink({ client, outbox, log: testLogger(), deviceId, batchDelayMs: 0 });
+  const uplink = new Uplink({ client, outbox, log: testLogger(), deviceId, batchDelayMs: 0, ...uplinkOpts });
   try {
     await run(uplink);
   } finally {
@@ -96,5 +97,41 @@ test('uplink: a record that is a batch already (a gateway groups its MCUs’ tel
       assert.equal(st.publishes, 1, 'one publish for the three records');
     },
     fill, // before the device connects: the three records go out together
+  );
+});
+
+/** An outbox whose acks are applied only when released (as when the next fsync is not due yet). */
+class HeldAckOutbox extends MemoryOutbox {
+  held: Array<() => void> = [];
+  override ack(ids: readonly string[]): Promise<void> {
+    return new Promise((resolve, reject) => this.held.push(() => void super.ack(ids).then(resolve, reject)));
+  }
+}
+
+test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile', async () => {
+  const got: string[] = [];
+  const outbox = new HeldAckOutbox();
+  await withHubDevice(
+    'dev-w',
+    'events',
+    (p) => got.push((JSON.parse(p.toString()) as { type: string }).type),
+    outbox,
+    async (uplink) => {
+      for (const type of ['a', 'b', 'c']) await outbox.append({ topic: deviceTopic('dev-w', 'events'), priority: Priority.ALERT, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type, severity: 'info' }) });
+      // a window of one publish: b and c can go only if a's PUBACK freed it, the acks being held
+      await waitFor(() => got.length === 3, 'all three at the consumer while every ack waits', 5000);
+      assert.deepEqual(got, ['a', 'b', 'c']);
+      assert.equal(outbox.held.length, 3);
+      assert.equal(outbox.stats().depth, 3);
+      assert.equal(uplink.stats().inFlight, 3, 'in flight until their acks are applied');
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(got.length, 3, 'not sent again while their acks wait');
+      for (const go of outbox.held.splice(0)) go();
+      await waitFor(() => outbox.stats().depth === 0, 'the acks applied');
+      assert.equal(uplink.stats().inFlight, 0);
+      assert.equal(uplink.stats().sentRecords, 3);
+    },
+    async () => {},
+    { window: 1, batchMax: 1 },
   );
 });
