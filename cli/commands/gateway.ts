@@ -12,6 +12,7 @@ import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway, type VerifyFirmware } from '../../gateway/index.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 import { VERSION } from '../version.ts';
+import { tuneServerHeap } from '../../core/heap-tuning.ts';
 
 export const gatewayCommand = defineCommand({
   name: 'gateway',
@@ -79,6 +80,7 @@ export const gatewayCommand = defineCommand({
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown gateway subcommand "${sub}"`);
     const { config } = loadConfig(GatewayConfigSchema, { file: strFlag(values, 'config'), overrides });
     const log = createLogger({ name: 'gateway', level: logLevelFromEnv() ?? 'info' });
+    tuneServerHeap();
     const gw = await startGateway(config, log, VERSION, { verifyFirmware: config.firmwareTrustFile ? firmwareVerifier(config.firmwareTrustFile, join(config.stateDir, 'firmware')) : undefined });
     writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, mqttTlsPort: gw.mqttTlsPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
     return runUntilSignal(() => gw.stop(), { dieWithParent: values['die-with-parent'] === true });

@@ -8,6 +8,7 @@ import { loadOrCreateSecret, writeSecretFile } from '../../core/secrets.ts';
 import { startHub } from '../../hub/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
+import { tuneServerHeap } from '../../core/heap-tuning.ts';
 
 export const hubCommand = defineCommand({
   name: 'hub',
@@ -58,6 +59,7 @@ export const hubCommand = defineCommand({
     }
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown hub subcommand "${sub}"`);
     const log = createLogger({ name: 'hub', level: logLevelFromEnv() ?? 'info' });
+    tuneServerHeap();
     const hub = await startHub(config, log);
     writeReadyFile(strFlag(values, 'ready-file'), {
       mqttPort: hub.mqttPort,
