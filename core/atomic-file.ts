@@ -1,13 +1,14 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 
 /**
  * Crash-safe file replacement, shared by every part that keeps state in a file: the data is
  * written to a temp file beside the target (same directory, so the rename is atomic), synced,
  * and renamed over the target. A crash leaves the old file or the new one, never a mix or an
- * empty file (and may leave the temp file, `{file}.{pid}.tmp`); a write that fails removes
- * its temp file. `syncDir` also syncs the directory, so the rename itself survives power loss.
+ * empty file (and may leave the temp file, `{file}.{pid}.tmp`, which the next process to write
+ * that file removes, once its writer is gone); a write that fails removes its temp file.
+ * `syncDir` also syncs the directory, so the rename itself survives power loss.
  */
 export interface AtomicWriteOptions {
   /** the file's mode (default 0o600: state files hold ids, counters, keys' derivatives) */
@@ -18,7 +19,46 @@ export interface AtomicWriteOptions {
   syncDir?: boolean;
 }
 
-const tmpName = (file: string): string => `${file}.${process.pid}.tmp`;
+const tmpName = (file: string): string => {
+  sweepStaleTemps(file);
+  return `${file}.${process.pid}.tmp`;
+};
+
+/** files whose stale temp files this process has looked for (once each) */
+const swept = new Set<string>();
+
+/** Is process `pid` running (EPERM: it is, under another user)? */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Remove `{file}.{pid}.tmp` left by writers that crashed mid-write (their process is gone),
+ * once per file per process. A live writer's temp file is left alone.
+ */
+function sweepStaleTemps(file: string): void {
+  if (swept.has(file)) return;
+  swept.add(file);
+  const dir = dirname(file);
+  const prefix = `${basename(file)}.`;
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return; // no directory yet: nothing left behind
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !name.endsWith('.tmp')) continue;
+    const pid = name.slice(prefix.length, -'.tmp'.length);
+    if (!/^[0-9]{1,10}$/.test(pid) || Number(pid) === process.pid || alive(Number(pid))) continue;
+    rmSync(join(dir, name), { force: true });
+  }
+}
 
 export function writeFileAtomicSync(file: string, data: string | Uint8Array, opts: AtomicWriteOptions = {}): void {
   mkdirSync(dirname(file), { recursive: true, mode: opts.dirMode ?? 0o700 });

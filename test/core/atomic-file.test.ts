@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeFileAtomic, writeFileAtomicSync } from '../../core/atomic-file.ts';
 import { tempDir } from '../helpers.ts';
@@ -35,3 +35,28 @@ for (const [name, write] of [
     }
   });
 }
+
+test('atomic file: temp files left by crashed writers of the same file are removed at the first write; a live writer’s and other files’ are kept', async () => {
+  const tmp = tempDir();
+  try {
+    for (const [name, write] of [
+      ['sync.json', async (f: string, d: string) => writeFileAtomicSync(f, d)],
+      ['async.json', (f: string, d: string) => writeFileAtomic(f, d)],
+    ] as const) {
+      const file = join(tmp.dir, name);
+      // a pid above Linux's pid_max (2^22) is no process; the parent (the test runner) is alive
+      const dead = `${name}.9999999.tmp`;
+      const live = `${name}.${process.ppid}.tmp`;
+      for (const f of [dead, live, 'other.json.9999999.tmp', `${name}.notapid.tmp`]) writeFileSync(join(tmp.dir, f), 'left over');
+      await write(file, 'x');
+      const left = readdirSync(tmp.dir);
+      assert.ok(!left.includes(dead), `${name}: a dead writer's temp file is removed`);
+      assert.ok(left.includes(live), `${name}: a live writer's temp file is kept`);
+      assert.ok(left.includes('other.json.9999999.tmp'), `${name}: another file's temp file is not this write's business`);
+      assert.ok(left.includes(`${name}.notapid.tmp`), `${name}: a name that is not ours is kept`);
+      assert.equal(readFileSync(file, 'utf8'), 'x');
+    }
+  } finally {
+    tmp.cleanup();
+  }
+});
