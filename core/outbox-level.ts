@@ -29,6 +29,13 @@ import { openStore } from './store.ts';
 const HEADER = 4 + 1 + 1 + 6 + 2;
 const VERSION = 1;
 const SEQ_KEY = 'm:seq';
+/**
+ * Ids reserved on disk at a time. A record is shown to peek before its write only when its id
+ * is below the reservation already on disk (`m:seq`), so no id a reader may have sent is ever
+ * handed out again, after a failed write or a crash; the batch that moves the reservation
+ * shows its records once written (one batch in this many ids).
+ */
+const ID_BLOCK = 100_000n;
 /** how many recently deleted ids peek remembers to skip */
 const DELETED_MEMORY = 65_536;
 /** default bytes (topic + payload) of stored records also kept in memory, see `tail` */
@@ -78,6 +85,10 @@ interface Batch {
   /** the counts and sequence as they will be once the batch is written */
   st: Persisted;
   seq: bigint;
+  /** the id reservation this batch writes (`m:seq`): every id below it may have been used */
+  reserve: bigint;
+  /** records of this batch not shown before the write (their ids were not reserved yet) */
+  hidden: number;
   /** carries appends: written with sync */
   sync: boolean;
   ev: EvictionEvent;
@@ -187,6 +198,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
    */
   private readonly writingNow: Array<Map<string, { k: string; rec: OutboxRecord; bytes: number }>> = [new Map(), new Map(), new Map()];
   private readonly tailMax: number;
+  /** `m:seq` as on disk: ids from here on were never shown to a reader */
+  private reserved: bigint;
   private readonly syncIntervalMs: number;
   /** performance.now() when the last synced write began */
   private lastSyncAt = -Infinity;
@@ -209,6 +222,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     this.freeBytes = opts.freeBytes ?? defaultFreeBytes;
     this.tailMax = opts.tailBytes ?? TAIL_BYTES;
     this.syncIntervalMs = opts.syncIntervalMs ?? 0;
+    this.reserved = seq;
   }
 
   /** Is every stored record of class `c` in the tail? */
@@ -342,6 +356,11 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     while (b.sync && this.syncIntervalMs > 0 && !this.closing) {
       const wait = this.lastSyncAt + this.syncIntervalMs - performance.now();
       if (wait <= 0) break;
+      // arrived while a prepare was reading from disk (no one was waiting to be told)
+      if (this.queue.length > 0) {
+        await this.prepare(b, this.queue.splice(0, this.queue.length));
+        continue;
+      }
       await new Promise<void>((resolve) => {
         const t = setTimeout(() => {
           this.arrival = null;
@@ -367,6 +386,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       del: (k: string) => writes.push({ type: 'del', key: k }),
       st: { count: [...this.st.count], bytes: [...this.st.bytes], evicted: this.st.evicted, corrupt: this.st.corrupt },
       seq: this.seq,
+      reserve: this.reserved,
+      hidden: 0,
       sync: false,
       ev: { evicted: 0, bytes: 0, byClass: {} },
       done: [],
@@ -441,14 +462,19 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
           await makeRoom(size, rec.priority);
           const k = key(rec.priority, b.seq);
+          // shown before the write only under an id reserved on disk already (ID_BLOCK)
+          const reservedOnDisk = b.seq < this.reserved;
+          if (b.seq >= b.reserve) b.reserve = b.seq + ID_BLOCK;
           b.seq++;
           b.put(k, encodeRecord(rec));
           const w = { k, rec, bytes: size };
           fresh[rec.priority]!.push({ k, bytes: size, id });
           b.written.push(w);
-          // peekable from now on (after the stored records): the reader need not wait for the fsync
-          this.writingNow[rec.priority]!.set(id, w);
-          shown++;
+          if (reservedOnDisk) {
+            // peekable from now on (after the stored records): the reader need not wait for the fsync
+            this.writingNow[rec.priority]!.set(id, w);
+            shown++;
+          } else b.hidden++;
           st.count[rec.priority]!++;
           st.bytes[rec.priority]! += size;
           b.sync = true;
@@ -519,14 +545,20 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   /** Write batch `b` (synced if it carries appends), then settle its operations. */
   private async commit(b: Batch): Promise<void> {
     const { st, gone } = b;
-    if (b.done.length === 0) return;
-    b.put(SEQ_KEY, Buffer.from(b.seq.toString()));
+    if (b.done.length === 0) {
+      // nothing to write (every operation was refused): what they marked deleted is not
+      for (const id of b.deletedNow) this.deleted.delete(id);
+      return;
+    }
+    b.put(SEQ_KEY, Buffer.from((b.reserve > b.seq ? b.reserve : b.seq).toString()));
     b.put(STATS_KEY, Buffer.from(JSON.stringify(st)));
     try {
       if (b.sync) this.lastSyncAt = performance.now();
       // sync only when the batch carries appends: an ack lost in a crash means a resend, which the hub drops
       await this.rawBatch(b.writes, b.sync);
     } catch (err) {
+      // the ids stay used: a reader may have sent a record under one of them
+      this.seq = b.seq;
       for (const w of b.written) this.writingNow[w.rec.priority]!.delete(w.rec.id);
       for (const id of b.deletedNow) this.deleted.delete(id);
       const fe = new FleetError('FLEET_STORE', `outbox write failed: ${(err as Error).message}`, { cause: err });
@@ -534,6 +566,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       return;
     }
     this.seq = b.seq;
+    if (b.reserve > this.reserved) this.reserved = b.reserve;
     Object.assign(this.st, st);
     for (const id of b.deletedNow) this.tailDelete(id);
     for (const w of b.written) {
@@ -544,6 +577,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     for (const fn of b.done) fn();
     this.counters.appended += b.appends;
     if (b.ev.evicted > 0) this.emit('evicted', b.ev);
+    if (b.hidden > 0) this.emit('appended');
     await this.refreshHeads();
   }
 

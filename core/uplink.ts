@@ -28,6 +28,8 @@ export interface UplinkStats {
   connected: boolean;
   /** records awaiting PUBACK */
   inFlight: number;
+  /** records the hub acknowledged whose outbox ack is not applied yet */
+  awaitingAck: number;
   /** publishes awaiting PUBACK (at most `window`) */
   inFlightPublishes: number;
   sentRecords: number;
@@ -46,6 +48,20 @@ export interface UplinkStats {
 export class Uplink extends EventEmitter {
   /** ids of records in flight, for peek to skip */
   private readonly inflightIds = new Set<string>();
+  /**
+   * ids of records the hub acknowledged whose outbox ack is not applied yet (it can wait for
+   * the next fsync): peek skips them too, and unlike those in flight they are not released
+   * when the connection closes, so a reconnect does not send them again
+   */
+  private readonly acking = new Set<string>();
+  /** what peek skips: in flight or being acked */
+  private readonly skip = ((u: Uplink) =>
+    ({
+      has: (id: string): boolean => u.inflightIds.has(id) || u.acking.has(id),
+      get size(): number {
+        return u.inflightIds.size + u.acking.size;
+      },
+    }) as unknown as ReadonlySet<string>)(this);
   private inflightPublishes = 0;
   private pumping = false;
   /** a kick arrived while pumping: the pump's last peek may predate a new record */
@@ -99,7 +115,7 @@ export class Uplink extends EventEmitter {
   }
 
   stats(): UplinkStats {
-    return { connected: this.connected, inFlight: this.inflightIds.size, inFlightPublishes: this.inflightPublishes, ...this.counters };
+    return { connected: this.connected, inFlight: this.inflightIds.size, awaitingAck: this.acking.size, inFlightPublishes: this.inflightPublishes, ...this.counters };
   }
 
   private burst(): number {
@@ -141,7 +157,7 @@ export class Uplink extends EventEmitter {
           this.wakeIn(((1 - this.tokens) * 1000) / this.o.rate);
           break;
         }
-        const recs = await this.opts.outbox.peek(Math.min(this.o.batchMax, allowance), this.inflightIds);
+        const recs = await this.opts.outbox.peek(Math.min(this.o.batchMax, allowance), this.skip);
         if (recs.length === 0) {
           // an append (or ack) during that peek may not be in its result: look once more
           if (!this.again) break;
@@ -228,12 +244,16 @@ export class Uplink extends EventEmitter {
       }
       // the hub has it: its place in the window is free now, not once the outbox applied the
       // ack (with outbox.syncIntervalMs that waits for the next fsync, and a window held by
-      // acks in waiting stalled the sending); its ids stay in flight, so no peek returns them
-      // again, until the ack is applied
-      if (gen === this.gen) this.inflightPublishes--;
+      // acks in waiting stalled the sending); its ids move to `acking`, so no peek returns
+      // them again, even after a reconnect, until the ack is applied
+      if (gen === this.gen) {
+        this.inflightPublishes--;
+        for (const id of ids) this.inflightIds.delete(id);
+      }
+      for (const id of ids) this.acking.add(id);
       this.opts.outbox.ack(ids).then(
         () => {
-          this.releaseIds(ids, gen);
+          for (const id of ids) this.acking.delete(id);
           this.counters.sentRecords += ids.length;
           this.counters.publishes++;
           if (!single) this.counters.batches++;
@@ -241,8 +261,10 @@ export class Uplink extends EventEmitter {
           this.kick();
         },
         (e: unknown) => {
-          this.releaseIds(ids, gen);
+          // still stored: sendable again (the hub drops the copy by its mid)
+          for (const id of ids) this.acking.delete(id);
           this.opts.log.error('outbox ack failed', { err: e });
+          this.kick();
         },
       );
       this.kick();
@@ -251,13 +273,8 @@ export class Uplink extends EventEmitter {
 
   private release(ids: string[], gen: number): void {
     if (gen !== this.gen) return; // released when its connection closed
-    this.releaseIds(ids, gen);
-    this.inflightPublishes--;
-  }
-
-  private releaseIds(ids: string[], gen: number): void {
-    if (gen !== this.gen) return;
     for (const id of ids) this.inflightIds.delete(id);
+    this.inflightPublishes--;
   }
 
   stop(): void {

@@ -154,6 +154,9 @@ test('LevelOutbox: a record is peekable while its synced write is in flight; its
   const tmp = tempDir();
   try {
     const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    // a fresh store's first record reserves ids on disk (it is shown once written): acked at once
+    const first = await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('first') });
+    await ob.ack([first.id]);
     const gate = gateBatches(ob);
     let appended = 0;
     ob.on('appended', () => appended++);
@@ -230,6 +233,113 @@ test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwh
     assert.deepEqual((await reopened.peek(10)).map((r) => r.id), [recs[3]!.id, first.id, recs[0]!.id, recs[2]!.id], 'all stored but the acked one, in order');
     assert.equal(reopened.stats().depth, 4);
     await reopened.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('LevelOutbox: an id a reader may have seen is never handed out again — after a failed write, or after a crash while its record was held', async () => {
+  const tmp = tempDir();
+  try {
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    // the first record of a fresh store moves the id reservation: shown only once written
+    await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('first') });
+    const gate = gateBatches(ob);
+    const a = ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('a') });
+    await waitFor(() => gate.held.length === 1, 'the write of a', 5000);
+    const seenA = (await ob.peek(10)).find((r) => r.payload.toString() === 'a');
+    assert.ok(seenA, 'a is shown while its write is in flight');
+    gate.held.shift()!.fail(new Error('disk on fire'));
+    await assert.rejects(a);
+    gate.release();
+    const b = await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('b') });
+    assert.notEqual(b.id, seenA.id, 'a new record does not take the id of one a reader may have sent');
+    // the late ack of what the reader sent under a's id must not delete b
+    await ob.ack([seenA.id]);
+    assert.deepEqual((await ob.peek(10)).map((r) => r.payload.toString()), ['first', 'b']);
+    await ob.close();
+  } finally {
+    tmp.cleanup();
+  }
+
+  // kill -9 while a record is held open (and was peeked): after the restart, ids go on above it
+  const crash = tempDir();
+  try {
+    const script = `
+      const { LevelOutbox } = await import(${JSON.stringify(new URL('../../core/outbox-level.ts', import.meta.url).pathname)});
+      const ob = await LevelOutbox.open(${JSON.stringify(crash.dir)}, { minFreeBytes: 0, syncIntervalMs: 60000 });
+      await ob.append({ topic: 't', priority: 1, payload: Buffer.from('first') });
+      await ob.append({ topic: 't', priority: 1, payload: Buffer.from('second') });
+      void ob.append({ topic: 't', priority: 1, payload: Buffer.from('held') });
+      for (;;) {
+        const recs = await ob.peek(10);
+        const held = recs.find((r) => r.payload.toString() === 'held');
+        if (held) { process.stdout.write(held.id + '\\n'); break; }
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      setInterval(() => {}, 1000);
+    `;
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const heldId = await new Promise<string>((resolve, reject) => {
+      createInterface({ input: child.stdout! }).once('line', resolve);
+      child.once('exit', (code) => reject(new Error(`child exited ${code} before peeking`)));
+    });
+    child.kill('SIGKILL');
+    await new Promise((r) => child.once('exit', r));
+    const ob = await LevelOutbox.open(crash.dir, { minFreeBytes: 0 });
+    const next = await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('after') });
+    assert.ok(BigInt(next.id) > BigInt(heldId), `the id after the restart (${next.id}) is above the one a reader saw (${heldId})`);
+    assert.deepEqual((await ob.peek(10)).map((r) => r.payload.toString()), ['first', 'second', 'after'], 'the held record was never written; the rest is');
+    await ob.close();
+  } finally {
+    crash.cleanup();
+  }
+});
+
+test('LevelOutbox: an append refused after evicting part of the room it needed keeps every stored record visible (stats and peek agree)', async () => {
+  const tmp = tempDir();
+  try {
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, maxBytes: 64 * 1024 + 100 });
+    await ob.append({ topic: 't', priority: Priority.ALERT, payload: Buffer.alloc(40 * 1024, 1) });
+    await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.alloc(20 * 1024, 2) });
+    // a telemetry record that fits only if the alert went: it evicts the telemetry first, then must stop
+    await assert.rejects(ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.alloc(60 * 1024, 3) }), (e: Error & { code?: string }) => e.code === 'FLEET_OUTBOX_FULL');
+    const peeked = await ob.peek(10);
+    assert.equal(ob.stats().depth, 2);
+    assert.equal(peeked.length, 2, 'the telemetry record it would have evicted is still delivered');
+    await ob.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('LevelOutbox: a record that arrives while a held batch reads from disk is peekable at once, not after the hold', async () => {
+  const tmp = tempDir();
+  try {
+    let ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    const old = await ob.append({ topic: 't', priority: Priority.LOG, payload: Buffer.from('old') });
+    await ob.close();
+    // reopened: 'old' is on disk only, so acking it reads from the store (getMany)
+    ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, syncIntervalMs: 60_000 });
+    await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('d') }); // written at once; starts the interval
+    const db = (ob as unknown as { db: { getMany: (keys: string[]) => Promise<unknown[]> } }).db;
+    const realGetMany = db.getMany.bind(db);
+    let releaseRead!: () => void;
+    const reading = new Promise<void>((r) => (releaseRead = r));
+    let readStarted = false;
+    db.getMany = async (keys) => {
+      readStarted = true;
+      await reading;
+      return realGetMany(keys);
+    };
+    const c = ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('c') });
+    const acked = ob.ack([old.id]);
+    await waitFor(() => readStarted, 'the held batch reading from disk', 5000);
+    const b = ob.append({ topic: 't', priority: Priority.ALERT, payload: Buffer.from('b') });
+    releaseRead();
+    await waitFor(async () => (await ob.peek(10)).some((r) => r.payload.toString() === 'b'), 'b peekable well before the 60 s hold ends', 5000);
+    await ob.close();
+    await Promise.all([c, acked, b]);
   } finally {
     tmp.cleanup();
   }

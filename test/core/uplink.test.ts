@@ -100,9 +100,15 @@ test('uplink: a record that is a batch already (a gateway groups its MCUs’ tel
   );
 });
 
-/** An outbox whose acks are applied only when released (as when the next fsync is not due yet). */
+/** An outbox whose acks are applied only when released (as when the next fsync is not due yet); counts what peek hands out. */
 class HeldAckOutbox extends MemoryOutbox {
   held: Array<() => void> = [];
+  readonly handedOut = new Map<string, number>();
+  override async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
+    const recs = await super.peek(max, exclude);
+    for (const r of recs) this.handedOut.set(r.id, (this.handedOut.get(r.id) ?? 0) + 1);
+    return recs;
+  }
   override ack(ids: readonly string[]): Promise<void> {
     return new Promise((resolve, reject) => this.held.push(() => void super.ack(ids).then(resolve, reject)));
   }
@@ -123,12 +129,13 @@ test('uplink: a publish frees its place in the window at its PUBACK, not once th
       assert.deepEqual(got, ['a', 'b', 'c']);
       assert.equal(outbox.held.length, 3);
       assert.equal(outbox.stats().depth, 3);
-      assert.equal(uplink.stats().inFlight, 3, 'in flight until their acks are applied');
+      assert.equal(uplink.stats().inFlight, 0, 'none awaits a PUBACK');
+      assert.equal(uplink.stats().awaitingAck, 3, 'all three await their outbox ack');
       await new Promise((r) => setTimeout(r, 300));
-      assert.equal(got.length, 3, 'not sent again while their acks wait');
+      assert.deepEqual([...outbox.handedOut.values()], [1, 1, 1], 'no record handed to the uplink twice while its ack waits');
       for (const go of outbox.held.splice(0)) go();
       await waitFor(() => outbox.stats().depth === 0, 'the acks applied');
-      assert.equal(uplink.stats().inFlight, 0);
+      assert.equal(uplink.stats().awaitingAck, 0);
       assert.equal(uplink.stats().sentRecords, 3);
     },
     async () => {},
