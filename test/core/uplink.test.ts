@@ -114,7 +114,7 @@ class HeldAckOutbox extends MemoryOutbox {
   }
 }
 
-test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile', async () => {
+test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile, nor after a reconnect', async () => {
   const got: string[] = [];
   const outbox = new HeldAckOutbox();
   await withHubDevice(
@@ -133,6 +133,15 @@ test('uplink: a publish frees its place in the window at its PUBACK, not once th
       assert.equal(uplink.stats().awaitingAck, 3, 'all three await their outbox ack');
       await new Promise((r) => setTimeout(r, 300));
       assert.deepEqual([...outbox.handedOut.values()], [1, 1, 1], 'no record handed to the uplink twice while its ack waits');
+      // the connection drops and comes back while the acks still wait: what the hub has is not sent again
+      const client = (uplink as unknown as { opts: { client: mqtt.MqttClient } }).opts.client;
+      let reconnected = false;
+      client.once('connect', () => (reconnected = true));
+      client.stream.destroy();
+      await waitFor(() => reconnected && client.connected, 'the device client reconnected', 10_000);
+      await new Promise((r) => setTimeout(r, 300));
+      assert.deepEqual([...outbox.handedOut.values()], [1, 1, 1], 'not handed out again after the reconnect either');
+      assert.equal(uplink.stats().awaitingAck, 3);
       for (const go of outbox.held.splice(0)) go();
       await waitFor(() => outbox.stats().depth === 0, 'the acks applied');
       assert.equal(uplink.stats().awaitingAck, 0);
