@@ -356,7 +356,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     while (b.sync && this.syncIntervalMs > 0 && !this.closing) {
       const wait = this.lastSyncAt + this.syncIntervalMs - performance.now();
       if (wait <= 0) break;
-      // arrived while a prepare was reading from disk (no one was waiting to be told)
+      // what arrived: told by `arrival`, or while a prepare was reading from disk (no one was waiting to be told)
       if (this.queue.length > 0) {
         await this.prepare(b, this.queue.splice(0, this.queue.length));
         continue;
@@ -373,7 +373,6 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           setImmediate(resolve);
         };
       });
-      if (this.queue.length > 0) await this.prepare(b, this.queue.splice(0, this.queue.length));
     }
     await this.commit(b);
   }
@@ -435,18 +434,23 @@ export class LevelOutbox extends EventEmitter implements Outbox {
         }
         const victim = await takeOldest(c);
         if (!victim) throw new FleetError('FLEET_INTERNAL', `outbox counts say class ${c} has records but none was found`);
-        gone.add(victim.k);
-        this.forget(b, victim.id);
-        b.del(victim.k);
+        remove(victim.k, victim.id, c, victim.bytes);
         this.known.delete(victim.id);
-        st.count[c]!--;
-        st.bytes[c]! -= victim.bytes;
         st.evicted++;
         b.ev.evicted++;
         b.ev.bytes += victim.bytes;
         const name = PRIORITY_NAMES[c as Priority];
         b.ev.byClass[name] = (b.ev.byClass[name] ?? 0) + 1;
       }
+    };
+
+    /** a stored (or this batch's) record leaves: deleted in this batch, hidden from peek now */
+    const remove = (k: string, id: string, cls: number, bytes: number): void => {
+      gone.add(k);
+      this.forget(b, id);
+      b.del(k);
+      st.count[cls]!--;
+      st.bytes[cls]! -= bytes;
     };
 
     let shown = 0;
@@ -492,22 +496,14 @@ export class LevelOutbox extends EventEmitter implements Outbox {
             const w = this.writingNow[0]!.get(id) ?? this.writingNow[1]!.get(id) ?? this.writingNow[2]!.get(id);
             if (w) {
               if (gone.has(w.k)) continue;
-              gone.add(w.k);
-              this.forget(b, id);
-              b.del(w.k);
-              st.count[w.rec.priority]!--;
-              st.bytes[w.rec.priority]! -= w.bytes;
+              remove(w.k, id, w.rec.priority, w.bytes);
               removed++;
             } else candidates.push(id);
           }
           // only what is still stored counts: the same id may be acked twice (a resend after a stale peek)
           for (const where of await this.locateMany(candidates)) {
             if (gone.has(where.k)) continue;
-            gone.add(where.k);
-            this.forget(b, where.id);
-            b.del(where.k);
-            st.count[where.cls]!--;
-            st.bytes[where.cls]! -= where.bytes;
+            remove(where.k, where.id, where.cls, where.bytes);
             removed++;
           }
           b.done.push(() => {

@@ -246,10 +246,7 @@ export class Uplink extends EventEmitter {
       // ack (with outbox.syncIntervalMs that waits for the next fsync, and a window held by
       // acks in waiting stalled the sending); its ids move to `acking`, so no peek returns
       // them again, even after a reconnect, until the ack is applied
-      if (gen === this.gen) {
-        this.inflightPublishes--;
-        for (const id of ids) this.inflightIds.delete(id);
-      }
+      this.release(ids, gen);
       for (const id of ids) this.acking.add(id);
       this.opts.outbox.ack(ids).then(
         () => {
@@ -258,7 +255,6 @@ export class Uplink extends EventEmitter {
           this.counters.publishes++;
           if (!single) this.counters.batches++;
           this.emit('sent', ids.length);
-          this.kick();
         },
         (e: unknown) => {
           // still stored: sendable again (the hub drops the copy by its mid)
