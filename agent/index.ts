@@ -242,9 +242,12 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
       await reply(seen.reply);
       return;
     }
+    // the result is recorded before its reply is queued: a repeat that arrives while the reply
+    // is still being written gets that reply again (it used to be dropped as `running`), and a
+    // crash between the two leaves the real result on disk, not FLEET_COMMAND_INTERRUPTED
     const answer = async (r: Reply) => {
-      await reply(r);
       seenCommands.finish(cmd.id, r);
+      await reply(r);
     };
     try {
       if (cmd.name === 'ping') await answer({ id: cmd.id, ok: true, result: { uptimeS: (Date.now() - started) / 1000 } });

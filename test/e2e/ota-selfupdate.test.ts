@@ -154,8 +154,12 @@ describe('agent self-update', () => {
         assert.equal(lines.filter((l) => l.startsWith('start ')).at(-1), `start releases/${VERSION}-s0`);
         // the restored agent runs, is connected, and shows the failed update
         await waitFor(() => hub.registry.get(d.id)?.online, 'restored agent online', 60_000, 100);
-        const view = await updatesView(d);
-        assert.equal(view.history[0]?.state, 'rolled-back');
+        // the agent writes its history after the event's append resolves, and the event can
+        // reach the hub before that (records go up before the outbox's fsync)
+        const view = await waitFor(async () => {
+          const v = await updatesView(d);
+          return v.history[0]?.state === 'rolled-back' ? v : null;
+        }, 'the rollback in the agent\'s update history', 10_000, 100);
         assert.equal(view.history[0]?.kind, 'agent');
         const status = (await (await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/status`)).json()) as { version: string };
         assert.equal(status.version, VERSION);
