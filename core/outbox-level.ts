@@ -3,7 +3,7 @@ import { statfsSync } from 'node:fs';
 import type { Level } from 'level';
 import { crc32 } from './crc32.ts';
 import { FleetError } from './errors.ts';
-import { PRIORITY_NAMES, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxEntry, type OutboxRecord, type OutboxStats, type Priority } from './outbox.ts';
+import { notify, PRIORITY_NAMES, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxEntry, type OutboxRecord, type OutboxStats, type Priority } from './outbox.ts';
 import { openStore } from './store.ts';
 
 /**
@@ -529,7 +529,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
         op.reject(err);
       }
     }
-    if (shown > 0) this.emit('appended');
+    if (shown > 0) notify(this, 'appended');
   }
 
   /** An id deleted by batch `b`: hidden from peeks from now on (shown again if the write fails). */
@@ -572,8 +572,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     }
     for (const fn of b.done) fn();
     this.counters.appended += b.appends;
-    if (b.ev.evicted > 0) this.emit('evicted', b.ev);
-    if (b.hidden > 0) this.emit('appended');
+    if (b.ev.evicted > 0) notify(this, 'evicted', b.ev);
+    if (b.hidden > 0) notify(this, 'appended');
     await this.refreshHeads();
   }
 
@@ -698,7 +698,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       try {
         rec = decodeRecord(k, v);
       } catch (err) {
-        this.emit('corrupt', { key: k, id, reason: (err as Error).message });
+        notify(this, 'corrupt', { key: k, id, reason: (err as Error).message });
         void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
         continue;
       }

@@ -14,6 +14,21 @@ import { FleetError } from './errors.ts';
  */
 export const Priority = { ALERT: 0, TELEMETRY: 1, LOG: 2 } as const;
 export type Priority = (typeof Priority)[keyof typeof Priority];
+/**
+ * Emit an outbox event without letting a listener's throw leave the store half way through
+ * an operation (a batch written but not settled, records evicted but the new one not added):
+ * the error is rethrown on the next tick, where it is an uncaught exception like any other.
+ */
+export function notify(em: EventEmitter, event: string, ...args: unknown[]): void {
+  try {
+    em.emit(event, ...args);
+  } catch (err) {
+    process.nextTick(() => {
+      throw err;
+    });
+  }
+}
+
 export const PRIORITY_NAMES: Record<Priority, string> = { 0: 'alert', 1: 'telemetry', 2: 'log' };
 
 export interface OutboxEntry {
@@ -116,7 +131,7 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
     this.classes[entry.priority]!.push(rec);
     this.bytes += size;
     this.counters.appended++;
-    this.emit('appended');
+    notify(this, 'appended');
     return rec;
   }
 
@@ -140,7 +155,7 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
     }
     if (ev.evicted > 0) {
       this.counters.evicted += ev.evicted;
-      this.emit('evicted', ev);
+      notify(this, 'evicted', ev);
     }
   }
 

@@ -343,3 +343,47 @@ test('LevelOutbox: a record that arrives while a held batch reads from disk is p
     tmp.cleanup();
   }
 });
+
+test('LevelOutbox and MemoryOutbox: a listener that throws does not strand the operation that emitted it; its error surfaces as an uncaught exception on the next tick', { timeout: 60_000 }, async () => {
+  const tmp = tempDir();
+  try {
+    // in a child process: the test runner would take the uncaught exception as this test's failure
+    const script = `
+      const { LevelOutbox } = await import(${JSON.stringify(new URL('../../core/outbox-level.ts', import.meta.url).pathname)});
+      const { MemoryOutbox } = await import(${JSON.stringify(new URL('../../core/outbox.ts', import.meta.url).pathname)});
+      const caught = [];
+      process.on('uncaughtException', (err) => caught.push(err.message));
+      const out = {};
+      for (const [name, ob] of [['level', await LevelOutbox.open(${JSON.stringify(tmp.dir)}, { minFreeBytes: 0, maxBytes: 4096 })], ['memory', new MemoryOutbox({ maxBytes: 4096 })]]) {
+        ob.once('appended', () => { throw new Error(name + ' appended listener bug'); });
+        ob.once('evicted', () => { throw new Error(name + ' evicted listener bug'); });
+        const first = await Promise.all([1, 2, 3].map((i) => ob.append({ topic: 't', priority: 2, payload: Buffer.from('log' + i) })));
+        // evicts the log records to make room
+        await ob.append({ topic: 't', priority: 0, payload: Buffer.alloc(4080, 'a') });
+        await ob.append({ topic: 't', priority: 0, payload: Buffer.from('after') });
+        const recs = await ob.peek(10);
+        out[name] = { appended: first.length, peek: recs.map((r) => r.payload.length > 100 ? 'big' : r.payload.toString()), depth: ob.stats().depth };
+        await ob.close();
+      }
+      await new Promise((r) => setTimeout(r, 20));
+      process.stdout.write(JSON.stringify({ out, caught }) + '\\n');
+    `;
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const line = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('the child did not finish in 30 s: an operation was stranded')), 30_000);
+      createInterface({ input: child.stdout! }).once('line', (l) => (clearTimeout(timer), resolve(l)));
+      child.once('exit', (code) => (clearTimeout(timer), reject(new Error(`child exited ${code} before reporting`))));
+    }).finally(() => child.kill('SIGKILL'));
+    const { out, caught } = JSON.parse(line) as { out: Record<string, { appended: number; peek: string[]; depth: number }>; caught: string[] };
+    for (const name of ['level', 'memory']) {
+      const o = out[name]!;
+      assert.equal(o.appended, 3, `${name}: every append settled`);
+      assert.deepEqual(o.peek.slice(0, 2), ['big', 'after'], `${name}: the new records stored: ${JSON.stringify(o)}`);
+      assert.ok(o.peek.length < 5, `${name}: log records evicted to make room: ${JSON.stringify(o)}`);
+      assert.equal(o.depth, o.peek.length, `${name}: stats and peek agree: ${JSON.stringify(o)}`);
+    }
+    assert.deepEqual(caught.sort(), ['level appended listener bug', 'level evicted listener bug', 'memory appended listener bug', 'memory evicted listener bug']);
+  } finally {
+    tmp.cleanup();
+  }
+});
