@@ -16,7 +16,7 @@ import type { Scheduler } from './sched.ts';
  */
 
 export const COAP_METHOD = { GET: 1, POST: 2, PUT: 3, DELETE: 4 } as const;
-export const OPT = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, URI_QUERY: 15, ACCEPT: 17, BLOCK2: 23, BLOCK1: 27, SIZE2: 28 } as const;
+export const OPT = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, MAX_AGE: 14, URI_QUERY: 15, ACCEPT: 17, BLOCK2: 23, BLOCK1: 27, SIZE2: 28 } as const;
 
 export interface CoapRequest {
   method: number;
@@ -39,6 +39,8 @@ export interface CoapResponse {
   observe?: number;
   block2?: { num: number; more: boolean; szx: number };
   contentFormat?: number;
+  /** Max-Age option, s (a 5.03's "try again after") */
+  maxAge?: number;
 }
 
 export type CoapCallback = (err: Error | null, res?: CoapResponse) => void;
@@ -344,6 +346,7 @@ export function decodeMessage(buf: Buffer): Decoded | null {
     const uint = () => v.reduce((a, x) => a * 256 + x, 0);
     if (num === OPT.OBSERVE) res.observe = uint();
     else if (num === OPT.CONTENT_FORMAT) res.contentFormat = uint();
+    else if (num === OPT.MAX_AGE) res.maxAge = uint();
     else if (num === OPT.BLOCK2) {
       const x = uint();
       res.block2 = { num: Math.floor(x / 16), more: (x & 8) !== 0, szx: x & 7 };

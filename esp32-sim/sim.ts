@@ -97,6 +97,8 @@ export interface SimStats {
   published: number;
   /** resends: MQTT DUP after a reconnect, CoAP application-level retries */
   resent: number;
+  /** CoAP: answered 5.03 with Max-Age by the gateway's rate limit, sent again after it */
+  throttled: number;
   /** MQTT: connection attempts (TCP connect + CONNECT), first ones and retries */
   connectAttempts: number;
   /** MQTT: attempts given up after 10 s without a CONNACK */
@@ -308,7 +310,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const log = opts.log;
   const sched = new Scheduler();
   const st: SimStats = {
-    devices: opts.devices, connected: 0, sleeping: 0, sent: 0, published: 0, resent: 0, connectAttempts: 0, connectTimeouts: 0, connectFailures: 0, connectMaxMs: 0, skipped: 0, errors: 0, boots: 0, connects: 0, linkDrops: 0,
+    devices: opts.devices, connected: 0, sleeping: 0, sent: 0, published: 0, resent: 0, throttled: 0, connectAttempts: 0, connectTimeouts: 0, connectFailures: 0, connectMaxMs: 0, skipped: 0, errors: 0, boots: 0, connects: 0, linkDrops: 0,
     hellos: 0, commands: 0, acks: 0, badCommands: 0, staleCommands: 0, fwDownloaded: 0, fwHashFailed: 0, fwBooted: 0, fwRolledBack: 0, fwBytes: 0,
   };
   let stopped = false;
@@ -645,8 +647,14 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
         }
         if (d.state === 'online') up(d);
         if (res.code === COAP_CODES.CHANGED) return acked(d, u);
-        noteError(d, `${u.ch} refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
         d.busy = false;
+        if (res.code === COAP_CODES.SERVICE_UNAVAILABLE && res.maxAge !== undefined) {
+          // the gateway's rate limit: keep the message, send it again after Max-Age
+          st.throttled++;
+          if (gen === d.gen) sched.after(Math.max(res.maxAge * 1000, period(d)), retryPump, { d, gen });
+          return;
+        }
+        noteError(d, `${u.ch} refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
         if (res.code.startsWith('5.')) {
           if (gen === d.gen) sched.after(period(d), retryPump, { d, gen });
         } else {

@@ -127,7 +127,7 @@ export interface CoapDatagramInfo {
 }
 
 /** CoAP option numbers used in checks (RFC 7252 §5.10, RFC 7959 §2.1). */
-export const COAP_OPTION = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, URI_QUERY: 15, BLOCK2: 23, BLOCK1: 27, SIZE2: 28, SIZE1: 60, REQUEST_TAG: 292 } as const;
+export const COAP_OPTION = { OBSERVE: 6, URI_PATH: 11, CONTENT_FORMAT: 12, MAX_AGE: 14, URI_QUERY: 15, BLOCK2: 23, BLOCK1: 27, SIZE2: 28, SIZE1: 60, REQUEST_TAG: 292 } as const;
 
 /**
  * Scan a raw CoAP datagram's header and options (RFC 7252 §3) without decoding

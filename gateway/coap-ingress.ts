@@ -4,7 +4,7 @@ import { createServer, updateTiming, ObserveWriteStream, type IncomingMessage, t
 import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { parseCounter, type McuKeys, recordCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
-import { buildCoapPacket, COAP_CODES, COAP_OPTION, coapCodeByte, coapUint, coapUrlOf, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type CoapPacket, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
+import { buildCoapPacket, COAP_CODES, COAP_OPTION, coapCodeByte, coapUint, coapUintValue, coapUrlOf, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type CoapPacket, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
 import { telemetryFormatOf } from '../firmware-bridge/codecs.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import type { McuService } from './service.ts';
@@ -29,8 +29,8 @@ export interface McuCoapIngressOptions {
 }
 
 type CoapCode = (typeof COAP_CODES)[keyof typeof COAP_CODES];
-/** Answers one request: a response code and an optional payload (the diagnostic for errors). */
-type Respond = (code: CoapCode, payload?: Buffer | string) => void;
+/** Answers one request: a response code, an optional payload (the diagnostic for errors) and Max-Age (s). */
+type Respond = (code: CoapCode, payload?: Buffer | string, maxAgeS?: number) => void;
 
 /**
  * SO_RCVBUF of the MCU socket. Linux's default (rmem_default, 208 KiB) holds about 300 small
@@ -203,12 +203,15 @@ export class RecentExchanges {
  * The answer to a request (RFC 7252 §5.2): to a CON, piggybacked on the ACK (same message id);
  * to a NON, a NON with a message id of our own. The token is echoed; no options.
  */
-function answerDatagram(request: CoapPacket, code: CoapCode, payload: Buffer | undefined, ownMessageId: number): Buffer {
+function answerDatagram(request: CoapPacket, code: CoapCode, payload: Buffer | undefined, ownMessageId: number, maxAgeS?: number): Buffer {
   const tkl = request.token.length;
   const body = payload && payload.length > 0 ? payload : null;
+  // Max-Age (option 14, the only option: delta 14 = nibble 13 and one extended byte, 1)
+  const maxAge = maxAgeS === undefined ? null : coapUintValue(maxAgeS);
+  const opt = maxAge === null ? 0 : 2 + maxAge.length;
   // its own memory, not a slice of Node's shared 8 KiB pool: a remembered answer would keep
   // its whole pool chunk (and the request copies made in it) alive
-  const buf = Buffer.allocUnsafeSlow(4 + tkl + (body ? 1 + body.length : 0));
+  const buf = Buffer.allocUnsafeSlow(4 + tkl + opt + (body ? 1 + body.length : 0));
   const confirmable = request.type === 0;
   const messageId = confirmable ? request.messageId : ownMessageId;
   buf[0] = 0x40 | ((confirmable ? 2 : 1) << 4) | tkl;
@@ -216,9 +219,14 @@ function answerDatagram(request: CoapPacket, code: CoapCode, payload: Buffer | u
   buf[2] = messageId >> 8;
   buf[3] = messageId & 0xff;
   request.token.copy(buf, 4);
+  if (maxAge !== null) {
+    buf[4 + tkl] = (13 << 4) | maxAge.length;
+    buf[5 + tkl] = COAP_OPTION.MAX_AGE - 13;
+    maxAge.copy(buf, 6 + tkl);
+  }
   if (body) {
-    buf[4 + tkl] = 0xff;
-    body.copy(buf, 5 + tkl);
+    buf[4 + tkl + opt] = 0xff;
+    body.copy(buf, 5 + tkl + opt);
   }
   return buf;
 }
@@ -383,10 +391,10 @@ export class McuCoapIngress {
       if (ex.answer && !this.closed) this.socket.send(ex.answer, rsinfo.port, rsinfo.address);
       return true;
     }
-    const respond: Respond = (code, body) => {
+    const respond: Respond = (code, body, maxAgeS) => {
       if (ex.answer) return;
       this.nextMessageId = (this.nextMessageId + 1) & 0xffff;
-      const answer = answerDatagram(pkt, code, body === undefined ? undefined : Buffer.from(body), this.nextMessageId);
+      const answer = answerDatagram(pkt, code, body === undefined ? undefined : Buffer.from(body), this.nextMessageId, maxAgeS);
       // Remembered for retransmissions: a 2.04, and a 4.00 (authentic but undecodable: its
       // counter is spent, so handling it again would answer "replay"). Other errors keep no
       // state, so a sender without a valid MAC (or a flood from many ports) holds no memory
@@ -405,7 +413,7 @@ export class McuCoapIngress {
     return true;
   }
 
-  private reply(res: OutgoingMessage, code: CoapCode, payload?: Buffer | string): void {
+  private reply(res: OutgoingMessage, code: CoapCode, payload?: Buffer | string, maxAgeS?: number): void {
     this.open.delete(res);
     if (this.closed) return; // the socket is gone; the MCU retransmits or times out
     try {
@@ -420,6 +428,7 @@ export class McuCoapIngress {
         return;
       }
       res.code = code;
+      if (maxAgeS !== undefined) res.setOption('Max-Age', maxAgeS);
       res.end(payload === undefined ? undefined : Buffer.from(payload));
     } catch (err) {
       this.opts.log.debug('CoAP response failed', { err });
@@ -495,7 +504,7 @@ export class McuCoapIngress {
       default:
         return notAllowed();
     }
-    this.post((code, body) => this.reply(res, code, body), url, payload, req.headers['Content-Format']);
+    this.post((code, body, maxAgeS) => this.reply(res, code, body, maxAgeS), url, payload, req.headers['Content-Format']);
   }
 
   /**
@@ -518,6 +527,13 @@ export class McuCoapIngress {
     const counter = this.authenticate(res, url, payload, 'later');
     if (!counter) return;
     const svc = this.opts.service;
+    // over the MCU's rate (checked after the MAC, so forged requests cannot spend its tokens):
+    // 5.03 with Max-Age; the counter is not spent, the MCU sends the same message again then
+    const wait = svc.admit(mcuId);
+    if (wait > 0) {
+      this.opts.hooks.throttled('coap', mcuId);
+      return res(COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_MCU_RATE', Math.ceil(wait / 1000));
+    }
     let work: Promise<void>;
     try {
       if (resource === 't') work = svc.telemetry(mcuId, 'coap', payload, telemetryFormat!);

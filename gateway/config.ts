@@ -96,6 +96,14 @@ export const GatewayConfigSchema = z
         maxPayloadBytes: z.number().int().min(256).max(1024 * 1024).default(16 * 1024),
         /** most SenML records in one message */
         maxRecords: z.number().int().min(1).max(10_000).default(256),
+        /**
+         * messages a second per MCU on average (telemetry, hello, ack, log), 0 = no limit; one
+         * MCU over it is slowed, nothing is lost: MQTT gets its PUBACK later, CoAP a 5.03 with
+         * Max-Age (docs/mcu-protocol.md "Rate limit")
+         */
+        msgRate: z.number().min(0).max(100_000).default(20),
+        /** messages an MCU may send at once above msgRate (a wake from deep sleep with kept readings) */
+        msgBurst: z.number().int().min(1).max(1_000_000).default(200),
         /** most MCUs this gateway acts for; messages from further ones are refused */
         maxMcus: z.number().int().min(1).max(100_000).default(10_000),
         /** CoAP anti-replay window below the highest counter seen; 0 = strictly increasing; at most 32 */

@@ -16,10 +16,11 @@ import { McuKeys, ReplayGuard } from '../firmware-bridge/auth.ts';
 import { McuCoapIngress } from './coap-ingress.ts';
 import { gatewayPaths, type GatewayConfig } from './config.ts';
 import { FirmwareManager, type VerifyFirmware } from './firmware.ts';
-import type { DropReason, IngressHooks } from './ingress.ts';
+import { LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import { Mailbox } from './mailbox.ts';
 import { McuMqttIngress } from './mqtt-ingress.ts';
 import type { LeanTlsOptions } from './mqtt-lean.ts';
+import { McuRateLimit } from './rate-limit.ts';
 import { Relay, type McuProtocol } from './relay.ts';
 import { McuService } from './service.ts';
 import { encodeGatewayState, encodeGatewayStateNow, loadGatewayState, saveGatewayState, saveGatewayStateAsync, type GatewayStateSource } from './state.ts';
@@ -50,6 +51,8 @@ export interface GatewayStats {
   messagesIn: Record<McuProtocol, number>;
   /** MCU messages or connections refused, by reason (see gateway/ingress.ts DropReason) */
   dropped: Partial<Record<DropReason, number>>;
+  /** MCU messages held back (MQTT) or answered 5.03 (CoAP) by the per-MCU rate limit (mcu.msgRate) */
+  throttled: Record<McuProtocol, number>;
   /** connected MCU MQTT clients */
   mqttClients: number;
   /** telemetry messages delivered to the hub (PUBACKed) */
@@ -99,6 +102,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const firmwareBytes = metrics.counter('fleet_gateway_firmware_bytes_served_total', 'MCU firmware bytes served, by protocol');
   const dropped = metrics.counter('fleet_gateway_mcu_dropped_total', 'MCU messages or connections refused, by protocol and reason');
   const authFailures = metrics.counter('fleet_gateway_mcu_auth_failures_total', 'MCU MQTT connects and CoAP messages whose credentials did not verify');
+  const throttled = metrics.counter('fleet_gateway_mcu_throttled_total', 'MCU messages held back (MQTT: PUBACK later) or answered 5.03 with Max-Age (CoAP) by the per-MCU rate limit, by protocol');
   const subDenied = metrics.counter('fleet_gateway_mcu_subscribe_denied_total', 'MCU subscriptions refused by the ACL');
   const droppedByReason: Partial<Record<DropReason, number>> = {};
 
@@ -178,10 +182,12 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     maxPayloadBytes: config.mcu.maxPayloadBytes,
     maxRecords: config.mcu.maxRecords,
     onMailbox: (result) => mailboxCommands.inc({ result }),
+    rate: config.mcu.msgRate > 0 ? new McuRateLimit(config.mcu.msgRate, config.mcu.msgBurst) : undefined,
   });
   const svc = service;
   const fwm = firmware;
 
+  const rateLog = new LogThrottle(log);
   const hooks: IngressHooks = {
     accepted: (protocol, channel) => messagesIn.inc({ protocol, channel }),
     dropped: (protocol, reason, info) => {
@@ -190,6 +196,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
       if (reason === 'unavailable' && info.err && !isFleetError(info.err, 'FLEET_STORE')) log.error('storing MCU data failed', { mcu: info.mcuId, err: info.err });
     },
     authFailed: (protocol) => authFailures.inc({ protocol }),
+    throttled: (protocol, mcuId) => {
+      throttled.inc({ protocol });
+      rateLog.warn(`rate:${mcuId}`, 'MCU over its message rate (mcu.msgRate); slowed down, nothing dropped', { mcu: mcuId, protocol, rate: config.mcu.msgRate, burst: config.mcu.msgBurst });
+    },
     subscribeDenied: () => subDenied.inc(),
   };
 
@@ -349,6 +359,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
         hubConnected: relay.hubConnected,
         messagesIn: { mqtt: messagesIn.get({ protocol: 'mqtt', channel: 't' }), coap: messagesIn.get({ protocol: 'coap', channel: 't' }) },
         dropped: { ...droppedByReason },
+        throttled: { mqtt: throttled.get({ protocol: 'mqtt' }), coap: throttled.get({ protocol: 'coap' }) },
         mqttClients: mqttIngress.connectedClients,
         uplinkSent: relay.uplinkSent,
         outbox: outbox.stats(),

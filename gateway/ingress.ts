@@ -26,6 +26,8 @@ export interface IngressHooks {
   accepted(protocol: McuProtocol, channel: McuChannel): void;
   /** one message (or connection) refused */
   dropped(protocol: McuProtocol, reason: DropReason, info: { mcuId?: string | undefined; err?: unknown }): void;
+  /** one message held back (MQTT) or answered 5.03 (CoAP) by the per-MCU rate limit */
+  throttled(protocol: McuProtocol, mcuId: string): void;
   /** one MQTT connect or CoAP message whose credentials did not verify */
   authFailed(protocol: McuProtocol): void;
   /** one subscription refused by the ACL */

@@ -4,7 +4,7 @@ import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 import { recordCounter, type McuKeys, verifyMcuMessage, type ReplayGuard } from '../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, hasMacLine, splitMacLine } from '../firmware-bridge/frames.ts';
-import { mcuMaySubscribe, mcuTopic, mcuUpTopic } from '../firmware-bridge/topics.ts';
+import { mcuMaySubscribe, mcuTopic, mcuUpTopic, type McuChannel } from '../firmware-bridge/topics.ts';
 import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type LeanTlsOptions, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
@@ -197,6 +197,28 @@ export class McuMqttIngress {
       this.opts.hooks.authFailed('mqtt');
       return this.drop(mcuId, channel, 'auth', new FleetError('FLEET_MCU_AUTH', 'this gateway requires a MAC line on MQTT payloads (mcu.mqttRequireMac)'));
     }
+    // over the MCU's rate: handled when a token is free. The connection is busy meanwhile, so
+    // its next packets wait in the socket (read paused) and the MCU gets this PUBACK late
+    const wait = channel === 'fwreq' ? 0 : this.opts.service.admit(mcuId);
+    if (wait > 0) return this.throttled(conn, mcuId, wait).then((go) => (go ? this.store(conn, mcuId, channel, body, counter) : 'close'));
+    return this.store(conn, mcuId, channel, body, counter);
+  }
+
+  /** Wait out the rate limit; false when the connection closed meanwhile (the MCU resends, nothing is stored twice). */
+  private async throttled(conn: LeanConn, mcuId: string, wait: number): Promise<boolean> {
+    this.opts.hooks.throttled('mqtt', mcuId);
+    for (let w = wait; w > 0; w = this.opts.service.admit(mcuId)) {
+      await new Promise((r) => setTimeout(r, w));
+      if (conn.isClosed) return false;
+      // not silent: what it sent waits here (its socket is read no further meanwhile), so the
+      // keep-alive check must not take it for a dead connection
+      conn.lastRx = Date.now();
+    }
+    return true;
+  }
+
+  /** Hand an authenticated message to the service; 'ack' once it is stored. */
+  private store(conn: LeanConn, mcuId: string, channel: McuChannel, body: Buffer, counter: number): PublishOutcome | Promise<PublishOutcome> {
     const svc = this.opts.service;
     let work: Promise<void>;
     try {

@@ -8,6 +8,7 @@ import { decodeTelemetry, type TelemetryFormat } from '../firmware-bridge/codecs
 import { decodeMcuAck, decodeMcuHello, encodeMcuCommand } from '../firmware-bridge/frames.ts';
 import type { FirmwareManager, ServedImage } from './firmware.ts';
 import { toMcuCommand, type Mailbox, type MailboxEntry } from './mailbox.ts';
+import type { McuRateLimit } from './rate-limit.ts';
 import type { McuProtocol, Relay } from './relay.ts';
 
 export type MailboxResult = 'queued' | 'delivered' | 'acked' | 'expired' | 'refused';
@@ -23,10 +24,14 @@ export interface McuServiceOptions {
   maxRecords: number;
   /** counted per mailbox outcome (metrics) */
   onMailbox?: (result: MailboxResult) => void;
+  /** per-MCU message rate limit; none = unlimited */
+  rate?: McuRateLimit | undefined;
   now?: () => number;
 }
 
 const MAX_LOG_LINE = 8192;
+/** how often rate-limit buckets that are full again are forgotten (each sweep visits every bucket) */
+const RATE_SWEEP_MS = 60_000;
 const BASE64_LINE = 6000;
 
 /**
@@ -42,6 +47,7 @@ export class McuService extends EventEmitter {
   private readonly now: () => number;
   private readonly sweepTimer: NodeJS.Timeout;
   private sweeping = false;
+  private rateSweptAt = 0;
 
   constructor(private readonly opts: McuServiceOptions) {
     super();
@@ -60,6 +66,14 @@ export class McuService extends EventEmitter {
     if (this.opts.mailbox.entries(mcuId).length > 0) return true;
     const fw = this.opts.firmware?.state(mcuId)?.state;
     return fw !== undefined && fw !== 'succeeded' && fw !== 'failed';
+  }
+
+  /**
+   * Before a message that becomes a record for the hub (telemetry, hello, ack, log): 0 to
+   * go ahead, or the ms until this MCU may send the next one (gateway/rate-limit.ts).
+   */
+  admit(mcuId: string): number {
+    return this.opts.rate?.take(mcuId) ?? 0;
   }
 
   /** Any authenticated contact (a mailbox GET, a firmware block): the MCU is awake. */
@@ -180,6 +194,10 @@ export class McuService extends EventEmitter {
   async sweep(): Promise<void> {
     if (this.sweeping) return;
     this.sweeping = true;
+    if (this.opts.rate && this.now() - this.rateSweptAt >= RATE_SWEEP_MS) {
+      this.rateSweptAt = this.now();
+      this.opts.rate.sweep();
+    }
     try {
       for (const { mcuId, entry } of this.opts.mailbox.expired(this.now())) {
         // answered first, removed after: a crash in between answers twice, never not at all

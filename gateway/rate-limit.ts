@@ -1,0 +1,52 @@
+/**
+ * Per-MCU message rate limit (`mcu.msgRate`, `mcu.msgBurst`): a token bucket per MCU,
+ * `rate` messages a second on average and bursts of up to `burst` (an MCU that wakes from
+ * deep sleep and sends what it kept). It protects what every MCU of the site shares (the
+ * outbox's byte budget, the uplink to the hub, the gateway's CPU) from one MCU whose
+ * firmware publishes in a loop. It loses nothing (docs/mcu-protocol.md "Rate limit"):
+ * over MQTT the gateway reads that MCU's connection more slowly (the PUBACK comes when a
+ * token is free, and TCP's flow control holds the MCU back); over CoAP it answers 5.03 with
+ * Max-Age, and the MCU keeps the message and sends it again after that time.
+ *
+ * Counts only messages that become records for the hub (telemetry, hello, ack, log), not
+ * firmware chunk requests or mailbox reads.
+ */
+export class McuRateLimit {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+
+  constructor(
+    /** messages a second per MCU; 0 = no limit */
+    private readonly rate: number,
+    private readonly burst: number,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** 0: go ahead (one token taken); otherwise the ms until a token is free (none taken). */
+  take(mcuId: string): number {
+    if (this.rate <= 0) return 0;
+    const now = this.now();
+    const b = this.buckets.get(mcuId);
+    if (b === undefined) {
+      this.buckets.set(mcuId, { tokens: this.burst - 1, at: now });
+      return 0;
+    }
+    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) * this.rate) / 1000);
+    b.at = now;
+    if (b.tokens >= 1) {
+      b.tokens -= 1;
+      return 0;
+    }
+    return Math.max(1, Math.ceil(((1 - b.tokens) * 1000) / this.rate));
+  }
+
+  /** Forget the buckets that are full again: such an MCU is treated as new, which is the same. */
+  sweep(): void {
+    const now = this.now();
+    for (const [id, b] of this.buckets) if (b.tokens + ((now - b.at) * this.rate) / 1000 >= this.burst) this.buckets.delete(id);
+  }
+
+  /** buckets held now */
+  get size(): number {
+    return this.buckets.size;
+  }
+}
