@@ -101,7 +101,12 @@ export const GatewayConfigSchema = z
          * MCU over it is slowed, nothing is lost: MQTT gets its PUBACK later, CoAP a 5.03 with
          * Max-Age (docs/mcu-protocol.md "Rate limit")
          */
-        msgRate: z.number().min(0).max(100_000).default(20),
+        msgRate: z
+          .number()
+          .min(0)
+          .max(100_000)
+          .refine((r) => r === 0 || r >= 0.1, 'at least 0.1 (one message in 10 s), or 0 for no limit')
+          .default(20),
         /** messages an MCU may send at once above msgRate (a wake from deep sleep with kept readings) */
         msgBurst: z.number().int().min(1).max(1_000_000).default(200),
         /** most MCUs this gateway acts for; messages from further ones are refused */

@@ -9,6 +9,9 @@ import { deliverFailureReason, LogThrottle, type DropReason, type IngressHooks }
 import { LeanMqttServer, type LeanConn, type LeanConnect, type LeanPublish, type LeanTlsOptions, type PublishOutcome } from './mqtt-lean.ts';
 import type { McuService } from './service.ts';
 
+/** longest single wait of a throttled MQTT message before the connection is looked at again */
+const MAX_THROTTLE_SLICE_MS = 1000;
+
 export interface McuMqttIngressOptions {
   host: string;
   /** plain TCP port; null = no plain listener */
@@ -198,23 +201,29 @@ export class McuMqttIngress {
       return this.drop(mcuId, channel, 'auth', new FleetError('FLEET_MCU_AUTH', 'this gateway requires a MAC line on MQTT payloads (mcu.mqttRequireMac)'));
     }
     // over the MCU's rate: handled when a token is free. The connection is busy meanwhile, so
-    // its next packets wait in the socket (read paused) and the MCU gets this PUBACK late
+    // its next packets wait (the socket is paused once about one more packet is held) and the
+    // MCU gets this PUBACK late
     const wait = channel === 'fwreq' ? 0 : this.opts.service.admit(mcuId);
-    if (wait > 0) return this.throttled(conn, mcuId, wait).then((go) => (go ? this.store(conn, mcuId, channel, body, counter) : 'close'));
+    if (wait > 0) return this.throttled(conn, mcuId, wait, packet.qos).then((go) => (go ? this.store(conn, mcuId, channel, body, counter) : 'close'));
     return this.store(conn, mcuId, channel, body, counter);
   }
 
-  /** Wait out the rate limit; false when the connection closed meanwhile (the MCU resends, nothing is stored twice). */
-  private async throttled(conn: LeanConn, mcuId: string, wait: number): Promise<boolean> {
+  /**
+   * Wait out the rate limit. When the connection closes meanwhile: a QoS 1/2 message is not
+   * stored (false: it cannot be acknowledged any more, and the MCU resends it), a QoS 0 one is
+   * stored at once, as every QoS 0 message received before a close is (mqtt-lean drainClosed);
+   * what is held after a close is bounded by the read pause.
+   */
+  private async throttled(conn: LeanConn, mcuId: string, wait: number, qos: 0 | 1 | 2): Promise<boolean> {
     this.opts.hooks.throttled('mqtt', mcuId);
     for (let w = wait; w > 0; w = this.opts.service.admit(mcuId)) {
-      await new Promise((r) => setTimeout(r, w));
-      if (conn.isClosed) return false;
-      // not silent: what it sent waits here (its socket is read no further meanwhile), so the
-      // keep-alive check must not take it for a dead connection
+      if (conn.isClosed) return qos === 0;
+      // not silent: what it sent waits here, so the keep-alive check must not take it for a
+      // dead connection (refreshed at least every MAX_THROTTLE_SLICE_MS)
       conn.lastRx = Date.now();
+      await new Promise((r) => setTimeout(r, Math.min(w, MAX_THROTTLE_SLICE_MS)));
     }
-    return true;
+    return qos === 0 || !conn.isClosed;
   }
 
   /** Hand an authenticated message to the service; 'ack' once it is stored. */

@@ -148,6 +148,8 @@ const PINGRESP = Buffer.from([0xd0, 0x00]);
 /** bytes queued for a peer that does not read before it is cut off */
 const MAX_WRITE_BACKLOG = 1024 * 1024;
 /** QoS 2 publishes awaiting PUBREL per connection */
+/** QoS 1 packet ids remembered per connection for DUP resends (LeanConn.ackedRing) */
+const RECENT_ACKED = 32;
 const MAX_QOS2_PENDING = 64;
 /** defaults of LeanServerOptions.maxPreAuth and maxPreAuthPerAddress */
 export const DEFAULT_MAX_PRE_AUTH = 512;
@@ -210,8 +212,14 @@ export class LeanConn {
   private closed = false;
   private paused = false;
   private pid = 0;
-  /** packet id of the last QoS 1 PUBLISH acknowledged, 0 = none (a DUP resend of it is acknowledged, not stored again) */
-  private acked1 = 0;
+  /**
+   * packet ids of the last RECENT_ACKED QoS 1 PUBLISHes acknowledged (a ring; null until the
+   * first): a DUP resend of one of them is acknowledged again, not stored again. More than
+   * the last one, because an MCU with several messages in flight resends all of them when
+   * its PUBACKs are late (the rate limit, a slow store), and they arrive behind the originals
+   */
+  private ackedRing: Uint16Array | null = null;
+  private ackedPos = 0;
   /** counted against the server's unauthenticated-connection caps (until authenticated or closed) */
   preAuth = false;
   private qos2: Set<number> | null = null;
@@ -498,9 +506,10 @@ export class LeanConn {
     const pid = qos > 0 ? r.u16() : 0;
     if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0');
     const payload = r.rest();
-    if (qos === 1 && (flags & 0x08) !== 0 && pid === this.acked1) {
-      // a same-connection retransmission (DUP [MQTT-3.3.1-1]) of the QoS 1 publish acknowledged last: its
-      // PUBACK again, nothing twice (packets are handled in order, so the first copy is stored)
+    if (qos === 1 && (flags & 0x08) !== 0 && this.ackedRing?.includes(pid)) {
+      // a same-connection retransmission (DUP [MQTT-3.3.1-1]) of a QoS 1 publish acknowledged lately: its
+      // PUBACK again, nothing twice (packets are handled in order, so the first copy is stored;
+      // a new message reusing the id was handled, and put in the ring, before its own DUP)
       this.write(ackPacket(0x40, pid));
       return;
     }
@@ -568,7 +577,9 @@ export class LeanConn {
       return this.destroy();
     }
     if (qos === 1) {
-      this.acked1 = pid;
+      const ring = (this.ackedRing ??= new Uint16Array(RECENT_ACKED));
+      ring[this.ackedPos] = pid;
+      this.ackedPos = (this.ackedPos + 1) % RECENT_ACKED;
       this.write(ackPacket(0x40, pid));
     } else if (qos === 2) {
       this.qos2 ??= new Set();

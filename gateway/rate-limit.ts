@@ -18,7 +18,8 @@ export class McuRateLimit {
     /** messages a second per MCU; 0 = no limit */
     private readonly rate: number,
     private readonly burst: number,
-    private readonly now: () => number = Date.now,
+    /** a monotonic clock, ms (a wall clock stepped back would stall every MCU for as long) */
+    private readonly now: () => number = () => performance.now(),
   ) {}
 
   /** 0: go ahead (one token taken); otherwise the ms until a token is free (none taken). */
@@ -30,7 +31,7 @@ export class McuRateLimit {
       this.buckets.set(mcuId, { tokens: this.burst - 1, at: now });
       return 0;
     }
-    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) * this.rate) / 1000);
+    b.tokens = Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) * this.rate) / 1000);
     b.at = now;
     if (b.tokens >= 1) {
       b.tokens -= 1;

@@ -206,6 +206,26 @@ test('mqtt-lean: accepted sockets have TCP keepalive on (plain and TLS), so a ha
   }
 });
 
+test('mqtt-lean: several QoS 1 PUBLISHes in flight, all retransmitted with DUP behind the originals (late PUBACKs: the rate limit, a slow store): each stored once, each acknowledged twice', async () => {
+  const l = await lean({}, 30);
+  try {
+    const c = await raw(l.port);
+    c.s.write(connectPk('esp'));
+    c.s.write(Buffer.concat([1, 2, 3].map((pid) => publishPk('mcu/v1/esp/t', `m${pid}`, 1, pid))));
+    c.s.write(Buffer.concat([1, 2, 3].map((pid) => publishPk('mcu/v1/esp/t', `m${pid}`, 1, pid, true))));
+    await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 6, 'six PUBACKs');
+    await sleep(150);
+    assert.deepEqual(l.stored.map(String), ['m1', 'm2', 'm3']);
+    assert.deepEqual(
+      c.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId),
+      [1, 2, 3, 1, 2, 3],
+    );
+    c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
 test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNECT and close) stores all 10; an esp-mqtt style DUP retransmission reaches the hub once; 68 idle sockets from one address do not keep an MCU out', async () => {
   await withEnv(
     async ({ gw, site, seen }) => {

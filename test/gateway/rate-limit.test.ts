@@ -7,6 +7,7 @@ import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { coapAuthQuery, coapPath } from '../../firmware-bridge/coap.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
 import { runSim } from '../../esp32-sim/sim.ts';
+import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { McuRateLimit } from '../../gateway/rate-limit.ts';
 import { testLogger, waitFor } from '../helpers.ts';
 import { connectMcu, nextCounter, of, withEnv } from './env.ts';
@@ -30,6 +31,15 @@ test('rate limit (clock injected): a burst, then one message per 1/rate s; the w
   assert.equal(rl.size, 0, 'full buckets forgotten');
   const off = new McuRateLimit(0, 1, () => now);
   for (let i = 0; i < 1000; i++) assert.equal(off.take('a'), 0);
+  // a clock that goes back (the default is monotonic; an injected one may not be) stalls nobody
+  assert.deepEqual([rl.take('c'), rl.take('c'), rl.take('c'), rl.take('c')], [0, 0, 0, 100]);
+  now -= 3_600_000;
+  assert.equal(rl.take('c'), 100, 'an hour back: still one token per 100 ms, not an hour');
+  now += 100;
+  assert.equal(rl.take('c'), 0);
+  // the configured rate is bounded below, so no wait is longer than 10 s
+  assert.equal(GatewayConfigSchema.safeParse({ deviceId: 'gw', mcu: { msgRate: 0.01 } }).success, false);
+  assert.equal(GatewayConfigSchema.safeParse({ deviceId: 'gw', mcu: { msgRate: 0.1 } }).success, true);
 });
 
 test('rate limit over MQTT (mosquitto_pub -l as a runaway MCU): held back, not dropped — every reading reaches the hub, at about msgRate, and another MCU is served meanwhile', async () => {
@@ -69,6 +79,27 @@ test('rate limit over MQTT (mosquitto_pub -l as a runaway MCU): held back, not d
       assert.match(gw.metrics.render(), /fleet_gateway_mcu_throttled_total\{protocol="mqtt"\} [1-9]/);
     },
     { msgRate: RATE, msgBurst: BURST },
+  );
+});
+
+test('rate limit over MQTT, QoS 0 (mosquitto_pub -l -q 0, then DISCONNECT): what was received before the close is stored, also the part held back by the limit', async () => {
+  await withEnv(
+    async ({ gw, site, seen }) => {
+      const id = 'esp-q0';
+      const N = 10;
+      const lines = Array.from({ length: N }, (_, i) => JSON.stringify([{ n: 'seq', v: i + 1 }])).join('\n') + '\n';
+      const pub = spawn('mosquitto_pub', ['-h', '127.0.0.1', '-p', String(gw.mqttPort), '-V', 'mqttv311', '-i', id, '-u', id, '-P', mcuKey(site, id), '-q', '0', '-t', mcuTopic(id, 't'), '-l'], { stdio: ['pipe', 'ignore', 'inherit'] });
+      const exited = new Promise<number | null>((resolve) => pub.once('exit', resolve));
+      pub.stdin.end(lines);
+      assert.equal(await exited, 0);
+      const values = () => of(seen, id, 'telemetry').flatMap((b) => (b as TelemetryBatch).samples.map((s) => s.v));
+      await waitFor(() => values().length >= N, `${N} readings at the hub`, 15_000).catch((err: Error) => {
+        throw new Error(`${err.message}: got ${JSON.stringify(values())}, gateway ${JSON.stringify(gw.stats().dropped)}`);
+      });
+      assert.deepEqual(values(), Array.from({ length: N }, (_, i) => i + 1));
+      assert.ok(gw.stats().throttled.mqtt > 0, 'the limit held some back');
+    },
+    { msgRate: 5, msgBurst: 2 },
   );
 });
 
