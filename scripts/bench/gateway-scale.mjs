@@ -238,6 +238,10 @@ class Meter {
   }
 }
 
+const profDir = join(ROOT, '.tmp', `gateway-scale-prof-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`);
+/** --cpu-prof for a sim process (the servers' own flags are not the sim's) */
+const simProfArgs = (name) => (values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : []);
+
 const simArgs = (port, i, statsFile, protocol) => [
   'sim', '--devices', String(perSim), '--first-index', String(i * perSim + 1), '--protocol', protocol, '--gateway-host', '127.0.0.1', protocol === 'coap' ? '--coap-port' : '--mqtt-port', String(port),
   '--site-secret-file', join(dir, 'site.secret'), '--interval-ms', String(INTERVAL), '--start-jitter-ms', String(RAMP_S * 1000), '--prefix', 'bench-',
@@ -254,7 +258,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   for (let i = 0; i < SIMS; i++) {
     const f = join(dir, `${name}-sim-${i}.stats.json`);
     statsFiles.push(f);
-    const sim = fleetlet(`${name}-sim-${i}`, simArgs(port, i, f, protocol));
+    const sim = fleetlet(`${name}-sim-${i}`, simArgs(port, i, f, protocol), simProfArgs(`${name}-sim-${i}`));
     // --sim-nice: the load generator yields the CPU to the servers under test, as it would on
     // machines of its own (a diagnostic: the default runs everything at the same priority)
     if (SIM_NICE !== 0) setPriority(sim.pid, SIM_NICE);
@@ -397,7 +401,6 @@ const perDevice = (r, rss0) => Math.round(((r.serverRssKbEnd - rss0) / Math.max(
 async function gatewayPhase() {
   progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} ${PROTOCOL.toUpperCase()} devices every ${INTERVAL} ms`);
   // --cpu-prof: the gateway and the hub write V8 CPU profiles on exit (to find what limits them)
-  const profDir = join(ROOT, '.tmp', `gateway-scale-prof-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`);
   const nodeFlags = values['node-flags'].split(' ').filter(Boolean);
   const profArgs = (name) => [...nodeFlags, ...(values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : [])];
   if (values['cpu-prof']) progress(`CPU profiles go to ${profDir}`);
