@@ -201,6 +201,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   /** `m:seq` as on disk: ids from here on were never shown to a reader */
   private reserved: bigint;
   private readonly syncIntervalMs: number;
+  /** batches committed so far (a peek that read LevelDB across a commit reads again) */
+  private commits = 0;
   /** performance.now() when the last synced write began */
   private lastSyncAt = -Infinity;
   /** set while a synced batch is held open: prepares what arrived */
@@ -562,6 +564,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       return;
     }
     this.seq = b.seq;
+    this.commits++;
     if (b.reserve > this.reserved) this.reserved = b.reserve;
     Object.assign(this.st, st);
     for (const id of b.deletedNow) this.tailDelete(id);
@@ -663,7 +666,17 @@ export class LevelOutbox extends EventEmitter implements Outbox {
   async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
     const out: OutboxRecord[] = [];
     for (let c = 0; c < 3 && out.length < max; c++) {
-      if (this.st.count[c] > 0) await this.peekStored(c, max, out, exclude);
+      // A batch that commits while LevelDB is being read is in neither the iterator's snapshot
+      // nor writingNow afterwards: its records would come after newer ones (the next batch's,
+      // from writingNow). Read again then; after a few tries, take what was read (the next
+      // peek brings the rest)
+      for (let tries = 0; this.st.count[c] > 0; tries++) {
+        const commits = this.commits;
+        const mark = out.length;
+        await this.peekStored(c, max, out, exclude);
+        if (commits === this.commits || tries === 2) break;
+        out.length = mark;
+      }
       // then the newer ones of the batch being written (an iterator opened as that write
       // landed may have returned some of them already)
       const writing = this.writingNow[c]!;

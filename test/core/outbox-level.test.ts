@@ -387,3 +387,53 @@ test('LevelOutbox and MemoryOutbox: a listener that throws does not strand the o
     tmp.cleanup();
   }
 });
+
+test('LevelOutbox: a peek that reads LevelDB while a batch commits reads again, so a record never comes before an older one of its class (the next batch, held in flight, after the committed one)', async () => {
+  const tmp = tempDir();
+  try {
+    // no in-memory tail: every peek of a class with stored records reads LevelDB
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, tailBytes: 0 });
+    const put = (p: string) => ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from(p) });
+    await put('a');
+    // the next iterator opened (the peek's) takes its snapshot and first entry at once, then
+    // waits for `go`; others (the store's own reads) pass
+    const db = (ob as unknown as { db: { iterator: (o: unknown) => AsyncIterableIterator<[string, Buffer]> & { next(): Promise<[string, Buffer] | undefined>; close(): Promise<void> } } }).db;
+    const realIterator = db.iterator.bind(db);
+    let go!: () => void;
+    const opened = new Promise<void>((r) => (go = r));
+    let arm = false;
+    db.iterator = (o: unknown) => {
+      const it = realIterator(o);
+      if (!arm) return it;
+      arm = false;
+      const first = it.next();
+      return (async function* () {
+        try {
+          await opened;
+          for (let e = await first; e !== undefined; e = await it.next()) yield e;
+        } finally {
+          await it.close();
+        }
+      })() as never;
+    };
+    const gate = gateBatches(ob);
+    const b1 = put('b1');
+    await waitFor(() => gate.held.length === 1, 'b1 in flight', 5000);
+    arm = true;
+    const peek = ob.peek(10);
+    await new Promise((r) => setTimeout(r, 50)); // the peek's iterator has its snapshot: a, not b1
+    gate.held.shift()!.go();
+    await b1; // committed
+    const b2 = put('b2');
+    await waitFor(() => gate.held.length === 1, 'b2 in flight', 5000);
+    go();
+    // before: ['a', 'b2'] (b1 in neither the snapshot nor the batch in flight)
+    assert.deepEqual((await peek).map((r) => r.payload.toString()), ['a', 'b1', 'b2'], 'oldest first within the class');
+    gate.release();
+    gate.held.shift()!.go();
+    await b2;
+    await ob.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
