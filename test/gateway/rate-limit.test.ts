@@ -12,7 +12,7 @@ import { McuRateLimit } from '../../gateway/rate-limit.ts';
 import { testLogger, waitFor } from '../helpers.ts';
 import { connectMcu, nextCounter, of, withEnv } from './env.ts';
 
-test('rate limit (clock injected): a burst, then one message per 1/rate s; the wait names when the next token is free; MCUs apart; full buckets swept; rate 0 is no limit', () => {
+test('rate limit (clock injected): a burst, then one message per 1/rate s; the wait names when the next token is free; MCUs apart; idle buckets swept; rate 0 is no limit', () => {
   let now = 1_000_000;
   const rl = new McuRateLimit(10, 3, () => now);
   assert.deepEqual([rl.take('a'), rl.take('a'), rl.take('a')], [0, 0, 0], 'the burst');
@@ -28,7 +28,10 @@ test('rate limit (clock injected): a burst, then one message per 1/rate s; the w
   assert.equal(rl.size, 2);
   now += 60_000;
   rl.sweep();
-  assert.equal(rl.size, 0, 'full buckets forgotten');
+  assert.equal(rl.size, 2, 'full but recently used: kept (no churn for MCUs that send every second)');
+  now += 10 * 60_000;
+  rl.sweep();
+  assert.equal(rl.size, 0, 'idle for 10 minutes: forgotten');
   const off = new McuRateLimit(0, 1, () => now);
   for (let i = 0; i < 1000; i++) assert.equal(off.take('a'), 0);
   // a clock that goes back (the default is monotonic; an injected one may not be) stalls nobody
