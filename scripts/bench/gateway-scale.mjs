@@ -33,6 +33,7 @@ const { values } = parseArgs({
     'uplink-window': { type: 'string' },
     'uplink-batch-delay-ms': { type: 'string' },
     'outbox-sync-interval-ms': { type: 'string' },
+    'mcu-msg-rate': { type: 'string' },
     tag: { type: 'string' },
     keep: { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
@@ -412,7 +413,7 @@ async function gatewayPhase() {
     deviceId: 'bench-gw',
     stateDir: join(dir, 'gateway'),
     hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
-    mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100) },
+    mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100), ...(values['mcu-msg-rate'] !== undefined ? { msgRate: Number(values['mcu-msg-rate']) } : {}) },
     uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },
