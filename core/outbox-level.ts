@@ -673,8 +673,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       for (let tries = 0; this.st.count[c] > 0; tries++) {
         const commits = this.commits;
         const mark = out.length;
-        await this.peekStored(c, max, out, exclude);
-        if (commits === this.commits || tries === 2) break;
+        // the in-memory tail is read at once, and a commit updates it at once: no race there
+        if (!(await this.peekStored(c, max, out, exclude)) || commits === this.commits || tries === 2) break;
         out.length = mark;
       }
       // then the newer ones of the batch being written (an iterator opened as that write
@@ -691,8 +691,8 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     return out;
   }
 
-  /** The stored records of class `c` (oldest first) into `out`, up to `max` in all. */
-  private async peekStored(c: number, max: number, out: OutboxRecord[], exclude?: ReadonlySet<string>): Promise<void> {
+  /** The stored records of class `c` (oldest first) into `out`, up to `max` in all; true if they were read from LevelDB. */
+  private async peekStored(c: number, max: number, out: OutboxRecord[], exclude?: ReadonlySet<string>): Promise<boolean> {
     if (this.inMemory(c)) {
       for (const [id, e] of this.tail[c]!) {
         if (out.length >= max) break;
@@ -700,7 +700,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
         // ack finds it in the tail (or, dropped from it meanwhile, tries every class)
         out.push({ ...e.rec });
       }
-      return;
+      return false;
     }
     const limit = max - out.length + (exclude?.size ?? 0);
     for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
@@ -718,6 +718,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
       out.push(rec);
     }
+    return true;
   }
 
   stats(): OutboxStats {
