@@ -201,7 +201,8 @@ export class RecentExchanges {
 
 /**
  * The answer to a request (RFC 7252 §5.2): to a CON, piggybacked on the ACK (same message id);
- * to a NON, a NON with a message id of our own. The token is echoed; no options.
+ * to a NON, a NON with a message id of our own. The token is echoed; the only option is
+ * Max-Age, when given (the rate limit's 5.03).
  */
 function answerDatagram(request: CoapPacket, code: CoapCode, payload: Buffer | undefined, ownMessageId: number, maxAgeS?: number): Buffer {
   const tkl = request.token.length;

@@ -182,7 +182,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     maxPayloadBytes: config.mcu.maxPayloadBytes,
     maxRecords: config.mcu.maxRecords,
     onMailbox: (result) => mailboxCommands.inc({ result }),
-    rate: config.mcu.msgRate > 0 ? new McuRateLimit(config.mcu.msgRate, config.mcu.msgBurst) : undefined,
+    rate: new McuRateLimit(config.mcu.msgRate, config.mcu.msgBurst),
   });
   const svc = service;
   const fwm = firmware;

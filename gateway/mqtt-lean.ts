@@ -147,9 +147,9 @@ const enum T {
 const PINGRESP = Buffer.from([0xd0, 0x00]);
 /** bytes queued for a peer that does not read before it is cut off */
 const MAX_WRITE_BACKLOG = 1024 * 1024;
-/** QoS 2 publishes awaiting PUBREL per connection */
 /** QoS 1 packet ids remembered per connection for DUP resends (LeanConn.ackedRing) */
 const RECENT_ACKED = 16;
+/** QoS 2 publishes awaiting PUBREL per connection */
 const MAX_QOS2_PENDING = 64;
 /** defaults of LeanServerOptions.maxPreAuth and maxPreAuthPerAddress */
 export const DEFAULT_MAX_PRE_AUTH = 512;

@@ -13,9 +13,12 @@
  */
 /** a bucket untouched this long is forgotten at the next sweep (if it is full again) */
 const IDLE_MS = 10 * 60_000;
+/** sweeps closer together than this do nothing (each visits every bucket) */
+const SWEEP_EVERY_MS = 60_000;
 
 export class McuRateLimit {
   private readonly buckets = new Map<string, { tokens: number; at: number }>();
+  private sweptAt = -Infinity;
 
   constructor(
     /** messages a second per MCU; 0 = no limit */
@@ -48,9 +51,12 @@ export class McuRateLimit {
    * as new, which is the same). Not every full bucket: an MCU sending once a second is full
    * again within 50 ms, and dropping its bucket each sweep only to make it anew at its next
    * message churned 10,000 objects a minute into the old generation at 10,000 MCUs.
+   * Called often (the gateway's 1 s timer); does its work at most once a minute.
    */
   sweep(): void {
     const now = this.now();
+    if (now - this.sweptAt < SWEEP_EVERY_MS) return;
+    this.sweptAt = now;
     for (const [id, b] of this.buckets) if (now - b.at >= IDLE_MS && b.tokens + ((now - b.at) * this.rate) / 1000 >= this.burst) this.buckets.delete(id);
   }
 

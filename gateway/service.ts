@@ -30,8 +30,6 @@ export interface McuServiceOptions {
 }
 
 const MAX_LOG_LINE = 8192;
-/** how often rate-limit buckets that are full again are forgotten (each sweep visits every bucket) */
-const RATE_SWEEP_MS = 60_000;
 const BASE64_LINE = 6000;
 
 /**
@@ -47,7 +45,6 @@ export class McuService extends EventEmitter {
   private readonly now: () => number;
   private readonly sweepTimer: NodeJS.Timeout;
   private sweeping = false;
-  private rateSweptAt = 0;
 
   constructor(private readonly opts: McuServiceOptions) {
     super();
@@ -190,14 +187,11 @@ export class McuService extends EventEmitter {
     }
   }
 
-  /** Expired commands: out of the mailbox, FLEET_TIMEOUT to the hub. */
+  /** Expired commands: out of the mailbox, FLEET_TIMEOUT to the hub; idle rate-limit buckets forgotten. */
   async sweep(): Promise<void> {
     if (this.sweeping) return;
     this.sweeping = true;
-    if (this.opts.rate && this.now() - this.rateSweptAt >= RATE_SWEEP_MS) {
-      this.rateSweptAt = this.now();
-      this.opts.rate.sweep();
-    }
+    this.opts.rate?.sweep();
     try {
       for (const { mcuId, entry } of this.opts.mailbox.expired(this.now())) {
         // answered first, removed after: a crash in between answers twice, never not at all

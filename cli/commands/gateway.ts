@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { loadTrustRoot, verifyBundle } from '../../bundles/index.ts';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
 import { FleetError } from '../../core/errors.ts';
+import { tuneServerHeap } from '../../core/heap-tuning.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
 import { loadOrCreateSecret } from '../../core/secrets.ts';
@@ -12,7 +13,6 @@ import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway, type VerifyFirmware } from '../../gateway/index.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 import { VERSION } from '../version.ts';
-import { tuneServerHeap } from '../../core/heap-tuning.ts';
 
 export const gatewayCommand = defineCommand({
   name: 'gateway',

@@ -2,13 +2,13 @@ import { join } from 'node:path';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
 import { deriveToken } from '../../core/credentials.ts';
 import { FleetError } from '../../core/errors.ts';
+import { tuneServerHeap } from '../../core/heap-tuning.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
 import { loadOrCreateSecret, writeSecretFile } from '../../core/secrets.ts';
 import { startHub } from '../../hub/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
-import { tuneServerHeap } from '../../core/heap-tuning.ts';
 
 export const hubCommand = defineCommand({
   name: 'hub',

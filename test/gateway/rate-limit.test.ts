@@ -32,6 +32,16 @@ test('rate limit (clock injected): a burst, then one message per 1/rate s; the w
   now += 10 * 60_000;
   rl.sweep();
   assert.equal(rl.size, 0, 'idle for 10 minutes: forgotten');
+  rl.take('y');
+  now += 9.5 * 60_000;
+  rl.sweep();
+  assert.equal(rl.size, 1, 'not idle for 10 minutes yet');
+  now += 40_000;
+  rl.sweep();
+  assert.equal(rl.size, 1, 'a sweep within a minute of the last does nothing');
+  now += 30_000;
+  rl.sweep();
+  assert.equal(rl.size, 0);
   const off = new McuRateLimit(0, 1, () => now);
   for (let i = 0; i < 1000; i++) assert.equal(off.take('a'), 0);
   // a clock that goes back (the default is monotonic; an injected one may not be) stalls nobody
