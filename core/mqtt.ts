@@ -47,6 +47,7 @@ export function connectFleetClient(opts: FleetClientOptions): MqttClient {
   let attempt = 0;
   let timer: NodeJS.Timeout | null = null;
   client.on('connect', () => {
+    (client.stream as { setNoDelay?: (on: boolean) => void } | undefined)?.setNoDelay?.(true);
     attempt = 0;
     client.publish(stateTopic, state(true), { qos: 1, retain: true });
   });

@@ -230,12 +230,12 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     coalesceWrites(socket);
     broker.aedes.handle(socket);
   };
-  const mqttServer: NetServer = createNetServer({ highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, accept);
+  const mqttServer: NetServer = createNetServer({ highWaterMark: SUBSCRIBER_HIGH_WATER_MARK, noDelay: true }, accept);
   const mqttPort = await listenOn(mqttServer, config.host, config.mqttPort, config.portFallback);
   let mqttsServer: NetServer | null = null;
   let mqttsPort: number | null = null;
   if (tlsPair) {
-    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2', highWaterMark: SUBSCRIBER_HIGH_WATER_MARK }, accept);
+    mqttsServer = createTlsServer({ ...tlsPair, minVersion: 'TLSv1.2', highWaterMark: SUBSCRIBER_HIGH_WATER_MARK, noDelay: true }, accept);
     mqttsPort = await listenOn(mqttsServer, config.host, config.mqttsPort, config.portFallback);
   }
 
