@@ -287,6 +287,9 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   await sleep(1000);
   // the window: readings taken in it, CPU and memory across it
   const t0 = Date.now();
+  // the monotonic clock's offset from the wall clock (ms): V8 CPU profiles (--cpu-prof) time
+  // their samples on the monotonic clock, so this places them in the window's seconds
+  const monoOffsetMs = t0 - Number(process.hrtime.bigint() / 1000n) / 1000;
   meter.window = [t0, t0 + WINDOW_S * 1000];
   const pids = { server: server.pid, hub: server.hubPid, sims: sims.map((s) => s.pid) };
   const steal0 = machineSteal();
@@ -356,6 +359,8 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   return {
     // CPU time the hypervisor gave to others while this machine wanted it (steal), % of one core over the window
     stealPct: steal0 !== null && steal1 !== null ? pct(steal0, steal1) : null,
+    windowStartMs: t0,
+    monoOffsetMs,
     connected,
     connectedMinInWindow: Math.min(...connectedSamples),
     connectedAtEnd,
