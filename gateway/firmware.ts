@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Level } from 'level';
@@ -40,6 +40,8 @@ interface Job {
   progress: number;
   offerId?: string;
   reason?: string;
+  /** failed before anything was offered (download, verification, a full mailbox): tried again when the same desired state comes again */
+  prepFailed?: boolean;
 }
 
 export interface ServedImage {
@@ -54,6 +56,8 @@ export interface FirmwareManagerOptions {
   relay: Relay;
   /** put a fw.update command into the MCU's mailbox */
   offer: (mcuId: string, cmd: { id: string; name: string; args: Record<string, unknown>; expiresAt: number }) => Promise<unknown>;
+  /** take an offer back out of the MCU's mailbox (the target changed, or was removed) */
+  withdraw?: (mcuId: string, id: string) => Promise<unknown>;
   verify?: VerifyFirmware | undefined;
   /** the gateway's device id and token: HTTP Basic credentials at the hub's artifact store */
   gatewayId: string;
@@ -73,6 +77,8 @@ const ACTIVE: ReadonlySet<FirmwareState> = new Set(['offered', 'transferring', '
 const FLOOR_PREFIX = 'fl!';
 
 interface Fetched {
+  /** the firmware version the bundle holds */
+  version: string;
   imageSha: string;
   size: number;
   name?: string;
@@ -90,6 +96,8 @@ export class FirmwareManager {
   private readonly images = new Map<string, ServedImage>();
   private readonly fetches = new Map<string, Promise<Fetched>>();
   private readonly now: () => number;
+  private pruning = false;
+  private pruneAgain = false;
 
   private constructor(private readonly opts: FirmwareManagerOptions) {
     this.now = opts.now ?? Date.now;
@@ -105,7 +113,19 @@ export class FirmwareManager {
         /* a damaged record: the next desired state starts over */
       }
     }
-    for (const job of fm.jobs.values()) if (job.imageSha && ACTIVE.has(job.state)) await fm.loadImage(job.version, job.imageSha).catch(() => undefined);
+    for (const [mcuId, job] of fm.jobs) {
+      if (!job.imageSha || !ACTIVE.has(job.state)) continue;
+      try {
+        await fm.loadImage(job.version, job.imageSha);
+      } catch (err) {
+        // missing or damaged in the cache: fetched and verified again, then offered again (the
+        // mailbox keeps one offer per id), rather than answering "no firmware" until the offer expires
+        opts.log.warn('cached MCU firmware image missing or damaged; fetching the bundle again', { mcu: mcuId, version: job.version, err });
+        job.state = 'fetching';
+        void fm.run(mcuId, job);
+      }
+    }
+    void fm.prune();
     return fm;
   }
 
@@ -145,13 +165,36 @@ export class FirmwareManager {
       this.opts.log.warn('desired state from the hub is not valid; ignored', { mcu: mcuId, err });
       return;
     }
-    if (!fw) return;
     const cur = this.jobs.get(mcuId);
+    if (!fw) {
+      // no firmware wanted any more: an offer not yet taken is withdrawn
+      if (cur && (cur.state === 'offered' || cur.state === 'transferring')) {
+        await this.withdraw(mcuId, cur);
+        cur.state = 'failed';
+        cur.reason = 'cancelled: the desired state no longer names firmware';
+        await this.save(mcuId, cur);
+        await this.report(mcuId, cur);
+        void this.prune();
+      }
+      return;
+    }
     if (cur && cur.bundleSha === fw.sha256 && cur.version === fw.version) {
-      // same target: resume where it was (after a restart, a fetch may need redoing)
+      // same target: resume where it was (after a restart, a fetch may need redoing); a
+      // preparation that failed (the artifact store away, a full mailbox) is tried again: the
+      // hub's retained desired state comes again when the gateway reconnects after an outage
+      if (cur.state === 'failed' && cur.prepFailed) {
+        cur.state = 'fetching';
+        cur.reason = undefined;
+        cur.prepFailed = undefined;
+        await this.save(mcuId, cur);
+        await this.report(mcuId, cur);
+      }
       if (cur.state === 'fetching') void this.run(mcuId, cur);
       return;
     }
+    // a new target: the previous offer, if the MCU has not taken it yet, must not stay at the
+    // head of its mailbox (it would hold every command behind it, and name an image no longer served)
+    if (cur && (cur.state === 'offered' || cur.state === 'transferring')) await this.withdraw(mcuId, cur);
     const running = this.opts.relay.meta(mcuId)?.fw;
     const job: Job = { version: fw.version, bundleSha: fw.sha256, url: fw.url, state: 'fetching', progress: 0 };
     if (running !== undefined) job.from = running;
@@ -163,34 +206,76 @@ export class FirmwareManager {
     }
     await this.save(mcuId, job);
     await this.report(mcuId, job);
+    void this.prune();
     void this.run(mcuId, job);
   }
 
-  private async run(mcuId: string, job: Job): Promise<void> {
+  /** Take a job's offer out of the MCU's mailbox (nothing when it has none, or it is gone). */
+  private async withdraw(mcuId: string, job: Job): Promise<void> {
+    if (job.offerId === undefined || !this.opts.withdraw) return;
     try {
-      const { imageSha, size, name, sequence } = await this.fetchOnce(job);
-      if (this.jobs.get(mcuId) !== job) return; // superseded meanwhile
-      job.imageSha = imageSha;
-      job.size = size;
-      if (name !== undefined && sequence !== undefined) {
-        job.bundleName = name;
-        job.sequence = sequence;
-      }
-      await this.offerIfNeeded(mcuId, job);
+      await this.opts.withdraw(mcuId, job.offerId);
     } catch (err) {
-      if (this.jobs.get(mcuId) !== job) return;
-      const fe = toFleetError(err);
-      job.state = 'failed';
-      job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
-      this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
-      await this.save(mcuId, job);
-      await this.report(mcuId, job);
+      this.opts.log.warn('cannot withdraw a firmware offer from the mailbox', { mcu: mcuId, offer: job.offerId, err });
     }
   }
 
-  /** Offer once the image is ready; an MCU already on the version needs nothing. */
+  /** Fetch, verify and offer; never rejects (a failure is the job's state, reported to the hub). */
+  private async run(mcuId: string, job: Job): Promise<void> {
+    try {
+      const f = await this.fetchOnce(job);
+      if (this.jobs.get(mcuId) !== job) return; // superseded meanwhile
+      // checked per job, not only by the fetch that verified the bundle first: another job may
+      // name the same bundle with another version
+      if (f.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${f.version}, the desired state says ${job.version}`);
+      job.imageSha = f.imageSha;
+      job.size = f.size;
+      if (f.name !== undefined && f.sequence !== undefined) {
+        job.bundleName = f.name;
+        job.sequence = f.sequence;
+      }
+      await this.offerIfNeeded(mcuId, job);
+    } catch (err) {
+      await this.failPreparation(mcuId, job, err);
+    }
+  }
+
+  private async failPreparation(mcuId: string, job: Job, err: unknown): Promise<void> {
+    if (this.jobs.get(mcuId) !== job) return;
+    const fe = toFleetError(err);
+    job.state = 'failed';
+    job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
+    job.prepFailed = true;
+    this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
+    try {
+      await this.save(mcuId, job);
+    } catch (saveErr) {
+      this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err: saveErr });
+    }
+    await this.report(mcuId, job);
+    void this.prune();
+  }
+
+  /**
+   * Offer once the image is ready; an MCU already on the version needs nothing. Checks the
+   * anti-rollback floor now, for this job (it may have risen since the bundle was verified),
+   * and makes sure the image is in memory (after a restart, a re-offer finds only the cache
+   * on disk; when that is gone too, the bundle is fetched and verified again). Throws when the
+   * job cannot be offered.
+   */
   private async offerIfNeeded(mcuId: string, job: Job): Promise<void> {
     if (!job.imageSha) return;
+    if (job.bundleName !== undefined && job.sequence !== undefined) {
+      const floor = await this.floor(job.bundleName);
+      if (floor !== null && job.sequence < floor) throw new FleetError('FLEET_BUNDLE_ROLLBACK', `firmware bundle ${job.bundleName} has sequence ${job.sequence}, below this gateway's floor ${floor}`);
+    }
+    try {
+      await this.loadImage(job.version, job.imageSha);
+    } catch {
+      this.fetches.delete(job.bundleSha);
+      const f = await this.fetchOnce(job);
+      if (f.imageSha !== job.imageSha) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds image ${f.imageSha.slice(0, 16)}, not ${job.imageSha.slice(0, 16)}`);
+    }
     const running = this.opts.relay.meta(mcuId)?.fw;
     if (running === job.version) {
       job.state = 'succeeded';
@@ -202,6 +287,8 @@ export class FirmwareManager {
     job.state = 'offered';
     job.progress = 0;
     if (running !== undefined) job.from = running;
+    job.reason = undefined;
+    job.prepFailed = undefined;
     await this.opts.offer(mcuId, { id: job.offerId, name: 'fw.update', args: { v: job.version, sha256: job.imageSha, size: job.size }, expiresAt: this.now() + (this.opts.offerTtlMs ?? 7 * 24 * 3600 * 1000) });
     await this.save(mcuId, job);
     await this.report(mcuId, job);
@@ -229,14 +316,10 @@ export class FirmwareManager {
         throw new FleetError('FLEET_MCU_FIRMWARE', `bundle sha256 is ${got}, the desired state says ${job.bundleSha}`);
       }
     }
+    // the version and the anti-rollback floor (MCUs cannot check it themselves: a bundle name's
+    // sequence may not go below the highest one an MCU of this gateway has booted into) are
+    // checked per job, in run and offerIfNeeded: this fetch is shared by every job naming the bundle
     const verified = await this.opts.verify(bundle, { version: job.version, sha256: job.bundleSha });
-    if (verified.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${verified.version}, the desired state says ${job.version}`);
-    // anti-rollback for MCUs, which cannot check it themselves: a bundle name's sequence may
-    // not go below the highest one an MCU of this gateway has booted into
-    if (verified.name !== undefined && verified.sequence !== undefined) {
-      const floor = await this.floor(verified.name);
-      if (floor !== null && verified.sequence < floor) throw new FleetError('FLEET_BUNDLE_ROLLBACK', `firmware bundle ${verified.name} has sequence ${verified.sequence}, below this gateway's floor ${floor}`);
-    }
     const data = typeof verified.image === 'string' ? await readFile(verified.image) : verified.image;
     if (data.length === 0 || data.length > (this.opts.maxImageBytes ?? 16 * 1024 * 1024)) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`);
     const sha = createHash('sha256').update(data).digest();
@@ -244,8 +327,8 @@ export class FirmwareManager {
     const file = join(this.opts.dir, `${imageSha}.bin`);
     // synced before it takes its name: after a crash the cache holds the whole image or none
     await writeFileAtomic(file, data);
-    this.images.set(imageSha, { version: job.version, data, sha256: sha });
-    return { imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
+    this.images.set(imageSha, { version: verified.version, data, sha256: sha });
+    return { version: verified.version, imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
   }
 
   /** The anti-rollback floor of a firmware bundle name, or null when none was set. */
@@ -322,17 +405,21 @@ export class FirmwareManager {
 
   served(mcuId: string, protocol: McuProtocol, endOffset: number, bytes: number): void {
     this.opts.onBytes?.(protocol, bytes);
+    // a request past the end of the image sent nothing: no progress
+    if (bytes <= 0) return;
     const job = this.jobs.get(mcuId);
     if (!job || !ACTIVE.has(job.state)) return;
     const quarter = (p: number) => (job.size ? Math.floor((4 * p) / job.size) : 0);
     const before = quarter(job.progress);
     if (endOffset > job.progress) job.progress = endOffset;
-    if (job.state === 'offered') {
-      job.state = 'transferring';
-      void this.save(mcuId, job).then(() => this.report(mcuId, job));
-    } else if (quarter(job.progress) > before) {
-      // progress to the hub at 25, 50, 75 and 100 %, not per block
-      void this.save(mcuId, job).then(() => this.report(mcuId, job));
+    // progress to the hub when the first block goes out, then at 25, 50, 75 and 100 %, not per
+    // block; a store that fails (a full disk) is logged: the block was served all the same
+    if (job.state === 'offered' || quarter(job.progress) > before) {
+      if (job.state === 'offered') job.state = 'transferring';
+      this.save(mcuId, job).then(
+        () => this.report(mcuId, job),
+        (err: unknown) => this.opts.log.warn('cannot persist MCU firmware progress', { mcu: mcuId, err }),
+      );
     }
   }
 
@@ -370,6 +457,7 @@ export class FirmwareManager {
         await this.raiseFloor(job);
         await this.save(mcuId, job);
         await this.report(mcuId, job, { boot: hello.boot });
+        void this.prune();
         return;
       }
       if (job.state === 'installing' || hello.boot === 'rollback') {
@@ -377,12 +465,58 @@ export class FirmwareManager {
         job.reason = `came back on ${hello.fw} (boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''})`.slice(0, 250);
         await this.save(mcuId, job);
         await this.report(mcuId, job, { boot: hello.boot });
+        void this.prune();
       }
       return;
     }
     if (job.state === 'succeeded' && hello.fw !== job.version && job.imageSha) {
+      if (hello.boot === 'rollback') {
+        // booted into the target, then its bootloader went back (the new firmware did not confirm
+        // itself in time): failed, and not offered again until the desired state changes
+        job.state = 'failed';
+        job.reason = `rolled back to ${hello.fw} after booting ${job.version} (boot rollback${hello.err ? `: ${hello.err}` : ''})`.slice(0, 250);
+        await this.save(mcuId, job);
+        await this.report(mcuId, job, { boot: hello.boot });
+        return;
+      }
       // it was on the target and is not any more (reflashed by hand): offer again
-      await this.offerIfNeeded(mcuId, job);
+      try {
+        await this.offerIfNeeded(mcuId, job);
+      } catch (err) {
+        await this.failPreparation(mcuId, job, err);
+      }
+    }
+  }
+
+  /**
+   * Forget cached images no update in progress needs: in memory (up to maxImageBytes each)
+   * and on disk (`.bin`, `.bundle` and a `.part` left by an interrupted download), so a
+   * gateway that relays release after release does not keep them all. A job that succeeded
+   * keeps nothing: offering it again (an MCU reflashed by hand) fetches the bundle again.
+   */
+  async prune(): Promise<void> {
+    if (this.pruning) return void (this.pruneAgain = true);
+    this.pruning = true;
+    try {
+      do {
+        this.pruneAgain = false;
+        const keep = new Set<string>();
+        for (const j of this.jobs.values()) {
+          if (j.state !== 'fetching' && !ACTIVE.has(j.state)) continue;
+          keep.add(j.bundleSha);
+          if (j.imageSha) keep.add(j.imageSha);
+        }
+        for (const sha of this.images.keys()) if (!keep.has(sha)) this.images.delete(sha);
+        for (const sha of this.fetches.keys()) if (!keep.has(sha)) this.fetches.delete(sha);
+        for (const f of await readdir(this.opts.dir).catch(() => [] as string[])) {
+          const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f);
+          if (m && !keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true }).catch(() => undefined);
+        }
+      } while (this.pruneAgain);
+    } catch (err) {
+      this.opts.log.warn('cannot prune the MCU firmware cache', { err });
+    } finally {
+      this.pruning = false;
     }
   }
 }

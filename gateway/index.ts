@@ -98,7 +98,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
 
   const metrics = new MetricsRegistry();
   const messagesIn = metrics.counter('fleet_gateway_mcu_messages_total', 'MCU messages accepted (authenticated, decoded and stored), by protocol and channel');
-  const mailboxCommands = metrics.counter('fleet_gateway_mailbox_commands_total', 'MCU mailbox commands by outcome: queued, delivered, acked, expired, refused');
+  const mailboxCommands = metrics.counter('fleet_gateway_mailbox_commands_total', 'MCU mailbox commands by outcome: queued, delivered, acked, expired, refused, withdrawn');
   const firmwareBytes = metrics.counter('fleet_gateway_firmware_bytes_served_total', 'MCU firmware bytes served, by protocol');
   const dropped = metrics.counter('fleet_gateway_mcu_dropped_total', 'MCU messages or connections refused, by protocol and reason');
   const authFailures = metrics.counter('fleet_gateway_mcu_auth_failures_total', 'MCU MQTT connects and CoAP messages whose credentials did not verify');
@@ -164,6 +164,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     db,
     relay,
     offer: (mcuId, cmd) => service!.enqueueInternal(mcuId, cmd),
+    withdraw: (mcuId, id) => service!.withdrawInternal(mcuId, id),
     verify: extras.verifyFirmware,
     gatewayId: config.deviceId,
     token,

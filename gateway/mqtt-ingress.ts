@@ -290,13 +290,14 @@ export class McuMqttIngress {
     this.opts.service.touch(mcuId, 'mqtt');
     const image = this.opts.service.firmwareFor(mcuId);
     const chunk = encodeFwChunk(image, req);
+    // delivered only to a subscriber of its fw topic, as a broker would; progress counts what was sent
+    if (conn.subFw < 0) return;
+    conn.send(mcuTopic(mcuId, 'fw'), chunk, conn.subFw > 0 ? 1 : 0);
     if (image) {
       const start = Math.min(image.data.length, req.n * req.s);
       const end = Math.min(image.data.length, start + req.s);
       this.opts.service.firmwareServed(mcuId, 'mqtt', end, end - start);
     }
-    // delivered only to a subscriber of its fw topic, as a broker would
-    if (conn.subFw >= 0) conn.send(mcuTopic(mcuId, 'fw'), chunk, conn.subFw > 0 ? 1 : 0);
   }
 
   private onSubscribe(conn: LeanConn, filter: string, qos: number): number {

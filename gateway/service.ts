@@ -11,7 +11,7 @@ import { toMcuCommand, type Mailbox, type MailboxEntry } from './mailbox.ts';
 import type { McuRateLimit } from './rate-limit.ts';
 import type { McuProtocol, Relay } from './relay.ts';
 
-export type MailboxResult = 'queued' | 'delivered' | 'acked' | 'expired' | 'refused';
+export type MailboxResult = 'queued' | 'delivered' | 'acked' | 'expired' | 'refused' | 'withdrawn';
 
 export interface McuServiceOptions {
   relay: Relay;
@@ -94,7 +94,9 @@ export class McuService extends EventEmitter {
     const ack = decodeMcuAck(payload);
     this.opts.relay.touch(mcuId, protocol);
     const entry = this.opts.mailbox.find(mcuId, ack.id);
-    if (!entry) return; // acked before, or expired: nothing to do (docs)
+    // acked before, or expired: nothing to do (docs). One past its expiry but not swept yet is
+    // the sweep's: it answers FLEET_TIMEOUT, and an answer from here too would be a second reply
+    if (!entry || entry.expiresAt <= this.now()) return;
     // the reply is stored before the command leaves the mailbox: a crash in between makes
     // the MCU's resent ack produce the reply again (a duplicate), never lose it
     if (entry.name.startsWith('fw.')) {
@@ -158,6 +160,12 @@ export class McuService extends EventEmitter {
       return;
     }
     const now = this.now();
+    if (cmd.name.startsWith('fw.')) {
+      // the gateway's own firmware commands: one from the hub would be taken for an offer (its
+      // ack never relayed, its expiry never answered) and sent again on every resend
+      this.opts.onMailbox?.('refused');
+      return this.replyError(mcuId, cmd.id, 'FLEET_MSG_INVALID', 'command names starting with "fw." are reserved for the gateway\'s MCU firmware updates');
+    }
     if (cmd.expiresAt <= now) {
       this.opts.onMailbox?.('expired');
       return this.replyError(mcuId, cmd.id, 'FLEET_TIMEOUT', 'the command had expired when it reached the gateway');
@@ -177,6 +185,11 @@ export class McuService extends EventEmitter {
     const { entry, duplicate } = await this.opts.mailbox.enqueue(mcuId, cmd, this.now());
     if (!duplicate) this.opts.onMailbox?.('queued');
     return entry;
+  }
+
+  /** Take a gateway-originated command back out of the mailbox (a firmware offer no longer wanted). */
+  async withdrawInternal(mcuId: string, id: string): Promise<void> {
+    if (await this.opts.mailbox.remove(mcuId, id)) this.opts.onMailbox?.('withdrawn');
   }
 
   private async replyError(mcuId: string, id: string, code: string, message: string): Promise<void> {

@@ -1,0 +1,179 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { CommandReply, EventMessage } from '../../core/messages.ts';
+import { firmwareVerifier } from '../../cli/commands/gateway.ts';
+import { mcuKey } from '../../firmware-bridge/auth.ts';
+import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
+import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
+import { tempDir, waitFor } from '../helpers.ts';
+import { coap, of, withEnv, type Env } from './env.ts';
+
+/**
+ * The firmware job's life beyond the happy path (firmware in mcu-contract.test.ts): a target
+ * that changes or goes away, a rollback after the new version's first hello, a preparation
+ * that failed, and the anti-rollback floor when several MCUs share a bundle.
+ */
+
+const image = (seed: number, n = 3000): Buffer => {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = (i * seed + 11) & 0xff;
+  return b;
+};
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+/** the command at the head of the MCU's mailbox, or null */
+async function head(env: Env, id: string): Promise<{ id: string; n: string; a: Record<string, unknown> } | null> {
+  const res = await coap(env.gw.coapPort, env.site, id, 'cmd', 'GET');
+  assert.equal(res.code, '2.05');
+  return res.body.length === 0 ? null : (decodeMcuCommand(mcuKey(env.site, id), id, res.body).cmd as { id: string; n: string; a: Record<string, unknown> });
+}
+
+async function boot(env: Env, id: string, fw: string, bootReason = 'power_on'): Promise<void> {
+  assert.equal((await coap(env.gw.coapPort, env.site, id, 'hello', 'POST', Buffer.from(JSON.stringify({ fw, boot: bootReason })))).code, '2.04');
+}
+
+async function registered(env: Env, ids: readonly string[]): Promise<void> {
+  await waitFor(() => ids.every((id) => env.hub.broker.mcusOf('gw-1')?.has(id)), 'registered');
+  await sleep(300); // the relay's subscription to their desired topics
+}
+
+const cachedFiles = (env: Env) => readdirSync(join(env.gwDir, 'firmware')).filter((f) => /\.(bin|bundle)$/.test(f));
+
+test('firmware: a new target takes the untaken offer back out of the mailbox (its head is the new one); a desired state without firmware withdraws it, reported failed (cancelled); the cache is pruned', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw, dir } = env;
+    const a = image(31);
+    const b = image(17);
+    writeFileSync(join(dir, 'a.bin'), a);
+    writeFileSync(join(dir, 'b.bin'), b);
+    await boot(env, 'esp-l1', '1.0.0');
+    await registered(env, ['esp-l1']);
+
+    await hub.setDesired('esp-l1', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
+    await waitFor(() => gw.firmwareState('esp-l1')?.state === 'offered', 'A offered');
+    assert.equal((await head(env, 'esp-l1'))?.a.v, '2.0.0');
+
+    await hub.setDesired('esp-l1', { apps: {}, firmware: { version: '2.1.0', url: pathToFileURL(join(dir, 'b.bin')).href, sha256: sha256(b), size: b.length } });
+    await waitFor(() => gw.firmwareState('esp-l1')?.state === 'offered' && gw.firmwareState('esp-l1')?.version === '2.1.0', 'B offered');
+    const offer = await head(env, 'esp-l1');
+    assert.equal(offer?.n, 'fw.update');
+    assert.deepEqual(offer?.a, { v: '2.1.0', sha256: sha256(b), size: b.length }, 'the head is the new offer, not the one for 2.0.0');
+    // A's bundle and image leave the cache; B's stay (under the mock verifier both are the same bytes: one sha)
+    await waitFor(() => !cachedFiles(env).some((f) => f.startsWith(sha256(a))), 'A no longer cached');
+    assert.deepEqual(cachedFiles(env).sort(), [`${sha256(b)}.bin`, `${sha256(b)}.bundle`]);
+
+    await hub.setDesired('esp-l1', { apps: {} });
+    await waitFor(() => gw.firmwareState('esp-l1')?.state === 'failed', 'cancelled');
+    assert.match(gw.firmwareState('esp-l1')?.reason ?? '', /cancelled/);
+    assert.equal(await head(env, 'esp-l1'), null, 'nothing left in the mailbox');
+    await waitFor(() => cachedFiles(env).length === 0, 'nothing cached');
+    await waitFor(() => (of(env.seen, 'esp-l1', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && e.data?.state === 'failed' && /cancelled/.test(String(e.data?.reason))), 'cancel reported to the hub');
+  });
+});
+
+test('firmware: an MCU that booted into the target and was then rolled back by its bootloader is failed, and not offered the image again', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw, dir } = env;
+    const a = image(29);
+    writeFileSync(join(dir, 'a.bin'), a);
+    await boot(env, 'esp-l2', '1.0.0');
+    await registered(env, ['esp-l2']);
+    await hub.setDesired('esp-l2', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
+    await waitFor(() => gw.firmwareState('esp-l2')?.state === 'offered', 'offered');
+    const offer = (await head(env, 'esp-l2'))!;
+    assert.equal((await coap(gw.coapPort, env.site, 'esp-l2', 'ack', 'POST', Buffer.from(JSON.stringify({ id: offer.id, ok: true })))).code, '2.04');
+    await boot(env, 'esp-l2', '2.0.0', 'ota');
+    await waitFor(() => gw.firmwareState('esp-l2')?.state === 'succeeded', 'first boot of 2.0.0');
+    // the new firmware did not confirm itself in time: the bootloader went back
+    await boot(env, 'esp-l2', '1.0.0', 'rollback');
+    await waitFor(() => gw.firmwareState('esp-l2')?.state === 'failed', 'failed after the rollback');
+    assert.match(gw.firmwareState('esp-l2')?.reason ?? '', /rolled back to 1\.0\.0 after booting 2\.0\.0/);
+    await sleep(200);
+    assert.equal(gw.firmwareState('esp-l2')?.state, 'failed', 'not offered again');
+    assert.equal(await head(env, 'esp-l2'), null, 'no new offer in the mailbox');
+  });
+});
+
+test('firmware: a preparation that failed (the bundle was not there yet) is tried again when the same desired state comes again', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw, dir } = env;
+    const a = image(23);
+    const file = join(dir, 'late.bin');
+    await boot(env, 'esp-l3', '1.0.0');
+    await registered(env, ['esp-l3']);
+    const desired = { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(file).href, sha256: sha256(a), size: a.length } };
+    await hub.setDesired('esp-l3', desired);
+    await waitFor(() => gw.firmwareState('esp-l3')?.state === 'failed', 'failed: no bundle yet');
+    writeFileSync(file, a);
+    // the hub's retained desired state comes again, e.g. when the gateway reconnects after an outage
+    await hub.setDesired('esp-l3', desired);
+    await waitFor(() => gw.firmwareState('esp-l3')?.state === 'offered', 'offered on the second try');
+    assert.equal((await head(env, 'esp-l3'))?.a.v, '2.0.0');
+    assert.equal(gw.firmwareState('esp-l3')?.reason, undefined);
+  });
+});
+
+test('firmware: a hub command named fw.* (reserved for the gateway) is refused with FLEET_MSG_INVALID, not queued', async () => {
+  await withEnv(async (env) => {
+    const { hub } = env;
+    await boot(env, 'esp-l4', '1.0.0');
+    await registered(env, ['esp-l4']);
+    const cmd = await hub.sendCommand('esp-l4', 'fw.info', {}, 60_000);
+    await waitFor(() => (of(env.seen, 'esp-l4', 'reply') as CommandReply[]).some((r) => r.id === cmd.id), 'reply at the hub');
+    const reply = (of(env.seen, 'esp-l4', 'reply') as CommandReply[]).find((r) => r.id === cmd.id)!;
+    assert.equal(reply.ok, false);
+    assert.equal(reply.error?.code, 'FLEET_MSG_INVALID');
+    assert.equal(await head(env, 'esp-l4'), null, 'nothing queued for the MCU');
+  });
+});
+
+test('firmware: the anti-rollback floor and the version are checked for every MCU, also when the bundle was fetched and verified for another one first', async () => {
+  const [good] = newKeys(1);
+  const { bytes: rootBytes } = makeRoot([good!], 1);
+  const tmp = tempDir('fleetlet-fwl-');
+  const trustFile = join(tmp.dir, 'root.json');
+  writeFileSync(trustFile, rootBytes);
+  try {
+  await withEnv(
+    async (env) => {
+      const { hub, gw, dir } = env;
+      const filesA = [{ path: 'firmware.bin', data: image(13) }];
+      const filesB = [{ path: 'firmware.bin', data: image(19) }];
+      const bundleA = craftBundle(join(dir, 'a.fbundle'), { files: filesA, manifest: manifestFor(filesA, { kind: 'firmware', name: 'esp32-fw', version: '2.0.0', sequence: 5 }), signers: [good!.privateKey] });
+      const bundleB = craftBundle(join(dir, 'b.fbundle'), { files: filesB, manifest: manifestFor(filesB, { kind: 'firmware', name: 'esp32-fw', version: '3.0.0', sequence: 6 }), signers: [good!.privateKey] });
+      const fwA = (version = '2.0.0') => ({ apps: {}, firmware: { version, url: pathToFileURL(join(dir, 'a.fbundle')).href, sha256: sha256(bundleA), size: bundleA.length } });
+      const ids = ['esp-r1', 'esp-r2', 'esp-r3', 'esp-r4'];
+      for (const id of ids) await boot(env, id, '1.0.0');
+      await registered(env, ids);
+
+      // esp-r1 is offered A (sequence 5) and does not take it yet: A's verified image stays in use
+      await hub.setDesired('esp-r1', fwA());
+      await waitFor(() => gw.firmwareState('esp-r1')?.state === 'offered', 'A offered to esp-r1');
+      // esp-r2 boots into B (sequence 6): the floor of esp32-fw becomes 6
+      await hub.setDesired('esp-r2', { apps: {}, firmware: { version: '3.0.0', url: pathToFileURL(join(dir, 'b.fbundle')).href, sha256: sha256(bundleB), size: bundleB.length } });
+      await waitFor(() => gw.firmwareState('esp-r2')?.state === 'offered', 'B offered to esp-r2');
+      await boot(env, 'esp-r2', '3.0.0', 'ota');
+      await waitFor(() => gw.firmwareState('esp-r2')?.state === 'succeeded', 'esp-r2 on B');
+
+      await hub.setDesired('esp-r3', fwA());
+      await waitFor(() => gw.firmwareState('esp-r3')?.state === 'failed', 'A refused for esp-r3');
+      assert.match(gw.firmwareState('esp-r3')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 5, below this gateway's floor 6/);
+      assert.equal(await head(env, 'esp-r3'), null);
+
+      // the same bundle named with another version than the one it holds
+      await hub.setDesired('esp-r4', fwA('9.9.9'));
+      await waitFor(() => gw.firmwareState('esp-r4')?.state === 'failed', 'wrong version refused');
+      assert.match(gw.firmwareState('esp-r4')?.reason ?? '', /FLEET_MCU_FIRMWARE: the bundle holds firmware 2\.0\.0, the desired state says 9\.9\.9/);
+    },
+    {},
+    { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },
+  );
+  } finally {
+    tmp.cleanup();
+  }
+});
