@@ -123,8 +123,13 @@ export type ReplaySnapshot = Record<string, [high: number, seen: number]>;
  * replay. Entries are never evicted, since forgetting an MCU would re-open replay
  * of everything it ever sent.
  */
+/** how long a held counter stays held when its holder never records or releases it, ms */
+export const HOLD_MS = 60_000;
+
 export class ReplayGuard {
   private readonly state = new Map<string, { high: number; seen: number }>();
+  /** counters checked and not recorded yet (their messages are being stored): `${mcuId}\n${counter}` → held until (monotonic ms) */
+  private readonly held = new Map<string, number>();
   private readonly window: number;
   private readonly maxMcus: number;
   private changed = false;
@@ -173,9 +178,31 @@ export class ReplayGuard {
     if ((st.seen & ((1 << age) >>> 0)) !== 0) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} was already used by ${mcuId}`, { details: { mcu: mcuId } });
   }
 
-  /** Record `counter` for `mcuId`; FLEET_MCU_REPLAY when it was seen or is too old. Call only after the MAC verified. */
+  /**
+   * Claim a counter that `check` passed while its message is being stored, so the same
+   * message sent again meanwhile (a copy captured on the network and replayed from another
+   * address, or the MCU's own resend) is not stored a second time: that copy gets
+   * FLEET_MCU_IN_FLIGHT (try again shortly: by then the counter is recorded, a replay, or
+   * released, free). The claim ends with `accept` (stored) or `release` (not stored), or
+   * after HOLD_MS if neither comes.
+   */
+  hold(mcuId: string, counter: number, now = performance.now()): void {
+    const k = `${mcuId}\n${counter}`;
+    const until = this.held.get(k);
+    if (until !== undefined && until > now) throw new FleetError('FLEET_MCU_IN_FLIGHT', `a message with counter ${counter} from ${mcuId} is being stored`, { details: { mcu: mcuId } });
+    if (this.held.size >= 10_000) for (const [key, u] of this.held) if (u <= now) this.held.delete(key);
+    this.held.set(k, now + HOLD_MS);
+  }
+
+  /** End a `hold` whose message was not stored: the counter may be used again. */
+  release(mcuId: string, counter: number): void {
+    if (this.held.size > 0) this.held.delete(`${mcuId}\n${counter}`);
+  }
+
+  /** Record `counter` for `mcuId` (ending a `hold` of it); FLEET_MCU_REPLAY when it was seen or is too old. Call only after the MAC verified. */
   accept(mcuId: string, counter: number): void {
     if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', 'counter out of range');
+    this.release(mcuId, counter);
     const st = this.state.get(mcuId);
     if (!st) {
       if (this.state.size >= this.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `replay state for ${this.maxMcus} MCUs is full; refusing new MCU ${mcuId}`);

@@ -527,11 +527,21 @@ export class McuCoapIngress {
     }
     const counter = this.authenticate(res, url, payload, 'later');
     if (!counter) return;
+    const guard = this.opts.guard;
+    // the counter is recorded only once the message is stored: until then it is held, so a
+    // copy arriving meanwhile from any address (a replay, or the MCU's resend) is not stored too
+    try {
+      guard.hold(mcuId, counter);
+    } catch (err) {
+      this.opts.hooks.dropped('coap', 'replay', { mcuId, err });
+      return res(COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_MCU_IN_FLIGHT', 1);
+    }
     const svc = this.opts.service;
     // over the MCU's rate (checked after the MAC, so forged requests cannot spend its tokens):
     // 5.03 with Max-Age; the counter is not spent, the MCU sends the same message again then
     const wait = svc.admit(mcuId);
     if (wait > 0) {
+      guard.release(mcuId, counter);
       this.opts.hooks.throttled('coap', mcuId);
       return res(COAP_CODES.SERVICE_UNAVAILABLE, 'FLEET_MCU_RATE', Math.ceil(wait / 1000));
     }
@@ -547,13 +557,14 @@ export class McuCoapIngress {
     // 2.04 only once it is stored: it tells the MCU it may forget it
     const p: Promise<void> = work.then(
       () => {
-        recordCounter(this.opts.guard, mcuId, counter);
+        recordCounter(guard, mcuId, counter);
         this.opts.hooks.accepted('coap', resource);
         res(COAP_CODES.CHANGED);
       },
       (err: unknown) => {
         const reason = deliverFailureReason(err);
-        if (reason === 'decode') recordCounter(this.opts.guard, mcuId, counter); // authentic, undecodable: spent
+        if (reason === 'decode') recordCounter(guard, mcuId, counter); // authentic, undecodable: spent
+        else guard.release(mcuId, counter);
         // 4.00: authenticated but undecodable; 4.03: this id may not be used here;
         // otherwise 5.03: nothing wrong with the message, keep it and retry later
         const code = reason === 'decode' ? COAP_CODES.BAD_REQUEST : reason === 'forbidden' ? COAP_CODES.FORBIDDEN : COAP_CODES.SERVICE_UNAVAILABLE;

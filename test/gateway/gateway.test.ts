@@ -231,6 +231,23 @@ test('gateway: CoAP — bad MAC 4.01, replay 4.01, bad payload 4.00, wrong path/
   });
 });
 
+test('gateway: CoAP — copies of a message sent from other addresses while it is being stored are not stored again (5.03 FLEET_MCU_IN_FLIGHT, Max-Age 1); once stored they are replays', async () => {
+  await withEnv(async ({ gw, site, seen }) => {
+    const id = 'esp-c2';
+    const body = encodeSenmlJson(samples(30));
+    const query = coapAuthQuery(30, signMcuMessage(mcuKey(site, id), id, 't', 30, body));
+    // one captured datagram sent five times at once, each from its own socket (a new address
+    // and message id: no retransmission the exchange cache would answer)
+    const replies = await Promise.all(Array.from({ length: 5 }, () => coapPost(gw.coapPort, coapPath(id, 't'), query, body)));
+    assert.deepEqual(replies.filter((r) => r.code === '2.04').length, 1, JSON.stringify(replies));
+    for (const r of replies.filter((x) => x.code !== '2.04')) assert.ok(JSON.stringify(r) === JSON.stringify({ code: '5.03', body: 'FLEET_MCU_IN_FLIGHT' }) || JSON.stringify(r) === JSON.stringify({ code: '4.01', body: 'FLEET_MCU_REPLAY' }), JSON.stringify(r));
+    assert.deepEqual(await coapPost(gw.coapPort, coapPath(id, 't'), query, body), { code: '4.01', body: 'FLEET_MCU_REPLAY' });
+    await waitFor(() => telemetryOf(seen, id).length === 1, 'the reading at the hub');
+    await sleep(300);
+    assert.equal(telemetryOf(seen, id).length, 1, 'stored once');
+  });
+});
+
 test('gateway: a silent MCU is reported offline; replay counters and the MCU list survive a restart', async () => {
   await withEnv(
     async ({ hub, gw, site, seen, start }) => {
