@@ -241,6 +241,8 @@ export class McuCoapIngress {
   private readonly pending = new Set<Promise<void>>();
   /** one Observe registration on the mailbox per MCU (the newest) */
   private readonly observers = new Map<string, OutgoingMessage>();
+  /** per observing MCU: the endpoint and token of its registration (only they may deregister it) */
+  private readonly observerOwners = new Map<string, string>();
   /** final Block1 blocks turned into whole requests: their Block1 option, echoed in the response (RFC 7959 §2.3) */
   private readonly block1Echo = new Map<string, Buffer>();
   private readonly throttle: LogThrottle;
@@ -578,10 +580,12 @@ export class McuCoapIngress {
   /** GET cmd: the next command (or empty), and with Observe=0 the following ones as they come. */
   private onMailbox(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl): void {
     const { mcuId } = url;
-    // Observe=1 deregisters (RFC 7641 §3.6): nothing is revealed, no counter is spent
+    // Observe=1 deregisters (RFC 7641 §3.6): nothing is revealed, no counter is spent. Only
+    // the registration's own endpoint and token end it: anyone on the network could otherwise
+    // silence an MCU's mailbox until it registers again
     if (req.headers.Observe === 1) {
       const cur = this.observers.get(mcuId);
-      if (cur) this.endObserver(mcuId, cur);
+      if (cur && this.observerOwners.get(mcuId) === observerOwner(req)) this.endObserver(mcuId, cur);
       return this.reply(res, COAP_CODES.CONTENT);
     }
     if (!this.authenticate(res, url, Buffer.alloc(0), 'now')) return;
@@ -597,9 +601,13 @@ export class McuCoapIngress {
     const old = this.observers.get(mcuId);
     if (old) this.endObserver(mcuId, old);
     this.observers.set(mcuId, res);
+    this.observerOwners.set(mcuId, observerOwner(req));
     const forget = () => {
       this.open.delete(res);
-      if (this.observers.get(mcuId) === res) this.observers.delete(mcuId);
+      if (this.observers.get(mcuId) === res) {
+        this.observers.delete(mcuId);
+        this.observerOwners.delete(mcuId);
+      }
     };
     res.on('finish', forget);
     res.on('error', forget);
@@ -613,6 +621,7 @@ export class McuCoapIngress {
 
   private endObserver(mcuId: string, res: OutgoingMessage): void {
     this.observers.delete(mcuId);
+    this.observerOwners.delete(mcuId);
     this.open.delete(res);
     try {
       res.end();
@@ -690,4 +699,9 @@ export class McuCoapIngress {
     await new Promise<void>((r) => this.server.close(() => r()));
     await new Promise<void>((r) => this.socket.close(() => r()));
   }
+}
+
+/** An Observe registration's endpoint and token (RFC 7641 §3.6: a deregistration matches both). */
+function observerOwner(req: IncomingMessage): string {
+  return `${req.rsinfo.address}|${req.rsinfo.port}|${req._packet.token?.toString('hex') ?? ''}`;
 }

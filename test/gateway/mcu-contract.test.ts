@@ -93,6 +93,16 @@ test('mailbox over CoAP: GET returns the command (empty when none), Observe push
       obs.end();
     });
     stream.on('data', (d: Buffer) => notes.push(Buffer.from(d)));
+    // a deregistration (Observe 1, RFC 7641 §3.6) from another endpoint and token ends nothing:
+    // without a MAC, anyone could otherwise silence the MCU's mailbox until it registers again
+    const dereg = await new Promise<string>((resolve, reject) => {
+      const r = coapRequest({ host: '127.0.0.1', port: gw.coapPort, method: 'GET', pathname: coapPath(id, 'cmd'), confirmable: true, agent: new Agent({ type: 'udp4' }) });
+      r.setOption('Observe', 1);
+      r.on('response', (x) => resolve(x.code));
+      r.on('error', reject);
+      r.end();
+    });
+    assert.equal(dereg, '2.05');
     const cmd = await hub.sendCommand(id, 'reboot', { delay: 1 }, 60_000);
     await waitFor(() => notes.some((n) => n.length > 0), 'command notified to the observer');
     const frame = notes.find((n) => n.length > 0)!;
