@@ -100,7 +100,7 @@ interface CachedResponse extends Buffer {
  * notifications) keep their sender: it retransmits them until the MCU acknowledges.
  */
 function releaseAnsweredExchanges(server: Server): void {
-  const lru = (server as unknown as { _lru?: { set(key: string, value: CachedResponse): unknown } })._lru;
+  const lru = (server as unknown as { _lru?: { set(key: string, value: CachedResponse): unknown; delete?(key: string): unknown } })._lru;
   if (!lru || typeof lru.set !== 'function') return; // package internals changed: its defaults then apply
   const set = lru.set.bind(lru);
   lru.set = (key, buf) => {
@@ -108,9 +108,16 @@ function releaseAnsweredExchanges(server: Server): void {
     // the package attaches the sender and sends right after set(), in the same turn
     queueMicrotask(() => {
       const type = (buf[0]! >> 4) & 0x03; // 0 CON, 1 NON, 2 ACK, 3 RST
-      if (type === 0 || !buf.sender) return;
-      buf.sender.reset();
-      delete buf.sender;
+      if (type === 0) return;
+      if (buf.sender) {
+        buf.sender.reset();
+        delete buf.sender;
+      }
+      // a refusal (4.xx, 5.xx: a bad MAC, a replay, no firmware …) is not kept for
+      // retransmissions: a retransmitted request is checked again and gets the same answer,
+      // and requests anyone can send (no key needed) must not cost the gateway memory for a
+      // minute each (docs/mcu-protocol.md: no state for a message whose MAC does not verify)
+      if (buf[1]! >> 5 >= 4) lru.delete?.(key);
     });
     return r;
   };
@@ -288,6 +295,12 @@ export class McuCoapIngress {
     // package's Block2 cache is switched off; the handler answers any block from the
     // image it already holds.
     server._block2Cache.add = () => undefined;
+    // The package answers what it cannot handle (Observe on a POST, a FETCH without
+    // Content-Format, a handler error) with _sendError, which sends to the sender's port on
+    // *localhost*, not to the sender (coap 1.5: no address): a datagram from another host
+    // could make the gateway send to a UDP service bound to its own loopback. Dropped and
+    // counted instead, as malformed input is (docs/mcu-protocol.md).
+    (server as unknown as { _sendError: (...args: unknown[]) => void })._sendError = () => opts.hooks.dropped('coap', 'bad_request', {});
     let ingress: McuCoapIngress | undefined;
     // The package subscribes `handleRequest()` to the socket's 'message' event in
     // listen(): wrap it so every datagram passes our scan first.
@@ -322,6 +335,11 @@ export class McuCoapIngress {
 
   get uploadsInProgress(): number {
     return this.uploads.inProgress;
+  }
+
+  /** answers the coap package keeps for retransmitted requests (GET cmd and fw, Block1, log) */
+  get cachedAnswers(): number {
+    return (this.server as unknown as { _lru?: { size?: number } })._lru?.size ?? 0;
   }
 
   /** Datagram-level checks before the coap package sees it; returns what to hand on. */

@@ -173,3 +173,61 @@ test('gateway CoAP fast path: requests refused for their MAC leave no state behi
     }
   });
 });
+
+test('gateway CoAP: refusals of requests anyone can send (a mailbox GET with a bad MAC) are not kept for retransmissions; each is answered again', async () => {
+  await withEnv(async ({ gw }) => {
+    const sock = createSocket('udp4');
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+    const codes: number[] = [];
+    sock.on('message', (msg) => codes.push(msg[1]!));
+    const metric = async () => Number(/^fleet_gateway_coap_cached_answers (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text())?.[1]);
+    try {
+      const before = await metric();
+      const n = 200;
+      // forged mailbox reads: a GET cmd goes through the coap package, which caches answers
+      for (let i = 0; i < n; i++) {
+        const req = encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, 'esp-lru', 'cmd'], query: [`${COAP_QUERY_COUNTER}=${i + 1}`, `${COAP_QUERY_MAC}=AAAAAAAAAAAAAAAAAAAAAA`] }, 0, 2000 + i, 0x5000 + i);
+        await new Promise<void>((r, j) => sock.send(req, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+      }
+      await waitFor(() => codes.length === n, `${n} answers`);
+      assert.ok(codes.every((c) => c === ((4 << 5) | 1)), 'every one 4.01');
+      assert.equal((await metric()) - before, 0, 'no answer kept for them');
+      // a retransmission of one is refused again, from the same checks
+      const again = encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, 'esp-lru', 'cmd'], query: [`${COAP_QUERY_COUNTER}=1`, `${COAP_QUERY_MAC}=AAAAAAAAAAAAAAAAAAAAAA`] }, 0, 2000, 0x5000);
+      await new Promise<void>((r, j) => sock.send(again, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+      await waitFor(() => codes.length === n + 1, 'the retransmission answered');
+      assert.equal(codes.at(-1), (4 << 5) | 1);
+      assert.equal(gw.stats().dropped.auth, n + 1);
+    } finally {
+      await new Promise<void>((r) => sock.close(() => r()));
+    }
+  });
+});
+
+test('gateway CoAP: what the coap package itself would refuse (Observe on a POST) is dropped and counted, never answered to localhost in place of the sender', async () => {
+  await withEnv(async ({ gw }) => {
+    // the package's own error answers went to <its port> on localhost, not to the sender: a
+    // sender at 127.0.0.2 made the gateway write to whatever listens on 127.0.0.1 at that port
+    const sender = createSocket('udp4');
+    await new Promise<void>((r) => sender.bind(0, '127.0.0.2', () => r()));
+    const port = sender.address().port;
+    const bystander = createSocket('udp4');
+    await new Promise<void>((r) => bystander.bind(port, '127.0.0.1', () => r()));
+    const gotBystander: Buffer[] = [];
+    const gotSender: Buffer[] = [];
+    bystander.on('message', (m) => gotBystander.push(m));
+    sender.on('message', (m) => gotSender.push(m));
+    try {
+      const before = gw.stats().dropped.bad_request ?? 0;
+      const req = encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, 'esp-odd', 't'], observe: 0, contentFormat: SENML_JSON_FORMAT }, 0, 0x4242, 0x77);
+      await new Promise<void>((r, j) => sender.send(req, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+      await waitFor(() => (gw.stats().dropped.bad_request ?? 0) > before, 'dropped and counted');
+      await new Promise((r) => setTimeout(r, 200));
+      assert.deepEqual(gotBystander, [], 'nothing sent to 127.0.0.1');
+      assert.deepEqual(gotSender, [], 'nor answered');
+    } finally {
+      await new Promise<void>((r) => sender.close(() => r()));
+      await new Promise<void>((r) => bystander.close(() => r()));
+    }
+  });
+});
