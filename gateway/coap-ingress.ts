@@ -407,7 +407,7 @@ export class McuCoapIngress {
     const url = parseCoapUrl(coapUrlOf(pkt));
     if (!url || !FAST_RESOURCES.has(url.resource)) return false;
     const endpoint = `${rsinfo.address}|${rsinfo.port}`;
-    const { ex, fresh } = this.exchanges.begin(endpoint, pkt.messageId, Date.now());
+    const { ex, fresh } = this.exchanges.begin(endpoint, pkt.messageId, performance.now());
     if (!fresh) {
       if (ex.answer && !this.closed) this.socket.send(ex.answer, rsinfo.port, rsinfo.address);
       return true;

@@ -54,7 +54,8 @@ export class Block1Assembler {
   constructor(
     private readonly limits: UploadLimits,
     private readonly onDrop: (why: string) => void,
-    private readonly now: () => number = Date.now,
+    /** a monotonic clock: a step of the wall clock must not keep abandoned uploads in their slots */
+    private readonly now: () => number = () => performance.now(),
   ) {
     this.timer = setInterval(() => this.sweep(), Math.max(1000, Math.floor(limits.idleMs / 4)));
     this.timer.unref();
