@@ -814,7 +814,9 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
         }
         if (res.code !== '2.05') {
           noteError(d, `firmware block refused with ${res.code}`, res.payload.toString('utf8').slice(0, 100));
-          if (res.code.startsWith('5.')) return void sched.after(period(d), fwNext, { d, gen: d.gen });
+          // 5.xx: try again later; FLEET_MCU_ADDRESS (the gateway restarted, or this address is
+          // new to it): the next reading validates the address, then the download goes on
+          if (res.code.startsWith('5.') || res.payload.toString('utf8') === 'FLEET_MCU_ADDRESS') return void sched.after(period(d), fwNext, { d, gen: d.gen });
           return fwAbort(d, `download refused with ${res.code}`);
         }
         const b = res.block2;

@@ -248,6 +248,13 @@ export class McuCoapIngress {
   private readonly pending = new Set<Promise<void>>();
   /** one Observe registration on the mailbox per MCU (the newest) */
   private readonly observers = new Map<string, OutgoingMessage>();
+  /**
+   * per MCU: the address its latest accepted counter-consuming request came from. Firmware
+   * blocks go only there: their MAC'd query is reused for every block (its counter is not
+   * consumed), so a captured one sent with a forged source address would otherwise make the
+   * gateway send image blocks, ~15 times the request's size, to anyone (RFC 7252 §11.3)
+   */
+  private readonly authenticatedFrom = new Map<string, string>();
   /** per observing MCU: the endpoint and token of its registration (only they may deregister it) */
   private readonly observerOwners = new Map<string, string>();
   /** final Block1 blocks turned into whole requests: their Block1 option, echoed in the response (RFC 7959 §2.3) */
@@ -430,7 +437,7 @@ export class McuCoapIngress {
       return true;
     }
     const cf = pkt.options.find((o) => o.number === COAP_OPTION.CONTENT_FORMAT);
-    this.post(respond, url, pkt.payload, cf === undefined ? undefined : coapUint(cf.value));
+    this.post(respond, url, pkt.payload, cf === undefined ? undefined : coapUint(cf.value), rsinfo.address);
     return true;
   }
 
@@ -525,7 +532,7 @@ export class McuCoapIngress {
       default:
         return notAllowed();
     }
-    this.post((code, body, maxAgeS) => this.reply(res, code, body, maxAgeS), url, payload, req.headers['Content-Format']);
+    this.post((code, body, maxAgeS) => this.reply(res, code, body, maxAgeS), url, payload, req.headers['Content-Format'], req.rsinfo.address);
   }
 
   /**
@@ -533,7 +540,7 @@ export class McuCoapIngress {
    * 2.04 once it is stored, or the error. Both paths end here: the coap package's requests
    * and the fast path's (fastPost).
    */
-  private post(res: Respond, url: ParsedCoapUrl, payload: Buffer, format: unknown): void {
+  private post(res: Respond, url: ParsedCoapUrl, payload: Buffer, format: unknown, from: string): void {
     const { mcuId, resource } = url;
     if (resource === 'log' && payload.length > this.opts.maxUploadBytes) {
       return this.refuse(res, COAP_CODES.REQUEST_TOO_LARGE, 'too_large', new FleetError('FLEET_MCU_UPLOAD', `upload of ${payload.length} bytes exceeds ${this.opts.maxUploadBytes}`), mcuId);
@@ -577,7 +584,7 @@ export class McuCoapIngress {
     // 2.04 only once it is stored: it tells the MCU it may forget it
     const p: Promise<void> = work.then(
       () => {
-        recordCounter(guard, mcuId, counter);
+        if (recordCounter(guard, mcuId, counter)) this.authenticatedFrom.set(mcuId, from);
         this.opts.hooks.accepted('coap', resource);
         res(COAP_CODES.CHANGED);
       },
@@ -607,6 +614,7 @@ export class McuCoapIngress {
       return this.reply(res, COAP_CODES.CONTENT);
     }
     if (!this.authenticate(res, url, Buffer.alloc(0), 'now')) return;
+    this.authenticatedFrom.set(mcuId, req.rsinfo.address);
     try {
       this.opts.service.touch(mcuId, 'coap');
     } catch (err) {
@@ -667,6 +675,9 @@ export class McuCoapIngress {
     const { mcuId } = url;
     // every block repeats the query: MAC checked, counter not consumed (docs "CoAP")
     if (!this.authenticate(res, url, Buffer.alloc(0), false)) return;
+    if (this.authenticatedFrom.get(mcuId) !== req.rsinfo.address) {
+      return this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', new FleetError('FLEET_MCU_ADDRESS', `firmware for ${mcuId} is served to the address of its latest authenticated message; send one (e.g. GET cmd) from this address first`), mcuId);
+    }
     const image = this.opts.service.firmwareFor(mcuId);
     if (!image) return this.refuse(res, COAP_CODES.NOT_FOUND, 'bad_request', new FleetError('FLEET_MCU_NO_FIRMWARE', `no firmware is offered to ${mcuId}`), mcuId);
     if (url.image !== undefined && !image.sha256.toString('hex').startsWith(url.image.toLowerCase())) {
@@ -674,6 +685,8 @@ export class McuCoapIngress {
     }
     const raw = req._packet.options?.find((o) => o.name === 'Block2')?.value;
     const block = Buffer.isBuffer(raw) ? parseBlockOption(raw) : null;
+    // a Block2 option that is not one (SZX 7 is reserved): 4.02, and nothing counted as served
+    if (raw !== undefined && block === null) return this.reply(res, COAP_CODES.BAD_OPTION);
     const size = block?.size ?? 1024;
     const num = block?.num ?? 0;
     const start = num * size;

@@ -8,7 +8,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request as coapRequest } from 'coap';
 import type { CommandReply, EventMessage, StateMessage, TelemetryBatch } from '../../core/messages.ts';
 import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
-import { coapAuthQuery, coapPath, COMPACT_FORMAT, SENML_CBOR_FORMAT } from '../../firmware-bridge/coap.ts';
+import { COAP_PATH_ROOT, COAP_QUERY_COUNTER, COAP_QUERY_MAC, coapAuthQuery, coapPath, COMPACT_FORMAT, SENML_CBOR_FORMAT } from '../../firmware-bridge/coap.ts';
+import { createSocket } from 'node:dgram';
+import { COAP_METHOD, decodeMessage, encodeRequest } from '../../esp32-sim/coap-lite.ts';
 import { encodeCompact, encodeSenmlCbor } from '../../firmware-bridge/codecs.ts';
 import { decodeFwChunk, decodeMcuCommand, frameWithMac } from '../../firmware-bridge/frames.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
@@ -185,6 +187,21 @@ test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is of
     assert.equal(whole.code, '2.05');
     assert.equal(createHash('sha256').update(whole.body).digest('hex'), sha);
     // resume mid-way, as after a deep sleep: from block 40 of 64 bytes
+    // the same MAC'd query from another address (a captured one with a forged source): no
+    // image blocks to it, only the short refusal; the MCU's own address is served
+    const other = createSocket('udp4');
+    await new Promise<void>((r) => other.bind(0, '127.0.0.2', () => r()));
+    const fwc = nextCounter();
+    const fwq = [`${COAP_QUERY_COUNTER}=${fwc}`, `${COAP_QUERY_MAC}=${signMcuMessage(mcuKey(site, 'esp-f1'), 'esp-f1', 'fw', fwc, Buffer.alloc(0))}`];
+    const fromOther = await new Promise<Buffer>((resolve) => {
+      other.once('message', (m) => resolve(m));
+      other.send(encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, 'esp-f1', 'fw'], query: fwq, block2: { num: 0, szx: 6 } }, 0, 0x2345, 0x99), gw.coapPort, '127.0.0.1');
+    });
+    await new Promise<void>((r) => other.close(() => r()));
+    const refused = decodeMessage(fromOther)!;
+    assert.equal(refused.code, '4.01');
+    assert.equal(refused.res.payload.toString('utf8'), 'FLEET_MCU_ADDRESS');
+    assert.ok(fromOther.length < 40, `a short answer (${fromOther.length} bytes)`);
     const rest = await coapBlock(gw.coapPort, site, 'esp-f1', 40, 64, `&h=${sha.slice(0, 16)}`);
     assert.deepEqual(rest.body, image.subarray(40 * 64));
     assert.equal(gw.firmwareState('esp-f1')?.state, 'transferring');
