@@ -113,11 +113,14 @@ function releaseAnsweredExchanges(server: Server): void {
         buf.sender.reset();
         delete buf.sender;
       }
-      // a refusal (4.xx, 5.xx: a bad MAC, a replay, no firmware …) is not kept for
-      // retransmissions: a retransmitted request is checked again and gets the same answer,
-      // and requests anyone can send (no key needed) must not cost the gateway memory for a
-      // minute each (docs/mcu-protocol.md: no state for a message whose MAC does not verify)
-      if (buf[1]! >> 5 >= 4) lru.delete?.(key);
+      // a refusal anyone can provoke (4.01 bad MAC or replay, 4.04, 4.05, 4.12, 4.13 …) is
+      // not kept for retransmissions: a retransmitted request is checked again and gets the
+      // same answer, and requests that need no key must not cost the gateway memory for a
+      // minute each (docs/mcu-protocol.md: no state for a message whose MAC does not verify).
+      // Kept: 4.00 and 5.xx, which come after the MAC checked out, some with the counter
+      // spent (a retransmission would get 4.01 replay instead of the real answer)
+      const code = buf[1]!;
+      if (code >> 5 === 4 && code !== ((4 << 5) | 0)) lru.delete?.(key);
     });
     return r;
   };
@@ -307,7 +310,10 @@ export class McuCoapIngress {
     // *localhost*, not to the sender (coap 1.5: no address): a datagram from another host
     // could make the gateway send to a UDP service bound to its own loopback. Dropped and
     // counted instead, as malformed input is (docs/mcu-protocol.md).
-    (server as unknown as { _sendError: (...args: unknown[]) => void })._sendError = () => opts.hooks.dropped('coap', 'bad_request', {});
+    (server as unknown as { _sendError: (payload: unknown) => void })._sendError = (payload) => {
+      opts.hooks.dropped('coap', 'bad_request', {});
+      opts.log.debug('CoAP datagram refused by the coap package; dropped unanswered', { why: String(payload).slice(0, 200) });
+    };
     let ingress: McuCoapIngress | undefined;
     // The package subscribes `handleRequest()` to the socket's 'message' event in
     // listen(): wrap it so every datagram passes our scan first.

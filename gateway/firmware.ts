@@ -40,8 +40,8 @@ interface Job {
   progress: number;
   offerId?: string;
   reason?: string;
-  /** failed before anything was offered (download, verification, a full mailbox): tried again when the same desired state comes again */
-  prepFailed?: boolean;
+  /** failed before the MCU took anything (the download, the verification, a full mailbox; or cancelled): the same desired state again starts over */
+  retryable?: boolean;
 }
 
 export interface ServedImage {
@@ -94,7 +94,12 @@ interface Fetched {
 export class FirmwareManager {
   private readonly jobs = new Map<string, Job>();
   private readonly images = new Map<string, ServedImage>();
-  private readonly fetches = new Map<string, Promise<Fetched>>();
+  /** one fetch and verification per bundle sha256; `done` once it settled (only then may it be dropped) */
+  private readonly fetches = new Map<string, { p: Promise<Fetched>; done: boolean }>();
+  /** jobs whose run() is under way (the retained desired state coming again must not start a second) */
+  private readonly running = new Set<Job>();
+  /** images being written to the cache by a fetch, not yet named by its job */
+  private readonly writing = new Set<string>();
   private readonly now: () => number;
   private pruning = false;
   private pruneAgain = false;
@@ -114,7 +119,8 @@ export class FirmwareManager {
       }
     }
     for (const [mcuId, job] of fm.jobs) {
-      if (!job.imageSha || !ACTIVE.has(job.state)) continue;
+      // installing: the MCU has the image and is rebooting; its hello decides, no image needed
+      if (!job.imageSha || (job.state !== 'offered' && job.state !== 'transferring')) continue;
       try {
         await fm.loadImage(job.version, job.imageSha);
       } catch (err) {
@@ -168,10 +174,12 @@ export class FirmwareManager {
     const cur = this.jobs.get(mcuId);
     if (!fw) {
       // no firmware wanted any more: an offer not yet taken is withdrawn
-      if (cur && (cur.state === 'offered' || cur.state === 'transferring')) {
+      if (cur && (cur.state === 'fetching' || cur.state === 'offered' || cur.state === 'transferring')) {
         await this.withdraw(mcuId, cur);
         cur.state = 'failed';
         cur.reason = 'cancelled: the desired state no longer names firmware';
+        // the same target named again later starts over
+        cur.retryable = true;
         await this.save(mcuId, cur);
         await this.report(mcuId, cur);
         void this.prune();
@@ -182,10 +190,10 @@ export class FirmwareManager {
       // same target: resume where it was (after a restart, a fetch may need redoing); a
       // preparation that failed (the artifact store away, a full mailbox) is tried again: the
       // hub's retained desired state comes again when the gateway reconnects after an outage
-      if (cur.state === 'failed' && cur.prepFailed) {
+      if (cur.state === 'failed' && cur.retryable) {
         cur.state = 'fetching';
         cur.reason = undefined;
-        cur.prepFailed = undefined;
+        cur.retryable = undefined;
         await this.save(mcuId, cur);
         await this.report(mcuId, cur);
       }
@@ -222,9 +230,12 @@ export class FirmwareManager {
 
   /** Fetch, verify and offer; never rejects (a failure is the job's state, reported to the hub). */
   private async run(mcuId: string, job: Job): Promise<void> {
+    if (this.running.has(job)) return;
+    this.running.add(job);
     try {
       const f = await this.fetchOnce(job);
-      if (this.jobs.get(mcuId) !== job) return; // superseded meanwhile
+      // superseded, or cancelled, meanwhile
+      if (this.jobs.get(mcuId) !== job || job.state !== 'fetching') return;
       // checked per job, not only by the fetch that verified the bundle first: another job may
       // name the same bundle with another version
       if (f.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${f.version}, the desired state says ${job.version}`);
@@ -237,6 +248,8 @@ export class FirmwareManager {
       await this.offerIfNeeded(mcuId, job);
     } catch (err) {
       await this.failPreparation(mcuId, job, err);
+    } finally {
+      this.running.delete(job);
     }
   }
 
@@ -245,7 +258,7 @@ export class FirmwareManager {
     const fe = toFleetError(err);
     job.state = 'failed';
     job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
-    job.prepFailed = true;
+    job.retryable = true;
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
     try {
       await this.save(mcuId, job);
@@ -272,7 +285,8 @@ export class FirmwareManager {
     try {
       await this.loadImage(job.version, job.imageSha);
     } catch {
-      this.fetches.delete(job.bundleSha);
+      // gone from the cache: fetched and verified again (a fetch still under way is shared)
+      if (this.fetches.get(job.bundleSha)?.done) this.fetches.delete(job.bundleSha);
       const f = await this.fetchOnce(job);
       if (f.imageSha !== job.imageSha) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds image ${f.imageSha.slice(0, 16)}, not ${job.imageSha.slice(0, 16)}`);
     }
@@ -288,7 +302,7 @@ export class FirmwareManager {
     job.progress = 0;
     if (running !== undefined) job.from = running;
     job.reason = undefined;
-    job.prepFailed = undefined;
+    job.retryable = undefined;
     await this.opts.offer(mcuId, { id: job.offerId, name: 'fw.update', args: { v: job.version, sha256: job.imageSha, size: job.size }, expiresAt: this.now() + (this.opts.offerTtlMs ?? 7 * 24 * 3600 * 1000) });
     await this.save(mcuId, job);
     await this.report(mcuId, job);
@@ -296,13 +310,20 @@ export class FirmwareManager {
 
   /** One fetch and verification per bundle, shared by every MCU that wants it. */
   private fetchOnce(job: Job): Promise<Fetched> {
-    let p = this.fetches.get(job.bundleSha);
-    if (!p) {
-      p = this.fetchAndVerify(job);
-      this.fetches.set(job.bundleSha, p);
-      p.catch(() => this.fetches.delete(job.bundleSha));
-    }
-    return p;
+    const have = this.fetches.get(job.bundleSha);
+    if (have) return have.p;
+    const entry = { p: this.fetchAndVerify(job), done: false };
+    this.fetches.set(job.bundleSha, entry);
+    entry.p.then(
+      () => {
+        entry.done = true;
+      },
+      () => {
+        entry.done = true;
+        if (this.fetches.get(job.bundleSha) === entry) this.fetches.delete(job.bundleSha);
+      },
+    );
+    return entry.p;
   }
 
   private async fetchAndVerify(job: Job): Promise<Fetched> {
@@ -326,7 +347,13 @@ export class FirmwareManager {
     const imageSha = sha.toString('hex');
     const file = join(this.opts.dir, `${imageSha}.bin`);
     // synced before it takes its name: after a crash the cache holds the whole image or none
-    await writeFileAtomic(file, data);
+    this.writing.add(imageSha);
+    try {
+      await writeFileAtomic(file, data);
+    } finally {
+      // the job names it in the same turn as this fetch resolves, before a prune can look
+      this.writing.delete(imageSha);
+    }
     this.images.set(imageSha, { version: verified.version, data, sha256: sha });
     return { version: verified.version, imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
   }
@@ -344,6 +371,20 @@ export class FirmwareManager {
     if (cur !== null && cur >= job.sequence) return;
     await this.opts.db.put(`${FLOOR_PREFIX}${job.bundleName}`, String(job.sequence), { sync: true });
     this.opts.log.info('MCU firmware floor raised', { name: job.bundleName, sequence: job.sequence });
+    // offers of an older sequence not taken yet are below the floor now: taken back, failed
+    for (const [mcuId, j] of this.jobs) {
+      if (j === job || j.bundleName !== job.bundleName || j.sequence === undefined || j.sequence >= job.sequence) continue;
+      if (j.state !== 'offered' && j.state !== 'transferring') continue;
+      await this.withdraw(mcuId, j);
+      j.state = 'failed';
+      j.reason = `FLEET_BUNDLE_ROLLBACK: firmware bundle ${j.bundleName} has sequence ${j.sequence}, below this gateway's floor ${job.sequence} (raised while it was offered)`;
+      try {
+        await this.save(mcuId, j);
+      } catch (err) {
+        this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err });
+      }
+      await this.report(mcuId, j);
+    }
   }
 
   private async loadImage(version: string, imageSha: string): Promise<ServedImage> {
@@ -479,13 +520,31 @@ export class FirmwareManager {
         await this.report(mcuId, job, { boot: hello.boot });
         return;
       }
-      // it was on the target and is not any more (reflashed by hand): offer again
+      // it was on the target and is not any more (reflashed by hand): offer again (its image
+      // may have to be fetched again: the run keeps the cache from pruning it meanwhile)
+      if (this.running.has(job)) return;
+      this.running.add(job);
       try {
         await this.offerIfNeeded(mcuId, job);
       } catch (err) {
         await this.failPreparation(mcuId, job, err);
+      } finally {
+        this.running.delete(job);
       }
     }
+  }
+
+  /** sha256s of the bundles and images something needs: a job fetching or offering, a run under way (a re-offer), a fetch not settled, an image being written */
+  private inUse(): Set<string> {
+    const keep = new Set<string>(this.writing);
+    const need = (j: Job) => {
+      keep.add(j.bundleSha);
+      if (j.imageSha) keep.add(j.imageSha);
+    };
+    for (const j of this.jobs.values()) if (j.state === 'fetching' || ACTIVE.has(j.state)) need(j);
+    for (const j of this.running) need(j);
+    for (const [sha, f] of this.fetches) if (!f.done) keep.add(sha);
+    return keep;
   }
 
   /**
@@ -500,17 +559,16 @@ export class FirmwareManager {
     try {
       do {
         this.pruneAgain = false;
-        const keep = new Set<string>();
-        for (const j of this.jobs.values()) {
-          if (j.state !== 'fetching' && !ACTIVE.has(j.state)) continue;
-          keep.add(j.bundleSha);
-          if (j.imageSha) keep.add(j.imageSha);
-        }
+        const files = await readdir(this.opts.dir).catch(() => [] as string[]);
+        // worked out after each await, never before: a job or a fetch may have started meanwhile
+        let keep = this.inUse();
         for (const sha of this.images.keys()) if (!keep.has(sha)) this.images.delete(sha);
-        for (const sha of this.fetches.keys()) if (!keep.has(sha)) this.fetches.delete(sha);
-        for (const f of await readdir(this.opts.dir).catch(() => [] as string[])) {
+        for (const [sha, f] of this.fetches) if (f.done && !keep.has(sha)) this.fetches.delete(sha);
+        for (const f of files) {
           const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f);
-          if (m && !keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true }).catch(() => undefined);
+          if (!m) continue;
+          keep = this.inUse();
+          if (!keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true }).catch(() => undefined);
         }
       } while (this.pruneAgain);
     } catch (err) {

@@ -163,8 +163,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     dir: join(config.stateDir, 'firmware'),
     db,
     relay,
-    offer: (mcuId, cmd) => service!.enqueueInternal(mcuId, cmd),
-    withdraw: (mcuId, id) => service!.withdrawInternal(mcuId, id),
+    // a run restarted by open() (an image missing from the cache) could finish before the
+    // service exists: that preparation fails and is tried again with the next desired state
+    offer: (mcuId, cmd) => (service ? service.enqueueInternal(mcuId, cmd) : Promise.reject(new FleetError('FLEET_STORE', 'the gateway is still starting'))),
+    withdraw: (mcuId, id) => (service ? service.withdrawInternal(mcuId, id) : mailbox.remove(mcuId, id)),
     verify: extras.verifyFirmware,
     gatewayId: config.deviceId,
     token,

@@ -2,6 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { readdirSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -11,7 +13,7 @@ import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
 import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
 import { tempDir, waitFor } from '../helpers.ts';
-import { coap, of, withEnv, type Env } from './env.ts';
+import { coap, coapBlock, of, withEnv, type Env } from './env.ts';
 
 /**
  * The firmware job's life beyond the happy path (firmware in mcu-contract.test.ts): a target
@@ -159,6 +161,10 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       await waitFor(() => gw.firmwareState('esp-r2')?.state === 'offered', 'B offered to esp-r2');
       await boot(env, 'esp-r2', '3.0.0', 'ota');
       await waitFor(() => gw.firmwareState('esp-r2')?.state === 'succeeded', 'esp-r2 on B');
+      // the offer of A that esp-r1 had not taken is below the floor now: taken back, failed
+      await waitFor(() => gw.firmwareState('esp-r1')?.state === 'failed', 'esp-r1 offer withdrawn');
+      assert.match(gw.firmwareState('esp-r1')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 5, below this gateway's floor 6 \(raised while it was offered\)/);
+      assert.equal(await head(env, 'esp-r1'), null);
 
       await hub.setDesired('esp-r3', fwA());
       await waitFor(() => gw.firmwareState('esp-r3')?.state === 'failed', 'A refused for esp-r3');
@@ -176,4 +182,64 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
   } finally {
     tmp.cleanup();
   }
+});
+
+test('firmware: cancelled while the bundle is still downloading, it is not offered when the download ends; the same target named again starts over', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw } = env;
+    const a = image(37);
+    let release: (() => void) | null = null;
+    const requests: string[] = [];
+    // an artifact store that answers only when told to
+    const server = createServer((req, res) => {
+      requests.push(req.url ?? '');
+      const send = () => res.end(a);
+      if (requests.length === 1) release = send;
+      else send();
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/a.bin`;
+    try {
+      await boot(env, 'esp-l5', '1.0.0');
+      await registered(env, ['esp-l5']);
+      const desired = { apps: {}, firmware: { version: '2.0.0', url, sha256: sha256(a), size: a.length } };
+      await hub.setDesired('esp-l5', desired);
+      await waitFor(() => release !== null, 'the download started');
+      assert.equal(gw.firmwareState('esp-l5')?.state, 'fetching');
+      await hub.setDesired('esp-l5', { apps: {} });
+      await waitFor(() => gw.firmwareState('esp-l5')?.state === 'failed', 'cancelled while fetching');
+      assert.match(gw.firmwareState('esp-l5')?.reason ?? '', /cancelled/);
+      release!();
+      await sleep(500);
+      assert.equal(gw.firmwareState('esp-l5')?.state, 'failed', 'not offered when the download ended');
+      assert.equal(await head(env, 'esp-l5'), null);
+      // named again: starts over
+      await hub.setDesired('esp-l5', desired);
+      await waitFor(() => gw.firmwareState('esp-l5')?.state === 'offered', 'offered after being named again');
+      assert.equal((await head(env, 'esp-l5'))?.a.v, '2.0.0');
+    } finally {
+      server.closeAllConnections();
+      await new Promise<void>((r) => server.close(() => r()));
+    }
+  });
+});
+
+test('firmware: an MCU reflashed by hand after it succeeded is offered its target again, the pruned image fetched and verified again', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw, dir } = env;
+    const a = image(41);
+    writeFileSync(join(dir, 'a.bin'), a);
+    await boot(env, 'esp-l6', '1.0.0');
+    await registered(env, ['esp-l6']);
+    await hub.setDesired('esp-l6', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
+    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'offered', 'offered');
+    await boot(env, 'esp-l6', '2.0.0', 'ota');
+    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'succeeded', 'succeeded');
+    await waitFor(() => cachedFiles(env).length === 0, 'the cache pruned once nothing needs it');
+    await boot(env, 'esp-l6', '1.0.0', 'power_on');
+    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'offered', 'offered again');
+    const block = await coapBlock(gw.coapPort, env.site, 'esp-l6', 0, 1024);
+    assert.equal(block.code, '2.05');
+    assert.equal(sha256(block.body), sha256(a), 'the whole image served again');
+  });
 });
