@@ -231,3 +231,31 @@ test('gateway CoAP: what the coap package itself would refuse (Observe on a POST
     }
   });
 });
+
+test('gateway CoAP: a mailbox Observe is ended by a deregistration (Observe 1) from its own endpoint and token, not by one with another token', async () => {
+  await withEnv(async ({ gw, site }) => {
+    const sock = createSocket('udp4');
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+    const got: Buffer[] = [];
+    sock.on('message', (m) => got.push(m));
+    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const observers = async () => Number(/^fleet_gateway_coap_observers (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text())?.[1]);
+    const id = 'esp-obs';
+    try {
+      const c = nextCounter();
+      const mac = signMcuMessage(mcuKey(site, id), id, 'cmd', c, Buffer.alloc(0));
+      await send(encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, id, 'cmd'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${mac}`], observe: 0 }, 0, 0x3001, 0xabc));
+      await waitFor(() => got.length === 1, 'registered');
+      assert.equal(await observers(), 1);
+      const dereg = (token: number, mid: number) => encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, id, 'cmd'], observe: 1 }, 0, mid, token);
+      await send(dereg(0xdef, 0x3002)); // the same endpoint, another token
+      await waitFor(() => got.length === 2, 'answered');
+      assert.equal(await observers(), 1, 'another token ends nothing');
+      await send(dereg(0xabc, 0x3003)); // its own token
+      await waitFor(() => got.length >= 3, 'answered');
+      await waitFor(async () => (await observers()) === 0, 'deregistered');
+    } finally {
+      await new Promise<void>((r) => sock.close(() => r()));
+    }
+  });
+});
