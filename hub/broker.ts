@@ -262,7 +262,7 @@ export class HubBroker {
     };
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
     if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`, 'too_large');
-    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain)) return deny('topic outside the ACL');
+    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain, payload)) return deny('topic outside the ACL');
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
     if (t.channel === 'register') {
@@ -602,10 +602,14 @@ export class HubBroker {
    * letter). A fresh claim counts as activity, so a claim is never taken within that time
    * of being made while its holder is connected.
    */
-  private claimMoves(identity: Identity, topic: string, retain: boolean): boolean {
+  private claimMoves(identity: Identity, topic: string, retain: boolean, payload?: Buffer): boolean {
     if (identity.kind !== 'device') return false;
     const t = parseTopic(topic);
     if (!t || t.channel === 'register' || t.channel === 'batch' || (retain && t.channel !== 'state')) return false;
+    // only a sign of contact moves an MCU: data, or a state saying it is online. A gateway
+    // that still lists an MCU which moved away reports it lost after a while (or at its
+    // restart), and that offline state must not take the MCU from the gateway serving it
+    if (t.channel === 'state' && !statesOnline(payload)) return false;
     const mcu = t.deviceId;
     const owner = this.claimedBy.get(mcu);
     if (owner === undefined || owner === identity.id || !this.wanted.get(identity.id)?.has(mcu)) return false;
@@ -640,7 +644,12 @@ export class HubBroker {
     );
   }
 
-  /** Rebuild gateway delegations from retained register messages after a restart. */
+  /**
+   * Rebuild gateway delegations from retained register messages after a restart. An MCU two
+   * registers list goes to the first in key order, not necessarily the gateway that served
+   * it last, so restored claims start idle: the first gateway that sends data for it (or
+   * says it is online) while listing it takes it, as after any idle time (claimMoves).
+   */
   async restoreDelegations(): Promise<void> {
     for await (const packet of this.persistence.createRetainedStreamCombi(['fleet/v1/d/+/register'])) {
       const t = parseTopic(packet.topic);
@@ -651,6 +660,7 @@ export class HubBroker {
         this.opts.log.warn('ignoring bad retained register message', { topic: packet.topic, err });
       }
     }
+    this.claimActive.clear();
   }
 
   /**
@@ -860,4 +870,14 @@ export function quietRetainedScans(persistence: LevelPersistence, log: Logger): 
     });
     return stream;
   };
+}
+
+/** Does a state payload say the device is online? (false for anything that is not such a state) */
+function statesOnline(payload: Buffer | undefined): boolean {
+  if (!payload) return false;
+  try {
+    return (JSON.parse(payload.toString('utf8')) as { online?: unknown }).online === true;
+  } catch {
+    return false;
+  }
 }

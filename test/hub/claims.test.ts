@@ -101,3 +101,45 @@ test('MCU claims: a gateway cannot claim a device of the fleet as its MCU (it co
     tmp.cleanup();
   }
 });
+
+test('MCU claims: an offline state from a gateway that still lists a moved MCU does not take it (data or an online state would); after a hub restart, the first gateway to send data for an MCU two registers list takes it', async () => {
+  const tmp = tempDir();
+  try {
+    await withHub(
+      async (hub, ctx) => {
+        const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+        await a.publishAsync(...register('gw-a', ['esp-9']));
+        await a.publishAsync(...batchOf('gw-a', 'esp-9', '100'));
+        // gw-b heard esp-9 once and still lists it; esp-9 sleeps longer than mcuClaimIdleMs
+        const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+        await b.publishAsync(...register('gw-b', ['esp-9']));
+        await sleep(1200);
+        // gw-b's sweep reports it lost: refused, the MCU stays with gw-a
+        await b.publishAsync(deviceTopic('esp-9', 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), via: 'gw-b', reason: 'no contact' }), { qos: 1, retain: true });
+        assert.equal(hub.broker.mcusOf('gw-a')?.has('esp-9'), true);
+        assert.equal(hub.broker.mcusOf('gw-b')?.has('esp-9'), false);
+        assert.equal(await metric(hub, 'fleet_hub_mcu_claims_moved_total'), 0);
+        await a.publishAsync(...batchOf('gw-a', 'esp-9', '101'));
+        assert.equal(hub.registry.get('esp-9')?.samples, 2, "gw-a's next reading is routed");
+        await Promise.all([a.endAsync(), b.endAsync()]);
+      },
+      tmp.dir,
+      { mcuClaimIdleMs: 1000 },
+    );
+    // the hub restarts: both retained registers list esp-9 (gw-a's sorts first); gw-b serves it now
+    await withHub(
+      async (hub, ctx) => {
+        const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+        const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+        await b.publishAsync(...batchOf('gw-b', 'esp-9', '200'));
+        assert.equal(hub.broker.mcusOf('gw-b')?.has('esp-9'), true, 'the first gateway to send data for it takes it');
+        assert.equal(hub.registry.get('esp-9')?.samples, 3);
+        await Promise.all([a.endAsync(), b.endAsync()]);
+      },
+      tmp.dir,
+      { mcuClaimIdleMs: 60_000 },
+    );
+  } finally {
+    tmp.cleanup();
+  }
+});

@@ -1,0 +1,45 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { EventEmitter } from 'node:events';
+import type { MqttClient } from 'mqtt';
+import { MemoryOutbox } from '../../core/outbox.ts';
+import { Relay } from '../../gateway/relay.ts';
+import { testLogger } from '../helpers.ts';
+
+/**
+ * The relay's lost timeout follows an MCU's wake period, not the gaps within one wake. A
+ * stand-in for the hub connection (a disconnected EventEmitter: nothing is published) and a
+ * fake clock; the relay, its sweep and the outbox are the real ones.
+ */
+test('relay (hub connection mocked, fake clock): an MCU that sends a burst of 3 readings every 60 s stays online through its sleeps; silent for 3 periods it is lost', async () => {
+  const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
+  let now = 1_700_000_000_000;
+  const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
+  const sweep = () => (relay as unknown as { sweep(): void }).sweep();
+  const online = () => relay.counts().online;
+  try {
+    const sample = [{ n: 'temp', v: 21, t: now }];
+    let minOnline = Infinity;
+    for (let wake = 0; wake < 8; wake++) {
+      for (let k = 0; k < 3; k++) {
+        await relay.accept('esp-burst', 'mqtt', sample);
+        now += 20;
+      }
+      // asleep until the next wake, swept every half second
+      for (let t = 60; t < 60_000; t += 500) {
+        now += 500;
+        sweep();
+        if (wake > 0) minOnline = Math.min(minOnline, online());
+      }
+    }
+    assert.equal(minOnline, 1, 'never reported lost between wakes (with the burst gaps averaged in, lost after ~44 s)');
+    // silent for good: lost after 3 periods
+    for (let t = 0; t < 200_000 && online() === 1; t += 500) {
+      now += 500;
+      sweep();
+    }
+    assert.equal(online(), 0, 'lost once silent for three periods');
+  } finally {
+    await relay.stop(0);
+  }
+});
