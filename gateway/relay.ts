@@ -230,6 +230,9 @@ export class Relay {
     }
     if (forgotten.length > 0) {
       this.changed = true; // the saved list loses them too
+      // the hub's delegation must shrink too, also when no MCU is left to list (flush sends
+      // a register only for MCUs beyond the last one sent, or when it is stale)
+      this.registerStale = true;
       this.opts.log.info('MCUs not heard from in mcu.forgetAfterDays forgotten', { forgotten: forgotten.length, days: forgetAfterDays, examples: forgotten.slice(0, 5) });
     }
     this.flush();

@@ -43,3 +43,29 @@ test('relay (hub connection mocked, fake clock): an MCU that sends a burst of 3 
     await relay.stop(0);
   }
 });
+
+test('relay (hub connection mocked): when a restart forgets every saved MCU (silent for mcu.forgetAfterDays), an empty register still goes out, so the hub drops their delegation', async () => {
+  const published: Array<{ topic: string; payload: string }> = [];
+  const client = Object.assign(new EventEmitter(), {
+    connected: true,
+    disconnecting: false,
+    options: {},
+    publish: (topic: string, payload: Buffer, _opts: unknown, cb?: () => void) => {
+      published.push({ topic, payload: payload.toString('utf8') });
+      cb?.();
+    },
+    subscribe: (_t: unknown, _o: unknown, cb?: (err: null, granted: unknown[]) => void) => cb?.(null, []),
+  }) as unknown as MqttClient;
+  const now = 1_700_000_000_000;
+  const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
+  try {
+    const day = Math.floor(now / 86_400_000);
+    const forgotten = relay.restore(['esp-old-1', 'esp-old-2'], { 'esp-old-1': { seenDay: day - 100 }, 'esp-old-2': { seenDay: day - 95 } }, 90);
+    assert.deepEqual(forgotten.sort(), ['esp-old-1', 'esp-old-2']);
+    const registers = published.filter((p) => p.topic === 'fleet/v1/d/gw-t/register');
+    assert.equal(registers.length, 1, 'a register was sent');
+    assert.deepEqual((JSON.parse(registers[0]!.payload) as { mcus: string[] }).mcus, []);
+  } finally {
+    await relay.stop(0);
+  }
+});
