@@ -720,7 +720,13 @@ export class Relay {
 
   private async handleDown(topic: string, payload: Buffer): Promise<void> {
     const t = parseTopic(topic);
-    if (!t || (t.channel !== 'cmd' && t.channel !== 'desired') || !this.mcus.has(t.deviceId)) return;
+    if (!t || (t.channel !== 'cmd' && t.channel !== 'desired')) return;
+    if (!this.mcus.has(t.deviceId)) {
+      // forgotten here (silent for mcu.forgetAfterDays) while the hub still delegated it: the
+      // hub learns from the next register; said here, so the command is not lost in silence
+      if (t.channel === 'cmd') this.opts.log.warn('command from the hub for an MCU this gateway no longer acts for; dropped', { mcu: t.deviceId });
+      return;
+    }
     try {
       await this.opts.onDown?.(t.deviceId, t.channel, payload);
     } catch (err) {
