@@ -150,7 +150,7 @@ const MAX_WRITE_BACKLOG = 1024 * 1024;
 /** QoS 1 packet ids remembered per connection for DUP resends (LeanConn.ackedRing) */
 const RECENT_ACKED = 16;
 /** QoS 2 publishes awaiting PUBREL per connection */
-const MAX_QOS2_PENDING = 64;
+const MAX_QOS2_PENDING = 4096;
 /** defaults of LeanServerOptions.maxPreAuth and maxPreAuthPerAddress */
 export const DEFAULT_MAX_PRE_AUTH = 512;
 export const DEFAULT_MAX_PRE_AUTH_PER_ADDRESS = 32;
@@ -158,6 +158,12 @@ export const DEFAULT_MAX_PRE_AUTH_PER_ADDRESS = 32;
 export const DEFAULT_MAX_WRITE_BACKLOG_TOTAL = 64 * 1024 * 1024;
 /** TCP keepalive: first probe after this long without traffic (kernel interval and count after) */
 export const TCP_KEEPALIVE_MS = 60_000;
+/** how long a connection we ended (a refused CONNECT, DISCONNECT) may stay open for the peer to close it */
+const END_GRACE_MS = 5000;
+/** acknowledged QoS 1 ids remembered per connection once it pipelines (see ackedRing) */
+const RECENT_ACKED_PIPELINED = 1024;
+/** held chunks of one incomplete packet before they are copied together (1-byte TCP segments cost ~200 B of heap each) */
+const MAX_HELD_CHUNKS = 64;
 
 class Malformed extends Error {}
 
@@ -222,6 +228,13 @@ export class LeanConn {
    */
   private ackedRing: number[] | null = null;
   private ackedPos = 0;
+  /**
+   * the ring's size: RECENT_ACKED, or RECENT_ACKED_PIPELINED once a PUBLISH is acknowledged
+   * while more of the MCU's packets wait behind it (it pipelines, and its PUBACKs are late:
+   * all of its messages in flight may come again with DUP, and a ring smaller than that window
+   * forgot the first ones: each stored twice, evicting the next, 34 stores for 17 messages)
+   */
+  private ackedCap = RECENT_ACKED;
   /** counted against the server's unauthenticated-connection caps (until authenticated or closed) */
   preAuth = false;
   private qos2: Set<number> | null = null;
@@ -252,6 +265,14 @@ export class LeanConn {
       const m = (this.more ??= { chunks: [], at: 0, bytes: 0, need: 0 });
       m.chunks.push(chunk);
       m.bytes += chunk.length;
+      // a packet trickled in tiny TCP segments: each Buffer costs ~200 B of heap, 200 times a
+      // 1-byte segment's size, held until the packet is complete. Copied together every
+      // MAX_HELD_CHUNKS chunks: the heap stays near the bytes held (the copying is quadratic
+      // only in such a sender's own packet, at most maxRemainingLength)
+      if (m.chunks.length - m.at > MAX_HELD_CHUNKS) {
+        m.chunks = [Buffer.concat(m.at === 0 ? m.chunks : m.chunks.slice(m.at))];
+        m.at = 0;
+      }
       // its packet's length is known and not reached yet: nothing to handle (O(1) per chunk)
       if (m.need > 0 && this.rx.length + m.bytes < m.need) return this.flowControl();
     }
@@ -520,6 +541,11 @@ export class LeanConn {
       this.write(ackPacket(0x50, pid));
       return;
     }
+    // checked before it is stored: one stored without its PUBREC would be stored again when
+    // the MCU resends it on its next connection. Pipelining clients (MQTT.js, esp-mqtt send
+    // as fast as publish is called) have their PUBRELs queued behind their PUBLISHes, so the
+    // limit is well above what one sends in a burst
+    if (qos === 2 && (this.qos2?.size ?? 0) >= MAX_QOS2_PENDING) return this.malformed(`more than ${MAX_QOS2_PENDING} QoS 2 publishes without PUBREL`);
     let out: Promise<PublishOutcome> | PublishOutcome;
     try {
       out = this.server.opts.hooks.onPublish(this, { topic, payload, qos: qos as 0 | 1 | 2 });
@@ -579,14 +605,18 @@ export class LeanConn {
       return this.destroy();
     }
     if (qos === 1) {
-      const ring = (this.ackedRing ??= []);
+      let ring = (this.ackedRing ??= []);
+      if (this.ackedCap === RECENT_ACKED && ring.length === RECENT_ACKED && (this.rx !== null || this.more !== null)) {
+        // pipelining: the ring in acknowledgement order, then grown
+        ring = this.ackedRing = [...ring.slice(this.ackedPos), ...ring.slice(0, this.ackedPos)];
+        this.ackedPos = ring.length;
+        this.ackedCap = RECENT_ACKED_PIPELINED;
+      }
       ring[this.ackedPos] = pid;
-      this.ackedPos = (this.ackedPos + 1) % RECENT_ACKED;
+      this.ackedPos = (this.ackedPos + 1) % this.ackedCap;
       this.write(ackPacket(0x40, pid));
     } else if (qos === 2) {
-      this.qos2 ??= new Set();
-      if (this.qos2.size >= MAX_QOS2_PENDING) return this.malformed(`more than ${MAX_QOS2_PENDING} QoS 2 publishes without PUBREL`);
-      this.qos2.add(pid);
+      (this.qos2 ??= new Set()).add(pid);
       this.write(ackPacket(0x50, pid));
     }
   }
@@ -701,8 +731,14 @@ export class LeanConn {
     this.closed = true;
     this.dropRx();
     this.socket.end();
-    // a peer that does not close its side is cut off
-    this.socket.setTimeout(5000, () => this.socket.destroy());
+    // a peer that does not close its side is cut off 5 s later, whatever it sends meanwhile
+    // (an idle timer would be restarted by every byte: a refused client trickling bytes kept
+    // its socket, and its place in the unauthenticated-connection caps, for good); what it
+    // sends is not read any more
+    this.socket.pause();
+    const cut = setTimeout(() => this.socket.destroy(), END_GRACE_MS);
+    cut.unref();
+    this.socket.once('close', () => clearTimeout(cut));
     this.server.forget(this);
   }
 

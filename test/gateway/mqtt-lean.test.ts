@@ -268,3 +268,91 @@ test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNEC
     { maxMcus: 4 },
   );
 });
+
+test('mqtt-lean: 40 QoS 1 PUBLISHes pipelined behind a slow store, then all 40 again with DUP: each stored once (the remembered ids grow with the window; 16 used to cascade into double stores)', async () => {
+  const l = await lean({}, 5);
+  try {
+    const c = await raw(l.port);
+    const ids = Array.from({ length: 40 }, (_, i) => i + 1);
+    c.s.write(connectPk('esp'));
+    c.s.write(Buffer.concat(ids.map((pid) => publishPk('mcu/v1/esp/t', `m${pid}`, 1, pid))));
+    c.s.write(Buffer.concat(ids.map((pid) => publishPk('mcu/v1/esp/t', `m${pid}`, 1, pid, true))));
+    await waitFor(() => c.got.filter((p) => p.cmd === 'puback').length >= 80, '80 PUBACKs', 15_000);
+    await sleep(100);
+    assert.deepEqual(l.stored.map(String), ids.map((i) => `m${i}`));
+    c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: 100 QoS 2 PUBLISHes pipelined (as MQTT.js and esp-mqtt send them, PUBRELs behind) are each stored once and the connection stays', async () => {
+  const l = await lean({}, 0);
+  try {
+    const c = await raw(l.port);
+    const ids = Array.from({ length: 100 }, (_, i) => i + 1);
+    c.s.write(connectPk('esp2'));
+    c.s.write(Buffer.concat(ids.map((pid) => pk({ cmd: 'publish', topic: 'mcu/v1/esp2/t', payload: Buffer.from(`q${pid}`), qos: 2, dup: false, retain: false, messageId: pid }))));
+    await waitFor(() => c.got.filter((p) => p.cmd === 'pubrec').length >= 100, '100 PUBRECs', 10_000);
+    c.s.write(Buffer.concat(ids.map((pid) => pk({ cmd: 'pubrel', messageId: pid }))));
+    await waitFor(() => c.got.filter((p) => p.cmd === 'pubcomp').length >= 100, '100 PUBCOMPs', 10_000);
+    assert.deepEqual(l.stored.map(String), ids.map((i) => `q${i}`));
+    assert.ok(!l.events.some((e) => e.startsWith('malformed')), l.events.join('; '));
+    c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a refused client that never closes its side and trickles bytes is cut off 5 s after the refusal, freeing its place in the unauthenticated caps', async () => {
+  const l = await lean({ maxPreAuthPerAddress: 2, connectTimeoutMs: 1000 });
+  const socks: Socket[] = [];
+  try {
+    const zombies = await Promise.all([0, 1].map(() => raw(l.port, '127.0.0.3', true)));
+    for (const z of zombies) {
+      socks.push(z.s);
+      z.s.write(connectPk('esp-z', { username: 'esp-z', password: Buffer.from('bad') }));
+    }
+    await waitFor(() => zombies.every((z) => z.got.some((p) => p.cmd === 'connack')), 'both refused');
+    const trickle = setInterval(() => zombies.forEach((z) => z.s.writable && z.s.write(Buffer.from([0]))), 1000);
+    try {
+      const t0 = Date.now();
+      const cut = await Promise.race([Promise.all(zombies.map((z) => z.closed)).then(() => true), sleep(9000).then(() => false)]);
+      assert.ok(cut, 'both cut off within 9 s of the refusal');
+      const took = Date.now() - t0;
+      assert.ok(took < 7000, `cut off after ${took} ms`);
+    } finally {
+      clearInterval(trickle);
+    }
+    // their places are free: a third connection from the address is served
+    const ok = await raw(l.port, '127.0.0.3');
+    socks.push(ok.s);
+    ok.s.write(connectPk('esp-ok'));
+    await waitFor(() => ok.got.some((p) => p.cmd === 'connack' && (p as mqttPacket.IConnackPacket).returnCode === 0), 'the next client accepted');
+  } finally {
+    for (const s of socks) s.destroy();
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a PUBLISH trickled in 1-byte TCP segments is stored intact', async () => {
+  const l = await lean({}, 0);
+  try {
+    const c = await raw(l.port);
+    c.s.setNoDelay(true);
+    c.s.write(connectPk('esp-t'));
+    await waitFor(() => c.got.some((p) => p.cmd === 'connack'), 'connected');
+    const payload = Buffer.alloc(600, 0x61);
+    const bytes = publishPk('mcu/v1/esp-t/t', payload, 1, 7);
+    for (let i = 0; i < bytes.length; i++) {
+      c.s.write(bytes.subarray(i, i + 1));
+      if (i % 4 === 0) await sleep(1);
+    }
+    await waitFor(() => c.got.some((p) => p.cmd === 'puback'), 'acknowledged');
+    assert.equal(l.stored.length, 1);
+    assert.deepEqual(l.stored[0], payload);
+    c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
