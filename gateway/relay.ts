@@ -74,8 +74,6 @@ interface McuEntry {
 export const DEFAULT_LOST_AFTER_MS = 60_000;
 /** Floor for the interval-derived timeout, so an MCU that sends a quick burst does not flap. */
 const MIN_LOST_AFTER_MS = 1000;
-/** telemetry gaps shorter than this are one wake's burst, not the MCU's period */
-const BURST_GAP_MS = 1000;
 /** least time between two SUBSCRIBEs of the desired filter (each makes the hub scan its retained messages) */
 const RESUBSCRIBE_MS = 2000;
 /** after a refused or failed subscribe, ms */
@@ -423,11 +421,13 @@ export class Relay {
       // the interval between telemetry messages only: a burst of firmware blocks or
       // mailbox polls says nothing about how often the MCU wakes
       const gap = now - e.lastTelemetry;
-      // smoothed, so one retry or one late message does not swing the lost timeout; gaps
-      // within a burst (an MCU that sends a few messages per wake) are not its period: counted,
-      // they pulled the average far below the wake period, and the MCU was reported lost and
-      // back online on every sleep cycle
-      if (gap >= BURST_GAP_MS) e.intervalMs = e.intervalMs === 0 ? gap : Math.round(e.intervalMs * 0.75 + gap * 0.25);
+      // rises at once, falls slowly: the longest recent gap is the MCU's period. An MCU that
+      // sends a few messages per wake has short gaps within each burst; averaged in (as
+      // before), they pulled the estimate far below the wake period, and the MCU was reported
+      // lost and back online on every sleep cycle. A steady fast reporter still converges to
+      // its short interval (lost soon after it stops); one late message raises the lost
+      // timeout for a while, which errs towards "sleeping", not "lost"
+      if (gap > 0) e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
     }
     if (telemetry) e.lastTelemetry = now;
     const day = Math.floor(now / DAY_MS);

@@ -11,7 +11,7 @@ import { testLogger } from '../helpers.ts';
  * stand-in for the hub connection (a disconnected EventEmitter: nothing is published) and a
  * fake clock; the relay, its sweep and the outbox are the real ones.
  */
-test('relay (hub connection mocked, fake clock): an MCU that sends a burst of 3 readings every 60 s stays online through its sleeps; silent for 3 periods it is lost', async () => {
+test('relay (hub connection mocked, fake clock): an MCU that sends a burst of 3 readings every 60 s stays online through its sleeps once its period was seen; silent for 3 periods it is lost', async () => {
   const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
   let now = 1_700_000_000_000;
   const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
