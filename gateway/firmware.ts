@@ -258,7 +258,9 @@ export class FirmwareManager {
     const fe = toFleetError(err);
     job.state = 'failed';
     job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
-    job.retryable = true;
+    // what the bundle itself fails (its signature, trust, the anti-rollback floor) fails again
+    // the same way: not retried on every reconnect (a download again, a failure event again)
+    job.retryable = !fe.code.startsWith('FLEET_BUNDLE_');
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
     try {
       await this.save(mcuId, job);

@@ -170,6 +170,13 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       await waitFor(() => gw.firmwareState('esp-r3')?.state === 'failed', 'A refused for esp-r3');
       assert.match(gw.firmwareState('esp-r3')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 5, below this gateway's floor 6/);
       assert.equal(await head(env, 'esp-r3'), null);
+      // the same desired state again (as after a reconnect): a bundle refused for itself is not tried again
+      const events = () => (of(env.seen, 'esp-r3', 'events') as EventMessage[]).filter((e) => e.type === 'mcu.firmware').length;
+      const before = events();
+      await hub.setDesired('esp-r3', fwA());
+      await sleep(500);
+      assert.equal(gw.firmwareState('esp-r3')?.state, 'failed');
+      assert.equal(events(), before, 'no new attempt reported');
 
       // the same bundle named with another version than the one it holds
       await hub.setDesired('esp-r4', fwA('9.9.9'));
