@@ -242,8 +242,11 @@ export class LeanConn {
   constructor(
     readonly socket: Socket,
     private readonly server: LeanMqttServer,
+    /** when the TCP connection was accepted (before a TLS handshake: it counts against the CONNECT timeout) */
+    acceptedAt = Date.now(),
   ) {
-    this.openedAt = this.lastRx = Date.now();
+    this.openedAt = acceptedAt;
+    this.lastRx = Date.now();
   }
 
   get isClosed(): boolean {
@@ -822,6 +825,8 @@ export class LeanMqttServer {
   private readonly preAuthBy = new Map<string, number>();
   /** TCP sockets counted in `preAuth` while in their TLS handshake, by "address port" (handed to their LeanConn after it) */
   private readonly handshaking = new Map<string, Socket>();
+  /** when each TLS socket's TCP connection was accepted */
+  private readonly acceptedAt = new WeakMap<Socket, number>();
   private readonly sweepTimer: NodeJS.Timeout;
   /**
    * bytes copied to put received packets together (a packet split over TCP segments, a
@@ -862,7 +867,8 @@ export class LeanMqttServer {
         const key = `${socket.remoteAddress} ${socket.remotePort}`;
         const raw = this.handshaking.get(key);
         if (raw !== undefined) this.handshaking.delete(key);
-        this.accept(socket, raw !== undefined);
+        // the CONNECT timeout counts from the TCP accept, handshake included (not twice over)
+        this.accept(socket, raw !== undefined, raw === undefined ? undefined : this.acceptedAt.get(raw));
       },
     );
     // runs before the TLS server's own listener: a socket beyond the caps gets no handshake
@@ -870,6 +876,7 @@ export class LeanMqttServer {
       if (!this.admit(raw)) return;
       const key = `${raw.remoteAddress} ${raw.remotePort}`;
       this.handshaking.set(key, raw);
+      this.acceptedAt.set(raw, Date.now());
       this.tlsSockets.add(raw);
       // TCP keepalive (on plain sockets too): a peer that vanished (power cut, half-open
       // connection) is found even with MQTT keep-alive 0, which the sweep never times out
@@ -947,8 +954,8 @@ export class LeanMqttServer {
     return this.preAuth;
   }
 
-  private accept(socket: Socket, counted: boolean): void {
-    const conn = new LeanConn(socket, this);
+  private accept(socket: Socket, counted: boolean, acceptedAt?: number): void {
+    const conn = new LeanConn(socket, this, acceptedAt);
     conn.preAuth = counted;
     this.conns.add(conn);
     socket.on('data', (d: Buffer) => conn.onData(d));

@@ -356,3 +356,32 @@ test('mqtt-lean: a PUBLISH trickled in 1-byte TCP segments is stored intact', as
     await l.srv.close();
   }
 });
+
+test('mqtt-lean over TLS: the CONNECT timeout counts from the TCP accept, the handshake included (a slow handshake does not get the timeout twice over)', async () => {
+  const l = await lean({ connectTimeoutMs: 4000 });
+  const tmp = tempDir();
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-keyout', join(tmp.dir, 'k.pem'), '-out', join(tmp.dir, 'c.pem'), '-subj', '/CN=127.0.0.1'], { stdio: 'ignore' });
+    const tlsPort = await l.srv.listenTls('127.0.0.1', 0, { cert: readFileSync(join(tmp.dir, 'c.pem')), key: readFileSync(join(tmp.dir, 'k.pem')) });
+    const tcp = connect({ port: tlsPort, host: '127.0.0.1' });
+    await new Promise((r) => tcp.once('connect', r));
+    const t0 = Date.now();
+    // a slow client: its handshake starts late (within the handshake timeout, also 4 s), then it sends no CONNECT
+    await sleep(3500);
+    const { connect: tlsConnect } = await import('node:tls');
+    const s = tlsConnect({ socket: tcp, rejectUnauthorized: false });
+    s.on('error', () => undefined);
+    const closedP = new Promise((r) => s.once('close', () => r(true)));
+    assert.ok(await Promise.race([new Promise((r) => s.once('secureConnect', () => r(true))), closedP.then(() => false)]), 'handshake done');
+    const closed = await Promise.race([closedP, sleep(8000).then(() => false)]);
+    const took = Date.now() - t0;
+    assert.ok(closed, 'closed without a CONNECT');
+    // 4 s after the accept, plus up to 1 s for the sweep: before 3.5 s + 4 s, when the
+    // timeout started over after the handshake
+    assert.ok(took < 6500, `closed ${took} ms after the TCP accept`);
+    s.destroy();
+  } finally {
+    await l.srv.close();
+    tmp.cleanup();
+  }
+});
