@@ -258,8 +258,8 @@ export class McuCoapIngress {
    * gateway send image blocks, ~15 times the request's size, to anyone (RFC 7252 §11.3)
    */
   private readonly authenticatedFrom = new Map<string, string>();
-  /** per observing MCU: the endpoint and token of its registration (only they may deregister it) */
-  private readonly observerOwners = new Map<string, string>();
+  /** per observation: the endpoint and token of its registration (only they may deregister it) */
+  private readonly observerOwners = new WeakMap<OutgoingMessage, string>();
   /** final Block1 blocks turned into whole requests: their Block1 option, echoed in the response (RFC 7959 §2.3) */
   private readonly block1Echo = new Map<string, Buffer>();
   private readonly throttle: LogThrottle;
@@ -616,7 +616,7 @@ export class McuCoapIngress {
     // silence an MCU's mailbox until it registers again
     if (req.headers.Observe === 1) {
       const cur = this.observers.get(mcuId);
-      if (cur && this.observerOwners.get(mcuId) === observerOwner(req)) this.endObserver(mcuId, cur);
+      if (cur && this.observerOwners.get(cur) === observerOwner(req)) this.endObserver(mcuId, cur);
       return this.reply(res, COAP_CODES.CONTENT);
     }
     if (!this.authenticate(res, url, Buffer.alloc(0), 'now')) return;
@@ -633,13 +633,10 @@ export class McuCoapIngress {
     const old = this.observers.get(mcuId);
     if (old) this.endObserver(mcuId, old);
     this.observers.set(mcuId, res);
-    this.observerOwners.set(mcuId, observerOwner(req));
+    this.observerOwners.set(res, observerOwner(req));
     const forget = () => {
       this.open.delete(res);
-      if (this.observers.get(mcuId) === res) {
-        this.observers.delete(mcuId);
-        this.observerOwners.delete(mcuId);
-      }
+      if (this.observers.get(mcuId) === res) this.observers.delete(mcuId);
     };
     res.on('finish', forget);
     res.on('error', forget);
@@ -653,7 +650,6 @@ export class McuCoapIngress {
 
   private endObserver(mcuId: string, res: OutgoingMessage): void {
     this.observers.delete(mcuId);
-    this.observerOwners.delete(mcuId);
     this.open.delete(res);
     try {
       res.end();

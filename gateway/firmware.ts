@@ -176,13 +176,8 @@ export class FirmwareManager {
       // no firmware wanted any more: an offer not yet taken is withdrawn
       if (cur && (cur.state === 'fetching' || cur.state === 'offered' || cur.state === 'transferring')) {
         await this.withdraw(mcuId, cur);
-        cur.state = 'failed';
-        cur.reason = 'cancelled: the desired state no longer names firmware';
         // the same target named again later starts over
-        cur.retryable = true;
-        await this.save(mcuId, cur);
-        await this.report(mcuId, cur);
-        void this.prune();
+        await this.fail(mcuId, cur, 'cancelled: the desired state no longer names firmware', { retryable: true });
       }
       return;
     }
@@ -256,18 +251,29 @@ export class FirmwareManager {
   private async failPreparation(mcuId: string, job: Job, err: unknown): Promise<void> {
     if (this.jobs.get(mcuId) !== job) return;
     const fe = toFleetError(err);
-    job.state = 'failed';
-    job.reason = `${fe.code}: ${fe.message}`.slice(0, 250);
+    this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
     // what the bundle itself fails (its signature, trust, the anti-rollback floor) fails again
     // the same way: not retried on every reconnect (a download again, a failure event again)
-    job.retryable = !fe.code.startsWith('FLEET_BUNDLE_');
-    this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
-    try {
-      await this.save(mcuId, job);
-    } catch (saveErr) {
-      this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err: saveErr });
-    }
-    await this.report(mcuId, job);
+    await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: !fe.code.startsWith('FLEET_BUNDLE_'), bestEffort: true });
+  }
+
+  /**
+   * A job ends failed: persisted, reported to the hub (severity warning), and its image no
+   * longer kept for it. `bestEffort`: a store that fails is logged, not thrown (the callers
+   * that run on their own, with nobody to tell); otherwise it is thrown, as any store error.
+   */
+  private async fail(mcuId: string, job: Job, reason: string, o: { retryable?: boolean; extra?: Record<string, unknown>; bestEffort?: boolean } = {}): Promise<void> {
+    job.state = 'failed';
+    job.reason = reason.slice(0, 250);
+    job.retryable = o.retryable || undefined;
+    if (o.bestEffort) {
+      try {
+        await this.save(mcuId, job);
+      } catch (err) {
+        this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err });
+      }
+    } else await this.save(mcuId, job);
+    await this.report(mcuId, job, o.extra);
     void this.prune();
   }
 
@@ -378,14 +384,7 @@ export class FirmwareManager {
       if (j === job || j.bundleName !== job.bundleName || j.sequence === undefined || j.sequence >= job.sequence) continue;
       if (j.state !== 'offered' && j.state !== 'transferring') continue;
       await this.withdraw(mcuId, j);
-      j.state = 'failed';
-      j.reason = `FLEET_BUNDLE_ROLLBACK: firmware bundle ${j.bundleName} has sequence ${j.sequence}, below this gateway's floor ${job.sequence} (raised while it was offered)`;
-      try {
-        await this.save(mcuId, j);
-      } catch (err) {
-        this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err });
-      }
-      await this.report(mcuId, j);
+      await this.fail(mcuId, j, `FLEET_BUNDLE_ROLLBACK: firmware bundle ${j.bundleName} has sequence ${j.sequence}, below this gateway's floor ${job.sequence} (raised while it was offered)`, { bestEffort: true });
     }
   }
 
@@ -474,19 +473,13 @@ export class FirmwareManager {
       await this.save(mcuId, job);
       return;
     }
-    job.state = 'failed';
-    job.reason = `the MCU refused the image: ${ack.e ?? ack.code ?? 'no reason given'}`.slice(0, 250);
-    await this.save(mcuId, job);
-    await this.report(mcuId, job);
+    await this.fail(mcuId, job, `the MCU refused the image: ${ack.e ?? ack.code ?? 'no reason given'}`);
   }
 
   async onExpired(mcuId: string, entry: MailboxEntry): Promise<void> {
     const job = this.jobs.get(mcuId);
     if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state) || job.state === 'installing') return;
-    job.state = 'failed';
-    job.reason = 'the MCU did not take the update before the offer expired';
-    await this.save(mcuId, job);
-    await this.report(mcuId, job);
+    await this.fail(mcuId, job, 'the MCU did not take the update before the offer expired');
   }
 
   /** The version report after a boot decides an update in flight, or starts one that waited for it. */
@@ -504,11 +497,7 @@ export class FirmwareManager {
         return;
       }
       if (job.state === 'installing' || hello.boot === 'rollback') {
-        job.state = 'failed';
-        job.reason = `came back on ${hello.fw} (boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''})`.slice(0, 250);
-        await this.save(mcuId, job);
-        await this.report(mcuId, job, { boot: hello.boot });
-        void this.prune();
+        await this.fail(mcuId, job, `came back on ${hello.fw} (boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''})`, { extra: { boot: hello.boot } });
       }
       return;
     }
@@ -516,10 +505,7 @@ export class FirmwareManager {
       if (hello.boot === 'rollback') {
         // booted into the target, then its bootloader went back (the new firmware did not confirm
         // itself in time): failed, and not offered again until the desired state changes
-        job.state = 'failed';
-        job.reason = `rolled back to ${hello.fw} after booting ${job.version} (boot rollback${hello.err ? `: ${hello.err}` : ''})`.slice(0, 250);
-        await this.save(mcuId, job);
-        await this.report(mcuId, job, { boot: hello.boot });
+        await this.fail(mcuId, job, `rolled back to ${hello.fw} after booting ${job.version} (boot rollback${hello.err ? `: ${hello.err}` : ''})`, { extra: { boot: hello.boot } });
         return;
       }
       // it was on the target and is not any more (reflashed by hand): offer again (its image

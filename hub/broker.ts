@@ -872,11 +872,11 @@ export function quietRetainedScans(persistence: LevelPersistence, log: Logger): 
   };
 }
 
-/** Does a state payload say the device is online? (false for anything that is not such a state) */
+/** Is this a valid state message saying the device is online? */
 function statesOnline(payload: Buffer | undefined): boolean {
   if (!payload) return false;
   try {
-    return (JSON.parse(payload.toString('utf8')) as { online?: unknown }).online === true;
+    return decodeMessage('state', payload).online;
   } catch {
     return false;
   }

@@ -44,6 +44,17 @@ async function registered(env: Env, ids: readonly string[]): Promise<void> {
   await sleep(300); // the relay's subscription to their desired topics
 }
 
+/** the desired state naming `bytes` (the bundle; an image for the raw-image verifier) at `file` by a file:// URL */
+const desiredFile = (file: string, bytes: Buffer, version = '2.0.0') => ({ apps: {}, firmware: { version, url: pathToFileURL(file).href, sha256: sha256(bytes), size: bytes.length } });
+
+/** an MCU on 1.0.0 at the gateway, registered at the hub, then offered `desired` */
+async function bootAndOffer(env: Env, id: string, desired: ReturnType<typeof desiredFile>): Promise<void> {
+  await boot(env, id, '1.0.0');
+  await registered(env, [id]);
+  await env.hub.setDesired(id, desired);
+  await waitFor(() => env.gw.firmwareState(id)?.state === 'offered', `${id} offered`);
+}
+
 const cachedFiles = (env: Env) => readdirSync(join(env.gwDir, 'firmware')).filter((f) => /\.(bin|bundle)$/.test(f));
 
 test('firmware: a new target takes the untaken offer back out of the mailbox (its head is the new one); a desired state without firmware withdraws it, reported failed (cancelled); the cache is pruned', async () => {
@@ -56,11 +67,11 @@ test('firmware: a new target takes the untaken offer back out of the mailbox (it
     await boot(env, 'esp-l1', '1.0.0');
     await registered(env, ['esp-l1']);
 
-    await hub.setDesired('esp-l1', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
+    await hub.setDesired('esp-l1', desiredFile(join(dir, 'a.bin'), a));
     await waitFor(() => gw.firmwareState('esp-l1')?.state === 'offered', 'A offered');
     assert.equal((await head(env, 'esp-l1'))?.a.v, '2.0.0');
 
-    await hub.setDesired('esp-l1', { apps: {}, firmware: { version: '2.1.0', url: pathToFileURL(join(dir, 'b.bin')).href, sha256: sha256(b), size: b.length } });
+    await hub.setDesired('esp-l1', desiredFile(join(dir, 'b.bin'), b, '2.1.0'));
     await waitFor(() => gw.firmwareState('esp-l1')?.state === 'offered' && gw.firmwareState('esp-l1')?.version === '2.1.0', 'B offered');
     const offer = await head(env, 'esp-l1');
     assert.equal(offer?.n, 'fw.update');
@@ -80,13 +91,10 @@ test('firmware: a new target takes the untaken offer back out of the mailbox (it
 
 test('firmware: an MCU that booted into the target and was then rolled back by its bootloader is failed, and not offered the image again', async () => {
   await withEnv(async (env) => {
-    const { hub, gw, dir } = env;
+    const { gw, dir } = env;
     const a = image(29);
     writeFileSync(join(dir, 'a.bin'), a);
-    await boot(env, 'esp-l2', '1.0.0');
-    await registered(env, ['esp-l2']);
-    await hub.setDesired('esp-l2', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
-    await waitFor(() => gw.firmwareState('esp-l2')?.state === 'offered', 'offered');
+    await bootAndOffer(env, 'esp-l2', desiredFile(join(dir, 'a.bin'), a));
     const offer = (await head(env, 'esp-l2'))!;
     assert.equal((await coap(gw.coapPort, env.site, 'esp-l2', 'ack', 'POST', Buffer.from(JSON.stringify({ id: offer.id, ok: true })))).code, '2.04');
     await boot(env, 'esp-l2', '2.0.0', 'ota');
@@ -108,7 +116,7 @@ test('firmware: a preparation that failed (the bundle was not there yet) is trie
     const file = join(dir, 'late.bin');
     await boot(env, 'esp-l3', '1.0.0');
     await registered(env, ['esp-l3']);
-    const desired = { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(file).href, sha256: sha256(a), size: a.length } };
+    const desired = desiredFile(file, a);
     await hub.setDesired('esp-l3', desired);
     await waitFor(() => gw.firmwareState('esp-l3')?.state === 'failed', 'failed: no bundle yet');
     writeFileSync(file, a);
@@ -148,7 +156,7 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       const filesB = [{ path: 'firmware.bin', data: image(19) }];
       const bundleA = craftBundle(join(dir, 'a.fbundle'), { files: filesA, manifest: manifestFor(filesA, { kind: 'firmware', name: 'esp32-fw', version: '2.0.0', sequence: 5 }), signers: [good!.privateKey] });
       const bundleB = craftBundle(join(dir, 'b.fbundle'), { files: filesB, manifest: manifestFor(filesB, { kind: 'firmware', name: 'esp32-fw', version: '3.0.0', sequence: 6 }), signers: [good!.privateKey] });
-      const fwA = (version = '2.0.0') => ({ apps: {}, firmware: { version, url: pathToFileURL(join(dir, 'a.fbundle')).href, sha256: sha256(bundleA), size: bundleA.length } });
+      const fwA = (version = '2.0.0') => desiredFile(join(dir, 'a.fbundle'), bundleA, version);
       const ids = ['esp-r1', 'esp-r2', 'esp-r3', 'esp-r4'];
       for (const id of ids) await boot(env, id, '1.0.0');
       await registered(env, ids);
@@ -157,7 +165,7 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       await hub.setDesired('esp-r1', fwA());
       await waitFor(() => gw.firmwareState('esp-r1')?.state === 'offered', 'A offered to esp-r1');
       // esp-r2 boots into B (sequence 6): the floor of esp32-fw becomes 6
-      await hub.setDesired('esp-r2', { apps: {}, firmware: { version: '3.0.0', url: pathToFileURL(join(dir, 'b.fbundle')).href, sha256: sha256(bundleB), size: bundleB.length } });
+      await hub.setDesired('esp-r2', desiredFile(join(dir, 'b.fbundle'), bundleB, '3.0.0'));
       await waitFor(() => gw.firmwareState('esp-r2')?.state === 'offered', 'B offered to esp-r2');
       await boot(env, 'esp-r2', '3.0.0', 'ota');
       await waitFor(() => gw.firmwareState('esp-r2')?.state === 'succeeded', 'esp-r2 on B');
@@ -233,13 +241,10 @@ test('firmware: cancelled while the bundle is still downloading, it is not offer
 
 test('firmware: an MCU reflashed by hand after it succeeded is offered its target again, the pruned image fetched and verified again', async () => {
   await withEnv(async (env) => {
-    const { hub, gw, dir } = env;
+    const { gw, dir } = env;
     const a = image(41);
     writeFileSync(join(dir, 'a.bin'), a);
-    await boot(env, 'esp-l6', '1.0.0');
-    await registered(env, ['esp-l6']);
-    await hub.setDesired('esp-l6', { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(join(dir, 'a.bin')).href, sha256: sha256(a), size: a.length } });
-    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'offered', 'offered');
+    await bootAndOffer(env, 'esp-l6', desiredFile(join(dir, 'a.bin'), a));
     await boot(env, 'esp-l6', '2.0.0', 'ota');
     await waitFor(() => gw.firmwareState('esp-l6')?.state === 'succeeded', 'succeeded');
     await waitFor(() => cachedFiles(env).length === 0, 'the cache pruned once nothing needs it');

@@ -27,6 +27,12 @@ const run = promisify(execFile);
 const lean = (opts: Partial<LeanServerOptions> = {}, storeMs = 20, hooks: Partial<LeanServerHooks> = {}): Promise<LeanRig> =>
   leanRig(opts, storeMs, (events) => ({ onClose: () => events.push('close'), onRefused: (remote, why) => events.push(`refused ${remote} ${why}`), ...hooks }));
 
+/** TLS on the rig's server with a throwaway self-signed P-256 certificate for 127.0.0.1 (openssl), in `dir`; its port */
+function listenTlsSelfSigned(l: LeanRig, dir: string): Promise<number> {
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-keyout', join(dir, 'k.pem'), '-out', join(dir, 'c.pem'), '-subj', '/CN=127.0.0.1'], { stdio: 'ignore' });
+  return l.srv.listenTls('127.0.0.1', 0, { cert: readFileSync(join(dir, 'c.pem')), key: readFileSync(join(dir, 'k.pem')) });
+}
+
 /** A raw TCP client that records every MQTT packet the server sends. */
 async function raw(port: number, localAddress = '127.0.0.1', allowHalfOpen = false): Promise<{ s: Socket; got: mqttPacket.Packet[]; closed: Promise<void>; bytes: () => number }> {
   const s = connect({ port, host: '127.0.0.1', localAddress, allowHalfOpen });
@@ -186,8 +192,7 @@ test('mqtt-lean: accepted sockets have TCP keepalive on (plain and TLS), so a ha
   const tmp = tempDir('fleetlet-lean-');
   const l = await lean();
   try {
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-keyout', join(tmp.dir, 'k.pem'), '-out', join(tmp.dir, 'c.pem'), '-subj', '/CN=127.0.0.1'], { stdio: 'ignore' });
-    const tlsPort = await l.srv.listenTls('127.0.0.1', 0, { cert: readFileSync(join(tmp.dir, 'c.pem')), key: readFileSync(join(tmp.dir, 'k.pem')) });
+    const tlsPort = await listenTlsSelfSigned(l, tmp.dir);
     const c = await raw(l.port);
     c.s.write(connectPk('ka', { keepalive: 0 }));
     const tlsRaw = await raw(tlsPort); // a TCP connection to the TLS port (handshake pending)
@@ -361,8 +366,7 @@ test('mqtt-lean over TLS: the CONNECT timeout counts from the TCP accept, the ha
   const l = await lean({ connectTimeoutMs: 4000 });
   const tmp = tempDir();
   try {
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-keyout', join(tmp.dir, 'k.pem'), '-out', join(tmp.dir, 'c.pem'), '-subj', '/CN=127.0.0.1'], { stdio: 'ignore' });
-    const tlsPort = await l.srv.listenTls('127.0.0.1', 0, { cert: readFileSync(join(tmp.dir, 'c.pem')), key: readFileSync(join(tmp.dir, 'k.pem')) });
+    const tlsPort = await listenTlsSelfSigned(l, tmp.dir);
     const tcp = connect({ port: tlsPort, host: '127.0.0.1' });
     await new Promise((r) => tcp.once('connect', r));
     const t0 = Date.now();
