@@ -7,13 +7,8 @@ import { openStore } from '../../core/store.ts';
 import { deviceTopic } from '../../core/topics.ts';
 import { DeadLetters, type DeadLetter } from '../../hub/dead-letters.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { connectDevice, metric, telemetry, withHub, type HubCtx } from './harness.ts';
+import { connectDevice, deadLetters, metric, telemetry, withHub } from './harness.ts';
 
-async function deadLetters(ctx: HubCtx, query = ''): Promise<{ records: number; evicted: number; deadLetters: DeadLetter[]; next: string | null }> {
-  const res = await fetch(`${ctx.http}/api/v1/dead-letters${query}`, { headers: { authorization: `Bearer ${ctx.operator}` } });
-  assert.equal(res.status, 200, await res.clone().text());
-  return (await res.json()) as { records: number; evicted: number; deadLetters: DeadLetter[]; next: string | null };
-}
 
 test('dead letters: batch items another gateway registered, and messages without a mid, are kept with the reason; the rest is routed; they survive a hub restart', async () => {
   const tmp = tempDir();

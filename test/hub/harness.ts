@@ -1,9 +1,11 @@
+import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { deriveToken } from '../../core/credentials.ts';
 import { encodeMessage } from '../../core/messages.ts';
 import { HubConfigSchema, type HubConfig } from '../../hub/config.ts';
+import type { DeadLetter } from '../../hub/dead-letters.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger } from '../helpers.ts';
 
@@ -79,4 +81,14 @@ export function patchStore(method: 'outgoingClearMessageId' | 'outgoingEnqueueCo
   return () => {
     proto[method] = orig;
   };
+}
+
+/**
+ * The hub's dead letters through its API. The API answers once the dead letters being written
+ * in the background are stored, so `records` counts every refusal the hub made before the call.
+ */
+export async function deadLetters(ctx: HubCtx, query = ''): Promise<{ records: number; evicted: number; deadLetters: DeadLetter[]; next: string | null }> {
+  const res = await fetch(`${ctx.http}/api/v1/dead-letters${query}`, { headers: { authorization: `Bearer ${ctx.operator}` } });
+  assert.equal(res.status, 200, await res.clone().text());
+  return (await res.json()) as { records: number; evicted: number; deadLetters: DeadLetter[]; next: string | null };
 }

@@ -9,7 +9,7 @@ import { deviceTopic } from '../../core/topics.ts';
 import { RecordRoute, type RouteItem } from '../../hub/broker.ts';
 import { Deduplicator } from '../../hub/dedup.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { connect, connectDevice, metric, patchStore, telemetry, withHub, type HubCtx } from './harness.ts';
+import { connect, connectDevice, deadLetters, metric, patchStore, telemetry, withHub, type HubCtx } from './harness.ts';
 
 // Records: a gateway's grouped MCU telemetry carries a marker with the record's own mid, and
 // the hub de-duplicates the record as a whole in the gateway's window (docs/topics.md#records).
@@ -99,14 +99,14 @@ test('records: records and plain items share one publish (as the uplink sends th
       `${deviceTopic('esp-4', 'telemetry')} 1700000000012`,
     ]);
     assert.equal(await metric(hub, 'fleet_hub_acl_denied_total{action="publish"}'), 1);
-    assert.equal(await metric(hub, 'fleet_hub_dead_letters'), 1);
+    assert.equal((await deadLetters(ctx)).records, 1);
     assert.equal(await metric(hub, 'fleet_hub_dedup_devices'), 2, 'the gateway, and esp-4 for its plain record');
 
     await gw.publishAsync(deviceTopic(GW, 'batch'), publish, { qos: 1 });
     await settle(gw, op.seen, '1700000000014');
     assert.equal(op.seen.length, 6, 'the resend routed nothing');
     assert.equal(await metric(hub, 'fleet_hub_batch_items_total{result="duplicate"}'), 5, 'both records whole (2 + 2 items) and the plain item');
-    assert.equal(await metric(hub, 'fleet_hub_dead_letters'), 1, 'the denied item of a duplicate record is not dead-lettered again');
+    assert.equal((await deadLetters(ctx)).records, 1, 'the denied item of a duplicate record is not dead-lettered again');
     await gw.endAsync();
     await op.client.endAsync();
   });
@@ -127,7 +127,7 @@ test('records: a marker that cannot be trusted is dead-lettered and the items af
     assert.equal(op.seen.length, 4, 'the three items and the sentinel');
     assert.equal(await metric(hub, 'fleet_hub_batch_items_total{result="invalid"}'), 2);
     assert.equal(await metric(hub, 'fleet_hub_messages_invalid_total{channel="batch"}'), 2);
-    assert.equal(await metric(hub, 'fleet_hub_dead_letters'), 2);
+    assert.equal((await deadLetters(ctx)).records, 2);
     // judged per item, so a resend is still caught, in each MCU's window
     await gw.publishAsync(deviceTopic(GW, 'batch'), encodeBatch([...garbled, ...items]), { qos: 1 });
     await settle(gw, op.seen, '1700000000023');
