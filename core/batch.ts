@@ -1,4 +1,5 @@
 import { FleetError } from './errors.ts';
+import type { PayloadWriter } from './outbox.ts';
 
 /**
  * Batch framing: many small fleet messages in one MQTT publish on
@@ -56,6 +57,44 @@ export function encodeBatch(items: readonly BatchItem[]): Buffer {
   return buf;
 }
 
+/** An item to frame whose payload may still be a string (written as UTF-8). */
+export interface BatchItemSource {
+  topic: string;
+  payload: string | Buffer;
+}
+
+/**
+ * The batch of `items` (the framing above) as an outbox PayloadWriter: the store writes it
+ * straight into the record that keeps it, and string payloads (JSON as built) never become
+ * Buffers of their own. Same bytes as encodeBatch.
+ */
+export function batchWriter(items: readonly BatchItemSource[]): PayloadWriter {
+  const lengths: number[] = new Array(items.length * 2);
+  let size = 2;
+  for (let i = 0; i < items.length; i++) {
+    const it = items[i]!;
+    const t = (lengths[2 * i] = Buffer.byteLength(it.topic));
+    const p = (lengths[2 * i + 1] = typeof it.payload === 'string' ? Buffer.byteLength(it.payload) : it.payload.length);
+    size += varintSize(t) + t + varintSize(p) + p;
+  }
+  return {
+    size,
+    write(buf: Buffer, at: number): number {
+      buf[at] = BATCH_MAGIC;
+      buf[at + 1] = BATCH_VERSION;
+      let off = at + 2;
+      for (let i = 0; i < items.length; i++) {
+        const it = items[i]!;
+        off = writeVarint(buf, off, lengths[2 * i]!);
+        off += buf.write(it.topic, off, 'utf8');
+        off = writeVarint(buf, off, lengths[2 * i + 1]!);
+        off += typeof it.payload === 'string' ? buf.write(it.payload, off, 'utf8') : it.payload.copy(buf, off);
+      }
+      return off;
+    },
+  };
+}
+
 /** Decode a batch; throws FLEET_MSG_INVALID on anything malformed (nothing is half-applied). */
 export function decodeBatch(buf: Buffer): BatchItem[] {
   const bad = (why: string) => new FleetError('FLEET_MSG_INVALID', `batch: ${why}`);
@@ -103,7 +142,12 @@ export interface RecordMarker {
 }
 
 export function recordMarker(mid: string, items: number): BatchItem {
-  return { topic: RECORD_TOPIC, payload: Buffer.from(JSON.stringify({ v: 1, mid, items })) };
+  return { topic: RECORD_TOPIC, payload: Buffer.from(recordMarkerJson(mid, items)) };
+}
+
+/** A record marker's payload as a string (for batchWriter). */
+export function recordMarkerJson(mid: string, items: number): string {
+  return JSON.stringify({ v: 1, mid, items });
 }
 
 const MARKER_MID_RE = /^[0-9]{1,20}$/;

@@ -168,7 +168,12 @@ export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payloa
  * per MCU reading: thousands a second).
  */
 export function encodeTelemetry(mid: string, ts: number, samples: readonly Sample[]): Buffer {
-  return Buffer.from(JSON.stringify({ v: 1, mid, ts, samples }));
+  return Buffer.from(telemetryJson(mid, ts, samples));
+}
+
+/** encodeTelemetry's JSON as a string (for a writer that puts it straight into a larger buffer). */
+export function telemetryJson(mid: string, ts: number, samples: readonly Sample[]): string {
+  return JSON.stringify({ v: 1, mid, ts, samples });
 }
 
 export function encodeMessage<M extends { v: number; mid?: string }>(msg: M): Buffer {

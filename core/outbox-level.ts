@@ -3,7 +3,7 @@ import { statfsSync } from 'node:fs';
 import type { Level } from 'level';
 import { crc32 } from './crc32.ts';
 import { FleetError } from './errors.ts';
-import { notify, PRIORITY_NAMES, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxEntry, type OutboxRecord, type OutboxStats, type Priority } from './outbox.ts';
+import { checkWritten, notify, PRIORITY_NAMES, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxEntry, type OutboxRecord, type OutboxStats, type PayloadWriter, type Priority } from './outbox.ts';
 import { openStore } from './store.ts';
 
 /**
@@ -109,17 +109,24 @@ interface Batch {
 const key = (cls: number, seq: bigint) => `r${cls}${seq.toString(16).padStart(16, '0')}`;
 const recordBytes = (e: OutboxEntry) => e.payload.length + Buffer.byteLength(e.topic);
 
-export function encodeRecord(rec: OutboxRecord): Buffer {
-  const topic = Buffer.from(rec.topic);
-  const buf = Buffer.allocUnsafe(HEADER + topic.length + rec.payload.length);
+/**
+ * A record's stored form: header, topic, payload, in one allocation. A payload writer
+ * (PayloadWriter) writes straight into it, and the record's payload is then that part of the
+ * stored form: no Buffer of its own, no copy (core/outbox.ts PayloadWriter says why that matters).
+ */
+export function encodeRecord(topic: string, priority: number, ts: number, payload: Buffer | PayloadWriter): { value: Buffer; payload: Buffer } {
+  const tl = Buffer.byteLength(topic);
+  const size = Buffer.isBuffer(payload) ? payload.length : payload.size;
+  const buf = Buffer.allocUnsafe(HEADER + tl + size);
   buf[4] = VERSION;
-  buf[5] = rec.priority;
-  buf.writeUIntBE(rec.ts, 6, 6);
-  buf.writeUInt16BE(topic.length, 12);
-  topic.copy(buf, HEADER);
-  rec.payload.copy(buf, HEADER + topic.length);
+  buf[5] = priority;
+  buf.writeUIntBE(ts, 6, 6);
+  buf.writeUInt16BE(tl, 12);
+  buf.write(topic, HEADER, 'utf8');
+  if (Buffer.isBuffer(payload)) payload.copy(buf, HEADER + tl);
+  else checkWritten(payload, payload.write(buf, HEADER + tl), HEADER + tl);
   buf.writeUInt32BE(crc32(buf, 4), 0);
-  return buf;
+  return { value: buf, payload: Buffer.isBuffer(payload) ? payload : buf.subarray(HEADER + tl) };
 }
 
 /** Decode a stored value; throws with the reason when it is damaged. */
@@ -462,8 +469,10 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           const input = op.input!;
           op.input = null;
           const id = b.seq.toString();
-          const payload = typeof input.payload === 'function' ? input.payload(id) : input.payload;
-          const rec: OutboxRecord = { id, topic: input.topic, payload, priority: input.priority, ts: this.now() };
+          const made = typeof input.payload === 'function' ? input.payload(id) : input.payload;
+          const ts = this.now();
+          const stored = encodeRecord(input.topic, input.priority, ts, made);
+          const rec: OutboxRecord = { id, topic: input.topic, payload: stored.payload, priority: input.priority, ts };
           const size = recordBytes(rec);
           if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
           await makeRoom(size, rec.priority);
@@ -472,7 +481,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
           const reservedOnDisk = b.seq < this.reserved;
           if (b.seq >= b.reserve) b.reserve = b.seq + ID_BLOCK;
           b.seq++;
-          b.put(k, encodeRecord(rec));
+          b.put(k, stored.value);
           const w = { k, rec, bytes: size };
           fresh[rec.priority]!.push({ k, bytes: size, id });
           b.written.push(w);

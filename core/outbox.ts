@@ -37,11 +37,38 @@ export interface OutboxEntry {
   priority: Priority;
 }
 
+/**
+ * A payload the store writes straight into its own buffer for the record: `size` bytes that
+ * `write` puts at `offset` of `buf`. It saves the payload a Buffer of its own and the copy
+ * into the stored form. That matters at thousands of records a second: a Buffer (or the 8 KiB
+ * pool a small one is cut from) that outlives the young generation is kept until V8's next
+ * full collection and counts towards starting it (measured: docs/outbox.md, "Memory").
+ */
+export interface PayloadWriter {
+  readonly size: number;
+  /** writes the payload at `offset`; returns where it ended (offset + size, or the store refuses the record) */
+  write(buf: Buffer, offset: number): number;
+}
+
 /** What callers append: the payload may be built from the id the outbox assigns (to embed it as `mid`). */
 export interface OutboxAppend {
   topic: string;
-  payload: Buffer | ((id: string) => Buffer);
+  payload: Buffer | ((id: string) => Buffer | PayloadWriter);
   priority: Priority;
+}
+
+/** The payload of an append as a Buffer (a writer writes into a new one). */
+export function payloadOf(input: OutboxAppend, id: string): Buffer {
+  const p = typeof input.payload === 'function' ? input.payload(id) : input.payload;
+  if (Buffer.isBuffer(p)) return p;
+  const buf = Buffer.allocUnsafe(p.size);
+  checkWritten(p, p.write(buf, 0), 0);
+  return buf;
+}
+
+/** A writer that wrote other than its `size` left unwritten (allocUnsafe: old memory) or cut bytes: refused. */
+export function checkWritten(p: PayloadWriter, end: number, offset: number): void {
+  if (end !== offset + p.size) throw new FleetError('FLEET_STORE', `payload writer wrote ${end - offset} bytes, announced ${p.size}`);
 }
 
 export interface OutboxRecord extends OutboxEntry {
@@ -121,8 +148,7 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
   async append(input: OutboxAppend): Promise<OutboxRecord> {
     if (this.closed) throw new FleetError('FLEET_STORE', 'outbox is closed');
     const id = String(this.nextId);
-    const payload = typeof input.payload === 'function' ? input.payload(id) : input.payload;
-    const entry: OutboxEntry = { topic: input.topic, payload, priority: input.priority };
+    const entry: OutboxEntry = { topic: input.topic, payload: payloadOf(input, id), priority: input.priority };
     const size = recordBytes(entry);
     if (size > this.maxBytes) throw new FleetError('FLEET_OUTBOX_FULL', `record of ${size} bytes exceeds the outbox budget of ${this.maxBytes}`);
     this.makeRoom(size, entry.priority);

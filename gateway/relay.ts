@@ -2,13 +2,13 @@ import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { encodeMessage, encodeTelemetry, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
+import { encodeMessage, encodeTelemetry, telemetryJson, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
 import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
-import { countItems, decodeBatch, encodeBatch, RECORD_TOPIC, recordMarker, type BatchItem } from '../core/batch.ts';
+import { batchWriter, countItems, decodeBatch, RECORD_TOPIC, recordMarkerJson, type BatchItemSource } from '../core/batch.ts';
 import type { UplinkConfig } from '../core/outbox-config.ts';
 import { deferred, type Deferred } from '../core/deferred.ts';
 
@@ -377,11 +377,13 @@ export class Relay {
           // told before the record can be peeked: the Uplink need not decode it to learn its MCUs
           this.gated.noteGroup(id, items.map((it) => it.mcuId));
           // the marker: the hub de-duplicates the record as a whole by its id (core/batch.ts)
-          const batch = encodeBatch([
-            recordMarker(id, items.length),
-            ...items.map((it, k): BatchItem => ({
+          // written straight into the stored record, its JSON never a Buffer of its own
+          // (core/outbox.ts PayloadWriter)
+          const batch = batchWriter([
+            { topic: RECORD_TOPIC, payload: recordMarkerJson(id, items.length) },
+            ...items.map((it, k): BatchItemSource => ({
               topic: deviceTopic(it.mcuId, 'telemetry'),
-              payload: encodeTelemetry(`${id}${String(k).padStart(3, '0')}`, it.ts, it.samples),
+              payload: telemetryJson(`${id}${String(k).padStart(3, '0')}`, it.ts, it.samples),
             })),
           ]);
           // encoded: the samples need not live until the record is stored

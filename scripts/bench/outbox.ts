@@ -42,7 +42,7 @@ import { deriveToken } from '../../core/credentials.ts';
 import { createLogger, type Logger } from '../../core/log.ts';
 import { connectFleetClient } from '../../core/mqtt.ts';
 import { encodeRecord, LevelOutbox } from '../../core/outbox-level.ts';
-import { Priority, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../../core/outbox.ts';
+import { payloadOf, Priority, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../../core/outbox.ts';
 import { Uplink } from '../../core/uplink.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
@@ -479,7 +479,7 @@ async function phaseAppends(dir: string, n: number) {
     const ops: Array<{ type: 'put'; key: string; value: Buffer }> = [];
     for (let i = 0; i < n; i++, seq++) {
       const id = seq.toString();
-      ops.push({ type: 'put', key: `r1${seq.toString(16).padStart(16, '0')}`, value: encodeRecord({ id, topic: TOPIC, payload: telemetry(id), priority: Priority.TELEMETRY, ts: Date.now() }) });
+      ops.push({ type: 'put', key: `r1${seq.toString(16).padStart(16, '0')}`, value: encodeRecord(TOPIC, Priority.TELEMETRY, Date.now(), telemetry(id)).value });
     }
     let stop = false;
     let written = 0;
@@ -731,7 +731,7 @@ class IdealOutbox extends EventEmitter implements Outbox {
 
   async append(e: OutboxAppend): Promise<OutboxRecord> {
     const id = String(this.nextId++);
-    const payload = typeof e.payload === 'function' ? e.payload(id) : e.payload;
+    const payload = payloadOf(e, id);
     const rec: OutboxRecord = { id, topic: e.topic, payload, priority: e.priority, ts: Date.now() };
     this.recs.set(id, rec);
     this.bytes += payload.length + Buffer.byteLength(e.topic);

@@ -28,6 +28,53 @@ export function outboxContract(name: string, make: (maxBytes: number) => Promise
     }
   });
 
+  test(`${name}: a payload writer's bytes are the record's payload, with their id, and count towards the budget like a Buffer`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      const recs = [];
+      for (let i = 0; i < 20; i++) {
+        recs.push(
+          await outbox.append({
+            topic: 'fleet/v1/d/é/telemetry',
+            priority: Priority.TELEMETRY,
+            payload: (id) => {
+              const text = `{"mid":"${id}","n":${i},"unit":"°C"}`;
+              return { size: Buffer.byteLength(text), write: (buf: Buffer, off: number) => off + buf.write(text, off, 'utf8') };
+            },
+          }),
+        );
+      }
+      for (const [i, r] of recs.entries()) assert.equal(r.payload.toString(), `{"mid":"${r.id}","n":${i},"unit":"°C"}`);
+      const peeked = await outbox.peek(100);
+      assert.deepEqual(
+        peeked.map((r) => r.payload.toString()),
+        recs.map((r) => r.payload.toString()),
+      );
+      const bytes = recs.reduce((n, r) => n + r.payload.length + Buffer.byteLength(r.topic), 0);
+      assert.equal(outbox.stats().bytes, bytes);
+    } finally {
+      await cleanup();
+    }
+  });
+
+  test(`${name}: a payload writer that writes other than its announced size is refused (FLEET_STORE), and nothing is stored`, async () => {
+    const { outbox, cleanup } = await make(1 << 20);
+    try {
+      const ok = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from('ok') });
+      // 3 bytes written, or more than the 4 announced (the end it reports is past the buffer's)
+      for (const ends of [3, 5]) {
+        await assert.rejects(
+          outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: () => ({ size: 4, write: (buf: Buffer, off: number) => (buf.write('x'.repeat(Math.min(ends, 4)), off, 'latin1'), off + ends) }) }),
+          (err) => isFleetError(err, 'FLEET_STORE') && /wrote \d+ bytes, announced 4/.test(err.message),
+        );
+      }
+      assert.deepEqual((await outbox.peek(10)).map((r) => r.id), [ok.id]);
+      assert.equal(outbox.stats().depth, 1);
+    } finally {
+      await cleanup();
+    }
+  });
+
   test(`${name}: peek returns the most important class first, oldest first, and skips excluded ids`, async () => {
     const { outbox, cleanup } = await make(1 << 20);
     try {

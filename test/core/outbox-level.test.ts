@@ -47,6 +47,29 @@ test('LevelOutbox: records, counts and the id sequence survive a reopen; ids kee
   }
 });
 
+test('LevelOutbox: a record whose payload a writer wrote into its stored form reads back the same after a reopen (checksum included)', async () => {
+  const tmp = tempDir();
+  try {
+    let ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    const written = [];
+    for (let i = 0; i < 5; i++) {
+      const text = `{"n":${i},"x":"${'ü'.repeat(i * 300)}"}`;
+      written.push(await ob.append({ topic: `fleet/v1/d/gw-${i}/batch`, priority: Priority.TELEMETRY, payload: () => ({ size: Buffer.byteLength(text), write: (buf: Buffer, off: number) => off + buf.write(text, off, 'utf8') }) }));
+    }
+    await ob.close();
+    ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, tailBytes: 0 });
+    const read = await ob.peek(10);
+    assert.deepEqual(
+      read.map((r) => [r.id, r.topic, r.payload.toString()]),
+      written.map((r) => [r.id, r.topic, r.payload.toString()]),
+    );
+    assert.equal(ob.stats().corrupt, 0);
+    await ob.close();
+  } finally {
+    tmp.cleanup();
+  }
+});
+
 test('LevelOutbox: a corrupted record on disk is skipped with a corrupt event; everything else is delivered', async () => {
   const tmp = tempDir();
   try {

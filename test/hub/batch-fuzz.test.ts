@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BATCH_MAGIC, BATCH_VERSION, MAX_BATCH_ITEMS, decodeBatch, encodeBatch, peekMid, type BatchItem } from '../../core/batch.ts';
+import { BATCH_MAGIC, BATCH_VERSION, MAX_BATCH_ITEMS, batchWriter, decodeBatch, encodeBatch, peekMid, type BatchItem } from '../../core/batch.ts';
 import { isFleetError } from '../../core/errors.ts';
 import { encodeMessage } from '../../core/messages.ts';
 import { rng as xorshift } from '../helpers.ts';
@@ -103,4 +103,22 @@ test('batch fuzz: the bounds hold — item count, topic length, varint length', 
   // a payload length far past the end
   assert.throws(() => decodeBatch(Buffer.from([BATCH_MAGIC, BATCH_VERSION, 0x01, 0x74, 0xff, 0xff, 0xff, 0x7f])), (e) => isFleetError(e, 'FLEET_MSG_INVALID'));
   assert.deepEqual(decodeBatch(Buffer.from([BATCH_MAGIC, BATCH_VERSION])), []);
+});
+
+test('batchWriter writes the same bytes as encodeBatch (string and Buffer payloads, multi-byte UTF-8, 2-byte varints), at any offset', () => {
+  const r = rng(7);
+  for (let round = 0; round < 200; round++) {
+    const items = Array.from({ length: 1 + r.int(40) }, (_, i) => {
+      const text = `{"v":1,"mid":"${round}${i}","s":"${'é'.repeat(r.int(3) === 0 ? 100 : r.int(5))}"}`;
+      return { topic: `fleet/v1/d/mcü-${r.int(1000)}/telemetry`, text, bin: r.int(4) === 0 ? r.bytes(r.int(300)) : null };
+    });
+    const expected = encodeBatch(items.map((it) => ({ topic: it.topic, payload: it.bin ?? Buffer.from(it.text) })));
+    const w = batchWriter(items.map((it) => ({ topic: it.topic, payload: it.bin ?? it.text })));
+    assert.equal(w.size, expected.length, `round ${round}`);
+    const at = r.int(16);
+    const buf = Buffer.alloc(at + w.size + 3, 0xee);
+    w.write(buf, at);
+    assert.ok(buf.subarray(at, at + w.size).equals(expected), `round ${round}`);
+    assert.ok(buf.subarray(0, at).every((b) => b === 0xee) && buf.subarray(at + w.size).every((b) => b === 0xee), `round ${round}: wrote outside its bytes`);
+  }
 });
