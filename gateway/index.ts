@@ -8,6 +8,7 @@ import { MetricsRegistry, PROM_CONTENT_TYPE } from '../core/metrics.ts';
 import { isLoopback } from '../core/net.ts';
 import { openStore } from '../core/store.ts';
 import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
+import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import type { OutboxStats } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
 import { setNativeDir } from '../core/native.ts';
@@ -129,6 +130,9 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     reconnectMs: config.hub.reconnectMs,
     reconnectMaxMs: config.hub.reconnectMaxMs,
   });
+  // the uplink's publishes vary in size without end: mqtt-packet's length cache made in one go
+  // (after the client: it has switched mqtt-packet's number cache off)
+  warmMqttPacketLengths();
   let hubWasConnected = false;
   client.on('connect', () => {
     hubWasConnected = true;

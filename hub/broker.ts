@@ -8,6 +8,7 @@ import { deriveToken } from '../core/credentials.ts';
 import { FleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
+import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import { decodeMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
 import { deviceTopic, isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
@@ -172,6 +173,8 @@ export class HubBroker {
     // a batch of thousands of MCU readings went through in waves of 100, each a few turns of
     // the event loop, and the gateway's uplink queued behind it (seconds of latency at 8,000
     // MCUs with the hub's CPU not saturated).
+    // aedes writes with mqtt-packet: its cache of packet lengths, made in one go (core/mqtt-packet-lengths.ts)
+    warmMqttPacketLengths();
     const aedes = await Aedes.createBroker({ persistence, id: `fleetlet-hub-${Date.now().toString(36)}`, concurrency: 10_000 });
     const hub = new HubBroker(aedes, persistence, readQueue, gate, ids, opts);
     aedes.authenticate = hub.authenticate;
