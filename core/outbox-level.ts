@@ -434,13 +434,19 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       return f ?? null;
     };
 
+    // a record that would not fit with every record of its own and less important classes gone
+    // is refused before anything is evicted: a refused append loses nothing
     const makeRoom = async (size: number, priority: number): Promise<void> => {
+      const held = st.bytes[0] + st.bytes[1] + st.bytes[2];
+      if (held + size <= b.budget) return;
+      let evictable = 0;
+      for (let c = priority; c < 3; c++) evictable += st.bytes[c]!;
+      if (held - evictable + size > b.budget) {
+        throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${b.budget} bytes reached${this.lowOnDisk ? ' (disk low)' : ''}; nothing of lower priority left to evict`);
+      }
       while (st.bytes[0] + st.bytes[1] + st.bytes[2] + size > b.budget) {
         let c = 2;
-        while (c >= 0 && st.count[c] === 0) c--;
-        if (c < 0 || c < priority) {
-          throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${b.budget} bytes reached${this.lowOnDisk ? ' (disk low)' : ''}; nothing of lower priority left to evict`);
-        }
+        while (c > priority && st.count[c] === 0) c--;
         const victim = await takeOldest(c);
         if (!victim) throw new FleetError('FLEET_INTERNAL', `outbox counts say class ${c} has records but none was found`);
         remove(victim.k, victim.id, c, victim.bytes);

@@ -135,6 +135,8 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
   private readonly now: () => number;
   private nextId: number;
   private bytes = 0;
+  /** bytes held per class: whether a record fits is known before anything is evicted */
+  private readonly classBytes = [0, 0, 0];
   private counters = { evicted: 0, appended: 0, acked: 0 };
   private closed = false;
 
@@ -156,33 +158,40 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
     const rec: OutboxRecord = { ...entry, id, ts: this.now() };
     this.classes[entry.priority]!.push(rec);
     this.bytes += size;
+    this.classBytes[entry.priority]! += size;
     this.counters.appended++;
     notify(this, 'appended');
     return rec;
   }
 
-  /** Evict oldest records of the least important class until `size` fits. */
+  /**
+   * Evict oldest records of the least important class until `size` fits. A record that would
+   * not fit even with every record of its own and less important classes gone is refused
+   * before anything is evicted: a refused append loses nothing.
+   */
   private makeRoom(size: number, priority: Priority): void {
+    if (this.bytes + size <= this.maxBytes) return;
+    let evictable = 0;
+    for (let c = priority; c < this.classes.length; c++) evictable += this.classBytes[c]!;
+    if (this.bytes - evictable + size > this.maxBytes) {
+      throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${this.maxBytes} bytes reached; nothing of lower priority left to evict`);
+    }
     const ev: EvictionEvent = { evicted: 0, bytes: 0, byClass: {} };
     while (this.bytes + size > this.maxBytes) {
       // least important non-empty class; a record never evicts a more important class
       let c = 2;
-      while (c >= 0 && this.classes[c]!.length === 0) c--;
-      if (c < 0 || c < priority) {
-        throw new FleetError('FLEET_OUTBOX_FULL', `outbox budget of ${this.maxBytes} bytes reached; nothing of lower priority left to evict`);
-      }
+      while (this.classes[c]!.length === 0) c--;
       const victim = this.classes[c]!.shift()!;
       const b = recordBytes(victim);
       this.bytes -= b;
+      this.classBytes[c]! -= b;
       ev.evicted++;
       ev.bytes += b;
       const name = PRIORITY_NAMES[c as Priority];
       ev.byClass[name] = (ev.byClass[name] ?? 0) + 1;
     }
-    if (ev.evicted > 0) {
-      this.counters.evicted += ev.evicted;
-      notify(this, 'evicted', ev);
-    }
+    this.counters.evicted += ev.evicted;
+    notify(this, 'evicted', ev);
   }
 
   async peek(max: number, exclude?: ReadonlySet<string>): Promise<OutboxRecord[]> {
@@ -202,7 +211,9 @@ export class MemoryOutbox extends EventEmitter implements Outbox {
       const kept: OutboxRecord[] = [];
       for (const rec of this.classes[c]!) {
         if (set.has(rec.id)) {
-          this.bytes -= recordBytes(rec);
+          const b = recordBytes(rec);
+          this.bytes -= b;
+          this.classBytes[c]! -= b;
           this.counters.acked++;
         } else kept.push(rec);
       }

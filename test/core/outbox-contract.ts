@@ -143,6 +143,36 @@ export function outboxContract(name: string, make: (maxBytes: number) => Promise
     }
   });
 
+  test(`${name}: an append refused for the budget evicts nothing; one that fits evicts only what it needs, least important first`, async () => {
+    const { outbox, cleanup } = await make(1000);
+    try {
+      const events: Array<{ evicted: number; byClass: Record<string, number> }> = [];
+      outbox.on('evicted', (e) => events.push(e));
+      await outbox.append({ topic: 'a', priority: Priority.ALERT, payload: payload(0, 699) }); // 700
+      for (let i = 0; i < 5; i++) await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(i, 49) }); // 5 x 50
+      await outbox.append({ topic: 'l', priority: Priority.LOG, payload: payload(7, 39) }); // 40: 990 held
+      const before = (await outbox.peek(100)).map((r) => r.id);
+      // 400 bytes of telemetry: with every telemetry and log record gone, 700 + 400 > 1000.
+      // An ack beside it: a backend that writes operations in batches writes this one's batch.
+      const [refused, acked] = await Promise.allSettled([outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(9, 399) }), outbox.ack(['1'])]);
+      assert.equal(acked.status, 'fulfilled');
+      assert.ok(refused.status === 'rejected' && isFleetError(refused.reason, 'FLEET_OUTBOX_FULL'), String(refused.status === 'rejected' ? refused.reason : 'appended'));
+      assert.deepEqual((await outbox.peek(100)).map((r) => r.id), before, 'the refused append evicted nothing');
+      assert.equal(outbox.stats().evicted, 0);
+      assert.equal(outbox.stats().bytes, 990);
+      assert.equal(events.length, 0);
+      // 100 bytes fit once 90 are freed: the log record, then the oldest telemetry
+      const rec = await outbox.append({ topic: 't', priority: Priority.TELEMETRY, payload: payload(9, 99) });
+      const after = (await outbox.peek(100)).map((r) => r.id);
+      assert.deepEqual(after, [before[0], ...before.slice(2, 6), rec.id]);
+      assert.equal(outbox.stats().evicted, 2);
+      assert.deepEqual(events.at(-1)?.byClass, { log: 1, telemetry: 1 });
+      assert.equal(outbox.stats().bytes, 1000);
+    } finally {
+      await cleanup();
+    }
+  });
+
   test(`${name}: an id acked twice, or acked while a peek is running, is counted once`, async () => {
     const { outbox, cleanup } = await make(1 << 24);
     try {
