@@ -717,21 +717,34 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       }
       return false;
     }
-    const limit = max - out.length + (exclude?.size ?? 0);
-    for await (const [k, v] of this.db.iterator({ ...this.from(c), lt: `r${c + 1}`, limit })) {
-      if (out.length >= max) break;
-      const id = BigInt(`0x${k.slice(2)}`).toString();
-      if (exclude?.has(id) || this.deleted.has(id)) continue;
-      let rec: OutboxRecord;
-      try {
-        rec = decodeRecord(k, v);
-      } catch (err) {
-        notify(this, 'corrupt', { key: k, id, reason: (err as Error).message });
-        void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
-        continue;
+    // Read in pages sized for what is still wanted: records skipped (excluded, deleted by the
+    // batch being prepared or held, corrupt) use up a page, and the next one goes on after it.
+    // Stopping at the first page would put the held newer records (writingNow) before older
+    // stored ones still on disk.
+    let from: { gte: string } | { gt: string } = this.from(c);
+    for (;;) {
+      const limit = max - out.length + (exclude?.size ?? 0);
+      let seen = 0;
+      let last = '';
+      for await (const [k, v] of this.db.iterator({ ...from, lt: `r${c + 1}`, limit })) {
+        seen++;
+        last = k;
+        if (out.length >= max) break;
+        const id = BigInt(`0x${k.slice(2)}`).toString();
+        if (exclude?.has(id) || this.deleted.has(id)) continue;
+        let rec: OutboxRecord;
+        try {
+          rec = decodeRecord(k, v);
+        } catch (err) {
+          notify(this, 'corrupt', { key: k, id, reason: (err as Error).message });
+          void new Promise<void>((resolve, reject) => this.enqueue({ kind: 'drop', key: k, bytes: Math.max(0, v.length - HEADER), resolve, reject })).catch(() => undefined);
+          continue;
+        }
+        this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
+        out.push(rec);
       }
-      this.known.set(id, { k, bytes: v.length - HEADER, cls: c });
-      out.push(rec);
+      if (out.length >= max || seen < limit) break;
+      from = { gt: last };
     }
     return true;
   }

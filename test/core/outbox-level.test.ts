@@ -260,6 +260,29 @@ test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwh
   }
 });
 
+test('LevelOutbox: records acked in a held batch do not make peek skip older stored records (read from disk) for the held newer ones', async () => {
+  const tmp = tempDir();
+  try {
+    let ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
+    const old: string[] = [];
+    for (let i = 1; i <= 5; i++) old.push((await ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from(`old${i}`) })).id);
+    await ob.close();
+    // tailBytes 0: every peek of stored records reads LevelDB
+    ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, tailBytes: 0, syncIntervalMs: 60_000 });
+    await ob.append({ topic: 'l', priority: Priority.LOG, payload: Buffer.from('first') }); // written at once: what follows is held
+    const held = [ob.ack(old.slice(0, 3)), ...[1, 2, 3].map((i) => ob.append({ topic: 't', priority: Priority.TELEMETRY, payload: Buffer.from(`new${i}`) }))];
+    await waitFor(async () => (await ob.peek(10)).some((r) => r.payload.toString() === 'new3'), 'the held records peekable', 5000);
+    for (let max = 1; max <= 6; max++) {
+      const got = (await ob.peek(max)).map((r) => r.payload.toString());
+      assert.deepEqual(got, ['old4', 'old5', 'new1', 'new2', 'new3', 'first'].slice(0, max), `peek(${max})`);
+    }
+    await ob.close();
+    await Promise.all(held);
+  } finally {
+    tmp.cleanup();
+  }
+});
+
 test('LevelOutbox: an id a reader may have seen is never handed out again — after a failed write, or after a crash while its record was held', async () => {
   const tmp = tempDir();
   try {
