@@ -41,19 +41,9 @@ export function batchItemSize(topic: string, payload: Buffer): number {
 }
 
 export function encodeBatch(items: readonly BatchItem[]): Buffer {
-  let size = 2;
-  for (const it of items) size += batchItemSize(it.topic, it.payload);
-  const buf = Buffer.allocUnsafe(size);
-  buf[0] = BATCH_MAGIC;
-  buf[1] = BATCH_VERSION;
-  let off = 2;
-  for (const it of items) {
-    const t = Buffer.from(it.topic);
-    off = writeVarint(buf, off, t.length);
-    off += t.copy(buf, off);
-    off = writeVarint(buf, off, it.payload.length);
-    off += it.payload.copy(buf, off);
-  }
+  const w = batchWriter(items);
+  const buf = Buffer.allocUnsafe(w.size);
+  w.write(buf, 0);
   return buf;
 }
 
@@ -66,7 +56,7 @@ export interface BatchItemSource {
 /**
  * The batch of `items` (the framing above) as an outbox PayloadWriter: the store writes it
  * straight into the record that keeps it, and string payloads (JSON as built) never become
- * Buffers of their own. Same bytes as encodeBatch.
+ * Buffers of their own. encodeBatch is this, written into a Buffer of its own.
  */
 export function batchWriter(items: readonly BatchItemSource[]): PayloadWriter {
   const lengths: number[] = new Array(items.length * 2);

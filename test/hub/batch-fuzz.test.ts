@@ -105,14 +105,37 @@ test('batch fuzz: the bounds hold — item count, topic length, varint length', 
   assert.deepEqual(decodeBatch(Buffer.from([BATCH_MAGIC, BATCH_VERSION])), []);
 });
 
-test('batchWriter writes the same bytes as encodeBatch (string and Buffer payloads, multi-byte UTF-8, 2-byte varints), at any offset', () => {
+/** The framing of docs/topics.md written out plainly, byte by byte: the oracle for batchWriter and encodeBatch. */
+function referenceBatch(items: ReadonlyArray<{ topic: string; payload: Buffer }>): Buffer {
+  const out: number[] = [BATCH_MAGIC, BATCH_VERSION];
+  const varint = (n: number) => {
+    while (n >= 0x80) {
+      out.push((n & 0x7f) | 0x80);
+      n = Math.floor(n / 128);
+    }
+    out.push(n);
+  };
+  for (const it of items) {
+    const t = Buffer.from(it.topic, 'utf8');
+    varint(t.length);
+    out.push(...t);
+    varint(it.payload.length);
+    out.push(...it.payload);
+  }
+  return Buffer.from(out);
+}
+
+test('batchWriter and encodeBatch write the documented framing (string and Buffer payloads, multi-byte UTF-8, 2-byte varints), at any offset; decodeBatch reads it back', () => {
   const r = rng(7);
   for (let round = 0; round < 200; round++) {
     const items = Array.from({ length: 1 + r.int(40) }, (_, i) => {
       const text = `{"v":1,"mid":"${round}${i}","s":"${'é'.repeat(r.int(3) === 0 ? 100 : r.int(5))}"}`;
       return { topic: `fleet/v1/d/mcü-${r.int(1000)}/telemetry`, text, bin: r.int(4) === 0 ? r.bytes(r.int(300)) : null };
     });
-    const expected = encodeBatch(items.map((it) => ({ topic: it.topic, payload: it.bin ?? Buffer.from(it.text) })));
+    const asBuffers = items.map((it) => ({ topic: it.topic, payload: it.bin ?? Buffer.from(it.text) }));
+    const expected = referenceBatch(asBuffers);
+    assert.ok(encodeBatch(asBuffers).equals(expected), `round ${round}: encodeBatch`);
+    assert.deepEqual(decodeBatch(expected), asBuffers, `round ${round}: decodeBatch`);
     const w = batchWriter(items.map((it) => ({ topic: it.topic, payload: it.bin ?? it.text })));
     assert.equal(w.size, expected.length, `round ${round}`);
     const at = r.int(16);
