@@ -370,12 +370,14 @@ export class Relay {
       work = this.appendTelemetry(it.mcuId, it.ts, it.samples);
       it.samples = NO_SAMPLES;
     } else {
+      let noted: string | null = null;
       work = this.opts.outbox.append({
         topic: this.batchTopic,
         priority: Priority.TELEMETRY,
         payload: (id) => {
           // told before the record can be peeked: the Uplink need not decode it to learn its MCUs
           this.gated.noteGroup(id, items.map((it) => it.mcuId));
+          noted = id;
           // the marker: the hub de-duplicates the record as a whole by its id (core/batch.ts)
           // written straight into the stored record, its JSON never a Buffer of its own
           // (core/outbox.ts PayloadWriter)
@@ -391,6 +393,8 @@ export class Relay {
           return batch;
         },
       });
+      // refused (budget, store): the record will never be peeked or acked
+      work.catch(() => noted !== null && this.gated.forgetGroup(noted));
     }
     work.then(
       () => {
@@ -856,6 +860,12 @@ class GatedOutbox extends EventEmitter implements Outbox {
     this.groupMcus.set(id, mcuIds.length === 1 ? mcuIds : [...new Set(mcuIds)]);
     if (this.groupSizes.size >= 100_000) this.groupSizes.clear(); // bounded: records evicted unsent stay until then
     this.groupSizes.set(id, mcuIds.length);
+  }
+
+  /** A record noted by noteGroup that was not stored. */
+  forgetGroup(id: string): void {
+    this.groupMcus.delete(id);
+    this.groupSizes.delete(id);
   }
 
   /**
