@@ -76,8 +76,8 @@ test('interop: coap-client-notls — Block2 firmware GET at block sizes 16, 64, 
       }
       assert.equal(gw.firmwareState(id)?.state, 'transferring');
 
-      // Observe the mailbox for a few seconds; the offer is there at once, a command follows after the ack
-      const obs = spawn('coap-client-notls', ['-m', 'get', '-s', '4', '-B', '6', coapUrl(gw.coapPort, site, id, 'cmd')], { stdio: ['ignore', 'pipe', 'pipe'] });
+      // Observe the mailbox for 10 s (room for synced writes on a slow disk); the offer is there at once, a command follows after the ack
+      const obs = spawn('coap-client-notls', ['-m', 'get', '-s', '10', '-B', '12', coapUrl(gw.coapPort, site, id, 'cmd')], { stdio: ['ignore', 'pipe', 'pipe'] });
       let out = '';
       obs.stdout.on('data', (d: Buffer) => (out += d.toString('latin1')));
       const exited = new Promise<number | null>((r) => obs.on('exit', (code) => r(code)));

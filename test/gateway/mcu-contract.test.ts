@@ -76,7 +76,8 @@ test('mailbox over CoAP: GET returns the command (empty when none), Observe push
     assert.equal(empty.code, '2.05');
     assert.equal(empty.body.length, 0);
     await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-    await sleep(300);
+    // and the gateway's subscription for it is in place: a command sent before would expire at the hub, unsent
+    await waitFor(async () => /fleet_gateway_downlink_mcus 1\b/.test(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text()), 'downlink covers the MCU');
     // a command that expires before the MCU acks it
     const short = await hub.sendCommand(id, 'quick', {}, 400);
     await waitFor(() => (of(seen, id, 'reply') as CommandReply[]).some((r) => r.id === short.id), 'expiry reply', 5000);

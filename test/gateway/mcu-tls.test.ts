@@ -150,9 +150,16 @@ test('mcu tls: plain and TLS ports side by side serve the same MCU; a TLS 1.2-on
       { mqttTls: { port: 0, cert: good.cert, key: good.key } },
     );
     // withEnv stopped the gateway: the silent peer was cut then, before its handshake
-    // timeout (10 s after it connected) could have done it
+    // timeout (10 s after it connected) could have done it. Told apart only when the stop
+    // came well before that timeout (a slow machine may take longer over the body)
+    const stoppedAt = Date.now();
     const closedAt = await Promise.race([silentClosed!, sleep(12_000, undefined, { ref: false }).then(() => Infinity)]);
-    assert.ok(closedAt < silentOpened + 9_500, `the silent TLS peer was closed by the stop (after ${closedAt - silentOpened} ms)`);
+    if (stoppedAt < silentOpened + 9_000) {
+      assert.ok(closedAt <= stoppedAt + 500, `the silent TLS peer was closed by the stop (${closedAt - silentOpened} ms after it connected, the stop done at ${stoppedAt - silentOpened} ms)`);
+    } else {
+      assert.ok(closedAt < Infinity, 'the silent TLS peer was closed');
+      console.log(`# mcu tls: the body took ${stoppedAt - silentOpened} ms (a slow machine): whether the stop or the handshake timeout closed the silent peer is not asserted`);
+    }
   } finally {
     tmp.cleanup();
   }

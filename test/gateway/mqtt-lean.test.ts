@@ -323,9 +323,8 @@ test('mqtt-lean: a refused client that never closes its side and trickles bytes 
     try {
       const t0 = Date.now();
       const cut = await Promise.race([Promise.all(zombies.map((z) => z.closed)).then(() => true), sleep(9000).then(() => false)]);
-      assert.ok(cut, 'both cut off within 9 s of the refusal');
-      const took = Date.now() - t0;
-      assert.ok(took < 7000, `cut off after ${took} ms`);
+      // 5 s after the refusal; 9 s leaves a slow machine 4 s of slack (never cut, on the old code)
+      assert.ok(cut, `both cut off within 9 s of the refusal (${Date.now() - t0} ms)`);
     } finally {
       clearInterval(trickle);
     }
@@ -363,26 +362,27 @@ test('mqtt-lean: a PUBLISH trickled in 1-byte TCP segments is stored intact', as
 });
 
 test('mqtt-lean over TLS: the CONNECT timeout counts from the TCP accept, the handshake included (a slow handshake does not get the timeout twice over)', async () => {
-  const l = await lean({ connectTimeoutMs: 4000 });
+  // 8 s: the late handshake below has 4.5 s to finish before the timeout, slow machine or not
+  const l = await lean({ connectTimeoutMs: 8000 });
   const tmp = tempDir();
   try {
     const tlsPort = await listenTlsSelfSigned(l, tmp.dir);
     const tcp = connect({ port: tlsPort, host: '127.0.0.1' });
     await new Promise((r) => tcp.once('connect', r));
     const t0 = Date.now();
-    // a slow client: its handshake starts late (within the handshake timeout, also 4 s), then it sends no CONNECT
+    // a slow client: its handshake starts late (within the handshake timeout, also 8 s), then it sends no CONNECT
     await sleep(3500);
     const { connect: tlsConnect } = await import('node:tls');
     const s = tlsConnect({ socket: tcp, rejectUnauthorized: false });
     s.on('error', () => undefined);
     const closedP = new Promise((r) => s.once('close', () => r(true)));
     assert.ok(await Promise.race([new Promise((r) => s.once('secureConnect', () => r(true))), closedP.then(() => false)]), 'handshake done');
-    const closed = await Promise.race([closedP, sleep(8000).then(() => false)]);
+    const closed = await Promise.race([closedP, sleep(14_000).then(() => false)]);
     const took = Date.now() - t0;
     assert.ok(closed, 'closed without a CONNECT');
-    // 4 s after the accept, plus up to 1 s for the sweep: before 3.5 s + 4 s, when the
+    // 8 s after the accept, plus up to 1 s for the sweep: well before 3.5 s + 8 s, when the
     // timeout started over after the handshake
-    assert.ok(took < 6500, `closed ${took} ms after the TCP accept`);
+    assert.ok(took < 10_500, `closed ${took} ms after the TCP accept`);
     s.destroy();
   } finally {
     await l.srv.close();

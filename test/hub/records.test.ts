@@ -8,6 +8,7 @@ import { openStore } from '../../core/store.ts';
 import { deviceTopic } from '../../core/topics.ts';
 import { RecordRoute, type RouteItem } from '../../hub/broker.ts';
 import { Deduplicator } from '../../hub/dedup.ts';
+import type { HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
 import { connect, connectDevice, deadLetters, metric, patchStore, telemetry, withHub, type HubCtx } from './harness.ts';
 
@@ -254,7 +255,7 @@ for (const outcome of ['routed', 'failed'] as const) {
       await withHub(async (hub, ctx) => {
         // a failed assertion must not leave routing held: the hub's stop waits for it
         try {
-          await resendDuringRouting(ctx, hold, outcome);
+          await resendDuringRouting(hub, ctx, hold, outcome);
           // the resend counts as a duplicate only if its first copy was routed: else it was
           // refused as well, and the copy after it went through as the first one routed
           assert.equal(await metric(hub, 'fleet_hub_duplicates_total'), outcome === 'routed' ? 3 : 0);
@@ -269,7 +270,7 @@ for (const outcome of ['routed', 'failed'] as const) {
   });
 }
 
-async function resendDuringRouting(ctx: HubCtx, hold: ReturnType<typeof holdQueueWrites>, outcome: 'routed' | 'failed'): Promise<void> {
+async function resendDuringRouting(hub: HubHandle, ctx: HubCtx, hold: ReturnType<typeof holdQueueWrites>, outcome: 'routed' | 'failed'): Promise<void> {
   // a durable consumer: routing its messages waits for their queue writes (held)
   const ops = await connect(ctx.url, 'ops-durable', 'operator', ctx.operator, { clean: false });
   const seen: string[] = [];
@@ -282,7 +283,9 @@ async function resendDuringRouting(ctx: HubCtx, hold: ReturnType<typeof holdQueu
   // the gateway comes back on a new connection (taking the session over) and resends it
   const second = await connectDevice(ctx, GW);
   const two = publishTracked(second, deviceTopic(GW, 'batch'), rec);
-  await new Promise((r) => setTimeout(r, 300));
+  // the hub has judged the resend: its three items counted as duplicates of the record in routing
+  await waitFor(async () => (await metric(hub, 'fleet_hub_batch_items_total{result="duplicate"}')) === 3, 'the resend judged a duplicate');
+  await new Promise((r) => setTimeout(r, 100));
   assert.equal(two.state(), 'waiting', 'no PUBACK for the resend while its first copy is being routed');
   if (outcome === 'routed') {
     hold.release();
