@@ -337,6 +337,11 @@ export class McuCoapIngress {
     return this.observers.has(mcuId);
   }
 
+  /** an MCU the gateway no longer acts for (mcu.forgetAfterDays): its source address goes too */
+  forget(mcuId: string): void {
+    this.authenticatedFrom.delete(mcuId);
+  }
+
   get observing(): number {
     return this.observers.size;
   }

@@ -308,7 +308,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   if (config.mcu.forgetAfterDays > 0) {
     const keep = (mcuId: string): boolean => svc.hasPending(mcuId) || mqttIngress.isConnected(mcuId) || coapIngress.isObserving(mcuId);
     forgetTimer = setInterval(() => {
-      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, keep)) guard.forget(id);
+      for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, keep)) {
+        guard.forget(id);
+        coapIngress.forget(id);
+      }
     }, extras.forgetCheckMs ?? FORGET_CHECK_MS);
     forgetTimer.unref();
   }

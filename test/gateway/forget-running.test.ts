@@ -13,7 +13,7 @@ import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { connectMcu } from './env.ts';
+import { coap, coapBlock, connectMcu } from './env.ts';
 
 /**
  * A running gateway forgets MCUs silent longer than mcu.forgetAfterDays (it used to do so
@@ -161,6 +161,37 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     await gw.stop();
     await link.close();
     await new Promise<void>((r) => h.broker.aedes.unsubscribe('fleet/v1/#', collect, r));
+    await h.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway running (injected clock): a CoAP MCU forgotten after mcu.forgetAfterDays loses the source address firmware blocks were served to; it must authenticate again before it gets blocks', async () => {
+  const tmp = tempDir();
+  let clock = Date.now();
+  const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
+  const gwDir = join(tmp.dir, 'gateway');
+  mkdirSync(gwDir, { recursive: true });
+  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(h.fleetSecretFile, 'utf8').trim(), 'device', GW));
+  const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${h.mqttPort}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
+  const log = testLogger('gateway');
+  const gw = await startGateway(config, log, '0.0.0-test', { now: () => clock, forgetCheckMs: 100 });
+  try {
+    const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
+    await waitFor(() => gw.stats().hubConnected, 'gateway connected to the hub');
+    // a reading over CoAP: counter consumed, this address is the MCU's
+    assert.equal((await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', Buffer.from(JSON.stringify([{ n: 'temperature', v: 1 }])), { format: 50 })).code, '2.04');
+    await waitFor(() => gw.stats().mcus === 1 && gw.stats().outbox.depth === 0, 'esp-coap known and its reading delivered');
+    // past the address check: nothing is offered to it (4.04, not 4.01)
+    assert.equal((await coapBlock(gw.coapPort, site, 'esp-coap', 0, 64)).code, '4.04');
+    clock += 91 * DAY;
+    await waitFor(() => gw.stats().mcus === 0, 'esp-coap forgotten', 5000);
+    // the same request from the same address: the address went with the MCU
+    const after = await coapBlock(gw.coapPort, site, 'esp-coap', 0, 64);
+    assert.equal(after.code, '4.01');
+    assert.match(after.body.toString(), /FLEET_MCU_ADDRESS/);
+  } finally {
+    await gw.stop();
     await h.stop();
     tmp.cleanup();
   }
