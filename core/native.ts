@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { createRequire } from 'node:module';
 import { defaultStateDir } from './config.ts';
 import { FleetError } from './errors.ts';
@@ -52,6 +52,46 @@ export function extractAsset(asset: string, dir: string): string {
   return file;
 }
 
+/** a `.tmp` left by an extraction this much older is from a process that died writing it */
+const STALE_TMP_MS = 10 * 60_000;
+
+/**
+ * Remove what earlier binaries left in the native directory: addon files of other contents
+ * (another binary's `<name>-<hash>.node`) and temporary files of extractions that died (by
+ * their age: a younger one may be another process writing right now). Safe for a binary
+ * still running on an older file (on Linux an unlinked file stays mapped) and for a rollback
+ * to it (each binary carries its addon and extracts it again). Best effort: a file that
+ * cannot be removed is left, and the addon in use is never touched. Returns what was removed.
+ */
+export function pruneNativeDir(dir: string, keep: string, now = Date.now()): string[] {
+  const kept = basename(keep);
+  const dot = CLASSIC_LEVEL_ASSET.lastIndexOf('.');
+  const stem = CLASSIC_LEVEL_ASSET.slice(0, dot);
+  const ext = CLASSIC_LEVEL_ASSET.slice(dot);
+  const addon = new RegExp(`^${stem}-[0-9a-f]{16}\\${ext}$`);
+  const tmp = new RegExp(`^${stem}-[0-9a-f]{16}\\${ext}\\.[0-9]+\\.tmp$`);
+  const removed: string[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return removed;
+  }
+  for (const name of names) {
+    if (name === kept) continue;
+    const path = join(dir, name);
+    try {
+      if (addon.test(name) || (tmp.test(name) && now - statSync(path).mtimeMs > STALE_TMP_MS)) {
+        unlinkSync(path);
+        removed.push(name);
+      }
+    } catch {
+      // gone meanwhile, or not ours to remove: left as it is
+    }
+  }
+  return removed;
+}
+
 let loaded: Record<string, unknown> | undefined;
 
 function loadClassicLevel(): Record<string, unknown> {
@@ -62,6 +102,7 @@ function loadClassicLevel(): Record<string, unknown> {
     const mod = { exports: {} as Record<string, unknown> };
     process.dlopen(mod, file);
     loaded = mod.exports;
+    pruneNativeDir(dir, file);
     return loaded;
   } catch (err) {
     throw new FleetError('FLEET_NATIVE_LOAD', `cannot load LevelDB addon from ${dir}: ${(err as Error).message}`, { cause: err });

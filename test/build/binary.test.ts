@@ -1,7 +1,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -117,12 +117,16 @@ test('--version in a bare environment prints the version and nothing on stderr',
   assert.equal(r.stdout, `fleetlet ${VERSION}\n`);
 });
 
-test('selftest in a bare environment passes every check and extracts the addon under the state dir', async () => {
+test('selftest in a bare environment passes every check and extracts the addon under the state dir, removing an addon an older binary left there', async () => {
   const home = join(work, 'home');
   const stateDir = join(work, 'selftest-state');
   mkdirSync(home);
+  // what a binary with another addon left (a content-addressed name of its own)
+  mkdirSync(join(stateDir, 'native'), { recursive: true });
+  writeFileSync(join(stateDir, 'native', 'classic-level-0123456789abcdef.node'), 'an older addon');
   const r = await bare(BIN, ['selftest', '--state-dir', stateDir], { HOME: home });
   assertSelftestPassed(r);
+  // exactly one file: the one this binary extracted and loaded
   extractedAddon(stateDir);
   // the test store is removed; only the addon cache stays
   assert.deepEqual(readdirSync(stateDir), ['native']);
