@@ -111,6 +111,13 @@ export const GatewayConfigSchema = z
         msgBurst: z.number().int().min(1).max(1_000_000).default(200),
         /** most MCUs this gateway acts for; messages from further ones are refused */
         maxMcus: z.number().int().min(1).max(100_000).default(10_000),
+        /**
+         * MQTT connections not yet authenticated (TLS handshake or CONNECT pending) at once, in
+         * all and from one remote address; one beyond is closed at accept and the MCU retries
+         * later. Raise the per-address cap where many MCUs reach the gateway through one NAT
+         */
+        maxUnauthenticated: z.number().int().min(1).max(100_000).default(512),
+        maxUnauthenticatedPerAddress: z.number().int().min(1).max(100_000).default(32),
         /** CoAP anti-replay window below the highest counter seen; 0 = strictly increasing; at most 32 */
         replayWindow: z.number().int().min(0).max(32).default(32),
         /** an MCU that declared a sleep period S is lost after S x lostFactor + lostGraceMs; without one, lostFactor x its observed interval */

@@ -269,7 +269,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   };
 
   try {
-    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, maxUnauthenticated: config.mcu.maxUnauthenticated, maxUnauthenticatedPerAddress: config.mcu.maxUnauthenticatedPerAddress, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
     coap = await McuCoapIngress.start({
       host: config.mcu.host,
       port: config.mcu.coapPort,
@@ -326,6 +326,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_downlink_mcus', 'MCUs covered by the downlink subscription (commands and desired state from the hub)', () => relay.downlinkMcus);
   metrics.gaugeFn('fleet_gateway_mailbox_depth', 'Commands waiting in MCU mailboxes', () => mailbox.depth);
   metrics.gaugeFn('fleet_gateway_firmware_mcus', 'MCU firmware updates by state', () => Object.entries(fwm.counts()).map(([state, value]) => ({ labels: { state }, value })));
+  metrics.gaugeFn('fleet_gateway_mqtt_unauthenticated', 'MCU MQTT connections not authenticated yet (TLS handshake or CONNECT pending); capped by mcu.maxUnauthenticated and, per address, mcu.maxUnauthenticatedPerAddress', () => mqttIngress.unauthenticated);
   metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);
   metrics.gaugeFn('fleet_gateway_coap_uploads_in_progress', 'CoAP Block1 uploads in progress', () => coapIngress.uploadsInProgress);
   metrics.gaugeFn('fleet_gateway_coap_cached_answers', 'CoAP answers the gateway keeps for retransmitted requests (mailbox, firmware, Block1 and log exchanges; refusals are not kept)', () => coapIngress.cachedAnswers);

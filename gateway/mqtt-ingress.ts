@@ -25,6 +25,9 @@ export interface McuMqttIngressOptions {
   maxRecords: number;
   /** most MCU connections at once (CONNACK 3 "server unavailable" beyond) */
   maxClients: number;
+  /** most unauthenticated connections at once, in all and per remote address (mqtt-lean's defaults when absent) */
+  maxUnauthenticated?: number;
+  maxUnauthenticatedPerAddress?: number;
   /** replay state shared with CoAP, for MQTT payloads that carry a MAC line */
   guard: ReplayGuard;
   /** drop MQTT payloads without a MAC line */
@@ -91,6 +94,8 @@ export class McuMqttIngress {
       // authenticated connections: the MCU limit and a few spare for reconnect overlap
       // (unauthenticated ones are capped apart by mqtt-lean: maxPreAuth, per address too)
       maxConnections: opts.maxClients + 64,
+      maxPreAuth: opts.maxUnauthenticated,
+      maxPreAuthPerAddress: opts.maxUnauthenticatedPerAddress,
       connectTimeoutMs: 10_000,
       backlog: BACKLOG,
       hooks: {
@@ -133,6 +138,11 @@ export class McuMqttIngress {
 
   get connectedClients(): number {
     return this.lean.connectedClients;
+  }
+
+  /** MQTT connections not authenticated yet (TLS handshake or CONNECT pending) */
+  get unauthenticated(): number {
+    return this.lean.unauthenticated;
   }
 
   /** Is `mcuId` connected (an authenticated MQTT session) now? */

@@ -395,3 +395,42 @@ test('gateway: when its hub connection dies its MCUs go offline at the hub, and 
     await mcu.endAsync();
   });
 });
+
+test('gateway: mcu.maxUnauthenticatedPerAddress caps the MQTT connections one address holds open without a CONNECT; an MCU connects again once one of them goes', async () => {
+  await withEnv(
+    async ({ gw, site }) => {
+      // two silent TCP connections from 127.0.0.1 (no CONNECT): the cap of 2 is taken
+      const silent = await Promise.all([0, 1].map(() => new Promise<ReturnType<typeof createConnection>>((resolve, reject) => {
+        const s = createConnection({ host: '127.0.0.1', port: gw.mqttPort }, () => resolve(s));
+        s.on('error', reject);
+      })));
+      const unauthenticated = () => Number(/^fleet_gateway_mqtt_unauthenticated (\d+)$/m.exec(gw.metrics.render())?.[1]);
+      const refused = () => Number(/^fleet_gateway_mcu_dropped_total\{protocol="mqtt",reason="mcu_limit"\} (\d+)$/m.exec(gw.metrics.render())?.[1] ?? 0);
+      try {
+        await waitFor(() => unauthenticated() === 2, 'both silent sockets accepted and counted');
+        // a third from the same address is closed at accept: an MCU gets no CONNACK
+        const third = mqtt.connect(`mqtt://127.0.0.1:${gw.mqttPort}`, { clientId: 'esp-cap', username: 'esp-cap', password: mcuKey(site, 'esp-cap'), reconnectPeriod: 0, connectTimeout: 5000 });
+        const outcome = await new Promise<string>((resolve) => {
+          third.once('connect', () => resolve('CONNACK'));
+          third.once('close', () => resolve('closed'));
+        });
+        assert.equal(outcome, 'closed');
+        third.end(true);
+        await waitFor(() => refused() >= 1, 'the refusal counted');
+        // one silent socket goes: the MCU connects
+        silent[0]!.destroy();
+        await waitFor(() => unauthenticated() === 1, 'its slot released');
+        const ok = mqtt.connect(`mqtt://127.0.0.1:${gw.mqttPort}`, { clientId: 'esp-cap', username: 'esp-cap', password: mcuKey(site, 'esp-cap'), reconnectPeriod: 0, connectTimeout: 5000 });
+        await new Promise<void>((resolve, reject) => {
+          ok.once('connect', () => resolve());
+          ok.once('error', reject);
+          ok.once('close', () => reject(new Error('closed before CONNACK')));
+        });
+        await ok.endAsync();
+      } finally {
+        for (const s of silent) s.destroy();
+      }
+    },
+    { maxUnauthenticatedPerAddress: 2 },
+  );
+});
