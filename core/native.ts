@@ -52,13 +52,16 @@ export function extractAsset(asset: string, dir: string): string {
   return file;
 }
 
-/** a `.tmp` left by an extraction this much older is from a process that died writing it */
-const STALE_TMP_MS = 10 * 60_000;
+/**
+ * a `.tmp` left by an extraction this much older is from a process that died writing it; an
+ * addon file younger than this may be another binary's, between its extraction and its dlopen
+ */
+const STALE_MS = 10 * 60_000;
 
 /**
  * Remove what earlier binaries left in the native directory: addon files of other contents
- * (another binary's `<name>-<hash>.node`) and temporary files of extractions that died (by
- * their age: a younger one may be another process writing right now). Safe for a binary
+ * (another binary's `<name>-<hash>.node`) and temporary files of extractions that died, both
+ * by their age (STALE_MS: a younger one may be another process writing or about to load it). Safe for a binary
  * still running on an older file (on Linux an unlinked file stays mapped) and for a rollback
  * to it (each binary carries its addon and extracts it again). Best effort: a file that
  * cannot be removed is left, and the addon in use is never touched. Returns what was removed.
@@ -81,7 +84,7 @@ export function pruneNativeDir(dir: string, keep: string, now = Date.now()): str
     if (name === kept) continue;
     const path = join(dir, name);
     try {
-      if (addon.test(name) || (tmp.test(name) && now - statSync(path).mtimeMs > STALE_TMP_MS)) {
+      if ((addon.test(name) || tmp.test(name)) && now - statSync(path).mtimeMs > STALE_MS) {
         unlinkSync(path);
         removed.push(name);
       }
@@ -97,16 +100,23 @@ let loaded: Record<string, unknown> | undefined;
 function loadClassicLevel(): Record<string, unknown> {
   if (loaded) return loaded;
   const dir = nativeDir ?? join(defaultStateDir('native'));
+  let file: string;
+  let exports: Record<string, unknown>;
   try {
-    const file = extractAsset(CLASSIC_LEVEL_ASSET, dir);
+    file = extractAsset(CLASSIC_LEVEL_ASSET, dir);
     const mod = { exports: {} as Record<string, unknown> };
     process.dlopen(mod, file);
-    loaded = mod.exports;
-    pruneNativeDir(dir, file);
-    return loaded;
+    exports = mod.exports;
   } catch (err) {
     throw new FleetError('FLEET_NATIVE_LOAD', `cannot load LevelDB addon from ${dir}: ${(err as Error).message}`, { cause: err });
   }
+  try {
+    pruneNativeDir(dir, file);
+  } catch {
+    // best effort (it catches its own errors): never a reason to fail a load that worked
+  }
+  loaded = exports;
+  return loaded;
 }
 
 /** The object classic-level expects from its binding, loaded lazily (see build.mjs). */

@@ -625,12 +625,14 @@ export class McuCoapIngress {
       return this.reply(res, COAP_CODES.CONTENT);
     }
     if (!this.authenticate(res, url, Buffer.alloc(0), 'now')) return;
-    this.authenticatedFrom.set(mcuId, req.rsinfo.address);
     try {
       this.opts.service.touch(mcuId, 'coap');
     } catch (err) {
       return this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, deliverFailureReason(err), err, mcuId);
     }
+    // only an MCU the gateway acts for (touch refuses one beyond mcu.maxMcus): nothing else
+    // would ever remove its entry
+    this.authenticatedFrom.set(mcuId, req.rsinfo.address);
     this.opts.hooks.accepted('coap', 'cmd');
     const next = this.opts.service.nextCommand(mcuId) ?? Buffer.alloc(0);
     res.setOption('Content-Format', 'text/plain');

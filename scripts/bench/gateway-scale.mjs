@@ -419,8 +419,9 @@ async function gatewayPhase() {
     stateDir: join(dir, 'gateway'),
     hub: { url: `mqtt://127.0.0.1:${hubReady.mqttPort}`, tokenFile: join(dir, 'gw.token') },
     // every simulated MCU connects from 127.0.0.1; real ones each have an address of their own
-    // (Mosquitto has no such cap): the per-address cap on connections before CONNECT is lifted
-    mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100), maxUnauthenticatedPerAddress: Math.max(32, N), ...(values['mcu-msg-rate'] !== undefined ? { msgRate: Number(values['mcu-msg-rate']) } : {}) },
+    // (Mosquitto has no such cap): the caps on connections before CONNECT (per address, and
+    // in all, which bounds the other) are raised to N
+    mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100), maxUnauthenticated: Math.max(512, N), maxUnauthenticatedPerAddress: Math.max(32, N), ...(values['mcu-msg-rate'] !== undefined ? { msgRate: Number(values['mcu-msg-rate']) } : {}) },
     uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },

@@ -1,7 +1,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -123,7 +123,10 @@ test('selftest in a bare environment passes every check and extracts the addon u
   mkdirSync(home);
   // what a binary with another addon left (a content-addressed name of its own)
   mkdirSync(join(stateDir, 'native'), { recursive: true });
-  writeFileSync(join(stateDir, 'native', 'classic-level-0123456789abcdef.node'), 'an older addon');
+  const older = join(stateDir, 'native', 'classic-level-0123456789abcdef.node');
+  writeFileSync(older, 'an older addon');
+  // written an hour ago: no other binary is about to load it
+  utimesSync(older, new Date(Date.now() - 3_600_000), new Date(Date.now() - 3_600_000));
   const r = await bare(BIN, ['selftest', '--state-dir', stateDir], { HOME: home });
   assertSelftestPassed(r);
   // exactly one file: the one this binary extracted and loaded

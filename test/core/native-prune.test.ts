@@ -9,9 +9,10 @@ import { tempDir } from '../helpers.ts';
  * The native directory (<state-dir>/native) after binaries with other addons ran there:
  * real files in a temp dir. The addon in use stays; other binaries' addons go; temporary
  * files of extractions go only once they are old enough that no process can still be
- * writing them; files that are not ours stay.
+ * writing them, and so do other addons (another binary may be between writing and loading
+ * one); files that are not ours stay.
  */
-test('pruneNativeDir removes other binaries’ addons and stale extraction leftovers, never the addon in use, a fresh .tmp or a file not its own', () => {
+test('pruneNativeDir removes other binaries’ addons and extraction leftovers older than 10 minutes, never the addon in use, a younger addon or .tmp (another process may be loading or writing it), or a file not its own', () => {
   const tmp = tempDir();
   try {
     const dir = tmp.dir;
@@ -28,13 +29,18 @@ test('pruneNativeDir removes other binaries’ addons and stale extraction lefto
     for (const f of Object.values(files)) writeFileSync(f, 'x');
     const now = Date.now();
     const hourAgo = new Date(now - 3_600_000);
-    utimesSync(files.staleTmp, hourAgo, hourAgo);
+    for (const f of [files.staleTmp, files.older, files.olderStill]) utimesSync(f, hourAgo, hourAgo);
+    // another binary's addon written a minute ago: it may be about to load it
+    const young = join(dir, 'classic-level-aaaaaaaaaaaaaaaa.node');
+    writeFileSync(young, 'x');
+    const minuteAgo = new Date(now - 60_000);
+    utimesSync(young, minuteAgo, minuteAgo);
     // an old mtime on the addon in use changes nothing: it is kept by name
     utimesSync(files.current, hourAgo, hourAgo);
 
     const removed = pruneNativeDir(dir, current, now);
     assert.deepEqual(removed.sort(), ['classic-level-0123456789abcdef.node', 'classic-level-0123456789abcdef.node.4242.tmp', 'classic-level-fedcba9876543210.node']);
-    assert.deepEqual(readdirSync(dir).sort(), ['classic-level-48843c7375f755db.node', 'classic-level-48843c7375f755db.node.4343.tmp', 'classic-level-xyz.node', 'notes.txt']);
+    assert.deepEqual(readdirSync(dir).sort(), ['classic-level-48843c7375f755db.node', 'classic-level-48843c7375f755db.node.4343.tmp', 'classic-level-aaaaaaaaaaaaaaaa.node', 'classic-level-xyz.node', 'notes.txt']);
     // again: nothing more to do
     assert.deepEqual(pruneNativeDir(dir, current, now), []);
     // a directory that does not exist: nothing, no throw

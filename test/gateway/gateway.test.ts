@@ -396,7 +396,8 @@ test('gateway: when its hub connection dies its MCUs go offline at the hub, and 
   });
 });
 
-test('gateway: mcu.maxUnauthenticatedPerAddress caps the MQTT connections one address holds open without a CONNECT; an MCU connects again once one of them goes', async () => {
+for (const key of ['maxUnauthenticatedPerAddress', 'maxUnauthenticated'] as const) {
+  test(`gateway: mcu.${key} caps the MQTT connections held open without a CONNECT; an MCU connects again once one of them goes`, async () => {
   await withEnv(
     async ({ gw, site }) => {
       // two silent TCP connections from 127.0.0.1 (no CONNECT): the cap of 2 is taken
@@ -419,7 +420,7 @@ test('gateway: mcu.maxUnauthenticatedPerAddress caps the MQTT connections one ad
         await waitFor(() => refused() >= 1, 'the refusal counted');
         // one silent socket goes: the MCU connects
         silent[0]!.destroy();
-        await waitFor(() => unauthenticated() === 1, 'its slot released');
+        await waitFor(() => unauthenticated() <= 1, 'its slot released');
         const ok = mqtt.connect(`mqtt://127.0.0.1:${gw.mqttPort}`, { clientId: 'esp-cap', username: 'esp-cap', password: mcuKey(site, 'esp-cap'), reconnectPeriod: 0, connectTimeout: 5000 });
         await new Promise<void>((resolve, reject) => {
           ok.once('connect', () => resolve());
@@ -431,6 +432,7 @@ test('gateway: mcu.maxUnauthenticatedPerAddress caps the MQTT connections one ad
         for (const s of silent) s.destroy();
       }
     },
-    { maxUnauthenticatedPerAddress: 2 },
+    { [key]: 2 },
   );
-});
+  });
+}
