@@ -17,6 +17,7 @@ export const ERROR_CODES = {
   FLEET_DEVICE_ID_INVALID: 'a device id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}',
   FLEET_OUTBOX_FULL: 'the outbox byte budget is reached and nothing of lower priority is left to evict',
   FLEET_MCU_AUTH: 'an MCU message failed its MAC check; dropped and counted',
+  FLEET_MCU_REVOKED: 'the MCU is on the gateway\'s revoked list (mcu.revokedFile): MQTT CONNACK 5, CoAP 4.03; its connection is cut when it is added',
   FLEET_MCU_REPLAY: 'an MCU message reused an old counter; dropped and counted',
   FLEET_MCU_DECODE: 'an MCU payload could not be decoded (SenML JSON or CBOR, compact form, hello, ack); dropped and counted',
   FLEET_HTTP_NOT_FOUND: 'no such HTTP route or resource',

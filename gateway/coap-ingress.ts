@@ -11,6 +11,8 @@ import type { McuService } from './service.ts';
 import { Block1Assembler } from './uploads.ts';
 
 export interface McuCoapIngressOptions {
+  /** is this MCU's key revoked (mcu.revokedFile)? */
+  revoked(mcuId: string): boolean;
   host: string;
   port: number;
   /** per-MCU keys (derived from the site secret) */
@@ -342,6 +344,13 @@ export class McuCoapIngress {
     this.authenticatedFrom.delete(mcuId);
   }
 
+  /** A revoked MCU: no more firmware blocks to its address, its mailbox observation ends. */
+  revoke(mcuId: string): void {
+    this.authenticatedFrom.delete(mcuId);
+    const obs = this.observers.get(mcuId);
+    if (obs) this.endObserver(mcuId, obs);
+  }
+
   get observing(): number {
     return this.observers.size;
   }
@@ -499,11 +508,14 @@ export class McuCoapIngress {
         counter = parseCounter(url.counter);
         verifyMcuMac(key, mcuId, url.resource, counter, payload, url.mac);
       }
+      // checked after the MAC: only the key's holder learns that it is revoked
+      if (this.opts.revoked(mcuId)) throw new FleetError('FLEET_MCU_REVOKED', `${mcuId} is on the gateway's revoked list`);
       this.opts.keys.prove(mcuId, key);
       return counter;
     } catch (err) {
       if (isFleetError(err, 'FLEET_MCU_REPLAY')) this.refuse(res, COAP_CODES.UNAUTHORIZED, 'replay', err, mcuId);
       else if (isFleetError(err, 'FLEET_FORBIDDEN')) this.refuse(res, COAP_CODES.SERVICE_UNAVAILABLE, 'mcu_limit', err, mcuId);
+      else if (isFleetError(err, 'FLEET_MCU_REVOKED')) this.refuse(res, COAP_CODES.FORBIDDEN, 'revoked', err, mcuId);
       else {
         this.opts.hooks.authFailed('coap');
         this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', err, mcuId);

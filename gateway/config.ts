@@ -85,6 +85,8 @@ export const GatewayConfigSchema = z
         coapPort: port.default(5683),
         /** file with the site secret every MCU key derives from, mode 0600, created when missing; default <stateDir>/site.secret */
         siteSecretFile: z.string().min(1).optional(),
+        /** revoked MCUs, one id per line (`#` comments); re-read when it changes; default <stateDir>/revoked-mcus (absent = none) */
+        revokedFile: z.string().min(1).optional(),
         /**
          * An MCU silent for longer than this is reported offline, ms. Unset: 3x the
          * interval observed between its messages (at least 1 s), or 60 s until known.
@@ -173,10 +175,11 @@ export const GatewayConfigSchema = z
 export type GatewayConfig = z.infer<typeof GatewayConfigSchema>;
 
 /** Files that default to places under stateDir. */
-export function gatewayPaths(config: GatewayConfig): { tokenFile: string; siteSecretFile: string; stateFile: string } {
+export function gatewayPaths(config: GatewayConfig): { tokenFile: string; siteSecretFile: string; stateFile: string; revokedFile: string } {
   return {
     tokenFile: config.hub.tokenFile ?? join(config.stateDir, 'token'),
     siteSecretFile: config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret'),
     stateFile: join(config.stateDir, 'mcu-state.json'),
+    revokedFile: config.mcu.revokedFile ?? join(config.stateDir, 'revoked-mcus'),
   };
 }

@@ -19,6 +19,7 @@ import { gatewayPaths, type GatewayConfig } from './config.ts';
 import { FirmwareManager, type VerifyFirmware } from './firmware.ts';
 import { LogThrottle, type DropReason, type IngressHooks } from './ingress.ts';
 import { Mailbox } from './mailbox.ts';
+import { McuRevocations } from './revocations.ts';
 import { McuMqttIngress } from './mqtt-ingress.ts';
 import type { LeanTlsOptions } from './mqtt-lean.ts';
 import { McuRateLimit } from './rate-limit.ts';
@@ -213,6 +214,15 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const limits = { maxPayloadBytes: config.mcu.maxPayloadBytes, maxRecords: config.mcu.maxRecords };
   let mqtt: McuMqttIngress | undefined;
   let coap: McuCoapIngress | undefined;
+  // revoked MCUs (mcu.revokedFile): refused at authentication; one added while connected is cut off
+  const revocations = new McuRevocations(paths.revokedFile, log, (ids) => {
+    for (const id of ids) {
+      mqtt?.revoke(id);
+      coap?.revoke(id);
+    }
+  });
+  revocations.start();
+  const revoked = (mcuId: string): boolean => revocations.has(mcuId);
   /** a save failed, or changes came while one was under way: the next tick saves even without new changes */
   let saveAgain = false;
   let saving: Promise<void> | null = null;
@@ -255,6 +265,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   let http: Listening | undefined;
   const shutdown = async () => {
     shuttingDown = true;
+    revocations.stop();
     clearInterval(flushTimer);
     clearInterval(forgetTimer);
     await http?.close();
@@ -269,12 +280,13 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   };
 
   try {
-    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, maxUnauthenticated: config.mcu.maxUnauthenticated, maxUnauthenticatedPerAddress: config.mcu.maxUnauthenticatedPerAddress, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, maxUnauthenticated: config.mcu.maxUnauthenticated, maxUnauthenticatedPerAddress: config.mcu.maxUnauthenticatedPerAddress, revoked, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
     coap = await McuCoapIngress.start({
       host: config.mcu.host,
       port: config.mcu.coapPort,
       keys,
       guard,
+      revoked,
       log: log.child({ ingress: 'coap' }),
       hooks,
       service: svc,
@@ -326,6 +338,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_downlink_mcus', 'MCUs covered by the downlink subscription (commands and desired state from the hub)', () => relay.downlinkMcus);
   metrics.gaugeFn('fleet_gateway_mailbox_depth', 'Commands waiting in MCU mailboxes', () => mailbox.depth);
   metrics.gaugeFn('fleet_gateway_firmware_mcus', 'MCU firmware updates by state', () => Object.entries(fwm.counts()).map(([state, value]) => ({ labels: { state }, value })));
+  metrics.gaugeFn('fleet_gateway_mcus_revoked', 'MCUs on the revoked list (mcu.revokedFile)', () => revocations.size);
   metrics.gaugeFn('fleet_gateway_mqtt_unauthenticated', 'MCU MQTT connections not authenticated yet (TLS handshake or CONNECT pending); capped by mcu.maxUnauthenticated and, per address, mcu.maxUnauthenticatedPerAddress', () => mqttIngress.unauthenticated);
   metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);
   metrics.gaugeFn('fleet_gateway_coap_uploads_in_progress', 'CoAP Block1 uploads in progress', () => coapIngress.uploadsInProgress);

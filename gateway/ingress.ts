@@ -16,6 +16,7 @@ export type DropReason =
   | 'bad_request' // not an MCU resource, wrong method, malformed datagram
   | 'unsupported' // content format or CoAP feature not supported (Block1)
   | 'mcu_limit' // the gateway already acts for maxMcus MCUs
+  | 'revoked' // the MCU is on the revoked list (mcu.revokedFile)
   | 'outbox_full' // the outbox cannot take it (byte budget of higher-priority records)
   | 'unavailable' // the gateway is stopping or its store failed
   | 'upload'; // a Block1 upload out of order, too large, timed out, or too many at once

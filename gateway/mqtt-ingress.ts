@@ -32,6 +32,8 @@ export interface McuMqttIngressOptions {
   guard: ReplayGuard;
   /** drop MQTT payloads without a MAC line */
   requireMac: boolean;
+  /** is this MCU's key revoked (mcu.revokedFile)? */
+  revoked(mcuId: string): boolean;
   log: Logger;
   hooks: IngressHooks;
   service: McuService;
@@ -145,25 +147,32 @@ export class McuMqttIngress {
     return this.lean.unauthenticated;
   }
 
+  /** Cut the session of a revoked MCU (it gets CONNACK 5 when it comes back). */
+  revoke(mcuId: string): void {
+    this.lean.sessions.get(mcuId)?.destroy();
+  }
+
   /** Is `mcuId` connected (an authenticated MQTT session) now? */
   isConnected(mcuId: string): boolean {
     return this.lean.sessions.has(mcuId);
   }
 
-  private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 } {
+  private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 | 5 } {
     const username = c.username;
-    const refuse = (rc: 3 | 4, why: string): { rc: 3 | 4 } => {
+    const refuse = (rc: 3 | 4 | 5, why: string): { rc: 3 | 4 | 5 } => {
       if (rc === 4) this.opts.hooks.authFailed('mqtt');
-      this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
+      this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : rc === 5 ? 'revoked' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
       // throttled per peer address, not per user name (a peer picks any number of those),
       // and the name cut short: a flood of refused CONNECTs cannot flood the log
       this.throttle.warn(`auth:${remote ?? '?'}`, 'MCU MQTT connection refused', { mcu: typeof username === 'string' ? username.slice(0, 64) : username, remote, why });
-      return { rc }; // 3 server unavailable, 4 bad user name or password [MQTT-3.2.2-3]
+      return { rc }; // 3 server unavailable, 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3]
     };
     if (!isDeviceId(username)) return refuse(4, 'username is not an MCU id');
     if (c.clientId !== username) return refuse(4, 'client id must equal the MCU id');
     const key = this.opts.keys.get(username);
     if (!secretEquals(c.password?.toString('utf8') ?? '', key)) return refuse(4, 'wrong MCU key');
+    // checked after the key: only its holder learns that it is revoked
+    if (this.opts.revoked(username)) return refuse(5, 'FLEET_MCU_REVOKED: the MCU is on the revoked list');
     this.opts.keys.prove(username, key);
     // an MCU reconnecting takes its old connection over: not counted against the limit
     if (this.lean.connectedClients >= this.opts.maxClients && !this.lean.sessions.has(username)) return refuse(3, `${this.opts.maxClients} MCU connections already open`);
