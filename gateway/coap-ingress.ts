@@ -607,7 +607,8 @@ export class McuCoapIngress {
     // 2.04 only once it is stored: it tells the MCU it may forget it
     const p: Promise<void> = work.then(
       () => {
-        if (recordCounter(guard, mcuId, counter)) this.authenticatedFrom.set(mcuId, from);
+        // a revocation that came while this was stored leaves no address behind
+        if (recordCounter(guard, mcuId, counter) && !this.opts.revoked(mcuId)) this.authenticatedFrom.set(mcuId, from);
         this.opts.hooks.accepted('coap', resource);
         res(COAP_CODES.CHANGED);
       },
@@ -694,11 +695,13 @@ export class McuCoapIngress {
   /** GET fw with Block2: any block of the offered image, of the size asked for. */
   private onFirmware(req: IncomingMessage, res: OutgoingMessage, url: ParsedCoapUrl): void {
     const { mcuId } = url;
-    // every block repeats the query: MAC checked, counter not consumed (docs "CoAP")
-    if (!this.authenticate(res, url, Buffer.alloc(0), false)) return;
+    // the address first: a captured query (its counter is not consumed, below) replayed from
+    // elsewhere gets this answer whatever the MCU's state, revoked or not, and costs no MAC
     if (this.authenticatedFrom.get(mcuId) !== req.rsinfo.address) {
       return this.refuse(res, COAP_CODES.UNAUTHORIZED, 'auth', new FleetError('FLEET_MCU_ADDRESS', `firmware for ${mcuId} is served to the address of its latest authenticated message; send one (e.g. GET cmd) from this address first`), mcuId);
     }
+    // every block repeats the query: MAC checked, counter not consumed (docs "CoAP")
+    if (!this.authenticate(res, url, Buffer.alloc(0), false)) return;
     const image = this.opts.service.firmwareFor(mcuId);
     if (!image) return this.refuse(res, COAP_CODES.NOT_FOUND, 'bad_request', new FleetError('FLEET_MCU_NO_FIRMWARE', `no firmware is offered to ${mcuId}`), mcuId);
     if (url.image !== undefined && !image.sha256.toString('hex').startsWith(url.image.toLowerCase())) {

@@ -97,6 +97,12 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const token = readSecretFile(paths.tokenFile);
   const siteSecret = loadOrCreateSecret(paths.siteSecretFile);
+  // revoked MCUs (mcu.revokedFile): refused at authentication. Read before anything is
+  // opened: a list that exists but cannot be read stops the start (FLEET_CONFIG_INVALID)
+  let cutRevoked: (ids: string[]) => void = () => undefined;
+  const revocations = new McuRevocations(paths.revokedFile, log, (ids) => cutRevoked(ids));
+  revocations.start();
+  const revoked = (mcuId: string): boolean => revocations.has(mcuId);
 
   const metrics = new MetricsRegistry();
   const messagesIn = metrics.counter('fleet_gateway_mcu_messages_total', 'MCU messages accepted (authenticated, decoded and stored), by protocol and channel');
@@ -214,15 +220,13 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const limits = { maxPayloadBytes: config.mcu.maxPayloadBytes, maxRecords: config.mcu.maxRecords };
   let mqtt: McuMqttIngress | undefined;
   let coap: McuCoapIngress | undefined;
-  // revoked MCUs (mcu.revokedFile): refused at authentication; one added while connected is cut off
-  const revocations = new McuRevocations(paths.revokedFile, log, (ids) => {
+  // one added to the revoked list while connected is cut off
+  cutRevoked = (ids) => {
     for (const id of ids) {
       mqtt?.revoke(id);
       coap?.revoke(id);
     }
-  });
-  revocations.start();
-  const revoked = (mcuId: string): boolean => revocations.has(mcuId);
+  };
   /** a save failed, or changes came while one was under way: the next tick saves even without new changes */
   let saveAgain = false;
   let saving: Promise<void> | null = null;
@@ -318,7 +322,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   // hourly, so a gateway that runs for years does not fill mcu.maxMcus with MCUs long gone;
   // never one still connected (an MQTT session that only pings) or observing its mailbox
   if (config.mcu.forgetAfterDays > 0) {
-    const keep = (mcuId: string): boolean => svc.hasPending(mcuId) || mqttIngress.isConnected(mcuId) || coapIngress.isObserving(mcuId);
+    // a revoked MCU is not kept for a firmware job or command it can never finish
+    const keep = (mcuId: string): boolean => !revoked(mcuId) && (svc.hasPending(mcuId) || mqttIngress.isConnected(mcuId) || coapIngress.isObserving(mcuId));
     forgetTimer = setInterval(() => {
       for (const id of relay.forgetSilent(config.mcu.forgetAfterDays, keep)) {
         guard.forget(id);

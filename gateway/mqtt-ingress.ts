@@ -56,7 +56,8 @@ const BACKLOG = 4096;
  * gateway sends anything down, so a connection needs little more than its socket.
  *
  * - CONNECT: client id = username = MCU id, password = its derived key, compared in
- *   constant time; CONNACK 4 otherwise [MQTT-3.2.2-3], CONNACK 3 beyond maxClients;
+ *   constant time; CONNACK 4 otherwise [MQTT-3.2.2-3], CONNACK 3 beyond maxClients, CONNACK 5
+ *   for an MCU on the revoked list (mcu.revokedFile);
  * - PUBLISH: only the MCU's own up channels; anything else closes the connection (MQTT
  *   3.1.1 cannot refuse one PUBLISH, FACTS.md). Telemetry is decoded and handed to the
  *   relay, and the PUBACK written only once that resolved: a QoS 1 PUBACK means "stored in
@@ -181,6 +182,11 @@ export class McuMqttIngress {
 
   private onPublish(conn: LeanConn, packet: LeanPublish): PublishOutcome | Promise<PublishOutcome> {
     const mcuId = conn.id!;
+    // revoked since it connected: packets read before its session was cut are not stored
+    if (this.opts.revoked(mcuId)) {
+      this.opts.hooks.dropped('mqtt', 'revoked', { mcuId });
+      return 'close';
+    }
     const topic = mcuUpTopic(mcuId, packet.topic);
     if (topic === null) {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
@@ -223,7 +229,16 @@ export class McuMqttIngress {
     // its next packets wait (the socket is paused once about one more packet is held) and the
     // MCU gets this PUBACK late
     const wait = channel === 'fwreq' ? 0 : this.opts.service.admit(mcuId);
-    if (wait > 0) return this.throttled(conn, mcuId, wait, packet.qos).then((go) => (go ? this.store(conn, mcuId, channel, body, counter) : 'close'));
+    if (wait > 0) {
+      return this.throttled(conn, mcuId, wait, packet.qos).then((go) => {
+        // revoked while it waited out the rate limit: not stored either
+        if (go && this.opts.revoked(mcuId)) {
+          this.opts.hooks.dropped('mqtt', 'revoked', { mcuId });
+          return 'close';
+        }
+        return go ? this.store(conn, mcuId, channel, body, counter) : 'close';
+      });
+    }
     return this.store(conn, mcuId, channel, body, counter);
   }
 

@@ -75,7 +75,7 @@ export interface LeanPublish {
 export type PublishOutcome = 'ack' | 'close';
 
 export interface LeanServerHooks {
-  /** 0 = accept (the value is the session's id from now on), 3 server unavailable, 4 bad user name or password */
+  /** 0 = accept (the value is the session's id from now on), 3 server unavailable, 4 bad user name or password, 5 not authorized */
   authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 | 5 };
   /** 'ack': acknowledge (QoS 1/2) and go on; 'close': drop the connection without an acknowledgement */
   onPublish(conn: LeanConn, p: LeanPublish): Promise<PublishOutcome> | PublishOutcome;

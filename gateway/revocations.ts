@@ -1,4 +1,5 @@
-import { readFileSync, statSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
+import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
 
@@ -8,6 +9,8 @@ const POLL_MS = 2000;
 const MAX_FILE_BYTES = 4 * 1024 * 1024;
 /** most ids in the list: as many as a gateway can act for */
 const MAX_IDS = 100_000;
+/** invalid lines logged one by one; the rest as a count */
+const MAX_BAD_LINES_LOGGED = 20;
 
 /**
  * MCUs whose keys are revoked (docs/mcu-protocol.md "Revoking one MCU"). MCU keys are
@@ -17,9 +20,10 @@ const MAX_IDS = 100_000;
  * whenever it changes (polled every 2 s), without a restart.
  *
  * A file that cannot be read, is too large or holds an invalid line is reported (logged with
- * the line) and loses nothing: an unreadable or oversized file keeps the previous list, and an
- * invalid line is skipped while the valid ones apply. A file that does not exist is an empty
- * list (the default: nothing revoked).
+ * the line) and loses nothing: at start an unreadable or oversized file stops the gateway
+ * (FLEET_CONFIG_INVALID), later it keeps the list in force; an invalid line is skipped while
+ * the valid ones apply. A file that does not exist is an empty list (the default: nothing
+ * revoked).
  */
 export class McuRevocations {
   private ids: ReadonlySet<string> = new Set();
@@ -38,9 +42,15 @@ export class McuRevocations {
    * Read the list and look for changes every 2 s. Our own poll rather than fs.watchFile:
    * its first stat is taken asynchronously, so a change made right after the start was never
    * seen; here what was read and the stat it is compared with are taken together.
+   *
+   * Throws FLEET_CONFIG_INVALID when the file exists but cannot be read as a list (not a
+   * regular file, no permission, too large): a gateway must not start with every revoked MCU
+   * let back in. A missing file is an empty list. Later, while running, the same problems are
+   * logged and the list in force stays.
    */
   start(): void {
-    this.poll();
+    const problem = this.poll();
+    if (problem) throw new FleetError('FLEET_CONFIG_INVALID', `mcu.revokedFile ${this.file}: ${problem}; fix or remove it (a missing file revokes no MCU)`);
     this.timer = setInterval(() => this.poll(), POLL_MS);
     this.timer.unref();
   }
@@ -57,46 +67,62 @@ export class McuRevocations {
     return this.ids.size;
   }
 
-  private poll(): void {
-    let sig = '';
-    let size = 0;
+  /** Read the file again if it changed; returns what made it unreadable, if anything. */
+  private poll(): string | undefined {
+    let fd: number | undefined;
     try {
-      const st = statSync(this.file);
-      sig = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
-      size = st.size;
+      // O_NONBLOCK: a FIFO at the path must not block the event loop in open or read
+      fd = openSync(this.file, constants.O_RDONLY | constants.O_NONBLOCK);
+      const st = fstatSync(fd);
+      const sig = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+      if (sig === this.seen) return undefined;
+      const reload = this.seen !== null;
+      // changed within the last polls: read again next time too, since a rewrite of the same
+      // size within one timestamp tick would leave this signature as it is (git's racy rule)
+      this.seen = Date.now() - st.mtimeMs < 2 * POLL_MS ? `${sig}:racy` : sig;
+      if (!st.isFile()) return this.unreadable('not a regular file', reload);
+      if (st.size > MAX_FILE_BYTES) return this.unreadable(`${st.size} bytes, more than ${MAX_FILE_BYTES}`, reload);
+      // at most MAX_FILE_BYTES + 1 bytes, whatever the file grew to since fstat
+      const buf = Buffer.alloc(Math.min(st.size, MAX_FILE_BYTES) + 1);
+      let n = 0;
+      for (let r = -1; r !== 0 && n < buf.length; n += r) r = readSync(fd, buf, n, buf.length - n, n);
+      if (n > MAX_FILE_BYTES) return this.unreadable(`more than ${MAX_FILE_BYTES} bytes`, reload);
+      this.apply(buf.toString('utf8', 0, n), reload);
+      return undefined;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') sig = `error:${(err as NodeJS.ErrnoException).code}`;
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') {
+        if (this.seen === '') return undefined;
+        if (this.seen !== null && this.ids.size > 0) this.log.warn('revoked MCU list removed: no MCU is revoked now', { file: this.file, was: this.ids.size });
+        this.seen = '';
+        this.replace(new Set());
+        return undefined;
+      }
+      const sig = `error:${code}`;
+      if (sig === this.seen) return undefined;
+      const reload = this.seen !== null;
+      this.seen = sig;
+      return this.unreadable((err as Error).message, reload);
+    } finally {
+      if (fd !== undefined) closeSync(fd);
     }
-    if (sig === this.seen) return;
-    const reload = this.seen !== null;
-    this.seen = sig;
-    this.load(reload, size);
   }
 
-  private load(reload: boolean, size: number): void {
-    let text: string;
-    try {
-      if (size > MAX_FILE_BYTES) {
-        this.log.error('revoked MCU list too large; the previous list stays', { code: 'FLEET_CONFIG_INVALID', file: this.file, bytes: size, max: MAX_FILE_BYTES, revoked: this.ids.size });
-        return;
-      }
-      text = readFileSync(this.file, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-        if (reload && this.ids.size > 0) this.log.warn('revoked MCU list removed: no MCU is revoked now', { file: this.file, was: this.ids.size });
-        this.ids = new Set();
-        return;
-      }
-      this.log.error('cannot read the revoked MCU list; the previous list stays', { code: 'FLEET_CONFIG_INVALID', file: this.file, err, revoked: this.ids.size });
-      return;
-    }
+  private unreadable(why: string, reload: boolean): string {
+    if (reload) this.log.error('cannot read the revoked MCU list; the previous list stays', { code: 'FLEET_CONFIG_INVALID', file: this.file, why, revoked: this.ids.size });
+    return why;
+  }
+
+  private apply(text: string, reload: boolean): void {
     const next = new Set<string>();
     const lines = text.split('\n');
+    let bad = 0;
     for (let i = 0; i < lines.length; i++) {
       const id = lines[i]!.replace(/#.*/, '').trim();
       if (id === '') continue;
       if (!isDeviceId(id)) {
-        this.log.warn('revoked MCU list: not an MCU id; line skipped', { code: 'FLEET_CONFIG_INVALID', file: this.file, line: i + 1, text: (id as string).slice(0, 80) });
+        // the first few by line; a file full of junk is one more line, not a flood
+        if (++bad <= MAX_BAD_LINES_LOGGED) this.log.warn('revoked MCU list: not an MCU id; line skipped', { code: 'FLEET_CONFIG_INVALID', file: this.file, line: i + 1, text: (id as string).slice(0, 80) });
         continue;
       }
       if (next.size >= MAX_IDS) {
@@ -105,10 +131,15 @@ export class McuRevocations {
       }
       next.add(id);
     }
+    if (bad > MAX_BAD_LINES_LOGGED) this.log.warn('revoked MCU list: more lines skipped', { code: 'FLEET_CONFIG_INVALID', file: this.file, skipped: bad, logged: MAX_BAD_LINES_LOGGED });
+    this.replace(next, reload || next.size > 0);
+  }
+
+  private replace(next: Set<string>, log = true): void {
     const added = [...next].filter((id) => !this.ids.has(id));
     const removed = [...this.ids].filter((id) => !next.has(id));
     this.ids = next;
-    if (added.length > 0 || removed.length > 0) {
+    if (log && (added.length > 0 || removed.length > 0)) {
       this.log.info('revoked MCU list read', { file: this.file, revoked: next.size, added: added.slice(0, 20), removed: removed.slice(0, 20) });
     }
     if (added.length > 0) this.onRevoked(added);

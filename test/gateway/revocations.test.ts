@@ -1,11 +1,20 @@
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { MqttClient } from 'mqtt';
+import { isFleetError } from '../../core/errors.ts';
+import { COAP_METHOD, encodeRequest } from '../../esp32-sim/coap-lite.ts';
+import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
+import { COAP_PATH_ROOT, COAP_QUERY_COUNTER, COAP_QUERY_MAC } from '../../firmware-bridge/coap.ts';
+import { GatewayConfigSchema } from '../../gateway/config.ts';
+import { startGateway } from '../../gateway/index.ts';
 import { McuRevocations } from '../../gateway/revocations.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { coap, connectMcu, of, withEnv } from './env.ts';
+import { coap, connectMcu, nextCounter, of, withEnv } from './env.ts';
 
 const reading = (v: number) => Buffer.from(JSON.stringify([{ n: 'temperature', v }]));
 
@@ -43,7 +52,8 @@ test('gateway: MCUs added to the revoked list are cut off (MQTT session closed, 
     assert.equal(refused.code, '4.03');
     assert.match(refused.body.toString(), /FLEET_MCU_REVOKED/);
     assert.equal(metric(/^fleet_gateway_mcu_dropped_total\{protocol="mqtt",reason="revoked"\} (\d+)$/m), 1);
-    assert.equal(metric(/^fleet_gateway_mcu_dropped_total\{protocol="coap",reason="revoked"\} (\d+)$/m), 1);
+    // at least: a retransmission of the CoAP request (a stall of over 2 s) is refused again
+    assert.ok(metric(/^fleet_gateway_mcu_dropped_total\{protocol="coap",reason="revoked"\} (\d+)$/m) >= 1);
     // a revoked MCU's refusals are not counted as failed authentication (its key is right)
     assert.doesNotMatch(gw.metrics.render(), /^fleet_gateway_mcu_auth_failures_total\{protocol="(mqtt|coap)"\} [1-9]/m);
 
@@ -98,6 +108,73 @@ test('McuRevocations: an invalid line is reported with its number and skipped; a
     assert.deepEqual(cut, ['esp-a', 'esp-b', 'esp-c']);
   } finally {
     r.stop();
+    tmp.cleanup();
+  }
+});
+
+test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its observation at once; a new GET cmd is refused', { timeout: 60_000 }, async () => {
+  await withEnv(async ({ gw, site, gwDir }) => {
+    const sock = createSocket('udp4');
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+    const got: Buffer[] = [];
+    sock.on('message', (m) => got.push(m));
+    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const observers = () => Number(/^fleet_gateway_coap_observers (\d+)/m.exec(gw.metrics.render())?.[1]);
+    const id = 'esp-obs-r';
+    const getCmd = (observe: 0 | undefined, mid: number, token: number) => {
+      const c = nextCounter();
+      const mac = signMcuMessage(mcuKey(site, id), id, 'cmd', c, Buffer.alloc(0));
+      return encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, id, 'cmd'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${mac}`], ...(observe === undefined ? {} : { observe }) }, 0, mid, token);
+    };
+    try {
+      await send(getCmd(0, 0x4001, 0x1234));
+      await waitFor(() => got.length === 1 && observers() === 1, 'observing its mailbox');
+      writeFileSync(join(gwDir, 'revoked-mcus'), `${id}\n`);
+      await waitFor(() => observers() === 0, 'the observation ended by the revocation', 10_000);
+      await send(getCmd(undefined, 0x4002, 0x1235));
+      await waitFor(() => got.length >= 2, 'answered');
+      // a CoAP response header: version 1, type, token length; then the code byte (4.03 = 0x83)
+      assert.equal(got.at(-1)![1], 0x83, 'GET cmd answered 4.03');
+      assert.match(got.at(-1)!.toString('latin1'), /FLEET_MCU_REVOKED/);
+    } finally {
+      await new Promise<void>((r) => sock.close(() => r()));
+    }
+  });
+});
+
+test('gateway start: a revoked list that exists but cannot be read stops the start with FLEET_CONFIG_INVALID (every revoked MCU would be let back in)', { timeout: 30_000 }, async () => {
+  const tmp = tempDir();
+  try {
+    const stateDir = join(tmp.dir, 'gw');
+    mkdirSync(join(stateDir, 'revoked-mcus'), { recursive: true }); // a directory where the list should be
+    writeSecretFile(join(stateDir, 'token'), 'not-used-before-the-check');
+    const config = GatewayConfigSchema.parse({ deviceId: 'gw-r', stateDir, hub: { url: 'mqtt://127.0.0.1:1' }, mcu: { mqttPort: 0, coapPort: 0 } });
+    await assert.rejects(startGateway(config, testLogger('gateway'), '0.0.0-test'), (err: unknown) => isFleetError(err, 'FLEET_CONFIG_INVALID') && /revoked-mcus: not a regular file/.test((err as Error).message));
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('McuRevocations: a FIFO at the path is refused without blocking, and a file full of bad lines logs twenty and a count', () => {
+  const tmp = tempDir();
+  try {
+    const fifo = join(tmp.dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    const r = new McuRevocations(fifo, testLogger('revocations'));
+    // a blocking open or read would hang here (no writer ever comes)
+    assert.throws(() => r.start(), (err: unknown) => isFleetError(err, 'FLEET_CONFIG_INVALID') && /not a regular file/.test((err as Error).message));
+    r.stop();
+
+    const junk = join(tmp.dir, 'junk');
+    writeFileSync(junk, 'esp-fine\n' + Array.from({ length: 30 }, (_, i) => `bad id ${i}`).join('\n'));
+    const log = testLogger('revocations');
+    const j = new McuRevocations(junk, log);
+    j.start();
+    j.stop();
+    assert.equal(j.size, 1);
+    assert.equal(log.lines.filter((l) => l.msg === 'revoked MCU list: not an MCU id; line skipped').length, 20);
+    assert.equal(log.lines.find((l) => l.msg === 'revoked MCU list: more lines skipped')?.skipped, 30);
+  } finally {
     tmp.cleanup();
   }
 });
