@@ -73,7 +73,7 @@ export const ERROR_CODES = {
   // gateway and MCU contract (docs/mcu-protocol.md)
   FLEET_MCU_MAILBOX_FULL: 'the gateway mailbox of this MCU holds mcu.mailboxMax commands already, or the command is larger than 1 KiB; answered to the hub at once',
   FLEET_MCU_NO_FIRMWARE: 'no firmware image is offered to this MCU (or not the one it asked for with h=)',
-  FLEET_MCU_ADDRESS: 'firmware over CoAP is served only to the address the MCU\'s latest accepted counter-consuming request (a reading, hello, ack, log or GET cmd) came from; send one from this address first (after a gateway restart, or when the MCU\'s address changed)',
+  FLEET_MCU_ADDRESS: 'firmware over CoAP is served only to the address the MCU\'s latest accepted counter-consuming request (a reading, hello, ack, log or GET cmd) came from; send one from this address first (after a gateway restart, after the MCU was forgotten (mcu.forgetAfterDays), or when the MCU\'s address changed)',
   FLEET_MCU_IN_FLIGHT: 'a CoAP message whose counter belongs to a message still being stored (a replayed copy, or the MCU\'s own resend): 5.03 with Max-Age 1; send it again after that: it is then stored, or answered 4.01 FLEET_MCU_REPLAY when the first copy was stored',
   FLEET_MCU_RATE: 'an MCU sends faster than mcu.msgRate allows: CoAP gets 5.03 with Max-Age (send the same message again after it), MQTT its PUBACK later; nothing is dropped',
   FLEET_MCU_UPLOAD: 'an MCU Block1 upload is out of order, too large, timed out, or the gateway has too many in progress',

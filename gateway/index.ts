@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadTlsPair } from '../core/tls.ts';
 import { FleetError, isFleetError } from '../core/errors.ts';
@@ -102,6 +102,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   let cutRevoked: (ids: string[]) => void = () => undefined;
   const revocations = new McuRevocations(paths.revokedFile, log, (ids) => cutRevoked(ids));
   revocations.start();
+  if (config.mcu.revokedFile !== undefined && !existsSync(config.mcu.revokedFile)) log.warn('mcu.revokedFile does not exist: no MCU is revoked (is the path right?)', { file: config.mcu.revokedFile });
   const revoked = (mcuId: string): boolean => revocations.has(mcuId);
 
   const metrics = new MetricsRegistry();
