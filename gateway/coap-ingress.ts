@@ -1,7 +1,7 @@
 import { createSocket, type Socket } from 'node:dgram';
 import { isIPv6, type AddressInfo } from 'node:net';
 import { createServer, updateTiming, ObserveWriteStream, type IncomingMessage, type OutgoingMessage, type Server } from 'coap';
-import { FleetError, isFleetError, toFleetError } from '../core/errors.ts';
+import { FleetError, isFleetError, toFleetError, type ErrorCode } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { parseCounter, type McuKeys, recordCounter, ReplayGuard, verifyMcuMac, verifyMcuMessage } from '../firmware-bridge/auth.ts';
 import { buildCoapPacket, COAP_CODES, COAP_OPTION, coapCodeByte, coapUint, coapUintValue, coapUrlOf, parseBlockOption, parseCoapPacket, parseCoapUrl, scanCoapDatagram, TEXT_FORMAT, type CoapPacket, type ParsedCoapUrl } from '../firmware-bridge/coap.ts';
@@ -348,7 +348,7 @@ export class McuCoapIngress {
   revoke(mcuId: string): void {
     this.authenticatedFrom.delete(mcuId);
     const obs = this.observers.get(mcuId);
-    if (obs) this.endObserver(mcuId, obs);
+    if (obs) this.endObserver(mcuId, obs, { code: COAP_CODES.FORBIDDEN, error: 'FLEET_MCU_REVOKED' });
   }
 
   get observing(): number {
@@ -668,9 +668,26 @@ export class McuCoapIngress {
     }
   }
 
-  private endObserver(mcuId: string, res: OutgoingMessage): void {
+  /**
+   * End an observation. With `final`, the MCU is told: a last notification with that error
+   * code and no Observe option, which ends the observation at the client too (RFC 7641 §3.2,
+   * §4.2). The coap package's own end() sends nothing once a notification went out, so the
+   * last one goes through its observe stream's send (an internal of coap 1.x, checked here).
+   */
+  private endObserver(mcuId: string, res: OutgoingMessage, final?: { code: CoapCode; error: ErrorCode }): void {
     this.observers.delete(mcuId);
     this.open.delete(res);
+    const stream = res as unknown as { statusCode: string; _packet?: { options?: Array<{ name: string }> }; _doSend?: (data: Buffer) => void };
+    if (final && !this.closed && (res as unknown) instanceof ObserveWriteStream && typeof stream._doSend === 'function' && Array.isArray(stream._packet?.options)) {
+      try {
+        stream.statusCode = final.code;
+        stream._packet.options = stream._packet.options.filter((o) => o.name !== 'Observe' && o.name !== 'Content-Format');
+        // the stable error code as diagnostic payload, as in refuse()
+        stream._doSend(Buffer.from(final.error));
+      } catch (err) {
+        this.opts.log.debug('CoAP final notification failed', { err });
+      }
+    }
     try {
       res.end();
     } catch {

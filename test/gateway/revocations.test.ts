@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import type { MqttClient } from 'mqtt';
 import { isFleetError } from '../../core/errors.ts';
-import { COAP_METHOD, encodeRequest } from '../../esp32-sim/coap-lite.ts';
+import { COAP_METHOD, decodeMessage, encodeRequest } from '../../esp32-sim/coap-lite.ts';
 import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { COAP_PATH_ROOT, COAP_QUERY_COUNTER, COAP_QUERY_MAC } from '../../firmware-bridge/coap.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
@@ -112,7 +112,7 @@ test('McuRevocations: an invalid line is reported with its number and skipped; a
   }
 });
 
-test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its observation at once; a new GET cmd is refused', { timeout: 60_000 }, async () => {
+test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its observation at once and is told (4.03 notification); a new GET cmd is refused', { timeout: 60_000 }, async () => {
   await withEnv(async ({ gw, site, gwDir }) => {
     const sock = createSocket('udp4');
     await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
@@ -131,8 +131,15 @@ test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its obs
       await waitFor(() => got.length === 1 && observers() === 1, 'observing its mailbox');
       writeFileSync(join(gwDir, 'revoked-mcus'), `${id}\n`);
       await waitFor(() => observers() === 0, 'the observation ended by the revocation', 10_000);
+      // and the MCU is told: a last notification, 4.03 without an Observe option (RFC 7641 §3.2)
+      await waitFor(() => got.length === 2, 'the final notification');
+      const last = decodeMessage(got[1]!);
+      assert.equal(last?.code, '4.03');
+      assert.equal(last?.token, 0x1234);
+      assert.equal(last?.res.observe, undefined);
+      assert.equal(last?.res.payload.toString(), 'FLEET_MCU_REVOKED');
       await send(getCmd(undefined, 0x4002, 0x1235));
-      await waitFor(() => got.length >= 2, 'answered');
+      await waitFor(() => got.length >= 3, 'answered');
       // a CoAP response header: version 1, type, token length; then the code byte (4.03 = 0x83)
       assert.equal(got.at(-1)![1], 0x83, 'GET cmd answered 4.03');
       assert.match(got.at(-1)!.toString('latin1'), /FLEET_MCU_REVOKED/);
