@@ -1,4 +1,5 @@
-import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { writeFileAtomicSync } from '../core/atomic-file.ts';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { isDeviceId } from '../core/topics.ts';
@@ -144,4 +145,39 @@ export class McuRevocations {
     }
     if (added.length > 0) this.onRevoked(added);
   }
+}
+
+/**
+ * Add ids to the revoked list file and take others off it (`fleetlet gateway revoke` /
+ * `unrevoke`). Every other line (comments, other ids) stays as it is; an added id gets the date
+ * as a comment. The new list replaces the old one atomically (a temp file renamed over it), so
+ * a running gateway never reads a half-written list. Returns what changed.
+ */
+export function editRevokedList(file: string, add: readonly string[], remove: readonly string[], now = new Date()): { added: string[]; removed: string[] } {
+  for (const id of [...add, ...remove]) if (!isDeviceId(id)) throw new FleetError('FLEET_DEVICE_ID_INVALID', `not an MCU id: ${JSON.stringify(String(id).slice(0, 80))}`);
+  let text = '';
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new FleetError('FLEET_CONFIG_INVALID', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const idOf = (line: string): string => line.replace(/#.*/, '').trim();
+  const drop = new Set(remove);
+  const lines = text === '' ? [] : text.replace(/\n$/, '').split('\n');
+  const removed = new Set<string>();
+  const kept = lines.filter((l) => {
+    const id = idOf(l);
+    if (drop.has(id)) removed.add(id);
+    return !drop.has(id);
+  });
+  const present = new Set(kept.map(idOf));
+  const added: string[] = [];
+  for (const id of add) {
+    if (present.has(id) || drop.has(id)) continue;
+    present.add(id);
+    added.push(id);
+    kept.push(`${id}  # revoked ${now.toISOString()}`);
+  }
+  if (added.length > 0 || removed.size > 0) writeFileAtomicSync(file, kept.length > 0 ? kept.join('\n') + '\n' : '', { syncDir: true });
+  return { added, removed: [...removed] };
 }

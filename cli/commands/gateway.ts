@@ -11,13 +11,14 @@ import { assertDeviceId } from '../../core/topics.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway, type VerifyFirmware } from '../../gateway/index.ts';
+import { editRevokedList } from '../../gateway/revocations.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
 import { VERSION } from '../version.ts';
 
 export const gatewayCommand = defineCommand({
   name: 'gateway',
-  summary: 'run an MCU gateway: ESP32s over MQTT/CoAP in, store-and-forward to the hub (or: gateway mcu-key <id>)',
-  usage: '[--config gateway.yaml] [options]\n       fleetlet gateway mcu-key <mcu-id> [--site-secret-file FILE | --state-dir DIR]',
+  summary: 'run an MCU gateway: ESP32s over MQTT/CoAP in, store-and-forward to the hub (or: gateway mcu-key | revoke | unrevoke <id>)',
+  usage: '[--config gateway.yaml] [options]\n       fleetlet gateway mcu-key <mcu-id> [--site-secret-file FILE | --state-dir DIR]\n       fleetlet gateway revoke|unrevoke <mcu-id>... [--config gateway.yaml | --state-dir DIR]',
   positionals: true,
   options: {
     config: { type: 'string', short: 'c' },
@@ -75,6 +76,24 @@ export const gatewayCommand = defineCommand({
       const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
       const secretFile = config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret');
       process.stdout.write(mcuKey(loadOrCreateSecret(secretFile), mcuId) + '\n');
+      return EXIT.OK;
+    }
+    if (sub === 'revoke' || sub === 'unrevoke') {
+      // the revoked list a running gateway polls (docs/mcu-protocol.md "Revoking one MCU")
+      if (args.length === 0) throw new FleetError('FLEET_USAGE', `usage: fleetlet gateway ${sub} <mcu-id>...`);
+      const schema = GatewayConfigSchema.extend({ deviceId: GatewayConfigSchema.shape.deviceId.optional() });
+      const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
+      const file = config.mcu.revokedFile ?? join(config.stateDir, 'revoked-mcus');
+      let change: { added: string[]; removed: string[] };
+      try {
+        change = sub === 'revoke' ? editRevokedList(file, args, []) : editRevokedList(file, [], args);
+      } catch (err) {
+        if (err instanceof FleetError && err.code === 'FLEET_DEVICE_ID_INVALID') throw new FleetError('FLEET_USAGE', `${sub}: ${err.message}`);
+        throw err;
+      }
+      const done = sub === 'revoke' ? change.added : change.removed;
+      const unchanged = args.filter((id) => !done.includes(id));
+      process.stdout.write(`${file}: ${sub === 'revoke' ? 'revoked' : 'no longer revoked'}: ${done.join(' ') || '(none)'}${unchanged.length > 0 ? `; unchanged: ${unchanged.join(' ')}` : ''}\n`);
       return EXIT.OK;
     }
     if (sub !== undefined) throw new FleetError('FLEET_USAGE', `unknown gateway subcommand "${sub}"`);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createSocket } from 'node:dgram';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { MqttClient } from 'mqtt';
@@ -184,4 +184,38 @@ test('McuRevocations: a FIFO at the path is refused without blocking, and a file
   } finally {
     tmp.cleanup();
   }
+});
+
+test('fleetlet gateway revoke / unrevoke edit the list a running gateway polls: an MCU is cut off and let back in; comments and other ids stay; a bad id exits 2', { timeout: 90_000 }, async () => {
+  await withEnv(async ({ gw, site, gwDir }) => {
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'gateway', ...args, '--state-dir', gwDir], { encoding: 'utf8', timeout: 30_000 });
+    const file = join(gwDir, 'revoked-mcus');
+    writeFileSync(file, '# site 4\nesp-old\n');
+    const c = await connectMcu(gw.mqttPort, 'esp-cli', site);
+    let closed = false;
+    c.on('close', () => {
+      closed = true;
+    });
+    const r = cli('revoke', 'esp-cli', 'esp-old');
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /revoked: esp-cli; unchanged: esp-old/);
+    const lines = readFileSync(file, 'utf8').split('\n');
+    assert.deepEqual(lines.slice(0, 2), ['# site 4', 'esp-old']);
+    assert.match(lines[2]!, /^esp-cli {2}# revoked \d{4}-\d\d-\d\dT/);
+    await waitFor(() => closed, 'esp-cli cut off', 10_000);
+    c.end(true);
+    await assert.rejects(connectMcu(gw.mqttPort, 'esp-cli', site), /Not authorized/i);
+
+    const u = cli('unrevoke', 'esp-cli');
+    assert.equal(u.status, 0, u.stderr);
+    assert.equal(readFileSync(file, 'utf8'), '# site 4\nesp-old\n');
+    await waitFor(() => Number(/^fleet_gateway_mcus_revoked (\d+)$/m.exec(gw.metrics.render())?.[1]) === 1, 'the list read again', 10_000);
+    const back = await connectMcu(gw.mqttPort, 'esp-cli', site);
+    await back.endAsync();
+
+    const bad = cli('revoke', 'not an id');
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /FLEET_USAGE/);
+    assert.equal(readFileSync(file, 'utf8'), '# site 4\nesp-old\n', 'the list untouched');
+  });
 });
