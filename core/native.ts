@@ -33,14 +33,20 @@ export function isSea(): boolean {
 
 export const CLASSIC_LEVEL_ASSET = 'classic-level.node';
 
+/** An extracted asset's name parts: `<stem>-<first 16 hex of sha256><ext>` (e.g. classic-level-48843c7375f755db.node). */
+function assetName(asset: string): { stem: string; ext: string } {
+  const dot = asset.lastIndexOf('.');
+  return { stem: asset.slice(0, dot), ext: asset.slice(dot) };
+}
+
 /** Extract an SEA asset to `dir` under a content-addressed name; returns the path. Idempotent. */
 export function extractAsset(asset: string, dir: string): string {
   const req = createRequire(import.meta.url);
   const sea = req('node:sea') as typeof import('node:sea');
   const bytes = Buffer.from(sea.getAsset(asset));
   const hash = createHash('sha256').update(bytes).digest('hex').slice(0, 16);
-  const dot = asset.lastIndexOf('.');
-  const file = join(dir, `${asset.slice(0, dot)}-${hash}${asset.slice(dot)}`);
+  const { stem, ext } = assetName(asset);
+  const file = join(dir, `${stem}-${hash}${ext}`);
   if (existsSync(file)) {
     const have = createHash('sha256').update(readFileSync(file)).digest('hex').slice(0, 16);
     if (have === hash) return file;
@@ -68,9 +74,7 @@ const STALE_MS = 10 * 60_000;
  */
 export function pruneNativeDir(dir: string, keep: string, now = Date.now()): string[] {
   const kept = basename(keep);
-  const dot = CLASSIC_LEVEL_ASSET.lastIndexOf('.');
-  const stem = CLASSIC_LEVEL_ASSET.slice(0, dot);
-  const ext = CLASSIC_LEVEL_ASSET.slice(dot);
+  const { stem, ext } = assetName(CLASSIC_LEVEL_ASSET);
   const addon = new RegExp(`^${stem}-[0-9a-f]{16}\\${ext}$`);
   const tmp = new RegExp(`^${stem}-[0-9a-f]{16}\\${ext}\\.[0-9]+\\.tmp$`);
   const removed: string[] = [];

@@ -175,7 +175,7 @@ export const GatewayConfigSchema = z
 export type GatewayConfig = z.infer<typeof GatewayConfigSchema>;
 
 /** Files that default to places under stateDir. */
-export function gatewayPaths(config: GatewayConfig): { tokenFile: string; siteSecretFile: string; stateFile: string; revokedFile: string } {
+export function gatewayPaths(config: Pick<GatewayConfig, 'stateDir' | 'hub' | 'mcu'>): { tokenFile: string; siteSecretFile: string; stateFile: string; revokedFile: string } {
   return {
     tokenFile: config.hub.tokenFile ?? join(config.stateDir, 'token'),
     siteSecretFile: config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret'),

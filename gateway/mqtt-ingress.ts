@@ -153,6 +153,13 @@ export class McuMqttIngress {
     this.lean.sessions.get(mcuId)?.destroy();
   }
 
+  /** Is a connected MCU revoked now? Then what it sent is dropped (counted) and its connection closed. */
+  private revokedNow(mcuId: string): boolean {
+    if (!this.opts.revoked(mcuId)) return false;
+    this.opts.hooks.dropped('mqtt', 'revoked', { mcuId });
+    return true;
+  }
+
   /** Is `mcuId` connected (an authenticated MQTT session) now? */
   isConnected(mcuId: string): boolean {
     return this.lean.sessions.has(mcuId);
@@ -183,10 +190,7 @@ export class McuMqttIngress {
   private onPublish(conn: LeanConn, packet: LeanPublish): PublishOutcome | Promise<PublishOutcome> {
     const mcuId = conn.id!;
     // revoked since it connected: packets read before its session was cut are not stored
-    if (this.opts.revoked(mcuId)) {
-      this.opts.hooks.dropped('mqtt', 'revoked', { mcuId });
-      return 'close';
-    }
+    if (this.revokedNow(mcuId)) return 'close';
     const topic = mcuUpTopic(mcuId, packet.topic);
     if (topic === null) {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
@@ -230,14 +234,8 @@ export class McuMqttIngress {
     // MCU gets this PUBACK late
     const wait = channel === 'fwreq' ? 0 : this.opts.service.admit(mcuId);
     if (wait > 0) {
-      return this.throttled(conn, mcuId, wait, packet.qos).then((go) => {
-        // revoked while it waited out the rate limit: not stored either
-        if (go && this.opts.revoked(mcuId)) {
-          this.opts.hooks.dropped('mqtt', 'revoked', { mcuId });
-          return 'close';
-        }
-        return go ? this.store(conn, mcuId, channel, body, counter) : 'close';
-      });
+      // revoked while it waited out the rate limit: not stored either
+      return this.throttled(conn, mcuId, wait, packet.qos).then((go) => (go && !this.revokedNow(mcuId) ? this.store(conn, mcuId, channel, body, counter) : 'close'));
     }
     return this.store(conn, mcuId, channel, body, counter);
   }

@@ -10,6 +10,9 @@ const POLL_MS = 2000;
 const MAX_FILE_BYTES = 4 * 1024 * 1024;
 /** most ids in the list: as many as a gateway can act for */
 const MAX_IDS = 100_000;
+/** The id a line of the list names ('' for a blank or comment line): `#` starts a comment. */
+const idOfLine = (line: string): string => line.replace(/#.*/, '').trim();
+
 /** invalid lines logged one by one; the rest as a count */
 const MAX_BAD_LINES_LOGGED = 20;
 
@@ -119,7 +122,7 @@ export class McuRevocations {
     const lines = text.split('\n');
     let bad = 0;
     for (let i = 0; i < lines.length; i++) {
-      const id = lines[i]!.replace(/#.*/, '').trim();
+      const id = idOfLine(lines[i]!);
       if (id === '') continue;
       if (!isDeviceId(id)) {
         // the first few by line; a file full of junk is one more line, not a flood
@@ -161,16 +164,15 @@ export function editRevokedList(file: string, add: readonly string[], remove: re
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new FleetError('FLEET_CONFIG_INVALID', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
   }
-  const idOf = (line: string): string => line.replace(/#.*/, '').trim();
   const drop = new Set(remove);
   const lines = text === '' ? [] : text.replace(/\n$/, '').split('\n');
   const removed = new Set<string>();
   const kept = lines.filter((l) => {
-    const id = idOf(l);
+    const id = idOfLine(l);
     if (drop.has(id)) removed.add(id);
     return !drop.has(id);
   });
-  const present = new Set(kept.map(idOf));
+  const present = new Set(kept.map(idOfLine));
   const added: string[] = [];
   for (const id of add) {
     if (present.has(id) || drop.has(id)) continue;

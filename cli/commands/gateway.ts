@@ -2,14 +2,14 @@ import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadTrustRoot, verifyBundle } from '../../bundles/index.ts';
 import { loadConfig, logLevelFromEnv } from '../../core/config.ts';
-import { FleetError } from '../../core/errors.ts';
+import { FleetError, isFleetError } from '../../core/errors.ts';
 import { tuneServerHeap } from '../../core/heap-tuning.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
 import { loadOrCreateSecret } from '../../core/secrets.ts';
 import { assertDeviceId } from '../../core/topics.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
-import { GatewayConfigSchema } from '../../gateway/config.ts';
+import { gatewayPaths, GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway, type VerifyFirmware } from '../../gateway/index.ts';
 import { editRevokedList } from '../../gateway/revocations.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
@@ -74,8 +74,7 @@ export const gatewayCommand = defineCommand({
       // the gateway's own id is not needed to derive an MCU key
       const schema = GatewayConfigSchema.extend({ deviceId: GatewayConfigSchema.shape.deviceId.optional() });
       const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
-      const secretFile = config.mcu.siteSecretFile ?? join(config.stateDir, 'site.secret');
-      process.stdout.write(mcuKey(loadOrCreateSecret(secretFile), mcuId) + '\n');
+      process.stdout.write(mcuKey(loadOrCreateSecret(gatewayPaths(config).siteSecretFile), mcuId) + '\n');
       return EXIT.OK;
     }
     if (sub === 'revoke' || sub === 'unrevoke') {
@@ -83,12 +82,12 @@ export const gatewayCommand = defineCommand({
       if (args.length === 0) throw new FleetError('FLEET_USAGE', `usage: fleetlet gateway ${sub} <mcu-id>...`);
       const schema = GatewayConfigSchema.extend({ deviceId: GatewayConfigSchema.shape.deviceId.optional() });
       const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
-      const file = config.mcu.revokedFile ?? join(config.stateDir, 'revoked-mcus');
+      const file = gatewayPaths(config).revokedFile;
       let change: { added: string[]; removed: string[] };
       try {
         change = sub === 'revoke' ? editRevokedList(file, args, []) : editRevokedList(file, [], args);
       } catch (err) {
-        if (err instanceof FleetError && err.code === 'FLEET_DEVICE_ID_INVALID') throw new FleetError('FLEET_USAGE', `${sub}: ${err.message}`);
+        if (isFleetError(err, 'FLEET_DEVICE_ID_INVALID')) throw new FleetError('FLEET_USAGE', `${sub}: ${err.message}`);
         throw err;
       }
       const done = sub === 'revoke' ? change.added : change.removed;

@@ -11,7 +11,7 @@ import { deviceTopic } from '../../core/topics.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
-import { startHub } from '../../hub/index.ts';
+import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
 import { coap, coapBlock, connectMcu } from './env.ts';
 
@@ -87,6 +87,18 @@ async function stallableLink(target: number): Promise<{ port: number; freeze: ()
   };
 }
 
+/**
+ * A gateway GW under gwDir on hub `h`, reached at `hubPort` (the hub's own port or a relay in
+ * front of it), that forgets MCUs silent for 90 days by the clock `now`, checked every 100 ms.
+ */
+async function startForgettingGateway(h: HubHandle, hubPort: number, gwDir: string, now: () => number): Promise<{ gw: GatewayHandle; log: ReturnType<typeof testLogger> }> {
+  mkdirSync(gwDir, { recursive: true });
+  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(h.fleetSecretFile, 'utf8').trim(), 'device', GW));
+  const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${hubPort}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
+  const log = testLogger('gateway');
+  return { gw: await startGateway(config, log, '0.0.0-test', { now, forgetCheckMs: 100 }), log };
+}
+
 test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are forgotten by the periodic check, not one with a record still in the outbox (until the hub acknowledged it), one with a command in its mailbox or one still connected, and the register the hub holds shrinks', async () => {
   const tmp = tempDir();
   let clock = Date.now();
@@ -103,11 +115,7 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
     return r ? [...(decodeMessage('register', r.payload) as GatewayRegistration).mcus].sort().join() : undefined;
   };
   const gwDir = join(tmp.dir, 'gateway');
-  mkdirSync(gwDir, { recursive: true });
-  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(h.fleetSecretFile, 'utf8').trim(), 'device', GW));
-  const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${link.port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
-  const log = testLogger('gateway');
-  const gw = await startGateway(config, log, '0.0.0-test', { now: () => clock, forgetCheckMs: 100 });
+  const { gw, log } = await startForgettingGateway(h, link.port, gwDir, () => clock);
   let idle: MqttClient | undefined;
   const forgottenLogged = () => log.lines.filter((l) => l.msg === 'MCUs not heard from in mcu.forgetAfterDays forgotten').flatMap((l) => l.examples as string[]);
   try {
@@ -170,12 +178,7 @@ test('gateway running (injected clock): a CoAP MCU forgotten after mcu.forgetAft
   const tmp = tempDir();
   let clock = Date.now();
   const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
-  const gwDir = join(tmp.dir, 'gateway');
-  mkdirSync(gwDir, { recursive: true });
-  writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(h.fleetSecretFile, 'utf8').trim(), 'device', GW));
-  const config = GatewayConfigSchema.parse({ deviceId: GW, stateDir: gwDir, hub: { url: `mqtt://127.0.0.1:${h.mqttPort}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0, forgetAfterDays: 90 }, stateFlushMs: 100 });
-  const log = testLogger('gateway');
-  const gw = await startGateway(config, log, '0.0.0-test', { now: () => clock, forgetCheckMs: 100 });
+  const { gw } = await startForgettingGateway(h, h.mqttPort, join(tmp.dir, 'gateway'), () => clock);
   try {
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
     await waitFor(() => gw.stats().hubConnected, 'gateway connected to the hub');
