@@ -499,7 +499,9 @@ describe('download with Range resume', () => {
       if (cutOnce) {
         // the connection is cut a third of the way through
         cutOnce = false;
-        res.write(body.subarray(start, start + 1024 * 1024), () => setTimeout(() => res.socket?.destroy(), 50));
+        // a FIN after the bytes (not a reset, which may throw away what the client has not read
+        // yet): the client gets this first MiB, then a response cut short
+        res.write(body.subarray(start, start + 1024 * 1024), () => setTimeout(() => res.socket?.end(), 50));
         return;
       }
       res.end(body.subarray(start));
@@ -522,8 +524,12 @@ describe('download with Range resume', () => {
     assert.ok(readFileSync(dest).equals(body));
     assert.equal(seen.length, 2);
     assert.equal(seen[0]!.range, undefined);
+    // from what the partial file held at the cut: some of the first MiB (what arrived but was
+    // not yet written when the response broke off is asked for again), never more, never 0;
+    // the whole file equal to the body (above) shows the offset and the file agreed
     assert.match(seen[1]!.range ?? '', /^bytes=\d+-$/);
-    assert.ok(Number(/\d+/.exec(seen[1]!.range!)![0]) >= 1024 * 1024, `resumed from ${seen[1]!.range}`);
+    const from = Number(/\d+/.exec(seen[1]!.range!)![0]);
+    assert.ok(from > 0 && from <= 1024 * 1024, `resumed from ${seen[1]!.range}`);
     assert.ok(!existsSync(`${dest}.part`));
   });
 
