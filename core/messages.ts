@@ -167,12 +167,29 @@ export function decodeMessage<C extends keyof typeof SCHEMAS>(channel: C, payloa
  * encodeMessage of a TelemetryBatch, byte for byte, without its copies (the gateway makes one
  * per MCU reading: thousands a second).
  */
-export function encodeTelemetry(mid: string, ts: number, samples: readonly Sample[]): Buffer {
+export function encodeTelemetry(mid: string, ts: number, samples: TelemetrySamples): Buffer {
   return Buffer.from(telemetryJson(mid, ts, samples));
 }
 
+/**
+ * Samples already in JSON: `json` is exactly what JSON.stringify writes for the array of
+ * `count` samples (firmware-bridge/senml-transcode.ts makes it from SenML JSON without
+ * building the samples as objects).
+ */
+export interface SamplesJson {
+  readonly json: string;
+  readonly count: number;
+}
+export type TelemetrySamples = readonly Sample[] | SamplesJson;
+
+export function sampleCount(samples: TelemetrySamples): number {
+  return 'json' in samples ? samples.count : samples.length;
+}
+
 /** encodeTelemetry's JSON as a string (for a writer that puts it straight into a larger buffer). */
-export function telemetryJson(mid: string, ts: number, samples: readonly Sample[]): string {
+export function telemetryJson(mid: string, ts: number, samples: TelemetrySamples): string {
+  // the same bytes as JSON.stringify of the whole batch (a number prints as String() prints it)
+  if ('json' in samples) return `{"v":1,"mid":${JSON.stringify(mid)},"ts":${ts},"samples":${samples.json}}`;
   return JSON.stringify({ v: 1, mid, ts, samples });
 }
 

@@ -3,9 +3,10 @@
 import { Decoder } from 'cbor-x/decode';
 import { Encoder } from 'cbor-x/encode';
 import { FleetError } from '../core/errors.ts';
-import type { Sample } from '../core/messages.ts';
+import type { Sample, TelemetrySamples } from '../core/messages.ts';
 import { CBOR_FORMAT, COMPACT_FORMAT, JSON_FORMAT, SENML_CBOR_FORMAT, SENML_JSON_FORMAT } from './coap.ts';
 import { decodeSenmlJson, DEFAULT_SENML_LIMITS, resolveSenmlPack, SENML_MAX_TIME_MS, SENML_NAME_RE, SENML_RELATIVE_TIME_LIMIT, SENML_UNIT_RE, type SenmlDecodeOptions } from './senml.ts';
+import { transcodeSenmlJson } from './senml-transcode.ts';
 
 /**
  * Telemetry codecs of the MCU contract (docs/mcu-protocol.md "Telemetry payloads"):
@@ -77,6 +78,21 @@ export function telemetryFormatOf(contentFormat: unknown): TelemetryFormat | 'sn
     default:
       return null;
   }
+}
+
+/**
+ * Telemetry for relaying: as decodeTelemetry, but SenML JSON in the common form comes back
+ * already as the samples' JSON (firmware-bridge/senml-transcode.ts), the same bytes that
+ * JSON.stringify of decodeTelemetry's samples gives. Anything that path is not certain of,
+ * and the other formats, are decoded by decodeTelemetry, with its errors.
+ */
+export function decodeTelemetryForRelay(payload: Uint8Array, format: TelemetryFormat | 'sniff', opts: TelemetryDecodeOptions = {}): TelemetrySamples {
+  const f = format === 'sniff' ? sniffTelemetryFormat(payload) : format;
+  if (f === 'senml+json') {
+    const fast = transcodeSenmlJson(payload, opts);
+    if (fast !== null) return fast;
+  }
+  return decodeTelemetry(payload, f ?? 'sniff', opts);
 }
 
 /** Decode telemetry in a known format, or sniffed from its first byte. */

@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { encodeMessage, encodeTelemetry, telemetryJson, type EventMessage, type GatewayRegistration, type Sample, type StateMessage, type TelemetryBatch } from '../core/messages.ts';
+import { encodeMessage, encodeTelemetry, sampleCount, telemetryJson, type EventMessage, type GatewayRegistration, type StateMessage, type TelemetryBatch, type TelemetrySamples } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
 import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
@@ -98,9 +98,9 @@ interface GroupItem {
   mcuId: string;
   ts: number;
   /** NO_SAMPLES once encoded */
-  samples: readonly Sample[];
+  samples: TelemetrySamples;
 }
-const NO_SAMPLES: readonly Sample[] = Object.freeze([]);
+const NO_SAMPLES: TelemetrySamples = Object.freeze([]);
 
 /** bytes of a grouped record at most (by the bound below) */
 const GROUP_MAX_BYTES = 256 * 1024;
@@ -109,8 +109,10 @@ const GROUP_MAX_BYTES = 256 * 1024;
  * An upper bound of the bytes one MCU message takes in a grouped record: its topic and the
  * TelemetryBatch JSON, every string counted as if JSON escaping made each character six bytes.
  */
-function itemBytesBound(mcuId: string, samples: readonly Sample[]): number {
+function itemBytesBound(mcuId: string, samples: TelemetrySamples): number {
   let n = 120 + mcuId.length;
+  // already JSON (ASCII): its length is its bytes
+  if ('json' in samples) return n + samples.json.length;
   for (const s of samples) n += 80 + 6 * (s.n.length + (s.vs?.length ?? 0) + (s.u?.length ?? 0));
   return n;
 }
@@ -291,9 +293,9 @@ export class Relay {
    * outbox (the ingress acknowledges the MCU only then). An empty sample list still
    * counts as a sign of life. Throws FLEET_FORBIDDEN when the MCU limit is reached.
    */
-  async accept(mcuId: string, protocol: McuProtocol, samples: readonly Sample[]): Promise<void> {
+  async accept(mcuId: string, protocol: McuProtocol, samples: TelemetrySamples): Promise<void> {
     const now = this.touch(mcuId, protocol, true);
-    if (samples.length === 0) return;
+    if (sampleCount(samples) === 0) return;
     // An MCU that no register sent on this connection covers yet (a new one, while the
     // register naming it awaits its PUBACK) is stored alone, as before grouping: its record
     // waits hidden for that register, and a group with it would hold back every MCU in it.
@@ -317,7 +319,7 @@ export class Relay {
   }
 
   /** One MCU message as a plain outbox record (its mid is the record's id). */
-  private appendTelemetry(mcuId: string, ts: number, samples: readonly Sample[]): Promise<void> {
+  private appendTelemetry(mcuId: string, ts: number, samples: TelemetrySamples): Promise<void> {
     return this.opts.outbox
       .append({
         topic: deviceTopic(mcuId, 'telemetry'),

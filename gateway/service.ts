@@ -4,7 +4,7 @@ import type { Logger } from '../core/log.ts';
 import { decodeMessage, encodeMessage, type CommandReply, type LogBatch } from '../core/messages.ts';
 import { Priority } from '../core/outbox.ts';
 import type { McuKeys } from '../firmware-bridge/auth.ts';
-import { decodeTelemetry, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
+import { decodeTelemetryForRelay, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
 import { decodeMcuAck, decodeMcuHello, encodeMcuCommand } from '../firmware-bridge/frames.ts';
 import type { FirmwareManager, ServedImage } from './firmware.ts';
 import { toMcuCommand, type Mailbox, type MailboxEntry } from './mailbox.ts';
@@ -79,7 +79,7 @@ export class McuService extends EventEmitter {
   }
 
   async telemetry(mcuId: string, protocol: McuProtocol, payload: Buffer, format: TelemetryFormat | 'sniff'): Promise<void> {
-    const samples = decodeTelemetry(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
+    const samples = decodeTelemetryForRelay(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
     // returned, not awaited: no suspended frame (holding the samples) per message until stored
     return this.opts.relay.accept(mcuId, protocol, samples);
   }
