@@ -1,3 +1,4 @@
+import { charTable, JsonScanner } from '../core/json-scan.ts';
 import type { SamplesJson } from '../core/messages.ts';
 import { DEFAULT_SENML_LIMITS, SENML_MAX_TIME_MS, SENML_MAX_VS, SENML_RELATIVE_TIME_LIMIT, SENML_VERSION, type SenmlDecodeOptions } from './senml.ts';
 
@@ -25,10 +26,7 @@ export function transcodeSenmlJson(payload: Uint8Array, opts: SenmlDecodeOptions
   const maxRecords = opts.maxRecords ?? DEFAULT_SENML_LIMITS.maxRecords;
   const maxNameLength = Math.min(opts.maxNameLength ?? DEFAULT_SENML_LIMITS.maxNameLength, 128);
   if (payload.byteLength > maxBytes) return null;
-  // one native call for the whole payload, then charCodeAt and substring, which V8 inlines:
-  // a latin1 string keeps every byte as one char code, so bytes above 0x7e are still seen
-  const text = (Buffer.isBuffer(payload) ? payload : Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)).toString('latin1');
-  const p = new Parser(text);
+  const p = new SenmlScanner(JsonScanner.text(payload));
   const now = opts.now ?? Date.now();
   p.ws();
   if (p.byte() !== 0x5b) return null; // [
@@ -72,7 +70,7 @@ export function transcodeSenmlJson(payload: Uint8Array, opts: SenmlDecodeOptions
     // class; the first a letter or digit)
     const name = seen & F.n ? bn + r.n : bn;
     if (name.length === 0 || name.length > maxNameLength || !bnOk || (seen & F.n && !r.nOk) || !isAlnum(name.charCodeAt(0))) return null;
-    // the unit: SENML_UNIT_RE, 1 to 16 characters 0x21-0x7e (read strings have no others but the space)
+    // the unit: SENML_UNIT_RE, 1 to 16 characters 0x21-0x7e
     let unit = bu;
     let unitOk = buOk;
     if (seen & F.u) {
@@ -97,7 +95,7 @@ export function transcodeSenmlJson(payload: Uint8Array, opts: SenmlDecodeOptions
     if (values === F.v) {
       const value = r.v + bv;
       if (!Number.isFinite(value)) return null;
-      // the number's own text where it is what String(value) gives (Parser.number)
+      // the number's own text where it is what String(value) gives (JsonScanner.number)
       json += `,"v":${bv === 0 && r.vText !== null ? r.vText : value}`;
     } else if (values === F.vs) {
       if (r.vs.length > SENML_MAX_VS) return null;
@@ -105,15 +103,12 @@ export function transcodeSenmlJson(payload: Uint8Array, opts: SenmlDecodeOptions
     } else json += `,"vb":${r.vb}`;
     json += unit === undefined ? '}' : `,"u":"${unit}"}`;
     count++;
-    p.ws();
-    const c = p.byte();
-    p.i++;
+    const c = p.next();
     if (c === 0x5d) break; // ]
     if (c !== 0x2c) return null; // ,
     p.ws();
   }
-  p.ws();
-  if (p.i !== text.length) return null; // something after the pack
+  if (!p.atEnd()) return null; // something after the pack
   return { json: json + ']', count };
 }
 
@@ -144,7 +139,7 @@ class RecordFields {
   seen = 0;
   bver = 0;
   bn = '';
-  /** bn has only SenML name characters */
+  /** bn has only characters SENML_NAME_RE allows */
   bnOk = true;
   bt = 0;
   bu = '';
@@ -163,33 +158,8 @@ class RecordFields {
   t = 0;
 }
 
-class Parser {
-  i = 0;
-  /** of the last string read: every character is one SenML allows in names */
-  nameChars = false;
-  /** of the last string read: it has a space */
-  space = false;
-  /** of the last number read: where its text starts, and whether that text is String() of its value */
-  numStart = 0;
-  canonical = false;
-  constructor(private readonly s: string) {}
-
-  /** the byte at the cursor (NaN at the end: equal to nothing) */
-  byte(): number {
-    return this.s.charCodeAt(this.i);
-  }
-
-  ws(): void {
-    const s = this.s;
-    let i = this.i;
-    while (i < s.length) {
-      const c = s.charCodeAt(i);
-      if (c !== 0x20 && c !== 0x0a && c !== 0x0d && c !== 0x09) break;
-      i++;
-    }
-    this.i = i;
-  }
-
+/** The SenML records on top of the JSON cursor. */
+class SenmlScanner extends JsonScanner {
   /** One `{…}` record into `r`; false when it is not one this path handles. */
   record(r: RecordFields): boolean {
     r.seen = 0;
@@ -201,9 +171,7 @@ class Parser {
       const f = this.field();
       if (f === 0 || r.seen & f) return false; // unknown, or twice in one record
       r.seen |= f;
-      this.ws();
-      if (this.byte() !== 0x3a) return false; // :
-      this.i++;
+      if (this.next() !== 0x3a) return false; // :
       this.ws();
       if (f & NUMBER_FIELDS) {
         const v = this.number();
@@ -211,38 +179,34 @@ class Parser {
         if (f === F.v) {
           r.v = v;
           r.vText = this.canonical ? this.s.substring(this.numStart, this.i) : null;
-        }
-        else if (f === F.t) r.t = v;
+        } else if (f === F.t) r.t = v;
         else if (f === F.bt) r.bt = v;
         else if (f === F.bv) r.bv = v;
         else if (f === F.bver) r.bver = v;
         // bs, ut, s: type-checked only, as decodeSenmlJson does
       } else if (f & STRING_FIELDS) {
-        const s = this.string();
+        const s = this.string(f & (F.n | F.bn) ? NAME_CHARS : UNIT_CHARS);
         if (s === null) return false;
         if (f === F.n) {
           r.n = s;
-          r.nOk = this.nameChars;
+          r.nOk = this.inTable;
         } else if (f === F.u) {
           r.u = s;
-          r.uOk = isUnit(s, this.space);
+          r.uOk = this.inTable && s.length >= 1 && s.length <= 16;
         } else if (f === F.bn) {
           r.bn = s;
-          r.bnOk = this.nameChars;
+          r.bnOk = this.inTable;
         } else if (f === F.bu) {
           r.bu = s;
-          r.buOk = isUnit(s, this.space);
-        }
-        else if (f === F.vs) r.vs = s;
+          r.buOk = this.inTable && s.length >= 1 && s.length <= 16;
+        } else if (f === F.vs) r.vs = s;
         // vd: refused by the caller
       } else {
         const v = this.boolean();
         if (v === null) return false;
         r.vb = v;
       }
-      this.ws();
-      const c = this.byte();
-      this.i++;
+      const c = this.next();
       if (c === 0x7d) return true; // }
       if (c !== 0x2c) return false; // ,
       this.ws();
@@ -291,122 +255,13 @@ class Parser {
     return 0;
   }
 
-  /** A string of printable ASCII without escapes, or null (anything else goes to the generic path). */
-  private string(): string | null {
-    const s = this.s;
-    if (s.charCodeAt(this.i) !== 0x22) return null;
-    const start = this.i + 1;
-    let i = start;
-    let nameChars = true;
-    let space = false;
-    for (;;) {
-      if (i >= s.length) return null;
-      const c = s.charCodeAt(i);
-      if (c === 0x22) break;
-      if (c < 0x20 || c > 0x7e || c === 0x5c) return null;
-      if (NAME_CHAR[c] === 0) {
-        nameChars = false;
-        if (c === 0x20) space = true;
-      }
-      i++;
-    }
-    this.i = i + 1;
-    this.nameChars = nameChars;
-    this.space = space;
-    return s.substring(start, i);
-  }
-
-  /**
-   * A number in JSON's grammar, or NaN when there is none here. Sets `numStart` and
-   * `canonical`: whether the text is exactly what String() prints for its value, so it can be
-   * written as it is. That holds for an integer of at most 15 digits other than -0 (JSON allows
-   * no leading zeros), and for a decimal without exponent whose fraction does not end in 0,
-   * with at most 15 significant digits (at most 15 of them survive the double unchanged, and
-   * no shorter text gives the same double, so it is the shortest text String() looks for), and
-   * at least 1e-6 (at most five zeros after "0."; below, String() switches to an exponent).
-   */
-  private number(): number {
-    const s = this.s;
-    const start = this.i;
-    this.numStart = start;
-    this.canonical = false;
-    let i = start;
-    let neg = false;
-    if (s.charCodeAt(i) === 0x2d) {
-      neg = true;
-      i++;
-    }
-    const intStart = i;
-    let c = s.charCodeAt(i);
-    if (c === 0x30) i++;
-    else if (c >= 0x31 && c <= 0x39) {
-      i++;
-      while ((c = s.charCodeAt(i)) >= 0x30 && c <= 0x39) i++;
-    } else return NaN;
-    const intEnd = i;
-    let fracStart = -1;
-    let fracEnd = -1;
-    if (s.charCodeAt(i) === 0x2e) {
-      i++;
-      fracStart = i;
-      while ((c = s.charCodeAt(i)) >= 0x30 && c <= 0x39) i++;
-      if (i === fracStart) return NaN;
-      fracEnd = i;
-    }
-    let exponent = false;
-    if (s.charCodeAt(i) === 0x65 || s.charCodeAt(i) === 0x45) {
-      exponent = true;
-      i++;
-      if (s.charCodeAt(i) === 0x2b || s.charCodeAt(i) === 0x2d) i++;
-      const expStart = i;
-      while ((c = s.charCodeAt(i)) >= 0x30 && c <= 0x39) i++;
-      if (i === expStart) return NaN;
-    }
-    this.i = i;
-    const intDigits = intEnd - intStart;
-    if (fracStart < 0 && !exponent && intDigits <= 15) {
-      // up to 15 digits the sum is exact: the same double as Number() of the text
-      let v = 0;
-      for (let k = intStart; k < intEnd; k++) v = v * 10 + (s.charCodeAt(k) - 0x30);
-      this.canonical = !(neg && v === 0);
-      return neg ? -v : v;
-    }
-    if (fracStart >= 0 && !exponent && s.charCodeAt(fracEnd - 1) !== 0x30) {
-      let significant: number;
-      if (intDigits === 1 && s.charCodeAt(intStart) === 0x30) {
-        let zeros = 0;
-        while (s.charCodeAt(fracStart + zeros) === 0x30) zeros++;
-        significant = zeros <= 5 ? fracEnd - fracStart - zeros : 99;
-      } else significant = intDigits + fracEnd - fracStart;
-      this.canonical = significant <= 15;
-    }
-    return Number(s.substring(start, i));
-  }
-
-  private boolean(): boolean | null {
-    const s = this.s;
-    const i = this.i;
-    if (s.charCodeAt(i) === 0x74 && s.charCodeAt(i + 1) === 0x72 && s.charCodeAt(i + 2) === 0x75 && s.charCodeAt(i + 3) === 0x65) {
-      this.i = i + 4;
-      return true;
-    }
-    if (s.charCodeAt(i) === 0x66 && s.charCodeAt(i + 1) === 0x61 && s.charCodeAt(i + 2) === 0x6c && s.charCodeAt(i + 3) === 0x73 && s.charCodeAt(i + 4) === 0x65) {
-      this.i = i + 5;
-      return false;
-    }
-    return null;
-  }
 }
 
-/** 1 for the characters SENML_NAME_RE allows in a name: A-Z a-z 0-9 - : . / _ */
-const NAME_CHAR = new Uint8Array(128);
-for (let c = 0; c < 128; c++) NAME_CHAR[c] = /[A-Za-z0-9\-:./_]/.test(String.fromCharCode(c)) ? 1 : 0;
+/** the characters SENML_NAME_RE allows in a name: A-Z a-z 0-9 - : . / _ */
+const NAME_CHARS = charTable(/[A-Za-z0-9\-:./_]/);
+/** the characters SENML_UNIT_RE allows in a unit: 0x21-0x7e */
+const UNIT_CHARS = charTable(/[\x21-\x7e]/);
 
 function isAlnum(c: number): boolean {
   return (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a);
-}
-
-/** SENML_UNIT_RE for a string read by Parser.string (printable ASCII, no `"` or `\`): 1 to 16 characters, no space */
-function isUnit(u: string, space: boolean): boolean {
-  return u.length >= 1 && u.length <= 16 && !space;
 }

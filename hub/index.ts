@@ -17,7 +17,7 @@ import { allDevices, deviceTopic, parseTopic, type Channel } from '../core/topic
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
 import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOptions } from './commands.ts';
-import { decodeTelemetryFast } from './telemetry-fast.ts';
+import { decodeTelemetryFast, ScannedTelemetry, scanTelemetry } from './telemetry-fast.ts';
 import { coalesceWrites, HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
 import { DeadLetters } from './dead-letters.ts';
@@ -134,9 +134,14 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
       setImmediate(drainConsumed);
     }
   }
+  // one message's samples at a time, reused (consumeNow is synchronous)
+  const scanned = new ScannedTelemetry();
   function consumeNow(channel: Channel, deviceId: string, payload: Buffer): void {
     try {
-      if (channel === 'telemetry') registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
+      if (channel === 'telemetry') {
+        if (scanTelemetry(payload, scanned)) registry.onTelemetryScanned(deviceId, scanned);
+        else registry.onTelemetry(deviceId, decodeTelemetryFast(payload));
+      }
       else if (channel === 'state') registry.onState(deviceId, decodeMessage('state', payload));
       else if (channel === 'events') registry.onEvent(deviceId, decodeMessage('events', payload));
       else if (channel === 'reply') registry.onReply(deviceId, decodeMessage('reply', payload));

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { Level } from 'level';
 import type { CommandReply, DesiredState, EventMessage, Sample, StateMessage, TelemetryBatch } from '../core/messages.ts';
+import type { ScannedTelemetry } from './telemetry-fast.ts';
 
 /**
  * The fleet registry: what the hub knows of every device. Kept in memory, written
@@ -177,16 +178,31 @@ export class Registry extends EventEmitter {
   }
 
   onTelemetry(id: string, msg: TelemetryBatch): void {
+    this.applyTelemetry(id, msg.samples, msg.samples.length);
+    this.emit('telemetry', id, msg);
+  }
+
+  /**
+   * onTelemetry for a message read by scanTelemetry (hub/telemetry-fast.ts): its sample
+   * objects are reused for the next message, so setLatest copies what it keeps, and the
+   * 'telemetry' event, when someone listens, gets a copy of the message.
+   */
+  onTelemetryScanned(id: string, msg: ScannedTelemetry): void {
+    this.applyTelemetry(id, msg.samples, msg.count);
+    if (this.listenerCount('telemetry') > 0) this.emit('telemetry', id, msg.toBatch());
+  }
+
+  private applyTelemetry(id: string, samples: readonly Sample[], count: number): void {
     const rec = this.record(id);
     rec.lastSeen = Date.now();
     rec.telemetryBatches++;
-    rec.samples += msg.samples.length;
-    for (const s of msg.samples) {
+    rec.samples += count;
+    for (let i = 0; i < count; i++) {
+      const s = samples[i]!;
       if (!Object.hasOwn(rec.latest, s.n) && Object.keys(rec.latest).length >= MAX_LATEST) continue;
       setLatest(rec.latest, s);
     }
     this.touch(rec, true);
-    this.emit('telemetry', id, msg);
   }
 
   onEvent(id: string, msg: EventMessage): void {
