@@ -101,6 +101,7 @@ interface GroupItem {
   samples: TelemetrySamples;
 }
 const NO_SAMPLES: TelemetrySamples = Object.freeze([]);
+const RESOLVED: Promise<void> = Promise.resolve();
 
 /** bytes of a grouped record at most (by the bound below) */
 const GROUP_MAX_BYTES = 256 * 1024;
@@ -293,9 +294,15 @@ export class Relay {
    * outbox (the ingress acknowledges the MCU only then). An empty sample list still
    * counts as a sign of life. Throws FLEET_FORBIDDEN when the MCU limit is reached.
    */
-  async accept(mcuId: string, protocol: McuProtocol, samples: TelemetrySamples): Promise<void> {
-    const now = this.touch(mcuId, protocol, true);
-    if (sampleCount(samples) === 0) return;
+  accept(mcuId: string, protocol: McuProtocol, samples: TelemetrySamples): Promise<void> {
+    // not async: the group's one promise is returned as it is, not wrapped in one per message
+    let now: number;
+    try {
+      now = this.touch(mcuId, protocol, true);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (sampleCount(samples) === 0) return RESOLVED;
     // An MCU that no register sent on this connection covers yet (a new one, while the
     // register naming it awaits its PUBACK) is stored alone, as before grouping: its record
     // waits hidden for that register, and a group with it would hold back every MCU in it.

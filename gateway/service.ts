@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import { decodeMessage, encodeMessage, type CommandReply, type LogBatch } from '../core/messages.ts';
+import { decodeMessage, encodeMessage, type CommandReply, type LogBatch, type TelemetrySamples } from '../core/messages.ts';
 import { Priority } from '../core/outbox.ts';
 import type { McuKeys } from '../firmware-bridge/auth.ts';
 import { decodeTelemetryForRelay, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
@@ -78,8 +78,14 @@ export class McuService extends EventEmitter {
     this.opts.relay.touch(mcuId, protocol);
   }
 
-  async telemetry(mcuId: string, protocol: McuProtocol, payload: Buffer, format: TelemetryFormat | 'sniff'): Promise<void> {
-    const samples = decodeTelemetryForRelay(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
+  /** Not async: one promise per message fewer (the relay's, shared by its group, is returned); a decode error rejects. */
+  telemetry(mcuId: string, protocol: McuProtocol, payload: Buffer, format: TelemetryFormat | 'sniff'): Promise<void> {
+    let samples: TelemetrySamples;
+    try {
+      samples = decodeTelemetryForRelay(payload, format, { maxBytes: this.opts.maxPayloadBytes, maxRecords: this.opts.maxRecords, sensors: this.opts.relay.meta(mcuId)?.sensors, now: this.now() });
+    } catch (err) {
+      return Promise.reject(err);
+    }
     // returned, not awaited: no suspended frame (holding the samples) per message until stored
     return this.opts.relay.accept(mcuId, protocol, samples);
   }
