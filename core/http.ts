@@ -127,6 +127,9 @@ export class Router {
   put(path: string, h: Handler, roles?: readonly string[]): this {
     return this.add('PUT', path, h, roles);
   }
+  delete(path: string, h: Handler, roles?: readonly string[]): this {
+    return this.add('DELETE', path, h, roles);
+  }
 
   private match(parts: string[]): Array<{ route: Route; params: Record<string, string> }> {
     const found: Array<{ route: Route; params: Record<string, string> }> = [];

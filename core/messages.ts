@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { FleetError } from './errors.ts';
+import { DEVICE_ID_RE } from './topics.ts';
 
 /**
  * Fleet message shapes (docs/topics.md). Every message carries `v` (schema version).
@@ -129,6 +130,14 @@ export type DesiredState = z.infer<typeof DesiredSchema>;
 export const RegisterSchema = z.object({ v: z.literal(1), ts, mcus: z.array(z.string()).max(100_000) });
 export type GatewayRegistration = z.infer<typeof RegisterSchema>;
 
+/**
+ * The MCUs revoked at the hub (docs/mcu-protocol.md "Revoking one MCU"): retained on
+ * MCU_REVOCATIONS_TOPIC, the whole list each time, for every gateway.
+ */
+export const MCU_REVOCATIONS_MAX = 20_000;
+export const McuRevocationsSchema = z.object({ v: z.literal(1), ts, ids: z.array(z.string().regex(DEVICE_ID_RE)).max(MCU_REVOCATIONS_MAX) });
+export type McuRevocationList = z.infer<typeof McuRevocationsSchema>;
+
 export const SCHEMAS = {
   state: StateSchema,
   telemetry: TelemetrySchema,
@@ -138,6 +147,7 @@ export const SCHEMAS = {
   register: RegisterSchema,
   cmd: CommandSchema,
   desired: DesiredSchema,
+  'mcu-revocations': McuRevocationsSchema,
 } as const;
 
 export type MessageOf<C extends keyof typeof SCHEMAS> = z.infer<(typeof SCHEMAS)[C]>;

@@ -73,4 +73,6 @@ export function isUpChannel(c: Channel): c is UpChannel {
  * (hub/acl.ts mayReceive). docs/topics.md#gateways.
  */
 export const RELAY_CMD = `${TOPIC_ROOT}/d/+/cmd`;
+/** Retained by the hub: the MCUs revoked fleet-wide, for gateways (docs/topics.md#gateways). */
+export const MCU_REVOCATIONS_TOPIC = `${TOPIC_ROOT}/mcu-revocations`;
 export const RELAY_DESIRED = `${TOPIC_ROOT}/d/+/desired`;

@@ -102,6 +102,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   let cutRevoked: (ids: string[]) => void = () => undefined;
   const revocations = new McuRevocations(paths.revokedFile, log, (ids) => cutRevoked(ids));
   revocations.start();
+  // and the hub's list as last received (MCU_REVOCATIONS_TOPIC), for a start without the hub
+  revocations.loadHubList(join(config.stateDir, 'hub-revoked-mcus.json'));
   if (config.mcu.revokedFile !== undefined && !existsSync(config.mcu.revokedFile)) log.warn('mcu.revokedFile does not exist: no MCU is revoked (is the path right?)', { file: config.mcu.revokedFile });
   const revoked = (mcuId: string): boolean => revocations.has(mcuId);
 
@@ -168,6 +170,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostGraceMs: config.mcu.lostGraceMs,
     uplink: config.uplink,
     now: extras.now,
+    onRevocations: (payload) => revocations.setHubList(payload),
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
   for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
@@ -344,7 +347,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_downlink_mcus', 'MCUs covered by the downlink subscription (commands and desired state from the hub)', () => relay.downlinkMcus);
   metrics.gaugeFn('fleet_gateway_mailbox_depth', 'Commands waiting in MCU mailboxes', () => mailbox.depth);
   metrics.gaugeFn('fleet_gateway_firmware_mcus', 'MCU firmware updates by state', () => Object.entries(fwm.counts()).map(([state, value]) => ({ labels: { state }, value })));
-  metrics.gaugeFn('fleet_gateway_mcus_revoked', 'MCUs on the revoked list (mcu.revokedFile)', () => revocations.size);
+  metrics.gaugeFn('fleet_gateway_mcus_revoked', 'MCUs revoked: on the revoked list (mcu.revokedFile) or at the hub', () => revocations.size);
   metrics.gaugeFn('fleet_gateway_mqtt_unauthenticated', 'MCU MQTT connections not authenticated yet (TLS handshake or CONNECT pending); capped by mcu.maxUnauthenticated and, per address, mcu.maxUnauthenticatedPerAddress', () => mqttIngress.unauthenticated);
   metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);
   metrics.gaugeFn('fleet_gateway_coap_uploads_in_progress', 'CoAP Block1 uploads in progress', () => coapIngress.uploadsInProgress);

@@ -4,7 +4,7 @@ import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { encodeMessage, encodeTelemetry, sampleCount, telemetryJson, type EventMessage, type GatewayRegistration, type StateMessage, type TelemetryBatch, type TelemetrySamples } from '../core/messages.ts';
 import { Priority, type EvictionEvent, type Outbox, type OutboxAppend, type OutboxRecord, type OutboxStats } from '../core/outbox.ts';
-import { deviceTopic, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
+import { deviceTopic, MCU_REVOCATIONS_TOPIC, parseTopic, RELAY_CMD, RELAY_DESIRED, type Channel } from '../core/topics.ts';
 import type { SensorTable } from '../firmware-bridge/codecs.ts';
 import type { McuHello } from '../firmware-bridge/frames.ts';
 import { Uplink } from '../core/uplink.ts';
@@ -31,6 +31,8 @@ export interface RelayOptions {
   lostGraceMs?: number;
   /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
   onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
+  /** the MCUs revoked at the hub (MCU_REVOCATIONS_TOPIC, retained: on every connection and change) */
+  onRevocations?: (payload: Buffer) => void;
   now?: () => number;
 }
 
@@ -189,10 +191,10 @@ export class Relay {
     // Commands and desired states for MCUs are acknowledged to the hub (PUBACK) only once
     // handled — in the mailbox on disk — so a gateway killed in between gets them again.
     // mqtt.js sends the PUBACK when handleMessage calls back.
-    if (opts.onDown) opts.client.handleMessage = (packet, callback) => void this.handleDown(packet.topic, Buffer.from(packet.payload)).then(() => callback(), () => callback());
+    if (opts.onDown || opts.onRevocations) opts.client.handleMessage = (packet, callback) => void this.handleDown(packet.topic, Buffer.from(packet.payload)).then(() => callback(), () => callback());
     // the relay subscribes for its MCUs itself, after the register that lets it (and
     // paced); mqtt.js' own resubscribe would send them all at once before the register
-    if (opts.onDown) opts.client.options.resubscribe = false;
+    if (opts.onDown || opts.onRevocations) opts.client.options.resubscribe = false;
     this.gated = new GatedOutbox(opts.outbox, this.batchTopic, (mcuId) => this.covered(mcuId), () => this.flush(), (mcuId) => this.adopt(mcuId));
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
@@ -692,7 +694,7 @@ export class Relay {
    * site where MCUs keep arriving does not make the hub scan continuously.
    */
   private subscribeCovered(): void {
-    if (!this.opts.onDown || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
+    if ((!this.opts.onDown && !this.opts.onRevocations) || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
     if (!this.opts.client.connected || this.opts.client.disconnecting || this.stopped) return;
     const wait = this.lastSubAckAt + RESUBSCRIBE_MS - Date.now();
     if (this.subscribedUpTo > 0 && wait > 0) {
@@ -704,9 +706,15 @@ export class Relay {
     }
     const to = this.registeredUpTo;
     const topics: Record<string, { qos: 1 }> = {};
-    // commands are not retained: one subscription per connection is enough
-    if (this.subscribedUpTo === 0) topics[RELAY_CMD] = { qos: 1 };
-    topics[RELAY_DESIRED] = { qos: 1 };
+    // commands are not retained, and the revocation list is one message for all MCUs: one
+    // subscription per connection is enough
+    if (this.subscribedUpTo === 0 && this.opts.onDown) topics[RELAY_CMD] = { qos: 1 };
+    if (this.subscribedUpTo === 0 && this.opts.onRevocations) topics[MCU_REVOCATIONS_TOPIC] = { qos: 1 };
+    if (this.opts.onDown) topics[RELAY_DESIRED] = { qos: 1 };
+    if (Object.keys(topics).length === 0) {
+      this.subscribedUpTo = to; // revocations only, subscribed already on this connection
+      return;
+    }
     const gen = this.connGen;
     this.subscribeInFlight = true;
     this.opts.client.subscribe(topics, (err, granted) => {
@@ -734,6 +742,14 @@ export class Relay {
   }
 
   private async handleDown(topic: string, payload: Buffer): Promise<void> {
+    if (topic === MCU_REVOCATIONS_TOPIC) {
+      try {
+        this.opts.onRevocations?.(payload);
+      } catch (err) {
+        this.opts.log.error('applying the hub\'s MCU revocation list failed', { err });
+      }
+      return;
+    }
     const t = parseTopic(topic);
     if (!t || (t.channel !== 'cmd' && t.channel !== 'desired')) return;
     if (!this.mcus.has(t.deviceId)) {

@@ -2,6 +2,7 @@ import { closeSync, constants, fstatSync, openSync, readFileSync, readSync } fro
 import { writeFileAtomicSync } from '../core/atomic-file.ts';
 import { FleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import { decodeMessage } from '../core/messages.ts';
 import { isDeviceId } from '../core/topics.ts';
 
 /** the list file is checked for changes this often, ms (a stat call) */
@@ -31,6 +32,9 @@ const MAX_BAD_LINES_LOGGED = 20;
  */
 export class McuRevocations {
   private ids: ReadonlySet<string> = new Set();
+  /** the MCUs revoked at the hub (setHubList), kept in `hubFile` for a start without the hub */
+  private hubIds: ReadonlySet<string> = new Set();
+  private hubFile: string | undefined;
   /** the file's stat when it was last read ('' = absent, null = not read yet) */
   private seen: string | null = null;
   private timer: NodeJS.Timeout | undefined;
@@ -64,11 +68,66 @@ export class McuRevocations {
   }
 
   has(mcuId: string): boolean {
-    return this.ids.has(mcuId);
+    return this.ids.has(mcuId) || this.hubIds.has(mcuId);
   }
 
+  /** MCUs revoked here or at the hub */
   get size(): number {
-    return this.ids.size;
+    let n = this.ids.size;
+    for (const id of this.hubIds) if (!this.ids.has(id)) n++;
+    return n;
+  }
+
+  /**
+   * The hub's list as this gateway last received it, from `file` (written by setHubList), so a
+   * gateway that starts while the hub is unreachable still refuses those MCUs. A missing file
+   * is an empty list; one that cannot be read stops the start (FLEET_CONFIG_INVALID), as a
+   * bad mcu.revokedFile does: deleting it starts without it, and the hub sends its list again
+   * on connect.
+   */
+  loadHubList(file: string): void {
+    this.hubFile = file;
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw new FleetError('FLEET_CONFIG_INVALID', `${file}: ${(err as Error).message}`, { cause: err });
+    }
+    try {
+      this.hubIds = new Set(decodeMessage('mcu-revocations', text).ids);
+    } catch (err) {
+      throw new FleetError('FLEET_CONFIG_INVALID', `${file} (the hub's MCU revocation list as last received): ${(err as Error).message}; delete it to start without it (the hub sends its list again on connect)`, { cause: err });
+    }
+  }
+
+  /**
+   * The hub's list arrived (retained MCU_REVOCATIONS_TOPIC: on every connection and change).
+   * It replaces the previous one from the hub; MCUs newly on it are cut off (onRevoked). A
+   * message that is not a valid list is logged and changes nothing.
+   */
+  setHubList(payload: Buffer): void {
+    let next: Set<string>;
+    try {
+      next = new Set(decodeMessage('mcu-revocations', payload).ids);
+    } catch (err) {
+      this.log.error('the hub sent an MCU revocation list that is not valid; the previous one stays', { code: 'FLEET_MSG_INVALID', err });
+      return;
+    }
+    const added = [...next].filter((id) => !this.hubIds.has(id) && !this.ids.has(id));
+    const removed = [...this.hubIds].filter((id) => !next.has(id));
+    if (added.length === 0 && removed.length === 0) return;
+    this.hubIds = next;
+    if (this.hubFile !== undefined) {
+      try {
+        writeFileAtomicSync(this.hubFile, payload, { syncDir: true });
+      } catch (err) {
+        // in force now all the same; only a restart without the hub would miss it
+        this.log.error('cannot keep the hub\'s MCU revocation list on disk', { code: 'FLEET_STORE', file: this.hubFile, err });
+      }
+    }
+    this.log.info('MCU revocation list from the hub', { revoked: next.size, added: added.slice(0, 20), removed: removed.slice(0, 20) });
+    if (added.length > 0) this.onRevoked(added);
   }
 
   /** Read the file again if it changed; returns what made it unreadable, if anything. */

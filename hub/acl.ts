@@ -1,4 +1,4 @@
-import { isUpChannel, parseTopic, RELAY_CMD, RELAY_DESIRED, TOPIC_ROOT } from '../core/topics.ts';
+import { isUpChannel, MCU_REVOCATIONS_TOPIC, parseTopic, RELAY_CMD, RELAY_DESIRED, TOPIC_ROOT } from '../core/topics.ts';
 
 /**
  * Topic ACL as pure functions (docs/security.md). A device may publish only on the
@@ -43,6 +43,7 @@ export const RELAY_FILTERS: readonly string[] = [RELAY_CMD, RELAY_DESIRED];
 export function canSubscribe(identity: Identity, filter: string, delegations: Delegations): boolean {
   if (identity.kind === 'operator') return filter === '#' || filter === `${TOPIC_ROOT}/#` || filter.startsWith(`${TOPIC_ROOT}/`);
   if (RELAY_FILTERS.includes(filter)) return true;
+  if (filter === MCU_REVOCATIONS_TOPIC) return isGateway(identity, delegations);
   if (filter.includes('+') || filter.includes('#')) return false;
   const t = parseTopic(filter);
   if (!t || isUpChannel(t.channel)) return false;
@@ -55,8 +56,16 @@ export function canSubscribe(identity: Identity, filter: string, delegations: De
  * retained messages sent on subscribe.
  */
 export function mayReceive(identity: Identity | undefined, topic: string, delegations: Delegations): boolean {
+  // the MCU revocation list is for gateways: an operator's fleet/v1/# consumer does not get
+  // it (operators read it from the API)
+  if (topic === MCU_REVOCATIONS_TOPIC) return identity !== undefined && isGateway(identity, delegations);
   if (!identity || identity.kind === 'operator') return true;
   const t = parseTopic(topic);
   if (!t) return !topic.startsWith(`${TOPIC_ROOT}/`);
   return mayActFor(identity, t.deviceId, delegations);
+}
+
+/** A device that has registered MCUs (a register, even an empty one): the MCU revocation list is for gateways only. */
+function isGateway(identity: Identity, delegations: Delegations): boolean {
+  return identity.kind === 'device' && delegations(identity.id) !== undefined;
 }

@@ -11,7 +11,7 @@ import type { Logger } from '../core/log.ts';
 import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import { decodeMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
-import { deviceTopic, isDeviceId, parseTopic, type Channel } from '../core/topics.ts';
+import { deviceTopic, isDeviceId, MCU_REVOCATIONS_TOPIC, parseTopic, type Channel } from '../core/topics.ts';
 import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
 import type { DeadLetterInput } from './dead-letters.ts';
 import type { Deduplicator, PendingMid } from './dedup.ts';
@@ -67,6 +67,8 @@ export interface BrokerOptions {
   claimsMoved?: Counter;
   /** Is `id` a device that connects to the hub itself (an agent or gateway, connected now or before)? Such an id is never an MCU. */
   isDevice?: (id: string) => boolean;
+  /** MCUs revoked fleet-wide (hub/mcu-revocations.ts): no gateway acts for them */
+  isRevokedMcu?: (id: string) => boolean;
   /** told of every device that authenticated (the registry remembers it as a direct device) */
   onDeviceAuthenticated?: (id: string) => void;
 }
@@ -157,7 +159,9 @@ export class HubBroker {
     const persistence = gate.wrap(
       orderPersistence(
         store,
-        (topic) => topic.startsWith(SINK_PREFIX),
+        // the sinks, and the MCU revocation list: a gateway gets that (retained) on every
+        // connection's SUBSCRIBE, and no operator receives it (hub/acl.ts mayReceive)
+        (topic) => topic.startsWith(SINK_PREFIX) || topic === MCU_REVOCATIONS_TOPIC,
         gate,
       ),
     );
@@ -553,6 +557,7 @@ export class HubBroker {
   private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>): string {
     if (!t) return 'not a fleet topic';
     if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
+    if (this.opts.isRevokedMcu?.(t.deviceId)) return `MCU ${t.deviceId} is revoked at the hub`;
     const owner = this.claimedBy.get(t.deviceId);
     if (owner !== undefined && owner !== senderId) {
       const how = this.wanted.get(senderId)?.has(t.deviceId) ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (and ${senderId}'s register does not list it)`;
@@ -579,6 +584,8 @@ export class HubBroker {
         continue;
       }
       want.add(id);
+      // revoked at the hub: remembered as wanted (unrevokeMcu gives it back), not delegated
+      if (this.opts.isRevokedMcu?.(id)) continue;
       const owner = this.claimedBy.get(id);
       if (owner !== undefined && owner !== gatewayId) {
         this.opts.log.warn('MCU already registered by another gateway', { mcu: id, gateway: gatewayId, owner });
@@ -616,6 +623,7 @@ export class HubBroker {
     const mcu = t.deviceId;
     const owner = this.claimedBy.get(mcu);
     if (owner === undefined || owner === identity.id || !this.wanted.get(identity.id)?.has(mcu)) return false;
+    if (this.opts.isRevokedMcu?.(mcu)) return false;
     const now = Date.now();
     const idleMs = now - (this.claimActive.get(mcu) ?? 0);
     const ownerOnline = this.online.has(owner);
@@ -645,6 +653,40 @@ export class HubBroker {
     return new Promise((resolve, reject) =>
       this.aedes.publish({ cmd: 'publish', topic, payload, qos: 1, retain, dup: false }, (err) => (err ? reject(err) : resolve())),
     );
+  }
+
+  /**
+   * An MCU was revoked at the hub (isRevokedMcu says so from now on): no gateway acts for it
+   * any more, so what one still sends for it is refused (a dead letter, "revoked at the hub")
+   * and nothing is delivered to a gateway for it. Its gateway learns it from
+   * MCU_REVOCATIONS_TOPIC and cuts the MCU off.
+   */
+  revokeMcu(id: string): void {
+    const owner = this.claimedBy.get(id);
+    if (owner === undefined) return;
+    this.delegations.get(owner)?.delete(id);
+    this.claimedBy.delete(id);
+    this.claimActive.delete(id);
+  }
+
+  /** An MCU's revocation was lifted: it goes back to a gateway whose register lists it (a connected one first). */
+  unrevokeMcu(id: string): void {
+    if (this.claimedBy.has(id)) return;
+    let to: string | undefined;
+    for (const [gw, want] of this.wanted) {
+      if (!want.has(id)) continue;
+      to ??= gw;
+      if (this.online.has(gw)) {
+        to = gw;
+        break;
+      }
+    }
+    if (to === undefined) return;
+    let mine = this.delegations.get(to);
+    if (!mine) this.delegations.set(to, (mine = new Set()));
+    mine.add(id);
+    this.claimedBy.set(id, to);
+    this.claimActive.set(id, Date.now());
   }
 
   /**

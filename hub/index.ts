@@ -13,10 +13,11 @@ import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
 import { openStore } from '../core/store.ts';
 import { deferred, type Deferred } from '../core/deferred.ts';
-import { allDevices, deviceTopic, parseTopic, type Channel } from '../core/topics.ts';
+import { allDevices, deviceTopic, MCU_REVOCATIONS_TOPIC, parseTopic, type Channel } from '../core/topics.ts';
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
 import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOptions } from './commands.ts';
+import { McuRevocationStore } from './mcu-revocations.ts';
 import { decodeTelemetryFast, ScannedTelemetry, scanTelemetry } from './telemetry-fast.ts';
 import { coalesceWrites, HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
@@ -153,6 +154,8 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
       log.warn('dropped invalid message', { device: deviceId, channel, err });
     }
   }
+  // MCUs revoked fleet-wide: read before the broker, which must never act for one
+  const mcuRevocations = McuRevocationStore.load(join(config.stateDir, 'mcu-revocations.json'));
   const broker = await HubBroker.create({
     db: brokerDb,
     log,
@@ -172,10 +175,26 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     onRefused: (from, items) => void deadLetters.add(from, items),
     mcuClaimIdleMs: config.mcuClaimIdleMs,
     isDevice: (id) => registry.get(id)?.direct === true,
+    isRevokedMcu: (id) => mcuRevocations.has(id),
     onDeviceAuthenticated: (id) => registry.markDirect(id),
     claimsMoved: metrics.counter('fleet_hub_mcu_claims_moved_total', 'MCUs moved from one gateway to another (roamed, or the old gateway went away)'),
   });
   await broker.restoreDelegations();
+  // retained for the gateways, the current list at every start (a list emptied while the hub
+  // was down must replace the one the broker kept)
+  await broker.publish(MCU_REVOCATIONS_TOPIC, mcuRevocations.message(), true);
+  metrics.gaugeFn('fleet_hub_mcus_revoked', 'MCUs revoked fleet-wide (PUT /api/v1/mcu-revocations/{id})', () => [{ value: mcuRevocations.size }]);
+  const setMcuRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
+    if (!(await mcuRevocations.set(id, revoked))) return false;
+    if (revoked) broker.revokeMcu(id);
+    else broker.unrevokeMcu(id);
+    await broker.publish(MCU_REVOCATIONS_TOPIC, mcuRevocations.message(), true);
+    log.info(revoked ? 'MCU revoked fleet-wide' : 'MCU revocation lifted', { mcu: id });
+    // the registry shows it offline, with the reason (its gateway's own state for it is refused from now on)
+    const rec = registry.get(id);
+    if (revoked && rec?.kind === 'mcu' && rec.online) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: 'revoked at the hub' }), true);
+    return true;
+  };
 
   metrics.gaugeFn('fleet_hub_devices', 'Devices known to the registry, by state', () => {
     const c = registry.counts();
@@ -268,7 +287,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   };
   const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch });
   let ready = true;
-  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, deadLetters, ready: () => ready && !broker.aedes.closed });
+  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, deadLetters, mcuRevocations: { list: () => mcuRevocations.list(), set: setMcuRevoked }, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
   log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
 

@@ -219,3 +219,82 @@ test('fleetlet gateway revoke / unrevoke edit the list a running gateway polls: 
     assert.equal(readFileSync(file, 'utf8'), '# site 4\nesp-old\n', 'the list untouched');
   });
 });
+
+/**
+ * Revoking from the hub (PUT /api/v1/mcu-revocations/{id}): every gateway gets the list
+ * (retained MCU_REVOCATIONS_TOPIC) and cuts the MCU off as it does for its own file; the hub
+ * stops letting any gateway act for it; DELETE lets it back in. Real hub, gateway and MQTT MCUs.
+ */
+test('hub: an MCU revoked at the hub is cut off at its gateway and no longer delegated; lifting the revocation lets it back in', { timeout: 60_000 }, async () => {
+  await withEnv(async ({ hub, gw, site, seen, dir }) => {
+    const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+    const api = async (method: string, path: string, auth = true) => {
+      const res = await fetch(`http://127.0.0.1:${hub.httpPort}${path}`, { method, headers: auth ? { authorization: `Bearer ${token}` } : {} });
+      return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+    };
+    const gwGauge = () => Number(/^fleet_gateway_mcus_revoked (\d+)$/m.exec(gw.metrics.render())?.[1]);
+
+    const m = await connectMcu(gw.mqttPort, 'esp-h1', site);
+    let closed = false;
+    m.on('close', () => {
+      closed = true;
+    });
+    await publish(m, 'esp-h1', 1);
+    await waitFor(() => of(seen, 'esp-h1', 'telemetry').length === 1 && hub.broker.mcusOf('gw-1')?.has('esp-h1') === true, 'the reading at the hub, the MCU delegated');
+
+    // only the operator may revoke, and only a valid id
+    assert.equal((await api('PUT', '/api/v1/mcu-revocations/esp-h1', false)).status, 401);
+    assert.equal((await api('PUT', '/api/v1/mcu-revocations/not%20an%20id')).status, 400);
+
+    const put = await api('PUT', '/api/v1/mcu-revocations/esp-h1');
+    assert.equal(put.status, 200);
+    assert.deepEqual(put.body, { id: 'esp-h1', revoked: true, changed: true });
+    assert.equal((await api('PUT', '/api/v1/mcu-revocations/esp-h1')).body.changed, false, 'idempotent');
+    // the hub no longer lets the gateway act for it, and shows it offline with the reason
+    assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-h1'), false);
+    await waitFor(() => hub.registry.get('esp-h1')?.online === false, 'the registry shows it offline');
+    // the gateway got the list: the live session is cut, a new one refused
+    await waitFor(() => closed, 'the MQTT session cut at the gateway', 10_000);
+    assert.equal(gwGauge(), 1);
+    m.end(true);
+    await assert.rejects(connectMcu(gw.mqttPort, 'esp-h1', site), /Not authorized/i);
+    const list = await api('GET', '/api/v1/mcu-revocations');
+    assert.deepEqual((list.body.revoked as Array<{ id: string }>).map((r) => r.id), ['esp-h1']);
+    assert.match(readFileSync(join(dir, 'hub', 'mcu-revocations.json'), 'utf8'), /"esp-h1"/);
+
+    // lifted: delegated again, and it connects and sends as before
+    const del = await api('DELETE', '/api/v1/mcu-revocations/esp-h1');
+    assert.deepEqual(del.body, { id: 'esp-h1', revoked: false, changed: true });
+    assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-h1'), true);
+    await waitFor(() => gwGauge() === 0, 'the gateway got the shorter list', 10_000);
+    const back = await connectMcu(gw.mqttPort, 'esp-h1', site);
+    await publish(back, 'esp-h1', 2);
+    await back.endAsync();
+    await waitFor(() => of(seen, 'esp-h1', 'telemetry').length === 2, 'its new reading at the hub');
+  });
+});
+
+test('McuRevocations: the hub\'s list is kept on disk for a start without the hub; a bad one is refused and changes nothing', () => {
+  const tmp = tempDir();
+  const log = testLogger('revocations');
+  const cut: string[] = [];
+  const file = join(tmp.dir, 'hub-revoked-mcus.json');
+  try {
+    const r = new McuRevocations(join(tmp.dir, 'revoked-mcus'), log, (ids) => cut.push(...ids));
+    r.loadHubList(file); // none yet
+    r.setHubList(Buffer.from(JSON.stringify({ v: 1, ts: 1, ids: ['esp-x', 'esp-y'] })));
+    assert.deepEqual(cut, ['esp-x', 'esp-y']);
+    r.setHubList(Buffer.from('{"v":1,"ts":1,"ids":["bad id"]}'));
+    assert.ok(log.lines.some((l) => l.code === 'FLEET_MSG_INVALID'));
+    assert.ok(r.has('esp-x') && r.has('esp-y'), 'a bad list changes nothing');
+    // a later start, the hub not reachable: the list from disk
+    const again = new McuRevocations(join(tmp.dir, 'revoked-mcus'), log);
+    again.loadHubList(file);
+    assert.ok(again.has('esp-x') && again.has('esp-y') && !again.has('esp-z'));
+    assert.equal(again.size, 2);
+    writeFileSync(file, '{"v":1,');
+    assert.throws(() => new McuRevocations(join(tmp.dir, 'revoked-mcus'), log).loadHubList(file), (err: unknown) => isFleetError(err, 'FLEET_CONFIG_INVALID') && /delete it/.test(err.message));
+  } finally {
+    tmp.cleanup();
+  }
+});

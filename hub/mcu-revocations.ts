@@ -1,0 +1,88 @@
+import { readFileSync } from 'node:fs';
+import { writeFileAtomic } from '../core/atomic-file.ts';
+import { FleetError } from '../core/errors.ts';
+import { encodeMessage, MCU_REVOCATIONS_MAX, McuRevocationsSchema } from '../core/messages.ts';
+import { assertDeviceId } from '../core/topics.ts';
+
+/**
+ * MCUs revoked fleet-wide by the operator (docs/mcu-protocol.md "Revoking one MCU"), kept in
+ * `{stateDir}/mcu-revocations.json` and published retained for the gateways
+ * (MCU_REVOCATIONS_TOPIC), which refuse those MCUs as they refuse the ones on their own
+ * list. The hub itself no longer lets any gateway act for them (hub/broker.ts), so what a
+ * gateway that has not heard of the revocation yet sends for one is kept as a dead letter,
+ * never routed.
+ *
+ * Changes are serialised and written (atomically) before they are published or applied: the
+ * API answers only once a revocation is on disk.
+ */
+export class McuRevocationStore {
+  /** id → when it was revoked (ms) */
+  private readonly ids = new Map<string, number>();
+  private chain: Promise<void> = Promise.resolve();
+
+  private constructor(readonly file: string) {}
+
+  /** Read the list; a missing file is an empty list, a damaged one stops the hub (FLEET_CONFIG_INVALID): it must not start with revoked MCUs let back in. */
+  static load(file: string): McuRevocationStore {
+    const s = new McuRevocationStore(file);
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return s;
+      throw new FleetError('FLEET_CONFIG_INVALID', `${file}: ${(err as Error).message}`, { cause: err });
+    }
+    try {
+      const raw = JSON.parse(text) as { v?: unknown; revoked?: unknown };
+      if (raw.v !== 1 || typeof raw.revoked !== 'object' || raw.revoked === null) throw new Error('not a v1 revocation list');
+      for (const [id, at] of Object.entries(raw.revoked)) s.ids.set(assertDeviceId(id), typeof at === 'number' ? at : 0);
+    } catch (err) {
+      throw new FleetError('FLEET_CONFIG_INVALID', `${file}: ${(err as Error).message}; fix or remove it (a missing file revokes no MCU)`, { cause: err });
+    }
+    return s;
+  }
+
+  has(id: string): boolean {
+    return this.ids.has(id);
+  }
+
+  get size(): number {
+    return this.ids.size;
+  }
+
+  list(): Array<{ id: string; revokedAt: number }> {
+    return [...this.ids].map(([id, revokedAt]) => ({ id, revokedAt })).sort((a, b) => a.id.localeCompare(b.id));
+  }
+
+  /** The retained message for the gateways. */
+  message(): Buffer {
+    const msg = { v: 1 as const, ts: Date.now(), ids: [...this.ids.keys()].sort() };
+    McuRevocationsSchema.parse(msg); // bounded by MCU_REVOCATIONS_MAX and valid ids: a bug if not
+    return encodeMessage(msg);
+  }
+
+  /**
+   * Add (`revoked` true) or remove an id; resolves to whether the list changed, once the new
+   * list is on disk. FLEET_DEVICE_ID_INVALID for a bad id; FLEET_FORBIDDEN beyond
+   * MCU_REVOCATIONS_MAX ids.
+   */
+  set(id: string, revoked: boolean): Promise<boolean> {
+    assertDeviceId(id);
+    const run = this.chain.then(async () => {
+      if (revoked === this.ids.has(id)) return false;
+      if (revoked && this.ids.size >= MCU_REVOCATIONS_MAX) throw new FleetError('FLEET_FORBIDDEN', `at most ${MCU_REVOCATIONS_MAX} MCUs can be revoked at the hub; unrevoke retired ones, or rotate the site secret`);
+      const next = new Map(this.ids);
+      if (revoked) next.set(id, Date.now());
+      else next.delete(id);
+      await writeFileAtomic(this.file, JSON.stringify({ v: 1, revoked: Object.fromEntries(next) }), { mode: 0o600 });
+      if (revoked) this.ids.set(id, next.get(id)!);
+      else this.ids.delete(id);
+      return true;
+    });
+    this.chain = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+}
