@@ -135,7 +135,13 @@ export type GatewayRegistration = z.infer<typeof RegisterSchema>;
  * MCU_REVOCATIONS_TOPIC, the whole list each time, for every gateway.
  */
 export const MCU_REVOCATIONS_MAX = 20_000;
-export const McuRevocationsSchema = z.object({ v: z.literal(1), ts, ids: z.array(z.string().regex(DEVICE_ID_RE)).max(MCU_REVOCATIONS_MAX) });
+export const McuRevocationsSchema = z.object({
+  v: z.literal(1),
+  /** grows with every change within a hub's run: a gateway ignores, on one connection, a list older than the one it has (a retained copy read before the change may arrive after the change itself) */
+  rev: z.number().int().nonnegative(),
+  ts,
+  ids: z.array(z.string().regex(DEVICE_ID_RE)).max(MCU_REVOCATIONS_MAX),
+});
 export type McuRevocationList = z.infer<typeof McuRevocationsSchema>;
 
 export const SCHEMAS = {

@@ -99,8 +99,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const siteSecret = loadOrCreateSecret(paths.siteSecretFile);
   // revoked MCUs (mcu.revokedFile): refused at authentication. Read before anything is
   // opened: a list that exists but cannot be read stops the start (FLEET_CONFIG_INVALID)
-  let cutRevoked: (ids: string[]) => void = () => undefined;
-  const revocations = new McuRevocations(paths.revokedFile, log, (ids) => cutRevoked(ids));
+  let cutRevoked: (ids: string[], atHub: boolean) => void = () => undefined;
+  const revocations = new McuRevocations(paths.revokedFile, log, (ids, atHub) => cutRevoked(ids, atHub));
   revocations.start();
   // and the hub's list as last received (MCU_REVOCATIONS_TOPIC), for a start without the hub
   revocations.loadHubList(join(config.stateDir, 'hub-revoked-mcus.json'));
@@ -170,7 +170,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostGraceMs: config.mcu.lostGraceMs,
     uplink: config.uplink,
     now: extras.now,
-    onRevocations: (payload) => revocations.setHubList(payload),
+    onRevocations: (payload, conn) => revocations.setHubList(payload, conn),
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
   for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
@@ -225,10 +225,11 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   let mqtt: McuMqttIngress | undefined;
   let coap: McuCoapIngress | undefined;
   // one added to the revoked list while connected is cut off
-  cutRevoked = (ids) => {
+  cutRevoked = (ids, atHub) => {
     for (const id of ids) {
       mqtt?.revoke(id);
       coap?.revoke(id);
+      relay.revoked(id, atHub);
     }
   };
   /** a save failed, or changes came while one was under way: the next tick saves even without new changes */

@@ -31,8 +31,8 @@ export interface RelayOptions {
   lostGraceMs?: number;
   /** what the hub sends down for an MCU (cmd, desired), after the gateway subscribed for it */
   onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
-  /** the MCUs revoked at the hub (MCU_REVOCATIONS_TOPIC, retained: on every connection and change) */
-  onRevocations?: (payload: Buffer) => void;
+  /** the MCUs revoked at the hub (MCU_REVOCATIONS_TOPIC, retained: on every connection and change); `conn` numbers the connection */
+  onRevocations?: (payload: Buffer, conn: number) => void;
   now?: () => number;
 }
 
@@ -199,6 +199,9 @@ export class Relay {
     this.uplink = new Uplink({ client: opts.client, outbox: this.gated, log: opts.log, deviceId: opts.gatewayId, ...opts.uplink });
     const sweepMs = opts.lostAfterMs ? Math.min(1000, Math.max(25, Math.floor(opts.lostAfterMs / 4))) : 500;
     this.sweepTimer = setInterval(this.sweep, sweepMs);
+    // connected already (the client was made before the stores this relay needs were opened):
+    // this connection's start as if its 'connect' came now (register, revocation list)
+    if (opts.client.connected) this.onConnect();
   }
 
   /**
@@ -540,6 +543,19 @@ export class Relay {
     return e.intervalMs > 0 ? Math.max(MIN_LOST_AFTER_MS, factor * e.intervalMs) : DEFAULT_LOST_AFTER_MS;
   }
 
+  /**
+   * The MCU was revoked and cut off: offline from now, so its first message after the
+   * revocation is lifted says online again. Revoked by this gateway's own list, the hub is
+   * told why; revoked at the hub, the hub has marked it offline itself (and refuses states
+   * for it).
+   */
+  revoked(mcuId: string, atHub: boolean): void {
+    const e = this.mcus.get(mcuId);
+    if (!e?.online) return;
+    e.online = false;
+    if (!atHub) this.publishState(mcuId, { v: 1, online: false, kind: 'mcu', ts: this.now(), via: this.opts.gatewayId, reason: 'revoked at the gateway' });
+  }
+
   private sweep = (): void => {
     const now = this.now();
     for (const [id, e] of this.mcus) {
@@ -608,7 +624,25 @@ export class Relay {
     // the full list again on every connection: cheap, and it makes a hub that lost its
     // retained messages whole again
     this.flush();
+    this.subscribeRevocations(this.connGen);
   };
+
+  /**
+   * The hub's MCU revocation list (retained: it comes with the SUBACK, and again on every
+   * change), on every connection, whatever MCUs there are: a gateway must know it before the
+   * first MCU connects. A SUBSCRIBE of its own, so a hub without it (an older one refuses the
+   * topic) costs nothing else: logged once per connection, tried again every minute; the
+   * gateway's own list applies meanwhile.
+   */
+  private subscribeRevocations(gen: number): void {
+    if (!this.opts.onRevocations || gen !== this.connGen || this.stopped || !this.opts.client.connected || this.opts.client.disconnecting) return;
+    this.opts.client.subscribe({ [MCU_REVOCATIONS_TOPIC]: { qos: 1 } }, (err, granted) => {
+      if (gen !== this.connGen || this.stopped) return;
+      if (!err && !granted?.some((g) => g.qos === 128)) return;
+      this.opts.log.warn('the hub refused its MCU revocation list (an older hub?); only this gateway\'s own list applies; trying again every minute', { err, granted });
+      setTimeout(() => this.subscribeRevocations(gen), SUBSCRIBE_RETRY_MS).unref();
+    });
+  }
 
   private onClose = (): void => {
     this.connGen++;
@@ -694,7 +728,7 @@ export class Relay {
    * site where MCUs keep arriving does not make the hub scan continuously.
    */
   private subscribeCovered(): void {
-    if ((!this.opts.onDown && !this.opts.onRevocations) || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
+    if (!this.opts.onDown || this.subscribeInFlight || this.subscribedUpTo >= this.registeredUpTo) return;
     if (!this.opts.client.connected || this.opts.client.disconnecting || this.stopped) return;
     const wait = this.lastSubAckAt + RESUBSCRIBE_MS - Date.now();
     if (this.subscribedUpTo > 0 && wait > 0) {
@@ -706,15 +740,9 @@ export class Relay {
     }
     const to = this.registeredUpTo;
     const topics: Record<string, { qos: 1 }> = {};
-    // commands are not retained, and the revocation list is one message for all MCUs: one
-    // subscription per connection is enough
-    if (this.subscribedUpTo === 0 && this.opts.onDown) topics[RELAY_CMD] = { qos: 1 };
-    if (this.subscribedUpTo === 0 && this.opts.onRevocations) topics[MCU_REVOCATIONS_TOPIC] = { qos: 1 };
-    if (this.opts.onDown) topics[RELAY_DESIRED] = { qos: 1 };
-    if (Object.keys(topics).length === 0) {
-      this.subscribedUpTo = to; // revocations only, subscribed already on this connection
-      return;
-    }
+    // commands are not retained: one subscription per connection is enough
+    if (this.subscribedUpTo === 0) topics[RELAY_CMD] = { qos: 1 };
+    topics[RELAY_DESIRED] = { qos: 1 };
     const gen = this.connGen;
     this.subscribeInFlight = true;
     this.opts.client.subscribe(topics, (err, granted) => {
@@ -744,7 +772,7 @@ export class Relay {
   private async handleDown(topic: string, payload: Buffer): Promise<void> {
     if (topic === MCU_REVOCATIONS_TOPIC) {
       try {
-        this.opts.onRevocations?.(payload);
+        this.opts.onRevocations?.(payload, this.connGen);
       } catch (err) {
         this.opts.log.error('applying the hub\'s MCU revocation list failed', { err });
       }

@@ -35,6 +35,9 @@ export class McuRevocations {
   /** the MCUs revoked at the hub (setHubList), kept in `hubFile` for a start without the hub */
   private hubIds: ReadonlySet<string> = new Set();
   private hubFile: string | undefined;
+  /** the connection the hub's list last came on, and its revision there */
+  private hubConn = -1;
+  private hubRev = -1;
   /** the file's stat when it was last read ('' = absent, null = not read yet) */
   private seen: string | null = null;
   private timer: NodeJS.Timeout | undefined;
@@ -42,8 +45,8 @@ export class McuRevocations {
   constructor(
     readonly file: string,
     private readonly log: Logger,
-    /** called with the ids newly on the list after a change (their sessions are cut) */
-    private readonly onRevoked: (ids: string[]) => void = () => undefined,
+    /** called with the ids newly on a list after a change (their sessions are cut); atHub: on the hub's list */
+    private readonly onRevoked: (ids: string[], atHub: boolean) => void = () => undefined,
   ) {}
 
   /**
@@ -102,18 +105,27 @@ export class McuRevocations {
   }
 
   /**
-   * The hub's list arrived (retained MCU_REVOCATIONS_TOPIC: on every connection and change).
-   * It replaces the previous one from the hub; MCUs newly on it are cut off (onRevoked). A
-   * message that is not a valid list is logged and changes nothing.
+   * The hub's list arrived (retained MCU_REVOCATIONS_TOPIC: on every connection and change)
+   * on connection `conn`. It replaces the previous one from the hub; MCUs newly on it are cut
+   * off (onRevoked). On one connection a list older than the last (its `rev`) is ignored: the
+   * retained copy the hub read for the SUBSCRIBE can arrive after a change published
+   * meanwhile. A new connection's first list is taken whatever its revision (a hub whose clock
+   * went back starts lower). A message that is not a valid list is logged and changes nothing.
    */
-  setHubList(payload: Buffer): void {
+  setHubList(payload: Buffer, conn = 0): void {
     let next: Set<string>;
+    let rev: number;
     try {
-      next = new Set(decodeMessage('mcu-revocations', payload).ids);
+      const msg = decodeMessage('mcu-revocations', payload);
+      next = new Set(msg.ids);
+      rev = msg.rev;
     } catch (err) {
       this.log.error('the hub sent an MCU revocation list that is not valid; the previous one stays', { code: 'FLEET_MSG_INVALID', err });
       return;
     }
+    if (conn === this.hubConn && rev <= this.hubRev) return;
+    this.hubConn = conn;
+    this.hubRev = rev;
     const added = [...next].filter((id) => !this.hubIds.has(id) && !this.ids.has(id));
     const removed = [...this.hubIds].filter((id) => !next.has(id));
     if (added.length === 0 && removed.length === 0) return;
@@ -127,7 +139,7 @@ export class McuRevocations {
       }
     }
     this.log.info('MCU revocation list from the hub', { revoked: next.size, added: added.slice(0, 20), removed: removed.slice(0, 20) });
-    if (added.length > 0) this.onRevoked(added);
+    if (added.length > 0) this.onRevoked(added, true);
   }
 
   /** Read the file again if it changed; returns what made it unreadable, if anything. */
@@ -205,7 +217,7 @@ export class McuRevocations {
     if (log && (added.length > 0 || removed.length > 0)) {
       this.log.info('revoked MCU list read', { file: this.file, revoked: next.size, added: added.slice(0, 20), removed: removed.slice(0, 20) });
     }
-    if (added.length > 0) this.onRevoked(added);
+    if (added.length > 0) this.onRevoked(added, false);
   }
 }
 

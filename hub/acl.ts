@@ -43,7 +43,7 @@ export const RELAY_FILTERS: readonly string[] = [RELAY_CMD, RELAY_DESIRED];
 export function canSubscribe(identity: Identity, filter: string, delegations: Delegations): boolean {
   if (identity.kind === 'operator') return filter === '#' || filter === `${TOPIC_ROOT}/#` || filter.startsWith(`${TOPIC_ROOT}/`);
   if (RELAY_FILTERS.includes(filter)) return true;
-  if (filter === MCU_REVOCATIONS_TOPIC) return isGateway(identity, delegations);
+  if (filter === MCU_REVOCATIONS_TOPIC) return true; // any device (mayReceive)
   if (filter.includes('+') || filter.includes('#')) return false;
   const t = parseTopic(filter);
   if (!t || isUpChannel(t.channel)) return false;
@@ -56,16 +56,13 @@ export function canSubscribe(identity: Identity, filter: string, delegations: De
  * retained messages sent on subscribe.
  */
 export function mayReceive(identity: Identity | undefined, topic: string, delegations: Delegations): boolean {
-  // the MCU revocation list is for gateways: an operator's fleet/v1/# consumer does not get
-  // it (operators read it from the API)
-  if (topic === MCU_REVOCATIONS_TOPIC) return identity !== undefined && isGateway(identity, delegations);
+  // the MCU revocation list goes to devices: a gateway needs it before its first MCU connects,
+  // so before its first register, and the hub cannot tell it from an agent until then (ids of
+  // revoked MCUs, nothing secret). An operator's fleet/v1/# consumer does not get it
+  // (operators read it from the API)
+  if (topic === MCU_REVOCATIONS_TOPIC) return identity?.kind === 'device';
   if (!identity || identity.kind === 'operator') return true;
   const t = parseTopic(topic);
   if (!t) return !topic.startsWith(`${TOPIC_ROOT}/`);
   return mayActFor(identity, t.deviceId, delegations);
-}
-
-/** A device that has registered MCUs (a register, even an empty one): the MCU revocation list is for gateways only. */
-function isGateway(identity: Identity, delegations: Delegations): boolean {
-  return identity.kind === 'device' && delegations(identity.id) !== undefined;
 }

@@ -19,6 +19,8 @@ export class McuRevocationStore {
   /** id → when it was revoked (ms) */
   private readonly ids = new Map<string, number>();
   private chain: Promise<void> = Promise.resolve();
+  /** the list's revision: grows with every change (and starts from the clock at each start) */
+  private rev = Date.now();
 
   private constructor(readonly file: string) {}
 
@@ -34,8 +36,9 @@ export class McuRevocationStore {
     }
     try {
       const raw = JSON.parse(text) as { v?: unknown; revoked?: unknown };
-      if (raw.v !== 1 || typeof raw.revoked !== 'object' || raw.revoked === null) throw new Error('not a v1 revocation list');
+      if (raw.v !== 1 || typeof raw.revoked !== 'object' || raw.revoked === null || Array.isArray(raw.revoked)) throw new Error('not a v1 revocation list');
       for (const [id, at] of Object.entries(raw.revoked)) s.ids.set(assertDeviceId(id), typeof at === 'number' ? at : 0);
+      if (s.ids.size > MCU_REVOCATIONS_MAX) throw new Error(`${s.ids.size} ids, more than ${MCU_REVOCATIONS_MAX}`);
     } catch (err) {
       throw new FleetError('FLEET_CONFIG_INVALID', `${file}: ${(err as Error).message}; fix or remove it (a missing file revokes no MCU)`, { cause: err });
     }
@@ -56,7 +59,7 @@ export class McuRevocationStore {
 
   /** The retained message for the gateways. */
   message(): Buffer {
-    const msg = { v: 1 as const, ts: Date.now(), ids: [...this.ids.keys()].sort() };
+    const msg = { v: 1 as const, rev: this.rev, ts: Date.now(), ids: [...this.ids.keys()].sort() };
     McuRevocationsSchema.parse(msg); // bounded by MCU_REVOCATIONS_MAX and valid ids: a bug if not
     return encodeMessage(msg);
   }
@@ -77,6 +80,7 @@ export class McuRevocationStore {
       await writeFileAtomic(this.file, JSON.stringify({ v: 1, revoked: Object.fromEntries(next) }), { mode: 0o600 });
       if (revoked) this.ids.set(id, next.get(id)!);
       else this.ids.delete(id);
+      this.rev = Math.max(this.rev + 1, Date.now());
       return true;
     });
     this.chain = run.then(

@@ -70,11 +70,11 @@ test('ACL: devices stay in their subtree, gateways act for their MCUs, operators
   assert.ok(canSubscribe(op, 'fleet/v1/#', delegations));
   assert.ok(canPublish(op, 'fleet/v1/d/pi-1/desired', true, delegations));
   assert.ok(!canPublish(op, 'fleet/v1/d/pi-1/telemetry', false, delegations), 'operators cannot forge device data');
-  // the MCU revocation list: for gateways (a device with a register), published by the hub only
+  // the MCU revocation list: for devices (a gateway before its first register too), published by the hub only
   assert.ok(canSubscribe(gw, 'fleet/v1/mcu-revocations', delegations));
   assert.ok(mayReceive(gw, 'fleet/v1/mcu-revocations', delegations));
-  assert.ok(!canSubscribe(dev, 'fleet/v1/mcu-revocations', delegations), 'not for agents');
-  assert.ok(!mayReceive(dev, 'fleet/v1/mcu-revocations', delegations));
+  assert.ok(canSubscribe(dev, 'fleet/v1/mcu-revocations', delegations));
+  assert.ok(mayReceive(dev, 'fleet/v1/mcu-revocations', delegations));
   assert.ok(!canPublish(gw, 'fleet/v1/mcu-revocations', true, delegations));
   assert.ok(!canPublish(op, 'fleet/v1/mcu-revocations', true, delegations), 'through the API only');
   assert.ok(!mayReceive(op, 'fleet/v1/mcu-revocations', delegations), 'an operator\'s fleet/v1/# consumer does not get it');

@@ -234,6 +234,12 @@ test('hub: an MCU revoked at the hub is cut off at its gateway and no longer del
     };
     const gwGauge = () => Number(/^fleet_gateway_mcus_revoked (\d+)$/m.exec(gw.metrics.render())?.[1]);
 
+    // the gateway has the list before any MCU: one revoked that never connected is refused
+    // at its first connection (the gateway subscribes on connect, before any register)
+    assert.equal((await api('PUT', '/api/v1/mcu-revocations/esp-never')).status, 200);
+    await waitFor(() => gwGauge() === 1, 'the gateway got the list', 10_000);
+    await assert.rejects(connectMcu(gw.mqttPort, 'esp-never', site), /Not authorized/i);
+
     const m = await connectMcu(gw.mqttPort, 'esp-h1', site);
     let closed = false;
     m.on('close', () => {
@@ -255,22 +261,24 @@ test('hub: an MCU revoked at the hub is cut off at its gateway and no longer del
     await waitFor(() => hub.registry.get('esp-h1')?.online === false, 'the registry shows it offline');
     // the gateway got the list: the live session is cut, a new one refused
     await waitFor(() => closed, 'the MQTT session cut at the gateway', 10_000);
-    assert.equal(gwGauge(), 1);
+    assert.equal(gwGauge(), 2);
     m.end(true);
     await assert.rejects(connectMcu(gw.mqttPort, 'esp-h1', site), /Not authorized/i);
     const list = await api('GET', '/api/v1/mcu-revocations');
-    assert.deepEqual((list.body.revoked as Array<{ id: string }>).map((r) => r.id), ['esp-h1']);
+    assert.deepEqual((list.body.revoked as Array<{ id: string }>).map((r) => r.id), ['esp-h1', 'esp-never']);
     assert.match(readFileSync(join(dir, 'hub', 'mcu-revocations.json'), 'utf8'), /"esp-h1"/);
 
     // lifted: delegated again, and it connects and sends as before
     const del = await api('DELETE', '/api/v1/mcu-revocations/esp-h1');
     assert.deepEqual(del.body, { id: 'esp-h1', revoked: false, changed: true });
     assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-h1'), true);
-    await waitFor(() => gwGauge() === 0, 'the gateway got the shorter list', 10_000);
+    await waitFor(() => gwGauge() === 1, 'the gateway got the shorter list', 10_000);
     const back = await connectMcu(gw.mqttPort, 'esp-h1', site);
     await publish(back, 'esp-h1', 2);
     await back.endAsync();
     await waitFor(() => of(seen, 'esp-h1', 'telemetry').length === 2, 'its new reading at the hub');
+    // and the registry shows it online again (the gateway took it offline when it cut it)
+    await waitFor(() => hub.registry.get('esp-h1')?.online === true, 'online again at the hub');
   });
 });
 
@@ -282,16 +290,23 @@ test('McuRevocations: the hub\'s list is kept on disk for a start without the hu
   try {
     const r = new McuRevocations(join(tmp.dir, 'revoked-mcus'), log, (ids) => cut.push(...ids));
     r.loadHubList(file); // none yet
-    r.setHubList(Buffer.from(JSON.stringify({ v: 1, ts: 1, ids: ['esp-x', 'esp-y'] })));
+    r.setHubList(Buffer.from(JSON.stringify({ v: 1, rev: 5, ts: 1, ids: ['esp-x', 'esp-y'] })), 1);
     assert.deepEqual(cut, ['esp-x', 'esp-y']);
-    r.setHubList(Buffer.from('{"v":1,"ts":1,"ids":["bad id"]}'));
+    // on the same connection an older list (the retained copy read before the change) is ignored
+    r.setHubList(Buffer.from(JSON.stringify({ v: 1, rev: 4, ts: 1, ids: [] })), 1);
+    assert.ok(r.has('esp-x'));
+    // a new connection's first list is taken even when lower (a hub whose clock went back)
+    r.setHubList(Buffer.from(JSON.stringify({ v: 1, rev: 3, ts: 1, ids: ['esp-x', 'esp-y', 'esp-w'] })), 2);
+    assert.ok(r.has('esp-w'));
+    assert.deepEqual(cut, ['esp-x', 'esp-y', 'esp-w']);
+    r.setHubList(Buffer.from('{"v":1,"rev":9,"ts":1,"ids":["bad id"]}'), 2);
     assert.ok(log.lines.some((l) => l.code === 'FLEET_MSG_INVALID'));
     assert.ok(r.has('esp-x') && r.has('esp-y'), 'a bad list changes nothing');
     // a later start, the hub not reachable: the list from disk
     const again = new McuRevocations(join(tmp.dir, 'revoked-mcus'), log);
     again.loadHubList(file);
-    assert.ok(again.has('esp-x') && again.has('esp-y') && !again.has('esp-z'));
-    assert.equal(again.size, 2);
+    assert.ok(again.has('esp-x') && again.has('esp-y') && again.has('esp-w') && !again.has('esp-z'));
+    assert.equal(again.size, 3);
     writeFileSync(file, '{"v":1,');
     assert.throws(() => new McuRevocations(join(tmp.dir, 'revoked-mcus'), log).loadHubList(file), (err: unknown) => isFleetError(err, 'FLEET_CONFIG_INVALID') && /delete it/.test(err.message));
   } finally {
