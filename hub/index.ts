@@ -190,6 +190,11 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     else broker.unrevokeMcu(id);
     await broker.publish(MCU_REVOCATIONS_TOPIC, mcuRevocations.message(), true);
     log.info(revoked ? 'MCU revoked fleet-wide' : 'MCU revocation lifted', { mcu: id });
+    // lifted: its desired state again, after the list (the same connection keeps the order).
+    // While revoked, no gateway received it (the hub delivers an MCU's messages only to the
+    // gateway acting for it), and a gateway gets retained ones only when it subscribes
+    const desired = revoked ? undefined : registry.get(id)?.desired;
+    if (desired) await broker.publish(deviceTopic(id, 'desired'), encodeMessage(desired), true);
     // the registry shows it offline, with the reason (its gateway's own state for it is refused from now on)
     const rec = registry.get(id);
     if (revoked && rec?.kind === 'mcu' && rec.online) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: 'revoked at the hub' }), true);

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readdirSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -253,5 +253,24 @@ test('firmware: an MCU reflashed by hand after it succeeded is offered its targe
     const block = await coapBlock(gw.coapPort, env.site, 'esp-l6', 0, 1024);
     assert.equal(block.code, '2.05');
     assert.equal(sha256(block.body), sha256(a), 'the whole image served again');
+  });
+});
+
+test('firmware: a desired state set while the MCU is revoked at the hub reaches its gateway when the revocation is lifted', async () => {
+  await withEnv(async (env) => {
+    const { hub, gw, dir } = env;
+    const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+    const api = (method: string, id: string) => fetch(`http://127.0.0.1:${hub.httpPort}/api/v1/mcu-revocations/${id}`, { method, headers: { authorization: `Bearer ${token}` } });
+    const a = image(23);
+    writeFileSync(join(dir, 'a.bin'), a);
+    await boot(env, 'esp-l9', '1.0.0');
+    await registered(env, ['esp-l9']);
+    assert.equal((await api('PUT', 'esp-l9')).status, 200);
+    await hub.setDesired('esp-l9', desiredFile(join(dir, 'a.bin'), a));
+    // not delivered to the gateway while revoked (the hub acts for no gateway for it)
+    await sleep(500);
+    assert.equal(gw.firmwareState('esp-l9'), undefined);
+    assert.equal((await api('DELETE', 'esp-l9')).status, 200);
+    await waitFor(() => gw.firmwareState('esp-l9')?.state === 'offered', 'offered after the lift');
   });
 });
