@@ -126,8 +126,7 @@ export function scanTelemetry(payload: Buffer, out: ScannedTelemetry): boolean {
 
 /** The samples array: `[` … `]`, each sample as plainValid checks it. */
 function scanSamples(p: JsonScanner, out: ScannedTelemetry): boolean {
-  if (p.byte() !== 0x5b) return false; // [
-  p.i++;
+  if (p.next() !== 0x5b) return false; // [
   p.ws();
   if (p.byte() === 0x5d) {
     p.i++;

@@ -6,7 +6,7 @@ import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { COAP_METHOD, decodeMessage, encodeRequest } from '../../esp32-sim/coap-lite.ts';
 import { RecentExchanges } from '../../gateway/coap-ingress.ts';
 import { waitFor } from '../helpers.ts';
-import { nextCounter, of, withEnv } from './env.ts';
+import { nextCounter, of, udpPeer, withEnv } from './env.ts';
 
 const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
 
@@ -67,11 +67,7 @@ test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from 
 
 test('gateway CoAP fast path: a NON POST is answered by a NON 2.04 with its token; a forged one gets 4.01 with the error code; both answered again, unchanged, on retransmission', async () => {
   await withEnv(async ({ gw, site, seen }) => {
-    const sock = createSocket('udp4');
-    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
-    const replies: Buffer[] = [];
-    sock.on('message', (msg) => replies.push(msg));
-    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const { got: replies, send, close } = await udpPeer(gw.coapPort);
     const request = (id: string, type: number, mid: number, token: number, forge = false): Buffer => {
       const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: mid }]));
       const c = nextCounter();
@@ -106,7 +102,7 @@ test('gateway CoAP fast path: a NON POST is answered by a NON 2.04 with its toke
       assert.equal(of(seen, 'esp-n1', 'telemetry').length, 1, 'stored once');
       assert.equal(of(seen, 'esp-n2', 'telemetry').length, 0, 'the forged one not at all');
     } finally {
-      sock.close();
+      await close();
     }
   });
 });
@@ -234,11 +230,7 @@ test('gateway CoAP: what the coap package itself would refuse (Observe on a POST
 
 test('gateway CoAP: a mailbox Observe is ended by a deregistration (Observe 1) from its own endpoint and token, not by one with another token', async () => {
   await withEnv(async ({ gw, site }) => {
-    const sock = createSocket('udp4');
-    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
-    const got: Buffer[] = [];
-    sock.on('message', (m) => got.push(m));
-    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const { got, send, close } = await udpPeer(gw.coapPort);
     const observers = async () => Number(/^fleet_gateway_coap_observers (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text())?.[1]);
     const id = 'esp-obs';
     try {
@@ -255,7 +247,7 @@ test('gateway CoAP: a mailbox Observe is ended by a deregistration (Observe 1) f
       await waitFor(() => got.length >= 3, 'answered');
       await waitFor(async () => (await observers()) === 0, 'deregistered');
     } finally {
-      await new Promise<void>((r) => sock.close(() => r()));
+      await close();
     }
   });
 });

@@ -1,3 +1,4 @@
+import { createSocket } from 'node:dgram';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Agent, request as coapRequest } from 'coap';
@@ -132,3 +133,16 @@ export function coapBlock(port: number, site: string, id: string, num: number, s
 }
 
 
+
+/** A raw CoAP peer: a UDP socket on loopback that keeps every datagram it receives (`got`) and sends to the gateway's `port`. */
+export async function udpPeer(port: number): Promise<{ got: Buffer[]; send(buf: Buffer): Promise<void>; close(): Promise<void> }> {
+  const sock = createSocket('udp4');
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+  const got: Buffer[] = [];
+  sock.on('message', (m) => got.push(m));
+  return {
+    got,
+    send: (buf) => new Promise<void>((r, j) => sock.send(buf, port, '127.0.0.1', (err) => (err ? j(err) : r()))),
+    close: () => new Promise<void>((r) => sock.close(() => r())),
+  };
+}

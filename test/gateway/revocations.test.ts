@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { createSocket } from 'node:dgram';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -14,7 +13,7 @@ import { startGateway } from '../../gateway/index.ts';
 import { McuRevocations } from '../../gateway/revocations.ts';
 import { writeSecretFile } from '../../core/secrets.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { coap, connectMcu, nextCounter, of, withEnv } from './env.ts';
+import { coap, connectMcu, nextCounter, of, udpPeer, withEnv } from './env.ts';
 
 const reading = (v: number) => Buffer.from(JSON.stringify([{ n: 'temperature', v }]));
 
@@ -114,11 +113,7 @@ test('McuRevocations: an invalid line is reported with its number and skipped; a
 
 test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its observation at once and is told (4.03 notification); a new GET cmd is refused', { timeout: 60_000 }, async () => {
   await withEnv(async ({ gw, site, gwDir }) => {
-    const sock = createSocket('udp4');
-    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
-    const got: Buffer[] = [];
-    sock.on('message', (m) => got.push(m));
-    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const { got, send, close } = await udpPeer(gw.coapPort);
     const observers = () => Number(/^fleet_gateway_coap_observers (\d+)/m.exec(gw.metrics.render())?.[1]);
     const id = 'esp-obs-r';
     const getCmd = (observe: 0 | undefined, mid: number, token: number) => {
@@ -144,7 +139,7 @@ test('gateway: a CoAP MCU observing its mailbox when it is revoked loses its obs
       assert.equal(got.at(-1)![1], 0x83, 'GET cmd answered 4.03');
       assert.match(got.at(-1)!.toString('latin1'), /FLEET_MCU_REVOKED/);
     } finally {
-      await new Promise<void>((r) => sock.close(() => r()));
+      await close();
     }
   });
 });
