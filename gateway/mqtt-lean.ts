@@ -147,6 +147,8 @@ const enum T {
 const PINGRESP = Buffer.from([0xd0, 0x00]);
 /** bytes queued for a peer that does not read before it is cut off */
 const MAX_WRITE_BACKLOG = 1024 * 1024;
+/** stored PUBLISHes answered per turn of the event loop (LeanMqttServer.settle) */
+const SETTLE_SLICE = 128;
 /** QoS 1 packet ids remembered per connection for DUP resends (LeanConn.ackedRing) */
 const RECENT_ACKED = 16;
 /** QoS 2 publishes awaiting PUBREL per connection */
@@ -563,12 +565,18 @@ export class LeanConn {
     if (typeof out === 'string') return this.published(out, qos, pid);
     this.busy = true;
     out.then(
-      (o) => this.resumeAfter(o, qos, pid),
-      () => this.resumeAfter('close', qos, pid),
+      (o) => this.server.settle(this, o, qos, pid),
+      () => this.server.settle(this, 'close', qos, pid),
     );
   }
 
-  private resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
+  /** the outcome of the PUBLISH being stored, while it waits in the server's settle queue */
+  settleOutcome: PublishOutcome = 'ack';
+  settleQos = 0;
+  settlePid = 0;
+
+  /** Called by the server's settle queue: answer the stored PUBLISH, then handle what came after it. */
+  resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
     this.busy = false;
     if (this.closed) {
       // the peer closed while this was being stored (gone()): what it sent before is
@@ -839,6 +847,10 @@ export class LeanMqttServer {
    * packet is copied at most about once, so this stays within about the bytes received
    */
   rxCopiedBytes = 0;
+  /** connections whose stored PUBLISH waits to be answered (settle), oldest first; `settleHead` is the next */
+  private settleQueue: LeanConn[] = [];
+  private settleHead = 0;
+  private settleScheduled = false;
 
   constructor(readonly opts: LeanServerOptions) {
     this.sweepTimer = setInterval(() => this.sweep(), 1000);
@@ -988,6 +1000,53 @@ export class LeanMqttServer {
     this.sessions.set(id, conn);
     if (old && old !== conn) old.destroy();
   }
+
+  /**
+   * A PUBLISH's store settled: its PUBACK, and the packets its connection sent meanwhile,
+   * are handled from a queue, SETTLE_SLICE connections per turn of the event loop. The
+   * stores of thousands of MCUs settle together (one outbox commit); answering all of them
+   * in one go held the event loop for tens of milliseconds (a write(2) per PUBACK), and
+   * with it the reading of every other MCU and the uplink of what was read. Sliced, the
+   * loop polls sockets between slices, so what arrives meanwhile is forwarded without
+   * waiting for the last PUBACK of the commit before it. The connection stays busy until its
+   * turn (its order and its read pause hold), and a connection has one PUBLISH in the
+   * queue at most.
+   */
+  settle(conn: LeanConn, o: PublishOutcome, qos: number, pid: number): void {
+    conn.settleOutcome = o;
+    conn.settleQos = qos;
+    conn.settlePid = pid;
+    this.settleQueue.push(conn);
+    if (!this.settleScheduled) {
+      this.settleScheduled = true;
+      setImmediate(this.settleSlice);
+    }
+  }
+
+  private readonly settleSlice = (): void => {
+    const q = this.settleQueue;
+    const end = Math.min(q.length, this.settleHead + SETTLE_SLICE);
+    while (this.settleHead < end) {
+      const conn = q[this.settleHead]!;
+      q[this.settleHead++] = undefined as unknown as LeanConn; // not pinned until the queue empties
+      try {
+        conn.resumeAfter(conn.settleOutcome, conn.settleQos, conn.settlePid);
+      } catch (err) {
+        // a hook that throws loses its own connection, never the rest of the queue
+        conn.destroy();
+        process.nextTick(() => {
+          throw err;
+        });
+      }
+    }
+    if (this.settleHead < q.length) {
+      setImmediate(this.settleSlice);
+      return;
+    }
+    this.settleQueue = [];
+    this.settleHead = 0;
+    this.settleScheduled = false;
+  };
 
   forget(conn: LeanConn): void {
     if (conn.id !== null && this.sessions.get(conn.id) === conn) {

@@ -7,7 +7,7 @@
 // gateway memory per connected MCU).
 //
 // Usage: node scripts/bench/gateway-scale.mjs [--devices 10000] [--sims 2] [--interval-ms 1000]
-//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--uplink-batch-delay-ms N] [--outbox-sync-interval-ms N] [--tag name]
+//          [--window-s 30] [--ramp-s 20] [--only gateway|mosquitto] [--uplink-rate 0] [--uplink-window N] [--uplink-batch-delay-ms N] [--uplink-batch-bytes N] [--outbox-sync-interval-ms N] [--tag name]
 // Writes scripts/bench/results/gateway-scale-<date>[-<tag>].json with the machine's details.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -32,6 +32,7 @@ const { values } = parseArgs({
     'uplink-rate': { type: 'string', default: '0' },
     'uplink-window': { type: 'string' },
     'uplink-batch-delay-ms': { type: 'string' },
+    'uplink-batch-bytes': { type: 'string' },
     'outbox-sync-interval-ms': { type: 'string' },
     'mcu-msg-rate': { type: 'string' },
     tag: { type: 'string' },
@@ -422,7 +423,7 @@ async function gatewayPhase() {
     // (Mosquitto has no such cap): the caps on connections before CONNECT (per address, and
     // in all, which bounds the other) are raised to N
     mcu: { mqttPort: 0, coapPort: 0, siteSecretFile: join(dir, 'site.secret'), maxMcus: Math.max(10_000, N + 100), maxUnauthenticated: Math.max(512, N), maxUnauthenticatedPerAddress: Math.max(32, N), ...(values['mcu-msg-rate'] !== undefined ? { msgRate: Number(values['mcu-msg-rate']) } : {}) },
-    uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}) },
+    uplink: { rate: Number(values['uplink-rate']), ...(values['uplink-window'] ? { window: Number(values['uplink-window']) } : {}), ...(values['uplink-batch-delay-ms'] ? { batchDelayMs: Number(values['uplink-batch-delay-ms']) } : {}), ...(values['uplink-batch-bytes'] ? { batchBytes: Number(values['uplink-batch-bytes']) } : {}) },
     // /metrics: the outbox depth tells a backlog in the gateway from one further on
     http: { port: await freePort() },
     ...(values['outbox-sync-interval-ms'] ? { outbox: { syncIntervalMs: Number(values['outbox-sync-interval-ms']) } } : {}),

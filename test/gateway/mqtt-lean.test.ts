@@ -389,3 +389,57 @@ test('mqtt-lean over TLS: the CONNECT timeout counts from the TCP accept, the ha
     tmp.cleanup();
   }
 });
+
+test('mqtt-lean: 400 stores settling together (one outbox commit) are answered 128 connections per turn of the event loop, not all in one; every PUBLISH is acknowledged and stored once, in order per connection', async () => {
+  const N = 400;
+  let release!: () => void;
+  const commit = new Promise<void>((r) => (release = r));
+  let firsts = 0;
+  /** second PUBLISHes reaching the store per turn of the event loop (counted by an immediate per turn) */
+  let turn = 0;
+  const laterByTurn = new Map<number, number>();
+  const stored = new Map<string, string[]>();
+  const l = await lean({ maxConnections: N + 10 }, 0, {
+    onPublish: (conn, p) => {
+      const body = String(p.payload);
+      const list = stored.get(conn.id!) ?? [];
+      stored.set(conn.id!, list);
+      list.push(body);
+      if (body.endsWith('#1')) {
+        // every first PUBLISH waits for the same commit, as the relay's group does
+        if (++firsts === N) release();
+        return commit.then(() => 'ack' as const);
+      }
+      // the second PUBLISH of a connection: handled right after its first was answered
+      if (body.endsWith('#2')) laterByTurn.set(turn, (laterByTurn.get(turn) ?? 0) + 1);
+      return 'ack';
+    },
+  });
+  let ticking = true;
+  const tick = (): void => {
+    turn++;
+    if (ticking) setImmediate(tick);
+  };
+  setImmediate(tick);
+  const clients: Awaited<ReturnType<typeof raw>>[] = [];
+  try {
+    for (let i = 0; i < N; i++) {
+      const c = await raw(l.port);
+      c.s.write(Buffer.concat([connectPk(`m${i}`), ...[1, 2, 3].map((k) => publishPk(`mcu/v1/m${i}/t`, `m${i}#${k}`, 1, k))]));
+      clients.push(c);
+    }
+    await waitFor(() => clients.every((c) => c.got.filter((p) => p.cmd === 'puback').length === 3), `${3 * N} PUBACKs`, 30_000);
+    for (const [i, c] of clients.entries()) {
+      assert.deepEqual(c.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId), [1, 2, 3], `m${i}'s PUBACKs in order`);
+      assert.deepEqual(stored.get(`m${i}`), [1, 2, 3].map((k) => `m${i}#${k}`), `m${i} stored once each, in order`);
+    }
+    const perTurn = [...laterByTurn.values()];
+    assert.equal(perTurn.reduce((a, b) => a + b, 0), N);
+    // a connection answered in a slice handles what it sent next in that turn: at most 128 per turn
+    assert.ok(Math.max(...perTurn) <= 128, `at most 128 connections answered per turn, saw ${Math.max(...perTurn)}`);
+  } finally {
+    ticking = false;
+    for (const c of clients) c.s.destroy();
+    await l.srv.close();
+  }
+});
