@@ -115,6 +115,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const authFailures = metrics.counter('fleet_gateway_mcu_auth_failures_total', 'MCU MQTT connects and CoAP messages whose credentials did not verify');
   const throttled = metrics.counter('fleet_gateway_mcu_throttled_total', 'MCU messages held back (MQTT: PUBACK later) or answered 5.03 with Max-Age (CoAP) by the per-MCU rate limit, by protocol');
   const subDenied = metrics.counter('fleet_gateway_mcu_subscribe_denied_total', 'MCU subscriptions refused by the ACL');
+  const duplicates = metrics.counter('fleet_gateway_mcu_duplicates_total', 'MCU retransmissions of messages stored already (MQTT QoS 1 with DUP), acknowledged again and not stored twice; by protocol and whether they came on a new connection (reconnected: the PUBACK was lost with the link)');
   const droppedByReason: Partial<Record<DropReason, number>> = {};
 
   const persisted = loadGatewayState(paths.stateFile, log);
@@ -219,6 +220,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
       rateLog.warn(`rate:${mcuId}`, 'MCU over its message rate (mcu.msgRate); slowed down, nothing dropped', { mcu: mcuId, protocol, rate: config.mcu.msgRate, burst: config.mcu.msgBurst });
     },
     subscribeDenied: () => subDenied.inc(),
+    duplicate: (protocol, reconnected) => duplicates.inc({ protocol, reconnected: String(reconnected) }),
   };
 
   const limits = { maxPayloadBytes: config.mcu.maxPayloadBytes, maxRecords: config.mcu.maxRecords };

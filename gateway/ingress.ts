@@ -33,6 +33,8 @@ export interface IngressHooks {
   authFailed(protocol: McuProtocol): void;
   /** one subscription refused by the ACL */
   subscribeDenied(): void;
+  /** one retransmission of a message stored already, acknowledged again and not stored twice (MQTT DUP; `reconnected`: resent on a new connection) */
+  duplicate?(protocol: McuProtocol, reconnected: boolean): void;
 }
 
 /** Drop reason for an error from the relay's `deliver`. */

@@ -121,6 +121,7 @@ export class McuMqttIngress {
         // too many unauthenticated sockets (mqtt-lean caps; not logged: a flood), or a peer
         // closed for not reading what it asked for (the gateway's write backlog cap)
         onRefused: (_remote, why) => opts.hooks.dropped('mqtt', why === 'write_backlog' ? 'unavailable' : 'mcu_limit', {}),
+        onDuplicate: (_conn, reconnected) => opts.hooks.duplicate?.('mqtt', reconnected),
         onTlsError: (err, remote) => {
           opts.hooks.dropped('mqtt', 'bad_request', { err });
           tlsThrottle.warn(`tls:${remote}`, 'MCU TLS handshake failed; connection closed', { remote, err });

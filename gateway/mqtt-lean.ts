@@ -1,5 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
+import { crc32 } from '../core/crc32.ts';
 import { FleetError } from '../core/errors.ts';
 import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
 
@@ -47,7 +48,11 @@ import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
  *   QoS 1 PUBLISH (esp-mqtt retransmits on the same connection after its timeout) is
  *   acknowledged again, not handed to `onPublish` twice. Packets are handled in order, so a
  *   retransmission that arrives while the first copy is being stored is answered once that
- *   store is done;
+ *   store is done. The same after a reconnect (`onDuplicate`, `reconnected`): a DUP with the
+ *   packet id and payload (14 bits of its CRC-32) of one of the last QoS 1 PUBLISHes
+ *   acknowledged on the MCU's previous connection, or stored there after the link dropped,
+ *   is acknowledged and not stored again; the server remembers this for at most
+ *   `maxConnections` MCUs gone (the longest gone forgotten first);
  * - connections not authenticated yet (TLS handshake or CONNECT pending) are capped, in all
  *   and per remote address (`maxPreAuth`, `maxPreAuthPerAddress`); a socket beyond either
  *   cap is destroyed at once and reported through `onRefused`. Authenticated connections
@@ -94,6 +99,8 @@ export interface LeanServerHooks {
   onRefused?(remote: string | undefined, why: 'pre_auth_total' | 'pre_auth_address' | 'write_backlog'): void;
   /** a TLS handshake failed (plain MQTT on the TLS port, a client that does not trust the certificate, no handshake within connectTimeoutMs); the socket is closed */
   onTlsError?(err: Error, remote: string | undefined): void;
+  /** a QoS 1 retransmission (DUP) of a PUBLISH acknowledged already, on this connection or (`reconnected`) on the MCU's previous one: acknowledged again, not handed to onPublish */
+  onDuplicate?(conn: LeanConn, reconnected: boolean): void;
 }
 
 /** Certificate and key of a TLS listener (PEM, as read from the files). */
@@ -226,8 +233,9 @@ export class LeanConn {
   private paused = false;
   private pid = 0;
   /**
-   * packet ids of the last RECENT_ACKED QoS 1 PUBLISHes acknowledged (a ring; null until the
-   * first): a DUP resend of one of them is acknowledged again, not stored again. More than
+   * the last RECENT_ACKED QoS 1 PUBLISHes acknowledged (a ring; null until the first), each
+   * as `pid << 14 | fingerprint` (ackedEntry: a small integer, 14 bits of the payload's
+   * CRC-32): a DUP resend of one of them is acknowledged again, not stored again. More than
    * the last one, because an MCU with several messages in flight resends all of them when
    * its PUBACKs are late (the rate limit, a slow store), and they arrive behind the originals.
    * A plain array of small integers: a Uint16Array with its own ArrayBuffer measured ~0.7 KB
@@ -242,6 +250,14 @@ export class LeanConn {
    * forgot the first ones: each stored twice, evicting the next, 34 stores for 17 messages)
    */
   private ackedCap = RECENT_ACKED;
+  /**
+   * the ring of this MCU's previous connection (LeanMqttServer.adopt): a DUP resend after a
+   * reconnect of a PUBLISH acknowledged there (its PUBACK lost with the link) matches on
+   * packet id and payload fingerprint, and is acknowledged again, not stored again
+   */
+  private prevAcked: number[] | null = null;
+  /** ackedEntry of the QoS 1 PUBLISH being stored (a connection stores one at a time) */
+  private storingEntry = 0;
   /** counted against the server's unauthenticated-connection caps (until authenticated or closed) */
   preAuth = false;
   private qos2: Set<number> | null = null;
@@ -539,12 +555,22 @@ export class LeanConn {
     const pid = qos > 0 ? r.u16() : 0;
     if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0');
     const payload = r.rest();
-    if (qos === 1 && (flags & 0x08) !== 0 && this.ackedRing?.includes(pid)) {
-      // a same-connection retransmission (DUP [MQTT-3.3.1-1]) of a QoS 1 publish acknowledged lately: its
-      // PUBACK again, nothing twice (packets are handled in order, so the first copy is stored;
-      // a new message reusing the id was handled, and put in the ring, before its own DUP)
-      this.write(ackPacket(0x40, pid));
-      return;
+    if (qos === 1) {
+      const entry = ackedEntry(pid, payload);
+      if ((flags & 0x08) !== 0) {
+        // a same-connection retransmission (DUP [MQTT-3.3.1-1]) of a QoS 1 publish acknowledged lately: its
+        // PUBACK again, nothing twice (packets are handled in order, so the first copy is stored;
+        // a new message reusing the id was handled, and put in the ring, before its own DUP).
+        // Or one resent after a reconnect, of a publish acknowledged on the MCU's previous
+        // connection: the same id and the same payload
+        const here = this.ackedRing !== null && ringHasPid(this.ackedRing, pid);
+        if (here || this.prevAcked?.includes(entry)) {
+          this.write(ackPacket(0x40, pid));
+          this.server.opts.hooks.onDuplicate?.(this, !here);
+          return;
+        }
+      }
+      this.storingEntry = entry;
     }
     if (qos === 2 && this.qos2?.has(pid)) {
       // a resend of a QoS 2 publish we stored already: PUBREC again, nothing twice
@@ -575,6 +601,22 @@ export class LeanConn {
   settleQos = 0;
   settlePid = 0;
 
+  /** The last RECENT_ACKED entries acknowledged on this connection (or inherited from the one before, if none), for the MCU's next connection. */
+  recentAcked(): readonly number[] | null {
+    const ring = this.ackedRing;
+    if (ring === null || ring.length === 0) return this.prevAcked;
+    if (ring.length < this.ackedCap) return ring.slice(-RECENT_ACKED);
+    // full: oldest at ackedPos
+    const ordered = [...ring.slice(this.ackedPos), ...ring.slice(0, this.ackedPos)];
+    return ordered.slice(-RECENT_ACKED);
+  }
+
+  /** What the MCU's previous connection acknowledged last (LeanMqttServer.adopt), or one more stored there after this one began. */
+  inherit(acked: readonly number[] | null, more = false): void {
+    if (!more || this.prevAcked === null) this.prevAcked = acked === null ? null : [...acked];
+    else this.prevAcked = [...this.prevAcked, ...(acked ?? [])].slice(-RECENT_ACKED);
+  }
+
   /** Called by the server's settle queue: answer the stored PUBLISH, then handle what came after it. */
   resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
     this.busy = false;
@@ -582,6 +624,8 @@ export class LeanConn {
       // the peer closed while this was being stored (gone()): what it sent before is
       // handled still, QoS 0 only; a store that failed ends that too
       if (o === 'close') this.dropRx();
+      // stored, and its PUBACK lost with the link: the MCU resends it on its next connection
+      else if (qos === 1) this.server.ackedAfterClose(this, this.storingEntry);
       return this.drainClosed();
     }
     this.published(o, qos, pid);
@@ -628,7 +672,7 @@ export class LeanConn {
         this.ackedPos = ring.length;
         this.ackedCap = RECENT_ACKED_PIPELINED;
       }
-      ring[this.ackedPos] = pid;
+      ring[this.ackedPos] = this.storingEntry;
       this.ackedPos = (this.ackedPos + 1) % this.ackedCap;
       this.write(ackPacket(0x40, pid));
     } else if (qos === 2) {
@@ -822,6 +866,16 @@ class Reader {
   }
 }
 
+/** A ring entry of LeanConn.ackedRing: the packet id and 14 bits of the payload's CRC-32 (a small integer, 30 bits). */
+function ackedEntry(pid: number, payload: Buffer): number {
+  return (pid << 14) | (crc32(payload) & 0x3fff);
+}
+
+function ringHasPid(ring: readonly number[], pid: number): boolean {
+  for (let i = 0; i < ring.length; i++) if (ring[i]! >>> 14 === pid) return true;
+  return false;
+}
+
 /** TCP sockets destroyed by admit() (weak: nothing to clean up) */
 const refusedSockets = new WeakSet<Socket>();
 
@@ -851,6 +905,12 @@ export class LeanMqttServer {
   private settleQueue: LeanConn[] = [];
   private settleHead = 0;
   private settleScheduled = false;
+  /**
+   * the last QoS 1 PUBLISHes acknowledged on an MCU's closed connection, by MCU id (oldest
+   * first, at most maxConnections MCUs): given to its next connection, so a resend of one
+   * whose PUBACK was lost with the link is not stored twice (LeanConn.prevAcked)
+   */
+  private readonly ackedBefore = new Map<string, readonly number[]>();
 
   constructor(readonly opts: LeanServerOptions) {
     this.sweepTimer = setInterval(() => this.sweep(), 1000);
@@ -989,6 +1049,30 @@ export class LeanMqttServer {
     });
   }
 
+  /**
+   * A QoS 1 PUBLISH of a connection that closed meanwhile was stored: its PUBACK cannot be
+   * sent, so the MCU resends it on its next connection. Remembered as acknowledged, for that
+   * connection (or given to it, when it is open already).
+   */
+  ackedAfterClose(conn: LeanConn, entry: number): void {
+    const id = conn.id;
+    if (id === null) return;
+    const current = this.sessions.get(id);
+    if (current !== undefined && current !== conn) {
+      current.inherit([entry], true);
+      return;
+    }
+    this.keepAcked(id, [...(this.ackedBefore.get(id) ?? []), entry].slice(-RECENT_ACKED));
+  }
+
+  /** Remember what a closed connection of `id` acknowledged last, for its next one (oldest MCU first out). */
+  private keepAcked(id: string, acked: readonly number[]): void {
+    this.ackedBefore.delete(id); // re-inserted: the map is oldest first
+    this.ackedBefore.set(id, acked);
+    // bounded: at most as many MCUs as may be connected; the longest gone are forgotten
+    if (this.ackedBefore.size > this.opts.maxConnections) this.ackedBefore.delete(this.ackedBefore.keys().next().value!);
+  }
+
   /** A CONNECT was accepted: the newest connection of an id takes over [MQTT-3.1.4-2]. */
   adopt(conn: LeanConn, id: string): void {
     if (conn.preAuth) {
@@ -998,7 +1082,14 @@ export class LeanMqttServer {
     const old = this.sessions.get(id);
     conn.id = id;
     this.sessions.set(id, conn);
-    if (old && old !== conn) old.destroy();
+    if (old && old !== conn) {
+      // a takeover: the old connection is still open (a half-open link the MCU gave up on)
+      conn.inherit(old.recentAcked());
+      old.destroy();
+    } else {
+      conn.inherit(this.ackedBefore.get(id) ?? null);
+    }
+    this.ackedBefore.delete(id);
   }
 
   /**
@@ -1051,6 +1142,8 @@ export class LeanMqttServer {
   forget(conn: LeanConn): void {
     if (conn.id !== null && this.sessions.get(conn.id) === conn) {
       this.sessions.delete(conn.id);
+      const acked = conn.recentAcked();
+      if (acked !== null && acked.length > 0) this.keepAcked(conn.id, acked);
       this.opts.hooks.onClose?.(conn);
     }
   }

@@ -231,7 +231,7 @@ test('mqtt-lean: several QoS 1 PUBLISHes in flight, all retransmitted with DUP b
   }
 });
 
-test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNECT and close) stores all 10; an esp-mqtt style DUP retransmission reaches the hub once; 68 idle sockets from one address do not keep an MCU out', async () => {
+test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNECT and close) stores all 10; an esp-mqtt style DUP retransmission reaches the hub once, on the same connection or after a reconnect; 68 idle sockets from one address do not keep an MCU out', async () => {
   await withEnv(
     async ({ gw, site, seen }) => {
       // QoS 0 burst then close: every reading reaches the hub
@@ -257,6 +257,21 @@ test('mqtt-lean via the gateway: mosquitto_pub -l -q 0 (10 lines, then DISCONNEC
       await sleep(300);
       assert.deepEqual(dupValues(), [1, 2]);
       c.s.destroy();
+
+      // the link drops after the PUBACK was written, before the MCU read it: it resends with DUP
+      // on its next connection, and the hub still gets the reading once (the gateway's metric counts it)
+      await c.closed;
+      const c2 = await raw(gw.mqttPort);
+      c2.s.write(connectPk(dupId, { username: dupId, password: Buffer.from(mcuKey(site, dupId)) }));
+      c2.s.write(Buffer.concat([publishPk(t, '[{"n":"x","v":2}]', 1, 8, true), publishPk(t, '[{"n":"x","v":3}]', 1, 9)]));
+      await waitFor(() => c2.got.filter((q) => q.cmd === 'puback').length >= 2, 'two PUBACKs on the new connection');
+      await waitFor(() => dupValues().includes(3), 'the message after the resend at the hub', 10_000);
+      await sleep(300);
+      assert.deepEqual(dupValues(), [1, 2, 3]);
+      const metrics = await (await fetch(`http://127.0.0.1:${gw.httpPort}/metrics`)).text();
+      assert.match(metrics, /fleet_gateway_mcu_duplicates_total\{protocol="mqtt",reconnected="true"\} 1\b/);
+      assert.match(metrics, /fleet_gateway_mcu_duplicates_total\{protocol="mqtt",reconnected="false"\} 1\b/);
+      c2.s.destroy();
 
       // pre-auth idle sockets (maxMcus 4 + 64, as in the review) from one address; a real MCU from another connects
       const socks: Socket[] = [];
@@ -440,6 +455,73 @@ test('mqtt-lean: 400 stores settling together (one outbox commit) are answered 1
   } finally {
     ticking = false;
     for (const c of clients) c.s.destroy();
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a QoS 1 PUBLISH resent with DUP after a reconnect (its PUBACK lost with the link) is acknowledged and not stored twice: acknowledged before the close, stored while the link went down, or on a connection taken over; a new payload under the same id is stored', async () => {
+  const l = await lean({}, 150, { onDuplicate: (c, reconnected) => l.events.push(`dup ${c.id} ${reconnected}`) });
+  const pubacks = (c: Awaited<ReturnType<typeof raw>>) => c.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId);
+  try {
+    // acknowledged, then the link drops (the MCU never saw the PUBACK): resent on the next connection
+    const a1 = await raw(l.port);
+    a1.s.write(Buffer.concat([connectPk('esp-a'), publishPk('mcu/v1/esp-a/t', 'a5', 1, 5)]));
+    await waitFor(() => pubacks(a1).includes(5), 'PUBACK 5');
+    a1.s.destroy();
+    await a1.closed;
+    const a2 = await raw(l.port);
+    a2.s.write(Buffer.concat([connectPk('esp-a'), publishPk('mcu/v1/esp-a/t', 'a5', 1, 5, true), publishPk('mcu/v1/esp-a/t', 'a5-other', 1, 5, true), publishPk('mcu/v1/esp-a/t', 'a6', 1, 6)]));
+    await waitFor(() => pubacks(a2).length === 3, 'three PUBACKs on the new connection', 5000);
+    assert.deepEqual(pubacks(a2), [5, 5, 6]);
+
+    // the link drops while the PUBLISH is being stored: stored, its PUBACK never written
+    const b1 = await raw(l.port);
+    b1.s.write(connectPk('esp-b'));
+    await waitFor(() => b1.got.some((p) => p.cmd === 'connack'), 'CONNACK');
+    b1.s.write(publishPk('mcu/v1/esp-b/t', 'b9', 1, 9));
+    await sleep(30); // read, store under way
+    b1.s.destroy();
+    await waitFor(() => l.stored.map(String).includes('b9'), 'b9 stored after the close');
+    await sleep(20);
+    const b2 = await raw(l.port);
+    b2.s.write(Buffer.concat([connectPk('esp-b'), publishPk('mcu/v1/esp-b/t', 'b9', 1, 9, true)]));
+    await waitFor(() => pubacks(b2).includes(9), 'PUBACK 9 on the new connection');
+
+    // a new connection takes over one still open (the MCU gave up on a half-open link)
+    const c1 = await raw(l.port);
+    c1.s.write(Buffer.concat([connectPk('esp-c'), publishPk('mcu/v1/esp-c/t', 'c3', 1, 3)]));
+    await waitFor(() => pubacks(c1).includes(3), 'PUBACK 3');
+    const c2 = await raw(l.port);
+    c2.s.write(Buffer.concat([connectPk('esp-c'), publishPk('mcu/v1/esp-c/t', 'c3', 1, 3, true)]));
+    await waitFor(() => pubacks(c2).includes(3), 'PUBACK 3 on the connection that took over');
+    await c1.closed;
+
+    await sleep(200);
+    assert.deepEqual(l.stored.map(String), ['a5', 'a5-other', 'a6', 'b9', 'c3'], 'each message stored once; a different payload under a resent id is a new message');
+    assert.deepEqual(l.events.filter((e) => e.startsWith('dup')), ['dup esp-a true', 'dup esp-b true', 'dup esp-c true']);
+    for (const c of [a2, b2, c2]) c.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: what closed connections acknowledged is remembered for at most maxConnections MCUs (the longest gone forgotten first); a plain resend without DUP is a new message', async () => {
+  const l = await lean({ maxConnections: 2 }, 0);
+  const once = async (id: string, payload: string, dup: boolean, pid = 1) => {
+    const c = await raw(l.port);
+    c.s.write(Buffer.concat([connectPk(id), publishPk(`mcu/v1/${id}/t`, payload, 1, pid, dup)]));
+    await waitFor(() => c.got.some((p) => p.cmd === 'puback'), `PUBACK to ${id}`);
+    c.s.destroy();
+    await c.closed;
+    await sleep(10);
+  };
+  try {
+    for (const id of ['m1', 'm2', 'm3']) await once(id, `${id}-x`, false);
+    await once('m1', 'm1-x', true); // forgotten: m3 pushed it out
+    await once('m3', 'm3-x', true); // remembered
+    await once('m3', 'm3-x', false); // no DUP: a new message that happens to repeat the last
+    assert.deepEqual(l.stored.map(String), ['m1-x', 'm2-x', 'm3-x', 'm1-x', 'm3-x']);
+  } finally {
     await l.srv.close();
   }
 });
