@@ -41,7 +41,10 @@ async function boot(env: Env, id: string, fw: string, bootReason = 'power_on'): 
 
 async function registered(env: Env, ids: readonly string[]): Promise<void> {
   await waitFor(() => ids.every((id) => env.hub.broker.mcusOf('gw-1')?.has(id)), 'registered');
-  await sleep(300); // the relay's subscription to their desired topics
+  // and covered by the relay's subscription to their desired topics (its SUBACK came), so a
+  // desired state set now reaches the gateway (a fixed 300 ms was short on a loaded machine)
+  const downlink = async () => Number(/^fleet_gateway_downlink_mcus (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${env.gw.httpPort}/metrics`)).text())?.[1]);
+  await waitFor(async () => (await downlink()) >= env.gw.stats().mcus, 'the relay subscribed for every MCU it knows');
 }
 
 /** the desired state naming `bytes` (the bundle; an image for the raw-image verifier) at `file` by a file:// URL */
