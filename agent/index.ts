@@ -7,7 +7,7 @@ import { isLoopback } from '../core/net.ts';
 import type { Logger } from '../core/log.ts';
 import { CommandSchema, decodeMessage, encodeMessage, type CommandReply, type DesiredState, type EventMessage, type LogBatch, type Sample } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
-import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
+import { connectFleetClient, disconnectFleetClient, logHubError } from '../core/mqtt.ts';
 import { setNativeDir } from '../core/native.ts';
 import { Priority, type Outbox } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
@@ -197,7 +197,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
       });
     });
     c.on('offline', () => log.warn('hub unreachable; queuing in the outbox'));
-    c.on('error', (err) => log.warn('hub connection error', { err }));
+    c.on('error', (err) => logHubError(log, err));
     c.on('message', (topic, payload) => {
       try {
         if (topic === deviceTopic(config.deviceId, 'desired')) {

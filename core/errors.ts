@@ -18,6 +18,7 @@ export const ERROR_CODES = {
   FLEET_OUTBOX_FULL: 'the outbox byte budget is reached and nothing of lower priority is left to evict',
   FLEET_MCU_AUTH: 'an MCU message failed its MAC check; dropped and counted',
   FLEET_MCU_REVOKED: 'the MCU is on the gateway\'s revoked list (mcu.revokedFile): MQTT CONNACK 5, CoAP 4.03; its connection is cut when it is added',
+  FLEET_DEVICE_REVOKED: 'the agent or gateway is revoked at the hub (PUT /api/v1/device-revocations/{id}): MQTT CONNACK 5, its session closed, its token refused for artifacts',
   FLEET_MCU_REPLAY: 'an MCU message reused an old counter; dropped and counted',
   FLEET_MCU_DECODE: 'an MCU payload could not be decoded (SenML JSON or CBOR, compact form, hello, ack); dropped and counted',
   FLEET_HTTP_NOT_FOUND: 'no such HTTP route or resource',

@@ -1,4 +1,5 @@
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import type { Logger } from './log.ts';
 import { encodeMessage, type StateMessage } from './messages.ts';
 import { deviceTopic } from './topics.ts';
 
@@ -92,4 +93,15 @@ export async function disconnectFleetClient(client: MqttClient, deviceId: string
     clearTimeout(timer);
   }
   await client.endAsync(true).catch(() => undefined);
+}
+
+/**
+ * Log an error of a device's hub connection. A refused CONNECT says why in words an operator
+ * can act on (the client goes on retrying with backoff, and the outbox keeps everything):
+ * 4 is a wrong token, 5 a device revoked at the hub.
+ */
+export function logHubError(log: Logger, err: Error & { code?: unknown }, fields: Record<string, unknown> = {}): void {
+  if (err.code === 5) log.error('the hub refuses this device (CONNACK 5, not authorized): it is revoked at the hub (DELETE /api/v1/device-revocations/{id} lifts it); retrying with backoff, the outbox keeps everything', { ...fields, err });
+  else if (err.code === 4) log.error('the hub refuses this device\'s token (CONNACK 4): check the token file against `fleetlet hub device-token <id>`; retrying with backoff', { ...fields, err });
+  else log.warn('hub connection error', { ...fields, err });
 }

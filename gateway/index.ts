@@ -7,7 +7,7 @@ import type { Logger } from '../core/log.ts';
 import { MetricsRegistry, PROM_CONTENT_TYPE } from '../core/metrics.ts';
 import { isLoopback } from '../core/net.ts';
 import { openStore } from '../core/store.ts';
-import { connectFleetClient, disconnectFleetClient } from '../core/mqtt.ts';
+import { connectFleetClient, disconnectFleetClient, logHubError } from '../core/mqtt.ts';
 import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import type { OutboxStats } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
@@ -154,7 +154,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     if (hubWasConnected && !shuttingDown) log.warn('hub connection lost; storing MCU data until it returns', { url: config.hub.url });
     hubWasConnected = false;
   });
-  client.on('error', (err) => log.warn('hub connection error', { url: config.hub.url, err }));
+  client.on('error', (err) => logHubError(log, err, { url: config.hub.url }));
 
   const db = await openStore<string>(join(config.stateDir, 'mcu-db'), 'utf8');
   const mailbox = await Mailbox.open(db, config.mcu.mailboxMax);

@@ -30,11 +30,15 @@ export interface ApiDeps {
   artifacts?: ArtifactStore;
   /** messages acknowledged but not routed (hub/dead-letters.ts) */
   deadLetters?: Pick<DeadLetters, 'list' | 'stats'>;
-  /** MCUs revoked fleet-wide (hub/mcu-revocations.ts); `set` resolves to whether the list changed, once it is on disk and sent to the gateways */
-  mcuRevocations?: {
-    list(): Array<{ id: string; revokedAt: number }>;
-    set(id: string, revoked: boolean): Promise<boolean>;
-  };
+  /** MCUs revoked fleet-wide (hub/revocations.ts); `set` resolves to whether the list changed, once it is on disk and sent to the gateways */
+  mcuRevocations?: RevocationList;
+  /** agents and gateways revoked (hub/revocations.ts); `set` resolves to whether the list changed, once it is on disk and the device cut off */
+  deviceRevocations?: RevocationList;
+}
+
+interface RevocationList {
+  list(): Array<{ id: string; revokedAt: number }>;
+  set(id: string, revoked: boolean): Promise<boolean>;
 }
 
 const DesiredBody = z
@@ -167,19 +171,20 @@ export function buildApi(d: ApiDeps): Router {
     },
     read,
   );
-  if (d.mcuRevocations) {
-    const rv = d.mcuRevocations;
-    r.get('/api/v1/mcu-revocations', () => ({ revoked: rv.list() }), read);
+  const revocations = (path: string, rv: RevocationList): void => {
+    r.get(`/api/v1/${path}`, () => ({ revoked: rv.list() }), read);
     // PUT revokes, DELETE lifts it; both idempotent (changed says whether this call did it)
-    r.put('/api/v1/mcu-revocations/:id', async (ctx) => {
+    r.put(`/api/v1/${path}/:id`, async (ctx) => {
       const id = assertDeviceId(ctx.params.id);
       return { id, revoked: true, changed: await rv.set(id, true) };
     }, write);
-    r.delete('/api/v1/mcu-revocations/:id', async (ctx) => {
+    r.delete(`/api/v1/${path}/:id`, async (ctx) => {
       const id = assertDeviceId(ctx.params.id);
       return { id, revoked: false, changed: await rv.set(id, false) };
     }, write);
-  }
+  };
+  if (d.mcuRevocations) revocations('mcu-revocations', d.mcuRevocations);
+  if (d.deviceRevocations) revocations('device-revocations', d.deviceRevocations);
   if (d.artifacts) {
     const a = d.artifacts;
     // uploads stream past the router's JSON body limit; the store bounds them itself

@@ -67,8 +67,10 @@ export interface BrokerOptions {
   claimsMoved?: Counter;
   /** Is `id` a device that connects to the hub itself (an agent or gateway, connected now or before)? Such an id is never an MCU. */
   isDevice?: (id: string) => boolean;
-  /** MCUs revoked fleet-wide (hub/mcu-revocations.ts): no gateway acts for them */
+  /** MCUs revoked fleet-wide (hub/revocations.ts): no gateway acts for them */
   isRevokedMcu?: (id: string) => boolean;
+  /** agents and gateways whose tokens are revoked (hub/revocations.ts): CONNACK 5, and no publish of theirs is taken */
+  isRevokedDevice?: (id: string) => boolean;
   /** told of every device that authenticated (the registry remembers it as a direct device) */
   onDeviceAuthenticated?: (id: string) => void;
 }
@@ -205,11 +207,12 @@ export class HubBroker {
   mcusOf = (gatewayId: string): ReadonlySet<string> | undefined => this.delegations.get(gatewayId);
 
   private authenticate = (client: Client, username: string | undefined, password: Buffer | undefined, done: (err: AuthenticateError | null, ok: boolean | null) => void): void => {
-    const fail = (why: string) => {
+    const fail = (why: string, returnCode: 4 | 5 = 4) => {
       this.opts.authFailures.inc();
       this.opts.log.warn('mqtt authentication refused', { client: client.id, username, why });
       const err = new Error(`not authorized: ${why}`) as AuthenticateError;
-      err.returnCode = 4; // bad user name or password [MQTT-3.2.2-3 table 3.1]
+      // 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3 table 3.1]
+      err.returnCode = returnCode;
       done(err, null);
     };
     const pw = password?.toString('utf8') ?? '';
@@ -223,6 +226,8 @@ export class HubBroker {
     if (client.id !== username) return fail('client id must equal the device id');
     if (this.claimedBy.has(username)) return fail('id belongs to an MCU behind a gateway');
     if (!secretEquals(pw, deriveToken(this.opts.fleetSecret, 'device', username))) return fail('wrong device token');
+    // checked after the token: only its holder learns that it is revoked
+    if (this.opts.isRevokedDevice?.(username)) return fail('FLEET_DEVICE_REVOKED: the device is revoked at the hub', 5);
     this.identities.set(client, { kind: 'device', id: username });
     this.opts.onDeviceAuthenticated?.(username);
     this.fixDeliveryOrder(client);
@@ -257,6 +262,8 @@ export class HubBroker {
     if (client === null) return done(null);
     const identity = this.identities.get(client);
     if (!identity) return done(new Error('publish refused: not authenticated'));
+    // revoked while connected: what its closing session still sends is not taken (no PUBACK)
+    if (identity.kind === 'device' && this.opts.isRevokedDevice?.(identity.id)) return done(new Error('publish refused: the device is revoked at the hub'));
     const deny = (why: string, reason: DeadLetterInput['reason'] = 'acl') => {
       this.opts.onRefused?.(client.id, [{ topic: packet.topic, payload, reason, detail: why }]);
       this.opts.denied.inc({ action: 'publish' });
@@ -669,9 +676,36 @@ export class HubBroker {
     this.claimActive.delete(id);
   }
 
+  /**
+   * An agent or gateway was revoked (isRevokedDevice says so from now on): its sessions are
+   * closed, and a gateway's MCUs are no longer its own. Each goes to another gateway whose
+   * register lists it (a connected one first), or back to this one if its revocation is
+   * lifted and it registers again. Returns the MCUs left with no gateway.
+   */
+  revokeDevice(id: string): string[] {
+    for (const client of this.clients) {
+      const who = this.identities.get(client);
+      if (who?.kind === 'device' && who.id === id) client.close();
+    }
+    const freed = [...(this.delegations.get(id) ?? [])];
+    for (const mcu of freed) {
+      this.claimedBy.delete(mcu);
+      this.claimActive.delete(mcu);
+    }
+    this.delegations.delete(id);
+    this.wanted.delete(id);
+    for (const mcu of freed) if (!this.opts.isRevokedMcu?.(mcu)) this.giveToWanting(mcu);
+    return freed.filter((mcu) => !this.claimedBy.has(mcu));
+  }
+
   /** An MCU's revocation was lifted: it goes back to a gateway whose register lists it (a connected one first). */
   unrevokeMcu(id: string): void {
     if (this.claimedBy.has(id)) return;
+    this.giveToWanting(id);
+  }
+
+  /** An unclaimed MCU goes to a gateway whose register lists it (a connected one first), if any. */
+  private giveToWanting(id: string): void {
     let to: string | undefined;
     for (const [gw, want] of this.wanted) {
       if (!want.has(id)) continue;
@@ -698,7 +732,7 @@ export class HubBroker {
   async restoreDelegations(): Promise<void> {
     for await (const packet of this.persistence.createRetainedStreamCombi(['fleet/v1/d/+/register'])) {
       const t = parseTopic(packet.topic);
-      if (!t) continue;
+      if (!t || this.opts.isRevokedDevice?.(t.deviceId)) continue;
       try {
         this.applyRegistration(t.deviceId, decodeMessage('register', packet.payload).mcus);
       } catch (err) {

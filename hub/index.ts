@@ -17,7 +17,7 @@ import { allDevices, deviceTopic, MCU_REVOCATIONS_TOPIC, parseTopic, type Channe
 import { buildApi, type DesiredSpec } from './api.ts';
 import { ArtifactStore } from './artifacts.ts';
 import { CommandStore, DownlinkTracker, type CommandRecord, type CommandStoreOptions } from './commands.ts';
-import { McuRevocationStore } from './mcu-revocations.ts';
+import { DEVICE_REVOCATIONS, MCU_REVOCATIONS, RevocationStore } from './revocations.ts';
 import { decodeTelemetryFast, ScannedTelemetry, scanTelemetry } from './telemetry-fast.ts';
 import { coalesceWrites, HubBroker } from './broker.ts';
 import type { HubConfig } from './config.ts';
@@ -155,7 +155,9 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     }
   }
   // MCUs revoked fleet-wide: read before the broker, which must never act for one
-  const mcuRevocations = McuRevocationStore.load(join(config.stateDir, 'mcu-revocations.json'));
+  const mcuRevocations = RevocationStore.load(join(config.stateDir, 'mcu-revocations.json'), MCU_REVOCATIONS);
+  // agents and gateways revoked one by one (their tokens stay derived from the fleet secret)
+  const deviceRevocations = RevocationStore.load(join(config.stateDir, 'device-revocations.json'), DEVICE_REVOCATIONS);
   const broker = await HubBroker.create({
     db: brokerDb,
     log,
@@ -176,6 +178,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     mcuClaimIdleMs: config.mcuClaimIdleMs,
     isDevice: (id) => registry.get(id)?.direct === true,
     isRevokedMcu: (id) => mcuRevocations.has(id),
+    isRevokedDevice: (id) => deviceRevocations.has(id),
     onDeviceAuthenticated: (id) => registry.markDirect(id),
     claimsMoved: metrics.counter('fleet_hub_mcu_claims_moved_total', 'MCUs moved from one gateway to another (roamed, or the old gateway went away)'),
   });
@@ -184,6 +187,18 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   // was down must replace the one the broker kept)
   await broker.publish(MCU_REVOCATIONS_TOPIC, mcuRevocations.message(), true);
   metrics.gaugeFn('fleet_hub_mcus_revoked', 'MCUs revoked fleet-wide (PUT /api/v1/mcu-revocations/{id})', () => [{ value: mcuRevocations.size }]);
+  metrics.gaugeFn('fleet_hub_devices_revoked', 'Agents and gateways whose tokens are revoked at the hub (PUT /api/v1/device-revocations/{id})', () => [{ value: deviceRevocations.size }]);
+  const setDeviceRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
+    if (!(await deviceRevocations.set(id, revoked))) return false;
+    log.info(revoked ? 'device revoked at the hub' : 'device revocation lifted', { device: id });
+    if (!revoked) return true; // it connects again with its token; a gateway registers its MCUs again
+    // its sessions closed (its last will says offline); a gateway's MCUs that no other gateway
+    // lists are shown offline, with the reason (nothing else would say so)
+    for (const mcu of broker.revokeDevice(id)) {
+      if (registry.get(mcu)?.online) await broker.publish(deviceTopic(mcu, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: `its gateway ${id} is revoked at the hub` }), true);
+    }
+    return true;
+  };
   const setMcuRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
     if (!(await mcuRevocations.set(id, revoked))) return false;
     if (revoked) broker.revokeMcu(id);
@@ -290,9 +305,9 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     for (const mcu of broker.mcusOf(deviceId) ?? []) if (names(registry.get(mcu)?.desired, sha)) return true;
     return false;
   };
-  const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch });
+  const artifacts = new ArtifactStore({ dir: join(config.stateDir, 'artifacts'), maxBytes: config.artifactMaxBytes, fleetSecret, operatorToken, log, mayFetch, denied: (id) => deviceRevocations.has(id) });
   let ready = true;
-  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, deadLetters, mcuRevocations: { list: () => mcuRevocations.list(), set: setMcuRevoked }, ready: () => ready && !broker.aedes.closed });
+  const api = buildApi({ artifacts, log, registry, metrics, operatorToken, openReads: config.openReadsOnLoopback && isLoopback(config.host), rateLimit: config.httpRateLimit, setDesired, sendCommand, commands, deadLetters, mcuRevocations: { list: () => mcuRevocations.list(), set: setMcuRevoked }, deviceRevocations: { list: () => deviceRevocations.list(), set: setDeviceRevoked }, ready: () => ready && !broker.aedes.closed });
   const http: Listening = await listenHttp(api.handle, config.host, config.httpPort, config.portFallback);
   log.info('hub listening', { host: config.host, mqttPort, mqttsPort, httpPort: http.port, stateDir: config.stateDir });
 

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'node:test';
 import type { MqttClient } from 'mqtt';
 import { isFleetError } from '../../core/errors.ts';
@@ -307,4 +308,66 @@ test('McuRevocations: the hub\'s list is kept on disk for a start without the hu
   } finally {
     tmp.cleanup();
   }
+});
+
+/**
+ * Revoking an agent or gateway at the hub (PUT /api/v1/device-revocations/{id}) without
+ * rotating the fleet secret: its session is closed, every CONNECT with its token gets
+ * CONNACK 5, its token fetches no artifact, and a gateway's MCUs are no longer its own.
+ * DELETE lets it back in, and what it kept in its outbox meanwhile arrives. Real hub,
+ * gateway (its hub client retries every 200 ms) and an MQTT MCU.
+ */
+test('hub: a gateway revoked at the hub is cut off (CONNACK 5, no artifacts, its MCUs shown offline) and keeps its MCUs\' readings until the revocation is lifted, when they arrive', { timeout: 60_000 }, async () => {
+  await withEnv(async ({ hub, gw, site, seen, gwDir, dir, hubRefusals }) => {
+    const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+    const api = async (method: string, path: string, auth = true) => {
+      const res = await fetch(`http://127.0.0.1:${hub.httpPort}${path}`, { method, headers: auth ? { authorization: `Bearer ${token}` } : {} });
+      return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+    };
+    const gwToken = readFileSync(join(gwDir, 'token'), 'utf8').trim();
+    const artifactStatus = async () => (await fetch(`http://127.0.0.1:${hub.httpPort}/api/v1/artifacts/${'0'.repeat(64)}`, { headers: { authorization: `Basic ${Buffer.from(`gw-1:${gwToken}`).toString('base64')}` } })).status;
+    const hubGauge = async () => Number(/^fleet_hub_devices_revoked (\d+)$/m.exec(await (await fetch(`http://127.0.0.1:${hub.httpPort}/metrics`)).text())?.[1]);
+
+    const m = await connectMcu(gw.mqttPort, 'esp-g1', site);
+    await publish(m, 'esp-g1', 1);
+    await waitFor(() => of(seen, 'esp-g1', 'telemetry').length === 1, 'the first reading at the hub');
+    await waitFor(() => hub.registry.get('esp-g1')?.online === true, 'esp-g1 online at the hub');
+    assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-g1'), true);
+    assert.equal(await artifactStatus(), 403, 'the gateway token is good: an artifact not meant for it is 403, not 401');
+
+    assert.equal((await api('PUT', '/api/v1/device-revocations/gw-1', false)).status, 401);
+    assert.equal((await api('PUT', '/api/v1/device-revocations/not%20an%20id')).status, 400);
+    const put = await api('PUT', '/api/v1/device-revocations/gw-1');
+    assert.equal(put.status, 200);
+    assert.deepEqual(put.body, { id: 'gw-1', revoked: true, changed: true });
+    assert.equal((await api('PUT', '/api/v1/device-revocations/gw-1')).body.changed, false, 'idempotent');
+    assert.equal(await hubGauge(), 1);
+
+    // cut off, and kept off: the gateway's client retries every 200 ms and is refused each time
+    await waitFor(() => !gw.stats().hubConnected, 'the gateway disconnected', 10_000);
+    await sleep(1000);
+    assert.equal(gw.stats().hubConnected, false, 'no reconnect while revoked');
+    assert.ok(hubRefusals().some((l) => /FLEET_DEVICE_REVOKED/.test(l)), 'the hub says why it refused');
+    assert.equal(hub.broker.mcusOf('gw-1'), undefined, 'no MCU delegated to it');
+    assert.equal(await artifactStatus(), 401, 'its token fetches no artifact');
+    await waitFor(() => hub.registry.get('esp-g1')?.online === false, 'its MCU shown offline');
+    assert.equal(hub.registry.get('esp-g1')?.reason, 'its gateway gw-1 is revoked at the hub');
+    assert.deepEqual(((await api('GET', '/api/v1/device-revocations')).body.revoked as Array<{ id: string }>).map((r) => r.id), ['gw-1']);
+    assert.match(readFileSync(join(dir, 'hub', 'device-revocations.json'), 'utf8'), /"gw-1"/);
+
+    // the MCU goes on sending: the gateway keeps it in its outbox
+    await publish(m, 'esp-g1', 2);
+    await sleep(500);
+    assert.equal(of(seen, 'esp-g1', 'telemetry').length, 1, 'nothing from the revoked gateway reaches the hub');
+
+    const del = await api('DELETE', '/api/v1/device-revocations/gw-1');
+    assert.deepEqual(del.body, { id: 'gw-1', revoked: false, changed: true });
+    await waitFor(() => gw.stats().hubConnected, 'the gateway connected again', 10_000);
+    await waitFor(() => of(seen, 'esp-g1', 'telemetry').length === 2, 'the reading kept meanwhile at the hub', 10_000);
+    await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-g1') === true, 'its MCU delegated to it again');
+    await waitFor(() => hub.registry.get('esp-g1')?.online === true, 'its MCU online again');
+    assert.equal(await artifactStatus(), 403);
+    assert.equal(await hubGauge(), 0);
+    await m.endAsync();
+  });
 });
