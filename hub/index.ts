@@ -79,6 +79,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const brokerDb = await openStore<Buffer>(join(config.stateDir, 'broker'), 'buffer');
   const registryDb = await openStore<string>(join(config.stateDir, 'registry'), 'utf8');
   const registry = new Registry(registryDb);
+  registry.onFlushError = (err) => log.error('writing device records failed; they are written again with the next flush', { err });
   await registry.load();
   const dedupTrimmed = metrics.counter('fleet_hub_dedup_mids_trimmed_total', 'Message ids forgotten early to stay within dedupMaxMids: the oldest of the least recently active senders (docs/topics.md#de-duplication)');
   const dedupForgotten = metrics.counter('fleet_hub_dedup_devices_forgotten_total', 'Senders whose de-duplication window was forgotten whole (beyond 100,000 senders, or with every window down to its floor)');

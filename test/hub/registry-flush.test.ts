@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { openStore } from '../../core/store.ts';
 import { Registry } from '../../hub/registry.ts';
-import { tempDir } from '../helpers.ts';
+import { tempDir, waitFor } from '../helpers.ts';
 
 type Db = Awaited<ReturnType<typeof openStore<string>>>;
 
@@ -63,6 +63,50 @@ test('registry: a flush of many records is written in chunks, letting the event 
     for (const i of [0, 499, 500, 1_000, n - 1]) assert.equal(again.get(`mcu-${i}`)?.latest.seq?.v, i, `mcu-${i} was written`);
     assert.equal(again.counts().total, n);
   });
+});
+
+test('registry: the traffic timer writes its records a chunk at a time, spread out; a state change meanwhile is written without waiting for the rest, and a final flush writes what is left at once (real LevelDB)', async () => {
+  const tmp = tempDir();
+  const db = await openStore<string>(join(tmp.dir, 'registry'), 'utf8');
+  try {
+    // traffic flushed 2 s after the first reading: 4 chunks, spread over up to 1 s (gaps of
+    // 333, 500 and 1000 ms), longer than a state change may wait (FLUSH_MS, 500 ms)
+    const reg = new Registry(db, 2000);
+    const writes: Array<{ at: number; n: number; ids: string[] }> = [];
+    const batch = db.batch.bind(db) as unknown as (ops: Array<{ key: string }>) => Promise<void>;
+    (db as unknown as { batch: (ops: Array<{ key: string }>) => Promise<void> }).batch = (ops) => {
+      writes.push({ at: performance.now(), n: ops.length, ids: ops.map((o) => o.key) });
+      return batch(ops);
+    };
+    for (let i = 0; i < 1_750; i++) reading(reg, `mcu-${i}`, i);
+    await waitFor(() => writes.length >= 2, 'the traffic flush began', 5000);
+    // a state change now: written within FLUSH_MS (500), between two traffic chunks
+    reg.onState('mcu-state', { v: 1, online: true, kind: 'agent', ts: Date.now() });
+    await waitFor(() => writes.some((w) => w.ids.includes('mcu-state')), 'the state change written', 3000);
+    const traffic = () => writes.filter((w) => !w.ids.includes('mcu-state'));
+    assert.ok(traffic().length < 4, `the state change did not wait for every traffic chunk (${traffic().length} of 4 written before it)`);
+    await waitFor(() => traffic().length === 4, 'every traffic chunk written', 5000);
+    assert.deepEqual(traffic().map((w) => w.n), [500, 500, 500, 250]);
+    const gaps = traffic().slice(1).map((w, i) => w.at - traffic()[i]!.at);
+    assert.ok(gaps.every((g) => g >= 250), `chunks spread out, not back to back (gaps ${gaps.map((g) => g.toFixed(0)).join(', ')} ms)`);
+
+    // the next round: stopped half way by a final flush, which writes the rest at once
+    writes.length = 0;
+    for (let i = 0; i < 1_750; i++) reading(reg, `mcu-${i}`, i + 10_000);
+    await waitFor(() => writes.length >= 1, 'the second traffic flush began', 5000);
+    await reg.flush();
+    const written = new Set(writes.flatMap((w) => w.ids));
+    assert.equal(written.size, 1_751 - 1, 'every record written by the time flush() resolved (mcu-state was not marked again)');
+    await db.close();
+    const again = await openStore<string>(join(tmp.dir, 'registry'), 'utf8');
+    const r2 = new Registry(again);
+    await r2.load();
+    assert.equal(r2.get('mcu-1749')?.latest.seq?.v, 11_749);
+    await again.close();
+  } finally {
+    if (db.status === 'open') await db.close();
+    tmp.cleanup();
+  }
 });
 
 test('registry: a flush started while a chunked one is under way waits for it, so the database can be closed after it (real LevelDB)', async () => {
