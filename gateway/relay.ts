@@ -45,7 +45,17 @@ export interface McuMeta {
   sensors?: SensorTable;
   /** the day (since the epoch, UTC) the MCU was last heard from: a long-silent MCU is forgotten at start */
   seenDay?: number;
+  /**
+   * the interval between its telemetry messages as last saved (ms): after a restart its lost
+   * timeout starts from it, not from DEFAULT_LOST_AFTER_MS. Saved when the estimate moved
+   * by more than half (INTERVAL_SAVE_CHANGE), not on every message: a saved value is then at
+   * least two thirds of the real interval, and lostFactor (3) times it still twice the interval
+   */
+  intervalMs?: number;
 }
+
+/** the interval estimate is saved again when it moved by more than this fraction (a state-file write for all MCUs at most every stateFlushMs) */
+const INTERVAL_SAVE_CHANGE = 0.5;
 
 const DAY_MS = 86_400_000;
 
@@ -343,7 +353,11 @@ export class Relay {
 
   /** A new entry at the end of the registration order (restored, new, or adopted from the outbox). */
   private addMcu(id: string, protocol: McuProtocol | null, lastSeen: number, stale: boolean, queuedAt: number, meta: McuMeta): McuEntry {
-    const e: McuEntry = { index: this.mcus.size, protocol, lastSeen, intervalMs: 0, online: false, stale, messages: 0, lastTelemetry: 0, queuedAt, meta };
+    // the saved interval, if it is a sane one (the file may be old or edited)
+    const saved = meta.intervalMs;
+    const intervalMs = typeof saved === 'number' && Number.isFinite(saved) && saved > 0 ? Math.round(saved) : 0;
+    if (saved !== undefined && intervalMs === 0) delete meta.intervalMs;
+    const e: McuEntry = { index: this.mcus.size, protocol, lastSeen, intervalMs, online: false, stale, messages: 0, lastTelemetry: 0, queuedAt, meta };
     this.mcus.set(id, e);
     return e;
   }
@@ -448,6 +462,12 @@ export class Relay {
       // its short interval (lost soon after it stops); one late message raises the lost
       // timeout for a while, which errs towards "sleeping", not "lost"
       if (gap > 0) e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
+      // kept across restarts, saved with the state file when it moved enough to matter
+      const saved = e.meta.intervalMs;
+      if (e.intervalMs > 0 && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
+        e.meta.intervalMs = e.intervalMs;
+        this.changed = true;
+      }
     }
     if (telemetry) e.lastTelemetry = now;
     const day = Math.floor(now / DAY_MS);
@@ -492,6 +512,7 @@ export class Relay {
     if (hello.sleep !== undefined) meta.sleepS = hello.sleep;
     meta.sensors = hello.sensors ?? previous.sensors;
     if (previous.seenDay !== undefined) meta.seenDay = previous.seenDay;
+    if (previous.intervalMs !== undefined) meta.intervalMs = previous.intervalMs;
     e.meta = meta;
     const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS;
     if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;

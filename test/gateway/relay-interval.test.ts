@@ -69,3 +69,42 @@ test('relay (hub connection mocked): when a restart forgets every saved MCU (sil
     await relay.stop(0);
   }
 });
+
+test('relay (hub connection mocked, fake clock): the interval learned for an MCU is kept across a restart (in the saved meta), so one that sends every 5 minutes is not reported lost after 60 s; a saved value that is not a number is ignored', async () => {
+  const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
+  let now = 1_700_000_000_000;
+  const make = () => new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
+  const sample = () => [{ n: 'temp', v: 21, t: now }];
+  const first = make();
+  let saved: Record<string, unknown> = {};
+  try {
+    for (let k = 0; k < 3; k++) {
+      await first.accept('esp-slow', 'mqtt', sample());
+      now += 300_000;
+    }
+    assert.ok(first.takeChanged(), 'the learned interval marks the state to be saved');
+    saved = Object.fromEntries(first.metaEntries());
+    assert.equal((saved['esp-slow'] as { intervalMs?: number }).intervalMs, 300_000);
+  } finally {
+    await first.stop(0);
+  }
+  // the restart: the saved list and meta, and the MCU's first message after it
+  const second = make();
+  const sweep = () => (second as unknown as { sweep(): void }).sweep();
+  try {
+    second.restore(['esp-slow', 'esp-odd'], { ...saved, 'esp-odd': { intervalMs: 'soon' } } as never);
+    await second.accept('esp-slow', 'mqtt', sample());
+    await second.accept('esp-odd', 'mqtt', sample());
+    // 4 minutes of silence: past the 60 s default, well within 3 × 5 minutes
+    for (let t = 0; t < 240_000; t += 1000) {
+      now += 1000;
+      sweep();
+    }
+    const isOnline = (id: string) => (second as unknown as { mcus: Map<string, { online: boolean }> }).mcus.get(id)?.online;
+    assert.equal(isOnline('esp-slow'), true, 'esp-slow still online');
+    assert.equal(isOnline('esp-odd'), false, 'esp-odd (no usable interval saved) lost after the default 60 s');
+    assert.equal(Object.fromEntries(second.metaEntries())['esp-odd']?.intervalMs, undefined, 'the bad value is dropped');
+  } finally {
+    await second.stop(0);
+  }
+});
