@@ -601,10 +601,16 @@ export class LeanConn {
   settleQos = 0;
   settlePid = 0;
 
-  /** The last RECENT_ACKED entries acknowledged on this connection (or inherited from the one before, if none), for the MCU's next connection. */
+  /**
+   * The last RECENT_ACKED entries acknowledged on this connection, for the MCU's next one.
+   * Only this connection's: what its predecessor acknowledged is not passed on again. A
+   * connection that acknowledged nothing (the link died before the MCU's PUBLISH was read)
+   * passes nothing on, so a resend of that never-stored PUBLISH, which can carry the id and
+   * payload of an older one (ids restarting at boot, a reading without a timestamp), is stored.
+   */
   recentAcked(): readonly number[] | null {
     const ring = this.ackedRing;
-    if (ring === null || ring.length === 0) return this.prevAcked;
+    if (ring === null || ring.length === 0) return null;
     if (ring.length < this.ackedCap) return ring.slice(-RECENT_ACKED);
     // full: oldest at ackedPos
     const ordered = [...ring.slice(this.ackedPos), ...ring.slice(0, this.ackedPos)];
@@ -1123,7 +1129,9 @@ export class LeanMqttServer {
       try {
         conn.resumeAfter(conn.settleOutcome, conn.settleQos, conn.settlePid);
       } catch (err) {
-        // a hook that throws loses its own connection, never the rest of the queue
+        // a hook that throws is a bug: its connection is closed, the rest of this slice is
+        // still answered, and the error is rethrown (uncaught, as an unhandled rejection
+        // of the store's promise was before the queue)
         conn.destroy();
         process.nextTick(() => {
           throw err;
@@ -1131,6 +1139,11 @@ export class LeanMqttServer {
       }
     }
     if (this.settleHead < q.length) {
+      // under a load that never lets the queue empty, the answered head is dropped now and then
+      if (this.settleHead >= 4096 && this.settleHead * 2 >= q.length) {
+        this.settleQueue = q.slice(this.settleHead);
+        this.settleHead = 0;
+      }
       setImmediate(this.settleSlice);
       return;
     }

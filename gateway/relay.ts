@@ -462,9 +462,12 @@ export class Relay {
       // its short interval (lost soon after it stops); one late message raises the lost
       // timeout for a while, which errs towards "sleeping", not "lost"
       if (gap > 0) e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
-      // kept across restarts, saved with the state file when it moved enough to matter
+      // kept across restarts, saved with the state file when it moved enough to matter. Not
+      // from a gap that ended with the MCU reported lost (an outage: powered off for a week
+      // would otherwise keep its lost timeout at three weeks across restarts); an MCU whose
+      // period really grew is online through its next gaps, and saved then
       const saved = e.meta.intervalMs;
-      if (e.intervalMs > 0 && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
+      if (e.online && e.intervalMs > 0 && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
         e.meta.intervalMs = e.intervalMs;
         this.changed = true;
       }

@@ -191,6 +191,9 @@ export class HubBroker {
       hub.clients.add(client);
       // devices only: an operator's client id says nothing about the fleet's device ids
       if (hub.identities.get(client)?.kind === 'device') hub.online.set(client.id, (hub.online.get(client.id) ?? 0) + 1);
+      // revoked between its authentication and now (aedes reads the session in between):
+      // closed here, so revokeDevice, which closes the clients it knows, misses none
+      if (hub.identities.get(client)?.kind === 'device' && opts.isRevokedDevice?.(client.id)) client.close();
     });
     aedes.on('clientDisconnect', (client) => {
       if (!hub.clients.delete(client) || hub.identities.get(client)?.kind !== 'device') return;

@@ -192,12 +192,17 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   const setDeviceRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
     if (!(await deviceRevocations.set(id, revoked))) return false;
     log.info(revoked ? 'device revoked at the hub' : 'device revocation lifted', { device: id });
-    if (!revoked) return true; // it connects again with its token; a gateway registers its MCUs again
-    // its sessions closed (its last will says offline); a gateway's MCUs that no other gateway
-    // lists are shown offline, with the reason (nothing else would say so)
-    for (const mcu of broker.revokeDevice(id)) {
+    if (!revoked) return true; // it connects again with its token (and says online); a gateway registers its MCUs again
+    const freed = broker.revokeDevice(id);
+    // a gateway's MCUs that no other gateway lists: offline, with the reason
+    for (const mcu of freed) {
       if (registry.get(mcu)?.online) await broker.publish(deviceTopic(mcu, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: `its gateway ${id} is revoked at the hub` }), true);
     }
+    // its sessions are closed, and its last will is refused with everything else it would
+    // publish: the hub says offline for it (retained), with the reason. For a gateway the
+    // registry takes the MCUs it still relayed offline too, as when any gateway goes offline
+    const rec = registry.get(id);
+    if (rec?.online) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: rec.kind, ts: Date.now(), reason: 'revoked at the hub' }), true);
     return true;
   };
   const setMcuRevoked = async (id: string, revoked: boolean): Promise<boolean> => {

@@ -84,8 +84,8 @@ const TRAFFIC_FLUSH_MS = 30_000;
 /** device records serialized and written per batch in a flush (about 2–5 ms of the event loop each) */
 const FLUSH_CHUNK = 500;
 /**
- * The traffic flush's chunks are spread over up to half of TRAFFIC_FLUSH_MS, at most this far
- * apart: 10,000 records written back to back every 30 s (~5 MB into LevelDB, then its
+ * The traffic flush's chunks are spread over up to half of TRAFFIC_FLUSH_MS (the time left
+ * shared evenly among the chunks left), at most this far apart: 10,000 records written back to back every 30 s (~5 MB into LevelDB, then its
  * compaction) came with a latency burst at every hop of the 10,000-MCU bench; spread, the
  * same writes are a steady trickle.
  */
@@ -286,6 +286,8 @@ export class Registry extends EventEmitter {
 
   private async pace(): Promise<void> {
     this.pacing = true;
+    // the chunks end within half the interval: the time left is shared among the chunks left
+    const deadline = performance.now() + this.trafficFlushMs / 2;
     try {
       while (this.trafficQueue.size > 0) {
         const chunk: string[] = [];
@@ -306,7 +308,10 @@ export class Registry extends EventEmitter {
           return;
         }
         const chunksLeft = Math.ceil(this.trafficQueue.size / FLUSH_CHUNK);
-        if (chunksLeft > 0) await new Promise((r) => setTimeout(r, Math.min(TRAFFIC_CHUNK_GAP_MAX_MS, Math.floor(this.trafficFlushMs / 2 / chunksLeft))).unref());
+        if (chunksLeft > 0) {
+          const gap = Math.min(TRAFFIC_CHUNK_GAP_MAX_MS, Math.max(0, Math.floor((deadline - performance.now()) / (chunksLeft + 1))));
+          await new Promise((r) => setTimeout(r, gap).unref());
+        }
       }
     } finally {
       this.pacing = false;

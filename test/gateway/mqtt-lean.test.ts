@@ -505,7 +505,7 @@ test('mqtt-lean: a QoS 1 PUBLISH resent with DUP after a reconnect (its PUBACK l
   }
 });
 
-test('mqtt-lean: what closed connections acknowledged is remembered for at most maxConnections MCUs (the longest gone forgotten first); a plain resend without DUP is a new message', async () => {
+test('mqtt-lean: what closed connections acknowledged is remembered for at most maxConnections MCUs (the longest gone forgotten first), and only by the next connection; a plain resend without DUP is a new message', async () => {
   const l = await lean({ maxConnections: 2 }, 0);
   const once = async (id: string, payload: string, dup: boolean, pid = 1) => {
     const c = await raw(l.port);
@@ -520,7 +520,18 @@ test('mqtt-lean: what closed connections acknowledged is remembered for at most 
     await once('m1', 'm1-x', true); // forgotten: m3 pushed it out
     await once('m3', 'm3-x', true); // remembered
     await once('m3', 'm3-x', false); // no DUP: a new message that happens to repeat the last
-    assert.deepEqual(l.stored.map(String), ['m1-x', 'm2-x', 'm3-x', 'm1-x', 'm3-x']);
+    // only the previous connection counts: one that acknowledged nothing (its PUBLISH never
+    // read) passes nothing on, so the resend of that PUBLISH is stored even though it
+    // repeats the id and payload of one acknowledged two connections back
+    await once('m3', 'm3-x', true); // remembered from the connection before: not stored
+    const silent = await raw(l.port);
+    silent.s.write(connectPk('m3'));
+    await waitFor(() => silent.got.some((p) => p.cmd === 'connack'), 'CONNACK');
+    silent.s.destroy();
+    await silent.closed;
+    await sleep(10);
+    await once('m3', 'm3-x', true);
+    assert.deepEqual(l.stored.map(String), ['m1-x', 'm2-x', 'm3-x', 'm1-x', 'm3-x', 'm3-x']);
   } finally {
     await l.srv.close();
   }

@@ -70,7 +70,7 @@ test('relay (hub connection mocked): when a restart forgets every saved MCU (sil
   }
 });
 
-test('relay (hub connection mocked, fake clock): the interval learned for an MCU is kept across a restart (in the saved meta), so one that sends every 5 minutes is not reported lost after 60 s; a saved value that is not a number is ignored', async () => {
+test('relay (hub connection mocked, fake clock): the interval learned for an MCU is kept across a restart (in the saved meta), so one that sends every 5 minutes is not reported lost after 60 s; an outage is not saved as its interval; a saved value that is not a number is ignored', async () => {
   const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
   let now = 1_700_000_000_000;
   const make = () => new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
@@ -85,6 +85,15 @@ test('relay (hub connection mocked, fake clock): the interval learned for an MCU
     assert.ok(first.takeChanged(), 'the learned interval marks the state to be saved');
     saved = Object.fromEntries(first.metaEntries());
     assert.equal((saved['esp-slow'] as { intervalMs?: number }).intervalMs, 300_000);
+    // an outage (silent for 2 hours, reported lost) does not become the saved interval
+    const sweep1 = () => (first as unknown as { sweep(): void }).sweep();
+    for (let t = 0; t < 7_200_000; t += 10_000) {
+      now += 10_000;
+      sweep1();
+    }
+    assert.equal(first.counts().online, 0, 'lost during the outage');
+    await first.accept('esp-slow', 'mqtt', sample());
+    assert.equal(Object.fromEntries(first.metaEntries())['esp-slow']?.intervalMs, 300_000, 'the outage is not saved as its interval');
   } finally {
     await first.stop(0);
   }

@@ -352,6 +352,9 @@ test('hub: a gateway revoked at the hub is cut off (CONNACK 5, no artifacts, its
     assert.equal(await artifactStatus(), 401, 'its token fetches no artifact');
     await waitFor(() => hub.registry.get('esp-g1')?.online === false, 'its MCU shown offline');
     assert.equal(hub.registry.get('esp-g1')?.reason, 'its gateway gw-1 is revoked at the hub');
+    // its own last will is refused with everything it publishes: the hub says offline for it
+    await waitFor(() => hub.registry.get('gw-1')?.online === false, 'the gateway shown offline');
+    assert.equal(hub.registry.get('gw-1')?.reason, 'revoked at the hub');
     assert.deepEqual(((await api('GET', '/api/v1/device-revocations')).body.revoked as Array<{ id: string }>).map((r) => r.id), ['gw-1']);
     assert.match(readFileSync(join(dir, 'hub', 'device-revocations.json'), 'utf8'), /"gw-1"/);
 
@@ -366,6 +369,7 @@ test('hub: a gateway revoked at the hub is cut off (CONNACK 5, no artifacts, its
     await waitFor(() => of(seen, 'esp-g1', 'telemetry').length === 2, 'the reading kept meanwhile at the hub', 10_000);
     await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-g1') === true, 'its MCU delegated to it again');
     await waitFor(() => hub.registry.get('esp-g1')?.online === true, 'its MCU online again');
+    await waitFor(() => hub.registry.get('gw-1')?.online === true, 'the gateway online again');
     assert.equal(await artifactStatus(), 403);
     assert.equal(await hubGauge(), 0);
     await m.endAsync();

@@ -69,9 +69,9 @@ test('registry: the traffic timer writes its records a chunk at a time, spread o
   const tmp = tempDir();
   const db = await openStore<string>(join(tmp.dir, 'registry'), 'utf8');
   try {
-    // traffic flushed 2 s after the first reading: 4 chunks, spread over up to 1 s (gaps of
-    // 333, 500 and 1000 ms), longer than a state change may wait (FLUSH_MS, 500 ms)
-    const reg = new Registry(db, 2000);
+    // traffic flushed 3 s after the first reading: 4 chunks spread over up to 1.5 s (gaps of
+    // about 375 ms), longer than a state change may wait (FLUSH_MS, 500 ms)
+    const reg = new Registry(db, 3000);
     const writes: Array<{ at: number; n: number; ids: string[] }> = [];
     const batch = db.batch.bind(db) as unknown as (ops: Array<{ key: string }>) => Promise<void>;
     (db as unknown as { batch: (ops: Array<{ key: string }>) => Promise<void> }).batch = (ops) => {
@@ -89,6 +89,7 @@ test('registry: the traffic timer writes its records a chunk at a time, spread o
     assert.deepEqual(traffic().map((w) => w.n), [500, 500, 500, 250]);
     const gaps = traffic().slice(1).map((w, i) => w.at - traffic()[i]!.at);
     assert.ok(gaps.every((g) => g >= 250), `chunks spread out, not back to back (gaps ${gaps.map((g) => g.toFixed(0)).join(', ')} ms)`);
+    assert.ok(traffic()[3]!.at - traffic()[0]!.at <= 1_500 + 300, 'and done within half the interval');
 
     // the next round: stopped half way by a final flush, which writes the rest at once
     writes.length = 0;
