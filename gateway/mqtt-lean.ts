@@ -154,7 +154,7 @@ const enum T {
 const PINGRESP = Buffer.from([0xd0, 0x00]);
 /** bytes queued for a peer that does not read before it is cut off */
 const MAX_WRITE_BACKLOG = 1024 * 1024;
-/** stored PUBLISHes answered per turn of the event loop (LeanMqttServer.settle) */
+/** stored PUBLISHes answered per turn of the event loop at least (LeanMqttServer.settle): half of what waits, and no fewer than this */
 const SETTLE_SLICE = 128;
 /** QoS 1 packet ids remembered per connection for DUP resends (LeanConn.ackedRing) */
 const RECENT_ACKED = 16;
@@ -1100,14 +1100,17 @@ export class LeanMqttServer {
 
   /**
    * A PUBLISH's store settled: its PUBACK, and the packets its connection sent meanwhile,
-   * are handled from a queue, SETTLE_SLICE connections per turn of the event loop. The
+   * are handled from a queue, half of what waits (at least SETTLE_SLICE) per turn of the
+   * event loop. The
    * stores of thousands of MCUs settle together (one outbox commit); answering all of them
    * in one go held the event loop for tens of milliseconds (a write(2) per PUBACK), and
    * with it the reading of every other MCU and the uplink of what was read. Sliced, the
    * loop polls sockets between slices, so what arrives meanwhile is forwarded without
    * waiting for the last PUBACK of the commit before it. The connection stays busy until its
    * turn (its order and its read pause hold), and a connection has one PUBLISH in the
-   * queue at most.
+   * queue at most. Half, not a fixed number: while a connection waits here its next PUBLISH
+   * waits too, and a fixed 128 a turn fell behind when turns grew long (the simulated MCUs
+   * skipped readings whose predecessor was unanswered for a second, s16-ab-new-1/-2).
    */
   settle(conn: LeanConn, o: PublishOutcome, qos: number, pid: number): void {
     conn.settleOutcome = o;
@@ -1122,7 +1125,10 @@ export class LeanMqttServer {
 
   private readonly settleSlice = (): void => {
     const q = this.settleQueue;
-    const end = Math.min(q.length, this.settleHead + SETTLE_SLICE);
+    // at least SETTLE_SLICE, and half of what waits: a backlog is halved every turn, so the
+    // answers keep up with any load (128 a turn fell behind when turns grew long, and a
+    // connection waiting for its answer holds its next PUBLISH)
+    const end = Math.min(q.length, this.settleHead + Math.max(SETTLE_SLICE, Math.ceil((q.length - this.settleHead) / 2)));
     while (this.settleHead < end) {
       const conn = q[this.settleHead]!;
       q[this.settleHead++] = undefined as unknown as LeanConn; // not pinned until the queue empties

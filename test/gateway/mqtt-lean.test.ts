@@ -405,7 +405,7 @@ test('mqtt-lean over TLS: the CONNECT timeout counts from the TCP accept, the ha
   }
 });
 
-test('mqtt-lean: 400 stores settling together (one outbox commit) are answered 128 connections per turn of the event loop, not all in one; every PUBLISH is acknowledged and stored once, in order per connection', async () => {
+test('mqtt-lean: 400 stores settling together (one outbox commit) are answered over a few turns of the event loop (half of what waits, at least 128, per turn), not all in one; every PUBLISH is acknowledged and stored once, in order per connection', async () => {
   const N = 400;
   let release!: () => void;
   const commit = new Promise<void>((r) => (release = r));
@@ -450,8 +450,11 @@ test('mqtt-lean: 400 stores settling together (one outbox commit) are answered 1
     }
     const perTurn = [...laterByTurn.values()];
     assert.equal(perTurn.reduce((a, b) => a + b, 0), N);
-    // a connection answered in a slice handles what it sent next in that turn: at most 128 per turn
-    assert.ok(Math.max(...perTurn) <= 128, `at most 128 connections answered per turn, saw ${Math.max(...perTurn)}`);
+    // a connection answered in a slice handles what it sent next in that turn: half of what
+    // waits per turn (at least 128), so 200, 128, 72 here, never all 400 at once, and in a
+    // few turns (a fixed 128 a turn fell behind under load)
+    assert.ok(Math.max(...perTurn) <= N / 2, `at most half the waiting connections answered per turn, saw ${Math.max(...perTurn)}`);
+    assert.ok(perTurn.length >= 2 && perTurn.length <= 4, `answered over a few turns: ${perTurn.join(', ')}`);
   } finally {
     ticking = false;
     for (const c of clients) c.s.destroy();
