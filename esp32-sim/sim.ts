@@ -49,7 +49,8 @@ export interface SimOptions {
    * Flaky link. CoAP: probability that a datagram (either way) is lost. MQTT (TCP has
    * no datagram loss): probability per publish that the Wi-Fi link drops around it —
    * half before the PUBLISH is written, half after (the PUBACK is lost, so the device
-   * resends with DUP after reconnecting: a duplicate the gateway cannot tell apart).
+   * resends with DUP after reconnecting; the gateway acknowledges it and does not store it
+   * twice when it had stored the first copy: docs/mcu-protocol.md "Delivery semantics").
    */
   loss?: number;
   /** added one-way latency on everything the device sends, ms (default 0) */
