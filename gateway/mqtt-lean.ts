@@ -255,7 +255,7 @@ export class LeanConn {
    * reconnect of a PUBLISH acknowledged there (its PUBACK lost with the link) matches on
    * packet id and payload fingerprint, and is acknowledged again, not stored again
    */
-  private prevAcked: number[] | null = null;
+  private prevAcked: readonly number[] | null = null;
   /** ackedEntry of the QoS 1 PUBLISH being stored (a connection stores one at a time) */
   private storingEntry = 0;
   /** counted against the server's unauthenticated-connection caps (until authenticated or closed) */
@@ -617,10 +617,14 @@ export class LeanConn {
     return ordered.slice(-RECENT_ACKED);
   }
 
-  /** What the MCU's previous connection acknowledged last (LeanMqttServer.adopt), or one more stored there after this one began. */
-  inherit(acked: readonly number[] | null, more = false): void {
-    if (!more || this.prevAcked === null) this.prevAcked = acked === null ? null : [...acked];
-    else this.prevAcked = [...this.prevAcked, ...(acked ?? [])].slice(-RECENT_ACKED);
+  /** What the MCU's previous connection acknowledged last (LeanMqttServer.adopt; a list of its own, never changed in place). */
+  inherit(acked: readonly number[] | null): void {
+    this.prevAcked = acked;
+  }
+
+  /** One more stored on the previous connection after this one began (LeanMqttServer.ackedAfterClose). */
+  inheritOne(entry: number): void {
+    this.prevAcked = [...(this.prevAcked ?? []), entry].slice(-RECENT_ACKED);
   }
 
   /** Called by the server's settle queue: answer the stored PUBLISH, then handle what came after it. */
@@ -1065,7 +1069,7 @@ export class LeanMqttServer {
     if (id === null) return;
     const current = this.sessions.get(id);
     if (current !== undefined && current !== conn) {
-      current.inherit([entry], true);
+      current.inheritOne(entry);
       return;
     }
     this.keepAcked(id, [...(this.ackedBefore.get(id) ?? []), entry].slice(-RECENT_ACKED));
@@ -1101,8 +1105,7 @@ export class LeanMqttServer {
   /**
    * A PUBLISH's store settled: its PUBACK, and the packets its connection sent meanwhile,
    * are handled from a queue, half of what waits (at least SETTLE_SLICE) per turn of the
-   * event loop. The
-   * stores of thousands of MCUs settle together (one outbox commit); answering all of them
+   * event loop. The stores of thousands of MCUs settle together (one outbox commit); answering all of them
    * in one go held the event loop for tens of milliseconds (a write(2) per PUBACK), and
    * with it the reading of every other MCU and the uplink of what was read. Sliced, the
    * loop polls sockets between slices, so what arrives meanwhile is forwarded without

@@ -7,7 +7,7 @@ import { listenHttp, listenOn, type Listening } from '../core/http.ts';
 import { isLoopback } from '../core/net.ts';
 import { loadTlsPair } from '../core/tls.ts';
 import type { Logger } from '../core/log.ts';
-import { decodeMessage, encodeMessage, type DesiredState } from '../core/messages.ts';
+import { decodeMessage, encodeMessage, type DesiredState, type StateMessage } from '../core/messages.ts';
 import { MetricsRegistry } from '../core/metrics.ts';
 import { setNativeDir } from '../core/native.ts';
 import { loadOrCreateSecret } from '../core/secrets.ts';
@@ -189,6 +189,11 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
   await broker.publish(MCU_REVOCATIONS_TOPIC, mcuRevocations.message(), true);
   metrics.gaugeFn('fleet_hub_mcus_revoked', 'MCUs revoked fleet-wide (PUT /api/v1/mcu-revocations/{id})', () => [{ value: mcuRevocations.size }]);
   metrics.gaugeFn('fleet_hub_devices_revoked', 'Agents and gateways whose tokens are revoked at the hub (PUT /api/v1/device-revocations/{id})', () => [{ value: deviceRevocations.size }]);
+  /** Say `id` is offline (retained, as the hub itself), with the reason, when the registry shows it online: what no device will say for it any more. */
+  const markOffline = async (id: string, reason: string, kind?: StateMessage['kind']): Promise<void> => {
+    const rec = registry.get(id);
+    if (rec?.online && (kind === undefined || rec.kind === kind)) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: rec.kind, ts: Date.now(), reason }), true);
+  };
   const setDeviceRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
     if (!(await deviceRevocations.set(id, revoked))) return false;
     log.info(revoked ? 'device revoked at the hub' : 'device revocation lifted', { device: id });
@@ -196,13 +201,12 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     const freed = broker.revokeDevice(id);
     // a gateway's MCUs that no other gateway lists: offline, with the reason
     for (const mcu of freed) {
-      if (registry.get(mcu)?.online) await broker.publish(deviceTopic(mcu, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: `its gateway ${id} is revoked at the hub` }), true);
+      await markOffline(mcu, `its gateway ${id} is revoked at the hub`, 'mcu');
     }
     // its sessions are closed, and its last will is refused with everything else it would
     // publish: the hub says offline for it (retained), with the reason. For a gateway the
     // registry takes the MCUs it still relayed offline too, as when any gateway goes offline
-    const rec = registry.get(id);
-    if (rec?.online) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: rec.kind, ts: Date.now(), reason: 'revoked at the hub' }), true);
+    await markOffline(id, 'revoked at the hub');
     return true;
   };
   const setMcuRevoked = async (id: string, revoked: boolean): Promise<boolean> => {
@@ -217,8 +221,7 @@ export async function startHub(config: HubConfig, log: Logger, options: HubOptio
     const desired = revoked ? undefined : registry.get(id)?.desired;
     if (desired) await broker.publish(deviceTopic(id, 'desired'), encodeMessage(desired), true);
     // the registry shows it offline, with the reason (its gateway's own state for it is refused from now on)
-    const rec = registry.get(id);
-    if (revoked && rec?.kind === 'mcu' && rec.online) await broker.publish(deviceTopic(id, 'state'), encodeMessage({ v: 1, online: false, kind: 'mcu', ts: Date.now(), reason: 'revoked at the hub' }), true);
+    if (revoked) await markOffline(id, 'revoked at the hub', 'mcu');
     return true;
   };
 

@@ -85,9 +85,9 @@ const TRAFFIC_FLUSH_MS = 30_000;
 const FLUSH_CHUNK = 500;
 /**
  * The traffic flush's chunks are spread over up to half of TRAFFIC_FLUSH_MS (the time left
- * shared evenly among the chunks left), at most this far apart: 10,000 records written back to back every 30 s (~5 MB into LevelDB, then its
- * compaction) came with a latency burst at every hop of the 10,000-MCU bench; spread, the
- * same writes are a steady trickle.
+ * shared evenly among the chunks left), at most this far apart: 10,000 records written back
+ * to back every 30 s (~5 MB into LevelDB, then its compaction) came with a latency burst at
+ * every hop of the 10,000-MCU bench; spread, the same writes are a steady trickle.
  */
 const TRAFFIC_CHUNK_GAP_MAX_MS = 1000;
 
@@ -266,7 +266,12 @@ export class Registry extends EventEmitter {
    * meanwhile (the hub stopping, then closing the database) must not overtake it.
    */
   flush(all = true): Promise<void> {
-    const run = this.flushing.then(() => this.flushNow(all));
+    return this.inTurn(() => this.flushNow(all));
+  }
+
+  /** Run `write` after every write before it (a failed one does not stop the next). */
+  private inTurn(write: () => Promise<void>): Promise<void> {
+    const run = this.flushing.then(write);
     this.flushing = run.catch(() => undefined);
     return run;
   }
@@ -296,10 +301,8 @@ export class Registry extends EventEmitter {
           this.trafficQueue.delete(id);
           if (chunk.length === FLUSH_CHUNK) break;
         }
-        const run = this.flushing.then(() => this.write(chunk));
-        this.flushing = run.catch(() => undefined);
         try {
-          await run;
+          await this.inTurn(() => this.write(chunk));
         } catch (err) {
           // written again with the next traffic flush: nothing of them is lost while the hub runs
           for (const id of chunk) this.trafficDirty.add(id);

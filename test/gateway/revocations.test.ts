@@ -216,6 +216,27 @@ test('fleetlet gateway revoke / unrevoke edit the list a running gateway polls: 
   });
 });
 
+type HubApi = (method: string, path: string, auth?: boolean) => Promise<{ status: number; body: Record<string, unknown> }>;
+
+/** The hub's HTTP API as the operator (with its token), or without a token (`auth` false). */
+function hubApi(hub: { operatorTokenFile: string; httpPort: number }): HubApi {
+  const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+  return async (method, path, auth = true) => {
+    const res = await fetch(`http://127.0.0.1:${hub.httpPort}${path}`, { method, headers: auth ? { authorization: `Bearer ${token}` } : {} });
+    return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+  };
+}
+
+/** PUT /api/v1/{list}/{id}: only the operator may revoke (401), only a valid id (400); the first call changes the list, a second is idempotent. */
+async function revokeThroughApi(api: HubApi, list: string, id: string): Promise<void> {
+  assert.equal((await api('PUT', `/api/v1/${list}/${id}`, false)).status, 401);
+  assert.equal((await api('PUT', `/api/v1/${list}/not%20an%20id`)).status, 400);
+  const put = await api('PUT', `/api/v1/${list}/${id}`);
+  assert.equal(put.status, 200);
+  assert.deepEqual(put.body, { id, revoked: true, changed: true });
+  assert.equal((await api('PUT', `/api/v1/${list}/${id}`)).body.changed, false, 'idempotent');
+}
+
 /**
  * Revoking from the hub (PUT /api/v1/mcu-revocations/{id}): every gateway gets the list
  * (retained MCU_REVOCATIONS_TOPIC) and cuts the MCU off as it does for its own file; the hub
@@ -223,11 +244,7 @@ test('fleetlet gateway revoke / unrevoke edit the list a running gateway polls: 
  */
 test('hub: an MCU revoked at the hub is cut off at its gateway and no longer delegated; lifting the revocation lets it back in', { timeout: 60_000 }, async () => {
   await withEnv(async ({ hub, gw, site, seen, dir }) => {
-    const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
-    const api = async (method: string, path: string, auth = true) => {
-      const res = await fetch(`http://127.0.0.1:${hub.httpPort}${path}`, { method, headers: auth ? { authorization: `Bearer ${token}` } : {} });
-      return { status: res.status, body: (await res.json()) as Record<string, unknown> };
-    };
+    const api = hubApi(hub);
     const gwGauge = () => Number(/^fleet_gateway_mcus_revoked (\d+)$/m.exec(gw.metrics.render())?.[1]);
 
     // the gateway has the list before any MCU: one revoked that never connected is refused
@@ -244,14 +261,7 @@ test('hub: an MCU revoked at the hub is cut off at its gateway and no longer del
     await publish(m, 'esp-h1', 1);
     await waitFor(() => of(seen, 'esp-h1', 'telemetry').length === 1 && hub.broker.mcusOf('gw-1')?.has('esp-h1') === true, 'the reading at the hub, the MCU delegated');
 
-    // only the operator may revoke, and only a valid id
-    assert.equal((await api('PUT', '/api/v1/mcu-revocations/esp-h1', false)).status, 401);
-    assert.equal((await api('PUT', '/api/v1/mcu-revocations/not%20an%20id')).status, 400);
-
-    const put = await api('PUT', '/api/v1/mcu-revocations/esp-h1');
-    assert.equal(put.status, 200);
-    assert.deepEqual(put.body, { id: 'esp-h1', revoked: true, changed: true });
-    assert.equal((await api('PUT', '/api/v1/mcu-revocations/esp-h1')).body.changed, false, 'idempotent');
+    await revokeThroughApi(api, 'mcu-revocations', 'esp-h1');
     // the hub no longer lets the gateway act for it, and shows it offline with the reason
     assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-h1'), false);
     await waitFor(() => hub.registry.get('esp-h1')?.online === false, 'the registry shows it offline');
@@ -319,11 +329,7 @@ test('McuRevocations: the hub\'s list is kept on disk for a start without the hu
  */
 test('hub: a gateway revoked at the hub is cut off (CONNACK 5, no artifacts, its MCUs shown offline) and keeps its MCUs\' readings until the revocation is lifted, when they arrive', { timeout: 60_000 }, async () => {
   await withEnv(async ({ hub, gw, site, seen, gwDir, dir, hubRefusals }) => {
-    const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();
-    const api = async (method: string, path: string, auth = true) => {
-      const res = await fetch(`http://127.0.0.1:${hub.httpPort}${path}`, { method, headers: auth ? { authorization: `Bearer ${token}` } : {} });
-      return { status: res.status, body: (await res.json()) as Record<string, unknown> };
-    };
+    const api = hubApi(hub);
     const gwToken = readFileSync(join(gwDir, 'token'), 'utf8').trim();
     const artifactStatus = async () => (await fetch(`http://127.0.0.1:${hub.httpPort}/api/v1/artifacts/${'0'.repeat(64)}`, { headers: { authorization: `Basic ${Buffer.from(`gw-1:${gwToken}`).toString('base64')}` } })).status;
     const hubGauge = async () => Number(/^fleet_hub_devices_revoked (\d+)$/m.exec(await (await fetch(`http://127.0.0.1:${hub.httpPort}/metrics`)).text())?.[1]);
@@ -335,12 +341,7 @@ test('hub: a gateway revoked at the hub is cut off (CONNACK 5, no artifacts, its
     assert.equal(hub.broker.mcusOf('gw-1')?.has('esp-g1'), true);
     assert.equal(await artifactStatus(), 403, 'the gateway token is good: an artifact not meant for it is 403, not 401');
 
-    assert.equal((await api('PUT', '/api/v1/device-revocations/gw-1', false)).status, 401);
-    assert.equal((await api('PUT', '/api/v1/device-revocations/not%20an%20id')).status, 400);
-    const put = await api('PUT', '/api/v1/device-revocations/gw-1');
-    assert.equal(put.status, 200);
-    assert.deepEqual(put.body, { id: 'gw-1', revoked: true, changed: true });
-    assert.equal((await api('PUT', '/api/v1/device-revocations/gw-1')).body.changed, false, 'idempotent');
+    await revokeThroughApi(api, 'device-revocations', 'gw-1');
     assert.equal(await hubGauge(), 1);
 
     // cut off, and kept off: the gateway's client retries every 200 ms and is refused each time
