@@ -397,6 +397,16 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
 
   // ---- lifecycle -------------------------------------------------------------------
 
+  /** the version report (hello) as this boot gives it */
+  const helloUp = (d: Device, now: number) => {
+    const h: Record<string, unknown> = { fw: d.version, boot: d.bootReason };
+    if (d.prevVersion) h.prev = d.prevVersion;
+    if (d.bootErr) h.err = d.bootErr;
+    if (sleepMs > 0) h.sleep = Math.max(1, Math.ceil(sleepMs / 1000));
+    if (format === 'compact') h.sensors = SENSORS;
+    return { ch: 'hello' as const, payload: Buffer.from(JSON.stringify(h)), seq: 0, t: now, pid: 0, sentOnce: false, then: () => st.hellos++ };
+  };
+
   const boot = ({ d, gen }: Ev, now: number) => {
     if (stopped || gen !== d.gen) return;
     st.boots++;
@@ -408,14 +418,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     // the unacknowledged message, counters, the command seq, a firmware download's progress
     d.busy = false;
     d.q = d.q.filter((u) => u.ch === 't');
-    if (hello) {
-      const h: Record<string, unknown> = { fw: d.version, boot: d.bootReason };
-      if (d.prevVersion) h.prev = d.prevVersion;
-      if (d.bootErr) h.err = d.bootErr;
-      if (sleepMs > 0) h.sleep = Math.max(1, Math.ceil(sleepMs / 1000));
-      if (format === 'compact') h.sensors = SENSORS;
-      d.q.unshift({ ch: 'hello', payload: Buffer.from(JSON.stringify(h)), seq: 0, t: now, pid: 0, sentOnce: false, then: () => st.hellos++ });
-    }
+    if (hello) d.q.unshift(helloUp(d, now));
     d.prevVersion = undefined;
     d.bootErr = undefined;
     if (opts.protocol === 'mqtt') connectMqtt(d);
@@ -776,7 +779,9 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     if (!version || !/^[0-9a-f]{64}$/.test(sha256) || !Number.isSafeInteger(size) || size < 1) {
       return ack(d, { id: cmd.id, ok: false, e: 'fw.update needs a.v, a.sha256 and a.size', code: 'BAD_ARGS' });
     }
-    if (version === d.version) return ack(d, { id: cmd.id, ok: true, r: 'already running' });
+    // offered the version it runs (the gateway did not know it yet): taken, and reported
+    // again, so the update is decided without a reboot (docs/mcu-protocol.md "Firmware updates")
+    if (version === d.version) return ack(d, { id: cmd.id, ok: true, r: 'already running' }, (dd) => enqueue(dd, helloUp(dd, Date.now())));
     if (d.fw && d.fw.sha256 === sha256) {
       // offered again (a new command for the same image): keep downloading, answer the new one at the end
       d.fw.cmdId = cmd.id;

@@ -167,6 +167,10 @@ export const GatewayConfigSchema = z
     firmwareTrustFile: z.string().min(1).optional(),
     /** MCU firmware: largest image served, bytes */
     firmwareMaxBytes: z.number().int().min(1024).max(256 * 1024 * 1024).default(16 * 1024 * 1024),
+    /** MCU firmware: an MCU that took the image must report the new version within this, s (at least 3 of its declared sleep periods) */
+    firmwareInstallTimeoutS: z.number().int().min(10).max(7 * 24 * 3600).default(1800),
+    /** MCU firmware: how long an offer waits in the MCU's mailbox, s; one not taken by then is renewed while the desired state stands */
+    firmwareOfferTtlS: z.number().int().min(60).max(365 * 24 * 3600).default(7 * 24 * 3600),
     /** how often changed replay counters and the MCU list are written to stateDir, ms */
     stateFlushMs: z.number().int().min(50).max(60_000).default(2000),
   })

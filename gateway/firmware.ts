@@ -42,7 +42,27 @@ interface Job {
   reason?: string;
   /** failed before the MCU took anything (the download, the verification, a full mailbox; or cancelled): the same desired state again starts over */
   retryable?: boolean;
+  /** a failed preparation that may succeed later (the artifact store away): tried again at this time (ms) */
+  retryAt?: number;
+  /** automatic retries so far (the wait doubles) */
+  retries?: number;
+  /** `installing`: a version report must come by this time (ms), else the update failed */
+  deadline?: number;
+  /** `failed`: what failed, a stable token (docs/mcu-protocol.md "Firmware updates") */
+  cause?: FailureCause;
+  /** `failed`: the stable error code */
+  code?: string;
+  /** offers renewed after they expired untaken (each under a new id) */
+  renewals?: number;
+  /** an update the MCU had taken (`installing`) when this target replaced it: its next hello decides that one too */
+  replaced?: { version: string; bundleName?: string; sequence?: number; from?: string };
 }
+
+/** What an `mcu.firmware` event says of a job. */
+type Reported = Pick<Job, 'state' | 'version' | 'from' | 'size' | 'progress' | 'reason' | 'cause' | 'code'>;
+
+/** Why a firmware job failed: part of the `mcu.firmware` event contract. */
+export type FailureCause = 'preparation' | 'cancelled' | 'refused' | 'rollback' | 'old_version' | 'no_report' | 'below_floor';
 
 export interface ServedImage {
   version: string;
@@ -65,8 +85,17 @@ export interface FirmwareManagerOptions {
   log: Logger;
   /** largest image served, bytes (default 16 MiB) */
   maxImageBytes?: number;
-  /** how long an offer waits in the mailbox, ms (default 7 days) */
+  /** how long an offer waits in the mailbox, ms (default 7 days); an offer not taken by then is renewed while the desired state stands */
   offerTtlMs?: number;
+  /** how long an MCU that took the image (`ok:true`) has to report the new version, ms (default 30 min; at least 3 of its declared sleep periods) */
+  installTimeoutMs?: number;
+  /** a failed preparation is tried again after this, ms, the wait doubling up to retryMaxMs (defaults 1 min, 1 h) */
+  retryMinMs?: number;
+  retryMaxMs?: number;
+  /** a download attempt that receives nothing for this long is given up, ms (default 60 s; no bound on the whole transfer) */
+  downloadIdleMs?: number;
+  /** how often deadlines and retries are looked at, ms (default 5 s) */
+  tickMs?: number;
   onBytes?: (protocol: McuProtocol, bytes: number) => void;
   now?: () => number;
 }
@@ -85,11 +114,23 @@ interface Fetched {
   sequence?: number;
 }
 
+/** bytes a bundle may have beyond its image (manifest, signatures, framing) */
+const BUNDLE_OVERHEAD_BYTES = 1024 * 1024;
+
+/** A failure that the same inputs would fail again (not worth an automatic retry). */
+const permanent = (fe: FleetError): boolean => fe.code.startsWith('FLEET_BUNDLE_') || (fe.details as { permanent?: boolean } | undefined)?.permanent === true;
+
 /**
  * MCU firmware relay: desired state → fetch (Range resume or file://) → sha256 → verify
  * (injected) → cache the image by its sha256 → offer through the mailbox → serve chunks
  * (ingresses call `imageFor`/`served`) → success only when the MCU reports the new
- * version in its hello; the old version after an ok ack, or a rollback boot, is failure.
+ * version in its hello; the old version after an ok ack, or a rollback of this version, is
+ * failure.
+ *
+ * Every change of one MCU's job (a desired state, an ack, an expiry, a hello, the end of a
+ * preparation, a deadline) runs in that MCU's turn (`serial`), one after another: none of
+ * them sees another half done. Long waits (a download, reading the cache) happen outside the
+ * turn, and what comes after them checks that the job is still the MCU's current one.
  */
 export class FirmwareManager {
   private readonly jobs = new Map<string, Job>();
@@ -98,14 +139,21 @@ export class FirmwareManager {
   private readonly fetches = new Map<string, { p: Promise<Fetched>; done: boolean }>();
   /** jobs whose run() is under way (the retained desired state coming again must not start a second) */
   private readonly running = new Set<Job>();
-  /** images being written to the cache by a fetch, not yet named by its job */
-  private readonly writing = new Set<string>();
+  /** images being written to the cache by a fetch, not yet named by its job (one write per image) */
+  private readonly writing = new Map<string, Promise<void>>();
+  /** each MCU's turn: the tail of its queued job changes */
+  private readonly turns = new Map<string, Promise<unknown>>();
+  /** desired states that could not be handled (a store error): handled again at the next tick */
+  private readonly pendingDesired = new Map<string, Buffer>();
   private readonly now: () => number;
+  private readonly timer: NodeJS.Timeout;
   private pruning = false;
   private pruneAgain = false;
 
   private constructor(private readonly opts: FirmwareManagerOptions) {
     this.now = opts.now ?? Date.now;
+    this.timer = setInterval(() => this.tick(), opts.tickMs ?? 5000);
+    this.timer.unref();
   }
 
   static async open(opts: FirmwareManagerOptions): Promise<FirmwareManager> {
@@ -119,6 +167,8 @@ export class FirmwareManager {
       }
     }
     for (const [mcuId, job] of fm.jobs) {
+      // taken before this version had deadlines: counted from now
+      if (job.state === 'installing' && job.deadline === undefined) job.deadline = fm.now() + fm.installTimeout(mcuId);
       // installing: the MCU has the image and is rebooting; its hello decides, no image needed
       if (!job.imageSha || (job.state !== 'offered' && job.state !== 'transferring')) continue;
       try {
@@ -135,6 +185,11 @@ export class FirmwareManager {
     return fm;
   }
 
+  /** Stop the deadline and retry timer (the gateway is stopping). */
+  close(): void {
+    clearInterval(this.timer);
+  }
+
   counts(): Record<'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed' | 'fetching', number> {
     const c = { fetching: 0, offered: 0, transferring: 0, installing: 0, succeeded: 0, failed: 0 };
     for (const j of this.jobs.values()) c[j.state]++;
@@ -145,16 +200,36 @@ export class FirmwareManager {
     return this.jobs.get(mcuId);
   }
 
+  /** Run `change` in the MCU's turn: after every change queued for it before, never beside one. */
+  private serial<T>(mcuId: string, change: () => Promise<T>): Promise<T> {
+    const run = (this.turns.get(mcuId) ?? Promise.resolve()).then(change);
+    const tail = run.catch(() => undefined);
+    this.turns.set(mcuId, tail);
+    void tail.then(() => {
+      if (this.turns.get(mcuId) === tail) this.turns.delete(mcuId);
+    });
+    return run;
+  }
+
+  private current(mcuId: string, job: Job): boolean {
+    return this.jobs.get(mcuId) === job;
+  }
+
+  /** Persist the MCU's current job; a job replaced meanwhile is not written over its successor. */
   private async save(mcuId: string, job: Job): Promise<void> {
-    this.jobs.set(mcuId, job);
+    if (!this.current(mcuId, job)) return;
     await this.opts.db.put(`f!${mcuId}`, JSON.stringify(job), { sync: true });
   }
 
-  private async report(mcuId: string, job: Job, extra: Record<string, unknown> = {}): Promise<void> {
+  private async report(mcuId: string, job: Reported, extra: Record<string, unknown> = {}): Promise<void> {
     const data: Record<string, unknown> = { state: job.state, version: job.version, ...extra };
     if (job.from !== undefined) data.from = job.from;
     if (job.size) data.progress = Math.min(1, job.progress / job.size);
     if (job.reason !== undefined) data.reason = job.reason;
+    if (job.state === 'failed') {
+      if (job.cause !== undefined) data.cause = job.cause;
+      if (job.code !== undefined) data.code = job.code;
+    }
     try {
       await this.opts.relay.event(mcuId, 'mcu.firmware', job.state === 'failed' ? 'warning' : 'info', data);
     } catch (err) {
@@ -162,7 +237,10 @@ export class FirmwareManager {
     }
   }
 
-  /** The desired state the hub published for an MCU. */
+  /**
+   * The desired state the hub published for an MCU. One that cannot be handled now (a store
+   * error: the hub has it acknowledged all the same) is handled again at the next tick.
+   */
   async desired(mcuId: string, payload: Buffer): Promise<void> {
     let fw: DesiredArtifact | undefined;
     try {
@@ -171,39 +249,57 @@ export class FirmwareManager {
       this.opts.log.warn('desired state from the hub is not valid; ignored', { mcu: mcuId, err });
       return;
     }
+    this.pendingDesired.delete(mcuId);
+    try {
+      await this.serial(mcuId, () => this.desiredNow(mcuId, fw));
+    } catch (err) {
+      if (!this.pendingDesired.has(mcuId)) this.pendingDesired.set(mcuId, payload);
+      this.opts.log.error('cannot handle an MCU desired state now; trying again shortly', { mcu: mcuId, err });
+    }
+  }
+
+  private async desiredNow(mcuId: string, fw: DesiredArtifact | undefined): Promise<void> {
     const cur = this.jobs.get(mcuId);
     if (!fw) {
-      // no firmware wanted any more: an offer not yet taken is withdrawn
+      // no firmware wanted any more: an offer not yet taken is withdrawn (by fail)
       if (cur && (cur.state === 'fetching' || cur.state === 'offered' || cur.state === 'transferring')) {
-        await this.withdraw(mcuId, cur);
         // the same target named again later starts over
-        await this.fail(mcuId, cur, 'cancelled: the desired state no longer names firmware', { retryable: true });
+        await this.fail(mcuId, cur, 'cancelled: the desired state no longer names firmware', { retryable: true, cause: 'cancelled' });
+      } else if (cur?.retryAt !== undefined) {
+        cur.retryAt = undefined; // a failed preparation is not tried again for a target no longer wanted
+        await this.save(mcuId, cur);
       }
       return;
     }
     if (cur && cur.bundleSha === fw.sha256 && cur.version === fw.version) {
       // same target: resume where it was (after a restart, a fetch may need redoing); a
       // preparation that failed (the artifact store away, a full mailbox) is tried again: the
-      // hub's retained desired state comes again when the gateway reconnects after an outage
+      // hub's retained desired state comes again when the gateway reconnects after an outage.
+      // A corrected URL for the same bundle is taken (the old one may be what failed)
+      const moved = cur.url !== fw.url;
+      cur.url = fw.url;
       if (cur.state === 'failed' && cur.retryable) {
-        cur.state = 'fetching';
-        cur.reason = undefined;
-        cur.retryable = undefined;
+        this.restart(cur);
         await this.save(mcuId, cur);
         await this.report(mcuId, cur);
-      }
+      } else if (moved) await this.save(mcuId, cur);
       if (cur.state === 'fetching') void this.run(mcuId, cur);
       return;
     }
-    // a new target: the previous offer, if the MCU has not taken it yet, must not stay at the
-    // head of its mailbox (it would hold every command behind it, and name an image no longer served)
-    if (cur && (cur.state === 'offered' || cur.state === 'transferring')) await this.withdraw(mcuId, cur);
     const running = this.opts.relay.meta(mcuId)?.fw;
     const job: Job = { version: fw.version, bundleSha: fw.sha256, url: fw.url, state: 'fetching', progress: 0 };
     if (running !== undefined) job.from = running;
     if (fw.size !== undefined) job.size = fw.size;
+    // an update the MCU has taken cannot be stopped: its hello still decides it, and says so
+    if (cur?.state === 'installing') job.replaced = { version: cur.version, ...(cur.bundleName !== undefined && cur.sequence !== undefined ? { bundleName: cur.bundleName, sequence: cur.sequence } : {}), ...(cur.from !== undefined ? { from: cur.from } : {}) };
+    else if (cur?.replaced) job.replaced = cur.replaced;
+    // a new target: the previous offer, if the MCU has not taken it yet, must not stay at the
+    // head of its mailbox (it would hold every command behind it, and name an image no longer served)
+    if (cur && (cur.state === 'offered' || cur.state === 'transferring')) await this.withdraw(mcuId, cur);
+    this.jobs.set(mcuId, job);
     if (running === fw.version) {
       job.state = 'succeeded';
+      await this.report(mcuId, job);
       await this.save(mcuId, job);
       return;
     }
@@ -211,6 +307,16 @@ export class FirmwareManager {
     await this.report(mcuId, job);
     void this.prune();
     void this.run(mcuId, job);
+  }
+
+  /** A failed job starts its preparation over (its retry count is kept: the backoff goes on). */
+  private restart(job: Job): void {
+    job.state = 'fetching';
+    job.reason = undefined;
+    job.retryable = undefined;
+    job.retryAt = undefined;
+    job.cause = undefined;
+    job.code = undefined;
   }
 
   /** Take a job's offer out of the MCU's mailbox (nothing when it has none, or it is gone). */
@@ -230,42 +336,66 @@ export class FirmwareManager {
     try {
       const f = await this.fetchOnce(job);
       // superseded, or cancelled, meanwhile
-      if (this.jobs.get(mcuId) !== job || job.state !== 'fetching') return;
+      if (!this.current(mcuId, job) || job.state !== 'fetching') return;
       // checked per job, not only by the fetch that verified the bundle first: another job may
       // name the same bundle with another version
-      if (f.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${f.version}, the desired state says ${job.version}`);
+      if (f.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${f.version}, the desired state says ${job.version}`, { details: { permanent: true } });
       job.imageSha = f.imageSha;
       job.size = f.size;
       if (f.name !== undefined && f.sequence !== undefined) {
         job.bundleName = f.name;
         job.sequence = f.sequence;
       }
-      await this.offerIfNeeded(mcuId, job);
+      // in memory before the offer, outside the MCU's turn (reading the cache, or fetching
+      // again when it is gone, may take long); the run keeps the image from being pruned
+      await this.ensureImage(job);
+      await this.serial(mcuId, async () => {
+        if (this.current(mcuId, job) && job.state === 'fetching') await this.offerNow(mcuId, job);
+      });
     } catch (err) {
-      await this.failPreparation(mcuId, job, err);
+      await this.serial(mcuId, () => this.failPreparation(mcuId, job, err)).catch((e: unknown) => this.opts.log.error('cannot record an MCU firmware failure', { mcu: mcuId, err: e }));
     } finally {
       this.running.delete(job);
     }
   }
 
   private async failPreparation(mcuId: string, job: Job, err: unknown): Promise<void> {
-    if (this.jobs.get(mcuId) !== job) return;
-    const fe = toFleetError(err);
+    if (!this.current(mcuId, job)) return;
+    // an I/O error (a full disk, a missing file) is this step's failure, with its stable code
+    const fe = isFleetErrorLike(err) ? toFleetError(err) : new FleetError('FLEET_MCU_FIRMWARE', `preparing the firmware failed: ${(err as Error)?.message ?? String(err)}`, { cause: err });
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
-    // what the bundle itself fails (its signature, trust, the anti-rollback floor) fails again
-    // the same way: not retried on every reconnect (a download again, a failure event again)
-    await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: !fe.code.startsWith('FLEET_BUNDLE_'), bestEffort: true });
+    // what the bundle itself fails (its signature, trust, the anti-rollback floor, its
+    // version) fails again the same way: not tried again on every reconnect, nor by the timer
+    const again = !permanent(fe);
+    await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: again, retry: again, cause: fe.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : 'preparation', code: fe.code, bestEffort: true });
   }
 
   /**
-   * A job ends failed: persisted, reported to the hub (severity warning), and its image no
-   * longer kept for it. `bestEffort`: a store that fails is logged, not thrown (the callers
-   * that run on their own, with nobody to tell); otherwise it is thrown, as any store error.
+   * A job ends failed: reported to the hub (severity warning), then persisted (a crash in
+   * between reports it twice at worst: the MCU's resent hello, or the next try, decides
+   * again), its offer taken back out of the mailbox, and its image no longer kept for it.
+   * `retry`: tried again by the timer, the wait doubling. `bestEffort`: a store that fails is
+   * logged, not thrown (the callers that run on their own, with nobody to tell).
    */
-  private async fail(mcuId: string, job: Job, reason: string, o: { retryable?: boolean; extra?: Record<string, unknown>; bestEffort?: boolean } = {}): Promise<void> {
+  private async fail(mcuId: string, job: Job, reason: string, o: { retryable?: boolean; retry?: boolean; cause: FailureCause; code?: string; extra?: Record<string, unknown>; bestEffort?: boolean }): Promise<void> {
+    if (!this.current(mcuId, job)) return;
+    const offered = job.state === 'offered' || job.state === 'transferring';
     job.state = 'failed';
     job.reason = reason.slice(0, 250);
     job.retryable = o.retryable || undefined;
+    job.cause = o.cause;
+    job.code = o.code ?? 'FLEET_MCU_FIRMWARE';
+    job.deadline = undefined;
+    if (o.retry) {
+      job.retries = (job.retries ?? 0) + 1;
+      const min = this.opts.retryMinMs ?? 60_000;
+      job.retryAt = this.now() + Math.min(this.opts.retryMaxMs ?? 3_600_000, min * 2 ** Math.min(20, job.retries - 1));
+    } else {
+      job.retryAt = undefined;
+      job.retries = undefined;
+    }
+    if (offered) await this.withdraw(mcuId, job);
+    await this.report(mcuId, job, o.extra);
     if (o.bestEffort) {
       try {
         await this.save(mcuId, job);
@@ -273,36 +403,38 @@ export class FirmwareManager {
         this.opts.log.error('cannot persist an MCU firmware failure', { mcu: mcuId, err });
       }
     } else await this.save(mcuId, job);
-    await this.report(mcuId, job, o.extra);
     void this.prune();
   }
 
+  /** The job's image in memory: from the cache, or (gone) fetched and verified again. Throws when it cannot be had. */
+  private async ensureImage(job: Job): Promise<void> {
+    const imageSha = job.imageSha!;
+    try {
+      await this.loadImage(job.version, imageSha);
+    } catch {
+      // gone from the cache: fetched and verified again (a fetch still under way is shared)
+      if (this.fetches.get(job.bundleSha)?.done) this.fetches.delete(job.bundleSha);
+      const f = await this.fetchOnce(job);
+      if (f.imageSha !== imageSha) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds image ${f.imageSha.slice(0, 16)}, not ${imageSha.slice(0, 16)}`);
+    }
+  }
+
   /**
-   * Offer once the image is ready; an MCU already on the version needs nothing. Checks the
-   * anti-rollback floor now, for this job (it may have risen since the bundle was verified),
-   * and makes sure the image is in memory (after a restart, a re-offer finds only the cache
-   * on disk; when that is gone too, the bundle is fetched and verified again). Throws when the
-   * job cannot be offered.
+   * Offer (in the MCU's turn, its image in memory); an MCU already on the version needs
+   * nothing. Checks the anti-rollback floor now, for this job (it may have risen since the
+   * bundle was verified). Throws when the job cannot be offered.
    */
-  private async offerIfNeeded(mcuId: string, job: Job): Promise<void> {
+  private async offerNow(mcuId: string, job: Job): Promise<void> {
     if (!job.imageSha) return;
     if (job.bundleName !== undefined && job.sequence !== undefined) {
       const floor = await this.floor(job.bundleName);
       if (floor !== null && job.sequence < floor) throw new FleetError('FLEET_BUNDLE_ROLLBACK', `firmware bundle ${job.bundleName} has sequence ${job.sequence}, below this gateway's floor ${floor}`);
     }
-    try {
-      await this.loadImage(job.version, job.imageSha);
-    } catch {
-      // gone from the cache: fetched and verified again (a fetch still under way is shared)
-      if (this.fetches.get(job.bundleSha)?.done) this.fetches.delete(job.bundleSha);
-      const f = await this.fetchOnce(job);
-      if (f.imageSha !== job.imageSha) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds image ${f.imageSha.slice(0, 16)}, not ${job.imageSha.slice(0, 16)}`);
-    }
     const running = this.opts.relay.meta(mcuId)?.fw;
     if (running === job.version) {
       job.state = 'succeeded';
-      await this.save(mcuId, job);
       await this.report(mcuId, job);
+      await this.save(mcuId, job);
       return;
     }
     job.offerId = `fw-${job.version}-${job.imageSha.slice(0, 8)}`.slice(0, 64);
@@ -311,9 +443,20 @@ export class FirmwareManager {
     if (running !== undefined) job.from = running;
     job.reason = undefined;
     job.retryable = undefined;
-    await this.opts.offer(mcuId, { id: job.offerId, name: 'fw.update', args: { v: job.version, sha256: job.imageSha, size: job.size }, expiresAt: this.now() + (this.opts.offerTtlMs ?? 7 * 24 * 3600 * 1000) });
+    job.retries = undefined;
+    await this.opts.offer(mcuId, this.offerCommand(job));
     await this.save(mcuId, job);
     await this.report(mcuId, job);
+  }
+
+  private offerCommand(job: Job): { id: string; name: string; args: Record<string, unknown>; expiresAt: number } {
+    return { id: job.offerId!, name: 'fw.update', args: { v: job.version, sha256: job.imageSha, size: job.size }, expiresAt: this.now() + (this.opts.offerTtlMs ?? 7 * 24 * 3600 * 1000) };
+  }
+
+  /** how long an MCU that took the image has to report its version: the option, and at least 3 of its declared sleep periods */
+  private installTimeout(mcuId: string): number {
+    const sleepS = this.opts.relay.meta(mcuId)?.sleepS ?? 0;
+    return Math.max(this.opts.installTimeoutMs ?? 30 * 60_000, 3 * sleepS * 1000);
   }
 
   /** One fetch and verification per bundle, shared by every MCU that wants it. */
@@ -335,35 +478,41 @@ export class FirmwareManager {
   }
 
   private async fetchAndVerify(job: Job): Promise<Fetched> {
-    if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured; it cannot verify MCU firmware bundles');
+    if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured; it cannot verify MCU firmware bundles', { details: { permanent: true } });
     const bundle = join(this.opts.dir, `${job.bundleSha}.bundle`);
     if ((await sha256File(bundle).catch(() => '')) !== job.bundleSha) {
       await this.download(job.url, bundle);
       const got = await sha256File(bundle);
       if (got !== job.bundleSha) {
         await rm(bundle, { force: true });
-        throw new FleetError('FLEET_MCU_FIRMWARE', `bundle sha256 is ${got}, the desired state says ${job.bundleSha}`);
+        throw new FleetError('FLEET_MCU_FIRMWARE', `bundle sha256 is ${got}, the desired state says ${job.bundleSha}`, { details: { permanent: true } });
       }
     }
     // the version and the anti-rollback floor (MCUs cannot check it themselves: a bundle name's
     // sequence may not go below the highest one an MCU of this gateway has booted into) are
-    // checked per job, in run and offerIfNeeded: this fetch is shared by every job naming the bundle
+    // checked per job, in run and offerNow: this fetch is shared by every job naming the bundle
     const verified = await this.opts.verify(bundle, { version: job.version, sha256: job.bundleSha });
     const data = typeof verified.image === 'string' ? await readFile(verified.image) : verified.image;
-    if (data.length === 0 || data.length > (this.opts.maxImageBytes ?? 16 * 1024 * 1024)) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`);
+    if (data.length === 0 || data.length > this.maxImageBytes) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`, { details: { permanent: true } });
     const sha = createHash('sha256').update(data).digest();
     const imageSha = sha.toString('hex');
-    const file = join(this.opts.dir, `${imageSha}.bin`);
-    // synced before it takes its name: after a crash the cache holds the whole image or none
-    this.writing.add(imageSha);
-    try {
-      await writeFileAtomic(file, data);
-    } finally {
-      // the job names it in the same turn as this fetch resolves, before a prune can look
-      this.writing.delete(imageSha);
+    // synced before it takes its name: after a crash the cache holds the whole image or none.
+    // Two bundles holding the same image share one write (one temporary file per image name)
+    let write = this.writing.get(imageSha);
+    if (!write) {
+      write = writeFileAtomic(join(this.opts.dir, `${imageSha}.bin`), data).finally(() => {
+        // the job names it in the same turn as this fetch resolves, before a prune can look
+        this.writing.delete(imageSha);
+      });
+      this.writing.set(imageSha, write);
     }
+    await write;
     this.images.set(imageSha, { version: verified.version, data, sha256: sha });
     return { version: verified.version, imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
+  }
+
+  private get maxImageBytes(): number {
+    return this.opts.maxImageBytes ?? 16 * 1024 * 1024;
   }
 
   /** The anti-rollback floor of a firmware bundle name, or null when none was set. */
@@ -373,18 +522,23 @@ export class FirmwareManager {
   }
 
   /** An MCU booted into a bundle's firmware: its sequence becomes the name's floor (never lowered). */
-  private async raiseFloor(job: Job): Promise<void> {
-    if (job.bundleName === undefined || job.sequence === undefined) return;
-    const cur = await this.floor(job.bundleName);
-    if (cur !== null && cur >= job.sequence) return;
-    await this.opts.db.put(`${FLOOR_PREFIX}${job.bundleName}`, String(job.sequence), { sync: true });
-    this.opts.log.info('MCU firmware floor raised', { name: job.bundleName, sequence: job.sequence });
+  private async raiseFloor(mcuId: string, b: { bundleName?: string; sequence?: number }): Promise<void> {
+    const name = b.bundleName;
+    const seq = b.sequence;
+    if (name === undefined || seq === undefined) return;
+    const cur = await this.floor(name);
+    if (cur !== null && cur >= seq) return;
+    await this.opts.db.put(`${FLOOR_PREFIX}${name}`, String(seq), { sync: true });
+    this.opts.log.info('MCU firmware floor raised', { name, sequence: seq });
     // offers of an older sequence not taken yet are below the floor now: taken back, failed
-    for (const [mcuId, j] of this.jobs) {
-      if (j === job || j.bundleName !== job.bundleName || j.sequence === undefined || j.sequence >= job.sequence) continue;
+    // (each in its own MCU's turn, not awaited here: this runs in `mcuId`'s)
+    for (const [other, j] of this.jobs) {
+      if (other === mcuId || j.bundleName !== name || j.sequence === undefined || j.sequence >= seq) continue;
       if (j.state !== 'offered' && j.state !== 'transferring') continue;
-      await this.withdraw(mcuId, j);
-      await this.fail(mcuId, j, `FLEET_BUNDLE_ROLLBACK: firmware bundle ${j.bundleName} has sequence ${j.sequence}, below this gateway's floor ${job.sequence} (raised while it was offered)`, { bestEffort: true });
+      void this.serial(other, async () => {
+        if (!this.current(other, j) || (j.state !== 'offered' && j.state !== 'transferring')) return;
+        await this.fail(other, j, `FLEET_BUNDLE_ROLLBACK: firmware bundle ${name} has sequence ${j.sequence}, below this gateway's floor ${seq} (raised while it was offered)`, { cause: 'below_floor', code: 'FLEET_BUNDLE_ROLLBACK', bestEffort: true });
+      }).catch((err: unknown) => this.opts.log.warn('cannot withdraw an offer below the firmware floor', { mcu: other, err }));
     }
   }
 
@@ -399,20 +553,36 @@ export class FirmwareManager {
     return img;
   }
 
-  /** file:// (tests, sites without an artifact store) or http(s) with Range resume and the device token. */
+  /**
+   * file:// (tests, sites without an artifact store: a regular file only) or http(s) with Range
+   * resume and the device token. Bounded: a bundle larger than an image plus its manifest is
+   * refused as it arrives, and an attempt is given up after `downloadIdleMs` without a byte
+   * (not after a fixed time: a large bundle over a slow site uplink takes what it takes). The
+   * `.part` of a failed download stays for the automatic retry to resume.
+   */
   private async download(url: string, dest: string): Promise<void> {
+    const limit = this.maxImageBytes + BUNDLE_OVERHEAD_BYTES;
+    const tooLarge = (n: number) => new FleetError('FLEET_MCU_FIRMWARE', `the firmware bundle at ${url.slice(0, 100)} exceeds ${limit} bytes (${n} or more)`, { details: { permanent: true } });
     if (url.startsWith('file://')) {
-      const data = await readFile(fileURLToPath(url));
-      await writeFile(dest, data, { mode: 0o600 });
+      const path = fileURLToPath(url);
+      const st = await stat(path);
+      // not a FIFO or a device: reading one could block the shared fetch for good, or never end
+      if (!st.isFile()) throw new FleetError('FLEET_MCU_FIRMWARE', `${url.slice(0, 100)} is not a regular file`, { details: { permanent: true } });
+      if (st.size > limit) throw tooLarge(st.size);
+      await writeFile(dest, await readFile(path), { mode: 0o600 });
       return;
     }
-    if (!/^https?:\/\//.test(url)) throw new FleetError('FLEET_MCU_FIRMWARE', `unsupported firmware URL ${url.slice(0, 100)}`);
+    if (!/^https?:\/\//.test(url)) throw new FleetError('FLEET_MCU_FIRMWARE', `unsupported firmware URL ${url.slice(0, 100)}`, { details: { permanent: true } });
     const part = `${dest}.part`;
+    const idleMs = this.opts.downloadIdleMs ?? 60_000;
     let lastErr: unknown;
     for (let attempt = 0; attempt < 5; attempt++) {
       const have = await stat(part).then((s) => s.size, () => 0);
+      const ac = new AbortController();
+      const idle = setTimeout(() => ac.abort(new Error(`no data for ${Math.round(idleMs / 1000)} s`)), idleMs);
       try {
-        const res = await fetch(url, { headers: { authorization: `Basic ${Buffer.from(`${this.opts.gatewayId}:${this.opts.token}`).toString('base64')}`, ...(have > 0 ? { range: `bytes=${have}-` } : {}) }, signal: AbortSignal.timeout(60_000) });
+        const res = await fetch(url, { headers: { authorization: `Basic ${Buffer.from(`${this.opts.gatewayId}:${this.opts.token}`).toString('base64')}`, ...(have > 0 ? { range: `bytes=${have}-` } : {}) }, signal: ac.signal });
+        idle.refresh();
         if (res.status >= 400 && res.status < 500 && res.status !== 416) throw new FleetError('FLEET_MCU_FIRMWARE', `artifact store answered HTTP ${res.status} for ${url}`);
         if (res.status === 416) {
           await rm(part, { force: true });
@@ -420,9 +590,15 @@ export class FirmwareManager {
         }
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
         const append = res.status === 206 && have > 0;
+        let size = append ? have : 0;
         const fh = await open(part, append ? 'a' : 'w', 0o600);
         try {
-          for await (const chunk of res.body) await fh.write(chunk as Uint8Array);
+          for await (const chunk of res.body) {
+            idle.refresh();
+            size += (chunk as Uint8Array).length;
+            if (size > limit) throw tooLarge(size);
+            await fh.write(chunk as Uint8Array);
+          }
           await fh.sync();
         } finally {
           await fh.close();
@@ -430,15 +606,20 @@ export class FirmwareManager {
         await rename(part, dest);
         return;
       } catch (err) {
-        if (err instanceof FleetError) throw err;
-        lastErr = err;
+        if (err instanceof FleetError) {
+          if ((err.details as { permanent?: boolean } | undefined)?.permanent) await rm(part, { force: true });
+          throw err;
+        }
+        lastErr = ac.signal.aborted ? ac.signal.reason : err;
         await new Promise((r) => setTimeout(r, 500 * 2 ** attempt));
+      } finally {
+        clearTimeout(idle);
       }
     }
     throw new FleetError('FLEET_MCU_FIRMWARE', `downloading ${url} failed: ${(lastErr as Error)?.message}`, { cause: lastErr });
   }
 
-  /** The image offered to an MCU, while an update is active. */
+  /** The image offered to an MCU, while it may be fetching it. */
   imageFor(mcuId: string): ServedImage | null {
     const job = this.jobs.get(mcuId);
     if (!job || !job.imageSha || !ACTIVE.has(job.state)) return null;
@@ -458,46 +639,89 @@ export class FirmwareManager {
     // block; a store that fails (a full disk) is logged: the block was served all the same
     if (job.state === 'offered' || quarter(job.progress) > before) {
       if (job.state === 'offered') job.state = 'transferring';
-      this.save(mcuId, job).then(
-        () => this.report(mcuId, job),
-        (err: unknown) => this.opts.log.warn('cannot persist MCU firmware progress', { mcu: mcuId, err }),
-      );
+      void this.serial(mcuId, async () => {
+        if (!this.current(mcuId, job) || (job.state !== 'transferring' && job.state !== 'installing')) return;
+        await this.save(mcuId, job);
+        await this.report(mcuId, job);
+      }).catch((err: unknown) => this.opts.log.warn('cannot persist MCU firmware progress', { mcu: mcuId, err }));
     }
   }
 
-  async onAck(mcuId: string, entry: MailboxEntry, ack: McuAck): Promise<void> {
-    const job = this.jobs.get(mcuId);
-    if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state)) return;
-    if (ack.ok) {
-      job.state = 'installing';
+  onAck(mcuId: string, entry: MailboxEntry, ack: McuAck): Promise<void> {
+    return this.serial(mcuId, async () => {
+      const job = this.jobs.get(mcuId);
+      if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state)) return;
+      if (ack.ok) {
+        if (job.state === 'installing') return;
+        job.state = 'installing';
+        job.deadline = this.now() + this.installTimeout(mcuId);
+        await this.save(mcuId, job);
+        void this.prune(); // it has the image: no need to keep it in memory for it
+        return;
+      }
+      await this.fail(mcuId, job, `the MCU refused the image: ${ack.e ?? ack.code ?? 'no reason given'}`, { cause: 'refused' });
+    });
+  }
+
+  /**
+   * An offer the MCU did not take before it expired: the MCU has been away (a week in a
+   * drawer, a seasonal site). The desired state still stands, so the offer is renewed: the
+   * MCU converges when it comes back.
+   */
+  onExpired(mcuId: string, entry: MailboxEntry): Promise<void> {
+    return this.serial(mcuId, async () => {
+      const job = this.jobs.get(mcuId);
+      if (!job || job.offerId !== entry.id || (job.state !== 'offered' && job.state !== 'transferring')) return;
+      // under a new id: the expired entry is removed from the mailbox only after this returns
+      // (the same id would be taken for it). An MCU that was fetching the image keeps its
+      // download (the contract: a new offer of the same image resumes)
+      job.renewals = (job.renewals ?? 0) + 1;
+      job.offerId = `fw-${job.imageSha!.slice(0, 8)}-r${job.renewals}-${job.version}`.slice(0, 64);
+      await this.opts.offer(mcuId, this.offerCommand(job));
       await this.save(mcuId, job);
-      return;
-    }
-    await this.fail(mcuId, job, `the MCU refused the image: ${ack.e ?? ack.code ?? 'no reason given'}`);
-  }
-
-  async onExpired(mcuId: string, entry: MailboxEntry): Promise<void> {
-    const job = this.jobs.get(mcuId);
-    if (!job || job.offerId !== entry.id || !ACTIVE.has(job.state) || job.state === 'installing') return;
-    await this.fail(mcuId, job, 'the MCU did not take the update before the offer expired');
+      this.opts.log.info('MCU firmware offer renewed (not taken before it expired)', { mcu: mcuId, version: job.version, offer: job.offerId });
+    });
   }
 
   /** The version report after a boot decides an update in flight, or starts one that waited for it. */
-  async onHello(mcuId: string, hello: McuHello, _previousFw: string | undefined): Promise<void> {
+  onHello(mcuId: string, hello: McuHello, _previousFw: string | undefined): Promise<void> {
+    return this.serial(mcuId, () => this.helloNow(mcuId, hello));
+  }
+
+  private async helloNow(mcuId: string, hello: McuHello): Promise<void> {
     const job = this.jobs.get(mcuId);
     if (!job) return;
-    if (ACTIVE.has(job.state)) {
+    const boot = { boot: hello.boot };
+    const why = `boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''}`;
+    if (job.replaced) {
+      // the update this target replaced while the MCU installed it: decided by this hello too
+      const r = job.replaced;
+      job.replaced = undefined;
+      const ok = hello.fw === r.version;
+      if (ok) await this.raiseFloor(mcuId, r);
+      const outcome: Reported = ok
+        ? { state: 'succeeded', version: r.version, from: r.from, progress: 0 }
+        : { state: 'failed', version: r.version, from: r.from, progress: 0, reason: `came back on ${hello.fw} (${why})`, cause: hello.boot === 'rollback' ? 'rollback' : 'old_version', code: 'FLEET_MCU_FIRMWARE' };
+      await this.report(mcuId, outcome, boot);
+      await this.save(mcuId, job);
+    }
+    if (ACTIVE.has(job.state) || (job.state === 'failed' && job.cause !== 'cancelled' && hello.fw === job.version)) {
       if (hello.fw === job.version) {
+        // also a failed job whose MCU reports its version after all (its hello was late, its
+        // ack was lost and the offer expired): it runs the target
         job.state = 'succeeded';
-        job.reason = undefined;
-        await this.raiseFloor(job);
+        job.reason = job.cause = job.code = job.deadline = job.retryAt = job.retries = job.retryable = undefined;
+        await this.raiseFloor(mcuId, job);
+        await this.report(mcuId, job, boot);
         await this.save(mcuId, job);
-        await this.report(mcuId, job, { boot: hello.boot });
         void this.prune();
         return;
       }
-      if (job.state === 'installing' || hello.boot === 'rollback') {
-        await this.fail(mcuId, job, `came back on ${hello.fw} (boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''})`, { extra: { boot: hello.boot } });
+      // failed only when this update is the one that did not come up: the MCU took it
+      // (installing), or its bootloader went back from this version. A rollback of another
+      // version (one this target replaced, decided above) says nothing about this offer
+      if (job.state === 'installing' || (hello.boot === 'rollback' && hello.prev === job.version)) {
+        await this.fail(mcuId, job, `came back on ${hello.fw} (${why})`, { cause: hello.boot === 'rollback' ? 'rollback' : 'old_version', extra: boot });
       }
       return;
     }
@@ -505,41 +729,72 @@ export class FirmwareManager {
       if (hello.boot === 'rollback') {
         // booted into the target, then its bootloader went back (the new firmware did not confirm
         // itself in time): failed, and not offered again until the desired state changes
-        await this.fail(mcuId, job, `rolled back to ${hello.fw} after booting ${job.version} (boot rollback${hello.err ? `: ${hello.err}` : ''})`, { extra: { boot: hello.boot } });
+        await this.fail(mcuId, job, `rolled back to ${hello.fw} after booting ${job.version} (${why})`, { cause: 'rollback', extra: boot });
         return;
       }
       // it was on the target and is not any more (reflashed by hand): offer again (its image
       // may have to be fetched again: the run keeps the cache from pruning it meanwhile)
-      if (this.running.has(job)) return;
-      this.running.add(job);
-      try {
-        await this.offerIfNeeded(mcuId, job);
-      } catch (err) {
-        await this.failPreparation(mcuId, job, err);
-      } finally {
-        this.running.delete(job);
+      job.state = 'fetching';
+      await this.save(mcuId, job);
+      void this.run(mcuId, job);
+    }
+  }
+
+  /** Deadlines of MCUs that took an image, automatic retries, desired states to handle again. */
+  private tick(): void {
+    const now = this.now();
+    for (const [mcuId, payload] of this.pendingDesired) {
+      this.pendingDesired.delete(mcuId);
+      void this.desired(mcuId, payload);
+    }
+    for (const [mcuId, j] of this.jobs) {
+      if (j.state === 'installing' && j.deadline !== undefined && j.deadline <= now) {
+        void this.serial(mcuId, async () => {
+          if (!this.current(mcuId, j) || j.state !== 'installing' || j.deadline === undefined || j.deadline > now) return;
+          await this.fail(mcuId, j, `no version report within ${Math.round(this.installTimeout(mcuId) / 60_000)} min of the MCU taking the image (bricked, or its hello was lost; a later hello on ${j.version} still counts as success)`, { cause: 'no_report', bestEffort: true });
+        }).catch((err: unknown) => this.opts.log.warn('cannot fail an MCU firmware update past its deadline', { mcu: mcuId, err }));
+      } else if (j.state === 'failed' && j.retryAt !== undefined && j.retryAt <= now) {
+        void this.serial(mcuId, async () => {
+          if (!this.current(mcuId, j) || j.state !== 'failed' || j.retryAt === undefined || j.retryAt > now) return;
+          this.restart(j);
+          await this.save(mcuId, j);
+          await this.report(mcuId, j);
+          void this.run(mcuId, j);
+        }).catch((err: unknown) => this.opts.log.warn('cannot retry an MCU firmware preparation', { mcu: mcuId, err }));
       }
     }
   }
 
-  /** sha256s of the bundles and images something needs: a job fetching or offering, a run under way (a re-offer), a fetch not settled, an image being written */
+  /**
+   * sha256s of the bundles and images something needs: a job fetching or offering, a run
+   * under way (a re-offer), a fetch not settled, an image being written. (`installing`: the
+   * MCU has the image; its hello decides without it.)
+   */
   private inUse(): Set<string> {
-    const keep = new Set<string>(this.writing);
+    const keep = new Set<string>(this.writing.keys());
     const need = (j: Job) => {
       keep.add(j.bundleSha);
       if (j.imageSha) keep.add(j.imageSha);
     };
-    for (const j of this.jobs.values()) if (j.state === 'fetching' || ACTIVE.has(j.state)) need(j);
+    for (const j of this.jobs.values()) if (j.state === 'fetching' || j.state === 'offered' || j.state === 'transferring') need(j);
     for (const j of this.running) need(j);
     for (const [sha, f] of this.fetches) if (!f.done) keep.add(sha);
     return keep;
   }
 
+  /** bundles whose interrupted download an automatic retry resumes (their `.part` is kept) */
+  private resumable(): Set<string> {
+    const keep = new Set<string>();
+    for (const j of this.jobs.values()) if (j.state === 'failed' && j.retryAt !== undefined) keep.add(j.bundleSha);
+    return keep;
+  }
+
   /**
    * Forget cached images no update in progress needs: in memory (up to maxImageBytes each)
-   * and on disk (`.bin`, `.bundle` and a `.part` left by an interrupted download), so a
-   * gateway that relays release after release does not keep them all. A job that succeeded
-   * keeps nothing: offering it again (an MCU reflashed by hand) fetches the bundle again.
+   * and on disk (`.bin`, `.bundle` and a `.part` left by an interrupted download, unless a
+   * retry will resume it), so a gateway that relays release after release does not keep them
+   * all. A job that succeeded keeps nothing: offering it again (an MCU reflashed by hand)
+   * fetches the bundle again.
    */
   async prune(): Promise<void> {
     if (this.pruning) return void (this.pruneAgain = true);
@@ -556,6 +811,7 @@ export class FirmwareManager {
           const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f);
           if (!m) continue;
           keep = this.inUse();
+          if (m[2] === 'bundle.part') for (const sha of this.resumable()) keep.add(sha);
           if (!keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true }).catch(() => undefined);
         }
       } while (this.pruneAgain);
@@ -566,6 +822,9 @@ export class FirmwareManager {
     }
   }
 }
+
+/** a FleetError, or an error that says which one it is (from another copy of core/errors) */
+const isFleetErrorLike = (err: unknown): boolean => err instanceof FleetError || (typeof err === 'object' && err !== null && typeof (err as { code?: unknown }).code === 'string' && (err as { code: string }).code.startsWith('FLEET_'));
 
 function sha256File(file: string): Promise<string> {
   return new Promise((resolve, reject) => {

@@ -180,7 +180,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     db,
     relay,
     // a run restarted by open() (an image missing from the cache) could finish before the
-    // service exists: that preparation fails and is tried again with the next desired state
+    // service exists: that preparation fails and is tried again (the retry timer, or the next desired state)
     offer: (mcuId, cmd) => (service ? service.enqueueInternal(mcuId, cmd) : Promise.reject(new FleetError('FLEET_STORE', 'the gateway is still starting'))),
     withdraw: (mcuId, id) => (service ? service.withdrawInternal(mcuId, id) : mailbox.remove(mcuId, id)),
     verify: extras.verifyFirmware,
@@ -188,6 +188,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     token,
     log: log.child({ part: 'firmware' }),
     maxImageBytes: config.firmwareMaxBytes,
+    installTimeoutMs: config.firmwareInstallTimeoutS * 1000,
+    offerTtlMs: config.firmwareOfferTtlS * 1000,
     onBytes: (protocol, bytes) => firmwareBytes.inc({ protocol }, bytes),
   });
   // one per gateway: what an MCU proved on one protocol saves the derivation on the other too
@@ -283,6 +285,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     await coap?.close();
     await mqtt?.close();
     svc.stop();
+    fwm.close();
     await relay.stop();
     await persist();
     await disconnectFleetClient(client, config.deviceId, 'gateway', version);

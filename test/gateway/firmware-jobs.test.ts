@@ -1,0 +1,354 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Level } from 'level';
+import { createLogger } from '../../core/log.ts';
+import type { McuHello } from '../../firmware-bridge/frames.ts';
+import { FirmwareManager, type VerifyFirmware } from '../../gateway/firmware.ts';
+import type { MailboxEntry } from '../../gateway/mailbox.ts';
+import type { McuMeta, Relay } from '../../gateway/relay.ts';
+import { tempDir, waitFor } from '../helpers.ts';
+
+/**
+ * The firmware job's state machine, driven directly: a real LevelDB and real files in a temp
+ * dir, a controllable clock, and a stub relay (it records the `mcu.firmware` events and answers
+ * what the MCU last reported) and mailbox (it records offers). The whole path through a real
+ * gateway and hub is in firmware-lifecycle.test.ts and mcu-contract.test.ts.
+ */
+
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+const image = (seed: number, n = 4000): Buffer => {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = (i * seed + 7) & 0xff;
+  return b;
+};
+
+interface Rig {
+  fm: FirmwareManager;
+  dir: string;
+  db: Level<string, string>;
+  events: Array<{ mcu: string; data: Record<string, unknown> }>;
+  /** the mailbox: offers by MCU, in order, withdrawn ones removed */
+  mailbox: Map<string, Array<{ id: string; args: Record<string, unknown> }>>;
+  meta: Map<string, McuMeta>;
+  clock: { t: number };
+  /** called before the floor of a bundle name is read (once per call) */
+  onFloorRead: { fn: (() => Promise<void>) | null };
+  /** a bundle file: `bytes` under the raw verifier (the file is the image), or prefixed (one image, several bundles) */
+  bundle(name: string, bytes: Buffer): { url: string; sha256: string; size: number };
+  desired(mcu: string, fw?: { version: string; url: string; sha256: string; size: number }): Promise<void>;
+  hello(mcu: string, h: McuHello): Promise<void>;
+  ack(mcu: string, ok: boolean): Promise<void>;
+  fwEvents(mcu: string): string[];
+  close(): Promise<void>;
+}
+
+/**
+ * `verify`: the file minus its first `strip` bytes is the image (strip 1: several bundles of one
+ * image); the bundle name and sequence come from `named` when given.
+ */
+async function rig(o: { strip?: number; named?: { name: string; sequence: number }; installTimeoutMs?: number; retryMinMs?: number; downloadIdleMs?: number } = {}): Promise<Rig> {
+  const tmp = tempDir('fleetlet-fwjobs-');
+  const real = new Level<string, string>(join(tmp.dir, 'db'));
+  await real.open();
+  const onFloorRead: Rig['onFloorRead'] = { fn: null };
+  // the real database; its get() can be held up once, to land a change in the middle of an offer
+  const db = new Proxy(real, {
+    get(target, prop, receiver) {
+      if (prop === 'get') {
+        return async (key: string) => {
+          const hook = onFloorRead.fn;
+          if (key.startsWith('fl!') && hook) {
+            onFloorRead.fn = null;
+            await hook();
+          }
+          return target.get(key);
+        };
+      }
+      const v = Reflect.get(target, prop, receiver);
+      return typeof v === 'function' ? v.bind(target) : v;
+    },
+  });
+  const events: Rig['events'] = [];
+  const mailbox: Rig['mailbox'] = new Map();
+  const meta = new Map<string, McuMeta>();
+  const clock = { t: 1_000_000 };
+  const relay = {
+    meta: (id: string) => meta.get(id),
+    event: async (mcu: string, type: string, _sev: string, data: Record<string, unknown>) => {
+      if (type === 'mcu.firmware') events.push({ mcu, data });
+    },
+  } as unknown as Relay;
+  const verify: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file).subarray(o.strip ?? 0), ...(o.named ?? {}) });
+  const fm = await FirmwareManager.open({
+    dir: join(tmp.dir, 'firmware'),
+    db,
+    relay,
+    offer: async (mcu, cmd) => {
+      const q = mailbox.get(mcu) ?? [];
+      if (!q.some((e) => e.id === cmd.id)) q.push({ id: cmd.id, args: cmd.args });
+      mailbox.set(mcu, q);
+    },
+    withdraw: async (mcu, id) => mailbox.set(mcu, (mailbox.get(mcu) ?? []).filter((e) => e.id !== id)),
+    verify,
+    gatewayId: 'gw-t',
+    token: 't',
+    log: createLogger({ name: 'fw-jobs', level: 'silent' }),
+    now: () => clock.t,
+    tickMs: 20,
+    installTimeoutMs: o.installTimeoutMs ?? 60_000,
+    retryMinMs: o.retryMinMs ?? 60_000,
+    ...(o.downloadIdleMs !== undefined ? { downloadIdleMs: o.downloadIdleMs } : {}),
+  });
+  const entry = (id: string) => ({ id, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 }) as MailboxEntry;
+  return {
+    fm,
+    dir: tmp.dir,
+    db: real,
+    events,
+    mailbox,
+    meta,
+    clock,
+    onFloorRead,
+    bundle(name, bytes) {
+      const file = join(tmp.dir, name);
+      writeFileSync(file, bytes);
+      return { url: pathToFileURL(file).href, sha256: sha256(bytes), size: bytes.length };
+    },
+    desired: (mcu, fw) => fm.desired(mcu, Buffer.from(JSON.stringify({ v: 1, rev: 1, ts: Date.now(), apps: {}, ...(fw ? { firmware: fw } : {}) }))),
+    async hello(mcu, h) {
+      meta.set(mcu, { ...meta.get(mcu), fw: h.fw });
+      await fm.onHello(mcu, h, undefined);
+    },
+    async ack(mcu, ok) {
+      const job = fm.state(mcu)!;
+      // an acknowledged command leaves the mailbox (service.ts)
+      mailbox.set(mcu, (mailbox.get(mcu) ?? []).filter((e) => e.id !== job.offerId));
+      await fm.onAck(mcu, entry(job.offerId!), ok ? { id: job.offerId!, ok: true } : { id: job.offerId!, ok: false, e: 'no' });
+    },
+    fwEvents: (mcu) => events.filter((e) => e.mcu === mcu).map((e) => `${String(e.data.version)}:${String(e.data.state)}${e.data.cause ? `(${String(e.data.cause)})` : ''}`),
+    async close() {
+      fm.close();
+      await real.close();
+      tmp.cleanup();
+    },
+  };
+}
+
+const persisted = async (r: Rig, mcu: string) => JSON.parse((await r.db.get(`f!${mcu}`))!) as { version: string; state: string };
+
+test('firmware jobs (stub relay): a new target that arrives while the previous one is being offered wins; the replaced one is neither offered nor written back', async () => {
+  const r = await rig({ named: { name: 'esp-fw', sequence: 3 } });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    const a = r.bundle('a.bin', image(3));
+    const b = r.bundle('b.bin', image(5));
+    // B comes while A's offer reads the anti-rollback floor (an await in the middle of the offer)
+    r.onFloorRead.fn = async () => {
+      void r.desired('m1', { version: '2.0.0', ...b });
+      await sleep(50);
+    };
+    await r.desired('m1', { version: '1.5.0', ...a });
+    await waitFor(() => r.fm.state('m1')?.version === '2.0.0' && r.fm.state('m1')?.state === 'offered', 'B offered');
+    await sleep(100);
+    assert.equal(r.fm.state('m1')?.version, '2.0.0');
+    assert.deepEqual(r.mailbox.get('m1')?.map((e) => e.args.v), ['2.0.0'], 'only B waits in the mailbox');
+    assert.deepEqual(await persisted(r, 'm1'), { ...(await persisted(r, 'm1')), version: '2.0.0', state: 'offered' });
+    // A may have been offered before B came (its turn came first), never after B's first word
+    const ev = r.fwEvents('m1');
+    const lastA = ev.map((e) => e.startsWith('1.5.0:')).lastIndexOf(true);
+    assert.ok(lastA < ev.findIndex((e) => e.startsWith('2.0.0:')), `nothing about A after B: ${ev.join(', ')}`);
+    assert.equal(r.fm.imageFor('m1')?.data.equals(image(5)), true, 'B is what is served');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a cancel that arrives while the offer is being made stands: nothing offered, failed (cancelled)', async () => {
+  const r = await rig({ named: { name: 'esp-fw', sequence: 3 } });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    const a = r.bundle('a.bin', image(3));
+    r.onFloorRead.fn = async () => {
+      void r.desired('m1');
+      await sleep(50);
+    };
+    await r.desired('m1', { version: '1.5.0', ...a });
+    await waitFor(() => r.fm.state('m1')?.state === 'failed', 'cancelled');
+    await sleep(100);
+    assert.equal(r.fm.state('m1')?.cause, 'cancelled');
+    assert.deepEqual(r.mailbox.get('m1') ?? [], [], 'no offer left in the mailbox');
+    assert.equal(r.fm.imageFor('m1'), null, 'nothing served');
+    assert.equal((await persisted(r, 'm1')).state, 'failed');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a bootloader rollback of the update a new target replaced fails that update, not the new target, which stays offered', async () => {
+  const r = await rig();
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'A offered');
+    await r.ack('m1', true);
+    assert.equal(r.fm.state('m1')?.state, 'installing');
+    await r.desired('m1', { version: '2.0.0', ...r.bundle('b.bin', image(5)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered' && r.fm.state('m1')?.version === '2.0.0', 'B offered');
+    // A did not confirm itself: the bootloader went back to 1.0.0
+    await r.hello('m1', { fw: '1.0.0', boot: 'rollback', prev: '1.5.0' });
+    assert.equal(r.fm.state('m1')?.state, 'offered', 'B is still offered');
+    assert.deepEqual(r.mailbox.get('m1')?.map((e) => e.args.v), ['2.0.0']);
+    assert.ok(r.fwEvents('m1').includes('1.5.0:failed(rollback)'), `A reported failed (rollback): ${r.fwEvents('m1').join(', ')}`);
+    // a stray rollback report about some other version says nothing about B either
+    await r.hello('m1', { fw: '1.0.0', boot: 'rollback', prev: '1.4.0' });
+    assert.equal(r.fm.state('m1')?.state, 'offered');
+    // B taken and booted: succeeded
+    await r.ack('m1', true);
+    await r.hello('m1', { fw: '2.0.0', boot: 'ota' });
+    assert.equal(r.fm.state('m1')?.state, 'succeeded');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): an offer that expires untaken is renewed under a new id; the MCU takes it when it comes back', async () => {
+  const r = await rig();
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    const first = r.fm.state('m1')!.offerId!;
+    // the mailbox expires it (service.ts: onExpired, then the entry is removed)
+    await r.fm.onExpired('m1', { id: first, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 });
+    r.mailbox.set('m1', (r.mailbox.get('m1') ?? []).filter((e) => e.id !== first));
+    const renewed = r.fm.state('m1')!.offerId!;
+    assert.notEqual(renewed, first);
+    assert.equal(r.fm.state('m1')?.state, 'offered', 'still offered, not failed');
+    assert.deepEqual(r.mailbox.get('m1')?.map((e) => e.id), [renewed], 'the renewed offer waits in the mailbox');
+    await r.ack('m1', true);
+    await r.hello('m1', { fw: '1.5.0', boot: 'ota' });
+    assert.equal(r.fm.state('m1')?.state, 'succeeded');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): an MCU that took the image and never reports is failed (no_report) at its deadline, its image no longer held; a late hello on the target still succeeds', async () => {
+  const r = await rig({ installTimeoutMs: 60_000 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    await r.ack('m1', true);
+    await sleep(100);
+    assert.equal(r.fm.state('m1')?.state, 'installing', 'before the deadline');
+    r.clock.t += 61_000;
+    await waitFor(() => r.fm.state('m1')?.state === 'failed', 'failed at the deadline');
+    assert.equal(r.fm.state('m1')?.cause, 'no_report');
+    assert.ok(r.fwEvents('m1').includes('1.5.0:failed(no_report)'));
+    await waitFor(() => !existsSync(join(r.dir, 'firmware', `${sha256(image(3))}.bin`)), 'the cached image pruned');
+    await r.hello('m1', { fw: '1.5.0', boot: 'ota' });
+    assert.equal(r.fm.state('m1')?.state, 'succeeded');
+    assert.equal(r.fwEvents('m1').at(-1), '1.5.0:succeeded');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a failed preparation is tried again by the timer, and the same target with a corrected URL fetches from the new one', async () => {
+  const r = await rig({ retryMinMs: 60_000 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    const bytes = image(3);
+    const good = r.bundle('a.bin', bytes);
+    // not there yet: failed, retryable, retried a minute later
+    const missing = { ...good, url: pathToFileURL(join(r.dir, 'late.bin')).href };
+    await r.desired('m1', { version: '1.5.0', ...missing });
+    await waitFor(() => r.fm.state('m1')?.state === 'failed', 'failed: no bundle');
+    assert.equal(r.fm.state('m1')?.cause, 'preparation');
+    writeFileSync(join(r.dir, 'late.bin'), bytes);
+    await sleep(100);
+    assert.equal(r.fm.state('m1')?.state, 'failed', 'not before its time');
+    r.clock.t += 61_000;
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered by the automatic retry');
+
+    // m2: a wrong URL, then the same bundle at a corrected one
+    r.meta.set('m2', { fw: '1.0.0' });
+    const other = r.bundle('c.bin', image(9));
+    await r.desired('m2', { version: '1.6.0', ...other, url: pathToFileURL(join(r.dir, 'typo.bin')).href });
+    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'failed: wrong URL');
+    await r.desired('m2', { version: '1.6.0', ...other });
+    await waitFor(() => r.fm.state('m2')?.state === 'offered', 'offered from the corrected URL');
+    assert.equal(r.fm.state('m2')?.url, other.url);
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): two bundles holding one image, prepared at the same time, are both offered (one cache write)', async () => {
+  const r = await rig({ strip: 1 });
+  try {
+    const img = image(11, 200_000);
+    const x = r.bundle('x.bundle', Buffer.concat([Buffer.from('X'), img]));
+    const y = r.bundle('y.bundle', Buffer.concat([Buffer.from('Y'), img]));
+    for (const id of ['m1', 'm2']) r.meta.set(id, { fw: '1.0.0' });
+    await Promise.all([r.desired('m1', { version: '1.5.0', ...x }), r.desired('m2', { version: '1.5.0', ...y })]);
+    await waitFor(() => ['m1', 'm2'].every((id) => r.fm.state(id)?.state !== 'fetching'), 'both prepared');
+    assert.equal(r.fm.state('m1')?.state, 'offered', r.fm.state('m1')?.reason);
+    assert.equal(r.fm.state('m2')?.state, 'offered', r.fm.state('m2')?.reason);
+    assert.equal(sha256(readFileSync(join(r.dir, 'firmware', `${sha256(img)}.bin`))), sha256(img));
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a download that stalls is given up after downloadIdleMs and resumed with a Range request, not bounded in total time', async () => {
+  const bytes = image(13, 64 * 1024);
+  const ranges: string[] = [];
+  let first = true;
+  // an artifact store that stalls after half of the first response, then answers Range requests
+  const server = createServer((req, res) => {
+    ranges.push(req.headers.range ?? '');
+    const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+    if (first) {
+      first = false;
+      res.writeHead(200, { 'content-length': bytes.length });
+      res.write(bytes.subarray(0, bytes.length / 2));
+      return; // stalls: never ends
+    }
+    const from = m ? Number(m[1]) : 0;
+    res.writeHead(m ? 206 : 200, { 'content-length': bytes.length - from });
+    // slowly, but never idle for long: 8 pieces 60 ms apart, longer in all than the idle limit
+    let at = from;
+    const step = Math.ceil((bytes.length - from) / 8);
+    const tick = setInterval(() => {
+      res.write(bytes.subarray(at, Math.min(bytes.length, at + step)));
+      at += step;
+      if (at >= bytes.length) {
+        clearInterval(tick);
+        res.end();
+      }
+    }, 60);
+  });
+  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+  const r = await rig({ downloadIdleMs: 300 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/a.bundle`;
+    await r.desired('m1', { version: '1.5.0', url, sha256: sha256(bytes), size: bytes.length });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered after the resumed download', 20_000);
+    assert.equal(ranges.length, 2, `two requests: ${ranges.join(' | ')}`);
+    assert.equal(ranges[1], `bytes=${bytes.length / 2}-`, 'the second resumed where the first stalled');
+  } finally {
+    server.closeAllConnections();
+    await new Promise<void>((ok) => server.close(() => ok()));
+    await r.close();
+  }
+});
