@@ -791,8 +791,8 @@ export class FirmwareManager {
 
   /**
    * Forget cached images no update in progress needs: in memory (up to maxImageBytes each)
-   * and on disk (`.bin`, `.bundle` and a `.part` left by an interrupted download, unless a
-   * retry will resume it), so a gateway that relays release after release does not keep them
+   * and on disk (`.bin`, `.bundle`, a `.part` left by an interrupted download unless a retry
+   * will resume it, and an extraction directory left by a crash), so a gateway that relays release after release does not keep them
    * all. A job that succeeded keeps nothing: offering it again (an MCU reflashed by hand)
    * fetches the bundle again.
    */
@@ -808,11 +808,13 @@ export class FirmwareManager {
         for (const sha of this.images.keys()) if (!keep.has(sha)) this.images.delete(sha);
         for (const [sha, f] of this.fetches) if (f.done && !keep.has(sha)) this.fetches.delete(sha);
         for (const f of files) {
-          const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f);
+          // extract-<bundle sha256>: the verifier's working directory (cli/commands/gateway.ts),
+          // left behind by a crash during an extraction
+          const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f) ?? /^extract-([0-9a-f]{64})()$/.exec(f);
           if (!m) continue;
           keep = this.inUse();
           if (m[2] === 'bundle.part') for (const sha of this.resumable()) keep.add(sha);
-          if (!keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true }).catch(() => undefined);
+          if (!keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true, recursive: m[2] === '' }).catch(() => undefined);
         }
       } while (this.pruneAgain);
     } catch (err) {

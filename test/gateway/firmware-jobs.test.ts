@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -349,6 +349,33 @@ test('firmware jobs (stub relay): a download that stalls is given up after downl
   } finally {
     server.closeAllConnections();
     await new Promise<void>((ok) => server.close(() => ok()));
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a verifier extraction directory left by a crash is removed by the cache prune; one of a fetch under way is kept', async () => {
+  const r = await rig();
+  try {
+    const stale = join(r.dir, 'firmware', `extract-${'ab'.repeat(32)}`);
+    mkdirSync(stale);
+    writeFileSync(join(stale, 'firmware.bin'), image(3));
+    // a download under way: its bundle's extraction directory must stay
+    const slow = createServer(() => undefined); // never answers
+    await new Promise<void>((ok) => slow.listen(0, '127.0.0.1', () => ok()));
+    const bytes = image(5);
+    const busy = join(r.dir, 'firmware', `extract-${sha256(bytes)}`);
+    mkdirSync(busy);
+    try {
+      r.meta.set('m1', { fw: '1.0.0' });
+      await r.desired('m1', { version: '1.5.0', url: `http://127.0.0.1:${(slow.address() as AddressInfo).port}/b`, sha256: sha256(bytes), size: bytes.length });
+      void r.fm.prune();
+      await waitFor(() => !existsSync(stale), 'the stale extraction directory is gone');
+      assert.equal(existsSync(busy), true, 'the one of the fetch under way is kept');
+    } finally {
+      slow.closeAllConnections();
+      await new Promise<void>((ok) => slow.close(() => ok()));
+    }
+  } finally {
     await r.close();
   }
 });
