@@ -522,7 +522,7 @@ export class FirmwareManager {
   }
 
   /** An MCU booted into a bundle's firmware: its sequence becomes the name's floor (never lowered). */
-  private async raiseFloor(mcuId: string, b: { bundleName?: string; sequence?: number }): Promise<void> {
+  private async raiseFloor(b: { bundleName?: string; sequence?: number }): Promise<void> {
     const name = b.bundleName;
     const seq = b.sequence;
     if (name === undefined || seq === undefined) return;
@@ -531,9 +531,10 @@ export class FirmwareManager {
     await this.opts.db.put(`${FLOOR_PREFIX}${name}`, String(seq), { sync: true });
     this.opts.log.info('MCU firmware floor raised', { name, sequence: seq });
     // offers of an older sequence not taken yet are below the floor now: taken back, failed
-    // (each in its own MCU's turn, not awaited here: this runs in `mcuId`'s)
+    // (each in its own MCU's turn, not awaited: this runs in the turn of the MCU that booted, and its own next target waits behind it)
     for (const [other, j] of this.jobs) {
-      if (other === mcuId || j.bundleName !== name || j.sequence === undefined || j.sequence >= seq) continue;
+      // (not the job that raised it; the MCU's own next target is checked like any other)
+      if (j === b || j.bundleName !== name || j.sequence === undefined || j.sequence >= seq) continue;
       if (j.state !== 'offered' && j.state !== 'transferring') continue;
       void this.serial(other, async () => {
         if (!this.current(other, j) || (j.state !== 'offered' && j.state !== 'transferring')) return;
@@ -698,7 +699,7 @@ export class FirmwareManager {
       const r = job.replaced;
       job.replaced = undefined;
       const ok = hello.fw === r.version;
-      if (ok) await this.raiseFloor(mcuId, r);
+      if (ok) await this.raiseFloor(r);
       const outcome: Reported = ok
         ? { state: 'succeeded', version: r.version, from: r.from, progress: 0 }
         : { state: 'failed', version: r.version, from: r.from, progress: 0, reason: `came back on ${hello.fw} (${why})`, cause: hello.boot === 'rollback' ? 'rollback' : 'old_version', code: 'FLEET_MCU_FIRMWARE' };
@@ -711,7 +712,7 @@ export class FirmwareManager {
         // ack was lost and the offer expired): it runs the target
         job.state = 'succeeded';
         job.reason = job.cause = job.code = job.deadline = job.retryAt = job.retries = job.retryable = undefined;
-        await this.raiseFloor(mcuId, job);
+        await this.raiseFloor(job);
         await this.report(mcuId, job, boot);
         await this.save(mcuId, job);
         void this.prune();
