@@ -31,6 +31,12 @@ export interface McuServiceOptions {
 
 const MAX_LOG_LINE = 8192;
 const BASE64_LINE = 6000;
+/** an uploaded log's lines per record (the LogBatch schema's limit) */
+const LOG_RECORD_LINES = 10_000;
+/** and its text per record, characters (JSON-escaped text may double; still below the hub's 1 MiB) */
+const LOG_RECORD_BYTES = 256 * 1024;
+/** JSON around each line in a record ({"t":…,"app":"mcu","stream":"stderr","line":"…"}) */
+const LOG_LINE_OVERHEAD = 60;
 
 /**
  * What the gateway does with each MCU channel, independent of the transport: the MQTT
@@ -110,6 +116,7 @@ export class McuService extends EventEmitter {
     } else {
       const reply: Omit<CommandReply, 'mid'> = { v: 1, id: ack.id, ok: ack.ok };
       if (ack.ok && ack.r !== undefined) reply.result = ack.r;
+      // FLEET_MCU_COMMAND is a stable code (core/errors.ts); an MCU's own code is passed on as it is
       if (!ack.ok) reply.error = { code: ack.code ?? 'FLEET_MCU_COMMAND', message: ack.e ?? 'the MCU refused the command' };
       await this.opts.relay.append(mcuId, 'reply', Priority.ALERT, (mid) => encodeMessage({ ...reply, mid }));
     }
@@ -135,8 +142,29 @@ export class McuService extends EventEmitter {
     } else {
       lines = chunk(payload.toString('base64'), BASE64_LINE).map((l) => `base64:${l}`);
     }
-    const batch: Omit<LogBatch, 'mid'> = { v: 1, ts: now, lines: lines.slice(0, 10_000).map((line) => ({ t: now, app: 'mcu', stream: 'stderr', line })) };
-    await this.opts.relay.append(mcuId, 'logs', Priority.LOG, (mid) => encodeMessage({ ...batch, mid }));
+    // one record per LOG_RECORD_LINES lines or LOG_RECORD_BYTES of text: a record is one
+    // message at the hub, whose payload limit (1 MiB by default) an upload of up to
+    // mcu.maxUploadBytes (16 MiB at most) would exceed; appended together (one group commit),
+    // in order, all acknowledged before the MCU is answered
+    const parts: string[][] = [];
+    let part: string[] = [];
+    let bytes = 0;
+    for (const line of lines) {
+      if (part.length > 0 && (part.length >= LOG_RECORD_LINES || bytes + line.length > LOG_RECORD_BYTES)) {
+        parts.push(part);
+        part = [];
+        bytes = 0;
+      }
+      part.push(line);
+      bytes += line.length + LOG_LINE_OVERHEAD;
+    }
+    parts.push(part);
+    await Promise.all(
+      parts.map((p) => {
+        const batch: Omit<LogBatch, 'mid'> = { v: 1, ts: now, lines: p.map((line) => ({ t: now, app: 'mcu', stream: 'stderr', line })) };
+        return this.opts.relay.append(mcuId, 'logs', Priority.LOG, (mid) => encodeMessage({ ...batch, mid }));
+      }),
+    );
   }
 
   /** The next command for an MCU, framed and MAC'd; null when there is none. */

@@ -174,3 +174,29 @@ test('interop: malformed CoAP, MQTT, CBOR and SenML, replayed and forged message
     assert.match(page, /fleet_gateway_mcu_dropped_total\{protocol="coap",reason="bad_request"\} \d+/);
   });
 });
+
+test('interop: coap-client-notls uploads a 1.5 MiB log (Block1, 1024-byte blocks); it reaches the hub whole, in order, as several records each below the hub payload limit', async () => {
+  const tmp = tempDir('fleetlet-biglog-');
+  try {
+    await withEnv(
+      async ({ gw, site, seen }) => {
+        const id = 'esp-biglog';
+        // 40,000 lines (more than one record may hold) of about 40 characters: ~1.5 MiB
+        const text = Array.from({ length: 40_000 }, (_, i) => `line ${String(i).padStart(6, '0')} ${'x'.repeat(28)}`).join('\n') + '\n';
+        const file = join(tmp.dir, 'big.log');
+        writeFileSync(file, text);
+        const res = await run('coap-client-notls', ['-m', 'post', '-b', '1024', '-t', '0', '-f', file, '-B', '120', coapUrl(gw.coapPort, site, id, 'log', Buffer.from(text))], { maxBuffer: 16 * 1024 * 1024 });
+        assert.doesNotMatch(res.stdout + res.stderr, /4\.\d\d|5\.\d\d/);
+        await waitFor(() => (of(seen, id, 'logs') as LogBatch[]).reduce((n, b) => n + b.lines.length, 0) === 40_000, 'every line at the hub', 60_000);
+        const batches = of(seen, id, 'logs') as LogBatch[];
+        assert.ok(batches.length >= 4, `split into records (${batches.length})`);
+        for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 1024 * 1024, 'each record below the hub payload limit');
+        const lines = batches.flatMap((b) => b.lines.map((l) => l.line));
+        assert.deepEqual(lines, text.split('\n').slice(0, -1), 'all lines, in order');
+      },
+      { maxUploadBytes: 4 * 1024 * 1024 },
+    );
+  } finally {
+    tmp.cleanup();
+  }
+});
