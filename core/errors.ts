@@ -79,6 +79,7 @@ export const ERROR_CODES = {
   FLEET_MCU_RATE: 'an MCU sends faster than mcu.msgRate allows: CoAP gets 5.03 with Max-Age (send the same message again after it), MQTT its PUBACK later; nothing is dropped',
   FLEET_MCU_UPLOAD: 'an MCU Block1 upload is out of order, too large, timed out, or the gateway has too many in progress',
   FLEET_MCU_FIRMWARE: 'the gateway could not fetch, check or verify the MCU firmware bundle the desired state names',
+  FLEET_MCU_COMMAND: 'the MCU refused or failed a command: its ack said `ok:false` without a `code` of its own (the message is the MCU\'s `e`); an MCU\'s own `code` is passed on to the hub as it is, so a command reply\'s `error.code` is not always a FLEET_ code',
   // hub routing (docs/topics.md#records)
   FLEET_ROUTE_FAILED: 'a publish repeats a message whose first copy the hub was still routing, and that routing failed (the hub is closing, or a durable queue write failed); no PUBACK, so the sender resends it, and that resend passes',
   // hub command delivery (docs/topics.md#command-delivery)

@@ -1,5 +1,5 @@
 import type { AddressInfo } from 'node:net';
-import { blockOptionValue, buildCoapPacket, coapCodeByte, coapUintValue, COAP_CODES, COAP_OPTION, parseBlockOption, type CoapPacket } from '../firmware-bridge/coap.ts';
+import { blockOptionValue, buildCoapPacket, coapCodeByte, coapUint, coapUintValue, COAP_CODES, COAP_OPTION, parseBlockOption, type CoapPacket } from '../firmware-bridge/coap.ts';
 
 /**
  * Block1 uploads (RFC 7959 §2.5) reassembled at the datagram level, before the coap
@@ -14,8 +14,8 @@ import { blockOptionValue, buildCoapPacket, coapCodeByte, coapUintValue, COAP_CO
  *   payload, the final block's message id and token) handed to the package, so the
  *   normal request path (MAC over the whole body, replay, 2.04) applies once;
  * - a retransmitted block (same message id) is answered again; a gap is 4.08; a body
- *   beyond `maxBytes` is 4.13 with Size1; more than `maxUploads` at once is 5.03;
- *   uploads idle for `idleMs` are dropped.
+ *   beyond `maxBytes` is 4.13 with Size1; more than `maxUploads` at once is 5.03; the
+ *   reserved SZX 7 is 4.00 (RFC 7959 §2.2); uploads idle for `idleMs` are dropped.
  *
  * Nothing with a Block1 option ever reaches the package.
  */
@@ -44,7 +44,15 @@ interface Completed {
 export type UploadVerdict =
   | { kind: 'reply'; datagram: Buffer } // answer with this, do not pass on
   | { kind: 'pass'; datagram: Buffer; block1: Buffer } // hand this (reassembled) request to the package
-  | { kind: 'drop'; reason: 'upload' | 'bad_request' };
+  | { kind: 'drop'; reason: 'upload' | 'bad_request'; datagram?: Buffer }; // count it; answer with `datagram` if there is one
+
+/**
+ * A Block1 or Block2 option value with the reserved SZX 7 (RFC 7959 §2.2: "MUST lead to a
+ * 4.00 Bad Request response code upon reception in a request"; BERT is CoAP over TCP only).
+ */
+export function reservedSzx(value: Buffer): boolean {
+  return value.length <= 3 && (coapUint(value) & 7) === 7;
+}
 
 export class Block1Assembler {
   private readonly uploads = new Map<string, Upload>();
@@ -78,6 +86,7 @@ export class Block1Assembler {
   handle(pkt: CoapPacket, rsinfo: AddressInfo): UploadVerdict {
     const b1opt = pkt.options.find((o) => o.number === COAP_OPTION.BLOCK1);
     const block = b1opt ? parseBlockOption(b1opt.value) : null;
+    if (b1opt && reservedSzx(b1opt.value)) return { kind: 'drop', reason: 'bad_request', datagram: this.error(pkt, COAP_CODES.BAD_REQUEST, 'FLEET_MSG_INVALID') };
     if (!b1opt || !block) return { kind: 'drop', reason: 'bad_request' };
     const tag = pkt.options.find((o) => o.number === COAP_OPTION.REQUEST_TAG)?.value.toString('hex') ?? '';
     const path = pkt.options

@@ -108,35 +108,36 @@ test('gateway CoAP fast path: a NON POST is answered by a NON 2.04 with its toke
 });
 
 test('RecentExchanges: a repeated message id is found within its lifetime; the last 4 per endpoint and the most recently active endpoints are kept', () => {
+  const T = Buffer.from([0x01]); // the token: the same throughout here
   const ex = new RecentExchanges(3, 1000, 4);
-  const a = ex.begin('a|1', 1, 0);
+  const a = ex.begin('a|1', 1, T, 0);
   assert.equal(a.fresh, true);
   a.ex.answer = Buffer.from('x');
-  assert.equal(ex.begin('a|1', 1, 999).fresh, false, 'a retransmission within the lifetime');
-  assert.equal(ex.begin('a|1', 1, 999).ex.answer?.toString(), 'x');
-  assert.equal(ex.begin('a|1', 1, 2000).fresh, true, 'the same id after the lifetime is a new exchange');
-  for (let id = 2; id <= 5; id++) ex.begin('a|1', id, 2000);
-  assert.equal(ex.begin('a|1', 5, 2000).fresh, false);
-  assert.equal(ex.begin('a|1', 1, 2000).fresh, true, 'only the last 4 of an endpoint are kept');
-  ex.begin('b|1', 1, 2000);
-  ex.begin('c|1', 1, 2000);
-  ex.begin('a|1', 9, 2000); // a is the most recently active now
-  ex.begin('d|1', 1, 2000); // evicts b
+  assert.equal(ex.begin('a|1', 1, T, 999).fresh, false, 'a retransmission within the lifetime');
+  assert.equal(ex.begin('a|1', 1, T, 999).ex.answer?.toString(), 'x');
+  assert.equal(ex.begin('a|1', 1, T, 2000).fresh, true, 'the same id after the lifetime is a new exchange');
+  for (let id = 2; id <= 5; id++) ex.begin('a|1', id, T, 2000);
+  assert.equal(ex.begin('a|1', 5, T, 2000).fresh, false);
+  assert.equal(ex.begin('a|1', 1, T, 2000).fresh, true, 'only the last 4 of an endpoint are kept');
+  ex.begin('b|1', 1, T, 2000);
+  ex.begin('c|1', 1, T, 2000);
+  ex.begin('a|1', 9, T, 2000); // a is the most recently active now
+  ex.begin('d|1', 1, T, 2000); // evicts b
   assert.equal(ex.size, 3);
-  assert.equal(ex.begin('c|1', 1, 2000).fresh, false);
-  assert.equal(ex.begin('b|1', 1, 2000).fresh, true, 'b was forgotten');
+  assert.equal(ex.begin('c|1', 1, T, 2000).fresh, false);
+  assert.equal(ex.begin('b|1', 1, T, 2000).fresh, true, 'b was forgotten');
 
   // endpoints silent for the lifetime are forgotten as new requests come, without a timer
   const t = new RecentExchanges(100, 1000, 4);
-  for (let i = 0; i < 50; i++) t.begin(`old|${i}`, 1, 0);
-  for (let i = 0; i < 20; i++) t.begin(`new|${i}`, 1, 5000);
-  for (let i = 20; i < 40; i++) t.begin(`new|${i}`, 1, 5000);
+  for (let i = 0; i < 50; i++) t.begin(`old|${i}`, 1, T, 0);
+  for (let i = 0; i < 20; i++) t.begin(`new|${i}`, 1, T, 5000);
+  for (let i = 20; i < 40; i++) t.begin(`new|${i}`, 1, T, 5000);
   assert.equal(t.size, 40, 'the 50 silent endpoints are gone after 40 requests (up to 4 each)');
   // a dropped exchange is handled again when its message id comes again
-  const d = t.begin('new|1', 7, 5000);
+  const d = t.begin('new|1', 7, T, 5000);
   assert.equal(d.fresh, true);
   t.drop('new|1', d.ex);
-  assert.equal(t.begin('new|1', 7, 5000).fresh, true);
+  assert.equal(t.begin('new|1', 7, T, 5000).fresh, true);
 });
 
 test('gateway CoAP fast path: requests refused for their MAC leave no state behind (a flood from many ports holds no memory)', async () => {
