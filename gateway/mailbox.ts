@@ -6,9 +6,9 @@ import { MAX_COMMAND_BYTES, type McuCommand } from '../firmware-bridge/frames.ts
 /**
  * The command mailbox (docs/mcu-protocol.md "Commands"): per MCU, commands waiting for
  * the device to wake, in arrival order, each with an expiry and a down-counter `seq`
- * (the MAC counter of the framed command). Kept in LevelDB (written with sync before
- * `enqueue` resolves, so a command the gateway took from the hub survives kill -9) and
- * mirrored in memory for the hot path (GET / subscribe of a waking MCU).
+ * (the MAC counter of the framed command; clock based, see nextSeq). Kept in LevelDB
+ * (written with sync before `enqueue` resolves, so a command the gateway took from the hub
+ * survives kill -9) and mirrored in memory for the hot path (GET / subscribe of a waking MCU).
  *
  *   q!{mcuId}!{seq, 16 digits}  → MailboxEntry (JSON)
  *   s!{mcuId}                   → highest seq handed out (never reused, even after acks)
@@ -40,6 +40,22 @@ export interface MailboxEntry {
 }
 
 const SEQ_DIGITS = 16;
+
+/**
+ * The next down-counter `seq` for an MCU whose last one from this gateway was `last`:
+ * `max(last + 1, now)`, ms since the epoch, like the MCUs' clock-based up counters
+ * (docs/mcu-protocol.md "What the MCU receives"). The MCU ignores a seq below the highest
+ * it ran, whichever gateway sent that one, so a count kept per gateway from 1 was ignored
+ * after the MCU moved to another gateway of its site or its gateway was replaced. From the
+ * clock, any gateway's next seq is above what another sent earlier as long as their clocks
+ * roughly agree; `last + 1` keeps it growing here when this clock steps back, and takes a
+ * gateway upgraded with small counts in its store straight up to clock values. 13 digits
+ * until the year 2286: within the counter range (1 to 2^53 − 1) and SEQ_DIGITS.
+ */
+export function nextSeq(last: number, now: number): number {
+  return Number.isFinite(now) ? Math.max(last + 1, Math.floor(now)) : last + 1;
+}
+
 /** acknowledged hub commands remembered per MCU (for de-duplication) */
 export const REMEMBER_PER_MCU = 256;
 /** a command the gateway originates itself (docs/mcu-protocol.md "Commands"): never remembered */
@@ -74,8 +90,16 @@ export class Mailbox extends EventEmitter {
         await db.del(key);
       }
     }
-    for await (const [key, value] of db.iterator({ gte: 's!', lt: 's"' })) mb.seqs.set(key.slice(2), Number(value) || 0);
-    for (const q of mb.queues.values()) q.sort((a, b) => a.seq - b.seq);
+    for await (const [key, value] of db.iterator({ gte: 's!', lt: 's"' })) {
+      // an unreadable counter goes on from the clock (nextSeq) and the queue (below)
+      const n = Number(value);
+      mb.seqs.set(key.slice(2), Number.isSafeInteger(n) && n > 0 ? n : 0);
+    }
+    for (const [mcu, q] of mb.queues) {
+      q.sort((a, b) => a.seq - b.seq);
+      const top = q[q.length - 1]!.seq;
+      if (Number.isSafeInteger(top) && top > (mb.seqs.get(mcu) ?? 0)) mb.seqs.set(mcu, top);
+    }
     const stale: string[] = [];
     const acked: Array<{ mcu: string; e: MailboxEntry }> = [];
     for await (const [key, value] of db.iterator({ gte: 'a!', lt: 'a"' })) {
@@ -144,7 +168,7 @@ export class Mailbox extends EventEmitter {
     const size = Buffer.byteLength(JSON.stringify(toMcuCommand({ seq: 0, ...cmd, queuedAt: now })));
     if (size > MAX_COMMAND_BYTES - 64) throw new FleetError('FLEET_MCU_MAILBOX_FULL', `command ${cmd.id} is ${size} bytes encoded; at most ${MAX_COMMAND_BYTES - 64}`);
     // taken before the write: two commands arriving together must not share a seq
-    const seq = (this.seqs.get(mcuId) ?? 0) + 1;
+    const seq = nextSeq(this.seqs.get(mcuId) ?? 0, now);
     this.seqs.set(mcuId, seq);
     const entry: MailboxEntry = { seq, id: cmd.id, name: cmd.name, args: cmd.args, expiresAt: cmd.expiresAt, queuedAt: now };
     // in the queue at once too, so a duplicate arriving during the write is seen
