@@ -147,7 +147,8 @@ export class ReplayGuard {
 
   /**
    * Forget `mcuId`'s counters (the gateway forgot the MCU after a long silence): its next
-   * message starts afresh, so a message captured before could be replayed once; what is
+   * message starts afresh, so every message captured from it before can then be replayed,
+   * once each, in ascending counter order (docs/mcu-protocol.md "Threat model"); what is
    * kept for an MCU nobody hears from any more is a slot of `maxMcus` for good otherwise.
    */
   forget(mcuId: string): void {
