@@ -42,6 +42,7 @@ const { values } = parseArgs({
     protocol: { type: 'string', default: 'mqtt' },
     // V8 flags for the gateway and hub processes, e.g. "--max-semi-space-size=16"
     'node-flags': { type: 'string', default: '' },
+    'hub-node-flags': { type: 'string', default: '' },
     // nice value of the sim processes (the load generator), both phases; 0 = same priority as the servers
     'sim-nice': { type: 'string', default: '0' },
   },
@@ -409,7 +410,8 @@ async function gatewayPhase() {
   progress(`gateway: hub + gateway + ${SIMS} sim process(es), ${N} ${PROTOCOL.toUpperCase()} devices every ${INTERVAL} ms`);
   // --cpu-prof: the gateway and the hub write V8 CPU profiles on exit (to find what limits them)
   const nodeFlags = values['node-flags'].split(' ').filter(Boolean);
-  const profArgs = (name) => [...nodeFlags, ...(values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : [])];
+  const hubFlags = values['hub-node-flags'].split(' ').filter(Boolean);
+  const profArgs = (name) => [...nodeFlags, ...(name === 'hub' ? hubFlags : []), ...(values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${join(profDir, name)}`] : [])];
   if (values['cpu-prof']) progress(`CPU profiles go to ${profDir}`);
   const hub = fleetlet('hub', ['hub', '--mqtt-port', '0', '--http-port', '0', '--state-dir', join(dir, 'hub'), '--ready-file', join(dir, 'hub.ready')], profArgs('hub'));
   const hubReady = await waitJson(join(dir, 'hub.ready'));
@@ -523,7 +525,7 @@ const machine = {
 // the sims need the site secret before the gateway creates one
 writeFileSync(join(dir, 'site.secret'), (await import('node:crypto')).randomBytes(32).toString('base64url') + '\n', { mode: 0o600 });
 
-const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, protocol: PROTOCOL, nodeFlags: values['node-flags'] || null, simNice: SIM_NICE };
+const result = { bench: 'gateway-scale', date, git, machine, devices: N, simProcesses: SIMS, intervalMs: INTERVAL, offeredPerS: TARGET_RATE, windowS: WINDOW_S, protocol: PROTOCOL, nodeFlags: values['node-flags'] || null, hubNodeFlags: values['hub-node-flags'] || null, simNice: SIM_NICE };
 let exit = 0;
 try {
   if (values.only !== 'mosquitto') {
