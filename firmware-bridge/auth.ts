@@ -125,9 +125,17 @@ export type ReplaySnapshot = Record<string, [high: number, seen: number]>;
  */
 /** how long a held counter stays held when its holder never records or releases it, ms */
 export const HOLD_MS = 60_000;
+/** counter floors of forgotten MCUs kept at most (the longest forgotten dropped first); ~100 bytes each */
+export const MAX_FLOORS = 200_000;
 
 export class ReplayGuard {
   private readonly state = new Map<string, { high: number; seen: number }>();
+  /**
+   * Forgotten MCUs' highest counters (`forget`): a message from one needs a counter above
+   * it, so forgetting an MCU frees its slot without re-opening the replay of what it sent.
+   * Not counted against maxMcus; at most MAX_FLOORS, the longest forgotten dropped first.
+   */
+  private readonly floors = new Map<string, number>();
   /** counters checked and not recorded yet (their messages are being stored): `${mcuId}\n${counter}` → held until (monotonic ms) */
   private readonly held = new Map<string, number>();
   private readonly window: number;
@@ -146,13 +154,51 @@ export class ReplayGuard {
   }
 
   /**
-   * Forget `mcuId`'s counters (the gateway forgot the MCU after a long silence): its next
-   * message starts afresh, so every message captured from it before can then be replayed,
-   * once each, in ascending counter order (docs/mcu-protocol.md "Threat model"); what is
-   * kept for an MCU nobody hears from any more is a slot of `maxMcus` for good otherwise.
+   * Forget `mcuId` (the gateway forgot the MCU after a long silence): its slot of `maxMcus`
+   * is freed, and its highest counter is kept as a floor: its next message must be above
+   * it, as if it had never been forgotten, so what was captured from it before cannot be
+   * replayed. Only beyond MAX_FLOORS forgotten MCUs is the longest forgotten one's floor
+   * dropped (then its old messages could be replayed, once each, in counter order).
    */
   forget(mcuId: string): void {
-    if (this.state.delete(mcuId)) this.changed = true;
+    const st = this.state.get(mcuId);
+    if (!st) return;
+    this.state.delete(mcuId);
+    this.setFloor(mcuId, st.high);
+    this.changed = true;
+  }
+
+  private setFloor(mcuId: string, high: number): void {
+    this.floors.delete(mcuId); // re-inserted last: the most recently forgotten
+    this.floors.set(mcuId, high);
+    if (this.floors.size > MAX_FLOORS) this.floors.delete(this.floors.keys().next().value!);
+  }
+
+  private checkFloor(mcuId: string, counter: number): void {
+    const floor = this.floors.get(mcuId);
+    if (floor !== undefined && counter <= floor) throw new FleetError('FLEET_MCU_REPLAY', `counter ${counter} is not above ${floor}, the last one ${mcuId} used before this gateway forgot it`, { details: { mcu: mcuId } });
+  }
+
+  /** [id, floor] of the forgotten MCUs (persisted with the state), the longest forgotten first */
+  *floorEntries(): Generator<[string, number]> {
+    yield* this.floors;
+  }
+
+  /** Load persisted floors (`floorEntries`); malformed entries are skipped (counted in the result). */
+  restoreFloors(snap: unknown): { restored: number; skipped: number } {
+    let restored = 0;
+    let skipped = 0;
+    if (typeof snap !== 'object' || snap === null || Array.isArray(snap)) return { restored, skipped };
+    for (const [id, v] of Object.entries(snap)) {
+      if (!isDeviceId(id) || !Number.isSafeInteger(v) || (v as number) < 1) {
+        skipped++;
+        continue;
+      }
+      // an MCU with live state needs no floor; never lower one
+      if (!this.state.has(id) && (this.floors.get(id) ?? 0) < (v as number)) this.setFloor(id, v as number);
+      restored++;
+    }
+    return { restored, skipped };
   }
 
   /** Highest counter accepted from `mcuId`, 0 when none. */
@@ -170,6 +216,7 @@ export class ReplayGuard {
     if (!Number.isSafeInteger(counter) || counter < 1) throw new FleetError('FLEET_MCU_AUTH', 'counter out of range');
     const st = this.state.get(mcuId);
     if (!st) {
+      this.checkFloor(mcuId, counter);
       if (this.state.size >= this.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `replay state for ${this.maxMcus} MCUs is full; refusing new MCU ${mcuId}`);
       return;
     }
@@ -206,8 +253,10 @@ export class ReplayGuard {
     this.release(mcuId, counter);
     const st = this.state.get(mcuId);
     if (!st) {
+      this.checkFloor(mcuId, counter);
       if (this.state.size >= this.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `replay state for ${this.maxMcus} MCUs is full; refusing new MCU ${mcuId}`);
       this.state.set(mcuId, { high: counter, seen: 1 });
+      this.floors.delete(mcuId); // its state holds more now
       this.changed = true;
       return;
     }

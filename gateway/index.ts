@@ -121,7 +121,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const persisted = loadGatewayState(paths.stateFile, log);
   const guard = new ReplayGuard({ window: config.mcu.replayWindow, maxMcus: config.mcu.maxMcus });
   const restored = guard.restore(persisted.replay);
-  if (restored.skipped > 0) log.warn('skipped malformed replay counters in the state file', { file: paths.stateFile, skipped: restored.skipped });
+  const floors = guard.restoreFloors(persisted.floors);
+  if (restored.skipped + floors.skipped > 0) log.warn('skipped malformed replay counters in the state file', { file: paths.stateFile, skipped: restored.skipped + floors.skipped });
 
   setNativeDir(config.stateDir);
   // a larger in-memory tail than the agent's 16 MiB: a gateway's backlog behind a slow or
@@ -248,7 +249,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     saveAgain = false;
     return true;
   };
-  const source: GatewayStateSource = { mcus: () => relay.mcuIdIterator(), replay: () => guard.entries(), meta: () => relay.metaEntries() };
+  const source: GatewayStateSource = { mcus: () => relay.mcuIdIterator(), replay: () => guard.entries(), meta: () => relay.metaEntries(), floors: () => guard.floorEntries() };
   /** every stateFlushMs: encoded in chunks, written off the event loop, one save at a time */
   const persistSoon = () => {
     if (saving || !takeChanged()) return;

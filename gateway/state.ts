@@ -19,21 +19,23 @@ export interface PersistedGatewayState {
   replay: ReplaySnapshot;
   /** what each MCU said in its last hello (firmware version, sleep period, sensor table) */
   meta?: Record<string, McuMeta>;
+  /** forgotten MCUs' highest counters: their old messages stay replays (ReplayGuard.forget) */
+  floors?: Record<string, number>;
 }
 
-export function loadGatewayState(file: string, log: Logger): { mcus: string[]; replay: unknown; meta: Record<string, McuMeta> } {
+export function loadGatewayState(file: string, log: Logger): { mcus: string[]; replay: unknown; meta: Record<string, McuMeta>; floors: unknown } {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { mcus: [], replay: {}, meta: {} };
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { mcus: [], replay: {}, meta: {}, floors: {} };
     throw new FleetError('FLEET_STORE', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
   }
   try {
     const data = JSON.parse(text) as Partial<PersistedGatewayState>;
     if (data.v !== 1 || !Array.isArray(data.mcus)) throw new Error('not a v1 gateway state file');
     const meta = typeof data.meta === 'object' && data.meta !== null && !Array.isArray(data.meta) ? data.meta : {};
-    return { mcus: data.mcus.filter(isDeviceId), replay: data.replay ?? {}, meta };
+    return { mcus: data.mcus.filter(isDeviceId), replay: data.replay ?? {}, meta, floors: data.floors ?? {} };
   } catch (err) {
     // Starting without counters re-opens replay of old captures, so say so loudly; but
     // refusing to start would take every MCU at the site offline over one bad file.
@@ -44,7 +46,7 @@ export function loadGatewayState(file: string, log: Logger): { mcus: string[]; r
       /* keep going: the next save replaces it */
     }
     log.error('gateway state file unreadable; starting without MCU replay counters', { file, movedTo: aside, err });
-    return { mcus: [], replay: {}, meta: {} };
+    return { mcus: [], replay: {}, meta: {}, floors: {} };
   }
 }
 
@@ -64,6 +66,7 @@ export interface GatewayStateSource {
   mcus(): Iterator<string>;
   replay(): Iterator<[string, readonly [number, number]]>;
   meta(): Iterator<[string, McuMeta]>;
+  floors?(): Iterator<[string, number]>;
 }
 
 /** entries encoded in one turn of the event loop */
@@ -91,6 +94,8 @@ function* stateText(src: GatewayStateSource, chunk: number): Generator<string | 
   yield* entries(src.replay(), ([id, v]) => `${JSON.stringify(id)}:${JSON.stringify(v)}`);
   yield '},"meta":{';
   yield* entries(src.meta(), ([id, m]) => `${JSON.stringify(id)}:${JSON.stringify(m)}`);
+  yield '},"floors":{';
+  if (src.floors) yield* entries(src.floors(), ([id, f]) => `${JSON.stringify(id)}:${f}`);
   yield '}}';
 }
 

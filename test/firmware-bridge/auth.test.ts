@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { deriveToken } from '../../core/credentials.ts';
 import { isFleetError, type ErrorCode } from '../../core/errors.ts';
-import { MAC_CHARS, mcuKey, McuKeys, parseCounter, ReplayGuard, signMcuMessage, verifyMcuMac, verifyMcuMessage } from '../../firmware-bridge/auth.ts';
+import { MAC_CHARS, MAX_FLOORS, mcuKey, McuKeys, parseCounter, ReplayGuard, signMcuMessage, verifyMcuMac, verifyMcuMessage } from '../../firmware-bridge/auth.ts';
 
 const SITE = 'site-secret-for-tests-0123456789';
 const ID = 'esp-1';
@@ -181,4 +181,35 @@ test('auth: McuKeys gives the derived key, remembers only proven ids, and is bou
   // every id still gets its own key, remembered or derived again
   for (const id of [ID, 'esp-2', 'esp-3']) assert.equal(keys.get(id), mcuKey(SITE, id));
   assert.equal(code(() => keys.get('bad id')), 'FLEET_DEVICE_ID_INVALID');
+});
+
+test('replay guard: a forgotten MCU frees its slot but keeps its highest counter as a floor: its old counters stay replays, a higher one brings it back; floors persist and are bounded', () => {
+  const g = new ReplayGuard({ window: 4, maxMcus: 2 });
+  g.accept('esp-a', 100);
+  g.accept('esp-a', 98);
+  g.accept('esp-b', 5);
+  g.forget('esp-a');
+  assert.equal(g.size, 1, 'its slot is free');
+  g.accept('esp-c', 1); // a new MCU takes the slot
+  g.forget('esp-c');
+  for (const c of [1, 50, 97, 98, 100]) assert.throws(() => g.check('esp-a', c), /FLEET_MCU_REPLAY|not above 100/, `counter ${c}`);
+  assert.throws(() => g.accept('esp-a', 99), (e: unknown) => isFleetError(e, 'FLEET_MCU_REPLAY'));
+  // persisted with the state and loaded into another guard
+  const floors = Object.fromEntries(g.floorEntries());
+  assert.deepEqual(floors, { 'esp-a': 100, 'esp-c': 1 });
+  const h = new ReplayGuard({ window: 4, maxMcus: 2 });
+  assert.deepEqual(h.restoreFloors({ ...floors, 'bad id!': 3, 'esp-d': -1 }), { restored: 2, skipped: 2 });
+  assert.throws(() => h.accept('esp-a', 100), (e: unknown) => isFleetError(e, 'FLEET_MCU_REPLAY'));
+  h.accept('esp-a', 101);
+  assert.equal(h.high('esp-a'), 101);
+  assert.deepEqual(Object.fromEntries(h.floorEntries()), { 'esp-c': 1 }, 'back with live state: no floor needed');
+  // bounded: beyond MAX_FLOORS the longest forgotten goes first
+  const many = new ReplayGuard({ maxMcus: 1 });
+  for (let i = 0; i <= MAX_FLOORS; i++) {
+    many.accept(`m${i}`, 7);
+    many.forget(`m${i}`);
+  }
+  assert.equal([...many.floorEntries()].length, MAX_FLOORS);
+  assert.doesNotThrow(() => many.check('m0', 1), 'the first forgotten one was dropped');
+  assert.throws(() => many.check('m1', 7), (e: unknown) => isFleetError(e, 'FLEET_MCU_REPLAY'));
 });

@@ -102,8 +102,9 @@ export function nextCounter(): number {
   return ++counter;
 }
 /** One signed CoAP request (fresh socket); GETs carry the MAC over an empty payload. */
-export function coap(port: number, site: string, id: string, resource: McuChannel, method: 'GET' | 'POST', payload: Buffer = Buffer.alloc(0), opts: { format?: number; block2?: number; extraQuery?: string } = {}): Promise<{ code: string; body: Buffer }> {
-  const c = ++counter;
+export function coap(port: number, site: string, id: string, resource: McuChannel, method: 'GET' | 'POST', payload: Buffer = Buffer.alloc(0), opts: { format?: number; block2?: number; extraQuery?: string; counter?: number } = {}): Promise<{ code: string; body: Buffer }> {
+  // `counter`: a given one (a replay of an earlier message), else a fresh one
+  const c = opts.counter ?? ++counter;
   const mac = signMcuMessage(mcuKey(site, id), id, resource, c, method === 'GET' ? Buffer.alloc(0) : payload);
   return new Promise((resolve, reject) => {
     const req = coapRequest({ host: '127.0.0.1', port, method, pathname: coapPath(id, resource), query: coapAuthQuery(c, mac) + (opts.extraQuery ?? ''), confirmable: true, agent: new Agent({ type: 'udp4' }) });

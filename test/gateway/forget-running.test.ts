@@ -13,7 +13,7 @@ import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
-import { coap, coapBlock, connectMcu } from './env.ts';
+import { coap, coapBlock, connectMcu, nextCounter } from './env.ts';
 
 /**
  * A running gateway forgets MCUs silent longer than mcu.forgetAfterDays (it used to do so
@@ -174,16 +174,18 @@ test('gateway running (injected clock): MCUs silent past mcu.forgetAfterDays are
   }
 });
 
-test('gateway running (injected clock): a CoAP MCU forgotten after mcu.forgetAfterDays loses the source address firmware blocks were served to; it must authenticate again before it gets blocks', async () => {
+test('gateway running (injected clock): a CoAP MCU forgotten after mcu.forgetAfterDays loses the source address firmware blocks were served to (it must authenticate again before it gets blocks), but not its counters: a reading captured before is still a replay, also after a restart', async () => {
   const tmp = tempDir();
   let clock = Date.now();
   const h = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), testLogger('hub'));
-  const { gw } = await startForgettingGateway(h, h.mqttPort, join(tmp.dir, 'gateway'), () => clock);
+  let { gw } = await startForgettingGateway(h, h.mqttPort, join(tmp.dir, 'gateway'), () => clock);
   try {
     const site = readFileSync(gw.siteSecretFile, 'utf8').trim();
     await waitFor(() => gw.stats().hubConnected, 'gateway connected to the hub');
     // a reading over CoAP: counter consumed, this address is the MCU's
-    assert.equal((await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', Buffer.from(JSON.stringify([{ n: 'temperature', v: 1 }])), { format: 50 })).code, '2.04');
+    const reading = Buffer.from(JSON.stringify([{ n: 'temperature', v: 1 }]));
+    const first = nextCounter();
+    assert.equal((await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', reading, { format: 50, counter: first })).code, '2.04');
     await waitFor(() => gw.stats().mcus === 1 && gw.stats().outbox.depth === 0, 'esp-coap known and its reading delivered');
     // past the address check: nothing is offered to it (4.04, not 4.01)
     assert.equal((await coapBlock(gw.coapPort, site, 'esp-coap', 0, 64)).code, '4.04');
@@ -193,6 +195,20 @@ test('gateway running (injected clock): a CoAP MCU forgotten after mcu.forgetAft
     const after = await coapBlock(gw.coapPort, site, 'esp-coap', 0, 64);
     assert.equal(after.code, '4.01');
     assert.match(after.body.toString(), /FLEET_MCU_ADDRESS/);
+    // the reading captured before it was forgotten, replayed: still a replay (its counter stays spent)
+    const replayed = await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', reading, { format: 50, counter: first });
+    assert.equal(replayed.code, '4.01');
+    assert.match(replayed.body.toString(), /FLEET_MCU_REPLAY/);
+    assert.equal(gw.stats().mcus, 0, 'the replay did not bring it back');
+    // the floor is written with the state: after a restart, still a replay
+    await gw.stop();
+    gw = (await startForgettingGateway(h, h.mqttPort, join(tmp.dir, 'gateway'), () => clock)).gw;
+    const replayedAfterRestart = await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', reading, { format: 50, counter: first });
+    assert.equal(replayedAfterRestart.code, '4.01');
+    assert.match(replayedAfterRestart.body.toString(), /FLEET_MCU_REPLAY/);
+    // the MCU itself, with its next counter, is welcome back
+    assert.equal((await coap(gw.coapPort, site, 'esp-coap', 't', 'POST', reading, { format: 50 })).code, '2.04');
+    await waitFor(() => gw.stats().mcus === 1, 'esp-coap known again');
   } finally {
     await gw.stop();
     await h.stop();
