@@ -72,6 +72,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
     log.error('outbox record damaged on disk; skipped', e);
     void emitEvent('outbox.corrupt', 'warning', e);
   });
+  outbox.on('fault', (e) => log.error('outbox could not read its store (the disk); nothing stored is lost, trying again at the next write', e));
 
   const sv = config.supervisor;
   const supervisor = new Supervisor({

@@ -313,9 +313,18 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     if (!this.writing) {
       this.writing = true;
       // let the appends of this turn of the event loop join the same batch
-      setImmediate(() => void this.writeLoop());
+      setImmediate(this.startWriteLoop);
     }
   }
+
+  /**
+   * The write loop, started without an awaiter: what it cannot settle through an operation
+   * (each batch rejects its own operations) is reported as a 'fault', never an unhandled
+   * rejection, which would end the process (the gateway's MCUs and hub link with it).
+   */
+  private readonly startWriteLoop = (): void => {
+    this.writeLoop().catch((err: unknown) => notify(this, 'fault', { op: 'write', reason: (err as Error)?.message ?? String(err) }));
+  };
 
   private async writeLoop(): Promise<void> {
     try {
@@ -324,7 +333,7 @@ export class LevelOutbox extends EventEmitter implements Outbox {
       this.writing = false;
       if (this.queue.length > 0 && !this.closed) {
         this.writing = true;
-        setImmediate(() => void this.writeLoop());
+        setImmediate(this.startWriteLoop);
       }
     }
   }
@@ -592,7 +601,14 @@ export class LevelOutbox extends EventEmitter implements Outbox {
     this.counters.appended += b.appends;
     if (b.ev.evicted > 0) notify(this, 'evicted', b.ev);
     if (b.hidden > 0) notify(this, 'appended');
-    await this.refreshHeads();
+    // the batch is stored and its operations settled: a failed read here (a disk read
+    // error where the oldest records are not in memory) leaves the heads as they were
+    // (the oldest-record age only); the next commit reads them again
+    try {
+      await this.refreshHeads();
+    } catch (err) {
+      notify(this, 'fault', { op: 'heads', reason: (err as Error)?.message ?? String(err) });
+    }
   }
 
   /**

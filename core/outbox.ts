@@ -110,12 +110,14 @@ export interface Outbox {
    * 'evicted' (EvictionEvent) when the byte budget forced records out; 'appended' when new
    * records can be peeked (a durable backend may show them before their write ends: peek can
    * return a record whose append has not resolved yet, docs/outbox.md); 'corrupt' ({key, id,
-   * reason}) when a damaged record was skipped.
+   * reason}) when a damaged record was skipped; 'fault' ({op, reason}) when a read the store
+   * does for itself failed (the disk): nothing stored is lost, and the next write tries again.
    */
   on(event: 'evicted', fn: (e: EvictionEvent) => void): this;
   on(event: 'appended', fn: () => void): this;
   on(event: 'corrupt', fn: (e: { key: string; id: string; reason: string }) => void): this;
-  off(event: 'evicted' | 'appended' | 'corrupt', fn: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
+  on(event: 'fault', fn: (e: { op: string; reason: string }) => void): this;
+  off(event: 'evicted' | 'appended' | 'corrupt' | 'fault', fn: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
 }
 
 export interface MemoryOutboxOptions {

@@ -132,6 +132,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), { ...config.outbox, tailBytes: 64 * 1024 * 1024 });
   outbox.on('evicted', (e) => log.warn('outbox over budget; evicted oldest records', { ...e }));
   outbox.on('corrupt', (e) => log.error('outbox record damaged on disk; skipped', e));
+  outbox.on('fault', (e) => log.error('outbox could not read its store (the disk); nothing stored is lost, trying again at the next write', e));
   const client = connectFleetClient({
     url: config.hub.url,
     deviceId: config.deviceId,

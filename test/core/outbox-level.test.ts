@@ -99,6 +99,44 @@ test('LevelOutbox: a corrupted record on disk is skipped with a corrupt event; e
   }
 });
 
+test('LevelOutbox: a disk read error after a commit (the heads of a backlog not in memory) is a fault event, not the end of the process; nothing is lost and the next writes read again (disk error injected into the iterator)', async () => {
+  const tmp = tempDir();
+  const exits: unknown[] = [];
+  const onUnhandled = (err: unknown) => exits.push(err);
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    // tailBytes 0: the backlog is not in memory, so every commit reads the heads from LevelDB
+    const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, tailBytes: 0 });
+    const faults: Array<{ op: string; reason: string }> = [];
+    ob.on('fault', (e) => faults.push(e));
+    const first = await ob.append({ topic: 'fleet/v1/d/x/telemetry', priority: Priority.TELEMETRY, payload: Buffer.from('a') });
+    const db = (ob as unknown as { db: { iterator: (o: unknown) => unknown } }).db;
+    const real = db.iterator.bind(db);
+    const failing = () => ({
+      next: () => Promise.reject(Object.assign(new Error('IO error: read failed (injected)'), { code: 'LEVEL_IO_ERROR' })),
+      close: async () => undefined,
+      [Symbol.asyncIterator]() {
+        return { next: () => Promise.reject(new Error('IO error: read failed (injected)')), return: async () => ({ done: true, value: undefined }) };
+      },
+    });
+    db.iterator = failing;
+    const second = await ob.append({ topic: 'fleet/v1/d/x/telemetry', priority: Priority.TELEMETRY, payload: Buffer.from('b') });
+    await waitFor(() => faults.length > 0, 'the fault reported');
+    assert.equal(faults[0]!.op, 'heads');
+    assert.match(faults[0]!.reason, /read failed/);
+    // the disk reads again: writes go on, and everything appended is there
+    db.iterator = real;
+    const third = await ob.append({ topic: 'fleet/v1/d/x/telemetry', priority: Priority.TELEMETRY, payload: Buffer.from('c') });
+    assert.deepEqual(await drainAll(ob), [first.id, second.id, third.id]);
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(exits, [], 'no unhandled rejection');
+    await ob.close();
+  } finally {
+    process.off('unhandledRejection', onUnhandled);
+    tmp.cleanup();
+  }
+});
+
 test('LevelOutbox: low disk space makes new records evict old ones by policy; alerts still go in', async () => {
   const tmp = tempDir();
   try {
