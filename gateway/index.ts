@@ -162,6 +162,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const mailbox = await Mailbox.open(db, config.mcu.mailboxMax);
   let service: McuService | undefined;
   let firmware: FirmwareManager | undefined;
+  /** an MCU with a live MQTT session (the ingress starts after the relay) */
+  let mcuInSession = (_mcuId: string): boolean => false;
   const relay = new Relay({
     gatewayId: config.deviceId,
     client,
@@ -171,6 +173,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostAfterMs: config.mcu.lostAfterMs,
     lostFactor: config.mcu.lostFactor,
     lostGraceMs: config.mcu.lostGraceMs,
+    inSession: (mcuId) => mcuInSession(mcuId),
     uplink: config.uplink,
     now: extras.now,
     onRevocations: (payload, conn) => revocations.setHubList(payload, conn),
@@ -297,6 +300,8 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
 
   try {
     mqtt = await McuMqttIngress.start({ host: config.mcu.host, port: config.mcu.mqttPort, tls: mqttTls, keys, maxClients: config.mcu.maxMcus, maxUnauthenticated: config.mcu.maxUnauthenticated, maxUnauthenticatedPerAddress: config.mcu.maxUnauthenticatedPerAddress, revoked, guard, requireMac: config.mcu.mqttRequireMac, log: log.child({ ingress: 'mqtt' }), hooks, service: svc, ...limits });
+    const mqttNow = mqtt;
+    mcuInSession = (mcuId) => mqttNow.isConnected(mcuId);
     coap = await McuCoapIngress.start({
       host: config.mcu.host,
       port: config.mcu.coapPort,

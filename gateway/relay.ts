@@ -16,6 +16,8 @@ export type McuProtocol = 'mqtt' | 'coap';
 
 export interface RelayOptions {
   gatewayId: string;
+  /** does the MCU have a live session (MQTT: connected, keep-alive answered)? Such an MCU is in contact, sending or not */
+  inSession?: (mcuId: string) => boolean;
   /** the gateway's connection to the hub (core/mqtt.ts connectFleetClient) */
   client: MqttClient;
   outbox: Outbox;
@@ -56,6 +58,8 @@ export interface McuMeta {
 
 /** the interval estimate is saved again when it moved by more than this fraction (a state-file write for all MCUs at most every stateFlushMs) */
 const INTERVAL_SAVE_CHANGE = 0.5;
+/** gaps seen online before an MCU's period counts as known (then a lost period's gap is capped) */
+const ESTABLISHED_GAPS = 3;
 
 const DAY_MS = 86_400_000;
 
@@ -67,6 +71,8 @@ interface McuEntry {
   lastSeen: number;
   /** smoothed interval between its messages, ms; 0 until two were seen */
   intervalMs: number;
+  /** telemetry gaps seen while it was online (this run) */
+  onlineGaps: number;
   online: boolean;
   /** known from before a restart and not heard since: what the hub shows is unknown */
   stale: boolean;
@@ -357,7 +363,7 @@ export class Relay {
     const saved = meta.intervalMs;
     const intervalMs = typeof saved === 'number' && Number.isFinite(saved) && saved > 0 ? Math.round(saved) : 0;
     if (saved !== undefined && intervalMs === 0) delete meta.intervalMs;
-    const e: McuEntry = { index: this.mcus.size, protocol, lastSeen, intervalMs, online: false, stale, messages: 0, lastTelemetry: 0, queuedAt, meta };
+    const e: McuEntry = { index: this.mcus.size, protocol, lastSeen, intervalMs, onlineGaps: 0, online: false, stale, messages: 0, lastTelemetry: 0, queuedAt, meta };
     this.mcus.set(id, e);
     return e;
   }
@@ -455,19 +461,28 @@ export class Relay {
       // the interval between telemetry messages only: a burst of firmware blocks or
       // mailbox polls says nothing about how often the MCU wakes
       const gap = now - e.lastTelemetry;
-      // rises at once, falls slowly: the longest recent gap is the MCU's period. An MCU that
-      // sends a few messages per wake has short gaps within each burst; averaged in (as
-      // before), they pulled the estimate far below the wake period, and the MCU was reported
-      // lost and back online on every sleep cycle. A steady fast reporter still converges to
-      // its short interval (lost soon after it stops); one late message raises the lost
-      // timeout for a while, which errs towards "sleeping", not "lost"
-      if (gap > 0) e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
-      // kept across restarts, saved with the state file when it moved enough to matter. Not
-      // from a gap that ended with the MCU reported lost (an outage: powered off for a week
-      // would otherwise keep its lost timeout at three weeks across restarts); an MCU whose
-      // period really grew is online through its next gaps, and saved then
+      if (gap > 0 && !e.online && e.onlineGaps >= ESTABLISHED_GAPS) {
+        // the gap that ended a lost period of an MCU whose period was seen: an outage
+        // (powered off for two hours, a week), or a period that really grew. Raised at most
+        // to twice the timeout that just ran out: taken whole, an outage kept the MCU
+        // "online" for three outages after it failed again; a period that grew gets there
+        // in a few cycles
+        e.intervalMs = Math.max(e.intervalMs, Math.min(gap, 2 * this.lostAfter(e)));
+      } else if (gap > 0) {
+        // rises at once, falls slowly: the longest recent gap is the MCU's period. An MCU that
+        // sends a few messages per wake has short gaps within each burst; averaged in (as
+        // before), they pulled the estimate far below the wake period, and the MCU was reported
+        // lost and back online on every sleep cycle. A steady fast reporter still converges to
+        // its short interval (lost soon after it stops); one late message raises the lost
+        // timeout for a while, which errs towards "sleeping", not "lost"
+        e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
+      }
+      if (e.online) e.onlineGaps++;
+      // Kept across restarts, saved with the state file when it moved enough to matter and
+      // this gap, seen online, bears it out (within half): never from a gap that ended a lost
+      // period, nor while the estimate still carries one (it decays over the next gaps)
       const saved = e.meta.intervalMs;
-      if (e.online && e.intervalMs > 0 && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
+      if (e.online && e.intervalMs > 0 && Math.abs(gap - e.intervalMs) <= e.intervalMs * INTERVAL_SAVE_CHANGE && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
         e.meta.intervalMs = e.intervalMs;
         this.changed = true;
       }
@@ -584,6 +599,12 @@ export class Relay {
     const now = this.now();
     for (const [id, e] of this.mcus) {
       if (!e.online && !e.stale) continue;
+      // a live session is contact (an actuator that only answers keep-alives and waits for
+      // commands): silent from when it ends
+      if (e.online && this.opts.inSession?.(id)) {
+        e.lastSeen = now;
+        continue;
+      }
       const silent = now - e.lastSeen;
       if (silent > this.lostAfter(e)) {
         const limit = this.lostAfter(e);

@@ -117,3 +117,70 @@ test('relay (hub connection mocked, fake clock): the interval learned for an MCU
     await second.stop(0);
   }
 });
+
+test('relay (hub connection mocked, fake clock): an MCU back from a 2-hour outage that fails again is lost within minutes, not after 3 outages; the outage is not saved as its interval, not even on its second message back', async () => {
+  const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
+  let now = 1_700_000_000_000;
+  const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now });
+  const sweep = () => (relay as unknown as { sweep(): void }).sweep();
+  const sample = () => [{ n: 'temp', v: 21, t: now }];
+  try {
+    // a reading a minute for an hour
+    for (let k = 0; k < 60; k++) {
+      await relay.accept('esp-m', 'mqtt', sample());
+      now += 60_000;
+      sweep();
+    }
+    // silent for 2 hours: lost
+    for (let t = 0; t < 7_200_000; t += 10_000) {
+      now += 10_000;
+      sweep();
+    }
+    assert.equal(relay.counts().online, 0, 'lost during the outage');
+    // back: 10 readings a minute apart
+    for (let k = 0; k < 10; k++) {
+      await relay.accept('esp-m', 'mqtt', sample());
+      now += 60_000;
+      sweep();
+    }
+    assert.equal(relay.counts().online, 1);
+    assert.ok((Object.fromEntries(relay.metaEntries())['esp-m']?.intervalMs ?? 0) <= 60_000, `the saved interval stays about a minute (${Object.fromEntries(relay.metaEntries())['esp-m']?.intervalMs})`);
+    // fails again: lost within minutes of its last reading (the estimate still decays from
+    // twice the timeout that ran out, 6 min), not after 3 x 2 hours
+    let silent = 0;
+    while (relay.counts().online === 1 && silent < 3 * 3_600_000) {
+      now += 10_000;
+      silent += 10_000;
+      sweep();
+    }
+    assert.ok(silent <= 10 * 60_000, `lost after ${silent / 60_000} min`);
+  } finally {
+    await relay.stop(0);
+  }
+});
+
+test('relay (hub connection mocked, fake clock): an MCU in a live session (MQTT, answering keep-alives) is not lost while it sends nothing; lost once the session ends and it stays silent', async () => {
+  const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
+  let now = 1_700_000_000_000;
+  let session = true;
+  const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => now, inSession: (id) => id === 'esp-act' && session });
+  const sweep = () => (relay as unknown as { sweep(): void }).sweep();
+  try {
+    await relay.accept('esp-act', 'mqtt', [{ n: 'relay', v: 1, t: now }]);
+    for (let t = 0; t < 3_600_000; t += 10_000) {
+      now += 10_000;
+      sweep();
+    }
+    assert.equal(relay.counts().online, 1, 'an hour of keep-alives only: still online');
+    session = false;
+    let silent = 0;
+    while (relay.counts().online === 1 && silent < 3_600_000) {
+      now += 1000;
+      silent += 1000;
+      sweep();
+    }
+    assert.ok(silent >= 60_000 && silent <= 70_000, `lost ${silent / 1000} s after the session ended (default 60 s)`);
+  } finally {
+    await relay.stop(0);
+  }
+});
