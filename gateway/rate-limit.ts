@@ -47,6 +47,22 @@ export class McuRateLimit {
   }
 
   /**
+   * Take `n` more tokens from the MCU's bucket, into debt if need be: a message that costs
+   * more than one (a log upload, by its size) slows the MCU's next ones in proportion.
+   */
+  charge(mcuId: string, n: number): void {
+    if (this.rate <= 0 || n <= 0) return;
+    const now = this.now();
+    const b = this.buckets.get(mcuId);
+    if (b === undefined) {
+      this.buckets.set(mcuId, { tokens: this.burst - n, at: now });
+      return;
+    }
+    b.tokens = Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) * this.rate) / 1000) - n;
+    b.at = now;
+  }
+
+  /**
    * Forget the buckets of MCUs silent for IDLE_MS (full again by then: such an MCU is treated
    * as new, which is the same). Not every full bucket: an MCU sending once a second is full
    * again within 50 ms, and dropping its bucket each sweep only to make it anew at its next

@@ -33,10 +33,12 @@ const MAX_LOG_LINE = 8192;
 const BASE64_LINE = 6000;
 /** an uploaded log's lines per record (the LogBatch schema's limit) */
 const LOG_RECORD_LINES = 10_000;
-/** and its text per record, characters (JSON-escaped text may double; still below the hub's 1 MiB) */
+/** and its encoded lines per record, bytes (below the hub's 1 MiB payload limit with room to spare) */
 const LOG_RECORD_BYTES = 256 * 1024;
-/** JSON around each line in a record ({"t":…,"app":"mcu","stream":"stderr","line":"…"}) */
+/** JSON around each line in a record ({"t":…,"app":"mcu","stream":"stderr","line":…}) */
 const LOG_LINE_OVERHEAD = 60;
+/** an upload takes one rate-limit token per this many bytes of records (the message's own token included) */
+const LOG_TOKEN_BYTES = 16 * 1024;
 
 /**
  * What the gateway does with each MCU channel, independent of the transport: the MQTT
@@ -149,16 +151,24 @@ export class McuService extends EventEmitter {
     const parts: string[][] = [];
     let part: string[] = [];
     let bytes = 0;
+    let total = 0;
     for (const line of lines) {
-      if (part.length > 0 && (part.length >= LOG_RECORD_LINES || bytes + line.length > LOG_RECORD_BYTES)) {
+      // the line as it is encoded: escaping can make a character six bytes (a control
+      // character, \u0001) and UTF-8 up to three per UTF-16 unit
+      const size = Buffer.byteLength(JSON.stringify(line)) + LOG_LINE_OVERHEAD;
+      if (part.length > 0 && (part.length >= LOG_RECORD_LINES || bytes + size > LOG_RECORD_BYTES)) {
         parts.push(part);
         part = [];
         bytes = 0;
       }
       part.push(line);
-      bytes += line.length + LOG_LINE_OVERHEAD;
+      bytes += size;
+      total += size;
     }
     parts.push(part);
+    // the rate limit counts messages; an upload counts by what it becomes at the hub too
+    // (a payload of newlines grows ~60-fold into records), one token per LOG_TOKEN_BYTES
+    this.opts.rate?.charge(mcuId, Math.ceil(total / LOG_TOKEN_BYTES) - 1);
     await Promise.all(
       parts.map((p) => {
         const batch: Omit<LogBatch, 'mid'> = { v: 1, ts: now, lines: p.map((line) => ({ t: now, app: 'mcu', stream: 'stderr', line })) };

@@ -200,3 +200,27 @@ test('interop: coap-client-notls uploads a 1.5 MiB log (Block1, 1024-byte blocks
     tmp.cleanup();
   }
 });
+
+test('interop: coap-client-notls uploads 400 KB of control characters (valid UTF-8, six bytes each once JSON-escaped); every record stays below the hub payload limit and the text arrives whole', async () => {
+  const tmp = tempDir('fleetlet-ctrllog-');
+  try {
+    await withEnv(
+      async ({ gw, site, seen }) => {
+        const id = 'esp-ctrllog';
+        const line = '\u0001'.repeat(99);
+        const text = Array.from({ length: 4000 }, () => line).join('\n') + '\n';
+        const file = join(tmp.dir, 'ctrl.log');
+        writeFileSync(file, text);
+        const res = await run('coap-client-notls', ['-m', 'post', '-b', '1024', '-t', '0', '-f', file, '-B', '120', coapUrl(gw.coapPort, site, id, 'log', Buffer.from(text))], { maxBuffer: 16 * 1024 * 1024 });
+        assert.doesNotMatch(res.stdout + res.stderr, /4\.\d\d|5\.\d\d/);
+        await waitFor(() => (of(seen, id, 'logs') as LogBatch[]).reduce((n, b) => n + b.lines.length, 0) === 4000, 'every line at the hub', 60_000);
+        const batches = of(seen, id, 'logs') as LogBatch[];
+        for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 512 * 1024, `each record well below the hub payload limit (${Buffer.byteLength(JSON.stringify(b))})`);
+        assert.ok(batches.every((b) => b.lines.every((l) => l.line === line)));
+      },
+      { maxUploadBytes: 1024 * 1024, msgRate: 0 },
+    );
+  } finally {
+    tmp.cleanup();
+  }
+});

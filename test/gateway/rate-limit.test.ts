@@ -55,6 +55,21 @@ test('rate limit (clock injected): a burst, then one message per 1/rate s; the w
   assert.equal(GatewayConfigSchema.safeParse({ deviceId: 'gw', mcu: { msgRate: 0.1 } }).success, true);
 });
 
+test('rate limit (clock injected): a costly message (an upload, by its size) charges more tokens, into debt: the next message waits in proportion', () => {
+  let now = 1_000_000;
+  const rl = new McuRateLimit(10, 3, () => now);
+  assert.equal(rl.take('a'), 0);
+  rl.charge('a', 20); // 2 tokens left, 20 more charged: 18 in debt
+  assert.equal(rl.take('a'), 1900, '19 tokens to earn at 10/s');
+  now += 1900;
+  assert.equal(rl.take('a'), 0);
+  rl.charge('new', 5); // a first message that costs 5: from a full burst of 3
+  assert.equal(rl.take('new'), 300);
+  const off = new McuRateLimit(0, 3, () => now);
+  off.charge('a', 100);
+  assert.equal(off.take('a'), 0, 'rate 0: no limit');
+});
+
 test('rate limit over MQTT (mosquitto_pub -l as a runaway MCU): held back, not dropped — every reading reaches the hub, at about msgRate, and another MCU is served meanwhile', async () => {
   const RATE = 10;
   const BURST = 5;
