@@ -174,6 +174,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     lostFactor: config.mcu.lostFactor,
     lostGraceMs: config.mcu.lostGraceMs,
     inSession: (mcuId) => mcuInSession(mcuId),
+    persist: () => persistNow(),
     uplink: config.uplink,
     now: extras.now,
     onRevocations: (payload, conn) => revocations.setHubList(payload, conn),
@@ -254,19 +255,41 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     return true;
   };
   const source: GatewayStateSource = { mcus: () => relay.mcuIdIterator(), replay: () => guard.entries(), meta: () => relay.metaEntries(), floors: () => guard.floorEntries() };
-  /** every stateFlushMs: encoded in chunks, written off the event loop, one save at a time */
+  /** callers of persistNow waiting for the next save to start, and to end */
+  let waiting: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+  /** every stateFlushMs, and at once when someone waits (persistNow): encoded in chunks, written off the event loop, one save at a time */
   const persistSoon = () => {
-    if (saving || !takeChanged()) return;
+    if (saving) return; // a waiter is served by the save after this one (finally)
+    const changed = takeChanged();
+    const these = waiting;
+    waiting = [];
+    if (!changed) {
+      for (const w of these) w.resolve(); // nothing new since the last save ended
+      return;
+    }
     saving = encodeGatewayState(source)
       .then((text) => saveGatewayStateAsync(paths.stateFile, text))
-      .catch((err: unknown) => {
-        saveAgain = true;
-        log.error('cannot persist MCU state; trying again', { err });
-      })
+      .then(
+        () => {
+          for (const w of these) w.resolve();
+        },
+        (err: unknown) => {
+          saveAgain = true;
+          log.error('cannot persist MCU state; trying again', { err });
+          for (const w of these) w.reject(err);
+        },
+      )
       .finally(() => {
         saving = null;
+        if (waiting.length > 0) persistSoon();
       });
   };
+  /** Save the state now (with whatever else changed meanwhile: one save serves every waiter); resolves once it is on disk. */
+  const persistNow = (): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      waiting.push({ resolve, reject });
+      persistSoon();
+    });
   /** at stop: after any save under way, the last state, synchronously */
   const persist = async () => {
     await saving;

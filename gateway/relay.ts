@@ -18,6 +18,8 @@ export interface RelayOptions {
   gatewayId: string;
   /** does the MCU have a live session (MQTT: connected, keep-alive answered)? Such an MCU is in contact, sending or not */
   inSession?: (mcuId: string) => boolean;
+  /** write the gateway's state (the MCUs' meta) now; resolves once it is on disk */
+  persist?: () => Promise<void>;
   /** the gateway's connection to the hub (core/mqtt.ts connectFleetClient) */
   client: MqttClient;
   outbox: Outbox;
@@ -535,15 +537,21 @@ export class Relay {
     const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS;
     if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;
     if (changed) this.publishState(mcuId, this.onlineState(e, now));
-    if (previous.fw !== meta.fw) {
-      try {
-        await this.event(mcuId, 'mcu.boot', 'info', { fw: meta.fw, boot: meta.boot, ...(meta.prev !== undefined ? { prev: meta.prev } : {}), ...(previous.fw !== undefined ? { was: previous.fw } : {}) });
-      } catch (err) {
-        // not stored, so the MCU gets no acknowledgement and sends its hello again: that one
-        // must still see the change (and make the event), so the old version is put back
-        if (e.meta === meta) e.meta = previous;
-        throw err;
+    try {
+      if (previous.fw !== meta.fw) await this.event(mcuId, 'mcu.boot', 'info', { fw: meta.fw, boot: meta.boot, ...(meta.prev !== undefined ? { prev: meta.prev } : {}), ...(previous.fw !== undefined ? { was: previous.fw } : {}) });
+      // what later messages are read by (the sensor table of compact telemetry), judged by
+      // (the sleep period) or decided by (the firmware version) is on disk before the hello
+      // is acknowledged: the MCU says it once per boot, and a gateway that crashed with it
+      // only in memory decoded compact readings with the old table after its restart
+      if (this.opts.persist && (previous.fw !== meta.fw || previous.sleepS !== meta.sleepS || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors))) await this.opts.persist();
+    } catch (err) {
+      // not stored, so the MCU gets no acknowledgement and sends its hello again: that one
+      // must still see the change (and make the event, and the save), so the old meta is put back
+      if (e.meta === meta) {
+        e.meta = previous;
+        this.changed = true;
       }
+      throw err;
     }
     return { previous };
   }

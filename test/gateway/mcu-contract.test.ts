@@ -306,3 +306,27 @@ test('downlink: one wildcard subscription for all MCUs; the hub delivers each de
     }
   });
 });
+
+test('a hello that changes the sensor table, sleep period or firmware is on disk (mcu-state.json) when it is acknowledged, over MQTT and CoAP', async () => {
+  await withEnv(async ({ gw, site, gwDir }) => {
+    const saved = (id: string) => {
+      try {
+        return (JSON.parse(readFileSync(join(gwDir, 'mcu-state.json'), 'utf8')) as { meta?: Record<string, { fw?: string; sleepS?: number; sensors?: unknown }> }).meta?.[id];
+      } catch {
+        return undefined;
+      }
+    };
+    const table = [['temperature', 'Cel'], ['humidity', '%RH']];
+    const m = await connectMcu(gw.mqttPort, 'esp-dur1', site);
+    try {
+      // publishAsync resolves at the PUBACK
+      await m.publishAsync(mcuTopic('esp-dur1', 'hello'), JSON.stringify({ fw: '2.0.0', boot: 'ota', sensors: table, sleep: 300 }), { qos: 1 });
+      assert.deepEqual(saved('esp-dur1'), { ...saved('esp-dur1'), fw: '2.0.0', sleepS: 300, sensors: table }, 'on disk at the PUBACK');
+    } finally {
+      await m.endAsync();
+    }
+    assert.equal((await coap(gw.coapPort, site, 'esp-dur2', 'hello', 'POST', Buffer.from(JSON.stringify({ fw: '3.1.0', boot: 'power_on', sensors: table })))).code, '2.04');
+    assert.equal(saved('esp-dur2')?.fw, '3.1.0', 'on disk at the 2.04');
+    assert.deepEqual(saved('esp-dur2')?.sensors, table);
+  });
+});
