@@ -17,7 +17,10 @@ import type { McuProtocol, Relay } from './relay.ts';
  * MCU image inside. Injected by the CLI (cli/commands/gateway.ts wires bundles/): the
  * gateway does not import bundles/ (layout rule, DESIGN.md).
  */
-export type VerifyFirmware = (file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string; name?: string; sequence?: number }>;
+export type VerifyFirmware = ((file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string; name?: string; sequence?: number; /** the manifest's expiry, ms since the epoch */ expires?: number }>) & {
+  /** names the trust root the verifier checks against now: a verification made under another one is made again before an offer */
+  trustVersion?: () => string;
+};
 
 /** Persisted per-MCU update state: names are a contract (docs/mcu-protocol.md "Firmware updates"). */
 export type FirmwareState = 'fetching' | 'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed';
@@ -112,6 +115,10 @@ interface Fetched {
   size: number;
   name?: string;
   sequence?: number;
+  /** the manifest's expiry, ms */
+  expires?: number;
+  /** the verifier's trustVersion() when it was verified */
+  trust?: string;
 }
 
 /** bytes a bundle may have beyond its image (manifest, signatures, framing) */
@@ -334,7 +341,14 @@ export class FirmwareManager {
     if (this.running.has(job)) return;
     this.running.add(job);
     try {
-      const f = await this.fetchOnce(job);
+      let f = await this.fetchOnce(job);
+      // verified under a trust root rotated since (a key removed): verified again (the bundle
+      // is cached; no download), so nothing is offered on the strength of a key no longer trusted
+      if (this.opts.verify?.trustVersion && f.trust !== this.opts.verify.trustVersion()) {
+        if (this.fetches.get(job.bundleSha)?.done) this.fetches.delete(job.bundleSha);
+        f = await this.fetchOnce(job);
+      }
+      if (f.expires !== undefined && f.expires <= Date.now()) throw new FleetError('FLEET_BUNDLE_EXPIRED', `firmware bundle ${f.name ?? job.bundleSha.slice(0, 16)} ${f.version} has expired`);
       // superseded, or cancelled, meanwhile
       if (!this.current(mcuId, job) || job.state !== 'fetching') return;
       // checked per job, not only by the fetch that verified the bundle first: another job may
@@ -491,6 +505,7 @@ export class FirmwareManager {
     // the version and the anti-rollback floor (MCUs cannot check it themselves: a bundle name's
     // sequence may not go below the highest one an MCU of this gateway has booted into) are
     // checked per job, in run and offerNow: this fetch is shared by every job naming the bundle
+    const trust = this.opts.verify.trustVersion?.();
     const verified = await this.opts.verify(bundle, { version: job.version, sha256: job.bundleSha });
     const data = typeof verified.image === 'string' ? await readFile(verified.image) : verified.image;
     if (data.length === 0 || data.length > this.maxImageBytes) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware image of ${data.length} bytes is empty or too large`, { details: { permanent: true } });
@@ -508,7 +523,14 @@ export class FirmwareManager {
     }
     await write;
     this.images.set(imageSha, { version: verified.version, data, sha256: sha });
-    return { version: verified.version, imageSha, size: data.length, ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}) };
+    return {
+      version: verified.version,
+      imageSha,
+      size: data.length,
+      ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}),
+      ...(verified.expires !== undefined ? { expires: verified.expires } : {}),
+      ...(trust !== undefined ? { trust } : {}),
+    };
   }
 
   private get maxImageBytes(): number {

@@ -1,3 +1,5 @@
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadTrustRoot, verifyBundle } from '../../bundles/index.ts';
@@ -112,7 +114,7 @@ export const gatewayCommand = defineCommand({
  * or the file named firmware.bin — is the MCU image.
  */
 export function firmwareVerifier(trustFile: string, workDir: string): VerifyFirmware {
-  return async (file) => {
+  const verify: VerifyFirmware = async (file) => {
     const verified = await verifyBundle(file, { trust: loadTrustRoot(trustFile), kind: 'firmware' });
     const files = verified.manifest.files;
     const image = files.length === 1 ? files[0] : files.find((f) => f.path === 'firmware.bin');
@@ -122,9 +124,20 @@ export function firmwareVerifier(trustFile: string, workDir: string): VerifyFirm
     await rm(dir, { recursive: true, force: true });
     try {
       await verified.extractTo(dir);
-      return { version: verified.manifest.version, image: await readFile(join(dir, image.path)), name: verified.manifest.name, sequence: verified.manifest.sequence };
+      return { version: verified.manifest.version, image: await readFile(join(dir, image.path)), name: verified.manifest.name, sequence: verified.manifest.sequence, expires: Date.parse(verified.manifest.expires) };
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
   };
+  // the root's bytes name it: a rotated root makes the gateway verify cached bundles again
+  // before it offers them (unreadable: a name that never matches, so the next verification
+  // says what is wrong with the file)
+  verify.trustVersion = () => {
+    try {
+      return createHash('sha256').update(readFileSync(trustFile)).digest('hex');
+    } catch {
+      return `unreadable-${Date.now()}`;
+    }
+  };
+  return verify;
 }

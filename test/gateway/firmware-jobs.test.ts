@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Level } from 'level';
+import { FleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
 import type { McuHello } from '../../firmware-bridge/frames.ts';
 import { FirmwareManager, type VerifyFirmware } from '../../gateway/firmware.ts';
@@ -53,7 +54,7 @@ interface Rig {
  * `verify`: the file minus its first `strip` bytes is the image (strip 1: several bundles of one
  * image); the bundle name and sequence come from `named` when given.
  */
-async function rig(o: { strip?: number; named?: { name: string; sequence: number }; installTimeoutMs?: number; retryMinMs?: number; downloadIdleMs?: number } = {}): Promise<Rig> {
+async function rig(o: { strip?: number; named?: { name: string; sequence: number }; installTimeoutMs?: number; retryMinMs?: number; downloadIdleMs?: number; verify?: VerifyFirmware } = {}): Promise<Rig> {
   const tmp = tempDir('fleetlet-fwjobs-');
   const real = new Level<string, string>(join(tmp.dir, 'db'));
   await real.open();
@@ -85,7 +86,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
       if (type === 'mcu.firmware') events.push({ mcu, data });
     },
   } as unknown as Relay;
-  const verify: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file).subarray(o.strip ?? 0), ...(o.named ?? {}) });
+  const verify: VerifyFirmware = o.verify ?? (async (file, expect) => ({ version: expect.version, image: readFileSync(file).subarray(o.strip ?? 0), ...(o.named ?? {}) }));
   const fm = await FirmwareManager.open({
     dir: join(tmp.dir, 'firmware'),
     db,
@@ -375,6 +376,42 @@ test('firmware jobs (stub relay): a verifier extraction directory left by a cras
       slow.closeAllConnections();
       await new Promise<void>((ok) => slow.close(() => ok()));
     }
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a bundle verified under a trust root rotated since is verified again before it is offered to another MCU (refused now: not offered); verified again and expired since: not offered either', async () => {
+  let root = 'root-1';
+  let trusted = true;
+  let expires = Date.now() + 3_600_000;
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      if (!trusted) throw new FleetError('FLEET_BUNDLE_UNKNOWN_KEY', 'no signature by a key of the trust root');
+      return { version: expect.version, image: readFileSync(file), expires };
+    },
+    { trustVersion: () => root },
+  );
+  const r = await rig({ verify });
+  try {
+    const a = r.bundle('a.bin', image(3));
+    for (const id of ['m1', 'm2', 'm3']) r.meta.set(id, { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...a });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered under the first root');
+    // the key that signed it is removed from the root
+    root = 'root-2';
+    trusted = false;
+    await r.desired('m2', { version: '1.5.0', ...a });
+    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'not offered under the new root');
+    assert.match(r.fm.state('m2')?.reason ?? '', /FLEET_BUNDLE_UNKNOWN_KEY/);
+    assert.deepEqual(r.mailbox.get('m2') ?? [], []);
+    // trusted again under the new root, but its manifest has expired since
+    trusted = true;
+    expires = Date.now() - 1;
+    root = 'root-3';
+    await r.desired('m3', { version: '1.5.0', ...a });
+    await waitFor(() => r.fm.state('m3')?.state === 'failed', 'an expired bundle is not offered');
+    assert.match(r.fm.state('m3')?.reason ?? '', /FLEET_BUNDLE_EXPIRED/);
   } finally {
     await r.close();
   }
