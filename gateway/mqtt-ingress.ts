@@ -166,16 +166,19 @@ export class McuMqttIngress {
     return this.lean.sessions.has(mcuId);
   }
 
-  private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 | 5 } {
+  private authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 2 | 3 | 4 | 5 } {
     const username = c.username;
-    const refuse = (rc: 3 | 4 | 5, why: string): { rc: 3 | 4 | 5 } => {
+    const refuse = (rc: 2 | 3 | 4 | 5, why: string): { rc: 2 | 3 | 4 | 5 } => {
       if (rc === 4) this.opts.hooks.authFailed('mqtt');
-      this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : rc === 5 ? 'revoked' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
+      this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : rc === 5 ? 'revoked' : rc === 2 ? 'bad_request' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
       // throttled per peer address, not per user name (a peer picks any number of those),
       // and the name cut short: a flood of refused CONNECTs cannot flood the log
       this.throttle.warn(`auth:${remote ?? '?'}`, 'MCU MQTT connection refused', { mcu: typeof username === 'string' ? username.slice(0, 64) : username, remote, why });
-      return { rc }; // 3 server unavailable, 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3]
+      return { rc }; // 2 identifier rejected, 3 server unavailable, 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3]
     };
+    // the client id is the MCU id: a zero-length one is not assigned one here, whatever the
+    // clean session flag [MQTT-3.1.3-8, -9]; checked before the credentials, which it makes moot
+    if (c.clientId.length === 0) return refuse(2, 'zero-length client id');
     if (!isDeviceId(username)) return refuse(4, 'username is not an MCU id');
     if (c.clientId !== username) return refuse(4, 'client id must equal the MCU id');
     const key = this.opts.keys.get(username);

@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer';
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
 import { crc32 } from '../core/crc32.ts';
@@ -21,7 +22,8 @@ import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
  * of commands is the mailbox's business, by its ack channel), SUBSCRIBE/SUBACK,
  * UNSUBSCRIBE/UNSUBACK, PINGREQ/PINGRESP, DISCONNECT. Every session is clean: CONNACK
  * says "no session present" and nothing is kept after a disconnect. A will is parsed and
- * never published. MQTT 5 gets CONNACK 1 (unacceptable protocol version).
+ * never published. "MQTT" with a protocol level other than 4 (MQTT 5, 3.1's level 3 under
+ * the new name) gets CONNACK 1 (unacceptable protocol version) [MQTT-3.1.2-2].
  *
  * Guarantees the ingress builds on:
  * - packets of one connection are handled strictly one after another: the next packet is
@@ -53,6 +55,11 @@ import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
  *   acknowledged on the MCU's previous connection, or stored there after the link dropped,
  *   is acknowledged and not stored again; the server remembers this for at most
  *   `maxConnections` MCUs gone (the longest gone forgotten first);
+ * - a new connection of an MCU whose previous one is still being handled (a store in
+ *   progress, and after a close the QoS 0 PUBLISHes queued behind it) reads nothing after
+ *   its CONNECT until that is done (`adopt`, `drained`): the MCU's messages are stored in
+ *   the order it sent them, across connections, and a DUP resend of the PUBLISH being
+ *   stored there finds it acknowledged;
  * - connections not authenticated yet (TLS handshake or CONNECT pending) are capped, in all
  *   and per remote address (`maxPreAuth`, `maxPreAuthPerAddress`); a socket beyond either
  *   cap is destroyed at once and reported through `onRefused`. Authenticated connections
@@ -80,8 +87,12 @@ export interface LeanPublish {
 export type PublishOutcome = 'ack' | 'close';
 
 export interface LeanServerHooks {
-  /** 0 = accept (the value is the session's id from now on), 3 server unavailable, 4 bad user name or password, 5 not authorized */
-  authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 3 | 4 | 5 };
+  /**
+   * 0 = accept (the value is the session's id from now on), 2 identifier rejected (a
+   * zero-length client id when the hook assigns none [MQTT-3.1.3-8, -9]), 3 server
+   * unavailable, 4 bad user name or password, 5 not authorized
+   */
+  authenticate(c: LeanConnect, remote: string | undefined): { rc: 0; id: string } | { rc: 2 | 3 | 4 | 5 };
   /** 'ack': acknowledge (QoS 1/2) and go on; 'close': drop the connection without an acknowledgement */
   onPublish(conn: LeanConn, p: LeanPublish): Promise<PublishOutcome> | PublishOutcome;
   /** granted QoS (0 or 1) or 0x80 (refused) */
@@ -173,6 +184,12 @@ const END_GRACE_MS = 5000;
 const RECENT_ACKED_PIPELINED = 1024;
 /** held chunks of one incomplete packet before they are copied together (1-byte TCP segments cost ~200 B of heap each) */
 const MAX_HELD_CHUNKS = 64;
+/**
+ * topic filters in one SUBSCRIBE: the packet size bounds them already (4 bytes each at
+ * least), this bounds the onSubscribe calls per packet; far above what a device sends
+ * (the ACL grants an MCU 3 filters)
+ */
+const MAX_SUBSCRIBE_FILTERS = 1024;
 
 class Malformed extends Error {}
 
@@ -274,6 +291,11 @@ export class LeanConn {
 
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /** a handler runs (a PUBLISH being stored), or it waits for its MCU's previous connection (hold) */
+  get isBusy(): boolean {
+    return this.busy;
   }
 
   get remote(): string | undefined {
@@ -517,15 +539,18 @@ export class LeanConn {
     const r = new Reader(body);
     const proto = r.str();
     const level = r.u8();
-    if (!((proto === 'MQTT' && (level === 4 || level === 5)) || (proto === 'MQIsdp' && level === 3))) throw new Malformed(`unknown protocol ${JSON.stringify(proto.slice(0, 16))} level ${level}`);
-    if (level === 5) {
-      // unacceptable protocol version [MQTT-3.1.2-2], in the 3.1.1 CONNACK form
+    if (proto === 'MQTT' && level !== 4) {
+      // unacceptable protocol level [MQTT-3.1.2-2]: CONNACK 1 (the 3.1.1 form, to MQTT 5
+      // too) then close, so a client that probes versions (MQTT.js, Paho) learns why
       this.write(Buffer.from([0x20, 0x02, 0x00, 0x01]));
       this.end();
       return;
     }
+    // any other protocol name may be closed at once [MQTT-3.1.2-1]; 3.1's "MQIsdp" level 3 is spoken
+    if (!(proto === 'MQTT' || (proto === 'MQIsdp' && level === 3))) throw new Malformed(`unknown protocol ${JSON.stringify(proto.slice(0, 16))} level ${level}`);
     const cf = r.u8();
     if (cf & 0x01) throw new Malformed('CONNECT reserved flag set [MQTT-3.1.2-3]');
+    if ((cf & 0xc0) === 0x40) throw new Malformed('CONNECT password flag without user name flag [MQTT-3.1.2-22]');
     const keepaliveS = r.u16();
     const clientId = r.str();
     if (cf & 0x04) {
@@ -552,8 +577,9 @@ export class LeanConn {
     if (qos === 3) throw new Malformed('PUBLISH QoS 3 [MQTT-3.3.1-4]');
     const r = new Reader(body);
     const topic = r.str();
+    if (topic.length === 0) throw new Malformed('PUBLISH with a zero-length topic [MQTT-4.7.3-1]');
     const pid = qos > 0 ? r.u16() : 0;
-    if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0');
+    if (qos > 0 && pid === 0) throw new Malformed('PUBLISH packet id 0 [MQTT-2.3.1-1]');
     const payload = r.rest();
     if (qos === 1) {
       const entry = ackedEntry(pid, payload);
@@ -627,6 +653,23 @@ export class LeanConn {
     this.prevAcked = [...(this.prevAcked ?? []), entry].slice(-RECENT_ACKED);
   }
 
+  /**
+   * Read nothing more, after this CONNECT, until `proceed` (LeanMqttServer.adopt: the MCU's
+   * previous connection is still being handled). What arrives meanwhile is held and the
+   * socket paused beyond about one packet, as behind a store.
+   */
+  hold(): void {
+    this.busy = true;
+  }
+
+  /** The MCU's previous connection was handled to its end (LeanMqttServer.drained): handle what this one received. */
+  proceed(): void {
+    this.busy = false;
+    // closed while it waited: its QoS 0 PUBLISHes are still stored, as behind a store
+    if (this.closed) return this.drainClosed();
+    this.drain();
+  }
+
   /** Called by the server's settle queue: answer the stored PUBLISH, then handle what came after it. */
   resumeAfter(o: PublishOutcome, qos: number, pid: number): void {
     this.busy = false;
@@ -666,7 +709,10 @@ export class LeanConn {
         break; // malformed: what follows is not trusted either
       }
     }
-    if (!this.busy) this.dropRx();
+    if (this.busy) return;
+    // handled to its end: the MCU's next connection, if one waits, reads on
+    this.dropRx();
+    this.server.drained(this);
   }
 
   private published(o: PublishOutcome, qos: number, pid: number): void {
@@ -694,27 +740,41 @@ export class LeanConn {
   private subscribe(body: Buffer): void {
     const r = new Reader(body);
     const pid = r.u16();
-    const codes: number[] = [];
-    const granted: string[] = [];
+    if (pid === 0) throw new Malformed('SUBSCRIBE packet id 0 [MQTT-2.3.1-1]');
+    // the whole packet is checked before any filter reaches the hook
+    const filters: string[] = [];
+    const qoss: number[] = [];
     while (!r.done()) {
       const filter = r.str();
       const q = r.u8();
       if (q > 2 || filter.length === 0) throw new Malformed('bad subscription [MQTT-3.8.3-4]');
-      const g = this.server.opts.hooks.onSubscribe(this, filter, q);
-      codes.push(g);
+      if (filters.length === MAX_SUBSCRIBE_FILTERS) throw new Malformed(`more than ${MAX_SUBSCRIBE_FILTERS} filters in one SUBSCRIBE`);
+      filters.push(filter);
+      qoss.push(q);
+    }
+    if (filters.length === 0) throw new Malformed('SUBSCRIBE without a filter [MQTT-3.8.3-3]');
+    const granted: string[] = [];
+    // SUBACK: the packet id and one return code per filter, in order [MQTT-3.8.4-5]; its
+    // remaining length takes 2 bytes from 126 filters on [MQTT-2.2.3]
+    const len = 2 + filters.length;
+    const lenBytes = len < 128 ? 1 : 2; // MAX_SUBSCRIBE_FILTERS + 2 < 16384
+    const out = Buffer.allocUnsafe(1 + lenBytes + len);
+    out[0] = 0x90;
+    if (lenBytes === 1) out[1] = len;
+    else {
+      out[1] = (len % 128) | 0x80;
+      out[2] = Math.floor(len / 128);
+    }
+    out.writeUInt16BE(pid, 1 + lenBytes);
+    for (let k = 0; k < filters.length; k++) {
+      const g = this.server.opts.hooks.onSubscribe(this, filters[k]!, qoss[k]!);
+      out[3 + lenBytes + k] = g;
       if (g !== 0x80) {
-        (this.filters ??= new Map()).set(filter, g);
-        granted.push(filter);
+        (this.filters ??= new Map()).set(filters[k]!, g);
+        granted.push(filters[k]!);
       }
     }
-    if (codes.length === 0) throw new Malformed('SUBSCRIBE without a filter [MQTT-3.8.3-3]');
     this.recomputeSubs();
-    const out = Buffer.allocUnsafe(4 + codes.length);
-    out[0] = 0x90;
-    out[1] = 2 + codes.length; // at most a few filters fit the packet limit; checked below
-    if (2 + codes.length > 127) throw new Malformed('too many filters in one SUBSCRIBE');
-    out.writeUInt16BE(pid, 2);
-    for (let k = 0; k < codes.length; k++) out[4 + k] = codes[k]!;
     this.write(out);
     if (granted.length > 0) this.server.opts.hooks.onSubscribed?.(this, granted);
   }
@@ -722,8 +782,13 @@ export class LeanConn {
   private unsubscribe(body: Buffer): void {
     const r = new Reader(body);
     const pid = r.u16();
+    if (pid === 0) throw new Malformed('UNSUBSCRIBE packet id 0 [MQTT-2.3.1-1]');
     const filters: string[] = [];
-    while (!r.done()) filters.push(r.str());
+    while (!r.done()) {
+      const f = r.str();
+      if (f.length === 0) throw new Malformed('UNSUBSCRIBE with a zero-length filter [MQTT-4.7.3-1]');
+      filters.push(f);
+    }
     if (filters.length === 0) throw new Malformed('UNSUBSCRIBE without a filter [MQTT-3.10.3-2]');
     for (const f of filters) this.filters?.delete(f);
     this.recomputeSubs();
@@ -861,10 +926,11 @@ class Reader {
   }
   str(): string {
     const v = this.bin();
-    const s = v.toString('utf8');
-    // ill-formed UTF-8 or U+0000 [MQTT-1.5.3-1, -2]
-    if (s.includes('\uFFFD') || s.includes('\u0000')) throw new Malformed('string is not well-formed UTF-8');
-    return s;
+    // ill-formed UTF-8 (surrogates and overlong forms included) or U+0000 [MQTT-1.5.3-1, -2],
+    // checked on the bytes: a correctly encoded U+FFFD is a character like any other, and a
+    // BOM (EF BB BF) is kept as U+FEFF, not stripped [MQTT-1.5.3-3]
+    if (!isUtf8(v) || v.includes(0)) throw new Malformed('string is not well-formed UTF-8');
+    return v.toString('utf8');
   }
   rest(): Buffer {
     const v = this.b.subarray(this.o);
@@ -921,6 +987,13 @@ export class LeanMqttServer {
    * whose PUBACK was lost with the link is not stored twice (LeanConn.prevAcked)
    */
   private readonly ackedBefore = new Map<string, readonly number[]>();
+  /**
+   * by MCU id: its newest connection that closed while busy (a store in progress, QoS 0
+   * PUBLISHes held behind it), until drainClosed is done; at most one per MCU
+   */
+  private readonly draining = new Map<string, LeanConn>();
+  /** a connection that reads nothing yet (LeanConn.hold), by its MCU's previous connection it waits for */
+  private readonly waiting = new Map<LeanConn, LeanConn>();
 
   constructor(readonly opts: LeanServerOptions) {
     this.sweepTimer = setInterval(() => this.sweep(), 1000);
@@ -1083,7 +1156,14 @@ export class LeanMqttServer {
     if (this.ackedBefore.size > this.opts.maxConnections) this.ackedBefore.delete(this.ackedBefore.keys().next().value!);
   }
 
-  /** A CONNECT was accepted: the newest connection of an id takes over [MQTT-3.1.4-2]. */
+  /**
+   * A CONNECT was accepted: the newest connection of an id takes over [MQTT-3.1.4-2]. While
+   * the MCU's previous connection is still being handled (a store in progress, taken over
+   * or closed, and after a close the QoS 0 PUBLISHes behind it: drainClosed), the new one
+   * reads nothing after its CONNECT until that is done (`drained`). Else its PUBLISHes were
+   * stored in between the old ones (a QoS 0 burst and a close, then a reconnect: each held
+   * one waits for its own outbox commit), out of the order the MCU sent them.
+   */
   adopt(conn: LeanConn, id: string): void {
     if (conn.preAuth) {
       conn.preAuth = false;
@@ -1092,6 +1172,12 @@ export class LeanMqttServer {
     const old = this.sessions.get(id);
     conn.id = id;
     this.sessions.set(id, conn);
+    const prev = old !== undefined && old !== conn ? old : this.draining.get(id);
+    if (prev?.isBusy) {
+      // one waiter per connection: `prev` is the newest of its id, so the only one adopted after it
+      this.waiting.set(prev, conn);
+      conn.hold();
+    }
     if (old && old !== conn) {
       // a takeover: the old connection is still open (a half-open link the MCU gave up on)
       conn.inherit(old.recentAcked());
@@ -1164,10 +1250,22 @@ export class LeanMqttServer {
   forget(conn: LeanConn): void {
     if (conn.id !== null && this.sessions.get(conn.id) === conn) {
       this.sessions.delete(conn.id);
+      // closed with a store in progress (or waiting for its own predecessor): the MCU's
+      // next connection waits for the rest of its handling (adopt)
+      if (conn.isBusy) this.draining.set(conn.id, conn);
       const acked = conn.recentAcked();
       if (acked !== null && acked.length > 0) this.keepAcked(conn.id, acked);
       this.opts.hooks.onClose?.(conn);
     }
+  }
+
+  /** A closed connection was handled to its end (drainClosed): the next one of its MCU, if one waits, reads on. */
+  drained(conn: LeanConn): void {
+    if (conn.id !== null && this.draining.get(conn.id) === conn) this.draining.delete(conn.id);
+    const next = this.waiting.get(conn);
+    if (next === undefined) return;
+    this.waiting.delete(conn);
+    next.proceed();
   }
 
   /** Keep-alive [MQTT-3.1.2-24] and CONNECT timeouts, once a second for all connections. */

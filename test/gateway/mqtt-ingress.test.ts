@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { isFleetError } from '../../core/errors.ts';
@@ -150,7 +151,7 @@ test('gateway: an MCU that would push the register past the hub’s payload limi
   }, saveIds);
 });
 
-test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at start (its slot and replay counters); one heard from recently is kept', async () => {
+test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at start (its slot; its highest counter stays as a floor); one heard from recently is kept', async () => {
   const today = Math.floor(Date.now() / 86_400_000);
   const saveState = (dir: string) =>
     writeFileSync(
@@ -160,19 +161,46 @@ test('gateway: an MCU not heard from in mcu.forgetAfterDays is forgotten at star
   await withLoneGateway({ mcu: { forgetAfterDays: 90 } }, async ({ gw, site, dir, start, stop }) => {
     assert.equal(gw.stats().mcus, 2, 'esp-old forgotten; esp-new and esp-legacy (no day saved, from before this) kept');
     const framed = (id: string, counter: number) => frameWithMac(mcuKey(site, id), id, 't', counter, Buffer.from(JSON.stringify([{ n: 'temperature', v: 20 }])));
-    // esp-old's counters are gone: counter 10 (below its saved 500) is accepted as a new MCU's
+    // esp-old's slot is free, but its highest counter stays as a floor: counter 10 (below
+    // its saved 500) is a replay (PUBACKed and dropped, counted); its next one, 501, is welcome
     const old = await connectMcu(gw.mqttPort, 'esp-old', site);
     assert.equal(await pub(old, 'mcu/v1/esp-old/t', framed('esp-old', 10)), 'puback');
+    assert.equal(gw.stats().dropped.replay, 1);
+    assert.equal(gw.stats().mcus, 2, 'the replay did not bring it back');
+    assert.equal(await pub(old, 'mcu/v1/esp-old/t', framed('esp-old', 501)), 'puback');
     await old.endAsync();
-    // esp-new's are kept: counter 10 is a replay (PUBACKed and dropped, counted)
+    // esp-new's are kept: counter 10 is a replay
     const recent = await connectMcu(gw.mqttPort, 'esp-new', site);
     await pub(recent, 'mcu/v1/esp-new/t', framed('esp-new', 10));
     await recent.endAsync();
-    assert.equal(gw.stats().dropped.replay, 1);
+    assert.equal(gw.stats().dropped.replay, 2);
     await stop();
     const saved = JSON.parse(readFileSync(join(dir, 'mcu-state.json'), 'utf8')) as { mcus: string[]; meta: Record<string, { seenDay?: number }> };
     assert.deepEqual([...saved.mcus].sort(), ['esp-legacy', 'esp-new', 'esp-old'], 'esp-old is back: it spoke again');
     assert.equal(saved.meta['esp-old']?.seenDay, today, 'the day it was heard is saved');
     assert.equal((await start()).stats().mcus, 3);
   }, saveState);
+});
+
+test('gateway MQTT [MQTT-3.1.3-8, -9, MQTT-4.7.3-1]: a zero-length client id gets CONNACK 2 (identifier rejected), with clean session or without, counted as bad_request, not as an authentication failure; a PUBLISH with a zero-length topic closes the connection as malformed (bad_request), not as an ACL refusal (forbidden)', async () => {
+  await withLoneGateway({}, async ({ gw, site }) => {
+    const field = (x: string) => Buffer.concat([Buffer.from([0, Buffer.byteLength(x)]), Buffer.from(x)]);
+    const packet = (first: number, body: Buffer) => Buffer.concat([Buffer.from([first, body.length]), body]); // bodies below 128 bytes here
+    /** CONNECT with user name and password (flags 0xc0, plus 0x02 for clean session) */
+    const connect = (clientId: string, clean: boolean) => packet(0x10, Buffer.concat([field('MQTT'), Buffer.from([4, clean ? 0xc2 : 0xc0, 0, 60]), field(clientId), field('esp-1'), field(mcuKey(site, 'esp-1'))]));
+    const exchange = (bytes: Buffer): Promise<string> =>
+      new Promise((resolve) => {
+        const s = netConnect({ port: gw.mqttPort, host: '127.0.0.1' }, () => s.write(bytes));
+        const got: Buffer[] = [];
+        s.on('data', (d) => got.push(d));
+        s.on('error', () => undefined);
+        s.on('close', () => resolve(Buffer.concat(got).toString('hex')));
+      });
+    for (const clean of [false, true]) assert.equal(await exchange(connect('', clean)), '20020002', `clean session ${clean}`);
+    assert.equal(gw.stats().dropped.bad_request, 2);
+    assert.equal(gw.stats().dropped.auth, undefined);
+    assert.equal(await exchange(Buffer.concat([connect('esp-1', true), packet(0x30, Buffer.concat([field(''), Buffer.from('[]')]))])), '20020000', 'CONNACK 0, then closed');
+    assert.equal(gw.stats().dropped.bad_request, 3);
+    assert.equal(gw.stats().dropped.forbidden, undefined);
+  });
 });

@@ -539,3 +539,100 @@ test('mqtt-lean: what closed connections acknowledged is remembered for at most 
     await l.srv.close();
   }
 });
+
+/**
+ * A rig whose store completes a PUBLISH whose payload starts with `gate` only when `open()`
+ * is called (the others at once), and records payloads in `done` as their stores complete.
+ */
+async function gatedLean(): Promise<{ l: LeanRig; done: string[]; called: string[]; open: () => void }> {
+  const done: string[] = [];
+  const called: string[] = [];
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  const l = await lean({}, 0, {
+    onPublish: async (_conn, p) => {
+      const body = String(p.payload);
+      called.push(body);
+      if (body.startsWith('gate')) await gate;
+      done.push(body);
+      return 'ack' as const;
+    },
+    onDuplicate: (c, reconnected) => l.events.push(`dup ${c.id} ${reconnected}`),
+  });
+  return { l, done, called, open };
+}
+
+test('mqtt-lean: a burst of 50 QoS 0 PUBLISHes and a FIN behind a slow store (10 ms), then a reconnect that publishes at once: the reconnected connection waits, and the MCU’s messages are stored in the order sent (old-0..old-49, then new-0)', async () => {
+  const l = await lean({}, 10);
+  try {
+    const a = await raw(l.port);
+    a.s.end(Buffer.concat([connectPk('esp-1'), ...Array.from({ length: 50 }, (_, i) => publishPk('mcu/v1/esp-1/t', `old-${i}`, 0))]));
+    await a.closed;
+    // the MCU reconnects at once and sends its next readings
+    const b = await raw(l.port);
+    b.s.write(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'new-0', 0), publishPk('mcu/v1/esp-1/t', 'new-1', 1, 1)]));
+    await waitFor(() => b.got.some((p) => p.cmd === 'puback'), 'PUBACK of new-1', 10_000);
+    assert.deepEqual(l.stored.map(String), [...Array.from({ length: 50 }, (_, i) => `old-${i}`), 'new-0', 'new-1']);
+    assert.equal(b.got[0]?.cmd, 'connack', 'the CONNACK is not held back');
+    b.s.destroy();
+  } finally {
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a connection that closed while its store was pending hands over in order across several reconnects: B (closed while waiting) has its QoS 0 stored after A’s, then C; nothing is written to B', async () => {
+  const { l, done, called, open } = await gatedLean();
+  try {
+    const a = await raw(l.port);
+    a.s.end(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'gate-a0', 0), publishPk('mcu/v1/esp-1/t', 'a1', 0), publishPk('mcu/v1/esp-1/t', 'a2', 0)]));
+    await a.closed;
+    await waitFor(() => called.includes('gate-a0'), 'A’s first store pending');
+    const b = await raw(l.port, '127.0.0.1', true); // half-open: it could still read anything written after its FIN
+    b.s.end(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'b1', 0), publishPk('mcu/v1/esp-1/t', 'b2', 0)]));
+    await waitFor(() => b.got.some((p) => p.cmd === 'connack'), 'CONNACK to B');
+    await b.closed;
+    const c = await raw(l.port);
+    c.s.write(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'c1', 0), publishPk('mcu/v1/esp-1/t', 'c2', 1, 1)]));
+    await waitFor(() => c.got.some((p) => p.cmd === 'connack'), 'CONNACK to C');
+    assert.deepEqual(called, ['gate-a0'], 'B and C read nothing while A’s store is pending');
+    open();
+    await waitFor(() => c.got.some((p) => p.cmd === 'puback'), 'PUBACK of c2');
+    assert.deepEqual(done, ['gate-a0', 'a1', 'a2', 'b1', 'b2', 'c1', 'c2']);
+    assert.equal(b.bytes(), 4, 'only the CONNACK reached B');
+    assert.equal(l.srv.connectedClients, 1);
+    c.s.destroy();
+  } finally {
+    open();
+    await l.srv.close();
+  }
+});
+
+test('mqtt-lean: a new connection that takes over one whose store is pending waits for it: its PUBLISH is stored after, and its DUP resend of the pending QoS 1 PUBLISH is acknowledged, not stored twice (also when the old link was cut)', async () => {
+  for (const cut of [false, true]) {
+    const { l, done, called, open } = await gatedLean();
+    try {
+      const a = await raw(l.port);
+      a.s.write(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'gate', 1, 5)]));
+      await waitFor(() => called.includes('gate'), 'A’s store pending');
+      if (cut) {
+        a.s.destroy(); // the link dropped: A closed before B comes
+        await a.closed;
+      }
+      // the MCU never saw the PUBACK: it resends with DUP on its next connection, then goes on
+      const b = await raw(l.port);
+      b.s.write(Buffer.concat([connectPk('esp-1'), publishPk('mcu/v1/esp-1/t', 'gate', 1, 5, true), publishPk('mcu/v1/esp-1/t', 'b1', 0), publishPk('mcu/v1/esp-1/t', 'b2', 1, 6)]));
+      await waitFor(() => b.got.some((p) => p.cmd === 'connack'), 'CONNACK to B');
+      if (!cut) await a.closed; // taken over
+      assert.deepEqual(called, ['gate'], 'B reads nothing while A’s store is pending');
+      open();
+      await waitFor(() => b.got.filter((p) => p.cmd === 'puback').length === 2, 'two PUBACKs to B');
+      assert.deepEqual(b.got.filter((p) => p.cmd === 'puback').map((p) => (p as mqttPacket.IPubackPacket).messageId), [5, 6]);
+      assert.deepEqual(done, ['gate', 'b1', 'b2'], cut ? 'link cut' : 'taken over');
+      assert.deepEqual(l.events.filter((e) => e.startsWith('dup')), ['dup esp-1 true']);
+      b.s.destroy();
+    } finally {
+      open();
+      await l.srv.close();
+    }
+  }
+});
