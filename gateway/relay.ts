@@ -75,6 +75,8 @@ interface McuEntry {
   intervalMs: number;
   /** telemetry gaps seen while it was online (this run) */
   onlineGaps: number;
+  /** it went offline (lost, revoked) since its last telemetry: the next telemetry gap spans that, whatever it sends first */
+  gapEndsLost?: boolean;
   online: boolean;
   /** known from before a restart and not heard since: what the hub shows is unknown */
   stale: boolean;
@@ -463,7 +465,11 @@ export class Relay {
       // the interval between telemetry messages only: a burst of firmware blocks or
       // mailbox polls says nothing about how often the MCU wakes
       const gap = now - e.lastTelemetry;
-      if (gap > 0 && !e.online && e.onlineGaps >= ESTABLISHED_GAPS) {
+      // decided by what happened since the last reading, not by `online` now: a hello or a
+      // mailbox poll first after the outage has made it online already
+      const endsLost = e.gapEndsLost === true;
+      e.gapEndsLost = false;
+      if (gap > 0 && endsLost && e.onlineGaps >= ESTABLISHED_GAPS) {
         // the gap that ended a lost period of an MCU whose period was seen: an outage
         // (powered off for two hours, a week), or a period that really grew. Raised at most
         // to twice the timeout that just ran out: taken whole, an outage kept the MCU
@@ -479,12 +485,12 @@ export class Relay {
         // timeout for a while, which errs towards "sleeping", not "lost"
         e.intervalMs = e.intervalMs === 0 || gap > e.intervalMs ? gap : Math.round(e.intervalMs * 0.9 + gap * 0.1);
       }
-      if (e.online) e.onlineGaps++;
+      if (!endsLost) e.onlineGaps++;
       // Kept across restarts, saved with the state file when it moved enough to matter and
       // this gap, seen online, bears it out (within half): never from a gap that ended a lost
       // period, nor while the estimate still carries one (it decays over the next gaps)
       const saved = e.meta.intervalMs;
-      if (e.online && e.intervalMs > 0 && Math.abs(gap - e.intervalMs) <= e.intervalMs * INTERVAL_SAVE_CHANGE && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
+      if (!endsLost && e.online && e.intervalMs > 0 && Math.abs(gap - e.intervalMs) <= e.intervalMs * INTERVAL_SAVE_CHANGE && (saved === undefined || Math.abs(e.intervalMs - saved) > saved * INTERVAL_SAVE_CHANGE)) {
         e.meta.intervalMs = e.intervalMs;
         this.changed = true;
       }
@@ -600,6 +606,7 @@ export class Relay {
     const e = this.mcus.get(mcuId);
     if (!e?.online) return;
     e.online = false;
+    e.gapEndsLost = true;
     if (!atHub) this.publishState(mcuId, { v: 1, online: false, kind: 'mcu', ts: this.now(), via: this.opts.gatewayId, reason: 'revoked at the gateway' });
   }
 
@@ -619,6 +626,7 @@ export class Relay {
         const sleeps = e.meta.sleepS ? `, sleeps ${e.meta.sleepS} s` : '';
         const reason = e.stale ? `not heard since the gateway restarted ${Math.round(silent / 1000)} s ago (lost after ${Math.round(limit / 1000)} s${sleeps})` : `no contact for ${Math.round(silent / 1000)} s (lost after ${Math.round(limit / 1000)} s${sleeps})`;
         e.online = false;
+        e.gapEndsLost = true;
         e.stale = false;
         this.opts.log.info('MCU lost', { mcu: id, silentMs: silent });
         this.publishState(id, { v: 1, online: false, kind: 'mcu', ts: now, via: this.opts.gatewayId, reason });
@@ -901,6 +909,7 @@ export class Relay {
     for (const [id, e] of this.mcus) {
       if (!e.online) continue;
       e.online = false;
+      e.gapEndsLost = true;
       this.publishState(id, { v: 1, online: false, kind: 'mcu', ts: now, via: this.opts.gatewayId, reason: 'gateway stopped' });
     }
     const deadline = Date.now() + drainMs;
