@@ -58,7 +58,7 @@ interface Job {
   /** offers renewed after they expired untaken (each under a new id) */
   renewals?: number;
   /** an update the MCU had taken (`installing`) when this target replaced it: its next hello decides that one too */
-  replaced?: { version: string; bundleName?: string; sequence?: number; from?: string };
+  replaced?: { version: string; bundleName?: string; sequence?: number; from?: string; deadline?: number };
 }
 
 /** What an `mcu.firmware` event says of a job. */
@@ -152,8 +152,11 @@ export class FirmwareManager {
   private readonly turns = new Map<string, Promise<unknown>>();
   /** desired states that could not be handled (a store error): handled again at the next tick */
   private readonly pendingDesired = new Map<string, Buffer>();
+  /** desired states received per MCU (this run): a failed one is retried only if it is still the latest */
+  private readonly desiredGen = new Map<string, number>();
   private readonly now: () => number;
   private readonly timer: NodeJS.Timeout;
+  private readonly closeCtl = new AbortController();
   private pruning = false;
   private pruneAgain = false;
 
@@ -192,9 +195,18 @@ export class FirmwareManager {
     return fm;
   }
 
-  /** Stop the deadline and retry timer (the gateway is stopping). */
+  /** Stop the deadline and retry timer and end downloads under way (the gateway is stopping). */
   close(): void {
     clearInterval(this.timer);
+    this.closeCtl.abort();
+  }
+
+  private get closed(): boolean {
+    return this.closeCtl.signal.aborted;
+  }
+
+  private get closing(): AbortSignal {
+    return this.closeCtl.signal;
   }
 
   counts(): Record<'offered' | 'transferring' | 'installing' | 'succeeded' | 'failed' | 'fetching', number> {
@@ -257,10 +269,13 @@ export class FirmwareManager {
       return;
     }
     this.pendingDesired.delete(mcuId);
+    const gen = (this.desiredGen.get(mcuId) ?? 0) + 1;
+    this.desiredGen.set(mcuId, gen);
     try {
       await this.serial(mcuId, () => this.desiredNow(mcuId, fw));
     } catch (err) {
-      if (!this.pendingDesired.has(mcuId)) this.pendingDesired.set(mcuId, payload);
+      // kept for the next tick only while no newer desired state came meanwhile
+      if (this.desiredGen.get(mcuId) === gen) this.pendingDesired.set(mcuId, payload);
       this.opts.log.error('cannot handle an MCU desired state now; trying again shortly', { mcu: mcuId, err });
     }
   }
@@ -298,7 +313,7 @@ export class FirmwareManager {
     if (running !== undefined) job.from = running;
     if (fw.size !== undefined) job.size = fw.size;
     // an update the MCU has taken cannot be stopped: its hello still decides it, and says so
-    if (cur?.state === 'installing') job.replaced = { version: cur.version, ...(cur.bundleName !== undefined && cur.sequence !== undefined ? { bundleName: cur.bundleName, sequence: cur.sequence } : {}), ...(cur.from !== undefined ? { from: cur.from } : {}) };
+    if (cur?.state === 'installing') job.replaced = { version: cur.version, ...(cur.bundleName !== undefined && cur.sequence !== undefined ? { bundleName: cur.bundleName, sequence: cur.sequence } : {}), ...(cur.from !== undefined ? { from: cur.from } : {}), ...(cur.deadline !== undefined ? { deadline: cur.deadline } : {}) };
     else if (cur?.replaced) job.replaced = cur.replaced;
     // a new target: the previous offer, if the MCU has not taken it yet, must not stay at the
     // head of its mailbox (it would hold every command behind it, and name an image no longer served)
@@ -374,7 +389,9 @@ export class FirmwareManager {
   }
 
   private async failPreparation(mcuId: string, job: Job, err: unknown): Promise<void> {
-    if (!this.current(mcuId, job)) return;
+    // only a job still being prepared: one cancelled or superseded meanwhile stays as it is
+    // (a cancel must not turn into a retried failure that offers the firmware after all)
+    if (!this.current(mcuId, job) || job.state !== 'fetching') return;
     // an I/O error (a full disk, a missing file) is this step's failure, with its stable code
     const fe = isFleetErrorLike(err) ? toFleetError(err) : new FleetError('FLEET_MCU_FIRMWARE', `preparing the firmware failed: ${(err as Error)?.message ?? String(err)}`, { cause: err });
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
@@ -603,6 +620,10 @@ export class FirmwareManager {
       const have = await stat(part).then((s) => s.size, () => 0);
       const ac = new AbortController();
       const idle = setTimeout(() => ac.abort(new Error(`no data for ${Math.round(idleMs / 1000)} s`)), idleMs);
+      idle.unref();
+      // the gateway stopping ends a download under way
+      const onClose = () => ac.abort(new Error('the gateway is stopping'));
+      this.closing.addEventListener('abort', onClose);
       try {
         const res = await fetch(url, { headers: { authorization: `Basic ${Buffer.from(`${this.opts.gatewayId}:${this.opts.token}`).toString('base64')}`, ...(have > 0 ? { range: `bytes=${have}-` } : {}) }, signal: ac.signal });
         idle.refresh();
@@ -634,9 +655,11 @@ export class FirmwareManager {
           throw err;
         }
         lastErr = ac.signal.aborted ? ac.signal.reason : err;
-        await new Promise((r) => setTimeout(r, 500 * 2 ** attempt));
+        if (this.closed) break;
+        await new Promise((r) => setTimeout(r, 500 * 2 ** attempt).unref());
       } finally {
         clearTimeout(idle);
+        this.closing.removeEventListener('abort', onClose);
       }
     }
     throw new FleetError('FLEET_MCU_FIRMWARE', `downloading ${url} failed: ${(lastErr as Error)?.message}`, { cause: lastErr });
@@ -698,9 +721,13 @@ export class FirmwareManager {
       // under a new id: the expired entry is removed from the mailbox only after this returns
       // (the same id would be taken for it). An MCU that was fetching the image keeps its
       // download (the contract: a new offer of the same image resumes)
-      job.renewals = (job.renewals ?? 0) + 1;
-      job.offerId = `fw-${job.imageSha!.slice(0, 8)}-r${job.renewals}-${job.version}`.slice(0, 64);
-      await this.opts.offer(mcuId, this.offerCommand(job));
+      // the job takes the new id only once the offer is in the mailbox: one that could not be
+      // made (a full mailbox, the disk) keeps the expired entry and is tried at the next sweep
+      const renewals = (job.renewals ?? 0) + 1;
+      const offerId = `fw-${job.imageSha!.slice(0, 8)}-r${renewals}-${job.version}`.slice(0, 64);
+      await this.opts.offer(mcuId, { ...this.offerCommand(job), id: offerId });
+      job.renewals = renewals;
+      job.offerId = offerId;
       await this.save(mcuId, job);
       this.opts.log.info('MCU firmware offer renewed (not taken before it expired)', { mcu: mcuId, version: job.version, offer: job.offerId });
     });
@@ -771,6 +798,16 @@ export class FirmwareManager {
       void this.desired(mcuId, payload);
     }
     for (const [mcuId, j] of this.jobs) {
+      const r = j.replaced;
+      if (r?.deadline !== undefined && r.deadline <= now) {
+        // the update a new target replaced while the MCU installed it: no hello decided it in time
+        void this.serial(mcuId, async () => {
+          if (!this.current(mcuId, j) || j.replaced !== r) return;
+          j.replaced = undefined;
+          await this.report(mcuId, { state: 'failed', version: r.version, from: r.from, progress: 0, reason: `no version report within ${Math.round(this.installTimeout(mcuId) / 60_000)} min of the MCU taking the image`, cause: 'no_report', code: 'FLEET_MCU_FIRMWARE' });
+          await this.save(mcuId, j);
+        }).catch((err: unknown) => this.opts.log.warn('cannot report a replaced MCU firmware update past its deadline', { mcu: mcuId, err }));
+      }
       if (j.state === 'installing' && j.deadline !== undefined && j.deadline <= now) {
         void this.serial(mcuId, async () => {
           if (!this.current(mcuId, j) || j.state !== 'installing' || j.deadline === undefined || j.deadline > now) return;

@@ -1226,8 +1226,10 @@ export class LeanMqttServer {
       } catch (err) {
         // a hook that throws is a bug: its connection is closed, the rest of this slice is
         // still answered, and the error is rethrown (uncaught, as an unhandled rejection
-        // of the store's promise was before the queue)
+        // of the store's promise was before the queue); a connection of its MCU waiting for
+        // it reads on
         conn.destroy();
+        this.drained(conn);
         process.nextTick(() => {
           throw err;
         });

@@ -39,6 +39,8 @@ const LOG_RECORD_BYTES = 256 * 1024;
 const LOG_LINE_OVERHEAD = 60;
 /** an upload takes one rate-limit token per this many bytes of records (the message's own token included) */
 const LOG_TOKEN_BYTES = 16 * 1024;
+/** at most this many tokens for one upload: its MCU's telemetry waits seconds for it, not hours */
+const LOG_MAX_CHARGE = 256;
 
 /**
  * What the gateway does with each MCU channel, independent of the transport: the MQTT
@@ -168,7 +170,7 @@ export class McuService extends EventEmitter {
     parts.push(part);
     // the rate limit counts messages; an upload counts by what it becomes at the hub too
     // (a payload of newlines grows ~60-fold into records), one token per LOG_TOKEN_BYTES
-    this.opts.rate?.charge(mcuId, Math.ceil(total / LOG_TOKEN_BYTES) - 1);
+    this.opts.rate?.charge(mcuId, Math.min(LOG_MAX_CHARGE, Math.ceil(total / LOG_TOKEN_BYTES) - 1));
     await Promise.all(
       parts.map((p) => {
         const batch: Omit<LogBatch, 'mid'> = { v: 1, ts: now, lines: p.map((line) => ({ t: now, app: 'mcu', stream: 'stderr', line })) };
@@ -251,9 +253,15 @@ export class McuService extends EventEmitter {
     this.opts.rate?.sweep();
     try {
       for (const { mcuId, entry } of this.opts.mailbox.expired(this.now())) {
-        // answered first, removed after: a crash in between answers twice, never not at all
-        if (entry.name.startsWith('fw.')) await this.opts.firmware?.onExpired(mcuId, entry);
-        else await this.replyError(mcuId, entry.id, 'FLEET_TIMEOUT', `the MCU did not acknowledge the command before it expired${entry.delivered ? ' (it was delivered)' : ' (the MCU did not pick it up)'}`);
+        // answered first, removed after: a crash in between answers twice, never not at all;
+        // one that cannot be answered now stays for the next sweep, the others go on
+        try {
+          if (entry.name.startsWith('fw.')) await this.opts.firmware?.onExpired(mcuId, entry);
+          else await this.replyError(mcuId, entry.id, 'FLEET_TIMEOUT', `the MCU did not acknowledge the command before it expired${entry.delivered ? ' (it was delivered)' : ' (the MCU did not pick it up)'}`);
+        } catch (err) {
+          this.opts.log.warn('an expired MCU command could not be answered; trying again at the next sweep', { mcu: mcuId, command: entry.id, err });
+          continue;
+        }
         if (await this.opts.mailbox.remove(mcuId, entry.id)) this.opts.onMailbox?.('expired');
       }
     } catch (err) {

@@ -41,6 +41,8 @@ interface Rig {
   clock: { t: number };
   /** called before the floor of a bundle name is read (once per call) */
   onFloorRead: { fn: (() => Promise<void>) | null };
+  /** the next offers into the mailbox fail (a full mailbox) while this is above 0 */
+  failOffers: { n: number };
   /** a bundle file: `bytes` under the raw verifier (the file is the image), or prefixed (one image, several bundles) */
   bundle(name: string, bytes: Buffer): { url: string; sha256: string; size: number };
   desired(mcu: string, fw?: { version: string; url: string; sha256: string; size: number }): Promise<void>;
@@ -59,6 +61,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
   const real = new Level<string, string>(join(tmp.dir, 'db'));
   await real.open();
   const onFloorRead: Rig['onFloorRead'] = { fn: null };
+  const failOffers: Rig['failOffers'] = { n: 0 };
   // the real database; its get() can be held up once, to land a change in the middle of an offer
   const db = new Proxy(real, {
     get(target, prop, receiver) {
@@ -92,6 +95,10 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
     db,
     relay,
     offer: async (mcu, cmd) => {
+      if (failOffers.n > 0) {
+        failOffers.n--;
+        throw new FleetError('FLEET_MCU_MAILBOX_FULL', 'the mailbox is full');
+      }
       const q = mailbox.get(mcu) ?? [];
       if (!q.some((e) => e.id === cmd.id)) q.push({ id: cmd.id, args: cmd.args });
       mailbox.set(mcu, q);
@@ -117,6 +124,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
     meta,
     clock,
     onFloorRead,
+    failOffers,
     bundle(name, bytes) {
       const file = join(tmp.dir, name);
       writeFileSync(file, bytes);
@@ -412,6 +420,75 @@ test('firmware jobs (stub relay): a bundle verified under a trust root rotated s
     await r.desired('m3', { version: '1.5.0', ...a });
     await waitFor(() => r.fm.state('m3')?.state === 'failed', 'an expired bundle is not offered');
     assert.match(r.fm.state('m3')?.reason ?? '', /FLEET_BUNDLE_EXPIRED/);
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a renewal that cannot be put in the mailbox keeps the expired offer for the next sweep (the job never names an offer no mailbox holds)', async () => {
+  const r = await rig();
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    const first = r.fm.state('m1')!.offerId!;
+    const expired = { id: first, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 } as MailboxEntry;
+    r.failOffers.n = 1;
+    await assert.rejects(r.fm.onExpired('m1', expired), /FLEET_MCU_MAILBOX_FULL|full/);
+    assert.equal(r.fm.state('m1')?.offerId, first, 'still the expired one: the sweep keeps it and tries again');
+    // the next sweep: renewed
+    await r.fm.onExpired('m1', expired);
+    assert.notEqual(r.fm.state('m1')?.offerId, first);
+    assert.ok(r.mailbox.get('m1')?.some((e) => e.id === r.fm.state('m1')?.offerId), 'the renewed offer is in the mailbox');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a download that fails (HTTP 404) after its job was cancelled leaves it cancelled: no retry, nothing offered', async () => {
+  let release: (() => void) | null = null;
+  const server = createServer((_req, res) => {
+    // the artifact store answers 404 (not there yet: a failure worth retrying) once released
+    release = () => res.writeHead(404).end();
+  });
+  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+  const r = await rig({ retryMinMs: 1000, downloadIdleMs: 60_000 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    const bytes = image(7);
+    await r.desired('m1', { version: '1.5.0', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/a`, sha256: sha256(bytes), size: bytes.length });
+    await waitFor(() => release !== null, 'the download started');
+    await r.desired('m1');
+    assert.equal(r.fm.state('m1')?.cause, 'cancelled');
+    release!();
+    await sleep(300); // the failure reaches the job
+    r.clock.t += 120_000; // past any automatic retry
+    await sleep(200);
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    assert.equal(r.fm.state('m1')?.cause, 'cancelled', 'still cancelled, not a retried preparation failure');
+    assert.equal(r.fm.state('m1')?.retryAt, undefined);
+    assert.deepEqual(r.mailbox.get('m1') ?? [], []);
+    assert.deepEqual(r.fwEvents('m1'), ['1.5.0:fetching', '1.5.0:failed(cancelled)']);
+  } finally {
+    server.closeAllConnections();
+    await new Promise<void>((ok) => server.close(() => ok()));
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): an update replaced by a new target while the MCU installed it is reported failed (no_report) at its deadline if no hello decides it', async () => {
+  const r = await rig({ installTimeoutMs: 60_000 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'A offered');
+    await r.ack('m1', true);
+    await r.desired('m1', { version: '2.0.0', ...r.bundle('b.bin', image(5)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered' && r.fm.state('m1')?.version === '2.0.0', 'B offered');
+    r.clock.t += 61_000;
+    await waitFor(() => r.fwEvents('m1').includes('1.5.0:failed(no_report)'), 'A reported failed at its deadline');
+    assert.equal(r.fm.state('m1')?.state, 'offered', 'B goes on');
+    assert.equal(r.fm.state('m1')?.replaced, undefined);
   } finally {
     await r.close();
   }
