@@ -1,3 +1,27 @@
+/** Bytes the remaining length `n` takes in a fixed header [MQTT-2.2.3]: 1 to 4. */
+export function remainingLengthBytes(n: number): number {
+  return n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x200000 ? 3 : 4;
+}
+
+/** Write the remaining length `n` at `off` (7 bits a byte, low first) [MQTT-2.2.3]; returns the offset after it. */
+export function writeRemainingLength(out: Buffer, off: number, n: number): number {
+  do {
+    let b = n % 128;
+    n = Math.floor(n / 128);
+    if (n > 0) b |= 0x80;
+    out[off++] = b;
+  } while (n > 0);
+  return off;
+}
+
+/** A whole packet: the first byte (type and flags), the remaining length, the body. */
+export function mqttFrame(first: number, body: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(1 + remainingLengthBytes(body.length) + body.length);
+  out[0] = first;
+  body.copy(out, writeRemainingLength(out, 1, body.length));
+  return out;
+}
+
 /** An MQTT fixed header read from a buffer (core/mqtt-wire.ts fixedHeader). */
 export type FixedHeader = { kind: 'ok'; start: number; len: number } | { kind: 'more' } | { kind: 'malformed' } | { kind: 'tooLarge'; len: number };
 

@@ -1,5 +1,5 @@
 import { connect, type Socket } from 'node:net';
-import { fixedHeader } from '../core/mqtt-wire.ts';
+import { fixedHeader, mqttFrame as frame, remainingLengthBytes, writeRemainingLength } from '../core/mqtt-wire.ts';
 
 /**
  * A minimal MQTT 3.1.1 client, the size of what an ESP32 runs (esp-mqtt, PubSubClient):
@@ -195,23 +195,6 @@ export class MqttLite {
   }
 }
 
-function frame(h: number, body: Buffer): Buffer {
-  const len = body.length;
-  const lenBytes: number[] = [];
-  let x = len;
-  do {
-    let b = x % 128;
-    x = Math.floor(x / 128);
-    if (x > 0) b |= 0x80;
-    lenBytes.push(b);
-  } while (x > 0);
-  const out = Buffer.allocUnsafe(1 + lenBytes.length + len);
-  out[0] = h;
-  for (let i = 0; i < lenBytes.length; i++) out[1 + i] = lenBytes[i]!;
-  body.copy(out, 1 + lenBytes.length);
-  return out;
-}
-
 function str(s: string): Buffer {
   const b = Buffer.from(s, 'utf8');
   const out = Buffer.allocUnsafe(2 + b.length);
@@ -234,15 +217,9 @@ export function encodeConnect(o: MqttConnectOptions): Buffer {
 export function encodePublish(topic: string, payload: Buffer, qos: 0 | 1, pid: number, dup: boolean): Buffer {
   const tl = Buffer.byteLength(topic, 'utf8');
   const rem = 2 + tl + (qos > 0 ? 2 : 0) + payload.length;
-  const hl = rem < 0x80 ? 2 : rem < 0x4000 ? 3 : rem < 0x200000 ? 4 : 5;
-  const out = Buffer.allocUnsafe(hl + rem);
+  const out = Buffer.allocUnsafe(1 + remainingLengthBytes(rem) + rem);
   out[0] = 0x30 | (dup ? 0x08 : 0) | (qos << 1);
-  let x = rem;
-  for (let i = 1; i < hl; i++) {
-    out[i] = (x & 0x7f) | (i < hl - 1 ? 0x80 : 0);
-    x >>>= 7;
-  }
-  let p = hl;
+  let p = writeRemainingLength(out, 1, rem);
   out[p++] = tl >> 8;
   out[p++] = tl & 0xff;
   out.write(topic, p, tl, 'utf8');

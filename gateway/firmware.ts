@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Level } from 'level';
 import { writeFileAtomic } from '../core/atomic-file.ts';
-import { FleetError, toFleetError } from '../core/errors.ts';
+import { FleetError, isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, type DesiredArtifact } from '../core/messages.ts';
 import type { McuAck, McuHello } from '../firmware-bridge/frames.ts';
@@ -393,7 +393,7 @@ export class FirmwareManager {
     // (a cancel must not turn into a retried failure that offers the firmware after all)
     if (!this.current(mcuId, job) || job.state !== 'fetching') return;
     // an I/O error (a full disk, a missing file) is this step's failure, with its stable code
-    const fe = isFleetErrorLike(err) ? toFleetError(err) : new FleetError('FLEET_MCU_FIRMWARE', `preparing the firmware failed: ${(err as Error)?.message ?? String(err)}`, { cause: err });
+    const fe = isFleetError(err) ? err : new FleetError('FLEET_MCU_FIRMWARE', `preparing the firmware failed: ${(err as Error)?.message ?? String(err)}`, { cause: err });
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
     // what the bundle itself fails (its signature, trust, the anti-rollback floor, its
     // version) fails again the same way: not tried again on every reconnect, nor by the timer
@@ -885,8 +885,6 @@ export class FirmwareManager {
   }
 }
 
-/** a FleetError, or an error that says which one it is (from another copy of core/errors) */
-const isFleetErrorLike = (err: unknown): boolean => err instanceof FleetError || (typeof err === 'object' && err !== null && typeof (err as { code?: unknown }).code === 'string' && (err as { code: string }).code.startsWith('FLEET_'));
 
 function sha256File(file: string): Promise<string> {
   return new Promise((resolve, reject) => {

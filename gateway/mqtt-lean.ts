@@ -3,7 +3,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer } from 'node:tls';
 import { crc32 } from '../core/crc32.ts';
 import { FleetError } from '../core/errors.ts';
-import { fixedHeader, type FixedHeader } from '../core/mqtt-wire.ts';
+import { fixedHeader, remainingLengthBytes, writeRemainingLength, type FixedHeader } from '../core/mqtt-wire.ts';
 
 /**
  * A lean MQTT 3.1.1 server for MCUs: the subset of the protocol a device needs, on one
@@ -757,18 +757,13 @@ export class LeanConn {
     // SUBACK: the packet id and one return code per filter, in order [MQTT-3.8.4-5]; its
     // remaining length takes 2 bytes from 126 filters on [MQTT-2.2.3]
     const len = 2 + filters.length;
-    const lenBytes = len < 128 ? 1 : 2; // MAX_SUBSCRIBE_FILTERS + 2 < 16384
-    const out = Buffer.allocUnsafe(1 + lenBytes + len);
+    const out = Buffer.allocUnsafe(1 + remainingLengthBytes(len) + len);
     out[0] = 0x90;
-    if (lenBytes === 1) out[1] = len;
-    else {
-      out[1] = (len % 128) | 0x80;
-      out[2] = Math.floor(len / 128);
-    }
-    out.writeUInt16BE(pid, 1 + lenBytes);
+    const at = writeRemainingLength(out, 1, len);
+    out.writeUInt16BE(pid, at);
     for (let k = 0; k < filters.length; k++) {
       const g = this.server.opts.hooks.onSubscribe(this, filters[k]!, qoss[k]!);
-      out[3 + lenBytes + k] = g;
+      out[at + 2 + k] = g;
       if (g !== 0x80) {
         (this.filters ??= new Map()).set(filters[k]!, g);
         granted.push(filters[k]!);
@@ -815,17 +810,9 @@ export class LeanConn {
     if (this.closed) return false;
     const tl = Buffer.byteLength(topic);
     const len = 2 + tl + (qos ? 2 : 0) + payload.length;
-    const lenBytes = len < 128 ? 1 : len < 16384 ? 2 : len < 2097152 ? 3 : 4;
-    const out = Buffer.allocUnsafe(1 + lenBytes + len);
+    const out = Buffer.allocUnsafe(1 + remainingLengthBytes(len) + len);
     out[0] = 0x30 | (qos << 1);
-    let o = 1;
-    let x = len;
-    do {
-      let b = x % 128;
-      x = Math.floor(x / 128);
-      if (x > 0) b |= 0x80;
-      out[o++] = b;
-    } while (x > 0);
+    let o = writeRemainingLength(out, 1, len);
     out.writeUInt16BE(tl, o);
     o += 2;
     o += out.write(topic, o, 'utf8');

@@ -31,14 +31,7 @@ export class McuRateLimit {
   /** 0: go ahead (one token taken); otherwise the ms until a token is free (none taken). */
   take(mcuId: string): number {
     if (this.rate <= 0) return 0;
-    const now = this.now();
-    const b = this.buckets.get(mcuId);
-    if (b === undefined) {
-      this.buckets.set(mcuId, { tokens: this.burst - 1, at: now });
-      return 0;
-    }
-    b.tokens = Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) * this.rate) / 1000);
-    b.at = now;
+    const b = this.bucket(mcuId);
     if (b.tokens >= 1) {
       b.tokens -= 1;
       return 0;
@@ -52,14 +45,21 @@ export class McuRateLimit {
    */
   charge(mcuId: string, n: number): void {
     if (this.rate <= 0 || n <= 0) return;
+    this.bucket(mcuId).tokens -= n;
+  }
+
+  /** The MCU's bucket, refilled to now (a new one is full). */
+  private bucket(mcuId: string): { tokens: number; at: number } {
     const now = this.now();
-    const b = this.buckets.get(mcuId);
+    let b = this.buckets.get(mcuId);
     if (b === undefined) {
-      this.buckets.set(mcuId, { tokens: this.burst - n, at: now });
-      return;
+      b = { tokens: this.burst, at: now };
+      this.buckets.set(mcuId, b);
+      return b;
     }
-    b.tokens = Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) * this.rate) / 1000) - n;
+    b.tokens = Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) * this.rate) / 1000);
     b.at = now;
+    return b;
   }
 
   /**

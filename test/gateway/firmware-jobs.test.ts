@@ -46,6 +46,10 @@ interface Rig {
   /** a bundle file: `bytes` under the raw verifier (the file is the image), or prefixed (one image, several bundles) */
   bundle(name: string, bytes: Buffer): { url: string; sha256: string; size: number };
   desired(mcu: string, fw?: { version: string; url: string; sha256: string; size: number }): Promise<void>;
+  /** `mcu` on 1.0.0 is offered 1.5.0 (bundle a.bin, image(3)); resolves once offered */
+  offerA(mcu: string): Promise<void>;
+  /** the mailbox entry of an offer, as the mailbox hands it to onAck / onExpired */
+  entry(id: string): MailboxEntry;
   hello(mcu: string, h: McuHello): Promise<void>;
   ack(mcu: string, ok: boolean): Promise<void>;
   fwEvents(mcu: string): string[];
@@ -115,7 +119,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
     ...(o.downloadIdleMs !== undefined ? { downloadIdleMs: o.downloadIdleMs } : {}),
   });
   const entry = (id: string) => ({ id, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 }) as MailboxEntry;
-  return {
+  const self: Rig = {
     fm,
     dir: tmp.dir,
     db: real,
@@ -131,6 +135,12 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
       return { url: pathToFileURL(file).href, sha256: sha256(bytes), size: bytes.length };
     },
     desired: (mcu, fw) => fm.desired(mcu, Buffer.from(JSON.stringify({ v: 1, rev: 1, ts: Date.now(), apps: {}, ...(fw ? { firmware: fw } : {}) }))),
+    async offerA(mcu) {
+      meta.set(mcu, { fw: '1.0.0' });
+      await self.desired(mcu, { version: '1.5.0', ...self.bundle('a.bin', image(3)) });
+      await waitFor(() => fm.state(mcu)?.state === 'offered', `${mcu} offered 1.5.0`);
+    },
+    entry,
     async hello(mcu, h) {
       meta.set(mcu, { ...meta.get(mcu), fw: h.fw });
       await fm.onHello(mcu, h, undefined);
@@ -148,6 +158,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
       tmp.cleanup();
     },
   };
+  return self;
 }
 
 const persisted = async (r: Rig, mcu: string) => JSON.parse((await r.db.get(`f!${mcu}`))!) as { version: string; state: string };
@@ -168,7 +179,8 @@ test('firmware jobs (stub relay): a new target that arrives while the previous o
     await sleep(100);
     assert.equal(r.fm.state('m1')?.version, '2.0.0');
     assert.deepEqual(r.mailbox.get('m1')?.map((e) => e.args.v), ['2.0.0'], 'only B waits in the mailbox');
-    assert.deepEqual(await persisted(r, 'm1'), { ...(await persisted(r, 'm1')), version: '2.0.0', state: 'offered' });
+    const stored = await persisted(r, 'm1');
+    assert.deepEqual([stored.version, stored.state], ['2.0.0', 'offered'], 'B is what is written');
     // A may have been offered before B came (its turn came first), never after B's first word
     const ev = r.fwEvents('m1');
     const lastA = ev.map((e) => e.startsWith('1.5.0:')).lastIndexOf(true);
@@ -203,9 +215,7 @@ test('firmware jobs (stub relay): a cancel that arrives while the offer is being
 test('firmware jobs (stub relay): a bootloader rollback of the update a new target replaced fails that update, not the new target, which stays offered', async () => {
   const r = await rig();
   try {
-    r.meta.set('m1', { fw: '1.0.0' });
-    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
-    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'A offered');
+    await r.offerA('m1');
     await r.ack('m1', true);
     assert.equal(r.fm.state('m1')?.state, 'installing');
     await r.desired('m1', { version: '2.0.0', ...r.bundle('b.bin', image(5)) });
@@ -230,12 +240,10 @@ test('firmware jobs (stub relay): a bootloader rollback of the update a new targ
 test('firmware jobs (stub relay): an offer that expires untaken is renewed under a new id; the MCU takes it when it comes back', async () => {
   const r = await rig();
   try {
-    r.meta.set('m1', { fw: '1.0.0' });
-    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
-    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    await r.offerA('m1');
     const first = r.fm.state('m1')!.offerId!;
     // the mailbox expires it (service.ts: onExpired, then the entry is removed)
-    await r.fm.onExpired('m1', { id: first, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 });
+    await r.fm.onExpired('m1', r.entry(first));
     r.mailbox.set('m1', (r.mailbox.get('m1') ?? []).filter((e) => e.id !== first));
     const renewed = r.fm.state('m1')!.offerId!;
     assert.notEqual(renewed, first);
@@ -252,9 +260,7 @@ test('firmware jobs (stub relay): an offer that expires untaken is renewed under
 test('firmware jobs (stub relay): an MCU that took the image and never reports is failed (no_report) at its deadline, its image no longer held; a late hello on the target still succeeds', async () => {
   const r = await rig({ installTimeoutMs: 60_000 });
   try {
-    r.meta.set('m1', { fw: '1.0.0' });
-    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
-    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    await r.offerA('m1');
     await r.ack('m1', true);
     await sleep(100);
     assert.equal(r.fm.state('m1')?.state, 'installing', 'before the deadline');
@@ -428,11 +434,9 @@ test('firmware jobs (stub relay): a bundle verified under a trust root rotated s
 test('firmware jobs (stub relay): a renewal that cannot be put in the mailbox keeps the expired offer for the next sweep (the job never names an offer no mailbox holds)', async () => {
   const r = await rig();
   try {
-    r.meta.set('m1', { fw: '1.0.0' });
-    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
-    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+    await r.offerA('m1');
     const first = r.fm.state('m1')!.offerId!;
-    const expired = { id: first, seq: 1, name: 'fw.update', args: {}, expiresAt: 0, queuedAt: 0 } as MailboxEntry;
+    const expired = r.entry(first);
     r.failOffers.n = 1;
     await assert.rejects(r.fm.onExpired('m1', expired), /FLEET_MCU_MAILBOX_FULL|full/);
     assert.equal(r.fm.state('m1')?.offerId, first, 'still the expired one: the sweep keeps it and tries again');
@@ -479,9 +483,7 @@ test('firmware jobs (stub relay): a download that fails (HTTP 404) after its job
 test('firmware jobs (stub relay): an update replaced by a new target while the MCU installed it is reported failed (no_report) at its deadline if no hello decides it', async () => {
   const r = await rig({ installTimeoutMs: 60_000 });
   try {
-    r.meta.set('m1', { fw: '1.0.0' });
-    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
-    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'A offered');
+    await r.offerA('m1');
     await r.ack('m1', true);
     await r.desired('m1', { version: '2.0.0', ...r.bundle('b.bin', image(5)) });
     await waitFor(() => r.fm.state('m1')?.state === 'offered' && r.fm.state('m1')?.version === '2.0.0', 'B offered');

@@ -16,6 +16,7 @@ import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
 import type { McuChannel } from '../../firmware-bridge/topics.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
 import { tempDir, waitFor } from '../helpers.ts';
+import type { GatewayConfig } from '../../gateway/config.ts';
 import { coap, nextCounter, of, withEnv } from './env.ts';
 
 /**
@@ -175,52 +176,43 @@ test('interop: malformed CoAP, MQTT, CBOR and SenML, replayed and forged message
   });
 });
 
-test('interop: coap-client-notls uploads a 1.5 MiB log (Block1, 1024-byte blocks); it reaches the hub whole, in order, as several records each below the hub payload limit', async () => {
-  const tmp = tempDir('fleetlet-biglog-');
+/**
+ * `text` uploaded by coap-client-notls as MCU `id` (Block1, 1024-byte blocks, Content-Format
+ * text) through a real gateway and hub; `check` gets the log batches once every line arrived.
+ */
+async function uploadedLog(id: string, text: string, mcu: Partial<GatewayConfig['mcu']>, check: (batches: LogBatch[]) => void): Promise<void> {
+  const tmp = tempDir('fleetlet-upload-');
   try {
-    await withEnv(
-      async ({ gw, site, seen }) => {
-        const id = 'esp-biglog';
-        // 40,000 lines (more than one record may hold) of about 40 characters: ~1.5 MiB
-        const text = Array.from({ length: 40_000 }, (_, i) => `line ${String(i).padStart(6, '0')} ${'x'.repeat(28)}`).join('\n') + '\n';
-        const file = join(tmp.dir, 'big.log');
-        writeFileSync(file, text);
-        const res = await run('coap-client-notls', ['-m', 'post', '-b', '1024', '-t', '0', '-f', file, '-B', '120', coapUrl(gw.coapPort, site, id, 'log', Buffer.from(text))], { maxBuffer: 16 * 1024 * 1024 });
-        assert.doesNotMatch(res.stdout + res.stderr, /4\.\d\d|5\.\d\d/);
-        await waitFor(() => (of(seen, id, 'logs') as LogBatch[]).reduce((n, b) => n + b.lines.length, 0) === 40_000, 'every line at the hub', 60_000);
-        const batches = of(seen, id, 'logs') as LogBatch[];
-        assert.ok(batches.length >= 4, `split into records (${batches.length})`);
-        for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 1024 * 1024, 'each record below the hub payload limit');
-        const lines = batches.flatMap((b) => b.lines.map((l) => l.line));
-        assert.deepEqual(lines, text.split('\n').slice(0, -1), 'all lines, in order');
-      },
-      { maxUploadBytes: 4 * 1024 * 1024 },
-    );
+    await withEnv(async ({ gw, site, seen }) => {
+      const file = join(tmp.dir, 'upload.log');
+      writeFileSync(file, text);
+      const res = await run('coap-client-notls', ['-m', 'post', '-b', '1024', '-t', '0', '-f', file, '-B', '120', coapUrl(gw.coapPort, site, id, 'log', Buffer.from(text))], { maxBuffer: 16 * 1024 * 1024 });
+      assert.doesNotMatch(res.stdout + res.stderr, /4\.\d\d|5\.\d\d/);
+      const lines = text.split('\n').length - 1;
+      await waitFor(() => (of(seen, id, 'logs') as LogBatch[]).reduce((n, b) => n + b.lines.length, 0) === lines, 'every line at the hub', 60_000);
+      check(of(seen, id, 'logs') as LogBatch[]);
+    }, mcu);
   } finally {
     tmp.cleanup();
   }
+}
+
+test('interop: coap-client-notls uploads a 1.5 MiB log (Block1, 1024-byte blocks); it reaches the hub whole, in order, as several records each below the hub payload limit', async () => {
+  // 40,000 lines (more than one record may hold) of about 40 characters: ~1.5 MiB
+  const text = Array.from({ length: 40_000 }, (_, i) => `line ${String(i).padStart(6, '0')} ${'x'.repeat(28)}`).join('\n') + '\n';
+  await uploadedLog('esp-biglog', text, { maxUploadBytes: 4 * 1024 * 1024 }, (batches) => {
+    assert.ok(batches.length >= 4, `split into records (${batches.length})`);
+    for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 1024 * 1024, 'each record below the hub payload limit');
+    const lines = batches.flatMap((b) => b.lines.map((l) => l.line));
+    assert.deepEqual(lines, text.split('\n').slice(0, -1), 'all lines, in order');
+  });
 });
 
 test('interop: coap-client-notls uploads 400 KB of control characters (valid UTF-8, six bytes each once JSON-escaped); every record stays below the hub payload limit and the text arrives whole', async () => {
-  const tmp = tempDir('fleetlet-ctrllog-');
-  try {
-    await withEnv(
-      async ({ gw, site, seen }) => {
-        const id = 'esp-ctrllog';
-        const line = '\u0001'.repeat(99);
-        const text = Array.from({ length: 4000 }, () => line).join('\n') + '\n';
-        const file = join(tmp.dir, 'ctrl.log');
-        writeFileSync(file, text);
-        const res = await run('coap-client-notls', ['-m', 'post', '-b', '1024', '-t', '0', '-f', file, '-B', '120', coapUrl(gw.coapPort, site, id, 'log', Buffer.from(text))], { maxBuffer: 16 * 1024 * 1024 });
-        assert.doesNotMatch(res.stdout + res.stderr, /4\.\d\d|5\.\d\d/);
-        await waitFor(() => (of(seen, id, 'logs') as LogBatch[]).reduce((n, b) => n + b.lines.length, 0) === 4000, 'every line at the hub', 60_000);
-        const batches = of(seen, id, 'logs') as LogBatch[];
-        for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 512 * 1024, `each record well below the hub payload limit (${Buffer.byteLength(JSON.stringify(b))})`);
-        assert.ok(batches.every((b) => b.lines.every((l) => l.line === line)));
-      },
-      { maxUploadBytes: 1024 * 1024, msgRate: 0 },
-    );
-  } finally {
-    tmp.cleanup();
-  }
+  const line = '\u0001'.repeat(99);
+  const text = Array.from({ length: 4000 }, () => line).join('\n') + '\n';
+  await uploadedLog('esp-ctrllog', text, { maxUploadBytes: 1024 * 1024, msgRate: 0 }, (batches) => {
+    for (const b of batches) assert.ok(Buffer.byteLength(JSON.stringify(b)) < 512 * 1024, `each record well below the hub payload limit (${Buffer.byteLength(JSON.stringify(b))})`);
+    assert.ok(batches.every((b) => b.lines.every((l) => l.line === line)));
+  });
 });

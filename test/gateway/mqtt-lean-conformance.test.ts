@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
 import { test } from 'node:test';
 import mqttPacket from 'mqtt-packet';
+import { mqttFrame } from '../../core/mqtt-wire.ts';
 import { waitFor } from '../helpers.ts';
 import { leanRig, type LeanRig } from './lean-rig.ts';
 
@@ -17,18 +18,7 @@ const field = (x: string | Buffer): Buffer => {
   const b = Buffer.isBuffer(x) ? x : Buffer.from(x);
   return Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
 };
-/** Remaining length, variable-length encoded [MQTT-2.2.3]. */
-const remaining = (n: number): Buffer => {
-  const out: number[] = [];
-  do {
-    let b = n % 128;
-    n = Math.floor(n / 128);
-    if (n > 0) b |= 0x80;
-    out.push(b);
-  } while (n > 0);
-  return Buffer.from(out);
-};
-const packet = (first: number, body: Buffer): Buffer => Buffer.concat([Buffer.from([first]), remaining(body.length), body]);
+const packet = mqttFrame;
 /** CONNECT with the given connect flags (0x02 = clean session), keep-alive 60 s, and `extra` after the client id. */
 const connectRaw = (flags: number, id: string | Buffer, extra: Buffer[] = [], proto = 'MQTT', level = 4): Buffer =>
   packet(0x10, Buffer.concat([field(proto), Buffer.from([level, flags, 0, 60]), field(id), ...extra]));
