@@ -41,7 +41,8 @@ const LOG_FLUSH_MS = 1000;
 const MAX_LOG_LINES_PER_BATCH = 1000;
 
 export async function startAgent<T>(config: AgentConfig, log: Logger, version: string, deps: { bundles?: BundleApi<T> } = {}): Promise<AgentHandle> {
-  const started = Date.now();
+  // uptime on the monotonic clock: a wall-clock step (NTP at boot without an RTC) is not uptime
+  const started = performance.now();
   setNativeDir(config.stateDir);
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const tokenFiles = { technician: join(config.stateDir, 'tokens', 'technician.token'), readonly: join(config.stateDir, 'tokens', 'readonly.token') };
@@ -251,7 +252,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
       await reply(r);
     };
     try {
-      if (cmd.name === 'ping') await answer({ id: cmd.id, ok: true, result: { uptimeS: (Date.now() - started) / 1000 } });
+      if (cmd.name === 'ping') await answer({ id: cmd.id, ok: true, result: { uptimeS: (performance.now() - started) / 1000 } });
       else if (cmd.name === 'restart-app') {
         const app = supervisor.apps.get(String(cmd.args.app));
         if (!app) await answer({ id: cmd.id, ok: false, error: { code: 'FLEET_APP_NOT_FOUND', message: `no app ${String(cmd.args.app)}` } });
@@ -267,7 +268,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
 
   // --- local API
   const metrics = new MetricsRegistry();
-  metrics.gaugeFn('fleet_agent_up_seconds', 'Seconds since the agent started', () => (Date.now() - started) / 1000);
+  metrics.gaugeFn('fleet_agent_up_seconds', 'Seconds since the agent started', () => (performance.now() - started) / 1000);
   metrics.gaugeFn('fleet_agent_uplink_connected', '1 when the MQTT connection to the hub is up', () => (client?.connected ? 1 : 0));
   metrics.gaugeFn('fleet_agent_outbox_records', 'Records waiting in the outbox, by priority class', () =>
     Object.entries(outbox.stats().depthByClass).map(([cls, v]) => ({ labels: { class: cls }, value: v })),
@@ -284,7 +285,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
   const status = () => ({
     deviceId: config.deviceId,
     version,
-    uptimeS: (Date.now() - started) / 1000,
+    uptimeS: (performance.now() - started) / 1000,
     hub: { configured: config.hub !== undefined, connected: client?.connected ?? false, inFlight: uplink?.inFlight ?? 0, outbox: outbox.stats() },
     desired,
     device: last,

@@ -156,7 +156,8 @@ export class Router {
   private allow(key: string): boolean {
     const rate = this.opts.rateLimit ?? 0;
     if (rate <= 0) return true;
-    const now = Date.now();
+    // the monotonic clock: a wall-clock step back (NTP) must not refuse every request until it catches up
+    const now = performance.now();
     const b = this.buckets.get(key) ?? { tokens: rate * 2, at: now };
     b.tokens = Math.min(rate * 2, b.tokens + ((now - b.at) / 1000) * rate);
     b.at = now;

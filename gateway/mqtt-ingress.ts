@@ -256,7 +256,7 @@ export class McuMqttIngress {
       if (conn.isClosed) return qos === 0;
       // not silent: what it sent waits here, so the keep-alive check must not take it for a
       // dead connection (refreshed at least every MAX_THROTTLE_SLICE_MS)
-      conn.lastRx = Date.now();
+      conn.lastRx = performance.now();
       await new Promise((r) => setTimeout(r, Math.min(w, MAX_THROTTLE_SLICE_MS)));
     }
     return qos === 0 || !conn.isClosed;

@@ -283,10 +283,10 @@ export class LeanConn {
     readonly socket: Socket,
     private readonly server: LeanMqttServer,
     /** when the TCP connection was accepted (before a TLS handshake: it counts against the CONNECT timeout) */
-    acceptedAt = Date.now(),
+    acceptedAt = performance.now(),
   ) {
     this.openedAt = acceptedAt;
-    this.lastRx = Date.now();
+    this.lastRx = performance.now();
   }
 
   get isClosed(): boolean {
@@ -304,7 +304,7 @@ export class LeanConn {
 
   onData(chunk: Buffer): void {
     if (this.closed || chunk.length === 0) return;
-    this.lastRx = Date.now();
+    this.lastRx = performance.now();
     if (this.rx === null) this.rx = chunk;
     else {
       // Behind an incomplete packet: kept as received and copied once, when the packet is
@@ -1023,7 +1023,7 @@ export class LeanMqttServer {
       if (!this.admit(raw)) return;
       const key = `${raw.remoteAddress} ${raw.remotePort}`;
       this.handshaking.set(key, raw);
-      this.acceptedAt.set(raw, Date.now());
+      this.acceptedAt.set(raw, performance.now());
       this.tlsSockets.add(raw);
       // TCP keepalive (on plain sockets too): a peer that vanished (power cut, half-open
       // connection) is found even with MQTT keep-alive 0, which the sweep never times out
@@ -1259,7 +1259,9 @@ export class LeanMqttServer {
 
   /** Keep-alive [MQTT-3.1.2-24] and CONNECT timeouts, once a second for all connections. */
   private sweep(): void {
-    const now = Date.now();
+    // the monotonic clock: a wall-clock step (NTP at boot on a board without an RTC) must
+    // neither drop every connection at once nor keep dead ones open until it catches up
+    const now = performance.now();
     const connectTimeout = this.opts.connectTimeoutMs ?? 10_000;
     let backlog = 0;
     for (const c of this.conns) {

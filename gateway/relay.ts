@@ -37,7 +37,15 @@ export interface RelayOptions {
   onDown?: (mcuId: string, channel: 'cmd' | 'desired', payload: Buffer) => Promise<void>;
   /** the MCUs revoked at the hub (MCU_REVOCATIONS_TOPIC, retained: on every connection and change); `conn` numbers the connection */
   onRevocations?: (payload: Buffer, conn: number) => void;
+  /** the wall clock (message timestamps, days seen), ms since the epoch */
   now?: () => number;
+  /**
+   * a monotonic clock, ms, for silence and intervals (lost detection): a wall-clock step
+   * (NTP at boot on a board without an RTC) must not mark every MCU lost, nor keep a dead one
+   * online until the clock catches up. Default performance.now(); with only `now` given
+   * (tests), `now`.
+   */
+  elapsed?: () => number;
 }
 
 /** What an MCU said about itself in its last hello (persisted with the MCU list). */
@@ -69,7 +77,7 @@ interface McuEntry {
   /** position in registration order; the register message lists MCUs in this order */
   index: number;
   protocol: McuProtocol | null;
-  /** last time the MCU said anything, ms */
+  /** last time the MCU said anything, ms of the monotonic clock (elapsed) */
   lastSeen: number;
   /** smoothed interval between its messages, ms; 0 until two were seen */
   intervalMs: number;
@@ -190,6 +198,7 @@ export class Relay {
   private readonly gated: GatedOutbox;
   private readonly uplink: Uplink;
   private readonly now: () => number;
+  private readonly elapsed: () => number;
   private stopped = false;
   /** telemetry of this turn of the event loop, stored together by flushGroup */
   private group: GroupItem[] = [];
@@ -202,6 +211,7 @@ export class Relay {
 
   constructor(private readonly opts: RelayOptions) {
     this.now = opts.now ?? Date.now;
+    this.elapsed = opts.elapsed ?? opts.now ?? (() => performance.now());
     this.batchTopic = deviceTopic(opts.gatewayId, 'batch');
     this.groupMaxBytes = Math.min(GROUP_MAX_BYTES, opts.uplink?.batchBytes ?? GROUP_MAX_BYTES);
     // Registered before the Uplink's own 'connect' listener (created just below), so on
@@ -252,7 +262,7 @@ export class Relay {
         m.seenDay = Math.floor(now / DAY_MS);
         this.changed = true;
       }
-      this.addMcu(id, null, now, true, Date.now(), m);
+      this.addMcu(id, null, this.elapsed(), true, Date.now(), m);
     }
     if (forgotten.length > 0) {
       this.changed = true; // the saved list loses them too
@@ -451,6 +461,7 @@ export class Relay {
     if (this.stopped) throw new FleetError('FLEET_STORE', 'gateway is stopping; not storing');
     if (mcuId === this.opts.gatewayId) throw new FleetError('FLEET_FORBIDDEN', `MCU id ${mcuId} is the gateway's own id`);
     const now = this.now();
+    const t = this.elapsed();
     let e = this.mcus.get(mcuId);
     if (!e) {
       if (this.mcus.size >= this.opts.maxMcus) throw new FleetError('FLEET_FORBIDDEN', `this gateway acts for at most ${this.opts.maxMcus} MCUs; refusing ${mcuId}`, { details: { limit: this.opts.maxMcus } });
@@ -458,13 +469,13 @@ export class Relay {
         throw new FleetError('FLEET_FORBIDDEN', `the register listing this gateway's ${this.mcus.size} MCUs would exceed ${REGISTER_MAX_BYTES} bytes, above the hub's payload limit; refusing ${mcuId}`, { details: { limit: this.mcus.size } });
       }
       this.registerBytes += registerEntryBytes(mcuId);
-      e = this.addMcu(mcuId, protocol, now, false, 0, {});
+      e = this.addMcu(mcuId, protocol, t, false, 0, {});
       this.changed = true;
       this.opts.log.info('new MCU', { mcu: mcuId, protocol });
     } else if (telemetry && e.lastTelemetry > 0) {
       // the interval between telemetry messages only: a burst of firmware blocks or
       // mailbox polls says nothing about how often the MCU wakes
-      const gap = now - e.lastTelemetry;
+      const gap = Math.round(t - e.lastTelemetry);
       // decided by what happened since the last reading, not by `online` now: a hello or a
       // mailbox poll first after the outage has made it online already
       const endsLost = e.gapEndsLost === true;
@@ -495,14 +506,14 @@ export class Relay {
         this.changed = true;
       }
     }
-    if (telemetry) e.lastTelemetry = now;
+    if (telemetry) e.lastTelemetry = t;
     const day = Math.floor(now / DAY_MS);
     if (e.meta.seenDay !== day) {
       e.meta.seenDay = day; // saved with the state file (once a day per MCU)
       this.changed = true;
     }
     e.protocol = protocol;
-    e.lastSeen = now;
+    e.lastSeen = t;
     e.stale = false;
     e.messages++;
     if (!e.online) {
@@ -612,15 +623,16 @@ export class Relay {
 
   private sweep = (): void => {
     const now = this.now();
+    const t = this.elapsed();
     for (const [id, e] of this.mcus) {
       if (!e.online && !e.stale) continue;
       // a live session is contact (an actuator that only answers keep-alives and waits for
       // commands): silent from when it ends
       if (e.online && this.opts.inSession?.(id)) {
-        e.lastSeen = now;
+        e.lastSeen = t;
         continue;
       }
-      const silent = now - e.lastSeen;
+      const silent = t - e.lastSeen;
       if (silent > this.lostAfter(e)) {
         const limit = this.lostAfter(e);
         const sleeps = e.meta.sleepS ? `, sleeps ${e.meta.sleepS} s` : '';
@@ -659,7 +671,7 @@ export class Relay {
     this.registerBytes += registerEntryBytes(mcuId);
     // seen today: its record says it spoke shortly before the crash
     const now = this.now();
-    this.addMcu(mcuId, null, now, true, Date.now(), { seenDay: Math.floor(now / DAY_MS) });
+    this.addMcu(mcuId, null, this.elapsed(), true, Date.now(), { seenDay: Math.floor(now / DAY_MS) });
     this.changed = true;
     this.opts.log.info('MCU adopted from the outbox (not in the persisted list)', { mcu: mcuId });
     return true;

@@ -317,6 +317,26 @@ test('agent API: rate limit per client answers 429 with a stable code and Retry-
   }
 });
 
+test('agent API (wall clock mocked): the rate limit runs on the monotonic clock: after a wall-clock step back of a day (NTP), a client is served again a second later, not a day later', async (t) => {
+  const tmp = tempDir();
+  const agent = await startAgent(AgentConfigSchema.parse({ deviceId: 'dev-rate-step', stateDir: tmp.dir, api: { port: 0, rateLimit: 1 } }), testLogger(), '0.0.0');
+  const realNow = Date.now.bind(Date);
+  try {
+    const first = await fetch(`http://127.0.0.1:${agent.apiPort}/health`);
+    assert.equal(first.status, 200);
+    await first.arrayBuffer();
+    t.mock.method(Date, 'now', () => realNow() - 24 * 3600_000);
+    await new Promise((r) => setTimeout(r, 1100));
+    const after = await fetch(`http://127.0.0.1:${agent.apiPort}/health`);
+    await after.arrayBuffer();
+    assert.equal(after.status, 200, 'served: the bucket refilled by the time that passed, not by the step');
+  } finally {
+    t.mock.restoreAll();
+    await agent.stop();
+    tmp.cleanup();
+  }
+});
+
 test('loopbackHost: only loopback names and addresses, with or without a port', () => {
   for (const h of ['127.0.0.1', '127.0.0.1:8484', 'localhost:8484', 'localhost', '[::1]:8484', '127.1.2.3']) assert.equal(loopbackHost(h), true, h);
   for (const h of [undefined, '', 'evil.example', 'evil.example:8484', '192.168.1.5:8484', 'localhost.evil.example', '127.0.0.1.evil.example', '[::2]:80']) assert.equal(loopbackHost(h), false, String(h));

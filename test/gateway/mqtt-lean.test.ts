@@ -636,3 +636,35 @@ test('mqtt-lean: a new connection that takes over one whose store is pending wai
     }
   }
 });
+
+test('mqtt-lean (wall clock mocked): keep-alive runs on the monotonic clock: a wall-clock step forward of 5 h drops no live connection, a step back of a day does not keep a silent one open', async (t) => {
+  const l = await lean();
+  const realNow = Date.now.bind(Date);
+  let offset = 0;
+  t.mock.method(Date, 'now', () => realNow() + offset);
+  try {
+    const live = await raw(l.port);
+    live.s.write(connectPk('ka-live', { keepalive: 2 }));
+    await waitFor(() => live.got.length === 1, 'CONNACK');
+    offset = 5 * 3600_000; // NTP steps the clock forward at boot
+    let closed = false;
+    void live.closed.then(() => (closed = true));
+    for (let i = 0; i < 5; i++) {
+      await sleep(500);
+      live.s.write(pk({ cmd: 'pingreq' }));
+    }
+    assert.equal(closed, false, 'a live connection survives the step (the keep-alive sweep runs every second)');
+    live.s.destroy();
+
+    const silent = await raw(l.port);
+    silent.s.write(connectPk('ka-silent', { keepalive: 1 }));
+    await waitFor(() => silent.got.length === 1, 'CONNACK');
+    offset = -24 * 3600_000; // and back
+    const t0 = performance.now();
+    await Promise.race([silent.closed, sleep(6000)]);
+    const waited = performance.now() - t0;
+    assert.ok(waited < 5000, `the silent connection is closed 1.5 keep-alives after its last packet (waited ${Math.round(waited)} ms)`);
+  } finally {
+    await l.srv.close();
+  }
+});

@@ -186,3 +186,38 @@ test('relay (hub connection mocked, fake clock): an MCU in a live session (MQTT,
     await relay.stop(0);
   }
 });
+
+test('relay (hub connection mocked, fake clocks): lost detection runs on the monotonic clock: a wall-clock step forward of 5 h (NTP at boot without an RTC) marks no MCU lost, a step back of a day does not keep a silent MCU online', async () => {
+  const client = Object.assign(new EventEmitter(), { connected: false, disconnecting: false, options: {}, publish: () => undefined, subscribe: () => undefined }) as unknown as MqttClient;
+  let wall = 1_700_000_000_000;
+  let mono = 50_000;
+  const relay = new Relay({ gatewayId: 'gw-t', client, outbox: new MemoryOutbox(), log: testLogger('relay'), maxMcus: 10, now: () => wall, elapsed: () => mono, lostAfterMs: 30_000 });
+  const sweep = () => (relay as unknown as { sweep(): void }).sweep();
+  const online = () => relay.counts().online;
+  const tick = (ms: number) => {
+    wall += ms;
+    mono += ms;
+  };
+  try {
+    await relay.accept('esp-a', 'mqtt', [{ n: 'temp', v: 21, t: wall }]);
+    assert.equal(online(), 1);
+    tick(1000);
+    wall += 5 * 3600_000; // the step: the wall clock only
+    sweep();
+    assert.equal(online(), 1, 'a wall-clock step forward is not silence');
+    for (let i = 0; i < 20; i++) {
+      tick(1000);
+      await relay.accept('esp-a', 'mqtt', [{ n: 'temp', v: 21, t: wall }]);
+      sweep();
+    }
+    assert.equal(online(), 1, 'still online while it reports every second');
+    wall -= 24 * 3600_000; // a step back
+    for (let i = 0; i < 40 && online() === 1; i++) {
+      tick(1000);
+      sweep();
+    }
+    assert.equal(online(), 0, 'silent for lostAfterMs of monotonic time: lost, whatever the wall clock did');
+  } finally {
+    await relay.stop(0);
+  }
+});
