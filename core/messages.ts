@@ -44,6 +44,8 @@ export const StateSchema = z.object({
       prev: z.string().max(64).optional(),
       /** declared sleep period, s: silent this long (times the gateway's lost factor) is sleeping, not lost */
       sleepS: z.number().int().nonnegative().optional(),
+      /** hardware class (board), matched against firmware targets.deviceClass */
+      hw: z.string().max(64).optional(),
     })
     .optional(),
 });

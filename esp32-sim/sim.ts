@@ -5,7 +5,7 @@ import { isDeviceId } from '../core/topics.ts';
 import { mcuKey, signMcuMessage } from '../firmware-bridge/auth.ts';
 import { coapAuthQuery, COAP_CODES, COAP_PATH_ROOT, COAP_QUERY_IMAGE, COMPACT_FORMAT, JSON_FORMAT, SENML_CBOR_FORMAT, SENML_JSON_FORMAT } from '../firmware-bridge/coap.ts';
 import { encodeCompact, encodeSenmlCbor, type SensorTable, type TelemetryFormat } from '../firmware-bridge/codecs.ts';
-import { decodeFwChunk, decodeMcuCommand, type BootReason, type McuCommand } from '../firmware-bridge/frames.ts';
+import { decodeFwChunk, decodeMcuCommand, HW_CLASS_RE, type BootReason, type McuCommand } from '../firmware-bridge/frames.ts';
 import { MCU_PREFIX, type McuChannel, type McuUpChannel } from '../firmware-bridge/topics.ts';
 import { CoapEndpoint, COAP_METHOD, type CoapResponse, type LinkKnobs } from './coap-lite.ts';
 import { MqttLite } from './mqtt-lite.ts';
@@ -71,6 +71,8 @@ export interface SimOptions {
   firmwareVersion?: string;
   /** firmware versions that fail to start: the simulated bootloader rolls back to the previous one */
   failVersions?: readonly string[];
+  /** hardware class every device reports in its hello (`hw`; default esp32-sim; '' = none) */
+  hardwareClass?: string;
   /** firmware chunk size, bytes: MQTT 16..4096, CoAP Block2 16..1024 (power of two) (default 512) */
   fwChunkBytes?: number;
   /** called for every telemetry message the gateway acknowledged (PUBACK / 2.04), with the message's sample id */
@@ -251,6 +253,7 @@ function validate(opts: SimOptions): void {
   };
   if (!Number.isInteger(opts.devices) || opts.devices < 1 || opts.devices > 100_000) bad('devices', 'must be an integer from 1 to 100000');
   if (opts.protocol !== 'mqtt' && opts.protocol !== 'coap') bad('protocol', 'must be mqtt or coap');
+  if (opts.hardwareClass !== undefined && opts.hardwareClass !== '' && !HW_CLASS_RE.test(opts.hardwareClass)) bad('hardwareClass', 'must be 1 to 64 letters, digits, . _ - (not first), or empty for none');
   if (opts.intervalMs !== undefined && (!Number.isInteger(opts.intervalMs) || opts.intervalMs < 10)) bad('intervalMs', 'must be an integer of at least 10');
   if (opts.loss !== undefined && !(opts.loss >= 0 && opts.loss < 1)) bad('loss', 'must be from 0 to below 1');
   if (opts.intervalJitter !== undefined && !(opts.intervalJitter >= 0 && opts.intervalJitter <= 1)) bad('intervalJitter', 'must be from 0 to 1');
@@ -300,6 +303,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const format: TelemetryFormat = opts.format ?? 'senml+json';
   const mailbox = opts.mailbox ?? true;
   const failVersions = new Set(opts.failVersions ?? []);
+  const hardwareClass = opts.hardwareClass ?? 'esp32-sim';
   const chunk = opts.fwChunkBytes ?? 512;
   /** longest a verified image waits for its ack's delivery before the device reboots into it */
   const FW_ACK_WAIT_MS = 5000;
@@ -404,6 +408,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     if (d.bootErr) h.err = d.bootErr;
     if (sleepMs > 0) h.sleep = Math.max(1, Math.ceil(sleepMs / 1000));
     if (format === 'compact') h.sensors = SENSORS;
+    if (hardwareClass) h.hw = hardwareClass;
     return { ch: 'hello' as const, payload: Buffer.from(JSON.stringify(h)), seq: 0, t: now, pid: 0, sentOnce: false, then: () => st.hellos++ };
   };
 

@@ -141,9 +141,13 @@ export interface McuHello {
   /** declared sleep period, seconds; 0 = always awake */
   sleep?: number;
   sensors?: SensorTable;
+  /** hardware class (board or module), matched against a firmware bundle's targets.deviceClass */
+  hw?: string;
 }
 
 export const MAX_HELLO_BYTES = 4096;
+/** a hardware class: what a bundle's targets.deviceClass lists */
+export const HW_CLASS_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const VERSION_RE = /^[\x21-\x7e]{1,64}$/;
 const BOOT: ReadonlySet<string> = new Set(BOOT_REASONS);
 
@@ -168,6 +172,10 @@ export function decodeMcuHello(payload: Uint8Array): McuHello {
     hello.sleep = raw.sleep as number;
   }
   if (raw.sensors !== undefined) hello.sensors = checkSensorTable(raw.sensors);
+  if (raw.hw !== undefined) {
+    if (typeof raw.hw !== 'string' || !HW_CLASS_RE.test(raw.hw)) bad('hw must be 1 to 64 characters: letters, digits, . _ - (not first)');
+    hello.hw = raw.hw as string;
+  }
   return hello;
 }
 

@@ -17,7 +17,7 @@ import type { McuProtocol, Relay } from './relay.ts';
  * MCU image inside. Injected by the CLI (cli/commands/gateway.ts wires bundles/): the
  * gateway does not import bundles/ (layout rule, DESIGN.md).
  */
-export type VerifyFirmware = ((file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string; name?: string; sequence?: number; /** the manifest's expiry, ms since the epoch */ expires?: number }>) & {
+export type VerifyFirmware = ((file: string, expect: { version: string; sha256: string }) => Promise<{ version: string; image: Buffer | string; name?: string; sequence?: number; /** the manifest's expiry, ms since the epoch */ expires?: number; /** the manifest's targets.deviceClass: hardware classes the image is for (empty or absent: any) */ deviceClass?: string[] }>) & {
   /** names the trust root the verifier checks against now: a verification made under another one is made again before an offer */
   trustVersion?: () => string;
 };
@@ -65,7 +65,7 @@ interface Job {
 type Reported = Pick<Job, 'state' | 'version' | 'from' | 'size' | 'progress' | 'reason' | 'cause' | 'code'>;
 
 /** Why a firmware job failed: part of the `mcu.firmware` event contract. */
-export type FailureCause = 'preparation' | 'cancelled' | 'refused' | 'rollback' | 'old_version' | 'no_report' | 'below_floor';
+export type FailureCause = 'preparation' | 'cancelled' | 'refused' | 'rollback' | 'old_version' | 'no_report' | 'below_floor' | 'target';
 
 export interface ServedImage {
   version: string;
@@ -119,6 +119,8 @@ interface Fetched {
   expires?: number;
   /** the verifier's trustVersion() when it was verified */
   trust?: string;
+  /** hardware classes the image is for (empty: any) */
+  deviceClass?: string[];
 }
 
 /** bytes a bundle may have beyond its image (manifest, signatures, framing) */
@@ -369,6 +371,11 @@ export class FirmwareManager {
       // checked per job, not only by the fetch that verified the bundle first: another job may
       // name the same bundle with another version
       if (f.version !== job.version) throw new FleetError('FLEET_MCU_FIRMWARE', `the bundle holds firmware ${f.version}, the desired state says ${job.version}`, { details: { permanent: true } });
+      // the MCU cannot tell an image for another board; the gateway can, from its hello
+      const hw = this.opts.relay.meta(mcuId)?.hw;
+      if (f.deviceClass && (hw === undefined || !f.deviceClass.includes(hw))) {
+        throw new FleetError('FLEET_BUNDLE_TARGET', `firmware bundle ${f.name ?? job.bundleSha.slice(0, 16)} ${f.version} is for ${f.deviceClass.join(', ')}; this MCU is ${hw ?? 'of no known hardware class (its hello has no hw)'}`, { details: { target: 'deviceClass', want: f.deviceClass, have: hw ?? null } });
+      }
       job.imageSha = f.imageSha;
       job.size = f.size;
       if (f.name !== undefined && f.sequence !== undefined) {
@@ -398,7 +405,8 @@ export class FirmwareManager {
     // what the bundle itself fails (its signature, trust, the anti-rollback floor, its
     // version) fails again the same way: not tried again on every reconnect, nor by the timer
     const again = !permanent(fe);
-    await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: again, retry: again, cause: fe.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : 'preparation', code: fe.code, bestEffort: true });
+    const cause: FailureCause = fe.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : fe.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
+    await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: again, retry: again, cause, code: fe.code, bestEffort: true });
   }
 
   /**
@@ -547,6 +555,7 @@ export class FirmwareManager {
       ...(verified.name !== undefined && verified.sequence !== undefined ? { name: verified.name, sequence: verified.sequence } : {}),
       ...(verified.expires !== undefined ? { expires: verified.expires } : {}),
       ...(trust !== undefined ? { trust } : {}),
+      ...(verified.deviceClass !== undefined && verified.deviceClass.length > 0 ? { deviceClass: verified.deviceClass } : {}),
     };
   }
 
@@ -734,13 +743,21 @@ export class FirmwareManager {
   }
 
   /** The version report after a boot decides an update in flight, or starts one that waited for it. */
-  onHello(mcuId: string, hello: McuHello, _previousFw: string | undefined): Promise<void> {
-    return this.serial(mcuId, () => this.helloNow(mcuId, hello));
+  onHello(mcuId: string, hello: McuHello, previous: { fw?: string; hw?: string } = {}): Promise<void> {
+    return this.serial(mcuId, () => this.helloNow(mcuId, hello, previous.hw));
   }
 
-  private async helloNow(mcuId: string, hello: McuHello): Promise<void> {
+  private async helloNow(mcuId: string, hello: McuHello, previousHw: string | undefined): Promise<void> {
     const job = this.jobs.get(mcuId);
     if (!job) return;
+    if (job.state === 'failed' && job.cause === 'target' && hello.hw !== undefined && hello.hw !== previousHw && hello.fw !== job.version) {
+      // refused for the MCU's hardware class, which it now reports (first, or another): judged again
+      job.state = 'fetching';
+      job.reason = job.cause = job.code = job.retryAt = job.retries = job.retryable = undefined;
+      await this.save(mcuId, job);
+      void this.run(mcuId, job);
+      return;
+    }
     const boot = { boot: hello.boot };
     const why = `boot ${hello.boot}${hello.err ? `: ${hello.err}` : ''}`;
     if (job.replaced) {

@@ -55,6 +55,8 @@ export interface McuMeta {
   prev?: string;
   sleepS?: number;
   sensors?: SensorTable;
+  /** hardware class from its hello (firmware targets.deviceClass are matched against it) */
+  hw?: string;
   /** the day (since the epoch, UTC) the MCU was last heard from: a long-silent MCU is forgotten at start */
   seenDay?: number;
   /**
@@ -526,11 +528,12 @@ export class Relay {
   private onlineState(e: McuEntry, now: number): StateMessage {
     const msg: StateMessage = { v: 1, online: true, kind: 'mcu', ts: now, via: this.opts.gatewayId };
     if (e.meta.fw !== undefined) msg.version = e.meta.fw;
-    if (e.meta.boot !== undefined || e.meta.sleepS !== undefined) {
+    if (e.meta.boot !== undefined || e.meta.sleepS !== undefined || e.meta.hw !== undefined) {
       msg.mcu = {};
       if (e.meta.boot !== undefined) msg.mcu.boot = e.meta.boot;
       if (e.meta.prev !== undefined) msg.mcu.prev = e.meta.prev;
       if (e.meta.sleepS !== undefined) msg.mcu.sleepS = e.meta.sleepS;
+      if (e.meta.hw !== undefined) msg.mcu.hw = e.meta.hw;
     }
     return msg;
   }
@@ -548,10 +551,13 @@ export class Relay {
     if (hello.prev !== undefined) meta.prev = hello.prev;
     if (hello.sleep !== undefined) meta.sleepS = hello.sleep;
     meta.sensors = hello.sensors ?? previous.sensors;
+    // the board does not change with its firmware: one that stops saying it keeps it
+    const hw = hello.hw ?? previous.hw;
+    if (hw !== undefined) meta.hw = hw;
     if (previous.seenDay !== undefined) meta.seenDay = previous.seenDay;
     if (previous.intervalMs !== undefined) meta.intervalMs = previous.intervalMs;
     e.meta = meta;
-    const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS;
+    const changed = previous.fw !== meta.fw || previous.boot !== meta.boot || previous.prev !== meta.prev || previous.sleepS !== meta.sleepS || previous.hw !== meta.hw;
     if (changed || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors)) this.changed = true;
     if (changed) this.publishState(mcuId, this.onlineState(e, now));
     try {
@@ -560,7 +566,7 @@ export class Relay {
       // (the sleep period) or decided by (the firmware version) is on disk before the hello
       // is acknowledged: the MCU says it once per boot, and a gateway that crashed with it
       // only in memory decoded compact readings with the old table after its restart
-      if (this.opts.persist && (previous.fw !== meta.fw || previous.sleepS !== meta.sleepS || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors))) await this.opts.persist();
+      if (this.opts.persist && (previous.fw !== meta.fw || previous.sleepS !== meta.sleepS || previous.hw !== meta.hw || JSON.stringify(previous.sensors) !== JSON.stringify(meta.sensors))) await this.opts.persist();
     } catch (err) {
       // not stored, so the MCU gets no acknowledgement and sends its hello again: that one
       // must still see the change (and make the event, and the save), so the old meta is put back

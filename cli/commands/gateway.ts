@@ -124,7 +124,7 @@ export function firmwareVerifier(trustFile: string, workDir: string): VerifyFirm
     await rm(dir, { recursive: true, force: true });
     try {
       await verified.extractTo(dir);
-      return { version: verified.manifest.version, image: await readFile(join(dir, image.path)), name: verified.manifest.name, sequence: verified.manifest.sequence, expires: Date.parse(verified.manifest.expires) };
+      return { version: verified.manifest.version, image: await readFile(join(dir, image.path)), name: verified.manifest.name, sequence: verified.manifest.sequence, expires: Date.parse(verified.manifest.expires), deviceClass: verified.manifest.targets.deviceClass };
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

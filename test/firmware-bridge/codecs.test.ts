@@ -148,6 +148,9 @@ test('frames: MAC line, commands (MAC with the MCU key, replay by seq), acks, he
       ['door', ''],
     ],
   });
+  // hw, the board
+  assert.deepEqual(decodeMcuHello(Buffer.from('{"fw":"1.0.0","boot":"power_on","hw":"esp32-s3-devkitc-1"}')), { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3-devkitc-1' });
+  for (const hw of ['', '-x', 'a b', 'x'.repeat(65), 7, 'é']) assert.throws(() => decodeMcuHello(Buffer.from(JSON.stringify({ fw: '1.0.0', boot: 'power_on', hw }))), decodeErr, String(hw));
   for (const bad of ['{"boot":"ota"}', '{"fw":"1","boot":"nap"}', '{"fw":"1","boot":"ota","sleep":-1}', '{"fw":"1","boot":"ota","sensors":[["a b",""]]}', '{"fw":"","boot":"ota"}']) assert.throws(() => decodeMcuHello(Buffer.from(bad)), decodeErr, bad);
 
   const image = Buffer.alloc(100, 7);

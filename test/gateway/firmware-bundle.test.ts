@@ -30,6 +30,8 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
     const badBundle = craftBundle(join(tmp.dir, 'bad.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.1' }), signers: [stranger!.privateKey] });
     // validly signed, but an older sequence of the same name (5 is manifestFor's default)
     const oldBundle = craftBundle(join(tmp.dir, 'old.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '1.9.0', sequence: 4 }), signers: [good!.privateKey] });
+    // for one board only (targets.deviceClass), matched against the hello's hw
+    const s3Bundle = craftBundle(join(tmp.dir, 's3.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-s3-fw', version: '3.0.0', targets: { arch: [], deviceClass: ['esp32-s3'] } }), signers: [good!.privateKey] });
 
     await withEnv(
       async ({ hub, gw, site, seen }) => {
@@ -70,6 +72,22 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         await waitFor(() => gw.firmwareState('esp-b3')?.state === 'failed', 'the older sequence refused', 15_000);
         assert.match(gw.firmwareState('esp-b3')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 4, below this gateway's floor 5/);
         assert.equal((await coapBlock(gw.coapPort, site, 'esp-b3', 0, 256)).code, '4.04', 'nothing is served');
+
+        // the hardware class: an MCU on another board is not offered the image; on the listed one it is
+        const s3 = await upload(s3Bundle);
+        assert.equal((await coap(gw.coapPort, site, 'esp-b4', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on","hw":"esp32-c3"}'))).code, '2.04');
+        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b4'), 'esp-b4 registered');
+        await waitFor(() => (of(seen, 'esp-b4', 'state') as Array<{ mcu?: { hw?: string } }>).some((st) => st.mcu?.hw === 'esp32-c3'), 'its hw in its state at the hub');
+        await sleep(300);
+        await hub.setDesired('esp-b4', { apps: {}, firmware: { version: '3.0.0', url: `http://127.0.0.1:${hub.httpPort}${s3.url}`, sha256: s3.sha256, size: s3Bundle.length } });
+        await waitFor(() => gw.firmwareState('esp-b4')?.state === 'failed', 'refused for its board', 15_000);
+        assert.match(gw.firmwareState('esp-b4')?.reason ?? '', /FLEET_BUNDLE_TARGET: .*is for esp32-s3; this MCU is esp32-c3/);
+        await waitFor(() => (of(seen, 'esp-b4', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && e.data?.cause === 'target' && e.data?.code === 'FLEET_BUNDLE_TARGET'), 'failed (target) at the hub');
+        assert.equal((await coapBlock(gw.coapPort, site, 'esp-b4', 0, 256)).code, '4.04', 'nothing is served');
+        assert.equal((await coap(gw.coapPort, site, 'esp-b4', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on","hw":"esp32-s3"}'))).code, '2.04');
+        await waitFor(() => gw.firmwareState('esp-b4')?.state === 'offered', 'offered once its hello names a listed board', 15_000);
+        const s3got = await coapBlock(gw.coapPort, site, 'esp-b4', 0, 256);
+        assert.equal(s3got.code, '2.05');
       },
       {},
       { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },

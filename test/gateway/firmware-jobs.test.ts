@@ -142,8 +142,9 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
     },
     entry,
     async hello(mcu, h) {
-      meta.set(mcu, { ...meta.get(mcu), fw: h.fw });
-      await fm.onHello(mcu, h, undefined);
+      const previous = meta.get(mcu) ?? {};
+      meta.set(mcu, { ...previous, fw: h.fw, ...(h.hw !== undefined ? { hw: h.hw } : {}) });
+      await fm.onHello(mcu, h, previous);
     },
     async ack(mcu, ok) {
       const job = fm.state(mcu)!;
@@ -491,6 +492,36 @@ test('firmware jobs (stub relay): an update replaced by a new target while the M
     await waitFor(() => r.fwEvents('m1').includes('1.5.0:failed(no_report)'), 'A reported failed at its deadline');
     assert.equal(r.fm.state('m1')?.state, 'offered', 'B goes on');
     assert.equal(r.fm.state('m1')?.replaced, undefined);
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a bundle whose targets.deviceClass leaves out the MCU\'s hardware class (its hello hw, or none) is not offered (cause target, FLEET_BUNDLE_TARGET); a hello reporting a listed class gets the offer', async () => {
+  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' }); // no hw: an MCU whose hello does not say
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'failed', 'refused');
+    assert.equal(r.fm.state('m1')?.cause, 'target');
+    assert.equal(r.fm.state('m1')?.code, 'FLEET_BUNDLE_TARGET');
+    assert.equal(r.mailbox.get('m1')?.length ?? 0, 0, 'nothing offered');
+    const refusals = () => r.fwEvents('m1').filter((e) => e === '1.5.0:failed(target)').length;
+    assert.deepEqual(r.fwEvents('m1'), ['1.5.0:fetching', '1.5.0:failed(target)']);
+    // another board: refused again
+    await r.hello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-c3' });
+    await waitFor(() => refusals() === 2, 'judged again');
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    assert.match(r.fm.state('m1')?.reason ?? '', /is for esp32-s3; this MCU is esp32-c3/);
+    // judged again on a new hw only: the timer does not retry a target failure
+    r.clock.t += 3_600_000;
+    await sleep(100);
+    assert.equal(refusals(), 2);
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    // the right one: offered
+    await r.hello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered once the board fits');
+    assert.equal(r.mailbox.get('m1')?.length, 1);
   } finally {
     await r.close();
   }
