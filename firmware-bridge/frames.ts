@@ -20,9 +20,17 @@ export interface MacFramed {
   payload: Buffer;
 }
 
-/** Does a payload start with a MAC line? (`c=` is no valid start of any channel's payload.) */
+const MAC_LINE_RE = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{22})$/;
+
+/**
+ * Does a payload start with a MAC line, `c={counter}&m={mac}` and a newline? The whole line
+ * is matched, not its first bytes: a log line may well start with `c=` (`c=3 wifi
+ * reconnect`), and was taken for a bad MAC, dropped and counted as an auth failure.
+ */
 export function hasMacLine(payload: Uint8Array): boolean {
-  return payload.length >= 2 && payload[0] === 0x63 && payload[1] === 0x3d;
+  if (payload.length < 2 || payload[0] !== 0x63 || payload[1] !== 0x3d) return false;
+  const nl = payload.indexOf(0x0a);
+  return nl > 0 && nl <= MAC_LINE_MAX && MAC_LINE_RE.test(Buffer.from(payload.buffer, payload.byteOffset, nl).toString('latin1'));
 }
 
 /** Split "c=..&m=..\n" off a payload; FLEET_MCU_AUTH when the line is malformed. */
@@ -30,7 +38,7 @@ export function splitMacLine(payload: Buffer): MacFramed {
   const nl = payload.indexOf(0x0a);
   if (nl < 0 || nl > MAC_LINE_MAX) throw new FleetError('FLEET_MCU_AUTH', 'MAC line missing or too long');
   const line = payload.toString('latin1', 0, nl);
-  const m = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{22})$/.exec(line);
+  const m = MAC_LINE_RE.exec(line);
   if (!m) throw new FleetError('FLEET_MCU_AUTH', 'MAC line is not c={counter}&m={mac}');
   return { counter: m[1]!, mac: m[2]!, payload: payload.subarray(nl + 1) };
 }
@@ -171,7 +179,9 @@ export function decodeMcuHello(payload: Uint8Array): McuHello {
     if (typeof raw.sleep !== 'number' || !Number.isInteger(raw.sleep) || raw.sleep < 0 || raw.sleep > 604_800) bad('sleep must be whole seconds from 0 to 604800');
     hello.sleep = raw.sleep as number;
   }
-  if (raw.sensors !== undefined) hello.sensors = checkSensorTable(raw.sensors);
+  // [] is "no table" (firmware without compact sensors that still sends the key): its whole
+  // report (fw, boot, sleep) used to be refused for it
+  if (raw.sensors !== undefined && !(Array.isArray(raw.sensors) && raw.sensors.length === 0)) hello.sensors = checkSensorTable(raw.sensors);
   if (raw.hw !== undefined) {
     if (typeof raw.hw !== 'string' || !HW_CLASS_RE.test(raw.hw)) bad('hw must be 1 to 64 characters: letters, digits, . _ - (not first)');
     hello.hw = raw.hw as string;

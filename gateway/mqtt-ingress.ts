@@ -265,6 +265,21 @@ export class McuMqttIngress {
   /** Hand an authenticated message to the service; 'ack' once it is stored. */
   private store(conn: LeanConn, mcuId: string, channel: McuChannel, body: Buffer, counter: number): PublishOutcome | Promise<PublishOutcome> {
     const svc = this.opts.service;
+    if (counter > 0) {
+      // claimed while it is stored, as CoAP does: a copy of this MAC'd message replayed over
+      // CoAP meanwhile (or stored by one since the check, e.g. while this one was throttled)
+      // is not stored a second time
+      try {
+        this.opts.guard.check(mcuId, counter);
+        this.opts.guard.hold(mcuId, counter);
+      } catch (err) {
+        if (isFleetError(err, 'FLEET_MCU_REPLAY')) return this.drop(mcuId, channel, 'replay', err);
+        // the other copy is being stored: no PUBACK; the MCU's resend after reconnecting is
+        // then a replay (stored) or new again (that store failed)
+        this.opts.hooks.dropped('mqtt', 'unavailable', { mcuId, err });
+        return 'close';
+      }
+    }
     let work: Promise<void>;
     try {
       switch (channel) {
@@ -303,6 +318,7 @@ export class McuMqttIngress {
           return this.drop(mcuId, channel, 'decode', err);
         }
         // not stored: no PUBACK; closing the connection makes the MCU resend it later
+        if (counter > 0) this.opts.guard.release(mcuId, counter);
         this.opts.hooks.dropped('mqtt', reason, { mcuId, err });
         this.throttle.warn(`deliver:${mcuId}`, 'MCU message not stored; closing the connection', { mcu: mcuId, channel, reason, err });
         return 'close';

@@ -120,6 +120,10 @@ test('frames: MAC line, commands (MAC with the MCU key, replay by seq), acks, he
   assert.equal(f.mac, signMcuMessage(key, 'esp-1', 't', 42, Buffer.from('[]')));
   assert.equal(f.payload.toString(), '[]');
   assert.throws(() => splitMacLine(Buffer.from('c=1&m=short\n[]')), (e: unknown) => isFleetError(e, 'FLEET_MCU_AUTH'));
+  // only a whole well-formed first line is a MAC line: a log may start with c=
+  for (const plain of ['c=3 wifi reconnect\nboot ok\n', 'c=1&m=short\n[]', 'c=', `c=1&m=${'A'.repeat(22)}`, `c=1&m=${'A'.repeat(22)}x\n`]) assert.equal(hasMacLine(Buffer.from(plain)), false, plain);
+  assert.equal(hasMacLine(Buffer.from(`c=1&m=${'A'.repeat(22)}\n`)), true);
+  assert.equal(hasMacLine(framed.subarray(0)), true, 'a view into a larger buffer');
 
   // the docs' test vector (docs/mcu-protocol.md "Commands")
   const docKey = mcuKey('example-site-secret-do-not-use-0001', 'esp32-0001');
@@ -148,8 +152,8 @@ test('frames: MAC line, commands (MAC with the MCU key, replay by seq), acks, he
       ['door', ''],
     ],
   });
-  // hw, the board
-  assert.deepEqual(decodeMcuHello(Buffer.from('{"fw":"1.0.0","boot":"power_on","hw":"esp32-s3-devkitc-1"}')), { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3-devkitc-1' });
+  // an empty table is no table (the report is not refused for it); hw, the board
+  assert.deepEqual(decodeMcuHello(Buffer.from('{"fw":"1.0.0","boot":"power_on","sensors":[],"hw":"esp32-s3-devkitc-1"}')), { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3-devkitc-1' });
   for (const hw of ['', '-x', 'a b', 'x'.repeat(65), 7, 'é']) assert.throws(() => decodeMcuHello(Buffer.from(JSON.stringify({ fw: '1.0.0', boot: 'power_on', hw }))), decodeErr, String(hw));
   for (const bad of ['{"boot":"ota"}', '{"fw":"1","boot":"nap"}', '{"fw":"1","boot":"ota","sleep":-1}', '{"fw":"1","boot":"ota","sensors":[["a b",""]]}', '{"fw":"","boot":"ota"}']) assert.throws(() => decodeMcuHello(Buffer.from(bad)), decodeErr, bad);
 

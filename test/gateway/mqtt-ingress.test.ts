@@ -11,7 +11,7 @@ import { frameWithMac } from '../../firmware-bridge/frames.ts';
 import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
 import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { tempDir, testLogger } from '../helpers.ts';
-import { connectMcu } from './env.ts';
+import { coap, connectMcu } from './env.ts';
 
 test('replay guard: check() refuses what accept() would and records nothing', () => {
   const g = new ReplayGuard({ maxMcus: 1 });
@@ -83,6 +83,35 @@ test('gateway MQTT: a MAC-framed message the gateway could not store is not ackn
     assert.equal(await pub(c, `mcu/v1/${id}/t`, framed), 'closed', 'the resend is not PUBACKed as a "replay"');
     assert.equal(gw.stats().dropped.replay, undefined, JSON.stringify(gw.stats().dropped));
     assert.equal(gw.stats().dropped.outbox_full, 2);
+    c.end(true);
+  });
+});
+
+test('gateway MQTT + CoAP: a MAC-framed MQTT message is held while it is stored: the same bytes replayed over CoAP meanwhile get 5.03 FLEET_MCU_IN_FLIGHT, not a second store; a well-formed but wrong MAC line is an auth failure, a log line starting with c= is a plain log', async () => {
+  // appends wait for the next fsync, at most one a second: a store takes up to a second
+  await withLoneGateway({ outbox: { syncIntervalMs: 1000 } }, async ({ gw, site }) => {
+    const id = 'esp-h1';
+    const c = await connectMcu(gw.mqttPort, id, site);
+    assert.equal(await pub(c, `mcu/v1/${id}/hello`, JSON.stringify({ fw: '1.0.0', boot: 'power_on' })), 'puback'); // a sync just now
+    const body = Buffer.from(JSON.stringify([{ n: 'temperature', u: 'Cel', v: 21.5 }]));
+    const counter = 2_000_000;
+    const mqttAck = pub(c, `mcu/v1/${id}/t`, frameWithMac(mcuKey(site, id), id, 't', counter, body));
+    await new Promise((r) => setTimeout(r, 150)); // the MQTT copy is being stored
+    const replayed = await coap(gw.coapPort, site, id, 't', 'POST', body, { counter });
+    assert.equal(replayed.code, '5.03', `the CoAP copy is refused while the MQTT one is stored (got ${replayed.code} ${replayed.body.toString()})`);
+    assert.match(replayed.body.toString(), /FLEET_MCU_IN_FLIGHT/);
+    assert.equal(await mqttAck, 'puback');
+    const again = await coap(gw.coapPort, site, id, 't', 'POST', body, { counter });
+    assert.equal(again.code, '4.01', 'once stored, the copy is a replay');
+    // a log that happens to start with c=: stored as a log, not an auth failure
+    const depth = gw.stats().outbox.depth;
+    assert.equal(await pub(c, `mcu/v1/${id}/log`, 'c=3 wifi reconnect\nboot ok\n'), 'puback');
+    assert.equal(gw.stats().dropped.auth, undefined, `not an auth failure: ${JSON.stringify(gw.stats().dropped)}`);
+    assert.equal(gw.stats().outbox.depth, depth + 1, 'stored as a log record');
+    // a well-formed MAC line with a wrong MAC still is one
+    const forged = Buffer.concat([Buffer.from(`c=${counter + 5}&m=${'A'.repeat(22)}\n`), body]);
+    assert.equal(await pub(c, `mcu/v1/${id}/t`, forged), 'puback');
+    assert.equal(gw.stats().dropped.auth, 1, JSON.stringify(gw.stats().dropped));
     c.end(true);
   });
 });
