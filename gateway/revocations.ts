@@ -126,9 +126,13 @@ export class McuRevocations {
     if (conn === this.hubConn && rev <= this.hubRev) return;
     this.hubConn = conn;
     this.hubRev = rev;
-    const added = [...next].filter((id) => !this.hubIds.has(id) && !this.ids.has(id));
+    // whether the hub's list changed is judged on the hub's list alone: an id already on the
+    // local list is still the hub's too (kept on disk, and in force when the site lifts its
+    // own entry); cut off now are only the MCUs neither list had
+    const newOnHub = [...next].filter((id) => !this.hubIds.has(id));
     const removed = [...this.hubIds].filter((id) => !next.has(id));
-    if (added.length === 0 && removed.length === 0) return;
+    if (newOnHub.length === 0 && removed.length === 0) return;
+    const added = newOnHub.filter((id) => !this.ids.has(id));
     this.hubIds = next;
     if (this.hubFile !== undefined) {
       try {
@@ -138,7 +142,7 @@ export class McuRevocations {
         this.log.error('cannot keep the hub\'s MCU revocation list on disk', { code: 'FLEET_STORE', file: this.hubFile, err });
       }
     }
-    this.log.info('MCU revocation list from the hub', { revoked: next.size, added: added.slice(0, 20), removed: removed.slice(0, 20) });
+    this.log.info('MCU revocation list from the hub', { revoked: next.size, added: newOnHub.slice(0, 20), removed: removed.slice(0, 20) });
     if (added.length > 0) this.onRevoked(added, true);
   }
 

@@ -320,6 +320,36 @@ test('McuRevocations: the hub\'s list is kept on disk for a start without the hu
   }
 });
 
+test('McuRevocations: an MCU revoked here first and then at the hub stays revoked by the hub once the site lifts its own entry, and across a start without the hub (the hub\'s list was ignored when its new ids were on the local list)', () => {
+  const tmp = tempDir();
+  const log = testLogger('revocations');
+  const cut: Array<[string, boolean]> = [];
+  const local = join(tmp.dir, 'revoked-mcus');
+  const file = join(tmp.dir, 'hub-revoked-mcus.json');
+  try {
+    writeFileSync(local, 'esp-7\n');
+    const r = new McuRevocations(local, log, (ids, atHub) => cut.push(...ids.map((id): [string, boolean] => [id, atHub])));
+    r.loadHubList(file);
+    r.start();
+    assert.ok(r.has('esp-7'));
+    r.setHubList(Buffer.from(JSON.stringify({ v: 1, rev: 1, ts: 1, ids: ['esp-7'] })), 1);
+    assert.deepEqual(cut, [['esp-7', false]], 'cut off by the local list, not again by the hub\'s');
+    assert.ok(readFileSync(file, 'utf8').includes('esp-7'), 'the hub list is on disk');
+    // the site lifts its own entry: the hub still revokes it
+    writeFileSync(local, '# lifted here; the hub covers it\n');
+    (r as unknown as { poll(): void }).poll();
+    assert.equal(r.has('esp-7'), true);
+    r.stop();
+    const again = new McuRevocations(local, log);
+    again.loadHubList(file);
+    again.start();
+    assert.equal(again.has('esp-7'), true, 'a start without the hub keeps the hub\'s revocation');
+    again.stop();
+  } finally {
+    tmp.cleanup();
+  }
+});
+
 /**
  * Revoking an agent or gateway at the hub (PUT /api/v1/device-revocations/{id}) without
  * rotating the fleet secret: its session is closed, every CONNECT with its token gets
