@@ -120,7 +120,7 @@ export class HubBroker {
   /** MCU id → the gateway that holds its claim */
   private readonly claimedBy = new Map<string, string>();
   /** gateway id → every MCU id its register lists (also those another gateway holds) */
-  private readonly wanted = new Map<string, ReadonlySet<string>>();
+  private readonly wanted = new Map<string, Set<string>>();
   /** MCU id → when its holder last claimed it or sent for it, ms */
   private readonly claimActive = new Map<string, number>();
   /** connected device ids, operators not included (a count: a takeover connects before the old one is gone) */
@@ -227,10 +227,14 @@ export class HubBroker {
     }
     if (!isDeviceId(username)) return fail('username is not a device id');
     if (client.id !== username) return fail('client id must equal the device id');
-    if (this.claimedBy.has(username)) return fail('id belongs to an MCU behind a gateway');
     if (!secretEquals(pw, deriveToken(this.opts.fleetSecret, 'device', username))) return fail('wrong device token');
     // checked after the token: only its holder learns that it is revoked
     if (this.opts.isRevokedDevice?.(username)) return fail('FLEET_DEVICE_REVOKED: the device is revoked at the hub', 5);
+    // a valid device token proves the id is a device of the fleet, not an MCU: a gateway
+    // that listed it (a device not yet connected, or an MCU id that collides) loses the claim,
+    // and with it the device's desired state, commands and artifacts (refusing the device
+    // instead locked it out for as long as the claim stood)
+    this.releaseDeviceId(username);
     this.identities.set(client, { kind: 'device', id: username });
     this.opts.onDeviceAuthenticated?.(username);
     this.fixDeliveryOrder(client);
@@ -569,10 +573,13 @@ export class HubBroker {
     if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
     if (this.opts.isRevokedMcu?.(t.deviceId)) return `MCU ${t.deviceId} is revoked at the hub`;
     const owner = this.claimedBy.get(t.deviceId);
+    const listed = this.wanted.get(senderId)?.has(t.deviceId) === true;
+    const moves = t.channel === 'telemetry' || t.channel === 'state';
     if (owner !== undefined && owner !== senderId) {
-      const how = this.wanted.get(senderId)?.has(t.deviceId) ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (and ${senderId}'s register does not list it)`;
+      const how = !listed ? ` (and ${senderId}'s register does not list it)` : moves ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (only its readings or an online state move it, not ${t.channel})`;
       return `MCU ${t.deviceId} is registered by gateway ${owner}${how}, not by ${senderId}`;
     }
+    if (owner === undefined && listed) return `MCU ${t.deviceId} is held by no gateway; ${senderId} lists it, and takes it with its readings or an online state, not with ${t.channel}`;
     return `${t.deviceId} is not among the MCUs ${senderId} registered`;
   }
 
@@ -589,7 +596,7 @@ export class HubBroker {
       // an id of the fleet's own devices is never an MCU: claiming it would let a gateway
       // (with a site key minted for that id) replace the device's state, receive its
       // commands, and lock the device itself out (authenticate refuses claimed ids)
-      if (this.online.has(id) || this.opts.isDevice?.(id)) {
+      if (this.isFleetDevice(id)) {
         this.opts.log.warn('a gateway listed a device of the fleet as its MCU; refused', { mcu: id, gateway: gatewayId });
         continue;
       }
@@ -605,13 +612,18 @@ export class HubBroker {
       this.claimedBy.set(id, gatewayId);
       set.add(id);
     }
+    const released: string[] = [];
     for (const old of this.delegations.get(gatewayId) ?? []) {
       if (set.has(old)) continue;
       this.claimedBy.delete(old);
       this.claimActive.delete(old);
+      released.push(old);
     }
     this.delegations.set(gatewayId, set);
     this.wanted.set(gatewayId, want);
+    // no longer listed by its holder (forgotten, a fresh state directory, a lower maxMcus): a
+    // gateway whose register lists it takes it now, not only once it happens to register again
+    for (const mcu of released) this.giveToWanting(mcu);
   }
 
   /**
@@ -625,15 +637,29 @@ export class HubBroker {
   private claimMoves(identity: Identity, topic: string, retain: boolean, payload?: Buffer): boolean {
     if (identity.kind !== 'device') return false;
     const t = parseTopic(topic);
-    if (!t || t.channel === 'register' || t.channel === 'batch' || (retain && t.channel !== 'state')) return false;
-    // only a sign of contact moves an MCU: data, or a state saying it is online. A gateway
-    // that still lists an MCU which moved away reports it lost after a while (or at its
-    // restart), and that offline state must not take the MCU from the gateway serving it
+    if (!t || (retain && t.channel !== 'state')) return false;
+    // only a sign of contact moves an MCU: its readings, or a state saying it is online. A
+    // gateway that still lists an MCU which moved away reports it lost after a while (or at
+    // its restart), answers its expired commands (FLEET_TIMEOUT replies) and ends its
+    // firmware jobs (events): none of that is contact, and none may take the MCU from the
+    // gateway serving it. A gateway that serves it says it is online at its first contact
+    if (t.channel !== 'telemetry' && t.channel !== 'state') return false;
     if (t.channel === 'state' && !statesOnline(payload)) return false;
     const mcu = t.deviceId;
+    if (!this.wanted.get(identity.id)?.has(mcu) || this.isFleetDevice(mcu) || this.opts.isRevokedMcu?.(mcu)) return false;
     const owner = this.claimedBy.get(mcu);
-    if (owner === undefined || owner === identity.id || !this.wanted.get(identity.id)?.has(mcu)) return false;
-    if (this.opts.isRevokedMcu?.(mcu)) return false;
+    if (owner === identity.id) return false;
+    if (owner === undefined) {
+      // held by no one (its holder stopped listing it): the first gateway to show contact takes it
+      let mine = this.delegations.get(identity.id);
+      if (!mine) this.delegations.set(identity.id, (mine = new Set()));
+      mine.add(mcu);
+      this.claimedBy.set(mcu, identity.id);
+      this.claimActive.set(mcu, Date.now());
+      this.opts.claimsMoved?.inc();
+      this.opts.log.info('MCU held by no gateway taken by one that lists it', { mcu, to: identity.id });
+      return canPublish(identity, topic, retain, this.mcusOf);
+    }
     const now = Date.now();
     const idleMs = now - (this.claimActive.get(mcu) ?? 0);
     const ownerOnline = this.online.has(owner);
@@ -707,8 +733,26 @@ export class HubBroker {
     this.giveToWanting(id);
   }
 
+  /** An id of the fleet's own devices (connected now, or ever seen connecting): never an MCU. */
+  private isFleetDevice(id: string): boolean {
+    return this.online.has(id) || this.opts.isDevice?.(id) === true;
+  }
+
+  /** `id` authenticated as a device: no gateway holds or wants it as an MCU any more. */
+  private releaseDeviceId(id: string): void {
+    const owner = this.claimedBy.get(id);
+    if (owner !== undefined) {
+      this.opts.log.warn('a device connected with an id a gateway had registered as its MCU; the gateway no longer acts for it', { device: id, gateway: owner });
+      this.delegations.get(owner)?.delete(id);
+      this.claimedBy.delete(id);
+      this.claimActive.delete(id);
+    }
+    for (const want of this.wanted.values()) want.delete(id);
+  }
+
   /** An unclaimed MCU goes to a gateway whose register lists it (a connected one first), if any. */
   private giveToWanting(id: string): void {
+    if (this.isFleetDevice(id) || this.opts.isRevokedMcu?.(id)) return;
     let to: string | undefined;
     for (const [gw, want] of this.wanted) {
       if (!want.has(id)) continue;

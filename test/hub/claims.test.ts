@@ -5,7 +5,7 @@ import { encodeBatch } from '../../core/batch.ts';
 import { encodeMessage } from '../../core/messages.ts';
 import { deviceTopic } from '../../core/topics.ts';
 import { tempDir, waitFor } from '../helpers.ts';
-import { connectDevice, metric, telemetry, withHub } from './harness.ts';
+import { connect, connectDevice, deadLetters, metric, telemetry, withHub } from './harness.ts';
 
 const register = (gw: string, mcus: string[]) => [deviceTopic(gw, 'register'), encodeMessage({ v: 1, ts: Date.now(), mcus }), { qos: 1 as const, retain: true }] as const;
 const batchOf = (gw: string, mcu: string, mid: string) => [deviceTopic(gw, 'batch'), encodeBatch([{ topic: deviceTopic(mcu, 'telemetry'), payload: telemetry(mid) }]), { qos: 1 as const }] as const;
@@ -142,4 +142,70 @@ test('MCU claims: an offline state from a gateway that still lists a moved MCU d
   } finally {
     tmp.cleanup();
   }
+});
+
+test('MCU claims: a device that connects with a valid token under an id a gateway listed as its MCU is let in, and the gateway loses the claim (its desired state and commands no longer reach the gateway); a wrong token is still refused', async () => {
+  await withHub(async (hub, ctx) => {
+    const gw = await connectDevice(ctx, 'gw-x', { reconnectPeriod: 0 });
+    // pi-future: an agent provisioned (token, staged desired state) but not yet powered on
+    await gw.publishAsync(...register('gw-x', ['pi-future', 'esp-1']));
+    assert.equal(hub.broker.mcusOf('gw-x')?.has('pi-future'), true, 'claimable while the device has never connected');
+    await assert.rejects(connect(ctx.url, 'pi-future', 'pi-future', 'not-the-token', { reconnectPeriod: 0 }), 'a wrong token is refused');
+    const pi = await connectDevice(ctx, 'pi-future', { reconnectPeriod: 0 });
+    assert.equal(hub.broker.mcusOf('gw-x')?.has('pi-future'), false, 'the claim is dropped');
+    assert.equal(hub.broker.mcusOf('gw-x')?.has('esp-1'), true, 'its other MCUs stay');
+    const got: string[] = [];
+    gw.on('message', (topic) => got.push(topic));
+    await gw.subscribeAsync({ 'fleet/v1/d/+/desired': { qos: 1 }, 'fleet/v1/d/+/cmd': { qos: 1 } });
+    const op = await connect(ctx.url, 'ops', 'operator', ctx.operator, { reconnectPeriod: 0 });
+    await op.publishAsync('fleet/v1/d/pi-future/desired', encodeMessage({ v: 1, rev: 1, ts: Date.now(), apps: {} }), { qos: 1, retain: true });
+    await op.publishAsync('fleet/v1/d/pi-future/cmd', encodeMessage({ v: 1, id: 'c1', name: 'ping', args: {}, expiresAt: Date.now() + 60_000 }), { qos: 1 });
+    await op.publishAsync('fleet/v1/d/esp-1/cmd', encodeMessage({ v: 1, id: 'c2', name: 'ping', args: {}, expiresAt: Date.now() + 60_000 }), { qos: 1 });
+    await waitFor(() => got.includes('fleet/v1/d/esp-1/cmd'), 'its own MCU\'s command');
+    assert.deepEqual(got.filter((t) => t.includes('pi-future')), [], 'nothing of pi-future reaches the gateway');
+    // listing it again does not take it back: it is a device of the fleet now
+    await gw.publishAsync(...register('gw-x', ['pi-future', 'esp-1']));
+    assert.equal(hub.broker.mcusOf('gw-x')?.has('pi-future'), false);
+    await Promise.all([gw.endAsync(), pi.endAsync(), op.endAsync()]);
+  });
+});
+
+test('MCU claims: replies and events a gateway makes up itself for an MCU that roamed away (an expired command\'s FLEET_TIMEOUT) do not take it back; an MCU its holder stops listing goes to a connected gateway that lists it', async () => {
+  await withHub(
+    async (hub, ctx) => {
+      const holder = () => (hub.broker.mcusOf('gw-a')?.has('esp-1') ? 'gw-a' : hub.broker.mcusOf('gw-b')?.has('esp-1') ? 'gw-b' : 'none');
+      const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+      const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+      await a.publishAsync(...register('gw-a', ['esp-1']));
+      await b.publishAsync(...register('gw-b', ['esp-1']));
+      await a.publishAsync(...batchOf('gw-a', 'esp-1', '100'));
+      await sleep(1200); // gw-a idle for it: esp-1 roams to gw-b
+      await b.publishAsync(...batchOf('gw-b', 'esp-1', '200'));
+      assert.equal(holder(), 'gw-b');
+      await sleep(1200); // esp-1 sleeps: gw-b idle for it
+      const timeoutReply = encodeMessage({ v: 1, mid: '101', id: 'c-1', ok: false, error: { code: 'FLEET_TIMEOUT', message: 'expired' } });
+      await a.publishAsync(deviceTopic('gw-a', 'batch'), encodeBatch([{ topic: deviceTopic('esp-1', 'reply'), payload: timeoutReply }]), { qos: 1 });
+      assert.equal(holder(), 'gw-b', 'a reply made up by the gateway it left is not contact');
+      await b.publishAsync(...batchOf('gw-b', 'esp-1', '201'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 3, 'gw-b\'s readings are routed (mids 100, 200, 201)');
+      const dead = (await deadLetters(ctx)).deadLetters;
+      assert.deepEqual(dead.map((d) => d.topic), ['fleet/v1/d/esp-1/reply'], JSON.stringify(dead));
+      assert.match(dead[0]!.detail ?? '', /only its readings or an online state move it, not reply/);
+
+      // gw-b stops listing esp-1 (forgotten, or a fresh state directory): gw-a lists it and is connected
+      await b.publishAsync(...register('gw-b', []));
+      assert.equal(holder(), 'gw-a', 'given to the connected gateway that lists it');
+      await a.publishAsync(...batchOf('gw-a', 'esp-1', '102'));
+      assert.equal(hub.registry.get('esp-1')?.samples, 4);
+      // and when no gateway held it, the first to send its readings while listing it takes it
+      await a.publishAsync(...register('gw-a', []));
+      assert.equal(holder(), 'none');
+      await a.publishAsync(...register('gw-a', ['esp-2']));
+      await b.publishAsync(...register('gw-b', ['esp-1']));
+      assert.equal(holder(), 'gw-b', 'registered by gw-b while held by no one: its own');
+      await Promise.all([a.endAsync(), b.endAsync()]);
+    },
+    undefined,
+    { mcuClaimIdleMs: 1000 },
+  );
 });
