@@ -73,6 +73,8 @@ export interface SimOptions {
   failVersions?: readonly string[];
   /** hardware class every device reports in its hello (`hw`; default esp32-sim; '' = none) */
   hardwareClass?: string;
+  /** MQTT keep-alive, s (default max(30, 3 × intervalMs)) */
+  mqttKeepaliveS?: number;
   /** firmware chunk size, bytes: MQTT 16..4096, CoAP Block2 16..1024 (power of two) (default 512) */
   fwChunkBytes?: number;
   /** called for every telemetry message the gateway acknowledged (PUBACK / 2.04), with the message's sample id */
@@ -214,6 +216,8 @@ interface Device {
   bootErr?: string;
   awakeUntil: number;
   interval: number;
+  /** when the next reading is due (RTC memory): a reconnect resumes the period, not restarts it with a reading at once */
+  nextTickAt: number;
   connected: boolean;
   /** when the current MQTT connection attempt started, ms */
   connectStarted: number;
@@ -253,6 +257,7 @@ function validate(opts: SimOptions): void {
   };
   if (!Number.isInteger(opts.devices) || opts.devices < 1 || opts.devices > 100_000) bad('devices', 'must be an integer from 1 to 100000');
   if (opts.protocol !== 'mqtt' && opts.protocol !== 'coap') bad('protocol', 'must be mqtt or coap');
+  if (opts.mqttKeepaliveS !== undefined && (!Number.isInteger(opts.mqttKeepaliveS) || opts.mqttKeepaliveS < 1 || opts.mqttKeepaliveS > 65_535)) bad('mqttKeepaliveS', 'must be an integer from 1 to 65535');
   if (opts.hardwareClass !== undefined && opts.hardwareClass !== '' && !HW_CLASS_RE.test(opts.hardwareClass)) bad('hardwareClass', 'must be 1 to 64 letters, digits, . _ - (not first), or empty for none');
   if (opts.intervalMs !== undefined && (!Number.isInteger(opts.intervalMs) || opts.intervalMs < 10)) bad('intervalMs', 'must be an integer of at least 10');
   if (opts.loss !== undefined && !(opts.loss >= 0 && opts.loss < 1)) bad('loss', 'must be from 0 to below 1');
@@ -308,7 +313,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   /** longest a verified image waits for its ack's delivery before the device reboots into it */
   const FW_ACK_WAIT_MS = 5000;
   const link: LinkKnobs = { loss, latencyMs: opts.latencyMs ?? 0, latencyJitterMs: opts.latencyJitterMs ?? 0 };
-  const keepaliveS = Math.max(30, Math.ceil((3 * interval) / 1000));
+  const keepaliveS = opts.mqttKeepaliveS ?? Math.max(30, Math.ceil((3 * interval) / 1000));
+  const keepaliveMs = keepaliveS * 1000;
   /** CoAP: how often an awake device registers its mailbox Observe again */
   const reobserveMs = Math.max(60_000, 20 * interval);
   const mqttPort = opts.mqttPort ?? 1884;
@@ -346,6 +352,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       bootedAt: 0,
       bootReason: 'power_on',
       awakeUntil: Infinity,
+      nextTickAt: 0,
       interval,
       connected: false,
       connectStarted: 0,
@@ -419,6 +426,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     d.state = 'connecting';
     d.bootedAt = now;
     d.awakeUntil = sleepMs > 0 ? now + awakeMs : Infinity;
+    d.nextTickAt = now;
     // RAM is gone after a boot; what is left is what firmware keeps in RTC memory / NVS:
     // the unacknowledged message, counters, the command seq, a firmware download's progress
     d.busy = false;
@@ -522,7 +530,9 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
           d.busy = false;
           pump(d); // the unacknowledged message first (DUP, same packet id), as a QoS 1 client must
           if (d.fw) sched.at(now, fwNext, { d, gen: d.gen });
-          sched.at(now, tick, d, d.gen);
+          // after a boot the first reading at once; after a reconnect when it was due anyway
+          sched.at(Math.max(now, d.nextTickAt), tick, d, d.gen);
+          keepAliveFrom(d, now);
         },
         close: () => {
           if (d.state === 'connecting') st.connectFailures++;
@@ -531,7 +541,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
           if (d.fw) d.fw.busy = false;
           if (stopped || d.state === 'sleeping' || d.state === 'off') return;
           d.state = 'connecting';
-          // Wi-Fi gone or gateway away: back off 1–3 s, doubling to 30 s, spread so a gateway restart is not met by a storm
+          // Wi-Fi gone or gateway away: back off 0.5–1.5 times a delay that starts at 1 s and doubles to 30 s (so 0.5–1.5 s first, 15–45 s at most), spread so a gateway restart is not met by a storm
           const delay = d.reconnectDelay * (0.5 + random());
           d.reconnectDelay = Math.min(30_000, d.reconnectDelay * 2);
           d.gen++;
@@ -607,14 +617,31 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     return { ch: 't', payload, seq, t: now, pid: 0, sentOnce: false };
   };
 
+  /**
+   * MQTT keep-alive between readings further apart than half the keep-alive (a set-interval
+   * beyond the one the keep-alive was chosen for at CONNECT): esp-mqtt pings from its own task
+   * whatever the application's period. Without it the broker closed the connection after 1.5
+   * keep-alives and every reconnect sent a reading early. Nothing is scheduled otherwise.
+   */
+  const keepAliveFrom = (d: Device, now: number) => {
+    if (opts.protocol === 'mqtt' && d.nextTickAt - now > keepaliveMs / 2) sched.at(now + keepaliveMs / 2, keepAlive, d, d.gen);
+  };
+  const keepAlive = (d: Device, now: number, gen: number): void => {
+    if (stopped || gen !== d.gen || d.state !== 'online' || !d.mqtt) return;
+    if (now - d.mqtt.lastWrite > keepaliveMs / 2) d.mqtt.ping();
+    keepAliveFrom(d, now);
+  };
+
   // the device and its generation travel as the entry's argument and tag: no object per reading
   const tick = (d: Device, now: number, gen: number): void => {
     if (stopped || gen !== d.gen) return;
     // asleep once the queue is empty (an unacknowledged reading stays in RTC memory; a little later it sleeps anyway), never mid-update
     if (now >= d.awakeUntil && !d.fw && (d.q.length === 0 || now >= d.awakeUntil + 2 * d.interval)) return goToSleep(d, now);
-    sched.at(now + period(d), tick, d, gen);
+    d.nextTickAt = now + period(d);
+    sched.at(d.nextTickAt, tick, d, gen);
     if (d.state !== 'online') return;
-    if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > (keepaliveS * 1000) / 2) d.mqtt.ping();
+    keepAliveFrom(d, now);
+    if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > keepaliveMs / 2) d.mqtt.ping();
     // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should
     if (opts.protocol === 'coap' && mailbox && now - d.observedAt > reobserveMs) observeMailbox(d);
     if (d.q.length >= MAX_QUEUE || hasReading(d.q)) {

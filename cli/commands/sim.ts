@@ -135,8 +135,15 @@ export const simCommand = defineCommand({
     });
     writeReadyFile(strFlag(values, 'ready-file'), { devices, protocol, firstDevice: sim.ids()[0] });
     const statsFile = strFlag(values, 'stats-file');
+    // each interval's lag, the last 10 minutes of them, in every snapshot: a reader polling at
+    // another rate (the bench) takes the intervals of its window, none missed or counted twice
+    const lagHistory: Array<{ at: number; meanMs: number; maxMs: number; ran: number }> = [];
     const progress = setInterval(() => {
-      const snap = { ...sim.stats(), lag: sim.lag(), rssBytes: process.memoryUsage().rss, cpu: process.cpuUsage(), at: Date.now() };
+      const at = Date.now();
+      const lag = sim.lag();
+      lagHistory.push({ at, ...lag });
+      if (lagHistory.length > Math.ceil(600_000 / statsEveryMs)) lagHistory.shift();
+      const snap = { ...sim.stats(), lag, lagHistory, rssBytes: process.memoryUsage().rss, cpu: process.cpuUsage(), at };
       log.info('sim progress', snap);
       if (statsFile) {
         writeFileSync(`${statsFile}.tmp`, JSON.stringify(snap));

@@ -166,6 +166,12 @@ const cleanup = async () => {
 };
 process.on('SIGINT', () => cleanup().then(() => process.exit(130)));
 
+/** mean of per-interval lags weighted by the scheduler entries each ran (ms, one decimal); null without any */
+function lagMean(list) {
+  const ran = list.reduce((a, l) => a + (l.ran ?? 1), 0);
+  return ran > 0 ? Math.round((list.reduce((a, l) => a + l.meanMs * (l.ran ?? 1), 0) / ran) * 10) / 10 : null;
+}
+
 // ---- the subscriber: readings by (device, seq), latency from the sample time --------------
 class Meter {
   constructor() {
@@ -297,7 +303,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const steal0 = machineSteal();
   const cpu0 = { server: cpuS(pids.server), hub: pids.hub ? cpuS(pids.hub) : NaN, sims: pids.sims.map(cpuS), bench: cpuS(process.pid) };
   const sent0 = sum('sent');
-  const lags = [];
+  const lags = new Map();
   // this process's own loop: it is the counting subscriber, so its stalls show as latency too
   const benchLoop = monitorEventLoopDelay({ resolution: 10 });
   benchLoop.enable();
@@ -306,7 +312,12 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
   const outbox = [];
   while (Date.now() < t0 + WINDOW_S * 1000) {
     await sleep(1000);
-    for (const s of simStats()) if (s?.lag) lags.push(s.lag);
+    // each sim's per-interval lags (lagHistory): every interval ending in the window once,
+    // however this loop's rate drifts from the sims' (the reset-on-read `lag` alone missed or
+    // repeated intervals)
+    simStats().forEach((s, i) => {
+      for (const l of s?.lagHistory ?? (s?.lag ? [{ at: s.at, ...s.lag }] : [])) if (l.at > t0) lags.set(`${i}:${l.at}`, l);
+    });
     rss.push(rssKb(pids.server));
     connectedSamples.push(sum('connected'));
     if (server.metricsUrl) {
@@ -394,8 +405,9 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
     simCpuPct: cpu0.sims.map((c, i) => pct(c, cpu1.sims[i])),
     // this process: the subscriber that counts every reading (and the polling)
     benchCpuPct: pct(cpu0.bench, cpu1.bench),
-    simLagMeanMs: lags.length ? Math.round((lags.reduce((a, l) => a + l.meanMs, 0) / lags.length) * 10) / 10 : null,
-    simLagMaxMs: lags.length ? Math.max(...lags.map((l) => l.maxMs)) : null,
+    // weighted by the entries each interval ran
+    simLagMeanMs: lagMean([...lags.values()]),
+    simLagMaxMs: lags.size ? Math.max(...[...lags.values()].map((l) => l.maxMs)) : null,
     serverRssKbEnd: rssEnd,
     ...(server.metricsUrl ? { outboxDepthMax: Math.max(...outbox.map((o) => o.depth ?? -1)), outboxOldestSMax: Math.max(...outbox.map((o) => o.oldestS ?? -1)), outboxSamples: outbox.length, outboxTrace: outbox } : {}),
     serverRssKbMax: Math.max(...rss),
