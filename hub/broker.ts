@@ -9,7 +9,7 @@ import { FleetError } from '../core/errors.ts';
 import { secretEquals } from '../core/http.ts';
 import type { Logger } from '../core/log.ts';
 import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
-import { decodeMessage } from '../core/messages.ts';
+import { decodeMessage, type StateMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
 import { deviceTopic, isDeviceId, MCU_REVOCATIONS_TOPIC, parseTopic, type Channel } from '../core/topics.ts';
 import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
@@ -286,6 +286,13 @@ export class HubBroker {
     if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain, payload)) return deny('topic outside the ACL');
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
+    if (t.channel === 'state' && t.deviceId !== identity.id) {
+      // a gateway speaks for its MCU: the state must say so, or the registry would file the
+      // MCU as another kind (a fleet-wide MCU revocation then left it shown online) or under
+      // another gateway (taken offline with that one)
+      const why = mcuStateProblem(payload, identity.id);
+      if (why) return deny(`state of MCU ${t.deviceId}: ${why}`, 'invalid');
+    }
     if (t.channel === 'register') {
       try {
         this.applyRegistration(identity.id, decodeMessage('register', payload).mcus);
@@ -644,7 +651,7 @@ export class HubBroker {
     // firmware jobs (events): none of that is contact, and none may take the MCU from the
     // gateway serving it. A gateway that serves it says it is online at its first contact
     if (t.channel !== 'telemetry' && t.channel !== 'state') return false;
-    if (t.channel === 'state' && !statesOnline(payload)) return false;
+    if (t.channel === 'state' && (!statesOnline(payload) || mcuStateProblem(payload!, identity.id) !== null)) return false;
     const mcu = t.deviceId;
     if (!this.wanted.get(identity.id)?.has(mcu) || this.isFleetDevice(mcu) || this.opts.isRevokedMcu?.(mcu)) return false;
     const owner = this.claimedBy.get(mcu);
@@ -999,6 +1006,19 @@ export function quietRetainedScans(persistence: LevelPersistence, log: Logger): 
 }
 
 /** Is this a valid state message saying the device is online? */
+/** What is wrong with a state a gateway publishes for one of its MCUs, or null. */
+function mcuStateProblem(payload: Buffer, gatewayId: string): string | null {
+  let st: StateMessage;
+  try {
+    st = decodeMessage('state', payload);
+  } catch (err) {
+    return `not a state message (${(err as Error).message})`;
+  }
+  if (st.kind !== 'mcu') return `kind must be mcu, not ${st.kind}`;
+  if (st.via !== gatewayId) return `via must be the gateway that sends it, ${gatewayId}, not ${st.via ?? '(none)'}`;
+  return null;
+}
+
 function statesOnline(payload: Buffer | undefined): boolean {
   if (!payload) return false;
   try {

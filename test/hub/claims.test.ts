@@ -209,3 +209,20 @@ test('MCU claims: replies and events a gateway makes up itself for an MCU that r
     { mcuClaimIdleMs: 1000 },
   );
 });
+
+test('MCU states: a gateway\'s state for its MCU must say kind mcu and via the gateway itself; another kind or via is refused (a dead letter), not filed in the registry', async () => {
+  await withHub(async (hub, ctx) => {
+    const gw = await connectDevice(ctx, 'gw-s', { reconnectPeriod: 0 });
+    await gw.publishAsync(...register('gw-s', ['esp-s1']));
+    const state = (o: Record<string, unknown>) => encodeMessage({ v: 1, online: true, ts: Date.now(), ...o } as never);
+    await gw.publishAsync(deviceTopic('esp-s1', 'state'), state({ kind: 'agent', via: 'gw-s' }), { qos: 1, retain: true });
+    await gw.publishAsync(deviceTopic('esp-s1', 'state'), state({ kind: 'mcu', via: 'gw-other' }), { qos: 1, retain: true });
+    await sleep(200);
+    assert.equal(hub.registry.get('esp-s1')?.online ?? false, false, 'neither filed');
+    const dead = (await deadLetters(ctx)).deadLetters;
+    assert.deepEqual(dead.map((d) => [d.reason, /kind must be mcu|via must be the gateway/.test(d.detail ?? '')]), [['invalid', true], ['invalid', true]], JSON.stringify(dead));
+    await gw.publishAsync(deviceTopic('esp-s1', 'state'), state({ kind: 'mcu', via: 'gw-s' }), { qos: 1, retain: true });
+    await waitFor(() => hub.registry.get('esp-s1')?.online === true && hub.registry.get('esp-s1')?.via === 'gw-s', 'filed');
+    await gw.endAsync();
+  });
+});
