@@ -28,7 +28,11 @@ export const MAC_CHARS = 22;
 /** Counters are positive integers that JSON and JavaScript carry exactly. */
 export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
 
-const MAC_RE = /^[A-Za-z0-9_-]{22}$/;
+/**
+ * The canonical base64url of 16 bytes: 22 characters carry 132 bits, so the last one holds 2
+ * bits of the MAC and 4 zero bits (A, Q, g or w). Without this, 16 strings verified for one MAC.
+ */
+export const MAC_RE = /^[A-Za-z0-9_-]{21}[AQgw]$/;
 const COUNTER_RE = /^[1-9][0-9]{0,15}$/;
 
 export type MacResource = McuChannel;

@@ -117,7 +117,9 @@ export function decodeTelemetry(payload: Uint8Array, format: TelemetryFormat | '
 export const SENML_CBOR_LABELS: Readonly<Record<string, number>> = Object.freeze({ bver: -1, bn: -2, bt: -3, bu: -4, bv: -5, bs: -6, n: 0, u: 1, v: 2, vs: 3, vb: 4, s: 5, t: 6, ut: 7, vd: 8 });
 const LABEL_NAMES = new Map<number, string>(Object.entries(SENML_CBOR_LABELS).map(([k, v]) => [v, k]));
 
-const MAX_CBOR_STRING = 2048;
+/** bytes: 1024 characters (the longest vs) of up to 4 UTF-8 bytes each */
+const MAX_CBOR_STRING = 4096;
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
 
 /**
  * Structural check of a SenML CBOR pack before cbor-x decodes it: an array (definite or
@@ -162,26 +164,41 @@ function scanSenmlCbor(buf: Uint8Array, maxRecords: number): number {
     }
     return { major, info, value };
   };
-  const skipString = (len: number): void => {
+  const skipString = (len: number, text: boolean): string | undefined => {
     if (len < 0) fail('CBOR: indefinite-length strings are not accepted');
     if (len > MAX_CBOR_STRING) fail(`CBOR: string of ${len} bytes exceeds ${MAX_CBOR_STRING}`);
     if (i + len > buf.length) fail('CBOR: truncated string');
+    let decoded: string | undefined;
+    if (text) {
+      // RFC 8949 §3.1: a text string that is not UTF-8 is not well-formed (cbor-x would
+      // make U+FFFD of it; the JSON path refuses it too)
+      try {
+        decoded = strictUtf8.decode(buf.subarray(i, i + len));
+      } catch {
+        fail('CBOR: a text string is not valid UTF-8');
+      }
+    }
     i += len;
+    return decoded;
   };
   const scalar = (what: 'key' | 'value'): void => {
-    const start = i;
     const h = head();
-    if (what === 'key') lastKey = Buffer.from(buf.buffer, buf.byteOffset + start, Math.min(buf.length, h.major === 3 ? i + Math.max(0, h.value) : i) - start).toString('hex');
     switch (h.major) {
       case 0:
       case 1:
         if (h.value < 0) fail('CBOR: indefinite integer');
+        // by value, however it is encoded: 0x02 and 0x18 0x02 are the same label
+        if (what === 'key') lastKey = `${h.major}:${h.value}`;
         return;
       case 2:
         if (what === 'key') fail('CBOR: byte string as a label');
-        return skipString(h.value);
-      case 3:
-        return skipString(h.value);
+        skipString(h.value, false);
+        return;
+      case 3: {
+        const text = skipString(h.value, true);
+        if (what === 'key') lastKey = `t:${text}`;
+        return;
+      }
       case 7:
         if (what === 'key') fail('CBOR: simple value or float as a label');
         if (h.info === 20 || h.info === 21 || h.info === 25 || h.info === 26 || h.info === 27) return;
@@ -239,7 +256,8 @@ export function decodeSenmlCbor(payload: Uint8Array, opts: SenmlDecodeOptions = 
   if (!Array.isArray(decoded)) fail('CBOR: a SenML pack must be an array');
   const pack = decoded.map((rec: unknown, index: number) => {
     if (!(rec instanceof Map)) fail(`SenML record ${index}: must be a map`);
-    const out: Record<string, unknown> = {};
+    // no prototype: a "__proto__" label is a field like any other (refused as must-understand, as in JSON)
+    const out: Record<string, unknown> = Object.create(null) as Record<string, unknown>;
     for (const [k, v] of rec) {
       let name: string | undefined;
       if (typeof k === 'number') name = LABEL_NAMES.get(k);

@@ -20,7 +20,7 @@ export interface MacFramed {
   payload: Buffer;
 }
 
-const MAC_LINE_RE = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{22})$/;
+const MAC_LINE_RE = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{21}[AQgw])$/;
 
 /**
  * Does a payload start with a MAC line, `c={counter}&m={mac}` and a newline? The whole line

@@ -118,6 +118,16 @@ test('auth: verifyMcuMessage checks the MAC before touching counters', () => {
   // a captured genuine message replayed
   assert.equal(code(() => verifyMcuMessage(g, msg(8))), 'FLEET_MCU_REPLAY');
   assert.equal(code(() => verifyMcuMessage(g, { ...msg(9), counter: '009' })), 'FLEET_MCU_AUTH');
+  // only the canonical base64url of the MAC: the 15 strings differing in the last character's
+  // unused bits decoded to the same bytes and verified too
+  const mac10 = signMcuMessage(KEY, ID, 't', 10, PAYLOAD);
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+  const last = alphabet.indexOf(mac10.at(-1)!);
+  const variants = Array.from({ length: 16 }, (_, k) => mac10.slice(0, -1) + alphabet[(last & ~15) | k]).filter((m) => m !== mac10);
+  assert.equal(variants.length, 15);
+  for (const v of variants) assert.equal(Buffer.from(v, 'base64url').equals(Buffer.from(mac10, 'base64url')), true, 'same bytes');
+  for (const v of variants) assert.equal(code(() => verifyMcuMessage(g, msg(10, v))), 'FLEET_MCU_AUTH', v);
+  assert.equal(code(() => verifyMcuMessage(g, msg(10))), 'ok');
 });
 
 test('auth: replay state survives a snapshot/restore and never moves backwards', () => {

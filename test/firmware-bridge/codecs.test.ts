@@ -50,8 +50,19 @@ test('senml cbor: malformed, tagged, nested, oversized and vd input is FLEET_MCU
     ['must-understand text label', Buffer.from(enc.encode([new Map<number | string, unknown>([[0, 'a'], [2, 1], ['x_', 1]])]))],
     ['too many records', Buffer.from(enc.encode(Array.from({ length: 300 }, () => new Map<number, unknown>([[0, 'a'], [2, 1]]))))],
     ['indefinite string', Buffer.from('81a2007f616161ff0201', 'hex')],
+    // the same label written twice, once in a longer head: cbor-x kept the last value
+    ['duplicate label, non-preferred head', Buffer.from('81a3006161020118020 5'.replace(/ /g, ''), 'hex')],
+    ['duplicate text label, 1- and 2-byte heads', Buffer.from('81a30061616176017818017605'.replace('7818017605', '78017605'), 'hex')],
+    ['text that is not UTF-8', Buffer.from('81a2006161 0362fffe'.replace(/ /g, ''), 'hex')],
+    ['__proto__ text label (must-understand, as in JSON)', Buffer.from(enc.encode([new Map<number | string, unknown>([[0, 'a'], [2, 1], ['__proto__', 1]])]))],
   ];
   for (const [name, buf] of cases) assert.throws(() => decodeSenmlCbor(buf, { now: NOW }), decodeErr, name);
+  assert.equal(Object.prototype.hasOwnProperty.call(Object.prototype, 'v'), false);
+  // a vs of 1,000 three-byte characters (3,000 bytes) passes, as in JSON
+  const euro = '€'.repeat(1000);
+  assert.deepEqual(decodeSenmlCbor(Buffer.from(enc.encode([new Map<number, unknown>([[0, 'a'], [3, euro]])])), { now: NOW }), [{ n: 'a', t: NOW, vs: euro }]);
+  // the docs example (no base name)
+  assert.deepEqual(decodeSenmlCbor(Buffer.from('81a3006b74656d7065726174757265016343656c02f94d60', 'hex'), { now: NOW }), [{ n: 'temperature', t: NOW, v: 21.5, u: 'Cel' }]);
 });
 
 test('compact: the docs example (14 bytes) decodes with the hello sensor table; inline table; relative time', () => {
