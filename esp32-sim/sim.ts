@@ -218,6 +218,8 @@ interface Device {
   interval: number;
   /** when the next reading is due (RTC memory): a reconnect resumes the period, not restarts it with a reading at once */
   nextTickAt: number;
+  /** a verified image waits for the reboot into it (after its ack's delivery): no deep sleep meanwhile */
+  rebootPending?: boolean;
   connected: boolean;
   /** when the current MQTT connection attempt started, ms */
   connectStarted: number;
@@ -446,6 +448,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   };
 
   const reboot = (d: Device, reason: BootReason, delayMs = 200) => {
+    if (d.state === 'sleeping') st.sleeping--;
     d.gen++;
     d.bootReason = reason;
     cancelObserve(d);
@@ -636,7 +639,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const tick = (d: Device, now: number, gen: number): void => {
     if (stopped || gen !== d.gen) return;
     // asleep once the queue is empty (an unacknowledged reading stays in RTC memory; a little later it sleeps anyway), never mid-update
-    if (now >= d.awakeUntil && !d.fw && (d.q.length === 0 || now >= d.awakeUntil + 2 * d.interval)) return goToSleep(d, now);
+    if (now >= d.awakeUntil && !d.fw && !d.rebootPending && (d.q.length === 0 || now >= d.awakeUntil + 2 * d.interval)) return goToSleep(d, now);
     d.nextTickAt = now + period(d);
     sched.at(d.nextTickAt, tick, d, gen);
     if (d.state !== 'online') return;
@@ -919,9 +922,12 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     // outcome from the version the device reports after booting, and the ack, kept as in NVS,
     // is answered again if the command is pushed again.
     let rebooted = false;
+    // no deep sleep before that reboot (the image waits in flash, the ack in RTC memory)
+    d.rebootPending = true;
     const rebootInto = () => {
       if (rebooted) return;
       rebooted = true;
+      d.rebootPending = false;
       const prev = d.version;
       if (failVersions.has(f.version)) {
         st.fwRolledBack++;
