@@ -314,7 +314,7 @@ export class HubBroker {
     // all when that write fails (connection lost while waiting for the socket to drain):
     // its mid admitted, the sender's resend would then be dropped as a duplicate.
     // Starting every route here also keeps the wire order (see route()).
-    if (t.deviceId !== identity.id) this.claimActive.set(t.deviceId, Date.now());
+    if (t.deviceId !== identity.id && isMcuContact(t.channel, payload)) this.claimActive.set(t.deviceId, Date.now());
     const routed = this.route([{ topic: packet.topic, deviceId: t.deviceId, channel: t.channel, payload, qos: packet.qos, pending: v.pending, record: null, mid: null, ok: false }]).then(() => ROUTED_TOPIC);
     this.acknowledgeAfter(client, packet, done, routed);
   };
@@ -446,7 +446,7 @@ export class HubBroker {
     if (dead.length > 0) this.opts.onRefused?.(identity.id, dead);
     if (j.mcuItems > 0) {
       const now = Date.now();
-      for (const it of accepted) if (it.deviceId !== identity.id) this.claimActive.set(it.deviceId, now);
+      for (const it of accepted) if (it.deviceId !== identity.id && isMcuContact(it.channel, it.payload)) this.claimActive.set(it.deviceId, now);
     }
   }
 
@@ -460,11 +460,11 @@ export class HubBroker {
     // only outbox channels travel in a batch: a state or register item would lose its
     // retain flag (and register its effect on the ACL), a nested batch would reach
     // subscribers as raw bytes
-    if (!t || !OUTBOX_CHANNELS.has(t.channel) || (!canPublish(identity, item.topic, false, this.mcusOf) && !this.claimMoves(identity, item.topic, false))) {
+    if (!t || !OUTBOX_CHANNELS.has(t.channel) || (!canPublish(identity, item.topic, false, this.mcusOf) && !this.claimMoves(identity, item.topic, false, item.payload))) {
       j.denied++;
       if (j.refused.length < LOG_EXAMPLES) j.refused.push(item.topic);
       this.opts.batchItems.inc({ result: 'denied' });
-      j.dead.push({ topic: item.topic, payload: item.payload, reason: 'acl', detail: this.whyDenied(identity.id, t) });
+      j.dead.push({ topic: item.topic, payload: item.payload, reason: 'acl', detail: this.whyDenied(identity.id, t, item.payload) });
       return;
     }
     let pending: PendingMid | null = null;
@@ -575,18 +575,18 @@ export class HubBroker {
   }
 
   /** Why a batch item of `senderId` on topic `t` was refused by the ACL, for the dead letter. */
-  private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>): string {
+  private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>, payload?: Buffer): string {
     if (!t) return 'not a fleet topic';
     if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
     if (this.opts.isRevokedMcu?.(t.deviceId)) return `MCU ${t.deviceId} is revoked at the hub`;
     const owner = this.claimedBy.get(t.deviceId);
     const listed = this.wanted.get(senderId)?.has(t.deviceId) === true;
-    const moves = t.channel === 'telemetry' || t.channel === 'state';
+    const moves = isMcuContact(t.channel, payload);
     if (owner !== undefined && owner !== senderId) {
-      const how = !listed ? ` (and ${senderId}'s register does not list it)` : moves ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (only its readings or an online state move it, not ${t.channel})`;
+      const how = !listed ? ` (and ${senderId}'s register does not list it)` : moves ? `, which is connected and sent for it within ${Math.round((this.opts.mcuClaimIdleMs ?? 300_000) / 1000)} s` : ` (a ${t.channel} ${senderId} makes up itself, e.g. a FLEET_TIMEOUT reply or a firmware event, is no contact with the MCU and does not move it)`;
       return `MCU ${t.deviceId} is registered by gateway ${owner}${how}, not by ${senderId}`;
     }
-    if (owner === undefined && listed) return `MCU ${t.deviceId} is held by no gateway; ${senderId} lists it, and takes it with its readings or an online state, not with ${t.channel}`;
+    if (owner === undefined && listed) return `MCU ${t.deviceId} is held by no gateway; ${senderId} lists it, and takes it with a sign of contact (readings, logs, an answer, an online state), not with this ${t.channel}`;
     return `${t.deviceId} is not among the MCUs ${senderId} registered`;
   }
 
@@ -645,13 +645,13 @@ export class HubBroker {
     if (identity.kind !== 'device') return false;
     const t = parseTopic(topic);
     if (!t || (retain && t.channel !== 'state')) return false;
-    // only a sign of contact moves an MCU: its readings, or a state saying it is online. A
-    // gateway that still lists an MCU which moved away reports it lost after a while (or at
-    // its restart), answers its expired commands (FLEET_TIMEOUT replies) and ends its
-    // firmware jobs (events): none of that is contact, and none may take the MCU from the
-    // gateway serving it. A gateway that serves it says it is online at its first contact
-    if (t.channel !== 'telemetry' && t.channel !== 'state') return false;
-    if (t.channel === 'state' && (!statesOnline(payload) || mcuStateProblem(payload!, identity.id) !== null)) return false;
+    // only a sign of contact moves an MCU (isMcuContact): its readings, logs and answers to
+    // commands, or a state saying it is online. A gateway that still lists an MCU which moved
+    // away reports it lost after a while (or at its restart), answers its expired commands
+    // (FLEET_TIMEOUT replies) and ends its firmware jobs (events): none of that is contact,
+    // and none may take the MCU from the gateway serving it
+    if (!isMcuContact(t.channel, payload)) return false;
+    if (t.channel === 'state' && mcuStateProblem(payload!, identity.id) !== null) return false;
     const mcu = t.deviceId;
     if (!this.wanted.get(identity.id)?.has(mcu) || this.isFleetDevice(mcu) || this.opts.isRevokedMcu?.(mcu)) return false;
     const owner = this.claimedBy.get(mcu);
@@ -757,7 +757,7 @@ export class HubBroker {
     for (const want of this.wanted.values()) want.delete(id);
   }
 
-  /** An unclaimed MCU goes to a gateway whose register lists it (a connected one first), if any. */
+  /** An unclaimed MCU goes to a gateway whose register lists it (a connected one first), if any, idle. */
   private giveToWanting(id: string): void {
     if (this.isFleetDevice(id) || this.opts.isRevokedMcu?.(id)) return;
     let to: string | undefined;
@@ -774,7 +774,9 @@ export class HubBroker {
     if (!mine) this.delegations.set(to, (mine = new Set()));
     mine.add(id);
     this.claimedBy.set(id, to);
-    this.claimActive.set(id, Date.now());
+    // idle: it may have left that gateway long ago, so the first listing gateway to show
+    // contact with it takes it (the one it talks to now), not only after mcuClaimIdleMs
+    this.claimActive.delete(id);
   }
 
   /**
@@ -1017,6 +1019,36 @@ function mcuStateProblem(payload: Buffer, gatewayId: string): string | null {
   if (st.kind !== 'mcu') return `kind must be mcu, not ${st.kind}`;
   if (st.via !== gatewayId) return `via must be the gateway that sends it, ${gatewayId}, not ${st.via ?? '(none)'}`;
   return null;
+}
+
+/**
+ * Is this message a gateway sends for an MCU a sign of contact with the MCU, not something
+ * the gateway made up itself? Readings, logs, an online state, and replies that carry the
+ * MCU's answer (ok, or its own refusal: FLEET_MCU_COMMAND or a code of its own); not the
+ * gateway's own replies (FLEET_TIMEOUT for an expired command, a full mailbox, ...), its
+ * events (firmware outcomes; a boot comes with an online state) or offline states. Only
+ * contact moves a claim or keeps its holder active.
+ */
+function isMcuContact(channel: string, payload: Buffer | undefined): boolean {
+  switch (channel) {
+    case 'telemetry':
+    case 'logs':
+      return true;
+    case 'state':
+      return statesOnline(payload);
+    case 'reply': {
+      if (!payload) return false;
+      try {
+        const r = decodeMessage('reply', payload);
+        const code = r.error?.code;
+        return r.ok || code === undefined || code === 'FLEET_MCU_COMMAND' || !code.startsWith('FLEET_');
+      } catch {
+        return false;
+      }
+    }
+    default:
+      return false;
+  }
 }
 
 function statesOnline(payload: Buffer | undefined): boolean {

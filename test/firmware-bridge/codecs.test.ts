@@ -57,7 +57,6 @@ test('senml cbor: malformed, tagged, nested, oversized and vd input is FLEET_MCU
     ['__proto__ text label (must-understand, as in JSON)', Buffer.from(enc.encode([new Map<number | string, unknown>([[0, 'a'], [2, 1], ['__proto__', 1]])]))],
   ];
   for (const [name, buf] of cases) assert.throws(() => decodeSenmlCbor(buf, { now: NOW }), decodeErr, name);
-  assert.equal(Object.prototype.hasOwnProperty.call(Object.prototype, 'v'), false);
   // a vs of 1,000 three-byte characters (3,000 bytes) passes, as in JSON
   const euro = '€'.repeat(1000);
   assert.deepEqual(decodeSenmlCbor(Buffer.from(enc.encode([new Map<number, unknown>([[0, 'a'], [3, euro]])])), { now: NOW }), [{ n: 'a', t: NOW, vs: euro }]);

@@ -190,7 +190,7 @@ test('MCU claims: replies and events a gateway makes up itself for an MCU that r
       assert.equal(hub.registry.get('esp-1')?.samples, 3, 'gw-b\'s readings are routed (mids 100, 200, 201)');
       const dead = (await deadLetters(ctx)).deadLetters;
       assert.deepEqual(dead.map((d) => d.topic), ['fleet/v1/d/esp-1/reply'], JSON.stringify(dead));
-      assert.match(dead[0]!.detail ?? '', /only its readings or an online state move it, not reply/);
+      assert.match(dead[0]!.detail ?? '', /a reply gw-a makes up itself, e.g. a FLEET_TIMEOUT reply or a firmware event, is no contact/);
 
       // gw-b stops listing esp-1 (forgotten, or a fresh state directory): gw-a lists it and is connected
       await b.publishAsync(...register('gw-b', []));
@@ -225,4 +225,40 @@ test('MCU states: a gateway\'s state for its MCU must say kind mcu and via the g
     await waitFor(() => hub.registry.get('esp-s1')?.online === true && hub.registry.get('esp-s1')?.via === 'gw-s', 'filed');
     await gw.endAsync();
   });
+});
+
+test('MCU claims: an MCU that sends no readings (an actuator answering commands) moves with its replies; a FLEET_TIMEOUT the gateway it left makes up neither moves it back nor keeps that gateway active; an MCU handed on because its holder stopped listing it is idle there, so the gateway it talks to takes it at once', async () => {
+  await withHub(
+    async (hub, ctx) => {
+      const holder = () => (hub.broker.mcusOf('gw-a')?.has('esp-1') ? 'gw-a' : hub.broker.mcusOf('gw-b')?.has('esp-1') ? 'gw-b' : 'none');
+      const reply = (mid: string, o: Record<string, unknown>) => encodeMessage({ v: 1, mid, id: `c-${mid}`, ...o } as never);
+      const replyOf = (gw: string, mid: string, o: Record<string, unknown>) => [deviceTopic(gw, 'batch'), encodeBatch([{ topic: deviceTopic('esp-1', 'reply'), payload: reply(mid, o) }]), { qos: 1 as const }] as const;
+      const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+      const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+      await a.publishAsync(...register('gw-a', ['esp-1']));
+      await b.publishAsync(...register('gw-b', ['esp-1']));
+      await a.publishAsync(...replyOf('gw-a', '100', { ok: true }));
+      await sleep(1200); // the actuator left gw-a: nothing from it there since
+      await a.publishAsync(...replyOf('gw-a', '101', { ok: false, error: { code: 'FLEET_TIMEOUT', message: 'expired' } }));
+      await b.publishAsync(...replyOf('gw-b', '200', { ok: true, result: { on: true } }));
+      assert.equal(holder(), 'gw-b', 'its answer through gw-b moved it; gw-a\'s own timeout did not keep gw-a active');
+      // an MCU's own refusal is contact too; gw-a's made-up timeout does not move it back
+      await sleep(1200);
+      await a.publishAsync(...replyOf('gw-a', '102', { ok: false, error: { code: 'FLEET_TIMEOUT', message: 'expired' } }));
+      assert.equal(holder(), 'gw-b');
+      await b.publishAsync(...replyOf('gw-b', '201', { ok: false, error: { code: 'FLEET_MCU_COMMAND', message: 'busy' } }));
+      assert.equal(holder(), 'gw-b');
+
+      // gw-b (fresh state directory) stops listing it: handed to gw-a, idle; when the MCU talks
+      // to gw-b again and gw-b lists it, gw-b takes it at once, not after mcuClaimIdleMs
+      await b.publishAsync(...register('gw-b', []));
+      assert.equal(holder(), 'gw-a');
+      await b.publishAsync(...register('gw-b', ['esp-1']));
+      await b.publishAsync(...batchOf('gw-b', 'esp-1', '202'));
+      assert.equal(holder(), 'gw-b', 'taken at once from the idle hand-over');
+      await Promise.all([a.endAsync(), b.endAsync()]);
+    },
+    undefined,
+    { mcuClaimIdleMs: 1000 },
+  );
 });
