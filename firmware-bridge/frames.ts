@@ -21,6 +21,8 @@ export interface MacFramed {
 }
 
 const MAC_LINE_RE = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{21}[AQgw])$/;
+/** what looks like a MAC line (taken as one, and then refused when it is not a valid one) */
+const MAC_LINE_SHAPE = /^c=[0-9]{1,20}&m=[A-Za-z0-9_-]{22}$/;
 
 /**
  * Does a payload start with a MAC line, `c={counter}&m={mac}` and a newline? The whole line
@@ -30,7 +32,7 @@ const MAC_LINE_RE = /^c=([0-9]{1,16})&m=([A-Za-z0-9_-]{21}[AQgw])$/;
 export function hasMacLine(payload: Uint8Array): boolean {
   if (payload.length < 2 || payload[0] !== 0x63 || payload[1] !== 0x3d) return false;
   const nl = payload.indexOf(0x0a);
-  return nl > 0 && nl <= MAC_LINE_MAX && MAC_LINE_RE.test(Buffer.from(payload.buffer, payload.byteOffset, nl).toString('latin1'));
+  return nl > 0 && nl <= MAC_LINE_MAX && MAC_LINE_SHAPE.test(Buffer.from(payload.buffer, payload.byteOffset, nl).toString('latin1'));
 }
 
 /** Split "c=..&m=..\n" off a payload; FLEET_MCU_AUTH when the line is malformed. */

@@ -57,6 +57,8 @@ interface Job {
   code?: string;
   /** offers renewed after they expired untaken (each under a new id) */
   renewals?: number;
+  /** the MCU's hardware class this job was refused for (cause target; '' = none reported): a hello with another one judges it again */
+  targetHw?: string;
   /** an update the MCU had taken (`installing`) when this target replaced it: its next hello decides that one too */
   replaced?: { version: string; bundleName?: string; sequence?: number; from?: string; deadline?: number };
 }
@@ -374,6 +376,7 @@ export class FirmwareManager {
       // the MCU cannot tell an image for another board; the gateway can, from its hello
       const hw = this.opts.relay.meta(mcuId)?.hw;
       if (f.deviceClass && (hw === undefined || !f.deviceClass.includes(hw))) {
+        job.targetHw = hw ?? '';
         throw new FleetError('FLEET_BUNDLE_TARGET', `firmware bundle ${f.name ?? job.bundleSha.slice(0, 16)} ${f.version} is for ${f.deviceClass.join(', ')}; this MCU is ${hw ?? 'of no known hardware class (its hello has no hw)'}`, { details: { target: 'deviceClass', want: f.deviceClass, have: hw ?? null } });
       }
       job.imageSha = f.imageSha;
@@ -750,10 +753,12 @@ export class FirmwareManager {
   private async helloNow(mcuId: string, hello: McuHello, previousHw: string | undefined): Promise<void> {
     const job = this.jobs.get(mcuId);
     if (!job) return;
-    if (job.state === 'failed' && job.cause === 'target' && hello.hw !== undefined && hello.hw !== previousHw && hello.fw !== job.version) {
+    // compared with the class the job was refused for, not with the previous hello: a hello
+    // whose handling was cut short (a crash, a failed save) must not leave the job refused
+    if (job.state === 'failed' && job.cause === 'target' && hello.hw !== undefined && hello.hw !== (job.targetHw ?? previousHw) && hello.fw !== job.version) {
       // refused for the MCU's hardware class, which it now reports (first, or another): judged again
       job.state = 'fetching';
-      job.reason = job.cause = job.code = job.retryAt = job.retries = job.retryable = undefined;
+      job.reason = job.cause = job.code = job.retryAt = job.retries = job.retryable = job.targetHw = undefined;
       await this.save(mcuId, job);
       void this.run(mcuId, job);
       return;

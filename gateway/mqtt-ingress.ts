@@ -239,9 +239,9 @@ export class McuMqttIngress {
     const wait = channel === 'fwreq' ? 0 : this.opts.service.admit(mcuId);
     if (wait > 0) {
       // revoked while it waited out the rate limit: not stored either
-      return this.throttled(conn, mcuId, wait, packet.qos).then((go) => (go && !this.revokedNow(mcuId) ? this.store(conn, mcuId, channel, body, counter) : 'close'));
+      return this.throttled(conn, mcuId, wait, packet.qos).then((go) => (go && !this.revokedNow(mcuId) ? this.store(conn, mcuId, channel, body, counter, packet.qos) : 'close'));
     }
-    return this.store(conn, mcuId, channel, body, counter);
+    return this.store(conn, mcuId, channel, body, counter, packet.qos);
   }
 
   /**
@@ -263,7 +263,7 @@ export class McuMqttIngress {
   }
 
   /** Hand an authenticated message to the service; 'ack' once it is stored. */
-  private store(conn: LeanConn, mcuId: string, channel: McuChannel, body: Buffer, counter: number): PublishOutcome | Promise<PublishOutcome> {
+  private store(conn: LeanConn, mcuId: string, channel: McuChannel, body: Buffer, counter: number, qos: 0 | 1 | 2): PublishOutcome | Promise<PublishOutcome> {
     const svc = this.opts.service;
     if (counter > 0) {
       // claimed while it is stored, as CoAP does: a copy of this MAC'd message replayed over
@@ -274,10 +274,15 @@ export class McuMqttIngress {
         this.opts.guard.hold(mcuId, counter);
       } catch (err) {
         if (isFleetError(err, 'FLEET_MCU_REPLAY')) return this.drop(mcuId, channel, 'replay', err);
-        // the other copy is being stored: no PUBACK; the MCU's resend after reconnecting is
-        // then a replay (stored) or new again (that store failed)
+        if (isFleetError(err, 'FLEET_FORBIDDEN')) {
+          // the replay table filled up since the first check: as there, no PUBACK
+          this.opts.hooks.dropped('mqtt', 'mcu_limit', { mcuId, err });
+          return 'close';
+        }
+        // the other copy is being stored: no PUBACK (QoS 1/2: the MCU's resend after
+        // reconnecting is then a replay, or new again if that store failed); QoS 0 is dropped
         this.opts.hooks.dropped('mqtt', 'unavailable', { mcuId, err });
-        return 'close';
+        return qos === 0 ? 'ack' : 'close';
       }
     }
     let work: Promise<void>;
@@ -299,6 +304,7 @@ export class McuMqttIngress {
           work = this.onChunkRequest(conn, mcuId, body);
           break;
         default:
+          if (counter > 0) this.opts.guard.release(mcuId, counter);
           return this.drop(mcuId, channel, 'forbidden', new FleetError('FLEET_FORBIDDEN', `${channel} is not an up channel`));
       }
     } catch (err) {

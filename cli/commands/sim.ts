@@ -143,10 +143,11 @@ export const simCommand = defineCommand({
       const lag = sim.lag();
       lagHistory.push({ at, ...lag });
       if (lagHistory.length > Math.ceil(600_000 / statsEveryMs)) lagHistory.shift();
-      const snap = { ...sim.stats(), lag, lagHistory, rssBytes: process.memoryUsage().rss, cpu: process.cpuUsage(), at };
+      const snap = { ...sim.stats(), lag, rssBytes: process.memoryUsage().rss, cpu: process.cpuUsage(), at };
       log.info('sim progress', snap);
       if (statsFile) {
-        writeFileSync(`${statsFile}.tmp`, JSON.stringify(snap));
+        // the history only in the file (up to ~40 KB), not in every log line
+        writeFileSync(`${statsFile}.tmp`, JSON.stringify({ ...snap, lagHistory }));
         renameSync(`${statsFile}.tmp`, statsFile);
       }
     }, statsEveryMs);

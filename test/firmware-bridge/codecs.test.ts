@@ -133,6 +133,11 @@ test('frames: MAC line, commands (MAC with the MCU key, replay by seq), acks, he
   // only a whole well-formed first line is a MAC line: a log may start with c=
   for (const plain of ['c=3 wifi reconnect\nboot ok\n', 'c=1&m=short\n[]', 'c=', `c=1&m=${'A'.repeat(22)}`, `c=1&m=${'A'.repeat(22)}x\n`]) assert.equal(hasMacLine(Buffer.from(plain)), false, plain);
   assert.equal(hasMacLine(Buffer.from(`c=1&m=${'A'.repeat(22)}\n`)), true);
+  // the shape of one, but not a valid one (a non-canonical MAC, a counter of 17 digits): taken as one, and refused (auth)
+  for (const bad of [`c=1&m=${'A'.repeat(21)}B\n[]`, `c=${'1'.repeat(17)}&m=${'A'.repeat(22)}\n[]`]) {
+    assert.equal(hasMacLine(Buffer.from(bad)), true, bad);
+    assert.throws(() => splitMacLine(Buffer.from(bad)), (e: unknown) => isFleetError(e, 'FLEET_MCU_AUTH'), bad);
+  }
   assert.equal(hasMacLine(framed.subarray(0)), true, 'a view into a larger buffer');
 
   // the docs' test vector (docs/mcu-protocol.md "Commands")

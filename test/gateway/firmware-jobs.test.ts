@@ -526,3 +526,19 @@ test('firmware jobs (stub relay): a bundle whose targets.deviceClass leaves out 
     await r.close();
   }
 });
+
+test('firmware jobs (stub relay): a target refusal is judged again by the class it was refused for, not by the previous hello: a hello whose first handling was cut short (the relay had stored the new hw already) still gets the offer', async () => {
+  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  try {
+    r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-c3' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });
+    await waitFor(() => r.fm.state('m1')?.cause === 'target', 'refused for esp32-c3');
+    // the relay took the new board from a hello whose firmware handling never ran (a crash
+    // after the state save); the MCU's resent hello now finds it as the "previous" hw
+    r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-s3' });
+    await r.fm.onHello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' }, { fw: '1.0.0', hw: 'esp32-s3' });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
+  } finally {
+    await r.close();
+  }
+});
