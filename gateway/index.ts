@@ -129,7 +129,10 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   // absent hub is tens of thousands of records a minute, and past the tail every peek reads
   // LevelDB again, in the threadpool its fsyncs keep busy (measured at 7,000+ MCUs: the
   // uplink stalled while the backlog was read back from disk)
-  const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), { ...config.outbox, tailBytes: 64 * 1024 * 1024 });
+  const outbox = await LevelOutbox.open(join(config.stateDir, 'outbox'), { ...config.outbox, tailBytes: 64 * 1024 * 1024 }).catch((err: unknown) => {
+    revocations.stop();
+    throw err;
+  });
   outbox.on('evicted', (e) => log.warn('outbox over budget; evicted oldest records', { ...e }));
   outbox.on('corrupt', (e) => log.error('outbox record damaged on disk; skipped', e));
   outbox.on('fault', (e) => log.error('outbox could not read its store (the disk); nothing stored is lost, trying again at the next write', e));
@@ -158,8 +161,22 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   });
   client.on('error', (err) => logHubError(log, err, { url: config.hub.url }));
 
-  const db = await openStore<string>(join(config.stateDir, 'mcu-db'), 'utf8');
-  const mailbox = await Mailbox.open(db, config.mcu.mailboxMax);
+  // A start that fails from here on (the MCU store locked by another gateway on the same
+  // state directory, a damaged mailbox, ...) ends what it opened: the hub client would go on
+  // reconnecting under the gateway's identity in the process (tests, the demo; the CLI exits)
+  let opened: { db?: { close(): Promise<void> }; relay?: Relay } = {};
+  const abortStart = async (err: unknown): Promise<never> => {
+    revocations.stop();
+    client.end(true);
+    await opened.relay?.stop(0).catch(() => undefined);
+    await outbox.close().catch(() => undefined);
+    await opened.db?.close().catch(() => undefined);
+    opened = {};
+    throw err;
+  };
+  const db = await openStore<string>(join(config.stateDir, 'mcu-db'), 'utf8').catch(abortStart);
+  opened.db = db;
+  const mailbox = await Mailbox.open(db, config.mcu.mailboxMax).catch(abortStart);
   let service: McuService | undefined;
   let firmware: FirmwareManager | undefined;
   /** an MCU with a live MQTT session (the ingress starts after the relay) */
@@ -180,7 +197,12 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     onRevocations: (payload, conn) => revocations.setHubList(payload, conn),
     onDown: !config.mcu.hubDownlink ? undefined : async (mcuId, channel, payload) => void (await (channel === 'cmd' ? service?.hubCommand(mcuId, payload) : firmware?.desired(mcuId, payload))),
   });
-  for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
+  opened.relay = relay;
+  try {
+    for (const id of relay.restore(persisted.mcus, persisted.meta, config.mcu.forgetAfterDays)) guard.forget(id);
+  } catch (err) {
+    await abortStart(err);
+  }
   firmware = await FirmwareManager.open({
     dir: join(config.stateDir, 'firmware'),
     db,
@@ -197,7 +219,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     installTimeoutMs: config.firmwareInstallTimeoutS * 1000,
     offerTtlMs: config.firmwareOfferTtlS * 1000,
     onBytes: (protocol, bytes) => firmwareBytes.inc({ protocol }, bytes),
-  });
+  }).catch(abortStart);
   // one per gateway: what an MCU proved on one protocol saves the derivation on the other too
   const keys = new McuKeys(siteSecret, config.mcu.maxMcus);
   service = new McuService({

@@ -1,8 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import { Level } from 'level';
 import mqtt, { type MqttClient } from 'mqtt';
 import { isFleetError } from '../../core/errors.ts';
 import { writeSecretFile } from '../../core/secrets.ts';
@@ -232,4 +233,31 @@ test('gateway MQTT [MQTT-3.1.3-8, -9, MQTT-4.7.3-1]: a zero-length client id get
     assert.equal(gw.stats().dropped.bad_request, 3);
     assert.equal(gw.stats().dropped.forbidden, undefined);
   });
+});
+
+test('gateway start that fails after its hub client was made (the MCU store locked by another process on the same state directory) ends that client: no reconnects under its identity afterwards', async () => {
+  const tmp = tempDir();
+  // a "hub" that closes every connection at once: a live client reconnects every reconnectMs
+  let connections = 0;
+  const hub = createServer((s) => {
+    connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => hub.listen(0, '127.0.0.1', () => r()));
+  const port = (hub.address() as AddressInfo).port;
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  const lock = new Level<string, string>(join(tmp.dir, 'mcu-db'));
+  await lock.open(); // LevelDB's lock: the gateway cannot open its MCU store
+  try {
+    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-fail', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
+    await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'));
+    await new Promise((r) => setTimeout(r, 300));
+    const after = connections;
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(connections, after, `no connection attempts after the failed start (${connections - after} in 1.5 s)`);
+  } finally {
+    await lock.close();
+    await new Promise<void>((r) => hub.close(() => r()));
+    tmp.cleanup();
+  }
 });
