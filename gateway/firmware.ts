@@ -746,16 +746,16 @@ export class FirmwareManager {
   }
 
   /** The version report after a boot decides an update in flight, or starts one that waited for it. */
-  onHello(mcuId: string, hello: McuHello, previous: { fw?: string; hw?: string } = {}): Promise<void> {
-    return this.serial(mcuId, () => this.helloNow(mcuId, hello, previous.hw));
+  onHello(mcuId: string, hello: McuHello): Promise<void> {
+    return this.serial(mcuId, () => this.helloNow(mcuId, hello));
   }
 
-  private async helloNow(mcuId: string, hello: McuHello, previousHw: string | undefined): Promise<void> {
+  private async helloNow(mcuId: string, hello: McuHello): Promise<void> {
     const job = this.jobs.get(mcuId);
     if (!job) return;
     // compared with the class the job was refused for, not with the previous hello: a hello
     // whose handling was cut short (a crash, a failed save) must not leave the job refused
-    if (job.state === 'failed' && job.cause === 'target' && hello.hw !== undefined && hello.hw !== (job.targetHw ?? previousHw) && hello.fw !== job.version) {
+    if (job.state === 'failed' && job.cause === 'target' && hello.hw !== undefined && hello.hw !== job.targetHw && hello.fw !== job.version) {
       // refused for the MCU's hardware class, which it now reports (first, or another): judged again
       job.state = 'fetching';
       job.reason = job.cause = job.code = job.retryAt = job.retries = job.retryable = job.targetHw = undefined;

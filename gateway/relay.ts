@@ -543,7 +543,7 @@ export class Relay {
    * state when anything in it changed, plus an `mcu.boot` event when the firmware
    * version changed. Resolves once the event (if any) is in the outbox.
    */
-  async hello(mcuId: string, protocol: McuProtocol, hello: McuHello): Promise<{ previous: McuMeta }> {
+  async hello(mcuId: string, protocol: McuProtocol, hello: McuHello): Promise<void> {
     const now = this.touch(mcuId, protocol);
     const e = this.mcus.get(mcuId)!;
     const previous = { ...e.meta };
@@ -576,7 +576,6 @@ export class Relay {
       }
       throw err;
     }
-    return { previous };
   }
 
   meta(mcuId: string): McuMeta | undefined {

@@ -102,8 +102,8 @@ export class McuService extends EventEmitter {
 
   async hello(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {
     const hello = decodeMcuHello(payload);
-    const { previous } = await this.opts.relay.hello(mcuId, protocol, hello);
-    await this.opts.firmware?.onHello(mcuId, hello, previous);
+    await this.opts.relay.hello(mcuId, protocol, hello);
+    await this.opts.firmware?.onHello(mcuId, hello);
   }
 
   async ack(mcuId: string, protocol: McuProtocol, payload: Buffer): Promise<void> {

@@ -168,8 +168,8 @@ process.on('SIGINT', () => cleanup().then(() => process.exit(130)));
 
 /** mean of per-interval lags weighted by the scheduler entries each ran (ms, one decimal); null without any */
 function lagMean(list) {
-  const ran = list.reduce((a, l) => a + (l.ran ?? 1), 0);
-  return ran > 0 ? Math.round((list.reduce((a, l) => a + l.meanMs * (l.ran ?? 1), 0) / ran) * 10) / 10 : null;
+  const ran = list.reduce((a, l) => a + l.ran, 0);
+  return ran > 0 ? Math.round((list.reduce((a, l) => a + l.meanMs * l.ran, 0) / ran) * 10) / 10 : null;
 }
 
 // ---- the subscriber: readings by (device, seq), latency from the sample time --------------
@@ -316,7 +316,7 @@ async function phase(name, port, meter, server, protocol = 'mqtt') {
     // however this loop's rate drifts from the sims' (the reset-on-read `lag` alone missed or
     // repeated intervals)
     simStats().forEach((s, i) => {
-      for (const l of s?.lagHistory ?? (s?.lag ? [{ at: s.at, ...s.lag }] : [])) if (l.at > t0) lags.set(`${i}:${l.at}`, l);
+      for (const l of s?.lagHistory ?? []) if (l.at > t0) lags.set(`${i}:${l.at}`, l);
     });
     rss.push(rssKb(pids.server));
     connectedSamples.push(sum('connected'));

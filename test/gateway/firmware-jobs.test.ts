@@ -50,6 +50,8 @@ interface Rig {
   offerA(mcu: string): Promise<void>;
   /** the mailbox entry of an offer, as the mailbox hands it to onAck / onExpired */
   entry(id: string): MailboxEntry;
+  /** the mailbox expires an offer: onExpired, then the entry leaves it (service.ts) */
+  expire(mcu: string, id: string): Promise<void>;
   hello(mcu: string, h: McuHello): Promise<void>;
   ack(mcu: string, ok: boolean): Promise<void>;
   fwEvents(mcu: string): string[];
@@ -85,6 +87,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
   });
   const events: Rig['events'] = [];
   const mailbox: Rig['mailbox'] = new Map();
+  const dropOffer = (mcu: string, id: string) => mailbox.set(mcu, (mailbox.get(mcu) ?? []).filter((e) => e.id !== id));
   const meta = new Map<string, McuMeta>();
   const clock = { t: 1_000_000 };
   const relay = {
@@ -107,7 +110,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
       if (!q.some((e) => e.id === cmd.id)) q.push({ id: cmd.id, args: cmd.args });
       mailbox.set(mcu, q);
     },
-    withdraw: async (mcu, id) => mailbox.set(mcu, (mailbox.get(mcu) ?? []).filter((e) => e.id !== id)),
+    withdraw: async (mcu, id) => dropOffer(mcu, id),
     verify,
     gatewayId: 'gw-t',
     token: 't',
@@ -141,15 +144,18 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
       await waitFor(() => fm.state(mcu)?.state === 'offered', `${mcu} offered 1.5.0`);
     },
     entry,
+    async expire(mcu, id) {
+      await fm.onExpired(mcu, entry(id));
+      dropOffer(mcu, id);
+    },
     async hello(mcu, h) {
-      const previous = meta.get(mcu) ?? {};
-      meta.set(mcu, { ...previous, fw: h.fw, ...(h.hw !== undefined ? { hw: h.hw } : {}) });
-      await fm.onHello(mcu, h, previous);
+      meta.set(mcu, { ...meta.get(mcu), fw: h.fw, ...(h.hw !== undefined ? { hw: h.hw } : {}) });
+      await fm.onHello(mcu, h);
     },
     async ack(mcu, ok) {
       const job = fm.state(mcu)!;
       // an acknowledged command leaves the mailbox (service.ts)
-      mailbox.set(mcu, (mailbox.get(mcu) ?? []).filter((e) => e.id !== job.offerId));
+      dropOffer(mcu, job.offerId!);
       await fm.onAck(mcu, entry(job.offerId!), ok ? { id: job.offerId!, ok: true } : { id: job.offerId!, ok: false, e: 'no' });
     },
     fwEvents: (mcu) => events.filter((e) => e.mcu === mcu).map((e) => `${String(e.data.version)}:${String(e.data.state)}${e.data.cause ? `(${String(e.data.cause)})` : ''}`),
@@ -243,9 +249,7 @@ test('firmware jobs (stub relay): an offer that expires untaken is renewed under
   try {
     await r.offerA('m1');
     const first = r.fm.state('m1')!.offerId!;
-    // the mailbox expires it (service.ts: onExpired, then the entry is removed)
-    await r.fm.onExpired('m1', r.entry(first));
-    r.mailbox.set('m1', (r.mailbox.get('m1') ?? []).filter((e) => e.id !== first));
+    await r.expire('m1', first);
     const renewed = r.fm.state('m1')!.offerId!;
     assert.notEqual(renewed, first);
     assert.equal(r.fm.state('m1')?.state, 'offered', 'still offered, not failed');
@@ -536,7 +540,7 @@ test('firmware jobs (stub relay): a target refusal is judged again by the class 
     // the relay took the new board from a hello whose firmware handling never ran (a crash
     // after the state save); the MCU's resent hello now finds it as the "previous" hw
     r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-s3' });
-    await r.fm.onHello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' }, { fw: '1.0.0', hw: 'esp32-s3' });
+    await r.fm.onHello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' });
     await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered');
   } finally {
     await r.close();

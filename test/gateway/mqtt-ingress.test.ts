@@ -92,18 +92,21 @@ test('gateway MQTT + CoAP: a MAC-framed MQTT message is held while it is stored:
   // appends wait for the next fsync, at most one a second: a store takes up to a second
   await withLoneGateway({ outbox: { syncIntervalMs: 1000 } }, async ({ gw, site }) => {
     const id = 'esp-h1';
-    const c = await connectMcu(gw.mqttPort, id, site);
+    let c = await connectMcu(gw.mqttPort, id, site);
     assert.equal(await pub(c, `mcu/v1/${id}/hello`, JSON.stringify({ fw: '1.0.0', boot: 'power_on' })), 'puback'); // a sync just now
     const body = Buffer.from(JSON.stringify([{ n: 'temperature', u: 'Cel', v: 21.5 }]));
     const counter = 2_000_000;
     const mqttAck = pub(c, `mcu/v1/${id}/t`, frameWithMac(mcuKey(site, id), id, 't', counter, body));
-    await new Promise((r) => setTimeout(r, 150)); // the MQTT copy is being stored
+    await new Promise((r) => setTimeout(r, 150)); // the MQTT copy is (normally) being stored
     const replayed = await coap(gw.coapPort, site, id, 't', 'POST', body, { counter });
-    assert.equal(replayed.code, '5.03', `the CoAP copy is refused while the MQTT one is stored (got ${replayed.code} ${replayed.body.toString()})`);
-    assert.match(replayed.body.toString(), /FLEET_MCU_IN_FLIGHT/);
-    assert.equal(await mqttAck, 'puback');
+    const mqttOutcome = await mqttAck;
+    // exactly one copy stored, whichever came first on a slow machine: the other is refused
+    // as in flight (CoAP 5.03 FLEET_MCU_IN_FLIGHT, or MQTT without PUBACK, the connection closed)
+    const outcome = `coap ${replayed.code} ${replayed.body.toString()} / mqtt ${mqttOutcome}`;
+    assert.ok((replayed.code === '5.03' && /FLEET_MCU_IN_FLIGHT/.test(replayed.body.toString()) && mqttOutcome === 'puback') || (replayed.code === '2.04' && mqttOutcome === 'closed'), `one copy stored, the other refused: ${outcome}`);
     const again = await coap(gw.coapPort, site, id, 't', 'POST', body, { counter });
     assert.equal(again.code, '4.01', 'once stored, the copy is a replay');
+    if (mqttOutcome === 'closed') c = await connectMcu(gw.mqttPort, id, site);
     // a log that happens to start with c=: stored as a log, not an auth failure
     const depth = gw.stats().outbox.depth;
     assert.equal(await pub(c, `mcu/v1/${id}/log`, 'c=3 wifi reconnect\nboot ok\n'), 'puback');
