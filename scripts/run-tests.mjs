@@ -2,12 +2,22 @@
 // Runs every test file under test/ with node's test runner via tsx. Node 20's --test
 // does not expand globs or find .ts files itself (FACTS.md), so we pass the files.
 // Usage: node scripts/run-tests.mjs [path-filter ...]
+//
+// Each file runs in a node --test process of its own, two at a time (FLEETLET_TEST_CONCURRENCY),
+// its output printed as a whole when it ends, so that:
+//  - a file whose process does not end (a leaked socket, timer or client keeps Node 20's
+//    runner waiting for ever) is killed after FLEETLET_TEST_FILE_TIMEOUT_MIN minutes (default
+//    15) and named, instead of holding the whole run until CI gives up;
+//  - a skipped or todo test fails the run: nothing here may be skipped silently;
+//  - the summary names the files that failed.
 import { readdirSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 
 const root = new URL('..', import.meta.url).pathname;
 const filters = process.argv.slice(2);
+const concurrency = Math.max(1, Number(process.env.FLEETLET_TEST_CONCURRENCY ?? 2));
+const fileTimeoutMs = Math.max(1, Number(process.env.FLEETLET_TEST_FILE_TIMEOUT_MIN ?? 15)) * 60_000;
 
 function walk(dir) {
   const out = [];
@@ -27,8 +37,62 @@ if (files.length === 0) {
   console.error('no test files matched');
   process.exit(1);
 }
-const res = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=2', '--test-timeout=600000', ...files], {
-  cwd: root,
-  stdio: 'inherit',
-});
-process.exit(res.status ?? 1);
+
+const KEYS = ['tests', 'pass', 'fail', 'cancelled', 'skipped', 'todo'];
+const total = Object.fromEntries(KEYS.map((k) => [k, 0]));
+/** files that failed, with why */
+const bad = [];
+const started = Date.now();
+
+/** One file in its own runner; resolves once it ended (or was killed) and its output was printed. */
+function runFile(file) {
+  return new Promise((resolve) => {
+    const t0 = Date.now();
+    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=tap', '--test-timeout=600000', file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = [];
+    child.stdout.on('data', (d) => out.push(d));
+    child.stderr.on('data', (d) => out.push(d));
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, fileTimeoutMs);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      const text = Buffer.concat(out).toString('utf8');
+      const counts = Object.fromEntries(KEYS.map((k) => [k, Number(new RegExp(`^# ${k} (\\d+)$`, 'm').exec(text)?.[1] ?? 0)]));
+      for (const k of KEYS) total[k] += counts[k];
+      const secs = ((Date.now() - t0) / 1000).toFixed(1);
+      process.stdout.write(`\n# ==== ${file} (${secs} s) ====\n${text}`);
+      const why = timedOut
+        ? `still running after ${fileTimeoutMs / 60_000} min: killed (a test hangs, or a leaked handle keeps the process alive)`
+        : counts.fail > 0 || counts.cancelled > 0
+          ? `${counts.fail} failed, ${counts.cancelled} cancelled`
+          : counts.skipped > 0 || counts.todo > 0
+            ? `${counts.skipped} skipped, ${counts.todo} todo: nothing may be skipped`
+            : code !== 0
+              ? `its runner exited with ${signal ?? `code ${code}`}`
+              : counts.tests === 0
+                ? 'no tests ran'
+                : null;
+      if (why) bad.push(`${file}: ${why}`);
+      resolve();
+    });
+  });
+}
+
+const queue = [...files];
+await Promise.all(
+  Array.from({ length: Math.min(concurrency, files.length) }, async () => {
+    while (queue.length > 0) await runFile(queue.shift());
+  }),
+);
+
+console.log(`\n# ==== all ${files.length} files (${((Date.now() - started) / 1000).toFixed(0)} s) ====`);
+for (const k of KEYS) console.log(`# ${k} ${total[k]}`);
+console.log(`${total.pass} passed, ${total.fail + total.cancelled} failed, ${total.skipped + total.todo} skipped`);
+if (bad.length > 0) {
+  console.log(`# ${bad.length} file(s) not clean:`);
+  for (const b of bad) console.log(`#   ${b}`);
+  process.exit(1);
+}

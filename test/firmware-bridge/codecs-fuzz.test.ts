@@ -1,6 +1,5 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { isFleetError } from '../../core/errors.ts';
 import type { Sample } from '../../core/messages.ts';
 import { parseCoapPacket, scanCoapDatagram } from '../../firmware-bridge/coap.ts';
@@ -12,7 +11,9 @@ import { decodeSenmlJson, encodeSenmlJson } from '../../firmware-bridge/senml.ts
  * Fuzzing every decoder that reads MCU bytes from the network: random bytes and
  * mutations of valid payloads (bit flips, byte overwrites, truncation, duplication,
  * insertion). Each call must return or throw FleetError FLEET_MCU_DECODE/AUTH — never
- * anything else — and return promptly (no hang: each call is timed).
+ * anything else — and return promptly (each call's CPU time is held to a generous 1 s: a
+ * super-linear blow-up fails; an endless loop is caught by the runner's timeout). Every byte
+ * comes from the seeded PRNG: FLEETLET_FUZZ_SEED=<the printed seed> reproduces a failure.
  */
 const ITER = Number(process.env.FUZZ_ITER ?? 4000);
 const TABLE = [
@@ -27,6 +28,7 @@ const SAMPLES: Sample[] = [
 ];
 
 // deterministic PRNG so a failure can be reproduced with the printed seed
+const SEED = Number(process.env.FLEETLET_FUZZ_SEED ?? process.env.FUZZ_SEED ?? Date.now() % 1e9);
 function rng(seed: number): () => number {
   let s = seed >>> 0 || 1;
   return () => {
@@ -35,6 +37,13 @@ function rng(seed: number): () => number {
     s ^= s << 5;
     return (s >>> 0) / 2 ** 32;
   };
+}
+
+/** `n` bytes from the PRNG */
+function bytes(r: () => number, n: number): Buffer {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = Math.floor(r() * 256);
+  return b;
 }
 
 function mutate(buf: Buffer, r: () => number): Buffer {
@@ -47,7 +56,7 @@ function mutate(buf: Buffer, r: () => number): Buffer {
     else if (op === 1 && b.length > 0) b[at] = Math.floor(r() * 256);
     else if (op === 2) b = b.subarray(0, at);
     else if (op === 3) b = Buffer.concat([b.subarray(0, at), b.subarray(at, at + Math.floor(r() * 16)), b.subarray(at)]);
-    else if (op === 4) b = Buffer.concat([b.subarray(0, at), randomBytes(1 + Math.floor(r() * 8)), b.subarray(at)]);
+    else if (op === 4) b = Buffer.concat([b.subarray(0, at), bytes(r, 1 + Math.floor(r() * 8)), b.subarray(at)]);
     else if (b.length > 0) b[at] = [0x00, 0xff, 0x7f, 0x80, 0x9f, 0xbf, 0xf9, 0xfb, 0x1b, 0x5b, 0x7b][Math.floor(r() * 11)]!;
   }
   return b;
@@ -60,12 +69,12 @@ function check(name: string, fn: () => unknown, input: Buffer, seed: number): vo
     fn();
   } catch (err) {
     if (!isFleetError(err, 'FLEET_MCU_DECODE') && !isFleetError(err, 'FLEET_MCU_AUTH')) {
-      assert.fail(`${name} threw ${(err as Error)?.constructor?.name}: ${(err as Error)?.message} for ${input.toString('hex').slice(0, 200)} (seed ${seed})`);
+      assert.fail(`${name} threw ${(err as Error)?.constructor?.name}: ${(err as Error)?.message} for ${input.toString('hex').slice(0, 200)} (FLEETLET_FUZZ_SEED=${seed})`);
     }
   }
   const used = process.cpuUsage(t0);
   const ms = (used.user + used.system) / 1000;
-  assert.ok(ms < 1000, `${name} took ${ms} ms of CPU on ${input.length} bytes (seed ${seed})`);
+  assert.ok(ms < 1000, `${name} took ${ms} ms of CPU on ${input.length} bytes: ${input.toString('hex').slice(0, 200)} (FLEETLET_FUZZ_SEED=${seed})`);
 }
 
 const decoders: Array<[string, (b: Buffer) => unknown, Buffer]> = [
@@ -82,10 +91,10 @@ const decoders: Array<[string, (b: Buffer) => unknown, Buffer]> = [
 for (const [name, fn, valid] of decoders) {
   test(`fuzz ${name}: ${ITER} random and ${ITER} mutated inputs only throw FleetError, promptly`, () => {
     fn(valid); // the seed input itself is valid
-    const seed = Number(process.env.FUZZ_SEED ?? Date.now() % 1e9);
+    const seed = SEED;
     const r = rng(seed);
     for (let i = 0; i < ITER; i++) {
-      const rand = randomBytes(Math.floor(r() * 96));
+      const rand = bytes(r, Math.floor(r() * 96));
       if (r() < 0.3 && rand.length > 0) rand[0] = [0x5b, 0x80 | Math.floor(r() * 32), 0xf1, 0x7b][Math.floor(r() * 4)]!;
       check(name, () => fn(rand), rand, seed);
       const m = mutate(valid, r);
@@ -95,14 +104,14 @@ for (const [name, fn, valid] of decoders) {
 }
 
 test(`fuzz coap datagram parsers: ${ITER} random and mutated datagrams never throw`, () => {
-  const seed = Date.now() % 1e9;
+  const seed = SEED;
   const r = rng(seed);
   const valid = Buffer.from('4402123463bb6d637502763106657370312d31017414633d31264d3d6162636465666768696a6b6c6d6e6f7071727374754b0f31ff5b5d', 'hex');
   for (let i = 0; i < ITER * 2; i++) {
-    const input = i % 2 ? mutate(valid, r) : randomBytes(Math.floor(r() * 64));
+    const input = i % 2 ? mutate(valid, r) : bytes(r, Math.floor(r() * 64));
     assert.doesNotThrow(() => {
       scanCoapDatagram(input);
       parseCoapPacket(input);
-    }, `seed ${seed}`);
+    }, `${input.toString('hex')} (FLEETLET_FUZZ_SEED=${seed})`);
   }
 });

@@ -15,7 +15,7 @@ import type { ServedImage } from '../../gateway/firmware.ts';
 import type { DropReason } from '../../gateway/ingress.ts';
 import type { McuService } from '../../gateway/service.ts';
 import { testLogger, waitFor } from '../helpers.ts';
-import { coap, of, withEnv } from './env.ts';
+import { coap, of, registered, withEnv } from './env.ts';
 
 /**
  * The gateway's CoAP ingress against hostile and unusual datagrams (review of session 17):
@@ -320,8 +320,7 @@ test('an MCU ack with ok:false and no code reaches the hub as FLEET_MCU_COMMAND,
   await withEnv(async ({ hub, gw, site, seen }) => {
     const id = 'esp-nack';
     assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
-    await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-    await sleep(300);
+    await registered({ hub, gw }, [id]);
     const cmd = await hub.sendCommand(id, 'blink', {}, 60_000);
     const frame = await waitFor(async () => {
       const r = await coap(gw.coapPort, site, id, 'cmd', 'GET');

@@ -1,8 +1,9 @@
 import { createSocket } from 'node:dgram';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Agent, request as coapRequest } from 'coap';
 import mqtt, { type MqttClient } from 'mqtt';
+import { firmwareVerifier } from '../../cli/commands/gateway.ts';
 import { deriveToken } from '../../core/credentials.ts';
 import { decodeMessage } from '../../core/messages.ts';
 import { writeSecretFile } from '../../core/secrets.ts';
@@ -14,6 +15,7 @@ import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts
 import { startGateway, type GatewayExtras, type GatewayHandle, type VerifyFirmware } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
+import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
 
 /** Shared by the gateway feature and interop tests: a real hub and one gateway on port 0. */
@@ -44,8 +46,29 @@ export interface Env {
  */
 export const rawImageVerifierMock: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file) });
 
+/**
+ * Real firmware bundles for a gateway test: a trust root with one signing key, the verifier
+ * the CLI wires (cli/commands/gateway.ts firmwareVerifier: signature, expiry, kind, then the
+ * image extracted), and `bundle` to write a signed firmware bundle holding `image`.
+ */
+export function signedFirmware(): { extras: GatewayExtras; bundle(file: string, image: Buffer, version: string, sequence?: number): Buffer; cleanup(): void } {
+  const [key] = newKeys(1);
+  const tmp = tempDir('fleetlet-fw-trust-');
+  const trustFile = join(tmp.dir, 'root.json');
+  writeFileSync(trustFile, makeRoot([key!], 1).bytes);
+  return {
+    extras: { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },
+    bundle: (file, image, version, sequence = 1) => {
+      const files = [{ path: 'firmware.bin', data: image }];
+      return craftBundle(file, { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version, sequence }), signers: [key!.privateKey] });
+    },
+    cleanup: () => tmp.cleanup(),
+  };
+}
 
-export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }): Promise<void> {
+
+/** `gateway`: more of the gateway's config (e.g. `outbox`), merged in */
+export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }, gateway: { outbox?: Record<string, unknown> } = {}): Promise<void> {
   const tmp = tempDir();
   const hubLog = testLogger('hub');
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), hubLog);
@@ -65,7 +88,7 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
   writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
   const gws: GatewayHandle[] = [];
   const start = async (overrides: Partial<GatewayConfig['mcu']> = {}) => {
-    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
+    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, ...gateway, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
     const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', extras);
     gws.push(g);
     return g;
@@ -81,6 +104,17 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
     await hub.stop();
     tmp.cleanup();
   }
+}
+
+/**
+ * The MCUs `ids` are registered for gw-1 at the hub and covered by the relay's subscription
+ * to their downlink topics (its SUBACK came), so a command or desired state sent now reaches
+ * the gateway (a fixed 300 ms wait was short on a loaded machine).
+ */
+export async function registered(env: Pick<Env, 'hub' | 'gw'>, ids: readonly string[]): Promise<void> {
+  await waitFor(() => ids.every((id) => env.hub.broker.mcusOf('gw-1')?.has(id)), `${ids.join(', ')} registered`);
+  const downlink = async () => Number(/^fleet_gateway_downlink_mcus (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${env.gw.httpPort}/metrics`)).text())?.[1]);
+  await waitFor(async () => (await downlink()) >= env.gw.stats().mcus, 'the relay subscribed for every MCU it knows');
 }
 
 export const of = <C extends 'reply' | 'events' | 'state' | 'telemetry' | 'logs'>(seen: Seen[], id: string, ch: C) => seen.filter((s) => s.topic === deviceTopic(id, ch)).map((s) => decodeMessage(ch, s.payload));
@@ -129,6 +163,7 @@ export function coapBlock(port: number, site: string, id: string, num: number, s
     req.setOption('Block2', opt);
     req.on('response', (res) => resolve({ code: res.code, body: res.payload }));
     req.on('error', reject);
+    req.on('timeout', reject); // the coap package's CON out of retransmissions
     req.end();
   });
 }

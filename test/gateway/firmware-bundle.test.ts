@@ -8,7 +8,7 @@ import type { EventMessage } from '../../core/messages.ts';
 import { firmwareVerifier } from '../../cli/commands/gateway.ts';
 import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
 import { tempDir, waitFor } from '../helpers.ts';
-import { coap, coapBlock, of, withEnv } from './env.ts';
+import { coap, coapBlock, of, registered, withEnv } from './env.ts';
 
 /**
  * The whole firmware path with real parts: a signed firmware bundle (bundles/ format,
@@ -44,8 +44,7 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         const ok = await upload(okBundle);
         const bad = await upload(badBundle);
         for (const id of ['esp-b1', 'esp-b2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
-        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b2'), 'registered');
-        await sleep(300);
+        await registered({ hub, gw }, ['esp-b2']);
         await hub.setDesired('esp-b1', { apps: {}, firmware: { version: '2.0.0', url: `http://127.0.0.1:${hub.httpPort}${ok.url}`, sha256: ok.sha256, size: okBundle.length } });
         await hub.setDesired('esp-b2', { apps: {}, firmware: { version: '2.0.1', url: `http://127.0.0.1:${hub.httpPort}${bad.url}`, sha256: bad.sha256, size: badBundle.length } });
 
@@ -66,8 +65,7 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         await waitFor(() => gw.firmwareState('esp-b1')?.state === 'succeeded', 'esp-b1 booted into 2.0.0');
         const old = await upload(oldBundle);
         assert.equal((await coap(gw.coapPort, site, 'esp-b3', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
-        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b3'), 'esp-b3 registered');
-        await sleep(300);
+        await registered({ hub, gw }, ['esp-b3']);
         await hub.setDesired('esp-b3', { apps: {}, firmware: { version: '1.9.0', url: `http://127.0.0.1:${hub.httpPort}${old.url}`, sha256: old.sha256, size: oldBundle.length } });
         await waitFor(() => gw.firmwareState('esp-b3')?.state === 'failed', 'the older sequence refused', 15_000);
         assert.match(gw.firmwareState('esp-b3')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 4, below this gateway's floor 5/);
@@ -76,9 +74,8 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         // the hardware class: an MCU on another board is not offered the image; on the listed one it is
         const s3 = await upload(s3Bundle);
         assert.equal((await coap(gw.coapPort, site, 'esp-b4', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on","hw":"esp32-c3"}'))).code, '2.04');
-        await waitFor(() => hub.broker.mcusOf('gw-1')?.has('esp-b4'), 'esp-b4 registered');
         await waitFor(() => (of(seen, 'esp-b4', 'state') as Array<{ mcu?: { hw?: string } }>).some((st) => st.mcu?.hw === 'esp32-c3'), 'its hw in its state at the hub');
-        await sleep(300);
+        await registered({ hub, gw }, ['esp-b4']);
         await hub.setDesired('esp-b4', { apps: {}, firmware: { version: '3.0.0', url: `http://127.0.0.1:${hub.httpPort}${s3.url}`, sha256: s3.sha256, size: s3Bundle.length } });
         await waitFor(() => gw.firmwareState('esp-b4')?.state === 'failed', 'refused for its board', 15_000);
         assert.match(gw.firmwareState('esp-b4')?.reason ?? '', /FLEET_BUNDLE_TARGET: .*is for esp32-s3; this MCU is esp32-c3/);

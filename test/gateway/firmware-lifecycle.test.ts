@@ -13,7 +13,7 @@ import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
 import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
 import { tempDir, waitFor } from '../helpers.ts';
-import { coap, coapBlock, of, withEnv, type Env } from './env.ts';
+import { coap, coapBlock, of, registered, signedFirmware, withEnv, type Env } from './env.ts';
 
 /**
  * The firmware job's life beyond the happy path (firmware in mcu-contract.test.ts): a target
@@ -39,14 +39,6 @@ async function boot(env: Env, id: string, fw: string, bootReason = 'power_on'): 
   assert.equal((await coap(env.gw.coapPort, env.site, id, 'hello', 'POST', Buffer.from(JSON.stringify({ fw, boot: bootReason })))).code, '2.04');
 }
 
-async function registered(env: Env, ids: readonly string[]): Promise<void> {
-  await waitFor(() => ids.every((id) => env.hub.broker.mcusOf('gw-1')?.has(id)), 'registered');
-  // and covered by the relay's subscription to their desired topics (its SUBACK came), so a
-  // desired state set now reaches the gateway (a fixed 300 ms was short on a loaded machine)
-  const downlink = async () => Number(/^fleet_gateway_downlink_mcus (\d+)/m.exec(await (await fetch(`http://127.0.0.1:${env.gw.httpPort}/metrics`)).text())?.[1]);
-  await waitFor(async () => (await downlink()) >= env.gw.stats().mcus, 'the relay subscribed for every MCU it knows');
-}
-
 /** the desired state naming `bytes` (the bundle; an image for the raw-image verifier) at `file` by a file:// URL */
 const desiredFile = (file: string, bytes: Buffer, version = '2.0.0') => ({ apps: {}, firmware: { version, url: pathToFileURL(file).href, sha256: sha256(bytes), size: bytes.length } });
 
@@ -60,7 +52,7 @@ async function bootAndOffer(env: Env, id: string, desired: ReturnType<typeof des
 
 const cachedFiles = (env: Env) => readdirSync(join(env.gwDir, 'firmware')).filter((f) => /\.(bin|bundle)$/.test(f));
 
-test('firmware: a new target takes the untaken offer back out of the mailbox (its head is the new one); a desired state without firmware withdraws it, reported failed (cancelled); the cache is pruned', async () => {
+test('firmware: a new target takes the untaken offer back out of the mailbox (its head is the new one); a desired state without firmware withdraws it, reported failed (cancelled); the cache is pruned (raw-image verifier mock)', async () => {
   await withEnv(async (env) => {
     const { hub, gw, dir } = env;
     const a = image(31);
@@ -92,7 +84,7 @@ test('firmware: a new target takes the untaken offer back out of the mailbox (it
   });
 });
 
-test('firmware: an MCU that booted into the target and was then rolled back by its bootloader is failed, and not offered the image again', async () => {
+test('firmware: an MCU that booted into the target and was then rolled back by its bootloader is failed, and not offered the image again (raw-image verifier mock)', async () => {
   await withEnv(async (env) => {
     const { gw, dir } = env;
     const a = image(29);
@@ -112,7 +104,7 @@ test('firmware: an MCU that booted into the target and was then rolled back by i
   });
 });
 
-test('firmware: a preparation that failed (the bundle was not there yet) is tried again when the same desired state comes again', async () => {
+test('firmware: a preparation that failed (the bundle was not there yet) is tried again when the same desired state comes again (raw-image verifier mock)', async () => {
   await withEnv(async (env) => {
     const { hub, gw, dir } = env;
     const a = image(23);
@@ -202,7 +194,7 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
   }
 });
 
-test('firmware: cancelled while the bundle is still downloading, it is not offered when the download ends; the same target named again starts over', async () => {
+test('firmware: cancelled while the bundle is still downloading, it is not offered when the download ends; the same target named again starts over (raw-image verifier mock)', async () => {
   await withEnv(async (env) => {
     const { hub, gw } = env;
     const a = image(37);
@@ -242,24 +234,35 @@ test('firmware: cancelled while the bundle is still downloading, it is not offer
   });
 });
 
-test('firmware: an MCU reflashed by hand after it succeeded is offered its target again, the pruned image fetched and verified again', async () => {
-  await withEnv(async (env) => {
-    const { gw, dir } = env;
-    const a = image(41);
-    writeFileSync(join(dir, 'a.bin'), a);
-    await bootAndOffer(env, 'esp-l6', desiredFile(join(dir, 'a.bin'), a));
-    await boot(env, 'esp-l6', '2.0.0', 'ota');
-    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'succeeded', 'succeeded');
-    await waitFor(() => cachedFiles(env).length === 0, 'the cache pruned once nothing needs it');
-    await boot(env, 'esp-l6', '1.0.0', 'power_on');
-    await waitFor(() => gw.firmwareState('esp-l6')?.state === 'offered', 'offered again');
-    const block = await coapBlock(gw.coapPort, env.site, 'esp-l6', 0, 1024);
-    assert.equal(block.code, '2.05');
-    assert.equal(sha256(block.body), sha256(a), 'the whole image served again');
-  });
+test('firmware: an MCU reflashed by hand after it succeeded is offered its target again, the pruned image fetched and verified again (a signed bundle, the real verifier)', async () => {
+  const fw = signedFirmware();
+  try {
+    await withEnv(
+      async (env) => {
+        const { gw, dir } = env;
+        const a = image(41);
+        const bundle = fw.bundle(join(dir, 'a.fbundle'), a, '2.0.0');
+        await bootAndOffer(env, 'esp-l6', desiredFile(join(dir, 'a.fbundle'), bundle));
+        await boot(env, 'esp-l6', '2.0.0', 'ota');
+        await waitFor(() => gw.firmwareState('esp-l6')?.state === 'succeeded', 'succeeded');
+        await waitFor(() => cachedFiles(env).length === 0, 'the cache pruned once nothing needs it');
+        await boot(env, 'esp-l6', '1.0.0', 'power_on');
+        await waitFor(() => gw.firmwareState('esp-l6')?.state === 'offered', 'offered again');
+        assert.ok(cachedFiles(env).length > 0, 'fetched again');
+        // the image served is the one inside the bundle: only the verifier extracts it
+        const block = await coapBlock(gw.coapPort, env.site, 'esp-l6', 0, 1024);
+        assert.equal(block.code, '2.05');
+        assert.equal(sha256(block.body), sha256(a), 'the whole image served again');
+      },
+      {},
+      fw.extras,
+    );
+  } finally {
+    fw.cleanup();
+  }
 });
 
-test('firmware: a desired state set while the MCU is revoked at the hub reaches its gateway when the revocation is lifted', async () => {
+test('firmware: a desired state set while the MCU is revoked at the hub reaches its gateway when the revocation is lifted (raw-image verifier mock)', async () => {
   await withEnv(async (env) => {
     const { hub, gw, dir } = env;
     const token = readFileSync(hub.operatorTokenFile, 'utf8').trim();

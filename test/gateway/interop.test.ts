@@ -17,13 +17,15 @@ import type { McuChannel } from '../../firmware-bridge/topics.ts';
 import { mcuTopic } from '../../firmware-bridge/topics.ts';
 import { tempDir, waitFor } from '../helpers.ts';
 import type { GatewayConfig } from '../../gateway/config.ts';
-import { coap, nextCounter, of, withEnv } from './env.ts';
+import { coap, nextCounter, of, registered, signedFirmware, withEnv } from './env.ts';
 
 /**
  * Interop with real peers (Debian mosquitto-clients, libcoap3-bin's coap-client-notls,
  * prometheus' promtool) acting as MCUs against a real gateway and hub.
  */
-const run = promisify(execFile);
+const execFileP = promisify(execFile);
+/** a peer's run, killed after 60 s (a peer that hangs, e.g. waiting for a PUBACK, fails the test instead of holding it) */
+const run: typeof execFileP = ((file: string, args: string[], opts: Record<string, unknown> = {}) => execFileP(file, args, { timeout: 60_000, ...opts })) as typeof execFileP;
 
 function coapUrl(port: number, site: string, id: string, resource: McuChannel, payload: Buffer = Buffer.alloc(0)): string {
   const c = nextCounter();
@@ -40,11 +42,13 @@ test('interop: mosquitto_pub/mosquitto_sub as an MCU — telemetry reaches the h
     await waitFor(() => of(seen, id, 'telemetry').length === 1, 'telemetry at the hub');
     assert.equal((of(seen, id, 'telemetry')[0] as TelemetryBatch).samples[0]?.v, 21.5);
     await waitFor(() => of(seen, id, 'state').some((s) => s.version === '3.1.0'), 'version at the hub');
-    await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-    await sleep(300);
+    await registered({ hub, gw }, [id]);
     const cmd = await hub.sendCommand(id, 'ping', { n: 1 }, 60_000);
     // a wrong password is refused by the broker
-    await assert.rejects(run('mosquitto_pub', ['-h', '127.0.0.1', '-p', String(gw.mqttPort), '-V', 'mqttv311', '-i', id, '-u', id, '-P', 'wrong', '-t', mcuTopic(id, 't'), '-m', '[]']));
+    await assert.rejects(run('mosquitto_pub', ['-h', '127.0.0.1', '-p', String(gw.mqttPort), '-V', 'mqttv311', '-i', id, '-u', id, '-P', 'wrong', '-t', mcuTopic(id, 't'), '-m', '[]']), (e: { stderr?: string }) => {
+      assert.match(e.stderr ?? '', /not authori[sz]ed|bad user ?name or password/i);
+      return true;
+    });
     const sub = await run('mosquitto_sub', [...mqttArgs(gw.mqttPort, site, id), '-t', mcuTopic(id, 'cmd'), '-C', '1', '-W', '10'], { encoding: 'buffer' });
     const frame = Buffer.from(sub.stdout).subarray(0, -1); // mosquitto_sub adds a newline
     const got = decodeMcuCommand(mcuKey(site, id), id, frame);
@@ -54,20 +58,20 @@ test('interop: mosquitto_pub/mosquitto_sub as an MCU — telemetry reaches the h
   });
 });
 
-test('interop: coap-client-notls — Block2 firmware GET at block sizes 16, 64, 256, 1024 gives the same sha256; Observe of the mailbox; a Block1 upload with a new token per block', async () => {
+test('interop: coap-client-notls — Block2 firmware GET (of a signed bundle\'s image) at block sizes 16, 64, 256, 1024 gives the same sha256; Observe of the mailbox; a Block1 upload with a new token per block', async () => {
   const tmp = tempDir('fleetlet-interop-');
+  const fw = signedFirmware();
   try {
     await withEnv(async ({ hub, gw, site, seen, dir }) => {
       const id = 'esp-lib';
       const image = Buffer.alloc(3000 + 77);
       for (let i = 0; i < image.length; i++) image[i] = (i * 131 + 17) & 0xff;
-      const file = join(dir, 'fw.bin');
-      writeFileSync(file, image);
+      const file = join(dir, 'fw.fbundle');
+      const bundle = fw.bundle(file, image, '1.1.0');
       const sha = createHash('sha256').update(image).digest('hex');
       assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
-      await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-      await sleep(300);
-      await hub.setDesired(id, { apps: {}, firmware: { version: '1.1.0', url: pathToFileURL(file).href, sha256: sha, size: image.length } });
+      await registered({ hub, gw }, [id]);
+      await hub.setDesired(id, { apps: {}, firmware: { version: '1.1.0', url: pathToFileURL(file).href, sha256: createHash('sha256').update(bundle).digest('hex'), size: bundle.length } });
       await waitFor(() => gw.firmwareState(id)?.state === 'offered', 'offered');
 
       for (const size of [16, 64, 256, 1024]) {
@@ -77,8 +81,8 @@ test('interop: coap-client-notls — Block2 firmware GET at block sizes 16, 64, 
       }
       assert.equal(gw.firmwareState(id)?.state, 'transferring');
 
-      // Observe the mailbox for 10 s (room for synced writes on a slow disk); the offer is there at once, a command follows after the ack
-      const obs = spawn('coap-client-notls', ['-m', 'get', '-s', '10', '-B', '12', coapUrl(gw.coapPort, site, id, 'cmd')], { stdio: ['ignore', 'pipe', 'pipe'] });
+      // Observe the mailbox for up to 30 s (room for synced writes on a slow disk); the offer is there at once, a command follows after the ack
+      const obs = spawn('coap-client-notls', ['-m', 'get', '-s', '30', '-B', '32', coapUrl(gw.coapPort, site, id, 'cmd')], { stdio: ['ignore', 'pipe', 'pipe'] });
       let out = '';
       obs.stdout.on('data', (d: Buffer) => (out += d.toString('latin1')));
       const exited = new Promise<number | null>((r) => obs.on('exit', (code) => r(code)));
@@ -86,8 +90,9 @@ test('interop: coap-client-notls — Block2 firmware GET at block sizes 16, 64, 
       const offerId = /"id":"([^"]+)"/.exec(out)![1]!;
       const cmd = await hub.sendCommand(id, 'blink', {}, 60_000);
       assert.equal((await coap(gw.coapPort, site, id, 'ack', 'POST', Buffer.from(JSON.stringify({ id: offerId, ok: true })))).code, '2.04');
-      await waitFor(() => out.includes(`"id":"${cmd.id}"`), 'the next command notified after the ack');
-      assert.equal(await exited, 0);
+      await waitFor(() => out.includes(`"id":"${cmd.id}"`), 'the next command notified after the ack', 25_000);
+      obs.kill();
+      await exited;
       const frame = Buffer.from(out.slice(out.lastIndexOf('c=')).replace(/\n$/, ''), 'latin1');
       assert.equal(decodeMcuCommand(mcuKey(site, id), id, frame).cmd.id, cmd.id);
 
@@ -109,8 +114,9 @@ test('interop: coap-client-notls — Block2 firmware GET at block sizes 16, 64, 
       );
       assert.match(refused, /4\.01/);
       assert.equal(of(seen, id, 'logs').length, 1);
-    });
+    }, {}, fw.extras);
   } finally {
+    fw.cleanup();
     tmp.cleanup();
   }
 });

@@ -19,7 +19,7 @@ import mqtt from 'mqtt';
 import { deriveToken } from '../../core/credentials.ts';
 import { RELAY_CMD, RELAY_DESIRED } from '../../core/topics.ts';
 import { waitFor } from '../helpers.ts';
-import { coap, coapBlock, connectMcu, nextCounter, of, withEnv } from './env.ts';
+import { coap, coapBlock, connectMcu, nextCounter, of, registered, withEnv } from './env.ts';
 
 test('mailbox over MQTT: hub command queued for a sleeping MCU, pushed on subscribe with a valid MAC, acked, reply at the hub; survives a gateway restart', async () => {
   await withEnv(async ({ hub, gw, site, seen, restart }) => {
@@ -29,8 +29,7 @@ test('mailbox over MQTT: hub command queued for a sleeping MCU, pushed on subscr
     await m0.publishAsync(mcuTopic(id, 'hello'), JSON.stringify({ fw: '1.0.0', boot: 'power_on', sleep: 60 }), { qos: 1 });
     await m0.endAsync();
     await waitFor(() => of(seen, id, 'state').some((s) => s.online && s.version === '1.0.0' && s.mcu?.sleepS === 60), 'state with version and sleep period at the hub');
-    await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-    await sleep(300); // the SUBSCRIBE behind the register
+    await registered({ hub, gw }, [id]);
     // the MCU sleeps; the operator sends two commands
     const c1 = await hub.sendCommand(id, 'set-interval', { s: 30 }, 60_000);
     const c2 = await hub.sendCommand(id, 'blink', {}, 60_000);
@@ -173,8 +172,7 @@ test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is of
     const sha = createHash('sha256').update(image).digest('hex');
     const ids = ['esp-f1', 'esp-f2'];
     for (const id of ids) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
-    await waitFor(() => ids.every((id) => hub.broker.mcusOf('gw-1')?.has(id)), 'registered');
-    await sleep(300);
+    await registered({ hub, gw }, ids);
     for (const id of ids) await hub.setDesired(id, { apps: {}, firmware: { version: '2.0.0', url: pathToFileURL(file).href, sha256: sha, size: image.length } });
     await waitFor(() => ids.every((id) => gw.firmwareState(id)?.state === 'offered'), 'offered to both');
 

@@ -15,7 +15,7 @@ import { mcuTopic } from '../../firmware-bridge/topics.ts';
 import { GatewayConfigSchema } from '../../gateway/config.ts';
 import { startGateway } from '../../gateway/index.ts';
 import { makeCert, tempDir, testLogger, waitFor } from '../helpers.ts';
-import { of, withEnv } from './env.ts';
+import { of, registered, withEnv } from './env.ts';
 
 /**
  * MCU MQTT over TLS (mcu.mqttTls): real openssl-made certificates, a real hub and gateway,
@@ -84,8 +84,7 @@ test('mcu tls: mosquitto_pub over TLS reaches the hub, commands come down over T
         await assert.rejects(run('mosquitto_pub', [...tlsArgs('wrong'), '-t', mcuTopic(id, 't'), '-m', '[]'], opts));
 
         // commands come down the TLS connection (the mailbox pushes to the same sessions)
-        await waitFor(() => hub.broker.mcusOf('gw-1')?.has(id), 'registered');
-        await sleep(300);
+        await registered({ hub, gw }, [id]);
         const cmd = await hub.sendCommand(id, 'ping', { n: 2 }, 60_000);
         const sub = await run('mosquitto_sub', [...tlsArgs(), '-t', mcuTopic(id, 'cmd'), '-C', '1', '-W', '10'], { encoding: 'buffer', ...opts });
         assert.equal(decodeMcuCommand(mcuKey(site, id), id, Buffer.from(sub.stdout).subarray(0, -1)).cmd.id, cmd.id);

@@ -253,7 +253,12 @@ test('gateway start that fails after its hub client was made (the MCU store lock
   await lock.open(); // LevelDB's lock: the gateway cannot open its MCU store
   try {
     const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-fail', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
-    await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'));
+    await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'), (err: Error & { code?: string }) => {
+      // failed where meant: the MCU store, opened after the hub client was made (gateway/index.ts)
+      assert.equal(err.code, 'FLEET_STORE', err.message);
+      assert.match(err.message, /cannot open store .*mcu-db/);
+      return true;
+    });
     await new Promise((r) => setTimeout(r, 300));
     const after = connections;
     await new Promise((r) => setTimeout(r, 1500));

@@ -248,6 +248,11 @@ test('MCU claims: an MCU that sends no readings (an actuator answering commands)
       assert.equal(holder(), 'gw-b');
       await b.publishAsync(...replyOf('gw-b', '201', { ok: false, error: { code: 'FLEET_MCU_COMMAND', message: 'busy' } }));
       assert.equal(holder(), 'gw-b');
+      // gw-b's last answer before the refusal (200) is over mcuClaimIdleMs old: only the refusal
+      // keeps it active, so a reading through gw-a now is refused and the MCU stays
+      await a.publishAsync(...batchOf('gw-a', 'esp-1', '103'));
+      assert.equal(holder(), 'gw-b', 'the MCU\'s own refusal through gw-b was contact: gw-b is active for it');
+      assert.equal((await deadLetters(ctx)).deadLetters.filter((d) => d.topic === deviceTopic('esp-1', 'telemetry')).length, 1, 'gw-a\'s reading refused');
 
       // gw-b (fresh state directory) stops listing it: handed to gw-a, idle; when the MCU talks
       // to gw-b again and gw-b lists it, gw-b takes it at once, not after mcuClaimIdleMs
