@@ -156,7 +156,6 @@ describe('updater with the real supervisor', () => {
       assert.equal(currentVersion(r, 'web'), '1.0.0');
 
       const v2 = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '2.0.0', sequence: 2, behaviour: 'crash' });
-      const t0 = Date.now();
       r.updater.queueFile(v2.file);
       const second = await finished(r, 1);
       assert.equal(second.state, 'rolled-back');
@@ -166,7 +165,6 @@ describe('updater with the real supervisor', () => {
       const decided = second.history.find((h) => h.state === 'rolling-back')!.at;
       const probationStart = second.history.find((h) => h.state === 'probation')!.at;
       assert.ok(decided - probationStart < 3000, `rollback decided ${decided - probationStart} ms into probation`);
-      assert.ok(Date.now() - t0 < 20_000);
       assert.equal(currentVersion(r, 'web'), '1.0.0');
       await waitFor(() => r.supervisor.apps.get('web')?.status().state === 'running', 'v1 running again');
       assert.match(r.supervisor.apps.get('web')!.status().command, /1\.0\.0-s1\/app\.sh$/);

@@ -88,12 +88,14 @@ test('e2e: hub, gateway, agent and simulated MCUs as real processes on loopback'
   assert.equal(sample?.state, 'running');
   assert.ok(sample.pid > 0 && processesMentioning('sample-app').includes(sample.pid));
 
-  // SIGKILL the agent: the hub marks it offline within 1.5 x keep-alive (+ scheduling slack)
+  // SIGKILL the agent: the hub marks it offline within 1.5 x keep-alive (+ slack for a loaded
+  // machine running other test files: the hub is a child process, read over HTTP)
   const killedAt = Date.now();
   agent.child.kill('SIGKILL');
   await waitFor(async () => (await device('e2e-agent')).online === false, 'agent offline after SIGKILL', 10_000, 50);
   const took = Date.now() - killedAt;
-  assert.ok(took <= KEEPALIVE_S * 1500 + 2000, `offline after ${took} ms`);
+  t.diagnostic(`agent offline at the hub ${took} ms after SIGKILL (keep-alive ${KEEPALIVE_S} s)`);
+  assert.ok(took <= KEEPALIVE_S * 1500 + 5000, `offline after ${took} ms`);
   // and the orphaned sample app does not outlive its supervisor
   await waitFor(() => !processesMentioning(tmp.dir).includes(sample.pid) && !processesMentioning('sample-app').includes(sample.pid), 'sample app gone after agent SIGKILL', 10_000);
 

@@ -38,7 +38,8 @@ test('sim MQTT: after set-interval beyond the keep-alive the device pings betwee
     const after = acked.filter((t) => t > from).length;
     assert.equal(disconnects, 0, `the broker closed the device ${disconnects} time(s) for silence`);
     assert.equal(sim.stats().connects, 1, JSON.stringify(sim.stats()));
-    assert.ok(after <= 2, `readings in 8 s at a 6 s period (one already due may come first): ${after} (${acked.length - before})`);
+    // at a 6 s period, 8 s hold at least one reading and at most two (one already due may come first)
+    assert.ok(after >= 1 && after <= 2, `readings in 8 s at a 6 s period: ${after} (${acked.length - before})`);
   } finally {
     await sim.stop();
     await new Promise<void>((r) => broker.close(() => r()));

@@ -61,7 +61,7 @@ test('sched: entries due later wait for their time; stop() drops what is left an
   assert.ok(!ran.includes(-1) && !ran.includes(-2));
 });
 
-test('sim mqtt against a plain aedes broker: every device sends once per interval (±5%: never faster than its schedule, nor slower without skipped readings), its seqs 1..n without gaps, boots spread over the start jitter, and each payload carries its seq and sample time', { timeout: 60_000 }, async () => {
+test('sim mqtt against a plain aedes broker: every device sends once per interval (±5%: never faster than its schedule, nor slower without skipped readings), its seqs 1..n without gaps, boots spread over the start jitter, and each payload carries its seq and sample time', { timeout: 60_000 }, async (t) => {
   const broker = await Aedes.createBroker();
   const server = createServer(broker.handle);
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
@@ -137,7 +137,7 @@ test('sim mqtt against a plain aedes broker: every device sends once per interva
     // a reading is skipped when the previous one is still unacked at the next tick: that
     // happens only when the process stalled for a good part of an interval
     if (lateMs < intervalMs / 2) assert.equal(sim.stats().skipped, 0, `scheduler at most ${lateMs.toFixed(1)} ms late`);
-    else console.log(`# sched: scheduler ${lateMs.toFixed(1)} ms late (a stalled machine); ${sim.stats().skipped} readings skipped, not asserted`);
+    else t.diagnostic(`NOT CHECKED: skipped readings (scheduler ${lateMs.toFixed(1)} ms late: a stalled machine; ${sim.stats().skipped} readings skipped)`);
   } finally {
     await sim.stop();
     await sub.endAsync(true);
