@@ -86,6 +86,8 @@ export interface FirmwareManagerOptions {
   verify?: VerifyFirmware | undefined;
   /** the gateway's device id and token: HTTP Basic credentials at the hub's artifact store */
   gatewayId: string;
+  /** base URL (http or https) for bundle URLs in desired states that are paths, such as the hub's artifact store's `/api/v1/artifacts/{sha256}` */
+  baseUrl?: string | undefined;
   token: string;
   log: Logger;
   /** largest image served, bytes (default 16 MiB) */
@@ -304,7 +306,11 @@ export class FirmwareManager {
       // A corrected URL for the same bundle is taken (the old one may be what failed)
       const moved = cur.url !== fw.url;
       cur.url = fw.url;
-      if (cur.state === 'failed' && cur.retryable) {
+      // a preparation that failed at the old URL (unsupported, unreadable, a wrong file) may
+      // work at the new one, whatever made it fail; a verdict on the bundle itself (trust,
+      // signature, the anti-rollback floor, the MCU's hardware class) holds for the same sha256
+      const urlMayFix = moved && cur.cause === 'preparation' && !cur.code?.startsWith('FLEET_BUNDLE_');
+      if (cur.state === 'failed' && (cur.retryable || urlMayFix)) {
         this.restart(cur);
         await this.save(mcuId, cur);
         await this.report(mcuId, cur);
@@ -605,6 +611,13 @@ export class FirmwareManager {
     return img;
   }
 
+  /** A path (the hub's artifact store answers uploads with one) against `baseUrl`; any other URL as it is. */
+  private resolveUrl(url: string): string {
+    if (!url.startsWith('/')) return url;
+    if (!this.opts.baseUrl) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware URL ${url.slice(0, 100)} is a path and firmwareBaseUrl is not set (the hub's HTTP address, e.g. http://hub:8080); set it, or name the bundle by an absolute URL`, { details: { permanent: true } });
+    return new URL(url, this.opts.baseUrl).toString();
+  }
+
   /**
    * file:// (tests, sites without an artifact store: a regular file only) or http(s) with Range
    * resume and the device token. Bounded: a bundle larger than an image plus its manifest is
@@ -612,7 +625,8 @@ export class FirmwareManager {
    * (not after a fixed time: a large bundle over a slow site uplink takes what it takes). The
    * `.part` of a failed download stays for the automatic retry to resume.
    */
-  private async download(url: string, dest: string): Promise<void> {
+  private async download(given: string, dest: string): Promise<void> {
+    const url = this.resolveUrl(given);
     const limit = this.maxImageBytes + BUNDLE_OVERHEAD_BYTES;
     const tooLarge = (n: number) => new FleetError('FLEET_MCU_FIRMWARE', `the firmware bundle at ${url.slice(0, 100)} exceeds ${limit} bytes (${n} or more)`, { details: { permanent: true } });
     if (url.startsWith('file://')) {

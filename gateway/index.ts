@@ -214,6 +214,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     verify: extras.verifyFirmware,
     gatewayId: config.deviceId,
     token,
+    baseUrl: config.firmwareBaseUrl,
     log: log.child({ part: 'firmware' }),
     maxImageBytes: config.firmwareMaxBytes,
     installTimeoutMs: config.firmwareInstallTimeoutS * 1000,

@@ -34,6 +34,7 @@ export const gatewayCommand = defineCommand({
     'state-dir': { type: 'string' },
     'ready-file': { type: 'string' },
     'firmware-trust': { type: 'string' },
+    'firmware-base-url': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
   },
   help: {
@@ -48,6 +49,7 @@ export const gatewayCommand = defineCommand({
     'state-dir': 'MCU replay counters and known MCUs',
     'ready-file': 'write {pid, mqttPort, mqttTlsPort, coapPort, siteSecretFile} here once listening',
     'firmware-trust': 'trust root (root.json) MCU firmware bundles must verify against; without it firmware updates are refused',
+    'firmware-base-url': 'the hub\'s HTTP address (e.g. http://hub:8080): firmware URLs that are paths (/api/v1/artifacts/<sha256>) are fetched from it',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
   },
   async run({ values, positionals }) {
@@ -55,6 +57,7 @@ export const gatewayCommand = defineCommand({
       deviceId: strFlag(values, 'id'),
       stateDir: strFlag(values, 'state-dir'),
       firmwareTrustFile: strFlag(values, 'firmware-trust'),
+      firmwareBaseUrl: strFlag(values, 'firmware-base-url'),
       hub: { url: strFlag(values, 'hub'), tokenFile: strFlag(values, 'token-file') },
       mcu: {
         host: strFlag(values, 'host'),

@@ -67,8 +67,10 @@ export function signedFirmware(): { extras: GatewayExtras; bundle(file: string, 
 }
 
 
-/** `gateway`: more of the gateway's config (e.g. `outbox`), merged in */
-export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }, gateway: { outbox?: Record<string, unknown> } = {}): Promise<void> {
+/** more of the gateway's config, merged in (given the hub, for settings that name its ports) */
+export type MoreGatewayConfig = { outbox?: Record<string, unknown>; firmwareBaseUrl?: string };
+
+export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<GatewayConfig['mcu']> = {}, extras: GatewayExtras = { verifyFirmware: rawImageVerifierMock }, gateway: MoreGatewayConfig | ((hub: HubHandle) => MoreGatewayConfig) = {}): Promise<void> {
   const tmp = tempDir();
   const hubLog = testLogger('hub');
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: join(tmp.dir, 'hub') }), hubLog);
@@ -88,7 +90,7 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
   writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
   const gws: GatewayHandle[] = [];
   const start = async (overrides: Partial<GatewayConfig['mcu']> = {}) => {
-    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, ...gateway, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
+    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, ...(typeof gateway === 'function' ? gateway(hub) : gateway), mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
     const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', extras);
     gws.push(g);
     return g;

@@ -8,7 +8,8 @@ import type { EventMessage } from '../../core/messages.ts';
 import { firmwareVerifier } from '../../cli/commands/gateway.ts';
 import { craftBundle, makeRoot, manifestFor, newKeys } from '../bundles/fixtures.ts';
 import { tempDir, waitFor } from '../helpers.ts';
-import { coap, coapBlock, of, registered, withEnv } from './env.ts';
+import type { HubHandle } from '../../hub/index.ts';
+import { coap, coapBlock, of, registered, signedFirmware, withEnv } from './env.ts';
 
 /**
  * The whole firmware path with real parts: a signed firmware bundle (bundles/ format,
@@ -91,5 +92,56 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
     );
   } finally {
     tmp.cleanup();
+  }
+});
+
+test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha256>): without firmwareBaseUrl the preparation fails naming it, and the same bundle named again by an absolute URL is fetched; with firmwareBaseUrl the path is fetched from the hub', async () => {
+  const fw = signedFirmware();
+  const image = Buffer.alloc(2048 + 5, 0x5a);
+  const upload = async (hub: HubHandle, b: Buffer) => {
+    const operator = readFileSync(hub.operatorTokenFile, 'utf8').trim();
+    const res = await fetch(`http://127.0.0.1:${hub.httpPort}/api/v1/artifacts`, { method: 'POST', headers: { authorization: `Bearer ${operator}`, 'content-type': 'application/octet-stream' }, body: new Uint8Array(b) });
+    assert.ok(res.ok, await res.clone().text());
+    return (await res.json()) as { sha256: string; url: string };
+  };
+  try {
+    // no firmwareBaseUrl: a path is refused, and a corrected URL for the same bundle is taken
+    await withEnv(
+      async ({ hub, gw, site, dir }) => {
+        const bundle = fw.bundle(join(dir, 'p.fbundle'), image, '2.0.0');
+        const art = await upload(hub, bundle);
+        assert.match(art.url, /^\/api\/v1\/artifacts\/[0-9a-f]{64}$/);
+        assert.equal((await coap(gw.coapPort, site, 'esp-p1', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await registered({ hub, gw }, ['esp-p1']);
+        const desired = (url: string) => ({ apps: {}, firmware: { version: '2.0.0', url, sha256: art.sha256, size: bundle.length } });
+        await hub.setDesired('esp-p1', desired(art.url));
+        await waitFor(() => gw.firmwareState('esp-p1')?.state === 'failed', 'a path URL refused without firmwareBaseUrl', 15_000);
+        assert.match(gw.firmwareState('esp-p1')?.reason ?? '', /is a path and firmwareBaseUrl is not set/);
+        await hub.setDesired('esp-p1', desired(`http://127.0.0.1:${hub.httpPort}${art.url}`));
+        await waitFor(() => gw.firmwareState('esp-p1')?.state === 'offered', 'the corrected URL fetched and the image offered', 15_000);
+        const got = await coapBlock(gw.coapPort, site, 'esp-p1', 0, 1024);
+        assert.equal(createHash('sha256').update(got.body).digest('hex'), createHash('sha256').update(image).digest('hex'));
+      },
+      {},
+      fw.extras,
+    );
+    // firmwareBaseUrl = the hub's HTTP address: the path as the upload answered it
+    await withEnv(
+      async ({ hub, gw, site, dir }) => {
+        const bundle = fw.bundle(join(dir, 'q.fbundle'), image, '2.0.0');
+        const art = await upload(hub, bundle);
+        assert.equal((await coap(gw.coapPort, site, 'esp-p2', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await registered({ hub, gw }, ['esp-p2']);
+        await hub.setDesired('esp-p2', { apps: {}, firmware: { version: '2.0.0', url: art.url, sha256: art.sha256, size: bundle.length } });
+        await waitFor(() => gw.firmwareState('esp-p2')?.state === 'offered', 'fetched from the hub by its path', 15_000).catch((err: unknown) => {
+          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-p2'))}`);
+        });
+      },
+      {},
+      fw.extras,
+      (hub) => ({ firmwareBaseUrl: `http://127.0.0.1:${hub.httpPort}` }),
+    );
+  } finally {
+    fw.cleanup();
   }
 });
