@@ -91,6 +91,22 @@ export async function disconnectFleetClient(client: MqttClient, deviceId: string
       new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs))),
     ]);
     clearTimeout(timer);
+    // end with a DISCONNECT, so that the hub drops the last will: a forced end (no DISCONNECT)
+    // had the broker publish it, and its "connection lost" replaced the retained "stopped".
+    // What the uplink still has in flight is not waited for: its records stay in the outbox
+    // and are sent again after the restart (the callers stop their uplink before this)
+    for (const id of Object.keys(client.outgoing)) client.removeOutgoingMessage(Number(id));
+    let cut: NodeJS.Timeout | undefined;
+    const clean = await Promise.race([
+      client.endAsync(false).then(
+        () => true,
+        () => false,
+      ),
+      new Promise<boolean>((resolve) => (cut = setTimeout(() => resolve(false), graceMs))),
+    ]);
+    clearTimeout(cut);
+    if (clean) return;
+    client.stream?.destroy(); // the DISCONNECT did not get out in time (the hub away at the same moment)
   }
   await client.endAsync(true).catch(() => undefined);
 }
