@@ -25,6 +25,23 @@ export function writeSecretFile(file: string, secret: string): void {
   chmodSync(file, 0o600);
 }
 
+/**
+ * The secret a provisioning command derives credentials from (`fleetlet hub device-token`,
+ * `fleetlet gateway mcu-key`). Unlike a server's start it does not make one when `file` is
+ * missing unless `create` says so: a state directory left out or mistyped would otherwise
+ * get a new secret, and the credentials printed from it work with no running hub or gateway.
+ * `whose` names the server that makes the file at its first start; `created` is told of a
+ * new one.
+ */
+export function provisioningSecret(file: string, o: { create: boolean; whose: string; created: (file: string) => void }): string {
+  if (!existsSync(file)) {
+    if (!o.create) throw new FleetError('FLEET_CONFIG_UNREADABLE', `no secret at ${file}: is the state directory (--state-dir or the config's stateDir) the one the ${o.whose} uses? It makes the file at its first start; --create makes it now instead (then start the ${o.whose} with this state directory)`);
+    writeSecretFile(file, newSecret());
+    o.created(file);
+  }
+  return readSecretFile(file);
+}
+
 /** The secret in `file`, generating a new random one on first use. */
 export function loadOrCreateSecret(file: string): string {
   if (!existsSync(file)) writeSecretFile(file, newSecret());

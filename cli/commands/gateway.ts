@@ -8,7 +8,7 @@ import { FleetError, isFleetError } from '../../core/errors.ts';
 import { tuneServerHeap } from '../../core/heap-tuning.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
-import { loadOrCreateSecret } from '../../core/secrets.ts';
+import { provisioningSecret } from '../../core/secrets.ts';
 import { assertDeviceId } from '../../core/topics.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { gatewayPaths, GatewayConfigSchema } from '../../gateway/config.ts';
@@ -36,6 +36,7 @@ export const gatewayCommand = defineCommand({
     'firmware-trust': { type: 'string' },
     'firmware-base-url': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
+    create: { type: 'boolean' },
   },
   help: {
     config: 'YAML or JSON config file (docs/config.md#gateway)',
@@ -51,6 +52,7 @@ export const gatewayCommand = defineCommand({
     'firmware-trust': 'trust root (root.json) MCU firmware bundles must verify against; without it firmware updates are refused',
     'firmware-base-url': 'the hub\'s HTTP address (e.g. http://hub:8080): firmware URLs that are paths (/api/v1/artifacts/<sha256>) are fetched from it',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
+    create: 'mcu-key: make the site secret when the state directory has none yet (before the gateway\'s first start)',
   },
   async run({ values, positionals }) {
     const overrides = {
@@ -79,7 +81,8 @@ export const gatewayCommand = defineCommand({
       // the gateway's own id is not needed to derive an MCU key
       const schema = GatewayConfigSchema.extend({ deviceId: GatewayConfigSchema.shape.deviceId.optional() });
       const { config } = loadConfig(schema, { file: strFlag(values, 'config'), overrides });
-      process.stdout.write(mcuKey(loadOrCreateSecret(gatewayPaths(config).siteSecretFile), mcuId) + '\n');
+      const site = provisioningSecret(gatewayPaths(config).siteSecretFile, { create: values.create === true, whose: 'gateway', created: (f) => process.stderr.write(`created a new site secret at ${f}\n`) });
+      process.stdout.write(mcuKey(site, mcuId) + '\n');
       return EXIT.OK;
     }
     if (sub === 'revoke' || sub === 'unrevoke') {

@@ -5,7 +5,7 @@ import { FleetError } from '../../core/errors.ts';
 import { tuneServerHeap } from '../../core/heap-tuning.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
-import { loadOrCreateSecret, writeSecretFile } from '../../core/secrets.ts';
+import { provisioningSecret, writeSecretFile } from '../../core/secrets.ts';
 import { startHub } from '../../hub/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { defineCommand, EXIT, intFlag, strFlag } from '../command.ts';
@@ -24,6 +24,7 @@ export const hubCommand = defineCommand({
     'port-fallback': { type: 'boolean' },
     'ready-file': { type: 'string' },
     'die-with-parent': { type: 'boolean' },
+    create: { type: 'boolean' },
     out: { type: 'string' },
   },
   help: {
@@ -36,6 +37,7 @@ export const hubCommand = defineCommand({
     'ready-file': 'write {mqttPort, httpPort, ...} here once serving',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
     out: 'device-token: write the token to this file (mode 0600) instead of stdout',
+    create: 'device-token: make the fleet secret when the state directory has none yet (before the hub\'s first start)',
   },
   async run({ values, positionals }) {
     const overrides = {
@@ -49,7 +51,7 @@ export const hubCommand = defineCommand({
     const [sub, ...args] = positionals;
     if (sub === 'device-token') {
       if (args.length !== 1) throw new FleetError('FLEET_USAGE', 'usage: fleetlet hub device-token <device-id>');
-      const secret = loadOrCreateSecret(join(config.stateDir, 'fleet.secret'));
+      const secret = provisioningSecret(join(config.stateDir, 'fleet.secret'), { create: values.create === true, whose: 'hub', created: (f) => process.stderr.write(`created a new fleet secret at ${f}\n`) });
       const token = deriveToken(secret, 'device', args[0]!);
       const out = strFlag(values, 'out');
       // a token file must be 0600 (the agent refuses others); `> file` would make it 0644
