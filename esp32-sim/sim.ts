@@ -75,6 +75,8 @@ export interface SimOptions {
   hardwareClass?: string;
   /** MQTT keep-alive, s (default max(30, 3 × intervalMs)) */
   mqttKeepaliveS?: number;
+  /** CoAP: how often a device registers its mailbox Observe again, ms (default 60 s or 20 intervals, the longer) */
+  reobserveMs?: number;
   /** firmware chunk size, bytes: MQTT 16..4096, CoAP Block2 16..1024 (power of two) (default 512) */
   fwChunkBytes?: number;
   /** called for every telemetry message the gateway acknowledged (PUBACK / 2.04), with the message's sample id */
@@ -259,6 +261,7 @@ function validate(opts: SimOptions): void {
   };
   if (!Number.isInteger(opts.devices) || opts.devices < 1 || opts.devices > 100_000) bad('devices', 'must be an integer from 1 to 100000');
   if (opts.protocol !== 'mqtt' && opts.protocol !== 'coap') bad('protocol', 'must be mqtt or coap');
+  if (opts.reobserveMs !== undefined && (!Number.isInteger(opts.reobserveMs) || opts.reobserveMs < 100)) bad('reobserveMs', 'must be an integer of at least 100');
   if (opts.mqttKeepaliveS !== undefined && (!Number.isInteger(opts.mqttKeepaliveS) || opts.mqttKeepaliveS < 1 || opts.mqttKeepaliveS > 65_535)) bad('mqttKeepaliveS', 'must be an integer from 1 to 65535');
   if (opts.hardwareClass !== undefined && opts.hardwareClass !== '' && !HW_CLASS_RE.test(opts.hardwareClass)) bad('hardwareClass', 'must be 1 to 64 letters, digits, . _ - (not first), or empty for none');
   if (opts.intervalMs !== undefined && (!Number.isInteger(opts.intervalMs) || opts.intervalMs < 10)) bad('intervalMs', 'must be an integer of at least 10');
@@ -318,7 +321,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const keepaliveS = opts.mqttKeepaliveS ?? Math.max(30, Math.ceil((3 * interval) / 1000));
   const keepaliveMs = keepaliveS * 1000;
   /** CoAP: how often an awake device registers its mailbox Observe again */
-  const reobserveMs = Math.max(60_000, 20 * interval);
+  const reobserveMs = opts.reobserveMs ?? Math.max(60_000, 20 * interval);
   const mqttPort = opts.mqttPort ?? 1884;
   const log = opts.log;
   const sched = new Scheduler();
@@ -645,8 +648,10 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     if (d.state !== 'online') return;
     keepAliveFrom(d, now);
     if (opts.protocol === 'mqtt' && d.mqtt && now - d.mqtt.lastWrite > keepaliveMs / 2) d.mqtt.ping();
-    // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should
-    if (opts.protocol === 'coap' && mailbox && now - d.observedAt > reobserveMs) observeMailbox(d);
+    // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should;
+    // not while a message is outstanding (its counter is older: one that reached the gateway after
+    // the registration's would be refused as a replay, docs/mcu-protocol.md "Send in counter order")
+    if (opts.protocol === 'coap' && mailbox && !d.busy && now - d.observedAt > reobserveMs) observeMailbox(d);
     if (d.q.length >= MAX_QUEUE || hasReading(d.q)) {
       st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
       return;
@@ -739,6 +744,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   };
   const reobserve = ({ d, gen }: Ev) => {
     if (stopped || gen !== d.gen || d.observeToken !== 0) return;
+    if (d.busy) return void sched.after(period(d), reobserve, { d, gen }); // in counter order (above)
     observeMailbox(d);
   };
   const cancelObserve = (d: Device) => {

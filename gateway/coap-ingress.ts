@@ -147,9 +147,9 @@ function releaseAnsweredExchanges(server: Server): void {
  * 2 × MAX_LATENCY + PROCESSING_DELAY (2 s). A retransmission comes within MAX_TRANSMIT_SPAN.
  */
 const EXCHANGE_LIFETIME_MS = (45 + 2 * MAX_LATENCY_S + 2) * 1000;
-/** fast-path exchanges remembered per endpoint (an MCU has one request outstanding, NSTART 1) */
+/** fast-path exchanges remembered per MCU at an endpoint (an MCU has one request outstanding, NSTART 1) */
 const EXCHANGES_PER_ENDPOINT = 4;
-/** endpoints (address and port) remembered, most recently active first out last */
+/** endpoints (address, port and MCU) remembered, most recently active first out last */
 const MAX_ENDPOINTS = 100_000;
 
 interface Exchange {
@@ -540,7 +540,10 @@ export class McuCoapIngress {
     if (!pkt) return false; // the package's own parse reports it
     const url = parseCoapUrl(coapUrlOf(pkt));
     if (!url || !FAST_RESOURCES.has(url.resource)) return false;
-    const endpoint = `${rsinfo.address}|${rsinfo.port}`;
+    // per MCU at an endpoint: MCUs sharing a socket (behind one NAT port, the simulator's 500
+    // a socket) would otherwise push each other's exchanges out within a retransmission's
+    // time, and a retransmission of a stored reading be handled again, as a replay
+    const endpoint = `${rsinfo.address}|${rsinfo.port}|${url.mcuId}`;
     const { ex, fresh } = this.exchanges.begin(endpoint, pkt.messageId, pkt.token, performance.now());
     if (!fresh) {
       if (ex.answer) this.send(ex.answer, rsinfo);

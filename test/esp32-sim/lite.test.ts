@@ -7,7 +7,8 @@ import { CoapEndpoint, COAP_METHOD, type CoapResponse } from '../../esp32-sim/co
 import { encodePublish, MqttLite } from '../../esp32-sim/mqtt-lite.ts';
 import { fixedHeader } from '../../core/mqtt-wire.ts';
 import { Scheduler } from '../../esp32-sim/sched.ts';
-import { waitFor } from '../helpers.ts';
+import { runSim } from '../../esp32-sim/sim.ts';
+import { testLogger, waitFor } from '../helpers.ts';
 
 test('sched: one timer runs entries in time order, same-time entries in insertion order, and stop drops the rest', async () => {
   const s = new Scheduler();
@@ -312,6 +313,45 @@ test('coap-lite: Observe — the registration stays and notifications arrive unt
       } finally {
         ep.close();
         sched.stop();
+      }
+    },
+  );
+});
+
+test('sim CoAP: a device sends nothing with a newer counter while a reading is outstanding (the mailbox Observe renewal waits), so the gateway never sees the reading after a much newer counter (coap package server standing in for the gateway, holding the reading 2 s)', async () => {
+  const arrivals: Array<{ what: string; counter: number; at: number }> = [];
+  let answeredAt = 0;
+  await withCoapServer(
+    (req, res) => {
+      const counter = Number(/[?&]c=(\d+)/.exec(req.url)?.[1]);
+      const what = `${req.method} ${req.url.split('?')[0]!.split('/').at(-1)}`;
+      arrivals.push({ what, counter, at: Date.now() });
+      if (req.method === 'GET') {
+        res.code = '2.05';
+        return void res.write(Buffer.alloc(0)); // an Observe registration, kept open
+      }
+      // the first reading is held 2 s (a gateway busy storing it); later ones answered at once
+      const first = arrivals.filter((a) => a.what === 'POST t').length === 1;
+      setTimeout(
+        () => {
+          if (first) answeredAt = Date.now();
+          res.code = '2.04';
+          res.end();
+        },
+        first ? 2000 : 0,
+      );
+    },
+    async (port) => {
+      const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'o'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 300, log: testLogger('sim') });
+      try {
+        await waitFor(() => answeredAt > 0 && arrivals.some((a) => a.what === 'GET cmd' && a.at > answeredAt + 50), 'the reading answered, then the Observe renewed', 10_000);
+        const held = arrivals.find((a) => a.what === 'POST t')!;
+        // while the first reading was outstanding nothing with a counter more than 31 above it arrived
+        const newer = arrivals.filter((a) => a.at > held.at && a.at < answeredAt && a.counter > held.counter + 31);
+        assert.deepEqual(newer, [], `sent while the reading (counter ${held.counter}) was outstanding`);
+        assert.ok(arrivals.filter((a) => a.what === 'GET cmd').length >= 2, 'the Observe was renewed (after the reading)');
+      } finally {
+        await sim.stop();
       }
     },
   );

@@ -65,6 +65,40 @@ test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from 
   });
 });
 
+test('gateway CoAP: MCUs sharing one socket (as the simulator\'s do) keep their own exchanges: a retransmission after eight other MCUs\' requests from that socket still gets its 2.04, not a replay refusal', async () => {
+  await withEnv(async ({ gw, site, seen }) => {
+    const sock = createSocket('udp4');
+    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+    const replies = new Map<number, Buffer[]>();
+    sock.on('message', (msg) => {
+      const d = decodeMessage(msg);
+      if (d) replies.set(d.mid, [...(replies.get(d.mid) ?? []), msg]);
+    });
+    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
+    const request = (id: string, mid: number, value: number): Buffer => {
+      const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: value }]));
+      const c = nextCounter();
+      return encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, id, 't'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${signMcuMessage(mcuKey(site, id), id, 't', c, payload)}`], contentFormat: SENML_JSON_FORMAT, payload }, 0, mid, 0x2000 + mid);
+    };
+    try {
+      const mine = request('esp-s0', 700, 7);
+      await send(mine);
+      await waitFor(() => replies.get(700)?.length === 1, 'the answer');
+      for (let i = 1; i <= 8; i++) await send(request(`esp-s${i}`, 700 + i, i));
+      await waitFor(() => [1, 2, 3, 4, 5, 6, 7, 8].every((i) => replies.has(700 + i)), 'the other MCUs answered');
+      // its ACK was lost: the MCU retransmits (same message id, token and counter)
+      await send(mine);
+      await waitFor(() => replies.get(700)?.length === 2, 'the answer to the retransmission');
+      assert.deepEqual(replies.get(700)![1], replies.get(700)![0], 'the same 2.04 again, not 4.01 FLEET_MCU_REPLAY');
+      await waitFor(() => of(seen, 'esp-s0', 'telemetry').length >= 1, 'the reading at the hub');
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(of(seen, 'esp-s0', 'telemetry').length, 1, 'stored once');
+    } finally {
+      sock.close();
+    }
+  });
+});
+
 test('gateway CoAP fast path: a NON POST is answered by a NON 2.04 with its token; a forged one gets 4.01 with the error code; both answered again, unchanged, on retransmission', async () => {
   await withEnv(async ({ gw, site, seen }) => {
     const { got: replies, send, close } = await udpPeer(gw.coapPort);
