@@ -421,7 +421,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_outbox_bytes', 'Bytes waiting in the outbox', () => outbox.stats().bytes);
   metrics.gaugeFn('fleet_gateway_outbox_oldest_age_seconds', 'Age of the oldest message in the outbox', () => outbox.stats().oldestAgeMs / 1000);
 
-  log.info('gateway listening', { gateway: config.deviceId, host: config.mcu.host, mqttPort: mqttIngress.port, mqttTlsPort: mqttIngress.tlsPort, coapPort: coapIngress.port, hub: config.hub.url, stateDir: config.stateDir });
+  log.info('gateway listening', { gateway: config.deviceId, host: config.mcu.host, mqttPort: mqttIngress.port, mqttTlsPort: mqttIngress.tlsPort, coapPort: coapIngress.port, httpPort: http?.port ?? null, hub: config.hub.url, stateDir: config.stateDir });
   if (mqttIngress.port !== null && !isLoopback(config.mcu.host)) {
     // once, at start: MQTT CONNECT carries the MCU key as its password
     log.warn('MCU MQTT on plain TCP outside loopback: MCU keys and data cross the network in clear', {

@@ -31,6 +31,7 @@ export const gatewayCommand = defineCommand({
     host: { type: 'string' },
     'mqtt-port': { type: 'string' },
     'coap-port': { type: 'string' },
+    'http-port': { type: 'string' },
     'state-dir': { type: 'string' },
     'ready-file': { type: 'string' },
     'firmware-trust': { type: 'string' },
@@ -47,8 +48,9 @@ export const gatewayCommand = defineCommand({
     host: 'address the MCU listeners bind (default 127.0.0.1)',
     'mqtt-port': 'MCU MQTT port (default 1884; 0 = any free port)',
     'coap-port': 'MCU CoAP port, UDP (default 5683; 0 = any free port)',
+    'http-port': 'port of /metrics, /health, /ready on http.host (default: none; 0 = any free port)',
     'state-dir': 'MCU replay counters and known MCUs',
-    'ready-file': 'write {pid, mqttPort, mqttTlsPort, coapPort, siteSecretFile} here once listening',
+    'ready-file': 'write {pid, mqttPort, mqttTlsPort, coapPort, httpPort, siteSecretFile} here once listening',
     'firmware-trust': 'trust root (root.json) MCU firmware bundles must verify against; without it firmware updates are refused',
     'firmware-base-url': 'the hub\'s HTTP address (e.g. http://hub:8080): firmware URLs that are paths (/api/v1/artifacts/<sha256>) are fetched from it',
     'die-with-parent': 'exit when stdin closes (used by the demo)',
@@ -60,6 +62,7 @@ export const gatewayCommand = defineCommand({
       stateDir: strFlag(values, 'state-dir'),
       firmwareTrustFile: strFlag(values, 'firmware-trust'),
       firmwareBaseUrl: strFlag(values, 'firmware-base-url'),
+      http: { port: intFlag(values, 'http-port', 0, 65535) },
       hub: { url: strFlag(values, 'hub'), tokenFile: strFlag(values, 'token-file') },
       mcu: {
         host: strFlag(values, 'host'),
@@ -108,7 +111,7 @@ export const gatewayCommand = defineCommand({
     const log = createLogger({ name: 'gateway', level: logLevelFromEnv() ?? 'info' });
     tuneServerHeap();
     const gw = await startGateway(config, log, VERSION, { verifyFirmware: config.firmwareTrustFile ? firmwareVerifier(config.firmwareTrustFile, join(config.stateDir, 'firmware')) : undefined });
-    writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, mqttTlsPort: gw.mqttTlsPort, coapPort: gw.coapPort, siteSecretFile: gw.siteSecretFile });
+    writeReadyFile(strFlag(values, 'ready-file'), { mqttPort: gw.mqttPort, mqttTlsPort: gw.mqttTlsPort, coapPort: gw.coapPort, httpPort: gw.httpPort ?? null, siteSecretFile: gw.siteSecretFile });
     return runUntilSignal(() => gw.stop(), { dieWithParent: values['die-with-parent'] === true });
   },
 });

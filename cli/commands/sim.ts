@@ -1,7 +1,7 @@
 import { renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { defaultStateDir, logLevelFromEnv } from '../../core/config.ts';
-import { FleetError } from '../../core/errors.ts';
+import { FleetError, isFleetError } from '../../core/errors.ts';
 import { createLogger } from '../../core/log.ts';
 import { runUntilSignal, writeReadyFile } from '../../core/proc.ts';
 import { readSecretFile } from '../../core/secrets.ts';
@@ -62,14 +62,14 @@ export const simCommand = defineCommand({
     'start-jitter-ms': 'devices boot at random over this many ms (default: the interval)',
     'sleep-ms': 'deep sleep: sleep this long after each awake period, ms (default 0 = never sleep)',
     'awake-ms': 'awake time per deep-sleep cycle, ms (default 3 x the interval)',
-    loss: 'flaky link, 0..1: CoAP datagram loss either way; MQTT chance per publish that the link drops (default 0)',
+    loss: 'flaky link, 0..0.99: CoAP datagram loss either way; MQTT chance per publish that the link drops (default 0)',
     'latency-ms': 'added one-way latency on what devices send, ms (default 0)',
     'latency-jitter-ms': 'random extra latency 0..N ms (default 0)',
     'coap-ack-timeout-ms': 'CoAP ACK_TIMEOUT, ms (default 2000)',
     'firmware-version': 'the firmware version devices boot with (default 1.0.0)',
     'fail-version': 'a firmware version that fails to start, so the simulated bootloader rolls back (repeatable)',
     hw: 'the hardware class devices report in their hello, matched against firmware targets.deviceClass (default esp32-sim; "" for none)',
-    'fw-chunk-bytes': 'firmware chunk size: MQTT 16..4096, CoAP Block2 16..1024, a power of two (default 512)',
+    'fw-chunk-bytes': 'firmware chunk size: MQTT 16..4096; CoAP Block2 16..1024, a power of two (default 512)',
     format: 'telemetry encoding: senml+json, senml+cbor or compact (default senml+json)',
     'no-hello': 'send no version report after boot',
     'no-mailbox': 'do not read the command mailbox (no MQTT subscribe, no CoAP Observe)',
@@ -121,6 +121,7 @@ export const simCommand = defineCommand({
     const statsEveryMs = intFlag(values, 'stats-every-ms', 100, 3600_000) ?? 10_000;
 
     const log = createLogger({ name: 'sim', level: logLevelFromEnv() ?? 'info' });
+    // every option here comes from a flag: what runSim refuses is a usage error (exit 2)
     const sim = await runSim({
       devices,
       protocol,
@@ -132,6 +133,8 @@ export const simCommand = defineCommand({
       ...(coapPort !== undefined ? { coapPort } : {}),
       ...(prefix !== undefined ? { prefix } : {}),
       ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
+    }).catch((err: unknown) => {
+      throw isFleetError(err, 'FLEET_CONFIG_INVALID') ? new FleetError('FLEET_USAGE', err.message) : err;
     });
     writeReadyFile(strFlag(values, 'ready-file'), { devices, protocol, firstDevice: sim.ids()[0] });
     const statsFile = strFlag(values, 'stats-file');

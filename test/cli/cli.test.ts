@@ -4,6 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { deriveToken } from '../../core/credentials.ts';
+import { writeSecretFile } from '../../core/secrets.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { tempDir } from '../helpers.ts';
 import { COMMANDS } from '../../cli/commands/index.ts';
@@ -62,6 +63,19 @@ test('cli: gateway mcu-key and hub device-token do not make a secret in a state 
     const token = cli('hub', 'device-token', 'pi-1', '--state-dir', hub, '--create');
     assert.equal(token.status, 0, token.stderr);
     assert.equal(token.stdout.trim(), deriveToken(readFileSync(join(hub, 'fleet.secret'), 'utf8').trim(), 'device', 'pi-1'));
+  } finally {
+    tmp.cleanup();
+  }
+});
+
+test('cli: a sim flag value runSim refuses (a CoAP chunk size that is not a power of two) is a usage error: FLEET_USAGE, exit 2', () => {
+  const tmp = tempDir('fleetlet-simflag-');
+  try {
+    const secret = join(tmp.dir, 'site.secret');
+    writeSecretFile(secret, 's'.repeat(43));
+    const r = cli('sim', '--devices', '1', '--protocol', 'coap', '--fw-chunk-bytes', '100', '--duration-s', '1', '--site-secret-file', secret);
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, /FLEET_USAGE: .*fwChunkBytes: must be 16\.\.1024, a power of two/);
   } finally {
     tmp.cleanup();
   }

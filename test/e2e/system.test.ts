@@ -47,10 +47,12 @@ test('e2e: hub, gateway, agent and simulated MCUs as real processes on loopback'
 
   const siteSecret = join(tmp.dir, 'cred', 'site.secret');
   loadOrCreateSecret(siteSecret);
-  const gw = await parts.start<{ mqttPort: number; coapPort: number }>('gateway', [
+  const gw = await parts.start<{ mqttPort: number; coapPort: number; httpPort: number }>('gateway', [
     'gateway', '--hub', hubUrl, '--id', 'e2e-gw', '--token-file', token('e2e-gw'), '--site-secret-file', siteSecret,
-    '--mqtt-port', '0', '--coap-port', '0', '--state-dir', join(tmp.dir, 'gateway'),
+    '--mqtt-port', '0', '--coap-port', '0', '--http-port', '0', '--state-dir', join(tmp.dir, 'gateway'),
   ]);
+  // the HTTP port taken (0 = any free one) is in the ready file
+  assert.deepEqual(await (await fetch(`http://127.0.0.1:${gw.ready.httpPort}/health`)).json(), { ok: true });
 
   const agentConfig = join(tmp.dir, 'agent.json');
   const { writeFileSync } = await import('node:fs');
