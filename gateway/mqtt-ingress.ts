@@ -173,7 +173,8 @@ export class McuMqttIngress {
       this.opts.hooks.dropped('mqtt', rc === 4 ? 'auth' : rc === 5 ? 'revoked' : rc === 2 ? 'bad_request' : 'mcu_limit', { mcuId: isDeviceId(username) ? username : undefined });
       // throttled per peer address, not per user name (a peer picks any number of those),
       // and the name cut short: a flood of refused CONNECTs cannot flood the log
-      this.throttle.warn(`auth:${remote ?? '?'}`, 'MCU MQTT connection refused', { mcu: typeof username === 'string' ? username.slice(0, 64) : username, remote, why });
+      const code = rc === 4 ? 'FLEET_MCU_AUTH' : rc === 5 ? 'FLEET_MCU_REVOKED' : rc === 2 ? 'FLEET_DEVICE_ID_INVALID' : 'FLEET_FORBIDDEN';
+      this.throttle.warn(`auth:${remote ?? '?'}`, 'MCU MQTT connection refused', { code, mcu: typeof username === 'string' ? username.slice(0, 64) : username, remote, why });
       return { rc }; // 2 identifier rejected, 3 server unavailable, 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3]
     };
     // the client id is the MCU id: a zero-length one is not assigned one here, whatever the
@@ -198,7 +199,7 @@ export class McuMqttIngress {
     const topic = mcuUpTopic(mcuId, packet.topic);
     if (topic === null) {
       this.opts.hooks.dropped('mqtt', 'forbidden', { mcuId });
-      this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { mcu: mcuId, topic: packet.topic.slice(0, 200) });
+      this.throttle.warn(`acl:${mcuId}`, 'MCU publish outside its subtree; closing the connection', { code: 'FLEET_FORBIDDEN', mcu: mcuId, topic: packet.topic.slice(0, 200) });
       return 'close';
     }
     // consumed here; the retain flag means nothing on the MCU port
@@ -362,7 +363,7 @@ export class McuMqttIngress {
     const mcuId = conn.id!;
     if (mcuMaySubscribe(mcuId, filter)) return Math.min(qos, 1); // down messages go at QoS 1 at most
     this.opts.hooks.subscribeDenied();
-    this.throttle.warn(`sub:${mcuId}`, 'MCU subscription refused', { mcu: mcuId, topic: filter.slice(0, 200) });
+    this.throttle.warn(`sub:${mcuId}`, 'MCU subscription refused', { code: 'FLEET_FORBIDDEN', mcu: mcuId, topic: filter.slice(0, 200) });
     return 0x80; // refuse this one subscription; keep the connection
   }
 

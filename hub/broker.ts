@@ -212,7 +212,7 @@ export class HubBroker {
   private authenticate = (client: Client, username: string | undefined, password: Buffer | undefined, done: (err: AuthenticateError | null, ok: boolean | null) => void): void => {
     const fail = (why: string, returnCode: 4 | 5 = 4) => {
       this.opts.authFailures.inc();
-      this.opts.log.warn('mqtt authentication refused', { client: client.id, username, why });
+      this.opts.log.warn('mqtt authentication refused', { code: returnCode === 5 ? 'FLEET_DEVICE_REVOKED' : 'FLEET_AUTH_FAILED', client: client.id, username, why });
       const err = new Error(`not authorized: ${why}`) as AuthenticateError;
       // 4 bad user name or password, 5 not authorized [MQTT-3.2.2-3 table 3.1]
       err.returnCode = returnCode;

@@ -166,6 +166,7 @@ test('gateway MQTT: a flood of refused CONNECTs with ever new long user names fr
     const refused = log.lines.filter((l) => l.msg === 'MCU MQTT connection refused' && l.level === 'warn');
     assert.ok(refused.length >= 1 && refused.length <= 3, `${refused.length} warnings`);
     assert.ok(JSON.stringify(refused).length < 2000, 'user names cut short');
+    assert.ok(refused.every((l) => l.code === 'FLEET_MCU_AUTH'), 'with the stable code (docs/errors.md)');
     assert.equal(gw.stats().dropped.auth, 100, 'every attempt still counted');
   });
 });
