@@ -11,7 +11,7 @@ import { connectFleetClient, disconnectFleetClient, logHubError } from '../core/
 import { setNativeDir } from '../core/native.ts';
 import { Priority, type Outbox } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
-import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
+import { loadOrCreateSecret, readDeviceToken } from '../core/secrets.ts';
 import { deviceTopic } from '../core/topics.ts';
 import { Uplink } from '../core/uplink.ts';
 import { buildAgentApi, ROLES } from './api.ts';
@@ -179,7 +179,7 @@ export async function startAgent<T>(config: AgentConfig, log: Logger, version: s
   let uplink: Uplink | null = null;
   let desired: DesiredState | null = null;
   if (config.hub) {
-    const token = readSecretFile(config.hub.tokenFile);
+    const token = readDeviceToken(config.hub.tokenFile, config.deviceId);
     client = connectFleetClient({
       url: config.hub.url,
       deviceId: config.deviceId,

@@ -119,5 +119,8 @@ export async function disconnectFleetClient(client: MqttClient, deviceId: string
 export function logHubError(log: Logger, err: Error & { code?: unknown }, fields: Record<string, unknown> = {}): void {
   if (err.code === 5) log.error('the hub refuses this device (CONNACK 5, not authorized): it is revoked at the hub (DELETE /api/v1/device-revocations/{id} lifts it); retrying with backoff, the outbox keeps everything', { ...fields, err });
   else if (err.code === 4) log.error('the hub refuses this device\'s token (CONNACK 4): check the token file against `fleetlet hub device-token <id>`; retrying with backoff', { ...fields, err });
+  // bytes that are not MQTT (mqtt-packet's parser: "Invalid header flag bits…", "Invalid
+  // protocolId"…): most often the hub's HTTP port (8080) given as its MQTT one
+  else if (/^Invalid |Unknown command|not supported/.test(String(err.message))) log.error('the hub address does not answer MQTT: is hub.url the hub\'s MQTT port (default 1883), not its HTTP port (8080)? retrying with backoff', { ...fields, err });
   else log.warn('hub connection error', { ...fields, err });
 }

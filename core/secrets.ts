@@ -42,6 +42,12 @@ export function provisioningSecret(file: string, o: { create: boolean; whose: st
   return readSecretFile(file);
 }
 
+/** A device's hub token (agent, gateway): a missing file says how to make one. */
+export function readDeviceToken(file: string, deviceId: string): string {
+  if (!existsSync(file)) throw new FleetError('FLEET_CONFIG_UNREADABLE', `no device token at ${file}: make it on the hub with \`fleetlet hub device-token ${deviceId} --out <file>\` and copy it here (mode 0600), or point hub.tokenFile (--token-file) at it`);
+  return readSecretFile(file);
+}
+
 /** The secret in `file`, generating a new random one on first use. */
 export function loadOrCreateSecret(file: string): string {
   if (!existsSync(file)) writeSecretFile(file, newSecret());

@@ -10,6 +10,9 @@ export async function openStore<V = Buffer>(dir: string, valueEncoding: 'buffer'
     await db.open();
     return db;
   } catch (err) {
-    throw new FleetError('FLEET_STORE', `cannot open store ${dir}: ${(err as Error).message}`, { cause: err });
+    // LevelDB's lock: the usual cause is a second process started on the same state directory
+    const locked = (err as { cause?: { code?: unknown } }).cause?.code === 'LEVEL_LOCKED';
+    const why = locked ? 'another process holds its lock: is a fleetlet process already running on this state directory? Stop it, or give this one a state directory of its own' : (err as Error).message;
+    throw new FleetError('FLEET_STORE', `cannot open store ${dir}: ${why}`, { cause: err });
   }
 }

@@ -12,7 +12,7 @@ import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import type { OutboxStats } from '../core/outbox.ts';
 import { LevelOutbox } from '../core/outbox-level.ts';
 import { setNativeDir } from '../core/native.ts';
-import { loadOrCreateSecret, readSecretFile } from '../core/secrets.ts';
+import { loadOrCreateSecret, readDeviceToken } from '../core/secrets.ts';
 import { McuKeys, ReplayGuard } from '../firmware-bridge/auth.ts';
 import { McuCoapIngress } from './coap-ingress.ts';
 import { gatewayPaths, type GatewayConfig } from './config.ts';
@@ -95,7 +95,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   const mqttTls = config.mcu.mqttTls ? loadMcuTls(config.mcu.mqttTls, log) : undefined;
   const paths = gatewayPaths(config);
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
-  const token = readSecretFile(paths.tokenFile);
+  const token = readDeviceToken(paths.tokenFile, config.deviceId);
   const siteSecret = loadOrCreateSecret(paths.siteSecretFile);
   // revoked MCUs (mcu.revokedFile): refused at authentication. Read before anything is
   // opened: a list that exists but cannot be read stops the start (FLEET_CONFIG_INVALID)

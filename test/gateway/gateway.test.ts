@@ -390,7 +390,7 @@ test('gateway: bad config is refused naming the key; missing token file is a cle
   const tmp = tempDir();
   try {
     const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: tmp.dir, mcu: { mqttPort: 0, coapPort: 0 } });
-    await assert.rejects(startGateway(config, testLogger('gateway')), (err: Error & { code?: string }) => err.code === 'FLEET_CONFIG_UNREADABLE' && err.message.includes(join(tmp.dir, 'token')));
+    await assert.rejects(startGateway(config, testLogger('gateway')), (err: Error & { code?: string }) => err.code === 'FLEET_CONFIG_UNREADABLE' && err.message.includes(join(tmp.dir, 'token')) && err.message.includes('fleetlet hub device-token gw-'));
   } finally {
     tmp.cleanup();
   }

@@ -257,7 +257,7 @@ test('gateway start that fails after its hub client was made (the MCU store lock
     await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'), (err: Error & { code?: string }) => {
       // failed where meant: the MCU store, opened after the hub client was made (gateway/index.ts)
       assert.equal(err.code, 'FLEET_STORE', err.message);
-      assert.match(err.message, /cannot open store .*mcu-db/);
+      assert.match(err.message, /cannot open store .*mcu-db: another process holds its lock: is a fleetlet process already running on this state directory\?/);
       return true;
     });
     await new Promise((r) => setTimeout(r, 300));
