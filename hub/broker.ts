@@ -283,7 +283,10 @@ export class HubBroker {
     };
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
     if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`, 'too_large');
-    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain, payload)) return deny('topic outside the ACL');
+    if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain, payload)) {
+      const pt = identity.kind === 'device' ? parseTopic(packet.topic) : null;
+      return deny(identity.kind === 'device' && pt && pt.deviceId !== identity.id ? `topic outside the ACL: ${this.whyDenied(identity.id, pt, payload, true)}` : 'topic outside the ACL');
+    }
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired
     if (t.channel === 'state' && t.deviceId !== identity.id) {
@@ -574,10 +577,11 @@ export class HubBroker {
     void settled.finally(() => this.routing.delete(settled));
   }
 
-  /** Why a batch item of `senderId` on topic `t` was refused by the ACL, for the dead letter. */
-  private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>, payload?: Buffer): string {
+  /** Why a publish (`direct`) or a batch item of `senderId` on topic `t` was refused by the ACL, for the dead letter. */
+  private whyDenied(senderId: string, t: ReturnType<typeof parseTopic>, payload?: Buffer, direct = false): string {
     if (!t) return 'not a fleet topic';
-    if (!OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
+    if (!direct && !OUTBOX_CHANNELS.has(t.channel)) return `channel ${t.channel} cannot travel in a batch`;
+    if (t.deviceId !== senderId && this.isFleetDevice(t.deviceId)) return `${t.deviceId} is a device of the fleet (it connects to the hub itself), never an MCU of a gateway`;
     if (this.opts.isRevokedMcu?.(t.deviceId)) return `MCU ${t.deviceId} is revoked at the hub`;
     const owner = this.claimedBy.get(t.deviceId);
     const listed = this.wanted.get(senderId)?.has(t.deviceId) === true;

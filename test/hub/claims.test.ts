@@ -81,6 +81,9 @@ test('MCU claims: a gateway cannot claim a device of the fleet as its MCU (it co
       assert.deepEqual([...(hub.broker.mcusOf('gw-1') ?? [])], ['esp-1']);
       // state "for" pi-01 from the gateway is refused (a dead letter), the device's own stays
       await gw.publishAsync(deviceTopic('pi-01', 'state'), encodeMessage({ v: 1, online: true, kind: 'mcu', ts: Date.now(), via: 'gw-1' }), { qos: 1, retain: true });
+      const dead = (await deadLetters(ctx)).deadLetters;
+      assert.deepEqual(dead.map((d) => d.topic), ['fleet/v1/d/pi-01/state']);
+      assert.match(dead[0]!.detail ?? '', /topic outside the ACL: pi-01 is a device of the fleet \(it connects to the hub itself\), never an MCU of a gateway/);
       await pi.endAsync();
       await gw.endAsync();
       // the device can still connect
