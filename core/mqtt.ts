@@ -16,6 +16,8 @@ export interface FleetClientOptions {
   /** cap of the reconnect delay in ms; default 30000 */
   reconnectMaxMs?: number;
   protocolVersion?: 4 | 5;
+  /** do not connect yet: the caller calls `client.connect()` (a gateway once its MCU ports are bound) */
+  manualConnect?: boolean;
 }
 
 /**
@@ -43,6 +45,7 @@ export function connectFleetClient(opts: FleetClientOptions): MqttClient {
     // it each such number costs one 2-byte allocation per packet, nothing at our rates
     writeCache: false,
     will: { topic: stateTopic, payload: state(false, 'connection lost'), qos: 1, retain: true },
+    ...(opts.manualConnect ? { manualConnect: true } : {}),
   };
   const client = mqtt.connect(opts.url, options);
   let attempt = 0;
@@ -54,14 +57,19 @@ export function connectFleetClient(opts: FleetClientOptions): MqttClient {
   });
   const initial = opts.reconnectMs ?? 1000;
   if (initial > 0) {
+    // ended by its owner (end()): never reconnected again. mqtt.js clears `disconnecting` once
+    // an end is done (reconnectPeriod 0, manualConnect), and the stream's 'close' can come
+    // after that: the flag alone let a stopped gateway reconnect under its identity
+    let ended = false;
     client.on('close', () => {
-      if (client.disconnecting || timer) return;
+      if (ended || client.disconnecting || timer) return;
       timer = setTimeout(() => {
         timer = null;
-        if (!client.disconnecting && !client.connected) client.reconnect();
+        if (!ended && !client.disconnecting && !client.connected) client.reconnect();
       }, reconnectDelay(initial, opts.reconnectMaxMs ?? 30_000, attempt++));
     });
     client.on('end', () => {
+      ended = true;
       if (timer) clearTimeout(timer);
       timer = null;
     });
@@ -81,6 +89,9 @@ export function reconnectDelay(initialMs: number, maxMs: number, attempt: number
 
 /** Publish the retained offline state and disconnect cleanly (a clean disconnect suppresses the will). */
 export async function disconnectFleetClient(client: MqttClient, deviceId: string, kind: StateMessage['kind'], version: string, graceMs = 2000): Promise<void> {
+  // made with manualConnect and never connected: there is nothing to end (mqtt.js's end would
+  // reach for a stream that does not exist)
+  if (!(client.stream as unknown)) return;
   if (client.connected) {
     const msg = encodeMessage({ v: 1, online: false, kind, ts: Date.now(), version, reason: 'stopped' } satisfies StateMessage);
     // bounded: when the hub goes away at the same moment the PUBACK never comes, and mqtt.js

@@ -145,6 +145,9 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     keepalive: config.hub.keepaliveS,
     reconnectMs: config.hub.reconnectMs,
     reconnectMaxMs: config.hub.reconnectMaxMs,
+    // connected once the MCU ports are bound: a start that fails there (a port taken) does not
+    // show the gateway online and offline at the hub
+    manualConnect: true,
   });
   // the uplink's publishes vary in size without end: mqtt-packet's length cache made in one go
   // (after the client: it has switched mqtt-packet's number cache off)
@@ -167,7 +170,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   let opened: { db?: { close(): Promise<void> }; relay?: Relay } = {};
   const abortStart = async (err: unknown): Promise<never> => {
     revocations.stop();
-    client.end(true);
+    if (client.stream as unknown) client.end(true);
     await opened.relay?.stop(0).catch(() => undefined);
     await outbox.close().catch(() => undefined);
     await opened.db?.close().catch(() => undefined);
@@ -379,6 +382,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     await shutdown();
     throw err;
   }
+  client.connect();
   const mqttIngress = mqtt;
   const coapIngress = coap;
   // MCUs silent for mcu.forgetAfterDays are forgotten at start (restore, above) and then

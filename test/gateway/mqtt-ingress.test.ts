@@ -239,6 +239,29 @@ test('gateway MQTT [MQTT-3.1.3-8, -9, MQTT-4.7.3-1]: a zero-length client id get
   });
 });
 
+test('gateway start that fails binding its MCU ports (one taken) never connects to the hub: no online/offline flap there', async () => {
+  const tmp = tempDir();
+  let connections = 0;
+  const hub = createServer((s) => {
+    connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => hub.listen(0, '127.0.0.1', () => r()));
+  const taken = createServer();
+  await new Promise<void>((r) => taken.listen(0, '127.0.0.1', () => r()));
+  writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
+  try {
+    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-port', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${(hub.address() as AddressInfo).port}`, reconnectMs: 100 }, mcu: { host: '127.0.0.1', mqttPort: (taken.address() as AddressInfo).port, coapPort: 0 } });
+    await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'), (err: Error & { code?: string }) => err.code === 'FLEET_PORT_IN_USE');
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(connections, 0, 'the hub saw no connection from a gateway that could not start');
+  } finally {
+    await new Promise<void>((r) => taken.close(() => r()));
+    await new Promise<void>((r) => hub.close(() => r()));
+    tmp.cleanup();
+  }
+});
+
 test('gateway start that fails after its hub client was made (the MCU store locked by another process on the same state directory) ends that client: no reconnects under its identity afterwards', async () => {
   const tmp = tempDir();
   // a "hub" that closes every connection at once: a live client reconnects every reconnectMs
