@@ -44,21 +44,42 @@ const total = Object.fromEntries(KEYS.map((k) => [k, 0]));
 const bad = [];
 const started = Date.now();
 
+/** process groups of the runners under way: node --test runs the file in a process of its own, which a kill of the runner alone leaves behind */
+const running = new Set();
+const killGroup = (pid) => {
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // gone already
+  }
+};
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => {
+    for (const pid of running) killGroup(pid);
+    process.exit(130);
+  });
+}
+
 /** One file in its own runner; resolves once it ended (or was killed) and its output was printed. */
 function runFile(file) {
   return new Promise((resolve) => {
     const t0 = Date.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=tap', '--test-timeout=600000', file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+    // a process group of its own (detached), so that a kill reaches the file's process too
+    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=tap', '--test-timeout=600000', file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    running.add(child.pid);
     const out = [];
     child.stdout.on('data', (d) => out.push(d));
     child.stderr.on('data', (d) => out.push(d));
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
-      child.kill('SIGKILL');
+      killGroup(child.pid);
     }, fileTimeoutMs);
     child.on('close', (code, signal) => {
       clearTimeout(timer);
+      running.delete(child.pid);
+      // whatever the file left running (a server it started, a leaked child) goes with it
+      killGroup(child.pid);
       const text = Buffer.concat(out).toString('utf8');
       const counts = Object.fromEntries(KEYS.map((k) => [k, Number(new RegExp(`^# ${k} (\\d+)$`, 'm').exec(text)?.[1] ?? 0)]));
       for (const k of KEYS) total[k] += counts[k];
