@@ -34,7 +34,7 @@ export function writeSecretFile(file: string, secret: string): void {
  * new one.
  */
 export function provisioningSecret(file: string, o: { create: boolean; whose: string; created: (file: string) => void }): string {
-  if (!existsSync(file)) {
+  if (missing(file)) {
     if (!o.create) throw new FleetError('FLEET_CONFIG_UNREADABLE', `no secret at ${file}: is the state directory (--state-dir or the config's stateDir) the one the ${o.whose} uses? It makes the file at its first start; --create makes it now instead (then start the ${o.whose} with this state directory)`);
     writeSecretFile(file, newSecret());
     o.created(file);
@@ -42,9 +42,19 @@ export function provisioningSecret(file: string, o: { create: boolean; whose: st
   return readSecretFile(file);
 }
 
+/** The file does not exist (ENOENT only: one that cannot be read for another reason, EACCES, is reported by readSecretFile as that). */
+function missing(file: string): boolean {
+  try {
+    statSync(file);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOENT';
+  }
+}
+
 /** A device's hub token (agent, gateway): a missing file says how to make one. */
 export function readDeviceToken(file: string, deviceId: string): string {
-  if (!existsSync(file)) throw new FleetError('FLEET_CONFIG_UNREADABLE', `no device token at ${file}: make it on the hub with \`fleetlet hub device-token ${deviceId} --out <file>\` and copy it here (mode 0600), or point hub.tokenFile (--token-file) at it`);
+  if (missing(file)) throw new FleetError('FLEET_CONFIG_UNREADABLE', `no device token at ${file}: make it on the hub with \`fleetlet hub device-token ${deviceId} --out <file>\` and copy it here (mode 0600), or point hub.tokenFile (--token-file) at it`);
   return readSecretFile(file);
 }
 

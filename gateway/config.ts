@@ -166,7 +166,16 @@ export const GatewayConfigSchema = z
      */
     firmwareTrustFile: z.string().min(1).optional(),
     /** base URL for firmware bundle URLs that are paths (the hub's HTTP address: its artifact store answers uploads with `/api/v1/artifacts/{sha256}`) */
-    firmwareBaseUrl: z.string().regex(/^https?:\/\/[^/\s]+\S*$/, 'firmwareBaseUrl must be an http:// or https:// URL, e.g. http://hub:8080').optional(),
+    firmwareBaseUrl: z
+      .string()
+      .refine((u) => {
+        try {
+          return ['http:', 'https:'].includes(new URL(u).protocol);
+        } catch {
+          return false;
+        }
+      }, 'firmwareBaseUrl must be an http:// or https:// URL, e.g. http://hub:8080')
+      .optional(),
     /** MCU firmware: largest image served, bytes */
     firmwareMaxBytes: z.number().int().min(1024).max(256 * 1024 * 1024).default(16 * 1024 * 1024),
     /** MCU firmware: an MCU that took the image must report the new version within this, s (at least 3 of its declared sleep periods) */

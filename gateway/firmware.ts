@@ -526,7 +526,7 @@ export class FirmwareManager {
   }
 
   private async fetchAndVerify(job: Job): Promise<Fetched> {
-    if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured; it cannot verify MCU firmware bundles', { details: { permanent: true } });
+    if (!this.opts.verify) throw new FleetError('FLEET_MCU_FIRMWARE', 'this gateway has no firmware trust root configured (firmwareTrustFile); it cannot verify MCU firmware bundles'); // not permanent: configured and restarted, the same desired state works
     const bundle = join(this.opts.dir, `${job.bundleSha}.bundle`);
     if ((await sha256File(bundle).catch(() => '')) !== job.bundleSha) {
       await this.download(job.url, bundle);
@@ -614,7 +614,11 @@ export class FirmwareManager {
   /** A path (the hub's artifact store answers uploads with one) against `baseUrl`; any other URL as it is. */
   private resolveUrl(url: string): string {
     if (!url.startsWith('/')) return url;
-    if (!this.opts.baseUrl) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware URL ${url.slice(0, 100)} is a path and firmwareBaseUrl is not set (the hub's HTTP address, e.g. http://hub:8080); set it, or name the bundle by an absolute URL`, { details: { permanent: true } });
+    // '//host/…' and '/\\host/…' are network-path references: another host, not a path
+    if (url.startsWith('//') || url.startsWith('/\\')) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware URL ${url.slice(0, 100)} names another host without a scheme; give an absolute http(s):// URL`, { details: { permanent: true } });
+    // not permanent: the gateway's configuration, not the bundle, is what is missing; once
+    // firmwareBaseUrl is set (and the gateway restarted) the same desired state works
+    if (!this.opts.baseUrl) throw new FleetError('FLEET_MCU_FIRMWARE', `firmware URL ${url.slice(0, 100)} is a path and firmwareBaseUrl is not set (the hub's HTTP address, e.g. http://hub:8080); set it, or name the bundle by an absolute URL`);
     return new URL(url, this.opts.baseUrl).toString();
   }
 

@@ -415,7 +415,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
   metrics.gaugeFn('fleet_gateway_coap_observers', 'MCUs observing their CoAP mailbox', () => coapIngress.observing);
   metrics.gaugeFn('fleet_gateway_coap_uploads_in_progress', 'CoAP Block1 uploads in progress', () => coapIngress.uploadsInProgress);
   metrics.gaugeFn('fleet_gateway_coap_cached_answers', 'CoAP answers the gateway keeps for retransmitted requests (mailbox, firmware, Block1 and log exchanges; refusals are not kept)', () => coapIngress.cachedAnswers);
-  metrics.gaugeFn('fleet_gateway_coap_exchange_endpoints', 'CoAP endpoints (address and port) whose recent answers the gateway keeps for retransmissions', () => coapIngress.exchangeEndpoints);
+  metrics.gaugeFn('fleet_gateway_coap_exchange_endpoints', 'CoAP endpoints (address, port and MCU) whose recent answers the gateway keeps for retransmissions', () => coapIngress.exchangeEndpoints);
   metrics.gaugeFn('fleet_gateway_mcu_mqtt_clients', 'Connected MCU MQTT clients', () => mqttIngress.connectedClients);
   metrics.gaugeFn('fleet_gateway_hub_connected', '1 while connected to the hub', () => (relay.hubConnected ? 1 : 0));
   metrics.eventLoopDelayP99('fleet_gateway_event_loop_delay_p99_seconds', 'p99 event-loop delay since the previous scrape: every MCU PUBACK waits for this loop');

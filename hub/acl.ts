@@ -19,6 +19,20 @@ export function mayActFor(identity: Identity, deviceId: string, delegations: Del
   return identity.id === deviceId || (delegations(identity.id)?.has(deviceId) ?? false);
 }
 
+/**
+ * Why a device's publish fails `canPublish` for a reason other than who it may act for (the
+ * channel, retain, register or batch on another's topic), in words for a dead letter; null
+ * when only acting for the topic's device is in question. Kept beside canPublish, in its order.
+ */
+export function deviceRuleBroken(identity: Identity & { kind: 'device' }, topic: string, retain: boolean): string | null {
+  const t = parseTopic(topic);
+  if (!t) return 'not a fleet topic';
+  if (!isUpChannel(t.channel)) return `a device does not publish on ${t.channel} (the hub sends it)`;
+  if (retain && !RETAINED_UP.has(t.channel)) return `${t.channel} is not retained (only state and register are)`;
+  if ((t.channel === 'register' || t.channel === 'batch') && t.deviceId !== identity.id) return `${t.channel} goes on the sender's own topic only`;
+  return null;
+}
+
 export function canPublish(identity: Identity, topic: string, retain: boolean, delegations: Delegations): boolean {
   const t = parseTopic(topic);
   if (!t) return false;

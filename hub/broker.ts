@@ -12,7 +12,7 @@ import { warmMqttPacketLengths } from '../core/mqtt-packet-lengths.ts';
 import { decodeMessage, type StateMessage } from '../core/messages.ts';
 import type { Counter } from '../core/metrics.ts';
 import { deviceTopic, isDeviceId, MCU_REVOCATIONS_TOPIC, parseTopic, type Channel } from '../core/topics.ts';
-import { canPublish, canSubscribe, mayReceive, type Identity } from './acl.ts';
+import { canPublish, canSubscribe, deviceRuleBroken, mayReceive, type Identity } from './acl.ts';
 import type { DeadLetterInput } from './dead-letters.ts';
 import type { Deduplicator, PendingMid } from './dedup.ts';
 import { CopyFilter, ReplayGate, disableCounterDedupe, orderPersistence } from './delivery-order.ts';
@@ -285,7 +285,8 @@ export class HubBroker {
     if (payload.length > this.opts.maxPayloadBytes) return deny(`payload of ${payload.length} bytes exceeds ${this.opts.maxPayloadBytes}`, 'too_large');
     if (!canPublish(identity, packet.topic, packet.retain, this.mcusOf) && !this.claimMoves(identity, packet.topic, packet.retain, payload)) {
       const pt = identity.kind === 'device' ? parseTopic(packet.topic) : null;
-      return deny(identity.kind === 'device' && pt && pt.deviceId !== identity.id ? `topic outside the ACL: ${this.whyDenied(identity.id, pt, payload, true)}` : 'topic outside the ACL');
+      const rule = identity.kind === 'device' ? deviceRuleBroken(identity, packet.topic, packet.retain) : null;
+      return deny(rule ? `topic outside the ACL: ${rule}` : identity.kind === 'device' && pt && pt.deviceId !== identity.id ? `topic outside the ACL: ${this.whyDenied(identity.id, pt, payload, true)}` : 'topic outside the ACL');
     }
     const t = parseTopic(packet.topic);
     if (!t || identity.kind !== 'device') return done(null); // operators: cmd and desired

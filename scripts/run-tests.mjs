@@ -16,8 +16,19 @@ import { spawn } from 'node:child_process';
 
 const root = new URL('..', import.meta.url).pathname;
 const filters = process.argv.slice(2);
-const concurrency = Math.max(1, Number(process.env.FLEETLET_TEST_CONCURRENCY ?? 2));
-const fileTimeoutMs = Math.max(1, Number(process.env.FLEETLET_TEST_FILE_TIMEOUT_MIN ?? 15)) * 60_000;
+/** a positive number from the environment, or `dflt`; anything else stops the run (a typo must not run nothing and pass) */
+function envNumber(name, dflt) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return dflt;
+  const v = Number(raw);
+  if (!Number.isFinite(v) || v <= 0) {
+    console.error(`${name}=${JSON.stringify(raw)}: expected a positive number`);
+    process.exit(2);
+  }
+  return v;
+}
+const concurrency = Math.max(1, Math.floor(envNumber('FLEETLET_TEST_CONCURRENCY', 2)));
+const fileTimeoutMs = Math.max(1, envNumber('FLEETLET_TEST_FILE_TIMEOUT_MIN', 15)) * 60_000;
 
 function walk(dir) {
   const out = [];
@@ -56,7 +67,7 @@ const killGroup = (pid) => {
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => {
     for (const pid of running) killGroup(pid);
-    process.exit(130);
+    process.exit(sig === 'SIGINT' ? 130 : 143);
   });
 }
 
@@ -81,7 +92,9 @@ function runFile(file) {
       // whatever the file left running (a server it started, a leaked child) goes with it
       killGroup(child.pid);
       const text = Buffer.concat(out).toString('utf8');
-      const counts = Object.fromEntries(KEYS.map((k) => [k, Number(new RegExp(`^# ${k} (\\d+)$`, 'm').exec(text)?.[1] ?? 0)]));
+      // the runner's summary is the last of its lines (a test's own output may print such lines too)
+      const last = (k) => [...text.matchAll(new RegExp(`^# ${k} (\\d+)$`, 'gm'))].at(-1)?.[1];
+      const counts = Object.fromEntries(KEYS.map((k) => [k, Number(last(k) ?? 0)]));
       for (const k of KEYS) total[k] += counts[k];
       const secs = ((Date.now() - t0) / 1000).toFixed(1);
       process.stdout.write(`\n# ==== ${file} (${secs} s) ====\n${text}`);
@@ -97,11 +110,13 @@ function runFile(file) {
                 ? 'no tests ran'
                 : null;
       if (why) bad.push(`${file}: ${why}`);
+      finished++;
       resolve();
     });
   });
 }
 
+let finished = 0;
 const queue = [...files];
 await Promise.all(
   Array.from({ length: Math.min(concurrency, files.length) }, async () => {
@@ -112,6 +127,8 @@ await Promise.all(
 console.log(`\n# ==== all ${files.length} files (${((Date.now() - started) / 1000).toFixed(0)} s) ====`);
 for (const k of KEYS) console.log(`# ${k} ${total[k]}`);
 console.log(`${total.pass} passed, ${total.fail + total.cancelled} failed, ${total.skipped + total.todo} skipped`);
+if (finished !== files.length) bad.push(`only ${finished} of ${files.length} files ran`);
+if (total.tests === 0) bad.push('no test ran');
 if (bad.length > 0) {
   console.log(`# ${bad.length} file(s) not clean:`);
   for (const b of bad) console.log(`#   ${b}`);

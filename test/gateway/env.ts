@@ -35,7 +35,7 @@ export interface Env {
   /** publishes and subscriptions the hub's ACL refused (from its log) */
   hubRefusals(): string[];
   /** another gateway gw-1 on the same state dir (after the first one stopped), with mcu overrides */
-  start(overrides?: Partial<GatewayConfig['mcu']>): Promise<GatewayHandle>;
+  start(overrides?: Partial<GatewayConfig['mcu']>, more?: MoreGatewayConfig): Promise<GatewayHandle>;
   restart(): Promise<GatewayHandle>;
 }
 
@@ -89,8 +89,8 @@ export async function withEnv(fn: (env: Env) => Promise<void>, mcu: Partial<Gate
   const gwDir = join(tmp.dir, 'gateway');
   writeSecretFile(join(gwDir, 'token'), deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', 'gw-1'));
   const gws: GatewayHandle[] = [];
-  const start = async (overrides: Partial<GatewayConfig['mcu']> = {}) => {
-    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, ...(typeof gateway === 'function' ? gateway(hub) : gateway), mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
+  const start = async (overrides: Partial<GatewayConfig['mcu']> = {}, more: MoreGatewayConfig = {}) => {
+    const config = GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir: gwDir, hub: { url: hubUrl, reconnectMs: 200 }, ...(typeof gateway === 'function' ? gateway(hub) : gateway), ...more, mcu: { mqttPort: 0, coapPort: 0, ...mcu, ...overrides }, http: { port: 0 } });
     const g = await startGateway(config, testLogger('gateway'), '0.0.0-test', extras);
     gws.push(g);
     return g;

@@ -107,7 +107,7 @@ test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha25
   try {
     // no firmwareBaseUrl: a path is refused, and a corrected URL for the same bundle is taken
     await withEnv(
-      async ({ hub, gw, site, dir }) => {
+      async ({ hub, gw, site, dir, start }) => {
         const bundle = fw.bundle(join(dir, 'p.fbundle'), image, '2.0.0');
         const art = await upload(hub, bundle);
         assert.match(art.url, /^\/api\/v1\/artifacts\/[0-9a-f]{64}$/);
@@ -121,6 +121,24 @@ test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha25
         await waitFor(() => gw.firmwareState('esp-p1')?.state === 'offered', 'the corrected URL fetched and the image offered', 15_000);
         const got = await coapBlock(gw.coapPort, site, 'esp-p1', 0, 1024);
         assert.equal(createHash('sha256').update(got.body).digest('hex'), createHash('sha256').update(image).digest('hex'));
+
+        // the other way out: the same path for another MCU fails, the operator sets
+        // firmwareBaseUrl and restarts the gateway, and the same desired state (sent again by
+        // the hub at the reconnect) is fetched: a missing setting is no verdict on the bundle
+        // (another bundle: the first one's verified image is cached and would need no fetch)
+        const other = fw.bundle(join(dir, 'p3.fbundle'), Buffer.alloc(1500, 0x33), '2.0.0');
+        const art3 = await upload(hub, other);
+        assert.equal((await coap(gw.coapPort, site, 'esp-p3', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await registered({ hub, gw }, ['esp-p3']);
+        await hub.setDesired('esp-p3', { apps: {}, firmware: { version: '2.0.0', url: art3.url, sha256: art3.sha256, size: other.length } });
+        await waitFor(() => gw.firmwareState('esp-p3')?.state === 'failed', 'the path refused without firmwareBaseUrl', 15_000).catch((err: unknown) => {
+          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-p3'))}`);
+        });
+        await gw.stop();
+        const gw2 = await start({}, { firmwareBaseUrl: `http://127.0.0.1:${hub.httpPort}` });
+        await waitFor(() => gw2.firmwareState('esp-p3')?.state === 'offered', 'fetched after the restart with firmwareBaseUrl', 15_000).catch((err: unknown) => {
+          throw new Error(`${String(err)}; state ${JSON.stringify(gw2.firmwareState('esp-p3'))}`);
+        });
       },
       {},
       fw.extras,

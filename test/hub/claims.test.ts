@@ -226,6 +226,11 @@ test('MCU states: a gateway\'s state for its MCU must say kind mcu and via the g
     assert.deepEqual(dead.map((d) => [d.reason, /kind must be mcu|via must be the gateway/.test(d.detail ?? '')]), [['invalid', true], ['invalid', true]], JSON.stringify(dead));
     await gw.publishAsync(deviceTopic('esp-s1', 'state'), state({ kind: 'mcu', via: 'gw-s' }), { qos: 1, retain: true });
     await waitFor(() => hub.registry.get('esp-s1')?.online === true && hub.registry.get('esp-s1')?.via === 'gw-s', 'filed');
+    // refused for what it is, not blamed on the registration: desired (the hub's channel) and retained telemetry for its own MCU
+    await gw.publishAsync(deviceTopic('esp-s1', 'desired'), encodeMessage({ v: 1, ts: Date.now(), apps: {} } as never), { qos: 1 });
+    await gw.publishAsync(deviceTopic('esp-s1', 'telemetry'), telemetry('9'), { qos: 1, retain: true });
+    const refused = (await deadLetters(ctx)).deadLetters.slice(2).map((d) => d.detail);
+    assert.deepEqual(refused, ['topic outside the ACL: a device does not publish on desired (the hub sends it)', 'topic outside the ACL: telemetry is not retained (only state and register are)']);
     await gw.endAsync();
   });
 });
