@@ -246,6 +246,8 @@ interface Device {
   observeToken: number;
   /** when the mailbox Observe was last registered (CoAP) */
   observedAt: number;
+  /** the latest mailbox registration, `pending` until its first answer: nothing with a newer counter goes out meanwhile (docs/mcu-protocol.md "Send in counter order") */
+  observeReg: { pending: boolean } | null;
   version: string;
   fw: FwDownload | null;
 }
@@ -375,6 +377,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
       nextWriteAt: 0,
       observeToken: 0,
       observedAt: 0,
+      observeReg: null,
       version: opts.firmwareVersion ?? '1.0.0',
       fw: null,
     };
@@ -435,6 +438,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     // RAM is gone after a boot; what is left is what firmware keeps in RTC memory / NVS:
     // the unacknowledged message, counters, the command seq, a firmware download's progress
     d.busy = false;
+    d.observeReg = null;
     d.q = d.q.filter((u) => u.ch === 't');
     if (hello) d.q.unshift(helloUp(d, now));
     d.prevVersion = undefined;
@@ -484,6 +488,8 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
 
   const pump = (d: Device) => {
     if (stopped || d.busy || d.q.length === 0 || d.state !== 'online') return;
+    // a registration renewed while nothing was outstanding is answered first (its counter is older)
+    if (d.observeReg?.pending && Date.now() - d.observedAt > 20) return;
     const u = d.q[0]!;
     if (opts.protocol === 'mqtt') {
       if (!d.mqtt?.writable) return;
@@ -651,7 +657,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     // an Observe registration dies silently with a gateway restart: register again now and then, as firmware should;
     // not while a message is outstanding (its counter is older: one that reached the gateway after
     // the registration's would be refused as a replay, docs/mcu-protocol.md "Send in counter order")
-    if (opts.protocol === 'coap' && mailbox && !d.busy && now - d.observedAt > reobserveMs) observeMailbox(d);
+    if (opts.protocol === 'coap' && mailbox && !d.busy && !d.observeReg?.pending && now - d.observedAt > reobserveMs) observeMailbox(d);
     if (d.q.length >= MAX_QUEUE || hasReading(d.q)) {
       st.skipped++; // the previous reading is still unacknowledged: skip this one, as firmware with one buffer does
       return;
@@ -718,10 +724,16 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
     d.observedAt = Date.now();
     const c = nextCounter(d);
     const gen = d.gen;
+    const reg = { pending: true };
+    d.observeReg = reg;
     d.observeToken = d.ep!.request(
       { method: COAP_METHOD.GET, path: coapPath(d, 'cmd'), query: coapAuthQuery(c, mac(d, 'cmd', c, Buffer.alloc(0))).split('&'), observe: 0 },
       (err, res) => {
         if (stopped || gen !== d.gen) return;
+        if (reg.pending) {
+          reg.pending = false;
+          if (d.observeReg === reg) sched.at(Date.now(), retryPump, { d, gen }); // what waited for the answer goes now
+        }
         if (err || !res) {
           d.observeToken = 0;
           // try again a little later while awake
@@ -750,6 +762,7 @@ export async function runSim(opts: SimOptions): Promise<SimHandle> {
   const cancelObserve = (d: Device) => {
     if (d.observeToken && d.ep) d.ep.cancel(d.observeToken);
     d.observeToken = 0;
+    d.observeReg = null;
   };
 
   // ---- commands ------------------------------------------------------------------

@@ -356,3 +356,40 @@ test('sim CoAP: a device sends nothing with a newer counter while a reading is o
     },
   );
 });
+
+test('sim CoAP: a reading waits while a renewed mailbox Observe is unanswered (its counter is older), then goes (coap package server standing in for the gateway, holding the renewal 2 s)', async () => {
+  const arrivals: Array<{ what: string; counter: number; at: number }> = [];
+  let renewalAnsweredAt = 0;
+  await withCoapServer(
+    (req, res) => {
+      const counter = Number(/[?&]c=(\d+)/.exec(req.url)?.[1]);
+      const what = `${req.method} ${req.url.split('?')[0]!.split('/').at(-1)}`;
+      arrivals.push({ what, counter, at: Date.now() });
+      if (req.method === 'POST') {
+        res.code = '2.04';
+        return void res.end();
+      }
+      // the first registration answered at once, the first renewal after 2 s
+      const gets = arrivals.filter((a) => a.what === 'GET cmd').length;
+      setTimeout(
+        () => {
+          if (gets === 2) renewalAnsweredAt = Date.now();
+          res.code = '2.05';
+          res.write(Buffer.alloc(0));
+        },
+        gets === 2 ? 2000 : 0,
+      );
+    },
+    async (port) => {
+      const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'p'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 500, log: testLogger('sim') });
+      try {
+        await waitFor(() => renewalAnsweredAt > 0 && arrivals.some((a) => a.what === 'POST t' && a.at > renewalAnsweredAt), 'the renewal answered, then readings again', 10_000);
+        const renewal = arrivals.filter((a) => a.what === 'GET cmd')[1]!;
+        const meanwhile = arrivals.filter((a) => a.at > renewal.at && a.at < renewalAnsweredAt && a.counter > renewal.counter + 31);
+        assert.deepEqual(meanwhile, [], `sent while the renewal (counter ${renewal.counter}) was unanswered`);
+      } finally {
+        await sim.stop();
+      }
+    },
+  );
+});
