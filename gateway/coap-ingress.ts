@@ -151,6 +151,8 @@ const EXCHANGE_LIFETIME_MS = (45 + 2 * MAX_LATENCY_S + 2) * 1000;
 const EXCHANGES_PER_ENDPOINT = 4;
 /** endpoints (address, port and MCU) remembered, most recently active first out last */
 const MAX_ENDPOINTS = 100_000;
+/** endpoints beyond MAX_ENDPOINTS while their requests are being handled */
+const EXCHANGE_SLACK = 1024;
 
 interface Exchange {
   messageId: number;
@@ -202,8 +204,16 @@ export class RecentExchanges {
     list.push(ex);
     if (list.length > this.perEndpoint) list.shift();
     this.endpoints.set(endpoint, list);
-    if (this.endpoints.size > this.maxEndpoints) this.endpoints.delete(this.endpoints.keys().next().value!);
+    // the bound is kept when an answer is (kept()): a request refused before that (a forged
+    // MAC) is dropped in the same turn and must not push out a real MCU's exchanges. Requests
+    // still being handled may go beyond it, by EXCHANGE_SLACK at most
+    while (this.endpoints.size > this.maxEndpoints + EXCHANGE_SLACK) this.endpoints.delete(this.endpoints.keys().next().value!);
     return { ex, fresh: true };
+  }
+
+  /** An answer was kept: the least recently active endpoints beyond the bound are forgotten. */
+  kept(): void {
+    while (this.endpoints.size > this.maxEndpoints) this.endpoints.delete(this.endpoints.keys().next().value!);
   }
 
   /** Forget one exchange (its answer is not to be repeated: the request is to be handled again if it comes again). */
@@ -558,8 +568,10 @@ export class McuCoapIngress {
       // state, so a sender without a valid MAC (or a flood from many ports) holds no memory
       // here, and a retransmission after a 5.03 is tried again; a refused request's
       // retransmission is refused again the same way.
-      if (code.startsWith('2.') || code === COAP_CODES.BAD_REQUEST) ex.answer = answer;
-      else this.exchanges.drop(endpoint, ex);
+      if (code.startsWith('2.') || code === COAP_CODES.BAD_REQUEST) {
+        ex.answer = answer;
+        this.exchanges.kept();
+      } else this.exchanges.drop(endpoint, ex);
       this.send(answer, rsinfo);
     };
     if (this.stopping) {

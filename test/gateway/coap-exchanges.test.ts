@@ -156,7 +156,15 @@ test('RecentExchanges: a repeated message id is found within its lifetime; the l
   ex.begin('b|1', 1, T, 2000);
   ex.begin('c|1', 1, T, 2000);
   ex.begin('a|1', 9, T, 2000); // a is the most recently active now
-  ex.begin('d|1', 1, T, 2000); // evicts b
+  // a request refused before its answer is kept (a forged MAC) is dropped: it pushes no one out
+  const forged = ex.begin('x|1', 1, T, 2000);
+  ex.drop('x|1', forged.ex);
+  assert.equal(ex.size, 3);
+  assert.equal(ex.begin('b|1', 1, T, 2000).fresh, false, 'b still there after the forged request');
+  ex.begin('c|1', 1, T, 2000); // c is more recent than b again
+  ex.begin('a|1', 9, T, 2000);
+  ex.begin('d|1', 1, T, 2000).ex.answer = Buffer.from('y');
+  ex.kept(); // d's answer kept: evicts b, the least recently active
   assert.equal(ex.size, 3);
   assert.equal(ex.begin('c|1', 1, T, 2000).fresh, false);
   assert.equal(ex.begin('b|1', 1, T, 2000).fresh, true, 'b was forgotten');
