@@ -746,7 +746,7 @@ export class Relay {
   private flush(): void {
     // nor while the client is ending: mqtt.js fails a publish on a disconnecting client at
     // once, from inside publish() (stop() itself still sends the MCUs' last states)
-    if (!this.opts.client.connected || this.opts.client.disconnecting) return;
+    if (!this.opts.client.connected || this.opts.client.disconnecting || this.disposed) return;
     if ((this.mcus.size > this.registeredUpTo || this.registerStale) && !this.registerInFlight) {
       // the first register of a connection at once; later ones (MCUs still arriving) at
       // least REGISTER_GAP_MS apart, so a ramp of thousands of MCUs sends a few complete lists
@@ -918,6 +918,9 @@ export class Relay {
    * Report every online MCU offline ("gateway stopped"), then give the uplink up to
    * `drainMs` to deliver what is queued while the hub is reachable.
    */
+  /** stop() finished: nothing is published any more */
+  private disposed = false;
+
   async stop(drainMs = 2000): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
@@ -940,6 +943,9 @@ export class Relay {
     this.registerTimer = null;
     this.uplink.stop();
     this.gated.dispose();
+    // stopped for good: a publish callback that comes later (the client's in-flight messages
+    // are failed when it ends) sends nothing again
+    this.disposed = true;
     this.opts.client.off('connect', this.onConnect);
     this.opts.client.off('close', this.onClose);
   }
