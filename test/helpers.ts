@@ -48,6 +48,18 @@ export function rng(seed: number): (n: number) => number {
   };
 }
 
+/** The seed of a fuzz loop: FLEETLET_FUZZ_SEED (to replay a failure), else a new one; put it in every failure message. */
+export function fuzzSeed(): number {
+  return Number(process.env.FLEETLET_FUZZ_SEED ?? Date.now() % 1e9);
+}
+
+/** `n` bytes from an `rng` stream */
+export function bytesFrom(r: (n: number) => number, n: number): Buffer {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = r(256);
+  return b;
+}
+
 /** A self-signed P-256 certificate for 127.0.0.1 and localhost (SAN, so clients verify the host), made by openssl. */
 export function makeCert(dir: string, name: string): { cert: string; key: string } {
   const cert = join(dir, `${name}.crt`);

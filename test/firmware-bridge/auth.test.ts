@@ -1,10 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { deriveToken } from '../../core/credentials.ts';
 import { isFleetError, type ErrorCode } from '../../core/errors.ts';
 import { MAC_CHARS, MAX_FLOORS, mcuKey, McuKeys, parseCounter, ReplayGuard, signMcuMessage, verifyMcuMac, verifyMcuMessage } from '../../firmware-bridge/auth.ts';
+import { bytesFrom, fuzzSeed, rng } from '../helpers.ts';
 
 const SITE = 'site-secret-for-tests-0123456789';
 const ID = 'esp-1';
@@ -159,12 +159,14 @@ test('auth: the guard is bounded and refuses new MCUs beyond it', () => {
 test('auth fuzz: random counters, MACs and payloads only ever throw FleetError', () => {
   const g = new ReplayGuard();
   const chars = 'abcXYZ019_-+/=. ';
-  const rnd = (n: number) => Array.from({ length: n }, () => chars[Math.floor(Math.random() * chars.length)]).join('');
+  const fuzz = fuzzSeed();
+  const r = rng(fuzz);
+  const rnd = (n: number) => Array.from({ length: n }, () => chars[r(chars.length)]).join('');
   for (let i = 0; i < 3000; i++) {
-    const counter = Math.random() < 0.5 ? String(Math.floor(Math.random() * 1e6)) : rnd(Math.floor(Math.random() * 20));
-    const mac = Math.random() < 0.5 ? randomBytes(16).toString('base64url') : rnd(Math.floor(Math.random() * 30));
-    const got = code(() => verifyMcuMessage(g, { key: KEY, mcuId: ID, resource: 't', counter, payload: randomBytes(Math.floor(Math.random() * 50)), mac }));
-    assert.ok(got === 'FLEET_MCU_AUTH', `random input must fail authentication, got ${got}`);
+    const counter = r(2) === 0 ? String(r(1e6)) : rnd(r(20));
+    const mac = r(2) === 0 ? bytesFrom(r, 16).toString('base64url') : rnd(r(30));
+    const got = code(() => verifyMcuMessage(g, { key: KEY, mcuId: ID, resource: 't', counter, payload: bytesFrom(r, r(50)), mac }));
+    assert.ok(got === 'FLEET_MCU_AUTH', `random input must fail authentication, got ${got} for counter ${JSON.stringify(counter)}, mac ${JSON.stringify(mac)} (FLEETLET_FUZZ_SEED=${fuzz})`);
   }
   assert.equal(g.size, 0, 'no state was created by unauthenticated input');
 });

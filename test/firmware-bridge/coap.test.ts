@@ -1,8 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { coapAuthQuery, coapPath, COAP_OPTION, parseCoapUrl, scanCoapDatagram } from '../../firmware-bridge/coap.ts';
 import { mcuMayPublish, mcuMaySubscribe, mcuTopic, parseMcuTopic } from '../../firmware-bridge/topics.ts';
+import { bytesFrom, fuzzSeed, rng } from '../helpers.ts';
 
 test('topics: MCU topic layout and ACL predicates', () => {
   assert.equal(mcuTopic('esp-1', 't'), 'mcu/v1/esp-1/t');
@@ -64,14 +64,18 @@ test('coap: the datagram scan finds options (RFC 7252 §3) and rejects malformed
 
 test('coap fuzz: the scanner never throws on random or mutated datagrams', () => {
   const seed = datagram(true);
+  const fuzz = fuzzSeed();
+  const r = rng(fuzz);
   for (let i = 0; i < 20_000; i++) {
     let buf: Buffer;
-    if (i % 2 === 0) buf = randomBytes(Math.floor(Math.random() * 40));
+    if (i % 2 === 0) buf = bytesFrom(r, r(40));
     else {
       buf = Buffer.from(seed);
-      for (let e = 0; e < 3; e++) buf[Math.floor(Math.random() * buf.length)] = Math.floor(Math.random() * 256);
+      for (let e = 0; e < 3; e++) buf[r(buf.length)] = r(256);
     }
-    const info = scanCoapDatagram(buf);
-    if (info) assert.ok(info.payloadLength <= buf.length && info.options.every((o) => o >= 0 && o <= 0xffff));
+    const where = `${buf.toString('hex')} (FLEETLET_FUZZ_SEED=${fuzz})`;
+    let info: ReturnType<typeof scanCoapDatagram>;
+    assert.doesNotThrow(() => (info = scanCoapDatagram(buf)), where);
+    if (info!) assert.ok(info.payloadLength <= buf.length && info.options.every((o) => o >= 0 && o <= 0xffff), where);
   }
 });

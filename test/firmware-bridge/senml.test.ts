@@ -1,9 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { isFleetError } from '../../core/errors.ts';
 import { SampleSchema, type Sample } from '../../core/messages.ts';
 import { decodeSenmlJson, encodeSenmlJson, SENML_RELATIVE_TIME_LIMIT } from '../../firmware-bridge/senml.ts';
+import { bytesFrom, fuzzSeed, rng } from '../helpers.ts';
 
 const NOW = 1_700_000_000_000; // ms
 const T0 = 1_700_000_100; // absolute Unix seconds (above 2^28)
@@ -114,19 +114,21 @@ test('senml fuzz: random bytes and mutated packs only ever throw FLEET_MCU_DECOD
       for (const s of out) assert.ok(SampleSchema.safeParse(s).success, `decoded sample fits the schema: ${JSON.stringify(s)}`);
     } catch (err) {
       thrown++;
-      if (!isFleetError(err, 'FLEET_MCU_DECODE')) throw new Error(`non-FleetError for input ${JSON.stringify(String(input).slice(0, 200))}: ${String(err)}`);
+      if (!isFleetError(err, 'FLEET_MCU_DECODE')) throw new Error(`non-FleetError for input ${JSON.stringify(String(input).slice(0, 200))} (FLEETLET_FUZZ_SEED=${fuzz}): ${String(err)}`);
     }
   };
-  for (let i = 0; i < 2000; i++) check(randomBytes(Math.floor(Math.random() * 64)));
+  const fuzz = fuzzSeed();
+  const r = rng(fuzz);
+  for (let i = 0; i < 2000; i++) check(bytesFrom(r, r(64)));
   for (let i = 0; i < 5000; i++) {
     const chars = seed.split('');
-    const edits = 1 + Math.floor(Math.random() * 4);
+    const edits = 1 + r(4);
     for (let e = 0; e < edits; e++) {
-      const at = Math.floor(Math.random() * chars.length);
-      const op = Math.random();
-      const ch = alphabet[Math.floor(Math.random() * alphabet.length)]!;
-      if (op < 0.4) chars[at] = ch;
-      else if (op < 0.7) chars.splice(at, 1);
+      const at = r(chars.length);
+      const op = r(10);
+      const ch = alphabet[r(alphabet.length)]!;
+      if (op < 4) chars[at] = ch;
+      else if (op < 7) chars.splice(at, 1);
       else chars.splice(at, 0, ch);
     }
     check(chars.join(''));
