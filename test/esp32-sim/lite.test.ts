@@ -192,6 +192,10 @@ async function withCoapServer<T>(handler: (req: coap.IncomingMessage, res: coap.
   try {
     return await fn(port);
   } finally {
+    // the coap package's close() leaves running the timer that sends the empty ACK of a request
+    // not answered within piggybackReplyMs (50 ms): it would send on the closed socket and throw.
+    // Timers fire in order of expiry, so waiting past it lets every such timer fire first.
+    await new Promise((r) => setTimeout(r, 150));
     await new Promise<void>((r) => server.close(() => r()));
   }
 }
@@ -318,78 +322,76 @@ test('coap-lite: Observe — the registration stays and notifications arrive unt
   );
 });
 
+interface Arrival {
+  what: string;
+  counter: number;
+  at: number;
+  answeredAt?: number;
+}
+
+/**
+ * A coap package server standing in for the gateway, for the sim's counter order: it records
+ * each request (method and resource, MAC counter, time) and answers it after
+ * `delayMs(request, nth of its kind)` ms (a GET cmd as an Observe registration, kept open).
+ */
+function counterServer(delayMs: (a: Arrival, nth: number) => number) {
+  const arrivals: Arrival[] = [];
+  const pending = new Set<NodeJS.Timeout>();
+  const handler = (req: coap.IncomingMessage, res: coap.OutgoingMessage) => {
+    const a: Arrival = { what: `${req.method} ${req.url.split('?')[0]!.split('/').at(-1)}`, counter: Number(/[?&]c=(\d+)/.exec(req.url)?.[1]), at: Date.now() };
+    arrivals.push(a);
+    const nth = arrivals.filter((x) => x.what === a.what).length;
+    const timer = setTimeout(() => {
+      pending.delete(timer);
+      a.answeredAt = Date.now();
+      res.code = req.method === 'GET' ? '2.05' : '2.04';
+      if (req.method === 'GET') res.write(Buffer.alloc(0));
+      else res.end();
+    }, delayMs(a, nth));
+    pending.add(timer);
+  };
+  /** cancels the answers not yet sent: call before the server closes (an answer sent on the closed socket throws) */
+  const stop = () => {
+    for (const t of pending) clearTimeout(t);
+    pending.clear();
+  };
+  /** what arrived while `held` was unanswered with a counter more than 31 above its (beyond the gateway's replay window) */
+  const newerWhile = (held: Arrival) => arrivals.filter((x) => x.at > held.at && x.at < held.answeredAt! && x.counter > held.counter + 31);
+  return { arrivals, handler, newerWhile, stop };
+}
+
 test('sim CoAP: a device sends nothing with a newer counter while a reading is outstanding (the mailbox Observe renewal waits), so the gateway never sees the reading after a much newer counter (coap package server standing in for the gateway, holding the reading 2 s)', async () => {
-  const arrivals: Array<{ what: string; counter: number; at: number }> = [];
-  let answeredAt = 0;
-  await withCoapServer(
-    (req, res) => {
-      const counter = Number(/[?&]c=(\d+)/.exec(req.url)?.[1]);
-      const what = `${req.method} ${req.url.split('?')[0]!.split('/').at(-1)}`;
-      arrivals.push({ what, counter, at: Date.now() });
-      if (req.method === 'GET') {
-        res.code = '2.05';
-        return void res.write(Buffer.alloc(0)); // an Observe registration, kept open
-      }
-      // the first reading is held 2 s (a gateway busy storing it); later ones answered at once
-      const first = arrivals.filter((a) => a.what === 'POST t').length === 1;
-      setTimeout(
-        () => {
-          if (first) answeredAt = Date.now();
-          res.code = '2.04';
-          res.end();
-        },
-        first ? 2000 : 0,
-      );
-    },
-    async (port) => {
-      const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'o'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 300, log: testLogger('sim') });
-      try {
-        await waitFor(() => answeredAt > 0 && arrivals.some((a) => a.what === 'GET cmd' && a.at > answeredAt + 50), 'the reading answered, then the Observe renewed', 10_000);
-        const held = arrivals.find((a) => a.what === 'POST t')!;
-        // while the first reading was outstanding nothing with a counter more than 31 above it arrived
-        const newer = arrivals.filter((a) => a.at > held.at && a.at < answeredAt && a.counter > held.counter + 31);
-        assert.deepEqual(newer, [], `sent while the reading (counter ${held.counter}) was outstanding`);
-        assert.ok(arrivals.filter((a) => a.what === 'GET cmd').length >= 2, 'the Observe was renewed (after the reading)');
-      } finally {
-        await sim.stop();
-      }
-    },
-  );
+  // the first reading is held 2 s (a gateway busy storing it); everything else answered at once
+  const srv = counterServer((a, nth) => (a.what === 'POST t' && nth === 1 ? 2000 : 0));
+  await withCoapServer(srv.handler, async (port) => {
+    const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'o'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 300, log: testLogger('sim') });
+    try {
+      const held = await waitFor(() => srv.arrivals.find((a) => a.what === 'POST t' && a.answeredAt !== undefined), 'the first reading answered', 10_000);
+      await waitFor(() => srv.arrivals.some((a) => a.what === 'GET cmd' && a.at > held.answeredAt! + 50), 'then the Observe renewed', 10_000);
+      assert.deepEqual(srv.newerWhile(held), [], `sent while the reading (counter ${held.counter}) was outstanding`);
+    } finally {
+      await sim.stop();
+      srv.stop();
+    }
+  });
 });
 
 test('sim CoAP: a reading waits while a renewed mailbox Observe is unanswered (its counter is older), then goes (coap package server standing in for the gateway, holding the renewal 2 s)', async () => {
-  const arrivals: Array<{ what: string; counter: number; at: number }> = [];
-  let renewalAnsweredAt = 0;
-  await withCoapServer(
-    (req, res) => {
-      const counter = Number(/[?&]c=(\d+)/.exec(req.url)?.[1]);
-      const what = `${req.method} ${req.url.split('?')[0]!.split('/').at(-1)}`;
-      arrivals.push({ what, counter, at: Date.now() });
-      if (req.method === 'POST') {
-        res.code = '2.04';
-        return void res.end();
-      }
-      // the first registration answered at once, the first renewal after 2 s
-      const gets = arrivals.filter((a) => a.what === 'GET cmd').length;
-      setTimeout(
-        () => {
-          if (gets === 2) renewalAnsweredAt = Date.now();
-          res.code = '2.05';
-          res.write(Buffer.alloc(0));
-        },
-        gets === 2 ? 2000 : 0,
-      );
-    },
-    async (port) => {
-      const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'p'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 500, log: testLogger('sim') });
-      try {
-        await waitFor(() => renewalAnsweredAt > 0 && arrivals.some((a) => a.what === 'POST t' && a.at > renewalAnsweredAt), 'the renewal answered, then readings again', 10_000);
-        const renewal = arrivals.filter((a) => a.what === 'GET cmd')[1]!;
-        const meanwhile = arrivals.filter((a) => a.at > renewal.at && a.at < renewalAnsweredAt && a.counter > renewal.counter + 31);
-        assert.deepEqual(meanwhile, [], `sent while the renewal (counter ${renewal.counter}) was unanswered`);
-      } finally {
-        await sim.stop();
-      }
-    },
-  );
+  // the first registration answered at once, the first renewal after 2 s
+  const srv = counterServer((a, nth) => (a.what === 'GET cmd' && nth === 2 ? 2000 : 0));
+  await withCoapServer(srv.handler, async (port) => {
+    const sim = await runSim({ devices: 1, protocol: 'coap', siteSecret: 'p'.repeat(43), coapPort: port, intervalMs: 200, startJitterMs: 0, hello: false, reobserveMs: 500, log: testLogger('sim') });
+    try {
+      const renewalAnswered = () => {
+        const r = srv.arrivals.filter((a) => a.what === 'GET cmd')[1];
+        return r?.answeredAt !== undefined ? r : undefined;
+      };
+      const renewal = await waitFor(renewalAnswered, 'the renewal answered', 10_000);
+      await waitFor(() => srv.arrivals.some((a) => a.what === 'POST t' && a.at > renewal.answeredAt!), 'then readings again', 10_000);
+      assert.deepEqual(srv.newerWhile(renewal), [], `sent while the renewal (counter ${renewal.counter}) was unanswered`);
+    } finally {
+      await sim.stop();
+      srv.stop();
+    }
+  });
 });
