@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -46,6 +47,20 @@ export function rng(seed: number): (n: number) => number {
     x >>>= 0;
     return x % n;
   };
+}
+
+/**
+ * A TCP server on loopback that closes every connection at once, counting them: a "hub" a
+ * client keeps reconnecting to (every reconnect shows as a connection).
+ */
+export async function closingServer(): Promise<{ port: number; connections(): number; close(): Promise<void> }> {
+  let n = 0;
+  const server = createServer((s) => {
+    n++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return { port: (server.address() as AddressInfo).port, connections: () => n, close: () => new Promise<void>((r) => server.close(() => r())) };
 }
 
 /** The seed of a fuzz loop: FLEETLET_FUZZ_SEED (to replay a failure), else a new one; put it in every failure message. */

@@ -4,7 +4,7 @@ import { createServer } from 'node:http';
 import { createServer as createNetServer, type AddressInfo } from 'node:net';
 import { Aedes } from 'aedes';
 import { connectFleetClient, disconnectFleetClient, logHubError } from '../../core/mqtt.ts';
-import { testLogger, waitFor } from '../helpers.ts';
+import { closingServer, testLogger, waitFor } from '../helpers.ts';
 
 test('hub client: a hub.url that reaches an HTTP server (the hub\'s HTTP port given as its MQTT one) is logged as that, with the fix, not as a bare parser error', async () => {
   const http = createServer((_req, res) => res.end('not mqtt'));
@@ -49,27 +49,22 @@ test('hub client: once stopped (disconnectFleetClient) it never reconnects, also
 });
 
 test('hub client: stopped while its hub refuses it (every connection closed at once), it makes no attempt after the stop', async () => {
-  let attempts = 0;
-  const hub = createNetServer((sock) => {
-    attempts++;
-    sock.destroy();
-  });
-  await new Promise<void>((r) => hub.listen(0, '127.0.0.1', () => r()));
-  const url = `mqtt://127.0.0.1:${(hub.address() as AddressInfo).port}`;
+  const hub = await closingServer();
+  const url = `mqtt://127.0.0.1:${hub.port}`;
   try {
     for (const manualConnect of [false, true]) {
       const client = connectFleetClient({ url, deviceId: 'dev-3', token: 't'.repeat(43), kind: 'agent', version: '1.0.0', keepalive: 5, reconnectMs: 10, reconnectMaxMs: 20, manualConnect });
       client.on('error', () => undefined);
       if (manualConnect) client.connect();
-      const from = attempts;
-      await waitFor(() => attempts >= from + 3, 'a few attempts');
+      const from = hub.connections();
+      await waitFor(() => hub.connections() >= from + 3, 'a few attempts');
       await disconnectFleetClient(client, 'dev-3', 'agent', '1.0.0');
       await new Promise((r) => setTimeout(r, 100));
-      const after = attempts;
+      const after = hub.connections();
       await new Promise((r) => setTimeout(r, 500));
-      assert.equal(attempts, after, `no attempt after the stop (manualConnect ${manualConnect}): ${attempts - after} in 0.5 s`);
+      assert.equal(hub.connections(), after, `no attempt after the stop (manualConnect ${manualConnect}): ${hub.connections() - after} in 0.5 s`);
     }
   } finally {
-    await new Promise<void>((r) => hub.close(() => r()));
+    await hub.close();
   }
 });

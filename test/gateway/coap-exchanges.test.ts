@@ -11,25 +11,35 @@ import { nextCounter, of, udpPeer, withEnv } from './env.ts';
 const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
 
 /**
- * Answered CoAP exchanges at the gateway: a raw UDP client (the simulator's wire encoder,
- * no client library, so no timers of its own in this process) sends confirmable telemetry.
+ * A raw CoAP MCU client on one UDP socket (the simulator's wire encoder, no client library,
+ * so no timers of its own in this process): `request` builds a confirmable signed reading of
+ * MCU `id` with message id `mid`; every answer is kept by its message id.
  */
-test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from the cache, stored once; answered exchanges keep no timers', async () => {
-  await withEnv(async ({ gw, site, seen }) => {
-    const sock = createSocket('udp4');
-    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
-    const replies = new Map<number, Buffer[]>();
-    sock.on('message', (msg) => {
-      const d = decodeMessage(msg);
-      if (d) replies.set(d.mid, [...(replies.get(d.mid) ?? []), msg]);
-    });
-    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
-    const request = (id: string, mid: number, value: number): Buffer => {
+async function rawClient(port: number, site: string): Promise<{ replies: Map<number, Buffer[]>; send(buf: Buffer): Promise<void>; request(id: string, mid: number, value: number): Buffer; close(): void }> {
+  const sock = createSocket('udp4');
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+  const replies = new Map<number, Buffer[]>();
+  sock.on('message', (msg) => {
+    const d = decodeMessage(msg);
+    if (d) replies.set(d.mid, [...(replies.get(d.mid) ?? []), msg]);
+  });
+  return {
+    replies,
+    send: (buf) => new Promise<void>((r, j) => sock.send(buf, port, '127.0.0.1', (err) => (err ? j(err) : r()))),
+    request: (id, mid, value) => {
       const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: value }]));
       const c = nextCounter();
       const mac = signMcuMessage(mcuKey(site, id), id, 't', c, payload);
       return encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, id, 't'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${mac}`], contentFormat: SENML_JSON_FORMAT, payload }, 0, mid, 0x1000 + mid);
-    };
+    },
+    close: () => sock.close(),
+  };
+}
+
+/** Answered CoAP exchanges at the gateway: a raw UDP client (rawClient) sends confirmable telemetry. */
+test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from the cache, stored once; answered exchanges keep no timers', async () => {
+  await withEnv(async ({ gw, site, seen }) => {
+    const { replies, send, request, close } = await rawClient(gw.coapPort, site);
     try {
       // warm up (first MCU registration, outbox open) so the timer count below is steady
       await send(request('esp-x0', 1, 1));
@@ -60,26 +70,14 @@ test('gateway CoAP: a retransmitted request gets the same piggybacked 2.04 from 
       await new Promise((r) => setTimeout(r, 300));
       assert.equal(of(seen, 'esp-x9', 'telemetry').length, 1, 'stored once');
     } finally {
-      sock.close();
+      close();
     }
   });
 });
 
 test('gateway CoAP: MCUs sharing one socket (as the simulator\'s do) keep their own exchanges: a retransmission after eight other MCUs\' requests from that socket still gets its 2.04, not a replay refusal', async () => {
   await withEnv(async ({ gw, site, seen }) => {
-    const sock = createSocket('udp4');
-    await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
-    const replies = new Map<number, Buffer[]>();
-    sock.on('message', (msg) => {
-      const d = decodeMessage(msg);
-      if (d) replies.set(d.mid, [...(replies.get(d.mid) ?? []), msg]);
-    });
-    const send = (buf: Buffer) => new Promise<void>((r, j) => sock.send(buf, gw.coapPort, '127.0.0.1', (err) => (err ? j(err) : r())));
-    const request = (id: string, mid: number, value: number): Buffer => {
-      const payload = Buffer.from(JSON.stringify([{ n: 'temp', v: value }]));
-      const c = nextCounter();
-      return encodeRequest({ method: COAP_METHOD.POST, path: [...COAP_PATH_ROOT, id, 't'], query: [`${COAP_QUERY_COUNTER}=${c}`, `${COAP_QUERY_MAC}=${signMcuMessage(mcuKey(site, id), id, 't', c, payload)}`], contentFormat: SENML_JSON_FORMAT, payload }, 0, mid, 0x2000 + mid);
-    };
+    const { replies, send, request, close } = await rawClient(gw.coapPort, site);
     try {
       const mine = request('esp-s0', 700, 7);
       await send(mine);
@@ -94,7 +92,7 @@ test('gateway CoAP: MCUs sharing one socket (as the simulator\'s do) keep their 
       await new Promise((r) => setTimeout(r, 300));
       assert.equal(of(seen, 'esp-s0', 'telemetry').length, 1, 'stored once');
     } finally {
-      sock.close();
+      close();
     }
   });
 });

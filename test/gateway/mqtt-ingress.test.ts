@@ -11,7 +11,7 @@ import { mcuKey, ReplayGuard } from '../../firmware-bridge/auth.ts';
 import { frameWithMac } from '../../firmware-bridge/frames.ts';
 import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts';
 import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
-import { tempDir, testLogger } from '../helpers.ts';
+import { closingServer, tempDir, testLogger } from '../helpers.ts';
 import { coap, connectMcu } from './env.ts';
 
 test('replay guard: check() refuses what accept() would and records nothing', () => {
@@ -241,23 +241,18 @@ test('gateway MQTT [MQTT-3.1.3-8, -9, MQTT-4.7.3-1]: a zero-length client id get
 
 test('gateway start that fails binding its MCU ports (one taken) never connects to the hub: no online/offline flap there', async () => {
   const tmp = tempDir();
-  let connections = 0;
-  const hub = createServer((s) => {
-    connections++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => hub.listen(0, '127.0.0.1', () => r()));
+  const hub = await closingServer();
   const taken = createServer();
   await new Promise<void>((r) => taken.listen(0, '127.0.0.1', () => r()));
   writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
   try {
-    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-port', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${(hub.address() as AddressInfo).port}`, reconnectMs: 100 }, mcu: { host: '127.0.0.1', mqttPort: (taken.address() as AddressInfo).port, coapPort: 0 } });
+    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-port', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${hub.port}`, reconnectMs: 100 }, mcu: { host: '127.0.0.1', mqttPort: (taken.address() as AddressInfo).port, coapPort: 0 } });
     await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'), (err: Error & { code?: string }) => err.code === 'FLEET_PORT_IN_USE');
     await new Promise((r) => setTimeout(r, 500));
-    assert.equal(connections, 0, 'the hub saw no connection from a gateway that could not start');
+    assert.equal(hub.connections(), 0, 'the hub saw no connection from a gateway that could not start');
   } finally {
     await new Promise<void>((r) => taken.close(() => r()));
-    await new Promise<void>((r) => hub.close(() => r()));
+    await hub.close();
     tmp.cleanup();
   }
 });
@@ -265,18 +260,12 @@ test('gateway start that fails binding its MCU ports (one taken) never connects 
 test('gateway start that fails after its hub client was made (the MCU store locked by another process on the same state directory) ends that client: no reconnects under its identity afterwards', async () => {
   const tmp = tempDir();
   // a "hub" that closes every connection at once: a live client reconnects every reconnectMs
-  let connections = 0;
-  const hub = createServer((s) => {
-    connections++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => hub.listen(0, '127.0.0.1', () => r()));
-  const port = (hub.address() as AddressInfo).port;
+  const hub = await closingServer();
   writeSecretFile(join(tmp.dir, 'token'), 'x'.repeat(32));
   const lock = new Level<string, string>(join(tmp.dir, 'mcu-db'));
   await lock.open(); // LevelDB's lock: the gateway cannot open its MCU store
   try {
-    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-fail', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
+    const parsed = GatewayConfigSchema.parse({ deviceId: 'gw-fail', stateDir: tmp.dir, hub: { url: `mqtt://127.0.0.1:${hub.port}`, reconnectMs: 100 }, mcu: { mqttPort: 0, coapPort: 0 } });
     await assert.rejects(startGateway(parsed, testLogger('gateway'), '0.0.0-test'), (err: Error & { code?: string }) => {
       // failed where meant: the MCU store, opened after the hub client was made (gateway/index.ts)
       assert.equal(err.code, 'FLEET_STORE', err.message);
@@ -284,12 +273,12 @@ test('gateway start that fails after its hub client was made (the MCU store lock
       return true;
     });
     await new Promise((r) => setTimeout(r, 300));
-    const after = connections;
+    const after = hub.connections();
     await new Promise((r) => setTimeout(r, 1500));
-    assert.equal(connections, after, `no connection attempts after the failed start (${connections - after} in 1.5 s)`);
+    assert.equal(hub.connections(), after, `no connection attempts after the failed start (${hub.connections() - after} in 1.5 s)`);
   } finally {
     await lock.close();
-    await new Promise<void>((r) => hub.close(() => r()));
+    await hub.close();
     tmp.cleanup();
   }
 });
