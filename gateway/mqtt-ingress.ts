@@ -248,13 +248,18 @@ export class McuMqttIngress {
   /**
    * Wait out the rate limit. When the connection closes meanwhile: a QoS 1/2 message is not
    * stored (false: it cannot be acknowledged any more, and the MCU resends it), a QoS 0 one is
-   * stored at once, as every QoS 0 message received before a close is (mqtt-lean drainClosed);
-   * what is held after a close is bounded by the read pause.
+   * stored at once, as every QoS 0 message received before a close is (mqtt-lean drainClosed),
+   * its token taken into debt: the MCU's next connection waits for it, so closing right after
+   * a burst does not get round the limit.
    */
   private async throttled(conn: LeanConn, mcuId: string, wait: number, qos: 0 | 1 | 2): Promise<boolean> {
     this.opts.hooks.throttled('mqtt', mcuId);
     for (let w = wait; w > 0; w = this.opts.service.admit(mcuId)) {
-      if (conn.isClosed) return qos === 0;
+      if (conn.isClosed) {
+        if (qos !== 0) return false;
+        this.opts.service.admitInDebt(mcuId);
+        return true;
+      }
       // not silent: what it sent waits here, so the keep-alive check must not take it for a
       // dead connection (refreshed at least every MAX_THROTTLE_SLICE_MS)
       conn.lastRx = performance.now();
