@@ -447,3 +447,17 @@ writeFileSync(
   ) + '\n',
 );
 log(`done: ${relative(ROOT, OUT)} ${mb(size)} (${size} bytes) in ${(ms / 1000).toFixed(1)} s`);
+// `--copy-to DIR`: a copy of dist/ made under the lock, for a caller that reads the build
+// while another build may rewrite dist/ (tests run two files at a time)
+const copyAt = process.argv.indexOf('--copy-to');
+if (copyAt > 0) {
+  const to = process.argv[copyAt + 1];
+  if (!to) fail('--copy-to needs a directory');
+  mkdirSync(to, { recursive: true });
+  for (const name of readdirSync(DIST)) {
+    if (name === '.build.lock' || !statSync(join(DIST, name)).isFile()) continue;
+    copyFileSync(join(DIST, name), join(to, name));
+    chmodSync(join(to, name), statSync(join(DIST, name)).mode & 0o777);
+  }
+  log(`copied dist/ to ${to}`);
+}

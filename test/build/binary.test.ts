@@ -13,11 +13,14 @@ import { runDemoUntilOnline } from '../e2e/demo-run.ts';
 // node_modules next to it, and (in the last test) no node anywhere on PATH.
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = join(ROOT, 'dist', 'fleetlet');
-const BUNDLE = join(ROOT, 'dist', 'fleetlet.cjs');
+// the tests read a copy of dist/ made under the build lock (build.mjs --copy-to): another
+// test file may rebuild dist/ meanwhile (test/e2e/ota-selfupdate.test.ts)
+const BUILT = mkdtempSync(join(tmpdir(), 'fleetlet-build-copy-'));
+const BIN = join(BUILT, 'fleetlet');
+const BUNDLE = join(BUILT, 'fleetlet.cjs');
 /** the agent's part and the start script that picks a part (cli/sea-main.ts, docs/build.md) */
-const AGENT_PART = join(ROOT, 'dist', 'fleetlet-agent.cjs');
-const SEA_MAIN = join(ROOT, 'dist', 'sea-main.cjs');
+const AGENT_PART = join(BUILT, 'fleetlet-agent.cjs');
+const SEA_MAIN = join(BUILT, 'sea-main.cjs');
 const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 const MAX_BYTES = 100 * 1024 * 1024;
 const CHECK_NAMES = ['coap', 'ed25519', 'execa', 'level', 'mqtt', 'node-cron', 'systeminformation'];
@@ -91,13 +94,14 @@ function extractedAddon(stateDir: string): string {
 before(
   async () => {
     work = mkdtempSync(join(tmpdir(), 'fleetlet-build-test-'));
-    const r = await run(process.execPath, [join(ROOT, 'scripts', 'build.mjs')], { timeoutMs: 600_000 });
+    const r = await run(process.execPath, [join(ROOT, 'scripts', 'build.mjs'), '--copy-to', BUILT], { timeoutMs: 600_000 });
     assert.equal(r.code, 0, `build failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
   },
   { timeout: 620_000 },
 );
 
 after(() => {
+  rmSync(BUILT, { recursive: true, force: true });
   if (work) rmSync(work, { recursive: true, force: true });
 });
 
@@ -154,7 +158,7 @@ test('no part of the binary, nor its start script, requires a non-builtin module
 });
 
 test("the agent's part holds the agent, not the hub, gateway, simulator or inventory library", () => {
-  const inputs = (file: string) => Object.keys((JSON.parse(readFileSync(join(ROOT, 'dist', file), 'utf8')) as { inputs: Record<string, unknown> }).inputs);
+  const inputs = (file: string) => Object.keys((JSON.parse(readFileSync(join(BUILT, file), 'utf8')) as { inputs: Record<string, unknown> }).inputs);
   const agent = inputs('meta-agent.json');
   const all = inputs('meta.json');
   const left = /^(hub|gateway|esp32-sim)\/|node_modules\/(aedes|coap|cbor-x|execa|systeminformation)\//;
@@ -195,18 +199,27 @@ test('an unknown command exits 2', async () => {
   assert.match(r.stderr, /FLEET_USAGE/);
 });
 
-test('a copy alone in an empty directory runs with no node on PATH, and reuses its extracted addon', async () => {
-  // node is in /usr/bin on these machines, so PATH=/usr/bin:/bin alone proves nothing:
-  // build a PATH with every tool from /usr/bin and /bin except node and its launchers
+/**
+ * A PATH with every tool from /usr/bin and /bin except node and its launchers (node is in
+ * /usr/bin on these machines, so PATH=/usr/bin:/bin alone proves nothing). Made once.
+ */
+function pathWithoutNode(): string {
   const pathDir = join(work, 'path-without-node');
-  mkdirSync(pathDir);
-  for (const dir of ['/usr/bin', '/bin']) {
-    for (const name of readdirSync(dir)) {
-      if (/^(node|nodejs|npm|npx|corepack)$/.test(name) || existsSync(join(pathDir, name))) continue;
-      symlinkSync(join(dir, name), join(pathDir, name));
+  if (!existsSync(pathDir)) {
+    mkdirSync(pathDir);
+    for (const dir of ['/usr/bin', '/bin']) {
+      for (const name of readdirSync(dir)) {
+        if (/^(node|nodejs|npm|npx|corepack)$/.test(name) || existsSync(join(pathDir, name))) continue;
+        symlinkSync(join(dir, name), join(pathDir, name));
+      }
     }
   }
   assert.notEqual(spawnSync('/bin/sh', ['-c', 'command -v node'], { env: { PATH: pathDir } }).status, 0, 'node still on PATH');
+  return pathDir;
+}
+
+test('a copy alone in an empty directory runs with no node on PATH, and reuses its extracted addon', async () => {
+  const pathDir = pathWithoutNode();
 
   const alone = join(work, 'alone');
   mkdirSync(alone);
@@ -230,7 +243,7 @@ test('a copy alone in an empty directory runs with no node on PATH, and reuses i
 
 test('the binary runs the whole demo with no node on PATH and Ctrl-C leaves no process behind', { timeout: 150_000 }, async () => {
   const stateDir = join(work, 'demo-state');
-  const out = await runDemoUntilOnline(BIN, [], stateDir, { PATH: '/usr/bin:/bin', HOME: join(work, 'home-demo') });
+  const out = await runDemoUntilOnline(BIN, [], stateDir, { PATH: pathWithoutNode(), HOME: join(work, 'home-demo') });
   assert.equal(out.summary.online, 22, out.output);
   assert.equal(out.exitCode, 130);
   assert.deepEqual(out.leftovers, []);

@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { waitFor } from '../helpers.ts';
 import { processesMentioning } from './procs.ts';
 
@@ -16,30 +17,51 @@ export interface DemoOutcome {
  * and which processes mentioning its state dir are left.
  */
 export async function runDemoUntilOnline(command: string, args: string[], stateDir: string, env?: NodeJS.ProcessEnv): Promise<DemoOutcome> {
-  const child = spawn(command, [...args, 'demo', '--ephemeral-ports', '--json', '--interval-ms', '500', '--state-dir', stateDir], { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env });
+  // a process group of its own: on a failure everything it started is killed with it (its
+  // parts hold its output pipes open, and this file would not exit while they run)
+  const child = spawn(command, [...args, 'demo', '--ephemeral-ports', '--json', '--interval-ms', '500', '--state-dir', stateDir], { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env, detached: true });
+  const killGroup = () => {
+    // the group, and what runs in groups of its own (the agent's apps) from the state dir
+    for (const pid of [-child.pid!, ...processesMentioning(stateDir)]) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  };
   let output = '';
-  let summary: DemoOutcome['summary'] | null = null;
-  child.stderr.on('data', (d: Buffer) => (output += d.toString()));
-  createInterface({ input: child.stdout }).on('line', (line) => {
-    output += line + '\n';
-    if (!line.startsWith('{')) return;
-    const s = JSON.parse(line) as DemoOutcome['summary'];
-    if (s.agents === 1 && s.gateways === 1 && s.mcus === 20 && s.messagesPerS > 0) summary = s;
-  });
+  const fail = (why: string) => {
+    killGroup();
+    return new Error(`${why}\n--- demo output ---\n${output.slice(-3000)}`);
+  };
   const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  const online = new Promise<DemoOutcome['summary']>((resolve, reject) => {
+    child.stderr.on('data', (d: Buffer) => (output += d.toString()));
+    createInterface({ input: child.stdout }).on('line', (line) => {
+      output += line + '\n';
+      if (!line.startsWith('{')) return;
+      const s = JSON.parse(line) as DemoOutcome['summary'];
+      if (s.agents === 1 && s.gateways === 1 && s.mcus === 20 && s.messagesPerS > 0) resolve(s);
+    });
+    void exited.then((code) => reject(new Error(`demo exited ${code} before everything was online`)));
+    setTimeout(() => reject(new Error('demo: not everything online in 90 s')), 90_000).unref();
+  });
+  let summary: DemoOutcome['summary'];
   try {
-    await waitFor(() => summary ?? (child.exitCode !== null ? Promise.reject(new Error(`demo exited ${child.exitCode}`)) : null), 'demo: everything online', 90_000, 100);
+    summary = await online;
   } catch (err) {
-    child.kill('SIGKILL');
-    throw new Error(`${(err as Error).message}\n--- demo output ---\n${output.slice(-3000)}`);
+    throw fail((err as Error).message);
   }
   child.kill('SIGINT');
-  const exitCode = await exited;
+  const exitCode = await Promise.race([exited, sleep(30_000, undefined, { ref: false }).then(() => 'hung' as const)]);
+  if (exitCode === 'hung') throw fail('demo did not exit within 30 s of SIGINT');
   let leftovers: number[] = [];
   try {
     await waitFor(() => (leftovers = processesMentioning(stateDir)).length === 0, 'no process left', 8000);
   } catch {
     // reported through `leftovers`
   }
-  return { summary: summary!, exitCode, leftovers, output };
+  killGroup(); // reported above; not left running after the test
+  return { summary, exitCode, leftovers, output };
 }

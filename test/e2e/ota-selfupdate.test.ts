@@ -116,8 +116,9 @@ describe('agent self-update', () => {
   after(() => tmp.cleanup());
   before(
     () => {
-      // the last test runs the shipped single executable (scripts/build.mjs takes a lock: safe beside other builds)
-      const r = spawnSync(process.execPath, [join(ROOT, 'scripts', 'build.mjs')], { encoding: 'utf8', timeout: 600_000 });
+      // the last test runs the shipped single executable: a copy made under the build lock
+      // (another test file may rebuild dist/ while this one runs)
+      const r = spawnSync(process.execPath, [join(ROOT, 'scripts', 'build.mjs'), '--copy-to', join(tmp.dir, 'dist')], { encoding: 'utf8', timeout: 600_000 });
       assert.equal(r.status, 0, `build failed:\n${r.stdout}\n${r.stderr}`);
     },
     { timeout: 620_000 },
@@ -201,7 +202,7 @@ describe('agent self-update', () => {
     // dist/fleetlet as the installed agent and, re-signed as sequence 1, as the update: the
     // binary's start script, its agent part, its LevelDB addon extracted under the state dir,
     // the boot check run by committed/fleetlet, all from the file that ships
-    const bin = join(ROOT, 'dist', 'fleetlet');
+    const bin = join(tmp.dir, 'dist', 'fleetlet');
     await withHub(async (hub, ctx) => {
       const d = startDevice(join(tmp.dir, 'binary'), hub, ctx, 'self-upd-3', { agentMaxStarts: 3, agentHealthyWithinS: 600 }, bin);
       try {
