@@ -579,6 +579,7 @@ export class Inventory {
   current: InventoryData | null = null;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<void> | null = null;
+  private stopped = false;
   private readonly hup = () => void this.refresh();
 
   constructor(private readonly opts: InventoryOptions = {}) {}
@@ -595,14 +596,17 @@ export class Inventory {
 
   /** Gather again; resolves when done (a refresh already under way is shared). */
   refresh(): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     this.running ??= (async () => {
       try {
         const inv = await (this.opts.collect ?? defaultInventoryCollector())();
+        // stopped meanwhile: what it reports to (the agent's outbox) may be closed
+        if (this.stopped) return;
         const changed = JSON.stringify(inv) !== JSON.stringify(this.current);
         this.current = inv;
         if (changed) this.opts.onChange?.(inv);
       } catch (err) {
-        this.opts.onError?.(err);
+        if (!this.stopped) this.opts.onError?.(err);
       } finally {
         this.running = null;
       }
@@ -610,7 +614,9 @@ export class Inventory {
     return this.running;
   }
 
+  /** No refresh after this; one under way reports nothing (its systeminformation children end by themselves). */
   stop(): void {
+    this.stopped = true;
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
     process.off('SIGHUP', this.hup);

@@ -98,7 +98,9 @@ test('thermal zones with their types, from a fake sysfs tree (mocked: this machi
 
 test('AppMetrics sums CPU and RSS over the whole process group of each app, in one /proc scan', async () => {
   // two real apps, each its own process group (as the supervisor spawns them): one burns CPU in a grandchild
-  const busy = spawn('/bin/sh', ['-c', 'sleep 30 & sleep 30 & (while :; do :; done) & wait'], { detached: true, stdio: 'ignore' });
+  // the loop ends by itself within 30 s should this process be killed before its finally (a group
+  // of its own is not reached by the runner's kill); --foreground keeps it in the app's group
+  const busy = spawn('/bin/sh', ['-c', "sleep 30 & sleep 30 & timeout --foreground 30 sh -c 'while :; do :; done' & wait"], { detached: true, stdio: 'ignore' });
   const idle = spawn('/bin/sleep', ['30'], { detached: true, stdio: 'ignore' });
   const apps = [
     { name: 'busy', pid: busy.pid!, state: 'running', restarts: 2, health: { status: 'healthy' } },
@@ -153,6 +155,8 @@ test('MetricsCollector: telemetry samples and /metrics families; network counter
     const c = new MetricsCollector({ diskPaths: ['/'] }, () => [{ name: 'app-1', pid: child.pid!, state: 'running', restarts: 1, health: 'starting' }]);
     c.register(reg);
     await sleep(200);
+    const kernel = () => new Map(parseNetDev(readFileSync('/proc/net/dev', 'utf8')).map((n) => [n.iface, n.rxBytes]));
+    const before = kernel();
     const s = c.sample();
     const names = new Set(c.toSamples().map((x) => x.n));
     for (const n of ['load.1m', 'load.5m', 'load.15m', 'mem.used', 'mem.total', 'swap.used', 'uptime', 'cpu.util', 'disk.state.avail', 'disk.state.total', 'app.app-1.cpu', 'app.app-1.rss']) assert.ok(names.has(n), n);
@@ -171,13 +175,43 @@ test('MetricsCollector: telemetry samples and /metrics families; network counter
     }
     assert.match(text, /^fleet_agent_app_processes\{app="app-1"\} 1$/m);
     assert.match(text, /^fleet_agent_app_healthy\{app="app-1"\} 0$/m);
+    // the kernel's own counters, read by the test before and after: the exported value lies between
+    const after = kernel();
+    assert.deepEqual(s.device.net.map((n) => n.iface).sort(), [...after.keys()].filter((i) => i !== 'lo').sort(), 'every interface but loopback (off by default)');
     for (const n of s.device.net) {
       const m = new RegExp(`^fleet_device_network_receive_bytes_total\\{iface="${n.iface}"\\} (\\d+)$`, 'm').exec(text);
       assert.equal(Number(m?.[1]), n.rxBytes, n.iface);
+      assert.ok(before.get(n.iface)! <= n.rxBytes && n.rxBytes <= after.get(n.iface)!, `${n.iface}: ${before.get(n.iface)} <= ${n.rxBytes} <= ${after.get(n.iface)}`);
     }
   } finally {
     child.kill('SIGKILL');
   }
+});
+
+test('Inventory: a collection still under way at stop() reports nothing after it (the agent closes its outbox right after), and no refresh starts after stop (collector held by the test)', async () => {
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  let calls = 0;
+  const reported: unknown[] = [];
+  const inv = new Inventory({
+    collect: async () => {
+      calls++;
+      await held;
+      return { model: 'Pi 4' };
+    },
+    everyMs: 0,
+    onSighup: false,
+    onChange: (i) => reported.push(i),
+    onError: (e) => reported.push(e),
+  });
+  inv.start();
+  const underWay = inv.refresh(); // shared with the start's
+  inv.stop();
+  release();
+  await underWay;
+  await inv.refresh();
+  assert.deepEqual(reported, [], 'nothing reported after stop');
+  assert.equal(calls, 1, 'no collection after stop');
 });
 
 test('Inventory: gathered at start, on SIGHUP, reported only when it changes; the real one comes from systeminformation', async () => {
