@@ -125,8 +125,10 @@ test('supervisor: HTTP and TCP health checks against a real server', async () =>
     await waitFor(() => sup.apps.get('web')!.restarts >= 1, 'web restarted after HTTP 503');
     assert.deepEqual(unhealthy[0], { app: 'web', reason: 'HTTP 503' });
     assert.equal(sup.apps.get('sock')!.restarts, 0, 'the TCP check still passes');
-    await new Promise<void>((r) => server.close(() => r()));
+    // closing waits for idle keep-alive connections (the probes' pooled sockets): end them now
+    const closed = new Promise<void>((r) => server.close(() => r()));
     server.closeAllConnections();
+    await closed;
     await waitFor(() => sup.apps.get('sock')!.restarts >= 1, 'sock restarted once the port is closed');
   } finally {
     await sup.stopAll();
@@ -169,7 +171,7 @@ setInterval(() => {}, 1000);
   }
 });
 
-test('log files: rotation by size keeps N files; tail spans generations; the app writes through the supervisor', async () => {
+test('log files: rotation by size keeps N files; tail spans generations; the app writes through the supervisor', async (t) => {
   const { dir, cleanup } = tempDir();
   try {
     const log = new RotatingLog(join(dir, 'x'), 'x', { maxBytes: 4096, files: 3 });
@@ -186,6 +188,7 @@ test('log files: rotation by size keeps N files; tail spans generations; the app
     log.close();
 
     const sup = new Supervisor({ log: testLogger(), backoff: fast, logDir: join(dir, 'logs') });
+    t.after(() => sup.stopAll()); // also when an assertion fails
     await sup.apply([AppSpecSchema.parse({ name: 'talker', command: '/bin/sh', args: ['-c', 'echo out-line; echo err-line >&2; exec sleep 60'], stopTimeoutMs: 300 })]);
     const app = sup.apps.get('talker')!;
     await waitFor(() => app.lines.length >= 2, 'two lines');

@@ -15,8 +15,9 @@ function safeRead(p: string): string {
   }
 }
 
-test('supervisor: a crashing app is restarted with backoff and marked crash-loop', async () => {
+test('supervisor: a crashing app is restarted with backoff and marked crash-loop', async (t) => {
   const sup = new Supervisor({ log: testLogger(), backoff: fast, crashLoopRestarts: 4, crashLoopWindowMs: 10_000 });
+  t.after(() => sup.stopAll()); // also when an assertion fails (a restarting app would keep the file running)
   const loops: unknown[] = [];
   sup.on('crash-loop', (e) => loops.push(e));
   await sup.apply([AppSpecSchema.parse({ name: 'crasher', command: '/bin/sh', args: ['-c', 'echo boom >&2; exit 3'] })]);
@@ -55,8 +56,9 @@ test("supervisor: apps inherit the agent's environment minus what FLEETLET_AGENT
   }
 });
 
-test('supervisor: restart policies never and on-failure', async () => {
+test('supervisor: restart policies never and on-failure', async (t) => {
   const sup = new Supervisor({ log: testLogger(), backoff: fast });
+  t.after(() => sup.stopAll()); // also when an assertion fails (a restarting app would keep the file running)
   await sup.apply([
     AppSpecSchema.parse({ name: 'once', command: '/bin/sh', args: ['-c', 'exit 1'], restart: 'never' }),
     AppSpecSchema.parse({ name: 'clean', command: '/bin/sh', args: ['-c', 'exit 0'], restart: 'on-failure' }),
@@ -68,8 +70,9 @@ test('supervisor: restart policies never and on-failure', async () => {
   await sup.stopAll();
 });
 
-test('supervisor: graceful stop SIGKILLs the whole process group of an app that ignores SIGTERM', async () => {
+test('supervisor: graceful stop SIGKILLs the whole process group of an app that ignores SIGTERM', async (t) => {
   const sup = new Supervisor({ log: testLogger(), backoff: fast });
+  t.after(() => sup.stopAll()); // also when an assertion fails (a restarting app would keep the file running)
   // the shell ignores TERM and has a grandchild; both must be gone after stop()
   await sup.apply([AppSpecSchema.parse({ name: 'stubborn', command: '/bin/sh', args: ['-c', 'trap "" TERM; sleep 60 & echo child $!; wait'], stopTimeoutMs: 300 })]);
   const app = sup.apps.get('stubborn')!;

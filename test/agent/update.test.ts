@@ -4,7 +4,7 @@ import { createServer, type Server } from 'node:http';
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { UpdateConfigSchema, type UpdateConfig } from '../../agent/update/config.ts';
 import { download } from '../../agent/update/download.ts';
 import { EVENTS, RESUME, STATES, TERMINAL, TRANSITIONS, nextState } from '../../agent/update/machine.ts';
@@ -71,11 +71,33 @@ interface Faults {
   verifyCall?: number;
 }
 
+/** rigs not stopped yet: stopped after each test, also when it failed half-way (their apps restart forever) */
+const live = new Set<Rig>();
+afterEach(async () => {
+  for (const r of [...live]) await r.stop();
+});
+/** servers closed after each test (an open one keeps this file running) */
+const servers = new Set<Server>();
+afterEach(async () => {
+  for (const s of [...servers]) {
+    const closed = new Promise<void>((r) => s.close(() => r()));
+    s.closeAllConnections();
+    await closed;
+  }
+  servers.clear();
+});
+function served(handler: Parameters<typeof createServer>[1]): Promise<{ server: Server; base: string }> {
+  const server = createServer(handler);
+  servers.add(server);
+  return new Promise((ok) => server.listen(0, '127.0.0.1', () => ok({ server, base: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })));
+}
+
 async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, name = 'rig', faults: Faults = {}): Promise<Rig> {
   const stateDir = join(dir, name);
   mkdirSync(stateDir, { recursive: true });
   const trust = installTrustRoot(stateDir, keys);
   const runlog = join(stateDir, 'runlog');
+  const savedRunlog = process.env.OTA_TEST_RUNLOG;
   process.env.OTA_TEST_RUNLOG = runlog; // inherited by the apps the supervisor starts
   const log = testLogger('update');
   const supervisor = new Supervisor({ log, crashLoopRestarts: 3, crashLoopWindowMs: 10_000 });
@@ -104,7 +126,7 @@ async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, nam
   const verify = verifierFor(trust);
   let verifyCalls = 0;
   await updater.start();
-  return {
+  const r: Rig = {
     dir,
     stateDir,
     supervisor,
@@ -112,10 +134,16 @@ async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, nam
     events,
     runlog,
     async stop() {
+      live.delete(r);
       await updater.stop();
       await supervisor.stopAll();
+      if (process.env.OTA_TEST_RUNLOG !== runlog) return; // a later rig's now
+      if (savedRunlog === undefined) delete process.env.OTA_TEST_RUNLOG;
+      else process.env.OTA_TEST_RUNLOG = savedRunlog;
     },
   };
+  live.add(r);
+  return r;
 }
 
 async function finished(r: Rig, before: number): Promise<UpdateRecord> {
@@ -297,18 +325,16 @@ describe('updater with the real supervisor', () => {
   });
 
   test('reconcile: an app the hub installed goes when the desired state no longer names it; an uploaded app stays', async () => {
-    const served = new Map<string, string>();
-    const server = createServer((req, res) => {
-      const f = served.get(req.url ?? '');
+    const files = new Map<string, string>();
+    const { base } = await served((req, res) => {
+      const f = files.get(req.url ?? '');
       if (!f) return void res.writeHead(404).end();
       res.writeHead(200, { 'content-length': String(readFileSync(f).length) }).end(readFileSync(f));
     });
-    await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
-    const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
     const r = await rig(tmp.dir, keys, { probationMs: 200 }, 'reconcile');
     try {
       const web = await buildAppBundle({ dir: tmp.dir, keys, name: 'web', version: '1.0.0', sequence: 1 });
-      served.set('/web.bundle', web.file);
+      files.set('/web.bundle', web.file);
       r.updater.onDesired({ v: 1, rev: 1, ts: Date.now(), apps: { web: { version: '1.0.0', url: `${base}/web.bundle`, sha256: web.sha256, size: web.size } } });
       assert.equal((await finished(r, 0)).state, 'committed');
       r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'local', version: '1.0.0', sequence: 1 })).file);
@@ -330,7 +356,6 @@ describe('updater with the real supervisor', () => {
       assert.equal(r.updater.status().history.length, 2, 'a removal is not an update record');
     } finally {
       await r.stop();
-      server.close();
     }
   });
 
@@ -402,22 +427,20 @@ describe('error in X: a step that fails ends the update on the old or the new ve
   }
 
   test('error in downloading (HTTP 404): failed, nothing changed', async () => {
-    const server = createServer((_req, res) => res.writeHead(404).end());
-    await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
+    const { base } = await served((_req, res) => res.writeHead(404).end());
     const r = await installed('e-download', {});
     try {
-      r.updater.onDesired({ v: 1, rev: 1, ts: Date.now(), apps: { app: { version: '2.0.0', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/x`, sha256: 'b'.repeat(64) } } });
+      r.updater.onDesired({ v: 1, rev: 1, ts: Date.now(), apps: { app: { version: '2.0.0', url: `${base}/x`, sha256: 'b'.repeat(64) } } });
       const rec = await finished(r, 1);
       assert.equal(rec.state, 'failed');
       assert.equal(rec.code, 'FLEET_UPDATE_HTTP_REFUSED');
       assert.equal(currentVersion(r, 'app'), '1.0.0');
     } finally {
       await r.stop();
-      await new Promise<void>((res) => server.close(() => res()));
     }
   });
 
-  test('error in staging: failed, the partial release removed, nothing changed', async () => {
+  test('error in staging (the rig\'s verifier made to throw): failed, the partial release removed, nothing changed', async () => {
     // verifier calls: 1 and 2 are v1's verifying and staging, 3 and 4 v2's
     const r = await installed('e-staging', { verifyCall: 4 });
     try {
@@ -432,7 +455,7 @@ describe('error in X: a step that fails ends the update on the old or the new ve
     }
   });
 
-  test('error in switching: rolled back to the old release', async () => {
+  test('error in switching (the rig\'s supervisor apply made to throw): rolled back to the old release', async () => {
     const r = await installed('e-switch', { applyIn: 'switching' });
     try {
       r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2 })).file);
@@ -465,7 +488,7 @@ describe('error in X: a step that fails ends the update on the old or the new ve
     }
   });
 
-  test('error in rolling-back: retried until rolled back', async () => {
+  test('error in rolling-back (the rig\'s supervisor apply made to throw once): retried until rolled back', async () => {
     const r = await installed('e-rollback', { applyIn: 'rolling-back' }, { probationMs: 500 });
     try {
       r.updater.queueFile((await buildAppBundle({ dir: tmp.dir, keys, name: 'app', version: '2.0.0', sequence: 2, behaviour: 'crash' })).file);

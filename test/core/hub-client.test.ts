@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { createServer as createNetServer, type AddressInfo } from 'node:net';
 import { Aedes } from 'aedes';
+import type { MqttClient } from 'mqtt';
 import { connectFleetClient, disconnectFleetClient, logHubError } from '../../core/mqtt.ts';
 import { closingServer, testLogger, waitFor } from '../helpers.ts';
 
@@ -29,10 +30,12 @@ test('hub client: once stopped (disconnectFleetClient) it never reconnects, also
   let connects = 0;
   broker.on('client', () => connects++);
   const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const clients: MqttClient[] = [];
   try {
     for (const manualConnect of [false, true]) {
       const before = connects;
       const client = connectFleetClient({ url, deviceId: 'dev-2', token: 't'.repeat(43), kind: 'agent', version: '1.0.0', keepalive: 5, reconnectMs: 20, manualConnect });
+      clients.push(client);
       if (manualConnect) client.connect();
       await waitFor(() => client.connected, 'connected');
       // a dropped connection is retried (the reconnect logic is live)
@@ -43,6 +46,7 @@ test('hub client: once stopped (disconnectFleetClient) it never reconnects, also
       assert.equal(connects, before + 2, `no connection after the stop (manualConnect ${manualConnect})`);
     }
   } finally {
+    for (const c of clients) c.end(true); // stopped also when an assertion failed (it would retry every 20 ms)
     await new Promise<void>((r) => broker.close(() => r()));
     await new Promise<void>((r) => server.close(() => r()));
   }
@@ -51,9 +55,11 @@ test('hub client: once stopped (disconnectFleetClient) it never reconnects, also
 test('hub client: stopped while its hub refuses it (every connection closed at once), it makes no attempt after the stop', async () => {
   const hub = await closingServer();
   const url = `mqtt://127.0.0.1:${hub.port}`;
+  const clients: MqttClient[] = [];
   try {
     for (const manualConnect of [false, true]) {
       const client = connectFleetClient({ url, deviceId: 'dev-3', token: 't'.repeat(43), kind: 'agent', version: '1.0.0', keepalive: 5, reconnectMs: 10, reconnectMaxMs: 20, manualConnect });
+      clients.push(client);
       client.on('error', () => undefined);
       if (manualConnect) client.connect();
       const from = hub.connections();
@@ -65,6 +71,7 @@ test('hub client: stopped while its hub refuses it (every connection closed at o
       assert.equal(hub.connections(), after, `no attempt after the stop (manualConnect ${manualConnect}): ${hub.connections() - after} in 0.5 s`);
     }
   } finally {
+    for (const c of clients) c.end(true);
     await hub.close();
   }
 });
