@@ -84,6 +84,8 @@ export class HealthMonitor {
   private timer: NodeJS.Timeout | null = null;
   private startedAt = 0;
   private running = false;
+  /** bumped by every start() and stop(): a probe that returns into a later run is ignored */
+  private run = 0;
   readonly state: HealthStatus = { status: 'starting', failures: 0, lastCheck: null, lastError: null };
 
   constructor(
@@ -104,6 +106,7 @@ export class HealthMonitor {
 
   stop(): void {
     this.running = false;
+    this.run++;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
   }
@@ -115,8 +118,11 @@ export class HealthMonitor {
 
   private async check(): Promise<void> {
     this.timer = null;
+    const run = this.run;
     const err = await runProbe(this.spec.probe, this.spec.timeoutMs, this.cwd);
-    if (!this.running) return;
+    // stopped meanwhile, or stopped and started again (the app restarted while this probe ran):
+    // its result is about the old process, and the new run has its own timer
+    if (!this.running || run !== this.run) return;
     const before = this.state.status;
     this.state.lastCheck = this.now();
     if (err === null) {

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig } from '../../core/config.ts';
@@ -12,6 +13,7 @@ import { AgentConfigSchema, AppSpecSchema, JobSpecSchema } from '../../agent/con
 import { JobScheduler } from '../../agent/jobs.ts';
 import { detectCgroup, prepareLimits } from '../../agent/limits.ts';
 import { RotatingLog } from '../../agent/logfiles.ts';
+import { HealthMonitor } from '../../agent/health.ts';
 import { Supervisor } from '../../agent/supervisor.ts';
 import { resolveUser } from '../../agent/users.ts';
 import { tempDir, testLogger, waitFor } from '../helpers.ts';
@@ -101,6 +103,39 @@ test('supervisor: an exec health check that starts failing restarts the app and 
   } finally {
     await sup.stopAll();
     cleanup();
+  }
+});
+
+test('health monitor: restarted (stop, start) while a probe is under way, it keeps one probe loop: the old probe\'s result is ignored and nothing probes after stop (real HTTP server holding the first probe)', async () => {
+  const held: Array<() => void> = [];
+  let probes = 0;
+  const server = createServer((_req, res) => {
+    probes++;
+    if (probes === 1) held.push(() => res.writeHead(500).end());
+    else res.writeHead(200).end();
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const changes: string[] = [];
+  const mon = new HealthMonitor(
+    { probe: { type: 'http', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/` }, intervalMs: 50, timeoutMs: 5000, retries: 1, startPeriodMs: 0 },
+    { onChange: (st) => changes.push(st.status), onUnhealthy: () => changes.push('restart asked') },
+  );
+  try {
+    mon.start();
+    await waitFor(() => held.length === 1, 'the first probe held');
+    mon.stop();
+    mon.start(); // as the supervisor does when the app restarts
+    held[0]!(); // the old process's probe fails now
+    await waitFor(() => changes.includes('healthy'), 'the new run healthy');
+    assert.ok(!changes.includes('unhealthy') && !changes.includes('restart asked'), `the old probe's 500 counted: ${changes.join(', ')}`);
+    mon.stop();
+    const after = probes;
+    await sleep(400); // 8 intervals: a second loop left behind would probe again
+    assert.equal(probes, after, 'a probe after stop');
+  } finally {
+    mon.stop();
+    server.closeAllConnections();
+    await new Promise<void>((r) => server.close(() => r()));
   }
 });
 
