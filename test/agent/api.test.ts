@@ -220,7 +220,7 @@ test('agent config: a bad value names the key and the file', () => {
   }
 });
 
-test('agent API off loopback (LAN): every read needs a token, no token in the URL, bounded log streams, streams end when the agent stops', async () => {
+test('agent API off loopback (LAN): every read needs a token, no token in the URL, bounded log streams, streams end when the agent stops (the API built on loopback with the options startAgent passes for a LAN address, status stubbed: tests bind loopback only)', async () => {
   const log = testLogger();
   const supervisor = new Supervisor({ log });
   await supervisor.apply([AppSpecSchema.parse({ name: 'ticker', command: '/bin/sh', args: ['-c', 'while :; do echo tick; sleep 0.1; done'], stopTimeoutMs: 2000 })]);
@@ -416,7 +416,8 @@ test('agent API: scheduled jobs are listed and run by hand (never overlapping); 
       api: { port: 0, rateLimit: 0 },
       apps: [{ name: 'talker', command: '/bin/sh', args: ['-c', 'for i in 1 2 3; do echo line-$i; done; exec sleep 60'] }],
       // a yearly schedule: only the manual run fires during the test
-      jobs: [{ name: 'report', schedule: '0 0 1 1 *', command: '/bin/sh', args: ['-c', 'sleep 1'] }],
+      // in UTC: nextRun is printed in UTC, and midnight of 1 January elsewhere is not 1 January there
+      jobs: [{ name: 'report', schedule: '0 0 1 1 *', timezone: 'UTC', command: '/bin/sh', args: ['-c', 'sleep 1'] }],
     }),
     testLogger(),
     '0.0.0',

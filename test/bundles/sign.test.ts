@@ -41,7 +41,7 @@ test('bundle signatures: sign/verify; a flipped byte, another key, a bad signatu
 test('bundle CLI: keygen, sign, verify; openssl verifies our signature (interop)', () => {
   const tmp = tempDir();
   try {
-    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'bundle', ...args], { encoding: 'utf8' });
+    const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'bundle', ...args], { encoding: 'utf8', timeout: 60_000 });
     assert.equal(cli('keygen', '--out', join(tmp.dir, 'k')).status, 0);
     const file = join(tmp.dir, 'manifest.json');
     writeFileSync(file, '{"v":1}');

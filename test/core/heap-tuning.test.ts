@@ -10,9 +10,9 @@ test('heap tuning: an operator-given --heap-growing-percent (command line or NOD
 });
 
 test('heap tuning: otherwise it is set at run time (in a child process, so this one keeps its defaults), under a flag name this V8 knows; its effect is measured by the bench, not here', () => {
-  const out = execFileSync(process.execPath, ['--import', 'tsx', '-e', "import('./core/heap-tuning.ts').then((m) => { const r = m.tuneServerHeap([], ''); process.stdout.write(String(r)); })"], { cwd: new URL('../../', import.meta.url).pathname }).toString();
+  const out = execFileSync(process.execPath, ['--import', 'tsx', '-e', "import('./core/heap-tuning.ts').then((m) => { const r = m.tuneServerHeap([], ''); process.stdout.write(String(r)); })"], { cwd: new URL('../../', import.meta.url).pathname, timeout: 60_000 }).toString();
   assert.equal(out, String(SERVER_HEAP_GROWING_PERCENT));
   // a flag name V8 does not know would be ignored with a warning: check the name against this V8
-  const help = execFileSync(process.execPath, ['--v8-options']).toString();
+  const help = execFileSync(process.execPath, ['--v8-options'], { timeout: 60_000 }).toString();
   assert.match(help, /--heap-growing-percent/);
 });

@@ -213,7 +213,7 @@ function gateBatches(ob: LevelOutbox) {
   return gate;
 }
 
-test('LevelOutbox: a record is peekable while its synced write is in flight; its append resolves only after the write, and a failed write takes it back', async () => {
+test('LevelOutbox: a record is peekable while its synced write is in flight; its append resolves only after the write, and a failed write takes it back (LevelDB writes held by the test, a write failure injected)', async () => {
   const tmp = tempDir();
   try {
     const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
@@ -257,7 +257,7 @@ test('LevelOutbox: a record is peekable while its synced write is in flight; its
   }
 });
 
-test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwhile is peekable at once and shares the next write, an ack of a held record means it is never stored; close writes it at once', async () => {
+test('LevelOutbox: syncIntervalMs holds a synced batch open: what arrives meanwhile is peekable at once and shares the next write, an ack of a held record means it is never stored; close writes it at once (LevelDB writes counted and held by the test)', async () => {
   const tmp = tempDir();
   try {
     const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0, syncIntervalMs: 60_000 });
@@ -321,7 +321,7 @@ test('LevelOutbox: records acked in a held batch do not make peek skip older sto
   }
 });
 
-test('LevelOutbox: an id a reader may have seen is never handed out again — after a failed write, or after a crash while its record was held', async () => {
+test('LevelOutbox: an id a reader may have seen is never handed out again — after a failed write, or after a crash while its record was held (LevelDB writes held by the test, a write failure injected)', async () => {
   const tmp = tempDir();
   try {
     const ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
@@ -396,7 +396,7 @@ test('LevelOutbox: an append refused after evicting part of the room it needed k
   }
 });
 
-test('LevelOutbox: a record that arrives while a held batch reads from disk is peekable at once, not after the hold', async () => {
+test('LevelOutbox: a record that arrives while a held batch reads from disk is peekable at once, not after the hold (a LevelDB read held by the test)', async () => {
   const tmp = tempDir();
   try {
     let ob = await LevelOutbox.open(tmp.dir, { minFreeBytes: 0 });
@@ -472,7 +472,7 @@ test('LevelOutbox and MemoryOutbox: a listener that throws does not strand the o
   }
 });
 
-test('LevelOutbox: a peek that reads LevelDB while a batch commits reads again, so a record never comes before an older one of its class (the next batch, held in flight, after the committed one)', async () => {
+test('LevelOutbox: a peek that reads LevelDB while a batch commits reads again, so a record never comes before an older one of its class (the next batch, held in flight, after the committed one; a LevelDB iterator held by the test)', async () => {
   const tmp = tempDir();
   try {
     // no in-memory tail: every peek of a class with stored records reads LevelDB

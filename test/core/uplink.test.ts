@@ -59,7 +59,7 @@ async function withHubDevice(
   }
 }
 
-test('uplink: a record appended while a peek is in flight is still sent (no stranded record)', async () => {
+test('uplink: a record appended while a peek is in flight is still sent (no stranded record) (a MemoryOutbox whose peek the test holds to append during it)', async () => {
   const got: string[] = [];
   const outbox = new StalePeekOutbox();
   // the pump started by 'connect' peeks an empty outbox; the append lands during that peek
@@ -114,7 +114,7 @@ class HeldAckOutbox extends MemoryOutbox {
   }
 }
 
-test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile, nor after a reconnect', async () => {
+test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile, nor after a reconnect (a MemoryOutbox whose acks the test holds)', async () => {
   const got: string[] = [];
   const outbox = new HeldAckOutbox();
   await withHubDevice(

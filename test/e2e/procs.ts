@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { openSync, readdirSync, readFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stopChild, waitReadyFile } from '../../core/proc.ts';
 
@@ -17,6 +17,7 @@ export class Parts {
       cwd: ROOT,
       stdio: ['pipe', log, log],
     });
+    closeSync(log); // the child has its own copy
     this.children.push({ name, child });
     try {
       return { child, ready: await waitReadyFile<T>(readyFile, child, 60_000) };
