@@ -96,7 +96,7 @@ export const ROUTED_TOPIC = '$fleetlet/routed';
 export const OUTBOX_CHANNELS: ReadonlySet<Channel> = new Set<Channel>(['telemetry', 'events', 'logs', 'reply']);
 
 const EMPTY = Buffer.alloc(0);
-/** Refused batch items are logged once per batch with this many example topics. */
+/** Refused batch items, and MCUs a register could not take, are logged once per message with this many examples. */
 const LOG_EXAMPLES = 3;
 
 /**
@@ -603,13 +603,18 @@ export class HubBroker {
     const set = new Set<string>();
     const want = new Set<string>();
     const now = Date.now();
+    // one log line per register and kind of refusal, not per MCU: a gateway lists up to tens
+    // of thousands, and in a site of two gateways the MCUs the other one holds come up in
+    // every register
+    const fleetDevices: string[] = [];
+    const heldElsewhere: Array<{ mcu: string; owner: string }> = [];
     for (const id of mcus) {
       if (!isDeviceId(id) || id === gatewayId) continue;
       // an id of the fleet's own devices is never an MCU: claiming it would let a gateway
       // (with a site key minted for that id) replace the device's state, receive its
       // commands, and lock the device itself out (authenticate refuses claimed ids)
       if (this.isFleetDevice(id)) {
-        this.opts.log.warn('a gateway listed a device of the fleet as its MCU; refused', { mcu: id, gateway: gatewayId });
+        fleetDevices.push(id);
         continue;
       }
       want.add(id);
@@ -617,7 +622,7 @@ export class HubBroker {
       if (this.opts.isRevokedMcu?.(id)) continue;
       const owner = this.claimedBy.get(id);
       if (owner !== undefined && owner !== gatewayId) {
-        this.opts.log.warn('MCU already registered by another gateway', { mcu: id, gateway: gatewayId, owner });
+        heldElsewhere.push({ mcu: id, owner });
         continue;
       }
       if (owner === undefined) this.claimActive.set(id, now);
@@ -630,6 +635,12 @@ export class HubBroker {
       this.claimedBy.delete(old);
       this.claimActive.delete(old);
       released.push(old);
+    }
+    if (fleetDevices.length > 0) {
+      this.opts.log.warn('a gateway listed devices of the fleet as its MCUs; refused', { gateway: gatewayId, count: fleetDevices.length, first: fleetDevices.slice(0, LOG_EXAMPLES) });
+    }
+    if (heldElsewhere.length > 0) {
+      this.opts.log.warn('MCUs already registered by another gateway; they move here once that one is offline or idle for them', { gateway: gatewayId, count: heldElsewhere.length, first: heldElsewhere.slice(0, LOG_EXAMPLES) });
     }
     this.delegations.set(gatewayId, set);
     this.wanted.set(gatewayId, want);

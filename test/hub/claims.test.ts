@@ -105,6 +105,33 @@ test('MCU claims: a gateway cannot claim a device of the fleet as its MCU (it co
   }
 });
 
+test('MCU claims: a register listing many MCUs another gateway holds, and devices of the fleet, is logged once per kind with a count and a few examples, not once per MCU', async () => {
+  await withHub(async (hub, ctx) => {
+    const ids = Array.from({ length: 40 }, (_, i) => `esp-${i}`);
+    const pi = await connectDevice(ctx, 'pi-07', { reconnectPeriod: 0 });
+    const a = await connectDevice(ctx, 'gw-a', { reconnectPeriod: 0 });
+    const b = await connectDevice(ctx, 'gw-b', { reconnectPeriod: 0 });
+    try {
+      await a.publishAsync(...register('gw-a', ids));
+      const from = ctx.log.lines.length;
+      await b.publishAsync(...register('gw-b', [...ids, 'esp-new', 'pi-07']));
+      await b.publishAsync(...register('gw-b', [...ids, 'esp-new', 'pi-07'])); // as the next register repeats them
+      assert.deepEqual([...(hub.broker.mcusOf('gw-b') ?? [])], ['esp-new']);
+      const lines = ctx.log.lines.slice(from).filter((l) => l.level === 'warn');
+      const held = lines.filter((l) => /already registered by another gateway/.test(String(l.msg)));
+      const fleet = lines.filter((l) => /devices of the fleet/.test(String(l.msg)));
+      assert.equal(held.length, 2, `one line per register: ${JSON.stringify(lines)}`);
+      assert.equal(held[0]!.count, 40);
+      assert.deepEqual(held[0]!.first, ids.slice(0, 3).map((mcu) => ({ mcu, owner: 'gw-a' })));
+      assert.equal(fleet.length, 2);
+      assert.equal(fleet[0]!.count, 1);
+      assert.equal(lines.length, 4, JSON.stringify(lines));
+    } finally {
+      await Promise.all([pi.endAsync(), a.endAsync(), b.endAsync()]);
+    }
+  });
+});
+
 test('MCU claims: an offline state from a gateway that still lists a moved MCU does not take it (data or an online state would); after a hub restart, the first gateway to send data for an MCU two registers list takes it', async () => {
   const tmp = tempDir();
   try {

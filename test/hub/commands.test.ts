@@ -18,10 +18,12 @@ import { connect, connectDevice, type HubCtx } from './harness.ts';
 
 /** A real hub over `dir` (kept: a second hub may open it again), with command timing for tests. */
 async function hubOn(dir: string, options: HubOptions = {}): Promise<{ hub: HubHandle; ctx: HubCtx }> {
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: dir }), testLogger('hub'), options);
+  const log = testLogger('hub');
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: dir }), log, options);
   return {
     hub,
     ctx: {
+      log,
       secret: readFileSync(hub.fleetSecretFile, 'utf8').trim(),
       operator: readFileSync(hub.operatorTokenFile, 'utf8').trim(),
       url: `mqtt://127.0.0.1:${hub.mqttPort}`,

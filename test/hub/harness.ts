@@ -14,14 +14,18 @@ export interface HubCtx {
   operator: string;
   url: string;
   http: string;
+  /** what the hub logged (parsed JSON lines) */
+  log: ReturnType<typeof testLogger>;
 }
 
 /** A real hub on free ports over a temp state dir (or `dir`), stopped and removed afterwards. */
 export async function withHub(fn: (hub: HubHandle, ctx: HubCtx) => Promise<void>, dir?: string, config: Partial<HubConfig> = {}): Promise<void> {
   const tmp = dir ? { dir, cleanup: () => undefined } : tempDir();
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir, ...config }), testLogger('hub'));
+  const log = testLogger('hub');
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir, ...config }), log);
   try {
     await fn(hub, {
+      log,
       secret: readFileSync(hub.fleetSecretFile, 'utf8').trim(),
       operator: readFileSync(hub.operatorTokenFile, 'utf8').trim(),
       url: `mqtt://127.0.0.1:${hub.mqttPort}`,
