@@ -47,24 +47,29 @@ export function deliverFailureReason(err: unknown): DropReason {
 
 /**
  * Warn at most once per key per period, so a fleet of misconfigured MCUs cannot flood
- * the log; everything is still counted in the metrics.
+ * the log; everything is still counted in the metrics. The ones held back are logged at
+ * debug level (FLEETLET_LOG_LEVEL=debug shows each), and the next warning for the key says
+ * how many there were (`suppressed`), so a field engineer reading warnings knows they went on.
  */
 export class LogThrottle {
-  private readonly last = new Map<string, number>();
+  private readonly last = new Map<string, { at: number; suppressed: number }>();
   constructor(
     private readonly log: Logger,
     private readonly periodMs = 60_000,
+    private readonly now: () => number = () => performance.now(),
   ) {}
 
   warn(key: string, msg: string, fields: Record<string, unknown>): void {
-    const now = Date.now();
+    const now = this.now();
     const prev = this.last.get(key);
-    if (prev !== undefined && now - prev < this.periodMs) {
+    if (prev !== undefined && now - prev.at < this.periodMs) {
+      prev.suppressed++;
       this.log.debug(msg, fields);
       return;
     }
-    if (this.last.size >= 10_000) this.last.clear(); // bounded under id churn
-    this.last.set(key, now);
-    this.log.warn(msg, fields);
+    if (prev === undefined && this.last.size >= 10_000) this.last.clear(); // bounded under id churn
+    this.last.set(key, { at: now, suppressed: 0 });
+    // `suppressed`: how many more since the last such warning (each logged at debug level)
+    this.log.warn(msg, prev?.suppressed ? { ...fields, suppressed: prev.suppressed } : fields);
   }
 }

@@ -12,7 +12,7 @@ import { blockOptionValue, buildCoapPacket, COAP_OPTION, coapUint, coapUintValue
 import { decodeMcuCommand } from '../../firmware-bridge/frames.ts';
 import { McuCoapIngress, RecentExchanges, sendDatagram } from '../../gateway/coap-ingress.ts';
 import type { ServedImage } from '../../gateway/firmware.ts';
-import type { DropReason } from '../../gateway/ingress.ts';
+import { LogThrottle, type DropReason } from '../../gateway/ingress.ts';
 import type { McuService } from '../../gateway/service.ts';
 import { testLogger, waitFor } from '../helpers.ts';
 import { coap, of, registered, withEnv } from './env.ts';
@@ -265,6 +265,23 @@ test('the response cache is bounded by what an entry really costs (~550 bytes), 
     assert.ok(got.every((p) => codeOf(p) === '2.05'));
     assert.ok(ing.cachedAnswers > 0 && ing.cachedAnswers <= 22, `cached ${ing.cachedAnswers}`);
   }, 20 * 560);
+});
+
+test('log throttle (clock injected): one warning per key and period; the ones held back go to debug, and the next warning counts them (suppressed)', () => {
+  const log = testLogger('throttle');
+  let now = 0;
+  const t = new LogThrottle(log, 60_000, () => now);
+  for (let i = 0; i < 6; i++) t.warn('auth:10.0.0.7', 'refused', { i });
+  t.warn('auth:10.0.0.8', 'refused', { i: 'other' });
+  now = 59_999;
+  t.warn('auth:10.0.0.7', 'refused', { i: 6 });
+  now = 60_000;
+  t.warn('auth:10.0.0.7', 'refused', { i: 7 });
+  now = 200_000;
+  t.warn('auth:10.0.0.7', 'refused', { i: 8 });
+  const warns = log.lines.filter((l) => l.level === 'warn').map((l) => [l.i, l.suppressed]);
+  assert.deepEqual(warns, [[0, undefined], ['other', undefined], [7, 6], [8, undefined]]);
+  assert.equal(log.lines.filter((l) => l.level === 'debug').length, 6, 'each one held back is at debug level');
 });
 
 test('log throttle: refusals before the MAC checked out are keyed by reason and source address, not by the MCU id in the URL; after it, by MCU id', async () => {
