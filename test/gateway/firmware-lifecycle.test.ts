@@ -175,6 +175,8 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       assert.equal(await head(env, 'esp-r3'), null);
       // the same desired state again (as after a reconnect): a bundle refused for itself is not tried again
       const events = () => (of(env.seen, 'esp-r3', 'events') as EventMessage[]).filter((e) => e.type === 'mcu.firmware').length;
+      // the state turns 'failed' before its event is through the outbox and the uplink: count after it arrived
+      await waitFor(() => (of(env.seen, 'esp-r3', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && (e.data as { state?: string } | undefined)?.state === 'failed'), "esp-r3's failed event at the hub");
       const before = events();
       await hub.setDesired('esp-r3', fwA());
       await sleep(500);

@@ -263,6 +263,8 @@ test('MCU states: a gateway\'s state for its MCU must say kind mcu and via the g
 });
 
 test('MCU claims: an MCU that sends no readings (an actuator answering commands) moves with its replies; a FLEET_TIMEOUT the gateway it left makes up neither moves it back nor keeps that gateway active; an MCU handed on because its holder stopped listing it is idle there, so the gateway it talks to takes it at once', async () => {
+  // 4 s: between the publishes that must fall within it, a loaded machine can stall a second
+  const IDLE_MS = 4000;
   await withHub(
     async (hub, ctx) => {
       const holder = () => (hub.broker.mcusOf('gw-a')?.has('esp-1') ? 'gw-a' : hub.broker.mcusOf('gw-b')?.has('esp-1') ? 'gw-b' : 'none');
@@ -273,12 +275,12 @@ test('MCU claims: an MCU that sends no readings (an actuator answering commands)
       await a.publishAsync(...register('gw-a', ['esp-1']));
       await b.publishAsync(...register('gw-b', ['esp-1']));
       await a.publishAsync(...replyOf('gw-a', '100', { ok: true }));
-      await sleep(1200); // the actuator left gw-a: nothing from it there since
+      await sleep(IDLE_MS + 200); // the actuator left gw-a: nothing from it there since
       await a.publishAsync(...replyOf('gw-a', '101', { ok: false, error: { code: 'FLEET_TIMEOUT', message: 'expired' } }));
       await b.publishAsync(...replyOf('gw-b', '200', { ok: true, result: { on: true } }));
       assert.equal(holder(), 'gw-b', 'its answer through gw-b moved it; gw-a\'s own timeout did not keep gw-a active');
       // an MCU's own refusal is contact too; gw-a's made-up timeout does not move it back
-      await sleep(1200);
+      await sleep(IDLE_MS + 200);
       await a.publishAsync(...replyOf('gw-a', '102', { ok: false, error: { code: 'FLEET_TIMEOUT', message: 'expired' } }));
       assert.equal(holder(), 'gw-b');
       await b.publishAsync(...replyOf('gw-b', '201', { ok: false, error: { code: 'FLEET_MCU_COMMAND', message: 'busy' } }));
@@ -299,6 +301,6 @@ test('MCU claims: an MCU that sends no readings (an actuator answering commands)
       await Promise.all([a.endAsync(), b.endAsync()]);
     },
     undefined,
-    { mcuClaimIdleMs: 1000 },
+    { mcuClaimIdleMs: IDLE_MS },
   );
 });

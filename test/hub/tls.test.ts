@@ -27,10 +27,9 @@ test('hub TLS: mosquitto clients over TLS reach the broker; an untrusted certifi
       const operator = readFileSync(hub.operatorTokenFile, 'utf8').trim();
       const base = (ca: string) => ['-h', '127.0.0.1', '-p', String(hub.mqttsPort), '--cafile', ca, '-u', 'operator', '-P', operator, '-V', 'mqttv311'];
       // subscriber waits for one retained message; the publisher sets it (desired state is an operator topic)
-      const sub = run('mosquitto_sub', [...base(good.cert), '-i', 'ops-sub', '-t', 'fleet/v1/d/dev-1/desired', '-C', '1', '-W', '10'], { timeout: 15_000 });
-      await new Promise((r) => setTimeout(r, 500));
-      await run('mosquitto_pub', [...base(good.cert), '-i', 'ops-pub', '-t', 'fleet/v1/d/dev-1/desired', '-q', '1', '-m', '{"v":1}'], { timeout: 15_000 });
-      const { stdout } = await sub;
+      // (retained: the subscriber gets it whether its SUBSCRIBE comes before or after the publish)
+      await run('mosquitto_pub', [...base(good.cert), '-i', 'ops-pub', '-t', 'fleet/v1/d/dev-1/desired', '-q', '1', '-r', '-m', '{"v":1}'], { timeout: 15_000 });
+      const { stdout } = await run('mosquitto_sub', [...base(good.cert), '-i', 'ops-sub', '-t', 'fleet/v1/d/dev-1/desired', '-C', '1', '-W', '10'], { timeout: 15_000 });
       assert.equal(stdout.trim(), '{"v":1}');
       // a client that trusts another certificate does not get through
       await assert.rejects(run('mosquitto_pub', [...base(other.cert), '-i', 'ops-x', '-t', 'fleet/v1/d/dev-1/desired', '-q', '1', '-m', 'x'], { timeout: 15_000 }));
