@@ -31,7 +31,7 @@ interface Device {
   hubEvents: EventMessage[];
   /** lines of starts.log: "start releases/<rel>" and "exit <code>" */
   starts(): string[];
-  apiPort(): number;
+  apiPort(): Promise<number>;
   tail(): string;
   stop(): Promise<void>;
 }
@@ -68,6 +68,7 @@ function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, updat
       `while [ ! -e '${stopFile}' ]; do`,
       `  "$S/agent/committed/fleetlet" agent boot-check --config '${cfg}' --state-dir "$S"`,
       `  echo "start $(readlink "$S/agent/current")" >> '${starts}'`,
+      `  rm -f '${ready}'`, // written again once this start's API listens
       `  "$S/agent/current/fleetlet" agent --config '${cfg}' --device-id ${id} --state-dir "$S" --hub ${ctx.url} --token-file '${tokenFile}' --api-port 0 --ready-file '${ready}'`,
       `  echo "exit $?" >> '${starts}'`,
       '  sleep 0.2',
@@ -94,7 +95,8 @@ function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, updat
     v1Dir,
     hubEvents,
     starts: () => (existsSync(starts) ? readFileSync(starts, 'utf8').trim().split('\n') : []),
-    apiPort: () => (JSON.parse(readFileSync(ready, 'utf8')) as { apiPort: number }).apiPort,
+    // the agent connects to the hub before its API listens: wait for this start's ready file
+    apiPort: () => waitFor(() => (existsSync(ready) ? (JSON.parse(readFileSync(ready, 'utf8')) as { apiPort: number }).apiPort : 0), 'the agent API ready', 30_000, 50),
     tail: () => `\n--- starts ---\n${existsSync(starts) ? readFileSync(starts, 'utf8') : ''}\n--- loop.log ---\n${readFileSync(logFile, 'utf8').slice(-3000)}`,
     async stop() {
       writeFileSync(stopFile, '');
@@ -108,7 +110,7 @@ function startDevice(dir: string, hub: HubHandle, ctx: HubCtx, id: string, updat
 }
 
 async function updatesView(d: Device): Promise<{ history: Array<{ state: string; kind: string; version: string; chain?: string[]; history: Array<{ state: string }> }> }> {
-  return (await (await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/updates`)).json()) as never;
+  return (await (await fetch(`http://127.0.0.1:${await d.apiPort()}/api/v1/updates`)).json()) as never;
 }
 
 describe('agent self-update', () => {
@@ -162,7 +164,7 @@ describe('agent self-update', () => {
           return v.history[0]?.state === 'rolled-back' ? v : null;
         }, 'the rollback in the agent\'s update history', 10_000, 100);
         assert.equal(view.history[0]?.kind, 'agent');
-        const status = (await (await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/status`)).json()) as { version: string };
+        const status = (await (await fetch(`http://127.0.0.1:${await d.apiPort()}/api/v1/status`)).json()) as { version: string };
         assert.equal(status.version, VERSION);
       } finally {
         await d.stop();
@@ -178,7 +180,7 @@ describe('agent self-update', () => {
         // the "new build": the same launcher, re-signed as sequence 1 (a re-deploy under the same version)
         const good = await buildAgentBundle({ dir: tmp.dir, keys: d.keys, version: VERSION, sequence: 1, script: readFileSync(d.launcher, 'utf8') });
         const technician = readFileSync(join(d.stateDir, 'tokens', 'technician.token'), 'utf8').trim();
-        const up = await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${technician}` }, body: readFileSync(good.file) });
+        const up = await fetch(`http://127.0.0.1:${await d.apiPort()}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${technician}` }, body: readFileSync(good.file) });
         assert.equal(up.status, 202, await up.clone().text());
 
         const ev = await waitFor(() => d.hubEvents.find((e) => e.type === 'update.committed'), `update.committed from the new agent${d.tail()}`, 120_000, 200);
@@ -209,7 +211,7 @@ describe('agent self-update', () => {
         await waitFor(() => hub.registry.get(d.id)?.online, `agent (single binary) online${d.tail()}`, 60_000, 100);
         const next = await buildAgentBundle({ dir: tmp.dir, keys: d.keys, version: VERSION, sequence: 1, binary: bin });
         const technician = readFileSync(join(d.stateDir, 'tokens', 'technician.token'), 'utf8').trim();
-        const up = await fetch(`http://127.0.0.1:${d.apiPort()}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${technician}` }, body: readFileSync(next.file) });
+        const up = await fetch(`http://127.0.0.1:${await d.apiPort()}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${technician}` }, body: readFileSync(next.file) });
         assert.equal(up.status, 202, await up.clone().text());
 
         const ev = await waitFor(() => d.hubEvents.find((e) => e.type === 'update.committed'), `update.committed from the new binary${d.tail()}`, 120_000, 200);

@@ -53,9 +53,14 @@ test('sim MQTT: a device with a verified image waiting for its ack\'s delivery d
   const sha = createHash('sha256').update(image).digest();
   const broker = await Aedes.createBroker();
   // the gateway is slow to acknowledge the device's ack (its rate limit, a busy loop): 8 s
+  const slowAcks = new Set<NodeJS.Timeout>();
   broker.authorizePublish = (_client, packet, cb) => {
-    if (packet.topic.endsWith('/ack')) setTimeout(() => cb(null), 8000).unref();
-    else cb(null);
+    if (!packet.topic.endsWith('/ack')) return cb(null);
+    const t = setTimeout(() => {
+      slowAcks.delete(t);
+      cb(null);
+    }, 8000);
+    slowAcks.add(t);
   };
   const hellos: string[] = [];
   broker.on('subscribe', (subs, client) => {
@@ -88,6 +93,7 @@ test('sim MQTT: a device with a verified image waiting for its ack\'s delivery d
     assert.ok(maxSleeping <= 1, `sleeping ${maxSleeping} of 1 device`);
   } finally {
     await sim.stop();
+    for (const t of slowAcks) clearTimeout(t); // not answered into the closed broker
     await new Promise<void>((r) => broker.close(() => r()));
     server.close();
   }

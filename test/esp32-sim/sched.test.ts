@@ -133,7 +133,9 @@ test('sim mqtt against a plain aedes broker: every device sends once per interva
     const min = Math.min(...firsts);
     const buckets = new Array<number>(6).fill(0);
     for (const f of firsts) buckets[Math.min(5, Math.floor((f - min) / 100))]!++;
-    assert.ok(buckets.filter((b) => b > 0).length >= 5, `first readings by 100 ms slice: ${buckets.join(' ')}`);
+    // (a scheduler late by a slice or more bunches them: then not checked, and said so)
+    if (lateMs < 100) assert.ok(buckets.filter((b) => b > 0).length >= 5, `first readings by 100 ms slice: ${buckets.join(' ')}`);
+    else t.diagnostic(`NOT CHECKED: boots spread (scheduler ${lateMs.toFixed(1)} ms late: a stalled machine; first readings by 100 ms slice ${buckets.join(' ')})`);
     // a reading is skipped when the previous one is still unacked at the next tick: that
     // happens only when the process stalled for a good part of an interval
     if (lateMs < intervalMs / 2) assert.equal(sim.stats().skipped, 0, `scheduler at most ${lateMs.toFixed(1)} ms late`);

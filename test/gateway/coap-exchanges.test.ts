@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createSocket } from 'node:dgram';
+import { createSocket, type Socket } from 'node:dgram';
 import { COAP_PATH_ROOT, COAP_QUERY_COUNTER, COAP_QUERY_MAC, SENML_JSON_FORMAT } from '../../firmware-bridge/coap.ts';
 import { mcuKey, signMcuMessage } from '../../firmware-bridge/auth.ts';
 import { COAP_METHOD, decodeMessage, encodeRequest } from '../../esp32-sim/coap-lite.ts';
@@ -245,11 +245,22 @@ test('gateway CoAP: what the coap package itself would refuse (Observe on a POST
   await withEnv(async ({ gw }) => {
     // the package's own error answers went to <its port> on localhost, not to the sender: a
     // sender at 127.0.0.2 made the gateway write to whatever listens on 127.0.0.1 at that port
-    const sender = createSocket('udp4');
-    await new Promise<void>((r) => sender.bind(0, '127.0.0.2', () => r()));
-    const port = sender.address().port;
-    const bystander = createSocket('udp4');
-    await new Promise<void>((r) => bystander.bind(port, '127.0.0.1', () => r()));
+    // a sender port whose number is free on 127.0.0.1 too (another file may hold it there)
+    const bindTo = (sock: Socket, port: number, host: string) =>
+      new Promise<boolean>((r) => {
+        sock.once('error', () => r(false));
+        sock.bind(port, host, () => r(true));
+      });
+    let sender!: Socket;
+    let bystander!: Socket;
+    for (let tries = 0; ; tries++) {
+      sender = createSocket('udp4');
+      bystander = createSocket('udp4');
+      if ((await bindTo(sender, 0, '127.0.0.2')) && (await bindTo(bystander, sender.address().port, '127.0.0.1'))) break;
+      sender.close();
+      bystander.close();
+      if (tries === 10) throw new Error('no port free on both 127.0.0.2 and 127.0.0.1 in 10 tries');
+    }
     const gotBystander: Buffer[] = [];
     const gotSender: Buffer[] = [];
     bystander.on('message', (m) => gotBystander.push(m));

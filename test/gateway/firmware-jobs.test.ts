@@ -345,9 +345,10 @@ test('firmware jobs (stub relay): a download that stalls is given up after downl
     }
     const from = m ? Number(m[1]) : 0;
     res.writeHead(m ? 206 : 200, { 'content-length': bytes.length - from });
-    // slowly, but never idle for long: 8 pieces 60 ms apart, longer in all than the idle limit
+    // slowly, but never idle for long: 16 pieces 100 ms apart, longer in all than the idle
+    // limit (1 s: a stall of the machine shorter than ~900 ms does not look like an idle store)
     let at = from;
-    const step = Math.ceil((bytes.length - from) / 8);
+    const step = Math.ceil((bytes.length - from) / 16);
     const tick = setInterval(() => {
       res.write(bytes.subarray(at, Math.min(bytes.length, at + step)));
       at += step;
@@ -355,10 +356,10 @@ test('firmware jobs (stub relay): a download that stalls is given up after downl
         clearInterval(tick);
         res.end();
       }
-    }, 60);
+    }, 100);
   });
   await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
-  const r = await rig({ downloadIdleMs: 300 });
+  const r = await rig({ downloadIdleMs: 1000 });
   try {
     r.meta.set('m1', { fw: '1.0.0' });
     const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/a.bundle`;

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { createConnection, createServer } from 'node:net';
+import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { promisify } from 'node:util';
@@ -166,12 +166,9 @@ test('mcu tls: plain and TLS ports side by side serve the same MCU; a TLS 1.2-on
 
 /** A gateway config with no hub behind it (a closed port): for start-up checks. */
 async function standalone(dir: string, mcu: Record<string, unknown>) {
-  const closed = createServer();
-  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r));
-  const hubPort = (closed.address() as { port: number }).port;
-  await new Promise<void>((r) => closed.close(() => r()));
+  // port 1: privileged, nothing listens there (a port bound and closed could be taken meanwhile)
   const stateDir = join(dir, 'gateway');
-  return GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir, hub: { url: `mqtt://127.0.0.1:${hubPort}`, tokenFile: join(dir, 'token'), reconnectMs: 60_000 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu } });
+  return GatewayConfigSchema.parse({ deviceId: 'gw-1', stateDir, hub: { url: 'mqtt://127.0.0.1:1', tokenFile: join(dir, 'token'), reconnectMs: 60_000 }, mcu: { mqttPort: 0, coapPort: 0, ...mcu } });
 }
 
 test('mcu tls: bad certificate or key paths fail the start with FLEET_CONFIG_INVALID naming the key, before anything is opened', async () => {

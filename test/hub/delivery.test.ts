@@ -186,7 +186,7 @@ test('delivery: retained messages interleaved with other traffic are not lost at
       for (let j = 0; j < 3; j++) work.push(hub.sendCommand(`dev-${i}`, 'ping', {}, 60_000));
     }
     await Promise.all(work);
-    await waitFor(() => seen.desired === devices && seen.cmd === devices * 3, 'every desired state and command', 5_000).catch(() => undefined);
+    await waitFor(() => seen.desired === devices && seen.cmd === devices * 3, 'every desired state and command', 20_000).catch(() => undefined);
     assert.deepEqual(seen, { desired: devices, cmd: devices * 3 });
     await ops.endAsync();
   });
