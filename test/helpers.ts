@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createSocket } from 'node:dgram';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -83,3 +84,43 @@ export function makeCert(dir: string, name: string): { cert: string; key: string
   chmodSync(key, 0o600);
   return { cert, key };
 }
+
+/**
+ * A free loopback port below the kernel's ephemeral range, for a server a test stops and
+ * starts again on the same port (a hub outage, a gateway killed): a port 0 listener of a
+ * test file running alongside could take a port of the ephemeral range while it is down.
+ * `udp`: free for UDP too (a CoAP port).
+ */
+export async function stablePort(udp = false): Promise<number> {
+  let low = 32768;
+  try {
+    low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch {
+    // not Linux: the usual default
+  }
+  const from = Math.max(1024, low - 12_000);
+  for (let tries = 0; tries < 100; tries++) {
+    const port = from + Math.floor(Math.random() * (low - from));
+    const tcp = createServer();
+    const tcpFree = await new Promise<boolean>((r) => {
+      tcp.once('error', () => r(false));
+      tcp.listen(port, '127.0.0.1', () => r(true));
+    });
+    if (tcpFree) await new Promise<void>((r) => tcp.close(() => r()));
+    if (!tcpFree) continue;
+    if (!udp) return port;
+    const sock = createSocket('udp4');
+    const udpFree = await new Promise<boolean>((r) => {
+      sock.once('error', () => r(false));
+      sock.bind(port, '127.0.0.1', () => r(true));
+    });
+    try {
+      sock.close();
+    } catch {
+      // never bound
+    }
+    if (udpFree) return port;
+  }
+  throw new Error('no free port below the ephemeral range in 100 tries');
+}
+

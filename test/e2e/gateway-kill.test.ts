@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { runSim } from '../../esp32-sim/sim.ts';
 import { faultRig, whyMissing } from '../esp32-sim/harness.ts';
-import { testLogger, waitFor } from '../helpers.ts';
+import { stablePort, testLogger, waitFor } from '../helpers.ts';
 
 /**
  * Issue 6, faults: the gateway SIGKILLed while MCUs publish. Nothing that was
@@ -26,8 +26,9 @@ test(`gateway e2e: SIGKILL of the gateway ${KILLS} times under MQTT and CoAP loa
   const { stack, sims, connectConsumer } = faultRig(t, 'fleetlet-gw-kill-');
 
   await stack.startHub();
-  await stack.startGateway();
-  const ports = { mqttPort: stack.gw.ready.mqttPort, coapPort: stack.gw.ready.coapPort };
+  // restarted on the same ports after each kill: ones no port-0 listener can take meanwhile
+  const ports = { mqttPort: await stablePort(), coapPort: await stablePort(true) };
+  await stack.startGateway({}, ports);
   const consumer = await connectConsumer();
 
   const acked = new Set<string>();

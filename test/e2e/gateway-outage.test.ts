@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { runSim } from '../../esp32-sim/sim.ts';
 import { faultRig, whyMissing } from '../esp32-sim/harness.ts';
-import { testLogger, waitFor } from '../helpers.ts';
+import { stablePort, testLogger, waitFor } from '../helpers.ts';
 
 /**
  * Issue 6, faults: the hub unreachable for minutes while 1,000 MCUs publish through the
@@ -17,8 +17,9 @@ const INTERVAL_MS = 2000;
 test('gateway e2e: hub away for 75 s while 1,000 MCUs (800 MQTT + 200 CoAP) publish — everything arrives afterwards, no duplicates at the consumer', { timeout: 300_000 }, async (t) => {
   const { stack, sims, connectConsumer } = faultRig(t, 'fleetlet-gw-outage-');
 
-  await stack.startHub();
-  const hubPort = stack.hub.ready.mqttPort;
+  // restarted on the same port after the outage: one no port-0 listener can take meanwhile
+  const hubPort = await stablePort();
+  await stack.startHub(hubPort);
   // a quick reconnect to the hub once it is back; the default uplink limits
   await stack.startGateway();
   const consumer = await connectConsumer();

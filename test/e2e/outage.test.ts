@@ -12,7 +12,7 @@ import { deviceTopic } from '../../core/topics.ts';
 import { Uplink } from '../../core/uplink.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { stablePort, tempDir, testLogger, waitFor } from '../helpers.ts';
 
 /** The issue's scenario: the hub is away for a whole minute while devices keep producing. */
 const OUTAGE_MS = 60_000;
@@ -20,8 +20,9 @@ const OUTAGE_MS = 60_000;
 test('outage: the hub stopped for a minute during a flood — zero loss and no duplicates at a consumer on the hub', { timeout: 240_000 }, async () => {
   const tmp = tempDir('fleetlet-outage-');
   const hubConfig = (mqttPort: number) => HubConfigSchema.parse({ mqttPort, httpPort: 0, stateDir: join(tmp.dir, 'hub') });
-  let hub: HubHandle = await startHub(hubConfig(0), testLogger('hub'));
-  const port = hub.mqttPort;
+  // restarted on the same port after the outage: one no port-0 listener can take meanwhile
+  const port = await stablePort();
+  let hub: HubHandle = await startHub(hubConfig(port), testLogger('hub'));
   const url = `mqtt://127.0.0.1:${port}`;
   const secret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
 

@@ -19,7 +19,7 @@ import { GatewayConfigSchema, type GatewayConfig } from '../../gateway/config.ts
 import { startGateway, type GatewayHandle } from '../../gateway/index.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { stablePort, tempDir, testLogger, waitFor } from '../helpers.ts';
 import { nextCounter, withEnv, type Seen } from './env.ts';
 
 function connectMcu(port: number, id: string, password: string): Promise<MqttClient> {
@@ -318,7 +318,8 @@ test('gateway: many MCUs appearing at once are registered in few coalesced messa
  */
 async function hubGone(dir: string): Promise<{ hubDir: string; port: number; config: GatewayConfig }> {
   const hubDir = join(dir, 'hub');
-  const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: hubDir }), testLogger('hub'));
+  // started again later on this port: one no port-0 listener can take meanwhile
+  const hub = await startHub(HubConfigSchema.parse({ mqttPort: await stablePort(), httpPort: 0, stateDir: hubDir }), testLogger('hub'));
   const port = hub.mqttPort;
   const fleetSecret = readFileSync(hub.fleetSecretFile, 'utf8').trim();
   await hub.stop();

@@ -9,7 +9,7 @@ import { encodeMessage } from '../../core/messages.ts';
 import { deviceTopic } from '../../core/topics.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub, type HubHandle } from '../../hub/index.ts';
-import { rng, tempDir, testLogger, waitFor } from '../helpers.ts';
+import { rng, stablePort, tempDir, testLogger, waitFor } from '../helpers.ts';
 import { connect, connectDevice, event, logs, metric, patchStore, telemetry, withHub, type HubCtx } from './harness.ts';
 
 /**
@@ -195,7 +195,8 @@ test('delivery: retained messages interleaved with other traffic are not lost at
 test('delivery: a graceful hub restart in the middle of a flood — a durable consumer sees every message exactly once', async () => {
   const tmp = tempDir();
   const config = (mqttPort: number) => HubConfigSchema.parse({ mqttPort, httpPort: 0, stateDir: join(tmp.dir, 'hub') });
-  let hub: HubHandle = await startHub(config(0), testLogger('hub'));
+  // restarted on the same port: one no port-0 listener can take meanwhile
+  let hub: HubHandle = await startHub(config(await stablePort()), testLogger('hub'));
   const clients: MqttClient[] = [];
   try {
     const url = `mqtt://127.0.0.1:${hub.mqttPort}`;
@@ -224,6 +225,7 @@ test('delivery: a graceful hub restart in the middle of a flood — a durable co
           await hub.stop();
           hub = await startHub(config(port), testLogger('hub'));
         })();
+        restarted.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
       }
     }
     await restarted;
