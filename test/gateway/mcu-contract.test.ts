@@ -192,8 +192,12 @@ test('firmware: desired firmware (file:// bundle, raw-image verifier mock) is of
     await new Promise<void>((r) => other.bind(0, '127.0.0.2', () => r()));
     const fwc = nextCounter();
     const fwq = [`${COAP_QUERY_COUNTER}=${fwc}`, `${COAP_QUERY_MAC}=${signMcuMessage(mcuKey(site, 'esp-f1'), 'esp-f1', 'fw', fwc, Buffer.alloc(0))}`];
-    const fromOther = await new Promise<Buffer>((resolve) => {
-      other.once('message', (m) => resolve(m));
+    const fromOther = await new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('no answer to the other address in 10 s')), 10_000);
+      other.once('message', (m) => {
+        clearTimeout(timer);
+        resolve(m);
+      });
       other.send(encodeRequest({ method: COAP_METHOD.GET, path: [...COAP_PATH_ROOT, 'esp-f1', 'fw'], query: fwq, block2: { num: 0, szx: 6 } }, 0, 0x2345, 0x99), gw.coapPort, '127.0.0.1');
     });
     await new Promise<void>((r) => other.close(() => r()));
