@@ -7,7 +7,7 @@ import { AgentConfigSchema } from '../../agent/config.ts';
 import { startAgent } from '../../agent/index.ts';
 import { planInstall, renderUnit, type FsProbe } from '../../agent/install.ts';
 import { loadConfig } from '../../core/config.ts';
-import { tempDir, testLogger } from '../helpers.ts';
+import { stablePort, tempDir, testLogger } from '../helpers.ts';
 
 /** fleetlet from source, as a real child process */
 const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'cli/main.ts', ...args], { encoding: 'utf8', timeout: 60_000 });
@@ -192,12 +192,9 @@ test('planInstall: a kept config whose stateDir differs from the unit is reporte
 
 test('agent status: exit 1 with FLEET_AGENT_UNREACHABLE when no agent answers; prints the API’s status and apps (text and --json)', { timeout: 120_000 }, async () => {
   const tmp = tempDir();
-  // a port nobody listens on: bind one, note it, close it
-  const { createServer } = await import('node:net');
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const deadPort = (srv.address() as { port: number }).port;
-  await new Promise<void>((r) => srv.close(() => r()));
+  // a port nobody listens on, below the ephemeral range (a port-0 listener of another test file
+  // could take one bound and closed in it; fetch refuses port 1 as a bad port)
+  const deadPort = await stablePort();
   const down = cli('agent', 'status', '--url', `http://127.0.0.1:${deadPort}`, '--timeout', '3');
   assert.equal(down.status, 1, down.stderr);
   assert.match(down.stderr, /FLEET_AGENT_UNREACHABLE: cannot reach the agent API at http:\/\/127\.0\.0\.1:\d+ \(ECONNREFUSED\); is the agent running\?/);

@@ -7,6 +7,7 @@ import { decodeMessage, encodeMessage, encodeTelemetry, type Sample } from '../.
 import { MetricsRegistry } from '../../core/metrics.ts';
 import { deviceTopic, parseTopic } from '../../core/topics.ts';
 import { canPublish, canSubscribe, mayReceive } from '../../hub/acl.ts';
+import { stablePort } from '../helpers.ts';
 
 test('topics: build and parse; ids that would break the topic tree are refused', () => {
   assert.equal(deviceTopic('pi-01', 'telemetry'), 'fleet/v1/d/pi-01/telemetry');
@@ -137,7 +138,9 @@ test('ports: a taken default is replaced by 0 (any free port), a free one is kep
   } finally {
     await new Promise((r) => s.close(r));
   }
-  assert.equal(await preferPort('127.0.0.1', taken, 'tcp'), taken);
+  // a free one: below the ephemeral range, so no port-0 listener of another test file takes it meanwhile
+  const free = await stablePort();
+  assert.equal(await preferPort('127.0.0.1', free, 'tcp'), free);
 });
 
 test('isLoopback: what the agent and hub APIs treat as this-machine-only', async () => {
