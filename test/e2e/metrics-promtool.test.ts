@@ -17,12 +17,13 @@ function promtool(text: string): { status: number | null; out: string } {
 test('promtool accepts the hub and agent /metrics pages', { timeout: 60_000 }, async () => {
   const tmp = tempDir();
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: `${tmp.dir}/hub` }), testLogger('hub'));
-  const agent = await startAgent(
-    AgentConfigSchema.parse({ deviceId: 'prom-1', stateDir: `${tmp.dir}/agent`, api: { port: 0 }, metrics: { sampleMs: 100, publishMs: 200 }, apps: [{ name: 'sleeper', command: '/bin/sleep', args: ['30'] }] }),
-    testLogger('agent'),
-    '1.0.0',
-  );
+  let started: Awaited<ReturnType<typeof startAgent>> | undefined;
   try {
+    const agent = (started = await startAgent(
+      AgentConfigSchema.parse({ deviceId: 'prom-1', stateDir: `${tmp.dir}/agent`, api: { port: 0 }, metrics: { sampleMs: 100, publishMs: 200 }, apps: [{ name: 'sleeper', command: '/bin/sleep', args: ['30'] }] }),
+      testLogger('agent'),
+      '1.0.0',
+    ));
     await waitFor(() => agent.supervisor.apps.get('sleeper')?.state === 'running', 'app running');
     for (const url of [`http://127.0.0.1:${hub.httpPort}/metrics`, `http://127.0.0.1:${agent.apiPort}/metrics`]) {
       const res = await fetch(url);
@@ -73,7 +74,7 @@ test('promtool accepts the hub and agent /metrics pages', { timeout: 60_000 }, a
     const r = promtool(page);
     assert.equal(r.status, 0, r.out);
   } finally {
-    await agent.stop();
+    await started?.stop(); // also when its start failed: the hub would keep this file running
     await hub.stop();
     tmp.cleanup();
   }
