@@ -68,6 +68,8 @@ const BACKLOG = 4096;
  */
 export class McuMqttIngress {
   private readonly throttle: LogThrottle;
+  /** close() called: QoS 0 messages waiting for a rate-limit token are stored at once */
+  private closing = false;
 
   private constructor(
     private readonly opts: McuMqttIngressOptions,
@@ -246,20 +248,18 @@ export class McuMqttIngress {
   }
 
   /**
-   * Wait out the rate limit. When the connection closes meanwhile: a QoS 1/2 message is not
-   * stored (false: it cannot be acknowledged any more, and the MCU resends it), a QoS 0 one is
-   * stored at once, as every QoS 0 message received before a close is (mqtt-lean drainClosed),
-   * its token taken into debt: the MCU's next connection waits for it, so closing right after
-   * a burst does not get round the limit.
+   * Wait out the rate limit. When the connection closes meanwhile, a QoS 1/2 message is not
+   * stored (false: it cannot be acknowledged any more, and the MCU resends it). A QoS 0 one
+   * still waits for its token, as every QoS 0 message received before the close does
+   * (mqtt-lean drainClosed): the MCU's next connection is held until they are handled, so
+   * connecting, sending a burst and closing gets nothing past the limit, and nothing is
+   * dropped. Only a stopping gateway stores them at once.
    */
   private async throttled(conn: LeanConn, mcuId: string, wait: number, qos: 0 | 1 | 2): Promise<boolean> {
     this.opts.hooks.throttled('mqtt', mcuId);
     for (let w = wait; w > 0; w = this.opts.service.admit(mcuId)) {
-      if (conn.isClosed) {
-        if (qos !== 0) return false;
-        this.opts.service.admitInDebt(mcuId);
-        return true;
-      }
+      if (conn.isClosed && qos !== 0) return false;
+      if (this.closing) return qos === 0;
       // not silent: what it sent waits here, so the keep-alive check must not take it for a
       // dead connection (refreshed at least every MAX_THROTTLE_SLICE_MS)
       conn.lastRx = performance.now();
@@ -374,6 +374,7 @@ export class McuMqttIngress {
 
   /** Stop accepting, disconnect every MCU, release the port. */
   async close(): Promise<void> {
+    this.closing = true;
     this.opts.service.off('head', this.pushCommand);
     await this.lean.close();
   }

@@ -83,15 +83,6 @@ export class McuService extends EventEmitter {
     return this.opts.rate?.take(mcuId) ?? 0;
   }
 
-  /**
-   * A message stored over the MCU's rate without waiting for a token (a QoS 0 one received
-   * before its connection closed): its token is taken into debt, so the MCU's next messages
-   * wait in proportion and a connect, burst, close loop gains it nothing.
-   */
-  admitInDebt(mcuId: string): void {
-    this.opts.rate?.charge(mcuId, 1);
-  }
-
   /** Any authenticated contact (a mailbox GET, a firmware block): the MCU is awake. */
   touch(mcuId: string, protocol: McuProtocol): void {
     this.opts.relay.touch(mcuId, protocol);
