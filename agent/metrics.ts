@@ -585,6 +585,7 @@ export class Inventory {
   constructor(private readonly opts: InventoryOptions = {}) {}
 
   start(): void {
+    this.stopped = false;
     void this.refresh();
     const every = this.opts.everyMs ?? 3_600_000;
     if (every > 0) {

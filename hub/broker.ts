@@ -606,15 +606,15 @@ export class HubBroker {
     // one log line per register and kind of refusal, not per MCU: a gateway lists up to tens
     // of thousands, and in a site of two gateways the MCUs the other one holds come up in
     // every register
-    const fleetDevices: string[] = [];
-    const heldElsewhere: Array<{ mcu: string; owner: string }> = [];
+    const fleetDevices = { count: 0, first: [] as string[] };
+    const heldElsewhere = { count: 0, first: [] as Array<{ mcu: string; owner: string }> };
     for (const id of mcus) {
       if (!isDeviceId(id) || id === gatewayId) continue;
       // an id of the fleet's own devices is never an MCU: claiming it would let a gateway
       // (with a site key minted for that id) replace the device's state, receive its
       // commands, and lock the device itself out (authenticate refuses claimed ids)
       if (this.isFleetDevice(id)) {
-        fleetDevices.push(id);
+        if (fleetDevices.count++ < LOG_EXAMPLES) fleetDevices.first.push(id);
         continue;
       }
       want.add(id);
@@ -622,7 +622,7 @@ export class HubBroker {
       if (this.opts.isRevokedMcu?.(id)) continue;
       const owner = this.claimedBy.get(id);
       if (owner !== undefined && owner !== gatewayId) {
-        heldElsewhere.push({ mcu: id, owner });
+        if (heldElsewhere.count++ < LOG_EXAMPLES) heldElsewhere.first.push({ mcu: id, owner });
         continue;
       }
       if (owner === undefined) this.claimActive.set(id, now);
@@ -636,11 +636,12 @@ export class HubBroker {
       this.claimActive.delete(old);
       released.push(old);
     }
-    if (fleetDevices.length > 0) {
-      this.opts.log.warn('a gateway listed devices of the fleet as its MCUs; refused', { gateway: gatewayId, count: fleetDevices.length, first: fleetDevices.slice(0, LOG_EXAMPLES) });
+    if (fleetDevices.count > 0) {
+      this.opts.log.warn('a gateway listed devices of the fleet as its MCUs; refused', { gateway: gatewayId, count: fleetDevices.count, first: fleetDevices.first });
     }
-    if (heldElsewhere.length > 0) {
-      this.opts.log.warn('MCUs already registered by another gateway; they move here once that one is offline or idle for them', { gateway: gatewayId, count: heldElsewhere.length, first: heldElsewhere.slice(0, LOG_EXAMPLES) });
+    if (heldElsewhere.count > 0) {
+      // GET /api/v1/devices/{id} tells where one MCU is
+      this.opts.log.warn('MCUs already registered by another gateway; one moves here when this gateway sends for it while that one is offline or idle for it', { gateway: gatewayId, count: heldElsewhere.count, first: heldElsewhere.first });
     }
     this.delegations.set(gatewayId, set);
     this.wanted.set(gatewayId, want);

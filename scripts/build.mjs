@@ -409,6 +409,19 @@ async function lockDist() {
   }
 }
 
+/** `--copy-to DIR` or `--copy-to=DIR`; anything else is refused before the build starts */
+function parseArgs(argv) {
+  let copy = null;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--copy-to' && argv[i + 1] && !argv[i + 1].startsWith('-')) copy = argv[++i];
+    else if (a.startsWith('--copy-to=') && a.length > '--copy-to='.length) copy = a.slice('--copy-to='.length);
+    else fail(`unknown or incomplete argument ${JSON.stringify(a)} (usage: node scripts/build.mjs [--copy-to DIR])`);
+  }
+  return copy === null ? null : resolve(copy);
+}
+const copyTo = parseArgs(process.argv.slice(2));
+
 mkdirSync(DIST, { recursive: true });
 await lockDist();
 const assets = {};
@@ -449,15 +462,12 @@ writeFileSync(
 log(`done: ${relative(ROOT, OUT)} ${mb(size)} (${size} bytes) in ${(ms / 1000).toFixed(1)} s`);
 // `--copy-to DIR`: a copy of dist/ made under the lock, for a caller that reads the build
 // while another build may rewrite dist/ (tests run two files at a time)
-const copyAt = process.argv.indexOf('--copy-to');
-if (copyAt > 0) {
-  const to = process.argv[copyAt + 1];
-  if (!to) fail('--copy-to needs a directory');
-  mkdirSync(to, { recursive: true });
+if (copyTo !== null) {
+  mkdirSync(copyTo, { recursive: true });
   for (const name of readdirSync(DIST)) {
     if (name === '.build.lock' || !statSync(join(DIST, name)).isFile()) continue;
-    copyFileSync(join(DIST, name), join(to, name));
-    chmodSync(join(to, name), statSync(join(DIST, name)).mode & 0o777);
+    copyFileSync(join(DIST, name), join(copyTo, name));
+    chmodSync(join(copyTo, name), statSync(join(DIST, name)).mode & 0o777);
   }
-  log(`copied dist/ to ${to}`);
+  log(`copied dist/ to ${copyTo}`);
 }

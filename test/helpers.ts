@@ -86,21 +86,24 @@ export function makeCert(dir: string, name: string): { cert: string; key: string
 }
 
 /**
- * A free loopback port below the kernel's ephemeral range, for a server a test stops and
+ * A free loopback port outside the kernel's ephemeral range, for a server a test stops and
  * starts again on the same port (a hub outage, a gateway killed): a port 0 listener of a
  * test file running alongside could take a port of the ephemeral range while it is down.
  * `udp`: free for UDP too (a CoAP port).
  */
 export async function stablePort(udp = false): Promise<number> {
-  let low = 32768;
+  let [low, high] = [32768, 60999];
   try {
-    low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+    const [l, h] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (l && h) [low, high] = [l, h];
   } catch {
     // not Linux: the usual default
   }
-  const from = Math.max(1024, low - 12_000);
+  // below the range, or above it when there is little room below
+  const [from, to] = low - 1024 >= 2000 ? [Math.max(1024, low - 12_000), low] : [high + 1, Math.min(65536, high + 12_000)];
+  if (to - from < 100) throw new Error(`no room outside the ephemeral port range ${low}-${high}`);
   for (let tries = 0; tries < 100; tries++) {
-    const port = from + Math.floor(Math.random() * (low - from));
+    const port = from + Math.floor(Math.random() * (to - from));
     const tcp = createServer();
     const tcpFree = await new Promise<boolean>((r) => {
       tcp.once('error', () => r(false));

@@ -125,7 +125,6 @@ async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, nam
   });
   const verify = verifierFor(trust);
   let verifyCalls = 0;
-  await updater.start();
   const r: Rig = {
     dir,
     stateDir,
@@ -142,7 +141,8 @@ async function rig(dir: string, keys: Keys, cfg: Partial<UpdateConfig> = {}, nam
       else process.env.OTA_TEST_RUNLOG = savedRunlog;
     },
   };
-  live.add(r);
+  live.add(r); // before the start: stopped after the test also when the start fails
+  await updater.start();
   return r;
 }
 

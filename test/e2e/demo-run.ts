@@ -62,6 +62,6 @@ export async function runDemoUntilOnline(command: string, args: string[], stateD
   } catch {
     // reported through `leftovers`
   }
-  killGroup(); // reported above; not left running after the test
+  if (leftovers.length > 0) killGroup(); // reported above; not left running after the test
   return { summary, exitCode, leftovers, output };
 }
