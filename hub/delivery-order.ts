@@ -29,7 +29,9 @@ import type { LevelPersistence } from 'aedes-persistence-level';
  *     a client one after another, synchronously, inside a single mqemitter emit), and
  *  3. completes queue writes in call order (orderPersistence), so that non-retained
  *     publishes reach subscribers in the order they started, and per durable client the
- *     writes to its socket follow that order too. This keeps a sender's order on a topic
+ *     writes to its socket follow that order too; retained publishes on one topic are
+ *     stored one after another, so they reach subscribers, and stay retained, in the order
+ *     they were sent. This keeps a sender's order on a topic
  *     [MQTT-4.6.0-6] and lets batch items be published concurrently yet arrive in order.
  *
  * A fourth problem shows at a durable client's reconnect (ReplayGate): see there.
@@ -103,6 +105,24 @@ export function orderPersistence<P extends LevelPersistence>(
     };
     tail = ordered.then(settled, settled);
     return ordered;
+  };
+
+  // Retained publishes on one topic are stored one after another, in call order: each waits
+  // for its LevelDB put before it goes on, and puts run on several threads, so two on one
+  // topic (an MCU's online state and, right after, the one its hello completes) could be
+  // delivered in the other order, and the older one could even be what stays retained.
+  const storeRetained = p.storeRetained.bind(p);
+  const retainTails = new Map<string, Promise<unknown>>();
+  p.storeRetained = (packet) => {
+    const prev = retainTails.get(packet.topic);
+    const own = prev ? prev.then(() => storeRetained(packet)) : storeRetained(packet);
+    own.catch(noop); // reported to aedes through the promise returned; a failure does not stop the next
+    const settled = own.then(noop, noop);
+    retainTails.set(packet.topic, settled);
+    void settled.then(() => {
+      if (retainTails.get(packet.topic) === settled) retainTails.delete(packet.topic);
+    });
+    return own;
   };
 
   const update = p.outgoingUpdate.bind(p);

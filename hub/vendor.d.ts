@@ -8,6 +8,8 @@ declare module 'aedes-persistence-level' {
     outgoingEnqueueCombi(subs: ReadonlyArray<{ clientId: string }>, packet: { topic: string }): Promise<unknown>;
     /** record the messageId a queued packet is being delivered under */
     outgoingUpdate(client: { id: string | null }, packet: object): Promise<unknown>;
+    /** store (or, with an empty payload, delete) the retained message of `packet.topic` */
+    storeRetained(packet: { topic: string; payload: Buffer }): Promise<void>;
     createRetainedStreamCombi(patterns: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
     /** forget the queued packet a PUBACK acknowledged; resolves with it, or undefined */
     outgoingClearMessageId(client: { id: string | null; clean?: boolean }, packet: { messageId?: number }): Promise<unknown>;

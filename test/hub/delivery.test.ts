@@ -192,6 +192,46 @@ test('delivery: retained messages interleaved with other traffic are not lost at
   });
 });
 
+test('delivery: retained publishes on one topic in quick succession (an MCU\'s states from its gateway) reach a subscriber in the order sent, and the last one sent is the one retained (the first put held 300 ms, injected)', async () => {
+  // each retained publish waits for its LevelDB put, and puts run on several threads: two
+  // puts to one key could finish, be delivered and even be stored in the other order. The
+  // first put is held here, as a busy thread pool would
+  let first = true;
+  const restore = patchStore('storeRetained', (store) =>
+    async function (this: unknown, ...args: unknown[]) {
+      const packet = args[0] as { topic: string };
+      if (first && packet.topic === deviceTopic('dev-r', 'state')) {
+        first = false;
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      return store.apply(this, args);
+    },
+  );
+  try {
+    await withHub(async (_hub, ctx) => {
+    const topic = deviceTopic('dev-r', 'state');
+    const got: number[] = [];
+    const ops = await connect(ctx.url, 'ops-retained-order', 'operator', ctx.operator);
+    ops.on('message', (_t, p) => got.push((JSON.parse(p.toString()) as { ts: number }).ts));
+    await ops.subscribeAsync(topic, { qos: 1 });
+    const dev = await connectDevice(ctx, 'dev-r', { reconnectPeriod: 0 });
+    const n = 300;
+    const sent = Array.from({ length: n }, (_, i) => 1_000_000 + i);
+    await Promise.all(sent.map((ts) => dev.publishAsync(topic, encodeMessage({ v: 1, online: true, kind: 'agent', ts }), { qos: 1, retain: true })));
+    await waitFor(() => got.length >= n, `${n} states at the subscriber`, 20_000);
+    assert.deepEqual(got, sent, 'in the order sent');
+    // a new subscriber gets the retained one: the last sent
+    const late = await connect(ctx.url, 'ops-retained-late', 'operator', ctx.operator);
+    const retained = new Promise<number>((r) => late.once('message', (_t, p) => r((JSON.parse(p.toString()) as { ts: number }).ts)));
+    await late.subscribeAsync(topic, { qos: 1 });
+    assert.equal(await retained, sent.at(-1));
+    await Promise.all([ops.endAsync(), dev.endAsync(), late.endAsync()]);
+    });
+  } finally {
+    restore();
+  }
+});
+
 test('delivery: a graceful hub restart in the middle of a flood — a durable consumer sees every message exactly once', async () => {
   const tmp = tempDir();
   const config = (mqttPort: number) => HubConfigSchema.parse({ mqttPort, httpPort: 0, stateDir: join(tmp.dir, 'hub') });

@@ -78,7 +78,7 @@ type StoreMethod = (this: unknown, ...args: unknown[]) => Promise<unknown>;
  * runs on, to inject a fault (slow or failing writes): `wrap` gets the original and returns
  * the replacement. Returns the undo, for a `finally` (tests in one file run one after another).
  */
-export function patchStore(method: 'outgoingClearMessageId' | 'outgoingEnqueueCombi', wrap: (orig: StoreMethod) => StoreMethod): () => void {
+export function patchStore(method: 'outgoingClearMessageId' | 'outgoingEnqueueCombi' | 'storeRetained', wrap: (orig: StoreMethod) => StoreMethod): () => void {
   const proto = (createRequire(import.meta.url)('aedes-persistence-level/asyncPersistence.js') as { prototype: Record<string, StoreMethod> }).prototype;
   const orig = proto[method]!;
   proto[method] = wrap(orig);
