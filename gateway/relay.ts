@@ -914,13 +914,13 @@ export class Relay {
     return { mcus: this.mcus.size, online, byProtocol };
   }
 
+  /** stop() finished: nothing is published any more */
+  private disposed = false;
+
   /**
    * Report every online MCU offline ("gateway stopped"), then give the uplink up to
    * `drainMs` to deliver what is queued while the hub is reachable.
    */
-  /** stop() finished: nothing is published any more */
-  private disposed = false;
-
   async stop(drainMs = 2000): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;

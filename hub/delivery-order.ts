@@ -116,7 +116,7 @@ export function orderPersistence<P extends LevelPersistence>(
   p.storeRetained = (packet) => {
     const prev = retainTails.get(packet.topic);
     const own = prev ? prev.then(() => storeRetained(packet)) : storeRetained(packet);
-    own.catch(noop); // reported to aedes through the promise returned; a failure does not stop the next
+    // a failure reaches aedes through `own` and does not stop the next one (settled either way)
     const settled = own.then(noop, noop);
     retainTails.set(packet.topic, settled);
     void settled.then(() => {

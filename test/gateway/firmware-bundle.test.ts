@@ -11,6 +11,13 @@ import { tempDir, waitFor } from '../helpers.ts';
 import type { HubHandle } from '../../hub/index.ts';
 import { coap, coapBlock, of, registered, signedFirmware, withEnv } from './env.ts';
 
+/** Wait for an MCU's firmware job to reach `state`; a timeout names the state it has. */
+async function firmwareReaches(gw: { firmwareState(id: string): { state: string } | undefined }, id: string, state: string, what: string): Promise<void> {
+  await waitFor(() => gw.firmwareState(id)?.state === state, what, 15_000).catch((err: unknown) => {
+    throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState(id))}`);
+  });
+}
+
 /**
  * The whole firmware path with real parts: a signed firmware bundle (bundles/ format,
  * verified by the CLI's verifier that wraps verifyBundle) uploaded to the hub's artifact
@@ -49,9 +56,7 @@ test('firmware bundle from the hub artifact store: downloaded with the device to
         await hub.setDesired('esp-b1', { apps: {}, firmware: { version: '2.0.0', url: `http://127.0.0.1:${hub.httpPort}${ok.url}`, sha256: ok.sha256, size: okBundle.length } });
         await hub.setDesired('esp-b2', { apps: {}, firmware: { version: '2.0.1', url: `http://127.0.0.1:${hub.httpPort}${bad.url}`, sha256: bad.sha256, size: badBundle.length } });
 
-        await waitFor(() => gw.firmwareState('esp-b1')?.state === 'offered', 'the verified image offered', 15_000).catch((err: unknown) => {
-          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-b1'))}`);
-        });
+        await firmwareReaches(gw, 'esp-b1', 'offered', 'the verified image offered');
         const got = await coapBlock(gw.coapPort, site, 'esp-b1', 0, 256);
         assert.equal(createHash('sha256').update(got.body).digest('hex'), createHash('sha256').update(image).digest('hex'));
 
@@ -131,14 +136,10 @@ test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha25
         assert.equal((await coap(gw.coapPort, site, 'esp-p3', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
         await registered({ hub, gw }, ['esp-p3']);
         await hub.setDesired('esp-p3', { apps: {}, firmware: { version: '2.0.0', url: art3.url, sha256: art3.sha256, size: other.length } });
-        await waitFor(() => gw.firmwareState('esp-p3')?.state === 'failed', 'the path refused without firmwareBaseUrl', 15_000).catch((err: unknown) => {
-          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-p3'))}`);
-        });
+        await firmwareReaches(gw, 'esp-p3', 'failed', 'the path refused without firmwareBaseUrl');
         await gw.stop();
         const gw2 = await start({}, { firmwareBaseUrl: `http://127.0.0.1:${hub.httpPort}` });
-        await waitFor(() => gw2.firmwareState('esp-p3')?.state === 'offered', 'fetched after the restart with firmwareBaseUrl', 15_000).catch((err: unknown) => {
-          throw new Error(`${String(err)}; state ${JSON.stringify(gw2.firmwareState('esp-p3'))}`);
-        });
+        await firmwareReaches(gw2, 'esp-p3', 'offered', 'fetched after the restart with firmwareBaseUrl');
       },
       {},
       fw.extras,
@@ -151,9 +152,7 @@ test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha25
         assert.equal((await coap(gw.coapPort, site, 'esp-p2', 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
         await registered({ hub, gw }, ['esp-p2']);
         await hub.setDesired('esp-p2', { apps: {}, firmware: { version: '2.0.0', url: art.url, sha256: art.sha256, size: bundle.length } });
-        await waitFor(() => gw.firmwareState('esp-p2')?.state === 'offered', 'fetched from the hub by its path', 15_000).catch((err: unknown) => {
-          throw new Error(`${String(err)}; state ${JSON.stringify(gw.firmwareState('esp-p2'))}`);
-        });
+        await firmwareReaches(gw, 'esp-p2', 'offered', 'fetched from the hub by its path');
       },
       {},
       fw.extras,
