@@ -16,6 +16,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import vm from 'node:vm';
 import { describeFinding, scanBundle } from './bundle-scan.mjs';
+import { acquireLock } from './dist-lock.mjs';
 
 const require = createRequire(import.meta.url);
 const esbuild = require('esbuild');
@@ -379,33 +380,14 @@ function smoke(args, expect) {
 /**
  * One build at a time per tree: test files run two at a time and more than one may want
  * the binary; interleaved writes to dist/fleetlet.cjs and the blob would yield a binary
- * whose bundle does not match its scan. A lock whose owner is gone is taken over.
+ * whose bundle does not match its scan. A lock whose owner is gone is taken over
+ * (scripts/dist-lock.mjs says how two waiters cannot both take it).
  */
 async function lockDist() {
-  const lock = join(DIST, '.build.lock');
-  const deadline = Date.now() + 10 * 60_000;
-  for (;;) {
-    try {
-      writeFileSync(lock, String(process.pid), { flag: 'wx' });
-      process.on('exit', () => rmSync(lock, { force: true }));
-      return;
-    } catch (err) {
-      if (err.code !== 'EEXIST') throw err;
-    }
-    const owner = Number(readFileSync(lock, 'utf8').trim() || 0);
-    let alive = false;
-    try {
-      if (owner > 0) process.kill(owner, 0);
-      alive = owner > 0;
-    } catch (err) {
-      alive = err.code === 'EPERM';
-    }
-    if (!alive) {
-      rmSync(lock, { force: true });
-      continue;
-    }
-    if (Date.now() > deadline) fail(`another build (pid ${owner}) holds ${lock}`);
-    await new Promise((r) => setTimeout(r, 250));
+  try {
+    await acquireLock(join(DIST, '.build.lock'));
+  } catch (err) {
+    fail(err.message);
   }
 }
 
@@ -465,7 +447,7 @@ log(`done: ${relative(ROOT, OUT)} ${mb(size)} (${size} bytes) in ${(ms / 1000).t
 if (copyTo !== null) {
   mkdirSync(copyTo, { recursive: true });
   for (const name of readdirSync(DIST)) {
-    if (name === '.build.lock' || !statSync(join(DIST, name)).isFile()) continue;
+    if (name.startsWith('.build.lock') || !statSync(join(DIST, name)).isFile()) continue;
     copyFileSync(join(DIST, name), join(copyTo, name));
     chmodSync(join(copyTo, name), statSync(join(DIST, name)).mode & 0o777);
   }
