@@ -61,6 +61,10 @@ interface Job {
   targetHw?: string;
   /** an update the MCU had taken (`installing`) when this target replaced it: its next hello decides that one too */
   replaced?: { version: string; bundleName?: string; sequence?: number; from?: string; deadline?: number };
+  /** once verified: the trust root it was verified under (the verifier's trustVersion()), the manifest's expiry (ms) and hardware classes; a standing offer is judged again by them */
+  trust?: string;
+  expires?: number;
+  deviceClass?: string[];
 }
 
 /** What an `mcu.firmware` event says of a job. */
@@ -130,6 +134,10 @@ interface Fetched {
 /** bytes a bundle may have beyond its image (manifest, signatures, framing) */
 const BUNDLE_OVERHEAD_BYTES = 1024 * 1024;
 
+function expired(job: Job): FleetError {
+  return new FleetError('FLEET_BUNDLE_EXPIRED', `firmware bundle ${job.bundleName ?? job.bundleSha.slice(0, 16)} ${job.version} has expired (${new Date(job.expires ?? 0).toISOString()})`);
+}
+
 /** A failure that the same inputs would fail again (not worth an automatic retry). */
 const permanent = (fe: FleetError): boolean => fe.code.startsWith('FLEET_BUNDLE_') || (fe.details as { permanent?: boolean } | undefined)?.permanent === true;
 
@@ -165,6 +173,9 @@ export class FirmwareManager {
   private readonly closeCtl = new AbortController();
   private pruning = false;
   private pruneAgain = false;
+  private recheckingOffers = false;
+  /** the trust root's last error, logged once */
+  private rootError: string | undefined;
 
   private constructor(private readonly opts: FirmwareManagerOptions) {
     this.now = opts.now ?? Date.now;
@@ -387,6 +398,9 @@ export class FirmwareManager {
       }
       job.imageSha = f.imageSha;
       job.size = f.size;
+      job.trust = f.trust;
+      job.expires = f.expires;
+      job.deviceClass = f.deviceClass;
       if (f.name !== undefined && f.sequence !== undefined) {
         job.bundleName = f.name;
         job.sequence = f.sequence;
@@ -748,6 +762,8 @@ export class FirmwareManager {
     return this.serial(mcuId, async () => {
       const job = this.jobs.get(mcuId);
       if (!job || job.offerId !== entry.id || (job.state !== 'offered' && job.state !== 'transferring')) return;
+      // a bundle expired meanwhile is not offered again: withdrawn instead
+      if (job.expires !== undefined && job.expires <= Date.now()) return this.withdrawStanding(mcuId, job, expired(job));
       // under a new id: the expired entry is removed from the mailbox only after this returns
       // (the same id would be taken for it). An MCU that was fetching the image keeps its
       // download (the contract: a new offer of the same image resumes)
@@ -795,6 +811,13 @@ export class FirmwareManager {
       await this.report(mcuId, outcome, boot);
       await this.save(mcuId, job);
     }
+    // an offer standing for a hardware class the MCU no longer reports (another board behind
+    // the same id, or a first hw): taken back, as a new target would be refused for it
+    if ((job.state === 'offered' || job.state === 'transferring') && job.deviceClass && hello.hw !== undefined && !job.deviceClass.includes(hello.hw) && hello.fw !== job.version) {
+      job.targetHw = hello.hw;
+      await this.withdrawStanding(mcuId, job, new FleetError('FLEET_BUNDLE_TARGET', `firmware ${job.version} is for ${job.deviceClass.join(', ')}; this MCU now reports ${hello.hw}`, { details: { target: 'deviceClass', want: job.deviceClass, have: hello.hw } }));
+      return;
+    }
     if (ACTIVE.has(job.state) || (job.state === 'failed' && job.cause !== 'cancelled' && hello.fw === job.version)) {
       if (hello.fw === job.version) {
         // also a failed job whose MCU reports its version after all (its hello was late, its
@@ -830,9 +853,88 @@ export class FirmwareManager {
     }
   }
 
+  /**
+   * Standing offers (offered, transferring: the MCU has not taken the image) judged again as
+   * if made now, from the timer: one whose manifest has expired since, or that no longer
+   * verifies under a trust root rotated since it was verified (a key removed), is withdrawn
+   * and failed, so no MCU goes on fetching it. One bundle is verified once per pass (it is
+   * cached: no download). A broken trust root (unreadable, invalid) says nothing about the
+   * bundles: offers stand, the error is logged, and the next tick tries again.
+   */
+  private async recheckOffers(): Promise<void> {
+    const verify = this.opts.verify;
+    if (this.recheckingOffers || !verify || this.closed) return;
+    this.recheckingOffers = true;
+    try {
+      const trust = verify.trustVersion?.();
+      const pass = new Map<string, Promise<Fetched>>();
+      for (const [mcuId, j] of [...this.jobs]) {
+        if (this.closed) return;
+        if (j.state !== 'offered' && j.state !== 'transferring') continue;
+        if (j.expires !== undefined && j.expires <= Date.now()) {
+          await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, expired(j)));
+          continue;
+        }
+        if (trust === undefined || j.trust === trust) continue;
+        let p = pass.get(j.bundleSha);
+        if (!p) {
+          // a verification settled under the old root is not reused
+          if (this.fetches.get(j.bundleSha)?.done) this.fetches.delete(j.bundleSha);
+          p = this.fetchOnce(j);
+          pass.set(j.bundleSha, p);
+        }
+        let verdict: FleetError | undefined;
+        try {
+          const f = await p;
+          if (f.trust !== trust) continue; // rotated again meanwhile: the next tick
+          if (f.imageSha !== j.imageSha || f.version !== j.version) verdict = new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds firmware ${f.version} (image ${f.imageSha.slice(0, 16)}), not ${j.version} (${j.imageSha?.slice(0, 16)})`, { details: { permanent: true } });
+          else if (f.expires !== undefined && f.expires <= Date.now()) verdict = expired(j);
+          else {
+            await this.serial(mcuId, async () => {
+              if (!this.current(mcuId, j) || (j.state !== 'offered' && j.state !== 'transferring')) return;
+              j.trust = f.trust;
+              j.expires = f.expires;
+              await this.save(mcuId, j);
+            });
+            this.rootError = undefined;
+          }
+        } catch (err) {
+          const fe = isFleetError(err) ? err : undefined;
+          if (fe?.code.startsWith('FLEET_BUNDLE_ROOT')) {
+            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be read; standing MCU firmware offers are not judged again until it can', { err: fe });
+            this.rootError = fe.message;
+            return;
+          }
+          if (fe && permanent(fe)) verdict = fe;
+          else {
+            this.opts.log.warn('cannot verify a standing MCU firmware offer again; trying at the next tick', { mcu: mcuId, version: j.version, err });
+            continue;
+          }
+        }
+        if (verdict) {
+          const v = verdict;
+          await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, v));
+        }
+      }
+    } catch (err) {
+      this.opts.log.warn('cannot judge standing MCU firmware offers again', { err });
+    } finally {
+      this.recheckingOffers = false;
+    }
+  }
+
+  /** An offer judged no longer valid (in the MCU's turn): withdrawn from the mailbox and failed with the verdict's code. */
+  private async withdrawStanding(mcuId: string, job: Job, verdict: FleetError): Promise<void> {
+    if (!this.current(mcuId, job) || (job.state !== 'offered' && job.state !== 'transferring')) return;
+    this.opts.log.warn('MCU firmware offer withdrawn', { mcu: mcuId, version: job.version, code: verdict.code, err: verdict });
+    const cause: FailureCause = verdict.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
+    await this.fail(mcuId, job, `${verdict.code}: ${verdict.message} (offer withdrawn)`, { cause, code: verdict.code, bestEffort: true });
+  }
+
   /** Deadlines of MCUs that took an image, automatic retries, desired states to handle again. */
   private tick(): void {
     const now = this.now();
+    void this.recheckOffers();
     for (const [mcuId, payload] of this.pendingDesired) {
       this.pendingDesired.delete(mcuId);
       void this.desired(mcuId, payload);

@@ -75,7 +75,7 @@ export interface GatewayHandle {
   /** the HTTP port of /metrics, /health, /ready; undefined when http.port is unset */
   httpPort: number | undefined;
   /** firmware update state of one MCU (tests, status) */
-  firmwareState(mcuId: string): { state: string; version: string; progress: number; reason?: string | undefined } | undefined;
+  firmwareState(mcuId: string): { state: string; version: string; progress: number; reason?: string | undefined; cause?: string | undefined; code?: string | undefined } | undefined;
   /** the file MCU keys derive from (`deriveToken(secret, 'mcu', id)`), mode 0600 */
   siteSecretFile: string;
   /** Prometheus registry with the gateway's counters and gauges */
@@ -444,7 +444,7 @@ export async function startGateway(config: GatewayConfig, log: Logger, version =
     httpPort: http?.port,
     firmwareState(mcuId) {
       const j = fwm.state(mcuId);
-      return j ? { state: j.state, version: j.version, progress: j.progress, reason: j.reason } : undefined;
+      return j ? { state: j.state, version: j.version, progress: j.progress, reason: j.reason, cause: j.cause, code: j.code } : undefined;
     },
     siteSecretFile: paths.siteSecretFile,
     metrics,

@@ -162,3 +162,48 @@ test('firmware by the path the artifact upload answers (/api/v1/artifacts/<sha25
     fw.cleanup();
   }
 });
+
+test('trust root rotated while offers stand: the MCU whose bundle was signed by the removed key is served nothing more mid-download and reported failed (FLEET_BUNDLE_UNKNOWN_KEY, offer withdrawn); the one signed by a key still trusted goes on', async () => {
+  const tmp = tempDir('fleetlet-fwrot-');
+  try {
+    const [kept, removed] = newKeys(2);
+    const trustFile = join(tmp.dir, 'root.json');
+    writeFileSync(trustFile, makeRoot([kept!, removed!], 1).bytes);
+    const image = Buffer.alloc(3000, 0x6b);
+    const files = [{ path: 'firmware.bin', data: image }];
+    const byRemoved = craftBundle(join(tmp.dir, 'r.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.0' }), signers: [removed!.privateKey] });
+    const byKept = craftBundle(join(tmp.dir, 'k.fbundle'), { files, manifest: manifestFor(files, { kind: 'firmware', name: 'esp32-fw', version: '2.0.1' }), signers: [kept!.privateKey] });
+    await withEnv(
+      async ({ hub, gw, site, seen }) => {
+        for (const id of ['esp-r1', 'esp-r2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
+        await registered({ hub, gw }, ['esp-r1', 'esp-r2']);
+        const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+        // esp-r2's job first: a pass judges standing offers in the order their jobs were made,
+        // so once esp-r1 is withdrawn, esp-r2 has been judged under the new root too
+        await hub.setDesired('esp-r2', { apps: {}, firmware: { version: '2.0.1', url: `file://${join(tmp.dir, 'k.fbundle')}`, sha256: sha(byKept), size: byKept.length } });
+        await firmwareReaches(gw, 'esp-r2', 'offered', 'esp-r2 offered');
+        await hub.setDesired('esp-r1', { apps: {}, firmware: { version: '2.0.0', url: `file://${join(tmp.dir, 'r.fbundle')}`, sha256: sha(byRemoved), size: byRemoved.length } });
+        await firmwareReaches(gw, 'esp-r1', 'offered', 'esp-r1 offered');
+        assert.equal((await coapBlock(gw.coapPort, site, 'esp-r1', 0, 256)).code, '2.05', 'esp-r1 starts its download');
+        assert.equal(gw.firmwareState('esp-r1')?.state, 'transferring');
+
+        // the operator rotates the root: the removed key is gone (the file rewritten in place)
+        writeFileSync(trustFile, makeRoot([kept!], 1, 2).bytes);
+        await firmwareReaches(gw, 'esp-r1', 'failed', 'esp-r1\'s offer withdrawn at the next tick');
+        assert.equal(gw.firmwareState('esp-r1')?.code, 'FLEET_BUNDLE_UNKNOWN_KEY');
+        assert.match(gw.firmwareState('esp-r1')?.reason ?? '', /offer withdrawn/);
+        assert.equal((await coapBlock(gw.coapPort, site, 'esp-r1', 1, 256)).code, '4.04', 'no more chunks for esp-r1');
+        await waitFor(() => (of(seen, 'esp-r1', 'events') as EventMessage[]).some((e) => e.type === 'mcu.firmware' && e.data?.state === 'failed' && e.data?.code === 'FLEET_BUNDLE_UNKNOWN_KEY'), 'the failure at the hub');
+        // judged in the same pass, before esp-r1: still offered, and served
+        assert.equal(gw.firmwareState('esp-r2')?.state, 'offered');
+        const got = await coapBlock(gw.coapPort, site, 'esp-r2', 0, 1024);
+        assert.equal(got.code, '2.05');
+        assert.deepEqual(got.body, image, 'the whole image, block by block');
+      },
+      {},
+      { verifyFirmware: firmwareVerifier(trustFile, join(tmp.dir, 'work')) },
+    );
+  } finally {
+    tmp.cleanup();
+  }
+});

@@ -547,3 +547,115 @@ test('firmware jobs (stub relay): a target refusal is judged again by the class 
     await r.close();
   }
 });
+
+test('firmware jobs (stub relay): standing offers are judged again when the trust root rotates: offered and transferring ones whose bundle no longer verifies are withdrawn and failed with the verification code; one whose bundle still verifies stands; a root that cannot be read withdraws nothing', async () => {
+  let root = 'root-1';
+  let rootBroken = false;
+  const trusted = new Set<string>();
+  let calls = 0;
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      calls++;
+      if (rootBroken) throw new FleetError('FLEET_BUNDLE_ROOT_INVALID', 'cannot read trust root: half written');
+      const bytes = readFileSync(file);
+      if (!trusted.has(sha256(bytes))) throw new FleetError('FLEET_BUNDLE_UNKNOWN_KEY', 'no signature by a key of the trust root');
+      return { version: expect.version, image: bytes };
+    },
+    { trustVersion: () => root },
+  );
+  const r = await rig({ verify });
+  try {
+    const a = r.bundle('a.bin', image(3));
+    const b = r.bundle('b.bin', image(5));
+    trusted.add(a.sha256).add(b.sha256);
+    for (const id of ['m1', 'm2', 'm3']) r.meta.set(id, { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...a });
+    await r.desired('m2', { version: '1.5.0', ...a });
+    await r.desired('m3', { version: '1.6.0', ...b });
+    for (const id of ['m1', 'm2', 'm3']) await waitFor(() => r.fm.state(id)?.state === 'offered', `${id} offered under the first root`);
+    r.fm.served('m2', 'mqtt', 512, 512);
+    assert.equal(r.fm.state('m2')?.state, 'transferring');
+
+    // the root file is being rewritten (unreadable): the offers' bundles are not the problem
+    rootBroken = true;
+    root = 'broken';
+    const before = calls;
+    await waitFor(() => calls >= before + 2, 'two passes tried the broken root');
+    for (const id of ['m1', 'm3']) assert.equal(r.fm.state(id)?.state, 'offered', `${id} stands while the root cannot be read`);
+    assert.equal(r.fm.state('m2')?.state, 'transferring');
+
+    // rotated: the key that signed bundle a is gone, b is signed by a key still trusted
+    rootBroken = false;
+    trusted.delete(a.sha256);
+    root = 'root-2';
+    for (const id of ['m1', 'm2']) await waitFor(() => r.fm.state(id)?.state === 'failed', `${id} withdrawn`);
+    for (const id of ['m1', 'm2']) {
+      const s = r.fm.state(id)!;
+      assert.equal(s.code, 'FLEET_BUNDLE_UNKNOWN_KEY');
+      assert.equal(s.cause, 'preparation');
+      assert.match(s.reason ?? '', /offer withdrawn/);
+      assert.deepEqual(r.mailbox.get(id) ?? [], [], `${id}'s offer is out of the mailbox`);
+      assert.equal(r.fm.imageFor(id), null, `${id} is served no more chunks`);
+      assert.equal(r.fwEvents(id).at(-1), '1.5.0:failed(preparation)', 'the hub is told');
+      assert.equal((await persisted(r, id)).state, 'failed');
+    }
+    await waitFor(() => r.fm.state('m3')?.trust === 'root-2', 'm3 verified again under the new root');
+    assert.equal(r.fm.state('m3')?.state, 'offered');
+    assert.equal(r.mailbox.get('m3')?.length, 1);
+    // the same desired state again does not bring the untrusted bundle back
+    await r.desired('m1', { version: '1.5.0', ...a });
+    await sleep(100);
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a standing offer whose bundle manifest expires is withdrawn (FLEET_BUNDLE_EXPIRED), and an expired offer is not renewed', async () => {
+  let expires = Date.now() + 3_600_000;
+  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), expires }) });
+  try {
+    await r.offerA('m1');
+    const first = r.fm.state('m1')!.offerId!;
+    // the mailbox's offer expires untaken while the bundle is valid: renewed
+    await r.expire('m1', first);
+    assert.notEqual(r.fm.state('m1')?.offerId, first, 'renewed under a new id');
+    // m2 is offered a bundle that expires in 400 ms
+    expires = Date.now() + 400;
+    r.meta.set('m2', { fw: '1.0.0' });
+    await r.desired('m2', { version: '1.6.0', ...r.bundle('b.bin', image(5)) });
+    await waitFor(() => r.fm.state('m2')?.state === 'offered', 'm2 offered');
+    const offer = r.fm.state('m2')!.offerId!;
+    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'withdrawn once expired', 10_000);
+    assert.equal(r.fm.state('m2')?.code, 'FLEET_BUNDLE_EXPIRED');
+    assert.deepEqual(r.mailbox.get('m2') ?? [], []);
+    // the mailbox's sweep of the old entry does not put it back
+    await r.fm.onExpired('m2', r.entry(offer));
+    assert.deepEqual(r.mailbox.get('m2') ?? [], []);
+    assert.equal(r.fm.state('m1')?.state, 'offered', 'm1\'s bundle has not expired');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a standing offer is withdrawn when a hello reports a hardware class its bundle is not for (cause target), and offered again when the MCU reports a listed class', async () => {
+  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  try {
+    r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-s3' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered to an esp32-s3');
+    r.fm.served('m1', 'coap', 256, 256);
+    // another board behind the same id
+    await r.hello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-c3' });
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    assert.equal(r.fm.state('m1')?.cause, 'target');
+    assert.equal(r.fm.state('m1')?.code, 'FLEET_BUNDLE_TARGET');
+    assert.deepEqual(r.mailbox.get('m1') ?? [], []);
+    assert.equal(r.fm.imageFor('m1'), null);
+    await r.hello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' });
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered again');
+    assert.equal(r.mailbox.get('m1')?.length, 1);
+  } finally {
+    await r.close();
+  }
+});
