@@ -13,8 +13,10 @@
 import { readdirSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 
 const root = new URL('..', import.meta.url).pathname;
+const GUARD = fileURLToPath(new URL('./test-orphan-guard.cjs', import.meta.url));
 const filters = process.argv.slice(2);
 /** a positive number from the environment, or `dflt`; anything else stops the run (a typo must not run nothing and pass) */
 function envNumber(name, dflt) {
@@ -64,10 +66,10 @@ const killGroup = (pid) => {
     // gone already
   }
 };
-for (const sig of ['SIGINT', 'SIGTERM']) {
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
   process.on(sig, () => {
     for (const pid of running) killGroup(pid);
-    process.exit(sig === 'SIGINT' ? 130 : 143);
+    process.exit(128 + { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 }[sig]);
   });
 }
 
@@ -76,7 +78,8 @@ function runFile(file) {
   return new Promise((resolve) => {
     const t0 = Date.now();
     // a process group of its own (detached), so that a kill reaches the file's process too
-    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=tap', '--test-timeout=600000', file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    // (test-orphan-guard.cjs: the group dies with this runner too, even by SIGKILL)
+    const child = spawn(process.execPath, ['--require', GUARD, '--import', 'tsx', '--test', '--test-reporter=tap', '--test-timeout=600000', file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, FLEETLET_TEST_RUNNER_PID: String(process.pid) } });
     running.add(child.pid);
     const out = [];
     child.stdout.on('data', (d) => out.push(d));
