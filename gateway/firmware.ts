@@ -868,6 +868,8 @@ export class FirmwareManager {
     try {
       const trust = verify.trustVersion?.();
       const pass = new Map<string, Promise<Fetched>>();
+      // set once the root fails to load this pass: later offers are still checked for expiry
+      let rootBroken = false;
       for (const [mcuId, j] of [...this.jobs]) {
         if (this.closed) return;
         if (j.state !== 'offered' && j.state !== 'transferring') continue;
@@ -875,7 +877,7 @@ export class FirmwareManager {
           await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, expired(j)));
           continue;
         }
-        if (trust === undefined || j.trust === trust) continue;
+        if (trust === undefined || j.trust === trust || rootBroken) continue;
         let p = pass.get(j.bundleSha);
         if (!p) {
           // a verification settled under the old root is not reused
@@ -903,7 +905,8 @@ export class FirmwareManager {
           if (fe?.code.startsWith('FLEET_BUNDLE_ROOT')) {
             if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be read; standing MCU firmware offers are not judged again until it can', { err: fe });
             this.rootError = fe.message;
-            return;
+            rootBroken = true;
+            continue;
           }
           if (fe && permanent(fe)) verdict = fe;
           else {

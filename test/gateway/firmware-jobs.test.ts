@@ -611,9 +611,17 @@ test('firmware jobs (stub relay): standing offers are judged again when the trus
   }
 });
 
-test('firmware jobs (stub relay): a standing offer whose bundle manifest expires is withdrawn (FLEET_BUNDLE_EXPIRED), and an expired offer is not renewed', async () => {
+test('firmware jobs (stub relay): a standing offer whose bundle manifest expires is withdrawn (FLEET_BUNDLE_EXPIRED), also while the trust root cannot be read, and an expired offer is not renewed', async () => {
   let expires = Date.now() + 3_600_000;
-  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), expires }) });
+  let root = 'root-1';
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      if (root === 'broken') throw new FleetError('FLEET_BUNDLE_ROOT_INVALID', 'cannot read trust root: half written');
+      return { version: expect.version, image: readFileSync(file), expires };
+    },
+    { trustVersion: () => root },
+  );
+  const r = await rig({ verify });
   try {
     await r.offerA('m1');
     const first = r.fm.state('m1')!.offerId!;
@@ -626,6 +634,9 @@ test('firmware jobs (stub relay): a standing offer whose bundle manifest expires
     await r.desired('m2', { version: '1.6.0', ...r.bundle('b.bin', image(5)) });
     await waitFor(() => r.fm.state('m2')?.state === 'offered', 'm2 offered');
     const offer = r.fm.state('m2')!.offerId!;
+    // the root breaks: m1, judged first, cannot be verified again (and stands); m2's expiry
+    // needs no root and is still checked
+    root = 'broken';
     await waitFor(() => r.fm.state('m2')?.state === 'failed', 'withdrawn once expired', 10_000);
     assert.equal(r.fm.state('m2')?.code, 'FLEET_BUNDLE_EXPIRED');
     assert.deepEqual(r.mailbox.get('m2') ?? [], []);
