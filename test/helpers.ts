@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import type { TestContext } from 'node:test';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createSocket } from 'node:dgram';
 import { createServer, type AddressInfo } from 'node:net';
@@ -127,3 +128,24 @@ export async function stablePort(udp = false): Promise<number> {
   throw new Error('no free port below the ephemeral range in 100 tries');
 }
 
+/**
+ * Cleanups that run when the test ends, however it ends: the latest registered first, each once,
+ * every one even when an earlier one threw (the first error is reported after the rest ran).
+ * One t.after hook runs them, as Node 20 runs t.after hooks in the order registered and skips
+ * the rest after one that throws.
+ */
+export function cleanups(t: TestContext): (fn: () => unknown) => void {
+  const fns: Array<() => unknown> = [];
+  t.after(async () => {
+    const errors: unknown[] = [];
+    for (let fn = fns.pop(); fn; fn = fns.pop()) {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(err);
+      }
+    }
+    if (errors.length > 0) throw errors[0];
+  });
+  return (fn) => void fns.push(fn);
+}

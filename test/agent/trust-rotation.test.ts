@@ -4,7 +4,7 @@ import { generateKeyPairSync, type KeyObject } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AgentConfigSchema } from '../../agent/config.ts';
-import { startAgent } from '../../agent/index.ts';
+import { startAgent, type AgentHandle } from '../../agent/index.ts';
 import * as bundles from '../../bundles/index.ts';
 import { deriveToken } from '../../core/credentials.ts';
 import { buildAppBundle, installTrustRoot } from '../fixtures/ota/kit.ts';
@@ -27,25 +27,27 @@ test('trust root rotation: the hub sends the chain v2, v3 in desired state; the 
   const c = pair();
   const forger = pair();
   await withHub(async (hub, ctx) => {
+    // the agent and the temp dir are released here, inside withHub: the hub is stopped after them
     const tmp = tempDir();
-    const state = join(tmp.dir, 'agent');
-    const trustFile = installTrustRoot(state, a);
-    const tokenFile = join(tmp.dir, 'device.token');
-    writeFileSync(tokenFile, deriveToken(ctx.secret, 'device', 'dev-rot'), { mode: 0o600 });
-    const agent = await startAgent(
-      AgentConfigSchema.parse({ deviceId: 'dev-rot', stateDir: state, api: { port: 0, rateLimit: 0 }, hub: { url: ctx.url, tokenFile, keepaliveS: 5 }, update: { probationMs: 300 } }),
-      testLogger('agent'),
-      '1.0.0',
-      { bundles },
-    );
-    const api = `http://127.0.0.1:${agent.apiPort}`;
-    const tech = readFileSync(agent.tokenFiles.technician, 'utf8').trim();
-    const upload = async (file: string) => {
-      const r = await fetch(`${api}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${tech}` }, body: readFileSync(file) });
-      assert.equal(r.status, 202, await r.clone().text());
-    };
-    const history = async () => ((await (await fetch(`${api}/api/v1/updates`)).json()) as { history: Array<{ state: string; code?: string; version?: string }> }).history;
+    let agent: AgentHandle | undefined;
     try {
+      const state = join(tmp.dir, 'agent');
+      const trustFile = installTrustRoot(state, a);
+      const tokenFile = join(tmp.dir, 'device.token');
+      writeFileSync(tokenFile, deriveToken(ctx.secret, 'device', 'dev-rot'), { mode: 0o600 });
+      agent = await startAgent(
+        AgentConfigSchema.parse({ deviceId: 'dev-rot', stateDir: state, api: { port: 0, rateLimit: 0 }, hub: { url: ctx.url, tokenFile, keepaliveS: 5 }, update: { probationMs: 300 } }),
+        testLogger('agent'),
+        '1.0.0',
+        { bundles },
+      );
+      const api = `http://127.0.0.1:${agent.apiPort}`;
+      const tech = readFileSync(agent.tokenFiles.technician, 'utf8').trim();
+      const upload = async (file: string) => {
+        const r = await fetch(`${api}/api/v1/updates`, { method: 'POST', headers: { authorization: `Bearer ${tech}` }, body: readFileSync(file) });
+        assert.equal(r.status, 202, await r.clone().text());
+      };
+      const history = async () => ((await (await fetch(`${api}/api/v1/updates`)).json()) as { history: Array<{ state: string; code?: string; version?: string }> }).history;
       await waitFor(async () => ((await (await fetch(`${ctx.http}/api/v1/devices/dev-rot`)).json()) as { online?: boolean }).online, 'agent online at the hub');
       // v2 moves trust from A to B; v3 from B to C. The device is at v1: it needs both, in order.
       await hub.setDesired('dev-rot', { apps: {}, trustRoots: [root(2, [b], [a, b]), root(3, [c], [b, c])] });
@@ -79,8 +81,11 @@ test('trust root rotation: the hub sends the chain v2, v3 in desired state; the 
       assert.equal(bundles.loadTrustRoot(trustFile).version, 4);
       assert.equal((await events()).filter((e) => e.type.startsWith('trust.')).length, 3, 'no new rotation or refusal');
     } finally {
-      await agent.stop();
-      tmp.cleanup();
+      try {
+        await agent?.stop();
+      } finally {
+        tmp.cleanup();
+      }
     }
   });
 });

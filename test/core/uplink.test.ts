@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import mqtt from 'mqtt';
@@ -11,7 +11,7 @@ import { deviceTopic } from '../../core/topics.ts';
 import { Uplink, type UplinkOptions } from '../../core/uplink.ts';
 import { HubConfigSchema } from '../../hub/config.ts';
 import { startHub } from '../../hub/index.ts';
-import { tempDir, testLogger, waitFor } from '../helpers.ts';
+import { cleanups, tempDir, testLogger, waitFor } from '../helpers.ts';
 
 /** An outbox whose peek answers late, with a result computed before an append lands. */
 class StalePeekOutbox extends MemoryOutbox {
@@ -27,9 +27,11 @@ class StalePeekOutbox extends MemoryOutbox {
 
 /**
  * A real hub, an operator consumer on one device topic, and that device's fleet client and
- * Uplink over `outbox`; `run` gets the Uplink, and everything is closed afterwards.
+ * Uplink over `outbox`; `run` gets the Uplink, and everything is closed when test `t` ends
+ * (also when a step before `run` fails).
  */
 async function withHubDevice(
+  t: TestContext,
   deviceId: string,
   channel: 'events' | 'telemetry',
   onMessage: (payload: Buffer) => void,
@@ -39,41 +41,39 @@ async function withHubDevice(
   before: () => Promise<void> = async () => {},
   uplinkOpts: Partial<UplinkOptions> = {},
 ): Promise<void> {
+  const defer = cleanups(t);
   const tmp = tempDir();
+  defer(tmp.cleanup);
   const hub = await startHub(HubConfigSchema.parse({ mqttPort: 0, httpPort: 0, stateDir: tmp.dir }), testLogger('hub'));
+  defer(() => hub.stop());
   const url = `mqtt://127.0.0.1:${hub.mqttPort}`;
   const consumer = await mqtt.connectAsync(url, { username: 'operator', password: readFileSync(hub.operatorTokenFile, 'utf8').trim(), reconnectPeriod: 0 });
+  defer(() => consumer.endAsync(true));
   await consumer.subscribeAsync(deviceTopic(deviceId, channel), { qos: 1 });
   consumer.on('message', (_t, p) => onMessage(p));
   await before();
   const client = connectFleetClient({ url, deviceId, token: deriveToken(readFileSync(hub.fleetSecretFile, 'utf8').trim(), 'device', deviceId), kind: 'agent', version: '1', keepalive: 10 });
+  defer(() => client.endAsync(true));
   const uplink = new Uplink({ client, outbox, log: testLogger(), deviceId, batchDelayMs: 0, ...uplinkOpts });
-  try {
-    await run(uplink);
-  } finally {
-    uplink.stop();
-    await client.endAsync(true);
-    await consumer.endAsync(true);
-    await hub.stop();
-    tmp.cleanup();
-  }
+  defer(() => uplink.stop());
+  await run(uplink);
 }
 
-test('uplink: a record appended while a peek is in flight is still sent (no stranded record) (a MemoryOutbox whose peek the test holds to append during it)', async () => {
+test('uplink: a record appended while a peek is in flight is still sent (no stranded record) (a MemoryOutbox whose peek the test holds to append during it)', async (t) => {
   const got: string[] = [];
   const outbox = new StalePeekOutbox();
   // the pump started by 'connect' peeks an empty outbox; the append lands during that peek
   outbox.onPeek = async () => {
     await outbox.append({ topic: deviceTopic('dev-u', 'events'), priority: Priority.ALERT, payload: (mid) => encodeMessage({ v: 1, mid, ts: Date.now(), type: 'late', severity: 'info' }) });
   };
-  await withHubDevice('dev-u', 'events', (p) => got.push((JSON.parse(p.toString()) as { type: string }).type), outbox, async (uplink) => {
+  await withHubDevice(t, 'dev-u', 'events', (p) => got.push((JSON.parse(p.toString()) as { type: string }).type), outbox, async (uplink) => {
     await waitFor(() => got.includes('late'), 'the late record at the consumer', 5000);
     await waitFor(() => outbox.stats().depth === 0, 'outbox drained after PUBACK');
     assert.equal(uplink.stats().sentRecords, 1);
   });
 });
 
-test('uplink: a record that is a batch already (a gateway groups its MCUs’ telemetry) is sent with its items carried over, never nested; plain records join the same publish', async () => {
+test('uplink: a record that is a batch already (a gateway groups its MCUs’ telemetry) is sent with its items carried over, never nested; plain records join the same publish', async (t) => {
   const got: number[] = [];
   const outbox = new MemoryOutbox();
   const tel = (mid: string, v: number) => encodeMessage({ v: 1, mid, ts: Date.now(), samples: [{ n: 'x', v, t: Date.now() }] });
@@ -84,6 +84,7 @@ test('uplink: a record that is a batch already (a gateway groups its MCUs’ tel
     await outbox.append({ topic: deviceTopic('dev-b', 'batch'), priority: Priority.TELEMETRY, payload: (id) => encodeBatch([5, 6].map((v, k) => ({ topic, payload: tel(`${id}00${k}`, v) }))) });
   };
   await withHubDevice(
+    t,
     'dev-b',
     'telemetry',
     (p) => got.push((JSON.parse(p.toString()) as { samples: Array<{ v: number }> }).samples[0]!.v),
@@ -114,10 +115,11 @@ class HeldAckOutbox extends MemoryOutbox {
   }
 }
 
-test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile, nor after a reconnect (a MemoryOutbox whose acks the test holds)', async () => {
+test('uplink: a publish frees its place in the window at its PUBACK, not once the outbox applied the ack; its record is not sent again meanwhile, nor after a reconnect (a MemoryOutbox whose acks the test holds)', async (t) => {
   const got: string[] = [];
   const outbox = new HeldAckOutbox();
   await withHubDevice(
+    t,
     'dev-w',
     'events',
     (p) => got.push((JSON.parse(p.toString()) as { type: string }).type),

@@ -6,7 +6,7 @@ import { Aedes } from 'aedes';
 import { runSim } from '../../esp32-sim/sim.ts';
 import { mcuKey } from '../../firmware-bridge/auth.ts';
 import { decodeFwChunkRequest, encodeFwChunk, encodeMcuCommand } from '../../firmware-bridge/frames.ts';
-import { testLogger, waitFor } from '../helpers.ts';
+import { cleanups, testLogger, waitFor } from '../helpers.ts';
 
 /**
  * The simulated ESP32 against a plain aedes broker on loopback standing in for the gateway
@@ -17,9 +17,12 @@ import { testLogger, waitFor } from '../helpers.ts';
  * aedes broker on loopback (it closes a client silent for 1.5 keep-alives, as the gateway does);
  * the command is published by the test in the MCU wire format.
  */
-test('sim MQTT: after set-interval beyond the keep-alive the device pings between readings: no broker-side disconnect, no early reading per reconnect; the period holds', async () => {
+test('sim MQTT: after set-interval beyond the keep-alive the device pings between readings: no broker-side disconnect, no early reading per reconnect; the period holds', async (t) => {
+  const defer = cleanups(t);
   const broker = await Aedes.createBroker();
+  defer(() => new Promise<void>((r) => broker.close(() => r())));
   const server = createServer(broker.handle);
+  defer(() => void server.close());
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   const port = (server.address() as AddressInfo).port;
   let disconnects = 0;
@@ -27,33 +30,33 @@ test('sim MQTT: after set-interval beyond the keep-alive the device pings betwee
   const secret = 'k'.repeat(43);
   const acked: number[] = [];
   const sim = await runSim({ devices: 1, protocol: 'mqtt', siteSecret: secret, mqttPort: port, intervalMs: 500, startJitterMs: 0, hello: false, mqttKeepaliveS: 2, log: testLogger('sim'), onAck: () => void acked.push(Date.now()) });
-  try {
-    const id = sim.ids()[0]!;
-    await waitFor(() => acked.length >= 2, 'readings at the start period');
-    broker.publish({ cmd: 'publish', topic: `mcu/v1/${id}/cmd`, payload: encodeMcuCommand(mcuKey(secret, id), id, Date.now(), { id: 'c-1', n: 'set-interval', a: { s: 6 }, x: Math.floor(Date.now() / 1000) + 600 }), qos: 1, retain: false, dup: false }, () => undefined);
-    await waitFor(() => sim.device(id)?.intervalMs === 6000, 'the new period taken');
-    const from = Date.now();
-    const before = acked.length;
-    await new Promise((r) => setTimeout(r, 8000)); // 4 keep-alives
-    const after = acked.filter((t) => t > from).length;
-    assert.equal(disconnects, 0, `the broker closed the device ${disconnects} time(s) for silence`);
-    assert.equal(sim.stats().connects, 1, JSON.stringify(sim.stats()));
-    // at a 6 s period, 8 s hold at least one reading and at most two (one already due may come first)
-    assert.ok(after >= 1 && after <= 2, `readings in 8 s at a 6 s period: ${after} (${acked.length - before})`);
-  } finally {
-    await sim.stop();
-    await new Promise<void>((r) => broker.close(() => r()));
-    server.close();
-  }
+  defer(() => sim.stop());
+  const id = sim.ids()[0]!;
+  await waitFor(() => acked.length >= 2, 'readings at the start period');
+  broker.publish({ cmd: 'publish', topic: `mcu/v1/${id}/cmd`, payload: encodeMcuCommand(mcuKey(secret, id), id, Date.now(), { id: 'c-1', n: 'set-interval', a: { s: 6 }, x: Math.floor(Date.now() / 1000) + 600 }), qos: 1, retain: false, dup: false }, () => undefined);
+  await waitFor(() => sim.device(id)?.intervalMs === 6000, 'the new period taken');
+  const from = Date.now();
+  const before = acked.length;
+  await new Promise((r) => setTimeout(r, 8000)); // 4 keep-alives
+  const after = acked.filter((t) => t > from).length;
+  assert.equal(disconnects, 0, `the broker closed the device ${disconnects} time(s) for silence`);
+  assert.equal(sim.stats().connects, 1, JSON.stringify(sim.stats()));
+  // at a 6 s period, 8 s hold at least one reading and at most two (one already due may come first)
+  assert.ok(after >= 1 && after <= 2, `readings in 8 s at a 6 s period: ${after} (${acked.length - before})`);
 });
 
-test('sim MQTT: a device with a verified image waiting for its ack\'s delivery does not go to deep sleep; it reboots into the image, and sleeping never counts more devices than there are', async () => {
+test('sim MQTT: a device with a verified image waiting for its ack\'s delivery does not go to deep sleep; it reboots into the image, and sleeping never counts more devices than there are', async (t) => {
+  const defer = cleanups(t);
   const secret = 'y'.repeat(43);
   const image = Buffer.alloc(1000, 7);
   const sha = createHash('sha256').update(image).digest();
   const broker = await Aedes.createBroker();
+  defer(() => new Promise<void>((r) => broker.close(() => r())));
   // the gateway is slow to acknowledge the device's ack (its rate limit, a busy loop): 8 s
   const slowAcks = new Set<NodeJS.Timeout>();
+  defer(() => {
+    for (const timer of slowAcks) clearTimeout(timer); // not answered into the closed broker
+  });
   broker.authorizePublish = (_client, packet, cb) => {
     if (!packet.topic.endsWith('/ack')) return cb(null);
     const t = setTimeout(() => {
@@ -74,27 +77,22 @@ test('sim MQTT: a device with a verified image waiting for its ack\'s delivery d
     if (packet.topic.endsWith('/hello')) hellos.push(`${(JSON.parse(packet.payload.toString()) as { fw: string }).fw}`);
   });
   const server = createServer(broker.handle);
+  defer(() => void server.close());
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   const port = (server.address() as AddressInfo).port;
   const sim = await runSim({ devices: 1, protocol: 'mqtt', siteSecret: secret, mqttPort: port, intervalMs: 500, startJitterMs: 0, sleepMs: 20_000, awakeMs: 1000, log: testLogger('sim') });
-  try {
-    const id = sim.ids()[0]!;
-    let maxSleeping = 0;
-    let sleptOnOld = false;
-    for (let i = 0; i < 24 && !hellos.includes('2.0.0'); i++) {
-      await new Promise((r) => setTimeout(r, 500));
-      maxSleeping = Math.max(maxSleeping, sim.stats().sleeping);
-      if (sim.device(id)?.state === 'sleeping' && sim.device(id)?.version === '1.0.0') sleptOnOld = true;
-    }
-    assert.deepEqual(hellos.slice(0, 2), ['1.0.0', '2.0.0'], 'booted into the image');
-    assert.equal(sleptOnOld, false, 'no deep sleep between the verified image and the reboot into it');
-    await new Promise((r) => setTimeout(r, 3000)); // asleep on 2.0.0 now
+  defer(() => sim.stop());
+  const id = sim.ids()[0]!;
+  let maxSleeping = 0;
+  let sleptOnOld = false;
+  for (let i = 0; i < 24 && !hellos.includes('2.0.0'); i++) {
+    await new Promise((r) => setTimeout(r, 500));
     maxSleeping = Math.max(maxSleeping, sim.stats().sleeping);
-    assert.ok(maxSleeping <= 1, `sleeping ${maxSleeping} of 1 device`);
-  } finally {
-    await sim.stop();
-    for (const t of slowAcks) clearTimeout(t); // not answered into the closed broker
-    await new Promise<void>((r) => broker.close(() => r()));
-    server.close();
+    if (sim.device(id)?.state === 'sleeping' && sim.device(id)?.version === '1.0.0') sleptOnOld = true;
   }
+  assert.deepEqual(hellos.slice(0, 2), ['1.0.0', '2.0.0'], 'booted into the image');
+  assert.equal(sleptOnOld, false, 'no deep sleep between the verified image and the reboot into it');
+  await new Promise((r) => setTimeout(r, 3000)); // asleep on 2.0.0 now
+  maxSleeping = Math.max(maxSleeping, sim.stats().sleeping);
+  assert.ok(maxSleeping <= 1, `sleeping ${maxSleeping} of 1 device`);
 });
