@@ -9,6 +9,7 @@ import { FleetError, isFleetError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { decodeMessage, type DesiredArtifact } from '../core/messages.ts';
 import type { McuAck, McuHello } from '../firmware-bridge/frames.ts';
+import { LogThrottle } from './ingress.ts';
 import type { MailboxEntry } from './mailbox.ts';
 import type { McuProtocol, Relay } from './relay.ts';
 
@@ -134,12 +135,33 @@ interface Fetched {
 /** bytes a bundle may have beyond its image (manifest, signatures, framing) */
 const BUNDLE_OVERHEAD_BYTES = 1024 * 1024;
 
-function expired(job: Job): FleetError {
-  return new FleetError('FLEET_BUNDLE_EXPIRED', `firmware bundle ${job.bundleName ?? job.bundleSha.slice(0, 16)} ${job.version} has expired (${new Date(job.expires ?? 0).toISOString()})`);
+function expired(job: Job, at: number): FleetError {
+  return new FleetError('FLEET_BUNDLE_EXPIRED', `firmware bundle ${job.bundleName ?? job.bundleSha.slice(0, 16)} ${job.version} has expired (${new Date(at).toISOString()})`);
 }
 
-/** A failure that the same inputs would fail again (not worth an automatic retry). */
-const permanent = (fe: FleetError): boolean => fe.code.startsWith('FLEET_BUNDLE_') || (fe.details as { permanent?: boolean } | undefined)?.permanent === true;
+/**
+ * Codes that judge the bundle itself: the same bundle fails them again, whenever and
+ * wherever it is checked. Not among them: the trust root's (FLEET_BUNDLE_ROOT_*: this
+ * gateway's configuration), and the staging and re-read steps' (FLEET_BUNDLE_STAGING,
+ * FLEET_BUNDLE_CHANGED: this gateway's disk, a full one or a file touched meanwhile).
+ */
+const VERDICT_CODES: ReadonlySet<string> = new Set([
+  'FLEET_BUNDLE_BAD_SIGNATURE', 'FLEET_BUNDLE_UNKNOWN_KEY', 'FLEET_BUNDLE_THRESHOLD', 'FLEET_BUNDLE_EXPIRED', 'FLEET_BUNDLE_KIND', 'FLEET_BUNDLE_TARGET',
+  'FLEET_BUNDLE_ROLLBACK', 'FLEET_BUNDLE_HASH', 'FLEET_BUNDLE_TRUNCATED', 'FLEET_BUNDLE_FORMAT', 'FLEET_BUNDLE_MANIFEST_INVALID', 'FLEET_BUNDLE_MANIFEST_TOO_LARGE',
+  'FLEET_BUNDLE_PATH', 'FLEET_BUNDLE_DUPLICATE_PATH',
+]);
+
+/** An operating-system error (EMFILE, EIO, ENOSPC…) as the cause: the machine failed, not the bundle. */
+function systemCause(fe: FleetError): boolean {
+  const c = fe.cause as { code?: unknown; syscall?: unknown } | undefined;
+  return typeof c?.code === 'string' && typeof c.syscall === 'string';
+}
+
+/** A failure the same bundle would fail again: withdrawn, and not tried again by the timer. */
+function isVerdict(fe: FleetError): boolean {
+  if ((fe.details as { permanent?: boolean } | undefined)?.permanent === true) return true;
+  return VERDICT_CODES.has(fe.code) && !systemCause(fe);
+}
 
 /**
  * MCU firmware relay: desired state → fetch (Range resume or file://) → sha256 → verify
@@ -176,9 +198,12 @@ export class FirmwareManager {
   private recheckingOffers = false;
   /** the trust root's last error, logged once */
   private rootError: string | undefined;
+  /** a bundle that cannot be verified again now: logged once a minute per bundle, not per offer and tick */
+  private readonly transientLog: LogThrottle;
 
   private constructor(private readonly opts: FirmwareManagerOptions) {
     this.now = opts.now ?? Date.now;
+    this.transientLog = new LogThrottle(opts.log);
     this.timer = setInterval(() => this.tick(), opts.tickMs ?? 5000);
     this.timer.unref();
   }
@@ -427,7 +452,7 @@ export class FirmwareManager {
     this.opts.log.warn('MCU firmware could not be prepared', { mcu: mcuId, version: job.version, err: fe });
     // what the bundle itself fails (its signature, trust, the anti-rollback floor, its
     // version) fails again the same way: not tried again on every reconnect, nor by the timer
-    const again = !permanent(fe);
+    const again = !isVerdict(fe);
     const cause: FailureCause = fe.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : fe.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
     await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: again, retry: again, cause, code: fe.code, bestEffort: true });
   }
@@ -763,7 +788,7 @@ export class FirmwareManager {
       const job = this.jobs.get(mcuId);
       if (!job || job.offerId !== entry.id || (job.state !== 'offered' && job.state !== 'transferring')) return;
       // a bundle expired meanwhile is not offered again: withdrawn instead
-      if (job.expires !== undefined && job.expires <= Date.now()) return this.withdrawStanding(mcuId, job, expired(job));
+      if (job.expires !== undefined && job.expires <= Date.now()) return this.withdrawStanding(mcuId, job, expired(job, job.expires));
       // under a new id: the expired entry is removed from the mailbox only after this returns
       // (the same id would be taken for it). An MCU that was fetching the image keeps its
       // download (the contract: a new offer of the same image resumes)
@@ -854,69 +879,83 @@ export class FirmwareManager {
   }
 
   /**
-   * Standing offers (offered, transferring: the MCU has not taken the image) judged again as
-   * if made now, from the timer: one whose manifest has expired since, or that no longer
-   * verifies under a trust root rotated since it was verified (a key removed), is withdrawn
-   * and failed, so no MCU goes on fetching it. One bundle is verified once per pass (it is
-   * cached: no download). A broken trust root (unreadable, invalid) says nothing about the
-   * bundles: offers stand, the error is logged, and the next tick tries again.
+   * Standing offers (offered, transferring: the MCU has not taken the image) whose bundle's
+   * manifest has expired since are withdrawn, every tick: no I/O, nothing to wait for.
+   */
+  private expireOffers(): void {
+    const now = Date.now();
+    for (const [mcuId, j] of this.jobs) {
+      if ((j.state !== 'offered' && j.state !== 'transferring') || j.expires === undefined || j.expires > now) continue;
+      const expires = j.expires;
+      void this.serial(mcuId, () => this.withdrawStanding(mcuId, j, expired(j, expires))).catch((err: unknown) => this.opts.log.warn('cannot withdraw an expired MCU firmware offer', { mcu: mcuId, err }));
+    }
+  }
+
+  /**
+   * Standing offers verified under another trust root than the current one (rotated since:
+   * a key removed, or saved by a version that did not record it) are verified again, one
+   * verification per bundle, in the background of the timer: one whose bundle no longer
+   * verifies is withdrawn and failed, so no MCU goes on fetching it. Only a verdict on the
+   * bundle withdraws (its signature, keys, hashes, format, expiry, kind: `isVerdict`); a
+   * trust root that cannot be loaded (unreadable, invalid, expired) or a failure of this
+   * gateway's own disk leaves the offers as they are, logged, and the next tick tries again.
    */
   private async recheckOffers(): Promise<void> {
-    const verify = this.opts.verify;
-    if (this.recheckingOffers || !verify || this.closed) return;
+    const trust = this.opts.verify?.trustVersion?.();
+    if (this.recheckingOffers || trust === undefined || this.closed) return;
+    // bundle sha256 → the standing offers naming it that were verified under another root
+    const stale = new Map<string, Array<[string, Job]>>();
+    for (const [mcuId, j] of this.jobs) {
+      if ((j.state !== 'offered' && j.state !== 'transferring') || j.trust === trust) continue;
+      const list = stale.get(j.bundleSha) ?? [];
+      list.push([mcuId, j]);
+      stale.set(j.bundleSha, list);
+    }
+    if (stale.size === 0) {
+      this.rootError = undefined;
+      return;
+    }
     this.recheckingOffers = true;
     try {
-      const trust = verify.trustVersion?.();
-      const pass = new Map<string, Promise<Fetched>>();
-      // set once the root fails to load this pass: later offers are still checked for expiry
-      let rootBroken = false;
-      for (const [mcuId, j] of [...this.jobs]) {
+      for (const [bundleSha, offers] of stale) {
         if (this.closed) return;
-        if (j.state !== 'offered' && j.state !== 'transferring') continue;
-        if (j.expires !== undefined && j.expires <= Date.now()) {
-          await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, expired(j)));
-          continue;
-        }
-        if (trust === undefined || j.trust === trust || rootBroken) continue;
-        let p = pass.get(j.bundleSha);
-        if (!p) {
-          // a verification settled under the old root is not reused
-          if (this.fetches.get(j.bundleSha)?.done) this.fetches.delete(j.bundleSha);
-          p = this.fetchOnce(j);
-          pass.set(j.bundleSha, p);
-        }
+        // a verification settled under the old root is not reused
+        if (this.fetches.get(bundleSha)?.done) this.fetches.delete(bundleSha);
         let verdict: FleetError | undefined;
+        let got: Fetched | undefined;
         try {
-          const f = await p;
-          if (f.trust !== trust) continue; // rotated again meanwhile: the next tick
-          if (f.imageSha !== j.imageSha || f.version !== j.version) verdict = new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds firmware ${f.version} (image ${f.imageSha.slice(0, 16)}), not ${j.version} (${j.imageSha?.slice(0, 16)})`, { details: { permanent: true } });
-          else if (f.expires !== undefined && f.expires <= Date.now()) verdict = expired(j);
-          else {
-            await this.serial(mcuId, async () => {
-              if (!this.current(mcuId, j) || (j.state !== 'offered' && j.state !== 'transferring')) return;
-              j.trust = f.trust;
-              j.expires = f.expires;
-              await this.save(mcuId, j);
-            });
-            this.rootError = undefined;
-          }
+          got = await this.fetchOnce(offers[0]![1]);
         } catch (err) {
           const fe = isFleetError(err) ? err : undefined;
           if (fe?.code.startsWith('FLEET_BUNDLE_ROOT')) {
-            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be read; standing MCU firmware offers are not judged again until it can', { err: fe });
+            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be loaded; standing MCU firmware offers are not verified again until it can (they stay offered)', { err: fe });
             this.rootError = fe.message;
-            rootBroken = true;
+            return;
+          }
+          if (!fe || !isVerdict(fe)) {
+            this.transientLog.warn(bundleSha, 'cannot verify the bundle of standing MCU firmware offers again; they stay offered and it is tried again at the next tick', { bundle: bundleSha.slice(0, 16), offers: offers.length, examples: offers.slice(0, 3).map(([id]) => id), err });
             continue;
           }
-          if (fe && permanent(fe)) verdict = fe;
-          else {
-            this.opts.log.warn('cannot verify a standing MCU firmware offer again; trying at the next tick', { mcu: mcuId, version: j.version, err });
-            continue;
-          }
+          verdict = fe;
         }
-        if (verdict) {
-          const v = verdict;
-          await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, v));
+        this.rootError = undefined;
+        if (got && got.trust !== trust) continue; // rotated again meanwhile: the next tick
+        for (const [mcuId, j] of offers) {
+          let v = verdict;
+          if (got) {
+            if (got.imageSha !== j.imageSha || got.version !== j.version) v = new FleetError('FLEET_MCU_FIRMWARE', `the bundle now holds firmware ${got.version} (image ${got.imageSha.slice(0, 16)}), not ${j.version} (${j.imageSha?.slice(0, 16)})`, { details: { permanent: true } });
+            else if (got.expires !== undefined && got.expires <= Date.now()) v = expired(j, got.expires);
+            else {
+              // in memory only (saved with the job's next change; after a restart the bundle
+              // is verified once more): no synced write per MCU
+              j.trust = got.trust;
+              j.expires = got.expires;
+              j.deviceClass = got.deviceClass;
+              continue;
+            }
+          }
+          const why = v!;
+          await this.serial(mcuId, () => this.withdrawStanding(mcuId, j, why)).catch((err: unknown) => this.opts.log.warn('cannot withdraw an MCU firmware offer', { mcu: mcuId, err }));
         }
       }
     } catch (err) {
@@ -931,12 +970,14 @@ export class FirmwareManager {
     if (!this.current(mcuId, job) || (job.state !== 'offered' && job.state !== 'transferring')) return;
     this.opts.log.warn('MCU firmware offer withdrawn', { mcu: mcuId, version: job.version, code: verdict.code, err: verdict });
     const cause: FailureCause = verdict.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
-    await this.fail(mcuId, job, `${verdict.code}: ${verdict.message} (offer withdrawn)`, { cause, code: verdict.code, bestEffort: true });
+    // the marker before the message: fail() keeps the first 250 characters
+    await this.fail(mcuId, job, `${verdict.code} (offer withdrawn): ${verdict.message}`, { cause, code: verdict.code, bestEffort: true });
   }
 
   /** Deadlines of MCUs that took an image, automatic retries, desired states to handle again. */
   private tick(): void {
     const now = this.now();
+    this.expireOffers();
     void this.recheckOffers();
     for (const [mcuId, payload] of this.pendingDesired) {
       this.pendingDesired.delete(mcuId);

@@ -178,8 +178,8 @@ test('trust root rotated while offers stand: the MCU whose bundle was signed by 
         for (const id of ['esp-r1', 'esp-r2']) assert.equal((await coap(gw.coapPort, site, id, 'hello', 'POST', Buffer.from('{"fw":"1.0.0","boot":"power_on"}'))).code, '2.04');
         await registered({ hub, gw }, ['esp-r1', 'esp-r2']);
         const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-        // esp-r2's job first: a pass judges standing offers in the order their jobs were made,
-        // so once esp-r1 is withdrawn, esp-r2 has been judged under the new root too
+        // esp-r2's job first: a pass verifies bundles again in the order of their first job,
+        // so once esp-r1 is withdrawn, esp-r2's bundle has been judged under the new root too
         await hub.setDesired('esp-r2', { apps: {}, firmware: { version: '2.0.1', url: `file://${join(tmp.dir, 'k.fbundle')}`, sha256: sha(byKept), size: byKept.length } });
         await firmwareReaches(gw, 'esp-r2', 'offered', 'esp-r2 offered');
         await hub.setDesired('esp-r1', { apps: {}, firmware: { version: '2.0.0', url: `file://${join(tmp.dir, 'r.fbundle')}`, sha256: sha(byRemoved), size: byRemoved.length } });

@@ -62,7 +62,7 @@ interface Rig {
  * `verify`: the file minus its first `strip` bytes is the image (strip 1: several bundles of one
  * image); the bundle name and sequence come from `named` when given.
  */
-async function rig(o: { strip?: number; named?: { name: string; sequence: number }; installTimeoutMs?: number; retryMinMs?: number; downloadIdleMs?: number; verify?: VerifyFirmware } = {}): Promise<Rig> {
+async function rig(o: { strip?: number; named?: { name: string; sequence: number }; installTimeoutMs?: number; retryMinMs?: number; downloadIdleMs?: number; verify?: VerifyFirmware; tickMs?: number } = {}): Promise<Rig> {
   const tmp = tempDir('fleetlet-fwjobs-');
   const real = new Level<string, string>(join(tmp.dir, 'db'));
   await real.open();
@@ -116,7 +116,7 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
     token: 't',
     log: createLogger({ name: 'fw-jobs', level: 'silent' }),
     now: () => clock.t,
-    tickMs: 20,
+    tickMs: o.tickMs ?? 20,
     installTimeoutMs: o.installTimeoutMs ?? 60_000,
     retryMinMs: o.retryMinMs ?? 60_000,
     ...(o.downloadIdleMs !== undefined ? { downloadIdleMs: o.downloadIdleMs } : {}),
@@ -611,7 +611,7 @@ test('firmware jobs (stub relay): standing offers are judged again when the trus
   }
 });
 
-test('firmware jobs (stub relay): a standing offer whose bundle manifest expires is withdrawn (FLEET_BUNDLE_EXPIRED), also while the trust root cannot be read, and an expired offer is not renewed', async () => {
+test('firmware jobs (stub relay): a standing offer whose bundle manifest expires is withdrawn by the timer (FLEET_BUNDLE_EXPIRED), also while the trust root cannot be read', async () => {
   let expires = Date.now() + 3_600_000;
   let root = 'root-1';
   const verify: VerifyFirmware = Object.assign(
@@ -628,20 +628,16 @@ test('firmware jobs (stub relay): a standing offer whose bundle manifest expires
     // the mailbox's offer expires untaken while the bundle is valid: renewed
     await r.expire('m1', first);
     assert.notEqual(r.fm.state('m1')?.offerId, first, 'renewed under a new id');
-    // m2 is offered a bundle that expires in 400 ms
-    expires = Date.now() + 400;
+    // m2 is offered a bundle that expires in 3 s (time enough to verify and offer it first)
+    expires = Date.now() + 3000;
     r.meta.set('m2', { fw: '1.0.0' });
     await r.desired('m2', { version: '1.6.0', ...r.bundle('b.bin', image(5)) });
     await waitFor(() => r.fm.state('m2')?.state === 'offered', 'm2 offered');
-    const offer = r.fm.state('m2')!.offerId!;
     // the root breaks: m1, judged first, cannot be verified again (and stands); m2's expiry
     // needs no root and is still checked
     root = 'broken';
-    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'withdrawn once expired', 10_000);
+    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'withdrawn once expired', 15_000);
     assert.equal(r.fm.state('m2')?.code, 'FLEET_BUNDLE_EXPIRED');
-    assert.deepEqual(r.mailbox.get('m2') ?? [], []);
-    // the mailbox's sweep of the old entry does not put it back
-    await r.fm.onExpired('m2', r.entry(offer));
     assert.deepEqual(r.mailbox.get('m2') ?? [], []);
     assert.equal(r.fm.state('m1')?.state, 'offered', 'm1\'s bundle has not expired');
   } finally {
@@ -666,6 +662,69 @@ test('firmware jobs (stub relay): a standing offer is withdrawn when a hello rep
     await r.hello('m1', { fw: '1.0.0', boot: 'power_on', hw: 'esp32-s3' });
     await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered again');
     assert.equal(r.mailbox.get('m1')?.length, 1);
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): an offer whose mailbox entry expires after its bundle did is withdrawn (FLEET_BUNDLE_EXPIRED), not renewed (timer held off: the mailbox sweep decides)', async () => {
+  const expires = Date.now() + 3000;
+  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), expires }), tickMs: 3_600_000 });
+  try {
+    await r.offerA('m1');
+    const first = r.fm.state('m1')!.offerId!;
+    // the bundle still valid: the untaken offer is renewed
+    await r.expire('m1', first);
+    const second = r.fm.state('m1')!.offerId!;
+    assert.notEqual(second, first, 'renewed under a new id');
+    // past the manifest's expiry (the timer that would withdraw it does not run here)
+    await sleep(Math.max(0, expires - Date.now()) + 50);
+    await r.expire('m1', second);
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    assert.equal(r.fm.state('m1')?.code, 'FLEET_BUNDLE_EXPIRED');
+    assert.deepEqual(r.mailbox.get('m1') ?? [], [], 'nothing renewed into the mailbox');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a failure of the gateway\'s own disk while verifying (FLEET_BUNDLE_STAGING; FLEET_BUNDLE_FORMAT caused by EMFILE) withdraws no standing offer and fails no new one for good: the offers stay, the preparation is tried again by the timer', async () => {
+  let root = 'root-1';
+  let fault: FleetError | null = null;
+  let faulted = 0;
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      if (fault) {
+        faulted++;
+        throw fault;
+      }
+      return { version: expect.version, image: readFileSync(file) };
+    },
+    { trustVersion: () => root },
+  );
+  const r = await rig({ verify, retryMinMs: 200 });
+  try {
+    await r.offerA('m1');
+    const emfile = Object.assign(new Error('EMFILE: too many open files, open'), { code: 'EMFILE', syscall: 'open' });
+    for (const f of [new FleetError('FLEET_BUNDLE_STAGING', 'cannot create staging directory: ENOSPC'), new FleetError('FLEET_BUNDLE_FORMAT', 'cannot open bundle: EMFILE', { cause: emfile })]) {
+      fault = f;
+      faulted = 0;
+      root = `root-${f.code}`; // rotated: the standing offer is verified again, and hits the fault
+      await waitFor(() => faulted >= 2, `${f.code}: two passes verified again and failed`);
+      assert.equal(r.fm.state('m1')?.state, 'offered', `${f.code}: the offer stands`);
+      assert.equal(r.mailbox.get('m1')?.length, 1);
+    }
+    // a new target prepared while the disk fails: failed, retryable, and retried by the timer
+    r.meta.set('m2', { fw: '1.0.0' });
+    await r.desired('m2', { version: '1.6.0', ...r.bundle('b.bin', image(5)) });
+    await waitFor(() => r.fm.state('m2')?.state === 'failed', 'm2 failed while the disk fails');
+    assert.equal(r.fm.state('m2')?.code, 'FLEET_BUNDLE_FORMAT');
+    assert.ok(r.fm.state('m2')?.retryAt !== undefined, 'a retry is planned');
+    fault = null; // the disk is back
+    r.clock.t += 1000; // past the retry time (the rig's clock)
+    await waitFor(() => r.fm.state('m2')?.state === 'offered', 'm2 offered on the retry', 15_000);
+    await waitFor(() => r.fm.state('m1')?.trust === root, 'm1 verified under the current root', 15_000);
+    assert.equal(r.fm.state('m1')?.state, 'offered');
   } finally {
     await r.close();
   }
