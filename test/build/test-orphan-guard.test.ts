@@ -20,14 +20,17 @@ function running(pid: number): boolean {
   }
 }
 
-async function rig(guarded: boolean): Promise<{ runner: number; group: number[] }> {
+/** every runner and group leader the rigs started, killed when the test ends however it ends */
+const spawned: Array<{ pid: number; group: boolean }> = [];
+
+async function rig(guarded: boolean, noisy = false): Promise<{ runner: number; group: number[] }> {
   // the "runner": starts a detached group leader (with the guard, as run-tests.mjs does)
   // that starts a child of its own, prints both pids, and waits
   const leader = `
     const { spawn } = require('node:child_process');
     const c = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
     process.stdout.write(process.pid + ' ' + c.pid + '\\n');
-    setInterval(() => {}, 1000);
+    setInterval(() => { ${noisy ? "process.stdout.write('x'.repeat(1000) + '\\n');" : ''} }, 20);
   `;
   const runnerSrc = `
     const { spawn } = require('node:child_process');
@@ -37,33 +40,41 @@ async function rig(guarded: boolean): Promise<{ runner: number; group: number[] 
     setInterval(() => {}, 1000);
   `;
   const runner = spawn(process.execPath, ['-e', runnerSrc], { stdio: ['ignore', 'pipe', 'inherit'] });
+  spawned.push({ pid: runner.pid!, group: false });
   const line = await new Promise<string>((resolve, reject) => {
     runner.stdout.once('data', (d: Buffer) => resolve(d.toString()));
     runner.once('exit', () => reject(new Error('the runner exited first')));
   });
-  const group = line.trim().split(' ').map(Number);
+  const group = line.split('\n')[0]!.trim().split(' ').map(Number);
+  spawned.push({ pid: group[0]!, group: true });
   assert.equal(group.length, 2);
   return { runner: runner.pid!, group };
 }
 
 test('test runner orphan guard: a file\'s process group dies within seconds of its runner being SIGKILLed; without the guard it stays (the control)', async (t) => {
-  const leftovers: number[] = [];
   t.after(() => {
-    for (const pid of leftovers) {
+    for (const p of spawned) {
       try {
-        process.kill(-pid, 'SIGKILL');
+        process.kill(p.group ? -p.pid : p.pid, 'SIGKILL');
       } catch {
         // gone
       }
     }
   });
   const guarded = await rig(true);
+  // one that prints without pause: the runner's death breaks its stdout pipe, and the EPIPE
+  // ends the process before the guard's next check (its child is quiet and would stay). Here
+  // the guard's exit check covers it; the node --test runner ends with no 'exit' event
+  // (checked by hand with a noisy test file), which the stdout/stderr error check covers
+  // (it fails without both)
+  const noisy = await rig(true, true);
   const control = await rig(false);
-  leftovers.push(guarded.group[0]!, control.group[0]!);
-  for (const pid of [...guarded.group, ...control.group]) assert.ok(running(pid), `${pid} runs before the kill`);
+  for (const pid of [...guarded.group, ...noisy.group, ...control.group]) assert.ok(running(pid), `${pid} runs before the kill`);
   process.kill(guarded.runner, 'SIGKILL');
+  process.kill(noisy.runner, 'SIGKILL');
   process.kill(control.runner, 'SIGKILL');
   await waitFor(() => guarded.group.every((pid) => !running(pid)), 'the guarded group gone', 10_000);
+  await waitFor(() => noisy.group.every((pid) => !running(pid)), 'the noisy guarded group gone', 10_000);
   // the control had as long, and more: both its processes still run
   for (const pid of control.group) assert.ok(running(pid), `unguarded ${pid} outlived its runner`);
 });
