@@ -10,6 +10,7 @@
 // The guard is held for a read and an unlink. A guard older than GUARD_STALE_MS is left by
 // a process killed in that window and is removed; two waiters doing that in the same
 // instant could still race, which needs a kill inside a microsecond window first.
+import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 
 export const GUARD_STALE_MS = 30_000;
@@ -33,9 +34,9 @@ function isAlive(pid) {
   }
 }
 
-function tryCreate(path) {
+function tryCreate(path, content = String(process.pid)) {
   try {
-    writeFileSync(path, String(process.pid), { flag: 'wx' });
+    writeFileSync(path, content, { flag: 'wx' });
     return true;
   } catch (err) {
     if (err.code === 'EEXIST') return false;
@@ -60,7 +61,9 @@ function inspect(lock) {
 /** Removes a dead lock if it is still the one seen; false when another waiter holds the guard. */
 function takeOver(lock, seen) {
   const guard = `${lock}.takeover`;
-  if (!tryCreate(guard)) {
+  // a token of its own: the guard is removed only while it is still this waiter's
+  const token = `${process.pid}-${randomBytes(8).toString('hex')}`;
+  if (!tryCreate(guard, token)) {
     try {
       if (Date.now() - statSync(guard).mtimeMs > GUARD_STALE_MS) rmSync(guard, { force: true });
     } catch {
@@ -73,14 +76,18 @@ function takeOver(lock, seen) {
     if (now.dead && now.owner === seen) rmSync(lock, { force: true });
     return true;
   } finally {
-    rmSync(guard, { force: true });
+    try {
+      if (readFileSync(guard, 'utf8') === token) rmSync(guard, { force: true });
+    } catch {
+      // removed as stale meanwhile (this waiter was stopped for GUARD_STALE_MS)
+    }
   }
 }
 
 /**
- * Waits until this process holds `lock` (released when the process exits, however it
- * exits short of SIGKILL, which the next waiter's takeover covers). Throws after
- * `timeoutMs`, naming the holder.
+ * Waits until this process holds `lock`, released when the process exits normally (or by
+ * process.exit); one killed by a signal leaves it behind, and the next waiter takes it over
+ * (its owner is gone). Throws after `timeoutMs`, naming the holder.
  */
 export async function acquireLock(lock, { timeoutMs = 10 * 60_000, pollMs = 250 } = {}) {
   const deadline = Date.now() + timeoutMs;

@@ -666,7 +666,8 @@ test('mqtt-lean (wall clock mocked): keep-alive runs on the monotonic clock: a w
     const t0 = performance.now();
     // due 1.5 s after its last packet, plus up to 1 s for the sweep; kept open (the bug this
     // guards against) it would still be open at 20 s, so 15 s leaves a stalled machine 12 s
-    const closedIn = await Promise.race([silent.closed.then(() => true), sleep(20_000).then(() => false)]);
+    // (an unref'd timer: once closed, the pending sleep does not keep the file's process up)
+    const closedIn = await Promise.race([silent.closed.then(() => true), sleep(20_000, false, { ref: false })]);
     const waited = performance.now() - t0;
     assert.ok(closedIn && waited < 15_000, `the silent connection is closed 1.5 keep-alives after its last packet (waited ${Math.round(waited)} ms)`);
   } finally {
