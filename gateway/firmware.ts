@@ -62,6 +62,8 @@ interface Job {
   targetHw?: string;
   /** an update the MCU had taken (`installing`) when this target replaced it: its next hello decides that one too */
   replaced?: { version: string; bundleName?: string; sequence?: number; from?: string; deadline?: number };
+  /** failed because the trust root could not be loaded (`FLEET_BUNDLE_ROOT_*`): the root's trustVersion() then; retried once it changes */
+  failedTrust?: string;
   /** once verified: the trust root it was verified under (the verifier's trustVersion()), the manifest's expiry (ms) and hardware classes; a standing offer is judged again by them */
   trust?: string;
   expires?: number;
@@ -179,7 +181,7 @@ export class FirmwareManager {
   private readonly jobs = new Map<string, Job>();
   private readonly images = new Map<string, ServedImage>();
   /** one fetch and verification per bundle sha256; `done` once it settled (only then may it be dropped) */
-  private readonly fetches = new Map<string, { p: Promise<Fetched>; done: boolean }>();
+  private readonly fetches = new Map<string, { p: Promise<Fetched>; done: boolean; /** trustVersion() when it started */ trust: string | undefined }>();
   /** jobs whose run() is under way (the retained desired state coming again must not start a second) */
   private readonly running = new Set<Job>();
   /** images being written to the cache by a fetch, not yet named by its job (one write per image) */
@@ -196,8 +198,9 @@ export class FirmwareManager {
   private pruning = false;
   private pruneAgain = false;
   private recheckingOffers = false;
-  /** the trust root's last error, logged once */
+  /** the trust root's last error, logged once, and the trustVersion() it failed under */
   private rootError: string | undefined;
+  private rootBrokenUnder: string | undefined;
   /** a bundle that cannot be verified again now: logged once a minute per bundle, not per offer and tick */
   private readonly transientLog: LogThrottle;
 
@@ -380,6 +383,7 @@ export class FirmwareManager {
   /** A failed job starts its preparation over (its retry count is kept: the backoff goes on). */
   private restart(job: Job): void {
     job.state = 'fetching';
+    job.failedTrust = undefined;
     job.reason = undefined;
     job.retryable = undefined;
     job.retryAt = undefined;
@@ -402,13 +406,9 @@ export class FirmwareManager {
     if (this.running.has(job)) return;
     this.running.add(job);
     try {
-      let f = await this.fetchOnce(job);
-      // verified under a trust root rotated since (a key removed): verified again (the bundle
-      // is cached; no download), so nothing is offered on the strength of a key no longer trusted
-      if (this.opts.verify?.trustVersion && f.trust !== this.opts.verify.trustVersion()) {
-        if (this.fetches.get(job.bundleSha)?.done) this.fetches.delete(job.bundleSha);
-        f = await this.fetchOnce(job);
-      }
+      // under the trust root in force now (rotated since a fetch was made: a key removed, or
+      // put back): nothing is offered, or refused, on the strength of another root's verdict
+      const f = await this.fetchCurrent(job);
       if (f.expires !== undefined && f.expires <= Date.now()) throw new FleetError('FLEET_BUNDLE_EXPIRED', `firmware bundle ${f.name ?? job.bundleSha.slice(0, 16)} ${f.version} has expired`);
       // superseded, or cancelled, meanwhile
       if (!this.current(mcuId, job) || job.state !== 'fetching') return;
@@ -453,6 +453,9 @@ export class FirmwareManager {
     // what the bundle itself fails (its signature, trust, the anti-rollback floor, its
     // version) fails again the same way: not tried again on every reconnect, nor by the timer
     const again = !isVerdict(fe);
+    // the trust root cannot be loaded: tried again once it changes (a retry under the same
+    // one fails the same way), not on the backoff
+    job.failedTrust = fe.code.startsWith('FLEET_BUNDLE_ROOT') ? this.opts.verify?.trustVersion?.() : undefined;
     const cause: FailureCause = fe.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : fe.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
     await this.fail(mcuId, job, `${fe.code}: ${fe.message}`, { retryable: again, retry: again, cause, code: fe.code, bestEffort: true });
   }
@@ -550,7 +553,7 @@ export class FirmwareManager {
   private fetchOnce(job: Job): Promise<Fetched> {
     const have = this.fetches.get(job.bundleSha);
     if (have) return have.p;
-    const entry = { p: this.fetchAndVerify(job), done: false };
+    const entry = { p: this.fetchAndVerify(job), done: false, trust: this.opts.verify?.trustVersion?.() };
     this.fetches.set(job.bundleSha, entry);
     entry.p.then(
       () => {
@@ -562,6 +565,36 @@ export class FirmwareManager {
       },
     );
     return entry.p;
+  }
+
+  /**
+   * fetchOnce, under the trust root in force now: a fetch made under another one (rotated
+   * since it started: a key removed, or put back) counts for nothing, neither its success nor
+   * its verdict; the bundle is verified again (cached: no download). A root that keeps
+   * changing gets three tries, then the last result stands.
+   */
+  private async fetchCurrent(job: Job): Promise<Fetched> {
+    const now = () => this.opts.verify?.trustVersion?.();
+    let last: { ok: true; f: Fetched } | { ok: false; err: unknown } | undefined;
+    for (let i = 0; i < 3; i++) {
+      const have = this.fetches.get(job.bundleSha);
+      if (have && have.trust !== now()) {
+        if (!have.done) await have.p.catch(() => undefined);
+        if (this.fetches.get(job.bundleSha) === have) this.fetches.delete(job.bundleSha);
+      }
+      const p = this.fetchOnce(job);
+      const under = this.fetches.get(job.bundleSha)?.trust;
+      try {
+        const f = await p;
+        if (f.trust === now()) return f;
+        last = { ok: true, f };
+      } catch (err) {
+        if (under === now()) throw err;
+        last = { ok: false, err };
+      }
+    }
+    if (last?.ok) return last.f;
+    throw last?.err;
   }
 
   private async fetchAndVerify(job: Job): Promise<Fetched> {
@@ -902,7 +935,8 @@ export class FirmwareManager {
    */
   private async recheckOffers(): Promise<void> {
     const trust = this.opts.verify?.trustVersion?.();
-    if (this.recheckingOffers || trust === undefined || this.closed) return;
+    // a root that could not be loaded is tried again once it changes
+    if (this.recheckingOffers || trust === undefined || this.closed || trust === this.rootBrokenUnder) return;
     // bundle sha256 → the standing offers naming it that were verified under another root
     const stale = new Map<string, Array<[string, Job]>>();
     for (const [mcuId, j] of this.jobs) {
@@ -917,28 +951,34 @@ export class FirmwareManager {
     }
     this.recheckingOffers = true;
     try {
-      for (const [bundleSha, offers] of stale) {
+      for (const [bundleSha, all] of stale) {
         if (this.closed) return;
-        // a verification settled under the old root is not reused
-        if (this.fetches.get(bundleSha)?.done) this.fetches.delete(bundleSha);
+        // still standing and still unverified under this root (an earlier bundle of this pass,
+        // the expiry sweep or a new target may have changed them): none left, nothing to fetch
+        const offers = all.filter(([mcuId, j]) => this.current(mcuId, j) && (j.state === 'offered' || j.state === 'transferring') && j.trust !== trust);
+        if (offers.length === 0) continue;
         let verdict: FleetError | undefined;
         let got: Fetched | undefined;
         try {
-          got = await this.fetchOnce(offers[0]![1]);
+          got = await this.fetchCurrent(offers[0]![1]);
         } catch (err) {
           const fe = isFleetError(err) ? err : undefined;
           if (fe?.code.startsWith('FLEET_BUNDLE_ROOT')) {
-            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be loaded; standing MCU firmware offers are not verified again until it can (they stay offered)', { err: fe });
+            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be loaded; standing MCU firmware offers are not verified again until it changes (they stay offered)', { err: fe });
             this.rootError = fe.message;
+            this.rootBrokenUnder = trust;
             return;
           }
-          if (!fe || !isVerdict(fe)) {
+          // only the bundle's own verdict: a failure of fetching it again (a file:// path
+          // overwritten since, the artifact store) judges the URL, not the bundle offered
+          if (!fe || !VERDICT_CODES.has(fe.code) || systemCause(fe)) {
             this.transientLog.warn(bundleSha, 'cannot verify the bundle of standing MCU firmware offers again; they stay offered and it is tried again at the next tick', { bundle: bundleSha.slice(0, 16), offers: offers.length, examples: offers.slice(0, 3).map(([id]) => id), err });
             continue;
           }
           verdict = fe;
         }
         this.rootError = undefined;
+        this.rootBrokenUnder = undefined;
         if (got && got.trust !== trust) continue; // rotated again meanwhile: the next tick
         for (const [mcuId, j] of offers) {
           let v = verdict;
@@ -977,6 +1017,7 @@ export class FirmwareManager {
   /** Deadlines of MCUs that took an image, automatic retries, desired states to handle again. */
   private tick(): void {
     const now = this.now();
+    const trust = this.opts.verify?.trustVersion?.();
     this.expireOffers();
     void this.recheckOffers();
     for (const [mcuId, payload] of this.pendingDesired) {
@@ -999,9 +1040,11 @@ export class FirmwareManager {
           if (!this.current(mcuId, j) || j.state !== 'installing' || j.deadline === undefined || j.deadline > now) return;
           await this.fail(mcuId, j, `no version report within ${Math.round(this.installTimeout(mcuId) / 60_000)} min of the MCU taking the image (bricked, or its hello was lost; a later hello on ${j.version} still counts as success)`, { cause: 'no_report', bestEffort: true });
         }).catch((err: unknown) => this.opts.log.warn('cannot fail an MCU firmware update past its deadline', { mcu: mcuId, err }));
-      } else if (j.state === 'failed' && j.retryAt !== undefined && j.retryAt <= now) {
+      } else if (j.state === 'failed' && j.retryAt !== undefined && (j.failedTrust !== undefined ? j.failedTrust !== trust : j.retryAt <= now)) {
+        // (a job failed on the trust root waits for the root to change, then goes at once)
         void this.serial(mcuId, async () => {
-          if (!this.current(mcuId, j) || j.state !== 'failed' || j.retryAt === undefined || j.retryAt > now) return;
+          if (!this.current(mcuId, j) || j.state !== 'failed' || j.retryAt === undefined) return;
+          if (j.failedTrust !== undefined ? j.failedTrust === this.opts.verify?.trustVersion?.() : j.retryAt > now) return;
           this.restart(j);
           await this.save(mcuId, j);
           await this.report(mcuId, j);
@@ -1028,7 +1071,7 @@ export class FirmwareManager {
     return keep;
   }
 
-  /** bundles whose interrupted download an automatic retry resumes (their `.part` is kept) */
+  /** bundles an automatic retry will need: an interrupted download's `.part`, or a whole `.bundle` that failed after its download, is kept */
   private resumable(): Set<string> {
     const keep = new Set<string>();
     for (const j of this.jobs.values()) if (j.state === 'failed' && j.retryAt !== undefined) keep.add(j.bundleSha);
@@ -1059,7 +1102,9 @@ export class FirmwareManager {
           const m = /^([0-9a-f]{64})\.(bin|bundle|bundle\.part)$/.exec(f) ?? /^extract-([0-9a-f]{64})()$/.exec(f);
           if (!m) continue;
           keep = this.inUse();
-          if (m[2] === 'bundle.part') for (const sha of this.resumable()) keep.add(sha);
+          // the bundle of a preparation the timer tries again is kept too (whole or in part):
+          // a failure after its download (the trust root, the disk) must not cost another one
+          if (m[2] === 'bundle.part' || m[2] === 'bundle') for (const sha of this.resumable()) keep.add(sha);
           if (!keep.has(m[1]!)) await rm(join(this.opts.dir, f), { force: true, recursive: m[2] === '' }).catch(() => undefined);
         }
       } while (this.pruneAgain);

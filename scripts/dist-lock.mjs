@@ -8,8 +8,10 @@
 // dead pid; pids of living processes are unique, so a lock taken meanwhile is never removed.
 //
 // The guard is held for a read and an unlink. A guard older than GUARD_STALE_MS is left by
-// a process killed in that window and is removed; two waiters doing that in the same
-// instant could still race, which needs a kill inside a microsecond window first.
+// a process killed in that window and is removed. What this does not cover: two waiters
+// removing a stale guard in the same instant (a kill inside that microsecond window first),
+// and a waiter stopped (SIGSTOP, a frozen VM) between its read and its unlink for longer
+// than GUARD_STALE_MS, whose unlink may then remove a lock taken meanwhile.
 import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 

@@ -139,13 +139,14 @@ export function firmwareVerifier(trustFile: string, workDir: string): VerifyFirm
     }
   };
   // the root's bytes name it: a rotated root makes the gateway verify cached bundles again
-  // before it offers them (unreadable: a name that never matches, so the next verification
-  // says what is wrong with the file)
+  // before it offers them. Unreadable: named by why (no verification made under a readable
+  // root matches it, so the next one says what is wrong with the file), and the same name
+  // while the cause stays, so the gateway waits for a change instead of retrying each tick
   verify.trustVersion = () => {
     try {
       return createHash('sha256').update(readFileSync(trustFile)).digest('hex');
-    } catch {
-      return `unreadable-${Date.now()}`;
+    } catch (err) {
+      return `unreadable:${(err as NodeJS.ErrnoException).code ?? 'error'}`;
     }
   };
   return verify;

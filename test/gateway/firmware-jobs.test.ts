@@ -580,7 +580,10 @@ test('firmware jobs (stub relay): standing offers are judged again when the trus
     rootBroken = true;
     root = 'broken';
     const before = calls;
-    await waitFor(() => calls >= before + 2, 'two passes tried the broken root');
+    await waitFor(() => calls >= before + 1, 'a pass tried the broken root');
+    // not again under the same broken root (it is tried again once the root changes)
+    await sleep(300); // 15 ticks
+    assert.equal(calls, before + 1, 'one verification under the broken root, not one per tick');
     for (const id of ['m1', 'm3']) assert.equal(r.fm.state(id)?.state, 'offered', `${id} stands while the root cannot be read`);
     assert.equal(r.fm.state('m2')?.state, 'transferring');
 
@@ -725,6 +728,75 @@ test('firmware jobs (stub relay): a failure of the gateway\'s own disk while ver
     await waitFor(() => r.fm.state('m2')?.state === 'offered', 'm2 offered on the retry', 15_000);
     await waitFor(() => r.fm.state('m1')?.trust === root, 'm1 verified under the current root', 15_000);
     assert.equal(r.fm.state('m1')?.state, 'offered');
+  } finally {
+    await r.close();
+  }
+});
+
+test('firmware jobs (stub relay): a preparation that failed because the trust root could not be loaded is not tried again while the root stays as it was (past its retry time too), is tried at once when the root changes, and does not download its bundle again', async () => {
+  let root = 'broken';
+  let verifications = 0;
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      verifications++;
+      if (root === 'broken') throw new FleetError('FLEET_BUNDLE_ROOT_INVALID', 'cannot read trust root: EACCES');
+      return { version: expect.version, image: readFileSync(file) };
+    },
+    { trustVersion: () => root },
+  );
+  const bytes = image(9);
+  let downloads = 0;
+  const server = createServer((_req, res) => {
+    downloads++;
+    res.writeHead(200, { 'content-length': String(bytes.length) }).end(bytes);
+  });
+  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+  const r = await rig({ verify, retryMinMs: 1000 });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/b`, sha256: sha256(bytes), size: bytes.length });
+    await waitFor(() => r.fm.state('m1')?.state === 'failed', 'failed on the trust root');
+    assert.equal(r.fm.state('m1')?.code, 'FLEET_BUNDLE_ROOT_INVALID');
+    assert.ok(r.fm.state('m1')?.retryAt !== undefined, 'retryable');
+    assert.equal(downloads, 1);
+    r.clock.t += 10 * 3_600_000; // far past any retry time
+    await sleep(300); // 15 ticks
+    assert.equal(verifications, 1, 'not tried again under the same root');
+    assert.equal(r.fm.state('m1')?.state, 'failed');
+    root = 'root-2'; // the operator fixes the root
+    await waitFor(() => r.fm.state('m1')?.state === 'offered', 'offered once the root changed');
+    assert.equal(downloads, 1, 'the bundle kept from the failed preparation, not downloaded again');
+  } finally {
+    await r.close();
+    server.closeAllConnections();
+    await new Promise<void>((ok) => server.close(() => ok()));
+  }
+});
+
+test('firmware jobs (stub relay): a verdict reached under a trust root replaced while it was being verified does not count: the bundle is verified again under the new root (a key put back: offered)', async () => {
+  let root = 'without-key';
+  let calls = 0;
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((ok) => (release = ok));
+  const verify: VerifyFirmware = Object.assign(
+    async (file: string, expect: { version: string }) => {
+      const under = root; // the root as loaded when the verification starts
+      if (++calls === 1) await held;
+      if (under === 'without-key') throw new FleetError('FLEET_BUNDLE_UNKNOWN_KEY', 'no signature by a key of the trust root');
+      return { version: expect.version, image: readFileSync(file) };
+    },
+    { trustVersion: () => root },
+  );
+  const r = await rig({ verify });
+  try {
+    r.meta.set('m1', { fw: '1.0.0' });
+    await r.desired('m1', { version: '1.5.0', ...r.bundle('a.bin', image(3)) });
+    await waitFor(() => calls === 1, 'the first verification under way');
+    root = 'with-key';
+    release();
+    await waitFor(() => r.fm.state('m1')?.state === 'offered' || r.fm.state('m1')?.state === 'failed', 'decided');
+    assert.equal(r.fm.state('m1')?.state, 'offered', `verified again under the new root: ${r.fm.state('m1')?.reason ?? ''}`);
+    assert.equal(calls, 2);
   } finally {
     await r.close();
   }
