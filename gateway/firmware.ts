@@ -116,6 +116,9 @@ export interface FirmwareManagerOptions {
 
 const ACTIVE: ReadonlySet<FirmwareState> = new Set(['offered', 'transferring', 'installing']);
 
+/** An offer the MCU has not taken yet (offered, or its image being fetched): it can still be withdrawn. */
+const standing = (j: { state: FirmwareState }): boolean => j.state === 'offered' || j.state === 'transferring';
+
 /** db keys of the per-name anti-rollback floors (jobs are under `f!`) */
 const FLOOR_PREFIX = 'fl!';
 
@@ -159,10 +162,14 @@ function systemCause(fe: FleetError): boolean {
   return typeof c?.code === 'string' && typeof c.syscall === 'string';
 }
 
-/** A failure the same bundle would fail again: withdrawn, and not tried again by the timer. */
-function isVerdict(fe: FleetError): boolean {
-  if ((fe.details as { permanent?: boolean } | undefined)?.permanent === true) return true;
+/** The bundle's own verification judged it (not this gateway's disk or trust root). */
+function isBundleVerdict(fe: FleetError): boolean {
   return VERDICT_CODES.has(fe.code) && !systemCause(fe);
+}
+
+/** A preparation that would fail the same way again (the bundle's verdict, or its URL or size): not tried again by the timer. */
+function isVerdict(fe: FleetError): boolean {
+  return (fe.details as { permanent?: boolean } | undefined)?.permanent === true || isBundleVerdict(fe);
 }
 
 /**
@@ -198,8 +205,7 @@ export class FirmwareManager {
   private pruning = false;
   private pruneAgain = false;
   private recheckingOffers = false;
-  /** the trust root's last error, logged once, and the trustVersion() it failed under */
-  private rootError: string | undefined;
+  /** the trustVersion() the trust root failed to load under: standing offers wait for it to change (and it is logged once) */
   private rootBrokenUnder: string | undefined;
   /** a bundle that cannot be verified again now: logged once a minute per bundle, not per offer and tick */
   private readonly transientLog: LogThrottle;
@@ -225,7 +231,7 @@ export class FirmwareManager {
       // taken before this version had deadlines: counted from now
       if (job.state === 'installing' && job.deadline === undefined) job.deadline = fm.now() + fm.installTimeout(mcuId);
       // installing: the MCU has the image and is rebooting; its hello decides, no image needed
-      if (!job.imageSha || (job.state !== 'offered' && job.state !== 'transferring')) continue;
+      if (!job.imageSha || !standing(job)) continue;
       try {
         await fm.loadImage(job.version, job.imageSha);
       } catch (err) {
@@ -329,7 +335,7 @@ export class FirmwareManager {
     const cur = this.jobs.get(mcuId);
     if (!fw) {
       // no firmware wanted any more: an offer not yet taken is withdrawn (by fail)
-      if (cur && (cur.state === 'fetching' || cur.state === 'offered' || cur.state === 'transferring')) {
+      if (cur && (cur.state === 'fetching' || standing(cur))) {
         // the same target named again later starts over
         await this.fail(mcuId, cur, 'cancelled: the desired state no longer names firmware', { retryable: true, cause: 'cancelled' });
       } else if (cur?.retryAt !== undefined) {
@@ -366,7 +372,7 @@ export class FirmwareManager {
     else if (cur?.replaced) job.replaced = cur.replaced;
     // a new target: the previous offer, if the MCU has not taken it yet, must not stay at the
     // head of its mailbox (it would hold every command behind it, and name an image no longer served)
-    if (cur && (cur.state === 'offered' || cur.state === 'transferring')) await this.withdraw(mcuId, cur);
+    if (cur && standing(cur)) await this.withdraw(mcuId, cur);
     this.jobs.set(mcuId, job);
     if (running === fw.version) {
       job.state = 'succeeded';
@@ -469,7 +475,7 @@ export class FirmwareManager {
    */
   private async fail(mcuId: string, job: Job, reason: string, o: { retryable?: boolean; retry?: boolean; cause: FailureCause; code?: string; extra?: Record<string, unknown>; bestEffort?: boolean }): Promise<void> {
     if (!this.current(mcuId, job)) return;
-    const offered = job.state === 'offered' || job.state === 'transferring';
+    const offered = standing(job);
     job.state = 'failed';
     job.reason = reason.slice(0, 250);
     job.retryable = o.retryable || undefined;
@@ -574,11 +580,11 @@ export class FirmwareManager {
    * changing gets three tries, then the last result stands.
    */
   private async fetchCurrent(job: Job): Promise<Fetched> {
-    const now = () => this.opts.verify?.trustVersion?.();
+    const rootNow = () => this.opts.verify?.trustVersion?.();
     let last: { ok: true; f: Fetched } | { ok: false; err: unknown } | undefined;
     for (let i = 0; i < 3; i++) {
       const have = this.fetches.get(job.bundleSha);
-      if (have && have.trust !== now()) {
+      if (have && have.trust !== rootNow()) {
         if (!have.done) await have.p.catch(() => undefined);
         if (this.fetches.get(job.bundleSha) === have) this.fetches.delete(job.bundleSha);
       }
@@ -586,10 +592,10 @@ export class FirmwareManager {
       const under = this.fetches.get(job.bundleSha)?.trust;
       try {
         const f = await p;
-        if (f.trust === now()) return f;
+        if (f.trust === rootNow()) return f;
         last = { ok: true, f };
       } catch (err) {
-        if (under === now()) throw err;
+        if (under === rootNow()) throw err;
         last = { ok: false, err };
       }
     }
@@ -664,11 +670,9 @@ export class FirmwareManager {
     for (const [other, j] of this.jobs) {
       // (not the job that raised it; the MCU's own next target is checked like any other)
       if (j === b || j.bundleName !== name || j.sequence === undefined || j.sequence >= seq) continue;
-      if (j.state !== 'offered' && j.state !== 'transferring') continue;
-      void this.serial(other, async () => {
-        if (!this.current(other, j) || (j.state !== 'offered' && j.state !== 'transferring')) return;
-        await this.fail(other, j, `FLEET_BUNDLE_ROLLBACK: firmware bundle ${name} has sequence ${j.sequence}, below this gateway's floor ${seq} (raised while it was offered)`, { cause: 'below_floor', code: 'FLEET_BUNDLE_ROLLBACK', bestEffort: true });
-      }).catch((err: unknown) => this.opts.log.warn('cannot withdraw an offer below the firmware floor', { mcu: other, err }));
+      if (!standing(j)) continue;
+      const verdict = new FleetError('FLEET_BUNDLE_ROLLBACK', `firmware bundle ${name} has sequence ${j.sequence}, below this gateway's floor ${seq} (raised while it was offered)`);
+      void this.serial(other, () => this.withdrawStanding(other, j, verdict)).catch((err: unknown) => this.opts.log.warn('cannot withdraw an offer below the firmware floor', { mcu: other, err }));
     }
   }
 
@@ -819,7 +823,7 @@ export class FirmwareManager {
   onExpired(mcuId: string, entry: MailboxEntry): Promise<void> {
     return this.serial(mcuId, async () => {
       const job = this.jobs.get(mcuId);
-      if (!job || job.offerId !== entry.id || (job.state !== 'offered' && job.state !== 'transferring')) return;
+      if (!job || job.offerId !== entry.id || !standing(job)) return;
       // a bundle expired meanwhile is not offered again: withdrawn instead
       if (job.expires !== undefined && job.expires <= Date.now()) return this.withdrawStanding(mcuId, job, expired(job, job.expires));
       // under a new id: the expired entry is removed from the mailbox only after this returns
@@ -871,7 +875,7 @@ export class FirmwareManager {
     }
     // an offer standing for a hardware class the MCU no longer reports (another board behind
     // the same id, or a first hw): taken back, as a new target would be refused for it
-    if ((job.state === 'offered' || job.state === 'transferring') && job.deviceClass && hello.hw !== undefined && !job.deviceClass.includes(hello.hw) && hello.fw !== job.version) {
+    if (standing(job) && job.deviceClass && hello.hw !== undefined && !job.deviceClass.includes(hello.hw) && hello.fw !== job.version) {
       job.targetHw = hello.hw;
       await this.withdrawStanding(mcuId, job, new FleetError('FLEET_BUNDLE_TARGET', `firmware ${job.version} is for ${job.deviceClass.join(', ')}; this MCU now reports ${hello.hw}`, { details: { target: 'deviceClass', want: job.deviceClass, have: hello.hw } }));
       return;
@@ -918,7 +922,7 @@ export class FirmwareManager {
   private expireOffers(): void {
     const now = Date.now();
     for (const [mcuId, j] of this.jobs) {
-      if ((j.state !== 'offered' && j.state !== 'transferring') || j.expires === undefined || j.expires > now) continue;
+      if (!standing(j) || j.expires === undefined || j.expires > now) continue;
       const expires = j.expires;
       void this.serial(mcuId, () => this.withdrawStanding(mcuId, j, expired(j, expires))).catch((err: unknown) => this.opts.log.warn('cannot withdraw an expired MCU firmware offer', { mcu: mcuId, err }));
     }
@@ -933,20 +937,19 @@ export class FirmwareManager {
    * trust root that cannot be loaded (unreadable, invalid, expired) or a failure of this
    * gateway's own disk leaves the offers as they are, logged, and the next tick tries again.
    */
-  private async recheckOffers(): Promise<void> {
-    const trust = this.opts.verify?.trustVersion?.();
+  private async recheckOffers(trust: string | undefined): Promise<void> {
     // a root that could not be loaded is tried again once it changes
     if (this.recheckingOffers || trust === undefined || this.closed || trust === this.rootBrokenUnder) return;
     // bundle sha256 → the standing offers naming it that were verified under another root
     const stale = new Map<string, Array<[string, Job]>>();
     for (const [mcuId, j] of this.jobs) {
-      if ((j.state !== 'offered' && j.state !== 'transferring') || j.trust === trust) continue;
+      if (!standing(j) || j.trust === trust) continue;
       const list = stale.get(j.bundleSha) ?? [];
       list.push([mcuId, j]);
       stale.set(j.bundleSha, list);
     }
     if (stale.size === 0) {
-      this.rootError = undefined;
+      this.rootBrokenUnder = undefined; // (a root that changed since it failed)
       return;
     }
     this.recheckingOffers = true;
@@ -955,7 +958,7 @@ export class FirmwareManager {
         if (this.closed) return;
         // still standing and still unverified under this root (an earlier bundle of this pass,
         // the expiry sweep or a new target may have changed them): none left, nothing to fetch
-        const offers = all.filter(([mcuId, j]) => this.current(mcuId, j) && (j.state === 'offered' || j.state === 'transferring') && j.trust !== trust);
+        const offers = all.filter(([mcuId, j]) => this.current(mcuId, j) && standing(j) && j.trust !== trust);
         if (offers.length === 0) continue;
         let verdict: FleetError | undefined;
         let got: Fetched | undefined;
@@ -964,20 +967,18 @@ export class FirmwareManager {
         } catch (err) {
           const fe = isFleetError(err) ? err : undefined;
           if (fe?.code.startsWith('FLEET_BUNDLE_ROOT')) {
-            if (this.rootError !== fe.message) this.opts.log.error('the firmware trust root cannot be loaded; standing MCU firmware offers are not verified again until it changes (they stay offered)', { err: fe });
-            this.rootError = fe.message;
+            this.opts.log.error('the firmware trust root cannot be loaded; standing MCU firmware offers are not verified again until it changes (they stay offered)', { err: fe });
             this.rootBrokenUnder = trust;
             return;
           }
           // only the bundle's own verdict: a failure of fetching it again (a file:// path
           // overwritten since, the artifact store) judges the URL, not the bundle offered
-          if (!fe || !VERDICT_CODES.has(fe.code) || systemCause(fe)) {
+          if (!fe || !isBundleVerdict(fe)) {
             this.transientLog.warn(bundleSha, 'cannot verify the bundle of standing MCU firmware offers again; they stay offered and it is tried again at the next tick', { bundle: bundleSha.slice(0, 16), offers: offers.length, examples: offers.slice(0, 3).map(([id]) => id), err });
             continue;
           }
           verdict = fe;
         }
-        this.rootError = undefined;
         this.rootBrokenUnder = undefined;
         if (got && got.trust !== trust) continue; // rotated again meanwhile: the next tick
         for (const [mcuId, j] of offers) {
@@ -1007,9 +1008,9 @@ export class FirmwareManager {
 
   /** An offer judged no longer valid (in the MCU's turn): withdrawn from the mailbox and failed with the verdict's code. */
   private async withdrawStanding(mcuId: string, job: Job, verdict: FleetError): Promise<void> {
-    if (!this.current(mcuId, job) || (job.state !== 'offered' && job.state !== 'transferring')) return;
+    if (!this.current(mcuId, job) || !standing(job)) return;
     this.opts.log.warn('MCU firmware offer withdrawn', { mcu: mcuId, version: job.version, code: verdict.code, err: verdict });
-    const cause: FailureCause = verdict.code === 'FLEET_BUNDLE_TARGET' ? 'target' : 'preparation';
+    const cause: FailureCause = verdict.code === 'FLEET_BUNDLE_TARGET' ? 'target' : verdict.code === 'FLEET_BUNDLE_ROLLBACK' ? 'below_floor' : 'preparation';
     // the marker before the message: fail() keeps the first 250 characters
     await this.fail(mcuId, job, `${verdict.code} (offer withdrawn): ${verdict.message}`, { cause, code: verdict.code, bestEffort: true });
   }
@@ -1017,9 +1018,10 @@ export class FirmwareManager {
   /** Deadlines of MCUs that took an image, automatic retries, desired states to handle again. */
   private tick(): void {
     const now = this.now();
+    // the root file read once per tick (a read and a hash), for the offers and the retries
     const trust = this.opts.verify?.trustVersion?.();
     this.expireOffers();
-    void this.recheckOffers();
+    void this.recheckOffers(trust);
     for (const [mcuId, payload] of this.pendingDesired) {
       this.pendingDesired.delete(mcuId);
       void this.desired(mcuId, payload);
@@ -1044,7 +1046,7 @@ export class FirmwareManager {
         // (a job failed on the trust root waits for the root to change, then goes at once)
         void this.serial(mcuId, async () => {
           if (!this.current(mcuId, j) || j.state !== 'failed' || j.retryAt === undefined) return;
-          if (j.failedTrust !== undefined ? j.failedTrust === this.opts.verify?.trustVersion?.() : j.retryAt > now) return;
+          if (j.failedTrust !== undefined ? j.failedTrust === trust : j.retryAt > now) return;
           this.restart(j);
           await this.save(mcuId, j);
           await this.report(mcuId, j);
@@ -1065,7 +1067,7 @@ export class FirmwareManager {
       keep.add(j.bundleSha);
       if (j.imageSha) keep.add(j.imageSha);
     };
-    for (const j of this.jobs.values()) if (j.state === 'fetching' || j.state === 'offered' || j.state === 'transferring') need(j);
+    for (const j of this.jobs.values()) if (j.state === 'fetching' || standing(j)) need(j);
     for (const j of this.running) need(j);
     for (const [sha, f] of this.fetches) if (!f.done) keep.add(sha);
     return keep;

@@ -168,6 +168,9 @@ async function rig(o: { strip?: number; named?: { name: string; sequence: number
   return self;
 }
 
+/** the raw-image verifier, for a bundle whose targets.deviceClass is esp32-s3 only */
+const s3Only: VerifyFirmware = async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] });
+
 const persisted = async (r: Rig, mcu: string) => JSON.parse((await r.db.get(`f!${mcu}`))!) as { version: string; state: string };
 
 test('firmware jobs (stub relay): a new target that arrives while the previous one is being offered wins; the replaced one is neither offered nor written back', async () => {
@@ -503,7 +506,7 @@ test('firmware jobs (stub relay): an update replaced by a new target while the M
 });
 
 test('firmware jobs (stub relay): a bundle whose targets.deviceClass leaves out the MCU\'s hardware class (its hello hw, or none) is not offered (cause target, FLEET_BUNDLE_TARGET); a hello reporting a listed class gets the offer', async () => {
-  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  const r = await rig({ verify: s3Only });
   try {
     r.meta.set('m1', { fw: '1.0.0' }); // no hw: an MCU whose hello does not say
     await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });
@@ -533,7 +536,7 @@ test('firmware jobs (stub relay): a bundle whose targets.deviceClass leaves out 
 });
 
 test('firmware jobs (stub relay): a target refusal is judged again by the class it was refused for, not by the previous hello: a hello whose first handling was cut short (the relay had stored the new hw already) still gets the offer', async () => {
-  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  const r = await rig({ verify: s3Only });
   try {
     r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-c3' });
     await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });
@@ -649,7 +652,7 @@ test('firmware jobs (stub relay): a standing offer whose bundle manifest expires
 });
 
 test('firmware jobs (stub relay): a standing offer is withdrawn when a hello reports a hardware class its bundle is not for (cause target), and offered again when the MCU reports a listed class', async () => {
-  const r = await rig({ verify: async (file, expect) => ({ version: expect.version, image: readFileSync(file), deviceClass: ['esp32-s3'] }) });
+  const r = await rig({ verify: s3Only });
   try {
     r.meta.set('m1', { fw: '1.0.0', hw: 'esp32-s3' });
     await r.desired('m1', { version: '1.5.0', ...r.bundle('s3.bin', image(5)) });

@@ -166,7 +166,7 @@ test('firmware: the anti-rollback floor and the version are checked for every MC
       await waitFor(() => gw.firmwareState('esp-r2')?.state === 'succeeded', 'esp-r2 on B');
       // the offer of A that esp-r1 had not taken is below the floor now: taken back, failed
       await waitFor(() => gw.firmwareState('esp-r1')?.state === 'failed', 'esp-r1 offer withdrawn');
-      assert.match(gw.firmwareState('esp-r1')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK: .*sequence 5, below this gateway's floor 6 \(raised while it was offered\)/);
+      assert.match(gw.firmwareState('esp-r1')?.reason ?? '', /FLEET_BUNDLE_ROLLBACK \(offer withdrawn\): .*sequence 5, below this gateway's floor 6 \(raised while it was offered\)/);
       assert.equal(await head(env, 'esp-r1'), null);
 
       await hub.setDesired('esp-r3', fwA());
